@@ -1,0 +1,1 @@
+"""Calibration of the sensitivity tables (SPEC section 4)."""

@@ -1,0 +1,127 @@
+"""Measure the sensitivity table Jx(t), Jt(t) of a bundle (SPEC section 4).
+
+Default source: the model's own uncached trajectories from a few prompts and seeds, so no data
+set is needed. For each step k of each trajectory, with f the guided denoiser output exactly as
+inference computes it (same backend, same text encoding, same timestep dtype):
+
+    x'  = one solver step from x_k with f(x_k, t_k), from a fresh scheduler state
+    Jx  = ||f(x', t_k) - f(x_k, t_k)|| / ||x' - x_k||
+    Jt  = ||f(x_k, t_{k+1}) - f(x_k, t_k)|| / |t_{k+1} - t_k|
+
+Norms are per sample; the table keeps the mean over samples, the spread and the count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.pipeline import Engine, Request
+from sencache.runtime.policy import NoCache
+from sencache.runtime.sensitivity import SensitivityTable
+from sencache.runtime.tiny_text import random_spec
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    samples: int = 8
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 1000
+    batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.samples <= 0:
+            raise BadInput(f"--samples must be positive, got {self.samples}")
+        if self.steps is not None and self.steps < 2:
+            raise BadInput(f"--steps must be at least 2 for calibration, got {self.steps}")
+
+
+def calibration_prompts(samples: int, seed: int) -> list[str]:
+    """Prompts drawn from the tiny grammar with their own seed (kept apart from evaluation)."""
+    rng = np.random.default_rng(seed)
+    return [random_spec(rng).prompt for _ in range(samples)]
+
+
+def _norms(a: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a.reshape(len(a), -1).astype(np.float64), axis=1)
+
+
+def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True) -> SensitivityTable:
+    """Measure Jx and Jt on `engine`'s own trajectories."""
+    manifest = engine.bundle.manifest
+    steps = plan.steps or manifest["defaults"]["steps"]
+    guidance = manifest["defaults"]["guidance"] if plan.guidance is None else plan.guidance
+    if not engine.preset.tiny:
+        raise BadInput(f"{engine.preset.name}: calibration prompts for real models need their text encoder, "
+                       f"which this runtime does not load yet; import a table with --import-npz")
+    prompts = calibration_prompts(plan.samples, plan.seed)
+    seeds = [plan.seed + i for i in range(plan.samples)]
+    batch = min(plan.batch, engine.bundle.shapes.max_batch)
+    jx_all, jt_all, timesteps = [], [], None
+    started = time.perf_counter()
+    chunks = [(prompts[i:i + batch], seeds[i:i + batch]) for i in range(0, plan.samples, batch)]
+    bar = tqdm(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
+    for chunk_prompts, chunk_seeds in chunks:
+        request = Request(chunk_prompts, chunk_seeds, steps, guidance)
+        run = engine.generate(request, NoCache(len(chunk_prompts)), record=True)
+        bar.update(steps)
+        timesteps = run.timesteps
+        text = engine.encode(chunk_prompts)
+        uncond = engine.encode([""] * len(chunk_prompts)) if guidance > 1.0 else None
+        jx_rows, jt_rows = [], []
+        for k in range(steps - 1):
+            x_k = run.trajectory[k]
+            n = len(x_k)
+            t_k, t_next = timesteps[k], timesteps[k + 1]
+            f_k = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
+            x_prime = _solver_step(engine, steps, k, f_k, x_k)
+            both = engine.predict(np.concatenate([x_prime, x_k]),
+                                  np.array([t_k] * n + [t_next] * n, np.float32),
+                                  np.concatenate([text, text]),
+                                  None if uncond is None else np.concatenate([uncond, uncond]), guidance)
+            f_prime, f_next = both[:n], both[n:]
+            dx = _norms(x_prime - x_k)
+            if np.any(dx == 0):
+                raise BadInput(f"calibration: the solver step at t={t_k} did not move the latent")
+            jx_rows.append(_norms(f_prime - f_k) / dx)
+            jt_rows.append(_norms(f_next - f_k) / abs(t_next - t_k))
+            bar.update(1)
+        jx_all.append(np.stack(jx_rows))
+        jt_all.append(np.stack(jt_rows))
+    bar.close()
+    jx = np.concatenate(jx_all, axis=1)
+    jt = np.concatenate(jt_all, axis=1)
+    if not (np.all(np.isfinite(jx)) and np.all(np.isfinite(jt))):
+        raise BadInput("calibration produced NaN or infinite sensitivities: the model output is not finite")
+    meta = {
+        "model": engine.preset.name,
+        "family": engine.adapter.family,
+        "backend": engine.backend.name,
+        "scheduler": manifest["scheduler"],
+        "steps": steps,
+        "guidance": guidance,
+        "samples": plan.samples,
+        "seeds": seeds,
+        "prompts": prompts,
+        "source": "own uncached trajectories",
+        "seconds": round(time.perf_counter() - started, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return SensitivityTable(np.asarray(timesteps[:-1]), jx.mean(axis=1), jt.mean(axis=1),
+                            counts=np.full(steps - 1, plan.samples, float), jx_std=jx.std(axis=1),
+                            jt_std=jt.std(axis=1), meta=meta)
+
+
+def _solver_step(engine: Engine, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray) -> np.ndarray:
+    """One step of the bundle's scheduler from a fresh state at index k."""
+    scheduler = engine.scheduler()
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(k)
+    t = scheduler.timesteps[k]
+    return scheduler.step(torch.from_numpy(f_k), t, torch.from_numpy(x_k.copy()), return_dict=False)[0].numpy()

@@ -1,0 +1,1 @@
+"""Offline engine builder: splits a model into stages, exports, validates and bundles them."""

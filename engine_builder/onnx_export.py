@@ -1,0 +1,73 @@
+"""Export the stages to ONNX with the dynamo exporter and check them against PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+OPSET = 20
+TOLERANCE_REL_L2 = 1e-4
+
+
+class BuildFailed(Exception):
+    """A stage could not be exported or does not match PyTorch."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    batch_free: tuple[str, ...] = ()
+    """Inputs without a batch dimension (shared tables)."""
+
+
+def export_stage(module: nn.Module, spec: StageSpec, example: dict[str, torch.Tensor], path: Path, max_rows: int) -> None:
+    """Export one stage with a dynamic batch dimension (1..max_rows) on every batched input."""
+    batch = torch.export.Dim("batch", min=1, max=max(max_rows, 2))
+    dynamic = {name: None if name in spec.batch_free else {0: batch} for name in spec.inputs}
+    kwargs = {name: example[name] for name in spec.inputs}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic,
+                                        input_names=list(spec.inputs), output_names=list(spec.outputs),
+                                        opset_version=OPSET, dynamo=True, verbose=False)
+        except Exception as e:  # the exporter raises many types; the build reports which stage failed
+            raise BuildFailed(f"ONNX export of the {spec.name} stage failed: {type(e).__name__}: {e}") from e
+    program.save(str(path))
+
+
+def compare(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Max absolute and relative L2 error of `ours` against `reference`."""
+    ours64, ref64 = ours.astype(np.float64), reference.astype(np.float64)
+    denom = float(np.linalg.norm(ref64)) or 1.0
+    return {"max_abs": float(np.max(np.abs(ours64 - ref64))), "rel_l2": float(np.linalg.norm(ours64 - ref64) / denom)}
+
+
+def validate_stage(module: nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor], path: Path) -> dict[str, float]:
+    """Run the ONNX file in ONNX Runtime (CPU) and PyTorch on the same fresh inputs; worst output error."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {name: inputs[name].numpy() for name in spec.inputs}
+    got = session.run(list(spec.outputs), feeds)
+    with torch.no_grad():
+        ref = module(**{name: inputs[name] for name in spec.inputs})
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    worst = {"max_abs": 0.0, "rel_l2": 0.0}
+    for name, g, r in zip(spec.outputs, got, ref):
+        if g.shape != tuple(r.shape):
+            raise BuildFailed(f"{spec.name} stage: output {name} has shape {g.shape} in ONNX Runtime, {tuple(r.shape)} in PyTorch")
+        err = compare(g, r.numpy())
+        worst = {k: max(worst[k], err[k]) for k in worst}
+    if not worst["rel_l2"] <= TOLERANCE_REL_L2:
+        raise BuildFailed(f"{spec.name} stage: ONNX Runtime differs from PyTorch by relative L2 {worst['rel_l2']:.2e} "
+                          f"(max abs {worst['max_abs']:.2e}); the limit is {TOLERANCE_REL_L2:.0e}")
+    return worst

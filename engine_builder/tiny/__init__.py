@@ -1,0 +1,1 @@
+"""The bundled tiny models: procedural training clips and the training script."""

@@ -1,0 +1,148 @@
+"""Train a bundled tiny model with the rectified-flow objective on procedural clips.
+
+    python -m sencache.engine_builder.tiny.train --model tiny-wan --minutes 75
+
+The real diffusers transformer of the family (at its tiny preset) and the tiny text encoder are
+trained together: x_t = (1 - s) x0 + s n, the model predicts n - x0 at timestep 1000 s (Wan's flow
+convention), s drawn logit-normal, prompts dropped 10% of the time for classifier-free guidance.
+The exponential moving average of the weights is what gets saved, as a diffusers-format folder
+(`transformer/`), `text_encoder.safetensors`, `loss.csv`, `loss.png` and `train.json`, written
+atomically every few minutes so an interrupted run leaves the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from sencache.engine_builder.tiny import clips
+from sencache.runtime.families import resolve
+from sencache.runtime.tiny_text import TinyTextEncoder, tokenize
+
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "tiny_models"
+
+
+def _lr(base: float, frac: float, step: int, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to 5% over the time budget."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _save(out: Path, transformer, text_encoder, log: list[dict], meta: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in text_encoder.state_dict().items()}, str(tmp / "text_encoder.safetensors"))
+    with open(tmp / "loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(log[0]))
+        writer.writeheader()
+        writer.writerows(log)
+    (tmp / "train.json").write_text(json.dumps(meta, indent=1))
+    _plot(log, tmp / "loss.png")
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _plot(log: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.6, alpha=0.5, label="batch loss")
+    ax.plot([r["step"] for r in log], [r["loss_avg"] for r in log], lw=1.5, label="running mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    adapter, preset = resolve(model)
+    transformer = adapter.build_transformer(preset, None).train()
+    text_encoder = TinyTextEncoder(dim=preset.config["text_dim"]).train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    ema_t, ema_x = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    empty = tokenize("")
+    start, last_save, step, avg = time.time(), time.time(), 0, None
+    log: list[dict] = []
+    meta = {"model": model, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes, "threads": threads,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.config.items()},
+            "torch": torch.__version__, "objective": "rectified flow, target noise - x0, logit-normal sigma",
+            "cfg_dropout": 0.1, "ema": 0.999}
+    while (elapsed := time.time() - start) < minutes * 60:
+        prompts, x0 = clips.batch(rng, batch)
+        ids = torch.tensor([empty if rng.random() < 0.1 else tokenize(p) for p in prompts])
+        x0 = torch.from_numpy(x0)
+        sigma = torch.sigmoid(torch.randn(batch))
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = transformer(xt, sigma * 1000.0, text_encoder(ids), return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        for group in opt.param_groups:
+            group["lr"] = _lr(lr, elapsed / (minutes * 60), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_t, transformer), (ema_x, text_encoder)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        value = float(loss)
+        avg = value if avg is None else 0.98 * avg + 0.02 * value
+        step += 1
+        if step % 25 == 0:
+            log.append({"step": step, "elapsed_s": round(elapsed, 1), "loss": round(value, 5),
+                        "loss_avg": round(avg, 5), "lr": round(opt.param_groups[0]["lr"], 7)})
+            print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {value:.4f}  avg {avg:.4f}", flush=True)
+        if time.time() - last_save > 300 and log:
+            _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": round(elapsed, 1), "final_loss_avg": avg})
+            last_save = time.time()
+    _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": round(time.time() - start, 1), "final_loss_avg": avg})
+    print(f"saved {out} after {step} steps")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny-wan")
+    parser.add_argument("--out", type=Path, default=None, help="default: the bundled tiny_models/<model> folder")
+    parser.add_argument("--minutes", type=float, default=75.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    train(args.model, args.out or DEFAULT_ROOT / args.model, args.minutes, args.batch, args.lr, args.seed, args.threads)
+
+
+if __name__ == "__main__":
+    main()

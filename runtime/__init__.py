@@ -1,0 +1,1 @@
+"""SenCache runtime: loads an engine bundle and runs the cached denoising loop."""

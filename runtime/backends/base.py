@@ -1,0 +1,48 @@
+"""The interface every backend gives the denoising loop: run one stage on named arrays."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.errors import BadInput
+
+STAGES = ("head", "blocks", "tail")
+
+
+class StageBackend(ABC):
+    """Runs the head, blocks and tail stages of one bundle.
+
+    Inputs and outputs are name -> array, with the names of the bundle's stage layout. The
+    blocks stage accepts any batch from 1 to the bundle's max rows (sub-batches of the samples
+    that run).
+    """
+
+    name: str
+
+    @abstractmethod
+    def run(self, stage: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `stage` on `inputs`; returns its outputs by name."""
+
+    def describe(self) -> dict[str, str]:
+        """What runs where, for stats and logs."""
+        return {"backend": self.name}
+
+
+def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0) -> StageBackend:
+    """The backend that runs `bundle`: its own unless `name` asks for another it supports."""
+    name = name or bundle.manifest["backend"]
+    if name != bundle.manifest["backend"]:
+        raise BadInput(f"bundle {bundle.path} was built for {bundle.manifest['backend']}, not {name}; "
+                       f"build another with `sencache build --backend {name}`")
+    if name == "onnxruntime":
+        from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, threads=threads)
+    if name == "torch":
+        from sencache.runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend(bundle, threads=threads)
+    raise BadInput(f"bundle {bundle.path}: backend {name!r} is not supported by this runtime")

@@ -1,0 +1,103 @@
+"""An engine bundle on disk: stage files, `manifest.json`, and optionally `sensitivity.json`.
+
+The manifest says what was built (model, family, config, shapes, precision, backend), from what
+(tool versions), how well it matched PyTorch (validation errors), and the checksum of every file,
+which are checked on load so a truncated or swapped file is caught before it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
+from sencache.runtime.files import sha256, write_atomic
+from sencache.runtime.sensitivity import SensitivityTable
+
+FORMAT = "sencache-bundle/1"
+MANIFEST = "manifest.json"
+SENSITIVITY = "sensitivity.json"
+REQUIRED = ("format", "model", "family", "config", "shapes", "precision", "backend", "stages", "files",
+            "scheduler", "defaults", "text_encoder")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path, verify: bool = True) -> Bundle:
+        """Read and check a bundle; every problem is a BadInput naming the bundle and the fault."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BadInput(f"no engine bundle at {path}: build one with `sencache build --model tiny-wan --out {path}`")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise BadInput(f"{path} is not an engine bundle: {MANIFEST} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"corrupt {MANIFEST} in {path}: {e}") from None
+        if not isinstance(manifest, dict):
+            raise BadInput(f"corrupt {MANIFEST} in {path}: not a JSON object")
+        missing = [k for k in REQUIRED if k not in manifest]
+        if missing:
+            raise BadInput(f"corrupt {MANIFEST} in {path}: missing {', '.join(missing)}")
+        if manifest["format"] != FORMAT:
+            raise BadInput(f"{path}: bundle format {manifest['format']!r} is not {FORMAT!r}; rebuild it")
+        bundle = cls(path, manifest)
+        bundle.adapter  # unknown family is a BadInput
+        if verify:
+            bundle.verify_files()
+        return bundle
+
+    def verify_files(self) -> None:
+        for name, info in self.manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                raise BadInput(f"bundle {self.path}: file {name} is missing")
+            if file.stat().st_size != info["bytes"] or sha256(file) != info["sha256"]:
+                raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}")
+
+    @property
+    def adapter(self) -> FamilyAdapter:
+        return adapter_for(self.manifest["family"])
+
+    @property
+    def shapes(self) -> Shapes:
+        s = self.manifest["shapes"]
+        return Shapes(s["frames"], s["height"], s["width"], s["max_batch"])
+
+    @property
+    def preset(self) -> ModelPreset:
+        """The model as built: the named preset with the bundle's config and shapes."""
+        base = self.adapter.preset(self.manifest["model"])
+        shapes = self.shapes
+        return dataclasses.replace(base, config=self.manifest["config"], frames=shapes.frames,
+                                   height=shapes.height, width=shapes.width)
+
+    @property
+    def sensitivity_path(self) -> Path:
+        return self.path / SENSITIVITY
+
+    def sensitivity(self) -> SensitivityTable:
+        return SensitivityTable.load(self.sensitivity_path)
+
+    def write_sensitivity(self, table: SensitivityTable) -> None:
+        table.save(self.sensitivity_path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Checksum every file in `folder` into the manifest and write it (atomically)."""
+    files = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256(file)}
+    manifest = {**manifest, "format": FORMAT, "files": files}
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -1,0 +1,29 @@
+"""Model-family adapters and the registry of named models."""
+
+from __future__ import annotations
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes, StageLayout
+from sencache.runtime.families.wan import WanAdapter
+
+ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (WanAdapter(),)}
+
+
+def resolve(model: str) -> tuple[FamilyAdapter, ModelPreset]:
+    """The adapter and preset of a model name such as `tiny-wan` or `wan2.1-t2v-1.3b`."""
+    for adapter in ADAPTERS.values():
+        if model in adapter.presets:
+            return adapter, adapter.presets[model]
+    known = ", ".join(name for a in ADAPTERS.values() for name in a.presets)
+    raise BadInput(f"unknown model {model!r} (known: {known})")
+
+
+def adapter_for(family: str) -> FamilyAdapter:
+    """The adapter of a family named in a bundle manifest."""
+    try:
+        return ADAPTERS[family]
+    except KeyError:
+        raise BadInput(f"unknown model family {family!r} (known: {', '.join(ADAPTERS)})") from None
+
+
+__all__ = ["ADAPTERS", "FamilyAdapter", "ModelPreset", "Shapes", "StageLayout", "adapter_for", "resolve"]

@@ -1,0 +1,195 @@
+"""Wan 2.1 text-to-video: diffusers' WanTransformer3DModel split into head / blocks / tail.
+
+Facts of the real pipeline (diffusers' WanPipeline and the published Diffusers configs):
+timesteps in 0..1000 from UniPCMultistepScheduler with flow sigmas and shift (3.0 at 480p,
+5.0 at 720p), cond and uncond as two separate transformer calls, latents [16, (F-1)/4+1, H/8, W/8]
+from the Wan VAE, and text from UMT5 at 512 tokens x 4096 channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes, StageLayout
+from sencache.runtime.tiny_text import MAX_TOKENS
+
+_REAL_COMMON: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
+
+TINY_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 4, 4),
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "text_dim": 32,
+    "freq_dim": 64,
+    "ffn_dim": 384,
+    "num_layers": 6,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 64,
+}
+
+_SCHEDULER: dict[str, Any] = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "predict_x0": True,
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+}
+
+# SPEC section 1: the authors' Wan 2.1 T2V-1.3B defaults.
+_WAN_SENCACHE = {"eps_start": 0.045, "eps_main": 2.0, "max_reuse": 3}
+
+
+class _Head(nn.Module):
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        t = self.t
+        rope_cos, rope_sin = t.rope(latent)
+        hidden = t.patch_embedding(latent).flatten(2).transpose(1, 2).contiguous()
+        temb, tproj, encoder, _ = t.condition_embedder(timestep, text, None)
+        return hidden, encoder, tproj.unflatten(1, (6, -1)), rope_cos, rope_sin, temb
+
+
+class _Blocks(nn.Module):
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.blocks = t.blocks
+
+    def forward(self, hidden, encoder, tproj, rope_cos, rope_sin):
+        for block in self.blocks:
+            hidden = block(hidden, encoder, tproj, (rope_cos, rope_sin))
+        return hidden
+
+
+class _Tail(nn.Module):
+    def __init__(self, t: nn.Module, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.t = t
+        self.grid = grid
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = t.proj_out(hidden)
+        f, h, w = self.grid
+        p_t, p_h, p_w = t.config.patch_size
+        hidden = hidden.reshape(hidden.shape[0], f, h, w, p_t, p_h, p_w, -1)
+        hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class WanAdapter(FamilyAdapter):
+    family = "wan"
+    layout = StageLayout(
+        streams=("hidden",),
+        block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
+        tail_context=("temb",),
+        shared=("rope_cos", "rope_sin"),
+    )
+    cfg_batched = False
+    presets = {
+        "tiny-wan": ModelPreset(
+            name="tiny-wan",
+            family="wan",
+            config=TINY_CONFIG,
+            frames=8,
+            height=32,
+            width=32,
+            tiny=True,
+            guidance=4.0,
+            steps=30,
+            sencache_defaults={"eps_start": 0.02, "eps_main": 0.3, "max_reuse": 3},
+            description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
+        ),
+        "wan2.1-t2v-1.3b": ModelPreset(
+            name="wan2.1-t2v-1.3b",
+            family="wan",
+            config={**_REAL_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+            frames=81,
+            height=480,
+            width=832,
+            guidance=5.0,
+            steps=50,
+            sencache_defaults=_WAN_SENCACHE,
+            description="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        ),
+        "wan2.1-t2v-14b": ModelPreset(
+            name="wan2.1-t2v-14b",
+            family="wan",
+            config={**_REAL_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+            frames=81,
+            height=720,
+            width=1280,
+            guidance=5.0,
+            steps=50,
+            sencache_defaults=_WAN_SENCACHE,
+            description="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        ),
+    }
+
+    def transformer_class(self) -> type[nn.Module]:
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel
+
+    def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
+        channels = preset.config["in_channels"]
+        if preset.tiny:
+            return (channels, shapes.frames, shapes.height, shapes.width)
+        if (shapes.frames - 1) % 4 or shapes.height % 16 or shapes.width % 16:
+            raise BadInput(f"{preset.name}: frames must be 4k+1 and height/width multiples of 16")
+        return (channels, (shapes.frames - 1) // 4 + 1, shapes.height // 8, shapes.width // 8)
+
+    def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
+        return (MAX_TOKENS if preset.tiny else 512, preset.config["text_dim"])
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        _, f, h, w = self.latent_shape(preset, shapes)
+        p_t, p_h, p_w = preset.config["patch_size"]
+        if f % p_t or h % p_h or w % p_w:
+            raise BadInput(f"{preset.name}: latent {f}x{h}x{w} is not divisible by the patch size {p_t}x{p_h}x{p_w}")
+        grid = (f // p_t, h // p_h, w // p_w)
+        return {"head": _Head(transformer), "blocks": _Blocks(transformer), "tail": _Tail(transformer, grid)}
+
+    def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
+        shift = 5.0 if preset.height >= 720 else 3.0
+        return {**_SCHEDULER, "flow_shift": shift}
+
+    def decode(self, latents: np.ndarray, preset: ModelPreset) -> np.ndarray:
+        if not preset.tiny:
+            raise BadInput(
+                f"{preset.name}: decoding real latents needs the Wan VAE, which this engine does not load yet"
+            )
+        return np.clip((latents.transpose(0, 2, 3, 4, 1) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,55 @@
+"""The files of a generation: raw frames, videos and `stats.json`, written as one folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sencache.runtime.files import staged_folder
+from sencache.runtime.pipeline import Engine, Request, Result
+from sencache.runtime.policy import CachePolicy
+from sencache.runtime.video import write_mp4
+
+
+def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result, total_s: float,
+          files: list[tuple[str, str]]) -> dict[str, Any]:
+    """The stats.json document (the command-line contract, plus the per-step trace)."""
+    steps = request.steps
+    return {
+        "model": engine.preset.name,
+        "backend": engine.backend.name,
+        "backend_detail": engine.backend.describe(),
+        "precision": engine.bundle.manifest["precision"],
+        "steps": steps,
+        "guidance": request.guidance,
+        "cache": policy.settings(),
+        "timesteps": result.timesteps,
+        "samples": [
+            {"prompt": p, "seed": s, "nfe": result.nfe[i], "decisions": result.decisions[i],
+             "frames": files[i][0], "video": files[i][1], "trace": result.trace[i]}
+            for i, (p, s) in enumerate(zip(request.prompts, request.seeds))
+        ],
+        "timing": {
+            "denoise_s": result.timing["denoise_s"],
+            "decision_s": result.timing["decision_s"],
+            "total_s": total_s,
+            "per_step_s": result.timing["denoise_s"] / steps,
+        },
+        "warnings": result.warnings,
+    }
+
+
+def write_run(out: Path, engine: Engine, request: Request, policy: CachePolicy, result: Result,
+              frames: np.ndarray, total_s: float) -> dict[str, Any]:
+    """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into `out`, atomically."""
+    files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]
+    document = stats(engine, request, policy, result, total_s, files)
+    with staged_folder(out) as folder:
+        for (npy, mp4), clip in zip(files, frames):
+            np.save(folder / npy, clip.astype(np.float32))
+            write_mp4(clip, folder / mp4)
+        (folder / "stats.json").write_text(json.dumps(document, indent=1))
+    return document

@@ -1,0 +1,213 @@
+"""The cached denoising loop over a bundle's head / blocks / tail stages (SPEC sections 2 and 3).
+
+Per step: measure each sample's latent drift from its anchor, ask the policy which samples run,
+run the head on every row, the blocks on the rows of running samples only (gathered into one
+sub-batch), add the cached residual on the other rows, run the tail on every row, combine
+classifier-free guidance, and take the scheduler step. Rows are (sample, CFG branch) pairs; a
+decision covers all rows of a sample. A running row uses the blocks' output as is, so a run that
+never reuses is bit-identical to the uncached run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from sencache.kernels.drift import drift_sumsq
+from sencache.runtime.backends.base import StageBackend
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import NOISE
+from sencache.runtime.policy import CachePolicy, SenCachePolicy, SenCacheSettings
+from sencache.runtime.tiny_text import TinyTextEncoder
+
+
+@dataclass(frozen=True)
+class Request:
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise BadInput("give at least one --prompt")
+        if len(self.prompts) != len(self.seeds):
+            raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
+        if self.steps <= 0:
+            raise BadInput(f"--steps must be positive, got {self.steps}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise BadInput(f"--guidance must be a finite number >= 0, got {self.guidance}")
+        for seed in self.seeds:
+            if not 0 <= seed < 2**63:
+                raise BadInput(f"--seed must be in [0, 2^63), got {seed}")
+
+
+@dataclass
+class Result:
+    latents: np.ndarray
+    timesteps: list[float]
+    decisions: list[list[str]]
+    trace: list[list[dict[str, Any]]]
+    timing: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    trajectory: list[np.ndarray] | None = None
+    """The denoiser input latent of every step, when recorded (calibration)."""
+
+    @property
+    def nfe(self) -> list[int]:
+        return [d.count("run") for d in self.decisions]
+
+
+class Engine:
+    """A loaded bundle and the backend that runs it."""
+
+    def __init__(self, bundle: Bundle, backend: StageBackend) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.adapter = bundle.adapter
+        self.preset = bundle.preset
+        self.layout = self.adapter.layout
+        self.latent_shape = self.adapter.latent_shape(self.preset, bundle.shapes)
+        self.numel = int(np.prod(self.latent_shape))
+        self.max_rows = bundle.shapes.max_batch * (1 if self.adapter.cfg_batched else 2)
+        self._text_encoder: TinyTextEncoder | None = None
+
+    def scheduler(self):
+        return self.adapter.make_scheduler(self.preset, self.bundle.manifest["scheduler"])
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """Text embeddings [B, tokens, channels] of prompts (the empty prompt is unconditional)."""
+        spec = self.bundle.manifest["text_encoder"]
+        if spec["kind"] != "tiny":
+            raise BadInput(f"{self.preset.name}: text encoding with {spec['kind']} is not supported by this runtime yet")
+        if self._text_encoder is None:
+            self._text_encoder = TinyTextEncoder(dim=spec["dim"])
+            self._text_encoder.load_state_dict(load_file(str(self.bundle.file(spec["file"]))))
+            self._text_encoder.eval()
+        return self._text_encoder.encode(prompts).numpy()
+
+    def initial_latents(self, seeds: list[int]) -> torch.Tensor:
+        """Gaussian noise per sample from its own seed, so a sample never depends on its batch."""
+        return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    def sencache_policy(self, settings: SenCacheSettings, steps: int, batch: int) -> SenCachePolicy:
+        return SenCachePolicy(settings, self.bundle.sensitivity(), steps, batch, self.numel)
+
+    def predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float) -> np.ndarray:
+        """The full, uncached denoiser with guidance: f(x, t, c) for a batch with per-row t."""
+        rows = self._rows(latents, text, uncond)
+        timestep = np.concatenate([t] * (len(rows["latent"]) // len(latents))).astype(np.float32)
+        head = self.backend.run("head", {**rows, "timestep": timestep})
+        streams = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
+        tail_in = {s: streams[s + "_out"] for s in self.layout.streams}
+        tail_in.update({k: head[k] for k in self.layout.tail_context})
+        noise = self.backend.run("tail", tail_in)[NOISE]
+        return self._guide(noise, len(latents), uncond is not None, guidance)
+
+    @staticmethod
+    def _rows(latents: np.ndarray, text: np.ndarray, uncond: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Engine rows: the batch, then (with CFG) the same latents with the unconditional text."""
+        if uncond is None:
+            return {"latent": latents, "text": text}
+        return {"latent": np.concatenate([latents, latents]), "text": np.concatenate([text, uncond])}
+
+    @staticmethod
+    def _guide(noise: np.ndarray, batch: int, cfg: bool, guidance: float) -> np.ndarray:
+        if not cfg:
+            return noise
+        cond, uncond = noise[:batch], noise[batch:]
+        return uncond + guidance * (cond - uncond)
+
+    def generate(self, request: Request, policy: CachePolicy, record: bool = False) -> Result:
+        """Denoise `request` as one batch under `policy`; latents come back undecoded."""
+        batch = len(request.prompts)
+        cfg = request.guidance > 1.0
+        branches = 2 if cfg else 1
+        if batch * branches > self.max_rows:
+            raise BadInput(f"{batch} samples need {batch * branches} rows; the bundle was built for at most "
+                           f"{self.bundle.shapes.max_batch} samples (rebuild with --max-batch)")
+        text = self.encode(request.prompts)
+        uncond = self.encode([""] * batch) if cfg else None
+        text_rows = text if uncond is None else np.concatenate([text, uncond])
+        row_sample = np.tile(np.arange(batch), branches)
+
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(request.steps)
+        timesteps = [float(t) for t in scheduler.timesteps]
+        x = self.initial_latents(request.seeds)
+        anchor = np.zeros((batch, *self.latent_shape), np.float32)
+        cache: dict[str, np.ndarray] | None = {} if policy.may_reuse else None
+        decisions: list[list[str]] = [[] for _ in range(batch)]
+        trace: list[list[dict[str, Any]]] = [[] for _ in range(batch)]
+        trajectory: list[np.ndarray] | None = [] if record else None
+        decision_s = 0.0
+        start = time.perf_counter()
+        for i, t_tensor in enumerate(scheduler.timesteps):
+            t = timesteps[i]
+            x_np = x.numpy()
+            if trajectory is not None:
+                trajectory.append(x_np.copy())
+            tick = time.perf_counter()
+            drift = drift_sumsq(x_np, anchor) if policy.needs_drift and i > 0 else None
+            decision = policy.decide(i, t, drift)
+            decision_s += time.perf_counter() - tick
+
+            run_rows = np.flatnonzero(decision.run[row_sample])
+            head = self.backend.run("head", {
+                "latent": np.concatenate([x_np] * branches),
+                "timestep": np.full(batch * branches, t, np.float32),
+                "text": text_rows,
+            })
+            streams = self._blocks(head, run_rows, batch * branches, cache)
+            tail_in = dict(streams)
+            tail_in.update({k: head[k] for k in self.layout.tail_context})
+            noise = self.backend.run("tail", tail_in)[NOISE]
+            guided = self._guide(noise, batch, cfg, request.guidance)
+
+            if decision.run.any():
+                anchor[decision.run] = x_np[decision.run]
+            for b in range(batch):
+                verdict = "run" if decision.run[b] else "reuse"
+                decisions[b].append(verdict)
+                score = decision.score[b]
+                trace[b].append({"step": i, "t": t, "score": None if math.isnan(score) else float(score),
+                                 "eps": None if math.isnan(decision.threshold) else decision.threshold,
+                                 "forced": decision.forced, "decision": verdict})
+            x = scheduler.step(torch.from_numpy(guided), t_tensor, x, return_dict=False)[0]
+        denoise_s = time.perf_counter() - start
+        warnings = []
+        outside = getattr(policy, "outside_table", [])
+        if outside:
+            warnings.append(f"{len(outside)} sensitivity look-ups fell outside the table's timesteps "
+                            f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge")
+        return Result(latents=x.numpy(), timesteps=timesteps, decisions=decisions, trace=trace,
+                      timing={"denoise_s": denoise_s, "decision_s": decision_s}, warnings=warnings,
+                      trajectory=trajectory)
+
+    def _blocks(self, head: dict[str, np.ndarray], run_rows: np.ndarray, rows: int,
+                cache: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Streams after the blocks: computed for `run_rows`, cached residual added elsewhere."""
+        layout = self.layout
+        if len(run_rows) == rows:
+            out = self.backend.run("blocks", {k: head[k] for k in layout.blocks_inputs})
+            new = {s: out[s + "_out"] for s in layout.streams}
+            if cache is not None:
+                for s in layout.streams:
+                    cache[s] = new[s] - head[s]
+            return new
+        streams = {s: head[s] + cache[s] for s in layout.streams}
+        if len(run_rows):
+            inputs = {k: head[k] if k in layout.shared else head[k][run_rows] for k in layout.blocks_inputs}
+            out = self.backend.run("blocks", inputs)
+            for s in layout.streams:
+                fresh = out[s + "_out"]
+                streams[s][run_rows] = fresh
+                cache[s][run_rows] = fresh - head[s][run_rows]
+        return streams

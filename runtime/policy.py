@@ -1,0 +1,141 @@
+"""Cache decision rules, as pure code: no I/O, no device, no model (SPEC sections 1 and 3).
+
+A policy sees, at each step, the step index, the timestep and the per-sample squared drift of
+the latent from its anchor (computed by a kernel on whatever device holds the latents), and says
+which samples RUN the blocks and which REUSE their cached residual. Every backend calls the same
+code, so a decision never depends on where the model runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.sensitivity import SensitivityTable
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The decision of one step for every sample of the batch."""
+
+    run: np.ndarray
+    """bool [B]: True where the sample runs the blocks."""
+    score: np.ndarray
+    """float [B]: the rule's score (NaN where the step is forced)."""
+    threshold: float
+    forced: bool
+
+
+class CachePolicy(Protocol):
+    """What the denoising loop asks of a cache rule."""
+
+    name: str
+    needs_drift: bool
+    may_reuse: bool
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs in use, as written to stats.json under "cache"."""
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> StepDecision:
+        """Decide step `step` at timestep `t` and update the per-sample state."""
+
+
+class NoCache:
+    """Every step runs every sample: the reference the cached runs are measured against."""
+
+    name = "none"
+    needs_drift = False
+    may_reuse = False
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": "none"}
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> StepDecision:
+        return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)
+
+
+@dataclass(frozen=True)
+class SenCacheSettings:
+    eps_start: float
+    eps_main: float
+    max_reuse: int
+    switch_frac: float = 0.2
+    force_last: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("eps_start", "eps_main"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise BadInput(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.max_reuse < 0:
+            raise BadInput(f"--max-reuse must be >= 0, got {self.max_reuse}")
+        if not 0.0 <= self.switch_frac <= 1.0:
+            raise BadInput(f"switch fraction must be in [0, 1], got {self.switch_frac}")
+
+
+class SenCachePolicy:
+    """SenCache (SPEC section 1) with per-sample anchors, sensitivities and reuse counters.
+
+    Score of sample b at step i, anchored at its last run step a:
+        S = (Jx(t_a) * ||x_i - x_a||_2 + Jt(t_a) * |t_i - t_a|) / sqrt(numel)
+    It reuses when the step is not forced, S < eps(i), and it has reused fewer than max_reuse
+    steps in a row; otherwise it runs and its anchor moves to (x_i, t_i).
+    """
+
+    name = "sencache"
+    needs_drift = True
+    may_reuse = True
+
+    def __init__(self, settings: SenCacheSettings, table: SensitivityTable, num_steps: int, batch: int, numel: int) -> None:
+        if num_steps <= 0 or batch <= 0 or numel <= 0:
+            raise BadInput("steps, batch and latent size must be positive")
+        self.config = settings
+        self.table = table
+        self.num_steps = num_steps
+        self.numel = numel
+        self.switch_step = round(settings.switch_frac * num_steps)
+        self.anchor_t = np.zeros(batch)
+        self.jx = np.zeros(batch)
+        self.jt = np.zeros(batch)
+        self.reuses = np.zeros(batch, dtype=np.int64)
+        self.outside_table: list[float] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name, **asdict(self.config)}
+
+    def threshold(self, step: int) -> float:
+        return self.config.eps_start if step < self.switch_step else self.config.eps_main
+
+    def forced(self, step: int) -> bool:
+        return step == 0 or (self.config.force_last and step == self.num_steps - 1)
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> StepDecision:
+        batch = len(self.reuses)
+        eps = self.threshold(step)
+        if self.forced(step):
+            run, score = np.ones(batch, bool), np.full(batch, np.nan)
+        else:
+            if drift_sumsq is None or drift_sumsq.shape != (batch,):
+                raise ValueError(f"drift_sumsq must have shape ({batch},)")
+            drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
+            score = (self.jx * drift + self.jt * np.abs(t - self.anchor_t)) / math.sqrt(self.numel)
+            run = ~((score < eps) & (self.reuses < self.config.max_reuse))
+        self._commit(step, t, run)
+        return StepDecision(run, score, eps, self.forced(step))
+
+    def _commit(self, step: int, t: float, run: np.ndarray) -> None:
+        self.reuses = np.where(run, 0, self.reuses + 1)
+        if run.any() and step < self.num_steps - 1:
+            jx, jt, inside = self.table.lookup(t)
+            if not inside:
+                self.outside_table.append(float(t))
+            self.anchor_t[run] = t
+            self.jx[run] = jx
+            self.jt[run] = jt

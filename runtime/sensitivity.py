@@ -1,0 +1,113 @@
+"""The sensitivity table: Jx(t) and Jt(t) per timestep, with its provenance (SPEC section 4).
+
+Stored in a bundle as `sensitivity.json`; the authors' `.npz` format (keys `timesteps`,
+`J_x_norm`, `J_t_norm`, optional `sample_counts`) is imported and exported too. Look-ups
+interpolate linearly in t, so one table serves any number of steps or shift; a t outside the
+table clamps to its edge and is counted, so the caller can report it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.files import write_atomic
+
+FORMAT = "sencache-sensitivity/1"
+
+
+@dataclass
+class SensitivityTable:
+    timesteps: np.ndarray
+    jx: np.ndarray
+    jt: np.ndarray
+    counts: np.ndarray | None = None
+    jx_std: np.ndarray | None = None
+    jt_std: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arrays = {"timesteps": self.timesteps, "Jx": self.jx, "Jt": self.jt}
+        arrays.update({k: v for k, v in (("counts", self.counts), ("Jx_std", self.jx_std), ("Jt_std", self.jt_std)) if v is not None})
+        for name, value in arrays.items():
+            arrays[name] = np.asarray(value, dtype=np.float64)
+            if arrays[name].ndim != 1 or len(arrays[name]) != len(arrays["timesteps"]):
+                raise BadInput(f"sensitivity table: {name} must be a list as long as timesteps")
+            if not np.all(np.isfinite(arrays[name])):
+                raise BadInput(f"sensitivity table: {name} holds NaN or infinite values")
+        if len(arrays["timesteps"]) < 2:
+            raise BadInput("sensitivity table: needs at least two timesteps")
+        if np.any(arrays["Jx"] < 0) or np.any(arrays["Jt"] < 0):
+            raise BadInput("sensitivity table: Jx and Jt must be non-negative")
+        order = np.argsort(arrays["timesteps"])
+        if np.any(np.diff(arrays["timesteps"][order]) <= 0):
+            raise BadInput("sensitivity table: timesteps must be distinct")
+        self.timesteps, self.jx, self.jt = (arrays[k][order] for k in ("timesteps", "Jx", "Jt"))
+        self.counts = arrays["counts"][order] if "counts" in arrays else None
+        self.jx_std = arrays["Jx_std"][order] if "Jx_std" in arrays else None
+        self.jt_std = arrays["Jt_std"][order] if "Jt_std" in arrays else None
+
+    def lookup(self, t: float) -> tuple[float, float, bool]:
+        """(Jx(t), Jt(t), inside) by linear interpolation; outside the table it clamps."""
+        inside = bool(self.timesteps[0] <= t <= self.timesteps[-1])
+        return float(np.interp(t, self.timesteps, self.jx)), float(np.interp(t, self.timesteps, self.jt)), inside
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT, "meta": self.meta, "timesteps": self.timesteps.tolist(),
+                               "Jx": self.jx.tolist(), "Jt": self.jt.tolist()}
+        for name, value in (("counts", self.counts), ("Jx_std", self.jx_std), ("Jt_std", self.jt_std)):
+            if value is not None:
+                out[name] = value.tolist()
+        return out
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> SensitivityTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise BadInput(f"no sensitivity table at {path}: run `sencache calibrate --engine DIR` first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"corrupt sensitivity table {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BadInput(f"corrupt sensitivity table {path}: not a {FORMAT} file")
+        try:
+            return cls(np.asarray(data["timesteps"]), np.asarray(data["Jx"]), np.asarray(data["Jt"]),
+                       counts=data.get("counts"), jx_std=data.get("Jx_std"), jt_std=data.get("Jt_std"),
+                       meta=data.get("meta", {}))
+        except KeyError as e:
+            raise BadInput(f"corrupt sensitivity table {path}: missing {e}") from None
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"corrupt sensitivity table {path}: {e}") from None
+
+    @classmethod
+    def from_npz(cls, path: Path, meta: dict[str, Any] | None = None) -> SensitivityTable:
+        """Import the authors' format: `timesteps`, `J_x_norm`, `J_t_norm` [, `sample_counts`]."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = {"timesteps", "J_x_norm", "J_t_norm"} - set(data.files)
+                if missing:
+                    raise BadInput(f"{path}: not a SenCache sensitivity .npz (missing {', '.join(sorted(missing))})")
+                counts = data["sample_counts"] if "sample_counts" in data.files else None
+                return cls(data["timesteps"].ravel(), data["J_x_norm"].ravel(), data["J_t_norm"].ravel(),
+                           counts=None if counts is None else counts.ravel(),
+                           meta={"source": f"imported from {Path(path).name}", **(meta or {})})
+        except FileNotFoundError:
+            raise BadInput(f"no such file: {path}") from None
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read {path} as .npz: {e}") from None
+
+    def to_npz(self, path: Path) -> None:
+        """Write the authors' format (for their tools, and to check the import round-trips)."""
+        arrays = {"timesteps": self.timesteps, "J_x_norm": self.jx, "J_t_norm": self.jt}
+        if self.counts is not None:
+            arrays["sample_counts"] = self.counts
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)

@@ -1,0 +1,158 @@
+"""The `sencache` command: build, calibrate, generate, demo.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr, no partial output), 1 on an
+internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sencache.runtime.errors import BadInput
+
+
+def _build(args: argparse.Namespace) -> None:
+    from sencache.engine_builder.builder import BuildOptions, build
+
+    build(BuildOptions(model=args.model, out=args.out, weights=args.weights, backend=args.backend,
+                       precision=args.precision, frames=args.frames, height=args.height, width=args.width,
+                       max_batch=args.max_batch))
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from sencache.runtime.backends.base import open_backend
+    from sencache.runtime.bundle import Bundle
+    from sencache.runtime.pipeline import Engine
+    from sencache.runtime.sensitivity import SensitivityTable
+
+    bundle = Bundle.load(args.engine)
+    if args.import_npz:
+        table = SensitivityTable.from_npz(args.import_npz, meta={"model": bundle.manifest["model"]})
+        bundle.write_sensitivity(table)
+        print(f"imported {len(table.timesteps)} timesteps from {args.import_npz} into {bundle.sensitivity_path}")
+        return
+    from sencache.calibration.calibrate import CalibrationPlan, calibrate
+
+    plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed)
+    engine = Engine(bundle, open_backend(bundle, threads=args.threads))
+    table = calibrate(engine, plan)
+    bundle.write_sensitivity(table)
+    print(f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {plan.samples} samples, "
+          f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from sencache.runtime.backends.base import open_backend
+    from sencache.runtime.bundle import Bundle
+    from sencache.runtime.outputs import write_run
+    from sencache.runtime.pipeline import Engine, Request
+    from sencache.runtime.policy import NoCache, SenCacheSettings
+
+    started = time.perf_counter()
+    bundle = Bundle.load(args.engine)
+    defaults = bundle.manifest["defaults"]
+    seeds = args.seed or [0]
+    request = Request(args.prompt or [], seeds, args.steps or defaults["steps"],
+                      defaults["guidance"] if args.guidance is None else args.guidance)
+    engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads))
+    engine.encode(request.prompts)
+    if args.cache == "sencache":
+        known = defaults["sencache"]
+        settings = SenCacheSettings(
+            eps_start=known["eps_start"] if args.eps_start is None else args.eps_start,
+            eps_main=known["eps_main"] if args.eps_main is None else args.eps_main,
+            max_reuse=int(known["max_reuse"]) if args.max_reuse is None else args.max_reuse,
+        )
+        policy = engine.sencache_policy(settings, request.steps, len(request.prompts))
+    else:
+        policy = NoCache(len(request.prompts))
+    result = engine.generate(request, policy)
+    frames = engine.adapter.decode(result.latents, engine.preset)
+    document = write_run(args.out, engine, request, policy, result, frames, time.perf_counter() - started)
+    for sample in document["samples"]:
+        print(f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} -> {args.out / sample['video']}")
+    timing = document["timing"]
+    print(f"denoise {timing['denoise_s']:.2f} s ({timing['per_step_s'] * 1000:.1f} ms/step), "
+          f"decisions {timing['decision_s'] * 1000:.2f} ms, total {timing['total_s']:.2f} s")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from sencache.demo import run_demo
+
+    run_demo(args.out, threads=args.threads)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export a model's stages into an engine bundle")
+    b.add_argument("--model", required=True, help="tiny-wan, wan2.1-t2v-1.3b, wan2.1-t2v-14b")
+    b.add_argument("--weights", type=Path, help="diffusers-format folder with the real weights")
+    b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
+    b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
+    b.add_argument("--frames", type=int)
+    b.add_argument("--height", type=int)
+    b.add_argument("--width", type=int)
+    b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
+    b.add_argument("--out", type=Path, required=True)
+    b.set_defaults(func=_build)
+
+    c = sub.add_parser("calibrate", help="measure the sensitivity table of a bundle")
+    c.add_argument("--engine", type=Path, required=True)
+    c.add_argument("--samples", type=int, default=8)
+    c.add_argument("--steps", type=int)
+    c.add_argument("--seed", type=int, default=1000)
+    c.add_argument("--import-npz", type=Path, help="import the authors' .npz table instead of measuring")
+    c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
+    c.set_defaults(func=_calibrate)
+
+    g = sub.add_parser("generate", help="generate videos from prompts")
+    g.add_argument("--engine", type=Path, required=True)
+    g.add_argument("--prompt", action="append")
+    g.add_argument("--seed", type=int, action="append")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--cache", choices=("none", "sencache"), default="sencache")
+    g.add_argument("--eps-start", type=float)
+    g.add_argument("--eps-main", type=float)
+    g.add_argument("--max-reuse", type=int)
+    g.add_argument("--backend", help="run on this backend (must match the bundle)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
+    g.add_argument("--out", type=Path, required=True)
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--threads", type=int, default=1, help="CPU threads for the timed runs")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BadInput as e:
+        print(f"sencache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sencache {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from sencache.engine_builder.onnx_export import BuildFailed
+
+        if isinstance(e, BuildFailed):
+            print(f"sencache {args.command}: build failed: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
