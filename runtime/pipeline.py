@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from sencache.kernels.drift import drift_sumsq
 from sencache.runtime.backends.base import StageBackend
@@ -125,7 +126,7 @@ class Engine:
         cond, uncond = noise[:batch], noise[batch:]
         return uncond + guidance * (cond - uncond)
 
-    def generate(self, request: Request, policy: CachePolicy, record: bool = False) -> Result:
+    def generate(self, request: Request, policy: CachePolicy, record: bool = False, progress: bool = False) -> Result:
         """Denoise `request` as one batch under `policy`; latents come back undecoded."""
         batch = len(request.prompts)
         cfg = request.guidance > 1.0
@@ -149,7 +150,8 @@ class Engine:
         trajectory: list[np.ndarray] | None = [] if record else None
         decision_s = 0.0
         start = time.perf_counter()
-        for i, t_tensor in enumerate(scheduler.timesteps):
+        steps = tqdm(scheduler.timesteps, desc=f"denoise ({policy.name})", unit="step", disable=not progress, leave=False)
+        for i, t_tensor in enumerate(steps):
             t = timesteps[i]
             x_np = x.numpy()
             if trajectory is not None:

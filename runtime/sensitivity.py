@@ -37,16 +37,16 @@ class SensitivityTable:
         for name, value in arrays.items():
             arrays[name] = np.asarray(value, dtype=np.float64)
             if arrays[name].ndim != 1 or len(arrays[name]) != len(arrays["timesteps"]):
-                raise BadInput(f"sensitivity table: {name} must be a list as long as timesteps")
+                raise BadInput(f"{name} must be a list as long as timesteps")
             if not np.all(np.isfinite(arrays[name])):
-                raise BadInput(f"sensitivity table: {name} holds NaN or infinite values")
+                raise BadInput(f"{name} holds NaN or infinite values")
         if len(arrays["timesteps"]) < 2:
-            raise BadInput("sensitivity table: needs at least two timesteps")
+            raise BadInput("needs at least two timesteps")
         if np.any(arrays["Jx"] < 0) or np.any(arrays["Jt"] < 0):
-            raise BadInput("sensitivity table: Jx and Jt must be non-negative")
+            raise BadInput("Jx and Jt must be non-negative")
         order = np.argsort(arrays["timesteps"])
         if np.any(np.diff(arrays["timesteps"][order]) <= 0):
-            raise BadInput("sensitivity table: timesteps must be distinct")
+            raise BadInput("timesteps must be distinct")
         self.timesteps, self.jx, self.jt = (arrays[k][order] for k in ("timesteps", "Jx", "Jt"))
         self.counts = arrays["counts"][order] if "counts" in arrays else None
         self.jx_std = arrays["Jx_std"][order] if "Jx_std" in arrays else None
@@ -84,7 +84,7 @@ class SensitivityTable:
                        meta=data.get("meta", {}))
         except KeyError as e:
             raise BadInput(f"corrupt sensitivity table {path}: missing {e}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, BadInput) as e:
             raise BadInput(f"corrupt sensitivity table {path}: {e}") from None
 
     @classmethod
@@ -94,13 +94,15 @@ class SensitivityTable:
             with np.load(path, allow_pickle=False) as data:
                 missing = {"timesteps", "J_x_norm", "J_t_norm"} - set(data.files)
                 if missing:
-                    raise BadInput(f"{path}: not a SenCache sensitivity .npz (missing {', '.join(sorted(missing))})")
+                    raise BadInput(f"not a SenCache sensitivity .npz (missing {', '.join(sorted(missing))})")
                 counts = data["sample_counts"] if "sample_counts" in data.files else None
                 return cls(data["timesteps"].ravel(), data["J_x_norm"].ravel(), data["J_t_norm"].ravel(),
                            counts=None if counts is None else counts.ravel(),
                            meta={"source": f"imported from {Path(path).name}", **(meta or {})})
         except FileNotFoundError:
             raise BadInput(f"no such file: {path}") from None
+        except BadInput as e:
+            raise BadInput(f"{path}: {e}") from None
         except (OSError, ValueError) as e:
             raise BadInput(f"cannot read {path} as .npz: {e}") from None
 

@@ -55,7 +55,7 @@ def _generate(args: argparse.Namespace) -> None:
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest["defaults"]
     seeds = args.seed or [0]
-    request = Request(args.prompt or [], seeds, args.steps or defaults["steps"],
+    request = Request(args.prompt or [], seeds, defaults["steps"] if args.steps is None else args.steps,
                       defaults["guidance"] if args.guidance is None else args.guidance)
     engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads))
     engine.encode(request.prompts)
@@ -69,7 +69,7 @@ def _generate(args: argparse.Namespace) -> None:
         policy = engine.sencache_policy(settings, request.steps, len(request.prompts))
     else:
         policy = NoCache(len(request.prompts))
-    result = engine.generate(request, policy)
+    result = engine.generate(request, policy, progress=True)
     frames = engine.adapter.decode(result.latents, engine.preset)
     document = write_run(args.out, engine, request, policy, result, frames, time.perf_counter() - started)
     for sample in document["samples"]:

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny-wan bundles built once per session (ONNX Runtime and PyTorch)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sencache.calibration.calibrate import CalibrationPlan, calibrate
+from sencache.engine_builder.builder import BuildOptions, build
+from sencache.runtime.backends.base import open_backend
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.pipeline import Engine
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ort_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-wan-ort"
+    build(BuildOptions(model="tiny-wan", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def torch_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-wan-torch"
+    build(BuildOptions(model="tiny-wan", out=out, backend="torch", max_batch=3), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
+    """A copy of the ONNX bundle with a small measured sensitivity table."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-wan-calibrated"
+    shutil.copytree(ort_bundle, out)
+    bundle = Bundle.load(out)
+    engine = Engine(bundle, open_backend(bundle, threads=1))
+    bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False))
+    return out
+
+
+def engine_for(path: Path) -> Engine:
+    bundle = Bundle.load(path)
+    return Engine(bundle, open_backend(bundle, threads=1))
