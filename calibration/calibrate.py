@@ -9,6 +9,11 @@ inference computes it (same backend, same text encoding, same timestep dtype):
     Jt  = ||f(x_k, t_{k+1}) - f(x_k, t_k)|| / |t_{k+1} - t_k|
 
 Norms are per sample; the table keeps the mean over samples, the spread and the count.
+
+The same trajectories calibrate the baselines the way their authors do: TeaCache's polynomial
+maps the relative L1 change of the modulated input between steps to that of the model output
+(degree 4 least squares), and MagCache's ratios are the token-mean of ||r_k|| / ||r_{k-1}|| of
+the blocks' residual r, per step.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.pipeline import Engine, Request
 from sencache.runtime.policy import NoCache
@@ -52,8 +58,19 @@ def _norms(a: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a.reshape(len(a), -1).astype(np.float64), axis=1)
 
 
-def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True) -> SensitivityTable:
-    """Measure Jx and Jt on `engine`'s own trajectories."""
+@dataclass
+class Calibration:
+    sensitivity: SensitivityTable
+    baselines: BaselineTables
+
+
+def _relative_l1(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    cur, prev = current.reshape(len(current), -1), previous.reshape(len(previous), -1)
+    return np.abs(cur - prev).mean(axis=1) / np.abs(prev).mean(axis=1)
+
+
+def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True) -> Calibration:
+    """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories."""
     manifest = engine.bundle.manifest
     steps = plan.steps or manifest["defaults"]["steps"]
     guidance = manifest["defaults"]["guidance"] if plan.guidance is None else plan.guidance
@@ -62,8 +79,9 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
                        f"which this runtime does not load yet; import a table with --import-npz")
     prompts = calibration_prompts(plan.samples, plan.seed)
     seeds = [plan.seed + i for i in range(plan.samples)]
-    batch = min(plan.batch, engine.bundle.shapes.max_batch)
+    batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
     jx_all, jt_all, timesteps = [], [], None
+    tea_x, tea_y, mag = [], [], []
     started = time.perf_counter()
     chunks = [(prompts[i:i + batch], seeds[i:i + batch]) for i in range(0, plan.samples, batch)]
     bar = tqdm(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
@@ -74,17 +92,26 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
         timesteps = run.timesteps
         text = engine.encode(chunk_prompts)
         uncond = engine.encode([""] * len(chunk_prompts)) if guidance > 1.0 else None
-        jx_rows, jt_rows = [], []
-        for k in range(steps - 1):
+        jx_rows, jt_rows, mag_rows, previous = [], [], [], None
+        for k in range(steps):
             x_k = run.trajectory[k]
             n = len(x_k)
-            t_k, t_next = timesteps[k], timesteps[k + 1]
-            f_k = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
+            t_k = timesteps[k]
+            now = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
+            f_k = now.guided
+            if previous is not None:
+                tea_x.append(_relative_l1(now.modulation, previous.modulation))
+                tea_y.append(_relative_l1(now.cond, previous.cond))
+                mag_rows.append((now.residual_norms / previous.residual_norms).mean(axis=1))
+            previous = now
+            if k == steps - 1:
+                break
+            t_next = timesteps[k + 1]
             x_prime = _solver_step(engine, steps, k, f_k, x_k)
             both = engine.predict(np.concatenate([x_prime, x_k]),
                                   np.array([t_k] * n + [t_next] * n, np.float32),
                                   np.concatenate([text, text]),
-                                  None if uncond is None else np.concatenate([uncond, uncond]), guidance)
+                                  None if uncond is None else np.concatenate([uncond, uncond]), guidance).guided
             f_prime, f_next = both[:n], both[n:]
             dx = _norms(x_prime - x_k)
             if np.any(dx == 0):
@@ -94,6 +121,7 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
             bar.update(1)
         jx_all.append(np.stack(jx_rows))
         jt_all.append(np.stack(jt_rows))
+        mag.append(np.stack(mag_rows))
     bar.close()
     jx = np.concatenate(jx_all, axis=1)
     jt = np.concatenate(jt_all, axis=1)
@@ -113,9 +141,20 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
         "seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return SensitivityTable(np.asarray(timesteps[:-1]), jx.mean(axis=1), jt.mean(axis=1),
-                            counts=np.full(steps - 1, plan.samples, float), jx_std=jx.std(axis=1),
-                            jt_std=jt.std(axis=1), meta=meta)
+    sensitivity = SensitivityTable(np.asarray(timesteps[:-1]), jx.mean(axis=1), jt.mean(axis=1),
+                                   counts=np.full(steps - 1, plan.samples, float), jx_std=jx.std(axis=1),
+                                   jt_std=jt.std(axis=1), meta=meta)
+    x, y = np.concatenate(tea_x), np.concatenate(tea_y)
+    coefficients = np.polyfit(x, y, 4)
+    ratios = np.concatenate([[1.0], np.concatenate(mag, axis=1).mean(axis=1)])
+    baselines = BaselineTables(
+        teacache_coefficients=tuple(float(c) for c in coefficients),
+        magcache_ratios=tuple(float(r) for r in ratios),
+        meta={**meta, "teacache_input": engine.adapter.modulation, "teacache_points": int(len(x)),
+              "teacache_fit_rmse": float(np.sqrt(np.mean((np.polyval(coefficients, x) - y) ** 2))),
+              "magcache_branch": "cond"},
+    )
+    return Calibration(sensitivity, baselines)
 
 
 def _solver_step(engine: Engine, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray) -> np.ndarray:

@@ -142,7 +142,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             "layout": {"streams": list(adapter.layout.streams), "block_context": list(adapter.layout.block_context),
                        "tail_context": list(adapter.layout.tail_context), "shared": list(adapter.layout.shared)},
             "scheduler": adapter.scheduler_config(preset),
-            "defaults": {"steps": preset.steps, "guidance": preset.guidance, "sencache": preset.sencache_defaults},
+            "defaults": {"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults},
             "text_encoder": text_encoder,
             "validation": validation,
             "tools": _tools(),

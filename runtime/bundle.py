@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
 from sencache.runtime.files import sha256, write_atomic
@@ -21,6 +22,7 @@ from sencache.runtime.sensitivity import SensitivityTable
 FORMAT = "sencache-bundle/1"
 MANIFEST = "manifest.json"
 SENSITIVITY = "sensitivity.json"
+BASELINES = "baselines.json"
 REQUIRED = ("format", "model", "family", "config", "shapes", "precision", "backend", "stages", "files",
             "scheduler", "defaults", "text_encoder")
 
@@ -89,6 +91,16 @@ class Bundle:
 
     def write_sensitivity(self, table: SensitivityTable) -> None:
         table.save(self.sensitivity_path)
+
+    @property
+    def baselines_path(self) -> Path:
+        return self.path / BASELINES
+
+    def baselines(self) -> BaselineTables:
+        return BaselineTables.load(self.baselines_path)
+
+    def write_baselines(self, tables: BaselineTables) -> None:
+        tables.save(self.baselines_path)
 
     def file(self, name: str) -> Path:
         return self.path / name

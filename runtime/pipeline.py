@@ -22,10 +22,12 @@ from tqdm import tqdm
 
 from sencache.kernels.drift import drift_sumsq
 from sencache.runtime.backends.base import StageBackend
+from sencache.runtime.baselines import (FixedPolicy, FixedSettings, MagCachePolicy, MagCacheSettings, TeaCachePolicy,
+                                       TeaCacheSettings)
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import NOISE
-from sencache.runtime.policy import CachePolicy, SenCachePolicy, SenCacheSettings
+from sencache.runtime.policy import CachePolicy, NoCache, SenCachePolicy, SenCacheSettings
 from sencache.runtime.tiny_text import TinyTextEncoder
 
 
@@ -66,6 +68,27 @@ class Result:
         return [d.count("run") for d in self.decisions]
 
 
+METHOD_KNOBS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "sencache": ("eps_start", "eps_main", "max_reuse"),
+    "fixed": ("interval", "warmup"),
+    "teacache": ("threshold",),
+    "magcache": ("threshold", "max_reuse", "retention"),
+}
+
+
+@dataclass
+class Prediction:
+    guided: np.ndarray
+    """The guided noise prediction the solver uses, [B, ...]."""
+    cond: np.ndarray
+    """The conditional branch's raw output, [B, ...]."""
+    modulation: np.ndarray
+    """The head's modulated input (TeaCache's signal), [B, ...]."""
+    residual_norms: np.ndarray
+    """Per-token L2 norm of the blocks' residual of the first stream (MagCache's signal), [B, tokens]."""
+
+
 class Engine:
     """A loaded bundle and the backend that runs it."""
 
@@ -101,16 +124,54 @@ class Engine:
     def sencache_policy(self, settings: SenCacheSettings, steps: int, batch: int) -> SenCachePolicy:
         return SenCachePolicy(settings, self.bundle.sensitivity(), steps, batch, self.numel)
 
-    def predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float) -> np.ndarray:
-        """The full, uncached denoiser with guidance: f(x, t, c) for a batch with per-row t."""
+    def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | None]) -> CachePolicy:
+        """The cache rule `method` with the given knobs; unset knobs take the bundle's defaults."""
+        given = {k: v for k, v in knobs.items() if v is not None}
+        allowed = METHOD_KNOBS.get(method)
+        if allowed is None:
+            raise BadInput(f"unknown cache method {method!r} (choose from {', '.join(METHOD_KNOBS)})")
+        stray = sorted(set(given) - set(allowed))
+        if stray:
+            raise BadInput(f"--{stray[0].replace('_', '-')} does not apply to --cache {method}")
+        defaults = self.bundle.manifest["defaults"]
+        if method == "none":
+            return NoCache(batch)
+        if method == "sencache":
+            return self.sencache_policy(SenCacheSettings(**{**defaults["sencache"], **given}), steps, batch)
+        if method == "fixed":
+            return FixedPolicy(FixedSettings(**{"interval": 2, **given}), steps, batch)
+        tables = self.bundle.baselines()
+        if method == "teacache":
+            settings = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
+            return TeaCachePolicy(settings, steps, batch)
+        settings = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
+        return MagCachePolicy(settings, steps, batch)
+
+    def predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
+                guidance: float) -> Prediction:
+        """The full, uncached denoiser with guidance, f(x, t, c), for a batch with per-row t,
+        with the signals the baselines calibrate on."""
+        batch = len(latents)
         rows = self._rows(latents, text, uncond)
-        timestep = np.concatenate([t] * (len(rows["latent"]) // len(latents))).astype(np.float32)
-        head = self.backend.run("head", {**rows, "timestep": timestep})
-        streams = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
-        tail_in = {s: streams[s + "_out"] for s in self.layout.streams}
+        branches = len(rows["latent"]) // batch
+        head = self._head(rows["latent"], np.concatenate([t] * branches).astype(np.float32), rows["text"])
+        out = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
+        stream = self.layout.streams[0]
+        residual = out[stream + "_out"][:batch] - head[stream][:batch]
+        tail_in = {s: out[s + "_out"] for s in self.layout.streams}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
         noise = self.backend.run("tail", tail_in)[NOISE]
-        return self._guide(noise, len(latents), uncond is not None, guidance)
+        return Prediction(guided=self._guide(noise, batch, uncond is not None, guidance), cond=noise[:batch],
+                          modulation=head[self.adapter.modulation][:batch],
+                          residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))
+
+    def _head(self, latent: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> dict[str, np.ndarray]:
+        return self.backend.run("head", {"latent": latent, "timestep": timestep, "text": text})
+
+    def _finish(self, head: dict[str, np.ndarray], run_rows: np.ndarray, cache: dict[str, np.ndarray] | None) -> np.ndarray:
+        tail_in = self._blocks(head, run_rows, len(head[self.layout.streams[0]]), cache)
+        tail_in.update({k: head[k] for k in self.layout.tail_context})
+        return self.backend.run("tail", tail_in)[NOISE]
 
     @staticmethod
     def _rows(latents: np.ndarray, text: np.ndarray, uncond: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -156,21 +217,14 @@ class Engine:
             x_np = x.numpy()
             if trajectory is not None:
                 trajectory.append(x_np.copy())
+            head = self._head(np.concatenate([x_np] * branches), np.full(batch * branches, t, np.float32), text_rows)
             tick = time.perf_counter()
             drift = drift_sumsq(x_np, anchor) if policy.needs_drift and i > 0 else None
-            decision = policy.decide(i, t, drift)
+            modulation = head[self.adapter.modulation][:batch] if policy.needs_modulation else None
+            decision = policy.decide(i, t, drift, modulation)
             decision_s += time.perf_counter() - tick
 
-            run_rows = np.flatnonzero(decision.run[row_sample])
-            head = self.backend.run("head", {
-                "latent": np.concatenate([x_np] * branches),
-                "timestep": np.full(batch * branches, t, np.float32),
-                "text": text_rows,
-            })
-            streams = self._blocks(head, run_rows, batch * branches, cache)
-            tail_in = dict(streams)
-            tail_in.update({k: head[k] for k in self.layout.tail_context})
-            noise = self.backend.run("tail", tail_in)[NOISE]
+            noise = self._finish(head, np.flatnonzero(decision.run[row_sample]), cache)
             guided = self._guide(noise, batch, cfg, request.guidance)
 
             if decision.run.any():

@@ -1,8 +1,9 @@
 """Cache decision rules, as pure code: no I/O, no device, no model (SPEC sections 1 and 3).
 
-A policy sees, at each step, the step index, the timestep and the per-sample squared drift of
-the latent from its anchor (computed by a kernel on whatever device holds the latents), and says
-which samples RUN the blocks and which REUSE their cached residual. Every backend calls the same
+A policy sees, at each step, the step index, the timestep, the per-sample squared drift of the
+latent from its anchor (computed by a kernel on whatever device holds the latents) and, for rules
+that want it, the per-sample modulated input of the head; it says which samples RUN the blocks
+and which REUSE their cached residual. Every backend calls the same
 code, so a decision never depends on where the model runs.
 """
 
@@ -35,12 +36,14 @@ class CachePolicy(Protocol):
 
     name: str
     needs_drift: bool
+    needs_modulation: bool
     may_reuse: bool
 
     def settings(self) -> dict[str, Any]:
         """The knobs in use, as written to stats.json under "cache"."""
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> StepDecision:
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
         """Decide step `step` at timestep `t` and update the per-sample state."""
 
 
@@ -49,6 +52,7 @@ class NoCache:
 
     name = "none"
     needs_drift = False
+    needs_modulation = False
     may_reuse = False
 
     def __init__(self, batch: int) -> None:
@@ -57,7 +61,8 @@ class NoCache:
     def settings(self) -> dict[str, Any]:
         return {"method": "none"}
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> StepDecision:
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
         return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)
 
 
@@ -91,6 +96,7 @@ class SenCachePolicy:
 
     name = "sencache"
     needs_drift = True
+    needs_modulation = False
     may_reuse = True
 
     def __init__(self, settings: SenCacheSettings, table: SensitivityTable, num_steps: int, batch: int, numel: int) -> None:
@@ -116,7 +122,8 @@ class SenCachePolicy:
     def forced(self, step: int) -> bool:
         return step == 0 or (self.config.force_last and step == self.num_steps - 1)
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> StepDecision:
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
         batch = len(self.reuses)
         eps = self.threshold(step)
         if self.forced(step):

@@ -38,10 +38,13 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed)
     engine = Engine(bundle, open_backend(bundle, threads=args.threads))
-    table = calibrate(engine, plan)
+    result = calibrate(engine, plan)
+    table = result.sensitivity
     bundle.write_sensitivity(table)
+    bundle.write_baselines(result.baselines)
     print(f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {plan.samples} samples, "
           f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}")
+    print(f"wrote {bundle.baselines_path}: TeaCache polynomial, MagCache ratios for {len(result.baselines.magcache_ratios)} steps")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -49,7 +52,6 @@ def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.outputs import write_run
     from sencache.runtime.pipeline import Engine, Request
-    from sencache.runtime.policy import NoCache, SenCacheSettings
 
     started = time.perf_counter()
     bundle = Bundle.load(args.engine)
@@ -59,16 +61,9 @@ def _generate(args: argparse.Namespace) -> None:
                       defaults["guidance"] if args.guidance is None else args.guidance)
     engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads))
     engine.encode(request.prompts)
-    if args.cache == "sencache":
-        known = defaults["sencache"]
-        settings = SenCacheSettings(
-            eps_start=known["eps_start"] if args.eps_start is None else args.eps_start,
-            eps_main=known["eps_main"] if args.eps_main is None else args.eps_main,
-            max_reuse=int(known["max_reuse"]) if args.max_reuse is None else args.max_reuse,
-        )
-        policy = engine.sencache_policy(settings, request.steps, len(request.prompts))
-    else:
-        policy = NoCache(len(request.prompts))
+    knobs = {name: getattr(args, name) for name in ("eps_start", "eps_main", "max_reuse", "interval", "warmup",
+                                                    "threshold", "retention")}
+    policy = engine.policy(args.cache, request.steps, len(request.prompts), knobs)
     result = engine.generate(request, policy, progress=True)
     frames = engine.adapter.decode(result.latents, engine.preset)
     document = write_run(args.out, engine, request, policy, result, frames, time.perf_counter() - started)
@@ -118,10 +113,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, action="append")
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
-    g.add_argument("--cache", choices=("none", "sencache"), default="sencache")
-    g.add_argument("--eps-start", type=float)
-    g.add_argument("--eps-main", type=float)
-    g.add_argument("--max-reuse", type=int)
+    g.add_argument("--cache", choices=("none", "sencache", "fixed", "teacache", "magcache"), default="sencache")
+    g.add_argument("--eps-start", type=float, help="sencache: threshold of the first 20%% of steps")
+    g.add_argument("--eps-main", type=float, help="sencache: threshold after that")
+    g.add_argument("--max-reuse", type=int, help="sencache, magcache: most reuses in a row")
+    g.add_argument("--interval", type=int, help="fixed: run every K-th step")
+    g.add_argument("--warmup", type=int, help="fixed: run all of the first W steps")
+    g.add_argument("--threshold", type=float, help="teacache, magcache: accumulated-error threshold")
+    g.add_argument("--retention", type=float, help="magcache: fraction of first steps always run")
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--out", type=Path, required=True)

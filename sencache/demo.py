@@ -16,7 +16,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.outputs import write_run
 from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache, SenCacheSettings
+from sencache.runtime.policy import NoCache
 
 DEMO_PROMPTS = [
     ("one large white circle static on black", 11),
@@ -38,8 +38,10 @@ def run_demo(out: Path, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     bundle = _bundle(out / "tiny-wan")
     engine = Engine(bundle, open_backend(bundle, threads=threads))
-    if not bundle.sensitivity_path.exists():
-        bundle.write_sensitivity(calibrate(engine, CalibrationPlan()))
+    if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
+        calibration = calibrate(engine, CalibrationPlan())
+        bundle.write_sensitivity(calibration.sensitivity)
+        bundle.write_baselines(calibration.baselines)
         print(f"calibrated {bundle.sensitivity_path}")
     defaults = bundle.manifest["defaults"]
     prompts, seeds = [p for p, _ in DEMO_PROMPTS], [s for _, s in DEMO_PROMPTS]
@@ -50,10 +52,7 @@ def run_demo(out: Path, threads: int = 1) -> None:
     runs = {}
     for name in ("none", "sencache"):
         started = time.perf_counter()
-        if name == "none":
-            policy = NoCache(batch)
-        else:
-            policy = engine.sencache_policy(SenCacheSettings(**defaults["sencache"]), request.steps, batch)
+        policy = engine.policy(name, request.steps, batch, {})
         result = engine.generate(request, policy)
         frames = engine.adapter.decode(result.latents, engine.preset)
         write_run(out / name, engine, request, policy, result, frames, time.perf_counter() - started)

@@ -38,7 +38,9 @@ def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
     shutil.copytree(ort_bundle, out)
     bundle = Bundle.load(out)
     engine = Engine(bundle, open_backend(bundle, threads=1))
-    bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False))
+    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False)
+    bundle.write_sensitivity(calibration.sensitivity)
+    bundle.write_baselines(calibration.baselines)
     return out
 
 

@@ -96,13 +96,13 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(calibrated_bundle):
 def test_calibration_is_deterministic_for_a_seed(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     stored = engine.bundle.sensitivity()
-    again = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False)
+    again = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False).sensitivity
     np.testing.assert_array_equal(stored.timesteps, again.timesteps)
     np.testing.assert_allclose(stored.jx, again.jx, rtol=1e-6)
     np.testing.assert_allclose(stored.jt, again.jt, rtol=1e-6)
     assert np.all(stored.jx > 0) and np.all(stored.jt > 0)
     assert stored.meta["samples"] == 2 and stored.meta["steps"] == 8 and len(stored.timesteps) == 7
-    other = calibrate(engine, CalibrationPlan(samples=2, steps=8, seed=7), show_progress=False)
+    other = calibrate(engine, CalibrationPlan(samples=2, steps=8, seed=7), show_progress=False).sensitivity
     assert not np.allclose(other.jx, stored.jx)
 
 

@@ -67,7 +67,8 @@ class ModelPreset:
     tiny: bool = False
     guidance: float = 5.0
     steps: int = 50
-    sencache_defaults: dict[str, float] = field(default_factory=dict)
+    cache_defaults: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Default knobs per cache method ("sencache", "teacache", "magcache")."""
     description: str = ""
 
 
@@ -88,6 +89,8 @@ class FamilyAdapter(ABC):
     layout: StageLayout
     cfg_batched: bool
     """True where the pipeline batches cond and uncond as one call (one decision per pair)."""
+    modulation: str
+    """The head output whose change TeaCache watches (its "modulated input")."""
     presets: dict[str, ModelPreset]
 
     @abstractmethod

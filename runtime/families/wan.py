@@ -64,8 +64,14 @@ _SCHEDULER: dict[str, Any] = {
     "timestep_spacing": "linspace",
 }
 
-# SPEC section 1: the authors' Wan 2.1 T2V-1.3B defaults.
-_WAN_SENCACHE = {"eps_start": 0.045, "eps_main": 2.0, "max_reuse": 3}
+# SPEC section 1 (SenCache authors' Wan 2.1 T2V-1.3B defaults) and the baselines' published settings
+# (shared/reference/baseline_constants.json: TeaCache "slow", MagCache per model).
+_WAN_1_3B_CACHE = {
+    "sencache": {"eps_start": 0.045, "eps_main": 2.0, "max_reuse": 3},
+    "teacache": {"threshold": 0.05},
+    "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+}
+_WAN_14B_CACHE = {**_WAN_1_3B_CACHE, "magcache": {"threshold": 0.24, "max_reuse": 6, "retention": 0.2}}
 
 
 class _Head(nn.Module):
@@ -119,6 +125,7 @@ class WanAdapter(FamilyAdapter):
         shared=("rope_cos", "rope_sin"),
     )
     cfg_batched = False
+    modulation = "temb"
     presets = {
         "tiny-wan": ModelPreset(
             name="tiny-wan",
@@ -130,7 +137,11 @@ class WanAdapter(FamilyAdapter):
             tiny=True,
             guidance=4.0,
             steps=30,
-            sencache_defaults={"eps_start": 0.02, "eps_main": 0.3, "max_reuse": 3},
+            cache_defaults={
+                "sencache": {"eps_start": 0.02, "eps_main": 0.3, "max_reuse": 3},
+                "teacache": {"threshold": 0.1},
+                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+            },
             description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
         ),
         "wan2.1-t2v-1.3b": ModelPreset(
@@ -142,7 +153,7 @@ class WanAdapter(FamilyAdapter):
             width=832,
             guidance=5.0,
             steps=50,
-            sencache_defaults=_WAN_SENCACHE,
+            cache_defaults=_WAN_1_3B_CACHE,
             description="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         ),
         "wan2.1-t2v-14b": ModelPreset(
@@ -154,7 +165,7 @@ class WanAdapter(FamilyAdapter):
             width=1280,
             guidance=5.0,
             steps=50,
-            sencache_defaults=_WAN_SENCACHE,
+            cache_defaults=_WAN_14B_CACHE,
             description="Wan-AI/Wan2.1-T2V-14B-Diffusers",
         ),
     }

@@ -1,0 +1,208 @@
+"""The rules SenCache is measured against, inside the same runtime (SPEC section 5).
+
+Only the decision differs: the cache mechanics (residual per sample and branch, head and tail on
+every step) are the engine's. All rules keep per-sample state so they can share the loop, though
+TeaCache and MagCache on Wan decide the same for every sample (their signals depend on t alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.files import write_atomic
+from sencache.runtime.policy import StepDecision
+
+
+def _forced(step: int, steps: int, force_last: bool) -> bool:
+    return step == 0 or (force_last and step == steps - 1)
+
+
+@dataclass(frozen=True)
+class FixedSettings:
+    interval: int
+    warmup: int = 0
+    force_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise BadInput(f"--interval must be >= 1, got {self.interval}")
+        if self.warmup < 0:
+            raise BadInput(f"--warmup must be >= 0, got {self.warmup}")
+
+
+class FixedPolicy:
+    """Run every `interval`-th step (i % interval == 0), all of the first `warmup` steps, and the
+    first and last step; reuse otherwise."""
+
+    name = "fixed"
+    needs_drift = False
+    needs_modulation = False
+    may_reuse = True
+
+    def __init__(self, settings: FixedSettings, num_steps: int, batch: int) -> None:
+        self.config, self.num_steps, self.batch = settings, num_steps, batch
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name, **asdict(self.config)}
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
+        forced = _forced(step, self.num_steps, self.config.force_last)
+        run = forced or step < self.config.warmup or step % self.config.interval == 0
+        return StepDecision(np.full(self.batch, run), np.full(self.batch, np.nan), math.nan, forced)
+
+
+@dataclass(frozen=True)
+class TeaCacheSettings:
+    threshold: float
+    coefficients: tuple[float, ...]
+    """numpy.poly1d coefficients, highest power first, mapping input change to output change."""
+    force_last: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise BadInput(f"--threshold must be a finite number >= 0, got {self.threshold}")
+        if not self.coefficients or not all(math.isfinite(c) for c in self.coefficients):
+            raise BadInput("TeaCache coefficients must be finite numbers")
+
+
+class TeaCachePolicy:
+    """TeaCache: accumulate poly(relative L1 change of the modulated input) since the last run;
+    reuse while the sum stays below the threshold, else run and reset."""
+
+    name = "teacache"
+    needs_drift = False
+    needs_modulation = True
+    may_reuse = True
+
+    def __init__(self, settings: TeaCacheSettings, num_steps: int, batch: int) -> None:
+        self.config, self.num_steps = settings, num_steps
+        self.accumulated = np.zeros(batch)
+        self.previous: np.ndarray | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name, "threshold": self.config.threshold,
+                "coefficients": list(self.config.coefficients), "force_last": self.config.force_last}
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
+        if modulation is None:
+            raise ValueError("TeaCache needs the modulated input")
+        current = modulation.reshape(len(modulation), -1).astype(np.float64)
+        forced = _forced(step, self.num_steps, self.config.force_last) or self.previous is None
+        if forced:
+            run = np.ones(len(current), bool)
+            self.accumulated[:] = 0.0
+        else:
+            change = np.abs(current - self.previous).mean(axis=1) / np.abs(self.previous).mean(axis=1)
+            self.accumulated += np.polyval(self.config.coefficients, change)
+            run = self.accumulated >= self.config.threshold
+            self.accumulated[run] = 0.0
+        score = np.full(len(current), np.nan) if forced else self.accumulated.copy()
+        self.previous = current
+        return StepDecision(run, score, self.config.threshold, forced)
+
+
+@dataclass(frozen=True)
+class MagCacheSettings:
+    threshold: float
+    max_reuse: int
+    ratios: tuple[float, ...]
+    """Per-step magnitude ratio gamma of the residual (cond branch), calibrated at some step count."""
+    retention: float = 0.2
+    force_last: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise BadInput(f"--threshold must be a finite number >= 0, got {self.threshold}")
+        if self.max_reuse < 0:
+            raise BadInput(f"--max-reuse must be >= 0, got {self.max_reuse}")
+        if not 0.0 <= self.retention <= 1.0:
+            raise BadInput(f"--retention must be in [0, 1], got {self.retention}")
+        if len(self.ratios) < 2 or not all(math.isfinite(r) and r > 0 for r in self.ratios):
+            raise BadInput("MagCache ratios must be at least two positive numbers")
+
+
+def resample_ratios(ratios: tuple[float, ...], steps: int) -> np.ndarray:
+    """Ratios calibrated at len(ratios) steps, linearly interpolated to `steps` steps."""
+    source = np.linspace(0.0, 1.0, len(ratios))
+    return np.interp(np.linspace(0.0, 1.0, steps), source, np.asarray(ratios, np.float64))
+
+
+class MagCachePolicy:
+    """MagCache: from the retention step on, multiply the calibrated ratios since the last run and
+    add up |1 - product|; reuse while that error is below the threshold and at most max_reuse
+    steps in a row reuse, else run and reset."""
+
+    name = "magcache"
+    needs_drift = False
+    needs_modulation = False
+    may_reuse = True
+
+    def __init__(self, settings: MagCacheSettings, num_steps: int, batch: int) -> None:
+        self.config, self.num_steps = settings, num_steps
+        self.gamma = resample_ratios(settings.ratios, num_steps)
+        self.retention_step = int(settings.retention * num_steps)
+        self.ratio = np.ones(batch)
+        self.error = np.zeros(batch)
+        self.reused = np.zeros(batch, dtype=np.int64)
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name, "threshold": self.config.threshold, "max_reuse": self.config.max_reuse,
+                "retention": self.config.retention, "force_last": self.config.force_last,
+                "ratios_calibrated_steps": len(self.config.ratios)}
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
+        batch = len(self.ratio)
+        forced = _forced(step, self.num_steps, self.config.force_last)
+        if forced or step < self.retention_step:
+            run, score = np.ones(batch, bool), np.full(batch, np.nan)
+        else:
+            self.ratio = self.ratio * self.gamma[step]
+            self.error = self.error + np.abs(1.0 - self.ratio)
+            self.reused = self.reused + 1
+            score = self.error.copy()
+            run = ~((self.error < self.config.threshold) & (self.reused <= self.config.max_reuse))
+        self.ratio[run], self.error[run], self.reused[run] = 1.0, 0.0, 0
+        return StepDecision(run, score, self.config.threshold, forced)
+
+
+BASELINES_FORMAT = "sencache-baselines/1"
+
+
+@dataclass
+class BaselineTables:
+    """The baselines' calibrated constants for one bundle (stored as `baselines.json`)."""
+
+    teacache_coefficients: tuple[float, ...]
+    magcache_ratios: tuple[float, ...]
+    meta: dict[str, Any]
+
+    def save(self, path: Path) -> None:
+        document = {"format": BASELINES_FORMAT, "teacache": {"coefficients": list(self.teacache_coefficients)},
+                    "magcache": {"ratios": list(self.magcache_ratios)}, "meta": self.meta}
+        write_atomic(path, json.dumps(document, indent=1).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> BaselineTables:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("format") != BASELINES_FORMAT:
+                raise ValueError(f"not a {BASELINES_FORMAT} file")
+            tables = cls(tuple(float(c) for c in data["teacache"]["coefficients"]),
+                         tuple(float(r) for r in data["magcache"]["ratios"]), data.get("meta", {}))
+        except FileNotFoundError:
+            raise BadInput(f"no baseline tables at {path}: run `sencache calibrate --engine DIR` first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BadInput(f"corrupt baseline tables {path}: {e}") from None
+        if not all(math.isfinite(v) for v in tables.teacache_coefficients + tables.magcache_ratios):
+            raise BadInput(f"corrupt baseline tables {path}: NaN or infinite values")
+        return tables
