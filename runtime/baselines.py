@@ -104,8 +104,8 @@ class TeaCachePolicy:
             change = np.abs(current - self.previous).mean(axis=1) / np.abs(self.previous).mean(axis=1)
             self.accumulated += np.polyval(self.config.coefficients, change)
             run = self.accumulated >= self.config.threshold
-            self.accumulated[run] = 0.0
         score = np.full(len(current), np.nan) if forced else self.accumulated.copy()
+        self.accumulated[run] = 0.0
         self.previous = current
         return StepDecision(run, score, self.config.threshold, forced)
 
