@@ -76,6 +76,27 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from sencache.benchmarks.bench import SWEEPS, BenchPlan, evaluation_set, run_bench
+    from sencache.runtime.backends.base import open_backend
+    from sencache.runtime.bundle import Bundle
+    from sencache.runtime.pipeline import Engine
+
+    bundle = Bundle.load(args.engine)
+    defaults = bundle.manifest["defaults"]
+    prompts, seeds = evaluation_set(4 if args.quick else args.samples, args.prompts, args.seeds)
+    steps = defaults["steps"] if args.steps is None else args.steps
+    if steps <= 0:
+        raise BadInput(f"--steps must be positive, got {steps}")
+    plan = BenchPlan(methods=tuple(args.methods or SWEEPS), prompts=tuple(prompts), seeds=tuple(seeds),
+                     steps=steps, guidance=defaults["guidance"], quick=args.quick)
+    engine = Engine(bundle, open_backend(bundle, threads=1))
+    report = run_bench(engine, plan, args.out)
+    print((args.out / "report.md").read_text())
+    print(f"report: {args.out / 'report.json'}, plot: {args.out / 'quality_vs_nfe.png'} "
+          f"({len(report['runs'])} runs)")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
@@ -125,6 +146,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--out", type=Path, required=True)
     g.set_defaults(func=_generate)
+
+    r = sub.add_parser("bench", help="sweep SenCache and the baselines; quality against NFE and speed")
+    r.add_argument("--engine", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--methods", nargs="+", help="sencache fixed fixed-warmup teacache magcache (default: all)")
+    r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")
+    r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")
+    r.add_argument("--samples", type=int, default=16, help="evaluation prompts drawn when --prompts is not given")
+    r.add_argument("--steps", type=int)
+    r.add_argument("--quick", action="store_true", help="4 samples and a short sweep: a few minutes on 2 cores")
+    r.set_defaults(func=_bench)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

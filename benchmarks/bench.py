@@ -1,0 +1,189 @@
+"""`sencache bench`: sweep each cache method's knob on one bundle and compare at matched NFE.
+
+Every run uses the same engine, prompts, seeds and steps; only the decision rule differs. Quality
+is measured against the uncached video of the same prompt and seed (PSNR, SSIM; LPIPS is
+reported as unavailable: its backbone weights cannot be fetched here). Speed is measured in the
+same process with one CPU thread after a warm-up: denoising wall time, decision overhead per step,
+and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x t(reuse step).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
+from sencache.benchmarks.metrics import psnr, ssim
+from sencache.benchmarks.report import write_markdown, write_plot
+from sencache.runtime.errors import BadInput
+from sencache.runtime.files import staged_folder
+from sencache.runtime.pipeline import Engine, Request
+from sencache.runtime.policy import NoCache
+from sencache.runtime.tiny_text import random_spec, tokenize
+
+EVAL_PROMPT_SEED = 2024
+"""Evaluation prompts are drawn with this seed; calibration draws with its own (1000 by default)."""
+
+SWEEPS: dict[str, list[dict[str, float]]] = {
+    "sencache": [{"eps_main": e} for e in (0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)],
+    "fixed": [{"interval": k} for k in (2, 3, 4, 5)],
+    "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 3, 4, 5, 6)],
+    "teacache": [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)],
+    "magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
+}
+QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
+    "sencache": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
+    "fixed": [{"interval": k} for k in (2, 3)],
+    "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 4)],
+    "teacache": [{"threshold": t} for t in (0.1, 0.3)],
+    "magcache": [{"threshold": t} for t in (0.05, 0.2)],
+}
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    methods: tuple[str, ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    quick: bool
+
+
+def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
+    """Prompts (a file, one per line, or drawn from the grammar) paired with seeds."""
+    if prompts_file is not None:
+        try:
+            prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise BadInput(f"--prompts {prompts_file}: {e.strerror}") from None
+        if not prompts:
+            raise BadInput(f"--prompts {prompts_file}: no prompts in the file")
+    else:
+        rng = np.random.default_rng(EVAL_PROMPT_SEED)
+        prompts = [random_spec(rng).prompt for _ in range(count)]
+    for prompt in prompts:
+        tokenize(prompt)
+    seeds = seeds or list(range(len(prompts)))
+    if len(seeds) != len(prompts):
+        raise BadInput(f"{len(prompts)} prompts but {len(seeds)} seeds: they pair up one to one")
+    return prompts, seeds
+
+
+def _knobs(method: str, knobs: dict[str, float], steps: int) -> tuple[str, dict[str, float]]:
+    """The runtime method and its knobs (fixed-warmup is fixed with 20% of the steps always run)."""
+    if method == "fixed-warmup":
+        return "fixed", {**knobs, "warmup": round(0.2 * steps)}
+    return method, dict(knobs)
+
+
+class Runner:
+    """Runs one method setting over the evaluation set in batches, timing the denoising loop."""
+
+    def __init__(self, engine: Engine, plan: BenchPlan) -> None:
+        self.engine, self.plan = engine, plan
+        self.batch = engine.bundle.shapes.max_batch
+        self.chunks = [(list(plan.prompts[i:i + self.batch]), list(plan.seeds[i:i + self.batch]))
+                       for i in range(0, len(plan.prompts), self.batch)]
+
+    def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
+        frames, nfe, denoise_s, decision_s = [], [], 0.0, 0.0
+        for prompts, seeds in self.chunks:
+            request = Request(prompts, seeds, self.plan.steps, self.plan.guidance)
+            policy = self.engine.policy(method, request.steps, len(prompts), knobs)
+            result = self.engine.generate(request, policy)
+            frames.extend(self.engine.adapter.decode(result.latents, self.engine.preset))
+            nfe.extend(result.nfe)
+            denoise_s += result.timing["denoise_s"]
+            decision_s += result.timing["decision_s"]
+        return {"frames": frames, "nfe": nfe, "denoise_s": denoise_s, "decision_s": decision_s}
+
+    def reuse_step_s(self) -> float:
+        """Seconds of one step in which every sample reuses: head, cached residual, tail."""
+        engine, (prompts, seeds) = self.engine, self.chunks[0]
+        policy = engine.policy("fixed", 3, len(prompts), {"interval": 10**6})
+        request = Request(prompts, seeds, 3, self.plan.guidance)
+        engine.generate(request, policy)
+        full = self._timed(lambda: engine.generate(request, engine.policy("fixed", 3, len(prompts), {"interval": 10**6})))
+        two_runs = self._timed(lambda: engine.generate(Request(prompts, seeds, 2, self.plan.guidance), NoCache(len(prompts))))
+        return (full - two_runs) * len(self.chunks)
+
+    @staticmethod
+    def _timed(fn, repeats: int = 3) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
+    """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out`."""
+    torch.set_num_threads(1)
+    unknown = [m for m in plan.methods if m not in SWEEPS]
+    if unknown:
+        raise BadInput(f"unknown method {unknown[0]!r} (choose from {', '.join(SWEEPS)})")
+    engine.bundle.sensitivity()
+    if {"teacache", "magcache"} & set(plan.methods):
+        engine.bundle.baselines()
+    sweeps = QUICK_SWEEPS if plan.quick else SWEEPS
+    runner = Runner(engine, plan)
+    total = 1 + sum(len(sweeps[m]) for m in plan.methods)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not show_progress)
+    runner.run("none", {})  # warm-up
+    reference = runner.run("none", {})
+    bar.update(1)
+    steps, samples = plan.steps, len(plan.prompts)
+    t_run = reference["denoise_s"] / steps
+    t_reuse = runner.reuse_step_s()
+    runs = []
+    for method in plan.methods:
+        for knobs in sweeps[method]:
+            runtime_method, runtime_knobs = _knobs(method, knobs, steps)
+            measured = runner.run(runtime_method, runtime_knobs)
+            nfe = measured["nfe"]
+            psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"])]
+            ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"])]
+            mean_nfe = float(np.mean(nfe))
+            floor = mean_nfe * t_run + (steps - mean_nfe) * t_reuse
+            runs.append({
+                "method": method, "knobs": runtime_knobs, "nfe": nfe, "psnr": psnrs, "ssim": ssims, "lpips": None,
+                "mean_nfe": mean_nfe, "mean_psnr": float(np.mean(psnrs)),
+                "mean_ssim": float(np.mean(ssims)),
+                "denoise_s": measured["denoise_s"], "decision_s": measured["decision_s"],
+                "speedup": reference["denoise_s"] / measured["denoise_s"],
+                "ideal_speedup": steps * samples / float(np.sum(nfe)),
+                "decision_per_step_s": measured["decision_s"] / (steps * len(runner.chunks)),
+                "floor_s": floor,
+            })
+            bar.update(1)
+    bar.close()
+    comparison = compare_at_matched_nfe(runs, steps)
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "backend": engine.backend.describe()},
+        "model": engine.preset.name, "steps": steps, "guidance": plan.guidance,
+        "prompts": list(plan.prompts), "seeds": list(plan.seeds),
+        "calibration_prompts": engine.bundle.sensitivity().meta.get("prompts"),
+        "metrics": {"psnr": f"per video over all frames and channels, data range 1, capped at {PSNR_CAP:g} dB",
+                    "ssim": "Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, per frame and channel, averaged",
+                    "lpips": "unavailable: no LPIPS backbone weights on this machine"},
+        "reference": {"denoise_s": reference["denoise_s"], "run_step_s": t_run, "reuse_step_s": t_reuse,
+                      "head_tail_share": t_reuse / t_run},
+        "runs": runs,
+        "comparison": comparison,
+    }
+    with staged_folder(out) as folder:
+        (folder / "report.json").write_text(json.dumps(report, indent=1))
+        write_markdown(report, folder / "report.md")
+        write_plot(report, folder / "quality_vs_nfe.png")
+    return report

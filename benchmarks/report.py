@@ -1,0 +1,74 @@
+"""Render a bench report as a Markdown table and a quality-vs-NFE plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sencache.benchmarks.matched import envelope
+
+
+def _knobs(knobs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    ref = report["reference"]
+    lines = [
+        f"# {report['model']}: {len(report['prompts'])} prompts x 1 seed, {report['steps']} steps, "
+        f"guidance {report['guidance']}",
+        "",
+        f"Machine: {report['machine']['processor']}, {report['machine']['torch_threads']} thread, "
+        f"{report['machine']['backend'].get('backend')}. Uncached: {ref['denoise_s']:.2f} s denoising, "
+        f"{ref['run_step_s'] * 1000:.1f} ms per step; a step that reuses everything (head + tail): "
+        f"{ref['reuse_step_s'] * 1000:.2f} ms ({ref['head_tail_share'] * 100:.1f}% of a full step).",
+        "",
+        "| method | knobs | NFE | PSNR dB | SSIM | LPIPS | speed-up | steps/NFE | decision us/step | vs floor |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["runs"]:
+        gap = f"{(r['denoise_s'] / r['floor_s'] - 1) * 100:+.1f}%" if r["floor_s"] else "n/a"
+        lines.append(f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
+                     f"{r['mean_ssim']:.4f} | n/a | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['decision_per_step_s'] * 1e6:.0f} | {gap} |")
+    comparison = report.get("comparison") or {}
+    if comparison.get("baselines"):
+        lines += ["", "SenCache minus baseline, PSNR dB at matched NFE (95% bootstrap interval over samples):", "",
+                  "| baseline | NFE | difference | interval | verdict |", "| --- | ---: | ---: | --- | --- |"]
+        for base, data in comparison["baselines"].items():
+            if not data["points"]:
+                lines.append(f"| {base} | no shared NFE range | | | |")
+            for p in data["points"]:
+                lines.append(f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
+                             f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |")
+    lines += ["", "LPIPS: unavailable (no LPIPS backbone weights on this machine); never estimated.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    methods = list(dict.fromkeys(r["method"] for r in report["runs"]))
+    for method, colour in zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        runs = [r for r in report["runs"] if r["method"] == method]
+        nfe = np.array([r["mean_nfe"] for r in runs])
+        for ax, key in zip(axes, ("mean_psnr", "mean_ssim")):
+            quality = np.array([r[key] for r in runs])
+            ax.scatter(nfe, quality, color=colour, s=18, alpha=0.6)
+            xs, ys = envelope(nfe, quality)
+            ax.plot(xs, ys, color=colour, lw=2 if method == "sencache" else 1.3, label=method)
+    for ax, label in zip(axes, ("PSNR vs uncached (dB)", "SSIM vs uncached")):
+        ax.set_xlabel(f"NFE (of {report['steps']} steps)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{report['model']}: quality against NFE, {len(report['prompts'])} evaluation samples")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""Benchmarks: metric functions against known values, matched-NFE comparison, a quick report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sencache.benchmarks.bench import BenchPlan, evaluation_set, run_bench
+from sencache.benchmarks.matched import compare_at_matched_nfe, envelope
+from sencache.benchmarks.metrics import SSIM_K1, SSIM_K2, psnr, ssim
+from sencache.runtime.errors import BadInput
+
+from conftest import engine_for
+
+
+def test_ssim_of_flat_frames_is_the_luminance_term():
+    a = np.full((2, 16, 16, 3), 0.5)
+    b = np.full((2, 16, 16, 3), 0.7)
+    c1 = (SSIM_K1 * 1.0) ** 2
+    expected = (2 * 0.5 * 0.7 + c1) / (0.5**2 + 0.7**2 + c1)
+    assert ssim(a, b) == pytest.approx(expected, rel=1e-9)
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+def test_ssim_of_anticorrelated_texture_is_negative():
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 24, 24, 1))
+    assert ssim(a, 1.0 - a) < 0 and SSIM_K2 == 0.03
+
+
+def test_envelope_keeps_only_points_no_cheaper_run_beats():
+    xs, ys = envelope(np.array([10.0, 12.0, 14.0, 16.0]), np.array([20.0, 19.0, 25.0, 24.0]))
+    assert xs.tolist() == [10.0, 14.0] and ys.tolist() == [20.0, 25.0]
+
+
+def _runs(method, nfes, offset):
+    return [{"method": method, "nfe": [n] * 4, "psnr": [n + offset + d for d in (0.1, -0.1, 0.05, -0.05)]}
+            for n in nfes]
+
+
+def test_matched_comparison_finds_win_and_tie():
+    runs = _runs("sencache", [10, 14, 18], 3.0) + _runs("fixed", [10, 15, 20], 0.0) + _runs("magcache", [10, 14, 18], 3.0)
+    result = compare_at_matched_nfe(runs, 20)
+    assert all(p["verdict"] == "win" and p["psnr_diff_db"] == pytest.approx(3.0) for p in result["baselines"]["fixed"]["points"])
+    assert all(p["verdict"] == "tie" for p in result["baselines"]["magcache"]["points"])
+
+
+def test_evaluation_set_rejects_bad_input(tmp_path):
+    (tmp_path / "p.txt").write_text("one red unicorn\n")
+    with pytest.raises(BadInput, match="unicorn"):
+        evaluation_set(4, tmp_path / "p.txt", None)
+    with pytest.raises(BadInput, match="pair up"):
+        evaluation_set(4, None, [1, 2])
+
+
+def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path):
+    engine = engine_for(calibrated_bundle)
+    prompts, seeds = evaluation_set(3, None, None)
+    plan = BenchPlan(methods=("sencache", "fixed", "teacache", "magcache"), prompts=tuple(prompts), seeds=tuple(seeds),
+                     steps=6, guidance=4.0, quick=True)
+    report = run_bench(engine, plan, tmp_path / "bench", show_progress=False)
+    stored = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert stored["steps"] == 6 and len(stored["runs"]) == len(report["runs"]) >= 8
+    for run in stored["runs"]:
+        assert len(run["nfe"]) == len(run["psnr"]) == len(run["ssim"]) == 3
+        assert all(2 <= n <= 6 for n in run["nfe"]) and run["lpips"] is None
+        assert all(math.isfinite(p) and p > 0 for p in run["psnr"])
+        assert run["denoise_s"] > 0 and run["floor_s"] > 0
+    assert (tmp_path / "bench" / "quality_vs_nfe.png").stat().st_size > 10_000
+    assert "| method |" in (tmp_path / "bench" / "report.md").read_text()
