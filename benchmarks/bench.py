@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sencache.benchmarks.diffusers_peers import PEERS, DiffusersPeers
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
@@ -38,6 +39,8 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 3, 4, 5, 6)],
     "teacache": [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)],
     "magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
+    "diffusers-magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
+    "diffusers-fbc": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2)],
 }
 QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
@@ -45,6 +48,8 @@ QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 4)],
     "teacache": [{"threshold": t} for t in (0.1, 0.3)],
     "magcache": [{"threshold": t} for t in (0.05, 0.2)],
+    "diffusers-magcache": [{"threshold": t} for t in (0.05, 0.2)],
+    "diffusers-fbc": [{"threshold": t} for t in (0.05, 0.2)],
 }
 
 
@@ -95,16 +100,18 @@ class Runner:
                        for i in range(0, len(plan.prompts), self.batch)]
 
     def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
-        frames, nfe, denoise_s, decision_s = [], [], 0.0, 0.0
+        latents, frames, nfe, denoise_s, decision_s = [], [], [], 0.0, 0.0
         for prompts, seeds in self.chunks:
             request = Request(prompts, seeds, self.plan.steps, self.plan.guidance)
             policy = self.engine.policy(method, request.steps, len(prompts), knobs)
             result = self.engine.generate(request, policy)
+            latents.extend(result.latents)
             frames.extend(self.engine.adapter.decode(result.latents, self.engine.preset))
             nfe.extend(result.nfe)
             denoise_s += result.timing["denoise_s"]
             decision_s += result.timing["decision_s"]
-        return {"frames": frames, "nfe": nfe, "denoise_s": denoise_s, "decision_s": decision_s}
+        return {"latents": np.stack(latents), "frames": frames, "nfe": nfe, "denoise_s": denoise_s,
+                "decision_s": decision_s}
 
     def reuse_step_s(self) -> float:
         """Seconds of one step in which every sample reuses: head, cached residual, tail."""
@@ -145,24 +152,38 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
     steps, samples = plan.steps, len(plan.prompts)
     t_run = reference["denoise_s"] / steps
     t_reuse = runner.reuse_step_s()
+    peers, peer_reference, parity = None, None, None
+    if set(PEERS) & set(plan.methods):
+        peers = DiffusersPeers(engine)
+        meta = engine.bundle.sensitivity().meta
+        calibration = (list(meta.get("prompts", plan.prompts))[:4], list(meta.get("seeds", plan.seeds))[:4])
+        peer_reference = peers.run("diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance,
+                                   calibration)
+        parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
     runs = []
     for method in plan.methods:
         for knobs in sweeps[method]:
-            runtime_method, runtime_knobs = _knobs(method, knobs, steps)
-            measured = runner.run(runtime_method, runtime_knobs)
+            if method in PEERS:
+                measured = peers.run(method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance,
+                                     calibration)
+                measured["frames"] = list(engine.adapter.decode(measured["latents"], engine.preset))
+                runtime_knobs, base_s, decision_s, floor = dict(knobs), peer_reference["denoise_s"], None, None
+            else:
+                runtime_method, runtime_knobs = _knobs(method, knobs, steps)
+                measured = runner.run(runtime_method, runtime_knobs)
+                base_s, decision_s = reference["denoise_s"], measured["decision_s"]
+                floor = float(np.mean(measured["nfe"])) * t_run + (steps - float(np.mean(measured["nfe"]))) * t_reuse
             nfe = measured["nfe"]
             psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"])]
             ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"])]
-            mean_nfe = float(np.mean(nfe))
-            floor = mean_nfe * t_run + (steps - mean_nfe) * t_reuse
             runs.append({
                 "method": method, "knobs": runtime_knobs, "nfe": nfe, "psnr": psnrs, "ssim": ssims, "lpips": None,
-                "mean_nfe": mean_nfe, "mean_psnr": float(np.mean(psnrs)),
+                "mean_nfe": float(np.mean(nfe)), "mean_psnr": float(np.mean(psnrs)),
                 "mean_ssim": float(np.mean(ssims)),
-                "denoise_s": measured["denoise_s"], "decision_s": measured["decision_s"],
-                "speedup": reference["denoise_s"] / measured["denoise_s"],
+                "denoise_s": measured["denoise_s"], "decision_s": decision_s,
+                "speedup": base_s / measured["denoise_s"],
                 "ideal_speedup": steps * samples / float(np.sum(nfe)),
-                "decision_per_step_s": measured["decision_s"] / (steps * len(runner.chunks)),
+                "decision_per_step_s": None if decision_s is None else decision_s / (steps * len(runner.chunks)),
                 "floor_s": floor,
             })
             bar.update(1)
@@ -179,6 +200,10 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
                     "lpips": "unavailable: no LPIPS backbone weights on this machine"},
         "reference": {"denoise_s": reference["denoise_s"], "run_step_s": t_run, "reuse_step_s": t_reuse,
                       "head_tail_share": t_reuse / t_run},
+        "diffusers_reference": None if peer_reference is None else {
+            "denoise_s": peer_reference["denoise_s"], "max_abs_latent_diff_vs_ours": parity,
+            "note": "diffusers' WanPipeline on the PyTorch path, one sample per call; peers' speed-ups are "
+                    "against this run, their quality against our uncached video"},
         "runs": runs,
         "comparison": comparison,
     }

@@ -30,9 +30,15 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     ]
     for r in report["runs"]:
         gap = f"{(r['denoise_s'] / r['floor_s'] - 1) * 100:+.1f}%" if r["floor_s"] else "n/a"
+        decision = "n/a" if r["decision_per_step_s"] is None else f"{r['decision_per_step_s'] * 1e6:.0f}"
         lines.append(f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
                      f"{r['mean_ssim']:.4f} | n/a | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                     f"{r['decision_per_step_s'] * 1e6:.0f} | {gap} |")
+                     f"{decision} | {gap} |")
+    peer = report.get("diffusers_reference")
+    if peer:
+        lines += ["", f"diffusers peers run in diffusers' own pipeline on the PyTorch path; their speed-up is against "
+                      f"that pipeline uncached ({peer['denoise_s']:.2f} s), whose latents differ from ours by at most "
+                      f"{peer['max_abs_latent_diff_vs_ours']:.1e}."]
     comparison = report.get("comparison") or {}
     if comparison.get("baselines"):
         lines += ["", "SenCache minus baseline, PSNR dB at matched NFE (95% bootstrap interval over samples):", "",

@@ -57,15 +57,17 @@ def test_evaluation_set_rejects_bad_input(tmp_path):
 def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path):
     engine = engine_for(calibrated_bundle)
     prompts, seeds = evaluation_set(3, None, None)
-    plan = BenchPlan(methods=("sencache", "fixed", "teacache", "magcache"), prompts=tuple(prompts), seeds=tuple(seeds),
+    plan = BenchPlan(methods=("sencache", "fixed", "teacache", "magcache", "diffusers-magcache", "diffusers-fbc"), prompts=tuple(prompts), seeds=tuple(seeds),
                      steps=6, guidance=4.0, quick=True)
     report = run_bench(engine, plan, tmp_path / "bench", show_progress=False)
     stored = json.loads((tmp_path / "bench" / "report.json").read_text())
-    assert stored["steps"] == 6 and len(stored["runs"]) == len(report["runs"]) >= 8
+    assert stored["steps"] == 6 and len(stored["runs"]) == len(report["runs"]) >= 12
     for run in stored["runs"]:
         assert len(run["nfe"]) == len(run["psnr"]) == len(run["ssim"]) == 3
         assert all(2 <= n <= 6 for n in run["nfe"]) and run["lpips"] is None
         assert all(math.isfinite(p) and p > 0 for p in run["psnr"])
-        assert run["denoise_s"] > 0 and run["floor_s"] > 0
+        assert run["denoise_s"] > 0
+        assert (run["floor_s"] is None) == run["method"].startswith("diffusers-")
+    assert stored["diffusers_reference"]["max_abs_latent_diff_vs_ours"] < 1e-3
     assert (tmp_path / "bench" / "quality_vs_nfe.png").stat().st_size > 10_000
     assert "| method |" in (tmp_path / "bench" / "report.md").read_text()

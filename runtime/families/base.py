@@ -114,6 +114,11 @@ class FamilyAdapter(ABC):
         """The diffusers scheduler (`_class_name` plus config) that the real pipeline uses."""
 
     @abstractmethod
+    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+        """diffusers' own pipeline of this family around `transformer`, without text encoder or
+        VAE (it takes prompt embeddings and returns latents): the reference our loop must match."""
+
+    @abstractmethod
     def decode(self, latents: np.ndarray, preset: ModelPreset) -> np.ndarray:
         """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]."""
 

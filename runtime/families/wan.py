@@ -198,6 +198,11 @@ class WanAdapter(FamilyAdapter):
         shift = 5.0 if preset.height >= 720 else 3.0
         return {**_SCHEDULER, "flow_shift": shift}
 
+    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+        from diffusers import WanPipeline
+
+        return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+
     def decode(self, latents: np.ndarray, preset: ModelPreset) -> np.ndarray:
         if not preset.tiny:
             raise BadInput(
