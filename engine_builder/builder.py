@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from sencache.engine_builder.onnx_export import StageSpec, export_stage, validate_stage
-from sencache.runtime.bundle import write_manifest
+from sencache.runtime.baselines import BaselineTables
+from sencache.runtime.bundle import BASELINES, write_manifest
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
 from sencache.runtime.families.base import HEAD_INPUTS, NOISE
@@ -151,6 +152,10 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         }
         if backend == "torch":
             manifest["weights"] = "transformer"
+        if preset.published_baselines is not None:
+            coefficients, ratios = preset.published_baselines
+            BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
+                           "@7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
         write_manifest(folder, manifest)
     log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
     return Path(options.out)

@@ -107,9 +107,12 @@ class Bundle:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Checksum every file in `folder` into the manifest and write it (atomically)."""
+    """Checksum every build product in `folder` into the manifest and write it (atomically).
+
+    The calibration tables are left out: calibrating a bundle rewrites them."""
     files = {}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    mutable = {MANIFEST, SENSITIVITY, BASELINES}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in mutable):
         files[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256(file)}
     manifest = {**manifest, "format": FORMAT, "files": files}
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())

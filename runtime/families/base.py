@@ -69,6 +69,8 @@ class ModelPreset:
     steps: int = 50
     cache_defaults: dict[str, dict[str, float]] = field(default_factory=dict)
     """Default knobs per cache method ("sencache", "teacache", "magcache")."""
+    published_baselines: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    """(TeaCache coefficients, MagCache cond-branch ratios) published for this model, if any."""
     description: str = ""
 
 

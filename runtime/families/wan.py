@@ -74,6 +74,27 @@ _WAN_1_3B_CACHE = {
 _WAN_14B_CACHE = {**_WAN_1_3B_CACHE, "magcache": {"threshold": 0.24, "max_reuse": 6, "retention": 0.2}}
 
 
+# Published baseline constants (shared/reference/baseline_constants.json, sources TeaCache @7c10efc4 and
+# MagCache @df81cb18): TeaCache polynomial on the timestep embedding e, and MagCache's per-step ratios
+# of the cond branch (every other entry of the published [cond, uncond] list, 50 steps).
+_TEACACHE_1_3B = (2396.76752, -1311.10545, 201.331979, -8.29855975, 0.137887774)
+_TEACACHE_14B = (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404)
+_MAGCACHE_1_3B = (
+    1.0, 1.0124, 1.00166, 0.99791, 0.99682, 0.99634, 0.99567, 0.99416, 0.99578, 0.9957,
+    0.99511, 0.99535, 0.99552, 0.99541, 0.9954, 0.99489, 0.99518, 0.99484, 0.99481, 0.99415,
+    0.99419, 0.99396, 0.99388, 0.99349, 0.99309, 0.9927, 0.99228, 0.99171, 0.99137, 0.99068,
+    0.99005, 0.98944, 0.98849, 0.98758, 0.98644, 0.98504, 0.9836, 0.98202, 0.97977, 0.97717,
+    0.9741, 0.97003, 0.96538, 0.9593, 0.95086, 0.94013, 0.92402, 0.90241, 0.86821, 0.81838,
+)
+_MAGCACHE_14B = (
+    1.0, 1.02504, 1.00025, 0.9985, 0.99779, 0.9966, 0.99482, 0.99467, 0.99664, 0.99434,
+    0.99533, 0.99468, 0.99438, 0.99516, 0.99384, 0.99404, 0.99517, 0.99409, 0.99428, 0.99347,
+    0.99418, 0.99271, 0.99313, 0.99215, 0.99218, 0.99216, 0.99163, 0.99138, 0.98982, 0.98996,
+    0.9887, 0.98772, 0.98767, 0.98573, 0.98501, 0.9838, 0.98177, 0.98037, 0.97678, 0.97546,
+    0.97184, 0.96711, 0.96349, 0.95629, 0.94926, 0.93964, 0.92511, 0.90693, 0.8796, 0.86111,
+)
+
+
 class _Head(nn.Module):
     def __init__(self, t: nn.Module) -> None:
         super().__init__()
@@ -154,6 +175,7 @@ class WanAdapter(FamilyAdapter):
             guidance=5.0,
             steps=50,
             cache_defaults=_WAN_1_3B_CACHE,
+            published_baselines=(_TEACACHE_1_3B, _MAGCACHE_1_3B),
             description="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         ),
         "wan2.1-t2v-14b": ModelPreset(
@@ -166,6 +188,7 @@ class WanAdapter(FamilyAdapter):
             guidance=5.0,
             steps=50,
             cache_defaults=_WAN_14B_CACHE,
+            published_baselines=(_TEACACHE_14B, _MAGCACHE_14B),
             description="Wan-AI/Wan2.1-T2V-14B-Diffusers",
         ),
     }
