@@ -97,6 +97,21 @@ def _bench(args: argparse.Namespace) -> None:
           f"({len(report['runs'])} runs)")
 
 
+def _kernels(args: argparse.Namespace) -> None:
+    from sencache.kernels.nvrtc_build import KernelBuildError, compile_drift_kernel
+
+    if not args.compile:
+        raise BadInput("say what to do: sencache kernels --compile --arch sm_90")
+    for arch in args.arch:
+        try:
+            kernel = compile_drift_kernel(arch, use_cache=not args.no_cache)
+        except KernelBuildError as e:
+            raise BadInput(str(e)) from None
+        print(f"{arch}: cubin {kernel.cubin}{' (cached)' if kernel.cached else ''}")
+        for entry in sorted(kernel.registers):
+            print(f"  {entry:20s} {kernel.registers[entry]:3d} registers, {kernel.spills[entry]} bytes spilled")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
@@ -157,6 +172,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int)
     r.add_argument("--quick", action="store_true", help="4 samples and a short sweep: a few minutes on 2 cores")
     r.set_defaults(func=_bench)
+
+    k = sub.add_parser("kernels", help="compile the CUDA drift kernel with NVRTC (no GPU needed)")
+    k.add_argument("--compile", action="store_true")
+    k.add_argument("--arch", nargs="+", default=["sm_90"], help="sm_80 sm_90 sm_100 ...")
+    k.add_argument("--no-cache", action="store_true", help="recompile even if a cached cubin exists")
+    k.set_defaults(func=_kernels)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
