@@ -112,6 +112,12 @@ def _kernels(args: argparse.Namespace) -> None:
             print(f"  {entry:20s} {kernel.registers[entry]:3d} registers, {kernel.spills[entry]} bytes spilled")
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from sencache.doctor import print_report
+
+    print_report()
+
+
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
@@ -178,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--arch", nargs="+", default=["sm_90"], help="sm_80 sm_90 sm_100 ...")
     k.add_argument("--no-cache", action="store_true", help="recompile even if a cached cubin exists")
     k.set_defaults(func=_kernels)
+
+    sub.add_parser("doctor", help="what this machine has: GPU, CUDA, TensorRT, ONNX Runtime, NVRTC").set_defaults(func=_doctor)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -121,3 +121,9 @@ def test_build_engine_script_is_the_build_command(tmp_path):
     done = subprocess.run(["sencache", "generate", "--engine", str(tmp_path / "none"), "--prompt", PROMPT,
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_reports_this_machine(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime" in out and "CPUExecutionProvider" in out and "nvrtc" in out

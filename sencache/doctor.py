@@ -1,0 +1,93 @@
+"""`sencache doctor`: what this machine has, and which backends and precisions work here."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+from typing import Any
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # a broken optional install counts as absent
+        return False
+
+
+def _gpus() -> tuple[list[str], str | None]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return [], None
+    done = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True, timeout=20)
+    if done.returncode != 0:
+        return [], None
+    rows = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    return rows, rows[0].split(",")[-1].strip() if rows else None
+
+
+def _nvrtc() -> str | None:
+    try:
+        from cuda.bindings import nvrtc
+
+        _, major, minor = nvrtc.nvrtcVersion()
+        return f"{major}.{minor}"
+    except Exception:  # missing library or bindings
+        return None
+
+
+def report() -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    gpus, driver = _gpus()
+    providers = ort.get_available_providers()
+    trt = _importable("tensorrt")
+    trt_rtx = _importable("tensorrt_rtx")
+    nvcc = shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
+    cuda_torch = torch.cuda.is_available()
+    return {
+        "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, Python {platform.python_version()}",
+        "gpus": gpus or ["none"],
+        "driver": driver,
+        "torch": f"{torch.__version__} (CUDA {'available' if cuda_torch else 'not available'})",
+        "onnxruntime": f"{ort.__version__}: {', '.join(providers)}",
+        "tensorrt": _version("tensorrt") if trt else None,
+        "tensorrt_rtx": (_version("tensorrt-rtx-cu13") or _version("tensorrt_rtx") or "installed") if trt_rtx else None,
+        "nvrtc": _nvrtc(),
+        "nvcc": nvcc,
+        "build": {
+            "onnxruntime": ["fp32"],
+            "torch": ["fp32"],
+            "tensorrt": "not implemented in this version",
+        },
+        "run": {
+            "onnxruntime": "CUDA EP" if "CUDAExecutionProvider" in providers else "CPU EP",
+            "torch": "CUDA" if cuda_torch else "CPU",
+            "drift kernel": ("compile only (no GPU)" if not gpus else "compile; GPU launch not wired yet")
+            if _nvrtc() else "unavailable: pip install 'sencache[cuda]'",
+        },
+    }
+
+
+def print_report() -> None:
+    for key, value in report().items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:14s} {', '.join(v) if isinstance(v, list) else v}")
+        elif isinstance(value, list):
+            print(f"{key:16s} {'; '.join(value)}")
+        else:
+            print(f"{key:16s} {value if value is not None else 'not installed'}")
