@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from sencache.engine_builder.onnx_export import StageSpec, export_stage, validate_stage
+from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.bundle import BASELINES, write_manifest
 from sencache.runtime.errors import BadInput
@@ -29,6 +31,7 @@ from sencache.runtime.files import staged_folder
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+TENSORRT = ("tensorrt", "tensorrt-rtx")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class BuildOptions:
     height: int | None = None
     width: int | None = None
     max_batch: int = 4
+    compute_capability: str | None = None
 
 
 def stage_specs(layout: StageLayout) -> dict[str, StageSpec]:
@@ -57,15 +61,6 @@ def resolve_backend(name: str) -> str:
     """The backend a build targets; `auto` is the best one this build can produce here."""
     if name not in BACKENDS:
         raise BadInput(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    if name in ("tensorrt", "tensorrt-rtx"):
-        module = "tensorrt" if name == "tensorrt" else "tensorrt_rtx"
-        try:
-            __import__(module)
-        except ImportError:
-            hint = "pip install 'sencache[tensorrt]' (from NVIDIA's package index)" if name == "tensorrt" else "pip install tensorrt-rtx-cu13"
-            raise BadInput(f"--backend {name} needs TensorRT, which is not installed: {hint}") from None
-        raise BadInput(f"--backend {name}: building TensorRT engines is not implemented in this version; "
-                       f"use --backend onnxruntime")
     return "onnxruntime" if name == "auto" else name
 
 
@@ -101,6 +96,10 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     """Build the bundle described by `options` into `options.out`; returns its path."""
     adapter, preset = resolve(options.model)
     backend = resolve_backend(options.backend)
+    if backend in TENSORRT:
+        check_target(backend, options.compute_capability)
+    elif options.compute_capability is not None:
+        raise BadInput("--compute-capability applies to --backend tensorrt-rtx")
     if options.precision not in PRECISIONS:
         raise BadInput(f"unknown precision {options.precision!r} (choose from {', '.join(PRECISIONS)})")
     if options.precision != "fp32":
@@ -126,6 +125,10 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
 
     with staged_folder(options.out) as folder:
         validation = _write_stages(adapter, preset, shapes, stages, specs, backend, transformer, folder, max_rows, log)
+        engines = None
+        if backend in TENSORRT:
+            cache = Path(options.out).with_name(f"{Path(options.out).name}.timing.cache")
+            engines = build_engines(folder, list(specs), max_rows, backend, options.compute_capability, cache, log)
         text_encoder = _copy_text_encoder(preset, weights, folder)
         manifest = {
             "model": preset.name,
@@ -137,9 +140,8 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
                        "text": list(adapter.text_shape(preset)), "dynamic": ["batch"]},
             "precision": options.precision,
             "backend": backend,
-            "stages": {name: {"file": f"{name}.onnx" if backend == "onnxruntime" else "transformer",
-                              "inputs": list(spec.inputs), "outputs": list(spec.outputs)}
-                       for name, spec in specs.items()},
+            "stages": {name: {"file": _stage_file(name, backend), "inputs": list(spec.inputs),
+                              "outputs": list(spec.outputs)} for name, spec in specs.items()},
             "layout": {"streams": list(adapter.layout.streams), "block_context": list(adapter.layout.block_context),
                        "tail_context": list(adapter.layout.tail_context), "shared": list(adapter.layout.shared)},
             "scheduler": adapter.scheduler_config(preset),
@@ -152,13 +154,35 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         }
         if backend == "torch":
             manifest["weights"] = "transformer"
+        if engines is not None:
+            manifest["tensorrt"] = {**engines, "engine_validation": "not run at build time: engines run only on a GPU; "
+                                    "the ONNX they were built from is validated above"}
         if preset.published_baselines is not None:
             coefficients, ratios = preset.published_baselines
             BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
                            "@7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
         write_manifest(folder, manifest)
+    cache_bytes = 4 * (max_rows * sum(int(np.prod(s)) for s in _stream_shapes(adapter, preset, shapes))
+                       + shapes.max_batch * int(np.prod(latent_shape)))
+    log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB fp32 "
+        f"(residuals of {max_rows} rows and {shapes.max_batch} anchors)")
     log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
     return Path(options.out)
+
+
+def _stage_file(stage: str, backend: str) -> str:
+    if backend == "torch":
+        return "transformer"
+    return f"{stage}.engine" if backend in TENSORRT else f"{stage}.onnx"
+
+
+def _stream_shapes(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes) -> list[tuple[int, ...]]:
+    """Per-row shapes of the cached streams, from the head on the meta device (no memory)."""
+    with torch.device("meta"):
+        transformer = adapter.build_transformer(preset, None, device="meta")
+        stages = adapter.split(transformer, preset, shapes)
+        outputs = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1))))
+    return [tuple(outputs[s].shape[1:]) for s in adapter.layout.streams]
 
 
 def _write_stages(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, stages: dict[str, torch.nn.Module],

@@ -45,4 +45,7 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0) -> S
         from sencache.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, threads=threads)
+    if name in ("tensorrt", "tensorrt-rtx"):
+        raise BadInput(f"bundle {bundle.path} holds TensorRT engines; this runtime cannot run them yet "
+                       f"(the TensorRT backend is not implemented): build with --backend onnxruntime to run here")
     raise BadInput(f"bundle {bundle.path}: backend {name!r} is not supported by this runtime")

@@ -1,0 +1,31 @@
+"""TensorRT-RTX builds real engines from the bundle's validated ONNX on this GPU-less machine."""
+
+import shutil
+
+import pytest
+
+from sencache.cli import main
+
+trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+
+from sencache.engine_builder.tensorrt_build import build_engines  # noqa: E402
+
+
+def test_tensorrt_rtx_builds_fp32_engines_for_every_stage(ort_bundle, tmp_path):
+    folder = tmp_path / "rtx"
+    shutil.copytree(ort_bundle, folder)
+    record = build_engines(folder, ["head", "blocks", "tail"], 6, "tensorrt-rtx", "SM89", None, lambda _: None)
+    for stage in ("head", "blocks", "tail"):
+        assert (folder / f"{stage}.engine").stat().st_size > 100_000
+    assert record["compute_capability"] == "SM89" and record["version"] == trt.__version__
+    assert record["profiles"]["blocks"]["hidden"] == {"min": [1, 512, 128], "opt": [3, 512, 128], "max": [6, 512, 128]}
+    assert "rope_cos" not in record["profiles"]["blocks"]
+
+
+def test_tensorrt_rtx_without_target_or_runtime_is_bad_input(capsys, tmp_path, ort_bundle):
+    assert main(["build", "--model", "tiny-wan", "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")]) == 2
+    assert "--compute-capability" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny-wan", "--backend", "tensorrt-rtx", "--compute-capability", "SM90",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "SM89" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
