@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from sencache.benchmarks.diffusers_peers import PEERS, DiffusersPeers
+from sencache.benchmarks.flops import stage_flops
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
@@ -29,6 +30,9 @@ from sencache.runtime.files import staged_folder
 from sencache.runtime.pipeline import Engine, Request
 from sencache.runtime.policy import NoCache
 from sencache.runtime.tiny_text import random_spec, tokenize
+
+REAL_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+"""Models whose head + tail share of a step the report estimates by counting FLOPs."""
 
 EVAL_PROMPT_SEED = 2024
 """Evaluation prompts are drawn with this seed; calibration draws with its own (1000 by default)."""
@@ -204,6 +208,7 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
             "denoise_s": peer_reference["denoise_s"], "max_abs_latent_diff_vs_ours": parity,
             "note": "diffusers' WanPipeline on the PyTorch path, one sample per call; peers' speed-ups are "
                     "against this run, their quality against our uncached video"},
+        "flops": {name: stage_flops(name) for name in (engine.preset.name, *REAL_MODELS)},
         "runs": runs,
         "comparison": comparison,
     }

@@ -25,6 +25,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{ref['run_step_s'] * 1000:.1f} ms per step; a step that reuses everything (head + tail): "
         f"{ref['reuse_step_s'] * 1000:.2f} ms ({ref['head_tail_share'] * 100:.1f}% of a full step).",
         "",
+        "Head + tail share of the blocks' FLOPs per call (counted on the meta device): "
+        + ", ".join(f"{name} {f['head_tail_share'] * 100:.3g}%" for name, f in report["flops"].items())
+        + ". What a reused step still costs is that share, so speed-up approaches steps/NFE at real depth.",
+        "",
         "| method | knobs | NFE | PSNR dB | SSIM | LPIPS | speed-up | steps/NFE | decision us/step | vs floor |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]

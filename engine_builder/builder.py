@@ -121,7 +121,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     preset = dataclasses.replace(preset, config=built)
     stages = adapter.split(transformer, preset, shapes)
     specs = stage_specs(adapter.layout)
-    max_rows = shapes.max_batch * (1 if adapter.cfg_batched else 2)
+    max_rows = shapes.max_batch * 2  # a cond and an uncond row per sample
 
     with staged_folder(options.out) as folder:
         validation = _write_stages(adapter, preset, shapes, stages, specs, backend, transformer, folder, max_rows, log)

@@ -3,8 +3,9 @@
 Per step: measure each sample's latent drift from its anchor, ask the policy which samples run,
 run the head on every row, the blocks on the rows of running samples only (gathered into one
 sub-batch), add the cached residual on the other rows, run the tail on every row, combine
-classifier-free guidance, and take the scheduler step. Rows are (sample, CFG branch) pairs; a
-decision covers all rows of a sample. A running row uses the blocks' output as is, so a run that
+classifier-free guidance, and take the scheduler step. Rows are (sample, CFG branch) pairs, run
+as one batch whether the real pipeline makes one call or two; each row keeps its own residual and
+a decision covers all rows of a sample. A running row uses the blocks' output as is, so a run that
 never reuses is bit-identical to the uncached run.
 """
 
@@ -100,7 +101,7 @@ class Engine:
         self.layout = self.adapter.layout
         self.latent_shape = self.adapter.latent_shape(self.preset, bundle.shapes)
         self.numel = int(np.prod(self.latent_shape))
-        self.max_rows = bundle.shapes.max_batch * (1 if self.adapter.cfg_batched else 2)
+        self.max_rows = bundle.shapes.max_batch * 2
         self._text_encoder: TinyTextEncoder | None = None
 
     def scheduler(self):

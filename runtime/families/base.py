@@ -89,8 +89,6 @@ class FamilyAdapter(ABC):
 
     family: str
     layout: StageLayout
-    cfg_batched: bool
-    """True where the pipeline batches cond and uncond as one call (one decision per pair)."""
     modulation: str
     """The head output whose change TeaCache watches (its "modulated input")."""
     presets: dict[str, ModelPreset]

@@ -145,7 +145,6 @@ class WanAdapter(FamilyAdapter):
         tail_context=("temb",),
         shared=("rope_cos", "rope_sin"),
     )
-    cfg_batched = False
     modulation = "temb"
     presets = {
         "tiny-wan": ModelPreset(
