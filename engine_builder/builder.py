@@ -6,8 +6,10 @@ stage exported and matched PyTorch, so an interrupted or failed build never leav
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
+import logging
 import platform
 import shutil
 import time
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sencache.engine_builder.onnx_export import StageSpec, export_stage, validate_stage
+from sencache.engine_builder.onnx_export import TOLERANCE_REL_L2, StageSpec, compare, export_stage, validate_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.bundle import BASELINES, write_manifest
@@ -32,6 +34,8 @@ TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 TENSORRT = ("tensorrt", "tensorrt-rtx")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": None}
+STAGES = ("head", "blocks", "tail")
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,11 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         raise BadInput("--compute-capability applies to --backend tensorrt-rtx")
     if options.precision not in PRECISIONS:
         raise BadInput(f"unknown precision {options.precision!r} (choose from {', '.join(PRECISIONS)})")
-    if options.precision != "fp32":
-        raise BadInput(f"--precision {options.precision}: only fp32 bundles are built by this version")
+    if options.precision == "fp8":
+        raise BadInput("--precision fp8: FP8 quantization (NVIDIA Model Optimizer) is not implemented in this version")
+    if options.precision == "bf16" and backend not in TENSORRT:
+        raise BadInput(f"--precision bf16 with --backend {backend}: ONNX Runtime's CPU provider has no bf16 kernels; "
+                       f"build bf16 for --backend tensorrt or tensorrt-rtx")
     shapes = Shapes(options.frames or preset.frames, options.height or preset.height, options.width or preset.width,
                     options.max_batch)
     if min(shapes.frames, shapes.height, shapes.width, shapes.max_batch) <= 0:
@@ -119,12 +126,19 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     config = _jsonable(dict(transformer.config))
     built = dict(preset.config, **config)
     preset = dataclasses.replace(preset, config=built)
-    stages = adapter.split(transformer, preset, shapes)
+    dtype = DTYPES[options.precision]
+    reference = adapter.split(transformer, preset, shapes)
+    lowered = transformer if dtype == torch.float32 else lower_precision(copy.deepcopy(transformer), dtype)
+    stages = adapter.split(lowered, preset, shapes)
     specs = stage_specs(adapter.layout)
     max_rows = shapes.max_batch * 2  # a cond and an uncond row per sample
 
     with staged_folder(options.out) as folder:
-        validation = _write_stages(adapter, preset, shapes, stages, specs, backend, transformer, folder, max_rows, log)
+        validation = _write_stages(adapter, preset, shapes, stages, specs, backend, lowered, folder, max_rows, dtype, log)
+        if dtype != torch.float32 and backend != "torch":
+            validation["chain_vs_fp32"] = _chain_error(adapter, preset, shapes, reference, folder, dtype)
+            log(f"  head -> blocks -> tail in {options.precision} vs fp32 PyTorch: "
+                f"relative L2 {validation['chain_vs_fp32']['rel_l2']:.2e}")
         engines = None
         if backend in TENSORRT:
             cache = Path(options.out).with_name(f"{Path(options.out).name}.timing.cache")
@@ -162,9 +176,10 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
                            "@7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
         write_manifest(folder, manifest)
-    cache_bytes = 4 * (max_rows * sum(int(np.prod(s)) for s in _stream_shapes(adapter, preset, shapes))
+    itemsize = 4 if dtype in (None, torch.float32) else 2
+    cache_bytes = itemsize * (max_rows * sum(int(np.prod(s)) for s in _stream_shapes(adapter, preset, shapes))
                        + shapes.max_batch * int(np.prod(latent_shape)))
-    log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB fp32 "
+    log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB {options.precision} "
         f"(residuals of {max_rows} rows and {shapes.max_batch} anchors)")
     log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
     return Path(options.out)
@@ -185,28 +200,80 @@ def _stream_shapes(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes) 
     return [tuple(outputs[s].shape[1:]) for s in adapter.layout.streams]
 
 
+def lower_precision(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to `dtype`, keeping in fp32 the modules diffusers keeps there (rope, time embedder,
+    modulation tables, norms), as `from_pretrained(torch_dtype=...)` does."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its advice to keep some modules in fp32 is what the loop below does
+    try:
+        transformer.to(dtype)
+    finally:
+        logger.setLevel(level)
+    keep = getattr(transformer, "_keep_in_fp32_modules", None) or []
+    with torch.no_grad():
+        for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+            if any(k in name.split(".") for k in keep):
+                tensor.data = tensor.data.float()
+    return transformer
+
+
 def _write_stages(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, stages: dict[str, torch.nn.Module],
                   specs: dict[str, StageSpec], backend: str, transformer: torch.nn.Module, folder: Path,
-                  max_rows: int, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
-    """Export (ONNX) or save (torch) the stages; validate ONNX stages on fresh inputs."""
+                  max_rows: int, dtype: torch.dtype, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Export (ONNX) or save (torch) the stages; validate ONNX stages on fresh inputs against
+    PyTorch at the same precision (bf16 cannot run in ONNX Runtime on the CPU: not validated)."""
     if backend == "torch":
         transformer.save_pretrained(folder / "transformer", safe_serialization=True)
         return {}
-    example = _stage_inputs(adapter, preset, shapes, stages, batch=2, seed=0)
-    fresh = _stage_inputs(adapter, preset, shapes, stages, batch=min(3, max_rows), seed=1)
+    example = _stage_inputs(adapter, preset, shapes, stages, batch=2, seed=0, dtype=dtype)
+    fresh = _stage_inputs(adapter, preset, shapes, stages, batch=min(3, max_rows), seed=1, dtype=dtype)
+    tolerance = TOLERANCE_REL_L2 if dtype == torch.float32 else 5e-3
     validation = {}
     for name in tqdm(("head", "blocks", "tail"), desc="export + validate", unit="stage"):
         path = folder / f"{name}.onnx"
         export_stage(stages[name], specs[name], example, path, max_rows)
-        validation[name] = validate_stage(stages[name], specs[name], fresh, path)
+        if dtype == torch.bfloat16:
+            validation[name] = {"skipped": "ONNX Runtime's CPU provider cannot run bf16"}
+            continue
+        validation[name] = validate_stage(stages[name], specs[name], fresh, path, tolerance)
         log(f"  {name}: max abs {validation[name]['max_abs']:.2e}, relative L2 {validation[name]['rel_l2']:.2e}")
     return validation
 
 
+def _chain_error(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, reference: dict[str, torch.nn.Module],
+                 folder: Path, dtype: torch.dtype) -> dict[str, float]:
+    """The exported stages chained in ONNX Runtime at `dtype` against the fp32 PyTorch model."""
+    if dtype == torch.bfloat16:
+        return {"skipped": "ONNX Runtime's CPU provider cannot run bf16"}
+    import onnxruntime as ort
+
+    inputs = adapter.example_inputs(preset, shapes, 2, seed=2)
+    layout = adapter.layout
+    with torch.no_grad():
+        head = dict(zip(layout.head_outputs, reference["head"](**inputs)))
+        hidden = reference["blocks"](**{k: head[k] for k in layout.blocks_inputs})
+        expected = reference["tail"](hidden, *(head[k] for k in layout.tail_context)).numpy()
+    sessions = {s: ort.InferenceSession(str(folder / f"{s}.onnx"), providers=["CPUExecutionProvider"]) for s in STAGES}
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    got = dict(zip(layout.head_outputs, sessions["head"].run(None, _typed(sessions["head"], feeds))))
+    out = sessions["blocks"].run(None, _typed(sessions["blocks"], {k: got[k] for k in layout.blocks_inputs}))
+    tail = {**dict(zip(layout.streams, out)), **{k: got[k] for k in layout.tail_context}}
+    noise = sessions["tail"].run(None, _typed(sessions["tail"], tail))[0]
+    return compare(noise.astype(np.float32), expected)
+
+
+def _typed(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    return {i.name: feeds[i.name].astype(kinds[i.type]) for i in session.get_inputs()}
+
+
 def _stage_inputs(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, stages: dict[str, torch.nn.Module],
-                  batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """Inputs for every stage: random head inputs and the head's real outputs."""
+                  batch: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Inputs for every stage: random head inputs (latent and text in `dtype`, timestep fp32)
+    and the head's real outputs."""
     inputs = adapter.example_inputs(preset, shapes, batch, seed)
+    inputs = {k: v if k == "timestep" else v.to(dtype) for k, v in inputs.items()}
     with torch.no_grad():
         outputs = stages["head"](**inputs)
     inputs.update(zip(adapter.layout.head_outputs, outputs))

@@ -172,7 +172,7 @@ class Engine:
     def _finish(self, head: dict[str, np.ndarray], run_rows: np.ndarray, cache: dict[str, np.ndarray] | None) -> np.ndarray:
         tail_in = self._blocks(head, run_rows, len(head[self.layout.streams[0]]), cache)
         tail_in.update({k: head[k] for k in self.layout.tail_context})
-        return self.backend.run("tail", tail_in)[NOISE]
+        return self.backend.run("tail", tail_in)[NOISE].astype(np.float32, copy=False)
 
     @staticmethod
     def _rows(latents: np.ndarray, text: np.ndarray, uncond: np.ndarray | None) -> dict[str, np.ndarray]:

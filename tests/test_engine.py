@@ -124,3 +124,21 @@ def test_stats_contract(calibrated_bundle, tmp_path):
         assert frames.dtype == np.float32 and frames.shape == (8, 32, 32, 3)
         assert 0.0 <= frames.min() and frames.max() <= 1.0
         assert (out / sample["video"]).stat().st_size > 1000
+
+
+def test_fp16_bundle_runs_close_to_fp32(ort_bundle, tmp_path):
+    from sencache.engine_builder.builder import BuildOptions, build
+
+    out = tmp_path / "fp16"
+    build(BuildOptions(model="tiny-wan", out=out, precision="fp16", max_batch=2), log=lambda _: None)
+    manifest = Bundle.load(out).manifest
+    assert manifest["precision"] == "fp16"
+    assert all(manifest["validation"][s]["rel_l2"] < 5e-3 for s in ("head", "blocks", "tail"))
+    assert manifest["validation"]["chain_vs_fp32"]["rel_l2"] < 5e-3
+    session = ort.InferenceSession(str(out / "blocks.onnx"))
+    assert {i.name: i.type for i in session.get_inputs()}["hidden"] == "tensor(float16)"
+    request = Request(PROMPTS[:2], SEEDS[:2], 6, 4.0)
+    half = engine_for(out).generate(request, NoCache(2)).latents
+    full = engine_for(ort_bundle).generate(request, NoCache(2)).latents
+    assert half.dtype == np.float32
+    assert compare(half, full)["rel_l2"] < 2e-2

@@ -1,4 +1,6 @@
-"""ONNX Runtime backend: one InferenceSession per stage; CUDA EP when present, else the CPU EP."""
+"""ONNX Runtime backend: one InferenceSession per stage; CUDA EP when present, else the CPU EP.
+
+Inputs are cast to the dtype each stage was exported with (fp16 bundles take fp16 latents)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import onnxruntime as ort
 from sencache.runtime.backends.base import STAGES, StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
+
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OnnxRuntimeBackend(StageBackend):
@@ -22,6 +27,7 @@ class OnnxRuntimeBackend(StageBackend):
         options.log_severity_level = 3
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.outputs: dict[str, list[str]] = {}
+        self.input_types: dict[str, dict[str, type]] = {}
         for stage in STAGES:
             spec = bundle.manifest["stages"][stage]
             try:
@@ -29,9 +35,12 @@ class OnnxRuntimeBackend(StageBackend):
             except Exception as e:  # onnxruntime raises its own exception types for bad models
                 raise BadInput(f"bundle {bundle.path}: ONNX Runtime cannot load {spec['file']}: {e}") from None
             self.outputs[stage] = [o.name for o in self.sessions[stage].get_outputs()]
+            self.input_types[stage] = {i.name: _NUMPY[i.type] for i in self.sessions[stage].get_inputs()}
 
     def run(self, stage: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.sessions[stage].run(self.outputs[stage], inputs)
+        types = self.input_types[stage]
+        feeds = {name: value if value.dtype == types[name] else value.astype(types[name]) for name, value in inputs.items()}
+        outputs = self.sessions[stage].run(self.outputs[stage], feeds)
         return dict(zip(self.outputs[stage], outputs))
 
     def describe(self) -> dict[str, str]:
