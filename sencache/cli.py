@@ -47,6 +47,13 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {bundle.baselines_path}: TeaCache polynomial, MagCache ratios for {len(result.baselines.magcache_ratios)} steps")
 
 
+def _separate(out: Path, engine: Path) -> None:
+    """Refuse an output folder that would replace the bundle (or a folder holding it)."""
+    out, engine = out.resolve(), engine.resolve()
+    if out == engine or out in engine.parents:
+        raise BadInput(f"--out {out} would replace the engine bundle {engine}; choose another folder")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
@@ -54,6 +61,7 @@ def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.pipeline import Engine, Request
 
     started = time.perf_counter()
+    _separate(args.out, args.engine)
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest["defaults"]
     seeds = args.seed or [0]
@@ -82,6 +90,7 @@ def _bench(args: argparse.Namespace) -> None:
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.pipeline import Engine
 
+    _separate(args.out, args.engine)
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest["defaults"]
     prompts, seeds = evaluation_set(4 if args.quick else args.samples, args.prompts, args.seeds)

@@ -127,3 +127,11 @@ def test_doctor_reports_this_machine(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime" in out and "CPUExecutionProvider" in out and "nvrtc" in out
+
+
+def test_output_folder_may_not_replace_the_bundle(capsys, ort_bundle):
+    code, err = run_cli(capsys, *generate_args(ort_bundle, ort_bundle, "--cache", "none"))
+    assert code == 2 and "would replace the engine bundle" in err
+    code, err = run_cli(capsys, *generate_args(ort_bundle, ort_bundle.parent, "--cache", "none"))
+    assert code == 2
+    assert Bundle.load(ort_bundle)
