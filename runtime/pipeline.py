@@ -28,7 +28,7 @@ from sencache.runtime.baselines import (FixedPolicy, FixedSettings, MagCachePoli
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import NOISE
-from sencache.runtime.policy import CachePolicy, NoCache, SenCachePolicy, SenCacheSettings
+from sencache.runtime.policy import CachePolicy, NoCache, SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
 from sencache.runtime.tiny_text import TinyTextEncoder
 
 
@@ -72,6 +72,7 @@ class Result:
 METHOD_KNOBS: dict[str, tuple[str, ...]] = {
     "none": (),
     "sencache": ("eps_start", "eps_main", "max_reuse"),
+    "sencache-max": ("eps_start", "eps_main", "max_reuse"),
     "fixed": ("interval", "warmup"),
     "teacache": ("threshold",),
     "magcache": ("threshold", "max_reuse", "retention"),
@@ -137,8 +138,10 @@ class Engine:
         defaults = self.bundle.manifest["defaults"]
         if method == "none":
             return NoCache(batch)
-        if method == "sencache":
-            return self.sencache_policy(SenCacheSettings(**{**defaults["sencache"], **given}), steps, batch)
+        if method in ("sencache", "sencache-max"):
+            settings = SenCacheSettings(**{**defaults["sencache"], **given})
+            rule = SenCachePolicy if method == "sencache" else SenCacheMaxPolicy
+            return rule(settings, self.bundle.sensitivity(), steps, batch, self.numel)
         if method == "fixed":
             return FixedPolicy(FixedSettings(**{"interval": 2, **given}), steps, batch)
         tables = self.bundle.baselines()

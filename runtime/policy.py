@@ -132,10 +132,15 @@ class SenCachePolicy:
             if drift_sumsq is None or drift_sumsq.shape != (batch,):
                 raise ValueError(f"drift_sumsq must have shape ({batch},)")
             drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
-            score = (self.jx * drift + self.jt * np.abs(t - self.anchor_t)) / math.sqrt(self.numel)
+            jx, jt = self._sensitivities(t)
+            score = (jx * drift + jt * np.abs(t - self.anchor_t)) / math.sqrt(self.numel)
             run = ~((score < eps) & (self.reuses < self.config.max_reuse))
         self._commit(step, t, run)
         return StepDecision(run, score, eps, self.forced(step))
+
+    def _sensitivities(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """The anchor's Jx, Jt (SPEC section 1)."""
+        return self.jx, self.jt
 
     def _commit(self, step: int, t: float, run: np.ndarray) -> None:
         self.reuses = np.where(run, 0, self.reuses + 1)
@@ -146,3 +151,15 @@ class SenCachePolicy:
             self.anchor_t[run] = t
             self.jx[run] = jx
             self.jt[run] = jt
+
+
+class SenCacheMaxPolicy(SenCachePolicy):
+    """SenCache-max, a named variant (not the paper's rule): the bound uses the larger of the
+    sensitivities at the anchor and at the current timestep, so a stretch over which the model
+    grows more sensitive (late, low-noise steps) is not judged by the calmer anchor alone."""
+
+    name = "sencache-max"
+
+    def _sensitivities(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        jx_now, jt_now, _ = self.table.lookup(t)
+        return np.maximum(self.jx, jx_now), np.maximum(self.jt, jt_now)

@@ -165,7 +165,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, action="append")
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
-    g.add_argument("--cache", choices=("none", "sencache", "fixed", "teacache", "magcache"), default="sencache")
+    g.add_argument("--cache", choices=("none", "sencache", "sencache-max", "fixed", "teacache", "magcache"),
+                   default="sencache")
     g.add_argument("--eps-start", type=float, help="sencache: threshold of the first 20%% of steps")
     g.add_argument("--eps-main", type=float, help="sencache: threshold after that")
     g.add_argument("--max-reuse", type=int, help="sencache, magcache: most reuses in a row")
@@ -181,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("bench", help="sweep SenCache and the baselines; quality against NFE and speed")
     r.add_argument("--engine", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--methods", nargs="+", help="sencache fixed fixed-warmup teacache magcache (default: all)")
+    r.add_argument("--methods", nargs="+", help="sencache sencache-max fixed fixed-warmup teacache magcache "
+                                                  "diffusers-magcache diffusers-fbc (default: all)")
     r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")
     r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")
     r.add_argument("--samples", type=int, default=16, help="evaluation prompts drawn when --prompts is not given")

@@ -104,3 +104,16 @@ def test_bad_settings_are_rejected():
 def test_no_cache_runs_everything():
     d = NoCache(3).decide(4, 10.0, None)
     assert d.run.all() and d.forced
+
+
+def test_sencache_max_uses_the_larger_sensitivity_of_anchor_and_now():
+    from sencache.runtime.policy import SenCacheMaxPolicy
+
+    settings = SenCacheSettings(1e9, 1e9, 5)
+    plain = SenCachePolicy(settings, TABLE, 10, 1, 1)
+    wider = SenCacheMaxPolicy(settings, TABLE, 10, 1, 1)
+    for p in (plain, wider):
+        p.decide(0, 500.0, None)  # anchor: Jx 2, Jt 0.02
+    up = [p.decide(1, 1000.0, np.array([1.0])).score[0] for p in (plain, wider)]
+    assert up[0] == pytest.approx(2.0 + 0.02 * 500) and up[1] == pytest.approx(4.0 + 0.03 * 500)
+    assert wider.decide(2, 0.0, np.array([1.0])).score[0] == pytest.approx(2.0 + 0.02 * 500)
