@@ -119,15 +119,22 @@ class Runner:
         return {"latents": np.stack(latents), "frames": frames, "nfe": nfe, "denoise_s": denoise_s,
                 "decision_s": decision_s}
 
-    def reuse_step_s(self) -> float:
-        """Seconds of one step in which every sample reuses: head, cached residual, tail."""
+    def reuse_step_s(self, reuses: int = 10) -> float:
+        """Seconds of one step in which every sample reuses (head, cached residual, tail), over all
+        chunks: a run of 2 + `reuses` steps that reuses all but the forced first and last step,
+        minus a run of those 2 steps alone, divided by `reuses`."""
         engine, (prompts, seeds) = self.engine, self.chunks[0]
-        policy = engine.policy("fixed", 3, len(prompts), {"interval": 10**6})
-        request = Request(prompts, seeds, 3, self.plan.guidance)
-        engine.generate(request, policy)
-        full = self._timed(lambda: engine.generate(request, engine.policy("fixed", 3, len(prompts), {"interval": 10**6})))
-        two_runs = self._timed(lambda: engine.generate(Request(prompts, seeds, 2, self.plan.guidance), NoCache(len(prompts))))
-        return (full - two_runs) * len(self.chunks)
+        batch, steps = len(prompts), 2 + reuses
+
+        def reusing() -> None:
+            policy = engine.policy("fixed", steps, batch, {"interval": 10**6})
+            engine.generate(Request(prompts, seeds, steps, self.plan.guidance), policy)
+
+        def running() -> None:
+            engine.generate(Request(prompts, seeds, 2, self.plan.guidance), NoCache(batch))
+
+        reusing()
+        return (self._timed(reusing) - self._timed(running)) / reuses * len(self.chunks)
 
     @staticmethod
     def _timed(fn, repeats: int = 3) -> float:

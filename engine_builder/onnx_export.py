@@ -34,7 +34,8 @@ def export_stage(module: nn.Module, spec: StageSpec, example: dict[str, torch.Te
     batch = torch.export.Dim("batch", min=1, max=max(max_rows, 2))
     dynamic = {name: None if name in spec.batch_free else {0: batch} for name in spec.inputs}
     kwargs = {name: example[name] for name in spec.inputs}
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for name in ("torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

@@ -59,9 +59,10 @@ def run_demo(out: Path, threads: int = 1) -> None:
         runs[name] = (result, frames)
 
     base, cached = runs["none"], runs["sencache"]
-    print(f"\n{'prompt':58s} {'NFE':>7s} {'PSNR dB':>8s}")
+    print(f"\n{'prompt':56s} {'NFE':>6s} {'PSNR dB':>8s}  decisions (R run, . reuse)")
     for i, prompt in enumerate(prompts):
-        print(f"{prompt:58s} {cached[0].nfe[i]:3d}/{request.steps:<3d} {psnr(cached[1][i], base[1][i]):8.2f}")
+        pattern = "".join("R" if d == "run" else "." for d in cached[0].decisions[i])
+        print(f"{prompt:56s} {cached[0].nfe[i]:2d}/{request.steps:<3d} {psnr(cached[1][i], base[1][i]):8.2f}  {pattern}")
     t_base, t_cached = base[0].timing["denoise_s"], cached[0].timing["denoise_s"]
     ideal = request.steps * batch / sum(cached[0].nfe)
     print(f"\ndenoise: uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "

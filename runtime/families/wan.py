@@ -158,7 +158,7 @@ class WanAdapter(FamilyAdapter):
             guidance=4.0,
             steps=30,
             cache_defaults={
-                "sencache": {"eps_start": 0.02, "eps_main": 0.3, "max_reuse": 3},
+                "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
                 "teacache": {"threshold": 0.1},
                 "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
             },
