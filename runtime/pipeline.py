@@ -23,8 +23,14 @@ from tqdm import tqdm
 
 from sencache.kernels.drift import drift_sumsq
 from sencache.runtime.backends.base import StageBackend
-from sencache.runtime.baselines import (FixedPolicy, FixedSettings, MagCachePolicy, MagCacheSettings, TeaCachePolicy,
-                                       TeaCacheSettings)
+from sencache.runtime.baselines import (
+    FixedPolicy,
+    FixedSettings,
+    MagCachePolicy,
+    MagCacheSettings,
+    TeaCachePolicy,
+    TeaCacheSettings,
+)
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import NOISE
@@ -123,9 +129,6 @@ class Engine:
         """Gaussian noise per sample from its own seed, so a sample never depends on its batch."""
         return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    def sencache_policy(self, settings: SenCacheSettings, steps: int, batch: int) -> SenCachePolicy:
-        return SenCachePolicy(settings, self.bundle.sensitivity(), steps, batch, self.numel)
-
     def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | None]) -> CachePolicy:
         """The cache rule `method` with the given knobs; unset knobs take the bundle's defaults."""
         given = {k: v for k, v in knobs.items() if v is not None}
@@ -164,7 +167,7 @@ class Engine:
         residual = out[stream + "_out"][:batch] - head[stream][:batch]
         tail_in = {s: out[s + "_out"] for s in self.layout.streams}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
-        noise = self.backend.run("tail", tail_in)[NOISE]
+        noise = self.backend.run("tail", tail_in)[NOISE].astype(np.float32, copy=False)
         return Prediction(guided=self._guide(noise, batch, uncond is not None, guidance), cond=noise[:batch],
                           modulation=head[self.adapter.modulation][:batch],
                           residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))

@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from sencache.runtime.baselines import (BaselineTables, FixedPolicy, FixedSettings, MagCachePolicy, MagCacheSettings,
-                                        TeaCachePolicy, TeaCacheSettings, resample_ratios)
+from sencache.runtime.baselines import (
+    BaselineTables,
+    FixedPolicy,
+    FixedSettings,
+    MagCachePolicy,
+    MagCacheSettings,
+    TeaCachePolicy,
+    TeaCacheSettings,
+    resample_ratios,
+)
 from sencache.runtime.errors import BadInput
 
 

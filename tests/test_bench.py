@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pytest
 
+from conftest import engine_for
 from sencache.benchmarks.bench import BenchPlan, evaluation_set, run_bench
 from sencache.benchmarks.matched import compare_at_matched_nfe, envelope
-from sencache.benchmarks.metrics import SSIM_K1, SSIM_K2, psnr, ssim
+from sencache.benchmarks.metrics import SSIM_K1, SSIM_K2, ssim
 from sencache.runtime.errors import BadInput
-
-from conftest import engine_for
 
 
 def test_ssim_of_flat_frames_is_the_luminance_term():

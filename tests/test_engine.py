@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 
 from conftest import engine_for
@@ -13,9 +12,8 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.onnx_export import compare
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.families import resolve
-from sencache.runtime.families.base import Shapes
 from sencache.runtime.pipeline import Request
-from sencache.runtime.policy import NoCache, SenCacheSettings
+from sencache.runtime.policy import NoCache
 
 PROMPTS = ["one large white circle static on black", "three small yellow squares moving left fast on texture",
            "two large green circles moving down fast on gradient"]
@@ -65,8 +63,8 @@ def test_zero_eps_equals_no_cache_exactly(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     request = Request(PROMPTS[:2], SEEDS[:2], 8, 4.0)
     reference = engine.generate(request, NoCache(2))
-    for settings in (SenCacheSettings(0.0, 0.0, 3), SenCacheSettings(5.0, 50.0, 0)):
-        cached = engine.generate(request, engine.sencache_policy(settings, 8, 2))
+    for knobs in ({"eps_start": 0.0, "eps_main": 0.0, "max_reuse": 3}, {"eps_start": 5.0, "eps_main": 50.0, "max_reuse": 0}):
+        cached = engine.generate(request, engine.policy("sencache", 8, 2, knobs))
         assert cached.nfe == [8, 8]
         np.testing.assert_array_equal(cached.latents, reference.latents)
 
@@ -75,7 +73,7 @@ def test_cache_skips_steps_and_stays_close(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     request = Request(PROMPTS[:1], SEEDS[:1], 8, 4.0)
     reference = engine.generate(request, NoCache(1))
-    cached = engine.generate(request, engine.sencache_policy(SenCacheSettings(10.0, 10.0, 2), 8, 1))
+    cached = engine.generate(request, engine.policy("sencache", 8, 1, {"eps_start": 10.0, "eps_main": 10.0, "max_reuse": 2}))
     assert cached.decisions[0] == ["run", "reuse", "reuse", "run", "reuse", "reuse", "run", "run"]
     assert not np.array_equal(cached.latents, reference.latents)
     assert compare(cached.latents, reference.latents)["rel_l2"] < 0.5
@@ -83,12 +81,10 @@ def test_cache_skips_steps_and_stays_close(calibrated_bundle):
 
 def test_a_sample_is_the_same_alone_or_in_a_batch(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
-    table = engine.bundle.sensitivity()
-    settings = SenCacheSettings(0.05, 0.3, 3)
-    together = engine.generate(Request(PROMPTS, SEEDS, 8, 4.0), engine.sencache_policy(settings, 8, 3))
-    assert table is not None
+    knobs = {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3}
+    together = engine.generate(Request(PROMPTS, SEEDS, 8, 4.0), engine.policy("sencache", 8, 3, knobs))
     for i in range(3):
-        alone = engine.generate(Request([PROMPTS[i]], [SEEDS[i]], 8, 4.0), engine.sencache_policy(settings, 8, 1))
+        alone = engine.generate(Request([PROMPTS[i]], [SEEDS[i]], 8, 4.0), engine.policy("sencache", 8, 1, knobs))
         assert alone.decisions[0] == together.decisions[i]
         np.testing.assert_allclose(alone.latents[0], together.latents[i], atol=1e-5)
 

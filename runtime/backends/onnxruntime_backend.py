@@ -11,7 +11,6 @@ from sencache.runtime.backends.base import STAGES, StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 
-
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
