@@ -26,11 +26,12 @@ from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import staged_folder
+from sencache.runtime.files import check_replaceable, staged_folder
 from sencache.runtime.pipeline import Engine, Request
 from sencache.runtime.policy import NoCache
 from sencache.runtime.tiny_text import random_spec, tokenize
 
+REPORT = "report.json"
 REAL_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 """Models whose head + tail share of a step the report estimates by counting FLOPs."""
 
@@ -71,6 +72,8 @@ class BenchPlan:
 
 def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
     """Prompts (a file, one per line, or drawn from the grammar) paired with seeds."""
+    if prompts_file is None and count <= 0:
+        raise BadInput(f"--samples must be positive, got {count}")
     if prompts_file is not None:
         try:
             prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -149,6 +152,7 @@ class Runner:
 def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out`."""
     torch.set_num_threads(1)
+    check_replaceable(out, REPORT)
     unknown = [m for m in plan.methods if m not in SWEEPS]
     if unknown:
         raise BadInput(f"unknown method {unknown[0]!r} (choose from {', '.join(SWEEPS)})")
@@ -228,8 +232,8 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
         "runs": runs,
         "comparison": comparison,
     }
-    with staged_folder(out) as folder:
-        (folder / "report.json").write_text(json.dumps(report, indent=1))
+    with staged_folder(out, REPORT) as folder:
+        (folder / REPORT).write_text(json.dumps(report, indent=1))
         write_markdown(report, folder / "report.md")
         write_plot(report, folder / "quality_vs_nfe.png")
     return report

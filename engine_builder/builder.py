@@ -24,11 +24,11 @@ from tqdm import tqdm
 from sencache.engine_builder.onnx_export import TOLERANCE_REL_L2, StageSpec, compare, export_stage, validate_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.baselines import BaselineTables
-from sencache.runtime.bundle import BASELINES, write_manifest
+from sencache.runtime.bundle import BASELINES, MANIFEST, write_manifest
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
 from sencache.runtime.families.base import HEAD_INPUTS, NOISE
-from sencache.runtime.files import staged_folder
+from sencache.runtime.files import check_replaceable, staged_folder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
@@ -98,6 +98,7 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
 
 def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     """Build the bundle described by `options` into `options.out`; returns its path."""
+    check_replaceable(options.out, MANIFEST)
     adapter, preset = resolve(options.model)
     backend = resolve_backend(options.backend)
     if backend in TENSORRT:
@@ -133,7 +134,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     specs = stage_specs(adapter.layout)
     max_rows = shapes.max_batch * 2  # a cond and an uncond row per sample
 
-    with staged_folder(options.out) as folder:
+    with staged_folder(options.out, MANIFEST) as folder:
         validation = _write_stages(adapter, preset, shapes, stages, specs, backend, lowered, folder, max_rows, dtype, log)
         if dtype != torch.float32 and backend != "torch":
             validation["chain_vs_fp32"] = _chain_error(adapter, preset, shapes, reference, folder, dtype)

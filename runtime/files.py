@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sencache.runtime.errors import BadInput
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
@@ -28,13 +30,23 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def check_replaceable(target: Path, marker: str) -> None:
+    """Refuse to replace anything but an empty folder or one this tool wrote (holding `marker`),
+    so a mistyped --out never wipes a user's folder."""
+    target = Path(target)
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / marker).is_file())):
+        raise BadInput(f"--out {target} exists and holds no {marker}: it is not ours to replace; choose another folder")
+
+
 @contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
+def staged_folder(target: Path, marker: str) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`; on success it replaces `target` whole.
 
-    On any exception the temporary folder is removed and `target` is left as it was.
+    `target` must be absent, empty, or a folder this tool wrote (holding `marker`). On any
+    exception the temporary folder is removed and `target` is left as it was.
     """
     target = Path(target)
+    check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=target.parent))
     tmp.chmod(0o755)

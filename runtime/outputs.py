@@ -13,6 +13,8 @@ from sencache.runtime.pipeline import Engine, Request, Result
 from sencache.runtime.policy import CachePolicy
 from sencache.runtime.video import write_mp4
 
+STATS = "stats.json"
+
 
 def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result, total_s: float,
           files: list[tuple[str, str]]) -> dict[str, Any]:
@@ -47,9 +49,9 @@ def write_run(out: Path, engine: Engine, request: Request, policy: CachePolicy, 
     """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into `out`, atomically."""
     files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]
     document = stats(engine, request, policy, result, total_s, files)
-    with staged_folder(out) as folder:
+    with staged_folder(out, STATS) as folder:
         for (npy, mp4), clip in zip(files, frames):
             np.save(folder / npy, clip.astype(np.float32))
             write_mp4(clip, folder / mp4)
-        (folder / "stats.json").write_text(json.dumps(document, indent=1))
+        (folder / STATS).write_text(json.dumps(document, indent=1))
     return document

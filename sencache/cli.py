@@ -57,11 +57,13 @@ def _separate(out: Path, engine: Path) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.outputs import write_run
+    from sencache.runtime.files import check_replaceable
+    from sencache.runtime.outputs import STATS, write_run
     from sencache.runtime.pipeline import Engine, Request
 
     started = time.perf_counter()
     _separate(args.out, args.engine)
+    check_replaceable(args.out, STATS)
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest["defaults"]
     seeds = args.seed or [0]

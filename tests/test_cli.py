@@ -135,3 +135,16 @@ def test_output_folder_may_not_replace_the_bundle(capsys, ort_bundle):
     code, err = run_cli(capsys, *generate_args(ort_bundle, ort_bundle.parent, "--cache", "none"))
     assert code == 2
     assert Bundle.load(ort_bundle)
+
+
+def test_a_foreign_output_folder_is_never_replaced(capsys, ort_bundle, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    code, err = run_cli(capsys, *generate_args(ort_bundle, mine, "--cache", "none"))
+    assert code == 2 and "not ours to replace" in err
+    code, err = run_cli(capsys, "build", "--model", "tiny-wan", "--out", mine)
+    assert code == 2 and "not ours to replace" in err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    code, err = run_cli(capsys, *generate_args(ort_bundle, tmp_path / "o", "--cache", "none", "--threads", "-1"))
+    assert code == 2 and "--threads" in err

@@ -54,11 +54,11 @@ def test_staged_folder_leaves_target_untouched_on_error(tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with staged_folder(target) as tmp:
+        with staged_folder(target, "keep.txt") as tmp:
             (tmp / "new.txt").write_text("half")
             raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (target / "keep.txt").read_text() == "old"
-    with staged_folder(target) as tmp:
+    with staged_folder(target, "keep.txt") as tmp:
         (tmp / "new.txt").write_text("whole")
     assert [p.name for p in target.iterdir()] == ["new.txt"]

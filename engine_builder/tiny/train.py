@@ -43,6 +43,7 @@ def _lr(base: float, frac: float, step: int, warmup: int = 200) -> float:
 def _save(out: Path, transformer, text_encoder, log: list[dict], meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
     save_file({k: v.contiguous() for k, v in text_encoder.state_dict().items()}, str(tmp / "text_encoder.safetensors"))
     with open(tmp / "loss.csv", "w", newline="") as f:

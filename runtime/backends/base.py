@@ -33,6 +33,8 @@ class StageBackend(ABC):
 
 def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0) -> StageBackend:
     """The backend that runs `bundle`: its own unless `name` asks for another it supports."""
+    if threads < 0:
+        raise BadInput(f"--threads must be >= 0 (0: all cores), got {threads}")
     name = name or bundle.manifest["backend"]
     if name != bundle.manifest["backend"]:
         raise BadInput(f"bundle {bundle.path} was built for {bundle.manifest['backend']}, not {name}; "
