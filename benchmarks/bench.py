@@ -115,7 +115,7 @@ class Runner:
             policy = self.engine.policy(method, request.steps, len(prompts), knobs)
             result = self.engine.generate(request, policy)
             latents.extend(result.latents)
-            frames.extend(self.engine.adapter.decode(result.latents, self.engine.preset))
+            frames.extend(self.engine.decode(result.latents))
             nfe.extend(result.nfe)
             denoise_s += result.timing["denoise_s"]
             decision_s += result.timing["decision_s"]
@@ -188,7 +188,7 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
             if method in PEERS:
                 measured = peers.run(method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance,
                                      calibration)
-                measured["frames"] = list(engine.adapter.decode(measured["latents"], engine.preset))
+                measured["frames"] = list(engine.decode(measured["latents"]))
                 runtime_knobs, decision_s, floor = dict(knobs), None, None
                 base_s = peer_reference["denoise_s"]
             else:

@@ -59,7 +59,7 @@ class DiffusersPeers:
     def _call(self, prompt: str, seed: int, steps: int, guidance: float) -> np.ndarray:
         embeds = torch.from_numpy(self.engine.encode([prompt]))
         negative = torch.from_numpy(self.engine.encode([""]))
-        latents = self.engine.initial_latents([seed])
+        latents = self.engine.initial_latents(self.engine.generators([seed]))
         shapes = self.engine.bundle.shapes
         with torch.no_grad():
             out = self.pipeline(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,

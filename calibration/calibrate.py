@@ -107,7 +107,7 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
             if k == steps - 1:
                 break
             t_next = timesteps[k + 1]
-            x_prime = _solver_step(engine, steps, k, f_k, x_k)
+            x_prime = _solver_step(engine, steps, k, f_k, x_k, [s + k for s in chunk_seeds])
             both = engine.predict(np.concatenate([x_prime, x_k]),
                                   np.array([t_k] * n + [t_next] * n, np.float32),
                                   np.concatenate([text, text]),
@@ -157,10 +157,10 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
     return Calibration(sensitivity, baselines)
 
 
-def _solver_step(engine: Engine, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray) -> np.ndarray:
-    """One step of the bundle's scheduler from a fresh state at index k."""
-    scheduler = engine.scheduler()
-    scheduler.set_timesteps(steps)
-    scheduler.set_begin_index(k)
-    t = scheduler.timesteps[k]
-    return scheduler.step(torch.from_numpy(f_k), t, torch.from_numpy(x_k.copy()), return_dict=False)[0].numpy()
+def _solver_step(engine: Engine, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray, seeds: list[int]) -> np.ndarray:
+    """One step of the bundle's scheduler from a fresh state at index k (solver noise, where the
+    scheduler adds any, from `seeds`)."""
+    sampler = engine.sampler(steps)
+    sampler.start_at(k)
+    generators = engine.generators(seeds)
+    return sampler.step(k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), generators).numpy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import platform
 import shutil
@@ -27,7 +28,7 @@ from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.bundle import BASELINES, MANIFEST, write_manifest
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
-from sencache.runtime.families.base import HEAD_INPUTS, NOISE
+from sencache.runtime.families.base import HEAD_INPUTS, NOISE, run_split
 from sencache.runtime.files import check_replaceable, staged_folder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
@@ -144,7 +145,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         if backend in TENSORRT:
             cache = Path(options.out).with_name(f"{Path(options.out).name}.timing.cache")
             engines = build_engines(folder, list(specs), max_rows, backend, options.compute_capability, cache, log)
-        text_encoder = _copy_text_encoder(preset, weights, folder)
+        text_encoder = _copy_text_encoder(adapter, preset, weights, folder)
         manifest = {
             "model": preset.name,
             "family": adapter.family,
@@ -158,8 +159,9 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             "stages": {name: {"file": _stage_file(name, backend), "inputs": list(spec.inputs),
                               "outputs": list(spec.outputs)} for name, spec in specs.items()},
             "layout": {"streams": list(adapter.layout.streams), "block_context": list(adapter.layout.block_context),
-                       "tail_context": list(adapter.layout.tail_context), "shared": list(adapter.layout.shared)},
-            "scheduler": adapter.scheduler_config(preset),
+                       "tail_context": list(adapter.layout.tail_context), "shared": list(adapter.layout.shared),
+                       "tail_streams": list(adapter.layout.tail_stream_names)},
+            "scheduler": _scheduler_config(adapter, preset, weights),
             "defaults": {"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults},
             "text_encoder": text_encoder,
             "validation": validation,
@@ -184,6 +186,22 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         f"(residuals of {max_rows} rows and {shapes.max_batch} anchors)")
     log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
     return Path(options.out)
+
+
+def _scheduler_config(adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None) -> dict[str, Any]:
+    """The scheduler a real weights folder ships (what its pipeline would load), else the preset's."""
+    path = None if weights is None or preset.tiny else weights / "scheduler" / "scheduler_config.json"
+    if path is None or not path.is_file():
+        return adapter.scheduler_config(preset)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--weights {weights}: unreadable {path.name}: {e}") from None
+    import diffusers
+
+    if not hasattr(diffusers, str(config.get("_class_name"))):
+        raise BadInput(f"--weights {weights}: scheduler {config.get('_class_name')!r} is not a diffusers scheduler")
+    return {k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}
 
 
 def _stage_file(stage: str, backend: str) -> str:
@@ -252,14 +270,13 @@ def _chain_error(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, re
     inputs = adapter.example_inputs(preset, shapes, 2, seed=2)
     layout = adapter.layout
     with torch.no_grad():
-        head = dict(zip(layout.head_outputs, reference["head"](**inputs)))
-        hidden = reference["blocks"](**{k: head[k] for k in layout.blocks_inputs})
-        expected = reference["tail"](hidden, *(head[k] for k in layout.tail_context)).numpy()
+        expected = run_split(reference, layout, inputs).numpy()
     sessions = {s: ort.InferenceSession(str(folder / f"{s}.onnx"), providers=["CPUExecutionProvider"]) for s in STAGES}
     feeds = {k: v.numpy() for k, v in inputs.items()}
     got = dict(zip(layout.head_outputs, sessions["head"].run(None, _typed(sessions["head"], feeds))))
     out = sessions["blocks"].run(None, _typed(sessions["blocks"], {k: got[k] for k in layout.blocks_inputs}))
-    tail = {**dict(zip(layout.streams, out)), **{k: got[k] for k in layout.tail_context}}
+    streams = dict(zip(layout.streams, out))
+    tail = {**{k: streams[k] for k in layout.tail_stream_names}, **{k: got[k] for k in layout.tail_context}}
     noise = sessions["tail"].run(None, _typed(sessions["tail"], tail))[0]
     return compare(noise.astype(np.float32), expected)
 
@@ -281,8 +298,9 @@ def _stage_inputs(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, s
     return inputs
 
 
-def _copy_text_encoder(preset: ModelPreset, weights: Path | None, folder: Path) -> dict[str, Any]:
+def _copy_text_encoder(adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None, folder: Path) -> dict[str, Any]:
     if preset.tiny:
         shutil.copyfile(weights / "text_encoder.safetensors", folder / "text_encoder.safetensors")
-        return {"kind": "tiny", "file": "text_encoder.safetensors", "dim": preset.config["text_dim"]}
-    return {"kind": "umt5", "note": "text encoding of real models is not part of this bundle format yet"}
+        return {"kind": "tiny", "file": "text_encoder.safetensors", "dim": adapter.text_shape(preset)[1]}
+    return {"kind": "diffusers", "source": str(weights) if weights else None,
+            "note": "tokenizer, text encoder and VAE load from the weights folder through diffusers' pipeline"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from sencache.runtime.baselines import (
 )
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import NOISE
+from sencache.runtime.families.base import NOISE, Sampler
 from sencache.runtime.policy import CachePolicy, NoCache, SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
 from sencache.runtime.tiny_text import TinyTextEncoder
 
@@ -44,10 +45,21 @@ class Request:
     seeds: list[int]
     steps: int
     guidance: float
+    prompt_embeds: np.ndarray | None = None
+    """Text embeddings [B, tokens, channels] computed elsewhere (serving code that caches them);
+    `prompts` then only label the samples."""
+    negative_prompt_embeds: np.ndarray | None = None
+    """The unconditional embeddings for guidance; the empty prompt's when not given."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise BadInput("give at least one --prompt")
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            value = getattr(self, name)
+            if value is not None and (value.ndim != 3 or len(value) != len(self.prompts)):
+                raise BadInput(f"{name} must be [{len(self.prompts)}, tokens, channels], got {list(value.shape)}")
+            if value is not None and not np.all(np.isfinite(value)):
+                raise BadInput(f"{name} holds NaN or infinite values")
         if len(self.prompts) != len(self.seeds):
             raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
         if self.steps <= 0:
@@ -110,24 +122,58 @@ class Engine:
         self.numel = int(np.prod(self.latent_shape))
         self.max_rows = bundle.shapes.max_batch * 2
         self._text_encoder: TinyTextEncoder | None = None
+        self._components = None
 
     def scheduler(self):
         return self.adapter.make_scheduler(self.preset, self.bundle.manifest["scheduler"])
+
+    def sampler(self, steps: int) -> Sampler:
+        """A fresh scheduler driven the way the family's real pipeline drives it."""
+        return self.adapter.sampler(self.scheduler(), steps, self.preset, self.bundle.shapes)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """Text embeddings [B, tokens, channels] of prompts (the empty prompt is unconditional)."""
         spec = self.bundle.manifest["text_encoder"]
         if spec["kind"] != "tiny":
-            raise BadInput(f"{self.preset.name}: text encoding with {spec['kind']} is not supported by this runtime yet")
+            return self.adapter.encode_prompts(self.components(), prompts, self.preset)
         if self._text_encoder is None:
             self._text_encoder = TinyTextEncoder(dim=spec["dim"])
             self._text_encoder.load_state_dict(load_file(str(self.bundle.file(spec["file"]))))
             self._text_encoder.eval()
         return self._text_encoder.encode(prompts).numpy()
 
-    def initial_latents(self, seeds: list[int]) -> torch.Tensor:
-        """Gaussian noise per sample from its own seed, so a sample never depends on its batch."""
-        return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Frames [B, T, H, W, 3] in [0, 1], decoded as the family's pipeline decodes."""
+        pipeline = None if self.preset.tiny else self.components()
+        return self.adapter.decode(latents, self.preset, self.bundle.shapes, pipeline)
+
+    def components(self):
+        """The real model's text encoder and VAE (diffusers' pipeline without its transformer),
+        from the weights folder the bundle was built from; loaded once."""
+        if self._components is None:
+            source = self.bundle.manifest.get("weights_source")
+            if not source or not Path(source).is_dir():
+                raise BadInput(f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
+                               f"the weights folder the bundle was built from ({source}), which is not there")
+            self._components = self.adapter.load_components(Path(source))
+        return self._components
+
+    @staticmethod
+    def generators(seeds: list[int]) -> list[torch.Generator]:
+        """One generator per sample: its starting noise and any solver noise come from its own seed."""
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    def _embeddings(self, given: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        if given is None:
+            return self.encode(prompts)
+        expected = tuple(self.bundle.manifest["shapes"]["text"])
+        if tuple(given.shape[1:]) != expected:
+            raise BadInput(f"text embeddings of shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}")
+        return given.astype(np.float32, copy=False)
+
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """The starting noise of each sample, drawn as the family's pipeline draws it."""
+        return self.adapter.initial_latents(generators, self.preset, self.bundle.shapes)
 
     def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | None]) -> CachePolicy:
         """The cache rule `method` with the given knobs; unset knobs take the bundle's defaults."""
@@ -165,7 +211,7 @@ class Engine:
         out = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
         stream = self.layout.streams[0]
         residual = out[stream + "_out"][:batch] - head[stream][:batch]
-        tail_in = {s: out[s + "_out"] for s in self.layout.streams}
+        tail_in = {s: out[s + "_out"] for s in self.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
         noise = self.backend.run("tail", tail_in)[NOISE].astype(np.float32, copy=False)
         return Prediction(guided=self._guide(noise, batch, uncond is not None, guidance), cond=noise[:batch],
@@ -176,7 +222,8 @@ class Engine:
         return self.backend.run("head", {"latent": latent, "timestep": timestep, "text": text})
 
     def _finish(self, head: dict[str, np.ndarray], run_rows: np.ndarray, cache: dict[str, np.ndarray] | None) -> np.ndarray:
-        tail_in = self._blocks(head, run_rows, len(head[self.layout.streams[0]]), cache)
+        streams = self._blocks(head, run_rows, len(head[self.layout.streams[0]]), cache)
+        tail_in = {s: streams[s] for s in self.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
         return self.backend.run("tail", tail_in)[NOISE].astype(np.float32, copy=False)
 
@@ -202,15 +249,15 @@ class Engine:
         if batch * branches > self.max_rows:
             raise BadInput(f"{batch} samples need {batch * branches} rows; the bundle was built for at most "
                            f"{self.bundle.shapes.max_batch} samples (rebuild with --max-batch)")
-        text = self.encode(request.prompts)
-        uncond = self.encode([""] * batch) if cfg else None
+        text = self._embeddings(request.prompt_embeds, request.prompts)
+        uncond = self._embeddings(request.negative_prompt_embeds, [""] * batch) if cfg else None
         text_rows = text if uncond is None else np.concatenate([text, uncond])
         row_sample = np.tile(np.arange(batch), branches)
 
-        scheduler = self.scheduler()
-        scheduler.set_timesteps(request.steps)
-        timesteps = [float(t) for t in scheduler.timesteps]
-        x = self.initial_latents(request.seeds)
+        sampler = self.sampler(request.steps)
+        timesteps = [float(t) for t in sampler.timesteps]
+        generators = self.generators(request.seeds)
+        x = self.initial_latents(generators)
         anchor = np.zeros((batch, *self.latent_shape), np.float32)
         cache: dict[str, np.ndarray] | None = {} if policy.may_reuse else None
         decisions: list[list[str]] = [[] for _ in range(batch)]
@@ -218,8 +265,8 @@ class Engine:
         trajectory: list[np.ndarray] | None = [] if record else None
         decision_s = 0.0
         start = time.perf_counter()
-        steps = tqdm(scheduler.timesteps, desc=f"denoise ({policy.name})", unit="step", disable=not progress, leave=False)
-        for i, t_tensor in enumerate(steps):
+        steps = tqdm(sampler.timesteps, desc=f"denoise ({policy.name})", unit="step", disable=not progress, leave=False)
+        for i, _ in enumerate(steps):
             t = timesteps[i]
             x_np = x.numpy()
             if trajectory is not None:
@@ -243,7 +290,7 @@ class Engine:
                 trace[b].append({"step": i, "t": t, "score": None if math.isnan(score) else float(score),
                                  "eps": None if math.isnan(decision.threshold) else decision.threshold,
                                  "forced": decision.forced, "decision": verdict})
-            x = scheduler.step(torch.from_numpy(guided), t_tensor, x, return_dict=False)[0]
+            x = sampler.step(i, torch.from_numpy(guided), x, generators)
         denoise_s = time.perf_counter() - start
         warnings = []
         outside = getattr(policy, "outside_table", [])

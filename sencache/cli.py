@@ -75,7 +75,7 @@ def _generate(args: argparse.Namespace) -> None:
                                                     "threshold", "retention")}
     policy = engine.policy(args.cache, request.steps, len(request.prompts), knobs)
     result = engine.generate(request, policy, progress=True)
-    frames = engine.adapter.decode(result.latents, engine.preset)
+    frames = engine.decode(result.latents)
     document = write_run(args.out, engine, request, policy, result, frames, time.perf_counter() - started)
     for sample in document["samples"]:
         print(f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} -> {args.out / sample['video']}")

@@ -54,7 +54,7 @@ def run_demo(out: Path, threads: int = 1) -> None:
         started = time.perf_counter()
         policy = engine.policy(name, request.steps, batch, {})
         result = engine.generate(request, policy)
-        frames = engine.adapter.decode(result.latents, engine.preset)
+        frames = engine.decode(result.latents)
         write_run(out / name, engine, request, policy, result, frames, time.perf_counter() - started)
         runs[name] = (result, frames)
 

@@ -76,7 +76,6 @@ def render(spec: PromptSpec, rng: np.random.Generator) -> np.ndarray:
 
 
 def batch(rng: np.random.Generator, size: int) -> tuple[list[str], np.ndarray]:
-    """A batch of prompts and their clips as latents [B, 3, T, H, W] in [-1, 1]."""
+    """A batch of prompts and their clips [B, T, H, W, 3] in [0, 1]."""
     specs = [random_spec(rng) for _ in range(size)]
-    clips = np.stack([render(s, rng) for s in specs])
-    return [s.prompt for s in specs], (clips.transpose(0, 4, 1, 2, 3) * 2.0 - 1.0).astype(np.float32)
+    return [s.prompt for s in specs], np.stack([render(s, rng) for s in specs])

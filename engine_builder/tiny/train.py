@@ -3,8 +3,11 @@
     python -m sencache.engine_builder.tiny.train --model tiny-wan --minutes 75
 
 The real diffusers transformer of the family (at its tiny preset) and the tiny text encoder are
-trained together: x_t = (1 - s) x0 + s n, the model predicts n - x0 at timestep 1000 s (Wan's flow
-convention), s drawn logit-normal, prompts dropped 10% of the time for classifier-free guidance.
+trained together, through the same head / blocks / tail split the engine runs, with the objective
+of the family's scheduler: for flow prediction (Wan) x_t = (1 - s) x0 + s n and the model predicts
+n - x0 at timestep 1000 s, s logit-normal; for v-prediction (CogVideoX) x_t = sqrt(a) x0 +
+sqrt(1 - a) n with a = alphas_cumprod[t] of the scheduler, t uniform in 0..999, and the model
+predicts v = sqrt(a) n - sqrt(1 - a) x0. Prompts are dropped 10% of the time for guidance.
 The exponential moving average of the weights is what gets saved, as a diffusers-format folder
 (`transformer/`), `text_encoder.safetensors`, `loss.csv`, `loss.png` and `train.json`, written
 atomically every few minutes so an interrupted run leaves the last good checkpoint.
@@ -28,6 +31,7 @@ from safetensors.torch import save_file
 
 from sencache.engine_builder.tiny import clips
 from sencache.runtime.families import resolve
+from sencache.runtime.families.base import Shapes, run_split
 from sencache.runtime.tiny_text import TinyTextEncoder, tokenize
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "tiny_models"
@@ -80,13 +84,37 @@ def _plot(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+class Objective:
+    """Noised inputs, timesteps and regression targets for the scheduler's prediction type."""
+
+    def __init__(self, scheduler) -> None:
+        self.kind = scheduler.config.prediction_type
+        if self.kind == "v_prediction":
+            self.alphas = scheduler.alphas_cumprod.float()
+        elif self.kind != "flow_prediction":
+            raise ValueError(f"no training objective for prediction type {self.kind!r}")
+
+    def __call__(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        noise = torch.randn_like(x0)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        if self.kind == "flow_prediction":
+            sigma = torch.sigmoid(torch.randn(len(x0)))
+            s = sigma.view(shape)
+            return (1 - s) * x0 + s * noise, sigma * 1000.0, noise - x0
+        t = torch.randint(0, len(self.alphas), (len(x0),))
+        a = self.alphas[t].view(shape)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: int, threads: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     adapter, preset = resolve(model)
     transformer = adapter.build_transformer(preset, None).train()
-    text_encoder = TinyTextEncoder(dim=preset.config["text_dim"]).train()
+    stages = adapter.split(transformer, preset, Shapes(preset.frames, preset.height, preset.width, batch))
+    objective = Objective(adapter.make_scheduler(preset))
+    text_encoder = TinyTextEncoder(dim=adapter.text_shape(preset)[1]).train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     ema_t, ema_x = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -95,18 +123,14 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
     log: list[dict] = []
     meta = {"model": model, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes, "threads": threads,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.config.items()},
-            "torch": torch.__version__, "objective": "rectified flow, target noise - x0, logit-normal sigma",
+            "torch": torch.__version__, "objective": objective.kind,
             "cfg_dropout": 0.1, "ema": 0.999}
     while (elapsed := time.time() - start) < minutes * 60:
-        prompts, x0 = clips.batch(rng, batch)
+        prompts, frames = clips.batch(rng, batch)
         ids = torch.tensor([empty if rng.random() < 0.1 else tokenize(p) for p in prompts])
-        x0 = torch.from_numpy(x0)
-        sigma = torch.sigmoid(torch.randn(batch))
-        noise = torch.randn_like(x0)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        pred = transformer(xt, sigma * 1000.0, text_encoder(ids), return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        xt, timestep, target = objective(torch.from_numpy(adapter.tiny_latents(frames)))
+        pred = run_split(stages, adapter.layout, {"latent": xt, "timestep": timestep, "text": text_encoder(ids)})
+        loss = torch.nn.functional.mse_loss(pred, target)
         for group in opt.param_groups:
             group["lr"] = _lr(lr, elapsed / (minutes * 60), step)
         opt.zero_grad(set_to_none=True)
@@ -118,7 +142,7 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
             for ema, live in ((ema_t, transformer), (ema_x, text_encoder)):
                 for e, p in zip(ema.parameters(), live.parameters()):
                     e.lerp_(p, 1 - decay)
-        value = float(loss)
+        value = float(loss.detach())
         avg = value if avg is None else 0.98 * avg + 0.02 * value
         step += 1
         if step % 25 == 0:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes, StageLayout
+from sencache.runtime.families.cogvideox import CogVideoXAdapter
 from sencache.runtime.families.wan import WanAdapter
 
-ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (WanAdapter(),)}
+ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (WanAdapter(), CogVideoXAdapter())}
 
 
 def resolve(model: str) -> tuple[FamilyAdapter, ModelPreset]:
     """The adapter and preset of a model name such as `tiny-wan` or `wan2.1-t2v-1.3b`."""
     for adapter in ADAPTERS.values():
-        if model in adapter.presets:
-            return adapter, adapter.presets[model]
-    known = ", ".join(name for a in ADAPTERS.values() for name in a.presets)
+        name = adapter.aliases.get(model, model)
+        if name in adapter.presets:
+            return adapter, adapter.presets[name]
+    known = ", ".join(name for a in ADAPTERS.values() for name in (*a.aliases, *a.presets))
     raise BadInput(f"unknown model {model!r} (known: {known})")
 
 

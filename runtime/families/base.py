@@ -26,28 +26,35 @@ from sencache.runtime.errors import BadInput
 class StageLayout:
     """Names of the tensors that flow between the stages.
 
-    head(latent, timestep, text) -> streams + block_context + tail_context
+    head(latent, timestep, text) -> streams + block_context + tail_context (each name once)
     blocks(streams + block_context) -> streams      (the cache holds blocks(s) - s per stream)
-    tail(streams + tail_context) -> noise
+    tail(tail_streams + tail_context) -> noise
     `shared` names carry no batch dimension (rotary tables), so they are never gathered.
+    `tail_streams` defaults to every stream; CogVideoX's blocks also update the text stream,
+    which is cached (SPEC section 2) but not read by the tail.
     """
 
     streams: tuple[str, ...]
     block_context: tuple[str, ...]
     tail_context: tuple[str, ...]
     shared: tuple[str, ...] = ()
+    tail_streams: tuple[str, ...] | None = None
 
     @property
     def head_outputs(self) -> tuple[str, ...]:
-        return self.streams + self.block_context + self.tail_context
+        return tuple(dict.fromkeys(self.streams + self.block_context + self.tail_context))
 
     @property
     def blocks_inputs(self) -> tuple[str, ...]:
         return self.streams + self.block_context
 
     @property
+    def tail_stream_names(self) -> tuple[str, ...]:
+        return self.streams if self.tail_streams is None else self.tail_streams
+
+    @property
     def tail_inputs(self) -> tuple[str, ...]:
-        return self.streams + self.tail_context
+        return self.tail_stream_names + self.tail_context
 
 
 HEAD_INPUTS = ("latent", "timestep", "text")
@@ -71,6 +78,8 @@ class ModelPreset:
     """Default knobs per cache method ("sencache", "teacache", "magcache")."""
     published_baselines: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     """(TeaCache coefficients, MagCache cond-branch ratios) published for this model, if any."""
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    """The published scheduler config, where the family does not derive it."""
     description: str = ""
 
 
@@ -84,6 +93,30 @@ class Shapes:
     max_batch: int
 
 
+class Sampler:
+    """How the real pipeline drives its scheduler: the timesteps of a run and one solver step.
+
+    The default is what Wan's pipeline does: `set_timesteps(steps)` and a plain `step`.
+    """
+
+    def __init__(self, scheduler, steps: int) -> None:
+        self.scheduler = scheduler
+        self.set_timesteps(steps)
+        self.timesteps = scheduler.timesteps
+
+    def set_timesteps(self, steps: int) -> None:
+        self.scheduler.set_timesteps(steps)
+
+    def start_at(self, index: int) -> None:
+        """Make the next step the first one of a fresh state at `index` (calibration)."""
+        self.scheduler.set_begin_index(index)
+
+    def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
+             generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """One solver step from `x` with the guided prediction `noise` at timestep `index`."""
+        return self.scheduler.step(noise, self.timesteps[index], x, return_dict=False)[0]
+
+
 class FamilyAdapter(ABC):
     """One model family. Subclasses are stateless; presets are class data."""
 
@@ -92,6 +125,8 @@ class FamilyAdapter(ABC):
     modulation: str
     """The head output whose change TeaCache watches (its "modulated input")."""
     presets: dict[str, ModelPreset]
+    aliases: dict[str, str] = {}
+    """Short names for a family's default variant (`cogvideox` -> the preset it means)."""
 
     @abstractmethod
     def transformer_class(self) -> type[nn.Module]:
@@ -114,13 +149,73 @@ class FamilyAdapter(ABC):
         """The diffusers scheduler (`_class_name` plus config) that the real pipeline uses."""
 
     @abstractmethod
-    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
-        """diffusers' own pipeline of this family around `transformer`, without text encoder or
-        VAE (it takes prompt embeddings and returns latents): the reference our loop must match."""
+    def pipeline_class(self) -> type:
+        """diffusers' own pipeline of this family."""
+
+    def diffusers_pipeline(self, transformer: nn.Module | None, scheduler, vae: nn.Module | None = None):
+        """diffusers' own pipeline around `transformer`, without text encoder (it takes prompt
+        embeddings): the reference our loop must match, and with `vae` the reference decoder."""
+        return self.pipeline_class()(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                     scheduler=scheduler)
+
+    def load_components(self, folder: Path):
+        """The real model's tokenizer, text encoder and VAE, loaded by diffusers' own pipeline class
+        from a diffusers-format folder (no transformer: the denoising loop is ours). Nothing is
+        downloaded; parts the folder lacks stay None and fail clearly when used."""
+        folder = Path(folder)
+        if not (folder / "model_index.json").is_file():
+            raise BadInput(f"--weights {folder}: no model_index.json; text encoding and decoding need the whole "
+                           f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)")
+        absent = {part: None for part in ("tokenizer", "text_encoder", "vae") if not (folder / part).is_dir()}
+        try:
+            return self.pipeline_class().from_pretrained(str(folder), transformer=None, local_files_only=True,
+                                                         dtype=torch.float32, **absent)
+        except (OSError, ValueError, RuntimeError, TypeError) as e:
+            raise BadInput(f"--weights {folder}: diffusers cannot load the pipeline components: "
+                           f"{str(e).splitlines()[0]}") from None
+
+    def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
+        """Text embeddings [B, tokens, channels] by the pipeline's own encode_prompt."""
+        if pipeline.text_encoder is None or pipeline.tokenizer is None:
+            raise BadInput(f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
+                           f"prompt embeddings")
+        with torch.no_grad():
+            embeds = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.text_shape(preset)[0], device="cpu")[0]
+        return embeds.float().numpy()
+
+    def decode(self, latents: np.ndarray, preset: ModelPreset, shapes: Shapes, pipeline=None) -> np.ndarray:
+        """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]: a tiny model's latents are
+        its RGB clips; a real model's go through the pipeline's VAE as the pipeline decodes them."""
+        if preset.tiny:
+            return self.decode_tiny(latents)
+        if pipeline is None or pipeline.vae is None:
+            raise BadInput(f"{preset.name}: decoding needs the VAE: the weights folder has no vae/")
+        with torch.no_grad():
+            video = self.decode_real(torch.from_numpy(latents), pipeline, preset, shapes)
+        return np.asarray(pipeline.video_processor.postprocess_video(video, output_type="np"), np.float32)
 
     @abstractmethod
-    def decode(self, latents: np.ndarray, preset: ModelPreset) -> np.ndarray:
-        """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]."""
+    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
+        """A tiny model's latents as frames [B, T, H, W, 3] in [0, 1]."""
+
+    @abstractmethod
+    def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        """The pipeline's own latent-to-video steps, up to the VAE output [B, 3, T, H, W]."""
+
+    @abstractmethod
+    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
+        """Training clips [B, T, H, W, 3] in [0, 1] as a tiny model's latents (inverse of decode)."""
+
+    def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
+        """The real pipeline's use of `scheduler` for a run of `steps` at `shapes`."""
+        return Sampler(scheduler, steps)
+
+    def initial_latents(self, generators: list[torch.Generator], preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        """The starting noise, one draw per sample from its own generator as the pipelines do with a
+        list of generators, so a sample never depends on its batch."""
+        shape = self.latent_shape(preset, shapes)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
     def preset(self, name: str) -> ModelPreset:
         try:
@@ -173,3 +268,11 @@ class FamilyAdapter(ABC):
         timestep = torch.rand(batch, generator=g) * 1000.0
         text = torch.randn((batch, *self.text_shape(preset)), generator=g)
         return {"latent": latent, "timestep": timestep, "text": text}
+
+
+def run_split(stages: dict[str, nn.Module], layout: StageLayout, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """head -> blocks -> tail in PyTorch: the whole transformer, as the engine composes it."""
+    head = dict(zip(layout.head_outputs, stages["head"](**inputs)))
+    streams = stages["blocks"](**{k: head[k] for k in layout.blocks_inputs})
+    streams = dict(zip(layout.streams, streams if isinstance(streams, tuple) else (streams,)))
+    return stages["tail"](**{k: streams[k] for k in layout.tail_stream_names}, **{k: head[k] for k in layout.tail_context})

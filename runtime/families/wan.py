@@ -220,14 +220,20 @@ class WanAdapter(FamilyAdapter):
         shift = 5.0 if preset.height >= 720 else 3.0
         return {**_SCHEDULER, "flow_shift": shift}
 
-    def diffusers_pipeline(self, transformer: nn.Module, scheduler):
+    def pipeline_class(self) -> type:
         from diffusers import WanPipeline
 
-        return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+        return WanPipeline
 
-    def decode(self, latents: np.ndarray, preset: ModelPreset) -> np.ndarray:
-        if not preset.tiny:
-            raise BadInput(
-                f"{preset.name}: decoding real latents needs the Wan VAE, which this engine does not load yet"
-            )
+    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
+        return (clips.transpose(0, 4, 1, 2, 3) * 2.0 - 1.0).astype(np.float32)
+
+    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
         return np.clip((latents.transpose(0, 2, 3, 4, 1) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+    def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        vae = pipeline.vae
+        view = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(view)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(view)
+        return vae.decode(latents / std + mean, return_dict=False)[0]

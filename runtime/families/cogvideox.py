@@ -1,0 +1,345 @@
+"""CogVideoX text-to-video: diffusers' CogVideoXTransformer3DModel split into head / blocks / tail.
+
+Facts of the real pipeline (diffusers' CogVideoXPipeline): latents [F, C, H/8, W/8] with
+F = (frames - 1) / 4 + 1, padded at the front to a multiple of patch_size_t (CogVideoX 1.5) and
+the padding dropped before decoding; integer timesteps 0..999 from the CogVideoX DDIM or DPM
+scheduler (v-prediction); cond and uncond batched in one call; text (T5, 226 tokens) and video
+tokens share the blocks, which update both streams; rotary tables computed by the pipeline, not by
+the transformer. The rotary tables depend only on the bundle's static grid, so they are baked into
+the blocks stage as constants, computed with the pipeline's own functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
+from sencache.runtime.tiny_text import MAX_TOKENS
+
+_REAL_COMMON: dict[str, Any] = {
+    "attention_head_dim": 64,
+    "in_channels": 16,
+    "out_channels": 16,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embed_dim": 512,
+    "text_embed_dim": 4096,
+    "dropout": 0.0,
+    "attention_bias": True,
+    "sample_width": 90,
+    "sample_height": 60,
+    "sample_frames": 49,
+    "patch_size": 2,
+    "temporal_compression_ratio": 4,
+    "max_text_seq_length": 226,
+    "activation_fn": "gelu-approximate",
+    "timestep_activation_fn": "silu",
+    "norm_elementwise_affine": True,
+    "norm_eps": 1e-5,
+    "spatial_interpolation_scale": 1.875,
+    "temporal_interpolation_scale": 1.0,
+    "use_learned_positional_embeddings": False,
+}
+
+TINY_CONFIG: dict[str, Any] = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embed_dim": 128,
+    "text_embed_dim": 32,
+    "num_layers": 6,
+    "dropout": 0.0,
+    "attention_bias": True,
+    "sample_width": 32,
+    "sample_height": 32,
+    "sample_frames": 8,
+    "patch_size": 4,
+    "patch_size_t": 2,
+    "temporal_compression_ratio": 1,
+    "max_text_seq_length": MAX_TOKENS,
+    "activation_fn": "gelu-approximate",
+    "timestep_activation_fn": "silu",
+    "norm_elementwise_affine": True,
+    "norm_eps": 1e-5,
+    "spatial_interpolation_scale": 1.875,
+    "temporal_interpolation_scale": 1.0,
+    "use_rotary_positional_embeddings": True,
+    "use_learned_positional_embeddings": False,
+    "patch_bias": False,
+}
+
+_SCHEDULER_COMMON: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+
+# SPEC section 1 (authors' CogVideoX argparse defaults).
+_CACHE = {
+    "sencache": {"eps_start": 0.005, "eps_main": 0.07, "max_reuse": 10},
+    "teacache": {"threshold": 0.1},
+    "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+}
+
+
+class _Head(nn.Module):
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        t = self.t
+        temb = t.time_embedding(t.time_proj(timestep).to(dtype=latent.dtype))
+        tokens = t.patch_embed(text, latent)
+        words = text.shape[1]
+        return tokens[:, words:], tokens[:, :words], temb
+
+
+class _Blocks(nn.Module):
+    def __init__(self, t: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        super().__init__()
+        self.blocks = t.transformer_blocks
+        self.rotary = rope is not None
+        if rope is not None:
+            self.register_buffer("rope_cos", rope[0], persistent=False)
+            self.register_buffer("rope_sin", rope[1], persistent=False)
+
+    def forward(self, hidden: torch.Tensor, encoder: torch.Tensor, temb: torch.Tensor):
+        rope = (self.rope_cos, self.rope_sin) if self.rotary else None
+        for block in self.blocks:
+            hidden, encoder = block(hidden, encoder, temb, rope)
+        return hidden, encoder
+
+
+class _Tail(nn.Module):
+    def __init__(self, t: nn.Module, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.t = t
+        self.grid = grid
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        hidden = t.proj_out(t.norm_out(t.norm_final(hidden), temb=temb))
+        f, h, w = self.grid
+        p, p_t = t.config.patch_size, t.config.patch_size_t
+        if p_t is None:
+            out = hidden.reshape(hidden.shape[0], f, h, w, -1, p, p)
+            return out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        out = hidden.reshape(hidden.shape[0], f, h, w, -1, p_t, p, p)
+        return out.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
+
+
+def _bake_positions(transformer: nn.Module, frames: int, height: int, width: int) -> None:
+    """Sinusoidal models (CogVideoX-2b) compute their position table inside the patch embedding,
+    on the fly when the grid differs from the config's sample size, by an in-place write the
+    exporter cannot trace. Compute it once with diffusers' own function and install it as the table
+    for this grid: the same values, now a constant. The transformer then serves this grid only,
+    which is what a bundle is built for."""
+    embed = transformer.patch_embed
+    if not embed.use_positional_embeddings:
+        return
+    frames_before_compression = (frames - 1) * embed.temporal_compression_ratio + 1
+    if (embed.sample_height, embed.sample_width, embed.sample_frames) == (height, width, frames_before_compression):
+        return
+    table = embed._get_positional_embeddings(height, width, frames_before_compression, device=transformer.device)
+    embed.register_buffer("pos_embedding", table, persistent=False)
+    embed.sample_height, embed.sample_width, embed.sample_frames = height, width, frames_before_compression
+
+
+class CogVideoXSampler(Sampler):
+    """The pipeline's stepping: the DPM scheduler carries the previous x0 prediction and the
+    previous timestep; both schedulers take eta 0 and the per-sample generators (DPM adds noise)."""
+
+    def __init__(self, scheduler, steps: int) -> None:
+        super().__init__(scheduler, steps)
+        self._previous_x0: torch.Tensor | None = None
+
+    def start_at(self, index: int) -> None:
+        self._previous_x0 = None
+
+    def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
+             generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        from diffusers import CogVideoXDPMScheduler
+
+        t = self.timesteps[index]
+        if not isinstance(self.scheduler, CogVideoXDPMScheduler):
+            return self.scheduler.step(noise, t, x, eta=0.0, generator=generators, return_dict=False)[0]
+        back = self.timesteps[index - 1] if index > 0 else None
+        x, self._previous_x0 = self.scheduler.step(noise, self._previous_x0, t, back, x, eta=0.0,
+                                                   generator=generators, return_dict=False)
+        return x
+
+
+class CogVideoXAdapter(FamilyAdapter):
+    family = "cogvideox"
+    layout = StageLayout(
+        streams=("hidden", "encoder"),
+        block_context=("temb",),
+        tail_context=("temb",),
+        tail_streams=("hidden",),
+    )
+    modulation = "temb"
+    aliases = {"cogvideox": "cogvideox1.5-5b"}
+    presets = {
+        "tiny-cogvideox": ModelPreset(
+            name="tiny-cogvideox",
+            family="cogvideox",
+            config=TINY_CONFIG,
+            frames=8,
+            height=32,
+            width=32,
+            tiny=True,
+            guidance=4.0,
+            steps=30,
+            cache_defaults={
+                "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
+                "teacache": {"threshold": 0.1},
+                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+            },
+            scheduler={"_class_name": "CogVideoXDPMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+            description="bundled tiny CogVideoX 1.5-style (rotary, 2x4x4 patches) trained on procedural clips, "
+                        "RGB used as latent",
+        ),
+        "cogvideox-2b": ModelPreset(
+            name="cogvideox-2b",
+            family="cogvideox",
+            config={**_REAL_COMMON, "num_attention_heads": 30, "num_layers": 30,
+                    "use_rotary_positional_embeddings": False},
+            frames=49,
+            height=480,
+            width=720,
+            guidance=6.0,
+            steps=50,
+            cache_defaults=_CACHE,
+            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
+            description="THUDM/CogVideoX-2b",
+        ),
+        "cogvideox-5b": ModelPreset(
+            name="cogvideox-5b",
+            family="cogvideox",
+            config={**_REAL_COMMON, "num_attention_heads": 48, "num_layers": 42,
+                    "use_rotary_positional_embeddings": True},
+            frames=49,
+            height=480,
+            width=720,
+            guidance=6.0,
+            steps=50,
+            cache_defaults=_CACHE,
+            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+            description="THUDM/CogVideoX-5b",
+        ),
+        "cogvideox1.5-5b": ModelPreset(
+            name="cogvideox1.5-5b",
+            family="cogvideox",
+            config={**_REAL_COMMON, "num_attention_heads": 48, "num_layers": 42, "sample_width": 170,
+                    "sample_height": 96, "sample_frames": 81, "patch_size_t": 2, "patch_bias": False,
+                    "use_rotary_positional_embeddings": True},
+            frames=81,
+            height=768,
+            width=1360,
+            guidance=6.0,
+            steps=50,
+            cache_defaults=_CACHE,
+            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+            description="THUDM/CogVideoX1.5-5B (81x768x1360: 21 latent frames padded to 22)",
+        ),
+    }
+
+    def transformer_class(self) -> type[nn.Module]:
+        from diffusers import CogVideoXTransformer3DModel
+
+        return CogVideoXTransformer3DModel
+
+    def padding_frames(self, preset: ModelPreset, shapes: Shapes) -> int:
+        """Latent frames the pipeline prepends so patch_size_t divides the frame count."""
+        frames = self._latent_frames(preset, shapes)
+        p_t = preset.config.get("patch_size_t")
+        return 0 if p_t is None or frames % p_t == 0 else p_t - frames % p_t
+
+    def _latent_frames(self, preset: ModelPreset, shapes: Shapes) -> int:
+        if preset.tiny:
+            return shapes.frames
+        if (shapes.frames - 1) % 4:
+            raise BadInput(f"{preset.name}: frames must be 4k+1 (the VAE compresses time 4x), got {shapes.frames}")
+        return (shapes.frames - 1) // 4 + 1
+
+    def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
+        channels = preset.config["in_channels"]
+        frames = self._latent_frames(preset, shapes) + self.padding_frames(preset, shapes)
+        if preset.tiny:
+            return (frames, channels, shapes.height, shapes.width)
+        step = 8 * preset.config["patch_size"]
+        if shapes.height % step or shapes.width % step:
+            raise BadInput(f"{preset.name}: height and width must be multiples of {step}")
+        return (frames, channels, shapes.height // 8, shapes.width // 8)
+
+    def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
+        return (MAX_TOKENS if preset.tiny else preset.config["max_text_seq_length"], preset.config["text_embed_dim"])
+
+    def rotary(self, preset: ModelPreset, shapes: Shapes) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pipeline's rotary tables for this grid (diffusers' own functions), or None when the
+        model uses sinusoidal positions inside its patch embedding (CogVideoX-2b)."""
+        if not preset.config.get("use_rotary_positional_embeddings"):
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        frames, _, height, width = self.latent_shape(preset, shapes)
+        config = preset.config
+        p, p_t = config["patch_size"], config.get("patch_size_t")
+        grid = (height // p, width // p)
+        base_width, base_height = config["sample_width"] // p, config["sample_height"] // p
+        if p_t is None:
+            crops = get_resize_crop_region_for_grid(grid, base_width, base_height)
+            return get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=crops,
+                                           grid_size=grid, temporal_size=frames, device="cpu")
+        return get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=None, grid_size=grid,
+                                       temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
+                                       max_size=(base_height, base_width), device="cpu")
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        frames, _, height, width = self.latent_shape(preset, shapes)
+        p, p_t = preset.config["patch_size"], preset.config.get("patch_size_t") or 1
+        if height % p or width % p or frames % p_t:
+            raise BadInput(f"{preset.name}: latent {frames}x{height}x{width} is not divisible by the patch size")
+        _bake_positions(transformer, frames, height, width)
+        rope = self.rotary(preset, shapes)
+        if rope is not None and transformer.device.type == "meta":
+            rope = tuple(r.to("meta") for r in rope)
+        grid = (frames // p_t, height // p, width // p)
+        return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer, grid)}
+
+    def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
+        return dict(preset.scheduler)
+
+    def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
+        return CogVideoXSampler(scheduler, steps)
+
+    def pipeline_class(self) -> type:
+        from diffusers import CogVideoXPipeline
+
+        return CogVideoXPipeline
+
+    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
+        return (clips.transpose(0, 1, 4, 2, 3) * 2.0 - 1.0).astype(np.float32)
+
+    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
+        return np.clip((latents.transpose(0, 1, 3, 4, 2) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+    def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        return pipeline.decode_latents(latents[:, self.padding_frames(preset, shapes):])
