@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from sencache.engine_builder.onnx_export import TOLERANCE_REL_L2, StageSpec, compare, export_stage, validate_stage
@@ -30,6 +31,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
 from sencache.runtime.families.base import HEAD_INPUTS, NOISE, run_split
 from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.tiny_text import TinyTextEncoder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
@@ -74,7 +76,7 @@ def _weights_folder(preset: ModelPreset, weights: Path | None) -> Path | None:
         if not Path(weights).is_dir():
             raise BadInput(f"--weights {weights}: no such folder")
         return Path(weights)
-    if preset.tiny:
+    if preset.tiny and preset.trained:
         folder = TINY_MODELS / preset.name
         if not (folder / "transformer").is_dir():
             raise BadInput(f"{preset.name}: the bundled weights are missing from {folder}; train them with "
@@ -124,6 +126,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     weights = _weights_folder(preset, options.weights)
     started = time.perf_counter()
     log(f"loading {preset.name} ({preset.description})")
+    torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
     transformer = adapter.build_transformer(preset, weights)
     config = _jsonable(dict(transformer.config))
     built = dict(preset.config, **config)
@@ -150,6 +153,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             "model": preset.name,
             "family": adapter.family,
             "tiny": preset.tiny,
+            "trained": preset.trained,
             "config": built,
             "shapes": {"frames": shapes.frames, "height": shapes.height, "width": shapes.width,
                        "max_batch": shapes.max_batch, "max_rows": max_rows, "latent": list(latent_shape),
@@ -300,7 +304,13 @@ def _stage_inputs(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes, s
 
 def _copy_text_encoder(adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None, folder: Path) -> dict[str, Any]:
     if preset.tiny:
-        shutil.copyfile(weights / "text_encoder.safetensors", folder / "text_encoder.safetensors")
-        return {"kind": "tiny", "file": "text_encoder.safetensors", "dim": adapter.text_shape(preset)[1]}
+        spec = {"kind": "tiny", "file": "text_encoder.safetensors", "dim": adapter.tiny_text_dim(preset)}
+        if preset.trained:
+            shutil.copyfile(weights / "text_encoder.safetensors", folder / spec["file"])
+            return spec
+        torch.manual_seed(0)
+        encoder = TinyTextEncoder(dim=spec["dim"])
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(folder / spec["file"]))
+        return {**spec, "untrained": True}
     return {"kind": "diffusers", "source": str(weights) if weights else None,
             "note": "tokenizer, text encoder and VAE load from the weights folder through diffusers' pipeline"}

@@ -1,4 +1,10 @@
-"""Export the stages to ONNX with the dynamo exporter and check them against PyTorch."""
+"""Export the stages to ONNX and check them against PyTorch.
+
+The stage is first captured by `torch.export.export(strict=False)` with a symbolic batch, then the
+exported program is translated by the ONNX exporter. Non-strict capture traces diffusers' code as
+plain Python; the strict capture that `torch.onnx.export(module, dynamic_shapes=...)` uses fails on
+LTX-Video's `reshape(batch, n, 6, -1)` of the timestep embedding.
+"""
 
 from __future__ import annotations
 
@@ -36,11 +42,12 @@ def export_stage(module: nn.Module, spec: StageSpec, example: dict[str, torch.Te
     kwargs = {name: example[name] for name in spec.inputs}
     for name in ("torch.onnx", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("torch.export._trace").setLevel(logging.CRITICAL)  # it logs unsupported-feature notes as errors
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            program = torch.onnx.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic,
-                                        input_names=list(spec.inputs), output_names=list(spec.outputs),
+            captured = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
+            program = torch.onnx.export(captured, input_names=list(spec.inputs), output_names=list(spec.outputs),
                                         opset_version=OPSET, dynamo=True, verbose=False)
         except Exception as e:  # the exporter raises many types; the build reports which stage failed
             raise BuildFailed(f"ONNX export of the {spec.name} stage failed: {type(e).__name__}: {e}") from e

@@ -140,7 +140,7 @@ class Engine:
             self._text_encoder = TinyTextEncoder(dim=spec["dim"])
             self._text_encoder.load_state_dict(load_file(str(self.bundle.file(spec["file"]))))
             self._text_encoder.eval()
-        return self._text_encoder.encode(prompts).numpy()
+        return self.adapter.encode_tiny(self._text_encoder, prompts)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Frames [B, T, H, W, 3] in [0, 1], decoded as the family's pipeline decodes."""

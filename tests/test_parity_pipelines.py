@@ -5,6 +5,7 @@ without guidance, batch 1 and 2; and the SenCache trace on those pipelines' time
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ import torch
 
 from conftest import engine_for
 from sencache.engine_builder.builder import BuildOptions, build
+from sencache.runtime.families import resolve
+from sencache.runtime.families.ltx import pack_text
 from sencache.runtime.pipeline import Request
 from sencache.runtime.policy import NoCache, SenCacheSettings
 from sencache.runtime.sensitivity import SensitivityTable
 
-FRAMES, HEIGHT, WIDTH, STEPS = 9, 32, 48, 5
+STEPS = 5
 
 
 def _cogvideox(variant: str):
@@ -41,7 +44,7 @@ def _cogvideox(variant: str):
     scheduler_class = CogVideoXDPMScheduler if variant == "cogvideox1.5-5b" else CogVideoXDDIMScheduler
     scheduler = scheduler_class(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                 snr_shift_scale=1.0, timestep_spacing="trailing", clip_sample=False)
-    return transformer, vae, scheduler, (7, 16)
+    return transformer, vae, scheduler, (7, 16), (9, 32, 48)
 
 
 def _wan(variant: str):
@@ -54,10 +57,26 @@ def _wan(variant: str):
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return transformer, vae, scheduler, (512, 16)
+    return transformer, vae, scheduler, (512, 16), (9, 32, 48)
 
 
-FAMILIES = {"wan2.1-t2v-1.3b": _wan, "cogvideox-2b": _cogvideox, "cogvideox-5b": _cogvideox, "cogvideox1.5-5b": _cogvideox}
+def _ltx(variant: str):
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
+
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+                                             cross_attention_dim=32, num_layers=2, caption_channels=16)
+    scaling = (True, True, True, False)  # with patch 4: the real 32x spatial and 8x temporal compression
+    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                                layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=scaling, decoder_spatio_temporal_scaling=scaling,
+                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+                                upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=4, patch_size_t=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    return transformer, vae, scheduler, (128, 17), (9, 64, 96)
+
+
+FAMILIES = {"wan2.1-t2v-1.3b": _wan, "ltx-video-0.9.1": _ltx, "cogvideox-2b": _cogvideox, "cogvideox-5b": _cogvideox, "cogvideox1.5-5b": _cogvideox}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -65,39 +84,54 @@ def real_like(request, tmp_path_factory):
     """A diffusers-format folder of a tiny random model of a real preset, and our bundle of it."""
     model = request.param
     torch.manual_seed(0)
-    transformer, vae, scheduler, text = FAMILIES[model](model)
+    transformer, vae, scheduler, text, size = FAMILIES[model](model)
     root = tmp_path_factory.mktemp(model)
-    adapter_pipe = build_reference(model, transformer.eval(), vae.eval(), scheduler)
-    adapter_pipe.save_pretrained(root / "weights")
-    build(BuildOptions(model=model, out=root / "bundle", weights=root / "weights", backend="torch", frames=FRAMES,
-                       height=HEIGHT, width=WIDTH, max_batch=2), log=lambda _: None)
-    return model, root, text
+    build_reference(model, transformer.eval(), vae.eval(), scheduler).save_pretrained(root / "weights")
+    frames, height, width = size
+    build(BuildOptions(model=model, out=root / "bundle", weights=root / "weights", backend="torch", frames=frames,
+                       height=height, width=width, max_batch=2), log=lambda _: None)
+    return Case(model, root, text, size)
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    root: Path
+    text: tuple[int, int]
+    size: tuple[int, int, int]
 
 
 def build_reference(model: str, transformer, vae, scheduler):
-    from sencache.runtime.families import resolve
-
     adapter, _ = resolve(model)
     pipe = adapter.diffusers_pipeline(transformer, scheduler, vae=vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _embeds(batch: int, text: tuple[int, int], seed: int) -> np.ndarray:
-    return torch.randn(batch, *text, generator=torch.Generator().manual_seed(seed)).numpy()
+def _embeds(case: Case, batch: int, seed: int) -> np.ndarray:
+    """Random prompt embeddings; for LTX with its attention mask (some padding) as the last channel."""
+    g = torch.Generator().manual_seed(seed)
+    if not case.model.startswith("ltx"):
+        return torch.randn(batch, *case.text, generator=g).numpy()
+    tokens, channels = case.text
+    mask = (torch.arange(tokens)[None] < torch.randint(1, tokens, (batch, 1), generator=g)).numpy()
+    return pack_text(torch.randn(batch, tokens, channels - 1, generator=g).numpy(), mask)
 
 
-def _reference(root: Path, model: str, embeds, negative, seeds, guidance, output_type):
-    from sencache.runtime.families import resolve
-
-    adapter, _ = resolve(model)
-    pipe = adapter.pipeline_class().from_pretrained(str(root / "weights"), local_files_only=True, tokenizer=None,
+def _reference(case: Case, embeds, negative, seeds, guidance, output_type):
+    adapter, _ = resolve(case.model)
+    pipe = adapter.pipeline_class().from_pretrained(str(case.root / "weights"), local_files_only=True, tokenizer=None,
                                                     text_encoder=None)
     pipe.set_progress_bar_config(disable=True)
+    text = {"prompt_embeds": torch.from_numpy(embeds), "negative_prompt_embeds": torch.from_numpy(negative)}
+    if case.model.startswith("ltx"):
+        text = {"prompt_embeds": torch.from_numpy(embeds[..., :-1]), "prompt_attention_mask": torch.from_numpy(embeds[..., -1]),
+                "negative_prompt_embeds": torch.from_numpy(negative[..., :-1]),
+                "negative_prompt_attention_mask": torch.from_numpy(negative[..., -1])}
+    frames, height, width = case.size
     with torch.no_grad():
-        out = pipe(prompt_embeds=torch.from_numpy(embeds), negative_prompt_embeds=torch.from_numpy(negative),
-                   generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=STEPS,
-                   guidance_scale=guidance, height=HEIGHT, width=WIDTH, num_frames=FRAMES, output_type=output_type)
+        out = pipe(**text, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=STEPS,
+                   guidance_scale=guidance, height=height, width=width, num_frames=frames, output_type=output_type)
     frames = out.frames
     return frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames, np.float32)
 
@@ -105,45 +139,43 @@ def _reference(root: Path, model: str, embeds, negative, seeds, guidance, output
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("guidance", [1.0, 6.0])
 def test_uncached_latents_match_the_pipeline(real_like, batch, guidance):
-    model, root, text = real_like
-    engine = engine_for(root / "bundle")
+    case = real_like
+    engine = engine_for(case.root / "bundle")
     seeds = [3, 4][:batch]
-    embeds, negative = _embeds(batch, text, 9), _embeds(batch, text, 10)
+    embeds, negative = _embeds(case, batch, 9), _embeds(case, batch, 10)
     ours = engine.generate(Request([f"p{i}" for i in range(batch)], seeds, STEPS, guidance, embeds, negative),
                            NoCache(batch)).latents
-    theirs = _reference(root, model, embeds, negative, seeds, guidance, "latent")
+    theirs = _reference(case, embeds, negative, seeds, guidance, "latent")
     # Wan's pipeline makes separate cond and uncond calls where we run both rows as one batch: the
     # CPU matmul rounding differs with the batch and guidance amplifies it; batched families match
     # to the last bits.
-    tolerance = 2e-5 if model.startswith("wan") and guidance > 1 else 2e-6
+    tolerance = 2e-5 if case.model.startswith("wan") and guidance > 1 else 2e-6
     np.testing.assert_allclose(ours, theirs, atol=tolerance, rtol=0)
 
 
 def test_frames_match_the_pipeline(real_like):
-    model, root, text = real_like
-    engine = engine_for(root / "bundle")
-    embeds, negative = _embeds(2, text, 9), _embeds(2, text, 10)
+    case = real_like
+    engine = engine_for(case.root / "bundle")
+    embeds, negative = _embeds(case, 2, 9), _embeds(case, 2, 10)
     result = engine.generate(Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative), NoCache(2))
     ours = engine.decode(result.latents)
-    theirs = _reference(root, model, embeds, negative, [3, 4], 6.0, "np")
-    assert ours.shape == theirs.shape == (2, FRAMES, HEIGHT, WIDTH, 3)
+    theirs = _reference(case, embeds, negative, [3, 4], 6.0, "np")
+    assert ours.shape == theirs.shape == (2, *case.size, 3)
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
 def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
     """Recompute every step of the trace from SPEC sections 1-3 with the pipeline's own timesteps."""
-    model, root, text = real_like
-    engine = engine_for(root / "bundle")
+    case = real_like
+    engine = engine_for(case.root / "bundle")
     steps, batch = 12, 2
-    scheduler = engine.scheduler()
-    scheduler.set_timesteps(steps)
-    timesteps = np.asarray(scheduler.timesteps, np.float64)
+    timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
     table = SensitivityTable(timesteps[::-1].copy(), np.linspace(0.5, 1.5, steps), np.linspace(2e-3, 1e-3, steps),
                              counts=np.ones(steps), meta={"source": "test"})
     engine.bundle.write_sensitivity(table)
     settings = SenCacheSettings(eps_start=0.02, eps_main=0.6, max_reuse=2)
     policy = engine.policy("sencache", steps, batch, {"eps_start": 0.02, "eps_main": 0.6, "max_reuse": 2})
-    embeds, negative = _embeds(batch, text, 1), _embeds(batch, text, 2)
+    embeds, negative = _embeds(case, batch, 1), _embeds(case, batch, 2)
     result = engine.generate(Request(["a", "b"], [7, 8], steps, 6.0, embeds, negative), policy, record=True)
     assert result.timesteps == [float(t) for t in timesteps]
     numel = engine.numel
@@ -173,11 +205,12 @@ def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
 
 def test_onnx_bundle_matches_the_pytorch_bundle(real_like):
     """The exported stages (dynamic batch) through ONNX Runtime against the same loop in PyTorch."""
-    model, root, text = real_like
-    build(BuildOptions(model=model, out=root / "onnx", weights=root / "weights", backend="onnxruntime", frames=FRAMES,
-                       height=HEIGHT, width=WIDTH, max_batch=2), log=lambda _: None)
-    embeds, negative = _embeds(2, text, 9), _embeds(2, text, 10)
+    case = real_like
+    frames, height, width = case.size
+    build(BuildOptions(model=case.model, out=case.root / "onnx", weights=case.root / "weights", backend="onnxruntime",
+                       frames=frames, height=height, width=width, max_batch=2), log=lambda _: None)
+    embeds, negative = _embeds(case, 2, 9), _embeds(case, 2, 10)
     request = Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative)
-    ours = engine_for(root / "onnx").generate(request, NoCache(2)).latents
-    reference = engine_for(root / "bundle").generate(request, NoCache(2)).latents
+    ours = engine_for(case.root / "onnx").generate(request, NoCache(2)).latents
+    reference = engine_for(case.root / "bundle").generate(request, NoCache(2)).latents
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-4

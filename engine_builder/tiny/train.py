@@ -111,10 +111,12 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     adapter, preset = resolve(model)
+    if not preset.trained:
+        raise SystemExit(f"{model} ships untrained: training it is out of reach on these machines")
     transformer = adapter.build_transformer(preset, None).train()
     stages = adapter.split(transformer, preset, Shapes(preset.frames, preset.height, preset.width, batch))
     objective = Objective(adapter.make_scheduler(preset))
-    text_encoder = TinyTextEncoder(dim=adapter.text_shape(preset)[1]).train()
+    text_encoder = TinyTextEncoder(dim=adapter.tiny_text_dim(preset)).train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     ema_t, ema_x = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))

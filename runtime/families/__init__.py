@@ -5,9 +5,10 @@ from __future__ import annotations
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes, StageLayout
 from sencache.runtime.families.cogvideox import CogVideoXAdapter
+from sencache.runtime.families.ltx import LTXAdapter
 from sencache.runtime.families.wan import WanAdapter
 
-ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (WanAdapter(), CogVideoXAdapter())}
+ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (WanAdapter(), CogVideoXAdapter(), LTXAdapter())}
 
 
 def resolve(model: str) -> tuple[FamilyAdapter, ModelPreset]:

@@ -39,10 +39,12 @@ class StageLayout:
     tail_context: tuple[str, ...]
     shared: tuple[str, ...] = ()
     tail_streams: tuple[str, ...] | None = None
+    signals: tuple[str, ...] = ()
+    """Head outputs only cache rules read (LTX's block-0 modulated input for TeaCache)."""
 
     @property
     def head_outputs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.streams + self.block_context + self.tail_context))
+        return tuple(dict.fromkeys(self.streams + self.block_context + self.tail_context + self.signals))
 
     @property
     def blocks_inputs(self) -> tuple[str, ...]:
@@ -72,6 +74,8 @@ class ModelPreset:
     height: int
     width: int
     tiny: bool = False
+    trained: bool = True
+    """False for a tiny model shipped untrained (random weights): export and parity checks only."""
     guidance: float = 5.0
     steps: int = 50
     cache_defaults: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -188,7 +192,7 @@ class FamilyAdapter(ABC):
         """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]: a tiny model's latents are
         its RGB clips; a real model's go through the pipeline's VAE as the pipeline decodes them."""
         if preset.tiny:
-            return self.decode_tiny(latents)
+            return self.decode_tiny(latents, shapes)
         if pipeline is None or pipeline.vae is None:
             raise BadInput(f"{preset.name}: decoding needs the VAE: the weights folder has no vae/")
         with torch.no_grad():
@@ -196,8 +200,16 @@ class FamilyAdapter(ABC):
         return np.asarray(pipeline.video_processor.postprocess_video(video, output_type="np"), np.float32)
 
     @abstractmethod
-    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
+    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
         """A tiny model's latents as frames [B, T, H, W, 3] in [0, 1]."""
+
+    def tiny_text_dim(self, preset: ModelPreset) -> int:
+        """Width of the tiny text encoder's embeddings for this model."""
+        return self.text_shape(preset)[1]
+
+    def encode_tiny(self, encoder: nn.Module, prompts: list[str]) -> np.ndarray:
+        """The tiny text encoder's embeddings, as this family's head takes text."""
+        return encoder.encode(prompts).numpy()
 
     @abstractmethod
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:

@@ -338,7 +338,7 @@ class CogVideoXAdapter(FamilyAdapter):
     def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
         return (clips.transpose(0, 1, 4, 2, 3) * 2.0 - 1.0).astype(np.float32)
 
-    def decode_tiny(self, latents: np.ndarray) -> np.ndarray:
+    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
         return np.clip((latents.transpose(0, 1, 3, 4, 2) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
 
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:

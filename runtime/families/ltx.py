@@ -1,0 +1,271 @@
+"""LTX-Video text-to-video: diffusers' LTXVideoTransformer3DModel split into head / blocks / tail.
+
+Facts of the real pipeline (diffusers' LTXPipeline, 0.9.x): latents [C, F, H/32, W/32] with
+F = (frames - 1) / 8 + 1, packed to [F*H*W, C] tokens (patch 1); timesteps 0..1000 from the
+flow-matching Euler scheduler with sigmas linspace(1, 1/N, N) and a shift mu from the token count;
+cond and uncond batched in one call; T5 text (128 tokens) with an attention mask; rotary tables
+from latent coordinates scaled by (8 / frame_rate, 32, 32). The tables depend only on the bundle's
+static grid and frame rate, so the transformer's own rotary module computes them once at split
+time and the blocks carry them as constants. The text mask travels as the last channel of the text
+input, so every family's head takes the same three inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
+from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, tokenize
+
+FRAME_RATE = 25
+"""The pipeline's default frame rate; it scales the temporal rotary coordinates."""
+SPATIAL, TEMPORAL = 32, 8
+"""The LTX VAE's compression."""
+
+_REAL: dict[str, Any] = {
+    "in_channels": 128,
+    "out_channels": 128,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "num_attention_heads": 32,
+    "attention_head_dim": 64,
+    "cross_attention_dim": 2048,
+    "num_layers": 28,
+    "activation_fn": "gelu-approximate",
+    "qk_norm": "rms_norm_across_heads",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "caption_channels": 4096,
+    "attention_bias": True,
+    "attention_out_bias": True,
+}
+
+TINY_CONFIG: dict[str, Any] = {
+    **_REAL,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "cross_attention_dim": 64,
+    "num_layers": 2,
+    "caption_channels": 32,
+}
+
+# Lightricks/LTX-Video scheduler/scheduler_config.json (0.9.0 / 0.9.1 diffusers format).
+_SCHEDULER: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.95,
+    "max_shift": 2.05,
+    "base_image_seq_len": 1024,
+    "max_image_seq_len": 4096,
+    "shift_terminal": 0.1,
+}
+
+# SPEC section 1 (authors' LTX-Video argparse defaults); TeaCache4LTX-Video's coefficients.
+_CACHE = {
+    "sencache": {"eps_start": 0.01, "eps_main": 0.7, "max_reuse": 4},
+    "teacache": {"threshold": 0.05},
+    "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+}
+
+
+def pack_text(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """T5 embeddings [B, T, C] and their attention mask [B, T] as one text input [B, T, C + 1]."""
+    return np.concatenate([embeds, mask[..., None].astype(embeds.dtype)], axis=-1).astype(np.float32)
+
+
+class _Head(nn.Module):
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        t = self.t
+        batch = latent.shape[0]
+        bias = ((1 - text[..., -1].to(latent.dtype)) * -10000.0).unsqueeze(1)
+        hidden = t.proj_in(latent)
+        # One timestep per row: the transformer's view(batch, -1, C) of [B, C] is unsqueeze(1),
+        # written so the exporter sees the middle dimension is 1.
+        temb, embedded = t.time_embed(timestep.flatten(), batch_size=batch, hidden_dtype=hidden.dtype)
+        temb, embedded = temb.unsqueeze(1), embedded.unsqueeze(1)
+        encoder = t.caption_projection(text[..., :-1])
+        first = t.transformer_blocks[0]
+        ada = first.scale_shift_table[None, None] + temb.unflatten(2, (first.scale_shift_table.shape[0], -1))
+        shift, scale = ada[:, :, 0], ada[:, :, 1]
+        modulated = first.norm1(hidden) * (1 + scale) + shift
+        return hidden, encoder, temb, bias, embedded, modulated
+
+
+class _Blocks(nn.Module):
+    def __init__(self, t: nn.Module, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.blocks = t.transformer_blocks
+        self.register_buffer("rope_cos", rope[0], persistent=False)
+        self.register_buffer("rope_sin", rope[1], persistent=False)
+
+    def forward(self, hidden: torch.Tensor, encoder: torch.Tensor, temb: torch.Tensor, text_bias: torch.Tensor):
+        for block in self.blocks:
+            hidden = block(hidden, encoder, temb, (self.rope_cos, self.rope_sin), text_bias)
+        return hidden
+
+
+class _Tail(nn.Module):
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        values = t.scale_shift_table[None, None] + embedded[:, :, None]
+        shift, scale = values[:, :, 0], values[:, :, 1]
+        return t.proj_out(t.norm_out(hidden) * (1 + scale) + shift)
+
+
+class LTXSampler(Sampler):
+    """The pipeline's timesteps: sigmas linspace(1, 1/N, N) shifted by mu from the token count."""
+
+    def __init__(self, scheduler, steps: int, tokens: int) -> None:
+        self.tokens = tokens
+        super().__init__(scheduler, steps)
+
+    def set_timesteps(self, steps: int) -> None:
+        from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+        config = self.scheduler.config
+        mu = calculate_shift(self.tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+
+
+class LTXAdapter(FamilyAdapter):
+    family = "ltx"
+    layout = StageLayout(
+        streams=("hidden",),
+        block_context=("encoder", "temb", "text_bias"),
+        tail_context=("embedded",),
+        signals=("modulated",),
+    )
+    modulation = "modulated"
+    aliases = {"ltx-video": "ltx-video-0.9.1"}
+    presets = {
+        "tiny-ltx": ModelPreset(
+            name="tiny-ltx",
+            family="ltx",
+            config=TINY_CONFIG,
+            frames=8,
+            height=16,
+            width=16,
+            tiny=True,
+            trained=False,
+            guidance=3.0,
+            steps=30,
+            cache_defaults=_CACHE,
+            scheduler=_SCHEDULER,
+            description="tiny LTX-Video, UNTRAINED (random weights, seed 0): for export and parity checks only, "
+                        "its videos are noise",
+        ),
+        **{
+            f"ltx-video-{version}": ModelPreset(
+                name=f"ltx-video-{version}",
+                family="ltx",
+                config=_REAL,
+                frames=161,
+                height=512,
+                width=704,
+                guidance=3.0,
+                steps=50,
+                cache_defaults=_CACHE,
+                scheduler=_SCHEDULER,
+                description=f"Lightricks/LTX-Video {version} (diffusers format)",
+            )
+            for version in ("0.9.0", "0.9.1")
+        },
+    }
+
+    def transformer_class(self) -> type[nn.Module]:
+        from diffusers import LTXVideoTransformer3DModel
+
+        return LTXVideoTransformer3DModel
+
+    def grid(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, int, int]:
+        """Latent (frames, height, width) before packing."""
+        if preset.tiny:
+            return shapes.frames, shapes.height, shapes.width
+        if (shapes.frames - 1) % TEMPORAL or shapes.height % SPATIAL or shapes.width % SPATIAL:
+            raise BadInput(f"{preset.name}: frames must be 8k+1 and height/width multiples of 32")
+        return (shapes.frames - 1) // TEMPORAL + 1, shapes.height // SPATIAL, shapes.width // SPATIAL
+
+    def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
+        f, h, w = self.grid(preset, shapes)
+        return (f * h * w, preset.config["in_channels"])
+
+    def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
+        return (MAX_TOKENS if preset.tiny else 128, preset.config["caption_channels"] + 1)
+
+    def tiny_text_dim(self, preset: ModelPreset) -> int:
+        return preset.config["caption_channels"]
+
+    def encode_tiny(self, encoder: nn.Module, prompts: list[str]) -> np.ndarray:
+        ids = np.array([tokenize(p) for p in prompts])
+        return pack_text(encoder.encode(prompts).numpy(), ids != VOCABULARY.index(PAD))
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        f, h, w = self.grid(preset, shapes)
+        scale = (1.0 if preset.tiny else TEMPORAL / FRAME_RATE, 1.0 if preset.tiny else SPATIAL,
+                 1.0 if preset.tiny else SPATIAL)
+        probe = torch.zeros(1, f * h * w, 1, device=transformer.device)
+        rope = transformer.rope(probe, f, h, w, scale, None)
+        return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
+
+    def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
+        return dict(preset.scheduler)
+
+    def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
+        return LTXSampler(scheduler, steps, self.latent_shape(preset, shapes)[0])
+
+    def initial_latents(self, generators: list[torch.Generator], preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        from diffusers import LTXPipeline
+
+        f, h, w = self.grid(preset, shapes)
+        noise = torch.stack([torch.randn((preset.config["in_channels"], f, h, w), generator=g) for g in generators])
+        return LTXPipeline._pack_latents(noise, 1, 1)
+
+    def pipeline_class(self) -> type:
+        from diffusers import LTXPipeline
+
+        return LTXPipeline
+
+    def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
+        if pipeline.text_encoder is None or pipeline.tokenizer is None:
+            raise BadInput(f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
+                           f"prompt embeddings")
+        with torch.no_grad():
+            embeds, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                        max_sequence_length=self.text_shape(preset)[0], device="cpu")
+        return pack_text(embeds.float().numpy(), mask.numpy())
+
+    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
+        b, f, h, w, c = clips.shape
+        return (clips.reshape(b, f * h * w, c) * 2.0 - 1.0).astype(np.float32)
+
+    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
+        frames = latents.reshape(len(latents), shapes.frames, shapes.height, shapes.width, -1)
+        return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+    def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        if pipeline.vae.config.timestep_conditioning:
+            raise BadInput(f"{preset.name}: this VAE decodes with timestep conditioning and noise (0.9.1+), "
+                           f"which the engine does not reproduce yet; decode the saved latents with diffusers")
+        f, h, w = self.grid(preset, shapes)
+        latents = pipeline._unpack_latents(latents, f, h, w, 1, 1)
+        latents = pipeline._denormalize_latents(latents, pipeline.vae.latents_mean, pipeline.vae.latents_std,
+                                                pipeline.vae.config.scaling_factor)
+        return pipeline.vae.decode(latents, None, return_dict=False)[0]
