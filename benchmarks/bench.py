@@ -152,6 +152,8 @@ class Runner:
 def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out`."""
     torch.set_num_threads(1)
+    if not engine.preset.trained:
+        raise BadInput(f"{engine.preset.name} is untrained: quality figures on it would mean nothing")
     check_replaceable(out, REPORT)
     unknown = [m for m in plan.methods if m not in SWEEPS]
     if unknown:

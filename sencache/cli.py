@@ -65,6 +65,9 @@ def _generate(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
     check_replaceable(args.out, STATS)
     bundle = Bundle.load(args.engine)
+    if not bundle.manifest.get("trained", True):
+        print(f"warning: {bundle.manifest['model']} is UNTRAINED (random weights): its videos are noise; "
+              f"it exists for export and parity checks", file=sys.stderr)
     defaults = bundle.manifest["defaults"]
     seeds = args.seed or [0]
     request = Request(args.prompt or [], seeds, defaults["steps"] if args.steps is None else args.steps,
@@ -140,7 +143,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="export a model's stages into an engine bundle")
-    b.add_argument("--model", required=True, help="tiny-wan, wan2.1-t2v-1.3b, wan2.1-t2v-14b")
+    b.add_argument("--model", required=True,
+                   help="tiny-wan, tiny-cogvideox, tiny-ltx (untrained), wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
+                        "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
+                        "ltx-video-0.9.0")
     b.add_argument("--weights", type=Path, help="diffusers-format folder with the real weights")
     b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")

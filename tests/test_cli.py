@@ -148,3 +148,16 @@ def test_a_foreign_output_folder_is_never_replaced(capsys, ort_bundle, tmp_path)
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
     code, err = run_cli(capsys, *generate_args(ort_bundle, tmp_path / "o", "--cache", "none", "--threads", "-1"))
     assert code == 2 and "--threads" in err
+
+
+@pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-ltx"])
+def test_every_tiny_model_builds_and_generates(capsys, tmp_path, model):
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    assert main(["build", "--model", model, "--out", str(bundle), "--max-batch", "1"]) == 0
+    code, err = run_cli(capsys, *generate_args(bundle, out, "--cache", "none"))
+    assert code == 0, err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["samples"][0]["nfe"] == 4 and (out / stats["samples"][0]["video"]).stat().st_size > 0
+    manifest = Bundle.load(bundle).manifest
+    assert manifest["trained"] == (model != "tiny-ltx")
+    assert ("UNTRAINED" in err) == (model == "tiny-ltx")

@@ -9,22 +9,57 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes
 
+# Parameter counts of the published checkpoints' configs (Wan 1.3B/14B, CogVideoX 2B/5B, LTX-Video 2B).
+REAL = [("wan2.1-t2v-1.3b", 1.42e9, (16, 21, 60, 104)), ("wan2.1-t2v-14b", 14.3e9, (16, 21, 90, 160)),
+        ("cogvideox-2b", 1.69e9, (13, 16, 60, 90)), ("cogvideox-5b", 5.57e9, (13, 16, 60, 90)),
+        ("cogvideox1.5-5b", 5.57e9, (22, 16, 96, 170)), ("ltx-video-0.9.0", 1.92e9, (21 * 16 * 22, 128)),
+        ("ltx-video-0.9.1", 1.92e9, (21 * 16 * 22, 128))]
 
-@pytest.mark.parametrize("model,params", [("wan2.1-t2v-1.3b", 1.42e9), ("wan2.1-t2v-14b", 14.3e9)])
-def test_real_configs_build_on_meta(model, params):
+
+@pytest.mark.parametrize("model,params,latent", REAL)
+def test_every_real_config_builds_and_splits_on_meta(model, params, latent):
     adapter, preset = resolve(model)
     transformer = adapter.build_transformer(preset, None, device="meta")
     count = sum(p.numel() for p in transformer.parameters())
-    assert abs(count - params) / params < 0.03
-    assert all(p.device.type == "meta" for p in transformer.parameters())
+    assert abs(count - params) / params < 0.02
     shapes = Shapes(preset.frames, preset.height, preset.width, 1)
-    latent = adapter.latent_shape(preset, shapes)
-    assert latent[:2] == (16, 21)
+    assert adapter.latent_shape(preset, shapes) == latent
     stages = adapter.split(transformer, preset, shapes)
     with torch.device("meta"):
-        inputs = adapter.example_inputs(preset, shapes, 1)
-    head = stages["head"](**inputs)
-    assert head[0].shape == (1, 21 * latent[2] // 2 * latent[3] // 2, transformer.config.num_attention_heads * 128)
+        head = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1))))
+        streams = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
+        streams = dict(zip(adapter.layout.streams, streams if isinstance(streams, tuple) else (streams,)))
+        noise = stages["tail"](**{k: streams[k] for k in adapter.layout.tail_stream_names},
+                               **{k: head[k] for k in adapter.layout.tail_context})
+    assert tuple(noise.shape) == (1, *latent)
+
+
+def test_short_names_mean_the_default_variants():
+    assert resolve("cogvideox")[1].name == "cogvideox1.5-5b"
+    assert resolve("ltx-video")[1].name == "ltx-video-0.9.1"
+
+
+def test_cogvideox_1_5_pads_latent_frames_as_the_pipeline_does():
+    adapter, preset = resolve("cogvideox1.5-5b")
+    assert adapter.latent_shape(preset, Shapes(49, 480, 720, 1)) == (14, 16, 60, 90)  # 13 frames padded to 14
+    assert adapter.padding_frames(preset, Shapes(49, 480, 720, 1)) == 1
+    assert adapter.padding_frames(preset, Shapes(53, 480, 720, 1)) == 0
+
+
+@pytest.mark.parametrize("model", ["cogvideox", "ltx-video", "wan2.1-t2v-1.3b"])
+def test_real_model_without_weights_names_the_folder_to_pass(model):
+    adapter, preset = resolve(model)
+    with pytest.raises(BadInput, match="pass --weights DIR, a local copy of .* in diffusers format"):
+        adapter.build_transformer(preset, None)
+
+
+def test_component_folder_errors(tmp_path):
+    adapter, preset = resolve("cogvideox-5b")
+    with pytest.raises(BadInput, match="no model_index.json"):
+        adapter.load_components(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    with pytest.raises(BadInput, match="cannot load the pipeline components"):
+        adapter.load_components(tmp_path)
 
 
 def test_wan_1_3b_latent_matches_published_size():
@@ -45,12 +80,6 @@ def test_tiny_split_equals_the_whole_transformer():
         hidden = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
         out = stages["tail"](hidden, head["temb"])
     assert torch.equal(whole, out)
-
-
-def test_real_model_without_weights_says_what_to_pass():
-    adapter, preset = resolve("wan2.1-t2v-1.3b")
-    with pytest.raises(BadInput, match="--weights DIR"):
-        adapter.build_transformer(preset, None)
 
 
 def test_weight_folder_errors(tmp_path):

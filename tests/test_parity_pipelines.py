@@ -214,3 +214,23 @@ def test_onnx_bundle_matches_the_pytorch_bundle(real_like):
     ours = engine_for(case.root / "onnx").generate(request, NoCache(2)).latents
     reference = engine_for(case.root / "bundle").generate(request, NoCache(2)).latents
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-4
+
+
+def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
+    """SPEC section 3 on each family's real stepping (DPM draws solver noise per sample)."""
+    case = real_like
+    engine = engine_for(case.root / "bundle")
+    steps = 10
+    timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
+    engine.bundle.write_sensitivity(SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0),
+                                                     np.full(steps, 1e-3), meta={"source": "test"}))
+    knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
+    embeds, negative = _embeds(case, 2, 5), _embeds(case, 2, 6)
+    both = engine.generate(Request(["a", "b"], [21, 22], steps, 6.0, embeds, negative),
+                           engine.policy("sencache", steps, 2, knobs))
+    for b in range(2):
+        alone = engine.generate(Request(["x"], [21 + b], steps, 6.0, embeds[b:b + 1], negative[b:b + 1]),
+                                engine.policy("sencache", steps, 1, knobs))
+        assert alone.decisions[0] == both.decisions[b]
+        np.testing.assert_allclose(alone.latents[0], both.latents[b], atol=1e-5, rtol=0)
+    assert any("reuse" in d for d in both.decisions)

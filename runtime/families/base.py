@@ -244,9 +244,11 @@ class FamilyAdapter(ABC):
         cls = self.transformer_class()
         if weights is None:
             if not preset.tiny and device != "meta":
+                source = preset.description.split(" ")[0]
                 raise BadInput(
-                    f"{preset.name} needs its weights: pass --weights DIR, a diffusers-format folder "
-                    f"with transformer/config.json and transformer/*.safetensors"
+                    f"{preset.name} needs its weights: pass --weights DIR, a local copy of {source} in diffusers "
+                    f"format (transformer/config.json and transformer/*.safetensors to build; model_index.json, "
+                    f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded"
                 )
             with torch.device(device):
                 return cls(**preset.config).eval()
