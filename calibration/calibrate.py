@@ -74,9 +74,6 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
     manifest = engine.bundle.manifest
     steps = plan.steps or manifest["defaults"]["steps"]
     guidance = manifest["defaults"]["guidance"] if plan.guidance is None else plan.guidance
-    if not engine.preset.tiny:
-        raise BadInput(f"{engine.preset.name}: calibration prompts for real models need their text encoder, "
-                       f"which this runtime does not load yet; import a table with --import-npz")
     prompts = calibration_prompts(plan.samples, plan.seed)
     seeds = [plan.seed + i for i in range(plan.samples)]
     batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))

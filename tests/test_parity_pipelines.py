@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import engine_for
+from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.families import resolve
 from sencache.runtime.families.ltx import pack_text
@@ -21,6 +22,23 @@ from sencache.runtime.policy import NoCache, SenCacheSettings
 from sencache.runtime.sensitivity import SensitivityTable
 
 STEPS = 5
+WORDS = "a an the red green blue circle square moving left right fast slow on black two large small".split()
+
+
+def _text_components(model: str, width: int):
+    """A word-level tokenizer and a tiny random T5 (UMT5 for Wan) encoder, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    vocabulary = ["<pad>", "</s>", "<unk>", *WORDS]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    config = dict(vocab_size=len(vocabulary), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    if model.startswith("wan"):
+        return tokenizer, UMT5EncoderModel(UMT5Config(**config)).eval()
+    return tokenizer, T5EncoderModel(T5Config(**config)).eval()
 
 
 def _cogvideox(variant: str):
@@ -70,13 +88,14 @@ def _ltx(variant: str):
                                 layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
                                 spatio_temporal_scaling=scaling, decoder_spatio_temporal_scaling=scaling,
                                 decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
-                                upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=4, patch_size_t=1)
+                                upsample_factor=(1,) * 4, timestep_conditioning=variant == "ltx-video-0.9.1",
+                                patch_size=4, patch_size_t=1)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
                                                 base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
     return transformer, vae, scheduler, (128, 17), (9, 64, 96)
 
 
-FAMILIES = {"wan2.1-t2v-1.3b": _wan, "ltx-video-0.9.1": _ltx, "cogvideox-2b": _cogvideox, "cogvideox-5b": _cogvideox, "cogvideox1.5-5b": _cogvideox}
+FAMILIES = {"wan2.1-t2v-1.3b": _wan, "ltx-video-0.9.0": _ltx, "ltx-video-0.9.1": _ltx, "cogvideox-2b": _cogvideox, "cogvideox-5b": _cogvideox, "cogvideox1.5-5b": _cogvideox}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -86,7 +105,11 @@ def real_like(request, tmp_path_factory):
     torch.manual_seed(0)
     transformer, vae, scheduler, text, size = FAMILIES[model](model)
     root = tmp_path_factory.mktemp(model)
-    build_reference(model, transformer.eval(), vae.eval(), scheduler).save_pretrained(root / "weights")
+    reference = build_reference(model, transformer.eval(), vae.eval(), scheduler)
+    width = text[1] - 1 if model.startswith("ltx") else text[1]
+    reference.tokenizer, reference.text_encoder = _text_components(model, width)
+    reference.register_modules(tokenizer=reference.tokenizer, text_encoder=reference.text_encoder)
+    reference.save_pretrained(root / "weights")
     frames, height, width = size
     build(BuildOptions(model=model, out=root / "bundle", weights=root / "weights", backend="torch", frames=frames,
                        height=height, width=width, max_batch=2), log=lambda _: None)
@@ -151,6 +174,24 @@ def test_uncached_latents_match_the_pipeline(real_like, batch, guidance):
     # to the last bits.
     tolerance = 2e-5 if case.model.startswith("wan") and guidance > 1 else 2e-6
     np.testing.assert_allclose(ours, theirs, atol=tolerance, rtol=0)
+
+
+def test_prompts_are_encoded_by_the_pipelines_own_text_encoder(real_like):
+    """Prompts (not embeddings): our runtime encodes them through diffusers' components loaded
+    from the weights folder, and the whole run matches `pipe(prompt=...)`."""
+    case = real_like
+    engine = engine_for(case.root / "bundle")
+    prompts = ["a red circle moving left fast", "two large blue squares on black"]
+    ours = engine.decode(engine.generate(Request(prompts, [3, 4], STEPS, 6.0), NoCache(2)).latents)
+    adapter, _ = resolve(case.model)
+    pipe = adapter.pipeline_class().from_pretrained(str(case.root / "weights"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    frames, height, width = case.size
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+                      num_inference_steps=STEPS, guidance_scale=6.0, height=height, width=width, num_frames=frames,
+                      max_sequence_length=case.text[0], output_type="np").frames
+    np.testing.assert_allclose(ours, np.asarray(theirs, np.float32), atol=1e-5, rtol=0)
 
 
 def test_frames_match_the_pipeline(real_like):
@@ -234,3 +275,14 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
         assert alone.decisions[0] == both.decisions[b]
         np.testing.assert_allclose(alone.latents[0], both.latents[b], atol=1e-5, rtol=0)
     assert any("reuse" in d for d in both.decisions)
+
+
+def test_calibration_runs_on_the_real_pipeline_components(real_like, tmp_path):
+    """Calibration of a real-format bundle: prompts through diffusers' text encoder, the family's
+    own stepping (DPM and flow-matching included), finite tables for every step."""
+    case = real_like
+    engine = engine_for(case.root / "bundle")
+    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=4), show_progress=False)
+    table = calibration.sensitivity
+    assert len(table.timesteps) == 3 and np.all(table.jx > 0) and np.all(table.jt > 0)
+    assert len(calibration.baselines.magcache_ratios) == 4

@@ -261,11 +261,12 @@ class LTXAdapter(FamilyAdapter):
         return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
 
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
-        if pipeline.vae.config.timestep_conditioning:
-            raise BadInput(f"{preset.name}: this VAE decodes with timestep conditioning and noise (0.9.1+), "
-                           f"which the engine does not reproduce yet; decode the saved latents with diffusers")
+        """The pipeline's decoding at its defaults. A timestep-conditioned VAE (0.9.1) is told
+        decode_timestep 0 with noise scale 0, so the noise the pipeline mixes in has weight 0 and
+        is not drawn here."""
         f, h, w = self.grid(preset, shapes)
+        vae = pipeline.vae
         latents = pipeline._unpack_latents(latents, f, h, w, 1, 1)
-        latents = pipeline._denormalize_latents(latents, pipeline.vae.latents_mean, pipeline.vae.latents_std,
-                                                pipeline.vae.config.scaling_factor)
-        return pipeline.vae.decode(latents, None, return_dict=False)[0]
+        latents = pipeline._denormalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        timestep = torch.zeros(len(latents)) if vae.config.timestep_conditioning else None
+        return vae.decode(latents, timestep, return_dict=False)[0]
