@@ -181,7 +181,8 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         if preset.published_baselines is not None:
             coefficients, ratios = preset.published_baselines
             BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
-                           "@7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
+                           "@7c10efc4, MagCache @df81cb18; MagCache has none for this model)" if ratios is None else
+                           "published constants (TeaCache @7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
         write_manifest(folder, manifest)
     itemsize = 4 if dtype in (None, torch.float32) else 2
     cache_bytes = itemsize * (max_rows * sum(int(np.prod(s)) for s in _stream_shapes(adapter, preset, shapes))

@@ -183,12 +183,14 @@ class BaselineTables:
     """The baselines' calibrated constants for one bundle (stored as `baselines.json`)."""
 
     teacache_coefficients: tuple[float, ...]
-    magcache_ratios: tuple[float, ...]
+    magcache_ratios: tuple[float, ...] | None
+    """None where only TeaCache constants are published for a model (calibrate to get ratios)."""
     meta: dict[str, Any]
 
     def save(self, path: Path) -> None:
+        magcache = None if self.magcache_ratios is None else {"ratios": list(self.magcache_ratios)}
         document = {"format": BASELINES_FORMAT, "teacache": {"coefficients": list(self.teacache_coefficients)},
-                    "magcache": {"ratios": list(self.magcache_ratios)}, "meta": self.meta}
+                    "magcache": magcache, "meta": self.meta}
         write_atomic(path, json.dumps(document, indent=1).encode())
 
     @classmethod
@@ -197,12 +199,13 @@ class BaselineTables:
             data = json.loads(Path(path).read_text())
             if data.get("format") != BASELINES_FORMAT:
                 raise ValueError(f"not a {BASELINES_FORMAT} file")
+            magcache = data["magcache"]
             tables = cls(tuple(float(c) for c in data["teacache"]["coefficients"]),
-                         tuple(float(r) for r in data["magcache"]["ratios"]), data.get("meta", {}))
+                         None if magcache is None else tuple(float(r) for r in magcache["ratios"]), data.get("meta", {}))
         except FileNotFoundError:
             raise BadInput(f"no baseline tables at {path}: run `sencache calibrate --engine DIR` first") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadInput(f"corrupt baseline tables {path}: {e}") from None
-        if not all(math.isfinite(v) for v in tables.teacache_coefficients + tables.magcache_ratios):
+        if not all(math.isfinite(v) for v in tables.teacache_coefficients + (tables.magcache_ratios or ())):
             raise BadInput(f"corrupt baseline tables {path}: NaN or infinite values")
         return tables

@@ -27,6 +27,7 @@ def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result,
         "precision": engine.bundle.manifest["precision"],
         "steps": steps,
         "guidance": request.guidance,
+        "dynamic_cfg": request.dynamic_cfg,
         "cache": policy.settings(),
         "timesteps": result.timesteps,
         "samples": [

@@ -50,6 +50,8 @@ class Request:
     `prompts` then only label the samples."""
     negative_prompt_embeds: np.ndarray | None = None
     """The unconditional embeddings for guidance; the empty prompt's when not given."""
+    dynamic_cfg: bool = False
+    """CogVideoX's `use_dynamic_cfg`: the guidance scale follows the pipeline's cosine schedule."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -197,6 +199,9 @@ class Engine:
         if method == "teacache":
             settings = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
             return TeaCachePolicy(settings, steps, batch)
+        if tables.magcache_ratios is None:
+            raise BadInput(f"no MagCache ratios are published for {self.preset.name}: run `sencache calibrate --engine "
+                           f"DIR` to measure them")
         settings = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
         return MagCachePolicy(settings, steps, batch)
 
@@ -279,7 +284,9 @@ class Engine:
             decision_s += time.perf_counter() - tick
 
             noise = self._finish(head, np.flatnonzero(decision.run[row_sample]), cache)
-            guided = self._guide(noise, batch, cfg, request.guidance)
+            scale = self.adapter.dynamic_guidance(request.guidance, t, request.steps) if request.dynamic_cfg \
+                else request.guidance
+            guided = self._guide(noise, batch, cfg, scale)
 
             if decision.run.any():
                 anchor[decision.run] = x_np[decision.run]

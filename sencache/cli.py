@@ -71,7 +71,7 @@ def _generate(args: argparse.Namespace) -> None:
     defaults = bundle.manifest["defaults"]
     seeds = args.seed or [0]
     request = Request(args.prompt or [], seeds, defaults["steps"] if args.steps is None else args.steps,
-                      defaults["guidance"] if args.guidance is None else args.guidance)
+                      defaults["guidance"] if args.guidance is None else args.guidance, dynamic_cfg=args.dynamic_cfg)
     engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads))
     engine.encode(request.prompts)
     knobs = {name: getattr(args, name) for name in ("eps_start", "eps_main", "max_reuse", "interval", "warmup",
@@ -173,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, action="append")
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
+    g.add_argument("--dynamic-cfg", action="store_true",
+                   help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     g.add_argument("--cache", choices=("none", "sencache", "sencache-max", "fixed", "teacache", "magcache"),
                    default="sencache")
     g.add_argument("--eps-start", type=float, help="sencache: threshold of the first 20%% of steps")

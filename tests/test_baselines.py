@@ -81,3 +81,11 @@ def test_tables_round_trip_and_reject_corruption(tmp_path):
         BaselineTables.load(tmp_path / "b.json")
     with pytest.raises(BadInput, match="calibrate"):
         BaselineTables.load(tmp_path / "missing.json")
+
+
+def test_tables_without_magcache_ratios_round_trip(tmp_path):
+    """CogVideoX and LTX have published TeaCache polynomials but no MagCache ratios."""
+    path = tmp_path / "baselines.json"
+    BaselineTables((1.0, 2.0, 3.0), None, {"model": "cogvideox-5b"}).save(path)
+    loaded = BaselineTables.load(path)
+    assert loaded.teacache_coefficients == (1.0, 2.0, 3.0) and loaded.magcache_ratios is None

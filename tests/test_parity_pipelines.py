@@ -15,6 +15,7 @@ import torch
 from conftest import engine_for
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
+from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 from sencache.runtime.families.ltx import pack_text
 from sencache.runtime.pipeline import Request
@@ -141,7 +142,7 @@ def _embeds(case: Case, batch: int, seed: int) -> np.ndarray:
     return pack_text(torch.randn(batch, tokens, channels - 1, generator=g).numpy(), mask)
 
 
-def _reference(case: Case, embeds, negative, seeds, guidance, output_type):
+def _reference(case: Case, embeds, negative, seeds, guidance, output_type, **options):
     adapter, _ = resolve(case.model)
     pipe = adapter.pipeline_class().from_pretrained(str(case.root / "weights"), local_files_only=True, tokenizer=None,
                                                     text_encoder=None)
@@ -154,7 +155,8 @@ def _reference(case: Case, embeds, negative, seeds, guidance, output_type):
     frames, height, width = case.size
     with torch.no_grad():
         out = pipe(**text, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=STEPS,
-                   guidance_scale=guidance, height=height, width=width, num_frames=frames, output_type=output_type)
+                   guidance_scale=guidance, height=height, width=width, num_frames=frames, output_type=output_type,
+                   **options)
     frames = out.frames
     return frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames, np.float32)
 
@@ -286,3 +288,19 @@ def test_calibration_runs_on_the_real_pipeline_components(real_like, tmp_path):
     table = calibration.sensitivity
     assert len(table.timesteps) == 3 and np.all(table.jx > 0) and np.all(table.jt > 0)
     assert len(calibration.baselines.magcache_ratios) == 4
+
+
+def test_dynamic_cfg_matches_cogvideox_pipeline(real_like):
+    case = real_like
+    engine = engine_for(case.root / "bundle")
+    embeds, negative = _embeds(case, 2, 9), _embeds(case, 2, 10)
+    request = Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative, dynamic_cfg=True)
+    if not case.model.startswith("cogvideox"):
+        with pytest.raises(BadInput, match="--dynamic-cfg"):
+            engine.generate(request, NoCache(2))
+        return
+    ours = engine.generate(request, NoCache(2)).latents
+    theirs = _reference(case, embeds, negative, [3, 4], 6.0, "latent", use_dynamic_cfg=True)
+    np.testing.assert_allclose(ours, theirs, atol=2e-6, rtol=0)
+    plain = engine.generate(Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative), NoCache(2)).latents
+    assert np.abs(plain - ours).max() > 1e-3

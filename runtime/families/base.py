@@ -80,8 +80,8 @@ class ModelPreset:
     steps: int = 50
     cache_defaults: dict[str, dict[str, float]] = field(default_factory=dict)
     """Default knobs per cache method ("sencache", "teacache", "magcache")."""
-    published_baselines: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-    """(TeaCache coefficients, MagCache cond-branch ratios) published for this model, if any."""
+    published_baselines: tuple[tuple[float, ...], tuple[float, ...] | None] | None = None
+    """(TeaCache coefficients, MagCache cond-branch ratios or None) published for this model, if any."""
     scheduler: dict[str, Any] = field(default_factory=dict)
     """The published scheduler config, where the family does not derive it."""
     description: str = ""
@@ -218,6 +218,10 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
         """Training clips [B, T, H, W, 3] in [0, 1] as a tiny model's latents (inverse of decode)."""
+
+    def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
+        """The guidance scale at timestep `t` under the pipeline's dynamic-CFG option, if it has one."""
+        raise BadInput(f"--dynamic-cfg is an option of CogVideoX's pipeline; {self.family} has no such schedule")
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         """The real pipeline's use of `scheduler` for a run of `steps` at `shapes`."""

@@ -11,6 +11,7 @@ the blocks stage as constants, computed with the pipeline's own functions.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,13 @@ _SCHEDULER_COMMON: dict[str, Any] = {
     "timestep_spacing": "trailing",
 }
 
-# SPEC section 1 (authors' CogVideoX argparse defaults).
+# TeaCache's published polynomials (shared/reference/baseline_constants.json, TeaCache @7c10efc4);
+# MagCache publishes no CogVideoX ratios: `sencache calibrate` measures them.
+_TEACACHE_2B = (-31.0658903, 25.4732368, -5.92380459, 1.75769064, -0.00361568434)
+_TEACACHE_5B = (-1538.80483, 843.202495, -134.363087, 7.97131516, -0.0523162339)
+_TEACACHE_1_5 = (250.210439, -165.061612, 35.7804877, -0.781551492, 0.0358559703)
+
+# SPEC section 1 (authors' CogVideoX argparse defaults); TeaCache's slow setting.
 _CACHE = {
     "sencache": {"eps_start": 0.005, "eps_main": 0.07, "max_reuse": 10},
     "teacache": {"threshold": 0.1},
@@ -227,6 +234,7 @@ class CogVideoXAdapter(FamilyAdapter):
             steps=50,
             cache_defaults=_CACHE,
             scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
+            published_baselines=(_TEACACHE_2B, None),
             description="THUDM/CogVideoX-2b",
         ),
         "cogvideox-5b": ModelPreset(
@@ -241,6 +249,7 @@ class CogVideoXAdapter(FamilyAdapter):
             steps=50,
             cache_defaults=_CACHE,
             scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+            published_baselines=(_TEACACHE_5B, None),
             description="THUDM/CogVideoX-5b",
         ),
         "cogvideox1.5-5b": ModelPreset(
@@ -256,6 +265,7 @@ class CogVideoXAdapter(FamilyAdapter):
             steps=50,
             cache_defaults=_CACHE,
             scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+            published_baselines=(_TEACACHE_1_5, None),
             description="THUDM/CogVideoX1.5-5B (81x768x1360: 21 latent frames padded to 22)",
         ),
     }
@@ -326,6 +336,11 @@ class CogVideoXAdapter(FamilyAdapter):
 
     def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
         return dict(preset.scheduler)
+
+    def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
+        """CogVideoXPipeline's `use_dynamic_cfg` formula, as written there: it takes the timestep
+        value (0..999), not the step index, against the number of steps."""
+        return 1 + guidance * ((1 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)) / 2)
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return CogVideoXSampler(scheduler, steps)

@@ -69,10 +69,12 @@ _SCHEDULER: dict[str, Any] = {
     "shift_terminal": 0.1,
 }
 
-# SPEC section 1 (authors' LTX-Video argparse defaults); TeaCache4LTX-Video's coefficients.
+# SPEC section 1 (authors' LTX-Video argparse defaults); TeaCache's slow threshold and its published
+# LTX-Video 0.9.1 polynomial (shared/reference, TeaCache @7c10efc4); no published MagCache ratios.
+_TEACACHE_0_9_1 = (21.4700694, -12.8016453, 2.31279151, 0.792487521, 0.00969274326)
 _CACHE = {
     "sencache": {"eps_start": 0.01, "eps_main": 0.7, "max_reuse": 4},
-    "teacache": {"threshold": 0.05},
+    "teacache": {"threshold": 0.03},
     "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
 }
 
@@ -184,6 +186,7 @@ class LTXAdapter(FamilyAdapter):
                 steps=50,
                 cache_defaults=_CACHE,
                 scheduler=_SCHEDULER,
+                published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
                 description=f"Lightricks/LTX-Video {version} (diffusers format)",
             )
             for version in ("0.9.0", "0.9.1")
