@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from sencache.engine_builder.fp8 import quantize_blocks, require_modelopt
 from sencache.engine_builder.onnx_export import TOLERANCE_REL_L2, StageSpec, compare, export_stage, validate_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.baselines import BaselineTables
@@ -53,6 +54,8 @@ class BuildOptions:
     width: int | None = None
     max_batch: int = 4
     compute_capability: str | None = None
+    fp8_samples: int = 4
+    """Prompts whose uncached trajectories calibrate the FP8 quantizer."""
 
 
 def stage_specs(layout: StageLayout) -> dict[str, StageSpec]:
@@ -111,7 +114,12 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     if options.precision not in PRECISIONS:
         raise BadInput(f"unknown precision {options.precision!r} (choose from {', '.join(PRECISIONS)})")
     if options.precision == "fp8":
-        raise BadInput("--precision fp8: FP8 quantization (NVIDIA Model Optimizer) is not implemented in this version")
+        if backend == "torch":
+            raise BadInput("--precision fp8 builds an FP8 Q/DQ ONNX graph: use --backend onnxruntime, tensorrt or "
+                           "tensorrt-rtx")
+        require_modelopt()
+        if options.fp8_samples <= 0:
+            raise BadInput(f"--fp8-samples must be positive, got {options.fp8_samples}")
     if options.precision == "bf16" and backend not in TENSORRT:
         raise BadInput(f"--precision bf16 with --backend {backend}: ONNX Runtime's CPU provider has no bf16 kernels; "
                        f"build bf16 for --backend tensorrt or tensorrt-rtx")
@@ -131,7 +139,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     config = _jsonable(dict(transformer.config))
     built = dict(preset.config, **config)
     preset = dataclasses.replace(preset, config=built)
-    dtype = DTYPES[options.precision]
+    dtype = DTYPES[options.precision] or torch.float32  # fp8: exported in fp32, then the blocks are quantized
     reference = adapter.split(transformer, preset, shapes)
     lowered = transformer if dtype == torch.float32 else lower_precision(copy.deepcopy(transformer), dtype)
     stages = adapter.split(lowered, preset, shapes)
@@ -144,10 +152,6 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             validation["chain_vs_fp32"] = _chain_error(adapter, preset, shapes, reference, folder, dtype)
             log(f"  head -> blocks -> tail in {options.precision} vs fp32 PyTorch: "
                 f"relative L2 {validation['chain_vs_fp32']['rel_l2']:.2e}")
-        engines = None
-        if backend in TENSORRT:
-            cache = Path(options.out).with_name(f"{Path(options.out).name}.timing.cache")
-            engines = build_engines(folder, list(specs), max_rows, backend, options.compute_capability, cache, log)
         text_encoder = _copy_text_encoder(adapter, preset, weights, folder)
         manifest = {
             "model": preset.name,
@@ -175,6 +179,16 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
         }
         if backend == "torch":
             manifest["weights"] = "transformer"
+        if options.precision == "fp8":
+            write_manifest(folder, {**manifest, "backend": "onnxruntime", "precision": "fp32",
+                                    "stages": {name: {**spec, "file": f"{name}.onnx"}
+                                               for name, spec in manifest["stages"].items()}})
+            manifest["quantization"] = quantize_blocks(folder, options.fp8_samples, log)
+            validation["blocks_fp8_vs_fp32"] = manifest["quantization"]["blocks_vs_fp32"]
+        engines = None
+        if backend in TENSORRT:
+            cache = Path(options.out).with_name(f"{Path(options.out).name}.timing.cache")
+            engines = build_engines(folder, list(specs), max_rows, backend, options.compute_capability, cache, log)
         if engines is not None:
             manifest["tensorrt"] = {**engines, "engine_validation": "not run at build time: engines run only on a GPU; "
                                     "the ONNX they were built from is validated above"}
@@ -187,7 +201,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     itemsize = 4 if dtype in (None, torch.float32) else 2
     cache_bytes = itemsize * (max_rows * sum(int(np.prod(s)) for s in _stream_shapes(adapter, preset, shapes))
                        + shapes.max_batch * int(np.prod(latent_shape)))
-    log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB {options.precision} "
+    log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB {str(dtype).split('.')[-1]} "
         f"(residuals of {max_rows} rows and {shapes.max_batch} anchors)")
     log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
     return Path(options.out)

@@ -19,7 +19,8 @@ def _build(args: argparse.Namespace) -> None:
 
     build(BuildOptions(model=args.model, out=args.out, weights=args.weights, backend=args.backend,
                        precision=args.precision, frames=args.frames, height=args.height, width=args.width,
-                       max_batch=args.max_batch, compute_capability=args.compute_capability))
+                       max_batch=args.max_batch, compute_capability=args.compute_capability,
+                       fp8_samples=args.fp8_samples))
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -155,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int)
     b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
     b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
+    b.add_argument("--fp8-samples", type=int, default=4,
+                   help="with --precision fp8: prompts whose uncached trajectories calibrate the quantizer")
     b.add_argument("--out", type=Path, required=True)
     b.set_defaults(func=_build)
 
