@@ -62,3 +62,15 @@ def test_staged_folder_leaves_target_untouched_on_error(tmp_path):
     with staged_folder(target, "keep.txt") as tmp:
         (tmp / "new.txt").write_text("whole")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_prompt_following_readers_are_exact_on_the_training_clips():
+    """The evaluator's colour and motion readers recover every prompt from the clips it drew."""
+    from sencache.engine_builder.tiny.clips import render
+    from sencache.engine_builder.tiny.evaluate import cases, read_colour, read_motion
+
+    rng = np.random.default_rng(0)
+    for spec in cases():
+        clip = render(spec, rng)
+        assert read_colour(clip) == spec.colour
+        assert read_motion(clip) == (spec.direction or "static")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sencache.engine_builder.tiny import clips
 from sencache.runtime.families import resolve
@@ -106,27 +106,41 @@ class Objective:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: int, threads: int) -> None:
+def _read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: int, threads: int,
+          resume: bool = False) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     adapter, preset = resolve(model)
     if not preset.trained:
         raise SystemExit(f"{model} ships untrained: training it is out of reach on these machines")
-    transformer = adapter.build_transformer(preset, None).train()
+    transformer = adapter.build_transformer(preset, out if resume else None).train()
     stages = adapter.split(transformer, preset, Shapes(preset.frames, preset.height, preset.width, batch))
     objective = Objective(adapter.make_scheduler(preset))
     text_encoder = TinyTextEncoder(dim=adapter.tiny_text_dim(preset)).train()
+    previous: dict = {}
+    if resume:
+        text_encoder.load_state_dict(load_file(str(out / "text_encoder.safetensors")))
+        previous = json.loads((out / "train.json").read_text())
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     ema_t, ema_x = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     empty = tokenize("")
-    start, last_save, step, avg = time.time(), time.time(), 0, None
-    log: list[dict] = []
+    start, last_save, avg = time.time(), time.time(), None
+    step = previous.get("steps", 0)
+    log: list[dict] = _read_log(out / "loss.csv") if resume else []
     meta = {"model": model, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes, "threads": threads,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.config.items()},
             "torch": torch.__version__, "objective": objective.kind,
             "cfg_dropout": 0.1, "ema": 0.999}
+    if resume:
+        meta["sessions"] = [*previous.get("sessions", [{k: previous[k] for k in ("steps", "elapsed_s", "lr", "minutes")
+                                                         if k in previous}]), {"lr": lr, "minutes": minutes}]
     while (elapsed := time.time() - start) < minutes * 60:
         prompts, frames = clips.batch(rng, batch)
         ids = torch.tensor([empty if rng.random() < 0.1 else tokenize(p) for p in prompts])
@@ -139,7 +153,7 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = 0.999 if resume else min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, live in ((ema_t, transformer), (ema_x, text_encoder)):
                 for e, p in zip(ema.parameters(), live.parameters()):
@@ -148,13 +162,15 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
         avg = value if avg is None else 0.98 * avg + 0.02 * value
         step += 1
         if step % 25 == 0:
-            log.append({"step": step, "elapsed_s": round(elapsed, 1), "loss": round(value, 5),
+            log.append({"step": step, "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1), "loss": round(value, 5),
                         "loss_avg": round(avg, 5), "lr": round(opt.param_groups[0]["lr"], 7)})
             print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {value:.4f}  avg {avg:.4f}", flush=True)
         if time.time() - last_save > 300 and log:
-            _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": round(elapsed, 1), "final_loss_avg": avg})
+            _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1),
+                                           "final_loss_avg": avg})
             last_save = time.time()
-    _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": round(time.time() - start, 1), "final_loss_avg": avg})
+    total = round(time.time() - start + previous.get("elapsed_s", 0.0), 1)
+    _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": total, "final_loss_avg": avg})
     print(f"saved {out} after {step} steps")
 
 
@@ -167,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from the weights already in --out")
     args = parser.parse_args(argv)
-    train(args.model, args.out or DEFAULT_ROOT / args.model, args.minutes, args.batch, args.lr, args.seed, args.threads)
+    train(args.model, args.out or DEFAULT_ROOT / args.model, args.minutes, args.batch, args.lr, args.seed, args.threads,
+          args.resume)
 
 
 if __name__ == "__main__":
