@@ -133,6 +133,17 @@ def _doctor(args: argparse.Namespace) -> None:
     print_report()
 
 
+def _gpu_acceptance(args: argparse.Namespace) -> None:
+    from sencache.kernels.cuda_drift import CudaUnavailable
+
+    try:
+        from sencache.gpu_acceptance import run
+
+        run(args.out)
+    except CudaUnavailable as e:
+        raise BadInput(f"needs a CUDA GPU: {e}") from None
+
+
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
@@ -211,6 +222,11 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_kernels)
 
     sub.add_parser("doctor", help="what this machine has: GPU, CUDA, TensorRT, ONNX Runtime, NVRTC").set_defaults(func=_doctor)
+
+    a = sub.add_parser("gpu-acceptance", help="on a CUDA GPU: drift kernel parity, bandwidth, decision latency, "
+                                              "cached vs uncached loop; JSON")
+    a.add_argument("--out", type=Path, help="also write the JSON here")
+    a.set_defaults(func=_gpu_acceptance)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

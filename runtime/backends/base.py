@@ -31,22 +31,25 @@ class StageBackend(ABC):
         return {"backend": self.name}
 
 
-def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0) -> StageBackend:
-    """The backend that runs `bundle`: its own unless `name` asks for another it supports."""
+def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, device: str = "cpu") -> StageBackend:
+    """The backend that runs `bundle`: its own unless `name` asks for another it supports.
+    `device` places the PyTorch backend's modules (e.g. "cuda")."""
     if threads < 0:
         raise BadInput(f"--threads must be >= 0 (0: all cores), got {threads}")
     name = name or bundle.manifest["backend"]
     if name != bundle.manifest["backend"]:
         raise BadInput(f"bundle {bundle.path} was built for {bundle.manifest['backend']}, not {name}; "
                        f"build another with `sencache build --backend {name}`")
-    if name == "onnxruntime":
+    if name == "onnxruntime" and device == "cpu":
         from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, threads=threads)
     if name == "torch":
         from sencache.runtime.backends.torch_backend import TorchBackend
 
-        return TorchBackend(bundle, threads=threads)
+        return TorchBackend(bundle, threads=threads, device=device)
+    if device != "cpu":
+        raise BadInput(f"device {device!r} applies to the torch backend; ONNX Runtime picks its own provider")
     if name in ("tensorrt", "tensorrt-rtx"):
         raise BadInput(f"bundle {bundle.path} holds TensorRT engines; this runtime cannot run them yet "
                        f"(the TensorRT backend is not implemented): build with --backend onnxruntime to run here")
