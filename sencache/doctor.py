@@ -57,6 +57,8 @@ def report() -> dict[str, Any]:
     trt_rtx = _importable("tensorrt_rtx")
     nvcc = shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
     cuda_torch = torch.cuda.is_available()
+    modelopt = _version("nvidia-modelopt") if _importable("modelopt") else None
+    fp8 = ["fp8"] if modelopt else []
     return {
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, Python {platform.python_version()}",
         "gpus": gpus or ["none"],
@@ -67,15 +69,20 @@ def report() -> dict[str, Any]:
         "tensorrt_rtx": (_version("tensorrt-rtx-cu13") or _version("tensorrt_rtx") or "installed") if trt_rtx else None,
         "nvrtc": _nvrtc(),
         "nvcc": nvcc,
+        "modelopt": modelopt,
         "build": {
-            "onnxruntime": ["fp32"],
-            "torch": ["fp32"],
-            "tensorrt": "not implemented in this version",
+            "onnxruntime": ["fp32", "fp16", *fp8],
+            "torch": ["fp32", "fp16"],
+            "tensorrt": (["fp32", "fp16", "bf16", *fp8] if gpus else "needs a GPU to build for") if trt
+            else "not installed: pip install 'sencache[tensorrt]' (NVIDIA's index)",
+            "tensorrt-rtx": ["fp32", "fp16", "bf16", *fp8, "targets SM75 SM80 SM86 SM89 SM120 SM121 (no SM90) by --compute-capability, no GPU needed"]
+            if trt_rtx else "not installed: pip install 'sencache[tensorrt-rtx]'",
         },
         "run": {
             "onnxruntime": "CUDA EP" if "CUDAExecutionProvider" in providers else "CPU EP",
             "torch": "CUDA" if cuda_torch else "CPU",
-            "drift kernel": ("compile only (no GPU)" if not gpus else "compile; GPU launch not wired yet")
+            "tensorrt": "not implemented in this version (TensorRT bundles are refused with exit 2)",
+            "drift kernel": ("compile only (no GPU)" if not gpus else "compile; GPU launch by `sencache gpu-acceptance`")
             if _nvrtc() else "unavailable: pip install 'sencache[cuda]'",
         },
     }
