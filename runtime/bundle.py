@@ -102,6 +102,22 @@ class Bundle:
     def write_baselines(self, tables: BaselineTables) -> None:
         tables.save(self.baselines_path)
 
+    def adopt_tables(self, source: Bundle) -> SensitivityTable:
+        """Take the sensitivity table (and baseline tables, if any) of another bundle of the same
+        model and scheduler: an fp8 bundle takes its fp32 bundle's, because finite differences on
+        the quantized model measure quantization noise (2-4x larger Jx, Jt on tiny-wan) and the
+        rule then never reuses."""
+        for key in ("model", "config", "scheduler"):
+            if source.manifest[key] != self.manifest[key]:
+                raise BadInput(f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
+                               f"between builds of the same model and scheduler")
+        table = source.sensitivity()
+        table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest["precision"]}
+        self.write_sensitivity(table)
+        if source.baselines_path.is_file():
+            self.write_baselines(source.baselines())
+        return table
+
     def file(self, name: str) -> Path:
         return self.path / name
 

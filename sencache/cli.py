@@ -30,6 +30,12 @@ def _calibrate(args: argparse.Namespace) -> None:
     from sencache.runtime.sensitivity import SensitivityTable
 
     bundle = Bundle.load(args.engine)
+    if args.import_npz and args.from_bundle:
+        raise BadInput("give --import-npz or --from-bundle, not both")
+    if args.from_bundle:
+        table = bundle.adopt_tables(Bundle.load(args.from_bundle))
+        print(f"took the {len(table.timesteps)}-timestep table of {args.from_bundle} into {bundle.sensitivity_path}")
+        return
     if args.import_npz:
         table = SensitivityTable.from_npz(args.import_npz, meta={"model": bundle.manifest["model"]})
         bundle.write_sensitivity(table)
@@ -178,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int)
     c.add_argument("--seed", type=int, default=1000)
     c.add_argument("--import-npz", type=Path, help="import the authors' .npz table instead of measuring")
+    c.add_argument("--from-bundle", type=Path,
+                   help="take the tables of another build of the same model (an fp8 bundle: its fp32 build's)")
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     c.set_defaults(func=_calibrate)
 

@@ -63,3 +63,22 @@ def test_npz_without_the_authors_keys_is_bad_input(tmp_path):
     (tmp_path / "y.npz").write_bytes(b"garbage")
     with pytest.raises(BadInput):
         SensitivityTable.from_npz(tmp_path / "y.npz")
+
+
+def test_a_bundle_adopts_the_tables_of_another_build_of_its_model(calibrated_bundle, ort_bundle, tmp_path):
+    import shutil
+
+    from sencache.runtime.bundle import Bundle
+
+    target = tmp_path / "other"
+    shutil.copytree(ort_bundle, target)
+    table = Bundle.load(target).adopt_tables(Bundle.load(calibrated_bundle))
+    adopted = Bundle.load(target).sensitivity()
+    np.testing.assert_array_equal(adopted.jx, Bundle.load(calibrated_bundle).sensitivity().jx)
+    assert adopted.meta["adopted_from"] == str(calibrated_bundle) and len(table.timesteps) == len(adopted.timesteps)
+    assert Bundle.load(target).baselines_path.is_file()
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["scheduler"]["flow_shift"] = 5.0
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BadInput, match="scheduler"):
+        Bundle.load(target).adopt_tables(Bundle.load(calibrated_bundle))
