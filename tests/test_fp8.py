@@ -10,6 +10,7 @@ import pytest
 from conftest import engine_for
 from sencache.cli import main
 from sencache.engine_builder.builder import BuildOptions, build
+from sencache.kernels.cuda_drift import CudaUnavailable, open_device
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.pipeline import Request
 from sencache.runtime.policy import NoCache
@@ -70,6 +71,12 @@ def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     assert manifest["quantization"]["blocks_vs_fp32"]["rel_l2"] <= 0.15
     for stage in ("head", "blocks", "tail"):
         assert (out / f"{stage}.engine").stat().st_size > 100_000
+    try:
+        open_device()
+    except CudaUnavailable:
+        code = main(["generate", "--engine", str(out), "--prompt", PROMPTS[0], "--steps", "2", "--out",
+                     str(tmp_path / "run")])
+        assert code == 2 and "need an NVIDIA GPU" in capsys.readouterr().err
 
 
 def test_fp8_needs_an_onnx_backend(capsys, tmp_path):

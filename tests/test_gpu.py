@@ -42,3 +42,27 @@ def test_gpu_acceptance_without_a_gpu_is_one_clear_line(capsys):
         assert "needs a CUDA GPU" in capsys.readouterr().err
     else:
         pytest.skip("a GPU is present: the acceptance run itself is the check")
+
+
+@pytest.mark.gpu
+def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
+    """The stage engines on this GPU against the same bundle in ONNX Runtime."""
+    import importlib.util
+
+    from conftest import engine_for
+    from sencache.runtime.pipeline import Request
+    from sencache.runtime.policy import NoCache
+
+    sm = "SM" + device.arch.removeprefix("sm_")
+    if importlib.util.find_spec("tensorrt"):
+        extra = ["--backend", "tensorrt"]
+    elif importlib.util.find_spec("tensorrt_rtx") and sm in ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121"):
+        extra = ["--backend", "tensorrt-rtx", "--compute-capability", sm]
+    else:
+        pytest.skip(f"no TensorRT that builds for {sm} here")
+    out = tmp_path / "trt"
+    assert main(["build", "--model", "tiny-wan", "--max-batch", "3", "--out", str(out), *extra]) == 0
+    request = Request(["one large white circle static on black"], [1], 8, 4.0)
+    ours = engine_for(out).generate(request, NoCache(1)).latents
+    reference = engine_for(ort_bundle).generate(request, NoCache(1)).latents
+    assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-2

@@ -51,6 +51,7 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
     if device != "cpu":
         raise BadInput(f"device {device!r} applies to the torch backend; ONNX Runtime picks its own provider")
     if name in ("tensorrt", "tensorrt-rtx"):
-        raise BadInput(f"bundle {bundle.path} holds TensorRT engines; this runtime cannot run them yet "
-                       f"(the TensorRT backend is not implemented): build with --backend onnxruntime to run here")
+        from sencache.runtime.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(bundle)
     raise BadInput(f"bundle {bundle.path}: backend {name!r} is not supported by this runtime")
