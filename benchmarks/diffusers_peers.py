@@ -39,6 +39,10 @@ class _RatioCatcher(logging.Handler):
 
 class DiffusersPeers:
     def __init__(self, engine: Engine) -> None:
+        if engine.adapter.family != "wan":
+            raise BadInput(f"the diffusers peers are wired for Wan's pipeline only (its block hooks and sizes); "
+                           f"bench {engine.preset.name} with --methods from: sencache sencache-max fixed fixed-warmup "
+                           f"teacache magcache")
         source = engine.bundle.manifest.get("weights_source")
         if not source or not Path(source).is_dir():
             raise BadInput("diffusers peers need the model's PyTorch weights; the bundle's weights source "

@@ -98,6 +98,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     from sencache.benchmarks.bench import SWEEPS, BenchPlan, evaluation_set, run_bench
+    from sencache.benchmarks.diffusers_peers import PEERS
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.pipeline import Engine
@@ -109,7 +110,8 @@ def _bench(args: argparse.Namespace) -> None:
     steps = defaults["steps"] if args.steps is None else args.steps
     if steps <= 0:
         raise BadInput(f"--steps must be positive, got {steps}")
-    plan = BenchPlan(methods=tuple(args.methods or SWEEPS), prompts=tuple(prompts), seeds=tuple(seeds),
+    default = [m for m in SWEEPS if bundle.manifest["family"] == "wan" or m not in PEERS]
+    plan = BenchPlan(methods=tuple(args.methods or default), prompts=tuple(prompts), seeds=tuple(seeds),
                      steps=steps, guidance=defaults["guidance"], quick=args.quick)
     engine = Engine(bundle, open_backend(bundle, threads=1))
     report = run_bench(engine, plan, args.out)
