@@ -32,8 +32,10 @@ from sencache.runtime.policy import NoCache
 from sencache.runtime.tiny_text import random_spec, tokenize
 
 REPORT = "report.json"
-REAL_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
-"""Models whose head + tail share of a step the report estimates by counting FLOPs."""
+def real_models(engine: Engine) -> list[str]:
+    """The real presets of the bundle's family, whose head + tail share of a step the report
+    estimates by counting FLOPs on the meta device."""
+    return [name for name, preset in engine.adapter.presets.items() if not preset.tiny]
 
 EVAL_PROMPT_SEED = 2024
 """Evaluation prompts are drawn with this seed; calibration draws with its own (1000 by default)."""
@@ -230,7 +232,7 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
             "denoise_s": peer_reference["denoise_s"], "max_abs_latent_diff_vs_ours": parity,
             "note": "diffusers' WanPipeline on the PyTorch path, one sample per call; peers' speed-ups are "
                     "against this run, their quality against our uncached video"},
-        "flops": {name: stage_flops(name) for name in (engine.preset.name, *REAL_MODELS)},
+        "flops": {name: stage_flops(name) for name in (engine.preset.name, *real_models(engine))},
         "runs": runs,
         "comparison": comparison,
     }

@@ -30,7 +30,8 @@ def stage_flops(model: str) -> dict[str, float]:
             streams = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
         counts["blocks"] = float(counter.get_total_flops())
         streams = streams if isinstance(streams, tuple) else (streams,)
-        tail_in = dict(zip(adapter.layout.streams, streams))
+        streams = dict(zip(adapter.layout.streams, streams))
+        tail_in = {k: streams[k] for k in adapter.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in adapter.layout.tail_context})
         with FlopCounterMode(display=False) as counter:
             stages["tail"](**tail_in)

@@ -11,6 +11,7 @@ from sencache.benchmarks.bench import BenchPlan, evaluation_set, run_bench
 from sencache.benchmarks.matched import compare_at_matched_nfe, envelope
 from sencache.benchmarks.metrics import SSIM_K1, SSIM_K2, ssim
 from sencache.runtime.errors import BadInput
+from sencache.runtime.families import ADAPTERS
 
 
 def test_ssim_of_flat_frames_is_the_luminance_term():
@@ -70,3 +71,11 @@ def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path):
     assert stored["diffusers_reference"]["max_abs_latent_diff_vs_ours"] < 1e-3
     assert (tmp_path / "bench" / "quality_vs_nfe.png").stat().st_size > 10_000
     assert "| method |" in (tmp_path / "bench" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("model", [name for adapter in ADAPTERS.values() for name in adapter.presets])
+def test_stage_flops_for_every_model(model):
+    from sencache.benchmarks.flops import stage_flops
+
+    counts = stage_flops(model)
+    assert counts["blocks"] > 0 and 0 < counts["head_tail_share"] < 0.05
