@@ -59,7 +59,7 @@ def test_fp8_denoiser_stays_close_to_fp32_and_generates(fp8_bundle, ort_bundle):
     assert np.all(np.isfinite(frames)) and frames.std() > 0.05
 
 
-@pytest.mark.parametrize("model", ["tiny-wan", "tiny-cogvideox"])
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-cogvideox", "tiny-ltx"])
 def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
     out = tmp_path / "rtx"
@@ -70,7 +70,7 @@ def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     assert manifest["tensorrt"]["compute_capability"] == "SM89"
     assert manifest["quantization"]["blocks_vs_fp32"]["rel_l2"] <= 0.15
     for stage in ("head", "blocks", "tail"):
-        assert (out / f"{stage}.engine").stat().st_size > 100_000
+        assert (out / f"{stage}.engine").stat().st_size > 50_000
     try:
         open_device()
     except CudaUnavailable:

@@ -29,3 +29,14 @@ def test_tensorrt_rtx_without_target_or_runtime_is_bad_input(capsys, tmp_path, o
                  "--out", str(tmp_path / "b")]) == 2
     assert "SM89" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("model,precision", [("tiny-wan", "fp16"), ("tiny-cogvideox", "fp32"),
+                                             ("tiny-cogvideox", "fp16"), ("tiny-ltx", "fp32"), ("tiny-ltx", "fp16")])
+def test_tensorrt_rtx_builds_every_tiny_bundle(capsys, tmp_path, model, precision):
+    out = tmp_path / "rtx"
+    code = main(["build", "--model", model, "--backend", "tensorrt-rtx", "--precision", precision,
+                 "--compute-capability", "SM89", "--max-batch", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for stage in ("head", "blocks", "tail"):
+        assert (out / f"{stage}.engine").stat().st_size > 50_000
