@@ -58,11 +58,10 @@ def open_device(ordinal: int = 0) -> Device:
     """The primary context of GPU `ordinal` (the one PyTorch and TensorRT also use), made current."""
     driver = _driver()
     try:
-        _ok(driver.cuInit(0), "cuInit")
-    except CudaUnavailable:
-        raise
+        result = driver.cuInit(0)
     except Exception as e:  # the bindings raise their own error when libcuda itself is missing
         raise CudaUnavailable(f"no NVIDIA driver here: {e}") from None
+    _ok(result, "cuInit")
     device = _ok(driver.cuDeviceGet(ordinal), "cuDeviceGet")
     attr = driver.CUdevice_attribute
     major = _ok(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "attribute")

@@ -261,6 +261,8 @@ class Engine:
 
         sampler = self.sampler(request.steps)
         timesteps = [float(t) for t in sampler.timesteps]
+        scales = ([self.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
+                  if request.dynamic_cfg else [request.guidance] * len(timesteps))
         generators = self.generators(request.seeds)
         x = self.initial_latents(generators)
         anchor = np.zeros((batch, *self.latent_shape), np.float32)
@@ -284,9 +286,7 @@ class Engine:
             decision_s += time.perf_counter() - tick
 
             noise = self._finish(head, np.flatnonzero(decision.run[row_sample]), cache)
-            scale = self.adapter.dynamic_guidance(request.guidance, t, request.steps) if request.dynamic_cfg \
-                else request.guidance
-            guided = self._guide(noise, batch, cfg, scale)
+            guided = self._guide(noise, batch, cfg, scales[i])
 
             if decision.run.any():
                 anchor[decision.run] = x_np[decision.run]

@@ -148,9 +148,10 @@ class FamilyAdapter(ABC):
     def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
         """The head, blocks and tail stages of `transformer` as modules with tensor-only I/O."""
 
-    @abstractmethod
     def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
-        """The diffusers scheduler (`_class_name` plus config) that the real pipeline uses."""
+        """The diffusers scheduler (`_class_name` plus config) that the real pipeline uses: the
+        preset's published one unless the family derives it."""
+        return dict(preset.scheduler)
 
     @abstractmethod
     def pipeline_class(self) -> type:
@@ -180,13 +181,16 @@ class FamilyAdapter(ABC):
 
     def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
         """Text embeddings [B, tokens, channels] by the pipeline's own encode_prompt."""
+        return self._encode_prompt(pipeline, prompts, preset)[0].float().numpy()
+
+    def _encode_prompt(self, pipeline, prompts: list[str], preset: ModelPreset) -> tuple:
+        """What the pipeline's encode_prompt returns for `prompts`, without guidance."""
         if pipeline.text_encoder is None or pipeline.tokenizer is None:
             raise BadInput(f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
                            f"prompt embeddings")
         with torch.no_grad():
-            embeds = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                            max_sequence_length=self.text_shape(preset)[0], device="cpu")[0]
-        return embeds.float().numpy()
+            return pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                          max_sequence_length=self.text_shape(preset)[0], device="cpu")
 
     def decode(self, latents: np.ndarray, preset: ModelPreset, shapes: Shapes, pipeline=None) -> np.ndarray:
         """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]: a tiny model's latents are
@@ -199,9 +203,13 @@ class FamilyAdapter(ABC):
             video = self.decode_real(torch.from_numpy(latents), pipeline, preset, shapes)
         return np.asarray(pipeline.video_processor.postprocess_video(video, output_type="np"), np.float32)
 
-    @abstractmethod
+    tiny_axes: tuple[int, ...] = ()
+    """Where a tiny model's latent [B, ...] takes its axes from a clip [B, T, H, W, 3]."""
+
     def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
         """A tiny model's latents as frames [B, T, H, W, 3] in [0, 1]."""
+        frames = latents.transpose(np.argsort(self.tiny_axes))
+        return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
 
     def tiny_text_dim(self, preset: ModelPreset) -> int:
         """Width of the tiny text encoder's embeddings for this model."""
@@ -215,9 +223,9 @@ class FamilyAdapter(ABC):
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
         """The pipeline's own latent-to-video steps, up to the VAE output [B, 3, T, H, W]."""
 
-    @abstractmethod
     def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
         """Training clips [B, T, H, W, 3] in [0, 1] as a tiny model's latents (inverse of decode)."""
+        return (clips.transpose(self.tiny_axes) * 2.0 - 1.0).astype(np.float32)
 
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
         """The guidance scale at timestep `t` under the pipeline's dynamic-CFG option, if it has one."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -173,7 +172,10 @@ class CogVideoXSampler(Sampler):
     previous timestep; both schedulers take eta 0 and the per-sample generators (DPM adds noise)."""
 
     def __init__(self, scheduler, steps: int) -> None:
+        from diffusers import CogVideoXDPMScheduler
+
         super().__init__(scheduler, steps)
+        self._dpm = isinstance(scheduler, CogVideoXDPMScheduler)
         self._previous_x0: torch.Tensor | None = None
 
     def start_at(self, index: int) -> None:
@@ -181,10 +183,8 @@ class CogVideoXSampler(Sampler):
 
     def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
              generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        from diffusers import CogVideoXDPMScheduler
-
         t = self.timesteps[index]
-        if not isinstance(self.scheduler, CogVideoXDPMScheduler):
+        if not self._dpm:
             return self.scheduler.step(noise, t, x, eta=0.0, generator=generators, return_dict=False)[0]
         back = self.timesteps[index - 1] if index > 0 else None
         x, self._previous_x0 = self.scheduler.step(noise, self._previous_x0, t, back, x, eta=0.0,
@@ -201,6 +201,7 @@ class CogVideoXAdapter(FamilyAdapter):
         tail_streams=("hidden",),
     )
     modulation = "temb"
+    tiny_axes = (0, 1, 4, 2, 3)  # [B, F, C, H, W]
     aliases = {"cogvideox": "cogvideox1.5-5b"}
     presets = {
         "tiny-cogvideox": ModelPreset(
@@ -334,9 +335,6 @@ class CogVideoXAdapter(FamilyAdapter):
         grid = (frames // p_t, height // p, width // p)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer, grid)}
 
-    def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
-        return dict(preset.scheduler)
-
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
         """CogVideoXPipeline's `use_dynamic_cfg` formula, as written there: it takes the timestep
         value (0..999), not the step index, against the number of steps."""
@@ -349,12 +347,6 @@ class CogVideoXAdapter(FamilyAdapter):
         from diffusers import CogVideoXPipeline
 
         return CogVideoXPipeline
-
-    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
-        return (clips.transpose(0, 1, 4, 2, 3) * 2.0 - 1.0).astype(np.float32)
-
-    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
-        return np.clip((latents.transpose(0, 1, 3, 4, 2) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
 
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
         return pipeline.decode_latents(latents[:, self.padding_frames(preset, shapes):])

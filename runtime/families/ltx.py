@@ -228,9 +228,6 @@ class LTXAdapter(FamilyAdapter):
         rope = transformer.rope(probe, f, h, w, scale, None)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
 
-    def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
-        return dict(preset.scheduler)
-
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return LTXSampler(scheduler, steps, self.latent_shape(preset, shapes)[0])
 
@@ -247,12 +244,7 @@ class LTXAdapter(FamilyAdapter):
         return LTXPipeline
 
     def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
-        if pipeline.text_encoder is None or pipeline.tokenizer is None:
-            raise BadInput(f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
-                           f"prompt embeddings")
-        with torch.no_grad():
-            embeds, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                                        max_sequence_length=self.text_shape(preset)[0], device="cpu")
+        embeds, mask, _, _ = self._encode_prompt(pipeline, prompts, preset)
         return pack_text(embeds.float().numpy(), mask.numpy())
 
     def tiny_latents(self, clips: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -146,6 +145,7 @@ class WanAdapter(FamilyAdapter):
         shared=("rope_cos", "rope_sin"),
     )
     modulation = "temb"
+    tiny_axes = (0, 4, 1, 2, 3)  # [B, C, F, H, W]
     presets = {
         "tiny-wan": ModelPreset(
             name="tiny-wan",
@@ -224,12 +224,6 @@ class WanAdapter(FamilyAdapter):
         from diffusers import WanPipeline
 
         return WanPipeline
-
-    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
-        return (clips.transpose(0, 4, 1, 2, 3) * 2.0 - 1.0).astype(np.float32)
-
-    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
-        return np.clip((latents.transpose(0, 2, 3, 4, 1) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
 
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
         vae = pipeline.vae
