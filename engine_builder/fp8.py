@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from sencache.engine_builder.onnx_export import BuildFailed, compare
 from sencache.runtime.backends.base import open_backend
@@ -67,11 +68,11 @@ def blocks_inputs(engine: Engine, samples: int, seed: int, every: int = 2) -> di
             x = run.trajectory[k]
             latent = x if uncond is None else np.concatenate([x, x])
             cond = text if uncond is None else np.concatenate([text, uncond])
-            head = engine.backend.run("head", {"latent": latent, "timestep": np.full(len(latent), run.timesteps[k],
-                                                                                     np.float32), "text": cond})
+            feeds = {"latent": latent, "timestep": np.full(len(latent), run.timesteps[k], np.float32), "text": cond}
+            head = engine.backend.run("head", {k: torch.from_numpy(v) for k, v in feeds.items()})
             count = len(latent)
             for name in layout.blocks_inputs:
-                value = head[name]
+                value = head[name].numpy()
                 rows[name].append(np.repeat(value, count, axis=0) if name in layout.shared else value)
     return {name: np.concatenate(values).astype(np.float32) for name, values in rows.items()}
 

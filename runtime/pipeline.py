@@ -11,6 +11,7 @@ never reuses is bit-identical to the uncached run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from sencache.kernels.drift import drift_sumsq
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.baselines import (
     FixedPolicy,
@@ -33,6 +33,7 @@ from sencache.runtime.baselines import (
     TeaCacheSettings,
 )
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import NOISE, Sampler
 from sencache.runtime.policy import CachePolicy, NoCache, SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
@@ -125,6 +126,8 @@ class Engine:
         self.max_rows = bundle.shapes.max_batch * 2
         self._text_encoder: TinyTextEncoder | None = None
         self._components = None
+        self._meter: HostDriftMeter | CudaDriftMeter | None = None
+        self._cuda_stream: torch.cuda.Stream | None = None
 
     def scheduler(self):
         return self.adapter.make_scheduler(self.preset, self.bundle.manifest["scheduler"])
@@ -209,45 +212,81 @@ class Engine:
                 guidance: float) -> Prediction:
         """The full, uncached denoiser with guidance, f(x, t, c), for a batch with per-row t,
         with the signals the baselines calibrate on."""
+        with self._stream():
+            return self._predict(latents, t, text, uncond, guidance)
+
+    def _predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
+                 guidance: float) -> Prediction:
         batch = len(latents)
-        rows = self._rows(latents, text, uncond)
+        rows = self._rows(self._to_device(latents), self._to_device(text),
+                          None if uncond is None else self._to_device(uncond))
         branches = len(rows["latent"]) // batch
-        head = self._head(rows["latent"], np.concatenate([t] * branches).astype(np.float32), rows["text"])
+        head = self._head(rows["latent"], self._to_device(np.concatenate([t] * branches).astype(np.float32)),
+                          rows["text"])
         out = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
         stream = self.layout.streams[0]
-        residual = out[stream + "_out"][:batch] - head[stream][:batch]
+        residual = _host(out[stream + "_out"][:batch] - head[stream][:batch])
         tail_in = {s: out[s + "_out"] for s in self.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
-        noise = self.backend.run("tail", tail_in)[NOISE].astype(np.float32, copy=False)
-        return Prediction(guided=self._guide(noise, batch, uncond is not None, guidance), cond=noise[:batch],
-                          modulation=head[self.adapter.modulation][:batch],
+        noise = self.backend.run("tail", tail_in)[NOISE].float()
+        return Prediction(guided=_host(self._guide(noise, batch, uncond is not None, guidance)),
+                          cond=_host(noise[:batch]), modulation=_host(head[self.adapter.modulation][:batch]),
                           residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))
 
-    def _head(self, latent: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> dict[str, np.ndarray]:
+    def _to_device(self, value: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(value)).to(self.backend.device)
+
+    def _index(self, rows: np.ndarray) -> torch.Tensor:
+        """Row indices on the backend's device; on a GPU through pinned memory, so no host wait."""
+        index = torch.from_numpy(rows.astype(np.int64))
+        if self.backend.device.type == "cpu":
+            return index
+        return index.pin_memory().to(self.backend.device, non_blocking=True)
+
+    def _head(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.backend.run("head", {"latent": latent, "timestep": timestep, "text": text})
 
-    def _finish(self, head: dict[str, np.ndarray], run_rows: np.ndarray, cache: dict[str, np.ndarray] | None) -> np.ndarray:
+    def _finish(self, head: dict[str, torch.Tensor], run_rows: np.ndarray,
+                cache: dict[str, torch.Tensor] | None) -> torch.Tensor:
         streams = self._blocks(head, run_rows, len(head[self.layout.streams[0]]), cache)
         tail_in = {s: streams[s] for s in self.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
-        return self.backend.run("tail", tail_in)[NOISE].astype(np.float32, copy=False)
+        return self.backend.run("tail", tail_in)[NOISE].float()
 
     @staticmethod
-    def _rows(latents: np.ndarray, text: np.ndarray, uncond: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _rows(latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Engine rows: the batch, then (with CFG) the same latents with the unconditional text."""
         if uncond is None:
             return {"latent": latents, "text": text}
-        return {"latent": np.concatenate([latents, latents]), "text": np.concatenate([text, uncond])}
+        return {"latent": torch.cat([latents, latents]), "text": torch.cat([text, uncond])}
 
     @staticmethod
-    def _guide(noise: np.ndarray, batch: int, cfg: bool, guidance: float) -> np.ndarray:
+    def _guide(noise: torch.Tensor, batch: int, cfg: bool, guidance: float) -> torch.Tensor:
         if not cfg:
             return noise
         cond, uncond = noise[:batch], noise[batch:]
         return uncond + guidance * (cond - uncond)
 
     def generate(self, request: Request, policy: CachePolicy, record: bool = False, progress: bool = False) -> Result:
-        """Denoise `request` as one batch under `policy`; latents come back undecoded."""
+        """Denoise `request` as one batch under `policy`; latents come back undecoded.
+
+        Latents, anchors, the cache and every stage's tensors stay on the backend's device, and on
+        a GPU all work goes to the engine's own CUDA stream (never the default stream, on which
+        TensorRT synchronizes). Per step the drift is queued first, then the head (which does not
+        depend on the decision), and the host waits for the per-sample drift alone before it
+        decides and queues the blocks on the running rows, the tail and the solver step."""
+        with self._stream():
+            return self._generate(request, policy, record, progress)
+
+    def _stream(self) -> contextlib.AbstractContextManager:
+        """Make the engine's CUDA stream current (a GPU backend), or nothing (the host)."""
+        if self.backend.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream(self.backend.device)
+        return torch.cuda.stream(self._cuda_stream)
+
+    def _generate(self, request: Request, policy: CachePolicy, record: bool, progress: bool) -> Result:
         batch = len(request.prompts)
         cfg = request.guidance > 1.0
         branches = 2 if cfg else 1
@@ -256,7 +295,7 @@ class Engine:
                            f"{self.bundle.shapes.max_batch} samples (rebuild with --max-batch)")
         text = self._embeddings(request.prompt_embeds, request.prompts)
         uncond = self._embeddings(request.negative_prompt_embeds, [""] * batch) if cfg else None
-        text_rows = text if uncond is None else np.concatenate([text, uncond])
+        text_rows = self._to_device(text if uncond is None else np.concatenate([text, uncond]))
         row_sample = np.tile(np.arange(batch), branches)
 
         sampler = self.sampler(request.steps)
@@ -264,9 +303,11 @@ class Engine:
         scales = ([self.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
                   if request.dynamic_cfg else [request.guidance] * len(timesteps))
         generators = self.generators(request.seeds)
-        x = self.initial_latents(generators)
-        anchor = np.zeros((batch, *self.latent_shape), np.float32)
-        cache: dict[str, np.ndarray] | None = {} if policy.may_reuse else None
+        device = self.backend.device
+        x = self.initial_latents(generators).to(device)
+        anchor = torch.zeros_like(x)
+        meter = self._drift_meter() if policy.needs_drift else None
+        cache: dict[str, torch.Tensor] | None = {} if policy.may_reuse else None
         decisions: list[list[str]] = [[] for _ in range(batch)]
         trace: list[list[dict[str, Any]]] = [[] for _ in range(batch)]
         trajectory: list[np.ndarray] | None = [] if record else None
@@ -275,21 +316,25 @@ class Engine:
         steps = tqdm(sampler.timesteps, desc=f"denoise ({policy.name})", unit="step", disable=not progress, leave=False)
         for i, _ in enumerate(steps):
             t = timesteps[i]
-            x_np = x.numpy()
             if trajectory is not None:
-                trajectory.append(x_np.copy())
-            head = self._head(np.concatenate([x_np] * branches), np.full(batch * branches, t, np.float32), text_rows)
+                trajectory.append(_host(x).copy())
             tick = time.perf_counter()
-            drift = drift_sumsq(x_np, anchor) if policy.needs_drift and i > 0 else None
-            modulation = head[self.adapter.modulation][:batch] if policy.needs_modulation else None
+            if meter is not None and i > 0:
+                meter.start(x, anchor)
+            head = self._head(torch.cat([x] * branches), torch.full((batch * branches,), t, dtype=torch.float32, device=device), text_rows)
+            drift = meter.result() if meter is not None and i > 0 else None
+            modulation = _host(head[self.adapter.modulation][:batch]) if policy.needs_modulation else None
             decision = policy.decide(i, t, drift, modulation)
             decision_s += time.perf_counter() - tick
 
             noise = self._finish(head, np.flatnonzero(decision.run[row_sample]), cache)
             guided = self._guide(noise, batch, cfg, scales[i])
 
-            if decision.run.any():
-                anchor[decision.run] = x_np[decision.run]
+            if decision.run.all():
+                anchor.copy_(x)
+            elif decision.run.any():
+                ran = self._index(np.flatnonzero(decision.run))
+                anchor.index_copy_(0, ran, x.index_select(0, ran))
             for b in range(batch):
                 verdict = "run" if decision.run[b] else "reuse"
                 decisions[b].append(verdict)
@@ -297,19 +342,26 @@ class Engine:
                 trace[b].append({"step": i, "t": t, "score": None if math.isnan(score) else float(score),
                                  "eps": None if math.isnan(decision.threshold) else decision.threshold,
                                  "forced": decision.forced, "decision": verdict})
-            x = sampler.step(i, torch.from_numpy(guided), x, generators)
+            x = sampler.step(i, guided, x, generators)
+        latents = _host(x)
         denoise_s = time.perf_counter() - start
         warnings = []
         outside = getattr(policy, "outside_table", [])
         if outside:
             warnings.append(f"{len(outside)} sensitivity look-ups fell outside the table's timesteps "
                             f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge")
-        return Result(latents=x.numpy(), timesteps=timesteps, decisions=decisions, trace=trace,
+        return Result(latents=latents, timesteps=timesteps, decisions=decisions, trace=trace,
                       timing={"denoise_s": denoise_s, "decision_s": decision_s}, warnings=warnings,
                       trajectory=trajectory)
 
-    def _blocks(self, head: dict[str, np.ndarray], run_rows: np.ndarray, rows: int,
-                cache: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    def _drift_meter(self) -> HostDriftMeter | CudaDriftMeter:
+        """The drift meter for this engine's device and largest batch, made once."""
+        if self._meter is None:
+            self._meter = drift_meter(self.backend.device, self.bundle.shapes.max_batch, self.numel)
+        return self._meter
+
+    def _blocks(self, head: dict[str, torch.Tensor], run_rows: np.ndarray, rows: int,
+                cache: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Streams after the blocks: computed for `run_rows`, cached residual added elsewhere."""
         layout = self.layout
         if len(run_rows) == rows:
@@ -321,10 +373,16 @@ class Engine:
             return new
         streams = {s: head[s] + cache[s] for s in layout.streams}
         if len(run_rows):
-            inputs = {k: head[k] if k in layout.shared else head[k][run_rows] for k in layout.blocks_inputs}
+            index = self._index(run_rows)
+            inputs = {k: head[k] if k in layout.shared else head[k].index_select(0, index) for k in layout.blocks_inputs}
             out = self.backend.run("blocks", inputs)
             for s in layout.streams:
                 fresh = out[s + "_out"]
-                streams[s][run_rows] = fresh
-                cache[s][run_rows] = fresh - head[s][run_rows]
+                streams[s].index_copy_(0, index, fresh)
+                cache[s].index_copy_(0, index, fresh - head[s].index_select(0, index))
         return streams
+
+
+def _host(value: torch.Tensor) -> np.ndarray:
+    """A host NumPy view (or copy, from a GPU) of `value`."""
+    return value.detach().cpu().numpy()

@@ -79,7 +79,7 @@ def _generate(args: argparse.Namespace) -> None:
     seeds = args.seed or [0]
     request = Request(args.prompt or [], seeds, defaults["steps"] if args.steps is None else args.steps,
                       defaults["guidance"] if args.guidance is None else args.guidance, dynamic_cfg=args.dynamic_cfg)
-    engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads))
+    engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
     knobs = {name: getattr(args, name) for name in ("eps_start", "eps_main", "max_reuse", "interval", "warmup",
                                                     "threshold", "retention")}
@@ -210,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--retention", type=float, help="magcache: fraction of first steps always run")
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
+    g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
     g.add_argument("--out", type=Path, required=True)
     g.set_defaults(func=_generate)
 

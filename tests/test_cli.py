@@ -114,6 +114,20 @@ def test_import_npz_round_trips(capsys, calibrated_bundle, tmp_path):
     np.testing.assert_array_equal(imported.jt, original.jt)
 
 
+def test_device_flag_is_checked(capsys, ort_bundle, torch_bundle, tmp_path):
+    """--device places torch bundles only; a GPU that is not there is one clear line."""
+    import torch
+
+    code, err = run_cli(capsys, *generate_args(ort_bundle, tmp_path / "a", "--device", "cuda"))
+    assert code == 2 and "applies to torch bundles" in err
+    code, err = run_cli(capsys, *generate_args(torch_bundle, tmp_path / "b", "--device", "npu:7"))
+    assert code == 2 and "--device" in err
+    if not torch.cuda.is_available():
+        code, err = run_cli(capsys, *generate_args(torch_bundle, tmp_path / "c", "--device", "cuda"))
+        assert code == 2 and "sees no CUDA GPU" in err
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_build_engine_script_is_the_build_command(tmp_path):
     done = subprocess.run([sys.executable, "engine_builder/build_engine.py", "--model", "sora", "--out", str(tmp_path / "b")],
                           capture_output=True, text=True)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sencache.cli import main
+from sencache.gpu_acceptance import loop_backend
 from sencache.kernels.cuda_drift import CudaUnavailable, DeviceDrift, download, open_device, upload
 from sencache.kernels.host_reference import drift_reference
 
@@ -47,22 +48,73 @@ def test_gpu_acceptance_without_a_gpu_is_one_clear_line(capsys):
 @pytest.mark.gpu
 def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
     """The stage engines on this GPU against the same bundle in ONNX Runtime."""
-    import importlib.util
-
     from conftest import engine_for
     from sencache.runtime.pipeline import Request
     from sencache.runtime.policy import NoCache
 
-    sm = "SM" + device.arch.removeprefix("sm_")
-    if importlib.util.find_spec("tensorrt"):
-        extra = ["--backend", "tensorrt"]
-    elif importlib.util.find_spec("tensorrt_rtx") and sm in ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121"):
-        extra = ["--backend", "tensorrt-rtx", "--compute-capability", sm]
-    else:
-        pytest.skip(f"no TensorRT that builds for {sm} here")
+    backend, target = loop_backend(device.arch)
+    if backend == "torch":
+        pytest.skip(f"no TensorRT that builds for {device.arch} here")
+    extra = ["--backend", backend, *(["--compute-capability", target] if target else [])]
     out = tmp_path / "trt"
     assert main(["build", "--model", "tiny-wan", "--max-batch", "3", "--out", str(out), *extra]) == 0
     request = Request(["one large white circle static on black"], [1], 8, 4.0)
     ours = engine_for(out).generate(request, NoCache(1)).latents
     reference = engine_for(ort_bundle).generate(request, NoCache(1)).latents
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-2
+
+
+def _syncs(engine, request, policy) -> int:
+    """Synchronizing calls PyTorch sees during one generate."""
+    import warnings
+
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            engine.generate(request, policy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "tensorrt"])
+def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
+    """The cached loop on the GPU: no PyTorch-visible host sync per step (the drift read-back goes
+    through the driver's event wait), so a longer run syncs no more often than a short one; and
+    the cached run on the GPU stays close to the uncached one."""
+    import torch
+
+    from sencache.runtime.backends.base import open_backend
+    from sencache.runtime.bundle import Bundle
+    from sencache.runtime.pipeline import Engine, Request
+    from sencache.runtime.policy import NoCache
+
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    if backend == "tensorrt":
+        backend, target = loop_backend(device.arch)
+        if backend == "torch":
+            pytest.skip(f"no TensorRT that builds for {device.arch} here")
+        extra = ["--backend", backend, *(["--compute-capability", target] if target else [])]
+    else:
+        extra = ["--backend", "torch"]
+    out = tmp_path / "bundle"
+    assert main(["build", "--model", "tiny-wan", "--max-batch", "2", "--out", str(out), *extra]) == 0
+    bundle = Bundle.load(out)
+    engine = Engine(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
+    assert engine.backend.device.type == "cuda"
+    knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
+    prompts, seeds = ["one large white circle static on black", "two small red squares moving left fast"], [1, 2]
+    short = _syncs(engine, Request(prompts, seeds, 6, 4.0), engine.policy("sencache", 6, 2, knobs))
+    long = _syncs(engine, Request(prompts, seeds, 20, 4.0), engine.policy("sencache", 20, 2, knobs))
+    assert long == short
+    request = Request(prompts, seeds, 20, 4.0)
+    cached = engine.generate(request, engine.policy("sencache", 20, 2, knobs))
+    reference = engine.generate(request, NoCache(2))
+    assert min(cached.nfe) < 20
+    error = np.linalg.norm(cached.latents - reference.latents) / np.linalg.norm(reference.latents)
+    assert error < 0.3

@@ -1,10 +1,10 @@
-"""The interface every backend gives the denoising loop: run one stage on named arrays."""
+"""The interface every backend gives the denoising loop: run one stage on named tensors."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import numpy as np
+import torch
 
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
@@ -13,43 +13,48 @@ STAGES = ("head", "blocks", "tail")
 
 
 class StageBackend(ABC):
-    """Runs the head, blocks and tail stages of one bundle.
+    """Runs the head, blocks and tail stages of one bundle on one device.
 
-    Inputs and outputs are name -> array, with the names of the bundle's stage layout. The
-    blocks stage accepts any batch from 1 to the bundle's max rows (sub-batches of the samples
-    that run).
+    Inputs and outputs are name -> tensor on `device`, with the names of the bundle's stage
+    layout; the loop keeps its latents, cache and anchors there too, so nothing crosses to the
+    host between stages. The blocks stage accepts any batch from 1 to the bundle's max rows
+    (sub-batches of the samples that run). On a GPU, work is queued on the current CUDA stream
+    and `run` returns without waiting for it. An output stays valid until the same stage runs
+    again (a backend may hand out views of buffers it reuses).
     """
 
     name: str
+    device: torch.device
 
     @abstractmethod
-    def run(self, stage: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run `stage` on `inputs`; returns its outputs by name."""
 
     def describe(self) -> dict[str, str]:
         """What runs where, for stats and logs."""
-        return {"backend": self.name}
+        return {"backend": self.name, "device": str(self.device)}
 
 
 def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, device: str = "cpu") -> StageBackend:
     """The backend that runs `bundle`: its own unless `name` asks for another it supports.
-    `device` places the PyTorch backend's modules (e.g. "cuda")."""
+    `device` places the PyTorch backend's modules (e.g. "cuda"); TensorRT bundles always run on
+    the GPU and ONNX Runtime bundles on the host."""
     if threads < 0:
         raise BadInput(f"--threads must be >= 0 (0: all cores), got {threads}")
     name = name or bundle.manifest["backend"]
     if name != bundle.manifest["backend"]:
         raise BadInput(f"bundle {bundle.path} was built for {bundle.manifest['backend']}, not {name}; "
                        f"build another with `sencache build --backend {name}`")
-    if name == "onnxruntime" and device == "cpu":
-        from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(bundle, threads=threads)
     if name == "torch":
         from sencache.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, threads=threads, device=device)
     if device != "cpu":
-        raise BadInput(f"device {device!r} applies to the torch backend; ONNX Runtime picks its own provider")
+        raise BadInput(f"--device {device} applies to torch bundles; a {name} bundle picks its own device")
+    if name == "onnxruntime":
+        from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, threads=threads)
     if name in ("tensorrt", "tensorrt-rtx"):
         from sencache.runtime.backends.tensorrt_backend import TensorRTBackend
 

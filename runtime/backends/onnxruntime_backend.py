@@ -1,11 +1,14 @@
 """ONNX Runtime backend: one InferenceSession per stage; CUDA EP when present, else the CPU EP.
 
-Inputs are cast to the dtype each stage was exported with (fp16 bundles take fp16 latents)."""
+The loop's tensors live on the host (ONNX Runtime copies to and from its CUDA EP itself); they
+cross into and out of the sessions as NumPy views without copies. Inputs are cast to the dtype
+each stage was exported with (fp16 bundles take fp16 latents)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from sencache.runtime.backends.base import STAGES, StageBackend
 from sencache.runtime.bundle import Bundle
@@ -16,6 +19,7 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 class OnnxRuntimeBackend(StageBackend):
     name = "onnxruntime"
+    device = torch.device("cpu")
 
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         available = ort.get_available_providers()
@@ -36,11 +40,12 @@ class OnnxRuntimeBackend(StageBackend):
             self.outputs[stage] = [o.name for o in self.sessions[stage].get_outputs()]
             self.input_types[stage] = {i.name: _NUMPY[i.type] for i in self.sessions[stage].get_inputs()}
 
-    def run(self, stage: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         types = self.input_types[stage]
-        feeds = {name: value if value.dtype == types[name] else value.astype(types[name]) for name, value in inputs.items()}
+        feeds = {name: np.ascontiguousarray(value.numpy(), dtype=types[name]) for name, value in inputs.items()}
         outputs = self.sessions[stage].run(self.outputs[stage], feeds)
-        return dict(zip(self.outputs[stage], outputs))
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs[stage], outputs)}
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "providers": ",".join(self.providers), "onnxruntime": ort.__version__}
+        return {"backend": self.name, "device": "cpu", "providers": ",".join(self.providers),
+                "onnxruntime": ort.__version__}

@@ -1,12 +1,13 @@
-"""PyTorch reference backend: the diffusers transformer itself, split by the family adapter."""
+"""PyTorch reference backend: the diffusers transformer itself, split by the family adapter,
+on the host or a GPU; the loop's tensors stay on that device."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sencache.runtime.backends.base import STAGES, StageBackend
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.errors import BadInput
 
 
 class TorchBackend(StageBackend):
@@ -15,19 +16,23 @@ class TorchBackend(StageBackend):
     def __init__(self, bundle: Bundle, threads: int = 0, device: str = "cpu") -> None:
         if threads:
             torch.set_num_threads(threads)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise BadInput(f"--device {device!r}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BadInput(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
         preset = bundle.preset
         transformer = bundle.adapter.build_transformer(preset, bundle.file(bundle.manifest["weights"]))
-        self.device = torch.device(device)
         self.modules = {k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()}
         self.specs = {stage: bundle.manifest["stages"][stage] for stage in STAGES}
 
     @torch.no_grad()
-    def run(self, stage: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.specs[stage]
-        args = {name: torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device) for name in spec["inputs"]}
-        out = self.modules[stage](**args)
+        out = self.modules[stage](**{name: inputs[name] for name in spec["inputs"]})
         out = out if isinstance(out, tuple) else (out,)
-        return {name: value.cpu().numpy() for name, value in zip(spec["outputs"], out)}
+        return dict(zip(spec["outputs"], out))
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "torch": torch.__version__, "device": str(self.device)}
