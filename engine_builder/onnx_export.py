@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -80,3 +81,37 @@ def validate_stage(module: nn.Module, spec: StageSpec, inputs: dict[str, torch.T
         raise BuildFailed(f"{spec.name} stage: ONNX Runtime differs from PyTorch by relative L2 {worst['rel_l2']:.2e} "
                           f"(max abs {worst['max_abs']:.2e}); the limit is {tolerance:.0e}")
     return worst
+
+
+def widen_bf16(source: Path, target: Path) -> None:
+    """Write `source` with every bf16 type, initializer, constant and cast turned into fp32.
+
+    bf16 values are exact in fp32, so ONNX Runtime's CPU provider (which has no bf16 kernels) can
+    check what the bf16 graph computes, its structure and its weights; the rounding of its
+    activations to bf16 is what this leaves out."""
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    model = onnx.load(str(source))
+
+    def widen_tensor(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type != bf16:
+            return
+        bits = (np.frombuffer(tensor.raw_data, np.uint16) if tensor.raw_data
+                else np.asarray(tensor.int32_data, np.uint32).astype(np.uint16))
+        values = (bits.astype(np.uint32) << 16).view(np.float32).reshape(tuple(tensor.dims))
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
+
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = fp32
+    for tensor in graph.initializer:
+        widen_tensor(tensor)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                widen_tensor(attribute.t)
+            elif node.op_type == "Cast" and attribute.name == "to" and attribute.i == bf16:
+                attribute.i = fp32
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                raise BuildFailed(f"{source.name}: subgraphs ({node.op_type}) are not widened for the bf16 check")
+    onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")

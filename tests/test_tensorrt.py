@@ -31,8 +31,9 @@ def test_tensorrt_rtx_without_target_or_runtime_is_bad_input(capsys, tmp_path, o
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("model,precision", [("tiny-wan", "fp16"), ("tiny-cogvideox", "fp32"),
-                                             ("tiny-cogvideox", "fp16"), ("tiny-ltx", "fp32"), ("tiny-ltx", "fp16")])
+@pytest.mark.parametrize("model,precision", [("tiny-wan", "fp16"), ("tiny-wan", "bf16"), ("tiny-cogvideox", "fp32"),
+                                             ("tiny-cogvideox", "fp16"), ("tiny-cogvideox", "bf16"),
+                                             ("tiny-ltx", "fp32"), ("tiny-ltx", "fp16"), ("tiny-ltx", "bf16")])
 def test_tensorrt_rtx_builds_every_tiny_bundle(capsys, tmp_path, model, precision):
     out = tmp_path / "rtx"
     code = main(["build", "--model", model, "--backend", "tensorrt-rtx", "--precision", precision,
@@ -40,3 +41,17 @@ def test_tensorrt_rtx_builds_every_tiny_bundle(capsys, tmp_path, model, precisio
     assert code == 0, capsys.readouterr().err
     for stage in ("head", "blocks", "tail"):
         assert (out / f"{stage}.engine").stat().st_size > 50_000
+
+
+def test_bf16_bundles_are_validated_widened_and_estimated(capsys, tmp_path):
+    """bf16 stages are checked in ONNX Runtime widened to fp32 (structure and weights) and the
+    precision loss is estimated in PyTorch bf16; both figures land in the manifest."""
+    import json
+
+    out = tmp_path / "bf16"
+    assert main(["build", "--model", "tiny-wan", "--backend", "tensorrt-rtx", "--precision", "bf16",
+                 "--compute-capability", "SM89", "--max-batch", "1", "--out", str(out)]) == 0
+    validation = json.loads((out / "manifest.json").read_text())["validation"]
+    assert validation["head"]["rel_l2"] < 1e-5 and validation["tail"]["rel_l2"] < 1e-5
+    assert validation["blocks"]["rel_l2"] < 5e-3
+    assert 1e-3 < validation["chain_vs_fp32"]["rel_l2"] < 3e-2

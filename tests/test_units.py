@@ -74,3 +74,33 @@ def test_prompt_following_readers_are_exact_on_the_training_clips():
         clip = render(spec, rng)
         assert read_colour(clip) == spec.colour
         assert read_motion(clip) == (spec.direction or "static")
+
+
+def test_widen_bf16_keeps_the_graph_and_its_values(tmp_path):
+    """A bf16 graph (initializer, constant, cast) widened to fp32 computes the same function on
+    the same bf16 values in ONNX Runtime, which has no bf16 CPU kernels."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sencache.engine_builder.onnx_export import widen_bf16
+
+    weights = np.array([0.1, -2.5, 3.3], np.float32)
+    bits = (weights.view(np.uint32) >> 16).astype(np.uint16)
+    rounded = (bits.astype(np.uint32) << 16).view(np.float32)
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [3], bits.tobytes(), raw=True)
+    c = helper.make_tensor("c", TensorProto.BFLOAT16, [], np.array([16087], np.uint16).tobytes(), raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+         helper.make_node("Constant", [], ["k"], value=c),
+         helper.make_node("Mul", ["xb", "w"], ["y0"]),
+         helper.make_node("Mul", ["y0", "k"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3])], initializer=[w])
+    source, target = tmp_path / "b.onnx", tmp_path / "w.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(source))
+    widen_bf16(source, target)
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    (got,) = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, x * rounded * np.float32(0.41992188), rtol=1e-6)
+    assert got.dtype == np.float32
