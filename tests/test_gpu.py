@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sencache.cli import main
-from sencache.gpu_acceptance import loop_backend
+from sencache.gpu_acceptance import counting_syncs, loop_backend
 from sencache.kernels.cuda_drift import CudaUnavailable, DeviceDrift, download, open_device, upload
 from sencache.kernels.host_reference import drift_reference
 
@@ -64,30 +64,16 @@ def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-2
 
 
-def _syncs(engine, request, policy) -> int:
-    """Synchronizing calls PyTorch sees during one generate."""
-    import warnings
-
-    import torch
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            engine.generate(request, policy)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in seen)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "tensorrt"])
 def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
-    """The cached loop on the GPU: no PyTorch-visible host sync per step (the drift read-back goes
-    through the driver's event wait), so a longer run syncs no more often than a short one; and
-    the cached run on the GPU stays close to the uncached one."""
+    """The cached loop on the GPU makes no PyTorch-visible host sync per step (the drift read-back
+    goes through the driver's event wait), so a longer run syncs no more often than a short one.
+    tiny-ltx, whose flow-matching Euler step is sync-free on CUDA (diffusers' UniPC, Wan's solver,
+    is not: it copies scalars to the GPU and solves on it each step)."""
     import torch
 
+    from sencache.calibration.calibrate import CalibrationPlan, calibrate
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.pipeline import Engine, Request
@@ -103,18 +89,21 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     else:
         extra = ["--backend", "torch"]
     out = tmp_path / "bundle"
-    assert main(["build", "--model", "tiny-wan", "--max-batch", "2", "--out", str(out), *extra]) == 0
+    assert main(["build", "--model", "tiny-ltx", "--max-batch", "2", "--out", str(out), *extra]) == 0
     bundle = Bundle.load(out)
     engine = Engine(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
     assert engine.backend.device.type == "cuda"
+    bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
     knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
     prompts, seeds = ["one large white circle static on black", "two small red squares moving left fast"], [1, 2]
-    short = _syncs(engine, Request(prompts, seeds, 6, 4.0), engine.policy("sencache", 6, 2, knobs))
-    long = _syncs(engine, Request(prompts, seeds, 20, 4.0), engine.policy("sencache", 20, 2, knobs))
+    short = counting_syncs(lambda: engine.generate(Request(prompts, seeds, 6, 4.0),
+                                                    engine.policy("sencache", 6, 2, knobs)))[1]
+    long = counting_syncs(lambda: engine.generate(Request(prompts, seeds, 20, 4.0),
+                                                   engine.policy("sencache", 20, 2, knobs)))[1]
     assert long == short
     request = Request(prompts, seeds, 20, 4.0)
     cached = engine.generate(request, engine.policy("sencache", 20, 2, knobs))
     reference = engine.generate(request, NoCache(2))
     assert min(cached.nfe) < 20
     error = np.linalg.norm(cached.latents - reference.latents) / np.linalg.norm(reference.latents)
-    assert error < 0.3
+    assert error < 0.05  # 0.0034 with the PyTorch backend on the CPU
