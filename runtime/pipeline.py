@@ -274,7 +274,9 @@ class Engine:
         a GPU all work goes to the engine's own CUDA stream (never the default stream, on which
         TensorRT synchronizes). Per step the drift is queued first, then the head (which does not
         depend on the decision), and the host waits for the per-sample drift alone before it
-        decides and queues the blocks on the running rows, the tail and the solver step."""
+        decides and queues the blocks on the running rows, the tail and the solver step.
+        `timing["decision_s"]` is the host time spent measuring and deciding; on a GPU it includes
+        waiting for the queued work the drift depends on (the previous step)."""
         with self._stream():
             return self._generate(request, policy, record, progress)
 
@@ -318,11 +320,15 @@ class Engine:
             t = timesteps[i]
             if trajectory is not None:
                 trajectory.append(_host(x).copy())
+            measure = meter is not None and i > 0
             tick = time.perf_counter()
-            if meter is not None and i > 0:
+            if measure:
                 meter.start(x, anchor)
-            head = self._head(torch.cat([x] * branches), torch.full((batch * branches,), t, dtype=torch.float32, device=device), text_rows)
-            drift = meter.result() if meter is not None and i > 0 else None
+            decision_s += time.perf_counter() - tick
+            timestep = torch.full((batch * branches,), t, dtype=torch.float32, device=device)
+            head = self._head(torch.cat([x] * branches), timestep, text_rows)
+            tick = time.perf_counter()
+            drift = meter.result() if measure else None
             modulation = _host(head[self.adapter.modulation][:batch]) if policy.needs_modulation else None
             decision = policy.decide(i, t, drift, modulation)
             decision_s += time.perf_counter() - tick
