@@ -80,9 +80,10 @@ def report() -> dict[str, Any]:
         },
         "run": {
             "onnxruntime": "CUDA EP" if "CUDAExecutionProvider" in providers else "CPU EP",
-            "torch": "CUDA" if cuda_torch else "CPU",
-            "tensorrt": ("stage engines on the GPU (host round trip per stage; unproven on hardware in CI)"
-                         if gpus and (trt or trt_rtx) else "needs an NVIDIA GPU and TensorRT / TensorRT-RTX"),
+            "torch": "CUDA (generate --device cuda), device-resident loop" if cuda_torch else "CPU",
+            "tensorrt": ("stage engines and the device-resident loop on the GPU (unproven on hardware in CI)"
+                         if cuda_torch and (trt or trt_rtx) else
+                         "needs an NVIDIA GPU, a CUDA build of torch and TensorRT / TensorRT-RTX"),
             "drift kernel": ("compile only (no GPU)" if not gpus else "compile; GPU launch by `sencache gpu-acceptance`")
             if _nvrtc() else "unavailable: pip install 'sencache[cuda]'",
         },
