@@ -30,34 +30,31 @@ class HostDriftMeter:
 
 
 class CudaDriftMeter:
-    """Drift of CUDA tensors by the fused kernel (kernels/drift_kernel.cu), fp32 accumulation.
+    """Drift of float32 CUDA latents by the fused kernel (kernels/drift_kernel.cu).
 
     Unproven on hardware in this repository's CI (no GPU there): the tests marked `gpu` and
     `sencache gpu-acceptance` run it."""
 
-    _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-    def __init__(self, max_samples: int, per_sample: int, dtype: torch.dtype) -> None:
+    def __init__(self, max_samples: int, per_sample: int) -> None:
         from sencache.kernels.cuda_drift import CudaUnavailable, DeviceDrift, open_device
 
         try:
-            self._kernel = DeviceDrift(open_device(torch.cuda.current_device()), max_samples, per_sample,
-                                       self._DTYPES[dtype])
+            self._kernel = DeviceDrift(open_device(torch.cuda.current_device()), max_samples, per_sample, "fp32")
         except CudaUnavailable as e:
             raise BadInput(f"the drift kernel cannot run here: {e}") from None
 
     def start(self, x: torch.Tensor, anchor: torch.Tensor) -> None:
-        if not (x.is_contiguous() and anchor.is_contiguous()) or x.shape != anchor.shape or x.dtype != anchor.dtype:
-            raise ValueError("the drift kernel takes two contiguous tensors of one shape and dtype")
+        if not (x.is_contiguous() and anchor.is_contiguous()) or x.shape != anchor.shape or \
+                {x.dtype, anchor.dtype} != {torch.float32}:
+            raise ValueError("the drift meter takes two contiguous float32 tensors of one shape (the solver's latents)")
         self._kernel.enqueue(x.data_ptr(), anchor.data_ptr(), 0, len(x), torch.cuda.current_stream().cuda_stream)
 
     def result(self) -> np.ndarray:
         return self._kernel.result().astype(np.float64)
 
 
-def drift_meter(device: torch.device, max_samples: int, per_sample: int,
-                dtype: torch.dtype = torch.float32) -> HostDriftMeter | CudaDriftMeter:
-    """The meter for latents on `device`."""
+def drift_meter(device: torch.device, max_samples: int, per_sample: int) -> HostDriftMeter | CudaDriftMeter:
+    """The meter for float32 latents on `device`."""
     if device.type == "cuda":
-        return CudaDriftMeter(max_samples, per_sample, dtype)
+        return CudaDriftMeter(max_samples, per_sample)
     return HostDriftMeter()

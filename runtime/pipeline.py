@@ -319,7 +319,7 @@ class Engine:
         for i, _ in enumerate(steps):
             t = timesteps[i]
             if trajectory is not None:
-                trajectory.append(_host(x).copy())
+                trajectory.append(x.to("cpu", copy=True).numpy())
             measure = meter is not None and i > 0
             tick = time.perf_counter()
             if measure:

@@ -22,6 +22,10 @@ class TorchBackend(StageBackend):
             raise BadInput(f"--device {device!r}: {e}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BadInput(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise BadInput(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if self.device.type not in ("cpu", "cuda"):
+            raise BadInput(f"--device {device}: the torch backend runs on cpu or cuda")
         preset = bundle.preset
         transformer = bundle.adapter.build_transformer(preset, bundle.file(bundle.manifest["weights"]))
         self.modules = {k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()}
