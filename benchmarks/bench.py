@@ -26,12 +26,13 @@ from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.pipeline import Engine, Request
 from sencache.runtime.policy import NoCache
 from sencache.runtime.tiny_text import random_spec, tokenize
 
 REPORT = "report.json"
+KIND = "bench report"
 def real_models(engine: Engine) -> list[str]:
     """The real presets of the bundle's family, whose head + tail share of a step the report
     estimates by counting FLOPs on the meta device."""
@@ -74,8 +75,8 @@ class BenchPlan:
 
 def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
     """Prompts (a file, one per line, or drawn from the grammar) paired with seeds."""
-    if prompts_file is None and count <= 0:
-        raise BadInput(f"--samples must be positive, got {count}")
+    if prompts_file is None and not 1 <= count <= 1024:
+        raise BadInput(f"--samples must be in [1, 1024], got {count}")
     if prompts_file is not None:
         try:
             prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -152,17 +153,28 @@ class Runner:
 
 
 def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out`."""
+    """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out` (taken,
+    locked and checked writable before the sweep; swapped in whole after it)."""
     torch.set_num_threads(1)
     if not engine.preset.trained:
         raise BadInput(f"{engine.preset.name} is untrained: quality figures on it would mean nothing")
-    check_replaceable(out, REPORT)
+    check_replaceable(out, KIND)
     unknown = [m for m in plan.methods if m not in SWEEPS]
     if unknown:
         raise BadInput(f"unknown method {unknown[0]!r} (choose from {', '.join(SWEEPS)})")
     engine.bundle.sensitivity()
     if {"teacache", "magcache"} & set(plan.methods):
         engine.bundle.baselines()
+    with staged_folder(out, KIND) as folder:
+        report = _measure(engine, plan, show_progress)
+        write_atomic(folder / REPORT, json.dumps(report, indent=1).encode())
+        write_markdown(report, folder / "report.md")
+        write_plot(report, folder / "quality_vs_nfe.png")
+    return report
+
+
+def _measure(engine: Engine, plan: BenchPlan, show_progress: bool) -> dict[str, Any]:
+    """The sweep and its report document."""
     sweeps = QUICK_SWEEPS if plan.quick else SWEEPS
     runner = Runner(engine, plan)
     total = 1 + sum(len(sweeps[m]) for m in plan.methods)
@@ -236,8 +248,4 @@ def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = 
         "runs": runs,
         "comparison": comparison,
     }
-    with staged_folder(out, REPORT) as folder:
-        (folder / REPORT).write_text(json.dumps(report, indent=1))
-        write_markdown(report, folder / "report.md")
-        write_plot(report, folder / "quality_vs_nfe.png")
     return report

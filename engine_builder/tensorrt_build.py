@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from sencache.engine_builder.onnx_export import BuildFailed
 from sencache.runtime.errors import BadInput
+from sencache.runtime.files import write_atomic
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL = {"tensorrt": "pip install 'sencache[tensorrt]' (TensorRT comes from NVIDIA's package index)",
@@ -86,6 +87,6 @@ def build_engines(folder: Path, stages: list[str], max_rows: int, backend: str, 
         record["profiles"][stage] = shapes
         log(f"  {stage}: {MODULES[backend]} engine, {engine.nbytes / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s")
     if cache is not None and timing_cache is not None:
-        timing_cache.write_bytes(bytes(cache.serialize()))
+        write_atomic(timing_cache, bytes(cache.serialize()))
         record["timing_cache"] = timing_cache.name
     return record

@@ -1,4 +1,5 @@
-"""The files of a generation: raw frames, videos and `stats.json`, written as one folder."""
+"""The files of a generation: raw frames, videos and `stats.json`, written into one run folder
+(a partial folder from `files.staged_folder(out, RUN)`, swapped in whole when complete)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ from typing import Any
 
 import numpy as np
 
-from sencache.runtime.files import staged_folder
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.files import write_atomic
 from sencache.runtime.pipeline import Engine, Request, Result
 from sencache.runtime.policy import CachePolicy
 from sencache.runtime.video import write_mp4
 
 STATS = "stats.json"
+RUN = "run"
+"""The kind of folder a generation writes (its ownership marker says so)."""
+
+
+def run_bytes(bundle: Bundle, samples: int) -> int:
+    """A generous estimate of a run folder's size: the raw frames, the videos and the stats."""
+    shapes = bundle.shapes
+    frames = shapes.frames * shapes.height * shapes.width * 3 * 4
+    return samples * 2 * frames + (1 << 20)
 
 
 def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result, total_s: float,
@@ -45,14 +56,13 @@ def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result,
     }
 
 
-def write_run(out: Path, engine: Engine, request: Request, policy: CachePolicy, result: Result,
+def write_run(folder: Path, engine: Engine, request: Request, policy: CachePolicy, result: Result,
               frames: np.ndarray, total_s: float) -> dict[str, Any]:
-    """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into `out`, atomically."""
+    """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into the run's partial `folder`."""
     files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]
     document = stats(engine, request, policy, result, total_s, files)
-    with staged_folder(out, STATS) as folder:
-        for (npy, mp4), clip in zip(files, frames):
-            np.save(folder / npy, clip.astype(np.float32))
-            write_mp4(clip, folder / mp4)
-        (folder / STATS).write_text(json.dumps(document, indent=1))
+    for (npy, mp4), clip in zip(files, frames):
+        np.save(folder / npy, clip.astype(np.float32))
+        write_mp4(clip, folder / mp4)
+    write_atomic(folder / STATS, json.dumps(document, indent=1).encode())
     return document

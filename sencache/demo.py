@@ -11,10 +11,11 @@ import torch
 from sencache.benchmarks.metrics import psnr
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.backends.base import open_backend
+from sencache.runtime.backends.base import MAX_THREADS, open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
-from sencache.runtime.outputs import write_run
+from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.outputs import RUN, write_run
 from sencache.runtime.pipeline import Engine, Request
 from sencache.runtime.policy import NoCache
 
@@ -35,13 +36,18 @@ def _bundle(folder: Path) -> Bundle:
 
 
 def run_demo(out: Path, threads: int = 1) -> None:
+    if not 1 <= threads <= MAX_THREADS:
+        raise BadInput(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    for name in ("none", "sencache"):
+        check_replaceable(out / name, RUN)
     torch.set_num_threads(threads)
     bundle = _bundle(out / "tiny-wan")
     engine = Engine(bundle, open_backend(bundle, threads=threads))
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
         calibration = calibrate(engine, CalibrationPlan())
-        bundle.write_sensitivity(calibration.sensitivity)
-        bundle.write_baselines(calibration.baselines)
+        bundle.write_tables(calibration.sensitivity, calibration.baselines)
         print(f"calibrated {bundle.sensitivity_path}")
     defaults = bundle.manifest["defaults"]
     prompts, seeds = [p for p, _ in DEMO_PROMPTS], [s for _, s in DEMO_PROMPTS]
@@ -51,11 +57,12 @@ def run_demo(out: Path, threads: int = 1) -> None:
 
     runs = {}
     for name in ("none", "sencache"):
-        started = time.perf_counter()
-        policy = engine.policy(name, request.steps, batch, {})
-        result = engine.generate(request, policy)
-        frames = engine.decode(result.latents)
-        write_run(out / name, engine, request, policy, result, frames, time.perf_counter() - started)
+        with staged_folder(out / name, RUN) as folder:
+            started = time.perf_counter()
+            policy = engine.policy(name, request.steps, batch, {})
+            result = engine.generate(request, policy)
+            frames = engine.decode(result.latents)
+            write_run(folder, engine, request, policy, result, frames, time.perf_counter() - started)
         runs[name] = (result, frames)
 
     base, cached = runs["none"], runs["sencache"]
