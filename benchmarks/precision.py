@@ -44,7 +44,7 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
                      log=lambda _: None)
         bundle = Bundle.load(path)
         engine = Engine(bundle, open_backend(bundle, threads=1))
-        bundle.write_sensitivity(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
+        bundle.write_tables(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
         defaults = bundle.manifest["defaults"]
         request = Request(prompts, seeds, defaults["steps"], defaults["guidance"])
         uncached = engine.decode(engine.generate(request, engine.policy("none", request.steps, samples, {})).latents)

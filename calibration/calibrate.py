@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.pipeline import Engine, Request
 from sencache.runtime.policy import NoCache
 from sencache.runtime.sensitivity import SensitivityTable
@@ -44,8 +45,12 @@ class CalibrationPlan:
     def __post_init__(self) -> None:
         if self.samples <= 0:
             raise BadInput(f"--samples must be positive, got {self.samples}")
-        if self.steps is not None and self.steps < 2:
-            raise BadInput(f"--steps must be at least 2 for calibration, got {self.steps}")
+        if self.samples > 1024:
+            raise BadInput(f"--samples must be at most 1024, got {self.samples}")
+        if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
+            raise BadInput(f"--steps must be in [2, {MAX_STEPS}] for calibration, got {self.steps}")
+        if not 0 <= self.seed < 2**63 - 2048:
+            raise BadInput(f"--seed must be in [0, 2^63 - 2048), got {self.seed}")
 
 
 def calibration_prompts(samples: int, seed: int) -> list[str]:

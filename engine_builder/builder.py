@@ -35,11 +35,12 @@ from sencache.engine_builder.onnx_export import (
 )
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.baselines import BaselineTables
-from sencache.runtime.bundle import BASELINES, MANIFEST, write_manifest
+from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
-from sencache.runtime.families.base import HEAD_INPUTS, NOISE, run_split
+from sencache.runtime.families.base import run_split
 from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.manifest import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, STAGES
 from sencache.runtime.tiny_text import TinyTextEncoder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
@@ -47,7 +48,6 @@ BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 TENSORRT = ("tensorrt", "tensorrt-rtx")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": None}
-STAGES = ("head", "blocks", "tail")
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,8 @@ class BuildOptions:
 
 def stage_specs(layout: StageLayout) -> dict[str, StageSpec]:
     """Names of each stage's inputs and outputs, as exported and as the runtime feeds them."""
-    return {
-        "head": StageSpec("head", HEAD_INPUTS, layout.head_outputs),
-        "blocks": StageSpec("blocks", layout.blocks_inputs, tuple(s + "_out" for s in layout.streams), layout.shared),
-        "tail": StageSpec("tail", layout.tail_inputs, (NOISE,)),
-    }
+    return {stage: StageSpec(stage, inputs, outputs, layout.shared if stage == "blocks" else ())
+            for stage, (inputs, outputs) in layout.stage_io.items()}
 
 
 def resolve_backend(name: str) -> str:
@@ -112,7 +109,7 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
 
 def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     """Build the bundle described by `options` into `options.out`; returns its path."""
-    check_replaceable(options.out, MANIFEST)
+    check_replaceable(options.out, KIND)
     adapter, preset = resolve(options.model)
     backend = resolve_backend(options.backend)
     if backend in TENSORRT:
@@ -126,21 +123,33 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             raise BadInput("--precision fp8 builds an FP8 Q/DQ ONNX graph: use --backend onnxruntime, tensorrt or "
                            "tensorrt-rtx")
         require_modelopt()
-        if options.fp8_samples <= 0:
-            raise BadInput(f"--fp8-samples must be positive, got {options.fp8_samples}")
     if options.precision == "bf16" and backend not in TENSORRT:
         raise BadInput(f"--precision bf16 with --backend {backend}: ONNX Runtime's CPU provider has no bf16 kernels; "
                        f"build bf16 for --backend tensorrt or tensorrt-rtx")
-    shapes = Shapes(options.frames or preset.frames, options.height or preset.height, options.width or preset.width,
-                    options.max_batch)
-    if min(shapes.frames, shapes.height, shapes.width, shapes.max_batch) <= 0:
-        raise BadInput("--frames, --height, --width and --max-batch must be positive")
+    shapes = Shapes(preset.frames if options.frames is None else options.frames,
+                    preset.height if options.height is None else options.height,
+                    preset.width if options.width is None else options.width, options.max_batch)
+    for name, value, high in (("frames", shapes.frames, MAX_FRAMES), ("height", shapes.height, MAX_PIXELS),
+                              ("width", shapes.width, MAX_PIXELS), ("max_batch", shapes.max_batch, MAX_BATCH),
+                              ("fp8_samples", options.fp8_samples, 64)):
+        if not 1 <= value <= high:
+            raise BadInput(f"--{name.replace('_', '-')} must be in [1, {high}], got {value}")
     if preset.tiny and (shapes.frames, shapes.height, shapes.width) != (preset.frames, preset.height, preset.width):
         raise BadInput(f"{preset.name} was trained on {preset.frames}x{preset.height}x{preset.width} clips; "
                        f"other sizes are not supported")
     latent_shape = adapter.latent_shape(preset, shapes)
     weights = _weights_folder(preset, options.weights)
     started = time.perf_counter()
+    with staged_folder(options.out, KIND) as folder:
+        _build_into(folder, options, adapter, preset, backend, shapes, latent_shape, weights, log)
+    log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
+    return Path(options.out)
+
+
+def _build_into(folder: Path, options: BuildOptions, adapter: FamilyAdapter, preset: ModelPreset, backend: str,
+                shapes: Shapes, latent_shape: tuple[int, ...], weights: Path | None,
+                log: Callable[[str], None]) -> None:
+    """Export, validate and write the bundle into the (partial) `folder`."""
     log(f"loading {preset.name} ({preset.description})")
     torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
     transformer = adapter.build_transformer(preset, weights)
@@ -154,67 +163,66 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     specs = stage_specs(adapter.layout)
     max_rows = shapes.max_batch * 2  # a cond and an uncond row per sample
 
-    with staged_folder(options.out, MANIFEST) as folder:
-        validation = _write_stages(adapter, preset, shapes, stages, specs, backend, lowered, folder, max_rows, dtype, log)
-        if dtype != torch.float32 and backend != "torch":
-            validation["chain_vs_fp32"] = (_torch_bf16_error(adapter, preset, shapes, reference, stages)
-                                           if dtype == torch.bfloat16 else
-                                           _chain_error(adapter, preset, shapes, reference, folder))
-            log(f"  head -> blocks -> tail in {options.precision} vs fp32 PyTorch: "
-                f"relative L2 {validation['chain_vs_fp32']['rel_l2']:.2e}")
-        text_encoder = _copy_text_encoder(adapter, preset, weights, folder)
-        manifest = {
-            "model": preset.name,
-            "family": adapter.family,
-            "tiny": preset.tiny,
-            "trained": preset.trained,
-            "config": built,
-            "shapes": {"frames": shapes.frames, "height": shapes.height, "width": shapes.width,
-                       "max_batch": shapes.max_batch, "max_rows": max_rows, "latent": list(latent_shape),
-                       "text": list(adapter.text_shape(preset)), "dynamic": ["batch"]},
-            "precision": options.precision,
-            "backend": backend,
-            "stages": {name: {"file": _stage_file(name, backend), "inputs": list(spec.inputs),
-                              "outputs": list(spec.outputs)} for name, spec in specs.items()},
-            "layout": {"streams": list(adapter.layout.streams), "block_context": list(adapter.layout.block_context),
-                       "tail_context": list(adapter.layout.tail_context), "shared": list(adapter.layout.shared),
-                       "tail_streams": list(adapter.layout.tail_stream_names)},
-            "scheduler": _scheduler_config(adapter, preset, weights),
-            "defaults": {"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults},
-            "text_encoder": text_encoder,
-            "validation": validation,
-            "tools": _tools(),
-            "weights_source": str(weights) if weights else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if backend == "torch":
-            manifest["weights"] = "transformer"
-        if options.precision == "fp8":
-            write_manifest(folder, {**manifest, "backend": "onnxruntime", "precision": "fp32",
-                                    "stages": {name: {**spec, "file": f"{name}.onnx"}
-                                               for name, spec in manifest["stages"].items()}})
-            manifest["quantization"] = quantize_blocks(folder, options.fp8_samples, log)
-            validation["blocks_fp8_vs_fp32"] = manifest["quantization"]["blocks_vs_fp32"]
-        engines = None
-        if backend in TENSORRT:
-            cache = Path(options.out).with_name(f"{Path(options.out).name}.timing.cache")
-            engines = build_engines(folder, list(specs), max_rows, backend, options.compute_capability, cache, log)
-        if engines is not None:
-            manifest["tensorrt"] = {**engines, "engine_validation": "not run at build time: engines run only on a GPU; "
-                                    "the ONNX they were built from is validated above"}
-        if preset.published_baselines is not None:
-            coefficients, ratios = preset.published_baselines
-            BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
-                           "@7c10efc4, MagCache @df81cb18; MagCache has none for this model)" if ratios is None else
-                           "published constants (TeaCache @7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
-        write_manifest(folder, manifest)
+    validation = _write_stages(adapter, preset, shapes, stages, specs, backend, lowered, folder, max_rows, dtype, log)
+    if dtype != torch.float32 and backend != "torch":
+        validation["chain_vs_fp32"] = (_torch_bf16_error(adapter, preset, shapes, reference, stages)
+                                       if dtype == torch.bfloat16 else
+                                       _chain_error(adapter, preset, shapes, reference, folder))
+        log(f"  head -> blocks -> tail in {options.precision} vs fp32 PyTorch: "
+            f"relative L2 {validation['chain_vs_fp32']['rel_l2']:.2e}")
+    text_encoder = _copy_text_encoder(adapter, preset, weights, folder)
+    stream_shapes = _stream_shapes(adapter, preset, shapes)
+    manifest = {
+        "model": preset.name,
+        "family": adapter.family,
+        "tiny": preset.tiny,
+        "trained": preset.trained,
+        "config": built,
+        "shapes": {"frames": shapes.frames, "height": shapes.height, "width": shapes.width,
+                   "max_batch": shapes.max_batch, "max_rows": max_rows, "latent": list(latent_shape),
+                   "text": list(adapter.text_shape(preset)), "streams": [list(s) for s in stream_shapes],
+                   "dynamic": ["batch"]},
+        "precision": options.precision,
+        "backend": backend,
+        "stages": {name: {"file": _stage_file(name, backend), "inputs": list(spec.inputs),
+                          "outputs": list(spec.outputs)} for name, spec in specs.items()},
+        "layout": {"streams": list(adapter.layout.streams), "block_context": list(adapter.layout.block_context),
+                   "tail_context": list(adapter.layout.tail_context), "shared": list(adapter.layout.shared),
+                   "tail_streams": list(adapter.layout.tail_stream_names)},
+        "scheduler": _scheduler_config(adapter, preset, weights),
+        "defaults": {"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults},
+        "text_encoder": text_encoder,
+        "validation": validation,
+        "tools": _tools(),
+        "weights_source": str(weights) if weights else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if backend == "torch":
+        manifest["weights"] = "transformer"
+    if options.precision == "fp8":
+        write_manifest(folder, {**manifest, "backend": "onnxruntime", "precision": "fp32",
+                                "stages": {name: {**spec, "file": f"{name}.onnx"}
+                                           for name, spec in manifest["stages"].items()}})
+        manifest["quantization"] = quantize_blocks(folder, options.fp8_samples, log)
+        validation["blocks_fp8_vs_fp32"] = manifest["quantization"]["blocks_vs_fp32"]
+    engines = None
+    if backend in TENSORRT:
+        cache = Path(options.out).with_name(f".{Path(options.out).name}.sencache-timing.cache")
+        engines = build_engines(folder, list(specs), max_rows, backend, options.compute_capability, cache, log)
+    if engines is not None:
+        manifest["tensorrt"] = {**engines, "engine_validation": "not run at build time: engines run only on a GPU; "
+                                "the ONNX they were built from is validated above"}
+    if preset.published_baselines is not None:
+        coefficients, ratios = preset.published_baselines
+        BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
+                       "@7c10efc4, MagCache @df81cb18; MagCache has none for this model)" if ratios is None else
+                       "published constants (TeaCache @7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
+    write_manifest(folder, manifest)
     itemsize = 4 if dtype in (None, torch.float32) else 2
-    cache_bytes = itemsize * (max_rows * sum(int(np.prod(s)) for s in _stream_shapes(adapter, preset, shapes))
-                       + shapes.max_batch * int(np.prod(latent_shape)))
+    cache_bytes = itemsize * (max_rows * sum(int(np.prod(s)) for s in stream_shapes)
+                              + shapes.max_batch * int(np.prod(latent_shape)))
     log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB {str(dtype).split('.')[-1]} "
         f"(residuals of {max_rows} rows and {shapes.max_batch} anchors)")
-    log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
-    return Path(options.out)
 
 
 def _scheduler_config(adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import write_atomic
+from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.policy import StepDecision
 
 
@@ -31,10 +32,10 @@ class FixedSettings:
     force_last: bool = True
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise BadInput(f"--interval must be >= 1, got {self.interval}")
-        if self.warmup < 0:
-            raise BadInput(f"--warmup must be >= 0, got {self.warmup}")
+        if not 1 <= self.interval <= MAX_STEPS:
+            raise BadInput(f"--interval must be in [1, {MAX_STEPS}], got {self.interval}")
+        if not 0 <= self.warmup <= MAX_STEPS:
+            raise BadInput(f"--warmup must be in [0, {MAX_STEPS}], got {self.warmup}")
 
 
 class FixedPolicy:
@@ -122,8 +123,8 @@ class MagCacheSettings:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
             raise BadInput(f"--threshold must be a finite number >= 0, got {self.threshold}")
-        if self.max_reuse < 0:
-            raise BadInput(f"--max-reuse must be >= 0, got {self.max_reuse}")
+        if not 0 <= self.max_reuse <= MAX_STEPS:
+            raise BadInput(f"--max-reuse must be in [0, {MAX_STEPS}], got {self.max_reuse}")
         if not 0.0 <= self.retention <= 1.0:
             raise BadInput(f"--retention must be in [0, 1], got {self.retention}")
         if len(self.ratios) < 2 or not all(math.isfinite(r) and r > 0 for r in self.ratios):
@@ -187,25 +188,44 @@ class BaselineTables:
     """None where only TeaCache constants are published for a model (calibrate to get ratios)."""
     meta: dict[str, Any]
 
-    def save(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
         magcache = None if self.magcache_ratios is None else {"ratios": list(self.magcache_ratios)}
         document = {"format": BASELINES_FORMAT, "teacache": {"coefficients": list(self.teacache_coefficients)},
                     "magcache": magcache, "meta": self.meta}
-        write_atomic(path, json.dumps(document, indent=1).encode())
+        return json.dumps(document, indent=1).encode()
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> BaselineTables:
         try:
-            data = json.loads(Path(path).read_text())
-            if data.get("format") != BASELINES_FORMAT:
-                raise ValueError(f"not a {BASELINES_FORMAT} file")
-            magcache = data["magcache"]
-            tables = cls(tuple(float(c) for c in data["teacache"]["coefficients"]),
-                         None if magcache is None else tuple(float(r) for r in magcache["ratios"]), data.get("meta", {}))
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise BadInput(f"no baseline tables at {path}: run `sencache calibrate --engine DIR` first") from None
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: bytes, source: str) -> BaselineTables:
+        """Tables from the bytes of a `baselines.json`; BadInput names `source` and the fault."""
+        try:
+            document = json.loads(data)
+            if document.get("format") != BASELINES_FORMAT:
+                raise ValueError(f"not a {BASELINES_FORMAT} file")
+            magcache = document["magcache"]
+            tables = cls(tuple(_number(c) for c in document["teacache"]["coefficients"]),
+                         None if magcache is None else tuple(_number(r) for r in magcache["ratios"]),
+                         dict(document.get("meta", {})))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise BadInput(f"corrupt baseline tables {path}: {e}") from None
+            raise BadInput(f"corrupt baseline tables {source}: {e}") from None
         if not all(math.isfinite(v) for v in tables.teacache_coefficients + (tables.magcache_ratios or ())):
-            raise BadInput(f"corrupt baseline tables {path}: NaN or infinite values")
+            raise BadInput(f"corrupt baseline tables {source}: NaN or infinite values")
+        if not tables.teacache_coefficients or tables.magcache_ratios == ():
+            raise BadInput(f"corrupt baseline tables {source}: empty coefficient or ratio list")
         return tables
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)

@@ -1,69 +1,163 @@
-"""An engine bundle on disk: stage files, `manifest.json`, and optionally `sensitivity.json`.
+"""An engine bundle on disk: stage files, `manifest.json` and its digest, and calibration tables.
 
-The manifest says what was built (model, family, config, shapes, precision, backend), from what
-(tool versions), how well it matched PyTorch (validation errors), and the checksum of every file,
-which are checked on load so a truncated or swapped file is caught before it runs.
+Integrity: the manifest's own SHA-256 is in `manifest.sha256`; the manifest lists every file the
+runtime opens (stage files, weights, text encoder, calibration tables) with its size and SHA-256.
+On load, the digest is checked, the manifest is validated against its schema and the family, and
+every listed name must be a plain name inside the bundle that is a regular file there (no `..`,
+no absolute paths, no links). A file's bytes are checked against its SHA-256 when the runtime
+reads them (`read`, `checked_folder`), so every byte that is loaded has been verified, once.
+The checksums catch corruption and edits; they are not a signature against someone who rewrites
+the manifest and its digest together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sencache.runtime import manifest as schema
 from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
-from sencache.runtime.files import sha256, write_atomic
+from sencache.runtime.files import OWNER, sha256, staged_folder, write_atomic
 from sencache.runtime.sensitivity import SensitivityTable
 
-FORMAT = "sencache-bundle/1"
+FORMAT = schema.FORMAT
 MANIFEST = "manifest.json"
+DIGEST = "manifest.sha256"
 SENSITIVITY = "sensitivity.json"
 BASELINES = "baselines.json"
-REQUIRED = ("format", "model", "family", "config", "shapes", "precision", "backend", "stages", "files",
-            "scheduler", "defaults", "text_encoder")
+KIND = "bundle"
+_UNLISTED = {MANIFEST, DIGEST, OWNER}
 
 
 @dataclass
 class Bundle:
     path: Path
     manifest: dict[str, Any]
+    digest: str
+    """SHA-256 of the manifest as loaded (a rewrite of the bundle changes it)."""
 
     @classmethod
-    def load(cls, path: Path, verify: bool = True) -> Bundle:
+    def load(cls, path: Path) -> Bundle:
         """Read and check a bundle; every problem is a BadInput naming the bundle and the fault."""
         path = Path(path)
         if not path.is_dir():
             raise BadInput(f"no engine bundle at {path}: build one with `sencache build --model tiny-wan --out {path}`")
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            data = _read_regular(path, MANIFEST)
         except FileNotFoundError:
             raise BadInput(f"{path} is not an engine bundle: {MANIFEST} is missing") from None
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            recorded = _read_regular(path, DIGEST).decode("ascii").split()[0]
+        except (FileNotFoundError, UnicodeDecodeError, IndexError):
+            raise BadInput(f"bundle {path}: {DIGEST} is missing or unreadable; rebuild the bundle") from None
+        if recorded != digest:
+            raise BadInput(f"bundle {path}: {MANIFEST} does not match its digest in {DIGEST} (edited or corrupt)")
+        try:
+            manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInput(f"corrupt {MANIFEST} in {path}: {e}") from None
-        if not isinstance(manifest, dict):
-            raise BadInput(f"corrupt {MANIFEST} in {path}: not a JSON object")
-        missing = [k for k in REQUIRED if k not in manifest]
-        if missing:
-            raise BadInput(f"corrupt {MANIFEST} in {path}: missing {', '.join(missing)}")
-        if manifest["format"] != FORMAT:
-            raise BadInput(f"{path}: bundle format {manifest['format']!r} is not {FORMAT!r}; rebuild it")
-        bundle = cls(path, manifest)
-        bundle.adapter  # unknown family is a BadInput
-        if verify:
-            bundle.verify_files()
+        try:
+            schema.validate(manifest)
+            bundle = cls(path, manifest, digest)
+            bundle._check_family()
+            bundle._check_files()
+        except BadInput as e:
+            raise BadInput(f"bundle {path}: {e}") from None
         return bundle
 
-    def verify_files(self) -> None:
-        for name, info in self.manifest["files"].items():
-            file = self.path / name
+    def _check_family(self) -> None:
+        """The manifest agrees with its family: known model, stage names, shapes, scheduler."""
+        adapter = self.adapter
+        preset = self.preset
+        for stage, (inputs, outputs) in adapter.layout.stage_io.items():
+            spec = self.manifest["stages"][stage]
+            if tuple(spec["inputs"]) != inputs or tuple(spec["outputs"]) != outputs:
+                raise BadInput(f"stages.{stage} inputs/outputs {spec['inputs']} -> {spec['outputs']} are not the "
+                               f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}")
+        try:
+            latent = adapter.latent_shape(preset, self.shapes)
+            text = adapter.text_shape(preset)
+            adapter.make_scheduler(preset, self.manifest["scheduler"])
+        except BadInput:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+            raise BadInput(f"config or scheduler do not fit the {adapter.family} family: {e}") from None
+        shapes = self.manifest["shapes"]
+        if tuple(shapes["latent"]) != tuple(latent):
+            raise BadInput(f"shapes.latent {shapes['latent']} is not the {list(latent)} that frames, height and "
+                           f"width give")
+        if tuple(shapes["text"]) != tuple(text):
+            raise BadInput(f"shapes.text {shapes['text']} is not the model's {list(text)}")
+
+    def _check_files(self) -> None:
+        """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
+        files = self.manifest["files"]
+        needed = [self.manifest["stages"][s]["file"] for s in schema.STAGES]
+        if self.manifest["text_encoder"]["kind"] == "tiny":
+            needed.append(self.manifest["text_encoder"]["file"])
+        for name in (SENSITIVITY, BASELINES):
+            if (self.path / name).exists() or (self.path / name).is_symlink():
+                needed.append(name)
+        for name in needed:
+            if name not in files and not any(listed.startswith(name + "/") for listed in files):
+                raise BadInput(f"{name} is not listed in {MANIFEST}'s files: it cannot be verified")
+        for name, entry in files.items():
+            file = self._inside(name)
             if not file.is_file():
-                raise BadInput(f"bundle {self.path}: file {name} is missing")
-            if file.stat().st_size != info["bytes"] or sha256(file) != info["sha256"]:
-                raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}")
+                raise BadInput(f"file {name} is missing")
+            if file.stat().st_size != entry["bytes"]:
+                raise BadInput(f"file {name} does not match its checksum in {MANIFEST} (size differs)")
+
+    def _inside(self, name: str) -> Path:
+        """The path of a listed name, refusing links and anything that resolves outside the bundle."""
+        schema.plain_name(name, "file name")
+        root = self.path.resolve()
+        file = self.path / name
+        for part in [file, *file.parents]:
+            if part == self.path:
+                break
+            if part.is_symlink():
+                raise BadInput(f"{name} is a symbolic link; bundles hold regular files only")
+        if root not in file.resolve().parents:
+            raise BadInput(f"{name} resolves outside the bundle")
+        return file
+
+    def read(self, name: str) -> bytes:
+        """The bytes of listed file `name`, checked against its SHA-256 (read once)."""
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise BadInput(f"bundle {self.path}: {name} is not listed in {MANIFEST}'s files")
+        data = self._inside(name).read_bytes()
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}")
+        return data
+
+    def checked_folder(self, name: str) -> Path:
+        """A listed folder, after checking every file in it (all listed, all matching): for
+        loaders that open files themselves (diffusers' from_pretrained)."""
+        folder = self._inside(name)
+        listed = {n for n in self.manifest["files"] if n.startswith(name + "/")}
+        present = {p.relative_to(self.path).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
+        if not listed or present - listed:
+            stray = sorted(present - listed)
+            raise BadInput(f"bundle {self.path}: {stray[0] if stray else name} is not listed in {MANIFEST}'s files")
+        for file in sorted(listed):
+            entry = self.manifest["files"][file]
+            if sha256(self._inside(file)) != entry["sha256"]:
+                raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
+        return folder
+
+    def verify_files(self) -> None:
+        """Hash every listed file now (a full check; loading checks each file as it is read)."""
+        for name in self.manifest["files"]:
+            self.read(name)
 
     @property
     def adapter(self) -> FamilyAdapter:
@@ -87,20 +181,31 @@ class Bundle:
         return self.path / SENSITIVITY
 
     def sensitivity(self) -> SensitivityTable:
-        return SensitivityTable.load(self.sensitivity_path)
-
-    def write_sensitivity(self, table: SensitivityTable) -> None:
-        table.save(self.sensitivity_path)
+        if SENSITIVITY not in self.manifest["files"]:
+            raise BadInput(f"no sensitivity table in {self.path}: run `sencache calibrate --engine {self.path}` first")
+        return SensitivityTable.parse(self.read(SENSITIVITY), f"{self.path / SENSITIVITY}")
 
     @property
     def baselines_path(self) -> Path:
         return self.path / BASELINES
 
     def baselines(self) -> BaselineTables:
-        return BaselineTables.load(self.baselines_path)
+        if BASELINES not in self.manifest["files"]:
+            raise BadInput(f"no baseline tables in {self.path}: run `sencache calibrate --engine {self.path}` first")
+        return BaselineTables.parse(self.read(BASELINES), f"{self.path / BASELINES}")
 
-    def write_baselines(self, tables: BaselineTables) -> None:
-        tables.save(self.baselines_path)
+    def write_tables(self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None) -> None:
+        """Replace the calibration tables given, together: the bundle is restaged (hard links, no
+        copies), the tables and the manifest rewritten, and swapped in whole. Refused when the
+        bundle was rebuilt since it was loaded (tables measured on another build)."""
+        with staged_folder(self.path, KIND, seed=True) as folder:
+            if (folder / DIGEST).read_text().split()[0] != self.digest:
+                raise BadInput(f"bundle {self.path} changed since it was loaded; calibrate it again")
+            if sensitivity is not None:
+                write_atomic(folder / SENSITIVITY, sensitivity.to_bytes())
+            if baselines is not None:
+                write_atomic(folder / BASELINES, baselines.to_bytes())
+            self.manifest, self.digest = write_manifest(folder, self.manifest)
 
     def adopt_tables(self, source: Bundle) -> SensitivityTable:
         """Take the sensitivity table (and baseline tables, if any) of another bundle of the same
@@ -113,22 +218,27 @@ class Bundle:
                                f"between builds of the same model and scheduler")
         table = source.sensitivity()
         table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest["precision"]}
-        self.write_sensitivity(table)
-        if source.baselines_path.is_file():
-            self.write_baselines(source.baselines())
+        baselines = source.baselines() if BASELINES in source.manifest["files"] else None
+        self.write_tables(table, baselines)
         return table
 
-    def file(self, name: str) -> Path:
-        return self.path / name
+
+def _read_regular(folder: Path, name: str) -> bytes:
+    file = folder / name
+    if file.is_symlink():
+        raise BadInput(f"bundle {folder}: {name} is a symbolic link; bundles hold regular files only")
+    return file.read_bytes()
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Checksum every build product in `folder` into the manifest and write it (atomically).
-
-    The calibration tables are left out: calibrating a bundle rewrites them."""
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Checksum every file in `folder` into the manifest, write it and its digest (atomically);
+    returns the manifest as written and its digest."""
     files = {}
-    mutable = {MANIFEST, SENSITIVITY, BASELINES}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in mutable):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in _UNLISTED):
         files[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256(file)}
     manifest = {**manifest, "format": FORMAT, "files": files}
-    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    data = json.dumps(manifest, indent=1).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    write_atomic(folder / MANIFEST, data)
+    write_atomic(folder / DIGEST, f"{digest}  {MANIFEST}\n".encode())
+    return manifest, digest

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from sencache.runtime.backends.base import StageBackend
@@ -36,8 +35,10 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import NOISE, Sampler
+from sencache.runtime.manifest import MAX_STEPS
+from sencache.runtime.memory import check_memory, request_bytes
 from sencache.runtime.policy import CachePolicy, NoCache, SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
-from sencache.runtime.tiny_text import TinyTextEncoder
+from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ class Request:
                 raise BadInput(f"{name} holds NaN or infinite values")
         if len(self.prompts) != len(self.seeds):
             raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
-        if self.steps <= 0:
-            raise BadInput(f"--steps must be positive, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {self.steps}")
         if not math.isfinite(self.guidance) or self.guidance < 0:
             raise BadInput(f"--guidance must be a finite number >= 0, got {self.guidance}")
         for seed in self.seeds:
@@ -142,9 +143,7 @@ class Engine:
         if spec["kind"] != "tiny":
             return self.adapter.encode_prompts(self.components(), prompts, self.preset)
         if self._text_encoder is None:
-            self._text_encoder = TinyTextEncoder(dim=spec["dim"])
-            self._text_encoder.load_state_dict(load_file(str(self.bundle.file(spec["file"]))))
-            self._text_encoder.eval()
+            self._text_encoder = load_tiny_text_encoder(self.bundle.read(spec["file"]), spec["dim"], spec["file"])
         return self.adapter.encode_tiny(self._text_encoder, prompts)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -295,6 +294,7 @@ class Engine:
         if batch * branches > self.max_rows:
             raise BadInput(f"{batch} samples need {batch * branches} rows; the bundle was built for at most "
                            f"{self.bundle.shapes.max_batch} samples (rebuild with --max-batch)")
+        check_memory(request_bytes(self.bundle.manifest["shapes"], batch, branches), self.backend.device)
         text = self._embeddings(request.prompt_embeds, request.prompts)
         uncond = self._embeddings(request.negative_prompt_embeds, [""] * batch) if cfg else None
         text_rows = self._to_device(text if uncond is None else np.concatenate([text, uncond]))

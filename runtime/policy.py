@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.sensitivity import SensitivityTable
 
 
@@ -79,8 +80,8 @@ class SenCacheSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise BadInput(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.max_reuse < 0:
-            raise BadInput(f"--max-reuse must be >= 0, got {self.max_reuse}")
+        if not 0 <= self.max_reuse <= MAX_STEPS:
+            raise BadInput(f"--max-reuse must be in [0, {MAX_STEPS}], got {self.max_reuse}")
         if not 0.0 <= self.switch_frac <= 1.0:
             raise BadInput(f"switch fraction must be in [0, 1], got {self.switch_frac}")
 

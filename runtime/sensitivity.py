@@ -21,6 +21,15 @@ from sencache.runtime.files import write_atomic
 FORMAT = "sencache-sensitivity/1"
 
 
+def _vector(value: Any) -> np.ndarray | None:
+    """A JSON list of numbers as float64 (None stays None); anything else is a ValueError."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError("tables must be lists of numbers")
+    return np.asarray(value, dtype=np.float64)
+
+
 @dataclass
 class SensitivityTable:
     timesteps: np.ndarray
@@ -65,27 +74,40 @@ class SensitivityTable:
                 out[name] = value.tolist()
         return out
 
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
     def save(self, path: Path) -> None:
-        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        write_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> SensitivityTable:
         try:
-            data = json.loads(Path(path).read_text())
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise BadInput(f"no sensitivity table at {path}: run `sencache calibrate --engine DIR` first") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadInput(f"corrupt sensitivity table {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise BadInput(f"corrupt sensitivity table {path}: not a {FORMAT} file")
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: bytes, source: str) -> SensitivityTable:
+        """A table from the bytes of a `sensitivity.json`; BadInput names `source` and the fault."""
         try:
-            return cls(np.asarray(data["timesteps"]), np.asarray(data["Jx"]), np.asarray(data["Jt"]),
-                       counts=data.get("counts"), jx_std=data.get("Jx_std"), jt_std=data.get("Jt_std"),
-                       meta=data.get("meta", {}))
+            document = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"corrupt sensitivity table {source}: {e}") from None
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            raise BadInput(f"corrupt sensitivity table {source}: not a {FORMAT} file")
+        try:
+            meta = document.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ValueError("meta must be an object")
+            return cls(_vector(document["timesteps"]), _vector(document["Jx"]), _vector(document["Jt"]),
+                       counts=_vector(document.get("counts")), jx_std=_vector(document.get("Jx_std")),
+                       jt_std=_vector(document.get("Jt_std")), meta=meta)
         except KeyError as e:
-            raise BadInput(f"corrupt sensitivity table {path}: missing {e}") from None
+            raise BadInput(f"corrupt sensitivity table {source}: missing {e}") from None
         except (TypeError, ValueError, BadInput) as e:
-            raise BadInput(f"corrupt sensitivity table {path}: {e}") from None
+            raise BadInput(f"corrupt sensitivity table {source}: {e}") from None
 
     @classmethod
     def from_npz(cls, path: Path, meta: dict[str, Any] | None = None) -> SensitivityTable:
@@ -95,9 +117,12 @@ class SensitivityTable:
                 missing = {"timesteps", "J_x_norm", "J_t_norm"} - set(data.files)
                 if missing:
                     raise BadInput(f"not a SenCache sensitivity .npz (missing {', '.join(sorted(missing))})")
-                counts = data["sample_counts"] if "sample_counts" in data.files else None
-                return cls(data["timesteps"].ravel(), data["J_x_norm"].ravel(), data["J_t_norm"].ravel(),
-                           counts=None if counts is None else counts.ravel(),
+                arrays = {k: data[k] for k in ("timesteps", "J_x_norm", "J_t_norm", "sample_counts") if k in data.files}
+                for key, value in arrays.items():
+                    if value.ndim != 1:
+                        raise BadInput(f"{key} must be one-dimensional, got shape {list(value.shape)}")
+                counts = arrays.get("sample_counts")
+                return cls(arrays["timesteps"], arrays["J_x_norm"], arrays["J_t_norm"], counts=counts,
                            meta={"source": f"imported from {Path(path).name}", **(meta or {})})
         except FileNotFoundError:
             raise BadInput(f"no such file: {path}") from None

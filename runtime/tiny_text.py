@@ -79,17 +79,22 @@ def random_spec(rng: np.random.Generator) -> PromptSpec:
 _INDEX = {word: i for i, word in enumerate(VOCABULARY)}
 
 
+def _quoted(prompt: str) -> str:
+    return repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
+
+
 def tokenize(prompt: str) -> list[int]:
     """Map a prompt to MAX_TOKENS token ids (padded); raise BadInput for unknown words."""
     words = prompt.lower().split()
-    unknown = [w for w in words if w not in _INDEX or w == PAD]
+    if len(words) > MAX_TOKENS:
+        raise BadInput(f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most "
+                       f"{MAX_TOKENS}")
+    unknown = list(dict.fromkeys(w for w in words if w not in _INDEX or w == PAD))
     if unknown:
         raise BadInput(
-            f"prompt {prompt!r} has words outside the tiny model's vocabulary: {', '.join(unknown)} "
+            f"prompt {_quoted(prompt)} has words outside the tiny model's vocabulary: {', '.join(unknown)} "
             f"(known: {' '.join(VOCABULARY[1:])})"
         )
-    if len(words) > MAX_TOKENS:
-        raise BadInput(f"prompt {prompt!r} has {len(words)} words; the tiny text encoder takes at most {MAX_TOKENS}")
     return [_INDEX[w] for w in words] + [_INDEX[PAD]] * (MAX_TOKENS - len(words))
 
 
@@ -119,3 +124,16 @@ class TinyTextEncoder(nn.Module):
         """Embed prompts as [B, MAX_TOKENS, dim] float32 (the empty string is unconditional)."""
         ids = torch.tensor([tokenize(p) for p in prompts], dtype=torch.long)
         return self(ids).float()
+
+
+def load_tiny_text_encoder(data: bytes, dim: int, name: str) -> TinyTextEncoder:
+    """The tiny text encoder from the bytes of its safetensors file; BadInput if they do not hold it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    encoder = TinyTextEncoder(dim=dim)
+    try:
+        encoder.load_state_dict(load(data))
+    except (SafetensorError, RuntimeError, ValueError) as e:
+        raise BadInput(f"{name} is not a tiny text encoder of width {dim}: {str(e).splitlines()[0][:200]}") from None
+    return encoder.eval()

@@ -161,7 +161,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
         bundle = Bundle.load(build(BuildOptions(model="tiny-wan", out=Path(tmp) / "b", backend=backend,
                                                 compute_capability=target), log=lambda _: None))
         engine = Engine(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
-        bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=4), show_progress=False).sensitivity)
+        bundle.write_tables(calibrate(engine, CalibrationPlan(samples=4), show_progress=False).sensitivity)
         request = Request(["one large white circle static on black", "two small red squares moving left fast on texture",
                            "three small green circles moving up slow on gradient",
                            "one large blue square moving right fast on black"], [1, 2, 3, 4], 30, 4.0)
@@ -174,7 +174,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
         ltx = Bundle.load(build(BuildOptions(model="tiny-ltx", out=Path(tmp) / "ltx", backend=backend,
                                              compute_capability=target), log=lambda _: None))
         engine = Engine(ltx, open_backend(ltx, device="cuda" if backend == "torch" else "cpu"))
-        ltx.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
+        ltx.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
         knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
         report["flow_euler_syncs"] = {
             steps: counting_syncs(lambda: engine.generate(Request(request.prompts[:2], [1, 2], steps, 4.0),

@@ -10,6 +10,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 
 STAGES = ("head", "blocks", "tail")
+MAX_THREADS = 1024
 
 
 class StageBackend(ABC):
@@ -39,8 +40,8 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
     """The backend that runs `bundle`: its own unless `name` asks for another it supports.
     `device` places the PyTorch backend's modules (e.g. "cuda"); TensorRT bundles always run on
     the GPU and ONNX Runtime bundles on the host."""
-    if threads < 0:
-        raise BadInput(f"--threads must be >= 0 (0: all cores), got {threads}")
+    if not 0 <= threads <= MAX_THREADS:
+        raise BadInput(f"--threads must be in [0, {MAX_THREADS}] (0: all cores), got {threads}")
     name = name or bundle.manifest["backend"]
     if name != bundle.manifest["backend"]:
         raise BadInput(f"bundle {bundle.path} was built for {bundle.manifest['backend']}, not {name}; "

@@ -34,11 +34,14 @@ class OnnxRuntimeBackend(StageBackend):
         for stage in STAGES:
             spec = bundle.manifest["stages"][stage]
             try:
-                self.sessions[stage] = ort.InferenceSession(str(bundle.file(spec["file"])), options, providers=self.providers)
+                session = ort.InferenceSession(bundle.read(spec["file"]), options, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad models
-                raise BadInput(f"bundle {bundle.path}: ONNX Runtime cannot load {spec['file']}: {e}") from None
-            self.outputs[stage] = [o.name for o in self.sessions[stage].get_outputs()]
-            self.input_types[stage] = {i.name: _NUMPY[i.type] for i in self.sessions[stage].get_inputs()}
+                raise BadInput(f"bundle {bundle.path}: ONNX Runtime cannot load {spec['file']}: "
+                               f"{str(e).splitlines()[0][:200]}") from None
+            _check_graph(bundle, stage, session)
+            self.sessions[stage] = session
+            self.outputs[stage] = [o.name for o in session.get_outputs()]
+            self.input_types[stage] = {i.name: _NUMPY[i.type] for i in session.get_inputs()}
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         types = self.input_types[stage]
@@ -49,3 +52,23 @@ class OnnxRuntimeBackend(StageBackend):
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "device": "cpu", "providers": ",".join(self.providers),
                 "onnxruntime": ort.__version__}
+
+
+def _check_graph(bundle: Bundle, stage: str, session: ort.InferenceSession) -> None:
+    """The graph is the stage the manifest says: its input and output names, its input types,
+    and the per-sample shapes of the head's latent and text inputs (the rest follow from them)."""
+    spec = bundle.manifest["stages"][stage]
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != spec["inputs"] or [o.name for o in outputs] != spec["outputs"]:
+        raise BadInput(f"bundle {bundle.path}: {spec['file']} takes {[i.name for i in inputs]} -> "
+                       f"{[o.name for o in outputs]}, not the {stage} stage's {spec['inputs']} -> {spec['outputs']}")
+    for i in inputs:
+        if i.type not in _NUMPY:
+            raise BadInput(f"bundle {bundle.path}: {spec['file']} input {i.name} is {i.type}, not a float tensor")
+    if stage == "head":
+        shapes = bundle.manifest["shapes"]
+        for i in inputs:
+            expected = {"latent": shapes["latent"], "text": shapes["text"]}.get(i.name)
+            if expected is not None and list(i.shape[1:]) != list(expected):
+                raise BadInput(f"bundle {bundle.path}: {spec['file']} takes {i.name} of shape {i.shape[1:]} per "
+                               f"sample; the manifest says {expected}")

@@ -67,11 +67,15 @@ class TensorRTBackend(StageBackend):
         self.output_buffers: dict[str, dict[str, torch.Tensor]] = {}
         max_rows = bundle.shapes.max_batch * 2
         for stage in STAGES:
-            data = bundle.file(bundle.manifest["stages"][stage]["file"]).read_bytes()
-            engine = self.runtime.deserialize_cuda_engine(data)
+            spec = bundle.manifest["stages"][stage]
+            engine = self.runtime.deserialize_cuda_engine(bundle.read(spec["file"]))
             if engine is None:
                 raise BadInput(f"bundle {bundle.path}: {module} cannot load {stage}.engine on {self.gpu} "
                                f"(built for {target} with {record['version']})")
+            names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+            if names != {*spec["inputs"], *spec["outputs"]}:
+                raise BadInput(f"bundle {bundle.path}: {spec['file']} has tensors {sorted(names)}, not the {stage} "
+                               f"stage's {spec['inputs'] + spec['outputs']}")
             context = engine.create_execution_context()
             self.engines[stage], self.contexts[stage] = engine, context
             self.input_types[stage], self.output_buffers[stage] = {}, {}

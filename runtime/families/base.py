@@ -58,6 +58,13 @@ class StageLayout:
     def tail_inputs(self) -> tuple[str, ...]:
         return self.tail_stream_names + self.tail_context
 
+    @property
+    def stage_io(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(inputs, outputs) of each stage by name, as exported and as the runtime feeds them."""
+        return {"head": (HEAD_INPUTS, self.head_outputs),
+                "blocks": (self.blocks_inputs, tuple(s + "_out" for s in self.streams)),
+                "tail": (self.tail_inputs, (NOISE,))}
+
 
 HEAD_INPUTS = ("latent", "timestep", "text")
 NOISE = "noise"
@@ -281,10 +288,11 @@ class FamilyAdapter(ABC):
 
     def make_scheduler(self, preset: ModelPreset, config: dict[str, Any] | None = None):
         """A fresh diffusers scheduler, from the bundle's stored config or the preset's."""
-        import diffusers
+        from sencache.runtime.manifest import scheduler_class
 
         config = dict(config or self.scheduler_config(preset))
-        cls = getattr(diffusers, config.pop("_class_name"))
+        cls = scheduler_class(config)
+        config.pop("_class_name")
         return cls.from_config(config)
 
     def example_inputs(self, preset: ModelPreset, shapes: Shapes, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
