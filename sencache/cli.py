@@ -7,11 +7,19 @@ internal failure.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import MAX_STEPS
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -29,16 +37,16 @@ def _calibrate(args: argparse.Namespace) -> None:
     from sencache.runtime.pipeline import Engine
     from sencache.runtime.sensitivity import SensitivityTable
 
-    bundle = Bundle.load(args.engine)
     if args.import_npz and args.from_bundle:
         raise BadInput("give --import-npz or --from-bundle, not both")
+    bundle = Bundle.load(args.engine)
     if args.from_bundle:
         table = bundle.adopt_tables(Bundle.load(args.from_bundle))
         print(f"took the {len(table.timesteps)}-timestep table of {args.from_bundle} into {bundle.sensitivity_path}")
         return
     if args.import_npz:
         table = SensitivityTable.from_npz(args.import_npz, meta={"model": bundle.manifest["model"]})
-        bundle.write_sensitivity(table)
+        bundle.write_tables(table)
         print(f"imported {len(table.timesteps)} timesteps from {args.import_npz} into {bundle.sensitivity_path}")
         return
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
@@ -47,8 +55,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     engine = Engine(bundle, open_backend(bundle, threads=args.threads))
     result = calibrate(engine, plan)
     table = result.sensitivity
-    bundle.write_sensitivity(table)
-    bundle.write_baselines(result.baselines)
+    bundle.write_tables(table, result.baselines)
     print(f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {plan.samples} samples, "
           f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}")
     print(f"wrote {bundle.baselines_path}: TeaCache polynomial, MagCache ratios for {len(result.baselines.magcache_ratios)} steps")
@@ -64,13 +71,13 @@ def _separate(out: Path, engine: Path) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.files import check_replaceable
-    from sencache.runtime.outputs import STATS, write_run
+    from sencache.runtime.files import check_free_space, check_replaceable, staged_folder
+    from sencache.runtime.outputs import RUN, run_bytes, write_run
     from sencache.runtime.pipeline import Engine, Request
 
     started = time.perf_counter()
     _separate(args.out, args.engine)
-    check_replaceable(args.out, STATS)
+    check_replaceable(args.out, RUN)
     bundle = Bundle.load(args.engine)
     if not bundle.manifest.get("trained", True):
         print(f"warning: {bundle.manifest['model']} is UNTRAINED (random weights): its videos are noise; "
@@ -84,9 +91,11 @@ def _generate(args: argparse.Namespace) -> None:
     knobs = {name: getattr(args, name) for name in ("eps_start", "eps_main", "max_reuse", "interval", "warmup",
                                                     "threshold", "retention")}
     policy = engine.policy(args.cache, request.steps, len(request.prompts), knobs)
-    result = engine.generate(request, policy, progress=True)
-    frames = engine.decode(result.latents)
-    document = write_run(args.out, engine, request, policy, result, frames, time.perf_counter() - started)
+    check_free_space(args.out.parent, run_bytes(bundle, len(request.prompts)), f"writing {args.out}")
+    with staged_folder(args.out, RUN) as folder:
+        result = engine.generate(request, policy, progress=True)
+        frames = engine.decode(result.latents)
+        document = write_run(folder, engine, request, policy, result, frames, time.perf_counter() - started)
     for sample in document["samples"]:
         print(f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} -> {args.out / sample['video']}")
     timing = document["timing"]
@@ -97,19 +106,21 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from sencache.benchmarks.bench import SWEEPS, BenchPlan, evaluation_set, run_bench
+    from sencache.benchmarks.bench import KIND, SWEEPS, BenchPlan, evaluation_set, run_bench
     from sencache.benchmarks.diffusers_peers import PEERS
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
+    from sencache.runtime.files import check_replaceable
     from sencache.runtime.pipeline import Engine
 
     _separate(args.out, args.engine)
+    check_replaceable(args.out, KIND)
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest["defaults"]
     prompts, seeds = evaluation_set(4 if args.quick else args.samples, args.prompts, args.seeds)
     steps = defaults["steps"] if args.steps is None else args.steps
-    if steps <= 0:
-        raise BadInput(f"--steps must be positive, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {steps}")
     default = [m for m in SWEEPS if bundle.manifest["family"] == "wan" or m not in PEERS]
     plan = BenchPlan(methods=tuple(args.methods or default), prompts=tuple(prompts), seeds=tuple(seeds),
                      steps=steps, guidance=defaults["guidance"], quick=args.quick)
@@ -159,7 +170,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
+    p = _Parser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="export a model's stages into an engine bundle")
@@ -246,24 +257,85 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: partial outputs are removed on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
+                      errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE, errno.ENFILE, errno.EBUSY}
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _crash_log(command: str) -> Path:
+    """Write the current exception's traceback to a log file and return its path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = f"sencache {command} ({' '.join(sys.argv)})\n{traceback.format_exc()}"
+    for folder in (Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sencache",
+                   Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"sencache-crash-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("(no writable log folder)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit status 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done; 2 bad input or environment (one line on stderr,
+    nothing written); 1 an internal error (one line naming the log file with the traceback);
+    130 interrupted (Ctrl-C or SIGTERM; partial outputs removed)."""
     args = parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         args.func(args)
     except BadInput as e:
-        print(f"sencache {args.command}: error: {e}", file=sys.stderr)
+        print(f"sencache {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sencache {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"sencache {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing "
+              f"was left half-written", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"sencache {args.command}: error: out of memory; use fewer samples or a smaller bundle", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRORS:
+            return _internal(args.command, e)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"sencache {args.command}: error: {e.strerror}{where}", file=sys.stderr)
+        return 2
     except Exception as e:
-        from sencache.engine_builder.onnx_export import BuildFailed
-
-        if isinstance(e, BuildFailed):
-            print(f"sencache {args.command}: build failed: {e}", file=sys.stderr)
-            return 1
-        raise
+        return _internal(args.command, e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _internal(command: str, error: Exception) -> int:
+    from sencache.engine_builder.onnx_export import BuildFailed
+
+    log = _crash_log(command)
+    kind = "build failed" if isinstance(error, BuildFailed) else f"internal error ({type(error).__name__})"
+    print(f"sencache {command}: {kind}: {_one_line(error, 200)}; traceback in {log}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
