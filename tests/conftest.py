@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
+from sencache.runtime.bundle import DIGEST, MANIFEST, Bundle
 from sencache.runtime.pipeline import Engine
 
 torch.set_num_threads(1)
@@ -39,11 +41,24 @@ def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
     bundle = Bundle.load(out)
     engine = Engine(bundle, open_backend(bundle, threads=1))
     calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False)
-    bundle.write_sensitivity(calibration.sensitivity)
-    bundle.write_baselines(calibration.baselines)
+    bundle.write_tables(calibration.sensitivity, calibration.baselines)
     return out
 
 
 def engine_for(path: Path) -> Engine:
     bundle = Bundle.load(path)
     return Engine(bundle, open_backend(bundle, threads=1))
+
+
+def reseal(folder: Path, edit) -> None:
+    """Apply `edit` to the manifest and re-record its digest, as a consistent tamperer would."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    edit(manifest)
+    data = json.dumps(manifest).encode()
+    (folder / MANIFEST).write_bytes(data)
+    (folder / DIGEST).write_text(f"{hashlib.sha256(data).hexdigest()}  {MANIFEST}\n")
+
+
+def relist(manifest: dict, folder: Path, name: str) -> None:
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,5 +1,6 @@
 """The command line: bad input ends in exit status 2, one clear line, and no output written."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import relist, reseal
 from sencache.cli import main
 from sencache.runtime.bundle import Bundle
 
@@ -35,6 +37,10 @@ def test_corrupt_manifest(capsys, ort_bundle, tmp_path):
     shutil.copytree(ort_bundle, broken)
     (broken / "manifest.json").write_text("{ not json")
     code, err = run_cli(capsys, *generate_args(broken, tmp_path / "out", "--cache", "none"))
+    assert code == 2 and "manifest.json does not match its digest" in err
+    digest = hashlib.sha256(b"{ not json").hexdigest()
+    (broken / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+    code, err = run_cli(capsys, *generate_args(broken, tmp_path / "out", "--cache", "none"))
     assert code == 2 and "corrupt manifest.json" in err
     assert not (tmp_path / "out").exists()
 
@@ -57,6 +63,9 @@ def test_corrupt_or_missing_table(capsys, ort_bundle, calibrated_bundle, tmp_pat
     table["Jx"][2] = None
     (broken / "sensitivity.json").write_text(json.dumps(table))
     code, err = run_cli(capsys, *generate_args(broken, tmp_path / "out"))
+    assert code == 2 and "sensitivity.json does not match its checksum" in err
+    reseal(broken, lambda manifest: relist(manifest, broken, "sensitivity.json"))
+    code, err = run_cli(capsys, *generate_args(broken, tmp_path / "out"))
     assert code == 2 and "corrupt sensitivity table" in err
     assert not (tmp_path / "out").exists()
 
@@ -69,7 +78,7 @@ def test_prompt_outside_vocabulary(capsys, ort_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--steps", "0"], "--steps must be positive"),
+    (["--steps", "0"], "--steps must be in [1, 1000]"),
     (["--seed", "2"], "pair up"),
     (["--eps-main", "-1"], "--eps-main"),
     (["--guidance", "nan"], "--guidance"),
@@ -105,7 +114,6 @@ def test_import_npz_round_trips(capsys, calibrated_bundle, tmp_path):
     shutil.copytree(calibrated_bundle, bundle_dir)
     original = Bundle.load(bundle_dir).sensitivity()
     original.to_npz(tmp_path / "authors.npz")
-    (bundle_dir / "sensitivity.json").unlink()
     code, _ = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--import-npz", tmp_path / "authors.npz")
     assert code == 0
     imported = Bundle.load(bundle_dir).sensitivity()

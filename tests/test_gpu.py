@@ -93,7 +93,7 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     bundle = Bundle.load(out)
     engine = Engine(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
     assert engine.backend.device.type == "cuda"
-    bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
+    bundle.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
     knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
     prompts, seeds = ["one large white circle static on black", "two small red squares moving left fast"], [1, 2]
     short = counting_syncs(lambda: engine.generate(Request(prompts, seeds, 6, 4.0),

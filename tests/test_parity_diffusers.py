@@ -13,7 +13,7 @@ PROMPTS = ["two small red circles moving left fast on texture", "one large cyan 
 
 def diffusers_latents(engine, prompts, seeds, steps, guidance):
     shapes = engine.bundle.shapes
-    transformer = engine.adapter.build_transformer(engine.preset, engine.bundle.file("transformer"))
+    transformer = engine.adapter.build_transformer(engine.preset, engine.bundle.checked_folder("transformer"))
     pipe = engine.adapter.diffusers_pipeline(transformer, engine.scheduler())
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():

@@ -89,7 +89,7 @@ def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
     table = SensitivityTable(timesteps[::-1].copy(), np.linspace(0.5, 1.5, steps), np.linspace(2e-3, 1e-3, steps),
                              counts=np.ones(steps), meta={"source": "test"})
-    engine.bundle.write_sensitivity(table)
+    engine.bundle.write_tables(table)
     settings = SenCacheSettings(eps_start=0.02, eps_main=0.6, max_reuse=2)
     policy = engine.policy("sencache", steps, batch, {"eps_start": 0.02, "eps_main": 0.6, "max_reuse": 2})
     embeds, negative = embeddings(case, batch, 1), embeddings(case, batch, 2)
@@ -137,7 +137,7 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
     engine = engine_for(bundle_of(case))
     steps = 10
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
-    engine.bundle.write_sensitivity(SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0),
+    engine.bundle.write_tables(SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0),
                                                      np.full(steps, 1e-3), meta={"source": "test"}))
     knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
     embeds, negative = embeddings(case, 2, 5), embeddings(case, 2, 6)

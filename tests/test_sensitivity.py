@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import reseal
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -77,8 +78,6 @@ def test_a_bundle_adopts_the_tables_of_another_build_of_its_model(calibrated_bun
     np.testing.assert_array_equal(adopted.jx, Bundle.load(calibrated_bundle).sensitivity().jx)
     assert adopted.meta["adopted_from"] == str(calibrated_bundle) and len(table.timesteps) == len(adopted.timesteps)
     assert Bundle.load(target).baselines_path.is_file()
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["scheduler"]["flow_shift"] = 5.0
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    reseal(target, lambda manifest: manifest["scheduler"].update(flow_shift=5.0))
     with pytest.raises(BadInput, match="scheduler"):
         Bundle.load(target).adopt_tables(Bundle.load(calibrated_bundle))

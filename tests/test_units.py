@@ -1,4 +1,4 @@
-"""Small pure pieces: the tiny vocabulary, the drift reduction, PSNR, atomic folders."""
+"""Small pure pieces: the tiny vocabulary, the drift reduction, PSNR, the prompt-following readers."""
 
 import math
 
@@ -8,7 +8,6 @@ import pytest
 from sencache.benchmarks.metrics import psnr
 from sencache.kernels.drift import drift_sumsq
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import staged_folder
 from sencache.runtime.tiny_text import MAX_TOKENS, VOCABULARY, TinyTextEncoder, random_spec, tokenize
 
 
@@ -47,21 +46,6 @@ def test_psnr_known_values():
     assert psnr(a, a) == math.inf
     assert psnr(a + 0.1, a) == pytest.approx(20.0)
     assert psnr(a + 0.01, a) == pytest.approx(40.0)
-
-
-def test_staged_folder_leaves_target_untouched_on_error(tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with staged_folder(target, "keep.txt") as tmp:
-            (tmp / "new.txt").write_text("half")
-            raise RuntimeError("interrupted")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert (target / "keep.txt").read_text() == "old"
-    with staged_folder(target, "keep.txt") as tmp:
-        (tmp / "new.txt").write_text("whole")
-    assert [p.name for p in target.iterdir()] == ["new.txt"]
 
 
 def test_prompt_following_readers_are_exact_on_the_training_clips():
