@@ -133,7 +133,7 @@ class Runner:
         batch, steps = len(prompts), 2 + reuses
 
         def reusing() -> None:
-            policy = engine.policy("fixed", steps, batch, {"interval": 10**6})
+            policy = engine.policy("fixed", steps, batch, {"interval": steps})
             engine.generate(Request(prompts, seeds, steps, self.plan.guidance), policy)
 
         def running() -> None:
