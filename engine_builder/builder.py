@@ -137,18 +137,17 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     if preset.tiny and (shapes.frames, shapes.height, shapes.width) != (preset.frames, preset.height, preset.width):
         raise BadInput(f"{preset.name} was trained on {preset.frames}x{preset.height}x{preset.width} clips; "
                        f"other sizes are not supported")
-    latent_shape = adapter.latent_shape(preset, shapes)
+    adapter.latent_shape(preset, shapes)  # sizes the family cannot take are refused here, before any work
     weights = _weights_folder(preset, options.weights)
     started = time.perf_counter()
     with staged_folder(options.out, KIND) as folder:
-        _build_into(folder, options, adapter, preset, backend, shapes, latent_shape, weights, log)
+        _build_into(folder, options, adapter, preset, backend, shapes, weights, log)
     log(f"bundle written to {options.out} in {time.perf_counter() - started:.1f} s")
     return Path(options.out)
 
 
 def _build_into(folder: Path, options: BuildOptions, adapter: FamilyAdapter, preset: ModelPreset, backend: str,
-                shapes: Shapes, latent_shape: tuple[int, ...], weights: Path | None,
-                log: Callable[[str], None]) -> None:
+                shapes: Shapes, weights: Path | None, log: Callable[[str], None]) -> None:
     """Export, validate and write the bundle into the (partial) `folder`."""
     log(f"loading {preset.name} ({preset.description})")
     torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
@@ -156,6 +155,7 @@ def _build_into(folder: Path, options: BuildOptions, adapter: FamilyAdapter, pre
     config = _jsonable(dict(transformer.config))
     built = dict(preset.config, **config)
     preset = dataclasses.replace(preset, config=built)
+    latent_shape = adapter.latent_shape(preset, shapes)  # of the weights' own config
     dtype = DTYPES[options.precision] or torch.float32  # fp8: exported in fp32, then the blocks are quantized
     reference = adapter.split(transformer, preset, shapes)
     lowered = transformer if dtype == torch.float32 else lower_precision(copy.deepcopy(transformer), dtype)
