@@ -261,8 +261,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: partial outputs are removed on the way out."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+def _signalled(signum: int, frame: object) -> None:
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     nothing written); 1 an internal error (one line naming the log file with the traceback);
     130 interrupted (Ctrl-C or SIGTERM; partial outputs removed)."""
     args = parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, _signalled) for signum in handled}
     try:
         args.func(args)
     except BadInput as e:
@@ -324,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return _internal(args.command, e)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
