@@ -7,7 +7,7 @@
 # tiny-wan with the PyTorch CUDA backend (torch bundle, brief calibration, `generate --device cuda`
 # with SenCache and with `--cache none`, compared). A summary ends the run.
 #
-# Run from anywhere; it works in the checkout that holds it. Environment:
+# Run from anywhere; it works in the checkout that holds it. Environment (paths may be relative):
 #   OUT                 where results go (default: runs/gpu-check in the checkout). It receives six
 #                       files, within the eight the device tool brings back: summary.txt,
 #                       gpu_check.log (every step's output), gpu.json, loop.json,
@@ -19,12 +19,12 @@
 # .ci/gpu_rehearsal), a GPU step passes as "skip" only when it ends with its one clear line
 # (`sencache <command>: error: ... CUDA/GPU ...`, exit status 2) or, for pytest, skips every test.
 set -u
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/runs/gpu-check}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(realpath -m "${OUT:-$ROOT/runs/gpu-check}")
+WORK=$(realpath -m "${GPU_CHECK_WORK:-/tmp/sencache-gpu-check}")
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-WORK=${GPU_CHECK_WORK:-/tmp/sencache-gpu-check}
+cd "$ROOT" || exit 1
 SITE=$WORK/site
 DEADLINE=$((SECONDS + BUDGET))
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
@@ -80,6 +80,7 @@ step() {
 }
 
 install_project() {
+    rm -rf build  # setuptools' own output from an earlier build, which it would reuse, stale or not
     "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
         --target "$SITE" .whl/*.whl . || return
     "$PYTHON" -P - "$SITE" <<'EOF'
