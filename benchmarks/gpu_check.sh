@@ -117,7 +117,7 @@ step doctor host 60 sencache doctor
 step gpu-acceptance gpu 240 sencache gpu-acceptance --out "$OUT/gpu.json"
 step pytest-gpu pytest 150 "$PYTHON" -P -m pytest -m gpu -q -ra -p no:cacheprovider tests
 step loop-build host 90 sencache build --model tiny-wan --backend torch --max-batch 4 --out "$WORK/tiny-wan-torch"
-step loop-calibrate host 150 sencache calibrate --engine "$WORK/tiny-wan-torch" --samples 2 --steps 8
+step loop-calibrate host 240 sencache calibrate --engine "$WORK/tiny-wan-torch" --samples 2 --steps 6
 step loop-sencache gpu 60 loop_run sencache
 step loop-none gpu 60 loop_run none
 if [ -f "$OUT/stats_sencache.json" ] && [ -f "$OUT/stats_none.json" ]; then
