@@ -28,6 +28,8 @@ cd "$ROOT" || exit 1
 SITE=$WORK/site
 DEADLINE=$((SECONDS + BUDGET))
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
+# No figure of an earlier run may pass for this one's.
+rm -f "$OUT"/{summary.txt,gpu_check.log,gpu.json,loop.json,stats_sencache.json,stats_none.json}
 LOG=$OUT/gpu_check.log
 SUMMARY=$WORK/summary.rows
 : >"$LOG"
