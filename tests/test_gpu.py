@@ -46,7 +46,7 @@ def test_gpu_acceptance_without_a_gpu_is_one_clear_line(capsys):
 
 
 @pytest.mark.gpu
-def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
+def test_tensorrt_bundle_runs_like_onnxruntime(device, request, tmp_path):
     """The stage engines on this GPU against the same bundle in ONNX Runtime."""
     from conftest import engine_for
     from sencache.runtime.pipeline import Request
@@ -55,12 +55,13 @@ def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
     backend, target = loop_backend(device.arch)
     if backend == "torch":
         pytest.skip(f"no TensorRT that builds for {device.arch} here")
+    ort_bundle = request.getfixturevalue("ort_bundle")  # session-scoped: asked for only once TensorRT is here
     extra = ["--backend", backend, *(["--compute-capability", target] if target else [])]
     out = tmp_path / "trt"
     assert main(["build", "--model", "tiny-wan", "--max-batch", "3", "--out", str(out), *extra]) == 0
-    request = Request(["one large white circle static on black"], [1], 8, 4.0)
-    ours = engine_for(out).generate(request, NoCache(1)).latents
-    reference = engine_for(ort_bundle).generate(request, NoCache(1)).latents
+    run = Request(["one large white circle static on black"], [1], 8, 4.0)
+    ours = engine_for(out).generate(run, NoCache(1)).latents
+    reference = engine_for(ort_bundle).generate(run, NoCache(1)).latents
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-2
 
 
