@@ -83,6 +83,7 @@ class _Job:
     trace: list[list[dict[str, Any]]] = field(default_factory=list)
     trajectory: list[np.ndarray] | None = None
     decision_s: float = 0.0
+    submitted: float = 0.0
     admitted: float = 0.0
     result: Result | None = None
     error: BaseException | None = None
@@ -160,7 +161,7 @@ class StepEngine:
         job = _Job(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
                    timesteps=timesteps, scales=scales, text=model.to_device(text), x=x, anchor=torch.zeros_like(x),
                    record=record, decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
-                   trajectory=[] if record else None)
+                   trajectory=[] if record else None, submitted=time.perf_counter())
         with self._lock:
             job.id = self._next_id
             self._next_id += 1
@@ -233,12 +234,13 @@ class StepEngine:
                 "requests_failed_total": c.failed,
             }
 
-    def fail_all(self, error: BaseException) -> list[int]:
-        """Mark every queued and running request failed with `error` (the driver's last resort,
-        so no request is left pending); returns the ids that ended."""
+    def end_all(self, state: Literal["cancelled", "failed"], error: BaseException | None = None) -> list[int]:
+        """End every queued and running request as `state` (closing, or the driver's last resort
+        on a fault outside any one request, so none is left pending); returns the ids that ended
+        since the last report."""
         with self._lock:
             for job in [*self._queue, *self._active]:
-                self._end(job, "failed", error)
+                self._end(job, state, error)
             self._queue.clear()
             self._active = []
             ended, self._ended = self._ended, []
@@ -469,7 +471,8 @@ class StepEngine:
                             f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge")
         return Result(latents=job.x.detach().cpu().numpy(), timesteps=job.timesteps, decisions=job.decisions,
                       trace=job.trace, timing={"denoise_s": time.perf_counter() - job.admitted,
-                                               "decision_s": job.decision_s},
+                                               "decision_s": job.decision_s,
+                                               "queue_s": job.admitted - job.submitted},
                       warnings=warnings, trajectory=job.trajectory)
 
 
