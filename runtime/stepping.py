@@ -314,7 +314,7 @@ class StepEngine:
                 self._fail(job, e)
 
     def _decide_and_run(self, jobs: list[_Job]) -> list[tuple[_Job, torch.Tensor, StepDecision]]:
-        model, layout, device = self.model, self.model.layout, self.model.backend.device
+        model, layout = self.model, self.model.layout
         for job in jobs:
             if job.trajectory is not None:
                 job.trajectory.append(job.x.to("cpu", copy=True).numpy())
