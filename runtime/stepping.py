@@ -157,9 +157,11 @@ class StepEngine:
         scales = ([model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
                   if request.dynamic_cfg else [request.guidance] * len(timesteps))
         generators = model.generators(request.seeds)
-        x = model.initial_latents(generators).to(model.backend.device)
+        with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
+            x = model.initial_latents(generators).to(model.backend.device)
+            text_rows, anchor = model.to_device(text), torch.zeros_like(x)
         job = _Job(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
-                   timesteps=timesteps, scales=scales, text=model.to_device(text), x=x, anchor=torch.zeros_like(x),
+                   timesteps=timesteps, scales=scales, text=text_rows, x=x, anchor=anchor,
                    record=record, decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
                    trajectory=[] if record else None, submitted=time.perf_counter())
         with self._lock:
@@ -328,7 +330,7 @@ class StepEngine:
         offsets = np.cumsum([0] + [j.rows for j in jobs])
         latent = torch.cat([j.x for j in jobs for _ in range(j.branches)])
         t_rows = np.concatenate([np.full(j.rows, j.timesteps[j.step], np.float32) for j in jobs])
-        head = model.head(latent, model.to_device(t_rows), self._text(jobs))
+        head = model.head(latent, self._upload(t_rows), self._text(jobs))
 
         tick = time.perf_counter()
         drift = meter.result() if meter is not None else None
@@ -377,11 +379,16 @@ class StepEngine:
         return {j.id: values[starts[i]:starts[i + 1]] for i, (_, j) in enumerate(wanting)}
 
     def _index(self, rows: np.ndarray) -> torch.Tensor:
-        """Row indices on the backend's device; on a GPU through pinned memory, so no host wait."""
-        index = torch.from_numpy(rows.astype(np.int64))
+        """Row indices on the backend's device."""
+        return self._upload(rows.astype(np.int64))
+
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        """A small host array on the backend's device; on a GPU through pinned memory, so the
+        host does not wait for the copy."""
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
         if self.model.backend.device.type == "cpu":
-            return index
-        return index.pin_memory().to(self.model.backend.device, non_blocking=True)
+            return tensor
+        return tensor.pin_memory().to(self.model.backend.device, non_blocking=True)
 
     def _blocks(self, head: dict[str, torch.Tensor], jobs: list[_Job], offsets: np.ndarray,
                 live: list[tuple[_Job, int, StepDecision]], run_rows: np.ndarray) -> dict[str, torch.Tensor]:
