@@ -15,9 +15,9 @@ generators), guidance, cache rule and rule state, latents, anchors and cached re
 
 A request's decisions and latents do not depend on which others share its passes. A row that
 runs uses the blocks' output as is, so a request that never reuses is bit-identical to the
-uncached run of the same rows. The solver step is diffusers' own, per request (on a GPU, UniPC
-synchronizes by itself; CogVideoX's DPM draws its noise on the host from the request's
-generators).
+uncached run of the same rows. Each request's solver step is its family sampler's: diffusers'
+arithmetic with the schedule's scalars computed on the host and solver noise drawn from each
+sample's own generator, so it adds no host wait on a GPU.
 
 State is guarded by one lock; `step` holds it only to admit and retire requests at the step
 boundary, never while stages run, so `submit`, `poll` and `cancel` answer from any thread.
