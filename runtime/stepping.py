@@ -73,7 +73,6 @@ class _Job:
     """Text rows [cond x batch (, uncond x batch)] on the backend's device."""
     x: torch.Tensor
     anchor: torch.Tensor
-    record: bool
     state: State = "queued"
     step: int = 0
     nfe: int = 0
@@ -140,6 +139,7 @@ class StepEngine:
 
     def submit(self, request: Request, policy: CachePolicy, record: bool = False) -> int:
         """Queue `request` under `policy` (a rule made for its steps and samples); returns its id.
+        `record` keeps the denoiser input latent of every step in the result (calibration).
 
         Everything that can be refused is checked here, before it is queued (BadInput): the rows
         it needs, its embeddings, its guidance schedule. Text encoding and the starting noise are
@@ -162,7 +162,7 @@ class StepEngine:
             text_rows, anchor = model.to_device(text), torch.zeros_like(x)
         job = _Job(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
                    timesteps=timesteps, scales=scales, text=text_rows, x=x, anchor=anchor,
-                   record=record, decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
+                   decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
                    trajectory=[] if record else None, submitted=time.perf_counter())
         with self._lock:
             job.id = self._next_id
