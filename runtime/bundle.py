@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sencache.runtime import manifest as schema
-from sencache.runtime.baselines import BaselineTables
+from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
 from sencache.runtime.files import OWNER, sha256, staged_folder, write_atomic

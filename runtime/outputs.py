@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import CachePolicy
 from sencache.runtime.files import write_atomic
-from sencache.runtime.pipeline import Engine, Request, Result
-from sencache.runtime.policy import CachePolicy
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request, Result
 from sencache.runtime.video import write_mp4
 
 STATS = "stats.json"
@@ -27,7 +28,7 @@ def run_bytes(bundle: Bundle, samples: int) -> int:
     return samples * 2 * frames + (1 << 20)
 
 
-def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result, total_s: float,
+def stats(engine: Model, request: Request, policy: CachePolicy, result: Result, total_s: float,
           files: list[tuple[str, str]]) -> dict[str, Any]:
     """The stats.json document (the command-line contract, plus the per-step trace)."""
     steps = request.steps
@@ -56,7 +57,7 @@ def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result,
     }
 
 
-def write_run(folder: Path, engine: Engine, request: Request, policy: CachePolicy, result: Result,
+def write_run(folder: Path, engine: Model, request: Request, policy: CachePolicy, result: Result,
               frames: np.ndarray, total_s: float) -> dict[str, Any]:
     """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into the run's partial `folder`."""
     files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]

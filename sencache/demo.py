@@ -13,11 +13,12 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import MAX_THREADS, open_backend
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.model import Model
 from sencache.runtime.outputs import RUN, write_run
-from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.request import Request
 
 DEMO_PROMPTS = [
     ("one large white circle static on black", 11),
@@ -44,7 +45,7 @@ def run_demo(out: Path, threads: int = 1) -> None:
         check_replaceable(out / name, RUN)
     torch.set_num_threads(threads)
     bundle = _bundle(out / "tiny-wan")
-    engine = Engine(bundle, open_backend(bundle, threads=threads))
+    engine = Model(bundle, open_backend(bundle, threads=threads))
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
         calibration = calibrate(engine, CalibrationPlan())
         bundle.write_tables(calibration.sensitivity, calibration.baselines)

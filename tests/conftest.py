@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny-wan bundles built once per session (ONNX Runtime and PyTorch)."""
+"""Shared fixtures: tiny bundles built once per session (tiny-wan on ONNX Runtime and PyTorch,
+tiny-cogvideox and tiny-ltx on ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import DIGEST, MANIFEST, Bundle
-from sencache.runtime.pipeline import Engine
+from sencache.runtime.model import Model
 
 torch.set_num_threads(1)
 
@@ -34,20 +35,34 @@ def torch_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cogvideox_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-cogvideox-ort"
+    build(BuildOptions(model="tiny-cogvideox", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ltx_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-ltx-ort"
+    build(BuildOptions(model="tiny-ltx", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
     """A copy of the ONNX bundle with a small measured sensitivity table."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-wan-calibrated"
     shutil.copytree(ort_bundle, out)
     bundle = Bundle.load(out)
-    engine = Engine(bundle, open_backend(bundle, threads=1))
+    engine = Model(bundle, open_backend(bundle, threads=1))
     calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False)
     bundle.write_tables(calibration.sensitivity, calibration.baselines)
     return out
 
 
-def engine_for(path: Path) -> Engine:
+def engine_for(path: Path) -> Model:
     bundle = Bundle.load(path)
-    return Engine(bundle, open_backend(bundle, threads=1))
+    return Model(bundle, open_backend(bundle, threads=1))
 
 
 def reseal(folder: Path, edit) -> None:
