@@ -39,7 +39,7 @@ from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
 from sencache.runtime.families.base import run_split
-from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.manifest import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, STAGES
 from sencache.runtime.tiny_text import TinyTextEncoder
 
@@ -214,9 +214,10 @@ def _build_into(folder: Path, options: BuildOptions, adapter: FamilyAdapter, pre
                                 "the ONNX they were built from is validated above"}
     if preset.published_baselines is not None:
         coefficients, ratios = preset.published_baselines
-        BaselineTables(coefficients, ratios, {"model": preset.name, "source": "published constants (TeaCache "
-                       "@7c10efc4, MagCache @df81cb18; MagCache has none for this model)" if ratios is None else
-                       "published constants (TeaCache @7c10efc4, MagCache @df81cb18)"}).save(folder / BASELINES)
+        source = ("published constants (TeaCache @7c10efc4, MagCache @df81cb18; MagCache has none for this model)"
+                  if ratios is None else "published constants (TeaCache @7c10efc4, MagCache @df81cb18)")
+        tables = BaselineTables(coefficients, ratios, {"model": preset.name, "source": source})
+        write_atomic(folder / BASELINES, tables.to_bytes())
     write_manifest(folder, manifest)
     itemsize = 4 if dtype in (None, torch.float32) else 2
     cache_bytes = itemsize * (max_rows * sum(int(np.prod(s)) for s in stream_shapes)

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import write_atomic
 
 FORMAT = "sencache-sensitivity/1"
 
@@ -76,17 +75,6 @@ class SensitivityTable:
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1).encode()
-
-    def save(self, path: Path) -> None:
-        write_atomic(path, self.to_bytes())
-
-    @classmethod
-    def load(cls, path: Path) -> SensitivityTable:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise BadInput(f"no sensitivity table at {path}: run `sencache calibrate --engine DIR` first") from None
-        return cls.parse(data, str(path))
 
     @classmethod
     def parse(cls, data: bytes, source: str) -> SensitivityTable:

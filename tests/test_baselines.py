@@ -72,20 +72,17 @@ def test_bad_knobs():
         MagCacheSettings(0.1, 2, (1.0, 0.0))
 
 
-def test_tables_round_trip_and_reject_corruption(tmp_path):
+def test_tables_round_trip_and_reject_corruption():
     tables = BaselineTables((1.0, -2.0, 0.5), (1.0, 0.99, 0.98), {"model": "tiny-wan"})
-    tables.save(tmp_path / "b.json")
-    assert BaselineTables.load(tmp_path / "b.json") == tables
-    (tmp_path / "b.json").write_text('{"format": "sencache-baselines/1", "teacache": {}}')
-    with pytest.raises(BadInput, match="corrupt"):
-        BaselineTables.load(tmp_path / "b.json")
-    with pytest.raises(BadInput, match="calibrate"):
-        BaselineTables.load(tmp_path / "missing.json")
+    assert BaselineTables.parse(tables.to_bytes(), "b.json") == tables
+    for corrupt in ('{"format": "sencache-baselines/1", "teacache": {}}', "[]", "not json",
+                    '{"format": "sencache-baselines/1", "teacache": {"coefficients": [true]}, "magcache": null}'):
+        with pytest.raises(BadInput, match="corrupt baseline tables b.json"):
+            BaselineTables.parse(corrupt.encode(), "b.json")
 
 
-def test_tables_without_magcache_ratios_round_trip(tmp_path):
+def test_tables_without_magcache_ratios_round_trip():
     """CogVideoX and LTX have published TeaCache polynomials but no MagCache ratios."""
-    path = tmp_path / "baselines.json"
-    BaselineTables((1.0, 2.0, 3.0), None, {"model": "cogvideox-5b"}).save(path)
-    loaded = BaselineTables.load(path)
+    tables = BaselineTables((1.0, 2.0, 3.0), None, {"model": "cogvideox-5b"})
+    loaded = BaselineTables.parse(tables.to_bytes(), "baselines.json")
     assert loaded.teacache_coefficients == (1.0, 2.0, 3.0) and loaded.magcache_ratios is None

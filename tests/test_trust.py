@@ -435,13 +435,13 @@ def test_calibration_tables_are_written_together(ort_bundle, calibrated_bundle, 
 # 7. Internal errors: exit 1, one line, the traceback in a log file.
 
 def test_an_internal_error_points_at_its_log(capsys, ort_bundle, tmp_path, monkeypatch):
-    import sencache.runtime.pipeline as pipeline
+    from sencache.runtime.model import Model
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setattr(pipeline.Engine, "generate", broken)
+    monkeypatch.setattr(Model, "generate", broken)
     code = main([str(a) for a in generate(ort_bundle, tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "internal error (ZeroDivisionError)" in err and len(err.strip().splitlines()) == 1

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import write_atomic
 from sencache.runtime.manifest import MAX_STEPS
 
 
@@ -193,17 +191,6 @@ class BaselineTables:
         document = {"format": BASELINES_FORMAT, "teacache": {"coefficients": list(self.teacache_coefficients)},
                     "magcache": magcache, "meta": self.meta}
         return json.dumps(document, indent=1).encode()
-
-    def save(self, path: Path) -> None:
-        write_atomic(path, self.to_bytes())
-
-    @classmethod
-    def load(cls, path: Path) -> BaselineTables:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise BadInput(f"no baseline tables at {path}: run `sencache calibrate --engine DIR` first") from None
-        return cls.parse(data, str(path))
 
     @classmethod
     def parse(cls, data: bytes, source: str) -> BaselineTables:
