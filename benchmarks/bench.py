@@ -25,14 +25,15 @@ from sencache.benchmarks.flops import stage_flops
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
+from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder
-from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request
 from sencache.runtime.tiny_text import random_spec, tokenize
 
 REPORT = "report.json"
-def real_models(engine: Engine) -> list[str]:
+def real_models(engine: Model) -> list[str]:
     """The real presets of the bundle's family, whose head + tail share of a step the report
     estimates by counting FLOPs on the meta device."""
     return [name for name, preset in engine.adapter.presets.items() if not preset.tiny]
@@ -104,7 +105,7 @@ def _knobs(method: str, knobs: dict[str, float], steps: int) -> tuple[str, dict[
 class Runner:
     """Runs one method setting over the evaluation set in batches, timing the denoising loop."""
 
-    def __init__(self, engine: Engine, plan: BenchPlan) -> None:
+    def __init__(self, engine: Model, plan: BenchPlan) -> None:
         self.engine, self.plan = engine, plan
         self.batch = engine.bundle.shapes.max_batch
         self.chunks = [(list(plan.prompts[i:i + self.batch]), list(plan.seeds[i:i + self.batch]))
@@ -151,7 +152,7 @@ class Runner:
         return best
 
 
-def run_bench(engine: Engine, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
+def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out`."""
     torch.set_num_threads(1)
     if not engine.preset.trained:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.pipeline import Engine
+from sencache.runtime.model import Model
 
 PEERS = ("diffusers-magcache", "diffusers-fbc")
 
@@ -38,7 +38,7 @@ class _RatioCatcher(logging.Handler):
 
 
 class DiffusersPeers:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Model) -> None:
         if engine.adapter.family != "wan":
             raise BadInput(f"the diffusers peers are wired for Wan's pipeline only (its block hooks and sizes); "
                            f"bench {engine.preset.name} with --methods from: sencache sencache-max fixed fixed-warmup "

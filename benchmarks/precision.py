@@ -28,7 +28,8 @@ from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import write_atomic
-from sencache.runtime.pipeline import Engine, Request
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request
 
 PRECISIONS = ("fp32", "fp16", "fp8")
 
@@ -43,7 +44,7 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
         path = build(BuildOptions(model=model, out=root / precision, precision=precision, max_batch=samples),
                      log=lambda _: None)
         bundle = Bundle.load(path)
-        engine = Engine(bundle, open_backend(bundle, threads=1))
+        engine = Model(bundle, open_backend(bundle, threads=1))
         bundle.write_sensitivity(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
         defaults = bundle.manifest["defaults"]
         request = Request(prompts, seeds, defaults["steps"], defaults["guidance"])

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sencache.runtime.baselines import BaselineTables
+from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
-from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
 from sencache.runtime.tiny_text import random_spec
 
@@ -69,7 +70,7 @@ def _relative_l1(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return np.abs(cur - prev).mean(axis=1) / np.abs(prev).mean(axis=1)
 
 
-def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True) -> Calibration:
+def calibrate(engine: Model, plan: CalibrationPlan, show_progress: bool = True) -> Calibration:
     """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories."""
     manifest = engine.bundle.manifest
     steps = plan.steps or manifest["defaults"]["steps"]
@@ -154,7 +155,7 @@ def calibrate(engine: Engine, plan: CalibrationPlan, show_progress: bool = True)
     return Calibration(sensitivity, baselines)
 
 
-def _solver_step(engine: Engine, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray, seeds: list[int]) -> np.ndarray:
+def _solver_step(engine: Model, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray, seeds: list[int]) -> np.ndarray:
     """One step of the bundle's scheduler from a fresh state at index k (solver noise, where the
     scheduler adds any, from `seeds`)."""
     sampler = engine.sampler(steps)

@@ -34,8 +34,8 @@ from sencache.engine_builder.onnx_export import (
     widen_bf16,
 )
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
-from sencache.runtime.baselines import BaselineTables
 from sencache.runtime.bundle import BASELINES, MANIFEST, write_manifest
+from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
 from sencache.runtime.families.base import HEAD_INPUTS, NOISE, run_split

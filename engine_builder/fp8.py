@@ -29,9 +29,10 @@ import torch
 from sencache.engine_builder.onnx_export import BuildFailed, compare
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
-from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request
 from sencache.runtime.tiny_text import random_spec
 
 TOLERANCE_REL_L2 = 0.15
@@ -48,7 +49,7 @@ def require_modelopt() -> str:
     return importlib.metadata.version("nvidia-modelopt")
 
 
-def blocks_inputs(engine: Engine, samples: int, seed: int, every: int = 2) -> dict[str, np.ndarray]:
+def blocks_inputs(engine: Model, samples: int, seed: int, every: int = 2) -> dict[str, np.ndarray]:
     """The blocks stage's inputs (all CFG rows) at every `every`-th step of uncached runs of
     `samples` prompts, stacked along the batch; shared tables repeated per row."""
     rng = np.random.default_rng(seed)
@@ -84,7 +85,7 @@ def quantize_blocks(folder: Path, samples: int, log: Callable[[str], None], thre
     from modelopt.onnx.quantization import quantize
 
     bundle = Bundle.load(folder)
-    engine = Engine(bundle, open_backend(bundle, "onnxruntime", threads=threads))
+    engine = Model(bundle, open_backend(bundle, "onnxruntime", threads=threads))
     log(f"  capturing blocks inputs on {samples} uncached trajectories")
     calibration = blocks_inputs(engine, samples, CALIBRATION_SEED)
     check = blocks_inputs(engine, max(1, samples // 2), CHECK_SEED, every=5)

@@ -8,15 +8,16 @@ from typing import Any
 
 import numpy as np
 
+from sencache.runtime.cache import CachePolicy
 from sencache.runtime.files import staged_folder
-from sencache.runtime.pipeline import Engine, Request, Result
-from sencache.runtime.policy import CachePolicy
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request, Result
 from sencache.runtime.video import write_mp4
 
 STATS = "stats.json"
 
 
-def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result, total_s: float,
+def stats(engine: Model, request: Request, policy: CachePolicy, result: Result, total_s: float,
           files: list[tuple[str, str]]) -> dict[str, Any]:
     """The stats.json document (the command-line contract, plus the per-step trace)."""
     steps = request.steps
@@ -45,7 +46,7 @@ def stats(engine: Engine, request: Request, policy: CachePolicy, result: Result,
     }
 
 
-def write_run(out: Path, engine: Engine, request: Request, policy: CachePolicy, result: Result,
+def write_run(out: Path, engine: Model, request: Request, policy: CachePolicy, result: Result,
               frames: np.ndarray, total_s: float) -> dict[str, Any]:
     """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into `out`, atomically."""
     files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]

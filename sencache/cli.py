@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from sencache.runtime.cache.knobs import KNOBS, METHODS
 from sencache.runtime.errors import BadInput
 
 
@@ -26,7 +27,7 @@ def _build(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.pipeline import Engine
+    from sencache.runtime.model import Model
     from sencache.runtime.sensitivity import SensitivityTable
 
     bundle = Bundle.load(args.engine)
@@ -44,7 +45,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
 
     plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed)
-    engine = Engine(bundle, open_backend(bundle, threads=args.threads))
+    engine = Model(bundle, open_backend(bundle, threads=args.threads))
     result = calibrate(engine, plan)
     table = result.sensitivity
     bundle.write_sensitivity(table)
@@ -65,8 +66,9 @@ def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.files import check_replaceable
+    from sencache.runtime.model import Model
     from sencache.runtime.outputs import STATS, write_run
-    from sencache.runtime.pipeline import Engine, Request
+    from sencache.runtime.request import Request
 
     started = time.perf_counter()
     _separate(args.out, args.engine)
@@ -79,10 +81,9 @@ def _generate(args: argparse.Namespace) -> None:
     seeds = args.seed or [0]
     request = Request(args.prompt or [], seeds, defaults["steps"] if args.steps is None else args.steps,
                       defaults["guidance"] if args.guidance is None else args.guidance, dynamic_cfg=args.dynamic_cfg)
-    engine = Engine(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
+    engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
-    knobs = {name: getattr(args, name) for name in ("eps_start", "eps_main", "max_reuse", "interval", "warmup",
-                                                    "threshold", "retention")}
+    knobs = {name: getattr(args, name) for name in KNOBS}
     policy = engine.policy(args.cache, request.steps, len(request.prompts), knobs)
     result = engine.generate(request, policy, progress=True)
     frames = engine.decode(result.latents)
@@ -101,7 +102,7 @@ def _bench(args: argparse.Namespace) -> None:
     from sencache.benchmarks.diffusers_peers import PEERS
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.pipeline import Engine
+    from sencache.runtime.model import Model
 
     _separate(args.out, args.engine)
     bundle = Bundle.load(args.engine)
@@ -113,7 +114,7 @@ def _bench(args: argparse.Namespace) -> None:
     default = [m for m in SWEEPS if bundle.manifest["family"] == "wan" or m not in PEERS]
     plan = BenchPlan(methods=tuple(args.methods or default), prompts=tuple(prompts), seeds=tuple(seeds),
                      steps=steps, guidance=defaults["guidance"], quick=args.quick)
-    engine = Engine(bundle, open_backend(bundle, threads=1))
+    engine = Model(bundle, open_backend(bundle, threads=1))
     report = run_bench(engine, plan, args.out)
     print((args.out / "report.md").read_text())
     print(f"report: {args.out / 'report.json'}, plot: {args.out / 'quality_vs_nfe.png'} "
@@ -199,15 +200,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float)
     g.add_argument("--dynamic-cfg", action="store_true",
                    help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
-    g.add_argument("--cache", choices=("none", "sencache", "sencache-max", "fixed", "teacache", "magcache"),
-                   default="sencache")
-    g.add_argument("--eps-start", type=float, help="sencache: threshold of the first 20%% of steps")
-    g.add_argument("--eps-main", type=float, help="sencache: threshold after that")
-    g.add_argument("--max-reuse", type=int, help="sencache, magcache: most reuses in a row")
-    g.add_argument("--interval", type=int, help="fixed: run every K-th step")
-    g.add_argument("--warmup", type=int, help="fixed: run all of the first W steps")
-    g.add_argument("--threshold", type=float, help="teacache, magcache: accumulated-error threshold")
-    g.add_argument("--retention", type=float, help="magcache: fraction of first steps always run")
+    g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
+    for knob in KNOBS.values():
+        g.add_argument(knob.flag, type=knob.type, help=knob.help.replace("%", "%%"))
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")

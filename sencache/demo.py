@@ -13,10 +13,11 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
+from sencache.runtime.model import Model
 from sencache.runtime.outputs import write_run
-from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.request import Request
 
 DEMO_PROMPTS = [
     ("one large white circle static on black", 11),
@@ -37,7 +38,7 @@ def _bundle(folder: Path) -> Bundle:
 def run_demo(out: Path, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     bundle = _bundle(out / "tiny-wan")
-    engine = Engine(bundle, open_backend(bundle, threads=threads))
+    engine = Model(bundle, open_backend(bundle, threads=threads))
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
         calibration = calibrate(engine, CalibrationPlan())
         bundle.write_sensitivity(calibration.sensitivity)

@@ -104,7 +104,7 @@ def _as64(values: np.ndarray, dtype: str) -> np.ndarray:
 
 def decision_latency(rng: np.random.Generator, steps: int = 200) -> dict[str, float]:
     """Kernel + event wait + policy, per step, at the real latent size, host-timed."""
-    from sencache.runtime.policy import SenCachePolicy, SenCacheSettings
+    from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
     from sencache.runtime.sensitivity import SensitivityTable
 
     per_sample = math.prod(WAN_LATENT)
@@ -152,7 +152,8 @@ def cached_loop(arch: str) -> dict[str, Any]:
     from sencache.engine_builder.builder import BuildOptions, build
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.pipeline import Engine, Request
+    from sencache.runtime.model import Model
+    from sencache.runtime.request import Request
 
     if not torch.cuda.is_available():
         return {"skipped": "this torch has no CUDA"}
@@ -160,7 +161,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Bundle.load(build(BuildOptions(model="tiny-wan", out=Path(tmp) / "b", backend=backend,
                                                 compute_capability=target), log=lambda _: None))
-        engine = Engine(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
+        engine = Model(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
         bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=4), show_progress=False).sensitivity)
         request = Request(["one large white circle static on black", "two small red squares moving left fast on texture",
                            "three small green circles moving up slow on gradient",
@@ -173,7 +174,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
         report["speedup"] = report["none"]["denoise_s"] / report["sencache"]["denoise_s"]
         ltx = Bundle.load(build(BuildOptions(model="tiny-ltx", out=Path(tmp) / "ltx", backend=backend,
                                              compute_capability=target), log=lambda _: None))
-        engine = Engine(ltx, open_backend(ltx, device="cuda" if backend == "torch" else "cpu"))
+        engine = Model(ltx, open_backend(ltx, device="cuda" if backend == "torch" else "cpu"))
         ltx.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
         knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
         report["flow_euler_syncs"] = {

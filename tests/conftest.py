@@ -12,7 +12,7 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
-from sencache.runtime.pipeline import Engine
+from sencache.runtime.model import Model
 
 torch.set_num_threads(1)
 
@@ -37,13 +37,13 @@ def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-wan-calibrated"
     shutil.copytree(ort_bundle, out)
     bundle = Bundle.load(out)
-    engine = Engine(bundle, open_backend(bundle, threads=1))
+    engine = Model(bundle, open_backend(bundle, threads=1))
     calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False)
     bundle.write_sensitivity(calibration.sensitivity)
     bundle.write_baselines(calibration.baselines)
     return out
 
 
-def engine_for(path: Path) -> Engine:
+def engine_for(path: Path) -> Model:
     bundle = Bundle.load(path)
-    return Engine(bundle, open_backend(bundle, threads=1))
+    return Model(bundle, open_backend(bundle, threads=1))

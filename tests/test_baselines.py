@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sencache.runtime.baselines import (
+from sencache.runtime.cache.baselines import (
     BaselineTables,
     FixedPolicy,
     FixedSettings,

@@ -69,7 +69,7 @@ def test_prompt_outside_vocabulary(capsys, ort_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--steps", "0"], "--steps must be positive"),
+    (["--steps", "0"], "--steps must be in [1, 1000], got 0"),
     (["--seed", "2"], "pair up"),
     (["--eps-main", "-1"], "--eps-main"),
     (["--guidance", "nan"], "--guidance"),

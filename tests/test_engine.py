@@ -11,9 +11,9 @@ from conftest import engine_for
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.onnx_export import compare
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import NoCache
 from sencache.runtime.families import resolve
-from sencache.runtime.pipeline import Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.request import Request
 
 PROMPTS = ["one large white circle static on black", "three small yellow squares moving left fast on texture",
            "two large green circles moving down fast on gradient"]

@@ -12,8 +12,8 @@ from sencache.cli import main
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.kernels.cuda_drift import CudaUnavailable, open_device
 from sencache.runtime.bundle import Bundle
-from sencache.runtime.pipeline import Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.cache import NoCache
+from sencache.runtime.request import Request
 
 pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt not installed (pip install 'sencache[fp8]')")
 

@@ -49,8 +49,8 @@ def test_gpu_acceptance_without_a_gpu_is_one_clear_line(capsys):
 def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
     """The stage engines on this GPU against the same bundle in ONNX Runtime."""
     from conftest import engine_for
-    from sencache.runtime.pipeline import Request
-    from sencache.runtime.policy import NoCache
+    from sencache.runtime.cache import NoCache
+    from sencache.runtime.request import Request
 
     backend, target = loop_backend(device.arch)
     if backend == "torch":
@@ -76,8 +76,9 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.pipeline import Engine, Request
-    from sencache.runtime.policy import NoCache
+    from sencache.runtime.cache import NoCache
+    from sencache.runtime.model import Model
+    from sencache.runtime.request import Request
 
     if not torch.cuda.is_available():
         pytest.skip("this torch has no CUDA")
@@ -91,7 +92,7 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     out = tmp_path / "bundle"
     assert main(["build", "--model", "tiny-ltx", "--max-batch", "2", "--out", str(out), *extra]) == 0
     bundle = Bundle.load(out)
-    engine = Engine(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
+    engine = Model(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
     assert engine.backend.device.type == "cuda"
     bundle.write_sensitivity(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
     knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import engine_for
-from sencache.runtime.pipeline import Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.cache import NoCache
+from sencache.runtime.request import Request
 
 PROMPTS = ["two small red circles moving left fast on texture", "one large cyan square static on gradient"]
 

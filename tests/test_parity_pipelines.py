@@ -21,9 +21,10 @@ from sencache.benchmarks.reference_pipelines import (
     save_reference,
 )
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
+from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.pipeline import Request
-from sencache.runtime.policy import NoCache, SenCacheSettings
+from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
 
 STEPS = 5

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
+from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.policy import NoCache, SenCachePolicy, SenCacheSettings
 from sencache.runtime.sensitivity import SensitivityTable
 
 TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
@@ -107,7 +108,7 @@ def test_no_cache_runs_everything():
 
 
 def test_sencache_max_uses_the_larger_sensitivity_of_anchor_and_now():
-    from sencache.runtime.policy import SenCacheMaxPolicy
+    from sencache.runtime.cache.sencache import SenCacheMaxPolicy
 
     settings = SenCacheSettings(1e9, 1e9, 5)
     plain = SenCachePolicy(settings, TABLE, 10, 1, 1)

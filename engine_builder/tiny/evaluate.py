@@ -22,9 +22,10 @@ import torch
 from sencache.engine_builder.tiny.clips import RGB, STEP
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
-from sencache.runtime.pipeline import Engine, Request
-from sencache.runtime.policy import NoCache
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request
 from sencache.runtime.tiny_text import COLOURS, DIRECTIONS, PromptSpec
 
 STATIC_BELOW = 0.4
@@ -72,7 +73,7 @@ def read_motion(clip: np.ndarray) -> str | None:
     return max(STEP, key=lambda d: float(np.dot(STEP[d], velocity)))
 
 
-def evaluate(engine: Engine, steps: int | None = None, batch: int = 4) -> dict:
+def evaluate(engine: Model, steps: int | None = None, batch: int = 4) -> dict:
     """Accuracy of colour and motion over `cases()`, uncached."""
     if not engine.preset.tiny:
         raise BadInput("evaluate reads the clips of the bundled tiny models (RGB latents) only")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bundle = Bundle.load(args.engine)
-    report = evaluate(Engine(bundle, open_backend(bundle, threads=1)))
+    report = evaluate(Model(bundle, open_backend(bundle, threads=1)))
     print(f"{bundle.manifest['model']}: colour {report['colour_accuracy']:.0%} (chance 12%), "
           f"motion {report['motion_accuracy']:.0%} (chance 20%) over {report['clips']} one-object clips on black")
     if args.out:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import write_atomic
-from sencache.runtime.policy import StepDecision
 
 
 def _forced(step: int, steps: int, force_last: bool) -> bool:

@@ -1,69 +1,19 @@
-"""Cache decision rules, as pure code: no I/O, no device, no model (SPEC sections 1 and 3).
+"""SenCache's decision rule, as pure code: no I/O, no device, no model (SPEC sections 1 and 3).
 
-A policy sees, at each step, the step index, the timestep, the per-sample squared drift of the
-latent from its anchor (computed by a kernel on whatever device holds the latents) and, for rules
-that want it, the per-sample modulated input of the head; it says which samples RUN the blocks
-and which REUSE their cached residual. Every backend calls the same
-code, so a decision never depends on where the model runs.
+Every backend calls the same code, so a decision never depends on where the model runs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
-
-
-@dataclass(frozen=True)
-class StepDecision:
-    """The decision of one step for every sample of the batch."""
-
-    run: np.ndarray
-    """bool [B]: True where the sample runs the blocks."""
-    score: np.ndarray
-    """float [B]: the rule's score (NaN where the step is forced)."""
-    threshold: float
-    forced: bool
-
-
-class CachePolicy(Protocol):
-    """What the denoising loop asks of a cache rule."""
-
-    name: str
-    needs_drift: bool
-    needs_modulation: bool
-    may_reuse: bool
-
-    def settings(self) -> dict[str, Any]:
-        """The knobs in use, as written to stats.json under "cache"."""
-
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
-        """Decide step `step` at timestep `t` and update the per-sample state."""
-
-
-class NoCache:
-    """Every step runs every sample: the reference the cached runs are measured against."""
-
-    name = "none"
-    needs_drift = False
-    needs_modulation = False
-    may_reuse = False
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-
-    def settings(self) -> dict[str, Any]:
-        return {"method": "none"}
-
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
-        return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)
 
 
 @dataclass(frozen=True)

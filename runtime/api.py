@@ -1,0 +1,251 @@
+"""The Python API: load a bundle, then generate videos or submit jobs from any number of threads.
+
+One background thread (started with the first job) drives the step engine while jobs are
+pending, so jobs submitted at different moments share every engine pass, each with its own
+steps, guidance and cache. A bad request raises BadInput from `submit`, before it is queued.
+
+    import sencache
+    with sencache.Engine.from_bundle("bundles/tiny-wan") as engine:
+        video = engine.generate(prompt="one small red circle static on black", seed=1, steps=30)
+        video.frames  # [T, H, W, 3] float32 in [0, 1]
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sencache.runtime.backends.base import open_backend
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import CachePolicy
+from sencache.runtime.errors import BadInput, Cancelled, Failed
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request, Result
+from sencache.runtime.stepping import Progress, StepEngine
+
+__all__ = ["Engine", "Job", "Progress", "Video"]
+
+
+@dataclass(frozen=True)
+class Video:
+    """A generated video: frames [T, H, W, 3] float32 in [0, 1], and what it took (model,
+    cache settings, NFE, per-step decisions and trace, timing)."""
+
+    frames: np.ndarray
+    stats: dict[str, Any]
+
+
+class Job:
+    """A submitted generation: its progress, cancellation and result."""
+
+    def __init__(self, engine: Engine, job_id: int, request: Request, policy: CachePolicy) -> None:
+        self._engine = engine
+        self._id = job_id
+        self._request = request
+        self._policy = policy
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self._final: Progress | None = None
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+        self._video: Video | None = None
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def progress(self) -> Progress:
+        """State ("queued", "running", "done", "cancelled", "failed"), steps taken of its steps, NFE."""
+        if self._ended.is_set():
+            return self._final
+        return self._engine._poll(self)
+
+    def done(self) -> bool:
+        """Whether the job has ended (done, cancelled or failed)."""
+        return self._ended.is_set()
+
+    def cancel(self) -> bool:
+        """Cancel the job; its rows are free at the next step. False when it has already ended."""
+        return self._engine._cancel(self)
+
+    def result(self, timeout: float | None = None) -> Video:
+        """Wait for the video (at most `timeout` seconds). Raises TimeoutError, Cancelled, or
+        Failed (with the job's error as its cause)."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"job {self._id} did not finish within {timeout} s")
+        if self._final.state == "cancelled":
+            raise Cancelled(f"job {self._id} was cancelled")
+        if self._final.state == "failed":
+            raise Failed(f"job {self._id} failed: {self._error}") from self._error
+        with self._lock:
+            if self._video is None:
+                self._video = self._engine._video(self._request, self._policy, self._result)
+            return self._video
+
+    def _settle(self, final: Progress, result: Result | None, error: BaseException | None) -> None:
+        self._final, self._result, self._error = final, result, error
+        self._ended.set()
+
+
+class Engine:
+    """A loaded bundle serving generations: `generate` for one video, `submit` for a Job."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._stepper = StepEngine(model)
+        self._wake = threading.Condition()
+        self._jobs: dict[int, Job] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Engine:
+        """Load the bundle at `path` and open its backend ("auto": the one it was built for) on
+        `device` with `threads` CPU threads (0: all)."""
+        bundle = Bundle.load(Path(path))
+        return cls(Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads,
+                                              device=device)))
+
+    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 cache: str = "sencache", knobs: dict[str, float] | None = None,
+                 prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
+                 dynamic_cfg: bool = False) -> Video:
+        """Generate one video and wait for it (see `submit` for the parameters)."""
+        return self.submit(prompt=prompt, seed=seed, steps=steps, guidance=guidance, cache=cache, knobs=knobs,
+                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                           dynamic_cfg=dynamic_cfg).result()
+
+    def submit(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+               cache: str = "sencache", knobs: dict[str, float] | None = None,
+               prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
+               dynamic_cfg: bool = False) -> Job:
+        """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
+        `sencache.runtime.cache.METHODS` with `knobs` from its table (unset ones: the bundle's
+        defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
+        text encoder, `prompt` then only labels the video. Raises BadInput, naming the
+        parameter, before anything is queued."""
+        defaults = self.model.bundle.manifest["defaults"]
+        request = Request([prompt], [seed], defaults["steps"] if steps is None else steps,
+                          defaults["guidance"] if guidance is None else guidance,
+                          _one(prompt_embeds, "prompt_embeds"), _one(negative_prompt_embeds, "negative_prompt_embeds"),
+                          dynamic_cfg=dynamic_cfg)
+        if not isinstance(cache, str):
+            raise BadInput(f"cache must be the name of a method, got {cache!r}")
+        if knobs is not None and not isinstance(knobs, dict):
+            raise BadInput(f"knobs must be a mapping of knob names to numbers, got {type(knobs).__name__}")
+        policy = self.model.policy(cache, request.steps, 1, knobs or {})
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            job_id = self._stepper.submit(request, policy)
+            job = self._jobs[job_id] = Job(self, job_id, request, policy)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drive, name="sencache-step-engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return job
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for monitoring: queue depth, active requests and rows, steps and
+        their seconds, NFE run and saved, requests submitted, finished, cancelled, failed."""
+        return self._stepper.stats()
+
+    def close(self) -> None:
+        """Stop the background thread; jobs still queued or running end cancelled."""
+        with self._wake:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._settle(self._stepper.end_all("cancelled"))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _drive(self) -> None:
+        """The background thread: step while any job is pending, report the jobs that ended."""
+        while True:
+            with self._wake:
+                while not self._closed and not self._stepper.busy:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                ended = self._stepper.step()
+            except Exception as e:  # a fault outside any one request: no job is left pending
+                ended = self._stepper.end_all("failed", e)
+            self._settle(ended)
+
+    def _settle(self, ended: list[int]) -> None:
+        for job_id in ended:
+            with self._wake:
+                job = self._jobs.pop(job_id)
+            final = self._stepper.poll(job_id)
+            result = error = None
+            try:
+                result = self._stepper.result(job_id)
+            except (Cancelled, Failed) as e:
+                error = e.__cause__
+            self._stepper.release(job_id)
+            job._settle(final, result, error)
+
+    def _poll(self, job: Job) -> Progress:
+        try:
+            return self._stepper.poll(job.id)
+        except KeyError:  # released between the check and the poll: it has ended
+            job._ended.wait()
+            return job._final
+
+    def _cancel(self, job: Job) -> bool:
+        if job.done():
+            return False
+        try:
+            cancelled = self._stepper.cancel(job.id)
+        except KeyError:
+            return False
+        with self._wake:
+            self._wake.notify()
+        return cancelled
+
+    def _video(self, request: Request, policy: CachePolicy, result: Result) -> Video:
+        """Decode a finished job (on the caller's thread, not the stepping one) with its stats."""
+        model = self.model
+        frames = model.decode(result.latents)[0]
+        stats = {
+            "model": model.preset.name,
+            "backend": model.backend.name,
+            "precision": model.bundle.manifest["precision"],
+            "prompt": request.prompts[0],
+            "seed": request.seeds[0],
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "dynamic_cfg": request.dynamic_cfg,
+            "cache": policy.settings(),
+            "timesteps": result.timesteps,
+            "nfe": result.nfe[0],
+            "decisions": result.decisions[0],
+            "trace": result.trace[0],
+            "timing": dict(result.timing),
+            "warnings": result.warnings,
+        }
+        return Video(frames=frames, stats=stats)
+
+
+def _one(embeds: np.ndarray | None, name: str) -> np.ndarray | None:
+    """One prompt's embeddings as a batch of one."""
+    if embeds is None:
+        return None
+    if not isinstance(embeds, np.ndarray):
+        raise BadInput(f"{name} must be a NumPy array [tokens, channels], got {type(embeds).__name__}")
+    return embeds[None] if embeds.ndim == 2 else embeds
+

@@ -1,0 +1,62 @@
+"""What every cache rule gives the denoising loop, and the rule that never reuses.
+
+A rule is pure code (no I/O, no device, no model) over the per-sample state of ONE request: at
+each of its steps it sees the step index, the timestep, the per-sample squared drift of the
+latent from its anchor and, for rules that want it, the per-sample modulated input of the head,
+and says which samples RUN the blocks and which REUSE their cached residual (SPEC sections 1-3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The decision of one step for every sample of the batch."""
+
+    run: np.ndarray
+    """bool [B]: True where the sample runs the blocks."""
+    score: np.ndarray
+    """float [B]: the rule's score (NaN where the step is forced)."""
+    threshold: float
+    forced: bool
+
+
+class CachePolicy(Protocol):
+    """What the denoising loop asks of a cache rule."""
+
+    name: str
+    needs_drift: bool
+    needs_modulation: bool
+    may_reuse: bool
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs in use, as written to stats.json under "cache"."""
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
+        """Decide step `step` at timestep `t` and update the per-sample state."""
+
+
+class NoCache:
+    """Every step runs every sample: the reference the cached runs are measured against."""
+
+    name = "none"
+    needs_drift = False
+    needs_modulation = False
+    may_reuse = False
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": "none"}
+
+    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
+               modulation: np.ndarray | None = None) -> StepDecision:
+        return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)

@@ -1,0 +1,47 @@
+"""The one factory of cache rules: a method name and its knobs to a rule for one request."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sencache.runtime.cache.base import CachePolicy, NoCache
+from sencache.runtime.cache.baselines import (
+    FixedPolicy,
+    FixedSettings,
+    MagCachePolicy,
+    MagCacheSettings,
+    TeaCachePolicy,
+    TeaCacheSettings,
+)
+from sencache.runtime.cache.knobs import check_knobs
+from sencache.runtime.cache.sencache import SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
+from sencache.runtime.errors import BadInput
+
+if TYPE_CHECKING:
+    from sencache.runtime.bundle import Bundle
+
+
+def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch: int, bundle: Bundle,
+                numel: int) -> CachePolicy:
+    """The cache rule `method` for one request of `batch` samples and `steps` steps on `bundle`
+    (latents of `numel` elements per sample); unset knobs take the bundle's defaults. Every
+    problem is a BadInput naming the knob or the missing table."""
+    given = check_knobs(method, knobs)
+    defaults = bundle.manifest["defaults"]
+    if method == "none":
+        return NoCache(batch)
+    if method in ("sencache", "sencache-max"):
+        settings = SenCacheSettings(**{**defaults["sencache"], **given})
+        rule = SenCachePolicy if method == "sencache" else SenCacheMaxPolicy
+        return rule(settings, bundle.sensitivity(), steps, batch, numel)
+    if method == "fixed":
+        return FixedPolicy(FixedSettings(**{"interval": 2, **given}), steps, batch)
+    tables = bundle.baselines()
+    if method == "teacache":
+        settings = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
+        return TeaCachePolicy(settings, steps, batch)
+    if tables.magcache_ratios is None:
+        raise BadInput(f"no MagCache ratios are published for {bundle.manifest['model']}: run `sencache calibrate "
+                       f"--engine DIR` to measure them")
+    settings = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
+    return MagCachePolicy(settings, steps, batch)

@@ -1,0 +1,81 @@
+"""The one table of cache methods and their knobs: the command line, the Python API and the
+server all read it, so a knob is named, typed, bounded and explained once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sencache.runtime.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting of a cache rule."""
+
+    name: str
+    type: type
+    """int or float."""
+    low: float
+    high: float
+    help: str
+    methods: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        """The command-line spelling, e.g. --eps-main."""
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: object) -> int | float:
+        """`value` as this knob's type, or a BadInput naming the knob and its range."""
+        span = f"[{self.low:g}, {'inf' if math.isinf(self.high) else f'{self.high:g}'}]"
+        wrong = BadInput(f"{self.name} ({self.flag}) must be {'an integer' if self.type is int else 'a number'} "
+                         f"in {span}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        if self.type is int and not float(value).is_integer():
+            raise wrong
+        number = self.type(value) if math.isfinite(value) else value
+        if not (math.isfinite(number) and self.low <= number <= self.high):
+            raise wrong
+        return number
+
+
+METHODS: dict[str, str] = {
+    "none": "no cache: every step runs every sample (the reference)",
+    "sencache": "SenCache: reuse while the sensitivity-weighted drift from the anchor stays below eps",
+    "sencache-max": "SenCache with the larger of the anchor's and the current sensitivities",
+    "fixed": "run every interval-th step, reuse the others",
+    "teacache": "TeaCache: reuse while the accumulated rescaled change of the modulated input stays small",
+    "magcache": "MagCache: reuse while the accumulated residual-magnitude error stays small",
+}
+
+_SENCACHE = ("sencache", "sencache-max")
+KNOBS: dict[str, Knob] = {k.name: k for k in (
+    Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps", _SENCACHE),
+    Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that", _SENCACHE),
+    Knob("max_reuse", int, 0, 1000, "sencache, magcache: most reuses in a row", (*_SENCACHE, "magcache")),
+    Knob("interval", int, 1, 1000, "fixed: run every K-th step", ("fixed",)),
+    Knob("warmup", int, 0, 1000, "fixed: run all of the first W steps", ("fixed",)),
+    Knob("threshold", float, 0.0, math.inf, "teacache, magcache: accumulated-error threshold", ("teacache", "magcache")),
+    Knob("retention", float, 0.0, 1.0, "magcache: fraction of first steps always run", ("magcache",)),
+)}
+
+
+def method_knobs(method: str) -> tuple[str, ...]:
+    """The knobs `method` takes, or a BadInput listing the methods."""
+    if method not in METHODS:
+        raise BadInput(f"unknown cache method {method!r} (choose from {', '.join(METHODS)})")
+    return tuple(name for name, knob in KNOBS.items() if method in knob.methods)
+
+
+def check_knobs(method: str, knobs: dict[str, object] | None) -> dict[str, int | float]:
+    """The set knobs of `method` (None values dropped), each checked against the table."""
+    allowed = method_knobs(method)
+    given = {k: v for k, v in (knobs or {}).items() if v is not None}
+    for name in sorted(given):
+        if name not in KNOBS:
+            raise BadInput(f"unknown cache knob {name!r} (known: {', '.join(KNOBS)})")
+        if name not in allowed:
+            raise BadInput(f"{name} ({KNOBS[name].flag}) does not apply to cache {method!r}")
+    return {name: KNOBS[name].check(value) for name, value in given.items()}

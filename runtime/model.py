@@ -1,0 +1,195 @@
+"""A loaded engine: a bundle, the backend that runs its head / blocks / tail stages, text
+encoding, decoding and the scheduler of its family. The denoising loop over these stages is the
+step engine's (runtime/stepping.py); `Model.generate` runs one request through it alone."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from sencache.runtime.backends.base import StageBackend
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import CachePolicy, make_policy
+from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
+from sencache.runtime.errors import BadInput, Failed
+from sencache.runtime.families.base import NOISE, Sampler
+from sencache.runtime.request import Request, Result
+from sencache.runtime.stepping import StepEngine, guide
+from sencache.runtime.tiny_text import TinyTextEncoder
+
+
+@dataclass
+class Prediction:
+    guided: np.ndarray
+    """The guided noise prediction the solver uses, [B, ...]."""
+    cond: np.ndarray
+    """The conditional branch's raw output, [B, ...]."""
+    modulation: np.ndarray
+    """The head's modulated input (TeaCache's signal), [B, ...]."""
+    residual_norms: np.ndarray
+    """Per-token L2 norm of the blocks' residual of the first stream (MagCache's signal), [B, tokens]."""
+
+
+class Model:
+    """A loaded bundle and the backend that runs it."""
+
+    def __init__(self, bundle: Bundle, backend: StageBackend) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.adapter = bundle.adapter
+        self.preset = bundle.preset
+        self.layout = self.adapter.layout
+        self.latent_shape = self.adapter.latent_shape(self.preset, bundle.shapes)
+        self.numel = int(np.prod(self.latent_shape))
+        self.max_rows = bundle.shapes.max_batch * 2
+        self._text_encoder: TinyTextEncoder | None = None
+        self._components = None
+        self._meter: HostDriftMeter | CudaDriftMeter | None = None
+        self._cuda_stream: torch.cuda.Stream | None = None
+        self._encoder_lock = threading.Lock()
+
+    def scheduler(self):
+        return self.adapter.make_scheduler(self.preset, self.bundle.manifest["scheduler"])
+
+    def sampler(self, steps: int) -> Sampler:
+        """A fresh scheduler driven the way the family's real pipeline drives it."""
+        return self.adapter.sampler(self.scheduler(), steps, self.preset, self.bundle.shapes)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """Text embeddings [B, tokens, channels] of prompts (the empty prompt is unconditional)."""
+        spec = self.bundle.manifest["text_encoder"]
+        if spec["kind"] != "tiny":
+            return self.adapter.encode_prompts(self.components(), prompts, self.preset)
+        with self._encoder_lock:
+            if self._text_encoder is None:
+                encoder = TinyTextEncoder(dim=spec["dim"])
+                encoder.load_state_dict(load_file(str(self.bundle.file(spec["file"]))))
+                self._text_encoder = encoder.eval()
+        with torch.no_grad():
+            return self.adapter.encode_tiny(self._text_encoder, prompts)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Frames [B, T, H, W, 3] in [0, 1], decoded as the family's pipeline decodes."""
+        pipeline = None if self.preset.tiny else self.components()
+        return self.adapter.decode(latents, self.preset, self.bundle.shapes, pipeline)
+
+    def components(self):
+        """The real model's text encoder and VAE (diffusers' pipeline without its transformer),
+        from the weights folder the bundle was built from; loaded once."""
+        with self._encoder_lock:
+            return self._load_components()
+
+    def _load_components(self):
+        if self._components is None:
+            source = self.bundle.manifest.get("weights_source")
+            if not source or not Path(source).is_dir():
+                raise BadInput(f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
+                               f"the weights folder the bundle was built from ({source}), which is not there")
+            self._components = self.adapter.load_components(Path(source))
+        return self._components
+
+    @staticmethod
+    def generators(seeds: list[int]) -> list[torch.Generator]:
+        """One generator per sample: its starting noise and any solver noise come from its own seed."""
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    def embeddings(self, given: np.ndarray | None, prompts: list[str]) -> np.ndarray:
+        """`given` embeddings checked against the bundle's text shape, or those of `prompts`."""
+        if given is None:
+            return self.encode(prompts)
+        expected = tuple(self.bundle.manifest["shapes"]["text"])
+        if tuple(given.shape[1:]) != expected:
+            raise BadInput(f"text embeddings of shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}")
+        return given.astype(np.float32, copy=False)
+
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """The starting noise of each sample, drawn as the family's pipeline draws it."""
+        return self.adapter.initial_latents(generators, self.preset, self.bundle.shapes)
+
+    def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | None]) -> CachePolicy:
+        """The cache rule `method` with the given knobs for one request; unset knobs take the
+        bundle's defaults."""
+        return make_policy(method, knobs, steps, batch, self.bundle, self.numel)
+
+    def predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
+                guidance: float) -> Prediction:
+        """The full, uncached denoiser with guidance, f(x, t, c), for a batch with per-row t,
+        with the signals the baselines calibrate on."""
+        with self.stream():
+            return self._predict(latents, t, text, uncond, guidance)
+
+    def _predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
+                 guidance: float) -> Prediction:
+        batch = len(latents)
+        rows = self._rows(self.to_device(latents), self.to_device(text),
+                          None if uncond is None else self.to_device(uncond))
+        branches = len(rows["latent"]) // batch
+        head = self.head(rows["latent"], self.to_device(np.concatenate([t] * branches).astype(np.float32)),
+                          rows["text"])
+        out = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
+        stream = self.layout.streams[0]
+        residual = _host(out[stream + "_out"][:batch] - head[stream][:batch])
+        tail_in = {s: out[s + "_out"] for s in self.layout.tail_stream_names}
+        tail_in.update({k: head[k] for k in self.layout.tail_context})
+        noise = self.backend.run("tail", tail_in)[NOISE].float()
+        return Prediction(guided=_host(self.guide(noise, batch, uncond is not None, guidance)),
+                          cond=_host(noise[:batch]), modulation=_host(head[self.adapter.modulation][:batch]),
+                          residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))
+
+    def to_device(self, value: np.ndarray) -> torch.Tensor:
+        """A host array as a tensor on the backend's device."""
+        return torch.from_numpy(np.ascontiguousarray(value)).to(self.backend.device)
+
+    def head(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head stage on rows of latents, per-row timesteps and text."""
+        return self.backend.run("head", {"latent": latent, "timestep": timestep, "text": text})
+
+    @staticmethod
+    def _rows(latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Engine rows: the batch, then (with CFG) the same latents with the unconditional text."""
+        if uncond is None:
+            return {"latent": latents, "text": text}
+        return {"latent": torch.cat([latents, latents]), "text": torch.cat([text, uncond])}
+
+    def drift_meter(self) -> HostDriftMeter | CudaDriftMeter:
+        """The drift meter for this engine's device, sized for every row it can hold, made once."""
+        if self._meter is None:
+            self._meter = drift_meter(self.backend.device, self.max_rows, self.numel)
+        return self._meter
+
+    def stream(self) -> contextlib.AbstractContextManager:
+        """Make the engine's CUDA stream current (a GPU backend), or nothing (the host). On a GPU
+        all work goes to this stream, never the default one, on which TensorRT synchronizes."""
+        if self.backend.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream(self.backend.device)
+        return torch.cuda.stream(self._cuda_stream)
+
+    def generate(self, request: Request, policy: CachePolicy, record: bool = False, progress: bool = False) -> Result:
+        """Denoise `request` under `policy` through the step engine, alone; latents come back
+        undecoded. `record` keeps the denoiser input of every step (calibration)."""
+        engine = StepEngine(self)
+        job = engine.submit(request, policy, record=record)
+        with tqdm(total=request.steps, desc=f"denoise ({policy.name})", unit="step", disable=not progress,
+                  leave=False) as bar:
+            while engine.busy:
+                engine.step()
+                bar.update(1)
+        try:
+            return engine.result(job)
+        except Failed as e:  # the caller sees the error the request met, as before the step engine
+            raise e.__cause__ from None
+
+
+
+def _host(value: torch.Tensor) -> np.ndarray:
+    """A host NumPy view (or copy, from a GPU) of `value`."""
+    return value.detach().cpu().numpy()

@@ -1,0 +1,484 @@
+"""The step-level denoising loop: every active request advances one step per pass (SPEC 2 and 3).
+
+Requests join at step boundaries while rows are free (first come, first served: a request that
+does not fit holds back the ones behind it, so none starves) and leave when done, cancelled or
+failed. Each request keeps its own sampler (step count, schedule, solver state, noise
+generators), guidance, cache rule and rule state, latents, anchors and cached residuals. A pass:
+
+1. measure the drift from the anchor of every sample whose rule wants it, as ONE reduction;
+2. run the head on the rows of every active request (a row is a (sample, CFG branch) pair; each
+   row carries its own timestep, so requests at different steps share the call);
+3. wait for the drift (the pass's only host wait) and let each request's rule decide;
+4. run the blocks on the rows of running samples of all requests, gathered into one sub-batch,
+   and add each other row's cached residual;
+5. run the tail on every row, combine guidance per request and take each request's solver step.
+
+A request's decisions and latents do not depend on which others share its passes. A row that
+runs uses the blocks' output as is, so a request that never reuses is bit-identical to the
+uncached run of the same rows. The solver step is diffusers' own, per request (on a GPU, UniPC
+synchronizes by itself; CogVideoX's DPM draws its noise on the host from the request's
+generators).
+
+State is guarded by one lock; `step` holds it only to admit and retire requests at the step
+boundary, never while stages run, so `submit`, `poll` and `cancel` answer from any thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from sencache.runtime.cache import CachePolicy, StepDecision
+from sencache.runtime.errors import BadInput, Cancelled, Failed
+from sencache.runtime.families.base import NOISE, Sampler
+from sencache.runtime.request import Request, Result
+
+if TYPE_CHECKING:
+    from sencache.runtime.model import Model
+
+State = Literal["queued", "running", "done", "cancelled", "failed"]
+ENDED: tuple[State, ...] = ("done", "cancelled", "failed")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a request stands: its state, the steps it has taken of its steps, and the sample
+    evaluations of the blocks (NFE, summed over its samples) so far."""
+
+    state: State
+    step: int
+    steps: int
+    nfe: int
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request inside the step engine, with everything it carries from step to step."""
+
+    id: int
+    request: Request
+    policy: CachePolicy
+    sampler: Sampler
+    generators: list[torch.Generator]
+    timesteps: list[float]
+    scales: list[float]
+    text: torch.Tensor
+    """Text rows [cond x batch (, uncond x batch)] on the backend's device."""
+    x: torch.Tensor
+    anchor: torch.Tensor
+    record: bool
+    state: State = "queued"
+    step: int = 0
+    nfe: int = 0
+    cancel_requested: bool = False
+    cache: dict[str, torch.Tensor] | None = None
+    decisions: list[list[str]] = field(default_factory=list)
+    trace: list[list[dict[str, Any]]] = field(default_factory=list)
+    trajectory: list[np.ndarray] | None = None
+    decision_s: float = 0.0
+    submitted: float = 0.0
+    admitted: float = 0.0
+    result: Result | None = None
+    error: BaseException | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.request.prompts)
+
+    @property
+    def branches(self) -> int:
+        return 2 if self.request.cfg else 1
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.branches
+
+    @property
+    def row_sample(self) -> np.ndarray:
+        """The sample of each of the request's rows."""
+        return np.tile(np.arange(self.batch), self.branches)
+
+    def progress(self) -> Progress:
+        return Progress(self.state, self.step, self.request.steps, self.nfe)
+
+
+@dataclass
+class _Counters:
+    """Totals since the engine started (monotonic, for Prometheus counters)."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    nfe_run: int = 0
+    nfe_saved: int = 0
+    submitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+
+class StepEngine:
+    """Runs many requests through one model, each at its own step, in shared stage calls."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.max_rows = model.max_rows
+        self._lock = threading.Lock()
+        self._jobs: dict[int, _Job] = {}
+        self._queue: deque[_Job] = deque()
+        self._active: list[_Job] = []
+        self._ended: list[int] = []
+        self._next_id = 1
+        self._counters = _Counters()
+        self._text_rows: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def submit(self, request: Request, policy: CachePolicy, record: bool = False) -> int:
+        """Queue `request` under `policy` (a rule made for its steps and samples); returns its id.
+
+        Everything that can be refused is checked here, before it is queued (BadInput): the rows
+        it needs, its embeddings, its guidance schedule. Text encoding and the starting noise are
+        computed on the caller's thread."""
+        model = self.model
+        job_rows = len(request.prompts) * (2 if request.cfg else 1)
+        if job_rows > self.max_rows:
+            raise BadInput(f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
+                           f"{model.bundle.shapes.max_batch} samples (rebuild with --max-batch)")
+        text = model.embeddings(request.prompt_embeds, request.prompts)
+        if request.cfg:
+            text = np.concatenate([text, model.embeddings(request.negative_prompt_embeds, [""] * len(request.prompts))])
+        sampler = model.sampler(request.steps)
+        timesteps = [float(t) for t in sampler.timesteps]
+        scales = ([model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
+                  if request.dynamic_cfg else [request.guidance] * len(timesteps))
+        generators = model.generators(request.seeds)
+        x = model.initial_latents(generators).to(model.backend.device)
+        job = _Job(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
+                   timesteps=timesteps, scales=scales, text=model.to_device(text), x=x, anchor=torch.zeros_like(x),
+                   record=record, decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
+                   trajectory=[] if record else None, submitted=time.perf_counter())
+        with self._lock:
+            job.id = self._next_id
+            self._next_id += 1
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._counters.submitted += 1
+        return job.id
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is queued or running, or an ended one is still to be reported by `step`."""
+        with self._lock:
+            return bool(self._queue or self._active or self._ended)
+
+    def poll(self, job_id: int) -> Progress:
+        """The progress of request `job_id` (KeyError when the engine does not know it)."""
+        with self._lock:
+            return self._jobs[job_id].progress()
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel request `job_id`: a queued one at once, a running one at the next step boundary
+        (its rows are free for the next pass). False when it has already ended."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.state in ENDED:
+                return False
+            if job.state == "queued":
+                self._queue.remove(job)
+                self._end(job, "cancelled")
+            else:
+                job.cancel_requested = True
+            return True
+
+    def result(self, job_id: int) -> Result:
+        """The result of a finished request; Cancelled or Failed when it ended otherwise, and
+        RuntimeError while it is still queued or running."""
+        with self._lock:
+            job = self._jobs[job_id]
+        if job.state == "done":
+            return job.result
+        if job.state == "cancelled":
+            raise Cancelled(f"request {job_id} was cancelled")
+        if job.state == "failed":
+            raise Failed(f"request {job_id} failed: {job.error}") from job.error
+        raise RuntimeError(f"request {job_id} is {job.state}")
+
+    def release(self, job_id: int) -> None:
+        """Forget an ended request (its result included)."""
+        with self._lock:
+            if self._jobs[job_id].state not in ENDED:
+                raise RuntimeError(f"request {job_id} has not ended")
+            del self._jobs[job_id]
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for monitoring (Prometheus names without the prefix)."""
+        with self._lock:
+            c = self._counters
+            return {
+                "queue_depth": len(self._queue),
+                "active_requests": len(self._active),
+                "active_rows": sum(j.rows for j in self._active),
+                "max_rows": self.max_rows,
+                "steps_total": c.steps,
+                "step_seconds_total": c.step_seconds,
+                "nfe_run_total": c.nfe_run,
+                "nfe_saved_total": c.nfe_saved,
+                "requests_submitted_total": c.submitted,
+                "requests_finished_total": c.finished,
+                "requests_cancelled_total": c.cancelled,
+                "requests_failed_total": c.failed,
+            }
+
+    def end_all(self, state: Literal["cancelled", "failed"], error: BaseException | None = None) -> list[int]:
+        """End every queued and running request as `state` (closing, or the driver's last resort
+        on a fault outside any one request, so none is left pending); returns the ids that ended
+        since the last report."""
+        with self._lock:
+            for job in [*self._queue, *self._active]:
+                self._end(job, state, error)
+            self._queue.clear()
+            self._active = []
+            ended, self._ended = self._ended, []
+            return ended
+
+    def step(self) -> list[int]:
+        """Admit and retire requests at this step boundary, advance every active request by one
+        step in one pass through head, blocks and tail, and return the ids of the requests that
+        ended (done, cancelled or failed) since the last call."""
+        with self._lock:
+            self._boundary()
+            jobs = list(self._active)
+        if jobs:
+            started = time.perf_counter()
+            with self.model.stream():
+                self._pass(jobs)
+            elapsed = time.perf_counter() - started
+        with self._lock:
+            if jobs:
+                self._counters.steps += 1
+                self._counters.step_seconds += elapsed
+            for job in jobs:
+                if job.state == "running" and job.step == job.request.steps:
+                    job.result = self._finish(job)
+                    self._end(job, "done")
+            self._active = [j for j in self._active if j.state == "running"]
+            ended, self._ended = self._ended, []
+        return ended
+
+    def _boundary(self) -> None:
+        """Retire cancelled requests and admit queued ones while their rows fit (lock held)."""
+        for job in self._active:
+            if job.cancel_requested:
+                self._end(job, "cancelled")
+        self._active = [j for j in self._active if j.state == "running"]
+        used = sum(j.rows for j in self._active)
+        while self._queue and used + self._queue[0].rows <= self.max_rows:
+            job = self._queue.popleft()
+            job.state, job.admitted = "running", time.perf_counter()
+            self._active.append(job)
+            used += job.rows
+
+    def _end(self, job: _Job, state: State, error: BaseException | None = None) -> None:
+        """Move `job` to an ended state and count it (lock held)."""
+        job.state, job.error = state, error
+        counter = {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[state]
+        setattr(self._counters, counter, getattr(self._counters, counter) + 1)
+        job.x = job.anchor = job.text = None
+        job.cache, job.sampler, job.generators = None, None, None
+        self._ended.append(job.id)
+
+    def _fail(self, job: _Job, error: BaseException) -> None:
+        with self._lock:
+            if job.state == "running":
+                self._end(job, "failed", error)
+
+    def _pass(self, jobs: list[_Job]) -> None:
+        """One denoising step of every job in `jobs`, sharing each stage call. An error in a
+        request's own code (its rule, its solver step) fails that request alone; an error in a
+        shared stage call fails every request of the pass."""
+        try:
+            live = self._decide_and_run(jobs)
+        except Exception as e:  # a stage or the drift failed: the rows of every request were in it
+            for job in jobs:
+                self._fail(job, e)
+            return
+        for job, noise, decision in live:
+            try:
+                self._advance(job, noise, decision)
+            except Exception as e:  # this request's own solver step
+                self._fail(job, e)
+
+    def _decide_and_run(self, jobs: list[_Job]) -> list[tuple[_Job, torch.Tensor, StepDecision]]:
+        model, layout, device = self.model, self.model.layout, self.model.backend.device
+        for job in jobs:
+            if job.trajectory is not None:
+                job.trajectory.append(job.x.to("cpu", copy=True).numpy())
+        tick = time.perf_counter()
+        measured = [j for j in jobs if j.policy.needs_drift and j.step > 0]
+        meter = model.drift_meter() if measured else None
+        if meter is not None:
+            meter.start(torch.cat([j.x for j in measured]), torch.cat([j.anchor for j in measured]))
+        shared_s = time.perf_counter() - tick
+
+        offsets = np.cumsum([0] + [j.rows for j in jobs])
+        latent = torch.cat([j.x for j in jobs for _ in range(j.branches)])
+        t_rows = np.concatenate([np.full(j.rows, j.timesteps[j.step], np.float32) for j in jobs])
+        head = model.head(latent, model.to_device(t_rows), self._text(jobs))
+
+        tick = time.perf_counter()
+        drift = meter.result() if meter is not None else None
+        modulation = self._modulation(jobs, head, offsets)
+        shared_s += time.perf_counter() - tick
+        drift_at = dict(zip((j.id for j in measured), np.cumsum([0] + [j.batch for j in measured])))
+        live: list[tuple[_Job, int, StepDecision]] = []
+        for k, job in enumerate(jobs):
+            tick = time.perf_counter()
+            try:
+                start = drift_at.get(job.id)
+                decision = job.policy.decide(job.step, job.timesteps[job.step],
+                                             None if start is None else drift[start:start + job.batch],
+                                             None if modulation is None else modulation.get(job.id))
+            except Exception as e:  # this request's rule: its rows leave the pass
+                self._fail(job, e)
+                continue
+            job.decision_s += shared_s + time.perf_counter() - tick
+            live.append((job, k, decision))
+
+        run_rows = [offsets[k] + np.flatnonzero(d.run[job.row_sample]) for job, k, d in live]
+        streams = self._blocks(head, jobs, offsets, live, np.concatenate(run_rows) if run_rows else np.zeros(0, int))
+        tail_in = {s: streams[s] for s in layout.tail_stream_names}
+        tail_in.update({k: head[k] for k in layout.tail_context})
+        noise = model.backend.run("tail", tail_in)[NOISE].float()
+        return [(job, noise[offsets[k]:offsets[k + 1]], d) for job, k, d in live]
+
+    def _text(self, jobs: list[_Job]) -> torch.Tensor:
+        """The text rows of `jobs`, concatenated once per set of active requests."""
+        key = tuple(j.id for j in jobs)
+        if self._text_rows is None or self._text_rows[0] != key:
+            self._text_rows = (key, torch.cat([j.text for j in jobs]))
+        return self._text_rows[1]
+
+    def _modulation(self, jobs: list[_Job], head: dict[str, torch.Tensor],
+                    offsets: np.ndarray) -> dict[int, np.ndarray] | None:
+        """The head's modulated input of the conditional rows of the requests whose rule reads it,
+        brought to the host in one copy."""
+        wanting = [(k, j) for k, j in enumerate(jobs) if j.policy.needs_modulation]
+        if not wanting:
+            return None
+        rows = np.concatenate([offsets[k] + np.arange(j.batch) for k, j in wanting])
+        signal = head[self.model.adapter.modulation]
+        values = signal.index_select(0, self._index(rows)).detach().cpu().numpy()
+        starts = np.cumsum([0] + [j.batch for _, j in wanting])
+        return {j.id: values[starts[i]:starts[i + 1]] for i, (_, j) in enumerate(wanting)}
+
+    def _index(self, rows: np.ndarray) -> torch.Tensor:
+        """Row indices on the backend's device; on a GPU through pinned memory, so no host wait."""
+        index = torch.from_numpy(rows.astype(np.int64))
+        if self.model.backend.device.type == "cpu":
+            return index
+        return index.pin_memory().to(self.model.backend.device, non_blocking=True)
+
+    def _blocks(self, head: dict[str, torch.Tensor], jobs: list[_Job], offsets: np.ndarray,
+                live: list[tuple[_Job, int, StepDecision]], run_rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Streams after the blocks for every row: computed for `run_rows` in one call, the
+        request's cached residual added on the others; the residuals of the rows that ran are
+        stored for the requests whose rule may reuse them."""
+        layout, backend = self.model.layout, self.model.backend
+        total = int(offsets[-1])
+        if len(run_rows) == total:
+            out = backend.run("blocks", {k: head[k] for k in layout.blocks_inputs})
+            streams = {s: out[s + "_out"] for s in layout.streams}
+            fresh = streams
+        else:
+            streams = {}
+            for s in layout.streams:
+                pieces = [j.cache[s] if j.cache is not None else head[s].new_zeros((j.rows, *head[s].shape[1:]))
+                          for j in jobs]
+                streams[s] = head[s] + torch.cat(pieces)
+            fresh = {}
+            if len(run_rows):
+                index = self._index(run_rows)
+                inputs = {k: head[k] if k in layout.shared else head[k].index_select(0, index)
+                          for k in layout.blocks_inputs}
+                out = backend.run("blocks", inputs)
+                for s in layout.streams:
+                    fresh[s] = out[s + "_out"]
+                    streams[s].index_copy_(0, index, fresh[s])
+        self._store_residuals(head, fresh, live, offsets, run_rows, gathered=len(run_rows) != total)
+        return streams
+
+    def _store_residuals(self, head: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],
+                         live: list[tuple[_Job, int, StepDecision]], offsets: np.ndarray, run_rows: np.ndarray,
+                         gathered: bool) -> None:
+        position = 0
+        for job, k, decision in live:
+            local = np.flatnonzero(decision.run[job.row_sample])
+            first, count = position, len(local)
+            position += count
+            if not job.policy.may_reuse or not count:
+                continue
+            if not gathered:  # every row ran: the request's rows are one slice
+                begin, end = offsets[k], offsets[k + 1]
+                job.cache = {s: fresh[s][begin:end] - head[s][begin:end] for s in fresh}
+                continue
+            index = self._index(offsets[k] + local)
+            rows = {s: fresh[s][first:first + count] - head[s].index_select(0, index) for s in fresh}
+            if count == job.rows:
+                job.cache = rows
+                continue
+            if job.cache is None:
+                job.cache = {s: r.new_zeros((job.rows, *r.shape[1:])) for s, r in rows.items()}
+            target = self._index(local)
+            for s in rows:
+                job.cache[s].index_copy_(0, target, rows[s])
+
+    def _advance(self, job: _Job, noise: torch.Tensor, decision: StepDecision) -> None:
+        """Guidance, anchors, the trace and the solver step of one request after its pass."""
+        i = job.step
+        guided = guide(noise, job.batch, job.request.cfg, job.scales[i])
+        if decision.run.all():
+            job.anchor.copy_(job.x)
+        elif decision.run.any():
+            ran = self._index(np.flatnonzero(decision.run))
+            job.anchor.index_copy_(0, ran, job.x.index_select(0, ran))
+        t = job.timesteps[i]
+        for b in range(job.batch):
+            verdict = "run" if decision.run[b] else "reuse"
+            job.decisions[b].append(verdict)
+            score = decision.score[b]
+            job.trace[b].append({"step": i, "t": t, "score": None if math.isnan(score) else float(score),
+                                 "eps": None if math.isnan(decision.threshold) else decision.threshold,
+                                 "forced": decision.forced, "decision": verdict})
+        job.x = job.sampler.step(i, guided, job.x, job.generators)
+        runs = int(decision.run.sum())
+        with self._lock:
+            job.step += 1
+            job.nfe += runs
+            self._counters.nfe_run += runs
+            self._counters.nfe_saved += job.batch - runs
+
+    def _finish(self, job: _Job) -> Result:
+        """The result of a request that took its last step (lock held)."""
+        warnings = []
+        outside = getattr(job.policy, "outside_table", [])
+        if outside:
+            warnings.append(f"{len(outside)} sensitivity look-ups fell outside the table's timesteps "
+                            f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge")
+        return Result(latents=job.x.detach().cpu().numpy(), timesteps=job.timesteps, decisions=job.decisions,
+                      trace=job.trace, timing={"denoise_s": time.perf_counter() - job.admitted,
+                                               "decision_s": job.decision_s,
+                                               "queue_s": job.admitted - job.submitted},
+                      warnings=warnings, trajectory=job.trajectory)
+
+
+def guide(noise: torch.Tensor, batch: int, cfg: bool, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance over rows [cond x batch, uncond x batch] (or the rows as they are)."""
+    if not cfg:
+        return noise
+    cond, uncond = noise[:batch], noise[batch:]
+    return uncond + guidance * (cond - uncond)
