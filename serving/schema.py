@@ -89,6 +89,7 @@ class VideoRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False,
                                    description="classifier-free guidance scale; <= 1 runs no unconditional branch "
                                                "(default: the bundle's)")
+    dynamic_cfg: bool = Field(False, description="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     cache: CacheSpec = Field(default_factory=CacheSpec)
 
     @model_validator(mode="after")

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sencache.runtime.errors import BadInput, Cancelled, Failed
+from sencache.runtime.errors import BadInput, Cancelled
+from sencache.runtime.request import Request
 from sencache.runtime.video import write_mp4
 from sencache.serving.schema import VideoJob, VideoRequest
 
@@ -144,7 +145,8 @@ class VideoService:
         guidance = self.defaults["guidance"] if request.guidance is None else request.guidance
         method, knobs = request.cache.resolve(self.defaults)
         kwargs: dict[str, Any] = {"prompt": request.prompt or "", "seed": request.seed, "steps": steps,
-                                  "guidance": guidance, "cache": method, "knobs": knobs}
+                                  "guidance": guidance, "cache": method, "knobs": knobs,
+                                  "dynamic_cfg": request.dynamic_cfg}
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             value = getattr(request, name)
             if value is not None:
@@ -164,7 +166,7 @@ class VideoService:
                 record.job = self.engine.submit(**kwargs)
                 self._start_waiter(record)
             else:
-                self.engine.check(**kwargs) if hasattr(self.engine, "check") else None
+                self._check(kwargs, rows)
                 self._pending.append(record)
                 self._lock.notify_all()
             self._jobs[record.id] = record
@@ -183,15 +185,9 @@ class VideoService:
                 self._end(record, "cancelled")
             elif record.job is not None:
                 record.job.cancel()
-        if record.job is not None:
-            try:
-                record.job.result(timeout=None)
-            except (Cancelled, Failed):
-                pass
-            with self._lock:  # the waiter thread records the end; wait for it
-                while record.completed_at is None:
-                    self._lock.wait()
-        return self.status(job_id)
+            while record.completed_at is None:  # a running job ends at the next step; its waiter records it
+                self._lock.wait()
+            return self._describe(record)
 
     def content(self, job_id: str, variant: Literal["video", "frames"]) -> bytes:
         """The MP4 (H.264) of a completed job, or its frames as a float32 [T, H, W, 3] .npy."""
@@ -268,6 +264,22 @@ class VideoService:
                         model=self.model, seed=record.seed, cache=record.cache,
                         error=None if record.error is None else {"message": record.error})
 
+    def _check(self, kwargs: dict[str, Any], rows: int) -> None:
+        """Static batching holds a job before the engine sees it: refuse now what the engine's
+        `submit` would refuse (its values, its cache rule, its rows, its text)."""
+        model = self.engine.model
+        embeds = kwargs.get("prompt_embeds")
+        negative = kwargs.get("negative_prompt_embeds")
+        request = Request([kwargs["prompt"]], [kwargs["seed"]], kwargs["steps"], kwargs["guidance"],
+                          None if embeds is None else embeds[None], None if negative is None else negative[None],
+                          dynamic_cfg=kwargs["dynamic_cfg"])
+        model.policy(kwargs["cache"], request.steps, 1, kwargs["knobs"])
+        if rows > self.max_rows:
+            raise BadInput(f"one sample needs {rows} rows; the bundle runs at most {self.max_rows}")
+        model.embeddings(request.prompt_embeds, request.prompts)
+        if request.cfg:
+            model.embeddings(request.negative_prompt_embeds, [""])
+
     def _start_waiter(self, record: _Record) -> None:
         self._in_engine += 1
         threading.Thread(target=self._await, args=(record,), name=f"wait-{record.id}", daemon=True).start()
@@ -300,8 +312,6 @@ class VideoService:
         while len(self._ended) > self.retain:
             old = self._ended.popleft()
             del self._jobs[old]
-            if record.job is not None and hasattr(self.engine, "release"):
-                pass
             self._expired[old] = None
             while len(self._expired) > 100_000:
                 self._expired.popitem(last=False)
@@ -323,11 +333,14 @@ class VideoService:
                     group.append(record)
                 if not group:  # a job larger than the engine: the engine refuses it with the reason
                     group.append(self._pending.popleft())
-                for record in group:
-                    try:
-                        record.job = self.engine.submit(**record.kwargs)
-                    except Exception as e:
-                        record.error = str(e)
-                        self._end(record, "failed")
-                        continue
-                    self._start_waiter(record)
+                # Hold the engine's admission (its driver thread waits on this lock between steps)
+                # while the group is submitted, so the whole group joins the same first step.
+                with self.engine._wake:
+                    for record in group:
+                        try:
+                            record.job = self.engine.submit(**record.kwargs)
+                        except Exception as e:  # checked at submission; reported, never left pending
+                            record.error = str(e)
+                            self._end(record, "failed")
+                            continue
+                        self._start_waiter(record)
