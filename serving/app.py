@@ -12,7 +12,6 @@ GET /v1/videos/{id}/content, DELETE /v1/videos/{id}, GET /metrics, GET /healthz;
 document is at /openapi.json and the docs at /docs.
 """
 
-from __future__ import annotations
 
 import asyncio
 import itertools
@@ -56,6 +55,13 @@ class Reply:
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Reply:
     return Reply(status, {"detail": detail}, headers or {})
+
+
+def _response(reply: Reply) -> Response:
+    """(Defined above the ingress: Serve freezes the FastAPI app when the class is decorated.)"""
+    if isinstance(reply.body, bytes):
+        return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
 
 class EngineReplica:
@@ -234,12 +240,6 @@ class VideoAPI:
         if method == "content":
             return _response(_error(409, f"video {video_id} failed: {gone}"))
         return _response(Reply(200, failed.model_dump()))
-
-
-def _response(reply: Reply) -> Response:
-    if isinstance(reply.body, bytes):
-        return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
-    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
 
 @dataclass(frozen=True)
