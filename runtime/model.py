@@ -139,7 +139,7 @@ class Model:
         tail_in = {s: out[s + "_out"] for s in self.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in self.layout.tail_context})
         noise = self.backend.run("tail", tail_in)[NOISE].float()
-        return Prediction(guided=_host(self.guide(noise, batch, uncond is not None, guidance)),
+        return Prediction(guided=_host(guide(noise, batch, uncond is not None, guidance)),
                           cond=_host(noise[:batch]), modulation=_host(head[self.adapter.modulation][:batch]),
                           residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))
 
