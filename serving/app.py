@@ -284,8 +284,8 @@ def start(options: ServeOptions, num_cpus: int | None = None) -> None:
     returns once every replica is up."""
     options.check()
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address="local", namespace=APP_NAME, include_dashboard=False, num_cpus=num_cpus,
+                 log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(application(options), name=APP_NAME, route_prefix="/", blocking=False)
 

@@ -123,6 +123,8 @@ class VideoJob(BaseModel):
     model: str
     seed: int
     cache: str
+    latency_s: float | None = Field(None, description="seconds from submission to the video (once completed)")
+    queue_wait_s: float | None = Field(None, description="of which waiting for rows before the first step")
     error: dict[str, str] | None = None
 
 

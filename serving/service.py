@@ -97,6 +97,8 @@ class _Record:
     video: Any = None
     error: str | None = None
     mp4: bytes | None = None
+    latency_s: float | None = None
+    queue_wait_s: float | None = None
 
 
 class VideoService:
@@ -261,7 +263,8 @@ class VideoService:
         return VideoJob(id=record.id, status=status, progress=int(100 * step / record.steps), step=step,
                         steps=record.steps, nfe=nfe, created_at=int(record.created),
                         completed_at=None if record.completed_at is None else int(record.completed_at),
-                        model=self.model, seed=record.seed, cache=record.cache,
+                        model=self.model, seed=record.seed, cache=record.cache, latency_s=record.latency_s,
+                        queue_wait_s=record.queue_wait_s,
                         error=None if record.error is None else {"message": record.error})
 
     def _check(self, kwargs: dict[str, Any], rows: int) -> None:
@@ -297,11 +300,10 @@ class VideoService:
             self._in_engine -= 1
             self._row_steps += record.rows * record.job.progress.step
             if state == "completed":
-                latency = time.perf_counter() - record.submitted
-                self._latency.observe(latency)
-                denoise_s = record.video.stats.get("timing", {}).get("denoise_s")
-                if denoise_s is not None:
-                    self._queue_wait.observe(max(0.0, latency - denoise_s))
+                record.latency_s = time.perf_counter() - record.submitted
+                record.queue_wait_s = max(0.0, record.latency_s - record.video.stats["timing"]["denoise_s"])
+                self._latency.observe(record.latency_s)
+                self._queue_wait.observe(record.queue_wait_s)
             record.error = error
             self._end(record, state)
 

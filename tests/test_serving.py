@@ -187,3 +187,42 @@ def test_a_dead_replica_fails_its_jobs_and_the_server_stays_up(server):
         reply = _create(server, steps=2)
         assert reply.status_code == 200
         assert _wait(server, reply.json()["id"])["status"] == "completed"
+
+
+@pytest.mark.parametrize("batching", ["static", "step"])
+def test_batching_modes_admit_as_documented(calibrated_bundle, batching):
+    """Static: a job arriving while a group runs starts after the whole group ends; step-level:
+    it joins at the next step and a short one ends first. Either way its video is its solo run's."""
+    from sencache.serving.schema import VideoRequest
+    from sencache.serving.service import VideoService
+
+    engine = sencache.Engine.from_bundle(calibrated_bundle, threads=1)
+    manifest = engine.model.bundle.manifest
+    service = VideoService(engine, model=manifest["model"], defaults=manifest["defaults"], batching=batching)
+    try:
+        t_first = time.perf_counter()
+        first = service.submit(VideoRequest(prompt=PROMPT, seed=1, steps=10, cache={"preset": "reference"}))
+        _until(lambda: service.status(first.id).step >= 1, "the first job's first step")
+        t_second = time.perf_counter()
+        second = service.submit(VideoRequest(prompt=PROMPT, seed=2, steps=3, cache={"preset": "reference"}))
+        for job in (first, second):
+            _until(lambda: service.status(job.id).status == "completed", job.id)
+        first, second = service.status(first.id), service.status(second.id)
+        first_end = t_first + first.latency_s
+        second_start = t_second + second.queue_wait_s
+        if batching == "static":
+            assert second_start >= first_end - 0.05
+        else:
+            assert t_second + second.latency_s < first_end  # joined, took 3 steps, left while the first ran
+        frames = np.load(io.BytesIO(service.content(second.id, "frames")))
+        alone = engine.generate(prompt=PROMPT, seed=2, steps=3, cache="none")
+        np.testing.assert_allclose(frames, alone.frames, atol=1e-5, rtol=0)
+    finally:
+        service.close()
+
+
+def test_serve_refuses_a_missing_bundle(tmp_path, capsys):
+    from sencache.cli import main
+
+    assert main(["serve", "--engine", str(tmp_path / "nothing")]) == 2
+    assert "no engine bundle" in capsys.readouterr().err
