@@ -215,7 +215,9 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
-    lines += ["", *report["notes"], ""]
+    for note in report["notes"]:
+        lines += ["", note]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -315,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         f"On this CPU a pass costs about in proportion to its rows ({rows_ms[0]:.0f} ms with 2 rows, "
         f"{rows_ms[-1]:.0f} ms with {2 * len(rows_ms)}): a job that joins a running batch slows every job in it "
         "by as much as it would have waited, so step-level batching reorders the same work rather than adding "
-        "capacity. Its latency gain grows where a pass costs nearly the same for any number of rows (a GPU "
-        "below saturation).",
+        "capacity; and with jobs of equal length, running the first ones alone while the others wait (static) "
+        "ends them sooner than sharing every pass (step-level), as first-come-first-served beats processor "
+        "sharing for equal jobs. Step-level batching gains latency where a pass costs nearly the same for any "
+        "number of rows (a GPU below saturation) and where jobs differ in length.",
         "Latency and queue wait are the server's (submission to video; submission to the first step). "
         "Throughput is completed videos over the span from the first arrival to the last completion; below "
         "capacity it follows the arrival rate, so the throughput target is read at the burst (saturation).",

@@ -103,6 +103,20 @@ def test_served_video_equals_engine_generate(server, calibrated_bundle):
     assert sum(float(line.split()[-1]) for line in latencies) >= 1
 
 
+def test_prompt_embeds_give_the_prompts_video(server, calibrated_bundle):
+    with sencache.Engine.from_bundle(calibrated_bundle, threads=1) as engine:
+        embeds = engine.model.encode([PROMPT])[0]
+    videos = []
+    for text in ({"prompt": PROMPT}, {"prompt": None, "prompt_embeds": embeds.tolist()}):
+        reply = _create(server, **text, seed=5, steps=3, cache={"preset": "reference"})
+        assert reply.status_code == 200, reply.text
+        assert _wait(server, reply.json()["id"])["status"] == "completed"
+        content = requests.get(f"{server}/v1/videos/{reply.json()['id']}/content", params={"variant": "frames"},
+                               timeout=30)
+        videos.append(np.load(io.BytesIO(content.content)))
+    np.testing.assert_allclose(videos[1], videos[0], atol=1e-5, rtol=0)
+
+
 def test_openapi_reads_the_knob_table(server):
     from sencache.runtime.cache import KNOBS
 
