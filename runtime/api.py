@@ -139,10 +139,13 @@ class Engine:
         if knobs is not None and not isinstance(knobs, dict):
             raise BadInput(f"knobs must be a mapping of knob names to numbers, got {type(knobs).__name__}")
         policy = self.model.policy(cache, request.steps, 1, knobs or {})
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        prepared = self._stepper.prepare(request, policy)  # text encoding: outside every lock
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            job_id = self._stepper.submit(request, policy)
+            job_id = self._stepper.enqueue(prepared)
             job = self._jobs[job_id] = Job(self, job_id, request, policy)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drive, name="sencache-step-engine", daemon=True)

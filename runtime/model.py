@@ -53,7 +53,8 @@ class Model:
         self._components = None
         self._meter: HostDriftMeter | CudaDriftMeter | None = None
         self._cuda_stream: torch.cuda.Stream | None = None
-        self._encoder_lock = threading.Lock()
+        self._lazy = threading.Lock()
+        """Guards what is made on first use (text encoder, components, CUDA stream) against threads."""
 
     def scheduler(self):
         return self.adapter.make_scheduler(self.preset, self.bundle.manifest["scheduler"])
@@ -67,7 +68,7 @@ class Model:
         spec = self.bundle.manifest["text_encoder"]
         if spec["kind"] != "tiny":
             return self.adapter.encode_prompts(self.components(), prompts, self.preset)
-        with self._encoder_lock:
+        with self._lazy:
             if self._text_encoder is None:
                 encoder = TinyTextEncoder(dim=spec["dim"])
                 encoder.load_state_dict(load_file(str(self.bundle.file(spec["file"]))))
@@ -83,7 +84,7 @@ class Model:
     def components(self):
         """The real model's text encoder and VAE (diffusers' pipeline without its transformer),
         from the weights folder the bundle was built from; loaded once."""
-        with self._encoder_lock:
+        with self._lazy:
             return self._load_components()
 
     def _load_components(self):
@@ -169,8 +170,9 @@ class Model:
         all work goes to this stream, never the default one, on which TensorRT synchronizes."""
         if self.backend.device.type != "cuda":
             return contextlib.nullcontext()
-        if self._cuda_stream is None:
-            self._cuda_stream = torch.cuda.Stream(self.backend.device)
+        with self._lazy:
+            if self._cuda_stream is None:
+                self._cuda_stream = torch.cuda.Stream(self.backend.device)
         return torch.cuda.stream(self._cuda_stream)
 
     def generate(self, request: Request, policy: CachePolicy, record: bool = False, progress: bool = False) -> Result:
@@ -187,7 +189,6 @@ class Model:
             return engine.result(job)
         except Failed as e:  # the caller sees the error the request met, as before the step engine
             raise e.__cause__ from None
-
 
 
 def _host(value: torch.Tensor) -> np.ndarray:

@@ -15,9 +15,9 @@ generators), guidance, cache rule and rule state, latents, anchors and cached re
 
 A request's decisions and latents do not depend on which others share its passes. A row that
 runs uses the blocks' output as is, so a request that never reuses is bit-identical to the
-uncached run of the same rows. The solver step is diffusers' own, per request (on a GPU, UniPC
-synchronizes by itself; CogVideoX's DPM draws its noise on the host from the request's
-generators).
+uncached run of the same rows. Each request's solver step is its family sampler's: diffusers'
+arithmetic with the schedule's scalars computed on the host and solver noise drawn from each
+sample's own generator, so it adds no host wait on a GPU.
 
 State is guarded by one lock; `step` holds it only to admit and retire requests at the step
 boundary, never while stages run, so `submit`, `poll` and `cancel` answer from any thread.
@@ -59,7 +59,7 @@ class Progress:
 
 
 @dataclass(eq=False)
-class _Job:
+class RequestState:
     """One request inside the step engine, with everything it carries from step to step."""
 
     id: int
@@ -73,7 +73,6 @@ class _Job:
     """Text rows [cond x batch (, uncond x batch)] on the backend's device."""
     x: torch.Tensor
     anchor: torch.Tensor
-    record: bool
     state: State = "queued"
     step: int = 0
     nfe: int = 0
@@ -130,9 +129,9 @@ class StepEngine:
         self.model = model
         self.max_rows = model.max_rows
         self._lock = threading.Lock()
-        self._jobs: dict[int, _Job] = {}
-        self._queue: deque[_Job] = deque()
-        self._active: list[_Job] = []
+        self._jobs: dict[int, RequestState] = {}
+        self._queue: deque[RequestState] = deque()
+        self._active: list[RequestState] = []
         self._ended: list[int] = []
         self._next_id = 1
         self._counters = _Counters()
@@ -140,10 +139,14 @@ class StepEngine:
 
     def submit(self, request: Request, policy: CachePolicy, record: bool = False) -> int:
         """Queue `request` under `policy` (a rule made for its steps and samples); returns its id.
+        `record` keeps the denoiser input latent of every step in the result (calibration).
+        Raises BadInput, before anything is queued, for what `prepare` refuses."""
+        return self.enqueue(self.prepare(request, policy, record))
 
-        Everything that can be refused is checked here, before it is queued (BadInput): the rows
-        it needs, its embeddings, its guidance schedule. Text encoding and the starting noise are
-        computed on the caller's thread."""
+    def prepare(self, request: Request, policy: CachePolicy, record: bool = False) -> RequestState:
+        """Everything a request needs before it can queue, computed on the caller's thread without
+        the engine's lock (text encoding can be slow): its rows checked against the bundle, its
+        embeddings, sampler and guidance schedule, its starting noise. BadInput when refused."""
         model = self.model
         job_rows = len(request.prompts) * (2 if request.cfg else 1)
         if job_rows > self.max_rows:
@@ -157,13 +160,20 @@ class StepEngine:
         scales = ([model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
                   if request.dynamic_cfg else [request.guidance] * len(timesteps))
         generators = model.generators(request.seeds)
-        x = model.initial_latents(generators).to(model.backend.device)
-        job = _Job(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
-                   timesteps=timesteps, scales=scales, text=model.to_device(text), x=x, anchor=torch.zeros_like(x),
-                   record=record, decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
-                   trajectory=[] if record else None, submitted=time.perf_counter())
+        with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
+            x = model.initial_latents(generators).to(model.backend.device)
+            text_rows, anchor = model.to_device(text), torch.zeros_like(x)
+        return RequestState(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
+                    timesteps=timesteps, scales=scales, text=text_rows, x=x, anchor=anchor,
+                    decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
+                    trajectory=[] if record else None)
+
+    def enqueue(self, job: RequestState) -> int:
+        """Queue a prepared request (once); returns its id."""
         with self._lock:
-            job.id = self._next_id
+            if job.id:
+                raise RuntimeError(f"request {job.id} is already queued")
+            job.id, job.submitted = self._next_id, time.perf_counter()
             self._next_id += 1
             self._jobs[job.id] = job
             self._queue.append(job)
@@ -283,7 +293,7 @@ class StepEngine:
             self._active.append(job)
             used += job.rows
 
-    def _end(self, job: _Job, state: State, error: BaseException | None = None) -> None:
+    def _end(self, job: RequestState, state: State, error: BaseException | None = None) -> None:
         """Move `job` to an ended state and count it (lock held)."""
         job.state, job.error = state, error
         counter = {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[state]
@@ -292,12 +302,12 @@ class StepEngine:
         job.cache, job.sampler, job.generators = None, None, None
         self._ended.append(job.id)
 
-    def _fail(self, job: _Job, error: BaseException) -> None:
+    def _fail(self, job: RequestState, error: BaseException) -> None:
         with self._lock:
             if job.state == "running":
                 self._end(job, "failed", error)
 
-    def _pass(self, jobs: list[_Job]) -> None:
+    def _pass(self, jobs: list[RequestState]) -> None:
         """One denoising step of every job in `jobs`, sharing each stage call. An error in a
         request's own code (its rule, its solver step) fails that request alone; an error in a
         shared stage call fails every request of the pass."""
@@ -313,8 +323,8 @@ class StepEngine:
             except Exception as e:  # this request's own solver step
                 self._fail(job, e)
 
-    def _decide_and_run(self, jobs: list[_Job]) -> list[tuple[_Job, torch.Tensor, StepDecision]]:
-        model, layout, device = self.model, self.model.layout, self.model.backend.device
+    def _decide_and_run(self, jobs: list[RequestState]) -> list[tuple[RequestState, torch.Tensor, StepDecision]]:
+        model, layout = self.model, self.model.layout
         for job in jobs:
             if job.trajectory is not None:
                 job.trajectory.append(job.x.to("cpu", copy=True).numpy())
@@ -328,14 +338,14 @@ class StepEngine:
         offsets = np.cumsum([0] + [j.rows for j in jobs])
         latent = torch.cat([j.x for j in jobs for _ in range(j.branches)])
         t_rows = np.concatenate([np.full(j.rows, j.timesteps[j.step], np.float32) for j in jobs])
-        head = model.head(latent, model.to_device(t_rows), self._text(jobs))
+        head = model.head(latent, self._upload(t_rows), self._text(jobs))
 
         tick = time.perf_counter()
         drift = meter.result() if meter is not None else None
         modulation = self._modulation(jobs, head, offsets)
         shared_s += time.perf_counter() - tick
         drift_at = dict(zip((j.id for j in measured), np.cumsum([0] + [j.batch for j in measured])))
-        live: list[tuple[_Job, int, StepDecision]] = []
+        live: list[tuple[RequestState, int, StepDecision]] = []
         for k, job in enumerate(jobs):
             tick = time.perf_counter()
             try:
@@ -356,14 +366,14 @@ class StepEngine:
         noise = model.backend.run("tail", tail_in)[NOISE].float()
         return [(job, noise[offsets[k]:offsets[k + 1]], d) for job, k, d in live]
 
-    def _text(self, jobs: list[_Job]) -> torch.Tensor:
+    def _text(self, jobs: list[RequestState]) -> torch.Tensor:
         """The text rows of `jobs`, concatenated once per set of active requests."""
         key = tuple(j.id for j in jobs)
         if self._text_rows is None or self._text_rows[0] != key:
             self._text_rows = (key, torch.cat([j.text for j in jobs]))
         return self._text_rows[1]
 
-    def _modulation(self, jobs: list[_Job], head: dict[str, torch.Tensor],
+    def _modulation(self, jobs: list[RequestState], head: dict[str, torch.Tensor],
                     offsets: np.ndarray) -> dict[int, np.ndarray] | None:
         """The head's modulated input of the conditional rows of the requests whose rule reads it,
         brought to the host in one copy."""
@@ -377,14 +387,19 @@ class StepEngine:
         return {j.id: values[starts[i]:starts[i + 1]] for i, (_, j) in enumerate(wanting)}
 
     def _index(self, rows: np.ndarray) -> torch.Tensor:
-        """Row indices on the backend's device; on a GPU through pinned memory, so no host wait."""
-        index = torch.from_numpy(rows.astype(np.int64))
-        if self.model.backend.device.type == "cpu":
-            return index
-        return index.pin_memory().to(self.model.backend.device, non_blocking=True)
+        """Row indices on the backend's device."""
+        return self._upload(rows.astype(np.int64))
 
-    def _blocks(self, head: dict[str, torch.Tensor], jobs: list[_Job], offsets: np.ndarray,
-                live: list[tuple[_Job, int, StepDecision]], run_rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        """A small host array on the backend's device; on a GPU through pinned memory, so the
+        host does not wait for the copy."""
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        if self.model.backend.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.model.backend.device, non_blocking=True)
+
+    def _blocks(self, head: dict[str, torch.Tensor], jobs: list[RequestState], offsets: np.ndarray,
+                live: list[tuple[RequestState, int, StepDecision]], run_rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Streams after the blocks for every row: computed for `run_rows` in one call, the
         request's cached residual added on the others; the residuals of the rows that ran are
         stored for the requests whose rule may reuse them."""
@@ -413,7 +428,7 @@ class StepEngine:
         return streams
 
     def _store_residuals(self, head: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],
-                         live: list[tuple[_Job, int, StepDecision]], offsets: np.ndarray, run_rows: np.ndarray,
+                         live: list[tuple[RequestState, int, StepDecision]], offsets: np.ndarray, run_rows: np.ndarray,
                          gathered: bool) -> None:
         position = 0
         for job, k, decision in live:
@@ -437,7 +452,7 @@ class StepEngine:
             for s in rows:
                 job.cache[s].index_copy_(0, target, rows[s])
 
-    def _advance(self, job: _Job, noise: torch.Tensor, decision: StepDecision) -> None:
+    def _advance(self, job: RequestState, noise: torch.Tensor, decision: StepDecision) -> None:
         """Guidance, anchors, the trace and the solver step of one request after its pass."""
         i = job.step
         guided = guide(noise, job.batch, job.request.cfg, job.scales[i])
@@ -462,7 +477,7 @@ class StepEngine:
             self._counters.nfe_run += runs
             self._counters.nfe_saved += job.batch - runs
 
-    def _finish(self, job: _Job) -> Result:
+    def _finish(self, job: RequestState) -> Result:
         """The result of a request that took its last step (lock held)."""
         warnings = []
         outside = getattr(job.policy, "outside_table", [])

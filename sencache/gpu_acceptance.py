@@ -181,9 +181,8 @@ def cached_loop(arch: str) -> dict[str, Any]:
             steps: counting_syncs(lambda: engine.generate(Request(request.prompts[:2], [1, 2], steps, 4.0),
                                                            engine.policy("sencache", steps, 2, knobs)))[1]
             for steps in (6, 20)}
-    report["note"] = ("torch_syncs: synchronizing calls PyTorch saw in one whole generate (tiny-wan, UniPC solver, "
-                      "which itself copies scalars to the GPU and solves on it each step), the final copy of the "
-                      "latents included; flow_euler_syncs: the same for tiny-ltx (flow-matching Euler, sync-free "
+    report["note"] = ("torch_syncs: synchronizing calls PyTorch saw in one whole generate (tiny-wan, UniPC solver "
+                      "with its scalars computed on the host), the final copy of the latents included; flow_euler_syncs: the same for tiny-ltx (flow-matching Euler, sync-free "
                       "step) at 6 and 20 steps, equal when the loop itself never syncs. The drift kernel's one event "
                       "wait per step goes through the CUDA driver and is in neither count")
     return report

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny-wan bundles built once per session (ONNX Runtime and PyTorch)."""
+"""Shared fixtures: tiny bundles built once per session (tiny-wan on ONNX Runtime and PyTorch,
+tiny-cogvideox and tiny-ltx on ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def ort_bundle(tmp_path_factory) -> Path:
 def torch_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-wan-torch"
     build(BuildOptions(model="tiny-wan", out=out, backend="torch", max_batch=3), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cogvideox_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-cogvideox-ort"
+    build(BuildOptions(model="tiny-cogvideox", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ltx_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny-ltx-ort"
+    build(BuildOptions(model="tiny-ltx", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
     return out
 
 

@@ -69,8 +69,7 @@ def test_tensorrt_bundle_runs_like_onnxruntime(device, ort_bundle, tmp_path):
 def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     """The cached loop on the GPU makes no PyTorch-visible host sync per step (the drift read-back
     goes through the driver's event wait), so a longer run syncs no more often than a short one.
-    tiny-ltx, whose flow-matching Euler step is sync-free on CUDA (diffusers' UniPC, Wan's solver,
-    is not: it copies scalars to the GPU and solves on it each step)."""
+    tiny-ltx, whose flow-matching Euler step is diffusers' own and sync-free on CUDA."""
     import torch
 
     from sencache.calibration.calibrate import CalibrationPlan, calibrate

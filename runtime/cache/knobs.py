@@ -55,7 +55,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps", _SENCACHE),
     Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that", _SENCACHE),
     Knob("max_reuse", int, 0, 1000, "sencache, magcache: most reuses in a row", (*_SENCACHE, "magcache")),
-    Knob("interval", int, 1, 1000, "fixed: run every K-th step", ("fixed",)),
+    Knob("interval", int, 1, math.inf, "fixed: run every K-th step", ("fixed",)),
     Knob("warmup", int, 0, 1000, "fixed: run all of the first W steps", ("fixed",)),
     Knob("threshold", float, 0.0, math.inf, "teacache, magcache: accumulated-error threshold", ("teacache", "magcache")),
     Knob("retention", float, 0.0, 1.0, "magcache: fraction of first steps always run", ("magcache",)),

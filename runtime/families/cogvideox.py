@@ -12,6 +12,7 @@ the blocks stage as constants, computed with the pipeline's own functions.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -167,29 +168,77 @@ def _bake_positions(transformer: nn.Module, frames: int, height: int, width: int
     embed.sample_height, embed.sample_width, embed.sample_frames = height, width, frames_before_compression
 
 
+@dataclass(frozen=True)
+class _DPMStep:
+    """The scalars of one CogVideoX DPM-Solver++(2M) step, from the schedule alone."""
+
+    root_alpha: torch.Tensor
+    root_beta: torch.Tensor
+    mult: tuple[torch.Tensor, ...]
+    mult_noise: torch.Tensor
+    final: bool
+    """The last step (no earlier timestep to fall back to): first order, one noise draw."""
+
+
 class CogVideoXSampler(Sampler):
     """The pipeline's stepping: the DPM scheduler carries the previous x0 prediction and the
-    previous timestep; both schedulers take eta 0 and the per-sample generators (DPM adds noise)."""
+    previous timestep; both schedulers take eta 0 and the per-sample generators.
+
+    The DPM step is diffusers' arithmetic with its scalars computed once per step from the
+    schedule (by the scheduler's own get_variables / get_mult), and its noise drawn from each
+    sample's generator on the host, in diffusers' order (one draw on a first-order step, two on
+    a second-order one), then copied through pinned memory: diffusers' step copies it from
+    pageable memory, a host wait on a GPU. Equal to diffusers' step (tests/test_solvers.py)."""
 
     def __init__(self, scheduler, steps: int) -> None:
         from diffusers import CogVideoXDPMScheduler
 
         super().__init__(scheduler, steps)
         self._dpm = isinstance(scheduler, CogVideoXDPMScheduler)
+        if self._dpm and scheduler.config.prediction_type != "v_prediction":
+            raise BadInput(f"CogVideoX DPM with prediction type {scheduler.config.prediction_type!r}: the pipeline "
+                           f"predicts v")
         self._previous_x0: torch.Tensor | None = None
+        self._steps = [self._dpm_step(i) for i in range(len(self.timesteps))] if self._dpm else []
 
     def start_at(self, index: int) -> None:
         self._previous_x0 = None
+
+    def _dpm_step(self, index: int) -> _DPMStep:
+        scheduler = self.scheduler
+        t = self.timesteps[index]
+        back = self.timesteps[index - 1] if index > 0 else None
+        previous = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        alpha = scheduler.alphas_cumprod[t]
+        alpha_prev = scheduler.alphas_cumprod[previous] if previous >= 0 else scheduler.final_alpha_cumprod
+        alpha_back = scheduler.alphas_cumprod[back] if back is not None else None
+        h, r, _, _ = scheduler.get_variables(alpha, alpha_prev, alpha_back)
+        mult = tuple(scheduler.get_mult(h, r, alpha, alpha_prev, alpha_back))
+        mult_noise = (1 - alpha_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+        return _DPMStep(alpha**0.5, (1 - alpha) ** 0.5, mult, mult_noise, bool(previous < 0))
 
     def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
              generators: list[torch.Generator] | None = None) -> torch.Tensor:
         t = self.timesteps[index]
         if not self._dpm:
             return self.scheduler.step(noise, t, x, eta=0.0, generator=generators, return_dict=False)[0]
-        back = self.timesteps[index - 1] if index > 0 else None
-        x, self._previous_x0 = self.scheduler.step(noise, self._previous_x0, t, back, x, eta=0.0,
-                                                   generator=generators, return_dict=False)
-        return x
+        c = self._steps[index]
+        x0 = c.root_alpha * x - c.root_beta * noise
+        draw = _noise(generators, x)
+        previous, self._previous_x0 = self._previous_x0, x0
+        if previous is None or c.final:
+            return c.mult[0] * x - c.mult[1] * x0 + c.mult_noise * draw
+        denoised = c.mult[2] * x0 - c.mult[3] * previous
+        return c.mult[0] * x - c.mult[1] * denoised + c.mult_noise * _noise(generators, x)
+
+
+def _noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """One standard normal draw per sample from its own generator (diffusers' randn_tensor with a
+    list of host generators), on the device of `like` without a host wait."""
+    draws = torch.cat([torch.randn((1, *like.shape[1:]), generator=g, dtype=like.dtype) for g in generators])
+    if like.device.type == "cpu":
+        return draws
+    return draws.pin_memory().to(like.device, non_blocking=True)
 
 
 class CogVideoXAdapter(FamilyAdapter):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes, StageLayout
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
+from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_text import MAX_TOKENS
 
 _REAL_COMMON: dict[str, Any] = {
@@ -219,6 +220,9 @@ class WanAdapter(FamilyAdapter):
     def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
         shift = 5.0 if preset.height >= 720 else 3.0
         return {**_SCHEDULER, "flow_shift": shift}
+
+    def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
+        return UniPCSampler(scheduler, steps)
 
     def pipeline_class(self) -> type:
         from diffusers import WanPipeline
