@@ -16,7 +16,7 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from sencache.runtime.errors import BadInput, Cancelled
 from sencache.runtime.request import Request
 from sencache.runtime.video import write_mp4
 from sencache.serving.schema import VideoJob, VideoRequest
+
+if TYPE_CHECKING:
+    from sencache.runtime.api import Engine, Job, Video
 
 Batching = Literal["step", "static"]
 
@@ -89,12 +92,12 @@ class _Record:
     seed: int
     cache: str
     steps: int
-    job: Any = None
+    job: Job | None = None
     """The engine's Job; None while it waits for a static batch."""
     state: str = "queued"
     """The service's own end state once the job ended; queued/running come from the engine."""
     completed_at: float | None = None
-    video: Any = None
+    video: Video | None = None
     error: str | None = None
     mp4: bytes | None = None
     latency_s: float | None = None
@@ -104,7 +107,7 @@ class _Record:
 class VideoService:
     """The jobs of one engine: submit, status, content, cancel, metrics."""
 
-    def __init__(self, engine: Any, *, model: str, defaults: dict[str, Any], slot: int = 0, max_queue: int = 64,
+    def __init__(self, engine: Engine, *, model: str, defaults: dict[str, Any], slot: int = 0, max_queue: int = 64,
                  batching: Batching = "step", retain: int = 64) -> None:
         """`engine` is a started `sencache.Engine`; `defaults` the bundle's (steps, guidance, and the
         knobs of each cache method); `slot` tags the ids so a router can send a job's calls back
