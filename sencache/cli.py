@@ -170,6 +170,14 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, threads=args.threads)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from sencache.serving.app import ServeOptions, serve_forever
+
+    serve_forever(ServeOptions(engine=args.engine, host=args.host, port=args.port, replicas=args.replicas,
+                               max_queue=args.max_queue, batching=args.batching, threads=args.threads,
+                               backend=args.backend, device=args.device))
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,6 +252,19 @@ def parser() -> argparse.ArgumentParser:
                                               "cached vs uncached loop; JSON")
     a.add_argument("--out", type=Path, help="also write the JSON here")
     a.set_defaults(func=_gpu_acceptance)
+
+    s = sub.add_parser("serve", help="serve an engine over HTTP (OpenAI-style video API on Ray Serve)")
+    s.add_argument("--engine", type=Path, required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1, help="engine replicas (each one engine; jobs stay on theirs)")
+    s.add_argument("--max-queue", type=int, default=64, help="jobs waiting for rows per replica; more get 429")
+    s.add_argument("--batching", choices=("step", "static"), default="step",
+                   help="step: jobs join at any step boundary; static: a batch runs to completion before the next")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads per replica (0: all)")
+    s.add_argument("--backend", default="auto", help="run on this backend (must match the bundle)")
+    s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per replica)")
+    s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -1,0 +1,309 @@
+"""The video API on Ray Serve: a FastAPI ingress in front of N engine replicas.
+
+Each engine replica is its own Serve deployment (`engine-0` .. `engine-{N-1}`, one replica
+each, restarted by Serve when it dies), so the ingress can send every call about a job to the
+replica that holds it: a job id names its replica (`video_<slot>_<hex>`). A small Ray actor, the
+job registry, remembers every id the ingress handed out; an id the registry knows but its
+replica does not (the replica died and Serve started a fresh one) is reported failed, never
+left pending, and an id neither knows is a 404.
+
+Endpoints (OpenAI Videos API shape): POST /v1/videos, GET /v1/videos/{id},
+GET /v1/videos/{id}/content, DELETE /v1/videos/{id}, GET /metrics, GET /healthz; the OpenAPI
+document is at /openapi.json and the docs at /docs.
+"""
+
+
+import asyncio
+import itertools
+import signal
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+from fastapi import FastAPI, Query
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+import sencache
+from sencache.runtime.errors import BadInput
+from sencache.serving import metrics
+from sencache.serving.schema import ErrorBody, VideoJob, VideoRequest
+from sencache.serving.service import Batching, NotReady, QueueFull, UnknownJob, VideoService
+
+APP_NAME = "sencache"
+REGISTRY = "sencache-job-registry"
+CALL_TIMEOUT_S = 60.0
+"""Longest wait for a replica's answer (one that is restarting answers once it is up)."""
+_REPLICA_GONE = (RayActorError, RayServeException, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A replica's answer: an HTTP status and a JSON body (or the bytes of a file)."""
+
+    status: int
+    body: dict[str, Any] | bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str = "application/json"
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, {"detail": detail}, headers or {})
+
+
+def _response(reply: Reply) -> Response:
+    """(Defined above the ingress: Serve freezes the FastAPI app when the class is decorated.)"""
+    if isinstance(reply.body, bytes):
+        return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+class EngineReplica:
+    """One engine (one bundle on one device) and its jobs, as a Ray Serve replica."""
+
+    def __init__(self, engine_dir: str, slot: int, max_queue: int, batching: Batching, threads: int,
+                 backend: str, device: str) -> None:
+        engine = sencache.Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads)
+        manifest = engine.model.bundle.manifest
+        self.service = VideoService(engine, model=manifest["model"], defaults=manifest["defaults"], slot=slot,
+                                    max_queue=max_queue, batching=batching)
+
+    async def submit(self, body: dict[str, Any]) -> Reply:
+        request = VideoRequest.model_validate(body)
+        try:
+            job = await asyncio.to_thread(self.service.submit, request)
+        except BadInput as e:
+            return _error(422, str(e))
+        except QueueFull as e:
+            return _error(429, str(e), {"Retry-After": str(e.retry_after)})
+        return Reply(200, job.model_dump())
+
+    async def status(self, job_id: str) -> Reply:
+        return await self._about(job_id, self.service.status)
+
+    async def cancel(self, job_id: str) -> Reply:
+        return await self._about(job_id, self.service.cancel)
+
+    async def content(self, job_id: str, variant: Literal["video", "frames"]) -> Reply:
+        try:
+            data = await asyncio.to_thread(self.service.content, job_id, variant)
+        except UnknownJob as e:
+            return Reply(404, {"detail": str(e), "expired": e.expired})
+        except NotReady as e:
+            return _error(409, str(e))
+        return Reply(200, data, media_type="video/mp4" if variant == "video" else "application/octet-stream")
+
+    async def metrics(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.service.metrics)
+
+    async def _about(self, job_id: str, action: Any) -> Reply:
+        try:
+            job = await asyncio.to_thread(action, job_id)
+        except UnknownJob as e:
+            return Reply(404, {"detail": str(e), "expired": e.expired})
+        return Reply(200, job.model_dump())
+
+    def __del__(self) -> None:
+        self.service.close()
+
+
+@ray.remote(num_cpus=0)
+class JobRegistry:
+    """Every job id handed out (its submission's description), the oldest forgotten past `capacity`."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def add(self, job: dict[str, Any]) -> None:
+        self.jobs[job["id"]] = job
+        while len(self.jobs) > self.capacity:
+            self.jobs.popitem(last=False)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return self.jobs.get(job_id)
+
+
+api = FastAPI(
+    title="sencache video API",
+    version=sencache.__version__,
+    description="Text-to-video generation on the SenCache step-level engine, in the shape of OpenAI's Videos API. "
+                "Jobs at different denoising steps share every engine pass, each with its own cache.",
+)
+_ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+
+
+def _slot(job_id: str, replicas: int) -> int | None:
+    parts = job_id.split("_")
+    if len(parts) != 3 or parts[0] != "video" or not parts[1].isdigit() or int(parts[1]) >= replicas:
+        return None
+    return int(parts[1])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(api)
+class VideoAPI:
+    """The HTTP ingress: validates requests, spreads new jobs over the replicas, routes the rest."""
+
+    def __init__(self, replicas: list[DeploymentHandle]) -> None:
+        self.replicas = replicas
+        self.registry = JobRegistry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
+        self._turn = itertools.cycle(range(len(replicas)))
+
+    @api.post("/v1/videos", response_model=VideoJob, responses=_ERRORS, summary="Create a video job")
+    async def create(self, request: VideoRequest) -> Response:
+        """Queue one video; 422 with the reason if the engine refuses it (never queued), 429 with
+        Retry-After when every replica's queue is full."""
+        first = next(self._turn)
+        order = [(first + k) % len(self.replicas) for k in range(len(self.replicas))]
+        waits: list[int] = []
+        for slot in order:
+            try:
+                reply = await asyncio.wait_for(self.replicas[slot].submit.remote(request.model_dump()), CALL_TIMEOUT_S)
+            except _REPLICA_GONE:
+                continue
+            if reply.status == 429:
+                waits.append(int(reply.headers["Retry-After"]))
+                continue
+            if reply.status == 200:
+                self.registry.add.remote(reply.body)
+            return _response(reply)
+        if waits:
+            return _response(_error(429, f"every replica's queue is full; retry after {min(waits)} s",
+                                    {"Retry-After": str(min(waits))}))
+        return _response(_error(503, "no engine replica is up"))
+
+    @api.get("/v1/videos/{video_id}", response_model=VideoJob, responses=_ERRORS, summary="A video job's status")
+    async def retrieve(self, video_id: str) -> Response:
+        """Status, progress (percent of steps), step / steps and NFE so far."""
+        return await self._route(video_id, "status")
+
+    @api.delete("/v1/videos/{video_id}", response_model=VideoJob, responses=_ERRORS, summary="Cancel a video job")
+    async def cancel(self, video_id: str) -> Response:
+        """Cancel a queued or running job; its rows are free at the next step. An ended job is left as it is."""
+        return await self._route(video_id, "cancel")
+
+    @api.get("/v1/videos/{video_id}/content", responses={200: {"content": {"video/mp4": {}}}, 409: {"model": ErrorBody},
+                                                          **_ERRORS}, summary="A completed video")
+    async def content(self, video_id: str,
+                      variant: Literal["video", "frames"] = Query(
+                          "video", description="video: MP4 (H.264); frames: float32 [T, H, W, 3] in [0, 1] as .npy"),
+                      ) -> Response:
+        """The MP4 of a completed job, or its raw frames; 409 while it is not completed."""
+        return await self._route(video_id, "content", variant)
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    async def metrics(self) -> Response:
+        """Queue depth, active rows, steps per second, NFE run and saved, reuse ratio, request
+        latency and queue wait histograms, per replica."""
+        snapshots = await asyncio.gather(*(self._metrics(h) for h in self.replicas))
+        return Response(metrics.render(dict(enumerate(snapshots))), media_type=metrics.CONTENT_TYPE)
+
+    @api.get("/healthz", summary="Liveness")
+    async def healthz(self) -> Response:
+        """200 when every replica answers, 503 with the ones that do not otherwise."""
+        snapshots = await asyncio.gather(*(self._metrics(h, timeout=5.0) for h in self.replicas))
+        down = [slot for slot, s in enumerate(snapshots) if s is None]
+        body = {"status": "ok" if not down else "degraded", "replicas": len(self.replicas), "down": down}
+        return JSONResponse(body, status_code=200 if not down else 503)
+
+    async def _metrics(self, handle: DeploymentHandle, timeout: float = CALL_TIMEOUT_S) -> dict[str, Any] | None:
+        try:
+            return await asyncio.wait_for(handle.metrics.remote(), timeout)
+        except _REPLICA_GONE:
+            return None
+
+    async def _route(self, video_id: str, method: str, *args: Any) -> Response:
+        slot = _slot(video_id, len(self.replicas))
+        if slot is None:
+            return _response(_error(404, f"no video {video_id!r}"))
+        try:
+            reply = await asyncio.wait_for(getattr(self.replicas[slot], method).remote(video_id, *args),
+                                           CALL_TIMEOUT_S)
+        except _REPLICA_GONE as e:
+            reply = None
+            gone = f"its engine replica died ({type(e).__name__})"
+        else:
+            gone = "its engine replica died and was restarted"
+        if reply is not None and not (reply.status == 404 and not reply.body.get("expired")):
+            return _response(reply)
+        job = await self.registry.get.remote(video_id)
+        if job is None:
+            return _response(reply or _error(404, f"no video {video_id!r}"))
+        failed = VideoJob.model_validate({**job, "status": "failed", "error": {"message": f"failed: {gone}"}})
+        if method == "content":
+            return _response(_error(409, f"video {video_id} failed: {gone}"))
+        return _response(Reply(200, failed.model_dump()))
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `sencache serve` runs: the bundle, the address, the replicas and their queue."""
+
+    engine: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_queue: int = 64
+    batching: Batching = "step"
+    threads: int = 1
+    backend: str = "auto"
+    device: str = "cpu"
+
+    def check(self) -> None:
+        from sencache.runtime.bundle import Bundle
+
+        Bundle.load(self.engine)
+        if self.replicas < 1 or self.max_queue < 1 or self.threads < 0:
+            raise BadInput(f"--replicas and --max-queue must be >= 1 and --threads >= 0, got {self.replicas}, "
+                           f"{self.max_queue}, {self.threads}")
+        if not 0 < self.port < 65536:
+            raise BadInput(f"--port must be in [1, 65535], got {self.port}")
+
+
+def application(options: ServeOptions) -> serve.Application:
+    """The Serve application: one engine deployment per replica slot behind the ingress."""
+    resources = {"num_gpus": 1} if options.device.startswith("cuda") else {"num_cpus": max(1, options.threads)}
+    replica = serve.deployment(EngineReplica, ray_actor_options=resources, max_ongoing_requests=256,
+                               health_check_period_s=2, health_check_timeout_s=30)
+    replicas = [replica.options(name=f"engine-{slot}").bind(str(options.engine.resolve()), slot, options.max_queue,
+                                                            options.batching, options.threads, options.backend,
+                                                            options.device)
+                for slot in range(options.replicas)]
+    return VideoAPI.bind(replicas)
+
+
+def start(options: ServeOptions, num_cpus: int | None = None) -> None:
+    """Start Ray on this machine (if it is not running), the HTTP proxy on host:port, and the app;
+    returns once every replica is up."""
+    options.check()
+    if not ray.is_initialized():
+        ray.init(address="local", namespace=APP_NAME, include_dashboard=False, num_cpus=num_cpus,
+                 log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.run(application(options), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    """Shut the app, Serve and Ray down."""
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_forever(options: ServeOptions) -> None:
+    """`sencache serve`: run until SIGINT or SIGTERM, then shut down."""
+    start(options)
+    print(f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
+          f"{options.batching} batching); API docs at /docs", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+    stop()

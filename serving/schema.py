@@ -1,0 +1,134 @@
+"""The request and response bodies of the video API (Pydantic), shaped like OpenAI's Videos API.
+
+The cache knobs are not listed here: their model is made from the runtime's one knob table
+(`sencache.runtime.cache.KNOBS`), so a knob's name, type, range and help are the command line's.
+Checks that need the bundle (embedding shapes, rows, calibration tables) are the engine's; it
+refuses before queueing, and the server turns that into the same 422."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from sencache.runtime.cache import KNOBS, METHODS, check_knobs
+from sencache.runtime.errors import BadInput
+from sencache.runtime.request import MAX_STEPS
+
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def _knob_field(name: str) -> tuple[Any, Any]:
+    knob = KNOBS[name]
+    bounds: dict[str, float] = {"ge": knob.low}
+    if math.isfinite(knob.high):
+        bounds["le"] = knob.high
+    return (knob.type | None, Field(None, description=f"{knob.help} (methods: {', '.join(knob.methods)})",
+                                    allow_inf_nan=False, strict=knob.type is int, **bounds))
+
+
+CacheKnobs = create_model("CacheKnobs", __config__=ConfigDict(extra="forbid"),
+                          **{name: _knob_field(name) for name in KNOBS})
+"""Every knob of the runtime's table, each optional; unset knobs take the bundle's defaults."""
+
+PRESETS: dict[str, tuple[str, dict[str, float]]] = {
+    "reference": ("none", {}),
+    "quality": ("sencache", {"eps_start": 0.5, "eps_main": 0.5}),
+    "balanced": ("sencache", {}),
+    "fast": ("sencache", {"eps_start": 2.0, "eps_main": 2.0}),
+}
+"""Named cache settings: a method and factors on the bundle's calibrated default knobs (so a
+preset means the same trade-off on every model): `reference` runs every step; `balanced` is
+SenCache at the bundle's defaults; `quality` and `fast` halve and double its thresholds."""
+
+
+class CacheSpec(BaseModel):
+    """The cache of one request: a method with knobs, or a named preset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method | None = Field(None, description="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    knobs: CacheKnobs = Field(default_factory=CacheKnobs)  # type: ignore[valid-type]
+    preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
+        None, description="instead of method and knobs: " + ", ".join(PRESETS))
+
+    @model_validator(mode="after")
+    def _one_way(self) -> CacheSpec:
+        given = self.knobs.model_dump(exclude_none=True)
+        if self.preset is not None and (self.method is not None or given):
+            raise ValueError("give cache.preset or cache.method with cache.knobs, not both")
+        try:
+            check_knobs(self.method or "sencache", given)
+        except BadInput as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def resolve(self, defaults: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+        """(method, knobs) for the engine; a preset scales the bundle's `defaults` of its method."""
+        if self.preset is None:
+            return self.method or "sencache", self.knobs.model_dump(exclude_none=True)
+        method, factors = PRESETS[self.preset]
+        base = defaults.get(method, {})
+        return method, {k: base[k] * f for k, f in factors.items() if k in base}
+
+
+class VideoRequest(BaseModel):
+    """POST /v1/videos: one video from a prompt (or its text embeddings) and a seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, max_length=10_000, description="the text; or give prompt_embeds")
+    prompt_embeds: list[list[float]] | None = Field(
+        None, description="text embeddings [tokens, channels] computed elsewhere, instead of prompt")
+    negative_prompt_embeds: list[list[float]] | None = Field(
+        None, description="unconditional embeddings [tokens, channels] for guidance (default: the empty prompt's)")
+    seed: int = Field(0, ge=0, lt=2**63, strict=True, description="the starting noise (and any solver noise)")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, strict=True,
+                              description="denoising steps (default: the bundle's)")
+    guidance: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                   description="classifier-free guidance scale; <= 1 runs no unconditional branch "
+                                               "(default: the bundle's)")
+    dynamic_cfg: bool = Field(False, description="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+
+    @model_validator(mode="after")
+    def _text(self) -> VideoRequest:
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise ValueError("give exactly one of prompt and prompt_embeds")
+        if self.negative_prompt_embeds is not None and self.prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds goes with prompt_embeds")
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            rows = getattr(self, name)
+            if rows is not None and (not rows or len({len(r) for r in rows}) != 1 or not rows[0]):
+                raise ValueError(f"{name} must be a non-empty [tokens, channels] array")
+        return self
+
+
+Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+
+
+class VideoJob(BaseModel):
+    """A video job as the API reports it (OpenAI's video object, plus the step counters)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: Status
+    progress: int = Field(description="percent of the denoising steps taken")
+    step: int
+    steps: int
+    nfe: int = Field(description="denoiser block evaluations so far (a reused step costs none)")
+    created_at: int = Field(description="Unix seconds")
+    completed_at: int | None = None
+    model: str
+    seed: int
+    cache: str
+    latency_s: float | None = Field(None, description="seconds from submission to the video (once completed)")
+    queue_wait_s: float | None = Field(None, description="of which waiting for rows before the first step")
+    error: dict[str, str] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    detail: str
