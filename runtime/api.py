@@ -12,7 +12,9 @@ steps, guidance and cache. A bad request raises BadInput from `submit`, before i
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,13 @@ class Engine:
                 self._thread.start()
             self._wake.notify()
         return job
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Jobs submitted inside this block join the same step: the stepping thread waits at its
+        next step boundary until the block ends (static batching admits a group this way)."""
+        with self._wake:
+            yield
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for monitoring: queue depth, active requests and rows, steps and

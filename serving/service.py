@@ -338,9 +338,7 @@ class VideoService:
                     group.append(record)
                 if not group:  # a job larger than the engine: the engine refuses it with the reason
                     group.append(self._pending.popleft())
-                # Hold the engine's admission (its driver thread waits on this lock between steps)
-                # while the group is submitted, so the whole group joins the same first step.
-                with self.engine._wake:
+                with self.engine.together():  # the whole group joins the same first step
                     for record in group:
                         try:
                             record.job = self.engine.submit(**record.kwargs)
