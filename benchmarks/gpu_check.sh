@@ -14,7 +14,7 @@
 #                       stats_sencache.json, stats_none.json
 #   PYTHON              the interpreter that holds torch (default: python3)
 #   GPU_CHECK_BUDGET_S  the whole run, in seconds (default 450); each step is also capped
-#   GPU_CHECK_WORK      scratch space, emptied first (default: /tmp/sencache-gpu-check)
+#   GPU_CHECK_WORK      scratch space, emptied first if this script made it (default: /tmp/sencache-gpu-check)
 # Exit status 0 when no step failed, else 1. Where nvidia-smi lists no GPU (the CPU rehearsal,
 # .ci/gpu_rehearsal), a GPU step passes as "skip" only when it ends with its one clear line
 # (`sencache <command>: error: ... CUDA/GPU ...`, exit status 2) or, for pytest, skips every test.
@@ -27,7 +27,12 @@ BUDGET=${GPU_CHECK_BUDGET_S:-450}
 cd "$ROOT" || exit 1
 SITE=$WORK/site
 DEADLINE=$((SECONDS + BUDGET))
-mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
+# WORK is emptied only if this script made it (its marker is inside) or it is empty: never a user's folder.
+if [ -n "$(ls -A "$WORK" 2>/dev/null)" ] && [ ! -f "$WORK/.sencache-gpu-check-work" ]; then
+    echo "gpu_check: $WORK holds files this script did not make; set GPU_CHECK_WORK to a new or empty folder" >&2
+    exit 2
+fi
+mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" && touch "$WORK/.sencache-gpu-check-work" || exit 1
 # No figure of an earlier run may pass for this one's.
 rm -f "$OUT"/{summary.txt,gpu_check.log,gpu.json,loop.json,stats_sencache.json,stats_none.json}
 LOG=$OUT/gpu_check.log
@@ -82,9 +87,12 @@ step() {
 }
 
 install_project() {
-    rm -rf build  # setuptools' own output from an earlier build, which it would reuse, stale or not
+    # Built from a copy in WORK: setuptools writes build/ beside its source, and the checkout's
+    # build/ may be someone else's (a CMake tree); a stale one would also be reused.
+    "$PYTHON" -c 'import shutil, sys; shutil.copytree(".", sys.argv[1], ignore=shutil.ignore_patterns(
+        ".git", ".whl", ".cache", "runs", "build", "bundles", "__pycache__", "*.egg-info"))' "$WORK/src" || return
     "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
-        --target "$SITE" .whl/*.whl . || return
+        --target "$SITE" .whl/*.whl "$WORK/src" || return
     "$PYTHON" -P - "$SITE" <<'EOF'
 import sys
 from importlib.metadata import version

@@ -34,11 +34,14 @@ import numpy as np
 import requests
 import torch
 
+from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
+
 PROMPTS = ("one small red circle moving left on black", "two large blue squares static on gradient",
            "one green circle moving up on texture", "three small yellow circles moving right on black",
            "one large magenta square moving down on gradient", "two cyan circles moving left slow on black")
 CACHES = {"none": {"preset": "reference"}, "sencache": {"method": "sencache"}}
 POLL_S = 0.5
+KIND = "load report"
 
 
 @dataclass
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-run-s", type=float, default=300.0, help="time bound of one run; what is left is cancelled")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_replaceable(args.out, KIND)  # before the quarter of an hour of load, not after
     torch.set_num_threads(1)
 
     from sencache.serving import app as serving
@@ -328,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         "of so few requests are close to the maximum, and step times vary with the machine's load, so ratios "
         "within about 20% of a target are not decisive.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    (args.out / "report.md").write_text(_markdown(report))
-    _plot(runs, args.out / "latency_vs_load.png")
+    with staged_folder(args.out, KIND) as folder:
+        write_atomic(folder / "report.json", json.dumps(report, indent=1).encode())
+        write_atomic(folder / "report.md", _markdown(report).encode())
+        _plot(runs, folder / "latency_vs_load.png")
     print(_markdown(report))
     return 0
 
