@@ -20,6 +20,17 @@ from sencache.runtime.model import Model
 torch.set_num_threads(1)
 
 
+BUILDS = {"ort_bundle", "torch_bundle", "cogvideox_bundle", "ltx_bundle", "calibrated_bundle", "fp8_bundle", "real_like"}
+"""Fixtures that build (and calibrate) bundles: a test that needs one, directly or through another
+fixture, is `slow`, so `pytest -m "not slow"` is the fast lane of pure and small tests."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BUILDS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ort_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-wan-ort"
