@@ -172,6 +172,7 @@ def test_a_foreign_output_folder_is_never_replaced(capsys, ort_bundle, tmp_path)
     assert code == 2 and "--threads" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-ltx"])
 def test_every_tiny_model_builds_and_generates(capsys, tmp_path, model):
     bundle, out = tmp_path / "bundle", tmp_path / "out"

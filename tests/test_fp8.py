@@ -59,6 +59,7 @@ def test_fp8_denoiser_stays_close_to_fp32_and_generates(fp8_bundle, ort_bundle):
     assert np.all(np.isfinite(frames)) and frames.std() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-wan", "tiny-cogvideox", "tiny-ltx"])
 def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")

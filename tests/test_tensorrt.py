@@ -31,6 +31,7 @@ def test_tensorrt_rtx_without_target_or_runtime_is_bad_input(capsys, tmp_path, o
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,precision", [("tiny-wan", "fp16"), ("tiny-wan", "bf16"), ("tiny-cogvideox", "fp32"),
                                              ("tiny-cogvideox", "fp16"), ("tiny-cogvideox", "bf16"),
                                              ("tiny-ltx", "fp32"), ("tiny-ltx", "fp16"), ("tiny-ltx", "bf16")])
@@ -43,6 +44,7 @@ def test_tensorrt_rtx_builds_every_tiny_bundle(capsys, tmp_path, model, precisio
         assert (out / f"{stage}.engine").stat().st_size > 50_000
 
 
+@pytest.mark.slow
 def test_bf16_bundles_are_validated_widened_and_estimated(capsys, tmp_path):
     """bf16 stages are checked in ONNX Runtime widened to fp32 (structure and weights) and the
     precision loss is estimated in PyTorch bf16; both figures land in the manifest."""
