@@ -2,8 +2,7 @@
 
 `DeviceDrift` loads the NVRTC-built cubin for the device's architecture, owns the scratch and
 output buffers and a pinned host buffer, and per step enqueues on the caller's stream: the partial
-sums (optionally refreshing the anchors of the samples flagged to run), the fixed-order finish, an
-async copy of the per-sample sums to pinned memory and one event. `result()` waits on that event
+sums, the fixed-order finish, an async copy of the per-sample sums to pinned memory and one event. `result()` waits on that event
 alone, never on the stream or the device, so the host decides while the GPU keeps working on
 whatever was queued before.
 
@@ -93,16 +92,15 @@ class DeviceDrift:
         self._event = _ok(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
         self._pending = 0
 
-    def enqueue(self, x: int, anchor: int, refresh: int, samples: int, stream: int = 0) -> None:
-        """Queue the reduction of `samples` samples at device addresses `x` and `anchor` (and the
-        anchor refresh of samples whose byte in `refresh` is non-zero; 0 for none) on `stream`."""
+    def enqueue(self, x: int, anchor: int, samples: int, stream: int = 0) -> None:
+        """Queue the reduction of `samples` samples at device addresses `x` and `anchor` on `stream`."""
         if not 0 < samples <= self.max_samples:
             raise ValueError(f"samples must be in 1..{self.max_samples}, got {samples}")
         driver = _driver()
         stream = driver.CUstream(stream)
         pointer = ctypes.c_void_p
-        args = ((x, anchor, refresh, int(self._partials), self.per_sample),
-                (pointer, pointer, pointer, pointer, ctypes.c_longlong))
+        args = ((x, anchor, int(self._partials), self.per_sample),
+                (pointer, pointer, pointer, ctypes.c_longlong))
         _ok(driver.cuLaunchKernel(self._partial, self.blocks, samples, 1, THREADS, 1, 1, 0, stream, args, 0),
             "launch partial")
         args = ((int(self._partials), int(self._out), self.blocks, samples),
@@ -134,8 +132,3 @@ def upload(host: np.ndarray) -> int:
     return int(pointer)
 
 
-def download(pointer: int, like: np.ndarray) -> np.ndarray:
-    """A host copy of the device buffer at `pointer`, shaped and typed like `like`."""
-    out = np.empty_like(like)
-    _ok(_driver().cuMemcpyDtoH(out.ctypes.data, pointer, out.nbytes), "cuMemcpyDtoH")
-    return out

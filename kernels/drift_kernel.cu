@@ -5,8 +5,7 @@
 // with a grid-stride loop over 16-byte vectors (4 fp32 or 8 half values; the elements past the
 // last whole vector, or all of them if the sample is not 16-byte aligned, one by one with the same
 // grid stride), accumulates in fp32,
-// reduces with warp shuffles then shared memory, and writes one partial per block. When `refresh`
-// is given, samples whose flag is set also get their anchor overwritten with x in the same pass.
+// reduces with warp shuffles then shared memory, and writes one partial per block.
 // Pass 2 (drift_finish): one warp per sample sums its partials in a fixed order.
 // The grid shape depends only on the sizes, never on timing, so the result is deterministic.
 //
@@ -70,25 +69,23 @@ __device__ __forceinline__ float sq_16bit(const vec16& a, const vec16& b) {
 }
 
 template <typename Scalar, int PER_VEC, int KIND>
-__device__ void drift_partial(const Scalar* __restrict__ x, Scalar* __restrict__ anchor, const unsigned char* refresh,
+__device__ void drift_partial(const Scalar* __restrict__ x, const Scalar* __restrict__ anchor,
                               float* __restrict__ partials, i64 per_sample) {
     const int sample = blockIdx.y;
-    const bool write = refresh != 0 && refresh[sample] != 0;
     const Scalar* xs = x + (i64)sample * per_sample;
-    Scalar* as = anchor + (i64)sample * per_sample;
+    const Scalar* as = anchor + (i64)sample * per_sample;
     // 16-byte loads when the sample starts on a 16-byte boundary; the rest element by element.
     const bool aligned = ((reinterpret_cast<unsigned long long>(xs) | reinterpret_cast<unsigned long long>(as)) & 15ull) == 0;
     const i64 vectors = aligned ? per_sample / PER_VEC : 0;
     const i64 stride = (i64)gridDim.x * SENCACHE_THREADS;
     const i64 first = (i64)blockIdx.x * SENCACHE_THREADS + threadIdx.x;
     const vec16* xv = reinterpret_cast<const vec16*>(xs);
-    vec16* av = reinterpret_cast<vec16*>(as);
+    const vec16* av = reinterpret_cast<const vec16*>(as);
     float acc = 0.0f;
     for (i64 i = first; i < vectors; i += stride) {
         const vec16 a = xv[i];
         const vec16 b = av[i];
         acc += KIND == 0 ? sq_f32(a, b) : sq_16bit<KIND == 2>(a, b);
-        if (write) av[i] = a;
     }
     for (i64 i = vectors * PER_VEC + first; i < per_sample; i += stride) {
         float a, b;
@@ -97,25 +94,24 @@ __device__ void drift_partial(const Scalar* __restrict__ x, Scalar* __restrict__
         else { a = bf16_to_float((u16)xs[i]); b = bf16_to_float((u16)as[i]); }
         const float d = a - b;
         acc = fmaf(d, d, acc);
-        if (write) as[i] = xs[i];
     }
     const float total = block_sum(acc);
     if (threadIdx.x == 0) partials[(i64)sample * gridDim.x + blockIdx.x] = total;
 }
 
 extern "C" __global__ void __launch_bounds__(SENCACHE_THREADS)
-drift_partial_f32(const float* x, float* anchor, const unsigned char* refresh, float* partials, i64 per_sample) {
-    drift_partial<float, 4, 0>(x, anchor, refresh, partials, per_sample);
+drift_partial_f32(const float* x, const float* anchor, float* partials, i64 per_sample) {
+    drift_partial<float, 4, 0>(x, anchor, partials, per_sample);
 }
 
 extern "C" __global__ void __launch_bounds__(SENCACHE_THREADS)
-drift_partial_f16(const u16* x, u16* anchor, const unsigned char* refresh, float* partials, i64 per_sample) {
-    drift_partial<u16, 8, 1>(x, anchor, refresh, partials, per_sample);
+drift_partial_f16(const u16* x, const u16* anchor, float* partials, i64 per_sample) {
+    drift_partial<u16, 8, 1>(x, anchor, partials, per_sample);
 }
 
 extern "C" __global__ void __launch_bounds__(SENCACHE_THREADS)
-drift_partial_bf16(const u16* x, u16* anchor, const unsigned char* refresh, float* partials, i64 per_sample) {
-    drift_partial<u16, 8, 2>(x, anchor, refresh, partials, per_sample);
+drift_partial_bf16(const u16* x, const u16* anchor, float* partials, i64 per_sample) {
+    drift_partial<u16, 8, 2>(x, anchor, partials, per_sample);
 }
 
 // One warp per sample: lanes take partials lane, lane + 32, ... then a shuffle tree. Fixed order.

@@ -15,20 +15,20 @@ extern "C" int sencache_drift_blocks_per_sample(long long per_sample, sencache_d
     return (int)blocks;
 }
 
-extern "C" cudaError_t sencache_drift_sumsq(const void* x, void* anchor, const unsigned char* refresh, float* partials,
-                                            float* out, int samples, long long per_sample, sencache_dtype dtype,
+extern "C" cudaError_t sencache_drift_sumsq(const void* x, const void* anchor, float* partials, float* out,
+                                            int samples, long long per_sample, sencache_dtype dtype,
                                             cudaStream_t stream) {
     const int blocks = sencache_drift_blocks_per_sample(per_sample, dtype);
     const dim3 grid(blocks, samples);
     switch (dtype) {
         case SENCACHE_FP32:
-            drift_partial_f32<<<grid, SENCACHE_THREADS, 0, stream>>>((const float*)x, (float*)anchor, refresh, partials, per_sample);
+            drift_partial_f32<<<grid, SENCACHE_THREADS, 0, stream>>>((const float*)x, (const float*)anchor, partials, per_sample);
             break;
         case SENCACHE_FP16:
-            drift_partial_f16<<<grid, SENCACHE_THREADS, 0, stream>>>((const u16*)x, (u16*)anchor, refresh, partials, per_sample);
+            drift_partial_f16<<<grid, SENCACHE_THREADS, 0, stream>>>((const u16*)x, (const u16*)anchor, partials, per_sample);
             break;
         case SENCACHE_BF16:
-            drift_partial_bf16<<<grid, SENCACHE_THREADS, 0, stream>>>((const u16*)x, (u16*)anchor, refresh, partials, per_sample);
+            drift_partial_bf16<<<grid, SENCACHE_THREADS, 0, stream>>>((const u16*)x, (const u16*)anchor, partials, per_sample);
             break;
         default:
             return cudaErrorInvalidValue;

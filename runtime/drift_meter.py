@@ -47,7 +47,7 @@ class CudaDriftMeter:
         if not (x.is_contiguous() and anchor.is_contiguous()) or x.shape != anchor.shape or \
                 {x.dtype, anchor.dtype} != {torch.float32}:
             raise ValueError("the drift meter takes two contiguous float32 tensors of one shape (the solver's latents)")
-        self._kernel.enqueue(x.data_ptr(), anchor.data_ptr(), 0, len(x), torch.cuda.current_stream().cuda_stream)
+        self._kernel.enqueue(x.data_ptr(), anchor.data_ptr(), len(x), torch.cuda.current_stream().cuda_stream)
 
     def result(self) -> np.ndarray:
         return self._kernel.result().astype(np.float64)

@@ -2,8 +2,7 @@
 
 On an H100/H200 (or any CUDA GPU) with the repository and its wheels installed:
 - kernel parity for fp32, fp16 and bf16 at the real Wan 2.1 1.3B latent size (16x21x60x104 per
-  sample, 2 samples) against the NumPy model of the kernel's blocking and against float64, and
-  the anchor refresh of flagged samples;
+  sample, 2 samples) against the NumPy model of the kernel's blocking and against float64;
 - kernel bandwidth (bytes read / time, CUDA-event timed, 200 launches) against the device's peak
   from its memory clock and bus width;
 - decision latency per step: enqueue + the one event wait + the SenCache policy on the host;
@@ -23,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sencache.kernels.cuda_drift import DTYPES, DeviceDrift, _driver, _ok, download, open_device, upload
+from sencache.kernels.cuda_drift import DTYPES, DeviceDrift, _driver, _ok, open_device, upload
 from sencache.kernels.host_reference import drift_reference
 
 WAN_LATENT = (16, 21, 60, 104)
@@ -61,20 +60,18 @@ def kernel_checks(rng: np.random.Generator) -> dict[str, Any]:
     for dtype in DTYPES:
         x = random_input(dtype, (SAMPLES, per_sample), rng)
         anchor = random_input(dtype, (SAMPLES, per_sample), rng)
-        refresh = np.array([1, 0], np.uint8)
-        dx, da, dr = upload(x), upload(anchor), upload(refresh)
+        dx, da = upload(x), upload(anchor)
         drift = DeviceDrift(open_device(), SAMPLES, per_sample, dtype)
-        drift.enqueue(dx, da, dr, SAMPLES, int(stream))
+        drift.enqueue(dx, da, SAMPLES, int(stream))
         got = drift.result()
         model = drift_reference(x, anchor, dtype)
         wide = np.sum((_as64(x, dtype) - _as64(anchor, dtype)) ** 2, axis=1)
-        refreshed = download(da, anchor)
         start = _ok(driver.cuEventCreate(0), "cuEventCreate")
         stop = _ok(driver.cuEventCreate(0), "cuEventCreate")
         _ok(driver.cuEventRecord(start, stream), "cuEventRecord")
         launches = 200
         for _ in range(launches):
-            drift.enqueue(dx, da, 0, SAMPLES, int(stream))
+            drift.enqueue(dx, da, SAMPLES, int(stream))
         _ok(driver.cuEventRecord(stop, stream), "cuEventRecord")
         _ok(driver.cuEventSynchronize(stop), "cuEventSynchronize")
         milliseconds = _ok(driver.cuEventElapsedTime(start, stop), "cuEventElapsedTime")
@@ -83,13 +80,11 @@ def kernel_checks(rng: np.random.Generator) -> dict[str, Any]:
         results[dtype] = {
             "matches_blocking_model": bool(np.array_equal(got, model)),
             "max_rel_vs_float64": float(np.max(np.abs(got - wide) / wide)),
-            "refresh_copied_flagged_sample": bool(np.array_equal(refreshed[0], x[0])),
-            "refresh_left_other_sample": bool(np.array_equal(refreshed[1], anchor[1])),
             "kernel_us": seconds * 1e6,
             "bandwidth_GBps": bandwidth / 1e9,
             "fraction_of_peak": None if peak is None else bandwidth / peak,
         }
-        for pointer in (dx, da, dr):
+        for pointer in (dx, da):
             driver.cuMemFree(pointer)
         drift.close()
     return {"latent_per_sample": list(WAN_LATENT), "samples": SAMPLES,
@@ -117,7 +112,7 @@ def decision_latency(rng: np.random.Generator, steps: int = 200) -> dict[str, fl
     times = []
     for i in range(1, steps):
         tick = time.perf_counter()
-        drift.enqueue(x, anchor, 0, SAMPLES)
+        drift.enqueue(x, anchor, SAMPLES)
         policy.decide(i, 1000.0 - 5 * i, drift.result(), None)
         times.append(time.perf_counter() - tick)
     drift.close()

@@ -5,7 +5,7 @@ import pytest
 
 from sencache.cli import main
 from sencache.gpu_acceptance import counting_syncs, loop_backend
-from sencache.kernels.cuda_drift import CudaUnavailable, DeviceDrift, download, open_device, upload
+from sencache.kernels.cuda_drift import CudaUnavailable, DeviceDrift, open_device, upload
 from sencache.kernels.host_reference import drift_reference
 
 
@@ -25,13 +25,9 @@ def test_device_drift_matches_the_blocking_model(device, dtype, per_sample):
 
     rng = np.random.default_rng(per_sample)
     x, anchor = random_input(dtype, (3, per_sample), rng), random_input(dtype, (3, per_sample), rng)
-    dx, da, dr = upload(x), upload(anchor), upload(np.array([0, 1, 0], np.uint8))
     drift = DeviceDrift(device, 3, per_sample, dtype)
-    drift.enqueue(dx, da, dr, 3)
+    drift.enqueue(upload(x), upload(anchor), 3)
     np.testing.assert_array_equal(drift.result(), drift_reference(x, anchor, dtype))
-    refreshed = download(da, anchor)
-    np.testing.assert_array_equal(refreshed[1], x[1])
-    np.testing.assert_array_equal(refreshed[[0, 2]], anchor[[0, 2]])
     drift.close()
 
 

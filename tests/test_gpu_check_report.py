@@ -50,8 +50,7 @@ def test_loop_comparison_refuses_runs_of_other_requests(runs):
 
 def acceptance(fraction: float, median_us: float, euler_syncs: tuple[int, int]) -> dict:
     """A gpu-acceptance document with the keys `sencache.gpu_acceptance.run` writes."""
-    kernel = {"matches_blocking_model": True, "max_rel_vs_float64": 1e-7, "refresh_copied_flagged_sample": True,
-              "refresh_left_other_sample": True, "kernel_us": 90.0, "bandwidth_GBps": 4800 * fraction,
+    kernel = {"matches_blocking_model": True, "max_rel_vs_float64": 1e-7, "kernel_us": 90.0, "bandwidth_GBps": 4800 * fraction,
               "fraction_of_peak": fraction}
     return {"device": "NVIDIA H200", "arch": "sm_90", "driver": 13000,
             "kernel": {"latent_per_sample": [16, 21, 60, 104], "samples": 2, "peak_GBps": 4800.0,
@@ -66,7 +65,7 @@ def test_figures_hold_each_against_its_target():
     good = "\n".join(figure_lines(acceptance(0.85, 30.0, (3, 3))))
     assert "85% of peak, meets >= 80%" in good and "meets <= 50 us" in good
     assert "equal: the loop adds none per step" in good
-    assert "fp32: 4080 GB/s" in good and "bf16" in good and "refresh FAILED" in good  # bf16's parity flag
+    assert "fp32: 4080 GB/s" in good and "bf16" in good and "blocking model FAILED" in good  # bf16's parity flag
     bad = "\n".join(figure_lines(acceptance(0.5, 80.0, (3, 9))))
     assert "MISSES >= 80%" in bad and "MISSES <= 50 us" in bad and "DIFFER" in bad
 
