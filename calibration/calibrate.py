@@ -45,13 +45,13 @@ class CalibrationPlan:
 
     def __post_init__(self) -> None:
         if self.samples <= 0:
-            raise BadInput(f"--samples must be positive, got {self.samples}")
+            raise BadInput(f"samples must be positive, got {self.samples}", param="samples")
         if self.samples > 1024:
-            raise BadInput(f"--samples must be at most 1024, got {self.samples}")
+            raise BadInput(f"samples must be at most 1024, got {self.samples}", param="samples")
         if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
-            raise BadInput(f"--steps must be in [2, {MAX_STEPS}] for calibration, got {self.steps}")
+            raise BadInput(f"steps must be in [2, {MAX_STEPS}] for calibration, got {self.steps}", param="steps")
         if not 0 <= self.seed < 2**63 - 2048:
-            raise BadInput(f"--seed must be in [0, 2^63 - 2048), got {self.seed}")
+            raise BadInput(f"seed must be in [0, 2^63 - 2048), got {self.seed}", param="seed")
 
 
 def calibration_prompts(samples: int, seed: int) -> list[str]:

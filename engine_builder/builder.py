@@ -82,7 +82,7 @@ def resolve_backend(name: str) -> str:
 def _weights_folder(preset: ModelPreset, weights: Path | None) -> Path | None:
     if weights is not None:
         if not Path(weights).is_dir():
-            raise BadInput(f"--weights {weights}: no such folder")
+            raise BadInput(f"weights {weights}: no such folder", param="weights")
         return Path(weights)
     if preset.tiny and preset.trained:
         folder = TINY_MODELS / preset.name
@@ -115,17 +115,17 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
     if backend in TENSORRT:
         check_target(backend, options.compute_capability)
     elif options.compute_capability is not None:
-        raise BadInput("--compute-capability applies to --backend tensorrt-rtx")
+        raise BadInput("compute_capability applies to backend tensorrt-rtx", param="compute_capability")
     if options.precision not in PRECISIONS:
         raise BadInput(f"unknown precision {options.precision!r} (choose from {', '.join(PRECISIONS)})")
     if options.precision == "fp8":
         if backend == "torch":
-            raise BadInput("--precision fp8 builds an FP8 Q/DQ ONNX graph: use --backend onnxruntime, tensorrt or "
-                           "tensorrt-rtx")
+            raise BadInput("precision fp8 builds an FP8 Q/DQ ONNX graph: use backend onnxruntime, tensorrt or "
+                           "tensorrt-rtx", param="precision")
         require_modelopt()
     if options.precision == "bf16" and backend not in TENSORRT:
-        raise BadInput(f"--precision bf16 with --backend {backend}: ONNX Runtime's CPU provider has no bf16 kernels; "
-                       f"build bf16 for --backend tensorrt or tensorrt-rtx")
+        raise BadInput(f"precision bf16 with backend {backend}: ONNX Runtime's CPU provider has no bf16 kernels; "
+                       f"build bf16 for backend tensorrt or tensorrt-rtx", param="precision")
     shapes = Shapes(preset.frames if options.frames is None else options.frames,
                     preset.height if options.height is None else options.height,
                     preset.width if options.width is None else options.width, options.max_batch)
@@ -133,7 +133,7 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
                               ("width", shapes.width, MAX_PIXELS), ("max_batch", shapes.max_batch, MAX_BATCH),
                               ("fp8_samples", options.fp8_samples, 64)):
         if not 1 <= value <= high:
-            raise BadInput(f"--{name.replace('_', '-')} must be in [1, {high}], got {value}")
+            raise BadInput(f"{name} must be in [1, {high}], got {value}", param=name)
     if preset.tiny and (shapes.frames, shapes.height, shapes.width) != (preset.frames, preset.height, preset.width):
         raise BadInput(f"{preset.name} was trained on {preset.frames}x{preset.height}x{preset.width} clips; "
                        f"other sizes are not supported")
@@ -234,11 +234,12 @@ def _scheduler_config(adapter: FamilyAdapter, preset: ModelPreset, weights: Path
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise BadInput(f"--weights {weights}: unreadable {path.name}: {e}") from None
+        raise BadInput(f"weights {weights}: unreadable {path.name}: {e}", param="weights") from None
     import diffusers
 
     if not hasattr(diffusers, str(config.get("_class_name"))):
-        raise BadInput(f"--weights {weights}: scheduler {config.get('_class_name')!r} is not a diffusers scheduler")
+        raise BadInput(f"weights {weights}: scheduler {config.get('_class_name')!r} is not a diffusers scheduler",
+                       param="weights")
     return {k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}
 
 

@@ -45,7 +45,8 @@ def require_modelopt() -> str:
     try:
         import modelopt.onnx.quantization  # noqa: F401
     except ImportError as e:
-        raise BadInput(f"--precision fp8 needs NVIDIA Model Optimizer: pip install 'sencache[fp8]' ({e})") from None
+        raise BadInput(f"precision fp8 needs NVIDIA Model Optimizer: pip install 'sencache[fp8]' ({e})",
+                       param="precision") from None
     return importlib.metadata.version("nvidia-modelopt")
 
 

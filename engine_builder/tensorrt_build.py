@@ -29,7 +29,8 @@ def load_tensorrt(backend: str):
     try:
         return importlib.import_module(MODULES[backend])
     except ImportError:
-        raise BadInput(f"--backend {backend} needs {MODULES[backend]}, which is not installed: {INSTALL[backend]}") from None
+        raise BadInput(f"backend {backend} needs {MODULES[backend]}, which is not installed: {INSTALL[backend]}",
+                       param="backend") from None
 
 
 def check_target(backend: str, compute_capability: str | None) -> None:
@@ -38,12 +39,14 @@ def check_target(backend: str, compute_capability: str | None) -> None:
     if backend == "tensorrt-rtx":
         known = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
         if compute_capability is None:
-            raise BadInput(f"--backend tensorrt-rtx needs --compute-capability (one of {', '.join(known)})")
+            raise BadInput(f"compute_capability is needed for backend tensorrt-rtx (one of {', '.join(known)})",
+                           param="compute_capability")
         if compute_capability.upper() not in known:
-            raise BadInput(f"--compute-capability {compute_capability}: TensorRT-RTX {trt.__version__} builds for "
-                           f"{', '.join(known)}")
+            raise BadInput(f"compute_capability {compute_capability}: TensorRT-RTX {trt.__version__} builds for "
+                           f"{', '.join(known)}", param="compute_capability")
     elif compute_capability is not None:
-        raise BadInput("--compute-capability applies to tensorrt-rtx; full TensorRT builds for the GPU it runs on")
+        raise BadInput("compute_capability applies to tensorrt-rtx; full TensorRT builds for the GPU it runs on",
+                       param="compute_capability")
 
 
 def build_engines(folder: Path, stages: list[str], max_rows: int, backend: str, compute_capability: str | None,

@@ -137,9 +137,10 @@ class Engine:
                           _one(prompt_embeds, "prompt_embeds"), _one(negative_prompt_embeds, "negative_prompt_embeds"),
                           dynamic_cfg=dynamic_cfg)
         if not isinstance(cache, str):
-            raise BadInput(f"cache must be the name of a method, got {cache!r}")
+            raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
         if knobs is not None and not isinstance(knobs, dict):
-            raise BadInput(f"knobs must be a mapping of knob names to numbers, got {type(knobs).__name__}")
+            raise BadInput(f"knobs must be a mapping of knob names to numbers, got {type(knobs).__name__}",
+                           param="knobs")
         policy = self.model.policy(cache, request.steps, 1, knobs or {})
         if self._closed:
             raise RuntimeError("the engine is closed")
@@ -258,6 +259,6 @@ def _one(embeds: np.ndarray | None, name: str) -> np.ndarray | None:
     if embeds is None:
         return None
     if not isinstance(embeds, np.ndarray):
-        raise BadInput(f"{name} must be a NumPy array [tokens, channels], got {type(embeds).__name__}")
+        raise BadInput(f"{name} must be a NumPy array [tokens, channels], got {type(embeds).__name__}", param=name)
     return embeds[None] if embeds.ndim == 2 else embeds
 

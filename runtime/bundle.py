@@ -47,7 +47,7 @@ class Bundle:
         """Read and check a bundle; every problem is a BadInput naming the bundle and the fault."""
         path = Path(path)
         if not path.is_dir():
-            raise BadInput(f"no engine bundle at {path}: build one with `sencache build --model tiny-wan --out {path}`")
+            raise BadInput(f"no engine bundle at {path}: build one there first (`sencache build`)")
         try:
             data = _read_regular(path, MANIFEST)
         except FileNotFoundError:
@@ -182,7 +182,7 @@ class Bundle:
 
     def sensitivity(self) -> SensitivityTable:
         if SENSITIVITY not in self.manifest["files"]:
-            raise BadInput(f"no sensitivity table in {self.path}: run `sencache calibrate --engine {self.path}` first")
+            raise BadInput(f"no sensitivity table in {self.path}: calibrate it first (`sencache calibrate`)")
         return SensitivityTable.parse(self.read(SENSITIVITY), f"{self.path / SENSITIVITY}")
 
     @property
@@ -191,7 +191,7 @@ class Bundle:
 
     def baselines(self) -> BaselineTables:
         if BASELINES not in self.manifest["files"]:
-            raise BadInput(f"no baseline tables in {self.path}: run `sencache calibrate --engine {self.path}` first")
+            raise BadInput(f"no baseline tables in {self.path}: calibrate it first (`sencache calibrate`)")
         return BaselineTables.parse(self.read(BASELINES), f"{self.path / BASELINES}")
 
     def write_tables(self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None) -> None:

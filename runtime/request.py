@@ -32,29 +32,29 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.prompts:
-            raise BadInput("give at least one --prompt")
+            raise BadInput("prompt is missing: give at least one", param="prompt")
         if not all(isinstance(p, str) for p in self.prompts):
-            raise BadInput("--prompt must be text")
+            raise BadInput("prompt must be text", param="prompt")
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             value = getattr(self, name)
             if value is None:
                 continue
             if not isinstance(value, np.ndarray) or value.ndim != 3 or len(value) != len(self.prompts):
                 shape = list(value.shape) if isinstance(value, np.ndarray) else type(value).__name__
-                raise BadInput(f"{name} must be [{len(self.prompts)}, tokens, channels], got {shape}")
+                raise BadInput(f"{name} must be [{len(self.prompts)}, tokens, channels], got {shape}", param=name)
             if not np.all(np.isfinite(value)):
-                raise BadInput(f"{name} holds NaN or infinite values")
+                raise BadInput(f"{name} holds NaN or infinite values", param=name)
         if len(self.prompts) != len(self.seeds):
             raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
         if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
                 or not 1 <= self.steps <= MAX_STEPS:
-            raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {self.steps!r}")
+            raise BadInput(f"steps must be in [1, {MAX_STEPS}], got {self.steps!r}", param="steps")
         if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
                 or not math.isfinite(self.guidance) or self.guidance < 0:
-            raise BadInput(f"--guidance must be a finite number >= 0, got {self.guidance!r}")
+            raise BadInput(f"guidance must be a finite number >= 0, got {self.guidance!r}", param="guidance")
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-                raise BadInput(f"--seed must be an integer in [0, 2^63), got {seed!r}")
+                raise BadInput(f"seed must be an integer in [0, 2^63), got {seed!r}", param="seed")
 
     @property
     def cfg(self) -> bool:

@@ -152,7 +152,7 @@ class StepEngine:
         job_rows = len(request.prompts) * (2 if request.cfg else 1)
         if job_rows > self.max_rows:
             raise BadInput(f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
-                           f"{model.bundle.shapes.max_batch} samples (rebuild with --max-batch)")
+                           f"{model.bundle.shapes.max_batch} samples (build it with a larger max_batch)")
         check_memory(request_bytes(model.bundle.manifest["shapes"], len(request.prompts), 2 if request.cfg else 1),
                      model.backend.device)
         text = model.embeddings(request.prompt_embeds, request.prompts)

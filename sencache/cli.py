@@ -1,7 +1,7 @@
 """The `sencache` command: build, calibrate, generate, demo.
 
 Exit status: 0 on success, 2 on bad input (one line on stderr, no partial output), 1 on an
-internal failure.
+internal failure. An error about one parameter names it as this command's flag (`--eps-main`).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
     for knob in KNOBS.values():
-        g.add_argument(knob.flag, type=knob.type, help=knob.help.replace("%", "%%"))
+        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, help=knob.help.replace("%", "%%"))
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
@@ -270,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--threads", type=int, default=1, help="CPU threads for the timed runs")
     d.set_defaults(func=_demo)
+    for command in sub.choices.values():
+        command.set_defaults(flag=command.flag)
     return p
 
 
@@ -312,6 +314,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
+    def flag(self, param: str | None) -> str | None:
+        """The option of this command that sets `param` (its dest), e.g. --eps-main for eps_main;
+        None when it has none (the error then names the parameter as the runtime does)."""
+        return next((action.option_strings[0] for action in self._actions
+                     if param is not None and action.dest == param and action.option_strings), None)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 2 bad input or environment (one line on stderr,
@@ -323,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except BadInput as e:
-        print(f"sencache {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"sencache {args.command}: error: {_one_line(e.worded(args.flag(e.param)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"sencache {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing "

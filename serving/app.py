@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 import sencache
 from sencache.runtime.errors import BadInput
 from sencache.serving import metrics
-from sencache.serving.schema import ErrorBody, VideoJob, VideoRequest
+from sencache.serving.schema import ErrorBody, VideoJob, VideoRequest, json_field
 from sencache.serving.service import Batching, NotReady, QueueFull, UnknownJob, VideoService
 
 APP_NAME = "sencache"
@@ -55,6 +55,12 @@ class Reply:
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Reply:
     return Reply(status, {"detail": detail}, headers or {})
+
+
+def _refused(error: BadInput) -> Reply:
+    """422 for a request the engine refuses, naming the request body's field at fault."""
+    field = json_field(error.param)
+    return Reply(422, {"detail": error.worded(field), **({"field": field} if field else {})})
 
 
 def _response(reply: Reply) -> Response:
@@ -79,7 +85,7 @@ class EngineReplica:
         try:
             job = await asyncio.to_thread(self.service.submit, request)
         except BadInput as e:
-            return _error(422, str(e))
+            return _refused(e)
         except QueueFull as e:
             return _error(429, str(e), {"Retry-After": str(e.retry_after)})
         return Reply(200, job.model_dump())
@@ -260,11 +266,11 @@ class ServeOptions:
         from sencache.runtime.bundle import Bundle
 
         Bundle.load(self.engine)
-        if self.replicas < 1 or self.max_queue < 1 or self.threads < 0:
-            raise BadInput(f"--replicas and --max-queue must be >= 1 and --threads >= 0, got {self.replicas}, "
-                           f"{self.max_queue}, {self.threads}")
+        for name, low in (("replicas", 1), ("max_queue", 1), ("threads", 0)):
+            if getattr(self, name) < low:
+                raise BadInput(f"{name} must be >= {low}, got {getattr(self, name)}", param=name)
         if not 0 < self.port < 65536:
-            raise BadInput(f"--port must be in [1, 65535], got {self.port}")
+            raise BadInput(f"port must be in [1, 65535], got {self.port}", param="port")
 
 
 def application(options: ServeOptions) -> serve.Application:

@@ -3,7 +3,8 @@
 The cache knobs are not listed here: their model is made from the runtime's one knob table
 (`sencache.runtime.cache.KNOBS`), so a knob's name, type, range and help are the command line's.
 Checks that need the bundle (embedding shapes, rows, calibration tables) are the engine's; it
-refuses before queueing, and the server turns that into the same 422."""
+refuses before queueing, and the server turns that into the same 422, naming the parameter at
+fault as this body's JSON field (`json_field`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.request import MAX_STEPS
 
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def json_field(param: str | None) -> str | None:
+    """The field of the request body that sets the runtime's parameter `param` (a knob's is
+    `cache.knobs.<name>`), or None when no field does."""
+    if param in KNOBS:
+        return f"cache.knobs.{param}"
+    if param in ("cache", "knobs"):
+        return {"cache": "cache.method", "knobs": "cache.knobs"}[param]
+    return param if param in VideoRequest.model_fields else None
 
 
 def _knob_field(name: str) -> tuple[Any, Any]:
@@ -61,7 +72,7 @@ class CacheSpec(BaseModel):
         try:
             check_knobs(self.method or "sencache", given)
         except BadInput as e:
-            raise ValueError(str(e)) from None
+            raise ValueError(e.worded(json_field(e.param))) from None
         return self
 
     def resolve(self, defaults: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
@@ -132,3 +143,4 @@ class ErrorBody(BaseModel):
     """The body of every error answer."""
 
     detail: str
+    field: str | None = Field(None, description="the JSON field of the request at fault, where one is")

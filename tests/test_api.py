@@ -93,23 +93,28 @@ def test_cancel_and_timeout(engine):
     assert engine.stats()["requests_cancelled_total"] == 1
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"steps": 0}, "steps must be in [1, 1000], got 0"),
-    ({"steps": 2.5}, "steps must be in [1, 1000]"),
-    ({"seed": -1}, "seed must be"),
-    ({"guidance": float("inf")}, "guidance must be"),
-    ({"prompt": 7}, "prompt must be text"),
-    ({"cache": "deepcache"}, "unknown cache method 'deepcache'"),
-    ({"knobs": {"eps_main": -1.0}}, "eps_main (--eps-main) must be a number in [0, inf]"),
-    ({"knobs": {"max_reuse": 1.5}}, "max_reuse (--max-reuse) must be an integer"),
-    ({"knobs": {"interval": 2}}, "interval (--interval) does not apply to cache 'sencache'"),
-    ({"knobs": {"speed": 2}}, "unknown cache knob 'speed'"),
-    ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "text embeddings of shape [3, 4]"),
+@pytest.mark.parametrize("kwargs,message,param", [
+    ({"steps": 0}, "steps must be in [1, 1000], got 0", "steps"),
+    ({"steps": 2.5}, "steps must be in [1, 1000]", "steps"),
+    ({"seed": -1}, "seed must be", "seed"),
+    ({"guidance": float("inf")}, "guidance must be", "guidance"),
+    ({"prompt": 7}, "prompt must be text", "prompt"),
+    ({"cache": "deepcache"}, "unknown cache method 'deepcache'", None),
+    ({"cache": 3}, "cache must be the name of a method", "cache"),
+    ({"knobs": [1]}, "knobs must be a mapping", "knobs"),
+    ({"knobs": {"eps_main": -1.0}}, "eps_main must be a number in [0, inf]", "eps_main"),
+    ({"knobs": {"max_reuse": 1.5}}, "max_reuse must be an integer", "max_reuse"),
+    ({"knobs": {"interval": 2}}, "interval does not apply to cache 'sencache'", "interval"),
+    ({"knobs": {"speed": 2}}, "unknown cache knob 'speed'", None),
+    ({"prompt_embeds": [[0.0]]}, "prompt_embeds must be a NumPy array", "prompt_embeds"),
+    ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "text embeddings of shape [3, 4]", None),
 ])
-def test_bad_requests_are_refused_before_queueing(engine, kwargs, message):
+def test_bad_requests_are_refused_before_queueing(engine, kwargs, message, param):
+    """The Python API raises the runtime's BadInput as it is: the parameter's own name, no flag."""
     with pytest.raises(BadInput) as error:
         engine.submit(**{"prompt": PROMPT, "seed": 1, "steps": 2, **kwargs})
-    assert message in str(error.value)
+    assert message in str(error.value) and "--" not in str(error.value)
+    assert error.value.param == param
     assert engine.stats()["requests_submitted_total"] == 0
 
 
@@ -128,7 +133,7 @@ def test_close_ends_pending_jobs(calibrated_bundle):
 def test_one_knob_table_for_every_surface():
     options = {action.dest: action for action in parser()._subparsers._group_actions[0].choices["generate"]._actions}
     for name, knob in KNOBS.items():
-        assert options[name].type is knob.type and options[name].option_strings == [knob.flag]
+        assert options[name].type is knob.type and options[name].option_strings == ["--" + name.replace("_", "-")]
     assert tuple(options["cache"].choices) == tuple(METHODS)
     assert check_knobs("magcache", {"max_reuse": 3.0, "threshold": None}) == {"max_reuse": 3}
     assert all(name in KNOBS for method in METHODS for name in check_knobs(method, {}))

@@ -49,7 +49,7 @@ def test_cogvideox_1_5_pads_latent_frames_as_the_pipeline_does():
 @pytest.mark.parametrize("model", ["cogvideox", "ltx-video", "wan2.1-t2v-1.3b"])
 def test_real_model_without_weights_names_the_folder_to_pass(model):
     adapter, preset = resolve(model)
-    with pytest.raises(BadInput, match="pass --weights DIR, a local copy of .* in diffusers format"):
+    with pytest.raises(BadInput, match="weights must name a folder: .* needs a local copy of .* in diffusers format"):
         adapter.build_transformer(preset, None)
 
 

@@ -169,7 +169,7 @@ def test_dynamic_cfg_matches_cogvideox_pipeline(real_like):
     embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)
     request = Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative, dynamic_cfg=True)
     if not case.model.startswith("cogvideox"):
-        with pytest.raises(BadInput, match="--dynamic-cfg"):
+        with pytest.raises(BadInput, match="dynamic_cfg is an option"):
             engine.generate(request, NoCache(2))
         return
     ours = engine.generate(request, NoCache(2)).latents

@@ -161,7 +161,7 @@ def test_too_many_rows_is_refused_before_queueing(family):
     name, model = family
     engine = StepEngine(model)
     spec = Spec(tuple(PROMPTS), (1, 2, 3, 4), 2, 4.0, "none")
-    with pytest.raises(BadInput, match="--max-batch"):
+    with pytest.raises(BadInput, match="larger max_batch"):
         spec.submit(engine, name)
     assert engine.stats()["requests_submitted_total"] == 0 and not engine.busy
 

@@ -41,17 +41,18 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
     `device` places the PyTorch backend's modules (e.g. "cuda"); TensorRT bundles always run on
     the GPU and ONNX Runtime bundles on the host."""
     if not 0 <= threads <= MAX_THREADS:
-        raise BadInput(f"--threads must be in [0, {MAX_THREADS}] (0: all cores), got {threads}")
+        raise BadInput(f"threads must be in [0, {MAX_THREADS}] (0: all cores), got {threads}", param="threads")
     name = name or bundle.manifest["backend"]
     if name != bundle.manifest["backend"]:
-        raise BadInput(f"bundle {bundle.path} was built for {bundle.manifest['backend']}, not {name}; "
-                       f"build another with `sencache build --backend {name}`")
+        raise BadInput(f"backend {name}: bundle {bundle.path} was built for {bundle.manifest['backend']}; build "
+                       f"another for {name}", param="backend")
     if name == "torch":
         from sencache.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, threads=threads, device=device)
     if device != "cpu":
-        raise BadInput(f"--device {device} applies to torch bundles; a {name} bundle picks its own device")
+        raise BadInput(f"device {device} applies to torch bundles; a {name} bundle picks its own device",
+                       param="device")
     if name == "onnxruntime":
         from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 

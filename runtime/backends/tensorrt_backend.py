@@ -57,7 +57,7 @@ class TensorRTBackend(StageBackend):
         target, here = record["compute_capability"], f"SM{major}{minor}"
         if module == "tensorrt_rtx" and target != here:
             raise BadInput(f"bundle {bundle.path} was built for {target}; this GPU ({self.gpu}) is {here}: "
-                           f"rebuild with --compute-capability {here}")
+                           f"rebuild it for compute capability {here}")
         self.trt = trt
         self.name = "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt"
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))

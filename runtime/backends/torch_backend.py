@@ -19,13 +19,14 @@ class TorchBackend(StageBackend):
         try:
             self.device = torch.device(device)
         except RuntimeError as e:
-            raise BadInput(f"--device {device!r}: {e}") from None
+            raise BadInput(f"device {device!r}: {e}", param="device") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+            raise BadInput(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU", param="device")
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise BadInput(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise BadInput(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
+                           param="device")
         if self.device.type not in ("cpu", "cuda"):
-            raise BadInput(f"--device {device}: the torch backend runs on cpu or cuda")
+            raise BadInput(f"device {device}: the torch backend runs on cpu or cuda", param="device")
         preset = bundle.preset
         transformer = bundle.adapter.build_transformer(preset, bundle.checked_folder(bundle.manifest["weights"]))
         self.modules = {k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()}

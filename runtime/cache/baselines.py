@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from sencache.runtime.cache.base import StepDecision
+from sencache.runtime.cache.knobs import check_settings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import MAX_STEPS
 
 
 def _forced(step: int, steps: int, force_last: bool) -> bool:
@@ -30,10 +30,7 @@ class FixedSettings:
     force_last: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.interval <= MAX_STEPS:
-            raise BadInput(f"--interval must be in [1, {MAX_STEPS}], got {self.interval}")
-        if not 0 <= self.warmup <= MAX_STEPS:
-            raise BadInput(f"--warmup must be in [0, {MAX_STEPS}], got {self.warmup}")
+        check_settings(self, "interval", "warmup")
 
 
 class FixedPolicy:
@@ -66,8 +63,7 @@ class TeaCacheSettings:
     force_last: bool = True
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise BadInput(f"--threshold must be a finite number >= 0, got {self.threshold}")
+        check_settings(self, "threshold")
         if not self.coefficients or not all(math.isfinite(c) for c in self.coefficients):
             raise BadInput("TeaCache coefficients must be finite numbers")
 
@@ -119,12 +115,7 @@ class MagCacheSettings:
     force_last: bool = True
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise BadInput(f"--threshold must be a finite number >= 0, got {self.threshold}")
-        if not 0 <= self.max_reuse <= MAX_STEPS:
-            raise BadInput(f"--max-reuse must be in [0, {MAX_STEPS}], got {self.max_reuse}")
-        if not 0.0 <= self.retention <= 1.0:
-            raise BadInput(f"--retention must be in [0, 1], got {self.retention}")
+        check_settings(self, "threshold", "max_reuse", "retention")
         if len(self.ratios) < 2 or not all(math.isfinite(r) and r > 0 for r in self.ratios):
             raise BadInput("MagCache ratios must be at least two positive numbers")
 

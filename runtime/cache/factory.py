@@ -41,7 +41,7 @@ def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch:
         settings = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
         return TeaCachePolicy(settings, steps, batch)
     if tables.magcache_ratios is None:
-        raise BadInput(f"no MagCache ratios are published for {bundle.manifest['model']}: run `sencache calibrate "
-                       f"--engine DIR` to measure them")
+        raise BadInput(f"no MagCache ratios are published for {bundle.manifest['model']}: calibrate the bundle "
+                       f"(`sencache calibrate`) to measure them")
     settings = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
     return MagCachePolicy(settings, steps, batch)

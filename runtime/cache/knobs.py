@@ -1,5 +1,6 @@
-"""The one table of cache methods and their knobs: the command line, the Python API and the
-server all read it, so a knob is named, typed, bounded and explained once."""
+"""The one table of cache methods and their knobs: the command line, the Python API, the server
+and the cache rules' own settings all read it, so a knob is named, typed, bounded and explained
+once. Its errors name the knob as the Python API does (each front end spells it its own way)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,11 @@ class Knob:
     help: str
     methods: tuple[str, ...]
 
-    @property
-    def flag(self) -> str:
-        """The command-line spelling, e.g. --eps-main."""
-        return "--" + self.name.replace("_", "-")
-
     def check(self, value: object) -> int | float:
         """`value` as this knob's type, or a BadInput naming the knob and its range."""
         span = f"[{self.low:g}, {'inf' if math.isinf(self.high) else f'{self.high:g}'}]"
-        wrong = BadInput(f"{self.name} ({self.flag}) must be {'an integer' if self.type is int else 'a number'} "
-                         f"in {span}, got {value!r}")
+        wrong = BadInput(f"{self.name} must be {'an integer' if self.type is int else 'a number'} in {span}, "
+                         f"got {value!r}", param=self.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         if self.type is int and not float(value).is_integer():
@@ -78,5 +74,12 @@ def check_knobs(method: str, knobs: dict[str, object] | None) -> dict[str, int |
         if name not in KNOBS:
             raise BadInput(f"unknown cache knob {name!r} (known: {', '.join(KNOBS)})")
         if name not in allowed:
-            raise BadInput(f"{name} ({KNOBS[name].flag}) does not apply to cache {method!r}")
+            raise BadInput(f"{name} does not apply to cache {method!r}", param=name)
     return {name: KNOBS[name].check(value) for name, value in given.items()}
+
+
+def check_settings(settings: object, *names: str) -> None:
+    """Check the knobs `names` of a cache rule's settings against the table, so a rule's settings
+    are bounded exactly as its knobs are; a BadInput names the first bad one."""
+    for name in names:
+        KNOBS[name].check(getattr(settings, name))

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from sencache.runtime.cache.base import StepDecision
+from sencache.runtime.cache.knobs import check_settings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.sensitivity import SensitivityTable
 
 
@@ -26,14 +26,9 @@ class SenCacheSettings:
     force_last: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("eps_start", "eps_main"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise BadInput(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if not 0 <= self.max_reuse <= MAX_STEPS:
-            raise BadInput(f"--max-reuse must be in [0, {MAX_STEPS}], got {self.max_reuse}")
+        check_settings(self, "eps_start", "eps_main", "max_reuse")
         if not 0.0 <= self.switch_frac <= 1.0:
-            raise BadInput(f"switch fraction must be in [0, 1], got {self.switch_frac}")
+            raise BadInput(f"switch_frac must be in [0, 1], got {self.switch_frac}", param="switch_frac")
 
 
 class SenCachePolicy:

@@ -176,15 +176,16 @@ class FamilyAdapter(ABC):
         downloaded; parts the folder lacks stay None and fail clearly when used."""
         folder = Path(folder)
         if not (folder / "model_index.json").is_file():
-            raise BadInput(f"--weights {folder}: no model_index.json; text encoding and decoding need the whole "
-                           f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)")
+            raise BadInput(f"weights {folder}: no model_index.json; text encoding and decoding need the whole "
+                           f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)",
+                           param="weights")
         absent = {part: None for part in ("tokenizer", "text_encoder", "vae") if not (folder / part).is_dir()}
         try:
             return self.pipeline_class().from_pretrained(str(folder), transformer=None, local_files_only=True,
                                                          dtype=torch.float32, **absent)
         except (OSError, ValueError, RuntimeError, TypeError) as e:
-            raise BadInput(f"--weights {folder}: diffusers cannot load the pipeline components: "
-                           f"{str(e).splitlines()[0]}") from None
+            raise BadInput(f"weights {folder}: diffusers cannot load the pipeline components: "
+                           f"{str(e).splitlines()[0]}", param="weights") from None
 
     def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
         """Text embeddings [B, tokens, channels] by the pipeline's own encode_prompt."""
@@ -236,7 +237,8 @@ class FamilyAdapter(ABC):
 
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
         """The guidance scale at timestep `t` under the pipeline's dynamic-CFG option, if it has one."""
-        raise BadInput(f"--dynamic-cfg is an option of CogVideoX's pipeline; {self.family} has no such schedule")
+        raise BadInput(f"dynamic_cfg is an option of CogVideoX's pipeline; {self.family} has no such schedule",
+                       param="dynamic_cfg")
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         """The real pipeline's use of `scheduler` for a run of `steps` at `shapes`."""
@@ -265,25 +267,26 @@ class FamilyAdapter(ABC):
             if not preset.tiny and device != "meta":
                 source = preset.description.split(" ")[0]
                 raise BadInput(
-                    f"{preset.name} needs its weights: pass --weights DIR, a local copy of {source} in diffusers "
+                    f"weights must name a folder: {preset.name} needs a local copy of {source} in diffusers "
                     f"format (transformer/config.json and transformer/*.safetensors to build; model_index.json, "
-                    f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded"
-                )
+                    f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded",
+                    param="weights")
             with torch.device(device):
                 return cls(**preset.config).eval()
         folder = Path(weights)
         sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
         if not (sub / "config.json").is_file():
-            raise BadInput(f"--weights {folder}: no transformer/config.json (expected a diffusers-format folder)")
+            raise BadInput(f"weights {folder}: no transformer/config.json (expected a diffusers-format folder)",
+                           param="weights")
         if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
-            raise BadInput(f"--weights {folder}: no weight files (*.safetensors) in {sub}")
+            raise BadInput(f"weights {folder}: no weight files (*.safetensors) in {sub}", param="weights")
         config = json.loads((sub / "config.json").read_text())
         if config.get("_class_name") not in (None, cls.__name__):
-            raise BadInput(f"--weights {folder}: holds a {config['_class_name']}, not a {cls.__name__}")
+            raise BadInput(f"weights {folder}: holds a {config['_class_name']}, not a {cls.__name__}", param="weights")
         try:
             model = cls.from_pretrained(str(sub))
         except (OSError, ValueError, RuntimeError) as e:
-            raise BadInput(f"--weights {folder}: cannot load {cls.__name__}: {e}".splitlines()[0]) from None
+            raise BadInput(f"weights {folder}: cannot load {cls.__name__}: {e}".splitlines()[0], param="weights") from None
         return model.float().eval()
 
     def make_scheduler(self, preset: ModelPreset, config: dict[str, Any] | None = None):
