@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
@@ -32,7 +33,6 @@ from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
-from sencache.runtime.tiny_text import random_spec
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ class CalibrationPlan:
 
 def calibration_prompts(samples: int, seed: int) -> list[str]:
     """Prompts drawn from the tiny grammar with their own seed (kept apart from evaluation)."""
-    rng = np.random.default_rng(seed)
-    return [random_spec(rng).prompt for _ in range(samples)]
+    return grammar_prompts(samples, seed)
 
 
 def _norms(a: np.ndarray) -> np.ndarray:

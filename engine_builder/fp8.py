@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from sencache.engine_builder.onnx_export import BuildFailed, compare
+from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
-from sencache.runtime.tiny_text import random_spec
 
 TOLERANCE_REL_L2 = 0.15
 """Largest relative L2 error of the fp8 blocks against fp32 before the build fails."""
@@ -52,8 +52,7 @@ def require_modelopt() -> str:
 def blocks_inputs(engine: Model, samples: int, seed: int, every: int = 2) -> dict[str, np.ndarray]:
     """The blocks stage's inputs (all CFG rows) at every `every`-th step of uncached runs of
     `samples` prompts, stacked along the batch; shared tables repeated per row."""
-    rng = np.random.default_rng(seed)
-    prompts = [random_spec(rng).prompt for _ in range(samples)]
+    prompts = grammar_prompts(samples, seed)
     defaults = engine.bundle.manifest["defaults"]
     steps, guidance = defaults["steps"], defaults["guidance"]
     batch = max(1, min(samples, engine.bundle.shapes.max_batch))
