@@ -41,10 +41,8 @@ DEFAULT_SAMPLES = 8
 
 
 def _check_samples(samples: int) -> None:
-    if samples <= 0:
-        raise BadInput(f"--samples must be positive, got {samples}")
-    if samples > 1024:
-        raise BadInput(f"--samples must be at most 1024, got {samples}")
+    if not 1 <= samples <= 1024:
+        raise BadInput(f"calibration takes 1 to 1024 samples (--samples, or one per prompt given), got {samples}")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def test_a_tiny_model_refuses_words_it_never_saw_and_blank_or_no_prompts():
 
 def test_plan_samples_default_to_the_prompts():
     assert CalibrationPlan().samples is None
-    with pytest.raises(BadInput, match="--samples"):
+    with pytest.raises(BadInput, match="1 to 1024 samples"):
         CalibrationPlan(samples=0)
     with pytest.raises(BadInput, match="--steps"):
         CalibrationPlan(steps=1)
