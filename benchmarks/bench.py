@@ -25,12 +25,13 @@ from sencache.benchmarks.flops import stage_flops
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
+from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
-from sencache.runtime.tiny_text import random_spec, tokenize
+from sencache.runtime.tiny_text import tokenize
 
 REPORT = "report.json"
 KIND = "bench report"
@@ -88,8 +89,7 @@ def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | Non
         if not prompts:
             raise BadInput(f"--prompts {prompts_file}: no prompts in the file")
     else:
-        rng = np.random.default_rng(EVAL_PROMPT_SEED)
-        prompts = [random_spec(rng).prompt for _ in range(count)]
+        prompts = grammar_prompts(count, EVAL_PROMPT_SEED)
     for prompt in prompts:
         tokenize(prompt)
     seeds = seeds or list(range(len(prompts)))

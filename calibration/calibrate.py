@@ -1,8 +1,10 @@
 """Measure the sensitivity table Jx(t), Jt(t) of a bundle (SPEC section 4).
 
 Default source: the model's own uncached trajectories from a few prompts and seeds, so no data
-set is needed. For each step k of each trajectory, with f the guided denoiser output exactly as
-inference computes it (same backend, same text encoding, same timestep dtype):
+set is needed. The prompts are the caller's or the model's default (`sencache.calibration.prompts`:
+the tiny grammar for a tiny bundle, ordinary video prompts for a real model). For each step k of
+each trajectory, with f the guided denoiser output exactly as inference computes it (same
+backend, same text encoding, same timestep dtype):
 
     x'  = one solver step from x_k with f(x_k, t_k), from a fresh scheduler state
     Jx  = ||f(x', t_k) - f(x_k, t_k)|| / ||x' - x_k||
@@ -19,12 +21,14 @@ the blocks' residual r, per step.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from sencache.calibration.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
@@ -32,32 +36,31 @@ from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
-from sencache.runtime.tiny_text import random_spec
+
+DEFAULT_SAMPLES = 8
+
+
+def _check_samples(samples: int) -> None:
+    if not 1 <= samples <= 1024:
+        raise BadInput(f"samples must be in [1, 1024] (default: one per prompt given), got {samples}", param="samples")
 
 
 @dataclass(frozen=True)
 class CalibrationPlan:
-    samples: int = 8
+    samples: int | None = None
+    """Trajectories (the prompts are taken in turn); None: one per given prompt, or DEFAULT_SAMPLES."""
     steps: int | None = None
     guidance: float | None = None
     seed: int = 1000
     batch: int = 4
 
     def __post_init__(self) -> None:
-        if self.samples <= 0:
-            raise BadInput(f"samples must be positive, got {self.samples}", param="samples")
-        if self.samples > 1024:
-            raise BadInput(f"samples must be at most 1024, got {self.samples}", param="samples")
+        if self.samples is not None:
+            _check_samples(self.samples)
         if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
             raise BadInput(f"steps must be in [2, {MAX_STEPS}] for calibration, got {self.steps}", param="steps")
         if not 0 <= self.seed < 2**63 - 2048:
             raise BadInput(f"seed must be in [0, 2^63 - 2048), got {self.seed}", param="seed")
-
-
-def calibration_prompts(samples: int, seed: int) -> list[str]:
-    """Prompts drawn from the tiny grammar with their own seed (kept apart from evaluation)."""
-    rng = np.random.default_rng(seed)
-    return [random_spec(rng).prompt for _ in range(samples)]
 
 
 def _norms(a: np.ndarray) -> np.ndarray:
@@ -75,18 +78,23 @@ def _relative_l1(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return np.abs(cur - prev).mean(axis=1) / np.abs(prev).mean(axis=1)
 
 
-def calibrate(engine: Model, plan: CalibrationPlan, show_progress: bool = True) -> Calibration:
-    """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories."""
+def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | None = None,
+              allow_tiny_vocabulary: bool = False, show_progress: bool = True) -> Calibration:
+    """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories from `prompts`
+    (None: the model's default); a real model refuses tiny-vocabulary prompts unless allowed."""
     manifest = engine.bundle.manifest
     steps = plan.steps or manifest["defaults"]["steps"]
     guidance = manifest["defaults"]["guidance"] if plan.guidance is None else plan.guidance
-    prompts = calibration_prompts(plan.samples, plan.seed)
-    seeds = [plan.seed + i for i in range(plan.samples)]
+    samples = plan.samples or (DEFAULT_SAMPLES if prompts is None else max(1, len(prompts)))
+    _check_samples(samples)
+    chosen = calibration_prompts(engine.preset.tiny, engine.preset.name, samples, plan.seed, prompts,
+                                 allow_tiny_vocabulary)
+    seeds = [plan.seed + i for i in range(samples)]
     batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
     jx_all, jt_all, timesteps = [], [], None
     tea_x, tea_y, mag = [], [], []
     started = time.perf_counter()
-    chunks = [(prompts[i:i + batch], seeds[i:i + batch]) for i in range(0, plan.samples, batch)]
+    chunks = [(chosen[i:i + batch], seeds[i:i + batch]) for i in range(0, samples, batch)]
     bar = tqdm(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
         request = Request(chunk_prompts, chunk_seeds, steps, guidance)
@@ -137,15 +145,15 @@ def calibrate(engine: Model, plan: CalibrationPlan, show_progress: bool = True) 
         "scheduler": manifest["scheduler"],
         "steps": steps,
         "guidance": guidance,
-        "samples": plan.samples,
+        "samples": samples,
         "seeds": seeds,
-        "prompts": prompts,
+        "prompts": chosen,
         "source": "own uncached trajectories",
         "seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     sensitivity = SensitivityTable(np.asarray(timesteps[:-1]), jx.mean(axis=1), jt.mean(axis=1),
-                                   counts=np.full(steps - 1, plan.samples, float), jx_std=jx.std(axis=1),
+                                   counts=np.full(steps - 1, samples, float), jx_std=jx.std(axis=1),
                                    jt_std=jt.std(axis=1), meta=meta)
     x, y = np.concatenate(tea_x), np.concatenate(tea_y)
     coefficients = np.polyfit(x, y, 4)

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from sencache.calibration.prompts import check_prompts
 from sencache.engine_builder.fp8 import quantize_blocks, require_modelopt
 from sencache.engine_builder.onnx_export import (
     TOLERANCE_REL_L2,
@@ -63,7 +64,9 @@ class BuildOptions:
     max_batch: int = 4
     compute_capability: str | None = None
     fp8_samples: int = 4
-    """Prompts whose uncached trajectories calibrate the FP8 quantizer."""
+    """Uncached trajectories that calibrate the FP8 quantizer."""
+    fp8_prompts: tuple[str, ...] | None = None
+    """Their prompts, taken in turn (None: the model's default calibration prompts)."""
 
 
 def stage_specs(layout: StageLayout) -> dict[str, StageSpec]:
@@ -123,6 +126,8 @@ def build(options: BuildOptions, log: Callable[[str], None] = print) -> Path:
             raise BadInput("precision fp8 builds an FP8 Q/DQ ONNX graph: use backend onnxruntime, tensorrt or "
                            "tensorrt-rtx", param="precision")
         require_modelopt()
+        if options.fp8_prompts is not None:
+            check_prompts(options.fp8_prompts, preset.tiny, preset.name)
     if options.precision == "bf16" and backend not in TENSORRT:
         raise BadInput(f"precision bf16 with backend {backend}: ONNX Runtime's CPU provider has no bf16 kernels; "
                        f"build bf16 for backend tensorrt or tensorrt-rtx", param="precision")
@@ -203,7 +208,7 @@ def _build_into(folder: Path, options: BuildOptions, adapter: FamilyAdapter, pre
         write_manifest(folder, {**manifest, "backend": "onnxruntime", "precision": "fp32",
                                 "stages": {name: {**spec, "file": f"{name}.onnx"}
                                            for name, spec in manifest["stages"].items()}})
-        manifest["quantization"] = quantize_blocks(folder, options.fp8_samples, log)
+        manifest["quantization"] = quantize_blocks(folder, options.fp8_samples, log, prompts=options.fp8_prompts)
         validation["blocks_fp8_vs_fp32"] = manifest["quantization"]["blocks_vs_fp32"]
     engines = None
     if backend in TENSORRT:

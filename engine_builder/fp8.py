@@ -4,8 +4,10 @@ Only the blocks carry the cost, so only they are quantized: the head (patch, tim
 embeddings) and the tail (final norm and output projection) stay in full precision, as ModelOpt's
 diffusion examples keep embeddings and the output projection. Calibration inputs are the blocks'
 real inputs on the model's own uncached trajectories, run through the fp32 bundle being built.
+The prompts are the caller's or the model's default calibration prompts (`sencache.calibration.prompts`).
 The quantized graph (Q/DQ around the matmuls) is checked in ONNX Runtime against the fp32 graph on
-inputs from other prompts and seeds before any engine is built; the error goes in the manifest.
+inputs from other seeds (and, for default prompts, other prompts) before any engine is built; the
+error goes in the manifest.
 
 Uses `modelopt.onnx.quantization` from the plain `nvidia-modelopt` package plus the ONNX tools it
 imports (`pip install 'sencache[fp8]'`), not modelopt's `[onnx]` extra, which pins
@@ -20,12 +22,14 @@ import io
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from sencache.calibration.prompts import calibration_prompts
 from sencache.engine_builder.onnx_export import BuildFailed, compare
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
@@ -33,7 +37,6 @@ from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
-from sencache.runtime.tiny_text import random_spec
 
 TOLERANCE_REL_L2 = 0.15
 """Largest relative L2 error of the fp8 blocks against fp32 before the build fails."""
@@ -50,11 +53,10 @@ def require_modelopt() -> str:
     return importlib.metadata.version("nvidia-modelopt")
 
 
-def blocks_inputs(engine: Model, samples: int, seed: int, every: int = 2) -> dict[str, np.ndarray]:
+def blocks_inputs(engine: Model, prompts: list[str], seed: int, every: int = 2) -> dict[str, np.ndarray]:
     """The blocks stage's inputs (all CFG rows) at every `every`-th step of uncached runs of
-    `samples` prompts, stacked along the batch; shared tables repeated per row."""
-    rng = np.random.default_rng(seed)
-    prompts = [random_spec(rng).prompt for _ in range(samples)]
+    `prompts` (seeds from `seed`), stacked along the batch; shared tables repeated per row."""
+    samples = len(prompts)
     defaults = engine.bundle.manifest["defaults"]
     steps, guidance = defaults["steps"], defaults["guidance"]
     batch = max(1, min(samples, engine.bundle.shapes.max_batch))
@@ -79,17 +81,22 @@ def blocks_inputs(engine: Model, samples: int, seed: int, every: int = 2) -> dic
     return {name: np.concatenate(values).astype(np.float32) for name, values in rows.items()}
 
 
-def quantize_blocks(folder: Path, samples: int, log: Callable[[str], None], threads: int = 1) -> dict[str, Any]:
+def quantize_blocks(folder: Path, samples: int, log: Callable[[str], None], threads: int = 1,
+                    prompts: Sequence[str] | None = None) -> dict[str, Any]:
     """Replace `folder`'s fp32 blocks.onnx by its FP8 Q/DQ version, calibrated on `samples`
-    trajectories and checked on half as many others; returns the quantization record."""
+    trajectories and checked on half as many others with other seeds; `prompts` are taken in turn
+    (None: the model's default calibration prompts); returns the quantization record."""
     version = require_modelopt()
     from modelopt.onnx.quantization import quantize
 
     bundle = Bundle.load(folder)
     engine = Model(bundle, open_backend(bundle, "onnxruntime", threads=threads))
     log(f"  capturing blocks inputs on {samples} uncached trajectories")
-    calibration = blocks_inputs(engine, samples, CALIBRATION_SEED)
-    check = blocks_inputs(engine, max(1, samples // 2), CHECK_SEED, every=5)
+    tiny, model = engine.preset.tiny, engine.preset.name
+    calibration = blocks_inputs(engine, calibration_prompts(tiny, model, samples, CALIBRATION_SEED, prompts),
+                                CALIBRATION_SEED)
+    check = blocks_inputs(engine, calibration_prompts(tiny, model, max(1, samples // 2), CHECK_SEED, prompts),
+                          CHECK_SEED, every=5)
     with tempfile.TemporaryDirectory(prefix="fp8-", dir=folder.parent) as tmp:
         source, target = Path(tmp) / "blocks.onnx", Path(tmp) / "blocks.fp8.onnx"
         shutil.copyfile(folder / "blocks.onnx", source)  # modelopt rewrites its input file in place

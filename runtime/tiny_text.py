@@ -1,81 +1,33 @@
 """The tiny text encoder of the bundled models: a fixed vocabulary, a tokenizer and a small module.
 
-Prompts follow one grammar (documented in the README)::
-
-    <count> <size> <colour> <shape> (static | moving <direction> <speed>) on <background>
-
-for example ``"two small red circles moving left fast on texture"``. Every word must be in
-``VOCABULARY``; anything else is rejected, because the model has never seen it. The empty
-prompt (all padding) is the unconditional prompt used for classifier-free guidance.
+The tiny models were trained on prompts of one small grammar (`sencache.engine_builder.tiny.grammar`,
+documented in the README); the runtime needs only its words. Every word of a prompt must be in
+``VOCABULARY``; anything else is rejected, because the model has never seen it. The empty prompt
+(all padding) is the unconditional prompt used for classifier-free guidance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
 
-COUNTS = ("one", "two", "three")
-SIZES = ("small", "large")
-COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
-SHAPES = ("circle", "square")
-DIRECTIONS = ("left", "right", "up", "down")
-SPEEDS = ("slow", "fast")
-BACKGROUNDS = ("black", "gradient", "texture")
-
 PAD = "<pad>"
 VOCABULARY: tuple[str, ...] = (
     PAD,
-    *COUNTS,
-    *SIZES,
-    *COLOURS,
-    *SHAPES,
-    *(s + "s" for s in SHAPES),
-    "static",
-    "moving",
-    *DIRECTIONS,
-    *SPEEDS,
+    "one", "two", "three",
+    "small", "large",
+    "red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange",
+    "circle", "square", "circles", "squares",
+    "static", "moving",
+    "left", "right", "up", "down",
+    "slow", "fast",
     "on",
-    *BACKGROUNDS,
+    "black", "gradient", "texture",
 )
+"""The token ids of the tiny text encoder, in order (the trained embeddings index this table)."""
 MAX_TOKENS = 12
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One sentence of the grammar, slot by slot (direction and speed are None when static)."""
-
-    count: str
-    size: str
-    colour: str
-    shape: str
-    direction: str | None
-    speed: str | None
-    background: str
-
-    @property
-    def prompt(self) -> str:
-        noun = self.shape if self.count == "one" else self.shape + "s"
-        motion = "static" if self.direction is None else f"moving {self.direction} {self.speed}"
-        return f"{self.count} {self.size} {self.colour} {noun} {motion} on {self.background}"
-
-
-def random_spec(rng: np.random.Generator) -> PromptSpec:
-    """Draw a sentence uniformly over the grammar (a third of them static)."""
-    static = rng.random() < 1 / 3
-    return PromptSpec(
-        count=str(rng.choice(COUNTS)),
-        size=str(rng.choice(SIZES)),
-        colour=str(rng.choice(COLOURS)),
-        shape=str(rng.choice(SHAPES)),
-        direction=None if static else str(rng.choice(DIRECTIONS)),
-        speed=None if static else str(rng.choice(SPEEDS)),
-        background=str(rng.choice(BACKGROUNDS)),
-    )
 _INDEX = {word: i for i, word in enumerate(VOCABULARY)}
 
 

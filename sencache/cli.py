@@ -29,7 +29,13 @@ def _build(args: argparse.Namespace) -> None:
     build(BuildOptions(model=args.model, out=args.out, weights=args.weights, backend=args.backend,
                        precision=args.precision, frames=args.frames, height=args.height, width=args.width,
                        max_batch=args.max_batch, compute_capability=args.compute_capability,
-                       fp8_samples=args.fp8_samples))
+                       fp8_samples=args.fp8_samples, fp8_prompts=_fp8_prompts(args.fp8_prompts)))
+
+
+def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
+    from sencache.calibration.prompts import read_prompts
+
+    return None if path is None else tuple(read_prompts(path))
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -40,6 +46,9 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     if args.import_npz and args.from_bundle:
         raise BadInput("give --import-npz or --from-bundle, not both")
+    if (args.import_npz or args.from_bundle) and (args.prompts or args.prompt):
+        raise BadInput("--prompts and --prompt choose what calibration measures on; --import-npz and --from-bundle "
+                       "measure nothing")
     bundle = Bundle.load(args.engine)
     if args.from_bundle:
         table = bundle.adopt_tables(Bundle.load(args.from_bundle))
@@ -53,13 +62,23 @@ def _calibrate(args: argparse.Namespace) -> None:
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
 
     plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed)
+    prompts = _calibration_prompts(args)
     engine = Model(bundle, open_backend(bundle, threads=args.threads))
-    result = calibrate(engine, plan)
+    result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
     table = result.sensitivity
     bundle.write_tables(table, result.baselines)
-    print(f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {plan.samples} samples, "
+    print(f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {table.meta['samples']} samples, "
           f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}")
     print(f"wrote {bundle.baselines_path}: TeaCache polynomial, MagCache ratios for {len(result.baselines.magcache_ratios)} steps")
+
+
+def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompts FILE then each --prompt; None when neither is given (the model's default)."""
+    from sencache.calibration.prompts import read_prompts
+
+    if args.prompts is None and args.prompt is None:
+        return None
+    return (read_prompts(args.prompts) if args.prompts is not None else []) + (args.prompt or [])
 
 
 def _separate(out: Path, engine: Path) -> None:
@@ -196,13 +215,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
     b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
     b.add_argument("--fp8-samples", type=int, default=4,
-                   help="with --precision fp8: prompts whose uncached trajectories calibrate the quantizer")
+                   help="with --precision fp8: uncached trajectories that calibrate the quantizer")
+    b.add_argument("--fp8-prompts", type=Path,
+                   help="with --precision fp8: their prompts, one per line, taken in turn (default: the model's "
+                        "calibration prompts, as for `sencache calibrate`)")
     b.add_argument("--out", type=Path, required=True)
     b.set_defaults(func=_build)
 
     c = sub.add_parser("calibrate", help="measure the sensitivity table of a bundle")
     c.add_argument("--engine", type=Path, required=True)
-    c.add_argument("--samples", type=int, default=8)
+    c.add_argument("--samples", type=int,
+                   help="trajectories, the prompts taken in turn (default: one per prompt given, else 8)")
+    c.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: the model's own: the "
+                                                "tiny grammar for tiny bundles, built-in video prompts for real models)")
+    c.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; after those of --prompts)")
+    c.add_argument("--allow-tiny-vocabulary", action="store_true",
+                   help="calibrate a real model on prompts that are all in the tiny models' vocabulary")
     c.add_argument("--steps", type=int)
     c.add_argument("--seed", type=int, default=1000)
     c.add_argument("--import-npz", type=Path, help="import the authors' .npz table instead of measuring")

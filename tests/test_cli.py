@@ -122,6 +122,21 @@ def test_import_npz_round_trips(capsys, calibrated_bundle, tmp_path):
     np.testing.assert_array_equal(imported.jt, original.jt)
 
 
+def test_calibrate_on_prompts_from_a_file(capsys, ort_bundle, tmp_path):
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(ort_bundle, bundle_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\ntwo large blue squares moving up fast on texture\n")
+    code, err = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--prompts", prompts, "--prompt", PROMPT,
+                        "--steps", "4", "--threads", "1")
+    assert code == 0, err
+    meta = Bundle.load(bundle_dir).sensitivity().meta
+    assert meta["prompts"] == [PROMPT, "two large blue squares moving up fast on texture", PROMPT]
+    assert meta["samples"] == 3
+    code, err = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--prompt", "a dog on a beach")
+    assert code == 2 and "outside the tiny model's vocabulary: a, dog, beach" in err
+
+
 def test_device_flag_is_checked(capsys, ort_bundle, torch_bundle, tmp_path):
     """--device places torch bundles only; a GPU that is not there is one clear line."""
     import torch

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from sencache.engine_builder.tiny.clips import RGB, STEP
+from sencache.engine_builder.tiny.grammar import COLOURS, DIRECTIONS, PromptSpec
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
-from sencache.runtime.tiny_text import COLOURS, DIRECTIONS, PromptSpec
 
 STATIC_BELOW = 0.4
 """Pixels per frame under which a centroid counts as not moving."""
