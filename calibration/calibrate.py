@@ -1,7 +1,7 @@
 """Measure the sensitivity table Jx(t), Jt(t) of a bundle (SPEC section 4).
 
 Default source: the model's own uncached trajectories from a few prompts and seeds, so no data
-set is needed. The prompts are the caller's or the model's default (`sencache.calibration.prompts`:
+set is needed. The prompts are the caller's or the model's default (`sencache.engine_builder.prompts`:
 the tiny grammar for a tiny bundle, ordinary video prompts for a real model). For each step k of
 each trajectory, with f the guided denoiser output exactly as inference computes it (same
 backend, same text encoding, same timestep dtype):
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sencache.calibration.prompts import calibration_prompts
+from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sencache.calibration.prompts import check_prompts
+from sencache.engine_builder.prompts import check_prompts
 from sencache.engine_builder.fp8 import quantize_blocks, require_modelopt
 from sencache.engine_builder.onnx_export import (
     TOLERANCE_REL_L2,

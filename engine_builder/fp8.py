@@ -4,7 +4,7 @@ Only the blocks carry the cost, so only they are quantized: the head (patch, tim
 embeddings) and the tail (final norm and output projection) stay in full precision, as ModelOpt's
 diffusion examples keep embeddings and the output projection. Calibration inputs are the blocks'
 real inputs on the model's own uncached trajectories, run through the fp32 bundle being built.
-The prompts are the caller's or the model's default calibration prompts (`sencache.calibration.prompts`).
+The prompts are the caller's or the model's default calibration prompts (`sencache.engine_builder.prompts`).
 The quantized graph (Q/DQ around the matmuls) is checked in ONNX Runtime against the fp32 graph on
 inputs from other seeds (and, for default prompts, other prompts) before any engine is built; the
 error goes in the manifest.
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sencache.calibration.prompts import calibration_prompts
+from sencache.engine_builder.prompts import calibration_prompts
 from sencache.engine_builder.onnx_export import BuildFailed, compare
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle

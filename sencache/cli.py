@@ -33,7 +33,7 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
-    from sencache.calibration.prompts import read_prompts
+    from sencache.engine_builder.prompts import read_prompts
 
     return None if path is None else tuple(read_prompts(path))
 
@@ -74,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
     """The prompts of --prompts FILE then each --prompt; None when neither is given (the model's default)."""
-    from sencache.calibration.prompts import read_prompts
+    from sencache.engine_builder.prompts import read_prompts
 
     if args.prompts is None and args.prompt is None:
         return None

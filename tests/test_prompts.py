@@ -8,7 +8,7 @@ import pytest
 
 from sencache.benchmarks.bench import evaluation_set
 from sencache.calibration.calibrate import CalibrationPlan
-from sencache.calibration.prompts import (
+from sencache.engine_builder.prompts import (
     VIDEO_PROMPTS,
     calibration_prompts,
     check_prompts,
@@ -86,7 +86,7 @@ def test_plan_samples_default_to_the_prompts():
     assert CalibrationPlan().samples is None
     with pytest.raises(BadInput, match="samples must be in"):
         CalibrationPlan(samples=0)
-    with pytest.raises(BadInput, match="--steps"):
+    with pytest.raises(BadInput, match="^steps must be in"):
         CalibrationPlan(steps=1)
 
 
