@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sencache.engine_builder.prompts import check_prompts
 from sencache.engine_builder.fp8 import quantize_blocks, require_modelopt
 from sencache.engine_builder.onnx_export import (
     TOLERANCE_REL_L2,
@@ -34,6 +33,7 @@ from sencache.engine_builder.onnx_export import (
     validate_stage,
     widen_bf16,
 )
+from sencache.engine_builder.prompts import check_prompts
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sencache.engine_builder.prompts import calibration_prompts
 from sencache.engine_builder.onnx_export import BuildFailed, compare
+from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache

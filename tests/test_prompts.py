@@ -8,6 +8,8 @@ import pytest
 
 from sencache.benchmarks.bench import evaluation_set
 from sencache.calibration.calibrate import CalibrationPlan
+from sencache.cli import _calibration_prompts, main, parser
+from sencache.engine_builder.builder import BuildOptions, build
 from sencache.engine_builder.prompts import (
     VIDEO_PROMPTS,
     calibration_prompts,
@@ -16,8 +18,6 @@ from sencache.engine_builder.prompts import (
     in_tiny_vocabulary,
     read_prompts,
 )
-from sencache.cli import _calibration_prompts, main, parser
-from sencache.engine_builder.builder import BuildOptions, build
 from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.errors import BadInput
 
