@@ -1,11 +1,13 @@
 // Bad input across the engine ABI: nulls, a missing and a corrupt bundle, bad requests (a Python
 // exception inside), unknown ids, wrong buffer sizes, double destroy. Status and message, no crash.
 //   engine_bad_input BUNDLE_DIR SCRATCH_DIR
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "sencache.h"
@@ -111,8 +113,26 @@ int main(int argc, char** argv) {
     EXPECT(sc_engine_submit(engine, &request, &id), SC_OK);
     EXPECT(sc_engine_frames_shape(engine, id, shape), SC_ERR_STATE);
     EXPECT(sc_engine_release(engine, id), SC_ERR_STATE);
+    // another thread polls and submits while this one steps: the GIL is taken inside each call
+    std::atomic<bool> stepping{true};
+    std::atomic<int> polls{0}, poll_failures{0};
+    int64_t from_thread = 0;
+    std::thread poller([&] {
+        sc_progress q;
+        sc_request r = request;
+        if (sc_engine_submit(engine, &r, &from_thread) != SC_OK) ++poll_failures;
+        while (stepping) {
+            if (sc_engine_poll(engine, id, &q) != SC_OK) ++poll_failures;
+            ++polls;
+        }
+    });
     int32_t active = 1;
+    while (active > 0 || polls == 0) EXPECT(sc_engine_step(engine, &active), SC_OK);
+    stepping = false;
+    poller.join();
     while (active > 0) EXPECT(sc_engine_step(engine, &active), SC_OK);
+    std::printf("ok   %d polls from another thread while stepping, %d failed\n", polls.load(), poll_failures.load());
+    if (poll_failures) ++failures;
     EXPECT(sc_engine_frames_shape(engine, id, nullptr), SC_ERR_INVALID_ARGUMENT);
     EXPECT(sc_engine_frames_shape(engine, id, shape), SC_OK);
     std::vector<float> small(10);

@@ -1,5 +1,6 @@
 """ctest fixture bundle_tiny_wan: build the tiny-wan bundle with `sencache build` (and its
-sensitivity table with `sencache calibrate` if the build did not write one), unless it exists."""
+sensitivity table with a short `sencache calibrate`: 2 samples of 12 steps, enough for tests), unless
+it exists."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def main(out: str) -> int:
         subprocess.run([sys.executable, "-m", "sencache.cli", "build", "--model", "tiny-wan", "--out", str(bundle)],
                        check=True)
     if not (bundle / "sensitivity.json").exists():
-        subprocess.run([sys.executable, "-m", "sencache.cli", "calibrate", "--engine", str(bundle)], check=True)
+        subprocess.run([sys.executable, "-m", "sencache.cli", "calibrate", "--engine", str(bundle), "--samples", "2",
+                        "--steps", "12"], check=True)
     print(f"bundle ready: {bundle}")
     return 0
 
