@@ -25,6 +25,14 @@ OK, INVALID_ARGUMENT, BUFFER_SIZE, NOT_FOUND, CORRUPT, UNKNOWN_ID, STATE, PYTHON
 STATES = {"queued": 0, "running": 1, "done": 2, "cancelled": 3, "failed": 4}
 
 
+class Refused(Exception):
+    """A failure with its sc_status decided where it happened (the bundle: missing or corrupt)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class UnknownId(LookupError):
     """A request id the engine does not know (never submitted, or released)."""
 
@@ -35,15 +43,14 @@ class WrongState(RuntimeError):
 
 def status(exc: BaseException) -> tuple[int, str]:
     """The sc_status and message for an exception raised by a Host method."""
+    if isinstance(exc, Refused):
+        return exc.code, str(exc)
     if isinstance(exc, UnknownId):
         return UNKNOWN_ID, str(exc)
     if isinstance(exc, WrongState):
         return STATE, str(exc)
     if isinstance(exc, BadInput):
-        text = str(exc)
-        if text.startswith("no engine bundle at"):
-            return NOT_FOUND, text
-        return (CORRUPT if text.startswith("bundle ") or " is not an engine bundle" in text else INVALID_ARGUMENT), text
+        return INVALID_ARGUMENT, str(exc)
     return PYTHON, f"{type(exc).__name__}: {exc}"
 
 
@@ -51,7 +58,10 @@ class Host:
     """One sc_engine: a loaded bundle and its step engine; the C caller calls `step`."""
 
     def __init__(self, bundle_dir: str, backend: str, device: str, threads: int) -> None:
-        bundle = Bundle.load(Path(bundle_dir))
+        try:
+            bundle = Bundle.load(Path(bundle_dir))
+        except BadInput as e:
+            raise Refused(CORRUPT if Path(bundle_dir).is_dir() else NOT_FOUND, str(e)) from None
         self.model = Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads,
                                                 device=device))
         self.engine = StepEngine(self.model)
