@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     Py_DECREF(examples);
     PyObject* module = PyImport_ImportModule("stand_in_denoiser");
     if (!module) return python_failed("import stand_in_denoiser");
-    PyObject* denoiser = PyObject_CallMethod(module, "Denoiser", "sisi", bundle, argv[5], std::atoi(argv[6]), steps);
+    PyObject* denoiser = PyObject_CallMethod(module, "Denoiser", "ssii", bundle, argv[5], std::atoi(argv[6]), steps);
     if (!denoiser) return python_failed("Denoiser");
     PyObject* numel = PyObject_GetAttrString(denoiser, "numel");
 
