@@ -8,7 +8,8 @@ interpreter, as an embedding host that already runs Python does).
 Two engines on the same bundle take the same requests; their steps are interleaved (the order
 alternates by round) and paired, so the difference of each pair is the cost of the ABI around
 the same pass: ctypes, the GIL, the argument and result conversions, the progress report. Also
-timed: `sc_engine_poll` against `StepEngine.poll`, the bare cost of one call across the ABI.
+timed, interleaved: a step of both engines when idle (the fixed cost of the step call itself)
+and `sc_engine_poll` against `StepEngine.poll` (the bare cost of one call across the ABI).
 One CPU thread (torch.set_num_threads(1), backend threads=1). Writes report.json.
 """
 
@@ -102,6 +103,15 @@ def main() -> None:
         engine_py.release(py_id)
         lib.sc_engine_release(engine_c, c_id)
 
+    # The fixed cost of a step call: both engines idle (no request), so the pass does nothing and
+    # what remains is the call itself (and, for the ABI, the GIL, the report and the conversions).
+    idle_py, idle_c = [], []
+    for k in range(args.polls):
+        for fn, times in ((engine_py.step, idle_py), (step_c, idle_c))[:: 1 if k % 2 else -1]:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+
     # The bare call: poll a known request, many times, interleaved.
     request = CRequest(PROMPT.encode(), None, 0, 0, 0, 2, guidance, b"sencache", None)
     c_id = ctypes.c_int64()
@@ -129,14 +139,18 @@ def main() -> None:
         "python_step": summary(py_steps),
         "sc_engine_step": summary(c_steps),
         "sc_engine_step_minus_python_step": summary(paired),
+        "python_step_idle": summary(idle_py),
+        "sc_engine_step_idle": summary(idle_c),
         "python_poll": summary(poll_py),
         "sc_engine_poll": summary(poll_c),
-        "note": "ctypes call from the same interpreter; paired differences of interleaved steps; "
-                "shared 2-core machine, so the spread includes other load",
+        "note": "ctypes calls from the same interpreter (ctypes itself is part of the sc_* times); paired "
+                "differences of interleaved steps; measured on a shared machine, so the spread of the "
+                "loaded steps is other load",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    for key in ("python_step", "sc_engine_step", "sc_engine_step_minus_python_step", "python_poll", "sc_engine_poll"):
+    for key in ("python_step", "sc_engine_step", "sc_engine_step_minus_python_step", "python_step_idle",
+                "sc_engine_step_idle", "python_poll", "sc_engine_poll"):
         s = report[key]
         print(f"{key:34s} median {s['median_us']:10.1f} us  [q25 {s['q25_us']:.1f}, q75 {s['q75_us']:.1f}]")
 

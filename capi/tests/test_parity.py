@@ -5,7 +5,7 @@ and outside the table, drifts, settings, batches and tables off any grid; and th
 
 from __future__ import annotations
 
-import math
+import multiprocessing
 import os
 import sys
 import zipfile
@@ -46,10 +46,13 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
         np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
 
 
-def test_random_traces(lib):
-    rng = np.random.default_rng(20261201)
-    traces = decisions = runs = reuses = outside = 0
-    for trace in range(TRACES):
+def run_traces(chunk: int, count: int) -> tuple[int, int, int]:
+    """`count` random traces from seed (20261201, chunk): (decisions, runs, clamped look-ups).
+    Raises AssertionError at the first difference."""
+    lib = native.load()
+    rng = np.random.default_rng((20261201, chunk))
+    decisions = runs = outside = 0
+    for trace in range(count):
         table = random_table(rng)
         lo, hi = table.timesteps[0], table.timesteps[-1]
         steps = int(rng.integers(1, 30))
@@ -59,15 +62,19 @@ def test_random_traces(lib):
         switch = float(rng.choice([0.0, 0.2, 0.5, 1.0, rng.random()]))
         force_last = bool(rng.random() < 0.8)
         maximal = bool(rng.random() < 0.3)
-        # Timesteps: decreasing, from a little above the table to a little below (clamped look-ups).
+        # Timesteps: decreasing, from a little above the table to a little below (clamped look-ups),
+        # or on the table's own grid points.
         span = hi - lo
         ts = np.sort(rng.uniform(lo - 0.1 * span, hi + 0.1 * span, steps))[::-1]
-        if rng.random() < 0.3:  # some on the table's own grid points
+        if rng.random() < 0.3:
             ts = np.sort(rng.choice(table.timesteps, steps))[::-1]
         # eps around the scores this trace will see, so decisions go both ways.
-        typical = float(np.median(table.jx)) * math.sqrt(numel) * 1e-2 / math.sqrt(numel)
-        eps_main = float(typical * 10 ** rng.uniform(-1.5, 1.5))
+        eps_main = float(np.median(table.jx) * 1e-2 * 10 ** rng.uniform(-1.5, 1.5))
         eps_start = float(eps_main * rng.choice([0.0, 0.1, 1.0]))
+        drifts = (rng.exponential(1.0, (steps, batch)) * numel * 1e-4
+                  * 10 ** rng.uniform(-2, 2, (steps, 1))).astype(np.float32)
+        odd = rng.random(steps) < 0.02  # zero, infinite, NaN and negative drifts now and then
+        drifts[odd, rng.integers(batch)] = rng.choice(np.array([0.0, np.inf, np.nan, -1.0], np.float32), int(odd.sum()))
         settings = SenCacheSettings(eps_start, eps_main, max_reuse, switch, force_last)
         rule = (SenCacheMaxPolicy if maximal else SenCachePolicy)(settings, table, steps, batch, numel)
         theirs = native.Table.from_json(lib, table.to_bytes())
@@ -75,23 +82,30 @@ def test_random_traces(lib):
                              batch, numel)
         theirs.close()
         for step in range(steps):
-            drift = (rng.exponential(1.0, batch) * numel * 1e-4 * 10 ** rng.uniform(-2, 2)).astype(np.float32)
-            if rng.random() < 0.02:
-                drift[rng.integers(batch)] = rng.choice([0.0, np.inf, np.nan, -1.0])
             t = float(ts[step])
-            want = rule.decide(step, t, drift)
-            run, score, threshold, forced = ours.decide(step, t, drift)
-            assert np.array_equal(run, want.run), f"trace {trace} step {step}: run {run} != {want.run}"
-            assert same(score, want.score), f"trace {trace} step {step}: score {score!r} != {want.score!r}"
-            assert threshold == want.threshold and forced == want.forced
+            want = rule.decide(step, t, drifts[step])
+            run, score, threshold, forced = ours.decide(step, t, drifts[step])
+            where = f"chunk {chunk} trace {trace} step {step}"
+            assert np.array_equal(run, want.run), f"{where}: run {run} != {want.run}"
+            assert same(score, want.score), f"{where}: score {score!r} != {want.score!r}"
+            assert threshold == want.threshold and forced == want.forced, where
             decisions += batch
             runs += int(run.sum())
-        outside += ours.outside()
         assert ours.outside() == len(rule.outside_table)
-        reuses = decisions - runs
+        outside += ours.outside()
         ours.close()
-        traces += 1
-    print(f"\nparity: {traces} traces, {decisions} per-sample decisions ({runs} run, {reuses} reuse), "
+    return decisions, runs, outside
+
+
+def test_random_traces():
+    """TRACES traces in chunks over the CPUs (each chunk its own seed, so the set is fixed)."""
+    chunks = 16
+    sizes = [TRACES // chunks + (k < TRACES % chunks) for k in range(chunks)]
+    with multiprocessing.get_context("fork").Pool(min(chunks, os.cpu_count() or 1)) as pool:
+        results = pool.starmap(run_traces, enumerate(sizes))
+    decisions, runs, outside = (sum(r[i] for r in results) for i in range(3))
+    reuses = decisions - runs
+    print(f"\nparity: {TRACES} traces, {decisions} per-sample decisions ({runs} run, {reuses} reuse), "
           f"{outside} clamped look-ups, 0 mismatches")
     assert runs > decisions // 10 and reuses > decisions // 10  # both ways, plenty of each
 
