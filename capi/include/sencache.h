@@ -26,8 +26,10 @@
  *     already runs Python (the library loaded into a Python process), the running interpreter is
  *     used and never initialised or finalised by this library. A thread calling in while it
  *     holds the GIL is fine (the GIL state is re-entrant).
+ *     sc_engine_destroy must not run while another call on the same engine is in progress (join
+ *     your threads first); it ends the engine's requests as cancelled.
  *   - The progress callback runs on the thread that called sc_engine_step, with the GIL NOT held;
- *     it must not call sc_engine_destroy on the same engine.
+ *     it may call sc_engine_poll/submit/cancel, but not sc_engine_destroy on the same engine.
  */
 #ifndef SENCACHE_H
 #define SENCACHE_H
