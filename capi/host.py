@@ -1,0 +1,136 @@
+"""What libsencache (capi/src/engine.cpp) calls inside its embedded interpreter: the runtime's
+step-level engine (sencache.runtime.stepping.StepEngine) with the C caller driving the steps.
+
+Each method is one sc_engine_* call; it takes and returns plain values (ints, floats, strings,
+tuples, NumPy arrays), so the C++ side converts nothing beyond them. `status(exc)` maps an
+exception to the ABI's status code and message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sencache.runtime.backends.base import open_backend
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.errors import BadInput
+from sencache.runtime.model import Model
+from sencache.runtime.request import Request
+from sencache.runtime.stepping import StepEngine
+
+# sc_status values (capi/include/sencache.h)
+OK, INVALID_ARGUMENT, BUFFER_SIZE, NOT_FOUND, CORRUPT, UNKNOWN_ID, STATE, PYTHON = 0, 1, 2, 3, 4, 5, 6, 7
+STATES = {"queued": 0, "running": 1, "done": 2, "cancelled": 3, "failed": 4}
+
+
+class Refused(Exception):
+    """A failure with its sc_status decided where it happened (the bundle: missing or corrupt)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UnknownId(LookupError):
+    """A request id the engine does not know (never submitted, or released)."""
+
+
+class WrongState(RuntimeError):
+    """The call does not apply to the request now (frames of a running request, ...)."""
+
+
+def status(exc: BaseException) -> tuple[int, str]:
+    """The sc_status and message for an exception raised by a Host method."""
+    if isinstance(exc, Refused):
+        return exc.code, str(exc)
+    if isinstance(exc, UnknownId):
+        return UNKNOWN_ID, str(exc)
+    if isinstance(exc, WrongState):
+        return STATE, str(exc)
+    if isinstance(exc, BadInput):
+        return INVALID_ARGUMENT, str(exc)
+    return PYTHON, f"{type(exc).__name__}: {exc}"
+
+
+class Host:
+    """One sc_engine: a loaded bundle and its step engine; the C caller calls `step`."""
+
+    def __init__(self, bundle_dir: str, backend: str, device: str, threads: int) -> None:
+        try:
+            bundle = Bundle.load(Path(bundle_dir))
+        except BadInput as e:
+            raise Refused(CORRUPT if Path(bundle_dir).is_dir() else NOT_FOUND, str(e)) from None
+        self.model = Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads,
+                                                device=device))
+        self.engine = StepEngine(self.model)
+        self.known: set[int] = set()
+        self.reported: set[int] = set()
+        self.frames: dict[int, np.ndarray] = {}
+
+    def submit(self, prompt: str, embeds: np.ndarray | None, seed: int, steps: int, guidance: float, cache: str,
+               knobs_json: str | None) -> int:
+        """Validate and queue one request (as sencache.Engine.submit does); its id."""
+        defaults = self.model.bundle.manifest["defaults"]
+        try:
+            knobs = json.loads(knobs_json) if knobs_json else {}
+        except json.JSONDecodeError as e:
+            raise BadInput(f"knobs_json is not JSON: {e}") from None
+        if not isinstance(knobs, dict):
+            raise BadInput(f"knobs_json must be a JSON object of knob names to numbers, got {knobs_json!r}")
+        steps = defaults["steps"] if steps == 0 else steps
+        request = Request([prompt], [seed], steps, defaults["guidance"] if guidance < 0 else guidance,
+                          None if embeds is None else embeds[None])
+        policy = self.model.policy(cache, request.steps, 1, knobs)
+        job_id = self.engine.enqueue(self.engine.prepare(request, policy))
+        self.known.add(job_id)
+        return job_id
+
+    def step(self) -> tuple[int, list[tuple[int, int, int, int, int]]]:
+        """One pass; (requests queued or running afterwards, progress of those that took part or ended)."""
+        self.engine.step()
+        report = []
+        for job_id in sorted(self.known - self.reported):
+            p = self.engine.poll(job_id)
+            report.append((job_id, STATES[p.state], p.step, p.steps, p.nfe))
+            if p.state in ("done", "cancelled", "failed"):
+                self.reported.add(job_id)
+        stats = self.engine.stats()
+        return int(stats["queue_depth"] + stats["active_requests"]), report
+
+    def poll(self, job_id: int) -> tuple[int, int, int, int]:
+        p = self.engine.poll(self._known(job_id))
+        return STATES[p.state], p.step, p.steps, p.nfe
+
+    def cancel(self, job_id: int) -> bool:
+        return self.engine.cancel(self._known(job_id))
+
+    def video(self, job_id: int) -> np.ndarray:
+        """The decoded frames [T, H, W, 3] float32 of a done request (decoded once)."""
+        self._known(job_id)
+        if job_id not in self.frames:
+            state = self.engine.poll(job_id).state
+            if state != "done":
+                raise WrongState(f"request {job_id} is {state}: frames exist once it is done")
+            frames = self.model.decode(self.engine.result(job_id).latents)[0]
+            self.frames[job_id] = np.ascontiguousarray(frames, dtype=np.float32)
+        return self.frames[job_id]
+
+    def release(self, job_id: int) -> None:
+        state = self.engine.poll(self._known(job_id)).state
+        if state not in ("done", "cancelled", "failed"):
+            raise WrongState(f"request {job_id} is {state}: release it once it has ended (cancel it first)")
+        self.engine.release(job_id)
+        self.known.discard(job_id)
+        self.reported.discard(job_id)
+        self.frames.pop(job_id, None)
+
+    def close(self) -> None:
+        """End every queued and running request as cancelled."""
+        self.engine.end_all("cancelled")
+
+    def _known(self, job_id: int) -> int:
+        if job_id not in self.known:
+            raise UnknownId(f"unknown request id {job_id}")
+        return job_id

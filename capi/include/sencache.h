@@ -1,0 +1,210 @@
+/* sencache.h: the C ABI of the SenCache engine (C++17 inside, plain C outside).
+ *
+ * Two libraries, one header:
+ *   libsencache_policy  the cache alone, native, no Python: sensitivity tables (sc_table_*), the
+ *                       SenCache decision rule per request (sc_policy_*) and, when built with CUDA,
+ *                       the fused drift kernel on the caller's stream (sc_drift_*).
+ *   libsencache         the whole engine (sc_engine_*): the Python runtime's step-level engine
+ *                       (sencache.runtime.stepping.StepEngine) behind an embedded interpreter.
+ *
+ * Errors: every call returns an sc_status; on anything but SC_OK, sc_last_error() returns a
+ * readable message for the failing call on the CALLING thread (thread-local; valid until that
+ * thread's next sc_* call). No exception or abort crosses the ABI, nothing is printed.
+ * Destroy functions accept NULL, and destroying a handle twice is a no-op (the library keeps the
+ * set of live handles); any other use of a destroyed handle is undefined behaviour.
+ *
+ * Threading:
+ *   - sc_table: immutable after loading; any number of threads may use one table at once.
+ *   - sc_policy: one request's state; calls on one policy must not overlap (no internal lock).
+ *     Different policies may be used from different threads at once.
+ *   - sc_engine: every call may be made from any thread, concurrently. Each call takes the
+ *     Python GIL for its duration (PyGILState_Ensure/Release), so calls are serialised where they
+ *     touch Python; sc_engine_step releases the GIL while the stages run inside torch/ONNX
+ *     Runtime as those libraries do, so sc_engine_submit/poll/cancel answer while a step runs.
+ *     If the process has no Python interpreter, the first sc_engine_create initialises one (and
+ *     the library never finalises it: finalising with torch loaded is unsafe); if the host
+ *     already runs Python (the library loaded into a Python process), the running interpreter is
+ *     used and never initialised or finalised by this library. A thread calling in while it
+ *     holds the GIL is fine (the GIL state is re-entrant).
+ *     sc_engine_destroy must not run while another call on the same engine is in progress (join
+ *     your threads first); it ends the engine's requests as cancelled.
+ *   - The progress callback runs on the thread that called sc_engine_step, with the GIL NOT held;
+ *     it may call sc_engine_poll/submit/cancel, but not sc_engine_destroy on the same engine.
+ */
+#ifndef SENCACHE_H
+#define SENCACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define SC_API __declspec(dllexport)
+#else
+#define SC_API __attribute__((visibility("default")))
+#endif
+
+#define SC_ABI_VERSION 1
+
+typedef enum sc_status {
+    SC_OK = 0,
+    SC_ERR_INVALID_ARGUMENT = 1, /* a null pointer, a value out of range */
+    SC_ERR_BUFFER_SIZE = 2,      /* a buffer's length does not match what the call needs */
+    SC_ERR_NOT_FOUND = 3,        /* a missing file or bundle */
+    SC_ERR_CORRUPT = 4,          /* a file that exists but cannot be read as what it should be */
+    SC_ERR_UNKNOWN_ID = 5,       /* a request id the engine does not know (or already released) */
+    SC_ERR_STATE = 6,            /* the call does not apply now (frames of a running request, ...) */
+    SC_ERR_PYTHON = 7,           /* an exception inside the Python runtime (message: its text) */
+    SC_ERR_CUDA = 8,             /* a CUDA runtime error */
+    SC_ERR_UNSUPPORTED = 9,      /* not built into this library (e.g. sc_drift_* without CUDA) */
+    SC_ERR_INTERNAL = 10         /* an unexpected C++ failure (out of memory, ...) */
+} sc_status;
+
+/* The message of the last failing sc_* call on this thread ("" if none). */
+SC_API const char* sc_last_error(void);
+/* The name of a status ("SC_OK", ...), for logs. */
+SC_API const char* sc_status_name(sc_status status);
+/* SC_ABI_VERSION of the library actually loaded. */
+SC_API int sc_abi_version(void);
+
+/* ---- Sensitivity tables (SPEC section 4) ---------------------------------------------------- */
+
+typedef struct sc_table sc_table;
+
+/* A bundle's sensitivity.json (format "sencache-sensitivity/1", as the runtime writes it). */
+SC_API sc_status sc_table_load_json(const char* path, sc_table** out);
+/* The same format from memory. */
+SC_API sc_status sc_table_parse_json(const char* data, size_t size, sc_table** out);
+/* The authors' .npz (keys timesteps, J_x_norm, J_t_norm [, sample_counts]; stored or deflated). */
+SC_API sc_status sc_table_load_npz(const char* path, sc_table** out);
+/* <bundle_dir>/sensitivity.json. */
+SC_API sc_status sc_table_load_bundle(const char* bundle_dir, sc_table** out);
+/* Number of timesteps (0 for NULL). */
+SC_API size_t sc_table_size(const sc_table* table);
+/* Jx(t), Jt(t) by linear interpolation (numpy.interp, bit for bit); outside the table it clamps
+ * and *inside is 0. Any of jx, jt, inside may be NULL. */
+SC_API sc_status sc_table_lookup(const sc_table* table, double t, double* jx, double* jt, int* inside);
+SC_API void sc_table_destroy(sc_table* table);
+
+/* ---- The SenCache rule, per request (SPEC sections 1 and 3) --------------------------------- */
+
+typedef enum sc_rule { SC_RULE_SENCACHE = 0, SC_RULE_SENCACHE_MAX = 1 } sc_rule;
+
+typedef struct sc_policy_settings {
+    sc_rule rule;
+    double eps_start;   /* threshold of steps i < round(switch_frac * steps); finite, >= 0 */
+    double eps_main;    /* threshold after that; finite, >= 0 */
+    int32_t max_reuse;  /* most reuses in a row, [0, 1000] */
+    double switch_frac; /* [0, 1]; 0.2 in the paper */
+    int32_t force_last; /* nonzero: the last step always runs */
+} sc_policy_settings;
+
+/* rule SENCACHE, switch_frac 0.2, force_last 1, eps_start/eps_main/max_reuse from the bundle's
+ * manifest.json defaults.sencache (the runtime's defaults for that bundle). */
+SC_API sc_status sc_policy_settings_from_bundle(const char* bundle_dir, sc_policy_settings* out);
+
+typedef struct sc_policy sc_policy;
+
+/* A rule for one request of `batch` samples, `steps` steps, latents of `numel` elements per
+ * sample. The policy keeps its own reference to the table (the caller may destroy it). */
+SC_API sc_status sc_policy_create(const sc_table* table, const sc_policy_settings* settings, int32_t steps,
+                                  int32_t batch, int64_t numel, sc_policy** out);
+/* Decide step `step` (0-based, < steps) at timestep `t`: run_mask_out[b] = 1 where sample b runs
+ * the blocks, 0 where it reuses its cached residual; then update the per-sample state.
+ * drift_sumsq[b] = sum over sample b of (x - anchor)^2 (what sc_drift_* yields); it may be NULL on
+ * forced steps (step 0, and the last when force_last). `batch` is the length of both arrays and
+ * must equal the policy's. Same arithmetic as the Python rule, in double. */
+SC_API sc_status sc_policy_decide(sc_policy* policy, int32_t step, double t, const float* drift_sumsq,
+                                  uint8_t* run_mask_out, int32_t batch);
+/* The scores of the last decision (NaN where the step was forced), its threshold and whether it
+ * was forced; any output may be NULL. */
+SC_API sc_status sc_policy_last(const sc_policy* policy, double* scores_out, int32_t batch, double* threshold,
+                                int* forced);
+/* How many decisions so far moved anchors at a timestep outside the table (clamped look-ups). */
+SC_API sc_status sc_policy_outside_table(const sc_policy* policy, int64_t* count);
+/* Back to the state before step 0 (a new request with the same settings and sizes). */
+SC_API sc_status sc_policy_reset(sc_policy* policy);
+SC_API void sc_policy_destroy(sc_policy* policy);
+
+/* ---- The drift kernel on the caller's CUDA stream (libsencache_policy built with CUDA) ------ */
+
+typedef enum sc_dtype { SC_FP32 = 0, SC_FP16 = 1, SC_BF16 = 2 } sc_dtype;
+typedef struct sc_drift sc_drift;
+
+/* Scratch for batches of up to `max_samples` samples of `per_sample` elements: device partials,
+ * device sums, pinned host sums and one event, on the current device. */
+SC_API sc_status sc_drift_create(int32_t max_samples, int64_t per_sample, sc_drift** out);
+/* Enqueue on `cuda_stream` (a cudaStream_t; NULL: the legacy default stream) the fused kernel for
+ * `samples` samples: sums of (x - anchor)^2 per sample; where refresh (device, one byte per
+ * sample, may be NULL) is nonzero the anchor is overwritten with x in the same pass. Then an
+ * asynchronous copy of the sums to pinned memory and one event. Returns without waiting. */
+SC_API sc_status sc_drift_launch(sc_drift* drift, const void* x, void* anchor, const uint8_t* refresh,
+                                 int32_t samples, sc_dtype dtype, void* cuda_stream);
+/* Wait on that event and copy the `samples` sums to sums_out (host). */
+SC_API sc_status sc_drift_wait(sc_drift* drift, float* sums_out, int32_t samples);
+SC_API void sc_drift_destroy(sc_drift* drift);
+/* 1 if this library was built with the CUDA drift kernel, else 0. */
+SC_API int sc_drift_available(void);
+
+/* ---- The whole engine through the embedded Python runtime (libsencache) --------------------- */
+
+typedef struct sc_engine sc_engine;
+
+typedef struct sc_engine_options {
+    const char* backend; /* "auto" (the one the bundle was built for), "onnxruntime", "torch", ...; NULL: auto */
+    const char* device;  /* "cpu", "cuda", "cuda:1"; NULL: cpu */
+    int32_t threads;     /* CPU threads of the backend; 0: all */
+} sc_engine_options;
+
+typedef struct sc_request {
+    const char* prompt;                  /* text; with prompt_embeds it only labels the video */
+    const float* prompt_embeds;          /* NULL, or [embed_tokens, embed_channels] row-major */
+    int64_t embed_tokens, embed_channels;
+    uint64_t seed;                       /* < 2^63 */
+    int32_t steps;                       /* 0: the bundle's default */
+    double guidance;                     /* < 0: the bundle's default */
+    const char* cache;                   /* "sencache", "sencache-max", "none", "fixed", "teacache", "magcache"; NULL: sencache */
+    const char* knobs_json;              /* NULL, or a JSON object of knobs: {"eps_main": 0.1, "max_reuse": 3} */
+} sc_request;
+
+typedef enum sc_state { SC_QUEUED = 0, SC_RUNNING = 1, SC_DONE = 2, SC_CANCELLED = 3, SC_FAILED = 4 } sc_state;
+
+typedef struct sc_progress {
+    sc_state state;
+    int32_t step;  /* steps taken */
+    int32_t steps; /* steps of the request */
+    int32_t nfe;   /* evaluations of the blocks so far */
+} sc_progress;
+
+/* Called after each sc_engine_step for every request that took part or ended in it. */
+typedef void (*sc_progress_fn)(void* user, int64_t request_id, const sc_progress* progress);
+
+SC_API sc_status sc_engine_create(const char* bundle_dir, const sc_engine_options* options, sc_engine** out);
+SC_API sc_status sc_engine_set_progress(sc_engine* engine, sc_progress_fn fn, void* user);
+/* Validate and queue one request; *id_out is its id (> 0). */
+SC_API sc_status sc_engine_submit(sc_engine* engine, const sc_request* request, int64_t* id_out);
+/* One pass of the step engine: admit queued requests at the step boundary, advance every active
+ * one by one step. *active_out (may be NULL): requests still queued or running afterwards. */
+SC_API sc_status sc_engine_step(sc_engine* engine, int32_t* active_out);
+SC_API sc_status sc_engine_poll(sc_engine* engine, int64_t id, sc_progress* out);
+/* Cancel: a queued request at once, a running one at the next step boundary. *cancelled_out
+ * (may be NULL): 0 when it had already ended. */
+SC_API sc_status sc_engine_cancel(sc_engine* engine, int64_t id, int* cancelled_out);
+/* The frame shape of request `id` once done: frames, height, width, channels (3). */
+SC_API sc_status sc_engine_frames_shape(sc_engine* engine, int64_t id, int64_t shape_out[4]);
+/* Decode a done request's video into `out` (float32 [T, H, W, 3] in [0, 1]); `count` is the
+ * number of floats in `out` and must equal T*H*W*3. */
+SC_API sc_status sc_engine_copy_frames(sc_engine* engine, int64_t id, float* out, size_t count);
+/* Forget an ended request (frames included). */
+SC_API sc_status sc_engine_release(sc_engine* engine, int64_t id);
+/* End every request as cancelled and free the engine; NULL is a no-op. */
+SC_API void sc_engine_destroy(sc_engine* engine);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

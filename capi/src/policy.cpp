@@ -1,0 +1,455 @@
+// Sensitivity tables and the SenCache rule, native: the same arithmetic as
+// runtime/sensitivity.py (SensitivityTable) and runtime/cache/sencache.py (SenCachePolicy,
+// SenCacheMaxPolicy), in double, operation for operation, so decisions agree bit for bit.
+// Build with -ffp-contract=off: a fused multiply-add would round differently from NumPy.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <unordered_set>
+#include <numeric>
+#include <vector>
+
+#include "common.hpp"
+#include "json.hpp"
+#include "npz.hpp"
+
+using sencache::Error;
+using sencache::guarded;
+
+namespace {
+
+constexpr int32_t kMaxSteps = 1000;  // runtime/manifest.py MAX_STEPS
+const char* const kFormat = "sencache-sensitivity/1";
+
+// Handles not yet destroyed, so that destroying one twice is a no-op rather than a double free.
+std::mutex live_mutex;
+std::unordered_set<const void*> live;
+
+void track(const void* handle) {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    live.insert(handle);
+}
+
+bool untrack(const void* handle) {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    return live.erase(handle) == 1;
+}
+
+std::string read_file(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw Error(SC_ERR_NOT_FOUND, "no such file: " + path);
+    std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (f.bad()) throw Error(SC_ERR_CORRUPT, "cannot read " + path);
+    return data;
+}
+
+}  // namespace
+
+struct sc_table {
+    std::vector<double> t, jx, jt;  // sorted by t
+
+    // SensitivityTable.__post_init__: the same checks, then sort by timestep.
+    static std::shared_ptr<sc_table> make(std::vector<double> t, std::vector<double> jx, std::vector<double> jt,
+                                          const std::vector<std::pair<std::string, const std::vector<double>*>>& extra) {
+        const auto check = [&](const char* name, const std::vector<double>& v) {
+            SC_REQUIRE(v.size() == t.size(), SC_ERR_CORRUPT, std::string(name) + " must be a list as long as timesteps");
+            for (double x : v)
+                SC_REQUIRE(std::isfinite(x), SC_ERR_CORRUPT, std::string(name) + " holds NaN or infinite values");
+        };
+        check("timesteps", t);
+        check("Jx", jx);
+        check("Jt", jt);
+        for (const auto& [name, values] : extra) check(name.c_str(), *values);
+        SC_REQUIRE(t.size() >= 2, SC_ERR_CORRUPT, "needs at least two timesteps");
+        for (size_t i = 0; i < t.size(); ++i)
+            SC_REQUIRE(jx[i] >= 0 && jt[i] >= 0, SC_ERR_CORRUPT, "Jx and Jt must be non-negative");
+        std::vector<size_t> order(t.size());
+        std::iota(order.begin(), order.end(), 0);
+        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return t[a] < t[b]; });
+        auto table = std::make_shared<sc_table>();
+        for (size_t i : order) {
+            table->t.push_back(t[i]);
+            table->jx.push_back(jx[i]);
+            table->jt.push_back(jt[i]);
+        }
+        for (size_t i = 1; i < table->t.size(); ++i)
+            SC_REQUIRE(table->t[i] - table->t[i - 1] > 0, SC_ERR_CORRUPT, "timesteps must be distinct");
+        return table;
+    }
+
+    // numpy.interp for one x (numpy/_core/src/multiarray/compiled_base.c, arr_interp): the same
+    // branches and the same expression, so the same double.
+    static double interp(double x, const std::vector<double>& xp, const std::vector<double>& fp) {
+        const size_t n = xp.size();
+        if (std::isnan(x)) return x;
+        if (x < xp[0]) return fp[0];
+        if (x > xp[n - 1]) return fp[n - 1];
+        if (x == xp[n - 1]) return fp[n - 1];
+        // j with xp[j] <= x < xp[j + 1]
+        const size_t j = static_cast<size_t>(std::upper_bound(xp.begin(), xp.end(), x) - xp.begin()) - 1;
+        if (xp[j] == x) return fp[j];
+        const double slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j]);
+        double r = slope * (x - xp[j]) + fp[j];
+        if (std::isnan(r)) {
+            r = slope * (x - xp[j + 1]) + fp[j + 1];
+            if (std::isnan(r) && fp[j] == fp[j + 1]) r = fp[j];
+        }
+        return r;
+    }
+
+    void lookup(double at, double& jx_out, double& jt_out, bool& inside) const {
+        inside = t.front() <= at && at <= t.back();
+        jx_out = interp(at, t, jx);
+        jt_out = interp(at, t, jt);
+    }
+};
+
+namespace {
+
+std::vector<double> vector_of(const sencache::json::Value* v, const char* name) {
+    using sencache::json::Value;
+    SC_REQUIRE(v != nullptr, SC_ERR_CORRUPT, std::string("missing '") + name + "'");
+    SC_REQUIRE(v->kind == Value::Array, SC_ERR_CORRUPT, "tables must be lists of numbers");
+    std::vector<double> out;
+    out.reserve(v->items.size());
+    for (const Value& item : v->items) {
+        SC_REQUIRE(item.kind == Value::Number, SC_ERR_CORRUPT, "tables must be lists of numbers");
+        out.push_back(item.number);
+    }
+    return out;
+}
+
+std::shared_ptr<sc_table> parse_table(const std::string& data, const std::string& source) {
+    using sencache::json::Value;
+    Value doc;
+    try {
+        doc = sencache::json::parse(data.data(), data.size());
+    } catch (const std::runtime_error& e) {
+        throw Error(SC_ERR_CORRUPT, "corrupt sensitivity table " + source + ": " + e.what());
+    }
+    const Value* format = doc.kind == Value::Object ? doc.find("format") : nullptr;
+    if (format == nullptr || format->kind != Value::String || format->text != kFormat)
+        throw Error(SC_ERR_CORRUPT, "corrupt sensitivity table " + source + ": not a " + kFormat + " file");
+    try {
+        const Value* meta = doc.find("meta");
+        SC_REQUIRE(meta == nullptr || meta->kind == Value::Object, SC_ERR_CORRUPT, "meta must be an object");
+        std::vector<double> t = vector_of(doc.find("timesteps"), "timesteps");
+        std::vector<double> jx = vector_of(doc.find("Jx"), "Jx");
+        std::vector<double> jt = vector_of(doc.find("Jt"), "Jt");
+        std::vector<std::vector<double>> optional;
+        std::vector<std::pair<std::string, const std::vector<double>*>> extra;
+        for (const char* name : {"counts", "Jx_std", "Jt_std"}) {
+            const Value* v = doc.find(name);
+            if (v != nullptr && v->kind != Value::Null) optional.push_back(vector_of(v, name));
+        }
+        size_t k = 0;
+        for (const char* name : {"counts", "Jx_std", "Jt_std"}) {
+            const Value* v = doc.find(name);
+            if (v != nullptr && v->kind != Value::Null) extra.emplace_back(name, &optional[k++]);
+        }
+        return sc_table::make(std::move(t), std::move(jx), std::move(jt), extra);
+    } catch (const Error& e) {
+        throw Error(SC_ERR_CORRUPT, "corrupt sensitivity table " + source + ": " + e.what());
+    }
+}
+
+}  // namespace
+
+// The handle the caller holds: a shared reference, so policies outlive the caller's table.
+struct sc_table_handle {
+    std::shared_ptr<sc_table> table;
+};
+
+namespace {
+
+sc_status hand_out(std::shared_ptr<sc_table> table, sc_table** out) {
+    *out = reinterpret_cast<sc_table*>(new sc_table_handle{std::move(table)});
+    track(*out);
+    return SC_OK;
+}
+
+const std::shared_ptr<sc_table>& unwrap(const sc_table* handle) {
+    return reinterpret_cast<const sc_table_handle*>(handle)->table;
+}
+
+}  // namespace
+
+extern "C" sc_status sc_table_parse_json(const char* data, size_t size, sc_table** out) {
+    return guarded([&] {
+        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+        *out = nullptr;
+        SC_REQUIRE(data != nullptr, SC_ERR_INVALID_ARGUMENT, "data is NULL");
+        return hand_out(parse_table(std::string(data, size), "(memory)"), out);
+    });
+}
+
+extern "C" sc_status sc_table_load_json(const char* path, sc_table** out) {
+    return guarded([&] {
+        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+        *out = nullptr;
+        SC_REQUIRE(path != nullptr, SC_ERR_INVALID_ARGUMENT, "path is NULL");
+        return hand_out(parse_table(read_file(path), path), out);
+    });
+}
+
+extern "C" sc_status sc_table_load_bundle(const char* bundle_dir, sc_table** out) {
+    return guarded([&] {
+        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+        *out = nullptr;
+        SC_REQUIRE(bundle_dir != nullptr, SC_ERR_INVALID_ARGUMENT, "bundle_dir is NULL");
+        const std::string path = std::string(bundle_dir) + "/sensitivity.json";
+        std::ifstream probe(path);
+        SC_REQUIRE(probe.good(), SC_ERR_NOT_FOUND,
+                   std::string("no sensitivity table in ") + bundle_dir + ": run `sencache calibrate --engine " +
+                       bundle_dir + "` first");
+        return hand_out(parse_table(read_file(path), path), out);
+    });
+}
+
+extern "C" sc_status sc_table_load_npz(const char* path, sc_table** out) {
+    return guarded([&] {
+        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+        *out = nullptr;
+        SC_REQUIRE(path != nullptr, SC_ERR_INVALID_ARGUMENT, "path is NULL");
+        const std::string p = path;
+        auto arrays = sencache::npz::load(p, {"timesteps", "J_x_norm", "J_t_norm", "sample_counts"});
+        std::string missing;
+        for (const char* key : {"J_t_norm", "J_x_norm", "timesteps"})
+            if (arrays.count(key) == 0) missing += std::string(missing.empty() ? "" : ", ") + key;
+        SC_REQUIRE(missing.empty(), SC_ERR_CORRUPT, p + ": not a SenCache sensitivity .npz (missing " + missing + ")");
+        for (const auto& [key, a] : arrays)
+            SC_REQUIRE(a.shape.size() == 1, SC_ERR_CORRUPT, p + ": " + key + " must be one-dimensional");
+        std::vector<std::pair<std::string, const std::vector<double>*>> extra;
+        if (arrays.count("sample_counts")) extra.emplace_back("counts", &arrays["sample_counts"].values);
+        try {
+            return hand_out(sc_table::make(arrays["timesteps"].values, arrays["J_x_norm"].values,
+                                           arrays["J_t_norm"].values, extra), out);
+        } catch (const Error& e) {
+            throw Error(e.status, p + ": " + e.what());
+        }
+    });
+}
+
+extern "C" size_t sc_table_size(const sc_table* table) { return table ? unwrap(table)->t.size() : 0; }
+
+extern "C" sc_status sc_table_lookup(const sc_table* table, double t, double* jx, double* jt, int* inside) {
+    return guarded([&] {
+        SC_REQUIRE(table != nullptr, SC_ERR_INVALID_ARGUMENT, "table is NULL");
+        double x, y;
+        bool in;
+        unwrap(table)->lookup(t, x, y, in);
+        if (jx) *jx = x;
+        if (jt) *jt = y;
+        if (inside) *inside = in ? 1 : 0;
+        return SC_OK;
+    });
+}
+
+extern "C" void sc_table_destroy(sc_table* table) {
+    if (table && untrack(table)) delete reinterpret_cast<sc_table_handle*>(table);
+}
+
+// ---- the rule ----------------------------------------------------------------------------------
+
+struct sc_policy {
+    std::shared_ptr<sc_table> table;
+    sc_policy_settings settings;
+    int32_t steps, batch;
+    int64_t numel;
+    int32_t switch_step;
+    std::vector<double> anchor_t, jx, jt, scores;
+    std::vector<int64_t> reuses;
+    std::vector<uint8_t> run;
+    double threshold = std::numeric_limits<double>::quiet_NaN();
+    bool forced = false;
+    int64_t outside = 0;
+
+    void reset() {
+        anchor_t.assign(batch, 0.0);
+        jx.assign(batch, 0.0);
+        jt.assign(batch, 0.0);
+        reuses.assign(batch, 0);
+        scores.assign(batch, std::numeric_limits<double>::quiet_NaN());
+        run.assign(batch, 1);
+        threshold = std::numeric_limits<double>::quiet_NaN();
+        forced = false;
+        outside = 0;
+    }
+
+    bool is_forced(int32_t step) const { return step == 0 || (settings.force_last && step == steps - 1); }
+
+    void decide(int32_t step, double t, const float* drift_sumsq) {
+        const double eps = step < switch_step ? settings.eps_start : settings.eps_main;
+        forced = is_forced(step);
+        threshold = eps;
+        if (forced) {
+            std::fill(run.begin(), run.end(), 1);
+            std::fill(scores.begin(), scores.end(), std::numeric_limits<double>::quiet_NaN());
+        } else {
+            double jx_now = 0, jt_now = 0;
+            bool in = false;
+            if (settings.rule == SC_RULE_SENCACHE_MAX) table->lookup(t, jx_now, jt_now, in);
+            const double root = std::sqrt(static_cast<double>(numel));
+            for (int32_t b = 0; b < batch; ++b) {
+                const double drift = std::sqrt(static_cast<double>(drift_sumsq[b]));
+                double sx = jx[b], st = jt[b];
+                if (settings.rule == SC_RULE_SENCACHE_MAX) {  // np.maximum: NaN propagates
+                    sx = (std::isnan(sx) || sx >= jx_now) ? sx : jx_now;
+                    st = (std::isnan(st) || st >= jt_now) ? st : jt_now;
+                }
+                const double a = sx * drift;
+                const double c = st * std::fabs(t - anchor_t[b]);
+                scores[b] = (a + c) / root;
+                run[b] = !((scores[b] < eps) && (reuses[b] < settings.max_reuse));
+            }
+        }
+        // _commit
+        bool any = false;
+        for (int32_t b = 0; b < batch; ++b) {
+            reuses[b] = run[b] ? 0 : reuses[b] + 1;
+            any = any || run[b];
+        }
+        if (any && step < steps - 1) {
+            double x, y;
+            bool in;
+            table->lookup(t, x, y, in);
+            if (!in) ++outside;
+            for (int32_t b = 0; b < batch; ++b) {
+                if (!run[b]) continue;
+                anchor_t[b] = t;
+                jx[b] = x;
+                jt[b] = y;
+            }
+        }
+    }
+};
+
+namespace {
+
+void check_settings(const sc_policy_settings& s) {
+    SC_REQUIRE(s.rule == SC_RULE_SENCACHE || s.rule == SC_RULE_SENCACHE_MAX, SC_ERR_INVALID_ARGUMENT,
+               "rule must be SC_RULE_SENCACHE or SC_RULE_SENCACHE_MAX");
+    SC_REQUIRE(std::isfinite(s.eps_start) && s.eps_start >= 0, SC_ERR_INVALID_ARGUMENT,
+               "--eps-start must be a finite number >= 0, got " + std::to_string(s.eps_start));
+    SC_REQUIRE(std::isfinite(s.eps_main) && s.eps_main >= 0, SC_ERR_INVALID_ARGUMENT,
+               "--eps-main must be a finite number >= 0, got " + std::to_string(s.eps_main));
+    SC_REQUIRE(s.max_reuse >= 0 && s.max_reuse <= kMaxSteps, SC_ERR_INVALID_ARGUMENT,
+               "--max-reuse must be in [0, 1000], got " + std::to_string(s.max_reuse));
+    SC_REQUIRE(s.switch_frac >= 0.0 && s.switch_frac <= 1.0, SC_ERR_INVALID_ARGUMENT,
+               "switch fraction must be in [0, 1], got " + std::to_string(s.switch_frac));
+}
+
+}  // namespace
+
+extern "C" sc_status sc_policy_settings_from_bundle(const char* bundle_dir, sc_policy_settings* out) {
+    return guarded([&] {
+        SC_REQUIRE(bundle_dir != nullptr && out != nullptr, SC_ERR_INVALID_ARGUMENT, "bundle_dir or out is NULL");
+        const std::string path = std::string(bundle_dir) + "/manifest.json";
+        const std::string data = read_file(path);
+        using sencache::json::Value;
+        Value doc;
+        try {
+            doc = sencache::json::parse(data.data(), data.size());
+        } catch (const std::runtime_error& e) {
+            throw Error(SC_ERR_CORRUPT, "corrupt manifest " + path + ": " + e.what());
+        }
+        const Value* defaults = doc.kind == Value::Object ? doc.find("defaults") : nullptr;
+        const Value* s = defaults && defaults->kind == Value::Object ? defaults->find("sencache") : nullptr;
+        SC_REQUIRE(s && s->kind == Value::Object, SC_ERR_CORRUPT, "corrupt manifest " + path + ": no defaults.sencache");
+        const auto number = [&](const char* key) {
+            const Value* v = s->find(key);
+            SC_REQUIRE(v && v->kind == Value::Number, SC_ERR_CORRUPT,
+                       "corrupt manifest " + path + ": defaults.sencache." + key + " is not a number");
+            return v->number;
+        };
+        sc_policy_settings settings{SC_RULE_SENCACHE, number("eps_start"), number("eps_main"), 0, 0.2, 1};
+        const double reuse = number("max_reuse");
+        SC_REQUIRE(reuse == std::floor(reuse) && reuse >= 0 && reuse <= kMaxSteps, SC_ERR_CORRUPT,
+                   "corrupt manifest " + path + ": defaults.sencache.max_reuse must be an integer in [0, 1000]");
+        settings.max_reuse = static_cast<int32_t>(reuse);
+        check_settings(settings);
+        *out = settings;
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_create(const sc_table* table, const sc_policy_settings* settings, int32_t steps,
+                                      int32_t batch, int64_t numel, sc_policy** out) {
+    return guarded([&] {
+        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+        *out = nullptr;
+        SC_REQUIRE(table != nullptr && settings != nullptr, SC_ERR_INVALID_ARGUMENT, "table or settings is NULL");
+        SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
+                   "steps, batch and latent size must be positive");
+        check_settings(*settings);
+        auto policy = std::make_unique<sc_policy>();
+        policy->table = unwrap(table);
+        policy->settings = *settings;
+        policy->steps = steps;
+        policy->batch = batch;
+        policy->numel = numel;
+        // Python's round(): half to even, which nearbyint does in the default rounding mode.
+        policy->switch_step = static_cast<int32_t>(std::nearbyint(settings->switch_frac * steps));
+        policy->reset();
+        *out = policy.release();
+        track(*out);
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_decide(sc_policy* policy, int32_t step, double t, const float* drift_sumsq,
+                                      uint8_t* run_mask_out, int32_t batch) {
+    return guarded([&] {
+        SC_REQUIRE(policy != nullptr && run_mask_out != nullptr, SC_ERR_INVALID_ARGUMENT, "policy or run_mask_out is NULL");
+        SC_REQUIRE(batch == policy->batch, SC_ERR_BUFFER_SIZE,
+                   "batch " + std::to_string(batch) + " but the policy was made for " + std::to_string(policy->batch));
+        SC_REQUIRE(step >= 0 && step < policy->steps, SC_ERR_INVALID_ARGUMENT,
+                   "step " + std::to_string(step) + " outside [0, " + std::to_string(policy->steps) + ")");
+        SC_REQUIRE(std::isfinite(t), SC_ERR_INVALID_ARGUMENT, "timestep must be finite");
+        SC_REQUIRE(drift_sumsq != nullptr || policy->is_forced(step), SC_ERR_INVALID_ARGUMENT,
+                   "drift_sumsq is NULL on a step that is not forced");
+        policy->decide(step, t, drift_sumsq);
+        std::memcpy(run_mask_out, policy->run.data(), policy->run.size());
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_last(const sc_policy* policy, double* scores_out, int32_t batch, double* threshold,
+                                    int* forced) {
+    return guarded([&] {
+        SC_REQUIRE(policy != nullptr, SC_ERR_INVALID_ARGUMENT, "policy is NULL");
+        if (scores_out) {
+            SC_REQUIRE(batch == policy->batch, SC_ERR_BUFFER_SIZE,
+                       "batch " + std::to_string(batch) + " but the policy was made for " + std::to_string(policy->batch));
+            std::copy(policy->scores.begin(), policy->scores.end(), scores_out);
+        }
+        if (threshold) *threshold = policy->threshold;
+        if (forced) *forced = policy->forced ? 1 : 0;
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_outside_table(const sc_policy* policy, int64_t* count) {
+    return guarded([&] {
+        SC_REQUIRE(policy != nullptr && count != nullptr, SC_ERR_INVALID_ARGUMENT, "policy or count is NULL");
+        *count = policy->outside;
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_reset(sc_policy* policy) {
+    return guarded([&] {
+        SC_REQUIRE(policy != nullptr, SC_ERR_INVALID_ARGUMENT, "policy is NULL");
+        policy->reset();
+        return SC_OK;
+    });
+}
+
+extern "C" void sc_policy_destroy(sc_policy* policy) {
+    if (policy && untrack(policy)) delete policy;
+}

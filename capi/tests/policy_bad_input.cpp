@@ -1,0 +1,130 @@
+// Bad input across the native ABI: nulls, missing and corrupt tables (JSON and .npz), wrong sizes,
+// double destroy. Every call must return a status and a message, never crash (also run under ASan).
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "sencache.h"
+
+static int failures = 0;
+
+#define EXPECT(status_expr, want)                                                                   \
+    do {                                                                                           \
+        const sc_status got_ = (status_expr);                                                      \
+        if (got_ != (want)) {                                                                      \
+            std::printf("FAIL %s:%d: %s -> %s (want %s): %s\n", __FILE__, __LINE__, #status_expr, \
+                        sc_status_name(got_), sc_status_name(want), sc_last_error());              \
+            ++failures;                                                                            \
+        } else if (got_ != SC_OK && std::strlen(sc_last_error()) == 0) {                           \
+            std::printf("FAIL %s:%d: %s gave no message\n", __FILE__, __LINE__, #status_expr);     \
+            ++failures;                                                                            \
+        }                                                                                          \
+    } while (0)
+
+static void write(const std::string& path, const std::string& data) {
+    std::ofstream(path, std::ios::binary) << data;
+}
+
+int main(int argc, char** argv) {
+    const std::string dir = argc > 1 ? argv[1] : ".";
+    std::system(("mkdir -p '" + dir + "'").c_str());
+    sc_table* table = nullptr;
+    const std::string good = R"({"format": "sencache-sensitivity/1", "meta": {}, "timesteps": [1000, 500, 0],
+                                 "Jx": [1.0, 2.0, 3.0], "Jt": [0.001, 0.002, 0.003]})";
+    // nulls
+    EXPECT(sc_table_parse_json(nullptr, 3, &table), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_table_parse_json(good.data(), good.size(), nullptr), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_table_load_json(nullptr, &table), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_table_load_npz(nullptr, &table), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_table_lookup(nullptr, 1.0, nullptr, nullptr, nullptr), SC_ERR_INVALID_ARGUMENT);
+    // missing files
+    EXPECT(sc_table_load_json((dir + "/nope.json").c_str(), &table), SC_ERR_NOT_FOUND);
+    EXPECT(sc_table_load_npz((dir + "/nope.npz").c_str(), &table), SC_ERR_NOT_FOUND);
+    EXPECT(sc_table_load_bundle((dir + "/no-bundle").c_str(), &table), SC_ERR_NOT_FOUND);
+    // corrupt JSON tables
+    const char* corrupt[] = {
+        "", "{", "[1, 2]", "{\"format\": \"other\"}", "{\"format\": \"sencache-sensitivity/1\"}",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, 2], "Jt": [1]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1], "Jx": [1], "Jt": [1]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 1], "Jx": [1, 2], "Jt": [1, 2]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [-1, 2], "Jt": [1, 2]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [NaN, 2], "Jt": [1, 2]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [true, 2], "Jt": [1, 2]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, 2], "Jt": [1, 2], "meta": 3})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, 2], "Jt": [1, 2], "counts": [1]})",
+        R"({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1e999, 2], "Jt": [1, 2]})",
+        "{\"format\": \"sencache-sensitivity/1\", \"timesteps\": [1, 2], \"Jx\": [1, 2], \"Jt\": [1, 2]} extra",
+    };
+    for (const char* text : corrupt) EXPECT(sc_table_parse_json(text, std::strlen(text), &table), SC_ERR_CORRUPT);
+    std::string deep(100000, '[');
+    EXPECT(sc_table_parse_json(deep.data(), deep.size(), &table), SC_ERR_CORRUPT);
+    // corrupt .npz files
+    write(dir + "/empty.npz", "");
+    write(dir + "/junk.npz", std::string(200, 'x'));
+    write(dir + "/eocd.npz", std::string("PK\5\6") + std::string(18, '\xff'));
+    EXPECT(sc_table_load_npz((dir + "/empty.npz").c_str(), &table), SC_ERR_CORRUPT);
+    EXPECT(sc_table_load_npz((dir + "/junk.npz").c_str(), &table), SC_ERR_CORRUPT);
+    EXPECT(sc_table_load_npz((dir + "/eocd.npz").c_str(), &table), SC_ERR_CORRUPT);
+    // a good table, then the policy
+    EXPECT(sc_table_parse_json(good.data(), good.size(), &table), SC_OK);
+    double jx = 0, jt = 0;
+    int inside = 0;
+    EXPECT(sc_table_lookup(table, 250.0, &jx, &jt, &inside), SC_OK);
+    if (!(jx == 2.5 && inside == 1)) { std::printf("FAIL lookup 250 -> %g %d\n", jx, inside); ++failures; }
+    sc_policy_settings s{SC_RULE_SENCACHE, 0.01, 0.1, 3, 0.2, 1};
+    sc_policy* policy = nullptr;
+    EXPECT(sc_policy_create(nullptr, &s, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create(table, nullptr, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create(table, &s, 0, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create(table, &s, 10, 0, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create(table, &s, 10, 2, 0, &policy), SC_ERR_INVALID_ARGUMENT);
+    sc_policy_settings bad = s;
+    bad.eps_main = NAN;
+    EXPECT(sc_policy_create(table, &bad, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    bad = s;
+    bad.max_reuse = 1001;
+    EXPECT(sc_policy_create(table, &bad, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    bad = s;
+    bad.switch_frac = 1.5;
+    EXPECT(sc_policy_create(table, &bad, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    bad = s;
+    bad.rule = static_cast<sc_rule>(7);
+    EXPECT(sc_policy_create(table, &bad, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create(table, &s, 10, 2, 100, &policy), SC_OK);
+    sc_table_destroy(table);  // the policy keeps its own reference
+    sc_table_destroy(table);  // double destroy: a no-op
+    sc_table_destroy(nullptr);
+    uint8_t run[2];
+    const float drift[2] = {1.0f, 4.0f};
+    EXPECT(sc_policy_decide(nullptr, 0, 1000.0, drift, run, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_decide(policy, 0, 1000.0, drift, nullptr, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_decide(policy, 0, 1000.0, drift, run, 3), SC_ERR_BUFFER_SIZE);
+    EXPECT(sc_policy_decide(policy, 10, 1000.0, drift, run, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_decide(policy, -1, 1000.0, drift, run, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_decide(policy, 0, INFINITY, drift, run, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_decide(policy, 0, 1000.0, nullptr, run, 2), SC_OK);  // forced: no drift needed
+    EXPECT(sc_policy_decide(policy, 1, 900.0, nullptr, run, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_decide(policy, 1, 900.0, drift, run, 2), SC_OK);
+    double scores[2];
+    EXPECT(sc_policy_last(policy, scores, 1, nullptr, nullptr), SC_ERR_BUFFER_SIZE);
+    EXPECT(sc_policy_last(policy, scores, 2, nullptr, nullptr), SC_OK);
+    EXPECT(sc_policy_outside_table(policy, nullptr), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_reset(nullptr), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_reset(policy), SC_OK);
+    EXPECT(sc_policy_settings_from_bundle(nullptr, &s), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_settings_from_bundle((dir + "/no-bundle").c_str(), &s), SC_ERR_NOT_FOUND);
+    sc_policy_destroy(policy);
+    sc_policy_destroy(policy);  // double destroy: a no-op
+    sc_policy_destroy(nullptr);
+    // without CUDA every sc_drift_* call says so; with it, bad arguments are refused before the device
+    sc_drift* drift_handle = nullptr;
+    EXPECT(sc_drift_create(0, 10, &drift_handle), sc_drift_available() ? SC_ERR_INVALID_ARGUMENT : SC_ERR_UNSUPPORTED);
+    EXPECT(sc_drift_wait(nullptr, nullptr, 1), sc_drift_available() ? SC_ERR_INVALID_ARGUMENT : SC_ERR_UNSUPPORTED);
+    sc_drift_destroy(nullptr);
+    if (std::strcmp(sc_status_name(static_cast<sc_status>(99)), "SC_ERR_UNKNOWN_STATUS") != 0) ++failures;
+    std::printf("%s: %d failures\n", failures ? "FAILED" : "passed", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,86 @@
+"""The native rule against the engine's own decisions on recorded tiny-wan runs: the Python step
+engine runs requests (batches of 1 and 2, several knobs, both rules) with each request's rule
+recording what it was given; the native policy, loaded from the same bundle (its table and its
+default settings read natively), replays the inputs and must decide the same, step for step."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import native  # noqa: E402
+
+from sencache.runtime.backends.base import open_backend  # noqa: E402
+from sencache.runtime.bundle import Bundle  # noqa: E402
+from sencache.runtime.model import Model  # noqa: E402
+from sencache.runtime.request import Request  # noqa: E402
+from sencache.runtime.stepping import StepEngine  # noqa: E402
+
+BUNDLE = os.environ.get("SENCACHE_TEST_BUNDLE", "")
+PROMPTS = ["one small red circle static on black", "two blue squares moving right", "a green bar falling"]
+
+
+class Recording:
+    """A rule that records every decide() call and its decision, and otherwise is the rule."""
+
+    def __init__(self, rule) -> None:
+        self.rule = rule
+        self.calls: list[tuple[int, float, np.ndarray | None, np.ndarray]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.rule, name)
+
+    def decide(self, step, t, drift_sumsq=None, modulation=None):
+        decision = self.rule.decide(step, t, drift_sumsq, modulation)
+        drift = None if drift_sumsq is None else np.array(drift_sumsq, dtype=np.float32)
+        self.calls.append((step, t, drift, decision.run.copy()))
+        return decision
+
+
+@pytest.mark.skipif(not BUNDLE, reason="SENCACHE_TEST_BUNDLE names no bundle (ctest sets it)")
+def test_recorded_runs_match():
+    lib = native.load()
+    bundle = Bundle.load(Path(BUNDLE))
+    model = Model(bundle, open_backend(bundle, None, threads=1, device="cpu"))
+    table = ctypes.c_void_p()
+    assert lib.sc_table_load_bundle(BUNDLE.encode(), ctypes.byref(table)) == 0, lib.sc_last_error()
+    lib.sc_policy_settings_from_bundle.argtypes = [ctypes.c_char_p, ctypes.POINTER(native.Settings)]
+    defaults = native.Settings()
+    assert lib.sc_policy_settings_from_bundle(BUNDLE.encode(), ctypes.byref(defaults)) == 0, lib.sc_last_error()
+    manifest = bundle.manifest["defaults"]["sencache"]
+    assert (defaults.eps_start, defaults.eps_main, defaults.max_reuse) == \
+        (manifest["eps_start"], manifest["eps_main"], manifest["max_reuse"])
+    engine = StepEngine(model)
+    runs = []
+    cases = [("sencache", {}, 1), ("sencache", {"eps_main": manifest["eps_main"] * 3, "max_reuse": 4}, 2),
+             ("sencache-max", {}, 1), ("sencache", {"eps_start": 0.0, "eps_main": manifest["eps_main"] / 3}, 2)]
+    for k, (method, knobs, batch) in enumerate(cases):
+        steps = 10 + 4 * k
+        request = Request(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest["defaults"]["guidance"])
+        rule = Recording(model.policy(method, steps, batch, knobs))
+        engine.submit(request, rule)
+        runs.append((method, knobs, batch, steps, rule))
+    while engine.busy:
+        engine.step()
+    decisions = reuses = 0
+    for method, knobs, batch, steps, rule in runs:
+        s = rule.rule.config
+        ours = native.Policy(lib, native.Table(lib, table), int(method == "sencache-max"), s.eps_start, s.eps_main,
+                             s.max_reuse, s.switch_frac, s.force_last, steps, batch, model.numel)
+        assert len(rule.calls) == steps
+        for step, t, drift, want in rule.calls:
+            run, _, _, _ = ours.decide(step, t, drift)
+            assert np.array_equal(run, want), f"{method} {knobs}: step {step}: {run} != {want}"
+            decisions += batch
+            reuses += int((~want).sum())
+        ours.close()
+    lib.sc_table_destroy(table)
+    print(f"\nrecorded tiny-wan runs: {len(runs)} requests, {decisions} per-sample decisions "
+          f"({reuses} reuse), 0 mismatches")
+    assert reuses > 0
