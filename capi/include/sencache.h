@@ -138,11 +138,10 @@ typedef struct sc_drift sc_drift;
  * device sums, pinned host sums and one event, on the current device. */
 SC_API sc_status sc_drift_create(int32_t max_samples, int64_t per_sample, sc_drift** out);
 /* Enqueue on `cuda_stream` (a cudaStream_t; NULL: the legacy default stream) the fused kernel for
- * `samples` samples: sums of (x - anchor)^2 per sample; where refresh (device, one byte per
- * sample, may be NULL) is nonzero the anchor is overwritten with x in the same pass. Then an
- * asynchronous copy of the sums to pinned memory and one event. Returns without waiting. */
-SC_API sc_status sc_drift_launch(sc_drift* drift, const void* x, void* anchor, const uint8_t* refresh,
-                                 int32_t samples, sc_dtype dtype, void* cuda_stream);
+ * `samples` samples: sums of (x - anchor)^2 per sample (the anchors are only read: move a
+ * sample's anchor after deciding that it runs). Then an asynchronous copy of the sums to pinned memory and one event. Returns without waiting. */
+SC_API sc_status sc_drift_launch(sc_drift* drift, const void* x, const void* anchor, int32_t samples,
+                                 sc_dtype dtype, void* cuda_stream);
 /* Wait on that event and copy the `samples` sums to sums_out (host). */
 SC_API sc_status sc_drift_wait(sc_drift* drift, float* sums_out, int32_t samples);
 SC_API void sc_drift_destroy(sc_drift* drift);

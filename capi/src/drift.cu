@@ -71,8 +71,8 @@ extern "C" sc_status sc_drift_create(int32_t max_samples, int64_t per_sample, sc
     });
 }
 
-extern "C" sc_status sc_drift_launch(sc_drift* drift, const void* x, void* anchor, const uint8_t* refresh,
-                                     int32_t samples, sc_dtype dtype, void* cuda_stream) {
+extern "C" sc_status sc_drift_launch(sc_drift* drift, const void* x, const void* anchor, int32_t samples,
+                                     sc_dtype dtype, void* cuda_stream) {
     return guarded([&] {
         SC_REQUIRE(drift != nullptr && x != nullptr && anchor != nullptr, SC_ERR_INVALID_ARGUMENT,
                    "drift, x or anchor is NULL");
@@ -81,7 +81,7 @@ extern "C" sc_status sc_drift_launch(sc_drift* drift, const void* x, void* ancho
         SC_REQUIRE(dtype == SC_FP32 || dtype == SC_FP16 || dtype == SC_BF16, SC_ERR_INVALID_ARGUMENT,
                    "dtype must be SC_FP32, SC_FP16 or SC_BF16");
         auto stream = static_cast<cudaStream_t>(cuda_stream);
-        cuda(sencache_drift_sumsq(x, anchor, refresh, drift->partials, drift->sums, samples, drift->per_sample,
+        cuda(sencache_drift_sumsq(x, anchor, drift->partials, drift->sums, samples, drift->per_sample,
                                   static_cast<sencache_dtype>(dtype), stream), "drift kernel launch");
         cuda(cudaMemcpyAsync(drift->pinned, drift->sums, sizeof(float) * samples, cudaMemcpyDeviceToHost, stream),
              "cudaMemcpyAsync");

@@ -8,7 +8,7 @@ extern "C" sc_status sc_drift_create(int32_t, int64_t, sc_drift** out) {
     return sencache::fail(SC_ERR_UNSUPPORTED, "this libsencache_policy was built without CUDA (no nvcc at build time)");
 }
 
-extern "C" sc_status sc_drift_launch(sc_drift*, const void*, void*, const uint8_t*, int32_t, sc_dtype, void*) {
+extern "C" sc_status sc_drift_launch(sc_drift*, const void*, const void*, int32_t, sc_dtype, void*) {
     return sencache::fail(SC_ERR_UNSUPPORTED, "this libsencache_policy was built without CUDA (no nvcc at build time)");
 }
 
