@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
@@ -70,16 +71,11 @@ class Calibration:
     baselines: BaselineTables
 
 
-def _relative_l1(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    cur, prev = current.reshape(len(current), -1), previous.reshape(len(previous), -1)
-    return np.abs(cur - prev).mean(axis=1) / np.abs(prev).mean(axis=1)
-
-
 def calibrate(engine: Model, plan: CalibrationPlan, show_progress: bool = True) -> Calibration:
     """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories."""
     manifest = engine.bundle.manifest
-    steps = plan.steps or manifest["defaults"]["steps"]
-    guidance = manifest["defaults"]["guidance"] if plan.guidance is None else plan.guidance
+    steps = plan.steps or manifest.defaults.steps
+    guidance = manifest.defaults.guidance if plan.guidance is None else plan.guidance
     prompts = calibration_prompts(plan.samples, plan.seed)
     seeds = [plan.seed + i for i in range(plan.samples)]
     batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
@@ -103,8 +99,8 @@ def calibrate(engine: Model, plan: CalibrationPlan, show_progress: bool = True) 
             now = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
             f_k = now.guided
             if previous is not None:
-                tea_x.append(_relative_l1(now.modulation, previous.modulation))
-                tea_y.append(_relative_l1(now.cond, previous.cond))
+                tea_x.append(relative_l1(now.modulation, previous.modulation))
+                tea_y.append(relative_l1(now.cond, previous.cond))
                 mag_rows.append((now.residual_norms / previous.residual_norms).mean(axis=1))
             previous = now
             if k == steps - 1:
@@ -134,7 +130,7 @@ def calibrate(engine: Model, plan: CalibrationPlan, show_progress: bool = True) 
         "model": engine.preset.name,
         "family": engine.adapter.family,
         "backend": engine.backend.name,
-        "scheduler": manifest["scheduler"],
+        "scheduler": manifest.scheduler,
         "steps": steps,
         "guidance": guidance,
         "samples": plan.samples,

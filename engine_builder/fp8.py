@@ -3,7 +3,8 @@
 Only the blocks carry the cost, so only they are quantized: the head (patch, timestep and text
 embeddings) and the tail (final norm and output projection) stay in full precision, as ModelOpt's
 diffusion examples keep embeddings and the output projection. Calibration inputs are the blocks'
-real inputs on the model's own uncached trajectories, run through the fp32 bundle being built.
+real inputs on the model's own uncached trajectories, run by the runtime's loop on the fp32 ONNX
+stages of the bundle being built (its manifest is written once, after this step).
 The quantized graph (Q/DQ around the matmuls) is checked in ONNX Runtime against the fp32 graph on
 inputs from other prompts and seeds before any engine is built; the error goes in the manifest.
 
@@ -27,10 +28,12 @@ import numpy as np
 import torch
 
 from sencache.engine_builder.onnx_export import BuildFailed, compare
-from sencache.runtime.backends.base import open_backend
+from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
+from sencache.runtime.chain import cfg_rows
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import STAGES, Manifest
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
 from sencache.runtime.tiny_text import random_spec
@@ -54,8 +57,8 @@ def blocks_inputs(engine: Model, samples: int, seed: int, every: int = 2) -> dic
     `samples` prompts, stacked along the batch; shared tables repeated per row."""
     rng = np.random.default_rng(seed)
     prompts = [random_spec(rng).prompt for _ in range(samples)]
-    defaults = engine.bundle.manifest["defaults"]
-    steps, guidance = defaults["steps"], defaults["guidance"]
+    defaults = engine.bundle.manifest.defaults
+    steps, guidance = defaults.steps, defaults.guidance
     batch = max(1, min(samples, engine.bundle.shapes.max_batch))
     layout = engine.layout
     rows: dict[str, list[np.ndarray]] = {name: [] for name in layout.blocks_inputs}
@@ -66,26 +69,27 @@ def blocks_inputs(engine: Model, samples: int, seed: int, every: int = 2) -> dic
         text = engine.encode(chunk)
         uncond = engine.encode([""] * len(chunk)) if guidance > 1.0 else None
         for k in range(0, steps, every):
-            x = run.trajectory[k]
-            latent = x if uncond is None else np.concatenate([x, x])
-            cond = text if uncond is None else np.concatenate([text, uncond])
-            feeds = {"latent": latent, "timestep": np.full(len(latent), run.timesteps[k], np.float32), "text": cond}
-            head = engine.backend.run("head", {k: torch.from_numpy(v) for k, v in feeds.items()})
-            count = len(latent)
+            feeds = cfg_rows(torch.from_numpy(run.trajectory[k]), torch.from_numpy(text),
+                             None if uncond is None else torch.from_numpy(uncond))
+            count = len(feeds["latent"])
+            feeds["timestep"] = torch.full((count,), run.timesteps[k], dtype=torch.float32)
+            head = engine.backend.run("head", feeds)
             for name in layout.blocks_inputs:
                 value = head[name].numpy()
                 rows[name].append(np.repeat(value, count, axis=0) if name in layout.shared else value)
     return {name: np.concatenate(values).astype(np.float32) for name, values in rows.items()}
 
 
-def quantize_blocks(folder: Path, samples: int, log: Callable[[str], None], threads: int = 1) -> dict[str, Any]:
+def quantize_blocks(folder: Path, manifest: Manifest, samples: int, log: Callable[[str], None],
+                    threads: int = 1) -> dict[str, Any]:
     """Replace `folder`'s fp32 blocks.onnx by its FP8 Q/DQ version, calibrated on `samples`
-    trajectories and checked on half as many others; returns the quantization record."""
+    trajectories and checked on half as many others; returns the quantization record.
+    `manifest` is the bundle's as it will be written (before its file listing)."""
     version = require_modelopt()
     from modelopt.onnx.quantization import quantize
 
-    bundle = Bundle.load(folder)
-    engine = Model(bundle, open_backend(bundle, "onnxruntime", threads=threads))
+    bundle = Bundle.being_built(folder, manifest)
+    engine = Model(bundle, OnnxRuntimeBackend(bundle, threads, files={s: f"{s}.onnx" for s in STAGES}))
     log(f"  capturing blocks inputs on {samples} uncached trajectories")
     calibration = blocks_inputs(engine, samples, CALIBRATION_SEED)
     check = blocks_inputs(engine, max(1, samples // 2), CHECK_SEED, every=5)

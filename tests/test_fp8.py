@@ -29,8 +29,8 @@ def fp8_bundle(tmp_path_factory):
 
 def test_blocks_are_an_fp8_qdq_graph_checked_against_fp32(fp8_bundle):
     manifest = Bundle.load(fp8_bundle).manifest
-    assert manifest["precision"] == "fp8" and manifest["backend"] == "onnxruntime"
-    error = manifest["quantization"]["blocks_vs_fp32"]
+    assert manifest.precision == "fp8" and manifest.backend == "onnxruntime"
+    error = manifest.quantization["blocks_vs_fp32"]
     assert 1e-3 < error["rel_l2"] <= 0.15  # quantized for real, and within the build's limit
     graph = onnx.load(str(fp8_bundle / "blocks.onnx")).graph
     fp8 = onnx.TensorProto.FLOAT8E4M3FN
@@ -68,8 +68,8 @@ def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
                  "--compute-capability", "SM89", "--fp8-samples", "1", "--max-batch", "1", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tensorrt"]["compute_capability"] == "SM89"
-    assert manifest["quantization"]["blocks_vs_fp32"]["rel_l2"] <= 0.15
+    assert manifest.tensorrt["compute_capability"] == "SM89"
+    assert manifest.quantization["blocks_vs_fp32"]["rel_l2"] <= 0.15
     for stage in ("head", "blocks", "tail"):
         assert (out / f"{stage}.engine").stat().st_size > 50_000
     try:
