@@ -68,8 +68,8 @@ def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
                  "--compute-capability", "SM89", "--fp8-samples", "1", "--max-batch", "1", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest.tensorrt["compute_capability"] == "SM89"
-    assert manifest.quantization["blocks_vs_fp32"]["rel_l2"] <= 0.15
+    assert manifest["tensorrt"]["compute_capability"] == "SM89"
+    assert manifest["quantization"]["blocks_vs_fp32"]["rel_l2"] <= 0.15
     for stage in ("head", "blocks", "tail"):
         assert (out / f"{stage}.engine").stat().st_size > 50_000
     try:
