@@ -75,7 +75,7 @@ def main() -> None:
     bundle = Bundle.load(args.engine)
     model = Model(bundle, open_backend(bundle, None, threads=1, device="cpu"))
     engine_py = StepEngine(model)
-    guidance = bundle.manifest["defaults"]["guidance"]
+    guidance = bundle.manifest.defaults.guidance
 
     def step_c() -> None:
         active = ctypes.c_int32()
@@ -130,7 +130,7 @@ def main() -> None:
 
     report = {
         "tool": "sencache.benchmarks.capi_overhead",
-        "bundle": bundle.manifest["model"],
+        "bundle": bundle.manifest.model,
         "backend": model.backend.name,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": 1},

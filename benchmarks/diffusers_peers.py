@@ -43,7 +43,7 @@ class DiffusersPeers:
             raise BadInput(f"the diffusers peers are wired for Wan's pipeline only (its block hooks and sizes); "
                            f"bench {engine.preset.name} with --methods from: sencache sencache-max fixed fixed-warmup "
                            f"teacache magcache")
-        source = engine.bundle.manifest.get("weights_source")
+        source = engine.bundle.manifest.weights_source
         if not source or not Path(source).is_dir():
             raise BadInput("diffusers peers need the model's PyTorch weights; the bundle's weights source "
                            f"{source!r} is not available here")

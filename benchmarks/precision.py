@@ -46,13 +46,13 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
         bundle = Bundle.load(path)
         engine = Model(bundle, open_backend(bundle, threads=1))
         bundle.write_tables(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
-        defaults = bundle.manifest["defaults"]
-        request = Request(prompts, seeds, defaults["steps"], defaults["guidance"])
+        defaults = bundle.manifest.defaults
+        request = Request(prompts, seeds, defaults.steps, defaults.guidance)
         uncached = engine.decode(engine.generate(request, engine.policy("none", request.steps, samples, {})).latents)
         reference = uncached if reference is None else reference
         tables = {"own table": None} if precision == "fp32" else {"own table": None, "fp32 table": root / "fp32"}
         row: dict[str, Any] = {"psnr_uncached_vs_fp32": _mean_psnr(uncached, reference),
-                               "validation": bundle.manifest["validation"].get("blocks_fp8_vs_fp32")}
+                               "validation": bundle.manifest.validation.get("blocks_fp8_vs_fp32")}
         for label, source in tables.items():
             if source is not None:
                 bundle.adopt_tables(Bundle.load(source))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
@@ -73,18 +74,13 @@ class Calibration:
     baselines: BaselineTables
 
 
-def _relative_l1(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    cur, prev = current.reshape(len(current), -1), previous.reshape(len(previous), -1)
-    return np.abs(cur - prev).mean(axis=1) / np.abs(prev).mean(axis=1)
-
-
 def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | None = None,
               allow_tiny_vocabulary: bool = False, show_progress: bool = True) -> Calibration:
     """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories from `prompts`
     (None: the model's default); a real model refuses tiny-vocabulary prompts unless allowed."""
     manifest = engine.bundle.manifest
-    steps = plan.steps or manifest["defaults"]["steps"]
-    guidance = manifest["defaults"]["guidance"] if plan.guidance is None else plan.guidance
+    steps = plan.steps or manifest.defaults.steps
+    guidance = manifest.defaults.guidance if plan.guidance is None else plan.guidance
     samples = plan.samples or (DEFAULT_SAMPLES if prompts is None else max(1, len(prompts)))
     _check_samples(samples)
     chosen = calibration_prompts(engine.preset.tiny, engine.preset.name, samples, plan.seed, prompts,
@@ -111,8 +107,8 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
             now = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
             f_k = now.guided
             if previous is not None:
-                tea_x.append(_relative_l1(now.modulation, previous.modulation))
-                tea_y.append(_relative_l1(now.cond, previous.cond))
+                tea_x.append(relative_l1(now.modulation, previous.modulation))
+                tea_y.append(relative_l1(now.cond, previous.cond))
                 mag_rows.append((now.residual_norms / previous.residual_norms).mean(axis=1))
             previous = now
             if k == steps - 1:
@@ -142,7 +138,7 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
         "model": engine.preset.name,
         "family": engine.adapter.family,
         "backend": engine.backend.name,
-        "scheduler": manifest["scheduler"],
+        "scheduler": manifest.scheduler,
         "steps": steps,
         "guidance": guidance,
         "samples": samples,

@@ -15,6 +15,7 @@ import numpy as np
 
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache.knobs import KNOBS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
@@ -50,8 +51,25 @@ def status(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, WrongState):
         return STATE, str(exc)
     if isinstance(exc, BadInput):
-        return INVALID_ARGUMENT, str(exc)
+        return INVALID_ARGUMENT, exc.worded(c_field(exc.param))
     return PYTHON, f"{type(exc).__name__}: {exc}"
+
+
+_REQUEST_FIELDS = {"prompt": "prompt", "prompt_embeds": "prompt_embeds", "seed": "seed", "steps": "steps",
+                   "guidance": "guidance", "cache": "cache", "knobs": "knobs_json"}
+_OPTION_FIELDS = {"backend": "backend", "device": "device", "threads": "threads"}
+
+
+def c_field(param: str | None) -> str | None:
+    """How the C ABI names a parameter: the field of sc_request or sc_engine_options that holds it
+    (a cache knob is a key of request->knobs_json)."""
+    if param in _REQUEST_FIELDS:
+        return f"request->{_REQUEST_FIELDS[param]}"
+    if param in _OPTION_FIELDS:
+        return f"options->{_OPTION_FIELDS[param]}"
+    if param in KNOBS:
+        return f"request->knobs_json {param}"
+    return param
 
 
 class Host:
@@ -72,15 +90,15 @@ class Host:
     def submit(self, prompt: str, embeds: np.ndarray | None, seed: int, steps: int, guidance: float, cache: str,
                knobs_json: str | None) -> int:
         """Validate and queue one request (as sencache.Engine.submit does); its id."""
-        defaults = self.model.bundle.manifest["defaults"]
+        defaults = self.model.bundle.manifest.defaults
         try:
             knobs = json.loads(knobs_json) if knobs_json else {}
         except json.JSONDecodeError as e:
             raise BadInput(f"knobs_json is not JSON: {e}") from None
         if not isinstance(knobs, dict):
             raise BadInput(f"knobs_json must be a JSON object of knob names to numbers, got {knobs_json!r}")
-        steps = defaults["steps"] if steps == 0 else steps
-        request = Request([prompt], [seed], steps, defaults["guidance"] if guidance < 0 else guidance,
+        steps = defaults.steps if steps == 0 else steps
+        request = Request([prompt], [seed], steps, defaults.guidance if guidance < 0 else guidance,
                           None if embeds is None else embeds[None])
         policy = self.model.policy(cache, request.steps, 1, knobs)
         job_id = self.engine.enqueue(self.engine.prepare(request, policy))

@@ -3,8 +3,9 @@
 Only the blocks carry the cost, so only they are quantized: the head (patch, timestep and text
 embeddings) and the tail (final norm and output projection) stay in full precision, as ModelOpt's
 diffusion examples keep embeddings and the output projection. Calibration inputs are the blocks'
-real inputs on the model's own uncached trajectories, run through the fp32 bundle being built.
-The prompts are the caller's or the model's default calibration prompts (`sencache.engine_builder.prompts`).
+real inputs on the model's own uncached trajectories, run by the runtime's loop on the fp32 ONNX
+stages of the bundle being built (its manifest is written once, after this step). The prompts are
+the caller's or the model's default calibration prompts (`sencache.engine_builder.prompts`).
 The quantized graph (Q/DQ around the matmuls) is checked in ONNX Runtime against the fp32 graph on
 inputs from other seeds (and, for default prompts, other prompts) before any engine is built; the
 error goes in the manifest.
@@ -31,10 +32,12 @@ import torch
 
 from sencache.engine_builder.onnx_export import BuildFailed, compare
 from sencache.engine_builder.prompts import calibration_prompts
-from sencache.runtime.backends.base import open_backend
+from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
+from sencache.runtime.chain import cfg_rows
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import STAGES, Manifest
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
 
@@ -57,8 +60,8 @@ def blocks_inputs(engine: Model, prompts: list[str], seed: int, every: int = 2) 
     """The blocks stage's inputs (all CFG rows) at every `every`-th step of uncached runs of
     `prompts` (seeds from `seed`), stacked along the batch; shared tables repeated per row."""
     samples = len(prompts)
-    defaults = engine.bundle.manifest["defaults"]
-    steps, guidance = defaults["steps"], defaults["guidance"]
+    defaults = engine.bundle.manifest.defaults
+    steps, guidance = defaults.steps, defaults.guidance
     batch = max(1, min(samples, engine.bundle.shapes.max_batch))
     layout = engine.layout
     rows: dict[str, list[np.ndarray]] = {name: [] for name in layout.blocks_inputs}
@@ -69,28 +72,28 @@ def blocks_inputs(engine: Model, prompts: list[str], seed: int, every: int = 2) 
         text = engine.encode(chunk)
         uncond = engine.encode([""] * len(chunk)) if guidance > 1.0 else None
         for k in range(0, steps, every):
-            x = run.trajectory[k]
-            latent = x if uncond is None else np.concatenate([x, x])
-            cond = text if uncond is None else np.concatenate([text, uncond])
-            feeds = {"latent": latent, "timestep": np.full(len(latent), run.timesteps[k], np.float32), "text": cond}
-            head = engine.backend.run("head", {k: torch.from_numpy(v) for k, v in feeds.items()})
-            count = len(latent)
+            feeds = cfg_rows(torch.from_numpy(run.trajectory[k]), torch.from_numpy(text),
+                             None if uncond is None else torch.from_numpy(uncond))
+            count = len(feeds["latent"])
+            feeds["timestep"] = torch.full((count,), run.timesteps[k], dtype=torch.float32)
+            head = engine.backend.run("head", feeds)
             for name in layout.blocks_inputs:
                 value = head[name].numpy()
                 rows[name].append(np.repeat(value, count, axis=0) if name in layout.shared else value)
     return {name: np.concatenate(values).astype(np.float32) for name, values in rows.items()}
 
 
-def quantize_blocks(folder: Path, samples: int, log: Callable[[str], None], threads: int = 1,
-                    prompts: Sequence[str] | None = None) -> dict[str, Any]:
+def quantize_blocks(folder: Path, manifest: Manifest, samples: int, log: Callable[[str], None],
+                    threads: int = 1, prompts: Sequence[str] | None = None) -> dict[str, Any]:
     """Replace `folder`'s fp32 blocks.onnx by its FP8 Q/DQ version, calibrated on `samples`
     trajectories and checked on half as many others with other seeds; `prompts` are taken in turn
-    (None: the model's default calibration prompts); returns the quantization record."""
+    (None: the model's default calibration prompts); returns the quantization record.
+    `manifest` is the bundle's as it will be written (before its file listing)."""
     version = require_modelopt()
     from modelopt.onnx.quantization import quantize
 
-    bundle = Bundle.load(folder)
-    engine = Model(bundle, open_backend(bundle, "onnxruntime", threads=threads))
+    bundle = Bundle.being_built(folder, manifest)
+    engine = Model(bundle, OnnxRuntimeBackend(bundle, threads, files={s: f"{s}.onnx" for s in STAGES}))
     log(f"  capturing blocks inputs on {samples} uncached trajectories")
     tiny, model = engine.preset.tiny, engine.preset.name
     calibration = blocks_inputs(engine, calibration_prompts(tiny, model, samples, CALIBRATION_SEED, prompts),

@@ -131,9 +131,9 @@ class Engine:
         defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
         text encoder, `prompt` then only labels the video. Raises BadInput, naming the
         parameter, before anything is queued."""
-        defaults = self.model.bundle.manifest["defaults"]
-        request = Request([prompt], [seed], defaults["steps"] if steps is None else steps,
-                          defaults["guidance"] if guidance is None else guidance,
+        defaults = self.model.bundle.manifest.defaults
+        request = Request([prompt], [seed], defaults.steps if steps is None else steps,
+                          defaults.guidance if guidance is None else guidance,
                           _one(prompt_embeds, "prompt_embeds"), _one(negative_prompt_embeds, "negative_prompt_embeds"),
                           dynamic_cfg=dynamic_cfg)
         if not isinstance(cache, str):
@@ -237,7 +237,7 @@ class Engine:
         stats = {
             "model": model.preset.name,
             "backend": model.backend.name,
-            "precision": model.bundle.manifest["precision"],
+            "precision": model.bundle.manifest.precision,
             "prompt": request.prompts[0],
             "seed": request.seeds[0],
             "steps": request.steps,

@@ -17,13 +17,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sencache.runtime import manifest as schema
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
 from sencache.runtime.files import OWNER, sha256, staged_folder, write_atomic
+from sencache.runtime.manifest import FileEntry, Manifest
 from sencache.runtime.sensitivity import SensitivityTable
 
 FORMAT = schema.FORMAT
@@ -38,7 +38,7 @@ _UNLISTED = {MANIFEST, DIGEST, OWNER}
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     digest: str
     """SHA-256 of the manifest as loaded (a rewrite of the bundle changes it)."""
 
@@ -64,44 +64,50 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInput(f"corrupt {MANIFEST} in {path}: {e}") from None
         try:
-            schema.validate(manifest)
-            bundle = cls(path, manifest, digest)
+            bundle = cls(path, Manifest.parse(manifest), digest)
             bundle._check_family()
             bundle._check_files()
         except BadInput as e:
             raise BadInput(f"bundle {path}: {e}") from None
         return bundle
 
+    @classmethod
+    def being_built(cls, folder: Path, manifest: Manifest) -> Bundle:
+        """The bundle the builder is writing into `folder`, before its manifest is written: its
+        files as they are now, checksummed here, so the builder's own runs (fp8 calibration) read
+        them through the same checks as a loaded bundle."""
+        return cls(Path(folder), manifest.replace(files=list_files(folder)), digest="")
+
     def _check_family(self) -> None:
         """The manifest agrees with its family: known model, stage names, shapes, scheduler."""
         adapter = self.adapter
         preset = self.preset
         for stage, (inputs, outputs) in adapter.layout.stage_io.items():
-            spec = self.manifest["stages"][stage]
-            if tuple(spec["inputs"]) != inputs or tuple(spec["outputs"]) != outputs:
-                raise BadInput(f"stages.{stage} inputs/outputs {spec['inputs']} -> {spec['outputs']} are not the "
+            spec = self.manifest.stages[stage]
+            if spec.inputs != inputs or spec.outputs != outputs:
+                raise BadInput(f"stages.{stage} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
                                f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}")
         try:
             latent = adapter.latent_shape(preset, self.shapes)
             text = adapter.text_shape(preset)
-            adapter.make_scheduler(preset, self.manifest["scheduler"])
+            adapter.make_scheduler(preset, self.manifest.scheduler)
         except BadInput:
             raise
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
             raise BadInput(f"config or scheduler do not fit the {adapter.family} family: {e}") from None
-        shapes = self.manifest["shapes"]
-        if tuple(shapes["latent"]) != tuple(latent):
-            raise BadInput(f"shapes.latent {shapes['latent']} is not the {list(latent)} that frames, height and "
+        shapes = self.manifest.shapes
+        if shapes.latent != tuple(latent):
+            raise BadInput(f"shapes.latent {list(shapes.latent)} is not the {list(latent)} that frames, height and "
                            f"width give")
-        if tuple(shapes["text"]) != tuple(text):
-            raise BadInput(f"shapes.text {shapes['text']} is not the model's {list(text)}")
+        if shapes.text != tuple(text):
+            raise BadInput(f"shapes.text {list(shapes.text)} is not the model's {list(text)}")
 
     def _check_files(self) -> None:
         """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
-        files = self.manifest["files"]
-        needed = [self.manifest["stages"][s]["file"] for s in schema.STAGES]
-        if self.manifest["text_encoder"]["kind"] == "tiny":
-            needed.append(self.manifest["text_encoder"]["file"])
+        files = self.manifest.files
+        needed = [self.manifest.stages[s].file for s in schema.STAGES]
+        if self.manifest.text_encoder.kind == "tiny":
+            needed.append(self.manifest.text_encoder.file)
         for name in (SENSITIVITY, BASELINES):
             if (self.path / name).exists() or (self.path / name).is_symlink():
                 needed.append(name)
@@ -112,7 +118,7 @@ class Bundle:
             file = self._inside(name)
             if not file.is_file():
                 raise BadInput(f"file {name} is missing")
-            if file.stat().st_size != entry["bytes"]:
+            if file.stat().st_size != entry.bytes:
                 raise BadInput(f"file {name} does not match its checksum in {MANIFEST} (size differs)")
 
     def _inside(self, name: str) -> Path:
@@ -131,11 +137,11 @@ class Bundle:
 
     def read(self, name: str) -> bytes:
         """The bytes of listed file `name`, checked against its SHA-256 (read once)."""
-        entry = self.manifest["files"].get(name)
+        entry = self.manifest.files.get(name)
         if entry is None:
             raise BadInput(f"bundle {self.path}: {name} is not listed in {MANIFEST}'s files")
         data = self._inside(name).read_bytes()
-        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}")
         return data
 
@@ -143,37 +149,36 @@ class Bundle:
         """A listed folder, after checking every file in it (all listed, all matching): for
         loaders that open files themselves (diffusers' from_pretrained)."""
         folder = self._inside(name)
-        listed = {n for n in self.manifest["files"] if n.startswith(name + "/")}
+        listed = {n for n in self.manifest.files if n.startswith(name + "/")}
         present = {p.relative_to(self.path).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
         if not listed or present - listed:
             stray = sorted(present - listed)
             raise BadInput(f"bundle {self.path}: {stray[0] if stray else name} is not listed in {MANIFEST}'s files")
         for file in sorted(listed):
-            entry = self.manifest["files"][file]
-            if sha256(self._inside(file)) != entry["sha256"]:
+            if sha256(self._inside(file)) != self.manifest.files[file].sha256:
                 raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
         return folder
 
     def verify_files(self) -> None:
         """Hash every listed file now (a full check; loading checks each file as it is read)."""
-        for name in self.manifest["files"]:
+        for name in self.manifest.files:
             self.read(name)
 
     @property
     def adapter(self) -> FamilyAdapter:
-        return adapter_for(self.manifest["family"])
+        return adapter_for(self.manifest.family)
 
     @property
     def shapes(self) -> Shapes:
-        s = self.manifest["shapes"]
-        return Shapes(s["frames"], s["height"], s["width"], s["max_batch"])
+        s = self.manifest.shapes
+        return Shapes(s.frames, s.height, s.width, s.max_batch)
 
     @property
     def preset(self) -> ModelPreset:
         """The model as built: the named preset with the bundle's config and shapes."""
-        base = self.adapter.preset(self.manifest["model"])
+        base = self.adapter.preset(self.manifest.model)
         shapes = self.shapes
-        return dataclasses.replace(base, config=self.manifest["config"], frames=shapes.frames,
+        return dataclasses.replace(base, config=self.manifest.config, frames=shapes.frames,
                                    height=shapes.height, width=shapes.width)
 
     @property
@@ -181,7 +186,7 @@ class Bundle:
         return self.path / SENSITIVITY
 
     def sensitivity(self) -> SensitivityTable:
-        if SENSITIVITY not in self.manifest["files"]:
+        if SENSITIVITY not in self.manifest.files:
             raise BadInput(f"no sensitivity table in {self.path}: calibrate it first (`sencache calibrate`)")
         return SensitivityTable.parse(self.read(SENSITIVITY), f"{self.path / SENSITIVITY}")
 
@@ -190,7 +195,7 @@ class Bundle:
         return self.path / BASELINES
 
     def baselines(self) -> BaselineTables:
-        if BASELINES not in self.manifest["files"]:
+        if BASELINES not in self.manifest.files:
             raise BadInput(f"no baseline tables in {self.path}: calibrate it first (`sencache calibrate`)")
         return BaselineTables.parse(self.read(BASELINES), f"{self.path / BASELINES}")
 
@@ -213,12 +218,12 @@ class Bundle:
         the quantized model measure quantization noise (2-4x larger Jx, Jt on tiny-wan) and the
         rule then never reuses."""
         for key in ("model", "config", "scheduler"):
-            if source.manifest[key] != self.manifest[key]:
+            if getattr(source.manifest, key) != getattr(self.manifest, key):
                 raise BadInput(f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
                                f"between builds of the same model and scheduler")
         table = source.sensitivity()
-        table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest["precision"]}
-        baselines = source.baselines() if BASELINES in source.manifest["files"] else None
+        table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest.precision}
+        baselines = source.baselines() if BASELINES in source.manifest.files else None
         self.write_tables(table, baselines)
         return table
 
@@ -230,14 +235,18 @@ def _read_regular(folder: Path, name: str) -> bytes:
     return file.read_bytes()
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def list_files(folder: Path) -> dict[str, FileEntry]:
+    """Size and SHA-256 of every file in `folder` the manifest lists (all but itself, its digest
+    and the owner marker)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in _UNLISTED)
+    return {file.relative_to(folder).as_posix(): FileEntry(file.stat().st_size, sha256(file)) for file in files}
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> tuple[Manifest, str]:
     """Checksum every file in `folder` into the manifest, write it and its digest (atomically);
     returns the manifest as written and its digest."""
-    files = {}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in _UNLISTED):
-        files[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256(file)}
-    manifest = {**manifest, "format": FORMAT, "files": files}
-    data = json.dumps(manifest, indent=1).encode()
+    manifest = manifest.replace(files=list_files(folder))
+    data = json.dumps(manifest.to_json(), indent=1).encode()
     digest = hashlib.sha256(data).hexdigest()
     write_atomic(folder / MANIFEST, data)
     write_atomic(folder / DIGEST, f"{digest}  {MANIFEST}\n".encode())

@@ -1,23 +1,27 @@
-"""The bundle manifest's schema, checked on load before any field is used.
+"""The bundle manifest: one typed, frozen object, parsed and checked on load before any field is used.
 
-Every field the runtime reads is checked for its type and range here, so a wrong or hostile
-manifest ends in one line naming the field (`shapes.frames must be an integer in [1, 1024], got
-1000000000000`) instead of a traceback deep in the loop. What depends on the model family (the
-latent and text shapes, the stage inputs and outputs) is checked against the family adapter; the
-stage graphs' own inputs and outputs are checked by the backend that opens them.
+Every field the runtime reads is checked for its type and range by `Manifest.parse`, so a wrong
+or hostile manifest ends in one line naming the field (`shapes.frames must be an integer in [1,
+1024], got 1000000000000`) instead of a traceback deep in the loop. What depends on the model
+family (the latent and text shapes, the stage inputs and outputs) is checked against the family
+adapter by the bundle; the stage graphs' own inputs and outputs by the backend that opens them.
+The builder constructs a `Manifest` and writes it with `to_json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 from sencache.runtime.errors import BadInput
 
-FORMAT = "sencache-bundle/2"
+FORMAT = "sencache-bundle/3"
 BACKENDS = ("onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
+TENSORRT = ("tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STAGES = ("head", "blocks", "tail")
 MAX_FRAMES = 1024
@@ -26,6 +30,11 @@ MAX_BATCH = 64
 MAX_STEPS = 1000
 """The most denoising steps a request may ask for (published schedules use 20-100)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def max_rows(max_batch: int) -> int:
+    """The most engine rows a stage call carries for `max_batch` samples: a cond and an uncond row each."""
+    return 2 * max_batch
 
 
 def plain_name(name: Any, field: str) -> str:
@@ -85,10 +94,16 @@ class _Fields:
             raise BadInput(f"{self.name(key)} must be a finite number in [{low}, {high}], got {_show(value)}")
         return float(value)
 
-    def flag(self, key: str) -> None:
+    def flag(self, key: str) -> bool | None:
         value = self.get(key, optional=True)
         if value is not None and not isinstance(value, bool):
             raise BadInput(f"{self.name(key)} must be true or false, got {_show(value)}")
+        return value
+
+    def record(self, key: str) -> dict[str, Any]:
+        """A free-form JSON object the runtime only reports (validation figures, tools); {} when absent."""
+        value = self.obj(key, optional=True)
+        return {} if value is None else value.value
 
     def names(self, key: str) -> list[str]:
         value = self.get(key)
@@ -109,52 +124,191 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def validate(manifest: Any) -> None:
-    """Check the types and ranges of every manifest field the runtime reads (BadInput names the
-    first bad field). Family-dependent consistency is `check_against_family`'s."""
-    m = _Fields(manifest, "")
-    fmt = m.get("format")
-    if fmt != FORMAT:
-        raise BadInput(f"bundle format {_show(fmt)} is not {FORMAT!r}: rebuild it with this version "
-                       f"(`sencache build`)")
-    m.text("model")
-    m.text("family")
-    m.flag("tiny")
-    m.flag("trained")
-    m.obj("config")
-    shapes = m.obj("shapes")
-    shapes.integer("frames", 1, MAX_FRAMES)
-    shapes.integer("height", 1, MAX_PIXELS)
-    shapes.integer("width", 1, MAX_PIXELS)
+@dataclass(frozen=True)
+class Stage:
+    """One stage's file and the names of its inputs and outputs."""
+
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "inputs": list(self.inputs), "outputs": list(self.outputs)}
+
+
+@dataclass(frozen=True)
+class BundleShapes:
+    """What a bundle is built for: pixel-space video size, batch range, and per-row tensor shapes."""
+
+    frames: int
+    height: int
+    width: int
+    max_batch: int
+    latent: tuple[int, ...]
+    text: tuple[int, ...]
+    streams: tuple[tuple[int, ...], ...]
+    """Per-row shapes of the cached streams."""
+
+    @property
+    def max_rows(self) -> int:
+        return max_rows(self.max_batch)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"frames": self.frames, "height": self.height, "width": self.width, "max_batch": self.max_batch,
+                "latent": list(self.latent), "text": list(self.text), "streams": [list(s) for s in self.streams],
+                "dynamic": ["batch"]}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request takes when it does not say: steps, guidance, and each cache method's knobs."""
+
+    steps: int
+    guidance: float
+    cache: dict[str, dict[str, float]]
+    """Default knobs by cache method ("sencache", "teacache", "magcache")."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "guidance": self.guidance, **self.cache}
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """A tiny text encoder stored in the bundle (`file`, `dim`), or diffusers' from the weights folder."""
+
+    kind: str
+    file: str | None = None
+    dim: int | None = None
+    untrained: bool = False
+    source: str | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.kind == "tiny":
+            return {"kind": self.kind, "file": self.file, "dim": self.dim, **({"untrained": True} if self.untrained else {})}
+        return {"kind": self.kind, "source": self.source, **({"note": self.note} if self.note else {})}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A listed file's size and SHA-256."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest. `files` is filled in when the bundle is written."""
+
+    model: str
+    family: str
+    tiny: bool
+    trained: bool
+    config: dict[str, Any]
+    shapes: BundleShapes
+    precision: str
+    backend: str
+    stages: dict[str, Stage]
+    scheduler: dict[str, Any]
+    defaults: Defaults
+    text_encoder: TextEncoderSpec
+    validation: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    weights_source: str | None = None
+    created: str | None = None
+    weights: str | None = None
+    """The saved transformer's folder (torch bundles)."""
+    quantization: dict[str, Any] | None = None
+    tensorrt: dict[str, Any] | None = None
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as written to manifest.json."""
+        data: dict[str, Any] = {
+            "format": FORMAT, "model": self.model, "family": self.family, "tiny": self.tiny, "trained": self.trained,
+            "config": self.config, "shapes": self.shapes.to_json(), "precision": self.precision,
+            "backend": self.backend, "stages": {name: stage.to_json() for name, stage in self.stages.items()},
+            "scheduler": self.scheduler, "defaults": self.defaults.to_json(),
+            "text_encoder": self.text_encoder.to_json(), "validation": self.validation, "tools": self.tools,
+            "weights_source": self.weights_source, "created": self.created,
+        }
+        optional = {"weights": self.weights, "quantization": self.quantization, "tensorrt": self.tensorrt}
+        data.update({k: v for k, v in optional.items() if v is not None})
+        data["files"] = {name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()}
+        return data
+
+    @classmethod
+    def parse(cls, data: Any) -> Manifest:
+        """Check the types and ranges of every field the runtime reads (BadInput names the first
+        bad field) and return them typed. Family-dependent consistency is the bundle's to check."""
+        m = _Fields(data, "")
+        fmt = m.get("format")
+        if fmt != FORMAT:
+            raise BadInput(f"bundle format {_show(fmt)} is not {FORMAT!r}: rebuild it with this version "
+                           f"(`sencache build`)")
+        model, family = m.text("model"), m.text("family")
+        tiny, trained = m.flag("tiny"), m.flag("trained")
+        config = m.obj("config").value
+        shapes = _shapes(m.obj("shapes"))
+        precision = m.text("precision", PRECISIONS)
+        backend = m.text("backend", BACKENDS)
+        stages = {}
+        section = m.obj("stages")
+        for stage in STAGES:
+            spec = section.obj(stage)
+            stages[stage] = Stage(plain_name(spec.text("file"), spec.name("file")), tuple(spec.names("inputs")),
+                                  tuple(spec.names("outputs")))
+        weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
+        tensorrt = None
+        if backend in TENSORRT:
+            record = m.obj("tensorrt")
+            record.text("module", ("tensorrt", "tensorrt_rtx"))
+            record.text("version")
+            record.text("compute_capability", optional=True)
+            tensorrt = record.value
+        scheduler = m.obj("scheduler")
+        scheduler.text("_class_name")
+        defaults = _defaults(m.obj("defaults"))
+        text_encoder = _text_encoder(m.obj("text_encoder"))
+        weights_source = m.text("weights_source", optional=True)
+        files = {}
+        listing = m.obj("files")
+        for name in listing.value:
+            plain_name(name, "files")
+            entry = listing.obj(name)
+            size = entry.integer("bytes", 0, 2**50)
+            digest = entry.text("sha256")
+            if not _SHA256.fullmatch(digest):
+                raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
+            files[name] = FileEntry(size, digest)
+        return cls(model=model, family=family, tiny=bool(tiny), trained=trained is not False, config=config,
+                   shapes=shapes, precision=precision, backend=backend, stages=stages, scheduler=scheduler.value,
+                   defaults=defaults, text_encoder=text_encoder, validation=m.record("validation"),
+                   tools=m.record("tools"), weights_source=weights_source, created=m.text("created", optional=True),
+                   weights=weights, quantization=m.record("quantization") or None, tensorrt=tensorrt, files=files)
+
+
+def _shapes(shapes: _Fields) -> BundleShapes:
+    frames = shapes.integer("frames", 1, MAX_FRAMES)
+    height = shapes.integer("height", 1, MAX_PIXELS)
+    width = shapes.integer("width", 1, MAX_PIXELS)
     max_batch = shapes.integer("max_batch", 1, MAX_BATCH)
-    if shapes.integer("max_rows", 1, 2 * MAX_BATCH) != 2 * max_batch:
-        raise BadInput(f"shapes.max_rows must be 2 x shapes.max_batch = {2 * max_batch}")
-    shapes.ints("latent")
-    shapes.ints("text", 2)
+    latent = shapes.ints("latent")
+    text = shapes.ints("text", 2)
     if not isinstance(shapes.get("streams"), list) or not shapes.value["streams"]:
         raise BadInput("shapes.streams must be a list of per-row stream shapes")
-    for i in range(len(shapes.value["streams"])):
-        _Fields({"shape": shapes.value["streams"][i]}, f"shapes.streams[{i}]").ints("shape")
-    m.text("precision", PRECISIONS)
-    backend = m.text("backend", BACKENDS)
-    stages = m.obj("stages")
-    for stage in STAGES:
-        spec = stages.obj(stage)
-        plain_name(spec.text("file"), spec.name("file"))
-        spec.names("inputs")
-        spec.names("outputs")
-    if backend == "torch":
-        plain_name(m.text("weights"), "weights")
-    if backend in ("tensorrt", "tensorrt-rtx"):
-        tensorrt = m.obj("tensorrt")
-        tensorrt.text("module", ("tensorrt", "tensorrt_rtx"))
-        tensorrt.text("version")
-        tensorrt.text("compute_capability", optional=True)
-    scheduler = m.obj("scheduler")
-    scheduler.text("_class_name")
-    defaults = m.obj("defaults")
-    defaults.integer("steps", 1, MAX_STEPS)
-    defaults.number("guidance", 0.0)
+    streams = tuple(tuple(_Fields({"shape": s}, f"shapes.streams[{i}]").ints("shape"))
+                    for i, s in enumerate(shapes.value["streams"]))
+    return BundleShapes(frames, height, width, max_batch, tuple(latent), tuple(text), streams)
+
+
+def _defaults(defaults: _Fields) -> Defaults:
+    steps = defaults.integer("steps", 1, MAX_STEPS)
+    guidance = defaults.number("guidance", 0.0)
     sencache = defaults.obj("sencache")
     sencache.number("eps_start", 0.0)
     sencache.number("eps_main", 0.0)
@@ -167,22 +321,17 @@ def validate(manifest: Any) -> None:
         magcache.number("threshold", 0.0)
         magcache.integer("max_reuse", 0, MAX_STEPS)
         magcache.number("retention", 0.0, 1.0)
-    text_encoder = m.obj("text_encoder")
-    if text_encoder.text("kind", ("tiny", "diffusers")) == "tiny":
-        plain_name(text_encoder.text("file"), "text_encoder.file")
-        text_encoder.integer("dim", 1, 65536)
-    else:
-        text_encoder.text("source", optional=True)
-    m.text("weights_source", optional=True)
-    files = m.obj("files")
-    for name in files.value:
-        plain_name(name, "files")
-        entry = files.obj(name)
-        entry.integer("bytes", 0, 2**50)
-        digest = entry.text("sha256")
-        if not _SHA256.fullmatch(digest):
-            raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
+    cache = {k: v for k, v in defaults.value.items() if k not in ("steps", "guidance")}
+    return Defaults(steps, guidance, cache)
 
+
+def _text_encoder(spec: _Fields) -> TextEncoderSpec:
+    if spec.text("kind", ("tiny", "diffusers")) == "tiny":
+        file = plain_name(spec.text("file"), "text_encoder.file")
+        return TextEncoderSpec("tiny", file=file, dim=spec.integer("dim", 1, 65536),
+                               untrained=spec.flag("untrained") is True)
+    return TextEncoderSpec("diffusers", source=spec.text("source", optional=True),
+                           note=spec.text("note", optional=True))
 
 def scheduler_class(config: dict[str, Any]) -> type:
     """The diffusers scheduler class a config names; BadInput unless it is a real scheduler."""

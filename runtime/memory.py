@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import BundleShapes
 
 
-def request_bytes(shapes: dict[str, Any], samples: int, branches: int) -> int:
+def request_bytes(shapes: BundleShapes, samples: int, branches: int) -> int:
     """An upper estimate of the loop's tensors for `samples` samples of `branches` CFG rows each:
     latents, anchors and solver state per sample; per row the head's streams, the blocks' output
     and the cached residual (float32)."""
-    latent = math.prod(shapes["latent"]) * 4
-    streams = sum(math.prod(s) for s in shapes.get("streams", [shapes["latent"]])) * 4
+    latent = math.prod(shapes.latent) * 4
+    streams = sum(math.prod(s) for s in shapes.streams) * 4
     return samples * 8 * latent + samples * branches * (2 * latent + 4 * streams)
 
 

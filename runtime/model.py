@@ -16,9 +16,10 @@ from tqdm import tqdm
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy, make_policy
+from sencache.runtime.chain import cfg_rows, run_chain
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
 from sencache.runtime.errors import BadInput, Failed
-from sencache.runtime.families.base import NOISE, Sampler
+from sencache.runtime.families.base import Sampler
 from sencache.runtime.request import Request, Result
 from sencache.runtime.stepping import StepEngine, guide
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
@@ -47,7 +48,7 @@ class Model:
         self.layout = self.adapter.layout
         self.latent_shape = self.adapter.latent_shape(self.preset, bundle.shapes)
         self.numel = int(np.prod(self.latent_shape))
-        self.max_rows = bundle.shapes.max_batch * 2
+        self.max_rows = bundle.manifest.shapes.max_rows
         self._text_encoder: TinyTextEncoder | None = None
         self._components = None
         self._meter: HostDriftMeter | CudaDriftMeter | None = None
@@ -56,7 +57,7 @@ class Model:
         """Guards what is made on first use (text encoder, components, CUDA stream) against threads."""
 
     def scheduler(self):
-        return self.adapter.make_scheduler(self.preset, self.bundle.manifest["scheduler"])
+        return self.adapter.make_scheduler(self.preset, self.bundle.manifest.scheduler)
 
     def sampler(self, steps: int) -> Sampler:
         """A fresh scheduler driven the way the family's real pipeline drives it."""
@@ -64,12 +65,12 @@ class Model:
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """Text embeddings [B, tokens, channels] of prompts (the empty prompt is unconditional)."""
-        spec = self.bundle.manifest["text_encoder"]
-        if spec["kind"] != "tiny":
+        spec = self.bundle.manifest.text_encoder
+        if spec.kind != "tiny":
             return self.adapter.encode_prompts(self.components(), prompts, self.preset)
         with self._lazy:
             if self._text_encoder is None:
-                self._text_encoder = load_tiny_text_encoder(self.bundle.read(spec["file"]), spec["dim"], spec["file"])
+                self._text_encoder = load_tiny_text_encoder(self.bundle.read(spec.file), spec.dim, spec.file)
         with torch.no_grad():
             return self.adapter.encode_tiny(self._text_encoder, prompts)
 
@@ -86,7 +87,7 @@ class Model:
 
     def _load_components(self):
         if self._components is None:
-            source = self.bundle.manifest.get("weights_source")
+            source = self.bundle.manifest.weights_source
             if not source or not Path(source).is_dir():
                 raise BadInput(f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
                                f"the weights folder the bundle was built from ({source}), which is not there")
@@ -102,7 +103,7 @@ class Model:
         """`given` embeddings checked against the bundle's text shape, or those of `prompts`."""
         if given is None:
             return self.encode(prompts)
-        expected = tuple(self.bundle.manifest["shapes"]["text"])
+        expected = self.bundle.manifest.shapes.text
         if tuple(given.shape[1:]) != expected:
             raise BadInput(f"text embeddings of shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}")
         return given.astype(np.float32, copy=False)
@@ -126,19 +127,15 @@ class Model:
     def _predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
                  guidance: float) -> Prediction:
         batch = len(latents)
-        rows = self._rows(self.to_device(latents), self.to_device(text),
-                          None if uncond is None else self.to_device(uncond))
+        rows = cfg_rows(self.to_device(latents), self.to_device(text), None if uncond is None else self.to_device(uncond))
         branches = len(rows["latent"]) // batch
-        head = self.head(rows["latent"], self.to_device(np.concatenate([t] * branches).astype(np.float32)),
-                          rows["text"])
-        out = self.backend.run("blocks", {k: head[k] for k in self.layout.blocks_inputs})
+        rows["timestep"] = self.to_device(np.concatenate([t] * branches).astype(np.float32))
+        chain = run_chain(self.backend.run, self.layout, rows)
         stream = self.layout.streams[0]
-        residual = _host(out[stream + "_out"][:batch] - head[stream][:batch])
-        tail_in = {s: out[s + "_out"] for s in self.layout.tail_stream_names}
-        tail_in.update({k: head[k] for k in self.layout.tail_context})
-        noise = self.backend.run("tail", tail_in)[NOISE].float()
+        residual = _host(chain.streams[stream][:batch] - chain.head[stream][:batch])
+        noise = chain.noise.float()
         return Prediction(guided=_host(guide(noise, batch, uncond is not None, guidance)),
-                          cond=_host(noise[:batch]), modulation=_host(head[self.adapter.modulation][:batch]),
+                          cond=_host(noise[:batch]), modulation=_host(chain.head[self.adapter.modulation][:batch]),
                           residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))
 
     def to_device(self, value: np.ndarray) -> torch.Tensor:
@@ -148,13 +145,6 @@ class Model:
     def head(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         """The head stage on rows of latents, per-row timesteps and text."""
         return self.backend.run("head", {"latent": latent, "timestep": timestep, "text": text})
-
-    @staticmethod
-    def _rows(latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Engine rows: the batch, then (with CFG) the same latents with the unconditional text."""
-        if uncond is None:
-            return {"latent": latents, "text": text}
-        return {"latent": torch.cat([latents, latents]), "text": torch.cat([text, uncond])}
 
     def drift_meter(self) -> HostDriftMeter | CudaDriftMeter:
         """The drift meter for this engine's device, sized for every row it can hold, made once."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from sencache.runtime.cache import CachePolicy, StepDecision
+from sencache.runtime.chain import block_streams, blocks_feeds, tail_feeds
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.families.base import NOISE, Sampler
 from sencache.runtime.memory import check_memory, request_bytes
@@ -153,7 +154,7 @@ class StepEngine:
         if job_rows > self.max_rows:
             raise BadInput(f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
                            f"{model.bundle.shapes.max_batch} samples (build it with a larger max_batch)")
-        check_memory(request_bytes(model.bundle.manifest["shapes"], len(request.prompts), 2 if request.cfg else 1),
+        check_memory(request_bytes(model.bundle.manifest.shapes, len(request.prompts), 2 if request.cfg else 1),
                      model.backend.device)
         text = model.embeddings(request.prompt_embeds, request.prompts)
         if request.cfg:
@@ -364,9 +365,7 @@ class StepEngine:
 
         run_rows = [offsets[k] + np.flatnonzero(d.run[job.row_sample]) for job, k, d in live]
         streams = self._blocks(head, jobs, offsets, live, np.concatenate(run_rows) if run_rows else np.zeros(0, int))
-        tail_in = {s: streams[s] for s in layout.tail_stream_names}
-        tail_in.update({k: head[k] for k in layout.tail_context})
-        noise = model.backend.run("tail", tail_in)[NOISE].float()
+        noise = model.backend.run("tail", tail_feeds(layout, streams, head))[NOISE].float()
         return [(job, noise[offsets[k]:offsets[k + 1]], d) for job, k, d in live]
 
     def _text(self, jobs: list[RequestState]) -> torch.Tensor:
@@ -409,8 +408,7 @@ class StepEngine:
         layout, backend = self.model.layout, self.model.backend
         total = int(offsets[-1])
         if len(run_rows) == total:
-            out = backend.run("blocks", {k: head[k] for k in layout.blocks_inputs})
-            streams = {s: out[s + "_out"] for s in layout.streams}
+            streams = block_streams(layout, backend.run("blocks", blocks_feeds(layout, head)))
             fresh = streams
         else:
             streams = {}
@@ -421,11 +419,10 @@ class StepEngine:
             fresh = {}
             if len(run_rows):
                 index = self._index(run_rows)
-                inputs = {k: head[k] if k in layout.shared else head[k].index_select(0, index)
-                          for k in layout.blocks_inputs}
-                out = backend.run("blocks", inputs)
+                inputs = {k: v if k in layout.shared else v.index_select(0, index)
+                          for k, v in blocks_feeds(layout, head).items()}
+                fresh = block_streams(layout, backend.run("blocks", inputs))
                 for s in layout.streams:
-                    fresh[s] = out[s + "_out"]
                     streams[s].index_copy_(0, index, fresh[s])
         self._store_residuals(head, fresh, live, offsets, run_rows, gathered=len(run_rows) != total)
         return streams

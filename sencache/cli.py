@@ -55,7 +55,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         print(f"took the {len(table.timesteps)}-timestep table of {args.from_bundle} into {bundle.sensitivity_path}")
         return
     if args.import_npz:
-        table = SensitivityTable.from_npz(args.import_npz, meta={"model": bundle.manifest["model"]})
+        table = SensitivityTable.from_npz(args.import_npz, meta={"model": bundle.manifest.model})
         bundle.write_tables(table)
         print(f"imported {len(table.timesteps)} timesteps from {args.import_npz} into {bundle.sensitivity_path}")
         return
@@ -100,13 +100,13 @@ def _generate(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
     check_replaceable(args.out, RUN)
     bundle = Bundle.load(args.engine)
-    if not bundle.manifest.get("trained", True):
-        print(f"warning: {bundle.manifest['model']} is UNTRAINED (random weights): its videos are noise; "
+    if not bundle.manifest.trained:
+        print(f"warning: {bundle.manifest.model} is UNTRAINED (random weights): its videos are noise; "
               f"it exists for export and parity checks", file=sys.stderr)
-    defaults = bundle.manifest["defaults"]
+    defaults = bundle.manifest.defaults
     seeds = args.seed or [0]
-    request = Request(args.prompt or [], seeds, defaults["steps"] if args.steps is None else args.steps,
-                      defaults["guidance"] if args.guidance is None else args.guidance, dynamic_cfg=args.dynamic_cfg)
+    request = Request(args.prompt or [], seeds, defaults.steps if args.steps is None else args.steps,
+                      defaults.guidance if args.guidance is None else args.guidance, dynamic_cfg=args.dynamic_cfg)
     engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
     knobs = {name: getattr(args, name) for name in KNOBS}
@@ -136,14 +136,14 @@ def _bench(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
     check_replaceable(args.out, KIND)
     bundle = Bundle.load(args.engine)
-    defaults = bundle.manifest["defaults"]
+    defaults = bundle.manifest.defaults
     prompts, seeds = evaluation_set(4 if args.quick else args.samples, args.prompts, args.seeds)
-    steps = defaults["steps"] if args.steps is None else args.steps
+    steps = defaults.steps if args.steps is None else args.steps
     if not 1 <= steps <= MAX_STEPS:
         raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {steps}")
-    default = [m for m in SWEEPS if bundle.manifest["family"] == "wan" or m not in PEERS]
+    default = [m for m in SWEEPS if bundle.manifest.family == "wan" or m not in PEERS]
     plan = BenchPlan(methods=tuple(args.methods or default), prompts=tuple(prompts), seeds=tuple(seeds),
-                     steps=steps, guidance=defaults["guidance"], quick=args.quick)
+                     steps=steps, guidance=defaults.guidance, quick=args.quick)
     engine = Model(bundle, open_backend(bundle, threads=1))
     report = run_bench(engine, plan, args.out)
     print((args.out / "report.md").read_text())

@@ -50,9 +50,9 @@ def run_demo(out: Path, threads: int = 1) -> None:
         calibration = calibrate(engine, CalibrationPlan())
         bundle.write_tables(calibration.sensitivity, calibration.baselines)
         print(f"calibrated {bundle.sensitivity_path}")
-    defaults = bundle.manifest["defaults"]
+    defaults = bundle.manifest.defaults
     prompts, seeds = [p for p, _ in DEMO_PROMPTS], [s for _, s in DEMO_PROMPTS]
-    request = Request(prompts, seeds, defaults["steps"], defaults["guidance"])
+    request = Request(prompts, seeds, defaults.steps, defaults.guidance)
     batch = len(prompts)
     engine.generate(Request(prompts, seeds, 2, defaults["guidance"]), NoCache(batch))  # warm-up
 

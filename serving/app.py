@@ -77,7 +77,7 @@ class EngineReplica:
                  backend: str, device: str) -> None:
         engine = sencache.Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads)
         manifest = engine.model.bundle.manifest
-        self.service = VideoService(engine, model=manifest["model"], defaults=manifest["defaults"], slot=slot,
+        self.service = VideoService(engine, model=manifest.model, defaults=manifest.defaults, slot=slot,
                                     max_queue=max_queue, batching=batching)
 
     async def submit(self, body: dict[str, Any]) -> Reply:

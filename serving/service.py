@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sencache.runtime.errors import BadInput, Cancelled
+from sencache.runtime.manifest import Defaults
 from sencache.runtime.request import Request
 from sencache.runtime.video import write_mp4
 from sencache.serving.schema import VideoJob, VideoRequest
@@ -107,7 +108,7 @@ class _Record:
 class VideoService:
     """The jobs of one engine: submit, status, content, cancel, metrics."""
 
-    def __init__(self, engine: Engine, *, model: str, defaults: dict[str, Any], slot: int = 0, max_queue: int = 64,
+    def __init__(self, engine: Engine, *, model: str, defaults: Defaults, slot: int = 0, max_queue: int = 64,
                  batching: Batching = "step", retain: int = 64) -> None:
         """`engine` is a started `sencache.Engine`; `defaults` the bundle's (steps, guidance, and the
         knobs of each cache method); `slot` tags the ids so a router can send a job's calls back
@@ -146,9 +147,9 @@ class VideoService:
 
     def submit(self, request: VideoRequest) -> VideoJob:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
-        steps = self.defaults["steps"] if request.steps is None else request.steps
-        guidance = self.defaults["guidance"] if request.guidance is None else request.guidance
-        method, knobs = request.cache.resolve(self.defaults)
+        steps = self.defaults.steps if request.steps is None else request.steps
+        guidance = self.defaults.guidance if request.guidance is None else request.guidance
+        method, knobs = request.cache.resolve(self.defaults.cache)
         kwargs: dict[str, Any] = {"prompt": request.prompt or "", "seed": request.seed, "steps": steps,
                                   "guidance": guidance, "cache": method, "knobs": knobs,
                                   "dynamic_cfg": request.dynamic_cfg}

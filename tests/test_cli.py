@@ -197,5 +197,5 @@ def test_every_tiny_model_builds_and_generates(capsys, tmp_path, model):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["samples"][0]["nfe"] == 4 and (out / stats["samples"][0]["video"]).stat().st_size > 0
     manifest = Bundle.load(bundle).manifest
-    assert manifest["trained"] == (model != "tiny-ltx")
+    assert manifest.trained == (model != "tiny-ltx")
     assert ("UNTRAINED" in err) == (model == "tiny-ltx")

@@ -22,17 +22,17 @@ SEEDS = [11, 14, 13]
 
 def test_manifest_records_validation_and_tools(ort_bundle):
     manifest = Bundle.load(ort_bundle).manifest
-    assert manifest["backend"] == "onnxruntime" and manifest["precision"] == "fp32"
-    assert set(manifest["validation"]) == {"head", "blocks", "tail"}
-    assert all(v["rel_l2"] <= 1e-4 for v in manifest["validation"].values())
-    assert {"torch", "onnxruntime", "diffusers", "onnx"} <= set(manifest["tools"])
-    assert set(manifest["files"]) == {"head.onnx", "blocks.onnx", "tail.onnx", "text_encoder.safetensors"}
+    assert manifest.backend == "onnxruntime" and manifest.precision == "fp32"
+    assert set(manifest.validation) == {"head", "blocks", "tail"}
+    assert all(v["rel_l2"] <= 1e-4 for v in manifest.validation.values())
+    assert {"torch", "onnxruntime", "diffusers", "onnx"} <= set(manifest.tools)
+    assert set(manifest.files) == {"head.onnx", "blocks.onnx", "tail.onnx", "text_encoder.safetensors"}
 
 
 def test_onnx_stages_match_pytorch_at_every_batch_size(ort_bundle):
     bundle = Bundle.load(ort_bundle)
     adapter, preset = resolve("tiny-wan")
-    transformer = adapter.build_transformer(preset, Path(bundle.manifest["weights_source"]))
+    transformer = adapter.build_transformer(preset, Path(bundle.manifest.weights_source))
     stages = adapter.split(transformer, preset, bundle.shapes)
     for batch in (1, 4, 6):
         inputs = adapter.example_inputs(preset, bundle.shapes, batch, seed=40 + batch)
@@ -128,9 +128,9 @@ def test_fp16_bundle_runs_close_to_fp32(ort_bundle, tmp_path):
     out = tmp_path / "fp16"
     build(BuildOptions(model="tiny-wan", out=out, precision="fp16", max_batch=2), log=lambda _: None)
     manifest = Bundle.load(out).manifest
-    assert manifest["precision"] == "fp16"
-    assert all(manifest["validation"][s]["rel_l2"] < 5e-3 for s in ("head", "blocks", "tail"))
-    assert manifest["validation"]["chain_vs_fp32"]["rel_l2"] < 5e-3
+    assert manifest.precision == "fp16"
+    assert all(manifest.validation[s]["rel_l2"] < 5e-3 for s in ("head", "blocks", "tail"))
+    assert manifest.validation["chain_vs_fp32"]["rel_l2"] < 5e-3
     session = ort.InferenceSession(str(out / "blocks.onnx"))
     assert {i.name: i.type for i in session.get_inputs()}["hidden"] == "tensor(float16)"
     request = Request(PROMPTS[:2], SEEDS[:2], 6, 4.0)

@@ -29,8 +29,8 @@ def fp8_bundle(tmp_path_factory):
 
 def test_blocks_are_an_fp8_qdq_graph_checked_against_fp32(fp8_bundle):
     manifest = Bundle.load(fp8_bundle).manifest
-    assert manifest["precision"] == "fp8" and manifest["backend"] == "onnxruntime"
-    error = manifest["quantization"]["blocks_vs_fp32"]
+    assert manifest.precision == "fp8" and manifest.backend == "onnxruntime"
+    error = manifest.quantization["blocks_vs_fp32"]
     assert 1e-3 < error["rel_l2"] <= 0.15  # quantized for real, and within the build's limit
     graph = onnx.load(str(fp8_bundle / "blocks.onnx")).graph
     fp8 = onnx.TensorProto.FLOAT8E4M3FN

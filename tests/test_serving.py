@@ -212,7 +212,7 @@ def test_batching_modes_admit_as_documented(calibrated_bundle, batching):
 
     engine = sencache.Engine.from_bundle(calibrated_bundle, threads=1)
     manifest = engine.model.bundle.manifest
-    service = VideoService(engine, model=manifest["model"], defaults=manifest["defaults"], batching=batching)
+    service = VideoService(engine, model=manifest.model, defaults=manifest.defaults, batching=batching)
     try:
         t_first = time.perf_counter()
         first = service.submit(VideoRequest(prompt=PROMPT, seed=1, steps=10, cache={"preset": "reference"}))

@@ -426,7 +426,7 @@ def test_calibration_tables_are_written_together(ort_bundle, calibrated_bundle, 
     fresh = Bundle.load(target)
     fresh.write_tables(source.sensitivity(), source.baselines())
     loaded = Bundle.load(target)
-    assert {"sensitivity.json", "baselines.json"} <= set(loaded.manifest["files"])
+    assert {"sensitivity.json", "baselines.json"} <= set(loaded.manifest.files)
     assert loaded.sensitivity().jx.tolist() == source.sensitivity().jx.tolist()
     assert (target / "blocks.onnx").stat().st_ino == (tmp_path / "bundle" / "blocks.onnx").stat().st_ino
     assert leftovers(tmp_path) == []

@@ -56,7 +56,7 @@ class Denoiser:
         self.numel = self.model.numel
         self.engine = StepEngine(self.model)
         self.rule = ExternalRule()
-        self.id = self.engine.submit(Request([prompt], [seed], steps, bundle.manifest["defaults"]["guidance"]),
+        self.id = self.engine.submit(Request([prompt], [seed], steps, bundle.manifest.defaults.guidance),
                                      self.rule)
         self.worker: threading.Thread | None = None
 

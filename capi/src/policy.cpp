@@ -335,11 +335,11 @@ void check_settings(const sc_policy_settings& s) {
     SC_REQUIRE(s.rule == SC_RULE_SENCACHE || s.rule == SC_RULE_SENCACHE_MAX, SC_ERR_INVALID_ARGUMENT,
                "rule must be SC_RULE_SENCACHE or SC_RULE_SENCACHE_MAX");
     SC_REQUIRE(std::isfinite(s.eps_start) && s.eps_start >= 0, SC_ERR_INVALID_ARGUMENT,
-               "--eps-start must be a finite number >= 0, got " + std::to_string(s.eps_start));
+               "settings.eps_start must be a finite number >= 0, got " + std::to_string(s.eps_start));
     SC_REQUIRE(std::isfinite(s.eps_main) && s.eps_main >= 0, SC_ERR_INVALID_ARGUMENT,
-               "--eps-main must be a finite number >= 0, got " + std::to_string(s.eps_main));
+               "settings.eps_main must be a finite number >= 0, got " + std::to_string(s.eps_main));
     SC_REQUIRE(s.max_reuse >= 0 && s.max_reuse <= kMaxSteps, SC_ERR_INVALID_ARGUMENT,
-               "--max-reuse must be in [0, 1000], got " + std::to_string(s.max_reuse));
+               "settings.max_reuse must be in [0, 1000], got " + std::to_string(s.max_reuse));
     SC_REQUIRE(s.switch_frac >= 0.0 && s.switch_frac <= 1.0, SC_ERR_INVALID_ARGUMENT,
                "switch fraction must be in [0, 1], got " + std::to_string(s.switch_frac));
 }

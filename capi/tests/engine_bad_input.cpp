@@ -27,6 +27,16 @@ static int failures = 0;
         }                                                                                          \
     } while (0)
 
+// The message names the field of the C struct that holds the bad value, not a Python or CLI name.
+#define EXPECT_NAMES(prefix)                                                                       \
+    do {                                                                                           \
+        if (std::strncmp(sc_last_error(), prefix, std::strlen(prefix)) != 0) {                     \
+            std::printf("FAIL line %d: message %s does not begin with %s\n", __LINE__,             \
+                        sc_last_error(), prefix);                                                  \
+            ++failures;                                                                            \
+        }                                                                                          \
+    } while (0)
+
 int main(int argc, char** argv) {
     if (argc < 3) return 2;
     const std::string bundle = argv[1], scratch = std::string(argv[2]) + "/engine_bad_input.scratch";
@@ -69,12 +79,14 @@ int main(int argc, char** argv) {
     bad = request;
     bad.steps = 5000;
     EXPECT(sc_engine_submit(engine, &bad, &id), SC_ERR_INVALID_ARGUMENT);
+    EXPECT_NAMES("request->steps must be in [1, 1000]");
     bad = request;
     bad.cache = "no-such-cache";
     EXPECT(sc_engine_submit(engine, &bad, &id), SC_ERR_INVALID_ARGUMENT);
     bad = request;
     bad.knobs_json = "{\"eps_main\": -1}";
     EXPECT(sc_engine_submit(engine, &bad, &id), SC_ERR_INVALID_ARGUMENT);
+    EXPECT_NAMES("request->knobs_json eps_main must be");
     bad.knobs_json = "{not json";
     EXPECT(sc_engine_submit(engine, &bad, &id), SC_ERR_INVALID_ARGUMENT);
     bad.knobs_json = "[1, 2]";

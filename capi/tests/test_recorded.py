@@ -53,7 +53,7 @@ def test_recorded_runs_match():
     lib.sc_policy_settings_from_bundle.argtypes = [ctypes.c_char_p, ctypes.POINTER(native.Settings)]
     defaults = native.Settings()
     assert lib.sc_policy_settings_from_bundle(BUNDLE.encode(), ctypes.byref(defaults)) == 0, lib.sc_last_error()
-    manifest = bundle.manifest["defaults"]["sencache"]
+    manifest = bundle.manifest.defaults.cache["sencache"]
     assert (defaults.eps_start, defaults.eps_main, defaults.max_reuse) == \
         (manifest["eps_start"], manifest["eps_main"], manifest["max_reuse"])
     engine = StepEngine(model)
@@ -62,7 +62,7 @@ def test_recorded_runs_match():
              ("sencache-max", {}, 1), ("sencache", {"eps_start": 0.0, "eps_main": manifest["eps_main"] / 3}, 2)]
     for k, (method, knobs, batch) in enumerate(cases):
         steps = 10 + 4 * k
-        request = Request(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest["defaults"]["guidance"])
+        request = Request(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest.defaults.guidance)
         rule = Recording(model.policy(method, steps, batch, knobs))
         engine.submit(request, rule)
         runs.append((method, knobs, batch, steps, rule))

@@ -77,15 +77,14 @@ def evaluate(engine: Model, steps: int | None = None, batch: int = 4) -> dict:
     """Accuracy of colour and motion over `cases()`, uncached."""
     if not engine.preset.tiny:
         raise BadInput("evaluate reads the clips of the bundled tiny models (RGB latents) only")
-    defaults = engine.bundle.manifest["defaults"]
-    steps = steps or defaults["steps"]
+    steps = steps or engine.bundle.manifest.defaults.steps
     batch = max(1, min(batch, engine.bundle.shapes.max_batch))
     specs = cases()
     rows = []
     for start in range(0, len(specs), batch):
         chunk = specs[start:start + batch]
         request = Request([s.prompt for s in chunk], [1000 + start + i for i in range(len(chunk))], steps,
-                          defaults["guidance"])
+                          engine.bundle.manifest.defaults.guidance)
         clips = engine.decode(engine.generate(request, NoCache(len(chunk))).latents)
         for spec, clip in zip(chunk, clips):
             rows.append({"prompt": spec.prompt, "colour": read_colour(clip), "motion": read_motion(clip),
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     bundle = Bundle.load(args.engine)
     report = evaluate(Model(bundle, open_backend(bundle, threads=1)))
-    print(f"{bundle.manifest['model']}: colour {report['colour_accuracy']:.0%} (chance 12%), "
+    print(f"{bundle.manifest.model}: colour {report['colour_accuracy']:.0%} (chance 12%), "
           f"motion {report['motion_accuracy']:.0%} (chance 20%) over {report['clips']} one-object clips on black")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -30,8 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sencache.engine_builder.tiny import clips
+from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.families import resolve
-from sencache.runtime.families.base import Shapes, run_split
+from sencache.runtime.families.base import Shapes
 from sencache.runtime.tiny_text import TinyTextEncoder, tokenize
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "tiny_models"
@@ -145,7 +146,8 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
         prompts, frames = clips.batch(rng, batch)
         ids = torch.tensor([empty if rng.random() < 0.1 else tokenize(p) for p in prompts])
         xt, timestep, target = objective(torch.from_numpy(adapter.tiny_latents(frames)))
-        pred = run_split(stages, adapter.layout, {"latent": xt, "timestep": timestep, "text": text_encoder(ids)})
+        pred = run_chain(module_runner(stages, adapter.layout), adapter.layout,
+                         {"latent": xt, "timestep": timestep, "text": text_encoder(ids)}).noise
         loss = torch.nn.functional.mse_loss(pred, target)
         for group in opt.param_groups:
             group["lr"] = _lr(lr, elapsed / (minutes * 60), step)

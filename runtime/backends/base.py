@@ -9,7 +9,6 @@ import torch
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 
-STAGES = ("head", "blocks", "tail")
 MAX_THREADS = 1024
 
 
@@ -42,9 +41,9 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
     the GPU and ONNX Runtime bundles on the host."""
     if not 0 <= threads <= MAX_THREADS:
         raise BadInput(f"threads must be in [0, {MAX_THREADS}] (0: all cores), got {threads}", param="threads")
-    name = name or bundle.manifest["backend"]
-    if name != bundle.manifest["backend"]:
-        raise BadInput(f"backend {name}: bundle {bundle.path} was built for {bundle.manifest['backend']}; build "
+    name = name or bundle.manifest.backend
+    if name != bundle.manifest.backend:
+        raise BadInput(f"backend {name}: bundle {bundle.path} was built for {bundle.manifest.backend}; build "
                        f"another for {name}", param="backend")
     if name == "torch":
         from sencache.runtime.backends.torch_backend import TorchBackend

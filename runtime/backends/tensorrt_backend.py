@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from sencache.runtime.backends.base import STAGES, StageBackend
+from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import STAGES
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -38,7 +39,7 @@ class TensorRTBackend(StageBackend):
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle) -> None:
-        record = bundle.manifest["tensorrt"]
+        record = bundle.manifest.tensorrt
         module = record["module"]
         try:
             trt = importlib.import_module(module)
@@ -65,17 +66,17 @@ class TensorRTBackend(StageBackend):
         self.contexts: dict[str, Any] = {}
         self.input_types: dict[str, dict[str, torch.dtype]] = {}
         self.output_buffers: dict[str, dict[str, torch.Tensor]] = {}
-        max_rows = bundle.shapes.max_batch * 2
+        max_rows = bundle.manifest.shapes.max_rows
         for stage in STAGES:
-            spec = bundle.manifest["stages"][stage]
-            engine = self.runtime.deserialize_cuda_engine(bundle.read(spec["file"]))
+            spec = bundle.manifest.stages[stage]
+            engine = self.runtime.deserialize_cuda_engine(bundle.read(spec.file))
             if engine is None:
                 raise BadInput(f"bundle {bundle.path}: {module} cannot load {stage}.engine on {self.gpu} "
                                f"(built for {target} with {record['version']})")
             names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-            if names != {*spec["inputs"], *spec["outputs"]}:
-                raise BadInput(f"bundle {bundle.path}: {spec['file']} has tensors {sorted(names)}, not the {stage} "
-                               f"stage's {spec['inputs'] + spec['outputs']}")
+            if names != {*spec.inputs, *spec.outputs}:
+                raise BadInput(f"bundle {bundle.path}: {spec.file} has tensors {sorted(names)}, not the {stage} "
+                               f"stage's {list(spec.inputs + spec.outputs)}")
             context = engine.create_execution_context()
             self.engines[stage], self.contexts[stage] = engine, context
             self.input_types[stage], self.output_buffers[stage] = {}, {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from sencache.runtime.backends.base import STAGES, StageBackend
+from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import STAGES
 
 
 class TorchBackend(StageBackend):
@@ -28,16 +29,16 @@ class TorchBackend(StageBackend):
         if self.device.type not in ("cpu", "cuda"):
             raise BadInput(f"device {device}: the torch backend runs on cpu or cuda", param="device")
         preset = bundle.preset
-        transformer = bundle.adapter.build_transformer(preset, bundle.checked_folder(bundle.manifest["weights"]))
+        transformer = bundle.adapter.build_transformer(preset, bundle.checked_folder(bundle.manifest.weights))
         self.modules = {k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()}
-        self.specs = {stage: bundle.manifest["stages"][stage] for stage in STAGES}
+        self.specs = {stage: bundle.manifest.stages[stage] for stage in STAGES}
 
     @torch.no_grad()
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.specs[stage]
-        out = self.modules[stage](**{name: inputs[name] for name in spec["inputs"]})
+        out = self.modules[stage](**{name: inputs[name] for name in spec.inputs})
         out = out if isinstance(out, tuple) else (out,)
-        return dict(zip(spec["outputs"], out))
+        return dict(zip(spec.outputs, out))
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "torch": torch.__version__, "device": str(self.device)}

@@ -27,6 +27,18 @@ class StepDecision:
     forced: bool
 
 
+def forced_step(step: int, steps: int, force_last: bool) -> bool:
+    """Whether a rule must run `step` of `steps`: the first always, the last when `force_last`."""
+    return step == 0 or (force_last and step == steps - 1)
+
+
+def relative_l1(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Per-sample relative L1 change mean|current - previous| / mean|previous| (TeaCache's signal),
+    computed in the arrays' own dtype."""
+    cur, prev = current.reshape(len(current), -1), previous.reshape(len(previous), -1)
+    return np.abs(cur - prev).mean(axis=1) / np.abs(prev).mean(axis=1)
+
+
 class CachePolicy(Protocol):
     """What the denoising loop asks of a cache rule."""
 

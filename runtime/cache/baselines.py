@@ -14,13 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from sencache.runtime.cache.base import StepDecision
+from sencache.runtime.cache.base import StepDecision, forced_step, relative_l1
 from sencache.runtime.cache.knobs import check_settings
 from sencache.runtime.errors import BadInput
-
-
-def _forced(step: int, steps: int, force_last: bool) -> bool:
-    return step == 0 or (force_last and step == steps - 1)
 
 
 @dataclass(frozen=True)
@@ -50,7 +46,7 @@ class FixedPolicy:
 
     def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
                modulation: np.ndarray | None = None) -> StepDecision:
-        forced = _forced(step, self.num_steps, self.config.force_last)
+        forced = forced_step(step, self.num_steps, self.config.force_last)
         run = forced or step < self.config.warmup or step % self.config.interval == 0
         return StepDecision(np.full(self.batch, run), np.full(self.batch, np.nan), math.nan, forced)
 
@@ -91,12 +87,12 @@ class TeaCachePolicy:
         if modulation is None:
             raise ValueError("TeaCache needs the modulated input")
         current = modulation.reshape(len(modulation), -1).astype(np.float64)
-        forced = _forced(step, self.num_steps, self.config.force_last) or self.previous is None
+        forced = forced_step(step, self.num_steps, self.config.force_last) or self.previous is None
         if forced:
             run = np.ones(len(current), bool)
             self.accumulated[:] = 0.0
         else:
-            change = np.abs(current - self.previous).mean(axis=1) / np.abs(self.previous).mean(axis=1)
+            change = relative_l1(current, self.previous)
             self.accumulated += np.polyval(self.config.coefficients, change)
             run = self.accumulated >= self.config.threshold
         score = np.full(len(current), np.nan) if forced else self.accumulated.copy()
@@ -152,7 +148,7 @@ class MagCachePolicy:
     def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
                modulation: np.ndarray | None = None) -> StepDecision:
         batch = len(self.ratio)
-        forced = _forced(step, self.num_steps, self.config.force_last)
+        forced = forced_step(step, self.num_steps, self.config.force_last)
         if forced or step < self.retention_step:
             run, score = np.ones(batch, bool), np.full(batch, np.nan)
         else:

@@ -27,7 +27,7 @@ def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch:
     (latents of `numel` elements per sample); unset knobs take the bundle's defaults. Every
     problem is a BadInput naming the knob or the missing table."""
     given = check_knobs(method, knobs)
-    defaults = bundle.manifest["defaults"]
+    defaults = bundle.manifest.defaults.cache
     if method == "none":
         return NoCache(batch)
     if method in ("sencache", "sencache-max"):
@@ -41,7 +41,7 @@ def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch:
         settings = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
         return TeaCachePolicy(settings, steps, batch)
     if tables.magcache_ratios is None:
-        raise BadInput(f"no MagCache ratios are published for {bundle.manifest['model']}: calibrate the bundle "
+        raise BadInput(f"no MagCache ratios are published for {bundle.manifest.model}: calibrate the bundle "
                        f"(`sencache calibrate`) to measure them")
     settings = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
     return MagCachePolicy(settings, steps, batch)

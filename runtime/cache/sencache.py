@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sencache.runtime.cache.base import StepDecision
+from sencache.runtime.cache.base import StepDecision, forced_step
 from sencache.runtime.cache.knobs import check_settings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
@@ -66,7 +66,7 @@ class SenCachePolicy:
         return self.config.eps_start if step < self.switch_step else self.config.eps_main
 
     def forced(self, step: int) -> bool:
-        return step == 0 or (self.config.force_last and step == self.num_steps - 1)
+        return forced_step(step, self.num_steps, self.config.force_last)
 
     def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
                modulation: np.ndarray | None = None) -> StepDecision:

@@ -306,10 +306,3 @@ class FamilyAdapter(ABC):
         text = torch.randn((batch, *self.text_shape(preset)), generator=g)
         return {"latent": latent, "timestep": timestep, "text": text}
 
-
-def run_split(stages: dict[str, nn.Module], layout: StageLayout, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """head -> blocks -> tail in PyTorch: the whole transformer, as the engine composes it."""
-    head = dict(zip(layout.head_outputs, stages["head"](**inputs)))
-    streams = stages["blocks"](**{k: head[k] for k in layout.blocks_inputs})
-    streams = dict(zip(layout.streams, streams if isinstance(streams, tuple) else (streams,)))
-    return stages["tail"](**{k: streams[k] for k in layout.tail_stream_names}, **{k: head[k] for k in layout.tail_context})

@@ -1,0 +1,106 @@
+"""One build target per backend: what it writes per stage, how it is validated, what follows.
+
+ONNX Runtime exports each stage to ONNX and validates it against PyTorch; TensorRT and
+TensorRT-RTX do the same and then compile the validated ONNX into engines; PyTorch saves the
+transformer, which its backend splits on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from tqdm import tqdm
+
+from sencache.engine_builder.onnx_export import export_stage
+from sencache.engine_builder.tensorrt_build import build_engines, check_target
+from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import STAGES, Manifest, max_rows
+
+if TYPE_CHECKING:
+    from sencache.engine_builder.builder import BuildOptions, BuildPlan, LoadedModel
+
+Log = Callable[[str], None]
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
+
+
+@dataclass(frozen=True)
+class OnnxTarget:
+    """ONNX Runtime: the stages as ONNX, each validated on fresh inputs against PyTorch."""
+
+    name: str = "onnxruntime"
+    exports_onnx: bool = True
+    weights: str | None = None
+    """The folder of saved PyTorch weights the bundle carries (torch bundles)."""
+
+    def check(self, options: BuildOptions) -> None:
+        """BadInput for options this target does not take."""
+        if options.compute_capability is not None:
+            raise BadInput("compute_capability applies to backend tensorrt-rtx", param="compute_capability")
+
+    def stage_file(self, stage: str) -> str:
+        return f"{stage}.onnx"
+
+    def write_stages(self, model: LoadedModel, folder: Path, log: Log) -> dict[str, dict[str, float | str]]:
+        """Export the stages; validate each on fresh inputs against PyTorch at the same precision."""
+        rows = max_rows(model.shapes.max_batch)
+        example = model.stage_inputs(batch=2, seed=0)
+        fresh = model.stage_inputs(batch=min(3, rows), seed=1)
+        validation = {}
+        for name in tqdm(STAGES, desc="export + validate", unit="stage"):
+            path = folder / f"{name}.onnx"
+            export_stage(model.stages[name], model.specs[name], example, path, rows)
+            validation[name] = model.precision.validate(model, name, model.specs[name], fresh, path)
+            log(f"  {name}: max abs {validation[name]['max_abs']:.2e}, relative L2 {validation[name]['rel_l2']:.2e}")
+        return validation
+
+    def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
+        """What follows the validated stages (TensorRT: the engines)."""
+        return manifest
+
+
+@dataclass(frozen=True)
+class TensorRTTarget(OnnxTarget):
+    """TensorRT or TensorRT-RTX: the validated ONNX stages compiled into engines."""
+
+    def check(self, options: BuildOptions) -> None:
+        check_target(self.name, options.compute_capability)
+
+    def stage_file(self, stage: str) -> str:
+        return f"{stage}.engine"
+
+    def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
+        out = Path(plan.options.out)
+        cache = out.with_name(f".{out.name}.sencache-timing.cache")
+        engines = build_engines(folder, list(STAGES), manifest.shapes.max_rows, self.name,
+                                plan.options.compute_capability, cache, log)
+        return manifest.replace(tensorrt={**engines, "engine_validation": "not run at build time: engines run only on "
+                                          "a GPU; the ONNX they were built from is validated above"})
+
+
+@dataclass(frozen=True)
+class TorchTarget(OnnxTarget):
+    """PyTorch: the transformer saved as it is; its backend splits it on load (nothing to validate)."""
+
+    name: str = "torch"
+    exports_onnx: bool = False
+    weights: str | None = "transformer"
+
+    def stage_file(self, stage: str) -> str:
+        return "transformer"
+
+    def write_stages(self, model: LoadedModel, folder: Path, log: Log) -> dict[str, dict[str, float | str]]:
+        model.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        return {}
+
+
+TARGETS = {"onnxruntime": OnnxTarget(), "torch": TorchTarget(), "tensorrt": TensorRTTarget("tensorrt"),
+           "tensorrt-rtx": TensorRTTarget("tensorrt-rtx")}
+
+
+def target(name: str) -> OnnxTarget:
+    """The build target of backend `name`; `auto` is the best one this build can produce here."""
+    if name not in BACKENDS:
+        raise BadInput(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return TARGETS["onnxruntime" if name == "auto" else name]
