@@ -216,8 +216,8 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
                 decision_s = measured["decision_s"]
                 floor = float(np.mean(measured["nfe"])) * t_run + (steps - float(np.mean(measured["nfe"]))) * t_reuse
             nfe = measured["nfe"]
-            psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"])]
-            ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"])]
+            psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
+            ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
             runs.append({
                 "method": method, "knobs": runtime_knobs, "nfe": nfe, "psnr": psnrs, "ssim": ssims, "lpips": None,
                 "mean_nfe": float(np.mean(nfe)), "mean_psnr": float(np.mean(psnrs)),

@@ -83,7 +83,7 @@ class DiffusersPeers:
             logger.setLevel(logging.INFO)
             try:
                 self.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
-                for prompt, seed in zip(prompts, seeds):
+                for prompt, seed in zip(prompts, seeds, strict=True):
                     self._call(prompt, seed, steps, guidance)
                 self.transformer.disable_cache()
             finally:
@@ -114,7 +114,7 @@ class DiffusersPeers:
         if config is not None:
             self.transformer.enable_cache(config)
         try:
-            for prompt, seed in zip(prompts, seeds):
+            for prompt, seed in zip(prompts, seeds, strict=True):
                 self.computed.clear()
                 start = time.perf_counter()
                 latents.append(self._call(prompt, seed, steps, guidance)[0])

@@ -24,13 +24,13 @@ def stage_flops(model: str) -> dict[str, float]:
         stages = adapter.split(transformer, preset, shapes)
         inputs = adapter.example_inputs(preset, shapes, 1)
         with FlopCounterMode(display=False) as counter:
-            head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs)))
+            head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs), strict=True))
         counts["head"] = float(counter.get_total_flops())
         with FlopCounterMode(display=False) as counter:
             streams = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
         counts["blocks"] = float(counter.get_total_flops())
         streams = streams if isinstance(streams, tuple) else (streams,)
-        streams = dict(zip(adapter.layout.streams, streams))
+        streams = dict(zip(adapter.layout.streams, streams, strict=True))
         tail_in = {k: streams[k] for k in adapter.layout.tail_stream_names}
         tail_in.update({k: head[k] for k in adapter.layout.tail_context})
         with FlopCounterMode(display=False) as counter:

@@ -34,7 +34,7 @@ def compare_runs(cached: Path, reference: Path) -> dict[str, Any]:
     if request != [(s["prompt"], s["seed"]) for s in b["samples"]] or a["steps"] != b["steps"]:
         raise ValueError(f"{cached} and {reference} are not runs of the same prompts, seeds and steps")
     samples = []
-    for ours, theirs in zip(a["samples"], b["samples"]):
+    for ours, theirs in zip(a["samples"], b["samples"], strict=True):
         frames = np.load(cached / ours["frames"])
         samples.append({"prompt": ours["prompt"], "seed": ours["seed"], "nfe": ours["nfe"],
                         "reference_nfe": theirs["nfe"],

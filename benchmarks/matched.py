@@ -63,7 +63,7 @@ def compare_at_matched_nfe(runs: list[dict[str, Any]], steps: int, reference: st
             continue
         targets = np.unique(np.round(np.linspace(lo, hi, 5), 2))
 
-        def diff(idx: np.ndarray) -> np.ndarray:
+        def diff(idx: np.ndarray, base: str = base, targets: np.ndarray = targets) -> np.ndarray:
             ours = _at(nfe[reference][:, idx].mean(axis=1), psnr[reference][:, idx].mean(axis=1), targets)
             theirs = _at(nfe[base][:, idx].mean(axis=1), psnr[base][:, idx].mean(axis=1), targets)
             return ours - theirs

@@ -66,7 +66,7 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
 
 
 def _mean_psnr(videos: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.mean([min(psnr(v, r), PSNR_CAP) for v, r in zip(videos, reference)]))
+    return float(np.mean([min(psnr(v, r), PSNR_CAP) for v, r in zip(videos, reference, strict=True)]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from sencache.runtime.families import resolve
 from sencache.runtime.families.ltx import pack_text
 from sencache.runtime.files import write_atomic
 
-WORDS = "a an the red green blue circle square moving left right fast slow on black two large small".split()
+WORDS = ["a", "an", "the", "red", "green", "blue", "circle", "square", "moving", "left", "right", "fast", "slow", "on", "black", "two", "large", "small"]
 
 
 @dataclass(frozen=True)

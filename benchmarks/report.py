@@ -65,18 +65,18 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     methods = list(dict.fromkeys(r["method"] for r in report["runs"]))
-    for method, colour in zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for method, colour in zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
         # runs that never skipped a step are the uncached video itself (PSNR capped): not plotted
         runs = [r for r in report["runs"] if r["method"] == method and min(r["nfe"]) < report["steps"]]
         if not runs:
             continue
         nfe = np.array([r["mean_nfe"] for r in runs])
-        for ax, key in zip(axes, ("mean_psnr", "mean_ssim")):
+        for ax, key in zip(axes, ("mean_psnr", "mean_ssim"), strict=True):
             quality = np.array([r[key] for r in runs])
             ax.scatter(nfe, quality, color=colour, s=18, alpha=0.6)
             xs, ys = envelope(nfe, quality)
             ax.plot(xs, ys, color=colour, lw=2 if method == "sencache" else 1.3, label=method)
-    for ax, label in zip(axes, ("PSNR vs uncached (dB)", "SSIM vs uncached")):
+    for ax, label in zip(axes, ("PSNR vs uncached (dB)", "SSIM vs uncached"), strict=True):
         ax.set_xlabel(f"NFE (of {report['steps']} steps)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

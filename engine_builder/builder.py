@@ -14,9 +14,10 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class LoadedModel:
         inputs = {k: v if k == "timestep" else v.to(self.precision.dtype) for k, v in inputs.items()}
         with torch.no_grad():
             outputs = self.stages["head"](**inputs)
-        inputs.update(zip(self.adapter.layout.head_outputs, outputs))
+        inputs.update(zip(self.adapter.layout.head_outputs, outputs, strict=True))
         return inputs
 
 
@@ -262,7 +263,7 @@ def _stream_shapes(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes) 
     with torch.device("meta"):
         transformer = adapter.build_transformer(preset, None, device="meta")
         stages = adapter.split(transformer, preset, shapes)
-        outputs = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1))))
+        outputs = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True))
     return [tuple(outputs[s].shape[1:]) for s in adapter.layout.streams]
 
 

@@ -72,7 +72,7 @@ def validate_stage(module: nn.Module, spec: StageSpec, inputs: dict[str, torch.T
         ref = module(**{name: inputs[name] for name in spec.inputs})
     ref = ref if isinstance(ref, tuple) else (ref,)
     worst = {"max_abs": 0.0, "rel_l2": 0.0}
-    for name, g, r in zip(spec.outputs, got, ref):
+    for name, g, r in zip(spec.outputs, got, ref, strict=True):
         if g.shape != tuple(r.shape):
             raise BuildFailed(f"{spec.name} stage: output {name} has shape {g.shape} in ONNX Runtime, {tuple(r.shape)} in PyTorch")
         err = compare(g, r.float().numpy())

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sencache.engine_builder.onnx_export import BuildFailed
 from sencache.runtime.errors import BadInput

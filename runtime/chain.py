@@ -8,8 +8,8 @@ The step engine runs the blocks on gathered sub-batches itself and uses the feed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -65,6 +65,6 @@ def module_runner(stages: dict[str, nn.Module], layout: StageLayout) -> Run:
 
     def run(stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = stages[stage](**feeds)
-        return dict(zip(io[stage][1], out if isinstance(out, tuple) else (out,)))
+        return dict(zip(io[stage][1], out if isinstance(out, tuple) else (out,), strict=True))
 
     return run

@@ -45,7 +45,7 @@ def stats(engine: Model, request: Request, policy: CachePolicy, result: Result, 
         "samples": [
             {"prompt": p, "seed": s, "nfe": result.nfe[i], "decisions": result.decisions[i],
              "frames": files[i][0], "video": files[i][1], "trace": result.trace[i]}
-            for i, (p, s) in enumerate(zip(request.prompts, request.seeds))
+            for i, (p, s) in enumerate(zip(request.prompts, request.seeds, strict=True))
         ],
         "timing": {
             "denoise_s": result.timing["denoise_s"],
@@ -62,7 +62,7 @@ def write_run(folder: Path, engine: Model, request: Request, policy: CachePolicy
     """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into the run's partial `folder`."""
     files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]
     document = stats(engine, request, policy, result, total_s, files)
-    for (npy, mp4), clip in zip(files, frames):
+    for (npy, mp4), clip in zip(files, frames, strict=True):
         np.save(folder / npy, clip.astype(np.float32))
         write_mp4(clip, folder / mp4)
     write_atomic(folder / STATS, json.dumps(document, indent=1).encode())

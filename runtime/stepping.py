@@ -348,7 +348,7 @@ class StepEngine:
         drift = meter.result() if meter is not None else None
         modulation = self._modulation(jobs, head, offsets)
         shared_s += time.perf_counter() - tick
-        drift_at = dict(zip((j.id for j in measured), np.cumsum([0] + [j.batch for j in measured])))
+        drift_at = dict(zip((j.id for j in measured), np.cumsum([0] + [j.batch for j in measured]), strict=False))
         live: list[tuple[RequestState, int, StepDecision]] = []
         for k, job in enumerate(jobs):
             tick = time.perf_counter()

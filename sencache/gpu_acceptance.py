@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -163,7 +164,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
                            "one large blue square moving right fast on black"], [1, 2, 3, 4], 30, 4.0)
         report: dict[str, Any] = {"backend": engine.backend.describe()}
         for method in ("none", "sencache", "none", "sencache"):  # second round is the one reported (warm)
-            result, syncs = counting_syncs(lambda: engine.generate(request, engine.policy(method, 30, 4, {})))
+            result, syncs = counting_syncs(lambda method=method: engine.generate(request, engine.policy(method, 30, 4, {})))
             report[method] = {"denoise_s": result.timing["denoise_s"], "decision_s": result.timing["decision_s"],
                               "nfe": float(np.mean(result.nfe)), "torch_syncs": syncs}
         report["speedup"] = report["none"]["denoise_s"] / report["sencache"]["denoise_s"]
@@ -173,7 +174,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
         ltx.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
         knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
         report["flow_euler_syncs"] = {
-            steps: counting_syncs(lambda: engine.generate(Request(request.prompts[:2], [1, 2], steps, 4.0),
+            steps: counting_syncs(lambda steps=steps: engine.generate(Request(request.prompts[:2], [1, 2], steps, 4.0),
                                                            engine.policy("sencache", steps, 2, knobs)))[1]
             for steps in (6, 20)}
     report["note"] = ("torch_syncs: synchronizing calls PyTorch saw in one whole generate (tiny-wan, UniPC solver "

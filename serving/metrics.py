@@ -72,7 +72,7 @@ class _Snapshot(Collector):
             for slot, stats in live.items():
                 h = stats[key]
                 bounds = [*(f"{b:g}" for b in h["buckets"]), "+Inf"]
-                family.add_metric([str(slot)], list(zip(bounds, map(float, h["counts"]))), h["sum"])
+                family.add_metric([str(slot)], list(zip(bounds, map(float, h["counts"]), strict=True)), h["sum"])
             yield family
 
 

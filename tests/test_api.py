@@ -41,7 +41,7 @@ def test_import_sencache_does_not_load_the_engine():
 def test_generate_returns_frames_and_stats(engine, calibrated_bundle):
     video = engine.generate(prompt=PROMPT, seed=1, steps=6, guidance=None, cache="sencache", knobs={"eps_main": 0.3})
     assert video.frames.shape == (8, 32, 32, 3) and video.frames.dtype == np.float32
-    assert 0.0 <= video.frames.min() and video.frames.max() <= 1.0
+    assert video.frames.min() >= 0.0 and video.frames.max() <= 1.0
     stats = video.stats
     assert stats["steps"] == 6 and stats["guidance"] == 4.0 and stats["cache"]["eps_main"] == 0.3
     assert stats["nfe"] == stats["decisions"].count("run") and len(stats["trace"]) == 6

@@ -37,7 +37,7 @@ def test_onnx_stages_match_pytorch_at_every_batch_size(ort_bundle):
     for batch in (1, 4, 6):
         inputs = adapter.example_inputs(preset, bundle.shapes, batch, seed=40 + batch)
         with torch.no_grad():
-            head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs)))
+            head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs), strict=True))
             hidden = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
             noise = stages["tail"](hidden, head["temb"])
         feeds = {k: v.numpy() for k, v in inputs.items()}
@@ -113,12 +113,12 @@ def test_stats_contract(calibrated_bundle, tmp_path):
     assert {"model", "backend", "precision", "steps", "cache", "samples", "timing"} <= set(stats)
     assert stats["cache"]["eps_main"] == 0.5 and stats["cache"]["max_reuse"] == 2
     assert {"denoise_s", "decision_s", "total_s"} <= set(stats["timing"])
-    for sample, seed in zip(stats["samples"], (3, 4)):
+    for sample, seed in zip(stats["samples"], (3, 4), strict=True):
         assert sample["seed"] == seed and len(sample["decisions"]) == 6
         assert sample["nfe"] == sample["decisions"].count("run")
         frames = np.load(out / sample["frames"])
         assert frames.dtype == np.float32 and frames.shape == (8, 32, 32, 3)
-        assert 0.0 <= frames.min() and frames.max() <= 1.0
+        assert frames.min() >= 0.0 and frames.max() <= 1.0
         assert (out / sample["video"]).stat().st_size > 1000
 
 

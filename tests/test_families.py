@@ -26,9 +26,9 @@ def test_every_real_config_builds_and_splits_on_meta(model, params, latent):
     assert adapter.latent_shape(preset, shapes) == latent
     stages = adapter.split(transformer, preset, shapes)
     with torch.device("meta"):
-        head = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1))))
+        head = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True))
         streams = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
-        streams = dict(zip(adapter.layout.streams, streams if isinstance(streams, tuple) else (streams,)))
+        streams = dict(zip(adapter.layout.streams, streams if isinstance(streams, tuple) else (streams,), strict=True))
         noise = stages["tail"](**{k: streams[k] for k in adapter.layout.tail_stream_names},
                                **{k: head[k] for k in adapter.layout.tail_context})
     assert tuple(noise.shape) == (1, *latent)
@@ -76,7 +76,7 @@ def test_tiny_split_equals_the_whole_transformer():
     inputs = adapter.example_inputs(preset, shapes, 2)
     with torch.no_grad():
         whole = transformer(inputs["latent"], inputs["timestep"], inputs["text"], return_dict=False)[0]
-        head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs)))
+        head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs), strict=True))
         hidden = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
         out = stages["tail"](hidden, head["temb"])
     assert torch.equal(whole, out)
@@ -102,7 +102,7 @@ def test_real_weights_load_from_a_diffusers_folder(tmp_path):
     saved = adapter.build_transformer(preset, None)
     saved.save_pretrained(tmp_path / "transformer")
     loaded = adapter.build_transformer(preset, tmp_path)
-    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

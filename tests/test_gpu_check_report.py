@@ -58,7 +58,7 @@ def acceptance(fraction: float, median_us: float, euler_syncs: tuple[int, int]) 
             "decision": {"median_us": median_us, "p90_us": median_us * 1.5, "host_syncs_per_step": 1},
             "loop": {"backend": {"backend": "torch", "device": "cuda"},
                      "none": {"nfe": 30.0, "torch_syncs": 64}, "sencache": {"nfe": 19.0, "torch_syncs": 40},
-                     "speedup": 1.5, "flow_euler_syncs": dict(zip(("6", "20"), euler_syncs))}}
+                     "speedup": 1.5, "flow_euler_syncs": dict(zip(("6", "20"), euler_syncs, strict=True))}}
 
 
 def test_figures_hold_each_against_its_target():

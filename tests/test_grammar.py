@@ -7,7 +7,7 @@ from sencache.runtime.tiny_text import PAD, VOCABULARY, tokenize
 
 
 def test_the_grammar_writes_exactly_the_tiny_vocabulary_in_token_order():
-    assert VOCABULARY == (PAD, *WORDS)
+    assert (PAD, *WORDS) == VOCABULARY
 
 
 def test_every_grammar_prompt_tokenizes():

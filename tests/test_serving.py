@@ -220,7 +220,7 @@ def test_batching_modes_admit_as_documented(calibrated_bundle, batching):
         t_second = time.perf_counter()
         second = service.submit(VideoRequest(prompt=PROMPT, seed=2, steps=3, cache={"preset": "reference"}))
         for job in (first, second):
-            _until(lambda: service.status(job.id).status == "completed", job.id)
+            _until(lambda job=job: service.status(job.id).status == "completed", job.id)
         first, second = service.status(first.id), service.status(second.id)
         first_end = t_first + first.latency_s
         second_start = t_second + second.queue_wait_s

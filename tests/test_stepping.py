@@ -103,7 +103,7 @@ def test_a_static_batch_of_mixed_requests_equals_each_alone(family):
         engine.step()
         passes += 1
     assert passes == max(spec.steps for spec in MIXED)
-    worst = max(assert_same(engine.result(i), solo(model, spec, name)) for i, spec in zip(ids, MIXED))
+    worst = max(assert_same(engine.result(i), solo(model, spec, name)) for i, spec in zip(ids, MIXED, strict=True))
     decisions = [d for i in ids for d in engine.result(i).decisions]
     assert any("reuse" in d for d in decisions) and all("run" in d for d in decisions)
     print(f"{name}: static batch, max |latent - solo| = {worst:.1e}")
@@ -134,7 +134,7 @@ def test_requests_joining_a_running_batch_equal_each_alone(family):
     assert sorted(ended) == sorted([first, doomed, *queued])
     assert engine.poll(doomed).state == "cancelled"
     worst = assert_same(engine.result(first), solo(model, pair, name))
-    for job, spec in zip(queued, late):
+    for job, spec in zip(queued, late, strict=True):
         assert engine.poll(job).state == "done"
         worst = max(worst, assert_same(engine.result(job), solo(model, spec, name)))
     print(f"{name}: joined at steps 0/2/3/queued, max |latent - solo| = {worst:.1e}")

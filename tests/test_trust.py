@@ -396,10 +396,9 @@ def test_a_failure_inside_leaves_the_target_untouched(tmp_path):
     target = tmp_path / "out"
     with staged_folder(target, "run") as folder:
         (folder / "keep.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with staged_folder(target, "run") as folder:
-            (folder / "new.txt").write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), staged_folder(target, "run") as folder:
+        (folder / "new.txt").write_text("half")
+        raise RuntimeError("interrupted")
     assert snapshot(target) == {OWNER: (target / OWNER).read_bytes(), "keep.txt": b"old"}
     assert leftovers(tmp_path) == []
 

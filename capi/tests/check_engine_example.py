@@ -22,7 +22,7 @@ def main(example: str, bundle: str, work: str) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([example, bundle, str(out), str(STEPS)], check=True, env=env)
     worst = 0.0
-    for k, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS)):
+    for k, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
         run = out / f"generate_{k}"
         subprocess.run([sys.executable, "-m", "sencache.cli", "generate", "--engine", bundle, "--prompt", prompt,
                         "--seed", str(seed), "--steps", str(STEPS), "--threads", "1", "--out", str(run)],

@@ -66,10 +66,7 @@ def render(spec: PromptSpec, rng: np.random.Generator) -> np.ndarray:
             cy, cx = start + velocity * f
             dy = (yy - cy + HEIGHT / 2) % HEIGHT - HEIGHT / 2
             dx = (xx - cx + WIDTH / 2) % WIDTH - WIDTH / 2
-            if spec.shape == "circle":
-                dist = np.sqrt(dy * dy + dx * dx)
-            else:
-                dist = np.maximum(np.abs(dy), np.abs(dx)) * 1.1
+            dist = np.sqrt(dy * dy + dx * dx) if spec.shape == "circle" else np.maximum(np.abs(dy), np.abs(dx)) * 1.1
             alpha = np.clip(radius - dist + 0.5, 0.0, 1.0)[..., None]
             clip[f] = clip[f] * (1 - alpha) + colour * alpha
     return clip

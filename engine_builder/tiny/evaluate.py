@@ -86,10 +86,10 @@ def evaluate(engine: Model, steps: int | None = None, batch: int = 4) -> dict:
         request = Request([s.prompt for s in chunk], [1000 + start + i for i in range(len(chunk))], steps,
                           engine.bundle.manifest.defaults.guidance)
         clips = engine.decode(engine.generate(request, NoCache(len(chunk))).latents)
-        for spec, clip in zip(chunk, clips):
+        for spec, clip in zip(chunk, clips, strict=True):
             rows.append({"prompt": spec.prompt, "colour": read_colour(clip), "motion": read_motion(clip),
                          "want_motion": spec.direction or "static"})
-    colour = np.mean([r["colour"] == s.colour for r, s in zip(rows, specs)])
+    colour = np.mean([r["colour"] == s.colour for r, s in zip(rows, specs, strict=True)])
     motion = np.mean([r["motion"] == r["want_motion"] for r in rows])
     return {"clips": len(rows), "colour_accuracy": float(colour), "motion_accuracy": float(motion),
             "chance": {"colour": 1 / len(COLOURS), "motion": 1 / 5}, "rows": rows}

@@ -158,7 +158,7 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
         decay = 0.999 if resume else min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, live in ((ema_t, transformer), (ema_x, text_encoder)):
-                for e, p in zip(ema.parameters(), live.parameters()):
+                for e, p in zip(ema.parameters(), live.parameters(), strict=True):
                     e.lerp_(p, 1 - decay)
         value = float(loss.detach())
         avg = value if avg is None else 0.98 * avg + 0.02 * value

@@ -46,7 +46,7 @@ class OnnxSessions:
         types = self.input_types[stage]
         feeds = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype) for name, dtype in types.items()}
         outputs = self.sessions[stage].run(self.outputs[stage], feeds)
-        return {name: torch.from_numpy(value) for name, value in zip(self.outputs[stage], outputs)}
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs[stage], outputs, strict=True)}
 
 
 class OnnxRuntimeBackend(StageBackend):

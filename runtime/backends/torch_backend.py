@@ -38,7 +38,7 @@ class TorchBackend(StageBackend):
         spec = self.specs[stage]
         out = self.modules[stage](**{name: inputs[name] for name in spec.inputs})
         out = out if isinstance(out, tuple) else (out,)
-        return dict(zip(spec.outputs, out))
+        return dict(zip(spec.outputs, out, strict=True))
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "torch": torch.__version__, "device": str(self.device)}
