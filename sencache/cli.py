@@ -249,7 +249,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
     for knob in KNOBS.values():
-        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, help=knob.help.replace("%", "%%"))
+        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, choices=knob.choices or None,
+                       help=knob.help.replace("%", "%%"))
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
