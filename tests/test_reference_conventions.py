@@ -10,6 +10,7 @@ and consecutive-skip limit. It is replayed on the engine's own recorded runs of 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import engine_for
-from sencache.cli import parser
+from sencache.cli import main, parser
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import check_knobs
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
@@ -215,3 +216,26 @@ def test_reference_runs_match_the_authors_rule_decision_by_decision(tiny):
                     mismatches.append((steps, b, i))
     assert mismatches == [], f"{len(mismatches)} of {decisions} decisions differ: {mismatches[:10]}"
     assert 0.2 * decisions < reuses < 0.8 * decisions, f"{reuses} reuses of {decisions}: the replay tests little"
+
+
+def test_authors_npz_then_generate_with_reference_conventions(capsys, calibrated_bundle, tmp_path):
+    """The user's path: import the authors' table, generate under their conventions from the CLI."""
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(calibrated_bundle, bundle_dir)
+    model = engine_for(bundle_dir)
+    timesteps, j_x, j_t = authors_table(model)
+    npz = tmp_path / "sensitivity_wan21.npz"
+    np.savez(npz, timesteps=timesteps, J_x_norm=j_x, J_t_norm=j_t)
+    assert main(["calibrate", "--engine", str(bundle_dir), "--import-npz", str(npz)]) == 0
+    out = tmp_path / "run"
+    code = main(["generate", "--engine", str(bundle_dir), "--prompt", PROMPTS[0], "--seed", "1", "--steps", "12",
+                 "--eps-start", "0.01", "--eps-main", "0.06", "--max-reuse", "3", "--conventions", "reference",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["cache"]["conventions"] == "reference"
+    assert stats["samples"][0]["nfe"] < 12
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--engine", str(bundle_dir), "--prompt", PROMPTS[0], "--conventions", "paper",
+              "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "--conventions" in capsys.readouterr().err
