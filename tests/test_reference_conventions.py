@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from conftest import engine_for
+from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.cli import main, parser
 from sencache.runtime.bundle import Bundle
-from sencache.runtime.cache import check_knobs
+from sencache.runtime.cache import NoCache, check_knobs
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
@@ -158,6 +160,8 @@ def test_the_knob_flows_through_table_cli_and_server_schema():
     args = parser().parse_args(["generate", "--engine", "b", "--out", "o", "--conventions", "reference"])
     assert args.conventions == "reference"
     assert parser().parse_args(["generate", "--engine", "b", "--out", "o"]).conventions is None
+    assert parser().parse_args(["calibrate", "--engine", "b", "--branch", "cond"]).branch == "cond"
+    assert parser().parse_args(["calibrate", "--engine", "b"]).branch == "guided"
     spec = CacheSpec(method="sencache", knobs={"conventions": "reference", "eps_main": 0.2})
     assert spec.resolve({}) == ("sencache", {"eps_main": 0.2, "conventions": "reference"})
     with pytest.raises(ValidationError):
@@ -239,3 +243,35 @@ def test_authors_npz_then_generate_with_reference_conventions(capsys, calibrated
         main(["generate", "--engine", str(bundle_dir), "--prompt", PROMPTS[0], "--conventions", "paper",
               "--out", str(tmp_path / "bad")])
     assert e.value.code == 2 and "--conventions" in capsys.readouterr().err
+
+
+def test_calibration_on_the_conditional_branch(ort_bundle):
+    """branch="cond" measures Jx, Jt of the conditional output alone (the authors' calibration),
+    here recomputed along the same recorded trajectory without any unconditional call."""
+    model = engine_for(ort_bundle)
+    plan = CalibrationPlan(samples=1, steps=4, seed=7, branch="cond")
+    table = calibrate(model, plan, PROMPTS[:1], show_progress=False).sensitivity
+    guided = calibrate(model, CalibrationPlan(samples=1, steps=4, seed=7), PROMPTS[:1], show_progress=False).sensitivity
+    assert table.meta["branch"] == "cond" and guided.meta["branch"] == "guided"
+    guidance = model.bundle.manifest["defaults"]["guidance"]
+    assert guidance > 1.0
+    run = model.generate(Request(PROMPTS[:1], [7], 4, guidance), NoCache(1), record=True)
+    text = model.encode(PROMPTS[:1])
+    for k in range(3):
+        x_k, t_k, t_next = run.trajectory[k], run.timesteps[k], run.timesteps[k + 1]
+
+        def cond(x: np.ndarray, t: float) -> np.ndarray:
+            return model.predict(x, np.full(1, t, np.float32), text, None, 1.0).guided
+
+        f_k = cond(x_k, t_k)
+        sampler = model.sampler(4)
+        sampler.start_at(k)
+        x_prime = sampler.step(k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), model.generators([7 + k])).numpy()
+        jx = np.linalg.norm((cond(x_prime, t_k) - f_k).astype(np.float64)) / np.linalg.norm(
+            (x_prime - x_k).astype(np.float64))
+        jt = np.linalg.norm((cond(x_k, t_next) - f_k).astype(np.float64)) / abs(t_next - t_k)
+        assert table.lookup(t_k, nearest=True)[:2] == pytest.approx((jx, jt), rel=1e-4)
+    assert not np.allclose(table.jx, guided.jx, rtol=1e-3)
+    with pytest.raises(BadInput) as e:
+        CalibrationPlan(branch="uncond")
+    assert e.value.param == "branch"
