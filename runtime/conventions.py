@@ -20,7 +20,8 @@ class SenCacheConventions:
     """One set of conventions of the SenCache rule for runs of `N` steps."""
 
     switch_frac: float
-    """eps_main applies from the model call round(switch_frac * calls) on (eps_start before)."""
+    """eps_main applies from model call round(N * switch_calls * switch_frac) of the run's
+    N * switch_calls calls on (eps_start before)."""
     switch_calls: int = 1
     """Model calls per step that the switch counts: 2 where cond and uncond are separate calls
     (the authors' Wan), so step i is call 2i of 2N."""

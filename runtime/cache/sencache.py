@@ -89,6 +89,7 @@ class SenCachePolicy:
             jx, jt = self._sensitivities(t)
             raw = jx * drift + jt * np.abs(t - self.anchor_t)
             score = raw / self.scale
+            # a fixed constant meets the raw score as the authors compare it (eps x constant), bit for bit
             below = score < eps if self.conventions.score_constant is None else raw < eps * self.scale
             run = ~(below & (self.reuses < self.config.max_reuse))
         self._commit(step, t, run)
