@@ -10,7 +10,10 @@ backend, same text encoding, same timestep dtype):
     Jx  = ||f(x', t_k) - f(x_k, t_k)|| / ||x' - x_k||
     Jt  = ||f(x_k, t_{k+1}) - f(x_k, t_k)|| / |t_{k+1} - t_k|
 
-Norms are per sample; the table keeps the mean over samples, the spread and the count.
+Norms are per sample; the table keeps the mean over samples, the spread and the count. With
+`branch="cond"`, f is the conditional branch's output alone (also for the solver step), as the
+authors' calibration measures it (vita-epfl/SenCache, `Wan2.1/sensitivity_calculation.py`: the
+model is called with the prompt's context only); the trajectories stay the guided ones.
 
 The same trajectories calibrate the baselines the way their authors do: TeaCache's polynomial
 maps the relative L1 change of the modulated input between steps to that of the model output
@@ -34,11 +37,12 @@ from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
-from sencache.runtime.model import Model
+from sencache.runtime.model import Model, Prediction
 from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
 
 DEFAULT_SAMPLES = 8
+BRANCHES = ("guided", "cond")
 
 
 def _check_samples(samples: int) -> None:
@@ -54,8 +58,12 @@ class CalibrationPlan:
     guidance: float | None = None
     seed: int = 1000
     batch: int = 4
+    branch: str = "guided"
+    """The output Jx, Jt measure: "guided" (what inference steps with) or "cond" (the authors')."""
 
     def __post_init__(self) -> None:
+        if self.branch not in BRANCHES:
+            raise BadInput(f"branch must be one of {', '.join(BRANCHES)}, got {self.branch!r}", param="branch")
         if self.samples is not None:
             _check_samples(self.samples)
         if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
@@ -105,7 +113,7 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
             n = len(x_k)
             t_k = timesteps[k]
             now = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
-            f_k = now.guided
+            f_k = _branch(now, plan.branch)
             if previous is not None:
                 tea_x.append(relative_l1(now.modulation, previous.modulation))
                 tea_y.append(relative_l1(now.cond, previous.cond))
@@ -115,10 +123,11 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
                 break
             t_next = timesteps[k + 1]
             x_prime = _solver_step(engine, steps, k, f_k, x_k, [s + k for s in chunk_seeds])
-            both = engine.predict(np.concatenate([x_prime, x_k]),
-                                  np.array([t_k] * n + [t_next] * n, np.float32),
-                                  np.concatenate([text, text]),
-                                  None if uncond is None else np.concatenate([uncond, uncond]), guidance).guided
+            both = _branch(engine.predict(np.concatenate([x_prime, x_k]),
+                                          np.array([t_k] * n + [t_next] * n, np.float32),
+                                          np.concatenate([text, text]),
+                                          None if uncond is None else np.concatenate([uncond, uncond]), guidance),
+                           plan.branch)
             f_prime, f_next = both[:n], both[n:]
             dx = _norms(x_prime - x_k)
             if np.any(dx == 0):
@@ -141,6 +150,7 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
         "scheduler": manifest.scheduler,
         "steps": steps,
         "guidance": guidance,
+        "branch": plan.branch,
         "samples": samples,
         "seeds": seeds,
         "prompts": chosen,
@@ -162,6 +172,11 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
               "magcache_branch": "cond"},
     )
     return Calibration(sensitivity, baselines)
+
+
+def _branch(prediction: Prediction, branch: str) -> np.ndarray:
+    """The output of `prediction` that calibration measures: the guided one or the cond branch's."""
+    return prediction.guided if branch == "guided" else prediction.cond
 
 
 def _solver_step(engine: Model, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray, seeds: list[int]) -> np.ndarray:

@@ -114,7 +114,7 @@ class Engine:
                                               device=device)))
 
     def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 cache: str = "sencache", knobs: dict[str, float] | None = None,
+                 cache: str = "sencache", knobs: dict[str, float | str] | None = None,
                  prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
                  dynamic_cfg: bool = False) -> Video:
         """Generate one video and wait for it (see `submit` for the parameters)."""
@@ -123,7 +123,7 @@ class Engine:
                            dynamic_cfg=dynamic_cfg).result()
 
     def submit(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-               cache: str = "sencache", knobs: dict[str, float] | None = None,
+               cache: str = "sencache", knobs: dict[str, float | str] | None = None,
                prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
                dynamic_cfg: bool = False) -> Job:
         """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
@@ -139,7 +139,7 @@ class Engine:
         if not isinstance(cache, str):
             raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
         if knobs is not None and not isinstance(knobs, dict):
-            raise BadInput(f"knobs must be a mapping of knob names to numbers, got {type(knobs).__name__}",
+            raise BadInput(f"knobs must be a mapping of knob names to values, got {type(knobs).__name__}",
                            param="knobs")
         policy = self.model.policy(cache, request.steps, 1, knobs or {})
         if self._closed:

@@ -112,7 +112,7 @@ class Model:
         """The starting noise of each sample, drawn as the family's pipeline draws it."""
         return self.adapter.initial_latents(generators, self.preset, self.bundle.shapes)
 
-    def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | None]) -> CachePolicy:
+    def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | str | None]) -> CachePolicy:
         """The cache rule `method` with the given knobs for one request; unset knobs take the
         bundle's defaults."""
         return make_policy(method, knobs, steps, batch, self.bundle, self.numel)

@@ -2,7 +2,8 @@
 
 Stored in a bundle as `sensitivity.json`; the authors' `.npz` format (keys `timesteps`,
 `J_x_norm`, `J_t_norm`, optional `sample_counts`) is imported and exported too. Look-ups
-interpolate linearly in t, so one table serves any number of steps or shift; a t outside the
+interpolate linearly in t, so one table serves any number of steps or shift (or, under the
+reference conventions, read the nearest tabulated t as the authors' code does); a t outside the
 table clamps to its edge and is counted, so the caller can report it.
 """
 
@@ -60,9 +61,14 @@ class SensitivityTable:
         self.jx_std = arrays["Jx_std"][order] if "Jx_std" in arrays else None
         self.jt_std = arrays["Jt_std"][order] if "Jt_std" in arrays else None
 
-    def lookup(self, t: float) -> tuple[float, float, bool]:
-        """(Jx(t), Jt(t), inside) by linear interpolation; outside the table it clamps."""
+    def lookup(self, t: float, nearest: bool = False) -> tuple[float, float, bool]:
+        """(Jx(t), Jt(t), inside) by linear interpolation, outside the table clamped; or, with
+        `nearest`, at the nearest tabulated timestep, a tie going to the larger one (the earlier
+        step: the authors' code takes the first in their descending order)."""
         inside = bool(self.timesteps[0] <= t <= self.timesteps[-1])
+        if nearest:
+            index = len(self.timesteps) - 1 - int(np.argmin(np.abs(self.timesteps[::-1] - t)))
+            return float(self.jx[index]), float(self.jt[index]), inside
         return float(np.interp(t, self.timesteps, self.jx)), float(np.interp(t, self.timesteps, self.jt)), inside
 
     def to_dict(self) -> dict[str, Any]:

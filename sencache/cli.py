@@ -61,7 +61,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         return
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
 
-    plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed)
+    plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed, branch=args.branch)
     prompts = _calibration_prompts(args)
     engine = Model(bundle, open_backend(bundle, threads=args.threads))
     result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
@@ -233,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
                    help="calibrate a real model on prompts that are all in the tiny models' vocabulary")
     c.add_argument("--steps", type=int)
     c.add_argument("--seed", type=int, default=1000)
+    c.add_argument("--branch", choices=("guided", "cond"), default="guided",
+                   help="measure Jx, Jt on the guided output (default) or on the conditional branch alone, as "
+                        "the authors' calibration does")
     c.add_argument("--import-npz", type=Path, help="import the authors' .npz table instead of measuring")
     c.add_argument("--from-bundle", type=Path,
                    help="take the tables of another build of the same model (an fp8 bundle: its fp32 build's)")
@@ -249,7 +252,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
     for knob in KNOBS.values():
-        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, help=knob.help.replace("%", "%%"))
+        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, choices=knob.choices or None,
+                       help=knob.help.replace("%", "%%"))
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")

@@ -32,11 +32,14 @@ def json_field(param: str | None) -> str | None:
 
 def _knob_field(name: str) -> tuple[Any, Any]:
     knob = KNOBS[name]
+    description = f"{knob.help} (methods: {', '.join(knob.methods)})"
+    if knob.type is str:
+        return (Literal[knob.choices] | None, Field(None, description=description))  # type: ignore[valid-type]
     bounds: dict[str, float] = {"ge": knob.low}
     if math.isfinite(knob.high):
         bounds["le"] = knob.high
-    return (knob.type | None, Field(None, description=f"{knob.help} (methods: {', '.join(knob.methods)})",
-                                    allow_inf_nan=False, strict=knob.type is int, **bounds))
+    return (knob.type | None, Field(None, description=description, allow_inf_nan=False, strict=knob.type is int,
+                                    **bounds))
 
 
 CacheKnobs = create_model("CacheKnobs", __config__=ConfigDict(extra="forbid"),
@@ -75,7 +78,7 @@ class CacheSpec(BaseModel):
             raise ValueError(e.worded(json_field(e.param))) from None
         return self
 
-    def resolve(self, defaults: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    def resolve(self, defaults: dict[str, dict[str, float]]) -> tuple[str, dict[str, float | str]]:
         """(method, knobs) for the engine; a preset scales the bundle's `defaults` of its method."""
         if self.preset is None:
             return self.method or "sencache", self.knobs.model_dump(exclude_none=True)

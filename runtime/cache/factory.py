@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch: int, bundle: Bundle,
                 numel: int) -> CachePolicy:
     """The cache rule `method` for one request of `batch` samples and `steps` steps on `bundle`
-    (latents of `numel` elements per sample); unset knobs take the bundle's defaults. Every
-    problem is a BadInput naming the knob or the missing table."""
+    (latents of `numel` elements per sample); unset knobs take the bundle's defaults, and
+    SenCache's reference conventions are those of the bundle's family adapter. Every problem is a
+    BadInput naming the knob or the missing table."""
     given = check_knobs(method, knobs)
     defaults = bundle.manifest.defaults.cache
     if method == "none":
@@ -33,7 +34,8 @@ def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch:
     if method in ("sencache", "sencache-max"):
         settings = SenCacheSettings(**{**defaults["sencache"], **given})
         rule = SenCachePolicy if method == "sencache" else SenCacheMaxPolicy
-        return rule(settings, bundle.sensitivity(), steps, batch, numel)
+        conventions = bundle.adapter.sencache_reference if settings.conventions == "reference" else None
+        return rule(settings, bundle.sensitivity(), steps, batch, numel, conventions)
     if method == "fixed":
         return FixedPolicy(FixedSettings(**{"interval": 2, **given}), steps, batch)
     tables = bundle.baselines()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sencache.runtime.conventions import NAMES as CONVENTIONS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
 
@@ -17,14 +18,20 @@ class Knob:
 
     name: str
     type: type
-    """int or float."""
+    """int, float, or str (then one of `choices`)."""
     low: float
     high: float
     help: str
     methods: tuple[str, ...]
+    choices: tuple[str, ...] = ()
+    """The values a str knob takes."""
 
-    def check(self, value: object) -> int | float:
-        """`value` as this knob's type, or a BadInput naming the knob and its range."""
+    def check(self, value: object) -> int | float | str:
+        """`value` as this knob's type, or a BadInput naming the knob and its range or choices."""
+        if self.type is str:
+            if value not in self.choices:
+                raise BadInput(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}", param=self.name)
+            return str(value)
         span = f"[{self.low:g}, {'inf' if math.isinf(self.high) else f'{self.high:g}'}]"
         wrong = BadInput(f"{self.name} must be {'an integer' if self.type is int else 'a number'} in {span}, "
                          f"got {value!r}", param=self.name)
@@ -52,6 +59,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps", _SENCACHE),
     Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that", _SENCACHE),
     Knob("max_reuse", int, 0, MAX_STEPS, "sencache, magcache: most reuses in a row", (*_SENCACHE, "magcache")),
+    Knob("conventions", str, 0, 0, "sencache: engine (default) or reference (the authors' code for the model's "
+         "family: step counting, forced steps, nearest-timestep table, fixed score constant)", _SENCACHE,
+         CONVENTIONS),
     Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step", ("fixed",)),
     Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps", ("fixed",)),
     Knob("threshold", float, 0.0, math.inf, "teacache, magcache: accumulated-error threshold", ("teacache", "magcache")),
@@ -66,7 +76,7 @@ def method_knobs(method: str) -> tuple[str, ...]:
     return tuple(name for name, knob in KNOBS.items() if method in knob.methods)
 
 
-def check_knobs(method: str, knobs: dict[str, object] | None) -> dict[str, int | float]:
+def check_knobs(method: str, knobs: dict[str, object] | None) -> dict[str, int | float | str]:
     """The set knobs of `method` (None values dropped), each checked against the table."""
     allowed = method_knobs(method)
     given = {k: v for k, v in (knobs or {}).items() if v is not None}

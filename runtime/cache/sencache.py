@@ -5,14 +5,14 @@ Every backend calls the same code, so a decision never depends on where the mode
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from sencache.runtime.cache.base import StepDecision, forced_step
+from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.cache.knobs import check_settings
+from sencache.runtime.conventions import SenCacheConventions, engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -24,9 +24,12 @@ class SenCacheSettings:
     max_reuse: int
     switch_frac: float = 0.2
     force_last: bool = True
+    conventions: str = "engine"
+    """"engine" (switch_frac, force_last and the rest of SPEC section 1) or "reference" (the
+    authors' code for the bundle's family: its record replaces switch_frac and force_last)."""
 
     def __post_init__(self) -> None:
-        check_settings(self, "eps_start", "eps_main", "max_reuse")
+        check_settings(self, "eps_start", "eps_main", "max_reuse", "conventions")
         if not 0.0 <= self.switch_frac <= 1.0:
             raise BadInput(f"switch_frac must be in [0, 1], got {self.switch_frac}", param="switch_frac")
 
@@ -37,7 +40,9 @@ class SenCachePolicy:
     Score of sample b at step i, anchored at its last run step a:
         S = (Jx(t_a) * ||x_i - x_a||_2 + Jt(t_a) * |t_i - t_a|) / sqrt(numel)
     It reuses when the step is not forced, S < eps(i), and it has reused fewer than max_reuse
-    steps in a row; otherwise it runs and its anchor moves to (x_i, t_i).
+    steps in a row; otherwise it runs and its anchor moves to (x_i, t_i). `conventions` say
+    which steps are forced, where eps switches, how Jx, Jt are read and what S is divided by
+    (`sencache.runtime.conventions`); by default the engine's, from the settings.
     """
 
     name = "sencache"
@@ -45,14 +50,17 @@ class SenCachePolicy:
     needs_modulation = False
     may_reuse = True
 
-    def __init__(self, settings: SenCacheSettings, table: SensitivityTable, num_steps: int, batch: int, numel: int) -> None:
+    def __init__(self, settings: SenCacheSettings, table: SensitivityTable, num_steps: int, batch: int, numel: int,
+                 conventions: SenCacheConventions | None = None) -> None:
         if num_steps <= 0 or batch <= 0 or numel <= 0:
             raise BadInput("steps, batch and latent size must be positive")
         self.config = settings
         self.table = table
         self.num_steps = num_steps
         self.numel = numel
-        self.switch_step = round(settings.switch_frac * num_steps)
+        self.conventions = conventions or engine_conventions(settings.switch_frac, settings.force_last)
+        self.switch_step = self.conventions.switch_step(num_steps)
+        self.scale = self.conventions.scale(numel)
         self.anchor_t = np.zeros(batch)
         self.jx = np.zeros(batch)
         self.jt = np.zeros(batch)
@@ -66,7 +74,7 @@ class SenCachePolicy:
         return self.config.eps_start if step < self.switch_step else self.config.eps_main
 
     def forced(self, step: int) -> bool:
-        return forced_step(step, self.num_steps, self.config.force_last)
+        return self.conventions.forced(step, self.num_steps)
 
     def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
                modulation: np.ndarray | None = None) -> StepDecision:
@@ -79,8 +87,11 @@ class SenCachePolicy:
                 raise ValueError(f"drift_sumsq must have shape ({batch},)")
             drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
             jx, jt = self._sensitivities(t)
-            score = (jx * drift + jt * np.abs(t - self.anchor_t)) / math.sqrt(self.numel)
-            run = ~((score < eps) & (self.reuses < self.config.max_reuse))
+            raw = jx * drift + jt * np.abs(t - self.anchor_t)
+            score = raw / self.scale
+            # a fixed constant meets the raw score as the authors compare it (eps x constant), bit for bit
+            below = score < eps if self.conventions.score_constant is None else raw < eps * self.scale
+            run = ~(below & (self.reuses < self.config.max_reuse))
         self._commit(step, t, run)
         return StepDecision(run, score, eps, self.forced(step))
 
@@ -91,7 +102,7 @@ class SenCachePolicy:
     def _commit(self, step: int, t: float, run: np.ndarray) -> None:
         self.reuses = np.where(run, 0, self.reuses + 1)
         if run.any() and step < self.num_steps - 1:
-            jx, jt, inside = self.table.lookup(t)
+            jx, jt, inside = self.table.lookup(t, nearest=self.conventions.nearest_lookup)
             if not inside:
                 self.outside_table.append(float(t))
             self.anchor_t[run] = t
@@ -107,5 +118,5 @@ class SenCacheMaxPolicy(SenCachePolicy):
     name = "sencache-max"
 
     def _sensitivities(self, t: float) -> tuple[np.ndarray, np.ndarray]:
-        jx_now, jt_now, _ = self.table.lookup(t)
+        jx_now, jt_now, _ = self.table.lookup(t, nearest=self.conventions.nearest_lookup)
         return np.maximum(self.jx, jx_now), np.maximum(self.jt, jt_now)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 
 
@@ -138,6 +139,8 @@ class FamilyAdapter(ABC):
     presets: dict[str, ModelPreset]
     aliases: dict[str, str] = {}
     """Short names for a family's default variant (`cogvideox` -> the preset it means)."""
+    sencache_reference: SenCacheConventions
+    """SenCache as the authors' code runs this family (the `reference` conventions)."""
 
     @abstractmethod
     def transformer_class(self) -> type[nn.Module]:

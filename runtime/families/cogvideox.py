@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
 from sencache.runtime.tiny_text import MAX_TOKENS
@@ -251,6 +252,10 @@ class CogVideoXAdapter(FamilyAdapter):
     )
     modulation = "temb"
     tiny_axes = (0, 1, 4, 2, 3)  # [B, F, C, H, W]
+    # vita-epfl/SenCache CogVideoX/sencache.py: one call per step, switch at round(0.2 N), the
+    # first and the last step always run, the nearest calibrated timestep, a fixed constant.
+    sencache_reference = SenCacheConventions(switch_frac=0.2, retain_steps=1, nearest_lookup=True,
+                                             score_constant=1099.8181667894016)
     aliases = {"cogvideox": "cogvideox1.5-5b"}
     presets = {
         "tiny-cogvideox": ModelPreset(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
 from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, tokenize
@@ -156,6 +157,11 @@ class LTXAdapter(FamilyAdapter):
         signals=("modulated",),
     )
     modulation = "modulated"
+    # vita-epfl/SenCache LTX-Video/sencache.py: one call per step, switch at round(0.2 N),
+    # int(round(0.02 N)) steps always run at each end (and the anchorless first), the nearest
+    # calibrated timestep, a fixed constant.
+    sencache_reference = SenCacheConventions(switch_frac=0.2, retain_frac=0.02, nearest_lookup=True,
+                                             score_constant=1015.9685034488028)
     aliases = {"ltx-video": "ltx-video-0.9.1"}
     presets = {
         "tiny-ltx": ModelPreset(

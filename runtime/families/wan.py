@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
 from sencache.runtime.families.unipc import UniPCSampler
@@ -147,6 +148,11 @@ class WanAdapter(FamilyAdapter):
     )
     modulation = "temb"
     tiny_axes = (0, 4, 1, 2, 3)  # [B, C, F, H, W]
+    # vita-epfl/SenCache Wan2.1/sencache.py: cond and uncond are separate calls, the switch is at
+    # call round(0.2 * 2N) and step i is call 2i; no retention (only the anchorless first step
+    # runs); the nearest calibrated timestep; eps times sqrt(numel) of a 480x832, 81-frame latent.
+    sencache_reference = SenCacheConventions(switch_frac=0.2, switch_calls=2, nearest_lookup=True,
+                                             score_constant=1447.97790038)
     presets = {
         "tiny-wan": ModelPreset(
             name="tiny-wan",
