@@ -90,6 +90,8 @@ SC_API sc_status sc_table_lookup(const sc_table* table, double t, double* jx, do
 SC_API void sc_table_destroy(sc_table* table);
 
 /* ---- The SenCache rule, per request (SPEC sections 1 and 3) --------------------------------- */
+/* The engine's conventions (conventions="engine" in Python): interpolated look-ups, the score
+ * normalised by sqrt(numel). The authors' reference conventions are not in the native rule yet. */
 
 typedef enum sc_rule { SC_RULE_SENCACHE = 0, SC_RULE_SENCACHE_MAX = 1 } sc_rule;
 
