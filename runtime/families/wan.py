@@ -8,7 +8,7 @@ from the Wan VAE, and text from UMT5 at 512 tokens x 4096 channels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
 from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_text import MAX_TOKENS
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 _REAL_COMMON: dict[str, Any] = {
     "patch_size": (1, 2, 2),
@@ -95,8 +98,10 @@ _MAGCACHE_14B = (
 )
 
 
+# `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
+# nn.Module.__getattr__, which mypy types as Tensor | Module.
 class _Head(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
 
@@ -109,7 +114,7 @@ class _Head(nn.Module):
 
 
 class _Blocks(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.blocks = t.blocks
 
@@ -120,7 +125,7 @@ class _Blocks(nn.Module):
 
 
 class _Tail(nn.Module):
-    def __init__(self, t: nn.Module, grid: tuple[int, int, int]) -> None:
+    def __init__(self, t: Any, grid: tuple[int, int, int]) -> None:
         super().__init__()
         self.t = t
         self.grid = grid
@@ -193,8 +198,8 @@ class WanAdapter(FamilyAdapter):
         ),
     }
 
-    def transformer_class(self) -> type[nn.Module]:
-        from diffusers import WanTransformer3DModel
+    def transformer_class(self) -> type[ModelMixin]:
+        from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
         return WanTransformer3DModel
 
@@ -224,7 +229,7 @@ class WanAdapter(FamilyAdapter):
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return UniPCSampler(scheduler, steps)
 
-    def pipeline_class(self) -> type:
+    def pipeline_class(self) -> type[Any]:
         from diffusers import WanPipeline
 
         return WanPipeline
