@@ -45,7 +45,8 @@ class OnnxSessions:
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         types = self.input_types[stage]
-        feeds: dict[str, np.ndarray] = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype) for name, dtype in types.items()}
+        feeds: dict[str, np.ndarray] = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype)
+                                        for name, dtype in types.items()}
         outputs = self.sessions[stage].run(self.outputs[stage], feeds)
         return {name: torch.from_numpy(value) for name, value in zip(self.outputs[stage], outputs, strict=True)}
 
