@@ -99,13 +99,13 @@ class DeviceDrift:
         driver = _driver()
         stream = driver.CUstream(stream)
         pointer = ctypes.c_void_p
-        args = ((x, anchor, int(self._partials), self.per_sample),
-                (pointer, pointer, pointer, ctypes.c_longlong))
-        _ok(driver.cuLaunchKernel(self._partial, self.blocks, samples, 1, THREADS, 1, 1, 0, stream, args, 0),
+        partial_args = ((x, anchor, int(self._partials), self.per_sample),
+                        (pointer, pointer, pointer, ctypes.c_longlong))
+        _ok(driver.cuLaunchKernel(self._partial, self.blocks, samples, 1, THREADS, 1, 1, 0, stream, partial_args, 0),
             "launch partial")
-        args = ((int(self._partials), int(self._out), self.blocks, samples),
-                (pointer, pointer, ctypes.c_int, ctypes.c_int))
-        _ok(driver.cuLaunchKernel(self._finish, samples, 1, 1, 32, 1, 1, 0, stream, args, 0), "launch finish")
+        finish_args = ((int(self._partials), int(self._out), self.blocks, samples),
+                       (pointer, pointer, ctypes.c_int, ctypes.c_int))
+        _ok(driver.cuLaunchKernel(self._finish, samples, 1, 1, 32, 1, 1, 0, stream, finish_args, 0), "launch finish")
         _ok(driver.cuMemcpyDtoHAsync(self._host_ptr, self._out, 4 * samples, stream), "cuMemcpyDtoHAsync")
         _ok(driver.cuEventRecord(self._event, stream), "cuEventRecord")
         self._pending = samples

@@ -64,7 +64,7 @@ class Job:
     def progress(self) -> Progress:
         """State ("queued", "running", "done", "cancelled", "failed"), steps taken of its steps, NFE."""
         if self._ended.is_set():
-            return self._final
+            return self._settled()
         return self._engine._poll(self)
 
     def done(self) -> bool:
@@ -80,14 +80,21 @@ class Job:
         Failed (with the job's error as its cause)."""
         if not self._ended.wait(timeout):
             raise TimeoutError(f"job {self._id} did not finish within {timeout} s")
-        if self._final.state == "cancelled":
+        state = self._settled().state
+        if state == "cancelled":
             raise Cancelled(f"job {self._id} was cancelled")
-        if self._final.state == "failed":
+        if state == "failed":
             raise Failed(f"job {self._id} failed: {self._error}") from self._error
+        assert self._result is not None, "a job that ended done has its result"
         with self._lock:
             if self._video is None:
                 self._video = self._engine._video(self._request, self._policy, self._result)
             return self._video
+
+    def _settled(self) -> Progress:
+        """The progress the job ended with (once `_ended` is set)."""
+        assert self._final is not None, "_settle sets the final progress before the job ends"
+        return self._final
 
     def _settle(self, final: Progress, result: Result | None, error: BaseException | None) -> None:
         self._final, self._result, self._error = final, result, error
@@ -217,7 +224,7 @@ class Engine:
             return self._stepper.poll(job.id)
         except KeyError:  # released between the check and the poll: it has ended
             job._ended.wait()
-            return job._final
+            return job._settled()
 
     def _cancel(self, job: Job) -> bool:
         if job.done():

@@ -107,6 +107,7 @@ class Bundle:
         files = self.manifest.files
         needed = [self.manifest.stages[s].file for s in schema.STAGES]
         if self.manifest.text_encoder.kind == "tiny":
+            assert self.manifest.text_encoder.file is not None, "Manifest.parse sets a tiny encoder's file"
             needed.append(self.manifest.text_encoder.file)
         for name in (SENSITIVITY, BASELINES):
             if (self.path / name).exists() or (self.path / name).is_symlink():

@@ -26,6 +26,8 @@ class HostDriftMeter:
         self._sums = drift_sumsq(x.numpy(), anchor.numpy())
 
     def result(self) -> np.ndarray:
+        if self._sums is None:
+            raise RuntimeError("HostDriftMeter.result before start")
         return self._sums
 
 

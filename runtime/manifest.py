@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal, overload
 
 from sencache.runtime.errors import BadInput
 
@@ -67,10 +67,18 @@ class _Fields:
             raise BadInput(f"{self.name(key)} is missing")
         return self.value[key]
 
+    @overload
+    def obj(self, key: str, optional: Literal[False] = False) -> _Fields: ...
+    @overload
+    def obj(self, key: str, optional: bool) -> _Fields | None: ...
     def obj(self, key: str, optional: bool = False) -> _Fields | None:
         value = self.get(key, optional)
         return None if value is None and optional else _Fields(value, self.name(key))
 
+    @overload
+    def text(self, key: str, choices: tuple[str, ...] | None = None, optional: Literal[False] = False) -> str: ...
+    @overload
+    def text(self, key: str, choices: tuple[str, ...] | None = None, *, optional: bool) -> str | None: ...
     def text(self, key: str, choices: tuple[str, ...] | None = None, optional: bool = False) -> str | None:
         value = self.get(key, optional)
         if value is None and optional:
@@ -333,8 +341,9 @@ def _text_encoder(spec: _Fields) -> TextEncoderSpec:
     return TextEncoderSpec("diffusers", source=spec.text("source", optional=True),
                            note=spec.text("note", optional=True))
 
-def scheduler_class(config: dict[str, Any]) -> type:
-    """The diffusers scheduler class a config names; BadInput unless it is a real scheduler."""
+def scheduler_class(config: dict[str, Any]) -> type[Any]:
+    """The diffusers scheduler class a config names; BadInput unless it is a real scheduler. Typed
+    as any class: its `from_config` comes from ConfigMixin, which SchedulerMixin does not derive."""
     import diffusers
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class Model:
             return self.adapter.encode_prompts(self.components(), prompts, self.preset)
         with self._lazy:
             if self._text_encoder is None:
+                assert spec.file is not None and spec.dim is not None, "parse sets a tiny encoder's file, dim"
                 self._text_encoder = load_tiny_text_encoder(self.bundle.read(spec.file), spec.dim, spec.file)
         with torch.no_grad():
             return self.adapter.encode_tiny(self._text_encoder, prompts)
@@ -112,7 +114,7 @@ class Model:
         """The starting noise of each sample, drawn as the family's pipeline draws it."""
         return self.adapter.initial_latents(generators, self.preset, self.bundle.shapes)
 
-    def policy(self, method: str, steps: int, batch: int, knobs: dict[str, float | str | None]) -> CachePolicy:
+    def policy(self, method: str, steps: int, batch: int, knobs: Mapping[str, float | str | None]) -> CachePolicy:
         """The cache rule `method` with the given knobs for one request; unset knobs take the
         bundle's defaults."""
         return make_policy(method, knobs, steps, batch, self.bundle, self.numel)
@@ -175,6 +177,7 @@ class Model:
         try:
             return engine.result(job)
         except Failed as e:  # the caller sees the error the request met, as before the step engine
+            assert e.__cause__ is not None, "StepEngine.result raises Failed from the request's error"
             raise e.__cause__ from None
 
 

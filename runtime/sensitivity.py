@@ -21,10 +21,13 @@ from sencache.runtime.errors import BadInput
 FORMAT = "sencache-sensitivity/1"
 
 
-def _vector(value: Any) -> np.ndarray | None:
-    """A JSON list of numbers as float64 (None stays None); anything else is a ValueError."""
-    if value is None:
-        return None
+def _optional_vector(value: Any) -> np.ndarray | None:
+    """`_vector` of a table that may be absent (None stays None)."""
+    return None if value is None else _vector(value)
+
+
+def _vector(value: Any) -> np.ndarray:
+    """A JSON list of numbers as float64; anything else is a ValueError."""
     if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ValueError("tables must be lists of numbers")
     return np.asarray(value, dtype=np.float64)
@@ -96,8 +99,9 @@ class SensitivityTable:
             if not isinstance(meta, dict):
                 raise ValueError("meta must be an object")
             return cls(_vector(document["timesteps"]), _vector(document["Jx"]), _vector(document["Jt"]),
-                       counts=_vector(document.get("counts")), jx_std=_vector(document.get("Jx_std")),
-                       jt_std=_vector(document.get("Jt_std")), meta=meta)
+                       counts=_optional_vector(document.get("counts")),
+                       jx_std=_optional_vector(document.get("Jx_std")),
+                       jt_std=_optional_vector(document.get("Jt_std")), meta=meta)
         except KeyError as e:
             raise BadInput(f"corrupt sensitivity table {source}: missing {e}") from None
         except (TypeError, ValueError, BadInput) as e:
@@ -131,4 +135,6 @@ class SensitivityTable:
         if self.counts is not None:
             arrays["sample_counts"] = self.counts
         with open(path, "wb") as f:
-            np.savez(f, **arrays)
+            # numpy>=2.1 types savez's own `allow_pickle: bool` keyword, so mypy checks the array
+            # dict against it; passing allow_pickle instead would be saved as an array on numpy 1.26.
+            np.savez(f, **arrays)  # type: ignore[arg-type]

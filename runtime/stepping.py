@@ -67,7 +67,8 @@ class RequestState:
     id: int
     request: Request
     policy: CachePolicy
-    sampler: Sampler
+    sampler: Sampler | None
+    """None once the request ended; then its generators are [] and its tensors empty (released)."""
     generators: list[torch.Generator]
     timesteps: list[float]
     scales: list[float]
@@ -215,6 +216,7 @@ class StepEngine:
         with self._lock:
             job = self._jobs[job_id]
         if job.state == "done":
+            assert job.result is not None, "a request is done once its result is set"
             return job.result
         if job.state == "cancelled":
             raise Cancelled(f"request {job_id} was cancelled")
@@ -302,8 +304,8 @@ class StepEngine:
         job.state, job.error = state, error
         counter = {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[state]
         setattr(self._counters, counter, getattr(self._counters, counter) + 1)
-        job.x = job.anchor = job.text = None
-        job.cache, job.sampler, job.generators = None, None, None
+        job.x = job.anchor = job.text = torch.empty(0)
+        job.cache, job.sampler, job.generators = None, None, []
         self._ended.append(job.id)
 
     def _fail(self, job: RequestState, error: BaseException) -> None:
@@ -345,7 +347,7 @@ class StepEngine:
         head = model.head(latent, self._upload(t_rows), self._text(jobs))
 
         tick = time.perf_counter()
-        drift = meter.result() if meter is not None else None
+        drift = meter.result() if meter is not None else np.zeros(0)
         modulation = self._modulation(jobs, head, offsets)
         shared_s += time.perf_counter() - tick
         drift_at = dict(zip((j.id for j in measured), np.cumsum([0] + [j.batch for j in measured]), strict=False))
@@ -469,6 +471,7 @@ class StepEngine:
             job.trace[b].append({"step": i, "t": t, "score": None if math.isnan(score) else float(score),
                                  "eps": None if math.isnan(decision.threshold) else decision.threshold,
                                  "forced": decision.forced, "decision": verdict})
+        assert job.sampler is not None, "a running request holds its sampler"
         job.x = job.sampler.step(i, guided, job.x, job.generators)
         runs = int(decision.run.sum())
         with self._lock:

@@ -15,7 +15,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import STAGES
 
-ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+ONNX_TYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 """The ONNX input types a stage may take, as NumPy dtypes."""
 
 
@@ -32,7 +32,8 @@ class OnnxSessions:
         self.options.log_severity_level = 3
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.outputs: dict[str, list[str]] = {}
-        self.input_types: dict[str, dict[str, type]] = {}
+        self.input_types: dict[str, dict[str, type | None]] = {}
+        """Each stage input's NumPy dtype; None (not in ONNX_TYPES): fed in its own dtype."""
 
     def open(self, stage: str, graph: bytes | str) -> ort.InferenceSession:
         """Open `stage` from its ONNX model (bytes, or a file path)."""
@@ -44,7 +45,8 @@ class OnnxSessions:
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         types = self.input_types[stage]
-        feeds = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype) for name, dtype in types.items()}
+        feeds: dict[str, np.ndarray] = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype)
+                                        for name, dtype in types.items()}
         outputs = self.sessions[stage].run(self.outputs[stage], feeds)
         return {name: torch.from_numpy(value) for name, value in zip(self.outputs[stage], outputs, strict=True)}
 

@@ -40,6 +40,7 @@ class TensorRTBackend(StageBackend):
 
     def __init__(self, bundle: Bundle) -> None:
         record = bundle.manifest.tensorrt
+        assert record is not None, "Manifest.parse sets the tensorrt record of a TensorRT bundle"
         module = record["module"]
         try:
             trt = importlib.import_module(module)

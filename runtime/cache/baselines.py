@@ -87,12 +87,13 @@ class TeaCachePolicy:
         if modulation is None:
             raise ValueError("TeaCache needs the modulated input")
         current = modulation.reshape(len(modulation), -1).astype(np.float64)
-        forced = forced_step(step, self.num_steps, self.config.force_last) or self.previous is None
-        if forced:
+        previous = None if forced_step(step, self.num_steps, self.config.force_last) else self.previous
+        forced = previous is None
+        if previous is None:
             run = np.ones(len(current), bool)
             self.accumulated[:] = 0.0
         else:
-            change = relative_l1(current, self.previous)
+            change = relative_l1(current, previous)
             self.accumulated += np.polyval(self.config.coefficients, change)
             run = self.accumulated >= self.config.threshold
         score = np.full(len(current), np.nan) if forced else self.accumulated.copy()

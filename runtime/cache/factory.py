@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from sencache.runtime.cache.base import CachePolicy, NoCache
 from sencache.runtime.cache.baselines import (
@@ -21,13 +22,14 @@ if TYPE_CHECKING:
     from sencache.runtime.bundle import Bundle
 
 
-def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch: int, bundle: Bundle,
+def make_policy(method: str, knobs: Mapping[str, object] | None, steps: int, batch: int, bundle: Bundle,
                 numel: int) -> CachePolicy:
     """The cache rule `method` for one request of `batch` samples and `steps` steps on `bundle`
     (latents of `numel` elements per sample); unset knobs take the bundle's defaults, and
     SenCache's reference conventions are those of the bundle's family adapter. Every problem is a
     BadInput naming the knob or the missing table."""
-    given = check_knobs(method, knobs)
+    # Keyword arguments of the settings classes, which check each field against the knob table.
+    given: dict[str, Any] = check_knobs(method, knobs)
     defaults = bundle.manifest.defaults.cache
     if method == "none":
         return NoCache(batch)
@@ -40,10 +42,10 @@ def make_policy(method: str, knobs: dict[str, object] | None, steps: int, batch:
         return FixedPolicy(FixedSettings(**{"interval": 2, **given}), steps, batch)
     tables = bundle.baselines()
     if method == "teacache":
-        settings = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
-        return TeaCachePolicy(settings, steps, batch)
+        teacache = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
+        return TeaCachePolicy(teacache, steps, batch)
     if tables.magcache_ratios is None:
         raise BadInput(f"no MagCache ratios are published for {bundle.manifest.model}: calibrate the bundle "
                        f"(`sencache calibrate`) to measure them")
-    settings = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
-    return MagCachePolicy(settings, steps, batch)
+    magcache = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
+    return MagCachePolicy(magcache, steps, batch)

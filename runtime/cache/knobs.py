@@ -5,6 +5,7 @@ once. Its errors name the knob as the Python API does (each front end spells it 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sencache.runtime.conventions import NAMES as CONVENTIONS
@@ -76,7 +77,7 @@ def method_knobs(method: str) -> tuple[str, ...]:
     return tuple(name for name, knob in KNOBS.items() if method in knob.methods)
 
 
-def check_knobs(method: str, knobs: dict[str, object] | None) -> dict[str, int | float | str]:
+def check_knobs(method: str, knobs: Mapping[str, object] | None) -> dict[str, int | float | str]:
     """The set knobs of `method` (None values dropped), each checked against the table."""
     allowed = method_knobs(method)
     given = {k: v for k, v in (knobs or {}).items() if v is not None}

@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,13 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
+
+if TYPE_CHECKING:
+    # Transformer classes are typed from their defining modules: through `diffusers` itself, mypy
+    # reads the placeholders diffusers declares for installs without torch (utils/dummy_pt_objects.py).
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from sencache.runtime.tiny_text import TinyTextEncoder
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,7 @@ class FamilyAdapter(ABC):
     """SenCache as the authors' code runs this family (the `reference` conventions)."""
 
     @abstractmethod
-    def transformer_class(self) -> type[nn.Module]:
+    def transformer_class(self) -> type[ModelMixin]:
         """The diffusers transformer class of this family."""
 
     @abstractmethod
@@ -164,8 +171,8 @@ class FamilyAdapter(ABC):
         return dict(preset.scheduler)
 
     @abstractmethod
-    def pipeline_class(self) -> type:
-        """diffusers' own pipeline of this family."""
+    def pipeline_class(self) -> type[Any]:
+        """diffusers' own pipeline of this family (a DiffusionPipeline; each takes its own components)."""
 
     def diffusers_pipeline(self, transformer: nn.Module | None, scheduler, vae: nn.Module | None = None):
         """diffusers' own pipeline around `transformer`, without text encoder (it takes prompt
@@ -226,7 +233,7 @@ class FamilyAdapter(ABC):
         """Width of the tiny text encoder's embeddings for this model."""
         return self.text_shape(preset)[1]
 
-    def encode_tiny(self, encoder: nn.Module, prompts: list[str]) -> np.ndarray:
+    def encode_tiny(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
         """The tiny text encoder's embeddings, as this family's head takes text."""
         return encoder.encode(prompts).numpy()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
 from sencache.runtime.tiny_text import MAX_TOKENS
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 _REAL_COMMON: dict[str, Any] = {
     "attention_head_dim": 64,
@@ -105,8 +108,10 @@ _CACHE = {
 }
 
 
+# `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
+# nn.Module.__getattr__, which mypy types as Tensor | Module.
 class _Head(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
 
@@ -119,7 +124,7 @@ class _Head(nn.Module):
 
 
 class _Blocks(nn.Module):
-    def __init__(self, t: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def __init__(self, t: Any, rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         super().__init__()
         self.blocks = t.transformer_blocks
         self.rotary = rope is not None
@@ -135,7 +140,7 @@ class _Blocks(nn.Module):
 
 
 class _Tail(nn.Module):
-    def __init__(self, t: nn.Module, grid: tuple[int, int, int]) -> None:
+    def __init__(self, t: Any, grid: tuple[int, int, int]) -> None:
         super().__init__()
         self.t = t
         self.grid = grid
@@ -152,7 +157,7 @@ class _Tail(nn.Module):
         return out.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
 
 
-def _bake_positions(transformer: nn.Module, frames: int, height: int, width: int) -> None:
+def _bake_positions(transformer: Any, frames: int, height: int, width: int) -> None:
     """Sinusoidal models (CogVideoX-2b) compute their position table inside the patch embedding,
     on the fly when the grid differs from the config's sample size, by an in-place write the
     exporter cannot trace. Compute it once with diffusers' own function and install it as the table
@@ -223,6 +228,8 @@ class CogVideoXSampler(Sampler):
         t = self.timesteps[index]
         if not self._dpm:
             return self.scheduler.step(noise, t, x, eta=0.0, generator=generators, return_dict=False)[0]
+        if generators is None:
+            raise ValueError("CogVideoX's DPM solver draws noise: pass each sample's generator")
         c = self._steps[index]
         x0 = c.root_alpha * x - c.root_beta * noise
         draw = _noise(generators, x)
@@ -325,8 +332,8 @@ class CogVideoXAdapter(FamilyAdapter):
         ),
     }
 
-    def transformer_class(self) -> type[nn.Module]:
-        from diffusers import CogVideoXTransformer3DModel
+    def transformer_class(self) -> type[ModelMixin]:
+        from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 
         return CogVideoXTransformer3DModel
 
@@ -371,11 +378,14 @@ class CogVideoXAdapter(FamilyAdapter):
         base_width, base_height = config["sample_width"] // p, config["sample_height"] // p
         if p_t is None:
             crops = get_resize_crop_region_for_grid(grid, base_width, base_height)
-            return get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=crops,
-                                           grid_size=grid, temporal_size=frames, device="cpu")
-        return get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=None, grid_size=grid,
-                                       temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
-                                       max_size=(base_height, base_width), device="cpu")
+            table = get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=crops,
+                                            grid_size=grid, temporal_size=frames, device=torch.device("cpu"))
+        else:
+            table = get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=None, grid_size=grid,
+                                            temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
+                                            max_size=(base_height, base_width), device=torch.device("cpu"))
+        assert isinstance(table, tuple), "use_real (the default) gives the (cos, sin) pair"
+        return table
 
     def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
         frames, _, height, width = self.latent_shape(preset, shapes)
@@ -385,7 +395,7 @@ class CogVideoXAdapter(FamilyAdapter):
         _bake_positions(transformer, frames, height, width)
         rope = self.rotary(preset, shapes)
         if rope is not None and transformer.device.type == "meta":
-            rope = tuple(r.to("meta") for r in rope)
+            rope = (rope[0].to("meta"), rope[1].to("meta"))
         grid = (frames // p_t, height // p, width // p)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer, grid)}
 
@@ -397,7 +407,7 @@ class CogVideoXAdapter(FamilyAdapter):
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return CogVideoXSampler(scheduler, steps)
 
-    def pipeline_class(self) -> type:
+    def pipeline_class(self) -> type[Any]:
         from diffusers import CogVideoXPipeline
 
         return CogVideoXPipeline

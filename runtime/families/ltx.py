@@ -12,7 +12,7 @@ input, so every family's head takes the same three inputs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,7 +21,10 @@ from torch import nn
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
-from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, tokenize
+from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, TinyTextEncoder, tokenize
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 FRAME_RATE = 25
 """The pipeline's default frame rate; it scales the temporal rotary coordinates."""
@@ -85,8 +88,10 @@ def pack_text(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.concatenate([embeds, mask[..., None].astype(embeds.dtype)], axis=-1).astype(np.float32)
 
 
+# `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
+# nn.Module.__getattr__, which mypy types as Tensor | Module.
 class _Head(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
 
@@ -108,7 +113,7 @@ class _Head(nn.Module):
 
 
 class _Blocks(nn.Module):
-    def __init__(self, t: nn.Module, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, t: Any, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         super().__init__()
         self.blocks = t.transformer_blocks
         self.register_buffer("rope_cos", rope[0], persistent=False)
@@ -121,7 +126,7 @@ class _Blocks(nn.Module):
 
 
 class _Tail(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
 
@@ -199,8 +204,8 @@ class LTXAdapter(FamilyAdapter):
         },
     }
 
-    def transformer_class(self) -> type[nn.Module]:
-        from diffusers import LTXVideoTransformer3DModel
+    def transformer_class(self) -> type[ModelMixin]:
+        from diffusers.models.transformers.transformer_ltx import LTXVideoTransformer3DModel
 
         return LTXVideoTransformer3DModel
 
@@ -222,11 +227,11 @@ class LTXAdapter(FamilyAdapter):
     def tiny_text_dim(self, preset: ModelPreset) -> int:
         return preset.config["caption_channels"]
 
-    def encode_tiny(self, encoder: nn.Module, prompts: list[str]) -> np.ndarray:
+    def encode_tiny(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
         ids = np.array([tokenize(p) for p in prompts])
         return pack_text(encoder.encode(prompts).numpy(), ids != VOCABULARY.index(PAD))
 
-    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+    def split(self, transformer: Any, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
         f, h, w = self.grid(preset, shapes)
         scale = (1.0 if preset.tiny else TEMPORAL / FRAME_RATE, 1.0 if preset.tiny else SPATIAL,
                  1.0 if preset.tiny else SPATIAL)
@@ -244,7 +249,7 @@ class LTXAdapter(FamilyAdapter):
         noise = torch.stack([torch.randn((preset.config["in_channels"], f, h, w), generator=g) for g in generators])
         return LTXPipeline._pack_latents(noise, 1, 1)
 
-    def pipeline_class(self) -> type:
+    def pipeline_class(self) -> type[Any]:
         from diffusers import LTXPipeline
 
         return LTXPipeline

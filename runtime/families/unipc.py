@@ -70,10 +70,13 @@ class UniPCSampler(Sampler):
 
     def _differences(self, update: _Update) -> torch.Tensor | None:
         """sum_k rho_k * (m_k - m0) / r_k over the older outputs (diffusers' einsum)."""
+        rhos = update.rhos
+        if rhos is None:  # the predictor of order 1: no older outputs
+            return None
         m0 = self._outputs[-1]
         total = None
         for k, rk in enumerate(update.rks):
-            term = update.rhos[k] * ((self._outputs[-(k + 2)] - m0) / rk)
+            term = rhos[k] * ((self._outputs[-(k + 2)] - m0) / rk)
             total = term if total is None else total + term
         return total
 
@@ -87,6 +90,7 @@ class UniPCSampler(Sampler):
         m0 = self._outputs[-1]
         x_t = update.ratio * last - update.alpha_h_phi_1 * m0
         residual = self._differences(update)
+        assert update.rhos is not None, "a corrector update has its weights"
         d1_t = update.rhos[-1] * (model_t - m0)
         return x_t - update.alpha_b_h * (d1_t if residual is None else residual + d1_t)
 
@@ -113,13 +117,13 @@ class UniPCSampler(Sampler):
         h_phi_1 = torch.expm1(hh)
         h_phi_k = h_phi_1 / hh - 1
         b_h = hh if scheduler.config.solver_type == "bh1" else torch.expm1(hh)
-        rows, b, factorial = [], [], 1
+        rows, terms, factorial = [], [], 1
         for i in range(1, order + 1):
             rows.append(torch.pow(stacked, i - 1))
-            b.append(h_phi_k * factorial / b_h)
+            terms.append(h_phi_k * factorial / b_h)
             factorial *= i + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
-        matrix, b = torch.stack(rows), torch.stack(b)
+        matrix, b = torch.stack(rows), torch.stack(terms)
         if corrector:
             rhos = torch.ones(1) * 0.5 if order == 1 else torch.linalg.solve(matrix, b)
         else:

@@ -8,7 +8,7 @@ from the Wan VAE, and text from UMT5 at 512 tokens x 4096 channels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
 from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_text import MAX_TOKENS
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 _REAL_COMMON: dict[str, Any] = {
     "patch_size": (1, 2, 2),
@@ -96,8 +99,10 @@ _MAGCACHE_14B = (
 )
 
 
+# `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
+# nn.Module.__getattr__, which mypy types as Tensor | Module.
 class _Head(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
 
@@ -110,7 +115,7 @@ class _Head(nn.Module):
 
 
 class _Blocks(nn.Module):
-    def __init__(self, t: nn.Module) -> None:
+    def __init__(self, t: Any) -> None:
         super().__init__()
         self.blocks = t.blocks
 
@@ -121,7 +126,7 @@ class _Blocks(nn.Module):
 
 
 class _Tail(nn.Module):
-    def __init__(self, t: nn.Module, grid: tuple[int, int, int]) -> None:
+    def __init__(self, t: Any, grid: tuple[int, int, int]) -> None:
         super().__init__()
         self.t = t
         self.grid = grid
@@ -199,8 +204,8 @@ class WanAdapter(FamilyAdapter):
         ),
     }
 
-    def transformer_class(self) -> type[nn.Module]:
-        from diffusers import WanTransformer3DModel
+    def transformer_class(self) -> type[ModelMixin]:
+        from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
         return WanTransformer3DModel
 
@@ -230,7 +235,7 @@ class WanAdapter(FamilyAdapter):
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return UniPCSampler(scheduler, steps)
 
-    def pipeline_class(self) -> type:
+    def pipeline_class(self) -> type[Any]:
         from diffusers import WanPipeline
 
         return WanPipeline
