@@ -42,6 +42,7 @@ def real_models(engine: Model) -> list[str]:
     estimates by counting FLOPs on the meta device."""
     return [name for name, preset in engine.adapter.presets.items() if not preset.tiny]
 
+
 EVAL_PROMPT_SEED = 2024
 """Evaluation prompts are drawn with this seed; calibration draws with its own (1000 by default)."""
 
@@ -111,8 +112,10 @@ class Runner:
     def __init__(self, engine: Model, plan: BenchPlan) -> None:
         self.engine, self.plan = engine, plan
         self.batch = engine.bundle.shapes.max_batch
-        self.chunks = [(list(plan.prompts[i:i + self.batch]), list(plan.seeds[i:i + self.batch]))
-                       for i in range(0, len(plan.prompts), self.batch)]
+        self.chunks = [
+            (list(plan.prompts[i : i + self.batch]), list(plan.seeds[i : i + self.batch]))
+            for i in range(0, len(plan.prompts), self.batch)
+        ]
 
     def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
         latents, frames, nfe, denoise_s, decision_s = [], [], [], 0.0, 0.0
@@ -125,8 +128,13 @@ class Runner:
             nfe.extend(result.nfe)
             denoise_s += result.timing["denoise_s"]
             decision_s += result.timing["decision_s"]
-        return {"latents": np.stack(latents), "frames": frames, "nfe": nfe, "denoise_s": denoise_s,
-                "decision_s": decision_s}
+        return {
+            "latents": np.stack(latents),
+            "frames": frames,
+            "nfe": nfe,
+            "denoise_s": denoise_s,
+            "decision_s": decision_s,
+        }
 
     def reuse_step_s(self, reuses: int = 10) -> float:
         """Seconds of one step in which every sample reuses (head, cached residual, tail), over all
@@ -193,8 +201,9 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         peers = DiffusersPeers(engine)
         meta = engine.bundle.sensitivity().meta
         calibration = (list(meta.get("prompts", plan.prompts))[:4], list(meta.get("seeds", plan.seeds))[:4])
-        peer_reference = peers.run("diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance,
-                                   calibration)
+        peer_reference = peers.run(
+            "diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
+        )
         parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
     runs = []
     for method in plan.methods:
@@ -205,8 +214,9 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             t_run = base_s / steps
         for knobs in sweeps[method]:
             if method in PEERS:
-                measured = peers.run(method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance,
-                                     calibration)
+                measured = peers.run(
+                    method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
+                )
                 measured["frames"] = list(engine.decode(measured["latents"]))
                 runtime_knobs, decision_s, floor = dict(knobs), None, None
                 base_s = peer_reference["denoise_s"]
@@ -218,35 +228,61 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             nfe = measured["nfe"]
             psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
             ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
-            runs.append({
-                "method": method, "knobs": runtime_knobs, "nfe": nfe, "psnr": psnrs, "ssim": ssims, "lpips": None,
-                "mean_nfe": float(np.mean(nfe)), "mean_psnr": float(np.mean(psnrs)),
-                "mean_ssim": float(np.mean(ssims)),
-                "denoise_s": measured["denoise_s"], "decision_s": decision_s,
-                "uncached_s": base_s,
-                "speedup": base_s / measured["denoise_s"],
-                "ideal_speedup": steps * samples / float(np.sum(nfe)),
-                "decision_per_step_s": None if decision_s is None else decision_s / (steps * len(runner.chunks)),
-                "floor_s": floor,
-            })
+            runs.append(
+                {
+                    "method": method,
+                    "knobs": runtime_knobs,
+                    "nfe": nfe,
+                    "psnr": psnrs,
+                    "ssim": ssims,
+                    "lpips": None,
+                    "mean_nfe": float(np.mean(nfe)),
+                    "mean_psnr": float(np.mean(psnrs)),
+                    "mean_ssim": float(np.mean(ssims)),
+                    "denoise_s": measured["denoise_s"],
+                    "decision_s": decision_s,
+                    "uncached_s": base_s,
+                    "speedup": base_s / measured["denoise_s"],
+                    "ideal_speedup": steps * samples / float(np.sum(nfe)),
+                    "decision_per_step_s": None if decision_s is None else decision_s / (steps * len(runner.chunks)),
+                    "floor_s": floor,
+                }
+            )
             bar.update(1)
     bar.close()
     comparison = compare_at_matched_nfe(runs, steps)
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads(), "backend": engine.backend.describe()},
-        "model": engine.preset.name, "steps": steps, "guidance": plan.guidance,
-        "prompts": list(plan.prompts), "seeds": list(plan.seeds),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "backend": engine.backend.describe(),
+        },
+        "model": engine.preset.name,
+        "steps": steps,
+        "guidance": plan.guidance,
+        "prompts": list(plan.prompts),
+        "seeds": list(plan.seeds),
         "calibration_prompts": engine.bundle.sensitivity().meta.get("prompts"),
-        "metrics": {"psnr": f"per video over all frames and channels, data range 1, capped at {PSNR_CAP:g} dB",
-                    "ssim": "Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, per frame and channel, averaged",
-                    "lpips": "unavailable: no LPIPS backbone weights on this machine"},
-        "reference": {"denoise_s": reference["denoise_s"], "run_step_s": reference["denoise_s"] / steps,
-                      "reuse_step_s": t_reuse, "head_tail_share": t_reuse / (reference["denoise_s"] / steps)},
-        "diffusers_reference": None if peer_reference is None else {
-            "denoise_s": peer_reference["denoise_s"], "max_abs_latent_diff_vs_ours": parity,
+        "metrics": {
+            "psnr": f"per video over all frames and channels, data range 1, capped at {PSNR_CAP:g} dB",
+            "ssim": "Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, per frame and channel, averaged",
+            "lpips": "unavailable: no LPIPS backbone weights on this machine",
+        },
+        "reference": {
+            "denoise_s": reference["denoise_s"],
+            "run_step_s": reference["denoise_s"] / steps,
+            "reuse_step_s": t_reuse,
+            "head_tail_share": t_reuse / (reference["denoise_s"] / steps),
+        },
+        "diffusers_reference": None
+        if peer_reference is None
+        else {
+            "denoise_s": peer_reference["denoise_s"],
+            "max_abs_latent_diff_vs_ours": parity,
             "note": "diffusers' WanPipeline on the PyTorch path, one sample per call; peers' speed-ups are "
-                    "against this run, their quality against our uncached video"},
+            "against this run, their quality against our uncached video",
+        },
         "flops": {name: stage_flops(name) for name in (engine.preset.name, *real_models(engine))},
         "runs": runs,
         "comparison": comparison,

@@ -39,9 +39,17 @@ class Options(ctypes.Structure):
 
 
 class CRequest(ctypes.Structure):
-    _fields_ = [("prompt", ctypes.c_char_p), ("prompt_embeds", ctypes.c_void_p), ("embed_tokens", ctypes.c_int64),
-                ("embed_channels", ctypes.c_int64), ("seed", ctypes.c_uint64), ("steps", ctypes.c_int32),
-                ("guidance", ctypes.c_double), ("cache", ctypes.c_char_p), ("knobs_json", ctypes.c_char_p)]
+    _fields_ = [
+        ("prompt", ctypes.c_char_p),
+        ("prompt_embeds", ctypes.c_void_p),
+        ("embed_tokens", ctypes.c_int64),
+        ("embed_channels", ctypes.c_int64),
+        ("seed", ctypes.c_uint64),
+        ("steps", ctypes.c_int32),
+        ("guidance", ctypes.c_double),
+        ("cache", ctypes.c_char_p),
+        ("knobs_json", ctypes.c_char_p),
+    ]
 
 
 class CProgress(ctypes.Structure):
@@ -51,8 +59,14 @@ class CProgress(ctypes.Structure):
 def summary(values: list[float]) -> dict[str, float]:
     """Median and spread (quartiles, min, max) in microseconds."""
     a = np.asarray(values) * 1e6
-    return {"median_us": float(np.median(a)), "q25_us": float(np.percentile(a, 25)),
-            "q75_us": float(np.percentile(a, 75)), "min_us": float(a.min()), "max_us": float(a.max()), "n": len(a)}
+    return {
+        "median_us": float(np.median(a)),
+        "q25_us": float(np.percentile(a, 25)),
+        "q75_us": float(np.percentile(a, 75)),
+        "min_us": float(a.min()),
+        "max_us": float(a.max()),
+        "n": len(a),
+    }
 
 
 def main() -> None:
@@ -69,8 +83,9 @@ def main() -> None:
     lib = ctypes.CDLL(str(args.lib))
     lib.sc_last_error.restype = ctypes.c_char_p
     engine_c = ctypes.c_void_p()
-    if lib.sc_engine_create(str(args.engine).encode(), ctypes.byref(Options(b"auto", b"cpu", 1)),
-                            ctypes.byref(engine_c)):
+    if lib.sc_engine_create(
+        str(args.engine).encode(), ctypes.byref(Options(b"auto", b"cpu", 1)), ctypes.byref(engine_c)
+    ):
         raise SystemExit(f"sc_engine_create: {lib.sc_last_error().decode()}")
     bundle = Bundle.load(args.engine)
     model = Model(bundle, open_backend(bundle, None, threads=1, device="cpu"))
@@ -88,8 +103,9 @@ def main() -> None:
         c_id = ctypes.c_int64()
         if lib.sc_engine_submit(engine_c, ctypes.byref(request), ctypes.byref(c_id)):
             raise RuntimeError(lib.sc_last_error().decode())
-        py_id = engine_py.submit(Request([PROMPT], [r], args.steps, guidance),
-                                 model.policy("sencache", args.steps, 1, {}))
+        py_id = engine_py.submit(
+            Request([PROMPT], [r], args.steps, guidance), model.policy("sencache", args.steps, 1, {})
+        )
         for k in range(args.steps + 1):  # the last call retires the finished requests
             order = (step_c, engine_py.step) if (r + k) % 2 else (engine_py.step, step_c)
             times = {}
@@ -132,8 +148,12 @@ def main() -> None:
         "tool": "sencache.benchmarks.capi_overhead",
         "bundle": bundle.manifest.model,
         "backend": model.backend.name,
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": 1},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": 1,
+        },
         "rounds": args.rounds,
         "steps_per_request": args.steps,
         "python_step": summary(py_steps),
@@ -144,13 +164,20 @@ def main() -> None:
         "python_poll": summary(poll_py),
         "sc_engine_poll": summary(poll_c),
         "note": "ctypes calls from the same interpreter (ctypes itself is part of the sc_* times); paired "
-                "differences of interleaved steps; measured on a shared machine, so the spread of the "
-                "loaded steps is other load",
+        "differences of interleaved steps; measured on a shared machine, so the spread of the "
+        "loaded steps is other load",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    for key in ("python_step", "sc_engine_step", "sc_engine_step_minus_python_step", "python_step_idle",
-                "sc_engine_step_idle", "python_poll", "sc_engine_poll"):
+    for key in (
+        "python_step",
+        "sc_engine_step",
+        "sc_engine_step_minus_python_step",
+        "python_step_idle",
+        "sc_engine_step_idle",
+        "python_poll",
+        "sc_engine_poll",
+    ):
         s = report[key]
         print(f"{key:34s} median {s['median_us']:10.1f} us  [q25 {s['q25_us']:.1f}, q75 {s['q75_us']:.1f}]")
 

@@ -40,13 +40,17 @@ class _RatioCatcher(logging.Handler):
 class DiffusersPeers:
     def __init__(self, engine: Model) -> None:
         if engine.adapter.family != "wan":
-            raise BadInput(f"the diffusers peers are wired for Wan's pipeline only (its block hooks and sizes); "
-                           f"bench {engine.preset.name} with --methods from: sencache sencache-max fixed fixed-warmup "
-                           f"teacache magcache")
+            raise BadInput(
+                f"the diffusers peers are wired for Wan's pipeline only (its block hooks and sizes); "
+                f"bench {engine.preset.name} with --methods from: sencache sencache-max fixed fixed-warmup "
+                f"teacache magcache"
+            )
         source = engine.bundle.manifest.weights_source
         if not source or not Path(source).is_dir():
-            raise BadInput("diffusers peers need the model's PyTorch weights; the bundle's weights source "
-                           f"{source!r} is not available here")
+            raise BadInput(
+                "diffusers peers need the model's PyTorch weights; the bundle's weights source "
+                f"{source!r} is not available here"
+            )
         self.engine = engine
         self.transformer = engine.adapter.build_transformer(engine.preset, Path(source))
         self.pipeline = engine.adapter.diffusers_pipeline(self.transformer, engine.scheduler())
@@ -66,9 +70,17 @@ class DiffusersPeers:
         latents = self.engine.initial_latents(self.engine.generators([seed]))
         shapes = self.engine.bundle.shapes
         with torch.no_grad():
-            out = self.pipeline(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents,
-                                num_inference_steps=steps, guidance_scale=guidance, height=shapes.height,
-                                width=shapes.width, num_frames=shapes.frames, output_type="latent")
+            out = self.pipeline(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=negative,
+                latents=latents,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=shapes.height,
+                width=shapes.width,
+                num_frames=shapes.frames,
+                output_type="latent",
+            )
         return out.frames.numpy()
 
     def mag_ratios(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[float]:
@@ -93,8 +105,16 @@ class DiffusersPeers:
             self._ratios[steps] = np.mean(np.asarray(cond), axis=0).tolist()
         return self._ratios[steps]
 
-    def run(self, method: str, knobs: dict[str, float], prompts: list[str], seeds: list[int], steps: int,
-            guidance: float, calibration: tuple[list[str], list[int]]) -> dict[str, Any]:
+    def run(
+        self,
+        method: str,
+        knobs: dict[str, float],
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance: float,
+        calibration: tuple[list[str], list[int]],
+    ) -> dict[str, Any]:
         """Latents, per-sample NFE and wall time of one diffusers-hook setting."""
         from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
 
@@ -102,9 +122,13 @@ class DiffusersPeers:
             config = None
         elif method == "diffusers-magcache":
             ratios = self.mag_ratios(*calibration, steps, guidance)
-            config = MagCacheConfig(threshold=knobs["threshold"], max_skip_steps=int(knobs.get("max_reuse", 4)),
-                                    retention_ratio=knobs.get("retention", 0.2), num_inference_steps=steps,
-                                    mag_ratios=ratios)
+            config = MagCacheConfig(
+                threshold=knobs["threshold"],
+                max_skip_steps=int(knobs.get("max_reuse", 4)),
+                retention_ratio=knobs.get("retention", 0.2),
+                num_inference_steps=steps,
+                mag_ratios=ratios,
+            )
         elif method == "diffusers-fbc":
             config = FirstBlockCacheConfig(threshold=knobs["threshold"])
         else:

@@ -1,13 +1,13 @@
 """The figures of the GPU check (`benchmarks/gpu_check.sh`), read from what its steps wrote.
 
-    python -m sencache.benchmarks.gpu_check_report loop CACHED REFERENCE --out loop.json
-        compares two `sencache generate` folders of the same prompts and seeds (SenCache against
-        `--cache none`): per sample NFE and PSNR against the reference frames (capped at 100 dB,
-        as in every report here); denoising time, speed-up and decision time per step.
-    python -m sencache.benchmarks.gpu_check_report figures gpu.json
-        prints the headline figures of `sencache gpu-acceptance --out gpu.json` against their
-        targets (README "GPU check"): drift kernel >= 80% of the HBM peak, decision <= 50 us per
-        step, and the host syncs of the loop.
+python -m sencache.benchmarks.gpu_check_report loop CACHED REFERENCE --out loop.json
+    compares two `sencache generate` folders of the same prompts and seeds (SenCache against
+    `--cache none`): per sample NFE and PSNR against the reference frames (capped at 100 dB,
+    as in every report here); denoising time, speed-up and decision time per step.
+python -m sencache.benchmarks.gpu_check_report figures gpu.json
+    prints the headline figures of `sencache gpu-acceptance --out gpu.json` against their
+    targets (README "GPU check"): drift kernel >= 80% of the HBM peak, decision <= 50 us per
+    step, and the host syncs of the loop.
 """
 
 from __future__ import annotations
@@ -36,51 +36,74 @@ def compare_runs(cached: Path, reference: Path) -> dict[str, Any]:
     samples = []
     for ours, theirs in zip(a["samples"], b["samples"], strict=True):
         frames = np.load(cached / ours["frames"])
-        samples.append({"prompt": ours["prompt"], "seed": ours["seed"], "nfe": ours["nfe"],
-                        "reference_nfe": theirs["nfe"],
-                        "psnr_db": min(psnr(frames, np.load(reference / theirs["frames"])), PSNR_CAP)})
+        samples.append(
+            {
+                "prompt": ours["prompt"],
+                "seed": ours["seed"],
+                "nfe": ours["nfe"],
+                "reference_nfe": theirs["nfe"],
+                "psnr_db": min(psnr(frames, np.load(reference / theirs["frames"])), PSNR_CAP),
+            }
+        )
     return {
-        "model": a["model"], "backend": a["backend_detail"], "steps": a["steps"], "cache": a["cache"],
+        "model": a["model"],
+        "backend": a["backend_detail"],
+        "steps": a["steps"],
+        "cache": a["cache"],
         "samples": samples,
         "mean_nfe": float(np.mean([s["nfe"] for s in samples])),
         "mean_psnr_db": float(np.mean([s["psnr_db"] for s in samples])),
-        "denoise_s": a["timing"]["denoise_s"], "reference_denoise_s": b["timing"]["denoise_s"],
+        "denoise_s": a["timing"]["denoise_s"],
+        "reference_denoise_s": b["timing"]["denoise_s"],
         "speedup": b["timing"]["denoise_s"] / a["timing"]["denoise_s"],
         "decision_us_per_step": a["timing"]["decision_s"] / a["steps"] * 1e6,
     }
 
 
 def loop_lines(loop: dict[str, Any]) -> list[str]:
-    return [f"{loop['model']} on {loop['backend']}: SenCache {loop['mean_nfe']:.1f}/{loop['steps']} NFE, "
-            f"PSNR {loop['mean_psnr_db']:.2f} dB against --cache none, denoise {loop['denoise_s']:.3f} s vs "
-            f"{loop['reference_denoise_s']:.3f} s ({loop['speedup']:.2f}x), decisions "
-            f"{loop['decision_us_per_step']:.1f} us/step (one process each, cold)"]
+    return [
+        f"{loop['model']} on {loop['backend']}: SenCache {loop['mean_nfe']:.1f}/{loop['steps']} NFE, "
+        f"PSNR {loop['mean_psnr_db']:.2f} dB against --cache none, denoise {loop['denoise_s']:.3f} s vs "
+        f"{loop['reference_denoise_s']:.3f} s ({loop['speedup']:.2f}x), decisions "
+        f"{loop['decision_us_per_step']:.1f} us/step (one process each, cold)"
+    ]
 
 
 def figure_lines(gpu: dict[str, Any]) -> list[str]:
     """One line per figure of gpu.json, with its target where it has one."""
     kernel, decision, loop = gpu["kernel"], gpu["decision"], gpu["loop"]
-    lines = [f"device {gpu['device']} ({gpu['arch']}), driver {gpu['driver']}, HBM peak "
-             f"{kernel['peak_GBps'] or float('nan'):.0f} GB/s"]
+    lines = [
+        f"device {gpu['device']} ({gpu['arch']}), driver {gpu['driver']}, HBM peak "
+        f"{kernel['peak_GBps'] or float('nan'):.0f} GB/s"
+    ]
     for dtype, r in kernel["dtypes"].items():
         fraction = r["fraction_of_peak"]
-        verdict = "no peak known" if fraction is None else (
-            f"{fraction:.0%} of peak, {'meets' if fraction >= BANDWIDTH_TARGET else 'MISSES'} >= 80%")
-        lines.append(f"drift kernel {dtype}: {r['bandwidth_GBps']:.0f} GB/s, {verdict}; {r['kernel_us']:.1f} us; "
-                     f"parity with the blocking model {'ok' if r['matches_blocking_model'] else 'FAILED'}, "
-                     f"max rel vs float64 {r['max_rel_vs_float64']:.1e}")
+        verdict = (
+            "no peak known"
+            if fraction is None
+            else (f"{fraction:.0%} of peak, {'meets' if fraction >= BANDWIDTH_TARGET else 'MISSES'} >= 80%")
+        )
+        lines.append(
+            f"drift kernel {dtype}: {r['bandwidth_GBps']:.0f} GB/s, {verdict}; {r['kernel_us']:.1f} us; "
+            f"parity with the blocking model {'ok' if r['matches_blocking_model'] else 'FAILED'}, "
+            f"max rel vs float64 {r['max_rel_vs_float64']:.1e}"
+        )
     median = decision["median_us"]
-    lines.append(f"decision: median {median:.1f} us, p90 {decision['p90_us']:.1f} us per step, "
-                 f"{'meets' if median <= DECISION_TARGET_US else 'MISSES'} <= 50 us; "
-                 f"{decision['host_syncs_per_step']} event wait per step")
+    lines.append(
+        f"decision: median {median:.1f} us, p90 {decision['p90_us']:.1f} us per step, "
+        f"{'meets' if median <= DECISION_TARGET_US else 'MISSES'} <= 50 us; "
+        f"{decision['host_syncs_per_step']} event wait per step"
+    )
     if "skipped" in loop:
         lines.append(f"loop: skipped ({loop['skipped']})")
     else:
-        lines.append(f"loop on {loop['backend']}: SenCache {loop['sencache']['nfe']:.1f} NFE, speed-up "
-                     f"{loop['speedup']:.2f}x, torch syncs per run {loop['none']['torch_syncs']} uncached / "
-                     f"{loop['sencache']['torch_syncs']} cached (UniPC syncs by itself); tiny-ltx flow Euler "
-                     f"syncs at 6 / 20 steps: {' / '.join(str(v) for v in loop['flow_euler_syncs'].values())} "
-                     f"({'equal: the loop adds none per step' if len(set(loop['flow_euler_syncs'].values())) == 1 else 'DIFFER'})")
+        lines.append(
+            f"loop on {loop['backend']}: SenCache {loop['sencache']['nfe']:.1f} NFE, speed-up "
+            f"{loop['speedup']:.2f}x, torch syncs per run {loop['none']['torch_syncs']} uncached / "
+            f"{loop['sencache']['torch_syncs']} cached (UniPC syncs by itself); tiny-ltx flow Euler "
+            f"syncs at 6 / 20 steps: {' / '.join(str(v) for v in loop['flow_euler_syncs'].values())} "
+            f"({'equal: the loop adds none per step' if len(set(loop['flow_euler_syncs'].values())) == 1 else 'DIFFER'})"  # noqa: E501
+        )
     return lines
 
 

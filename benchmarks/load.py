@@ -36,9 +36,14 @@ import torch
 
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 
-PROMPTS = ("one small red circle moving left on black", "two large blue squares static on gradient",
-           "one green circle moving up on texture", "three small yellow circles moving right on black",
-           "one large magenta square moving down on gradient", "two cyan circles moving left slow on black")
+PROMPTS = (
+    "one small red circle moving left on black",
+    "two large blue squares static on gradient",
+    "one green circle moving up on texture",
+    "three small yellow circles moving right on black",
+    "one large magenta square moving down on gradient",
+    "two cyan circles moving left slow on black",
+)
 CACHES = {"none": {"preset": "reference"}, "sencache": {"method": "sencache"}}
 POLL_S = 0.5
 KIND = "load report"
@@ -76,8 +81,9 @@ def _counter(base: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def run_load(base: str, batching: str, cache: str, arrivals: np.ndarray, steps: int, rate_per_min: float | None,
-             max_s: float) -> RunResult:
+def run_load(
+    base: str, batching: str, cache: str, arrivals: np.ndarray, steps: int, rate_per_min: float | None, max_s: float
+) -> RunResult:
     """Submit one request at each arrival time (seconds from now), wait for all (at most `max_s`)."""
     steps_before = _counter(base, "sencache_steps_total")
     rows_before = _counter(base, "sencache_row_steps_total")
@@ -116,13 +122,22 @@ def run_load(base: str, batching: str, cache: str, arrivals: np.ndarray, steps: 
     steps_run = _counter(base, "sencache_steps_total") - steps_before
     row_steps = _counter(base, "sencache_row_steps_total") - rows_before
     pct = (lambda a, q: float(np.percentile(a, q))) if len(completed) else (lambda a, q: float("nan"))
-    return RunResult(batching=batching, cache=cache, rate_per_min=rate_per_min, requests=len(arrivals),
-                     completed=len(completed), throughput_per_min=60.0 * len(completed) / makespan,
-                     latency_p50_s=pct(latency, 50), latency_p95_s=pct(latency, 95), latency_p99_s=pct(latency, 99),
-                     queue_wait_mean_s=float(wait.mean()) if len(wait) else float("nan"), queue_wait_p95_s=pct(wait, 95),
-                     rows_busy_per_step=row_steps / steps_run if steps_run else float("nan"),
-                     nfe_mean=float(np.mean([job["nfe"] for job, _ in completed])) if completed else float("nan"),
-                     makespan_s=makespan)
+    return RunResult(
+        batching=batching,
+        cache=cache,
+        rate_per_min=rate_per_min,
+        requests=len(arrivals),
+        completed=len(completed),
+        throughput_per_min=60.0 * len(completed) / makespan,
+        latency_p50_s=pct(latency, 50),
+        latency_p95_s=pct(latency, 95),
+        latency_p99_s=pct(latency, 99),
+        queue_wait_mean_s=float(wait.mean()) if len(wait) else float("nan"),
+        queue_wait_p95_s=pct(wait, 95),
+        rows_busy_per_step=row_steps / steps_run if steps_run else float("nan"),
+        nfe_mean=float(np.mean([job["nfe"] for job, _ in completed])) if completed else float("nan"),
+        makespan_s=makespan,
+    )
 
 
 def engine_costs(engine_dir: Path, steps: int, max_jobs: int) -> dict[str, Any]:
@@ -141,6 +156,7 @@ def engine_costs(engine_dir: Path, steps: int, max_jobs: int) -> dict[str, Any]:
                 out = call(*args, **kwargs)
                 spent[key] += time.perf_counter() - tick
                 return out
+
             return wrapper
 
         model = engine.model
@@ -158,8 +174,9 @@ def engine_costs(engine_dir: Path, steps: int, max_jobs: int) -> dict[str, Any]:
             cache = "sencache" if len(pass_ms) == max_jobs else "none"
             before = engine.stats()
             spent.update(stages=0.0, solver=0.0)
-            for job in [engine.submit(prompt=PROMPTS[i % len(PROMPTS)], seed=i, steps=steps, cache=cache)
-                        for i in range(jobs)]:
+            for job in [
+                engine.submit(prompt=PROMPTS[i % len(PROMPTS)], seed=i, steps=steps, cache=cache) for i in range(jobs)
+            ]:
                 job.result()
             after = engine.stats()
             passes = after["steps_total"] - before["steps_total"]
@@ -167,9 +184,13 @@ def engine_costs(engine_dir: Path, steps: int, max_jobs: int) -> dict[str, Any]:
             if cache == "none":
                 pass_ms[f"{2 * jobs} rows"] = 1000 * seconds / passes
     host_s = (seconds - spent["stages"] - spent["solver"]) / passes
-    return {"pass_ms_uncached": pass_ms, "sencache_pass_ms": 1000 * seconds / passes,
-            "solver_ms": 1000 * spent["solver"] / passes, "scheduler_host_ms": 1000 * host_s,
-            "share": host_s / (seconds / passes)}
+    return {
+        "pass_ms_uncached": pass_ms,
+        "sencache_pass_ms": 1000 * seconds / passes,
+        "solver_ms": 1000 * spent["solver"] / passes,
+        "scheduler_host_ms": 1000 * host_s,
+        "share": host_s / (seconds / passes),
+    }
 
 
 def _plot(results: list[RunResult], path: Path) -> None:
@@ -179,12 +200,23 @@ def _plot(results: list[RunResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for batching, cache, style in (("static", "none", "C0-"), ("static", "sencache", "C0--"),
-                                   ("step", "none", "C1-"), ("step", "sencache", "C1--")):
-        runs = sorted((r for r in results if r.batching == batching and r.cache == cache and r.rate_per_min),
-                      key=lambda r: r.rate_per_min)
-        ax.plot([r.rate_per_min for r in runs], [r.latency_p95_s for r in runs], style, marker="o",
-                label=f"{batching} batching, {cache} (p95)")
+    for batching, cache, style in (
+        ("static", "none", "C0-"),
+        ("static", "sencache", "C0--"),
+        ("step", "none", "C1-"),
+        ("step", "sencache", "C1--"),
+    ):
+        runs = sorted(
+            (r for r in results if r.batching == batching and r.cache == cache and r.rate_per_min),
+            key=lambda r: r.rate_per_min,
+        )
+        ax.plot(
+            [r.rate_per_min for r in runs],
+            [r.latency_p95_s for r in runs],
+            style,
+            marker="o",
+            label=f"{batching} batching, {cache} (p95)",
+        )
         ax.plot([r.rate_per_min for r in runs], [r.latency_p50_s for r in runs], style, marker=".", alpha=0.4)
     ax.set_xlabel("arrival rate (videos per minute, Poisson)")
     ax.set_ylabel("latency (s): p95 (bold), p50 (faint)")
@@ -208,13 +240,19 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["runs"]:
         rate = "burst" if r["rate_per_min"] is None else f"{r['rate_per_min']:.1f}"
-        lines.append(f"| {r['batching']} | {r['cache']} | {rate} | {r['completed']}/{r['requests']} | "
-                     f"{r['throughput_per_min']:.2f} | {r['latency_p50_s']:.1f} | {r['latency_p95_s']:.1f} | "
-                     f"{r['latency_p99_s']:.1f} | {r['queue_wait_mean_s']:.1f} | {r['queue_wait_p95_s']:.1f} | "
-                     f"{r['rows_busy_per_step']:.2f} | {r['nfe_mean']:.1f} |")
+        lines.append(
+            f"| {r['batching']} | {r['cache']} | {rate} | {r['completed']}/{r['requests']} | "
+            f"{r['throughput_per_min']:.2f} | {r['latency_p50_s']:.1f} | {r['latency_p95_s']:.1f} | "
+            f"{r['latency_p99_s']:.1f} | {r['queue_wait_mean_s']:.1f} | {r['queue_wait_p95_s']:.1f} | "
+            f"{r['rows_busy_per_step']:.2f} | {r['nfe_mean']:.1f} |"
+        )
     costs = report["engine_costs"]
-    lines += ["", "Engine pass time (in-process, uncached): " + ", ".join(
-        f"{rows}: {ms:.0f} ms" for rows, ms in costs["pass_ms_uncached"].items()) + "."]
+    lines += [
+        "",
+        "Engine pass time (in-process, uncached): "
+        + ", ".join(f"{rows}: {ms:.0f} ms" for rows, ms in costs["pass_ms_uncached"].items())
+        + ".",
+    ]
     lines += ["", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
@@ -224,8 +262,9 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _targets(report: dict[str, Any], runs: list[RunResult], steps: int, near: float,
-             overhead: dict[str, float]) -> None:
+def _targets(
+    report: dict[str, Any], runs: list[RunResult], steps: int, near: float, overhead: dict[str, float]
+) -> None:
     def find(batching: str, cache: str, rate: float | None) -> RunResult:
         return next(r for r in runs if r.batching == batching and r.cache == cache and r.rate_per_min == rate)
 
@@ -233,20 +272,32 @@ def _targets(report: dict[str, Any], runs: list[RunResult], steps: int, near: fl
     for cache in CACHES:
         static, step = find("static", cache, near), find("step", cache, near)
         ratio = step.latency_p95_s / static.latency_p95_s
-        targets.append({"target": f"p95 latency, step-level / static at {near:.1f} arrivals/min ({cache}) <= 0.6",
-                        "measured": f"{step.latency_p95_s:.1f} s / {static.latency_p95_s:.1f} s = {ratio:.2f}",
-                        "met": bool(ratio <= 0.6)})
+        targets.append(
+            {
+                "target": f"p95 latency, step-level / static at {near:.1f} arrivals/min ({cache}) <= 0.6",
+                "measured": f"{step.latency_p95_s:.1f} s / {static.latency_p95_s:.1f} s = {ratio:.2f}",
+                "met": bool(ratio <= 0.6),
+            }
+        )
     plain, cached = find("step", "none", None), find("step", "sencache", None)
     bound = 0.9 * steps / cached.nfe_mean * plain.throughput_per_min
-    targets.append({"target": "burst throughput, step-level + SenCache >= 0.9 x (steps / NFE) x step-level uncached",
-                    "measured": f"{cached.throughput_per_min:.2f} vs 0.9 x ({steps} / {cached.nfe_mean:.1f}) x "
-                                f"{plain.throughput_per_min:.2f} = {bound:.2f} videos/min",
-                    "met": bool(cached.throughput_per_min >= bound)})
-    targets.append({"target": "scheduler host time per step <= 2% of a tiny-wan step",
-                    "measured": f"{overhead['scheduler_host_ms']:.2f} ms of {overhead['sencache_pass_ms']:.1f} ms "
-                                f"= {100 * overhead['share']:.2f}% (3 SenCache jobs; solver steps "
-                                f"{overhead['solver_ms']:.1f} ms apart)",
-                    "met": bool(overhead["share"] <= 0.02)})
+    targets.append(
+        {
+            "target": "burst throughput, step-level + SenCache >= 0.9 x (steps / NFE) x step-level uncached",
+            "measured": f"{cached.throughput_per_min:.2f} vs 0.9 x ({steps} / {cached.nfe_mean:.1f}) x "
+            f"{plain.throughput_per_min:.2f} = {bound:.2f} videos/min",
+            "met": bool(cached.throughput_per_min >= bound),
+        }
+    )
+    targets.append(
+        {
+            "target": "scheduler host time per step <= 2% of a tiny-wan step",
+            "measured": f"{overhead['scheduler_host_ms']:.2f} ms of {overhead['sencache_pass_ms']:.1f} ms "
+            f"= {100 * overhead['share']:.2f}% (3 SenCache jobs; solver steps "
+            f"{overhead['solver_ms']:.1f} ms apart)",
+            "met": bool(overhead["share"] <= 0.02),
+        }
+    )
     report["targets"] = targets
 
 
@@ -256,8 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/load"))
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--requests", type=int, default=10, help="requests per run")
-    p.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.7, 0.9],
-                   help="arrival rates as fractions of the static, uncached capacity (the burst's throughput)")
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.7, 0.9],
+        help="arrival rates as fractions of the static, uncached capacity (the burst's throughput)",
+    )
     p.add_argument("--max-run-s", type=float, default=300.0, help="time bound of one run; what is left is cancelled")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -275,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     gaps = rng.exponential(1.0, size=(len(args.rates), args.requests))  # one unit-rate schedule per rate
     try:
         for batching in ("static", "step"):
-            options = serving.ServeOptions(engine=args.engine, port=port, max_queue=10 * args.requests,
-                                           batching=batching, threads=1)
+            options = serving.ServeOptions(
+                engine=args.engine, port=port, max_queue=10 * args.requests, batching=batching, threads=1
+            )
             serving.start(options, num_cpus=2)
             deadline = time.monotonic() + 120
             while requests.get(f"{base}/healthz", timeout=10).status_code != 200:
@@ -305,11 +362,13 @@ def main(argv: list[str] | None = None) -> int:
 
     near = args.rates[int(np.argmin(np.abs(np.array(args.rates) - 0.7)))] * capacity
     report: dict[str, Any] = {
-        "setup": (f"tiny-wan (ONNX Runtime, 1 CPU thread, max 3 samples = 6 rows with CFG), {args.steps} steps, "
-                  f"guidance 4, 1 replica on 127.0.0.1; {args.requests} requests per run; open-loop Poisson arrivals "
-                  f"at {', '.join(f'{f:.1f}' for f in args.rates)} x the static uncached capacity "
-                  f"({capacity:.2f} videos/min, from the burst), the same arrival times for each configuration; "
-                  f"2 shared CPU cores. Total {time.time() - started:.0f} s."),
+        "setup": (
+            f"tiny-wan (ONNX Runtime, 1 CPU thread, max 3 samples = 6 rows with CFG), {args.steps} steps, "
+            f"guidance 4, 1 replica on 127.0.0.1; {args.requests} requests per run; open-loop Poisson arrivals "
+            f"at {', '.join(f'{f:.1f}' for f in args.rates)} x the static uncached capacity "
+            f"({capacity:.2f} videos/min, from the burst), the same arrival times for each configuration; "
+            f"2 shared CPU cores. Total {time.time() - started:.0f} s."
+        ),
         "steps": args.steps,
         "static_capacity_per_min": capacity,
         "runs": [asdict(r) for r in runs],

@@ -1,10 +1,10 @@
 """Compare methods at matched NFE: upper envelopes, interpolation, bootstrap over samples.
 
-Each method's runs that skip at least one step give points (mean NFE, mean PSNR). Its upper envelope keeps the points that no
-cheaper run beats, and is interpolated linearly in NFE. SenCache is compared with each baseline
-at NFE targets inside both envelopes; the bootstrap resamples the evaluation samples (same
-resample for every method) and gives a 95% interval of the PSNR difference. A difference whose
-interval holds 0 is a tie.
+Each method's runs that skip at least one step give points (mean NFE, mean PSNR). Its upper
+envelope keeps the points that no cheaper run beats, and is interpolated linearly in NFE.
+SenCache is compared with each baseline at NFE targets inside both envelopes; the bootstrap
+resamples the evaluation samples (same resample for every method) and gives a 95% interval of
+the PSNR difference. A difference whose interval holds 0 is a tie.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def _at(nfe: np.ndarray, quality: np.ndarray, targets: np.ndarray) -> np.ndarray
     return out
 
 
-def compare_at_matched_nfe(runs: list[dict[str, Any]], steps: int, reference: str = "sencache",
-                           seed: int = 0) -> dict[str, Any]:
+def compare_at_matched_nfe(
+    runs: list[dict[str, Any]], steps: int, reference: str = "sencache", seed: int = 0
+) -> dict[str, Any]:
     """SenCache minus each baseline, in PSNR dB, at shared NFE targets, with bootstrap intervals."""
     # A run in which every sample ran every step is the uncached video itself (PSNR capped): it
     # would pull the envelope up to the cap, so it is left out of the comparison.
@@ -77,7 +78,13 @@ def compare_at_matched_nfe(runs: list[dict[str, Any]], steps: int, reference: st
                 continue
             low, high = np.percentile(column, [2.5, 97.5])
             verdict = "win" if low > 0 else "loss" if high < 0 else "tie"
-            points.append({"nfe": float(target), "psnr_diff_db": float(point[j]), "ci95": [float(low), float(high)],
-                           "verdict": verdict})
+            points.append(
+                {
+                    "nfe": float(target),
+                    "psnr_diff_db": float(point[j]),
+                    "ci95": [float(low), float(high)],
+                    "verdict": verdict,
+                }
+            )
         result["baselines"][base] = {"overlap": [float(lo), float(hi)], "points": points}
     return result

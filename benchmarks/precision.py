@@ -41,8 +41,9 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
     report: dict[str, Any] = {"model": model, "samples": samples, "prompts": prompts, "seeds": seeds}
     reference = None
     for precision in PRECISIONS:
-        path = build(BuildOptions(model=model, out=root / precision, precision=precision, max_batch=samples),
-                     log=lambda _: None)
+        path = build(
+            BuildOptions(model=model, out=root / precision, precision=precision, max_batch=samples), log=lambda _: None
+        )
         bundle = Bundle.load(path)
         engine = Model(bundle, open_backend(bundle, threads=1))
         bundle.write_tables(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
@@ -51,15 +52,20 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
         uncached = engine.decode(engine.generate(request, engine.policy("none", request.steps, samples, {})).latents)
         reference = uncached if reference is None else reference
         tables = {"own table": None} if precision == "fp32" else {"own table": None, "fp32 table": root / "fp32"}
-        row: dict[str, Any] = {"psnr_uncached_vs_fp32": _mean_psnr(uncached, reference),
-                               "validation": bundle.manifest.validation.get("blocks_fp8_vs_fp32")}
+        row: dict[str, Any] = {
+            "psnr_uncached_vs_fp32": _mean_psnr(uncached, reference),
+            "validation": bundle.manifest.validation.get("blocks_fp8_vs_fp32"),
+        }
         for label, source in tables.items():
             if source is not None:
                 bundle.adopt_tables(Bundle.load(source))
             result = engine.generate(request, engine.policy("sencache", request.steps, samples, {}))
             video = engine.decode(result.latents)
-            row[label] = {"nfe": float(np.mean(result.nfe)), "psnr_vs_fp32": _mean_psnr(video, reference),
-                          "psnr_vs_own_uncached": _mean_psnr(video, uncached)}
+            row[label] = {
+                "nfe": float(np.mean(result.nfe)),
+                "psnr_vs_fp32": _mean_psnr(video, reference),
+                "psnr_vs_own_uncached": _mean_psnr(video, uncached),
+            }
         report[precision] = row
         log(f"{precision}: built, calibrated, generated")
     return report
@@ -78,15 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         report = measure(args.model, Path(tmp), args.samples)
-    print(f"{'precision':9s} {'table':10s} {'NFE':>5s} {'vs fp32':>8s} {'vs own uncached':>16s}  "
-          f"(PSNR dB of SenCache, {args.samples} samples; uncached vs fp32 in brackets)")
+    print(
+        f"{'precision':9s} {'table':10s} {'NFE':>5s} {'vs fp32':>8s} {'vs own uncached':>16s}  "
+        f"(PSNR dB of SenCache, {args.samples} samples; uncached vs fp32 in brackets)"
+    )
     for precision in PRECISIONS:
         row = report[precision]
         for label in ("own table", "fp32 table"):
             if label in row:
                 r = row[label]
-                print(f"{precision:9s} {label:10s} {r['nfe']:5.1f} {r['psnr_vs_fp32']:8.2f} "
-                      f"{r['psnr_vs_own_uncached']:16.2f}  [{row['psnr_uncached_vs_fp32']:.2f}]")
+                print(
+                    f"{precision:9s} {label:10s} {r['nfe']:5.1f} {r['psnr_vs_fp32']:8.2f} "
+                    f"{r['psnr_vs_own_uncached']:16.2f}  [{row['psnr_uncached_vs_fp32']:.2f}]"
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.model}.json"
     write_atomic(path, json.dumps(report, indent=1).encode())

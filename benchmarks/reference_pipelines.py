@@ -29,7 +29,26 @@ from sencache.runtime.families import resolve
 from sencache.runtime.families.ltx import pack_text
 from sencache.runtime.files import write_atomic
 
-WORDS = ["a", "an", "the", "red", "green", "blue", "circle", "square", "moving", "left", "right", "fast", "slow", "on", "black", "two", "large", "small"]
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "circle",
+    "square",
+    "moving",
+    "left",
+    "right",
+    "fast",
+    "slow",
+    "on",
+    "black",
+    "two",
+    "large",
+    "small",
+]
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,9 @@ def _text_components(family: str, width: int):
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     config = dict(vocab_size=len(vocabulary), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     if family == "wan":
         return tokenizer, UMT5EncoderModel(UMT5Config(**config)).eval()
@@ -66,12 +87,23 @@ def _text_components(family: str, width: int):
 def _wan(model: str):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return transformer, vae, scheduler, (512, 16), (9, 32, 48)
 
@@ -84,43 +116,94 @@ def _cogvideox(model: str):
         CogVideoXTransformer3DModel,
     )
 
-    config = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-                  text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-                  temporal_compression_ratio=4, max_text_seq_length=7,
-                  use_rotary_positional_embeddings=model != "cogvideox-2b")
+    config = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=32,
+        text_embed_dim=16,
+        num_layers=2,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=7,
+        use_rotary_positional_embeddings=model != "cogvideox-2b",
+    )
     if model == "cogvideox1.5-5b":
         config.update(patch_size_t=2, patch_bias=False)  # 3 latent frames: the pipeline pads to 4
     transformer = CogVideoXTransformer3DModel(**config)
-    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
-                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                 latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
     # DPM (stochastic, two-step memory) where the 5B models' users switch to it; DDIM elsewhere.
     scheduler_class = CogVideoXDPMScheduler if model == "cogvideox1.5-5b" else CogVideoXDDIMScheduler
-    scheduler = scheduler_class(beta_schedule="scaled_linear", prediction_type="v_prediction",
-                                rescale_betas_zero_snr=True, snr_shift_scale=1.0, timestep_spacing="trailing",
-                                clip_sample=False)
+    scheduler = scheduler_class(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=1.0,
+        timestep_spacing="trailing",
+        clip_sample=False,
+    )
     return transformer, vae, scheduler, (7, 16), (9, 32, 48)
 
 
 def _ltx(model: str):
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
 
-    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
-                                             cross_attention_dim=32, num_layers=2, caption_channels=16)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=16,
+    )
     scaling = (True, True, True, False)  # with patch 4: the real 32x spatial and 8x temporal compression
-    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8),
-                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=scaling,
-                                decoder_spatio_temporal_scaling=scaling, decoder_inject_noise=(False,) * 5,
-                                upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-                                timestep_conditioning=model == "ltx-video-0.9.1", patch_size=4, patch_size_t=1)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
-                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=scaling,
+        decoder_spatio_temporal_scaling=scaling,
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=model == "ltx-video-0.9.1",
+        patch_size=4,
+        patch_size_t=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
     return transformer, vae, scheduler, (128, 17), (9, 64, 96)
 
 
-FACTORIES = {"wan2.1-t2v-1.3b": _wan, "cogvideox-2b": _cogvideox, "cogvideox-5b": _cogvideox,
-             "cogvideox1.5-5b": _cogvideox, "ltx-video-0.9.0": _ltx, "ltx-video-0.9.1": _ltx}
+FACTORIES = {
+    "wan2.1-t2v-1.3b": _wan,
+    "cogvideox-2b": _cogvideox,
+    "cogvideox-5b": _cogvideox,
+    "cogvideox1.5-5b": _cogvideox,
+    "ltx-video-0.9.0": _ltx,
+    "ltx-video-0.9.1": _ltx,
+}
 """Real presets with a tiny reference pipeline."""
 
 
@@ -147,9 +230,17 @@ def embeddings(case: ReferenceCase, batch: int, seed: int) -> np.ndarray:
     return pack_text(torch.randn(batch, tokens, channels - 1, generator=g).numpy(), mask)
 
 
-def run_reference(case: ReferenceCase, seeds: list[int], steps: int, guidance: float, output_type: str,
-                  embeds: np.ndarray | None = None, negative: np.ndarray | None = None,
-                  prompts: list[str] | None = None, **options: Any) -> np.ndarray:
+def run_reference(
+    case: ReferenceCase,
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    output_type: str,
+    embeds: np.ndarray | None = None,
+    negative: np.ndarray | None = None,
+    prompts: list[str] | None = None,
+    **options: Any,
+) -> np.ndarray:
     """diffusers' pipeline on prompt embeddings (or prompts, through its own text encoder), one
     generator per sample; latents or frames [B, T, H, W, 3] as a NumPy array."""
     adapter, _ = resolve(case.model)
@@ -159,17 +250,27 @@ def run_reference(case: ReferenceCase, seeds: list[int], steps: int, guidance: f
     if prompts is not None:
         text: dict[str, Any] = {"prompt": prompts, "max_sequence_length": case.text[0]}
     elif case.packs_mask:
-        text = {"prompt_embeds": torch.from_numpy(embeds[..., :-1]),
-                "prompt_attention_mask": torch.from_numpy(embeds[..., -1]),
-                "negative_prompt_embeds": torch.from_numpy(negative[..., :-1]),
-                "negative_prompt_attention_mask": torch.from_numpy(negative[..., -1])}
+        text = {
+            "prompt_embeds": torch.from_numpy(embeds[..., :-1]),
+            "prompt_attention_mask": torch.from_numpy(embeds[..., -1]),
+            "negative_prompt_embeds": torch.from_numpy(negative[..., :-1]),
+            "negative_prompt_attention_mask": torch.from_numpy(negative[..., -1]),
+        }
     else:
         text = {"prompt_embeds": torch.from_numpy(embeds), "negative_prompt_embeds": torch.from_numpy(negative)}
     frames, height, width = case.size
     with torch.no_grad():
-        out = pipe(**text, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=steps,
-                   guidance_scale=guidance, height=height, width=width, num_frames=frames, output_type=output_type,
-                   **options)
+        out = pipe(
+            **text,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            num_frames=frames,
+            output_type=output_type,
+            **options,
+        )
     result = out.frames
     return result.numpy() if isinstance(result, torch.Tensor) else np.asarray(result, np.float32)
 
@@ -177,8 +278,19 @@ def run_reference(case: ReferenceCase, seeds: list[int], steps: int, guidance: f
 def build_bundle(case: ReferenceCase, out: Path, backend: str = "torch", max_batch: int = 2) -> Path:
     """Our bundle of the saved pipeline, built as for the real checkpoint."""
     frames, height, width = case.size
-    return build(BuildOptions(model=case.model, out=out, weights=case.folder, backend=backend, frames=frames,
-                              height=height, width=width, max_batch=max_batch), log=lambda _: None)
+    return build(
+        BuildOptions(
+            model=case.model,
+            out=out,
+            weights=case.folder,
+            backend=backend,
+            frames=frames,
+            height=height,
+            width=width,
+            max_batch=max_batch,
+        ),
+        log=lambda _: None,
+    )
 
 
 def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
@@ -206,7 +318,9 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
                 errors[key] = float(np.abs(ours.latents - theirs).max())
                 if batch == 2 and guidance > 1:
                     frames = run_reference(case, seeds, steps, guidance, "np", embeds, negative)
-                    errors[f"{backend} frames batch 2 cfg 6"] = float(np.abs(engine.decode(ours.latents) - frames).max())
+                    errors[f"{backend} frames batch 2 cfg 6"] = float(
+                        np.abs(engine.decode(ours.latents) - frames).max()
+                    )
     return errors
 
 
@@ -221,8 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             report[model] = measure(model, Path(tmp))
         worst = {k: max(v for n, v in report[model].items() if n.startswith(k)) for k in ("torch", "onnxruntime")}
-        print(f"{model:18s} max abs vs pipeline: PyTorch backend {worst['torch']:.1e}, "
-              f"ONNX Runtime backend {worst['onnxruntime']:.1e}")
+        print(
+            f"{model:18s} max abs vs pipeline: PyTorch backend {worst['torch']:.1e}, "
+            f"ONNX Runtime backend {worst['onnxruntime']:.1e}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "parity.json", json.dumps(report, indent=1).encode())
     print(f"wrote {args.out / 'parity.json'}")

@@ -35,24 +35,36 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     for r in report["runs"]:
         gap = f"{(r['denoise_s'] / r['floor_s'] - 1) * 100:+.1f}%" if r["floor_s"] else "n/a"
         decision = "n/a" if r["decision_per_step_s"] is None else f"{r['decision_per_step_s'] * 1e6:.0f}"
-        lines.append(f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
-                     f"{r['mean_ssim']:.4f} | n/a | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                     f"{decision} | {gap} |")
+        lines.append(
+            f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
+            f"{r['mean_ssim']:.4f} | n/a | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+            f"{decision} | {gap} |"
+        )
     peer = report.get("diffusers_reference")
     if peer:
-        lines += ["", f"diffusers peers run in diffusers' own pipeline on the PyTorch path; their speed-up is against "
-                      f"that pipeline uncached ({peer['denoise_s']:.2f} s), whose latents differ from ours by at most "
-                      f"{peer['max_abs_latent_diff_vs_ours']:.1e}."]
+        lines += [
+            "",
+            f"diffusers peers run in diffusers' own pipeline on the PyTorch path; their speed-up is against "
+            f"that pipeline uncached ({peer['denoise_s']:.2f} s), whose latents differ from ours by at most "
+            f"{peer['max_abs_latent_diff_vs_ours']:.1e}.",
+        ]
     comparison = report.get("comparison") or {}
     if comparison.get("baselines"):
-        lines += ["", "SenCache minus baseline, PSNR dB at matched NFE (95% bootstrap interval over samples):", "",
-                  "| baseline | NFE | difference | interval | verdict |", "| --- | ---: | ---: | --- | --- |"]
+        lines += [
+            "",
+            "SenCache minus baseline, PSNR dB at matched NFE (95% bootstrap interval over samples):",
+            "",
+            "| baseline | NFE | difference | interval | verdict |",
+            "| --- | ---: | ---: | --- | --- |",
+        ]
         for base, data in comparison["baselines"].items():
             if not data["points"]:
                 lines.append(f"| {base} | no shared NFE range | | | |")
             for p in data["points"]:
-                lines.append(f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
-                             f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |")
+                lines.append(
+                    f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
+                    f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |"
+                )
     lines += ["", "LPIPS: unavailable (no LPIPS backbone weights on this machine); never estimated.", ""]
     path.write_text("\n".join(lines))
 

@@ -82,8 +82,13 @@ class Calibration:
     baselines: BaselineTables
 
 
-def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | None = None,
-              allow_tiny_vocabulary: bool = False, show_progress: bool = True) -> Calibration:
+def calibrate(
+    engine: Model,
+    plan: CalibrationPlan,
+    prompts: Sequence[str] | None = None,
+    allow_tiny_vocabulary: bool = False,
+    show_progress: bool = True,
+) -> Calibration:
     """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories from `prompts`
     (None: the model's default); a real model refuses tiny-vocabulary prompts unless allowed."""
     manifest = engine.bundle.manifest
@@ -91,14 +96,15 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
     guidance = manifest.defaults.guidance if plan.guidance is None else plan.guidance
     samples = plan.samples or (DEFAULT_SAMPLES if prompts is None else max(1, len(prompts)))
     _check_samples(samples)
-    chosen = calibration_prompts(engine.preset.tiny, engine.preset.name, samples, plan.seed, prompts,
-                                 allow_tiny_vocabulary)
+    chosen = calibration_prompts(
+        engine.preset.tiny, engine.preset.name, samples, plan.seed, prompts, allow_tiny_vocabulary
+    )
     seeds = [plan.seed + i for i in range(samples)]
     batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
     jx_all, jt_all, timesteps = [], [], None
     tea_x, tea_y, mag = [], [], []
     started = time.perf_counter()
-    chunks = [(chosen[i:i + batch], seeds[i:i + batch]) for i in range(0, samples, batch)]
+    chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
     bar = tqdm(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
         request = Request(chunk_prompts, chunk_seeds, steps, guidance)
@@ -123,11 +129,16 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
                 break
             t_next = timesteps[k + 1]
             x_prime = _solver_step(engine, steps, k, f_k, x_k, [s + k for s in chunk_seeds])
-            both = _branch(engine.predict(np.concatenate([x_prime, x_k]),
-                                          np.array([t_k] * n + [t_next] * n, np.float32),
-                                          np.concatenate([text, text]),
-                                          None if uncond is None else np.concatenate([uncond, uncond]), guidance),
-                           plan.branch)
+            both = _branch(
+                engine.predict(
+                    np.concatenate([x_prime, x_k]),
+                    np.array([t_k] * n + [t_next] * n, np.float32),
+                    np.concatenate([text, text]),
+                    None if uncond is None else np.concatenate([uncond, uncond]),
+                    guidance,
+                ),
+                plan.branch,
+            )
             f_prime, f_next = both[:n], both[n:]
             dx = _norms(x_prime - x_k)
             if np.any(dx == 0):
@@ -158,18 +169,28 @@ def calibrate(engine: Model, plan: CalibrationPlan, prompts: Sequence[str] | Non
         "seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    sensitivity = SensitivityTable(np.asarray(timesteps[:-1]), jx.mean(axis=1), jt.mean(axis=1),
-                                   counts=np.full(steps - 1, samples, float), jx_std=jx.std(axis=1),
-                                   jt_std=jt.std(axis=1), meta=meta)
+    sensitivity = SensitivityTable(
+        np.asarray(timesteps[:-1]),
+        jx.mean(axis=1),
+        jt.mean(axis=1),
+        counts=np.full(steps - 1, samples, float),
+        jx_std=jx.std(axis=1),
+        jt_std=jt.std(axis=1),
+        meta=meta,
+    )
     x, y = np.concatenate(tea_x), np.concatenate(tea_y)
     coefficients = np.polyfit(x, y, 4)
     ratios = np.concatenate([[1.0], np.concatenate(mag, axis=1).mean(axis=1)])
     baselines = BaselineTables(
         teacache_coefficients=tuple(float(c) for c in coefficients),
         magcache_ratios=tuple(float(r) for r in ratios),
-        meta={**meta, "teacache_input": engine.adapter.modulation, "teacache_points": int(len(x)),
-              "teacache_fit_rmse": float(np.sqrt(np.mean((np.polyval(coefficients, x) - y) ** 2))),
-              "magcache_branch": "cond"},
+        meta={
+            **meta,
+            "teacache_input": engine.adapter.modulation,
+            "teacache_points": int(len(x)),
+            "teacache_fit_rmse": float(np.sqrt(np.mean((np.polyval(coefficients, x) - y) ** 2))),
+            "magcache_branch": "cond",
+        },
     )
     return Calibration(sensitivity, baselines)
 

@@ -55,8 +55,15 @@ def status(exc: BaseException) -> tuple[int, str]:
     return PYTHON, f"{type(exc).__name__}: {exc}"
 
 
-_REQUEST_FIELDS = {"prompt": "prompt", "prompt_embeds": "prompt_embeds", "seed": "seed", "steps": "steps",
-                   "guidance": "guidance", "cache": "cache", "knobs": "knobs_json"}
+_REQUEST_FIELDS = {
+    "prompt": "prompt",
+    "prompt_embeds": "prompt_embeds",
+    "seed": "seed",
+    "steps": "steps",
+    "guidance": "guidance",
+    "cache": "cache",
+    "knobs": "knobs_json",
+}
 _OPTION_FIELDS = {"backend": "backend", "device": "device", "threads": "threads"}
 
 
@@ -80,15 +87,24 @@ class Host:
             bundle = Bundle.load(Path(bundle_dir))
         except BadInput as e:
             raise Refused(CORRUPT if Path(bundle_dir).is_dir() else NOT_FOUND, str(e)) from None
-        self.model = Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads,
-                                                device=device))
+        self.model = Model(
+            bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device)
+        )
         self.engine = StepEngine(self.model)
         self.known: set[int] = set()
         self.reported: set[int] = set()
         self.frames: dict[int, np.ndarray] = {}
 
-    def submit(self, prompt: str, embeds: np.ndarray | None, seed: int, steps: int, guidance: float, cache: str,
-               knobs_json: str | None) -> int:
+    def submit(
+        self,
+        prompt: str,
+        embeds: np.ndarray | None,
+        seed: int,
+        steps: int,
+        guidance: float,
+        cache: str,
+        knobs_json: str | None,
+    ) -> int:
         """Validate and queue one request (as sencache.Engine.submit does); its id."""
         defaults = self.model.bundle.manifest.defaults
         try:
@@ -98,8 +114,13 @@ class Host:
         if not isinstance(knobs, dict):
             raise BadInput(f"knobs_json must be a JSON object of knob names to numbers, got {knobs_json!r}")
         steps = defaults.steps if steps == 0 else steps
-        request = Request([prompt], [seed], steps, defaults.guidance if guidance < 0 else guidance,
-                          None if embeds is None else embeds[None])
+        request = Request(
+            [prompt],
+            [seed],
+            steps,
+            defaults.guidance if guidance < 0 else guidance,
+            None if embeds is None else embeds[None],
+        )
         policy = self.model.policy(cache, request.steps, 1, knobs)
         job_id = self.engine.enqueue(self.engine.prepare(request, policy))
         self.known.add(job_id)

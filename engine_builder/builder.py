@@ -73,17 +73,26 @@ class BuildOptions:
         backend.check(self)
         chosen = precision(self.precision)
         chosen.check(backend.name)
-        shapes = Shapes(preset.frames if self.frames is None else self.frames,
-                        preset.height if self.height is None else self.height,
-                        preset.width if self.width is None else self.width, self.max_batch)
-        for name, value, high in (("frames", shapes.frames, MAX_FRAMES), ("height", shapes.height, MAX_PIXELS),
-                                  ("width", shapes.width, MAX_PIXELS), ("max_batch", shapes.max_batch, MAX_BATCH),
-                                  ("fp8_samples", self.fp8_samples, 64)):
+        shapes = Shapes(
+            preset.frames if self.frames is None else self.frames,
+            preset.height if self.height is None else self.height,
+            preset.width if self.width is None else self.width,
+            self.max_batch,
+        )
+        for name, value, high in (
+            ("frames", shapes.frames, MAX_FRAMES),
+            ("height", shapes.height, MAX_PIXELS),
+            ("width", shapes.width, MAX_PIXELS),
+            ("max_batch", shapes.max_batch, MAX_BATCH),
+            ("fp8_samples", self.fp8_samples, 64),
+        ):
             if not 1 <= value <= high:
                 raise BadInput(f"{name} must be in [1, {high}], got {value}", param=name)
         if preset.tiny and (shapes.frames, shapes.height, shapes.width) != (preset.frames, preset.height, preset.width):
-            raise BadInput(f"{preset.name} was trained on {preset.frames}x{preset.height}x{preset.width} clips; "
-                           f"other sizes are not supported")
+            raise BadInput(
+                f"{preset.name} was trained on {preset.frames}x{preset.height}x{preset.width} clips; "
+                f"other sizes are not supported"
+            )
         adapter.latent_shape(preset, shapes)  # sizes the family cannot take are refused here, before any work
         if self.fp8_prompts is not None:
             check_prompts(self.fp8_prompts, preset.tiny, preset.name)
@@ -133,8 +142,10 @@ class LoadedModel:
 
 def stage_specs(layout: StageLayout) -> dict[str, StageSpec]:
     """Names of each stage's inputs and outputs, as exported and as the runtime feeds them."""
-    return {stage: StageSpec(stage, inputs, outputs, layout.shared if stage == "blocks" else ())
-            for stage, (inputs, outputs) in layout.stage_io.items()}
+    return {
+        stage: StageSpec(stage, inputs, outputs, layout.shared if stage == "blocks" else ())
+        for stage, (inputs, outputs) in layout.stage_io.items()
+    }
 
 
 def build(options: BuildOptions, log: Log = print) -> Path:
@@ -172,27 +183,50 @@ def _load(plan: BuildPlan, log: Log) -> LoadedModel:
     transformer = plan.adapter.build_transformer(preset, plan.weights)
     preset = dataclasses.replace(preset, config=dict(preset.config, **_jsonable(dict(transformer.config))))
     lowered = plan.precision.lower(transformer)
-    return LoadedModel(plan.adapter, preset, plan.shapes, plan.precision, lowered,
-                       plan.adapter.split(transformer, preset, plan.shapes),
-                       plan.adapter.split(lowered, preset, plan.shapes), stage_specs(plan.adapter.layout))
+    return LoadedModel(
+        plan.adapter,
+        preset,
+        plan.shapes,
+        plan.precision,
+        lowered,
+        plan.adapter.split(transformer, preset, plan.shapes),
+        plan.adapter.split(lowered, preset, plan.shapes),
+        stage_specs(plan.adapter.layout),
+    )
 
 
 def _manifest(plan: BuildPlan, model: LoadedModel, folder: Path, validation: dict[str, Any]) -> Manifest:
     """The bundle's manifest, before post-build steps and the file listing."""
     adapter, preset, shapes = plan.adapter, model.preset, plan.shapes
     return Manifest(
-        model=preset.name, family=adapter.family, tiny=preset.tiny, trained=preset.trained, config=preset.config,
-        shapes=BundleShapes(shapes.frames, shapes.height, shapes.width, shapes.max_batch,
-                            tuple(adapter.latent_shape(preset, shapes)), tuple(adapter.text_shape(preset)),
-                            tuple(_stream_shapes(adapter, preset, shapes))),
-        precision=plan.precision.name, backend=plan.target.name,
-        stages={name: Stage(plan.target.stage_file(name), spec.inputs, spec.outputs)
-                for name, spec in model.specs.items()},
+        model=preset.name,
+        family=adapter.family,
+        tiny=preset.tiny,
+        trained=preset.trained,
+        config=preset.config,
+        shapes=BundleShapes(
+            shapes.frames,
+            shapes.height,
+            shapes.width,
+            shapes.max_batch,
+            tuple(adapter.latent_shape(preset, shapes)),
+            tuple(adapter.text_shape(preset)),
+            tuple(_stream_shapes(adapter, preset, shapes)),
+        ),
+        precision=plan.precision.name,
+        backend=plan.target.name,
+        stages={
+            name: Stage(plan.target.stage_file(name), spec.inputs, spec.outputs) for name, spec in model.specs.items()
+        },
         scheduler=_scheduler_config(adapter, preset, plan.weights),
         defaults=Defaults(preset.steps, preset.guidance, preset.cache_defaults),
-        text_encoder=_copy_text_encoder(adapter, preset, plan.weights, folder), validation=validation,
-        tools=_tools(), weights_source=str(plan.weights) if plan.weights else None,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), weights=plan.target.weights)
+        text_encoder=_copy_text_encoder(adapter, preset, plan.weights, folder),
+        validation=validation,
+        tools=_tools(),
+        weights_source=str(plan.weights) if plan.weights else None,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        weights=plan.target.weights,
+    )
 
 
 def _write_baselines(preset: ModelPreset, folder: Path) -> None:
@@ -200,17 +234,23 @@ def _write_baselines(preset: ModelPreset, folder: Path) -> None:
     if preset.published_baselines is None:
         return
     coefficients, ratios = preset.published_baselines
-    source = ("published constants (TeaCache @7c10efc4, MagCache @df81cb18; MagCache has none for this model)"
-              if ratios is None else "published constants (TeaCache @7c10efc4, MagCache @df81cb18)")
+    source = (
+        "published constants (TeaCache @7c10efc4, MagCache @df81cb18; MagCache has none for this model)"
+        if ratios is None
+        else "published constants (TeaCache @7c10efc4, MagCache @df81cb18)"
+    )
     tables = BaselineTables(coefficients, ratios, {"model": preset.name, "source": source})
     write_atomic(folder / BASELINES, tables.to_bytes())
 
 
 def _log_cache_memory(shapes: BundleShapes, chosen: Precision, log: Log) -> None:
-    cache_bytes = chosen.itemsize * (shapes.max_rows * sum(int(np.prod(s)) for s in shapes.streams)
-                                     + shapes.max_batch * int(np.prod(shapes.latent)))
-    log(f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB "
-        f"{str(chosen.dtype).split('.')[-1]} (residuals of {shapes.max_rows} rows and {shapes.max_batch} anchors)")
+    cache_bytes = chosen.itemsize * (
+        shapes.max_rows * sum(int(np.prod(s)) for s in shapes.streams) + shapes.max_batch * int(np.prod(shapes.latent))
+    )
+    log(
+        f"cache memory at max batch {shapes.max_batch}: {cache_bytes / 2**20:.1f} MiB "
+        f"{str(chosen.dtype).split('.')[-1]} (residuals of {shapes.max_rows} rows and {shapes.max_batch} anchors)"
+    )
 
 
 def _weights_folder(preset: ModelPreset, weights: Path | None) -> Path | None:
@@ -221,8 +261,10 @@ def _weights_folder(preset: ModelPreset, weights: Path | None) -> Path | None:
     if preset.tiny and preset.trained:
         folder = TINY_MODELS / preset.name
         if not (folder / "transformer").is_dir():
-            raise BadInput(f"{preset.name}: the bundled weights are missing from {folder}; train them with "
-                           f"`python -m sencache.engine_builder.tiny.train --model {preset.name}`")
+            raise BadInput(
+                f"{preset.name}: the bundled weights are missing from {folder}; train them with "
+                f"`python -m sencache.engine_builder.tiny.train --model {preset.name}`"
+            )
         return folder
     return None
 
@@ -253,8 +295,9 @@ def _scheduler_config(adapter: FamilyAdapter, preset: ModelPreset, weights: Path
     import diffusers
 
     if not hasattr(diffusers, str(config.get("_class_name"))):
-        raise BadInput(f"weights {weights}: scheduler {config.get('_class_name')!r} is not a diffusers scheduler",
-                       param="weights")
+        raise BadInput(
+            f"weights {weights}: scheduler {config.get('_class_name')!r} is not a diffusers scheduler", param="weights"
+        )
     return {k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}
 
 
@@ -263,20 +306,26 @@ def _stream_shapes(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes) 
     with torch.device("meta"):
         transformer = adapter.build_transformer(preset, None, device="meta")
         stages = adapter.split(transformer, preset, shapes)
-        outputs = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True))
+        outputs = dict(
+            zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True)
+        )
     return [tuple(outputs[s].shape[1:]) for s in adapter.layout.streams]
 
 
-def _copy_text_encoder(adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None,
-                       folder: Path) -> TextEncoderSpec:
+def _copy_text_encoder(
+    adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None, folder: Path
+) -> TextEncoderSpec:
     """A tiny model's text encoder, copied into the bundle (or made, untrained); a real model's
     loads from its weights folder."""
     if not preset.tiny:
-        return TextEncoderSpec("diffusers", source=str(weights) if weights else None,
-                               note="tokenizer, text encoder and VAE load from the weights folder through diffusers' "
-                                    "pipeline")
-    spec = TextEncoderSpec("tiny", file="text_encoder.safetensors", dim=adapter.tiny_text_dim(preset),
-                           untrained=not preset.trained)
+        return TextEncoderSpec(
+            "diffusers",
+            source=str(weights) if weights else None,
+            note="tokenizer, text encoder and VAE load from the weights folder through diffusers' pipeline",
+        )
+    spec = TextEncoderSpec(
+        "tiny", file="text_encoder.safetensors", dim=adapter.tiny_text_dim(preset), untrained=not preset.trained
+    )
     if preset.trained:
         shutil.copyfile(weights / "text_encoder.safetensors", folder / spec.file)
         return spec

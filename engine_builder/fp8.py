@@ -51,8 +51,9 @@ def require_modelopt() -> str:
     try:
         import modelopt.onnx.quantization  # noqa: F401
     except ImportError as e:
-        raise BadInput(f"precision fp8 needs NVIDIA Model Optimizer: pip install 'sencache[fp8]' ({e})",
-                       param="precision") from None
+        raise BadInput(
+            f"precision fp8 needs NVIDIA Model Optimizer: pip install 'sencache[fp8]' ({e})", param="precision"
+        ) from None
     return importlib.metadata.version("nvidia-modelopt")
 
 
@@ -66,14 +67,20 @@ def blocks_inputs(engine: Model, prompts: list[str], seed: int, every: int = 2) 
     layout = engine.layout
     rows: dict[str, list[np.ndarray]] = {name: [] for name in layout.blocks_inputs}
     for start in range(0, samples, batch):
-        chunk = prompts[start:start + batch]
-        run = engine.generate(Request(chunk, [seed + start + i for i in range(len(chunk))], steps, guidance),
-                              NoCache(len(chunk)), record=True)
+        chunk = prompts[start : start + batch]
+        run = engine.generate(
+            Request(chunk, [seed + start + i for i in range(len(chunk))], steps, guidance),
+            NoCache(len(chunk)),
+            record=True,
+        )
         text = engine.encode(chunk)
         uncond = engine.encode([""] * len(chunk)) if guidance > 1.0 else None
         for k in range(0, steps, every):
-            feeds = cfg_rows(torch.from_numpy(run.trajectory[k]), torch.from_numpy(text),
-                             None if uncond is None else torch.from_numpy(uncond))
+            feeds = cfg_rows(
+                torch.from_numpy(run.trajectory[k]),
+                torch.from_numpy(text),
+                None if uncond is None else torch.from_numpy(uncond),
+            )
             count = len(feeds["latent"])
             feeds["timestep"] = torch.full((count,), run.timesteps[k], dtype=torch.float32)
             head = engine.backend.run("head", feeds)
@@ -83,8 +90,14 @@ def blocks_inputs(engine: Model, prompts: list[str], seed: int, every: int = 2) 
     return {name: np.concatenate(values).astype(np.float32) for name, values in rows.items()}
 
 
-def quantize_blocks(folder: Path, manifest: Manifest, samples: int, log: Callable[[str], None],
-                    threads: int = 1, prompts: Sequence[str] | None = None) -> dict[str, Any]:
+def quantize_blocks(
+    folder: Path,
+    manifest: Manifest,
+    samples: int,
+    log: Callable[[str], None],
+    threads: int = 1,
+    prompts: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Replace `folder`'s fp32 blocks.onnx by its FP8 Q/DQ version, calibrated on `samples`
     trajectories and checked on half as many others with other seeds; `prompts` are taken in turn
     (None: the model's default calibration prompts); returns the quantization record.
@@ -96,10 +109,12 @@ def quantize_blocks(folder: Path, manifest: Manifest, samples: int, log: Callabl
     engine = Model(bundle, OnnxRuntimeBackend(bundle, threads, files={s: f"{s}.onnx" for s in STAGES}))
     log(f"  capturing blocks inputs on {samples} uncached trajectories")
     tiny, model = engine.preset.tiny, engine.preset.name
-    calibration = blocks_inputs(engine, calibration_prompts(tiny, model, samples, CALIBRATION_SEED, prompts),
-                                CALIBRATION_SEED)
-    check = blocks_inputs(engine, calibration_prompts(tiny, model, max(1, samples // 2), CHECK_SEED, prompts),
-                          CHECK_SEED, every=5)
+    calibration = blocks_inputs(
+        engine, calibration_prompts(tiny, model, samples, CALIBRATION_SEED, prompts), CALIBRATION_SEED
+    )
+    check = blocks_inputs(
+        engine, calibration_prompts(tiny, model, max(1, samples // 2), CHECK_SEED, prompts), CHECK_SEED, every=5
+    )
     with tempfile.TemporaryDirectory(prefix="fp8-", dir=folder.parent) as tmp:
         source, target = Path(tmp) / "blocks.onnx", Path(tmp) / "blocks.fp8.onnx"
         shutil.copyfile(folder / "blocks.onnx", source)  # modelopt rewrites its input file in place
@@ -107,9 +122,15 @@ def quantize_blocks(folder: Path, manifest: Manifest, samples: int, log: Callabl
         try:
             quiet = io.StringIO()  # its ONNX Runtime calibrator prints tensor counts and progress bars
             with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                quantize(onnx_path=str(source), quantize_mode="fp8", calibration_data=calibration,
-                         calibration_eps=["cpu"], output_path=str(target), high_precision_dtype="fp32",
-                         log_level="ERROR")
+                quantize(
+                    onnx_path=str(source),
+                    quantize_mode="fp8",
+                    calibration_data=calibration,
+                    calibration_eps=["cpu"],
+                    output_path=str(target),
+                    high_precision_dtype="fp32",
+                    log_level="ERROR",
+                )
         except Exception as e:  # modelopt raises many types; the build reports which step failed
             raise BuildFailed(f"FP8 quantization of the blocks stage failed: {type(e).__name__}: {e}") from e
         finally:
@@ -118,15 +139,21 @@ def quantize_blocks(folder: Path, manifest: Manifest, samples: int, log: Callabl
         error = _fp8_error(folder / "blocks.onnx", target, check, engine.layout.streams)
         log(f"  blocks fp8 vs fp32 in ONNX Runtime: relative L2 {error['rel_l2']:.3f} on {error['rows']} rows")
         if not error["rel_l2"] <= TOLERANCE_REL_L2:
-            raise BuildFailed(f"FP8 blocks differ from fp32 by relative L2 {error['rel_l2']:.3f}; the limit is "
-                              f"{TOLERANCE_REL_L2}")
+            raise BuildFailed(
+                f"FP8 blocks differ from fp32 by relative L2 {error['rel_l2']:.3f}; the limit is {TOLERANCE_REL_L2}"
+            )
         shutil.move(target, folder / "blocks.onnx")
-    return {"tool": f"nvidia-modelopt {version} (modelopt.onnx.quantization, mode fp8, calibration on CPU)",
-            "format": "FP8 E4M3 Q/DQ on the blocks stage; head and tail stay fp32",
-            "calibration": {"samples": samples, "seed": CALIBRATION_SEED,
-                            "rows": int(len(calibration[engine.layout.streams[0]])),
-                            "source": "the model's own uncached trajectories, every other step, all CFG rows"},
-            "blocks_vs_fp32": error}
+    return {
+        "tool": f"nvidia-modelopt {version} (modelopt.onnx.quantization, mode fp8, calibration on CPU)",
+        "format": "FP8 E4M3 Q/DQ on the blocks stage; head and tail stay fp32",
+        "calibration": {
+            "samples": samples,
+            "seed": CALIBRATION_SEED,
+            "rows": int(len(calibration[engine.layout.streams[0]])),
+            "source": "the model's own uncached trajectories, every other step, all CFG rows",
+        },
+        "blocks_vs_fp32": error,
+    }
 
 
 def _fp8_error(fp32: Path, fp8: Path, inputs: dict[str, np.ndarray], streams: tuple[str, ...]) -> dict[str, float]:

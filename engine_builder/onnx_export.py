@@ -36,7 +36,9 @@ class StageSpec:
     """Inputs without a batch dimension (shared tables)."""
 
 
-def export_stage(module: nn.Module, spec: StageSpec, example: dict[str, torch.Tensor], path: Path, max_rows: int) -> None:
+def export_stage(
+    module: nn.Module, spec: StageSpec, example: dict[str, torch.Tensor], path: Path, max_rows: int
+) -> None:
     """Export one stage with a dynamic batch dimension (1..max_rows) on every batched input."""
     batch = torch.export.Dim("batch", min=1, max=max(max_rows, 2))
     dynamic = {name: None if name in spec.batch_free else {0: batch} for name in spec.inputs}
@@ -48,8 +50,14 @@ def export_stage(module: nn.Module, spec: StageSpec, example: dict[str, torch.Te
         warnings.simplefilter("ignore")
         try:
             captured = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
-            program = torch.onnx.export(captured, input_names=list(spec.inputs), output_names=list(spec.outputs),
-                                        opset_version=OPSET, dynamo=True, verbose=False)
+            program = torch.onnx.export(
+                captured,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
         except Exception as e:  # the exporter raises many types; the build reports which stage failed
             raise BuildFailed(f"ONNX export of the {spec.name} stage failed: {type(e).__name__}: {e}") from e
     program.save(str(path))
@@ -62,8 +70,9 @@ def compare(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {"max_abs": float(np.max(np.abs(ours64 - ref64))), "rel_l2": float(np.linalg.norm(ours64 - ref64) / denom)}
 
 
-def validate_stage(module: nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor], path: Path,
-                   tolerance: float = TOLERANCE_REL_L2) -> dict[str, float]:
+def validate_stage(
+    module: nn.Module, spec: StageSpec, inputs: dict[str, torch.Tensor], path: Path, tolerance: float = TOLERANCE_REL_L2
+) -> dict[str, float]:
     """Run the ONNX file in ONNX Runtime (CPU) and PyTorch on the same fresh inputs; worst output error."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {name: inputs[name].numpy() for name in spec.inputs}
@@ -74,12 +83,16 @@ def validate_stage(module: nn.Module, spec: StageSpec, inputs: dict[str, torch.T
     worst = {"max_abs": 0.0, "rel_l2": 0.0}
     for name, g, r in zip(spec.outputs, got, ref, strict=True):
         if g.shape != tuple(r.shape):
-            raise BuildFailed(f"{spec.name} stage: output {name} has shape {g.shape} in ONNX Runtime, {tuple(r.shape)} in PyTorch")
+            raise BuildFailed(
+                f"{spec.name} stage: output {name} has shape {g.shape} in ONNX Runtime, {tuple(r.shape)} in PyTorch"
+            )
         err = compare(g, r.float().numpy())
         worst = {k: max(worst[k], err[k]) for k in worst}
     if not worst["rel_l2"] <= tolerance:
-        raise BuildFailed(f"{spec.name} stage: ONNX Runtime differs from PyTorch by relative L2 {worst['rel_l2']:.2e} "
-                          f"(max abs {worst['max_abs']:.2e}); the limit is {tolerance:.0e}")
+        raise BuildFailed(
+            f"{spec.name} stage: ONNX Runtime differs from PyTorch by relative L2 {worst['rel_l2']:.2e} "
+            f"(max abs {worst['max_abs']:.2e}); the limit is {tolerance:.0e}"
+        )
     return worst
 
 
@@ -95,8 +108,11 @@ def widen_bf16(source: Path, target: Path) -> None:
     def widen_tensor(tensor: onnx.TensorProto) -> None:
         if tensor.data_type != bf16:
             return
-        bits = (np.frombuffer(tensor.raw_data, np.uint16) if tensor.raw_data
-                else np.asarray(tensor.int32_data, np.uint32).astype(np.uint16))
+        bits = (
+            np.frombuffer(tensor.raw_data, np.uint16)
+            if tensor.raw_data
+            else np.asarray(tensor.int32_data, np.uint32).astype(np.uint16)
+        )
         values = (bits.astype(np.uint32) << 16).view(np.float32).reshape(tuple(tensor.dims))
         tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
 

@@ -44,8 +44,9 @@ class Precision:
         """The transformer in this precision (fp32: itself)."""
         return transformer
 
-    def validate(self, model: LoadedModel, name: str, spec: StageSpec, fresh: dict[str, torch.Tensor],
-                 path: Path) -> dict[str, float | str]:
+    def validate(
+        self, model: LoadedModel, name: str, spec: StageSpec, fresh: dict[str, torch.Tensor], path: Path
+    ) -> dict[str, float | str]:
         """The exported stage at `path` against PyTorch on `fresh` inputs."""
         return validate_stage(model.stages[name], spec, fresh, path, self.tolerance)
 
@@ -88,11 +89,15 @@ class BFloat16(Half):
 
     def check(self, backend: str) -> None:
         if backend not in TENSORRT:
-            raise BadInput(f"precision bf16 with backend {backend}: ONNX Runtime's CPU provider has no bf16 "
-                           f"kernels; build bf16 for backend tensorrt or tensorrt-rtx", param="precision")
+            raise BadInput(
+                f"precision bf16 with backend {backend}: ONNX Runtime's CPU provider has no bf16 "
+                f"kernels; build bf16 for backend tensorrt or tensorrt-rtx",
+                param="precision",
+            )
 
-    def validate(self, model: LoadedModel, name: str, spec: StageSpec, fresh: dict[str, torch.Tensor],
-                 path: Path) -> dict[str, float | str]:
+    def validate(
+        self, model: LoadedModel, name: str, spec: StageSpec, fresh: dict[str, torch.Tensor], path: Path
+    ) -> dict[str, float | str]:
         # Checked widened to fp32 against the same bf16 weights in fp32 PyTorch. Not exact: the
         # exporter writes constants it computes (SDPA's split scale head_dim^-1/4) in bf16.
         if model.widened is None:
@@ -100,18 +105,25 @@ class BFloat16(Half):
         with tempfile.TemporaryDirectory() as scratch:
             wide = Path(scratch) / path.name
             widen_bf16(path, wide)
-            return {**validate_stage(model.widened[name], spec, {k: v.float() for k, v in fresh.items()}, wide,
-                                     self.tolerance),
-                    "checked": "graph widened to fp32 vs PyTorch fp32 with the same bf16 weights"}
+            return {
+                **validate_stage(
+                    model.widened[name], spec, {k: v.float() for k, v in fresh.items()}, wide, self.tolerance
+                ),
+                "checked": "graph widened to fp32 vs PyTorch fp32 with the same bf16 weights",
+            }
 
     def chain_error(self, model: LoadedModel, folder: Path) -> dict[str, float | str] | None:
         inputs, expected = _reference(model)
         with torch.no_grad():
-            got = run_chain(module_runner(model.stages, model.adapter.layout), model.adapter.layout,
-                            {k: v if k == "timestep" else v.bfloat16() for k, v in inputs.items()}).noise
-        return {**compare(got.float().numpy(), expected),
-                "estimated_by": "PyTorch's CPU bf16 kernels (fp32 accumulation); TensorRT's bf16 kernels run only on "
-                                "a GPU"}
+            got = run_chain(
+                module_runner(model.stages, model.adapter.layout),
+                model.adapter.layout,
+                {k: v if k == "timestep" else v.bfloat16() for k, v in inputs.items()},
+            ).noise
+        return {
+            **compare(got.float().numpy(), expected),
+            "estimated_by": "PyTorch's CPU bf16 kernels (fp32 accumulation); TensorRT's bf16 kernels run only on a GPU",
+        }
 
 
 @dataclass(frozen=True)
@@ -122,17 +134,22 @@ class FP8(Precision):
         from sencache.engine_builder.fp8 import require_modelopt
 
         if backend == "torch":
-            raise BadInput("precision fp8 builds an FP8 Q/DQ ONNX graph: use backend onnxruntime, tensorrt or "
-                           "tensorrt-rtx", param="precision")
+            raise BadInput(
+                "precision fp8 builds an FP8 Q/DQ ONNX graph: use backend onnxruntime, tensorrt or tensorrt-rtx",
+                param="precision",
+            )
         require_modelopt()
 
     def post_step(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
         from sencache.engine_builder.fp8 import quantize_blocks
 
-        quantization = quantize_blocks(folder, manifest, plan.options.fp8_samples, log,
-                                       prompts=plan.options.fp8_prompts)
-        return manifest.replace(quantization=quantization,
-                                validation={**manifest.validation, "blocks_fp8_vs_fp32": quantization["blocks_vs_fp32"]})
+        quantization = quantize_blocks(
+            folder, manifest, plan.options.fp8_samples, log, prompts=plan.options.fp8_prompts
+        )
+        return manifest.replace(
+            quantization=quantization,
+            validation={**manifest.validation, "blocks_fp8_vs_fp32": quantization["blocks_vs_fp32"]},
+        )
 
 
 PRECISIONS: dict[str, Precision] = {

@@ -68,8 +68,14 @@ def check_prompts(prompts: Sequence[str], tiny: bool, model: str, allow_tiny_voc
         )
 
 
-def calibration_prompts(tiny: bool, model: str, samples: int, seed: int, prompts: Sequence[str] | None = None,
-                        allow_tiny_vocabulary: bool = False) -> list[str]:
+def calibration_prompts(
+    tiny: bool,
+    model: str,
+    samples: int,
+    seed: int,
+    prompts: Sequence[str] | None = None,
+    allow_tiny_vocabulary: bool = False,
+) -> list[str]:
     """One prompt per sample: the given ones in turn (checked for the model), or the model's default."""
     if prompts is None:
         return default_prompts(tiny, samples, seed)

@@ -74,10 +74,16 @@ class TensorRTTarget(OnnxTarget):
     def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
         out = Path(plan.options.out)
         cache = out.with_name(f".{out.name}.sencache-timing.cache")
-        engines = build_engines(folder, list(STAGES), manifest.shapes.max_rows, self.name,
-                                plan.options.compute_capability, cache, log)
-        return manifest.replace(tensorrt={**engines, "engine_validation": "not run at build time: engines run only on "
-                                          "a GPU; the ONNX they were built from is validated above"})
+        engines = build_engines(
+            folder, list(STAGES), manifest.shapes.max_rows, self.name, plan.options.compute_capability, cache, log
+        )
+        return manifest.replace(
+            tensorrt={
+                **engines,
+                "engine_validation": "not run at build time: engines run only on "
+                "a GPU; the ONNX they were built from is validated above",
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,12 @@ class TorchTarget(OnnxTarget):
         return {}
 
 
-TARGETS = {"onnxruntime": OnnxTarget(), "torch": TorchTarget(), "tensorrt": TensorRTTarget("tensorrt"),
-           "tensorrt-rtx": TensorRTTarget("tensorrt-rtx")}
+TARGETS = {
+    "onnxruntime": OnnxTarget(),
+    "torch": TorchTarget(),
+    "tensorrt": TensorRTTarget("tensorrt"),
+    "tensorrt-rtx": TensorRTTarget("tensorrt-rtx"),
+}
 
 
 def target(name: str) -> OnnxTarget:

@@ -21,8 +21,10 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.files import write_atomic
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-INSTALL = {"tensorrt": "pip install 'sencache[tensorrt]' (TensorRT comes from NVIDIA's package index)",
-           "tensorrt-rtx": "pip install tensorrt-rtx-cu13"}
+INSTALL = {
+    "tensorrt": "pip install 'sencache[tensorrt]' (TensorRT comes from NVIDIA's package index)",
+    "tensorrt-rtx": "pip install tensorrt-rtx-cu13",
+}
 
 
 def load_tensorrt(backend: str):
@@ -30,8 +32,9 @@ def load_tensorrt(backend: str):
     try:
         return importlib.import_module(MODULES[backend])
     except ImportError:
-        raise BadInput(f"backend {backend} needs {MODULES[backend]}, which is not installed: {INSTALL[backend]}",
-                       param="backend") from None
+        raise BadInput(
+            f"backend {backend} needs {MODULES[backend]}, which is not installed: {INSTALL[backend]}", param="backend"
+        ) from None
 
 
 def check_target(backend: str, compute_capability: str | None) -> None:
@@ -40,24 +43,43 @@ def check_target(backend: str, compute_capability: str | None) -> None:
     if backend == "tensorrt-rtx":
         known = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
         if compute_capability is None:
-            raise BadInput(f"compute_capability is needed for backend tensorrt-rtx (one of {', '.join(known)})",
-                           param="compute_capability")
+            raise BadInput(
+                f"compute_capability is needed for backend tensorrt-rtx (one of {', '.join(known)})",
+                param="compute_capability",
+            )
         if compute_capability.upper() not in known:
-            raise BadInput(f"compute_capability {compute_capability}: TensorRT-RTX {trt.__version__} builds for "
-                           f"{', '.join(known)}", param="compute_capability")
+            raise BadInput(
+                f"compute_capability {compute_capability}: TensorRT-RTX {trt.__version__} builds for "
+                f"{', '.join(known)}",
+                param="compute_capability",
+            )
     elif compute_capability is not None:
-        raise BadInput("compute_capability applies to tensorrt-rtx; full TensorRT builds for the GPU it runs on",
-                       param="compute_capability")
+        raise BadInput(
+            "compute_capability applies to tensorrt-rtx; full TensorRT builds for the GPU it runs on",
+            param="compute_capability",
+        )
 
 
-def build_engines(folder: Path, stages: list[str], max_rows: int, backend: str, compute_capability: str | None,
-                  timing_cache: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+def build_engines(
+    folder: Path,
+    stages: list[str],
+    max_rows: int,
+    backend: str,
+    compute_capability: str | None,
+    timing_cache: Path | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Build `<stage>.engine` from `<stage>.onnx` in `folder`; returns the manifest's TensorRT record."""
     trt = load_tensorrt(backend)
     logger = trt.Logger(trt.Logger.ERROR)
-    record: dict[str, Any] = {"module": MODULES[backend], "version": trt.__version__,
-                              "compute_capability": compute_capability.upper() if compute_capability else "build GPU",
-                              "networks": "strongly typed", "profiles": {}, "timing_cache": None}
+    record: dict[str, Any] = {
+        "module": MODULES[backend],
+        "version": trt.__version__,
+        "compute_capability": compute_capability.upper() if compute_capability else "build GPU",
+        "networks": "strongly typed",
+        "profiles": {},
+        "timing_cache": None,
+    }
     cache = None
     for stage in stages:
         started = time.perf_counter()
@@ -89,7 +111,9 @@ def build_engines(folder: Path, stages: list[str], max_rows: int, backend: str, 
             raise BuildFailed(f"{MODULES[backend]} could not build the {stage} engine")
         (folder / f"{stage}.engine").write_bytes(bytes(engine))
         record["profiles"][stage] = shapes
-        log(f"  {stage}: {MODULES[backend]} engine, {engine.nbytes / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s")
+        log(
+            f"  {stage}: {MODULES[backend]} engine, {engine.nbytes / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s"
+        )
     if cache is not None and timing_cache is not None:
         write_atomic(timing_cache, bytes(cache.serialize()))
         record["timing_cache"] = timing_cache.name

@@ -2,9 +2,9 @@
 
 `DeviceDrift` loads the NVRTC-built cubin for the device's architecture, owns the scratch and
 output buffers and a pinned host buffer, and per step enqueues on the caller's stream: the partial
-sums, the fixed-order finish, an async copy of the per-sample sums to pinned memory and one event. `result()` waits on that event
-alone, never on the stream or the device, so the host decides while the GPU keeps working on
-whatever was queued before.
+sums, the fixed-order finish, an async copy of the per-sample sums to pinned memory and one event.
+`result()` waits on that event alone, never on the stream or the device, so the host decides
+while the GPU keeps working on whatever was queued before.
 
 Unproven on hardware in this repository's CI (no GPU there): the CPU machines check that NVRTC
 compiles the kernel for sm_80/90/100 and that the NumPy model of its blocking is exact; the tests
@@ -99,12 +99,18 @@ class DeviceDrift:
         driver = _driver()
         stream = driver.CUstream(stream)
         pointer = ctypes.c_void_p
-        partial_args = ((x, anchor, int(self._partials), self.per_sample),
-                        (pointer, pointer, pointer, ctypes.c_longlong))
-        _ok(driver.cuLaunchKernel(self._partial, self.blocks, samples, 1, THREADS, 1, 1, 0, stream, partial_args, 0),
-            "launch partial")
-        finish_args = ((int(self._partials), int(self._out), self.blocks, samples),
-                       (pointer, pointer, ctypes.c_int, ctypes.c_int))
+        partial_args = (
+            (x, anchor, int(self._partials), self.per_sample),
+            (pointer, pointer, pointer, ctypes.c_longlong),
+        )
+        _ok(
+            driver.cuLaunchKernel(self._partial, self.blocks, samples, 1, THREADS, 1, 1, 0, stream, partial_args, 0),
+            "launch partial",
+        )
+        finish_args = (
+            (int(self._partials), int(self._out), self.blocks, samples),
+            (pointer, pointer, ctypes.c_int, ctypes.c_int),
+        )
         _ok(driver.cuLaunchKernel(self._finish, samples, 1, 1, 32, 1, 1, 0, stream, finish_args, 0), "launch finish")
         _ok(driver.cuMemcpyDtoHAsync(self._host_ptr, self._out, 4 * samples, stream), "cuMemcpyDtoHAsync")
         _ok(driver.cuEventRecord(self._event, stream), "cuEventRecord")
@@ -113,7 +119,7 @@ class DeviceDrift:
     def result(self) -> np.ndarray:
         """The per-sample sums of the last `enqueue`, after waiting on its event only."""
         _ok(_driver().cuEventSynchronize(self._event), "cuEventSynchronize")
-        return self._host[:self._pending].copy()
+        return self._host[: self._pending].copy()
 
     def close(self) -> None:
         driver = _driver()
@@ -130,5 +136,3 @@ def upload(host: np.ndarray) -> int:
     pointer = _ok(driver.cuMemAlloc(host.nbytes), "cuMemAlloc")
     _ok(driver.cuMemcpyHtoD(pointer, host.ctypes.data, host.nbytes), "cuMemcpyHtoD")
     return int(pointer)
-
-

@@ -34,7 +34,9 @@ class CompiledKernel:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SENCACHE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sencache")
+    root = os.environ.get("SENCACHE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sencache"
+    )
     return Path(root) / "cubins"
 
 

@@ -117,37 +117,68 @@ class Engine:
         """Load the bundle at `path` and open its backend ("auto": the one it was built for) on
         `device` with `threads` CPU threads (0: all)."""
         bundle = Bundle.load(Path(path))
-        return cls(Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads,
-                                              device=device)))
+        return cls(
+            Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device))
+        )
 
-    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                 cache: str = "sencache", knobs: dict[str, float | str] | None = None,
-                 prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
-                 dynamic_cfg: bool = False) -> Video:
+    def generate(
+        self,
+        prompt: str,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        cache: str = "sencache",
+        knobs: dict[str, float | str] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        dynamic_cfg: bool = False,
+    ) -> Video:
         """Generate one video and wait for it (see `submit` for the parameters)."""
-        return self.submit(prompt=prompt, seed=seed, steps=steps, guidance=guidance, cache=cache, knobs=knobs,
-                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                           dynamic_cfg=dynamic_cfg).result()
+        return self.submit(
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            cache=cache,
+            knobs=knobs,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            dynamic_cfg=dynamic_cfg,
+        ).result()
 
-    def submit(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-               cache: str = "sencache", knobs: dict[str, float | str] | None = None,
-               prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
-               dynamic_cfg: bool = False) -> Job:
+    def submit(
+        self,
+        prompt: str,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        cache: str = "sencache",
+        knobs: dict[str, float | str] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        dynamic_cfg: bool = False,
+    ) -> Job:
         """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
         `sencache.runtime.cache.METHODS` with `knobs` from its table (unset ones: the bundle's
         defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
         text encoder, `prompt` then only labels the video. Raises BadInput, naming the
         parameter, before anything is queued."""
         defaults = self.model.bundle.manifest.defaults
-        request = Request([prompt], [seed], defaults.steps if steps is None else steps,
-                          defaults.guidance if guidance is None else guidance,
-                          _one(prompt_embeds, "prompt_embeds"), _one(negative_prompt_embeds, "negative_prompt_embeds"),
-                          dynamic_cfg=dynamic_cfg)
+        request = Request(
+            [prompt],
+            [seed],
+            defaults.steps if steps is None else steps,
+            defaults.guidance if guidance is None else guidance,
+            _one(prompt_embeds, "prompt_embeds"),
+            _one(negative_prompt_embeds, "negative_prompt_embeds"),
+            dynamic_cfg=dynamic_cfg,
+        )
         if not isinstance(cache, str):
             raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
         if knobs is not None and not isinstance(knobs, dict):
-            raise BadInput(f"knobs must be a mapping of knob names to values, got {type(knobs).__name__}",
-                           param="knobs")
+            raise BadInput(
+                f"knobs must be a mapping of knob names to values, got {type(knobs).__name__}", param="knobs"
+            )
         policy = self.model.policy(cache, request.steps, 1, knobs or {})
         if self._closed:
             raise RuntimeError("the engine is closed")
@@ -268,4 +299,3 @@ def _one(embeds: np.ndarray | None, name: str) -> np.ndarray | None:
     if not isinstance(embeds, np.ndarray):
         raise BadInput(f"{name} must be a NumPy array [tokens, channels], got {type(embeds).__name__}", param=name)
     return embeds[None] if embeds.ndim == 2 else embeds
-

@@ -85,8 +85,10 @@ class Bundle:
         for stage, (inputs, outputs) in adapter.layout.stage_io.items():
             spec = self.manifest.stages[stage]
             if spec.inputs != inputs or spec.outputs != outputs:
-                raise BadInput(f"stages.{stage} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
-                               f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}")
+                raise BadInput(
+                    f"stages.{stage} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
+                    f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}"
+                )
         try:
             latent = adapter.latent_shape(preset, self.shapes)
             text = adapter.text_shape(preset)
@@ -97,8 +99,9 @@ class Bundle:
             raise BadInput(f"config or scheduler do not fit the {adapter.family} family: {e}") from None
         shapes = self.manifest.shapes
         if shapes.latent != tuple(latent):
-            raise BadInput(f"shapes.latent {list(shapes.latent)} is not the {list(latent)} that frames, height and "
-                           f"width give")
+            raise BadInput(
+                f"shapes.latent {list(shapes.latent)} is not the {list(latent)} that frames, height and width give"
+            )
         if shapes.text != tuple(text):
             raise BadInput(f"shapes.text {list(shapes.text)} is not the model's {list(text)}")
 
@@ -179,8 +182,9 @@ class Bundle:
         """The model as built: the named preset with the bundle's config and shapes."""
         base = self.adapter.preset(self.manifest.model)
         shapes = self.shapes
-        return dataclasses.replace(base, config=self.manifest.config, frames=shapes.frames,
-                                   height=shapes.height, width=shapes.width)
+        return dataclasses.replace(
+            base, config=self.manifest.config, frames=shapes.frames, height=shapes.height, width=shapes.width
+        )
 
     @property
     def sensitivity_path(self) -> Path:
@@ -200,7 +204,9 @@ class Bundle:
             raise BadInput(f"no baseline tables in {self.path}: calibrate it first (`sencache calibrate`)")
         return BaselineTables.parse(self.read(BASELINES), f"{self.path / BASELINES}")
 
-    def write_tables(self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None) -> None:
+    def write_tables(
+        self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None
+    ) -> None:
         """Replace the calibration tables given, together: the bundle is restaged (hard links, no
         copies), the tables and the manifest rewritten, and swapped in whole. Refused when the
         bundle was rebuilt since it was loaded (tables measured on another build)."""
@@ -220,8 +226,10 @@ class Bundle:
         rule then never reuses."""
         for key in ("model", "config", "scheduler"):
             if getattr(source.manifest, key) != getattr(self.manifest, key):
-                raise BadInput(f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
-                               f"between builds of the same model and scheduler")
+                raise BadInput(
+                    f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
+                    f"between builds of the same model and scheduler"
+                )
         table = source.sensitivity()
         table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest.precision}
         baselines = source.baselines() if BASELINES in source.manifest.files else None

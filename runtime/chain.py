@@ -46,8 +46,9 @@ def block_streams(layout: StageLayout, out: dict[str, torch.Tensor]) -> dict[str
     return {s: out[s + "_out"] for s in layout.streams}
 
 
-def tail_feeds(layout: StageLayout, streams: dict[str, torch.Tensor],
-               head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def tail_feeds(
+    layout: StageLayout, streams: dict[str, torch.Tensor], head: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The tail stage's inputs: the streams it reads after the blocks and the head's context."""
     return {**{s: streams[s] for s in layout.tail_stream_names}, **{k: head[k] for k in layout.tail_context}}
 

@@ -46,8 +46,11 @@ class CudaDriftMeter:
             raise BadInput(f"the drift kernel cannot run here: {e}") from None
 
     def start(self, x: torch.Tensor, anchor: torch.Tensor) -> None:
-        if not (x.is_contiguous() and anchor.is_contiguous()) or x.shape != anchor.shape or \
-                {x.dtype, anchor.dtype} != {torch.float32}:
+        if (
+            not (x.is_contiguous() and anchor.is_contiguous())
+            or x.shape != anchor.shape
+            or {x.dtype, anchor.dtype} != {torch.float32}
+        ):
             raise ValueError("the drift meter takes two contiguous float32 tensors of one shape (the solver's latents)")
         self._kernel.enqueue(x.data_ptr(), anchor.data_ptr(), len(x), torch.cuda.current_stream().cuda_stream)
 

@@ -27,7 +27,7 @@ class BadInput(Exception):
         message = str(self)
         if self.param is None or spelling is None:
             return message
-        return spelling + message[len(self.param):]
+        return spelling + message[len(self.param) :]
 
 
 class Cancelled(Exception):

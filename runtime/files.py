@@ -100,14 +100,18 @@ def check_replaceable(target: Path, kind: str) -> None:
         return
     owner = read_owner(target)
     if owner is None:
-        raise BadInput(f"output {target} holds files this tool did not write (no {OWNER}): it is not ours to "
-                       f"replace; choose another folder")
+        raise BadInput(
+            f"output {target} holds files this tool did not write (no {OWNER}): it is not ours to "
+            f"replace; choose another folder"
+        )
     if owner.get("kind") != kind:
         raise BadInput(f"output {target} holds a sencache {owner.get('kind')}, not a {kind}; choose another folder")
     stray = sorted(set(present) - set(owner["files"]) - {OWNER})
     if stray:
-        raise BadInput(f"output {target} holds {stray[0]!r}, which this tool did not write: nothing was replaced; "
-                       f"move it away or choose another folder")
+        raise BadInput(
+            f"output {target} holds {stray[0]!r}, which this tool did not write: nothing was replaced; "
+            f"move it away or choose another folder"
+        )
 
 
 @contextmanager
@@ -124,8 +128,9 @@ def output_lock(target: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise BadInput(f"output {target} is being written by another sencache process; try again when it "
-                           f"finishes") from None
+            raise BadInput(
+                f"output {target} is being written by another sencache process; try again when it finishes"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino  # not unlinked by a releasing holder
         except FileNotFoundError:

@@ -43,8 +43,13 @@ def plain_name(name: Any, field: str) -> str:
     if not isinstance(name, str) or not name:
         raise BadInput(f"{field} must be a file name inside the bundle, got {name!r}")
     path = PurePosixPath(name)
-    if (path.is_absolute() or "\\" in name or "\0" in name or any(part in ("", ".", "..") for part in name.split("/"))
-            or path.as_posix() != name):
+    if (
+        path.is_absolute()
+        or "\\" in name
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in name.split("/"))
+        or path.as_posix() != name
+    ):
         raise BadInput(f"{field} must be a plain relative name inside the bundle, got {name!r}")
     return name
 
@@ -97,8 +102,12 @@ class _Fields:
 
     def number(self, key: str, low: float, high: float = math.inf) -> float:
         value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
             raise BadInput(f"{self.name(key)} must be a finite number in [{low}, {high}], got {_show(value)}")
         return float(value)
 
@@ -121,8 +130,11 @@ class _Fields:
 
     def ints(self, key: str, length: int | None = None) -> list[int]:
         value = self.get(key)
-        if (not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-                or (length is not None and len(value) != length)):
+        if (
+            not isinstance(value, list)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            or (length is not None and len(value) != length)
+        ):
             raise BadInput(f"{self.name(key)} must be a list of positive integers, got {_show(value)}")
         return value
 
@@ -162,9 +174,16 @@ class BundleShapes:
         return max_rows(self.max_batch)
 
     def to_json(self) -> dict[str, Any]:
-        return {"frames": self.frames, "height": self.height, "width": self.width, "max_batch": self.max_batch,
-                "latent": list(self.latent), "text": list(self.text), "streams": [list(s) for s in self.streams],
-                "dynamic": ["batch"]}
+        return {
+            "frames": self.frames,
+            "height": self.height,
+            "width": self.width,
+            "max_batch": self.max_batch,
+            "latent": list(self.latent),
+            "text": list(self.text),
+            "streams": [list(s) for s in self.streams],
+            "dynamic": ["batch"],
+        }
 
 
 @dataclass(frozen=True)
@@ -193,7 +212,12 @@ class TextEncoderSpec:
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "tiny":
-            return {"kind": self.kind, "file": self.file, "dim": self.dim, **({"untrained": True} if self.untrained else {})}
+            return {
+                "kind": self.kind,
+                "file": self.file,
+                "dim": self.dim,
+                **({"untrained": True} if self.untrained else {}),
+            }
         return {"kind": self.kind, "source": self.source, **({"note": self.note} if self.note else {})}
 
 
@@ -237,12 +261,23 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to manifest.json."""
         data: dict[str, Any] = {
-            "format": FORMAT, "model": self.model, "family": self.family, "tiny": self.tiny, "trained": self.trained,
-            "config": self.config, "shapes": self.shapes.to_json(), "precision": self.precision,
-            "backend": self.backend, "stages": {name: stage.to_json() for name, stage in self.stages.items()},
-            "scheduler": self.scheduler, "defaults": self.defaults.to_json(),
-            "text_encoder": self.text_encoder.to_json(), "validation": self.validation, "tools": self.tools,
-            "weights_source": self.weights_source, "created": self.created,
+            "format": FORMAT,
+            "model": self.model,
+            "family": self.family,
+            "tiny": self.tiny,
+            "trained": self.trained,
+            "config": self.config,
+            "shapes": self.shapes.to_json(),
+            "precision": self.precision,
+            "backend": self.backend,
+            "stages": {name: stage.to_json() for name, stage in self.stages.items()},
+            "scheduler": self.scheduler,
+            "defaults": self.defaults.to_json(),
+            "text_encoder": self.text_encoder.to_json(),
+            "validation": self.validation,
+            "tools": self.tools,
+            "weights_source": self.weights_source,
+            "created": self.created,
         }
         optional = {"weights": self.weights, "quantization": self.quantization, "tensorrt": self.tensorrt}
         data.update({k: v for k, v in optional.items() if v is not None})
@@ -256,8 +291,9 @@ class Manifest:
         m = _Fields(data, "")
         fmt = m.get("format")
         if fmt != FORMAT:
-            raise BadInput(f"bundle format {_show(fmt)} is not {FORMAT!r}: rebuild it with this version "
-                           f"(`sencache build`)")
+            raise BadInput(
+                f"bundle format {_show(fmt)} is not {FORMAT!r}: rebuild it with this version (`sencache build`)"
+            )
         model, family = m.text("model"), m.text("family")
         tiny, trained = m.flag("tiny"), m.flag("trained")
         config = m.obj("config").value
@@ -268,8 +304,11 @@ class Manifest:
         section = m.obj("stages")
         for stage in STAGES:
             spec = section.obj(stage)
-            stages[stage] = Stage(plain_name(spec.text("file"), spec.name("file")), tuple(spec.names("inputs")),
-                                  tuple(spec.names("outputs")))
+            stages[stage] = Stage(
+                plain_name(spec.text("file"), spec.name("file")),
+                tuple(spec.names("inputs")),
+                tuple(spec.names("outputs")),
+            )
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
         tensorrt = None
         if backend in TENSORRT:
@@ -293,11 +332,28 @@ class Manifest:
             if not _SHA256.fullmatch(digest):
                 raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
             files[name] = FileEntry(size, digest)
-        return cls(model=model, family=family, tiny=bool(tiny), trained=trained is not False, config=config,
-                   shapes=shapes, precision=precision, backend=backend, stages=stages, scheduler=scheduler.value,
-                   defaults=defaults, text_encoder=text_encoder, validation=m.record("validation"),
-                   tools=m.record("tools"), weights_source=weights_source, created=m.text("created", optional=True),
-                   weights=weights, quantization=m.record("quantization") or None, tensorrt=tensorrt, files=files)
+        return cls(
+            model=model,
+            family=family,
+            tiny=bool(tiny),
+            trained=trained is not False,
+            config=config,
+            shapes=shapes,
+            precision=precision,
+            backend=backend,
+            stages=stages,
+            scheduler=scheduler.value,
+            defaults=defaults,
+            text_encoder=text_encoder,
+            validation=m.record("validation"),
+            tools=m.record("tools"),
+            weights_source=weights_source,
+            created=m.text("created", optional=True),
+            weights=weights,
+            quantization=m.record("quantization") or None,
+            tensorrt=tensorrt,
+            files=files,
+        )
 
 
 def _shapes(shapes: _Fields) -> BundleShapes:
@@ -309,8 +365,10 @@ def _shapes(shapes: _Fields) -> BundleShapes:
     text = shapes.ints("text", 2)
     if not isinstance(shapes.get("streams"), list) or not shapes.value["streams"]:
         raise BadInput("shapes.streams must be a list of per-row stream shapes")
-    streams = tuple(tuple(_Fields({"shape": s}, f"shapes.streams[{i}]").ints("shape"))
-                    for i, s in enumerate(shapes.value["streams"]))
+    streams = tuple(
+        tuple(_Fields({"shape": s}, f"shapes.streams[{i}]").ints("shape"))
+        for i, s in enumerate(shapes.value["streams"])
+    )
     return BundleShapes(frames, height, width, max_batch, tuple(latent), tuple(text), streams)
 
 
@@ -336,10 +394,13 @@ def _defaults(defaults: _Fields) -> Defaults:
 def _text_encoder(spec: _Fields) -> TextEncoderSpec:
     if spec.text("kind", ("tiny", "diffusers")) == "tiny":
         file = plain_name(spec.text("file"), "text_encoder.file")
-        return TextEncoderSpec("tiny", file=file, dim=spec.integer("dim", 1, 65536),
-                               untrained=spec.flag("untrained") is True)
-    return TextEncoderSpec("diffusers", source=spec.text("source", optional=True),
-                           note=spec.text("note", optional=True))
+        return TextEncoderSpec(
+            "tiny", file=file, dim=spec.integer("dim", 1, 65536), untrained=spec.flag("untrained") is True
+        )
+    return TextEncoderSpec(
+        "diffusers", source=spec.text("source", optional=True), note=spec.text("note", optional=True)
+    )
+
 
 def scheduler_class(config: dict[str, Any]) -> type[Any]:
     """The diffusers scheduler class a config names; BadInput unless it is a real scheduler. Typed

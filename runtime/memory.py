@@ -37,5 +37,7 @@ def check_memory(needed: int, device: torch.device) -> None:
     """BadInput before allocating when `device` cannot hold `needed` bytes."""
     free = available_bytes(device)
     if needed > free:
-        raise BadInput(f"this request needs about {needed / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB "
-                       f"is free: use fewer samples")
+        raise BadInput(
+            f"this request needs about {needed / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB "
+            f"is free: use fewer samples"
+        )

@@ -91,8 +91,10 @@ class Model:
         if self._components is None:
             source = self.bundle.manifest.weights_source
             if not source or not Path(source).is_dir():
-                raise BadInput(f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
-                               f"the weights folder the bundle was built from ({source}), which is not there")
+                raise BadInput(
+                    f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
+                    f"the weights folder the bundle was built from ({source}), which is not there"
+                )
             self._components = self.adapter.load_components(Path(source))
         return self._components
 
@@ -107,7 +109,9 @@ class Model:
             return self.encode(prompts)
         expected = self.bundle.manifest.shapes.text
         if tuple(given.shape[1:]) != expected:
-            raise BadInput(f"text embeddings of shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}")
+            raise BadInput(
+                f"text embeddings of shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}"
+            )
         return given.astype(np.float32, copy=False)
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -119,26 +123,33 @@ class Model:
         bundle's defaults."""
         return make_policy(method, knobs, steps, batch, self.bundle, self.numel)
 
-    def predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
-                guidance: float) -> Prediction:
+    def predict(
+        self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float
+    ) -> Prediction:
         """The full, uncached denoiser with guidance, f(x, t, c), for a batch with per-row t,
         with the signals the baselines calibrate on."""
         with self.stream():
             return self._predict(latents, t, text, uncond, guidance)
 
-    def _predict(self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None,
-                 guidance: float) -> Prediction:
+    def _predict(
+        self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float
+    ) -> Prediction:
         batch = len(latents)
-        rows = cfg_rows(self.to_device(latents), self.to_device(text), None if uncond is None else self.to_device(uncond))
+        rows = cfg_rows(
+            self.to_device(latents), self.to_device(text), None if uncond is None else self.to_device(uncond)
+        )
         branches = len(rows["latent"]) // batch
         rows["timestep"] = self.to_device(np.concatenate([t] * branches).astype(np.float32))
         chain = run_chain(self.backend.run, self.layout, rows)
         stream = self.layout.streams[0]
         residual = _host(chain.streams[stream][:batch] - chain.head[stream][:batch])
         noise = chain.noise.float()
-        return Prediction(guided=_host(guide(noise, batch, uncond is not None, guidance)),
-                          cond=_host(noise[:batch]), modulation=_host(chain.head[self.adapter.modulation][:batch]),
-                          residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1))
+        return Prediction(
+            guided=_host(guide(noise, batch, uncond is not None, guidance)),
+            cond=_host(noise[:batch]),
+            modulation=_host(chain.head[self.adapter.modulation][:batch]),
+            residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1),
+        )
 
     def to_device(self, value: np.ndarray) -> torch.Tensor:
         """A host array as a tensor on the backend's device."""
@@ -169,8 +180,9 @@ class Model:
         undecoded. `record` keeps the denoiser input of every step (calibration)."""
         engine = StepEngine(self)
         job = engine.submit(request, policy, record=record)
-        with tqdm(total=request.steps, desc=f"denoise ({policy.name})", unit="step", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(
+            total=request.steps, desc=f"denoise ({policy.name})", unit="step", disable=not progress, leave=False
+        ) as bar:
             while engine.busy:
                 engine.step()
                 bar.update(1)

@@ -28,8 +28,9 @@ def run_bytes(bundle: Bundle, samples: int) -> int:
     return samples * 2 * frames + (1 << 20)
 
 
-def stats(engine: Model, request: Request, policy: CachePolicy, result: Result, total_s: float,
-          files: list[tuple[str, str]]) -> dict[str, Any]:
+def stats(
+    engine: Model, request: Request, policy: CachePolicy, result: Result, total_s: float, files: list[tuple[str, str]]
+) -> dict[str, Any]:
     """The stats.json document (the command-line contract, plus the per-step trace)."""
     steps = request.steps
     return {
@@ -43,8 +44,15 @@ def stats(engine: Model, request: Request, policy: CachePolicy, result: Result, 
         "cache": policy.settings(),
         "timesteps": result.timesteps,
         "samples": [
-            {"prompt": p, "seed": s, "nfe": result.nfe[i], "decisions": result.decisions[i],
-             "frames": files[i][0], "video": files[i][1], "trace": result.trace[i]}
+            {
+                "prompt": p,
+                "seed": s,
+                "nfe": result.nfe[i],
+                "decisions": result.decisions[i],
+                "frames": files[i][0],
+                "video": files[i][1],
+                "trace": result.trace[i],
+            }
             for i, (p, s) in enumerate(zip(request.prompts, request.seeds, strict=True))
         ],
         "timing": {
@@ -57,8 +65,15 @@ def stats(engine: Model, request: Request, policy: CachePolicy, result: Result, 
     }
 
 
-def write_run(folder: Path, engine: Model, request: Request, policy: CachePolicy, result: Result,
-              frames: np.ndarray, total_s: float) -> dict[str, Any]:
+def write_run(
+    folder: Path,
+    engine: Model,
+    request: Request,
+    policy: CachePolicy,
+    result: Result,
+    frames: np.ndarray,
+    total_s: float,
+) -> dict[str, Any]:
     """Write frames (float32 [T, H, W, 3] .npy), MP4s and stats.json into the run's partial `folder`."""
     files = [(f"sample_{i}.npy", f"sample_{i}.mp4") for i in range(len(request.prompts))]
     document = stats(engine, request, policy, result, total_s, files)

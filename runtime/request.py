@@ -46,11 +46,18 @@ class Request:
                 raise BadInput(f"{name} holds NaN or infinite values", param=name)
         if len(self.prompts) != len(self.seeds):
             raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
-                or not 1 <= self.steps <= MAX_STEPS:
+        if (
+            isinstance(self.steps, bool)
+            or not isinstance(self.steps, (int, np.integer))
+            or not 1 <= self.steps <= MAX_STEPS
+        ):
             raise BadInput(f"steps must be in [1, {MAX_STEPS}], got {self.steps!r}", param="steps")
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
-                or not math.isfinite(self.guidance) or self.guidance < 0:
+        if (
+            isinstance(self.guidance, bool)
+            or not isinstance(self.guidance, (int, float))
+            or not math.isfinite(self.guidance)
+            or self.guidance < 0
+        ):
             raise BadInput(f"guidance must be a finite number >= 0, got {self.guidance!r}", param="guidance")
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:

@@ -45,7 +45,13 @@ class SensitivityTable:
 
     def __post_init__(self) -> None:
         arrays = {"timesteps": self.timesteps, "Jx": self.jx, "Jt": self.jt}
-        arrays.update({k: v for k, v in (("counts", self.counts), ("Jx_std", self.jx_std), ("Jt_std", self.jt_std)) if v is not None})
+        arrays.update(
+            {
+                k: v
+                for k, v in (("counts", self.counts), ("Jx_std", self.jx_std), ("Jt_std", self.jt_std))
+                if v is not None
+            }
+        )
         for name, value in arrays.items():
             arrays[name] = np.asarray(value, dtype=np.float64)
             if arrays[name].ndim != 1 or len(arrays[name]) != len(arrays["timesteps"]):
@@ -75,8 +81,13 @@ class SensitivityTable:
         return float(np.interp(t, self.timesteps, self.jx)), float(np.interp(t, self.timesteps, self.jt)), inside
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format": FORMAT, "meta": self.meta, "timesteps": self.timesteps.tolist(),
-                               "Jx": self.jx.tolist(), "Jt": self.jt.tolist()}
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "meta": self.meta,
+            "timesteps": self.timesteps.tolist(),
+            "Jx": self.jx.tolist(),
+            "Jt": self.jt.tolist(),
+        }
         for name, value in (("counts", self.counts), ("Jx_std", self.jx_std), ("Jt_std", self.jt_std)):
             if value is not None:
                 out[name] = value.tolist()
@@ -98,10 +109,15 @@ class SensitivityTable:
             meta = document.get("meta", {})
             if not isinstance(meta, dict):
                 raise ValueError("meta must be an object")
-            return cls(_vector(document["timesteps"]), _vector(document["Jx"]), _vector(document["Jt"]),
-                       counts=_optional_vector(document.get("counts")),
-                       jx_std=_optional_vector(document.get("Jx_std")),
-                       jt_std=_optional_vector(document.get("Jt_std")), meta=meta)
+            return cls(
+                _vector(document["timesteps"]),
+                _vector(document["Jx"]),
+                _vector(document["Jt"]),
+                counts=_optional_vector(document.get("counts")),
+                jx_std=_optional_vector(document.get("Jx_std")),
+                jt_std=_optional_vector(document.get("Jt_std")),
+                meta=meta,
+            )
         except KeyError as e:
             raise BadInput(f"corrupt sensitivity table {source}: missing {e}") from None
         except (TypeError, ValueError, BadInput) as e:
@@ -120,8 +136,13 @@ class SensitivityTable:
                     if value.ndim != 1:
                         raise BadInput(f"{key} must be one-dimensional, got shape {list(value.shape)}")
                 counts = arrays.get("sample_counts")
-                return cls(arrays["timesteps"], arrays["J_x_norm"], arrays["J_t_norm"], counts=counts,
-                           meta={"source": f"imported from {Path(path).name}", **(meta or {})})
+                return cls(
+                    arrays["timesteps"],
+                    arrays["J_x_norm"],
+                    arrays["J_t_norm"],
+                    counts=counts,
+                    meta={"source": f"imported from {Path(path).name}", **(meta or {})},
+                )
         except FileNotFoundError:
             raise BadInput(f"no such file: {path}") from None
         except BadInput as e:

@@ -153,25 +153,43 @@ class StepEngine:
         model = self.model
         job_rows = len(request.prompts) * (2 if request.cfg else 1)
         if job_rows > self.max_rows:
-            raise BadInput(f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
-                           f"{model.bundle.shapes.max_batch} samples (build it with a larger max_batch)")
-        check_memory(request_bytes(model.bundle.manifest.shapes, len(request.prompts), 2 if request.cfg else 1),
-                     model.backend.device)
+            raise BadInput(
+                f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
+                f"{model.bundle.shapes.max_batch} samples (build it with a larger max_batch)"
+            )
+        check_memory(
+            request_bytes(model.bundle.manifest.shapes, len(request.prompts), 2 if request.cfg else 1),
+            model.backend.device,
+        )
         text = model.embeddings(request.prompt_embeds, request.prompts)
         if request.cfg:
             text = np.concatenate([text, model.embeddings(request.negative_prompt_embeds, [""] * len(request.prompts))])
         sampler = model.sampler(request.steps)
         timesteps = [float(t) for t in sampler.timesteps]
-        scales = ([model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
-                  if request.dynamic_cfg else [request.guidance] * len(timesteps))
+        scales = (
+            [model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
+            if request.dynamic_cfg
+            else [request.guidance] * len(timesteps)
+        )
         generators = model.generators(request.seeds)
         with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
             x = model.initial_latents(generators).to(model.backend.device)
             text_rows, anchor = model.to_device(text), torch.zeros_like(x)
-        return RequestState(id=0, request=request, policy=policy, sampler=sampler, generators=generators,
-                    timesteps=timesteps, scales=scales, text=text_rows, x=x, anchor=anchor,
-                    decisions=[[] for _ in request.prompts], trace=[[] for _ in request.prompts],
-                    trajectory=[] if record else None)
+        return RequestState(
+            id=0,
+            request=request,
+            policy=policy,
+            sampler=sampler,
+            generators=generators,
+            timesteps=timesteps,
+            scales=scales,
+            text=text_rows,
+            x=x,
+            anchor=anchor,
+            decisions=[[] for _ in request.prompts],
+            trace=[[] for _ in request.prompts],
+            trajectory=[] if record else None,
+        )
 
     def enqueue(self, job: RequestState) -> int:
         """Queue a prepared request (once); returns its id."""
@@ -356,9 +374,12 @@ class StepEngine:
             tick = time.perf_counter()
             try:
                 start = drift_at.get(job.id)
-                decision = job.policy.decide(job.step, job.timesteps[job.step],
-                                             None if start is None else drift[start:start + job.batch],
-                                             None if modulation is None else modulation.get(job.id))
+                decision = job.policy.decide(
+                    job.step,
+                    job.timesteps[job.step],
+                    None if start is None else drift[start : start + job.batch],
+                    None if modulation is None else modulation.get(job.id),
+                )
             except Exception as e:  # this request's rule: its rows leave the pass
                 self._fail(job, e)
                 continue
@@ -368,7 +389,7 @@ class StepEngine:
         run_rows = [offsets[k] + np.flatnonzero(d.run[job.row_sample]) for job, k, d in live]
         streams = self._blocks(head, jobs, offsets, live, np.concatenate(run_rows) if run_rows else np.zeros(0, int))
         noise = model.backend.run("tail", tail_feeds(layout, streams, head))[NOISE].float()
-        return [(job, noise[offsets[k]:offsets[k + 1]], d) for job, k, d in live]
+        return [(job, noise[offsets[k] : offsets[k + 1]], d) for job, k, d in live]
 
     def _text(self, jobs: list[RequestState]) -> torch.Tensor:
         """The text rows of `jobs`, concatenated once per set of active requests."""
@@ -377,8 +398,9 @@ class StepEngine:
             self._text_rows = (key, torch.cat([j.text for j in jobs]))
         return self._text_rows[1]
 
-    def _modulation(self, jobs: list[RequestState], head: dict[str, torch.Tensor],
-                    offsets: np.ndarray) -> dict[int, np.ndarray] | None:
+    def _modulation(
+        self, jobs: list[RequestState], head: dict[str, torch.Tensor], offsets: np.ndarray
+    ) -> dict[int, np.ndarray] | None:
         """The head's modulated input of the conditional rows of the requests whose rule reads it,
         brought to the host in one copy."""
         wanting = [(k, j) for k, j in enumerate(jobs) if j.policy.needs_modulation]
@@ -388,7 +410,7 @@ class StepEngine:
         signal = head[self.model.adapter.modulation]
         values = signal.index_select(0, self._index(rows)).detach().cpu().numpy()
         starts = np.cumsum([0] + [j.batch for _, j in wanting])
-        return {j.id: values[starts[i]:starts[i + 1]] for i, (_, j) in enumerate(wanting)}
+        return {j.id: values[starts[i] : starts[i + 1]] for i, (_, j) in enumerate(wanting)}
 
     def _index(self, rows: np.ndarray) -> torch.Tensor:
         """Row indices on the backend's device."""
@@ -402,8 +424,14 @@ class StepEngine:
             return tensor
         return tensor.pin_memory().to(self.model.backend.device, non_blocking=True)
 
-    def _blocks(self, head: dict[str, torch.Tensor], jobs: list[RequestState], offsets: np.ndarray,
-                live: list[tuple[RequestState, int, StepDecision]], run_rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def _blocks(
+        self,
+        head: dict[str, torch.Tensor],
+        jobs: list[RequestState],
+        offsets: np.ndarray,
+        live: list[tuple[RequestState, int, StepDecision]],
+        run_rows: np.ndarray,
+    ) -> dict[str, torch.Tensor]:
         """Streams after the blocks for every row: computed for `run_rows` in one call, the
         request's cached residual added on the others; the residuals of the rows that ran are
         stored for the requests whose rule may reuse them."""
@@ -415,23 +443,32 @@ class StepEngine:
         else:
             streams = {}
             for s in layout.streams:
-                pieces = [j.cache[s] if j.cache is not None else head[s].new_zeros((j.rows, *head[s].shape[1:]))
-                          for j in jobs]
+                pieces = [
+                    j.cache[s] if j.cache is not None else head[s].new_zeros((j.rows, *head[s].shape[1:])) for j in jobs
+                ]
                 streams[s] = head[s] + torch.cat(pieces)
             fresh = {}
             if len(run_rows):
                 index = self._index(run_rows)
-                inputs = {k: v if k in layout.shared else v.index_select(0, index)
-                          for k, v in blocks_feeds(layout, head).items()}
+                inputs = {
+                    k: v if k in layout.shared else v.index_select(0, index)
+                    for k, v in blocks_feeds(layout, head).items()
+                }
                 fresh = block_streams(layout, backend.run("blocks", inputs))
                 for s in layout.streams:
                     streams[s].index_copy_(0, index, fresh[s])
         self._store_residuals(head, fresh, live, offsets, run_rows, gathered=len(run_rows) != total)
         return streams
 
-    def _store_residuals(self, head: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],
-                         live: list[tuple[RequestState, int, StepDecision]], offsets: np.ndarray, run_rows: np.ndarray,
-                         gathered: bool) -> None:
+    def _store_residuals(
+        self,
+        head: dict[str, torch.Tensor],
+        fresh: dict[str, torch.Tensor],
+        live: list[tuple[RequestState, int, StepDecision]],
+        offsets: np.ndarray,
+        run_rows: np.ndarray,
+        gathered: bool,
+    ) -> None:
         position = 0
         for job, k, decision in live:
             local = np.flatnonzero(decision.run[job.row_sample])
@@ -444,7 +481,7 @@ class StepEngine:
                 job.cache = {s: fresh[s][begin:end] - head[s][begin:end] for s in fresh}
                 continue
             index = self._index(offsets[k] + local)
-            rows = {s: fresh[s][first:first + count] - head[s].index_select(0, index) for s in fresh}
+            rows = {s: fresh[s][first : first + count] - head[s].index_select(0, index) for s in fresh}
             if count == job.rows:
                 job.cache = rows
                 continue
@@ -468,9 +505,16 @@ class StepEngine:
             verdict = "run" if decision.run[b] else "reuse"
             job.decisions[b].append(verdict)
             score = decision.score[b]
-            job.trace[b].append({"step": i, "t": t, "score": None if math.isnan(score) else float(score),
-                                 "eps": None if math.isnan(decision.threshold) else decision.threshold,
-                                 "forced": decision.forced, "decision": verdict})
+            job.trace[b].append(
+                {
+                    "step": i,
+                    "t": t,
+                    "score": None if math.isnan(score) else float(score),
+                    "eps": None if math.isnan(decision.threshold) else decision.threshold,
+                    "forced": decision.forced,
+                    "decision": verdict,
+                }
+            )
         assert job.sampler is not None, "a running request holds its sampler"
         job.x = job.sampler.step(i, guided, job.x, job.generators)
         runs = int(decision.run.sum())
@@ -485,13 +529,23 @@ class StepEngine:
         warnings = []
         outside = getattr(job.policy, "outside_table", [])
         if outside:
-            warnings.append(f"{len(outside)} sensitivity look-ups fell outside the table's timesteps "
-                            f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge")
-        return Result(latents=job.x.detach().cpu().numpy(), timesteps=job.timesteps, decisions=job.decisions,
-                      trace=job.trace, timing={"denoise_s": time.perf_counter() - job.admitted,
-                                               "decision_s": job.decision_s,
-                                               "queue_s": job.admitted - job.submitted},
-                      warnings=warnings, trajectory=job.trajectory)
+            warnings.append(
+                f"{len(outside)} sensitivity look-ups fell outside the table's timesteps "
+                f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge"
+            )
+        return Result(
+            latents=job.x.detach().cpu().numpy(),
+            timesteps=job.timesteps,
+            decisions=job.decisions,
+            trace=job.trace,
+            timing={
+                "denoise_s": time.perf_counter() - job.admitted,
+                "decision_s": job.decision_s,
+                "queue_s": job.admitted - job.submitted,
+            },
+            warnings=warnings,
+            trajectory=job.trajectory,
+        )
 
 
 def guide(noise: torch.Tensor, batch: int, cfg: bool, guidance: float) -> torch.Tensor:

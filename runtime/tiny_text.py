@@ -16,15 +16,35 @@ from sencache.runtime.errors import BadInput
 PAD = "<pad>"
 VOCABULARY: tuple[str, ...] = (
     PAD,
-    "one", "two", "three",
-    "small", "large",
-    "red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange",
-    "circle", "square", "circles", "squares",
-    "static", "moving",
-    "left", "right", "up", "down",
-    "slow", "fast",
+    "one",
+    "two",
+    "three",
+    "small",
+    "large",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "cyan",
+    "magenta",
+    "white",
+    "orange",
+    "circle",
+    "square",
+    "circles",
+    "squares",
+    "static",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+    "slow",
+    "fast",
     "on",
-    "black", "gradient", "texture",
+    "black",
+    "gradient",
+    "texture",
 )
 """The token ids of the tiny text encoder, in order (the trained embeddings index this table)."""
 MAX_TOKENS = 12
@@ -39,8 +59,9 @@ def tokenize(prompt: str) -> list[int]:
     """Map a prompt to MAX_TOKENS token ids (padded); raise BadInput for unknown words."""
     words = prompt.lower().split()
     if len(words) > MAX_TOKENS:
-        raise BadInput(f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most "
-                       f"{MAX_TOKENS}")
+        raise BadInput(
+            f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most {MAX_TOKENS}"
+        )
     unknown = list(dict.fromkeys(w for w in words if w not in _INDEX or w == PAD))
     if unknown:
         raise BadInput(

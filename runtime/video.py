@@ -15,5 +15,13 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = 8, scale: int = 8) -> N
     pixels = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if scale > 1:
         pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-    imageio.mimwrite(str(path), list(pixels), fps=fps, codec="libx264", quality=9, macro_block_size=1,
-                     pixelformat="yuv420p", output_params=["-loglevel", "error"])
+    imageio.mimwrite(
+        str(path),
+        list(pixels),
+        fps=fps,
+        codec="libx264",
+        quality=9,
+        macro_block_size=1,
+        pixelformat="yuv420p",
+        output_params=["-loglevel", "error"],
+    )

@@ -26,10 +26,22 @@ from sencache.runtime.manifest import MAX_STEPS
 def _build(args: argparse.Namespace) -> None:
     from sencache.engine_builder.builder import BuildOptions, build
 
-    build(BuildOptions(model=args.model, out=args.out, weights=args.weights, backend=args.backend,
-                       precision=args.precision, frames=args.frames, height=args.height, width=args.width,
-                       max_batch=args.max_batch, compute_capability=args.compute_capability,
-                       fp8_samples=args.fp8_samples, fp8_prompts=_fp8_prompts(args.fp8_prompts)))
+    build(
+        BuildOptions(
+            model=args.model,
+            out=args.out,
+            weights=args.weights,
+            backend=args.backend,
+            precision=args.precision,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            max_batch=args.max_batch,
+            compute_capability=args.compute_capability,
+            fp8_samples=args.fp8_samples,
+            fp8_prompts=_fp8_prompts(args.fp8_prompts),
+        )
+    )
 
 
 def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
@@ -47,8 +59,9 @@ def _calibrate(args: argparse.Namespace) -> None:
     if args.import_npz and args.from_bundle:
         raise BadInput("give --import-npz or --from-bundle, not both")
     if (args.import_npz or args.from_bundle) and (args.prompts or args.prompt):
-        raise BadInput("--prompts and --prompt choose what calibration measures on; --import-npz and --from-bundle "
-                       "measure nothing")
+        raise BadInput(
+            "--prompts and --prompt choose what calibration measures on; --import-npz and --from-bundle measure nothing"
+        )
     bundle = Bundle.load(args.engine)
     if args.from_bundle:
         table = bundle.adopt_tables(Bundle.load(args.from_bundle))
@@ -67,9 +80,14 @@ def _calibrate(args: argparse.Namespace) -> None:
     result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
     table = result.sensitivity
     bundle.write_tables(table, result.baselines)
-    print(f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {table.meta['samples']} samples, "
-          f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}")
-    print(f"wrote {bundle.baselines_path}: TeaCache polynomial, MagCache ratios for {len(result.baselines.magcache_ratios)} steps")
+    print(
+        f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {table.meta['samples']} samples, "
+        f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}"
+    )
+    print(
+        f"wrote {bundle.baselines_path}: TeaCache polynomial, "
+        f"MagCache ratios for {len(result.baselines.magcache_ratios)} steps"
+    )
 
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -101,12 +119,20 @@ def _generate(args: argparse.Namespace) -> None:
     check_replaceable(args.out, RUN)
     bundle = Bundle.load(args.engine)
     if not bundle.manifest.trained:
-        print(f"warning: {bundle.manifest.model} is UNTRAINED (random weights): its videos are noise; "
-              f"it exists for export and parity checks", file=sys.stderr)
+        print(
+            f"warning: {bundle.manifest.model} is UNTRAINED (random weights): its videos are noise; "
+            f"it exists for export and parity checks",
+            file=sys.stderr,
+        )
     defaults = bundle.manifest.defaults
     seeds = args.seed or [0]
-    request = Request(args.prompt or [], seeds, defaults.steps if args.steps is None else args.steps,
-                      defaults.guidance if args.guidance is None else args.guidance, dynamic_cfg=args.dynamic_cfg)
+    request = Request(
+        args.prompt or [],
+        seeds,
+        defaults.steps if args.steps is None else args.steps,
+        defaults.guidance if args.guidance is None else args.guidance,
+        dynamic_cfg=args.dynamic_cfg,
+    )
     engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
     knobs = {name: getattr(args, name) for name in KNOBS}
@@ -117,10 +143,15 @@ def _generate(args: argparse.Namespace) -> None:
         frames = engine.decode(result.latents)
         document = write_run(folder, engine, request, policy, result, frames, time.perf_counter() - started)
     for sample in document["samples"]:
-        print(f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} -> {args.out / sample['video']}")
+        print(
+            f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} "
+            f"-> {args.out / sample['video']}"
+        )
     timing = document["timing"]
-    print(f"denoise {timing['denoise_s']:.2f} s ({timing['per_step_s'] * 1000:.1f} ms/step), "
-          f"decisions {timing['decision_s'] * 1000:.2f} ms, total {timing['total_s']:.2f} s")
+    print(
+        f"denoise {timing['denoise_s']:.2f} s ({timing['per_step_s'] * 1000:.1f} ms/step), "
+        f"decisions {timing['decision_s'] * 1000:.2f} ms, total {timing['total_s']:.2f} s"
+    )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
@@ -142,13 +173,18 @@ def _bench(args: argparse.Namespace) -> None:
     if not 1 <= steps <= MAX_STEPS:
         raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {steps}")
     default = [m for m in SWEEPS if bundle.manifest.family == "wan" or m not in PEERS]
-    plan = BenchPlan(methods=tuple(args.methods or default), prompts=tuple(prompts), seeds=tuple(seeds),
-                     steps=steps, guidance=defaults.guidance, quick=args.quick)
+    plan = BenchPlan(
+        methods=tuple(args.methods or default),
+        prompts=tuple(prompts),
+        seeds=tuple(seeds),
+        steps=steps,
+        guidance=defaults.guidance,
+        quick=args.quick,
+    )
     engine = Model(bundle, open_backend(bundle, threads=1))
     report = run_bench(engine, plan, args.out)
     print((args.out / "report.md").read_text())
-    print(f"report: {args.out / 'report.json'}, plot: {args.out / 'quality_vs_nfe.png'} "
-          f"({len(report['runs'])} runs)")
+    print(f"report: {args.out / 'report.json'}, plot: {args.out / 'quality_vs_nfe.png'} ({len(report['runs'])} runs)")
 
 
 def _kernels(args: argparse.Namespace) -> None:
@@ -192,9 +228,19 @@ def _demo(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from sencache.serving.app import ServeOptions, serve_forever
 
-    serve_forever(ServeOptions(engine=args.engine, host=args.host, port=args.port, replicas=args.replicas,
-                               max_queue=args.max_queue, batching=args.batching, threads=args.threads,
-                               backend=args.backend, device=args.device))
+    serve_forever(
+        ServeOptions(
+            engine=args.engine,
+            host=args.host,
+            port=args.port,
+            replicas=args.replicas,
+            max_queue=args.max_queue,
+            batching=args.batching,
+            threads=args.threads,
+            backend=args.backend,
+            device=args.device,
+        )
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -202,10 +248,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="export a model's stages into an engine bundle")
-    b.add_argument("--model", required=True,
-                   help="tiny-wan, tiny-cogvideox, tiny-ltx (untrained), wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
-                        "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
-                        "ltx-video-0.9.0")
+    b.add_argument(
+        "--model",
+        required=True,
+        help="tiny-wan, tiny-cogvideox, tiny-ltx (untrained), wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
+        "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
+        "ltx-video-0.9.0",
+    )
     b.add_argument("--weights", type=Path, help="diffusers-format folder with the real weights")
     b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
@@ -214,31 +263,53 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int)
     b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
     b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
-    b.add_argument("--fp8-samples", type=int, default=4,
-                   help="with --precision fp8: uncached trajectories that calibrate the quantizer")
-    b.add_argument("--fp8-prompts", type=Path,
-                   help="with --precision fp8: their prompts, one per line, taken in turn (default: the model's "
-                        "calibration prompts, as for `sencache calibrate`)")
+    b.add_argument(
+        "--fp8-samples",
+        type=int,
+        default=4,
+        help="with --precision fp8: uncached trajectories that calibrate the quantizer",
+    )
+    b.add_argument(
+        "--fp8-prompts",
+        type=Path,
+        help="with --precision fp8: their prompts, one per line, taken in turn (default: the model's "
+        "calibration prompts, as for `sencache calibrate`)",
+    )
     b.add_argument("--out", type=Path, required=True)
     b.set_defaults(func=_build)
 
     c = sub.add_parser("calibrate", help="measure the sensitivity table of a bundle")
     c.add_argument("--engine", type=Path, required=True)
-    c.add_argument("--samples", type=int,
-                   help="trajectories, the prompts taken in turn (default: one per prompt given, else 8)")
-    c.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: the model's own: the "
-                                                "tiny grammar for tiny bundles, built-in video prompts for real models)")
+    c.add_argument(
+        "--samples", type=int, help="trajectories, the prompts taken in turn (default: one per prompt given, else 8)"
+    )
+    c.add_argument(
+        "--prompts",
+        type=Path,
+        help="calibration prompts, one per line (default: the model's own: the "
+        "tiny grammar for tiny bundles, built-in video prompts for real models)",
+    )
     c.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; after those of --prompts)")
-    c.add_argument("--allow-tiny-vocabulary", action="store_true",
-                   help="calibrate a real model on prompts that are all in the tiny models' vocabulary")
+    c.add_argument(
+        "--allow-tiny-vocabulary",
+        action="store_true",
+        help="calibrate a real model on prompts that are all in the tiny models' vocabulary",
+    )
     c.add_argument("--steps", type=int)
     c.add_argument("--seed", type=int, default=1000)
-    c.add_argument("--branch", choices=("guided", "cond"), default="guided",
-                   help="measure Jx, Jt on the guided output (default) or on the conditional branch alone, as "
-                        "the authors' calibration does")
+    c.add_argument(
+        "--branch",
+        choices=("guided", "cond"),
+        default="guided",
+        help="measure Jx, Jt on the guided output (default) or on the conditional branch alone, as "
+        "the authors' calibration does",
+    )
     c.add_argument("--import-npz", type=Path, help="import the authors' .npz table instead of measuring")
-    c.add_argument("--from-bundle", type=Path,
-                   help="take the tables of another build of the same model (an fp8 bundle: its fp32 build's)")
+    c.add_argument(
+        "--from-bundle",
+        type=Path,
+        help="take the tables of another build of the same model (an fp8 bundle: its fp32 build's)",
+    )
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     c.set_defaults(func=_calibrate)
 
@@ -248,12 +319,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, action="append")
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
-    g.add_argument("--dynamic-cfg", action="store_true",
-                   help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
+    g.add_argument(
+        "--dynamic-cfg", action="store_true", help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule"
+    )
     g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
     for knob in KNOBS.values():
-        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, choices=knob.choices or None,
-                       help=knob.help.replace("%", "%%"))
+        g.add_argument(
+            "--" + knob.name.replace("_", "-"),
+            type=knob.type,
+            choices=knob.choices or None,
+            help=knob.help.replace("%", "%%"),
+        )
     g.add_argument("--backend", help="run on this backend (must match the bundle)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
@@ -263,8 +339,12 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("bench", help="sweep SenCache and the baselines; quality against NFE and speed")
     r.add_argument("--engine", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--methods", nargs="+", help="sencache sencache-max fixed fixed-warmup teacache magcache "
-                                                  "diffusers-magcache diffusers-fbc (default: all)")
+    r.add_argument(
+        "--methods",
+        nargs="+",
+        help="sencache sencache-max fixed fixed-warmup teacache magcache "
+        "diffusers-magcache diffusers-fbc (default: all)",
+    )
     r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")
     r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")
     r.add_argument("--samples", type=int, default=16, help="evaluation prompts drawn when --prompts is not given")
@@ -278,10 +358,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--no-cache", action="store_true", help="recompile even if a cached cubin exists")
     k.set_defaults(func=_kernels)
 
-    sub.add_parser("doctor", help="what this machine has: GPU, CUDA, TensorRT, ONNX Runtime, NVRTC").set_defaults(func=_doctor)
+    sub.add_parser("doctor", help="what this machine has: GPU, CUDA, TensorRT, ONNX Runtime, NVRTC").set_defaults(
+        func=_doctor
+    )
 
-    a = sub.add_parser("gpu-acceptance", help="on a CUDA GPU: drift kernel parity, bandwidth, decision latency, "
-                                              "cached vs uncached loop; JSON")
+    a = sub.add_parser(
+        "gpu-acceptance",
+        help="on a CUDA GPU: drift kernel parity, bandwidth, decision latency, cached vs uncached loop; JSON",
+    )
     a.add_argument("--out", type=Path, help="also write the JSON here")
     a.set_defaults(func=_gpu_acceptance)
 
@@ -291,8 +375,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1, help="engine replicas (each one engine; jobs stay on theirs)")
     s.add_argument("--max-queue", type=int, default=64, help="jobs waiting for rows per replica; more get 429")
-    s.add_argument("--batching", choices=("step", "static"), default="step",
-                   help="step: jobs join at any step boundary; static: a batch runs to completion before the next")
+    s.add_argument(
+        "--batching",
+        choices=("step", "static"),
+        default="step",
+        help="step: jobs join at any step boundary; static: a batch runs to completion before the next",
+    )
     s.add_argument("--threads", type=int, default=1, help="CPU threads per replica (0: all)")
     s.add_argument("--backend", default="auto", help="run on this backend (must match the bundle)")
     s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per replica)")
@@ -315,8 +403,20 @@ def _signalled(signum: int, frame: object) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
-                      errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE, errno.ENFILE, errno.EBUSY}
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ELOOP,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EBUSY,
+}
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -328,8 +428,10 @@ def _crash_log(command: str) -> Path:
     """Write the current exception's traceback to a log file and return its path."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = f"sencache {command} ({' '.join(sys.argv)})\n{traceback.format_exc()}"
-    for folder in (Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sencache",
-                   Path(tempfile.gettempdir())):
+    for folder in (
+        Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sencache",
+        Path(tempfile.gettempdir()),
+    ):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"sencache-crash-{stamp}-{os.getpid()}.log"
@@ -349,8 +451,14 @@ class _Parser(argparse.ArgumentParser):
     def flag(self, param: str | None) -> str | None:
         """The option of this command that sets `param` (its dest), e.g. --eps-main for eps_main;
         None when it has none (the error then names the parameter as the runtime does)."""
-        return next((action.option_strings[0] for action in self._actions
-                     if param is not None and action.dest == param and action.option_strings), None)
+        return next(
+            (
+                action.option_strings[0]
+                for action in self._actions
+                if param is not None and action.dest == param and action.option_strings
+            ),
+            None,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sencache {args.command}: error: {_one_line(e.worded(args.flag(e.param)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"sencache {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing "
-              f"was left half-written", file=sys.stderr)
+        print(
+            f"sencache {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing "
+            f"was left half-written",
+            file=sys.stderr,
+        )
         return 130
     except MemoryError:
         print(f"sencache {args.command}: error: out of memory; use fewer samples or a smaller bundle", file=sys.stderr)

@@ -70,10 +70,14 @@ def run_demo(out: Path, threads: int = 1) -> None:
     print(f"\n{'prompt':56s} {'NFE':>6s} {'PSNR dB':>8s}  decisions (R run, . reuse)")
     for i, prompt in enumerate(prompts):
         pattern = "".join("R" if d == "run" else "." for d in cached[0].decisions[i])
-        print(f"{prompt:56s} {cached[0].nfe[i]:2d}/{request.steps:<3d} {psnr(cached[1][i], base[1][i]):8.2f}  {pattern}")
+        print(
+            f"{prompt:56s} {cached[0].nfe[i]:2d}/{request.steps:<3d} {psnr(cached[1][i], base[1][i]):8.2f}  {pattern}"
+        )
     t_base, t_cached = base[0].timing["denoise_s"], cached[0].timing["denoise_s"]
     ideal = request.steps * batch / sum(cached[0].nfe)
-    print(f"\ndenoise: uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
-          f"SenCache {t_cached:.2f} s -> speed-up {t_base / t_cached:.2f}x (steps/NFE {ideal:.2f}x); "
-          f"decisions {cached[0].timing['decision_s'] * 1000:.2f} ms in all")
+    print(
+        f"\ndenoise: uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
+        f"SenCache {t_cached:.2f} s -> speed-up {t_base / t_cached:.2f}x (steps/NFE {ideal:.2f}x); "
+        f"decisions {cached[0].timing['decision_s'] * 1000:.2f} ms in all"
+    )
     print(f"videos and stats: {out / 'none'} and {out / 'sencache'}")

@@ -29,8 +29,12 @@ def _gpus() -> tuple[list[str], str | None]:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return [], None
-    done = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                          capture_output=True, text=True, timeout=20)
+    done = subprocess.run(
+        [smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     if done.returncode != 0:
         return [], None
     rows = [line.strip() for line in done.stdout.splitlines() if line.strip()]
@@ -60,7 +64,8 @@ def report() -> dict[str, Any]:
     modelopt = _version("nvidia-modelopt") if _importable("modelopt") else None
     fp8 = ["fp8"] if modelopt else []
     return {
-        "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}",
         "gpus": gpus or ["none"],
         "driver": driver,
         "torch": f"{torch.__version__} (CUDA {'available' if cuda_torch else 'not available'})",
@@ -73,19 +78,32 @@ def report() -> dict[str, Any]:
         "build": {
             "onnxruntime": ["fp32", "fp16", *fp8],
             "torch": ["fp32", "fp16"],
-            "tensorrt": (["fp32", "fp16", "bf16", *fp8] if gpus else "needs a GPU to build for") if trt
+            "tensorrt": (["fp32", "fp16", "bf16", *fp8] if gpus else "needs a GPU to build for")
+            if trt
             else "not installed: pip install 'sencache[tensorrt]' (NVIDIA's index)",
-            "tensorrt-rtx": ["fp32", "fp16", "bf16", *fp8, "targets SM75 SM80 SM86 SM89 SM120 SM121 (no SM90) by --compute-capability, no GPU needed"]
-            if trt_rtx else "not installed: pip install 'sencache[tensorrt-rtx]'",
+            "tensorrt-rtx": [
+                "fp32",
+                "fp16",
+                "bf16",
+                *fp8,
+                "targets SM75 SM80 SM86 SM89 SM120 SM121 (no SM90) by --compute-capability, no GPU needed",
+            ]
+            if trt_rtx
+            else "not installed: pip install 'sencache[tensorrt-rtx]'",
         },
         "run": {
             "onnxruntime": "CUDA EP" if "CUDAExecutionProvider" in providers else "CPU EP",
             "torch": "CUDA (generate --device cuda), device-resident loop" if cuda_torch else "CPU",
-            "tensorrt": ("stage engines and the device-resident loop on the GPU (unproven on hardware in CI)"
-                         if cuda_torch and (trt or trt_rtx) else
-                         "needs an NVIDIA GPU, a CUDA build of torch and TensorRT / TensorRT-RTX"),
-            "drift kernel": ("compile only (no GPU)" if not gpus else "compile; GPU launch by `sencache gpu-acceptance`")
-            if _nvrtc() else "unavailable: pip install 'sencache[cuda]'",
+            "tensorrt": (
+                "stage engines and the device-resident loop on the GPU (unproven on hardware in CI)"
+                if cuda_torch and (trt or trt_rtx)
+                else "needs an NVIDIA GPU, a CUDA build of torch and TensorRT / TensorRT-RTX"
+            ),
+            "drift kernel": (
+                "compile only (no GPU)" if not gpus else "compile; GPU launch by `sencache gpu-acceptance`"
+            )
+            if _nvrtc()
+            else "unavailable: pip install 'sencache[cuda]'",
         },
     }
 

@@ -88,8 +88,12 @@ def kernel_checks(rng: np.random.Generator) -> dict[str, Any]:
         for pointer in (dx, da):
             driver.cuMemFree(pointer)
         drift.close()
-    return {"latent_per_sample": list(WAN_LATENT), "samples": SAMPLES,
-            "peak_GBps": None if peak is None else peak / 1e9, "dtypes": results}
+    return {
+        "latent_per_sample": list(WAN_LATENT),
+        "samples": SAMPLES,
+        "peak_GBps": None if peak is None else peak / 1e9,
+        "dtypes": results,
+    }
 
 
 def _as64(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -117,8 +121,11 @@ def decision_latency(rng: np.random.Generator, steps: int = 200) -> dict[str, fl
         policy.decide(i, 1000.0 - 5 * i, drift.result(), None)
         times.append(time.perf_counter() - tick)
     drift.close()
-    return {"median_us": float(np.median(times) * 1e6), "p90_us": float(np.percentile(times, 90) * 1e6),
-            "host_syncs_per_step": 1}
+    return {
+        "median_us": float(np.median(times) * 1e6),
+        "p90_us": float(np.percentile(times, 90) * 1e6),
+        "host_syncs_per_step": 1,
+    }
 
 
 def loop_backend(arch: str) -> tuple[str, str | None]:
@@ -155,32 +162,61 @@ def cached_loop(arch: str) -> dict[str, Any]:
         return {"skipped": "this torch has no CUDA"}
     backend, target = loop_backend(arch)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Bundle.load(build(BuildOptions(model="tiny-wan", out=Path(tmp) / "b", backend=backend,
-                                                compute_capability=target), log=lambda _: None))
+        bundle = Bundle.load(
+            build(
+                BuildOptions(model="tiny-wan", out=Path(tmp) / "b", backend=backend, compute_capability=target),
+                log=lambda _: None,
+            )
+        )
         engine = Model(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
         bundle.write_tables(calibrate(engine, CalibrationPlan(samples=4), show_progress=False).sensitivity)
-        request = Request(["one large white circle static on black", "two small red squares moving left fast on texture",
-                           "three small green circles moving up slow on gradient",
-                           "one large blue square moving right fast on black"], [1, 2, 3, 4], 30, 4.0)
+        request = Request(
+            [
+                "one large white circle static on black",
+                "two small red squares moving left fast on texture",
+                "three small green circles moving up slow on gradient",
+                "one large blue square moving right fast on black",
+            ],
+            [1, 2, 3, 4],
+            30,
+            4.0,
+        )
         report: dict[str, Any] = {"backend": engine.backend.describe()}
         for method in ("none", "sencache", "none", "sencache"):  # second round is the one reported (warm)
-            result, syncs = counting_syncs(lambda method=method: engine.generate(request, engine.policy(method, 30, 4, {})))
-            report[method] = {"denoise_s": result.timing["denoise_s"], "decision_s": result.timing["decision_s"],
-                              "nfe": float(np.mean(result.nfe)), "torch_syncs": syncs}
+            result, syncs = counting_syncs(
+                lambda method=method: engine.generate(request, engine.policy(method, 30, 4, {}))
+            )
+            report[method] = {
+                "denoise_s": result.timing["denoise_s"],
+                "decision_s": result.timing["decision_s"],
+                "nfe": float(np.mean(result.nfe)),
+                "torch_syncs": syncs,
+            }
         report["speedup"] = report["none"]["denoise_s"] / report["sencache"]["denoise_s"]
-        ltx = Bundle.load(build(BuildOptions(model="tiny-ltx", out=Path(tmp) / "ltx", backend=backend,
-                                             compute_capability=target), log=lambda _: None))
+        ltx = Bundle.load(
+            build(
+                BuildOptions(model="tiny-ltx", out=Path(tmp) / "ltx", backend=backend, compute_capability=target),
+                log=lambda _: None,
+            )
+        )
         engine = Model(ltx, open_backend(ltx, device="cuda" if backend == "torch" else "cpu"))
         ltx.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
         knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
         report["flow_euler_syncs"] = {
-            steps: counting_syncs(lambda steps=steps: engine.generate(Request(request.prompts[:2], [1, 2], steps, 4.0),
-                                                           engine.policy("sencache", steps, 2, knobs)))[1]
-            for steps in (6, 20)}
-    report["note"] = ("torch_syncs: synchronizing calls PyTorch saw in one whole generate (tiny-wan, UniPC solver "
-                      "with its scalars computed on the host), the final copy of the latents included; flow_euler_syncs: the same for tiny-ltx (flow-matching Euler, sync-free "
-                      "step) at 6 and 20 steps, equal when the loop itself never syncs. The drift kernel's one event "
-                      "wait per step goes through the CUDA driver and is in neither count")
+            steps: counting_syncs(
+                lambda steps=steps: engine.generate(
+                    Request(request.prompts[:2], [1, 2], steps, 4.0), engine.policy("sencache", steps, 2, knobs)
+                )
+            )[1]
+            for steps in (6, 20)
+        }
+    report["note"] = (
+        "torch_syncs: synchronizing calls PyTorch saw in one whole generate (tiny-wan, UniPC solver "
+        "with its scalars computed on the host), the final copy of the latents included; flow_euler_syncs: "
+        "the same for tiny-ltx (flow-matching Euler, sync-free "
+        "step) at 6 and 20 steps, equal when the loop itself never syncs. The drift kernel's one event "
+        "wait per step goes through the CUDA driver and is in neither count"
+    )
     return report
 
 
@@ -205,8 +241,14 @@ def run(out: Path | None = None) -> dict[str, Any]:
     device = open_device()
     driver = _driver()
     version = _ok(driver.cuDriverGetVersion(), "cuDriverGetVersion")
-    report = {"device": device.name, "arch": device.arch, "driver": version,
-              "kernel": kernel_checks(rng), "decision": decision_latency(rng), "loop": cached_loop(device.arch)}
+    report = {
+        "device": device.name,
+        "arch": device.arch,
+        "driver": version,
+        "kernel": kernel_checks(rng),
+        "decision": decision_latency(rng),
+        "loop": cached_loop(device.arch),
+    }
     report["targets"] = {
         "bandwidth_80pct": all((r["fraction_of_peak"] or 0) >= 0.8 for r in report["kernel"]["dtypes"].values()),
         "decision_50us": report["decision"]["median_us"] <= 50.0,
@@ -216,4 +258,3 @@ def run(out: Path | None = None) -> dict[str, Any]:
     if out is not None:
         Path(out).write_text(text)
     return report
-

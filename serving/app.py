@@ -12,7 +12,6 @@ GET /v1/videos/{id}/content, DELETE /v1/videos/{id}, GET /metrics, GET /healthz;
 document is at /openapi.json and the docs at /docs.
 """
 
-
 import asyncio
 import itertools
 import signal
@@ -73,12 +72,14 @@ def _response(reply: Reply) -> Response:
 class EngineReplica:
     """One engine (one bundle on one device) and its jobs, as a Ray Serve replica."""
 
-    def __init__(self, engine_dir: str, slot: int, max_queue: int, batching: Batching, threads: int,
-                 backend: str, device: str) -> None:
+    def __init__(
+        self, engine_dir: str, slot: int, max_queue: int, batching: Batching, threads: int, backend: str, device: str
+    ) -> None:
         engine = sencache.Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads)
         manifest = engine.model.bundle.manifest
-        self.service = VideoService(engine, model=manifest.model, defaults=manifest.defaults, slot=slot,
-                                    max_queue=max_queue, batching=batching)
+        self.service = VideoService(
+            engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue, batching=batching
+        )
 
     async def submit(self, body: dict[str, Any]) -> Reply:
         request = VideoRequest.model_validate(body)
@@ -140,7 +141,7 @@ api = FastAPI(
     title="sencache video API",
     version=sencache.__version__,
     description="Text-to-video generation on the SenCache step-level engine, in the shape of OpenAI's Videos API. "
-                "Jobs at different denoising steps share every engine pass, each with its own cache.",
+    "Jobs at different denoising steps share every engine pass, each with its own cache.",
 )
 _ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 
@@ -181,8 +182,11 @@ class VideoAPI:
                 self.registry.add.remote(reply.body)
             return _response(reply)
         if waits:
-            return _response(_error(429, f"every replica's queue is full; retry after {min(waits)} s",
-                                    {"Retry-After": str(min(waits))}))
+            return _response(
+                _error(
+                    429, f"every replica's queue is full; retry after {min(waits)} s", {"Retry-After": str(min(waits))}
+                )
+            )
         return _response(_error(503, "no engine replica is up"))
 
     @api.get("/v1/videos/{video_id}", response_model=VideoJob, responses=_ERRORS, summary="A video job's status")
@@ -195,12 +199,18 @@ class VideoAPI:
         """Cancel a queued or running job; its rows are free at the next step. An ended job is left as it is."""
         return await self._route(video_id, "cancel")
 
-    @api.get("/v1/videos/{video_id}/content", responses={200: {"content": {"video/mp4": {}}}, 409: {"model": ErrorBody},
-                                                          **_ERRORS}, summary="A completed video")
-    async def content(self, video_id: str,
-                      variant: Literal["video", "frames"] = Query(
-                          "video", description="video: MP4 (H.264); frames: float32 [T, H, W, 3] in [0, 1] as .npy"),
-                      ) -> Response:
+    @api.get(
+        "/v1/videos/{video_id}/content",
+        responses={200: {"content": {"video/mp4": {}}}, 409: {"model": ErrorBody}, **_ERRORS},
+        summary="A completed video",
+    )
+    async def content(
+        self,
+        video_id: str,
+        variant: Literal["video", "frames"] = Query(
+            "video", description="video: MP4 (H.264); frames: float32 [T, H, W, 3] in [0, 1] as .npy"
+        ),
+    ) -> Response:
         """The MP4 of a completed job, or its raw frames; 409 while it is not completed."""
         return await self._route(video_id, "content", variant)
 
@@ -230,8 +240,7 @@ class VideoAPI:
         if slot is None:
             return _response(_error(404, f"no video {video_id!r}"))
         try:
-            reply = await asyncio.wait_for(getattr(self.replicas[slot], method).remote(video_id, *args),
-                                           CALL_TIMEOUT_S)
+            reply = await asyncio.wait_for(getattr(self.replicas[slot], method).remote(video_id, *args), CALL_TIMEOUT_S)
         except _REPLICA_GONE as e:
             reply = None
             gone = f"its engine replica died ({type(e).__name__})"
@@ -276,12 +285,25 @@ class ServeOptions:
 def application(options: ServeOptions) -> serve.Application:
     """The Serve application: one engine deployment per replica slot behind the ingress."""
     resources = {"num_gpus": 1} if options.device.startswith("cuda") else {"num_cpus": max(1, options.threads)}
-    replica = serve.deployment(EngineReplica, ray_actor_options=resources, max_ongoing_requests=256,
-                               health_check_period_s=2, health_check_timeout_s=30)
-    replicas = [replica.options(name=f"engine-{slot}").bind(str(options.engine.resolve()), slot, options.max_queue,
-                                                            options.batching, options.threads, options.backend,
-                                                            options.device)
-                for slot in range(options.replicas)]
+    replica = serve.deployment(
+        EngineReplica,
+        ray_actor_options=resources,
+        max_ongoing_requests=256,
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+    )
+    replicas = [
+        replica.options(name=f"engine-{slot}").bind(
+            str(options.engine.resolve()),
+            slot,
+            options.max_queue,
+            options.batching,
+            options.threads,
+            options.backend,
+            options.device,
+        )
+        for slot in range(options.replicas)
+    ]
     return VideoAPI.bind(replicas)
 
 
@@ -290,8 +312,14 @@ def start(options: ServeOptions, num_cpus: int | None = None) -> None:
     returns once every replica is up."""
     options.check()
     if not ray.is_initialized():
-        ray.init(address="local", namespace=APP_NAME, include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local",
+            namespace=APP_NAME,
+            include_dashboard=False,
+            num_cpus=num_cpus,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(application(options), name=APP_NAME, route_prefix="/", blocking=False)
 
@@ -305,8 +333,11 @@ def stop() -> None:
 def serve_forever(options: ServeOptions) -> None:
     """`sencache serve`: run until SIGINT or SIGTERM, then shut down."""
     start(options)
-    print(f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
-          f"{options.batching} batching); API docs at /docs", flush=True)
+    print(
+        f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
+        f"{options.batching} batching); API docs at /docs",
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -24,11 +24,17 @@ _COUNTERS = {
     "nfe_saved_total": "sample steps served from the cache instead of the blocks",
     "row_steps_total": "rows times steps of ended jobs (rows busy per step = this / steps_total)",
 }
-_OUTCOMES = {"submitted": "requests_submitted_total", "finished": "requests_finished_total",
-             "cancelled": "requests_cancelled_total", "failed": "requests_failed_total",
-             "rejected": "requests_rejected_total"}
-_HISTOGRAMS = {"latency_seconds": "sencache_request_latency_seconds",
-               "queue_wait_seconds": "sencache_queue_wait_seconds"}
+_OUTCOMES = {
+    "submitted": "requests_submitted_total",
+    "finished": "requests_finished_total",
+    "cancelled": "requests_cancelled_total",
+    "failed": "requests_failed_total",
+    "rejected": "requests_rejected_total",
+}
+_HISTOGRAMS = {
+    "latency_seconds": "sencache_request_latency_seconds",
+    "queue_wait_seconds": "sencache_queue_wait_seconds",
+}
 
 
 class _Snapshot(Collector):
@@ -51,13 +57,16 @@ class _Snapshot(Collector):
             for slot, stats in live.items():
                 family.add_metric([str(slot)], float(stats[key]))
             yield family
-        rate = GaugeMetricFamily("sencache_steps_per_second", "engine passes per second of stepping",
-                                 labels=["replica"])
-        reuse = GaugeMetricFamily("sencache_reuse_ratio", "share of sample steps served from the cache",
-                                  labels=["replica"])
+        rate = GaugeMetricFamily(
+            "sencache_steps_per_second", "engine passes per second of stepping", labels=["replica"]
+        )
+        reuse = GaugeMetricFamily(
+            "sencache_reuse_ratio", "share of sample steps served from the cache", labels=["replica"]
+        )
         for slot, stats in live.items():
-            rate.add_metric([str(slot)], stats["steps_total"] / stats["step_seconds_total"]
-                            if stats["step_seconds_total"] else 0.0)
+            rate.add_metric(
+                [str(slot)], stats["steps_total"] / stats["step_seconds_total"] if stats["step_seconds_total"] else 0.0
+            )
             evaluated = stats["nfe_run_total"] + stats["nfe_saved_total"]
             reuse.add_metric([str(slot)], stats["nfe_saved_total"] / evaluated if evaluated else 0.0)
         yield rate

@@ -38,12 +38,15 @@ def _knob_field(name: str) -> tuple[Any, Any]:
     bounds: dict[str, float] = {"ge": knob.low}
     if math.isfinite(knob.high):
         bounds["le"] = knob.high
-    return (knob.type | None, Field(None, description=description, allow_inf_nan=False, strict=knob.type is int,
-                                    **bounds))
+    return (
+        knob.type | None,
+        Field(None, description=description, allow_inf_nan=False, strict=knob.type is int, **bounds),
+    )
 
 
-CacheKnobs = create_model("CacheKnobs", __config__=ConfigDict(extra="forbid"),
-                          **{name: _knob_field(name) for name in KNOBS})
+CacheKnobs = create_model(
+    "CacheKnobs", __config__=ConfigDict(extra="forbid"), **{name: _knob_field(name) for name in KNOBS}
+)
 """Every knob of the runtime's table, each optional; unset knobs take the bundle's defaults."""
 
 PRESETS: dict[str, tuple[str, dict[str, float]]] = {
@@ -65,7 +68,8 @@ class CacheSpec(BaseModel):
     method: Method | None = Field(None, description="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     knobs: CacheKnobs = Field(default_factory=CacheKnobs)  # type: ignore[valid-type]
     preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
-        None, description="instead of method and knobs: " + ", ".join(PRESETS))
+        None, description="instead of method and knobs: " + ", ".join(PRESETS)
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> CacheSpec:
@@ -94,15 +98,21 @@ class VideoRequest(BaseModel):
 
     prompt: str | None = Field(None, max_length=10_000, description="the text; or give prompt_embeds")
     prompt_embeds: list[list[float]] | None = Field(
-        None, description="text embeddings [tokens, channels] computed elsewhere, instead of prompt")
+        None, description="text embeddings [tokens, channels] computed elsewhere, instead of prompt"
+    )
     negative_prompt_embeds: list[list[float]] | None = Field(
-        None, description="unconditional embeddings [tokens, channels] for guidance (default: the empty prompt's)")
+        None, description="unconditional embeddings [tokens, channels] for guidance (default: the empty prompt's)"
+    )
     seed: int = Field(0, ge=0, lt=2**63, strict=True, description="the starting noise (and any solver noise)")
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS, strict=True,
-                              description="denoising steps (default: the bundle's)")
-    guidance: float | None = Field(None, ge=0, allow_inf_nan=False,
-                                   description="classifier-free guidance scale; <= 1 runs no unconditional branch "
-                                               "(default: the bundle's)")
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, strict=True, description="denoising steps (default: the bundle's)"
+    )
+    guidance: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale; <= 1 runs no unconditional branch (default: the bundle's)",
+    )
     dynamic_cfg: bool = Field(False, description="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     cache: CacheSpec = Field(default_factory=CacheSpec)
 

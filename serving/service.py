@@ -108,8 +108,17 @@ class _Record:
 class VideoService:
     """The jobs of one engine: submit, status, content, cancel, metrics."""
 
-    def __init__(self, engine: Engine, *, model: str, defaults: Defaults, slot: int = 0, max_queue: int = 64,
-                 batching: Batching = "step", retain: int = 64) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model: str,
+        defaults: Defaults,
+        slot: int = 0,
+        max_queue: int = 64,
+        batching: Batching = "step",
+        retain: int = 64,
+    ) -> None:
         """`engine` is a started `sencache.Engine`; `defaults` the bundle's (steps, guidance, and the
         knobs of each cache method); `slot` tags the ids so a router can send a job's calls back
         here; at most `max_queue` jobs wait for rows (more get QueueFull); the results of the last
@@ -150,17 +159,31 @@ class VideoService:
         steps = self.defaults.steps if request.steps is None else request.steps
         guidance = self.defaults.guidance if request.guidance is None else request.guidance
         method, knobs = request.cache.resolve(self.defaults.cache)
-        kwargs: dict[str, Any] = {"prompt": request.prompt or "", "seed": request.seed, "steps": steps,
-                                  "guidance": guidance, "cache": method, "knobs": knobs,
-                                  "dynamic_cfg": request.dynamic_cfg}
+        kwargs: dict[str, Any] = {
+            "prompt": request.prompt or "",
+            "seed": request.seed,
+            "steps": steps,
+            "guidance": guidance,
+            "cache": method,
+            "knobs": knobs,
+            "dynamic_cfg": request.dynamic_cfg,
+        }
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             value = getattr(request, name)
             if value is not None:
                 kwargs[name] = np.asarray(value, dtype=np.float32)
         rows = 2 if guidance > 1.0 else 1
         now = time.perf_counter()
-        record = _Record(id=f"video_{self.slot}_{uuid.uuid4().hex}", kwargs=kwargs, rows=rows, created=time.time(),
-                         submitted=now, seed=request.seed, cache=method, steps=steps)
+        record = _Record(
+            id=f"video_{self.slot}_{uuid.uuid4().hex}",
+            kwargs=kwargs,
+            rows=rows,
+            created=time.time(),
+            submitted=now,
+            seed=request.seed,
+            cache=method,
+            steps=steps,
+        )
         with self._lock:
             if self._closed:
                 raise QueueFull(0, 1)
@@ -217,13 +240,15 @@ class VideoService:
         """The engine's counters and this service's (rejections, row-steps, latency histograms)."""
         stats = dict(self.engine.stats())
         with self._lock:
-            stats.update({
-                "queue_depth": self._waiting(),
-                "requests_rejected_total": self._rejected,
-                "row_steps_total": self._row_steps,
-                "latency_seconds": self._latency.snapshot(),
-                "queue_wait_seconds": self._queue_wait.snapshot(),
-            })
+            stats.update(
+                {
+                    "queue_depth": self._waiting(),
+                    "requests_rejected_total": self._rejected,
+                    "row_steps_total": self._row_steps,
+                    "latency_seconds": self._latency.snapshot(),
+                    "queue_wait_seconds": self._queue_wait.snapshot(),
+                }
+            )
         return stats
 
     def close(self) -> None:
@@ -252,8 +277,11 @@ class VideoService:
         """Seconds until rows are likely free: the fewest steps left of a running job at the mean step time."""
         stats = self.engine.stats()
         step_s = stats["step_seconds_total"] / stats["steps_total"] if stats["steps_total"] else 1.0
-        left = [r.steps - r.job.progress.step for r in self._jobs.values()
-                if r.job is not None and r.completed_at is None and r.job.progress.state == "running"]
+        left = [
+            r.steps - r.job.progress.step
+            for r in self._jobs.values()
+            if r.job is not None and r.completed_at is None and r.job.progress.state == "running"
+        ]
         return max(1, math.ceil(step_s * (min(left) if left else 1)))
 
     def _describe(self, record: _Record) -> VideoJob:
@@ -262,14 +290,27 @@ class VideoService:
             step, nfe, state = progress.step, progress.nfe, progress.state
         else:
             step, nfe, state = 0, 0, record.state
-        status = record.state if record.completed_at is not None else \
-            {"queued": "queued", "running": "in_progress"}.get(state, "in_progress")
-        return VideoJob(id=record.id, status=status, progress=int(100 * step / record.steps), step=step,
-                        steps=record.steps, nfe=nfe, created_at=int(record.created),
-                        completed_at=None if record.completed_at is None else int(record.completed_at),
-                        model=self.model, seed=record.seed, cache=record.cache, latency_s=record.latency_s,
-                        queue_wait_s=record.queue_wait_s,
-                        error=None if record.error is None else {"message": record.error})
+        status = (
+            record.state
+            if record.completed_at is not None
+            else {"queued": "queued", "running": "in_progress"}.get(state, "in_progress")
+        )
+        return VideoJob(
+            id=record.id,
+            status=status,
+            progress=int(100 * step / record.steps),
+            step=step,
+            steps=record.steps,
+            nfe=nfe,
+            created_at=int(record.created),
+            completed_at=None if record.completed_at is None else int(record.completed_at),
+            model=self.model,
+            seed=record.seed,
+            cache=record.cache,
+            latency_s=record.latency_s,
+            queue_wait_s=record.queue_wait_s,
+            error=None if record.error is None else {"message": record.error},
+        )
 
     def _check(self, kwargs: dict[str, Any], rows: int) -> None:
         """Static batching holds a job before the engine sees it: refuse now what the engine's
@@ -277,9 +318,15 @@ class VideoService:
         model = self.engine.model
         embeds = kwargs.get("prompt_embeds")
         negative = kwargs.get("negative_prompt_embeds")
-        request = Request([kwargs["prompt"]], [kwargs["seed"]], kwargs["steps"], kwargs["guidance"],
-                          None if embeds is None else embeds[None], None if negative is None else negative[None],
-                          dynamic_cfg=kwargs["dynamic_cfg"])
+        request = Request(
+            [kwargs["prompt"]],
+            [kwargs["seed"]],
+            kwargs["steps"],
+            kwargs["guidance"],
+            None if embeds is None else embeds[None],
+            None if negative is None else negative[None],
+            dynamic_cfg=kwargs["dynamic_cfg"],
+        )
         model.policy(kwargs["cache"], request.steps, 1, kwargs["knobs"])
         if rows > self.max_rows:
             raise BadInput(f"one sample needs {rows} rows; the bundle runs at most {self.max_rows}")

@@ -20,7 +20,15 @@ from sencache.runtime.model import Model
 torch.set_num_threads(1)
 
 
-BUILDS = {"ort_bundle", "torch_bundle", "cogvideox_bundle", "ltx_bundle", "calibrated_bundle", "fp8_bundle", "real_like"}
+BUILDS = {
+    "ort_bundle",
+    "torch_bundle",
+    "cogvideox_bundle",
+    "ltx_bundle",
+    "calibrated_bundle",
+    "fp8_bundle",
+    "real_like",
+}
 """Fixtures that build (and calibrate) bundles: a test that needs one, directly or through another
 fixture, is `slow`, so `pytest -m "not slow"` is the fast lane of pure and small tests."""
 

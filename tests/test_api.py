@@ -34,8 +34,10 @@ def solo_frames(bundle, seed: int, steps: int, guidance: float, cache: str, knob
 
 def test_import_sencache_does_not_load_the_engine():
     code = "import sys, sencache; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == \
-        ["False", "False"]
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
+        "False",
+        "False",
+    ]
 
 
 def test_generate_returns_frames_and_stats(engine, calibrated_bundle):
@@ -52,14 +54,17 @@ def test_generate_returns_frames_and_stats(engine, calibrated_bundle):
 
 
 def test_jobs_from_many_threads_share_passes_and_equal_their_solo_runs(engine, calibrated_bundle):
-    settings = [(seed, 3 + seed % 4, [1.0, 4.0, 6.0][seed % 3], ["sencache", "none", "fixed", "teacache"][seed % 4])
-                for seed in range(8)]
+    settings = [
+        (seed, 3 + seed % 4, [1.0, 4.0, 6.0][seed % 3], ["sencache", "none", "fixed", "teacache"][seed % 4])
+        for seed in range(8)
+    ]
     knobs = {"sencache": {"eps_main": 0.3}, "none": {}, "fixed": {"interval": 2}, "teacache": {"threshold": 0.3}}
     jobs: dict[int, sencache.Job] = {}
 
     def submit(seed: int, steps: int, guidance: float, cache: str) -> None:
-        jobs[seed] = engine.submit(prompt=PROMPT, seed=seed, steps=steps, guidance=guidance, cache=cache,
-                                   knobs=knobs[cache])
+        jobs[seed] = engine.submit(
+            prompt=PROMPT, seed=seed, steps=steps, guidance=guidance, cache=cache, knobs=knobs[cache]
+        )
 
     threads = [threading.Thread(target=submit, args=s) for s in settings]
     for thread in threads:
@@ -93,22 +98,25 @@ def test_cancel_and_timeout(engine):
     assert engine.stats()["requests_cancelled_total"] == 1
 
 
-@pytest.mark.parametrize("kwargs,message,param", [
-    ({"steps": 0}, "steps must be in [1, 1000], got 0", "steps"),
-    ({"steps": 2.5}, "steps must be in [1, 1000]", "steps"),
-    ({"seed": -1}, "seed must be", "seed"),
-    ({"guidance": float("inf")}, "guidance must be", "guidance"),
-    ({"prompt": 7}, "prompt must be text", "prompt"),
-    ({"cache": "deepcache"}, "unknown cache method 'deepcache'", None),
-    ({"cache": 3}, "cache must be the name of a method", "cache"),
-    ({"knobs": [1]}, "knobs must be a mapping", "knobs"),
-    ({"knobs": {"eps_main": -1.0}}, "eps_main must be a number in [0, inf]", "eps_main"),
-    ({"knobs": {"max_reuse": 1.5}}, "max_reuse must be an integer", "max_reuse"),
-    ({"knobs": {"interval": 2}}, "interval does not apply to cache 'sencache'", "interval"),
-    ({"knobs": {"speed": 2}}, "unknown cache knob 'speed'", None),
-    ({"prompt_embeds": [[0.0]]}, "prompt_embeds must be a NumPy array", "prompt_embeds"),
-    ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "text embeddings of shape [3, 4]", None),
-])
+@pytest.mark.parametrize(
+    "kwargs,message,param",
+    [
+        ({"steps": 0}, "steps must be in [1, 1000], got 0", "steps"),
+        ({"steps": 2.5}, "steps must be in [1, 1000]", "steps"),
+        ({"seed": -1}, "seed must be", "seed"),
+        ({"guidance": float("inf")}, "guidance must be", "guidance"),
+        ({"prompt": 7}, "prompt must be text", "prompt"),
+        ({"cache": "deepcache"}, "unknown cache method 'deepcache'", None),
+        ({"cache": 3}, "cache must be the name of a method", "cache"),
+        ({"knobs": [1]}, "knobs must be a mapping", "knobs"),
+        ({"knobs": {"eps_main": -1.0}}, "eps_main must be a number in [0, inf]", "eps_main"),
+        ({"knobs": {"max_reuse": 1.5}}, "max_reuse must be an integer", "max_reuse"),
+        ({"knobs": {"interval": 2}}, "interval does not apply to cache 'sencache'", "interval"),
+        ({"knobs": {"speed": 2}}, "unknown cache knob 'speed'", None),
+        ({"prompt_embeds": [[0.0]]}, "prompt_embeds must be a NumPy array", "prompt_embeds"),
+        ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "text embeddings of shape [3, 4]", None),
+    ],
+)
 def test_bad_requests_are_refused_before_queueing(engine, kwargs, message, param):
     """The Python API raises the runtime's BadInput as it is: the parameter's own name, no flag."""
     with pytest.raises(BadInput) as error:

@@ -75,8 +75,12 @@ def test_bad_knobs():
 def test_tables_round_trip_and_reject_corruption():
     tables = BaselineTables((1.0, -2.0, 0.5), (1.0, 0.99, 0.98), {"model": "tiny-wan"})
     assert BaselineTables.parse(tables.to_bytes(), "b.json") == tables
-    for corrupt in ('{"format": "sencache-baselines/1", "teacache": {}}', "[]", "not json",
-                    '{"format": "sencache-baselines/1", "teacache": {"coefficients": [true]}, "magcache": null}'):
+    for corrupt in (
+        '{"format": "sencache-baselines/1", "teacache": {}}',
+        "[]",
+        "not json",
+        '{"format": "sencache-baselines/1", "teacache": {"coefficients": [true]}, "magcache": null}',
+    ):
         with pytest.raises(BadInput, match="corrupt baseline tables b.json"):
             BaselineTables.parse(corrupt.encode(), "b.json")
 

@@ -35,14 +35,20 @@ def test_envelope_keeps_only_points_no_cheaper_run_beats():
 
 
 def _runs(method, nfes, offset):
-    return [{"method": method, "nfe": [n] * 4, "psnr": [n + offset + d for d in (0.1, -0.1, 0.05, -0.05)]}
-            for n in nfes]
+    return [
+        {"method": method, "nfe": [n] * 4, "psnr": [n + offset + d for d in (0.1, -0.1, 0.05, -0.05)]} for n in nfes
+    ]
 
 
 def test_matched_comparison_finds_win_and_tie():
-    runs = _runs("sencache", [10, 14, 18], 3.0) + _runs("fixed", [10, 15, 20], 0.0) + _runs("magcache", [10, 14, 18], 3.0)
+    runs = (
+        _runs("sencache", [10, 14, 18], 3.0) + _runs("fixed", [10, 15, 20], 0.0) + _runs("magcache", [10, 14, 18], 3.0)
+    )
     result = compare_at_matched_nfe(runs, 20)
-    assert all(p["verdict"] == "win" and p["psnr_diff_db"] == pytest.approx(3.0) for p in result["baselines"]["fixed"]["points"])
+    assert all(
+        p["verdict"] == "win" and p["psnr_diff_db"] == pytest.approx(3.0)
+        for p in result["baselines"]["fixed"]["points"]
+    )
     assert all(p["verdict"] == "tie" for p in result["baselines"]["magcache"]["points"])
 
 
@@ -57,8 +63,14 @@ def test_evaluation_set_rejects_bad_input(tmp_path):
 def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path):
     engine = engine_for(calibrated_bundle)
     prompts, seeds = evaluation_set(3, None, None)
-    plan = BenchPlan(methods=("sencache", "fixed", "teacache", "magcache", "diffusers-magcache", "diffusers-fbc"), prompts=tuple(prompts), seeds=tuple(seeds),
-                     steps=6, guidance=4.0, quick=True)
+    plan = BenchPlan(
+        methods=("sencache", "fixed", "teacache", "magcache", "diffusers-magcache", "diffusers-fbc"),
+        prompts=tuple(prompts),
+        seeds=tuple(seeds),
+        steps=6,
+        guidance=4.0,
+        quick=True,
+    )
     report = run_bench(engine, plan, tmp_path / "bench", show_progress=False)
     stored = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert stored["steps"] == 6 and len(stored["runs"]) == len(report["runs"]) >= 12

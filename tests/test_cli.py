@@ -71,18 +71,33 @@ def test_corrupt_or_missing_table(capsys, ort_bundle, calibrated_bundle, tmp_pat
 
 
 def test_prompt_outside_vocabulary(capsys, ort_bundle, tmp_path):
-    code, err = run_cli(capsys, "generate", "--engine", ort_bundle, "--prompt", "a purple dragon", "--seed", "1",
-                        "--cache", "none", "--out", tmp_path / "out")
+    code, err = run_cli(
+        capsys,
+        "generate",
+        "--engine",
+        ort_bundle,
+        "--prompt",
+        "a purple dragon",
+        "--seed",
+        "1",
+        "--cache",
+        "none",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 2 and "purple" in err and "dragon" in err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--steps", "0"], "--steps must be in [1, 1000], got 0"),
-    (["--seed", "2"], "pair up"),
-    (["--eps-main", "-1"], "--eps-main"),
-    (["--guidance", "nan"], "--guidance"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--steps", "0"], "--steps must be in [1, 1000], got 0"),
+        (["--seed", "2"], "pair up"),
+        (["--eps-main", "-1"], "--eps-main"),
+        (["--guidance", "nan"], "--guidance"),
+    ],
+)
 def test_bad_numbers(capsys, calibrated_bundle, tmp_path, extra, needle):
     code, err = run_cli(capsys, *generate_args(calibrated_bundle, tmp_path / "out"), *extra)
     assert code == 2 and needle in err
@@ -102,7 +117,9 @@ def test_unknown_model_and_missing_weights(capsys, tmp_path):
     assert code == 2 and "unknown model 'sora'" in err
     code, err = run_cli(capsys, "build", "--model", "wan2.1-t2v-1.3b", "--out", tmp_path / "b")
     assert code == 2 and "--weights must name a folder" in err
-    code, err = run_cli(capsys, "build", "--model", "wan2.1-t2v-1.3b", "--weights", tmp_path / "none", "--out", tmp_path / "b")
+    code, err = run_cli(
+        capsys, "build", "--model", "wan2.1-t2v-1.3b", "--weights", tmp_path / "none", "--out", tmp_path / "b"
+    )
     assert code == 2 and "--weights" in err and "no such folder" in err
     code, err = run_cli(capsys, "build", "--model", "tiny-wan", "--backend", "tensorrt", "--out", tmp_path / "b")
     assert code == 2 and "pip install" in err
@@ -127,8 +144,20 @@ def test_calibrate_on_prompts_from_a_file(capsys, ort_bundle, tmp_path):
     shutil.copytree(ort_bundle, bundle_dir)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n\ntwo large blue squares moving up fast on texture\n")
-    code, err = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--prompts", prompts, "--prompt", PROMPT,
-                        "--steps", "4", "--threads", "1")
+    code, err = run_cli(
+        capsys,
+        "calibrate",
+        "--engine",
+        bundle_dir,
+        "--prompts",
+        prompts,
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "4",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     meta = Bundle.load(bundle_dir).sensitivity().meta
     assert meta["prompts"] == [PROMPT, "two large blue squares moving up fast on texture", PROMPT]
@@ -152,11 +181,17 @@ def test_device_flag_is_checked(capsys, ort_bundle, torch_bundle, tmp_path):
 
 
 def test_build_engine_script_is_the_build_command(tmp_path):
-    done = subprocess.run([sys.executable, "engine_builder/build_engine.py", "--model", "sora", "--out", str(tmp_path / "b")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "engine_builder/build_engine.py", "--model", "sora", "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "unknown model" in done.stderr
-    done = subprocess.run(["sencache", "generate", "--engine", str(tmp_path / "none"), "--prompt", PROMPT,
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    done = subprocess.run(
+        ["sencache", "generate", "--engine", str(tmp_path / "none"), "--prompt", PROMPT, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 

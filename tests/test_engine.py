@@ -15,8 +15,11 @@ from sencache.runtime.cache import NoCache
 from sencache.runtime.families import resolve
 from sencache.runtime.request import Request
 
-PROMPTS = ["one large white circle static on black", "three small yellow squares moving left fast on texture",
-           "two large green circles moving down fast on gradient"]
+PROMPTS = [
+    "one large white circle static on black",
+    "three small yellow squares moving left fast on texture",
+    "two large green circles moving down fast on gradient",
+]
 SEEDS = [11, 14, 13]
 
 
@@ -43,9 +46,11 @@ def test_onnx_stages_match_pytorch_at_every_batch_size(ort_bundle):
         feeds = {k: v.numpy() for k, v in inputs.items()}
         got_head = ort.InferenceSession(str(ort_bundle / "head.onnx")).run(None, feeds)
         got_blocks = ort.InferenceSession(str(ort_bundle / "blocks.onnx")).run(
-            None, {k: head[k].numpy() for k in adapter.layout.blocks_inputs})[0]
+            None, {k: head[k].numpy() for k in adapter.layout.blocks_inputs}
+        )[0]
         got_tail = ort.InferenceSession(str(ort_bundle / "tail.onnx")).run(
-            None, {"hidden": hidden.numpy(), "temb": head["temb"].numpy()})[0]
+            None, {"hidden": hidden.numpy(), "temb": head["temb"].numpy()}
+        )[0]
         assert compare(got_head[0], head["hidden"].numpy())["rel_l2"] < 1e-5
         assert compare(got_blocks, hidden.numpy())["rel_l2"] < 1e-5
         assert compare(got_tail, noise.numpy())["rel_l2"] < 1e-5
@@ -63,7 +68,10 @@ def test_zero_eps_equals_no_cache_exactly(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     request = Request(PROMPTS[:2], SEEDS[:2], 8, 4.0)
     reference = engine.generate(request, NoCache(2))
-    for knobs in ({"eps_start": 0.0, "eps_main": 0.0, "max_reuse": 3}, {"eps_start": 5.0, "eps_main": 50.0, "max_reuse": 0}):
+    for knobs in (
+        {"eps_start": 0.0, "eps_main": 0.0, "max_reuse": 3},
+        {"eps_start": 5.0, "eps_main": 50.0, "max_reuse": 0},
+    ):
         cached = engine.generate(request, engine.policy("sencache", 8, 2, knobs))
         assert cached.nfe == [8, 8]
         np.testing.assert_array_equal(cached.latents, reference.latents)
@@ -73,7 +81,9 @@ def test_cache_skips_steps_and_stays_close(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     request = Request(PROMPTS[:1], SEEDS[:1], 8, 4.0)
     reference = engine.generate(request, NoCache(1))
-    cached = engine.generate(request, engine.policy("sencache", 8, 1, {"eps_start": 10.0, "eps_main": 10.0, "max_reuse": 2}))
+    cached = engine.generate(
+        request, engine.policy("sencache", 8, 1, {"eps_start": 10.0, "eps_main": 10.0, "max_reuse": 2})
+    )
     assert cached.decisions[0] == ["run", "reuse", "reuse", "run", "reuse", "reuse", "run", "run"]
     assert not np.array_equal(cached.latents, reference.latents)
     assert compare(cached.latents, reference.latents)["rel_l2"] < 0.5
@@ -106,9 +116,36 @@ def test_stats_contract(calibrated_bundle, tmp_path):
     from sencache.cli import main
 
     out = tmp_path / "run"
-    assert main(["generate", "--engine", str(calibrated_bundle), "--prompt", PROMPTS[0], "--seed", "3",
-                 "--prompt", PROMPTS[1], "--seed", "4", "--steps", "6", "--cache", "sencache",
-                 "--eps-start", "0.05", "--eps-main", "0.5", "--max-reuse", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--engine",
+                str(calibrated_bundle),
+                "--prompt",
+                PROMPTS[0],
+                "--seed",
+                "3",
+                "--prompt",
+                PROMPTS[1],
+                "--seed",
+                "4",
+                "--steps",
+                "6",
+                "--cache",
+                "sencache",
+                "--eps-start",
+                "0.05",
+                "--eps-main",
+                "0.5",
+                "--max-reuse",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert {"model", "backend", "precision", "steps", "cache", "samples", "timing"} <= set(stats)
     assert stats["cache"]["eps_main"] == 0.5 and stats["cache"]["max_reuse"] == 2

@@ -23,9 +23,15 @@ FLAG = re.compile(r"--[a-z]")
 
 def _docstrings(tree: ast.Module) -> set[int]:
     """The ids of the docstring constants in `tree`."""
-    owners = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
-    return {id(o.body[0].value) for o in owners
-            if o.body and isinstance(o.body[0], ast.Expr) and isinstance(o.body[0].value, ast.Constant)}
+    owners = [
+        tree,
+        *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))),
+    ]
+    return {
+        id(o.body[0].value)
+        for o in owners
+        if o.body and isinstance(o.body[0], ast.Expr) and isinstance(o.body[0].value, ast.Constant)
+    }
 
 
 def test_no_runtime_string_names_a_flag():
@@ -33,9 +39,14 @@ def test_no_runtime_string_names_a_flag():
     for path in sorted(RUNTIME.rglob("*.py")):
         tree = ast.parse(path.read_text())
         docs = _docstrings(tree)
-        found += [f"{path.relative_to(RUNTIME)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
-                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
-                  and FLAG.search(node.value)]
+        found += [
+            f"{path.relative_to(RUNTIME)}:{node.lineno}: {node.value!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docs
+            and FLAG.search(node.value)
+        ]
     assert not found, "\n".join(found)
 
 
@@ -69,11 +80,14 @@ def test_runtime_errors_name_the_parameter(make, param):
     assert error.param == param and str(error).startswith(param) and "--" not in str(error)
 
 
-@pytest.mark.parametrize("make,method,knob", [
-    (lambda: SenCacheSettings(0.1, 0.1, 5000), "sencache", {"max_reuse": 5000}),
-    (lambda: FixedSettings(5000), "fixed", {"interval": 5000}),
-    (lambda: MagCacheSettings(0.1, 2, (1.0, 0.9), retention=1.5), "magcache", {"retention": 1.5}),
-])
+@pytest.mark.parametrize(
+    "make,method,knob",
+    [
+        (lambda: SenCacheSettings(0.1, 0.1, 5000), "sencache", {"max_reuse": 5000}),
+        (lambda: FixedSettings(5000), "fixed", {"interval": 5000}),
+        (lambda: MagCacheSettings(0.1, 2, (1.0, 0.9), retention=1.5), "magcache", {"retention": 1.5}),
+    ],
+)
 def test_policies_bound_their_settings_by_the_knob_table(make, method, knob):
     """A rule's settings and the knob given for it are refused in the same words."""
     assert str(_raised(make)) == str(_raised(lambda: check_knobs(method, knob)))
@@ -93,8 +107,15 @@ def test_the_command_line_says_each_parameter_as_its_flag():
         method = next(m for m in METHODS if name not in method_knobs(m))
         error = _raised(lambda: check_knobs(method, {name: 1}))  # noqa: B023
         assert error.worded(args.flag(error.param)) == f"--{name.replace('_', '-')} does not apply to cache {method!r}"
-    for param, flag in (("steps", "--steps"), ("seed", "--seed"), ("prompt", "--prompt"), ("threads", "--threads"),
-                        ("device", "--device"), ("dynamic_cfg", "--dynamic-cfg"), ("weights", None)):
+    for param, flag in (
+        ("steps", "--steps"),
+        ("seed", "--seed"),
+        ("prompt", "--prompt"),
+        ("threads", "--threads"),
+        ("device", "--device"),
+        ("dynamic_cfg", "--dynamic-cfg"),
+        ("weights", None),
+    ):
         assert args.flag(param) == flag
 
 
@@ -112,8 +133,15 @@ def test_the_server_names_the_json_field():
         VideoRequest.model_validate({"prompt": "a", "cache": {"method": "teacache", "knobs": {"eps_main": 0.2}}})
     assert "cache.knobs.eps_main does not apply to cache 'teacache'" in str(error.value)
     assert "--" not in str(error.value)
-    assert [json_field(p) for p in ("steps", "max_reuse", "cache", "knobs", "prompt_embeds", "threads", None)] == \
-        ["steps", "cache.knobs.max_reuse", "cache.method", "cache.knobs", "prompt_embeds", None, None]
+    assert [json_field(p) for p in ("steps", "max_reuse", "cache", "knobs", "prompt_embeds", "threads", None)] == [
+        "steps",
+        "cache.knobs.max_reuse",
+        "cache.method",
+        "cache.knobs",
+        "prompt_embeds",
+        None,
+        None,
+    ]
 
 
 def test_the_server_refusal_carries_the_field():
@@ -123,6 +151,9 @@ def test_the_server_refusal_carries_the_field():
     reply = _refused(_raised(lambda: Request(["a"], [0], 0, 1.0)))
     assert reply.status == 422 and reply.body == {"detail": "steps must be in [1, 1000], got 0", "field": "steps"}
     reply = _refused(_raised(lambda: check_knobs("fixed", {"eps_main": 0.2})))
-    assert reply.body == {"detail": "cache.knobs.eps_main does not apply to cache 'fixed'", "field": "cache.knobs.eps_main"}
+    assert reply.body == {
+        "detail": "cache.knobs.eps_main does not apply to cache 'fixed'",
+        "field": "cache.knobs.eps_main",
+    }
     reply = _refused(BadInput("threads must be >= 0, got -1", param="threads"))
     assert reply.body == {"detail": "threads must be >= 0, got -1"}

@@ -10,10 +10,15 @@ from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes
 
 # Parameter counts of the published checkpoints' configs (Wan 1.3B/14B, CogVideoX 2B/5B, LTX-Video 2B).
-REAL = [("wan2.1-t2v-1.3b", 1.42e9, (16, 21, 60, 104)), ("wan2.1-t2v-14b", 14.3e9, (16, 21, 90, 160)),
-        ("cogvideox-2b", 1.69e9, (13, 16, 60, 90)), ("cogvideox-5b", 5.57e9, (13, 16, 60, 90)),
-        ("cogvideox1.5-5b", 5.57e9, (22, 16, 96, 170)), ("ltx-video-0.9.0", 1.92e9, (21 * 16 * 22, 128)),
-        ("ltx-video-0.9.1", 1.92e9, (21 * 16 * 22, 128))]
+REAL = [
+    ("wan2.1-t2v-1.3b", 1.42e9, (16, 21, 60, 104)),
+    ("wan2.1-t2v-14b", 14.3e9, (16, 21, 90, 160)),
+    ("cogvideox-2b", 1.69e9, (13, 16, 60, 90)),
+    ("cogvideox-5b", 5.57e9, (13, 16, 60, 90)),
+    ("cogvideox1.5-5b", 5.57e9, (22, 16, 96, 170)),
+    ("ltx-video-0.9.0", 1.92e9, (21 * 16 * 22, 128)),
+    ("ltx-video-0.9.1", 1.92e9, (21 * 16 * 22, 128)),
+]
 
 
 @pytest.mark.parametrize("model,params,latent", REAL)
@@ -26,11 +31,15 @@ def test_every_real_config_builds_and_splits_on_meta(model, params, latent):
     assert adapter.latent_shape(preset, shapes) == latent
     stages = adapter.split(transformer, preset, shapes)
     with torch.device("meta"):
-        head = dict(zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True))
+        head = dict(
+            zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True)
+        )
         streams = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
         streams = dict(zip(adapter.layout.streams, streams if isinstance(streams, tuple) else (streams,), strict=True))
-        noise = stages["tail"](**{k: streams[k] for k in adapter.layout.tail_stream_names},
-                               **{k: head[k] for k in adapter.layout.tail_context})
+        noise = stages["tail"](
+            **{k: streams[k] for k in adapter.layout.tail_stream_names},
+            **{k: head[k] for k in adapter.layout.tail_context},
+        )
     assert tuple(noise.shape) == (1, *latent)
 
 
@@ -57,7 +66,9 @@ def test_component_folder_errors(tmp_path):
     adapter, preset = resolve("cogvideox-5b")
     with pytest.raises(BadInput, match="no model_index.json"):
         adapter.load_components(tmp_path)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]})
+    )
     with pytest.raises(BadInput, match="cannot load the pipeline components"):
         adapter.load_components(tmp_path)
 

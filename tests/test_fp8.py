@@ -64,8 +64,25 @@ def test_fp8_denoiser_stays_close_to_fp32_and_generates(fp8_bundle, ort_bundle):
 def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
     out = tmp_path / "rtx"
-    code = main(["build", "--model", model, "--backend", "tensorrt-rtx", "--precision", "fp8",
-                 "--compute-capability", "SM89", "--fp8-samples", "1", "--max-batch", "1", "--out", str(out)])
+    code = main(
+        [
+            "build",
+            "--model",
+            model,
+            "--backend",
+            "tensorrt-rtx",
+            "--precision",
+            "fp8",
+            "--compute-capability",
+            "SM89",
+            "--fp8-samples",
+            "1",
+            "--max-batch",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"]["compute_capability"] == "SM89"
@@ -75,13 +92,16 @@ def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     try:
         open_device()
     except CudaUnavailable:
-        code = main(["generate", "--engine", str(out), "--prompt", PROMPTS[0], "--steps", "2", "--out",
-                     str(tmp_path / "run")])
+        code = main(
+            ["generate", "--engine", str(out), "--prompt", PROMPTS[0], "--steps", "2", "--out", str(tmp_path / "run")]
+        )
         assert code == 2 and "need an NVIDIA GPU" in capsys.readouterr().err
 
 
 def test_fp8_needs_an_onnx_backend(capsys, tmp_path):
-    assert main(["build", "--model", "tiny-wan", "--backend", "torch", "--precision", "fp8",
-                 "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(["build", "--model", "tiny-wan", "--backend", "torch", "--precision", "fp8", "--out", str(tmp_path / "b")])
+        == 2
+    )
     assert "Q/DQ" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

@@ -93,10 +93,12 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     bundle.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
     knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
     prompts, seeds = ["one large white circle static on black", "two small red squares moving left fast"], [1, 2]
-    short = counting_syncs(lambda: engine.generate(Request(prompts, seeds, 6, 4.0),
-                                                    engine.policy("sencache", 6, 2, knobs)))[1]
-    long = counting_syncs(lambda: engine.generate(Request(prompts, seeds, 20, 4.0),
-                                                   engine.policy("sencache", 20, 2, knobs)))[1]
+    short = counting_syncs(
+        lambda: engine.generate(Request(prompts, seeds, 6, 4.0), engine.policy("sencache", 6, 2, knobs))
+    )[1]
+    long = counting_syncs(
+        lambda: engine.generate(Request(prompts, seeds, 20, 4.0), engine.policy("sencache", 20, 2, knobs))
+    )[1]
     assert long == short
     request = Request(prompts, seeds, 20, 4.0)
     cached = engine.generate(request, engine.policy("sencache", 20, 2, knobs))

@@ -15,11 +15,37 @@ from sencache.cli import main as sencache
 def runs(calibrated_bundle, tmp_path_factory):
     """SenCache and uncached runs of the same two prompts, 8 steps, on the calibrated bundle."""
     out = tmp_path_factory.mktemp("runs")
-    prompts = ["--prompt", "one large white circle static on black", "--seed", "1",
-               "--prompt", "two small red squares moving left fast on texture", "--seed", "2"]
+    prompts = [
+        "--prompt",
+        "one large white circle static on black",
+        "--seed",
+        "1",
+        "--prompt",
+        "two small red squares moving left fast on texture",
+        "--seed",
+        "2",
+    ]
     for cache, knobs in (("sencache", ["--eps-main", "0.5"]), ("none", [])):
-        assert sencache(["generate", "--engine", str(calibrated_bundle), "--steps", "8", "--threads", "1",
-                         "--cache", cache, *knobs, *prompts, "--out", str(out / cache)]) == 0
+        assert (
+            sencache(
+                [
+                    "generate",
+                    "--engine",
+                    str(calibrated_bundle),
+                    "--steps",
+                    "8",
+                    "--threads",
+                    "1",
+                    "--cache",
+                    cache,
+                    *knobs,
+                    *prompts,
+                    "--out",
+                    str(out / cache),
+                ]
+            )
+            == 0
+        )
     return out / "sencache", out / "none"
 
 
@@ -50,15 +76,32 @@ def test_loop_comparison_refuses_runs_of_other_requests(runs):
 
 def acceptance(fraction: float, median_us: float, euler_syncs: tuple[int, int]) -> dict:
     """A gpu-acceptance document with the keys `sencache.gpu_acceptance.run` writes."""
-    kernel = {"matches_blocking_model": True, "max_rel_vs_float64": 1e-7, "kernel_us": 90.0, "bandwidth_GBps": 4800 * fraction,
-              "fraction_of_peak": fraction}
-    return {"device": "NVIDIA H200", "arch": "sm_90", "driver": 13000,
-            "kernel": {"latent_per_sample": [16, 21, 60, 104], "samples": 2, "peak_GBps": 4800.0,
-                       "dtypes": {"fp32": kernel, "bf16": dict(kernel, matches_blocking_model=False)}},
-            "decision": {"median_us": median_us, "p90_us": median_us * 1.5, "host_syncs_per_step": 1},
-            "loop": {"backend": {"backend": "torch", "device": "cuda"},
-                     "none": {"nfe": 30.0, "torch_syncs": 64}, "sencache": {"nfe": 19.0, "torch_syncs": 40},
-                     "speedup": 1.5, "flow_euler_syncs": dict(zip(("6", "20"), euler_syncs, strict=True))}}
+    kernel = {
+        "matches_blocking_model": True,
+        "max_rel_vs_float64": 1e-7,
+        "kernel_us": 90.0,
+        "bandwidth_GBps": 4800 * fraction,
+        "fraction_of_peak": fraction,
+    }
+    return {
+        "device": "NVIDIA H200",
+        "arch": "sm_90",
+        "driver": 13000,
+        "kernel": {
+            "latent_per_sample": [16, 21, 60, 104],
+            "samples": 2,
+            "peak_GBps": 4800.0,
+            "dtypes": {"fp32": kernel, "bf16": dict(kernel, matches_blocking_model=False)},
+        },
+        "decision": {"median_us": median_us, "p90_us": median_us * 1.5, "host_syncs_per_step": 1},
+        "loop": {
+            "backend": {"backend": "torch", "device": "cuda"},
+            "none": {"nfe": 30.0, "torch_syncs": 64},
+            "sencache": {"nfe": 19.0, "torch_syncs": 40},
+            "speedup": 1.5,
+            "flow_euler_syncs": dict(zip(("6", "20"), euler_syncs, strict=True)),
+        },
+    }
 
 
 def test_figures_hold_each_against_its_target():

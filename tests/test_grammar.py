@@ -17,10 +17,14 @@ def test_every_grammar_prompt_tokenizes():
 
 
 def test_prompt_spells_the_slots():
-    assert PromptSpec("one", "small", "red", "circle", None, None, "black").prompt == \
-        "one small red circle static on black"
-    assert PromptSpec("two", "large", "blue", "square", "up", "fast", "texture").prompt == \
-        "two large blue squares moving up fast on texture"
+    assert (
+        PromptSpec("one", "small", "red", "circle", None, None, "black").prompt
+        == "one small red circle static on black"
+    )
+    assert (
+        PromptSpec("two", "large", "blue", "square", "up", "fast", "texture").prompt
+        == "two large blue squares moving up fast on texture"
+    )
 
 
 def test_grammar_prompts_are_the_seeded_draws():

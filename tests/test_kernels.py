@@ -36,9 +36,20 @@ def test_bad_architecture_is_refused(tmp_path, monkeypatch):
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_nvcc_builds_the_c_launcher_for_three_architectures(tmp_path):
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (80, 90, 100)]
-    done = subprocess.run([NVCC, "-c", f"-I{KERNELS / 'include'}", f"-I{KERNELS}", *gencode,
-                           "-o", str(tmp_path / "drift.o"), str(KERNELS / "drift_launch.cu")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            NVCC,
+            "-c",
+            f"-I{KERNELS / 'include'}",
+            f"-I{KERNELS}",
+            *gencode,
+            "-o",
+            str(tmp_path / "drift.o"),
+            str(KERNELS / "drift_launch.cu"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "drift.o").stat().st_size > 10_000
 

@@ -17,10 +17,17 @@ def diffusers_latents(engine, prompts, seeds, steps, guidance):
     pipe = engine.adapter.diffusers_pipeline(transformer, engine.scheduler())
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        out = pipe(prompt_embeds=torch.from_numpy(engine.encode(prompts)),
-                   negative_prompt_embeds=torch.from_numpy(engine.encode([""] * len(prompts))),
-                   latents=engine.initial_latents(engine.generators(seeds)), num_inference_steps=steps, guidance_scale=guidance,
-                   height=shapes.height, width=shapes.width, num_frames=shapes.frames, output_type="latent")
+        out = pipe(
+            prompt_embeds=torch.from_numpy(engine.encode(prompts)),
+            negative_prompt_embeds=torch.from_numpy(engine.encode([""] * len(prompts))),
+            latents=engine.initial_latents(engine.generators(seeds)),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=shapes.height,
+            width=shapes.width,
+            num_frames=shapes.frames,
+            output_type="latent",
+        )
     return out.frames.numpy()
 
 

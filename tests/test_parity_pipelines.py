@@ -50,8 +50,9 @@ def test_uncached_latents_match_the_pipeline(real_like, batch, guidance):
     engine = engine_for(bundle_of(case))
     seeds = [3, 4][:batch]
     embeds, negative = embeddings(case, batch, 9), embeddings(case, batch, 10)
-    ours = engine.generate(Request([f"p{i}" for i in range(batch)], seeds, STEPS, guidance, embeds, negative),
-                           NoCache(batch)).latents
+    ours = engine.generate(
+        Request([f"p{i}" for i in range(batch)], seeds, STEPS, guidance, embeds, negative), NoCache(batch)
+    ).latents
     theirs = run_reference(case, seeds, STEPS, guidance, "latent", embeds, negative)
     # Wan's pipeline makes separate cond and uncond calls where we run both rows as one batch: the
     # CPU matmul rounding differs with the batch and guidance amplifies it; batched families match
@@ -88,8 +89,13 @@ def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
     engine = engine_for(bundle_of(case))
     steps, batch = 12, 2
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
-    table = SensitivityTable(timesteps[::-1].copy(), np.linspace(0.5, 1.5, steps), np.linspace(2e-3, 1e-3, steps),
-                             counts=np.ones(steps), meta={"source": "test"})
+    table = SensitivityTable(
+        timesteps[::-1].copy(),
+        np.linspace(0.5, 1.5, steps),
+        np.linspace(2e-3, 1e-3, steps),
+        counts=np.ones(steps),
+        meta={"source": "test"},
+    )
     engine.bundle.write_tables(table)
     settings = SenCacheSettings(eps_start=0.02, eps_main=0.6, max_reuse=2)
     policy = engine.policy("sencache", steps, batch, {"eps_start": 0.02, "eps_main": 0.6, "max_reuse": 2})
@@ -138,15 +144,19 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
     engine = engine_for(bundle_of(case))
     steps = 10
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
-    engine.bundle.write_tables(SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0),
-                                                     np.full(steps, 1e-3), meta={"source": "test"}))
+    engine.bundle.write_tables(
+        SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0), np.full(steps, 1e-3), meta={"source": "test"})
+    )
     knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
     embeds, negative = embeddings(case, 2, 5), embeddings(case, 2, 6)
-    both = engine.generate(Request(["a", "b"], [21, 22], steps, 6.0, embeds, negative),
-                           engine.policy("sencache", steps, 2, knobs))
+    both = engine.generate(
+        Request(["a", "b"], [21, 22], steps, 6.0, embeds, negative), engine.policy("sencache", steps, 2, knobs)
+    )
     for b in range(2):
-        alone = engine.generate(Request(["x"], [21 + b], steps, 6.0, embeds[b:b + 1], negative[b:b + 1]),
-                                engine.policy("sencache", steps, 1, knobs))
+        alone = engine.generate(
+            Request(["x"], [21 + b], steps, 6.0, embeds[b : b + 1], negative[b : b + 1]),
+            engine.policy("sencache", steps, 1, knobs),
+        )
         assert alone.decisions[0] == both.decisions[b]
         np.testing.assert_allclose(alone.latents[0], both.latents[b], atol=1e-5, rtol=0)
     assert any("reuse" in d for d in both.decisions)

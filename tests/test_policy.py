@@ -80,7 +80,7 @@ def test_samples_decide_independently_of_their_batch():
     together = np.stack([batched.decide(i, ts[i], drifts[i]).run for i in range(10)])
     for b in range(3):
         alone = policy(eps_start=0.3, eps_main=0.6, batch=1, numel=1)
-        runs = [alone.decide(i, ts[i], drifts[i, b:b + 1]).run[0] for i in range(10)]
+        runs = [alone.decide(i, ts[i], drifts[i, b : b + 1]).run[0] for i in range(10)]
         np.testing.assert_array_equal(together[:, b], runs)
     assert not (together == together[:, :1]).all(), "the drifts should make samples decide differently"
 

@@ -63,13 +63,17 @@ def test_given_prompts_are_taken_in_turn():
 
 def test_a_real_model_refuses_the_tiny_vocabulary_unless_allowed():
     tiny_prompts = grammar_prompts(4, 77)
-    with pytest.raises(BadInput, match=r"wan2.1-t2v-14b is a real model.*tiny models' 29-word vocabulary"
-                                       r".*allow_tiny_vocabulary"):
+    with pytest.raises(
+        BadInput,
+        match=r"wan2.1-t2v-14b is a real model.*tiny models' 29-word vocabulary"
+        r".*allow_tiny_vocabulary",
+    ):
         calibration_prompts(False, "wan2.1-t2v-14b", 4, 1000, tiny_prompts)
     with pytest.raises(BadInput, match="real model"):
         check_prompts(["Red Circle"], tiny=False, model="ltx-video")
-    assert calibration_prompts(False, "wan2.1-t2v-14b", 4, 1000, tiny_prompts,
-                               allow_tiny_vocabulary=True) == tiny_prompts
+    assert (
+        calibration_prompts(False, "wan2.1-t2v-14b", 4, 1000, tiny_prompts, allow_tiny_vocabulary=True) == tiny_prompts
+    )
     check_prompts([TINY, "a red circle rolls down a hill"], tiny=False, model="wan2.1-t2v-14b")
 
 
@@ -93,8 +97,20 @@ def test_plan_samples_default_to_the_prompts():
 def test_cli_calibrate_reads_prompts_file_then_each_prompt(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a lighthouse in a storm\na bee on a flower\n")
-    args = parser().parse_args(["calibrate", "--engine", "b", "--prompts", str(path), "--prompt", "a red kite",
-                                "--prompt", "a river", "--allow-tiny-vocabulary"])
+    args = parser().parse_args(
+        [
+            "calibrate",
+            "--engine",
+            "b",
+            "--prompts",
+            str(path),
+            "--prompt",
+            "a red kite",
+            "--prompt",
+            "a river",
+            "--allow-tiny-vocabulary",
+        ]
+    )
     assert args.samples is None and args.allow_tiny_vocabulary
     assert _calibration_prompts(args) == ["a lighthouse in a storm", "a bee on a flower", "a red kite", "a river"]
     assert _calibration_prompts(parser().parse_args(["calibrate", "--engine", "b", "--prompt", "x"])) == ["x"]
@@ -109,9 +125,13 @@ def test_cli_calibrate_refuses_prompts_with_imported_tables(tmp_path, capsys):
 def test_fp8_prompts_are_checked_before_any_work(tmp_path):
     pytest.importorskip("modelopt.onnx.quantization")
     with pytest.raises(BadInput, match="outside the tiny model's vocabulary"):
-        build(BuildOptions(model="tiny-wan", out=tmp_path / "b", precision="fp8", fp8_prompts=("a dog",)),
-              log=lambda _: None)
+        build(
+            BuildOptions(model="tiny-wan", out=tmp_path / "b", precision="fp8", fp8_prompts=("a dog",)),
+            log=lambda _: None,
+        )
     with pytest.raises(BadInput, match="real model"):
-        build(BuildOptions(model="wan2.1-t2v-1.3b", out=tmp_path / "b", precision="fp8", fp8_prompts=(TINY,)),
-              log=lambda _: None)
+        build(
+            BuildOptions(model="wan2.1-t2v-1.3b", out=tmp_path / "b", precision="fp8", fp8_prompts=(TINY,)),
+            log=lambda _: None,
+        )
     assert not (tmp_path / "b").exists()

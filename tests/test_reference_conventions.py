@@ -43,8 +43,17 @@ class AuthorsRule:
     Wan calls the model twice per step (cond, then uncond) and counts both; its cond call of step
     i is call 2i and decides for both. CogVideoX and LTX batch cond and uncond into one call."""
 
-    def __init__(self, family: str, timesteps: np.ndarray, j_x: np.ndarray, j_t: np.ndarray,
-                 thresh_start: float, thresh_main: float, k: int, steps: int) -> None:
+    def __init__(
+        self,
+        family: str,
+        timesteps: np.ndarray,
+        j_x: np.ndarray,
+        j_t: np.ndarray,
+        thresh_start: float,
+        thresh_main: float,
+        k: int,
+        steps: int,
+    ) -> None:
         self.timesteps, self.j_x, self.j_t = timesteps, j_x, j_t  # in the authors' stored order
         self.threshold_start = thresh_start * CONSTANTS[family]
         self.threshold_main = thresh_main * CONSTANTS[family]
@@ -95,6 +104,7 @@ class AuthorsRule:
 
 
 # -- the conventions themselves, per family (no bundle) ------------------------------------------
+
 
 @pytest.mark.parametrize("family", sorted(ADAPTERS))
 @pytest.mark.parametrize("steps", STEP_COUNTS + (1, 2, 5, 25, 26, 75, 100))
@@ -232,16 +242,47 @@ def test_authors_npz_then_generate_with_reference_conventions(capsys, calibrated
     np.savez(npz, timesteps=timesteps, J_x_norm=j_x, J_t_norm=j_t)
     assert main(["calibrate", "--engine", str(bundle_dir), "--import-npz", str(npz)]) == 0
     out = tmp_path / "run"
-    code = main(["generate", "--engine", str(bundle_dir), "--prompt", PROMPTS[0], "--seed", "1", "--steps", "12",
-                 "--eps-start", "0.01", "--eps-main", "0.06", "--max-reuse", "3", "--conventions", "reference",
-                 "--out", str(out)])
+    code = main(
+        [
+            "generate",
+            "--engine",
+            str(bundle_dir),
+            "--prompt",
+            PROMPTS[0],
+            "--seed",
+            "1",
+            "--steps",
+            "12",
+            "--eps-start",
+            "0.01",
+            "--eps-main",
+            "0.06",
+            "--max-reuse",
+            "3",
+            "--conventions",
+            "reference",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     stats = json.loads((out / "stats.json").read_text())
     assert stats["cache"]["conventions"] == "reference"
     assert stats["samples"][0]["nfe"] < 12
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--engine", str(bundle_dir), "--prompt", PROMPTS[0], "--conventions", "paper",
-              "--out", str(tmp_path / "bad")])
+        main(
+            [
+                "generate",
+                "--engine",
+                str(bundle_dir),
+                "--prompt",
+                PROMPTS[0],
+                "--conventions",
+                "paper",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
     assert e.value.code == 2 and "--conventions" in capsys.readouterr().err
 
 
@@ -266,9 +307,12 @@ def test_calibration_on_the_conditional_branch(ort_bundle):
         f_k = cond(x_k, t_k)
         sampler = model.sampler(4)
         sampler.start_at(k)
-        x_prime = sampler.step(k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), model.generators([7 + k])).numpy()
+        x_prime = sampler.step(
+            k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), model.generators([7 + k])
+        ).numpy()
         jx = np.linalg.norm((cond(x_prime, t_k) - f_k).astype(np.float64)) / np.linalg.norm(
-            (x_prime - x_k).astype(np.float64))
+            (x_prime - x_k).astype(np.float64)
+        )
         jt = np.linalg.norm((cond(x_k, t_next) - f_k).astype(np.float64)) / abs(t_next - t_k)
         assert table.lookup(t_k, nearest=True)[:2] == pytest.approx((jx, jt), rel=1e-4)
     assert not np.allclose(table.jx, guided.jx, rtol=1e-3)

@@ -11,8 +11,13 @@ from sencache.runtime.sensitivity import SensitivityTable
 
 
 def table():
-    return SensitivityTable(np.array([900.0, 100.0, 500.0]), np.array([3.0, 1.0, 2.0]), np.array([0.3, 0.1, 0.2]),
-                            counts=np.array([8.0, 8.0, 8.0]), meta={"model": "tiny-wan"})
+    return SensitivityTable(
+        np.array([900.0, 100.0, 500.0]),
+        np.array([3.0, 1.0, 2.0]),
+        np.array([0.3, 0.1, 0.2]),
+        counts=np.array([8.0, 8.0, 8.0]),
+        meta={"model": "tiny-wan"},
+    )
 
 
 def test_lookup_interpolates_linearly_and_clamps():
@@ -41,15 +46,18 @@ def test_npz_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("content", [
-    "not json",
-    json.dumps({"format": "other"}),
-    json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, 2]}),
-    json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, "NaN"], "Jt": [1, 1]}),
-    json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1], "Jt": [1, 1]}),
-    json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 1], "Jx": [1, 1], "Jt": [1, 1]}),
-    json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [-1, 1], "Jt": [1, 1]}),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        json.dumps({"format": "other"}),
+        json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, 2]}),
+        json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1, "NaN"], "Jt": [1, 1]}),
+        json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [1], "Jt": [1, 1]}),
+        json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 1], "Jx": [1, 1], "Jt": [1, 1]}),
+        json.dumps({"format": "sencache-sensitivity/1", "timesteps": [1, 2], "Jx": [-1, 1], "Jt": [1, 1]}),
+    ],
+)
 def test_corrupt_tables_are_bad_input(content):
     with pytest.raises(BadInput, match="corrupt sensitivity table s.json"):
         SensitivityTable.parse(content.encode(), "s.json")

@@ -64,13 +64,17 @@ def _wait(base: str, video_id: str, states=("completed", "failed", "cancelled"))
     def ended():
         job = requests.get(f"{base}/v1/videos/{video_id}", timeout=30).json()
         return job if job["status"] in states else None
+
     return _until(ended, f"{video_id} to end")
 
 
 def _submitted(base: str) -> float:
     text = requests.get(f"{base}/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('sencache_requests_total{') and 'outcome="submitted"' in line)
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("sencache_requests_total{") and 'outcome="submitted"' in line
+    )
 
 
 def test_served_video_equals_engine_generate(server, calibrated_bundle):
@@ -82,8 +86,11 @@ def test_served_video_equals_engine_generate(server, calibrated_bundle):
     assert done["status"] == "completed" and done["progress"] == 100 and done["step"] == done["steps"] == 8
     assert 1 <= done["nfe"] <= 8
 
-    frames = np.load(io.BytesIO(requests.get(f"{server}/v1/videos/{job['id']}/content",
-                                             params={"variant": "frames"}, timeout=30).content))
+    frames = np.load(
+        io.BytesIO(
+            requests.get(f"{server}/v1/videos/{job['id']}/content", params={"variant": "frames"}, timeout=30).content
+        )
+    )
     with sencache.Engine.from_bundle(calibrated_bundle, threads=1) as engine:
         video = engine.generate(prompt=PROMPT, seed=3, steps=8, cache="sencache", knobs={"eps_main": 0.3})
     assert frames.shape == video.frames.shape
@@ -95,11 +102,17 @@ def test_served_video_equals_engine_generate(server, calibrated_bundle):
     assert mp4.content[4:8] == b"ftyp" and len(mp4.content) > 1000
 
     metrics = requests.get(f"{server}/metrics", timeout=30).text
-    for name in ("sencache_queue_depth", "sencache_active_rows", "sencache_steps_per_second", "sencache_nfe_saved_total",
-                 "sencache_reuse_ratio", "sencache_request_latency_seconds_bucket", "sencache_queue_wait_seconds_sum"):
+    for name in (
+        "sencache_queue_depth",
+        "sencache_active_rows",
+        "sencache_steps_per_second",
+        "sencache_nfe_saved_total",
+        "sencache_reuse_ratio",
+        "sencache_request_latency_seconds_bucket",
+        "sencache_queue_wait_seconds_sum",
+    ):
         assert name in metrics, name
-    latencies = [line for line in metrics.splitlines()
-                 if line.startswith("sencache_request_latency_seconds_count")]
+    latencies = [line for line in metrics.splitlines() if line.startswith("sencache_request_latency_seconds_count")]
     assert sum(float(line.split()[-1]) for line in latencies) >= 1
 
 
@@ -111,8 +124,9 @@ def test_prompt_embeds_give_the_prompts_video(server, calibrated_bundle):
         reply = _create(server, **text, seed=5, steps=3, cache={"preset": "reference"})
         assert reply.status_code == 200, reply.text
         assert _wait(server, reply.json()["id"])["status"] == "completed"
-        content = requests.get(f"{server}/v1/videos/{reply.json()['id']}/content", params={"variant": "frames"},
-                               timeout=30)
+        content = requests.get(
+            f"{server}/v1/videos/{reply.json()['id']}/content", params={"variant": "frames"}, timeout=30
+        )
         videos.append(np.load(io.BytesIO(content.content)))
     np.testing.assert_allclose(videos[1], videos[0], atol=1e-5, rtol=0)
 
@@ -121,23 +135,27 @@ def test_openapi_reads_the_knob_table(server):
     from sencache.runtime.cache import KNOBS
 
     doc = requests.get(f"{server}/openapi.json", timeout=30).json()
-    assert {"/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content", "/metrics", "/healthz"} \
-        <= set(doc["paths"])
+    assert {"/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content", "/metrics", "/healthz"} <= set(
+        doc["paths"]
+    )
     knobs = doc["components"]["schemas"]["CacheKnobs"]["properties"]
     assert set(knobs) == set(KNOBS)
     assert requests.get(f"{server}/docs", timeout=30).status_code == 200
 
 
-@pytest.mark.parametrize("body, reason", [
-    ({"steps": 0}, "steps"),
-    ({"cache": {"method": "teacache", "knobs": {"eps_main": 0.2}}}, "eps_main"),
-    ({"cache": {"method": "warp"}}, "method"),
-    ({"cache": {"preset": "fast", "method": "none"}}, "preset"),
-    ({"guidance": -1}, "guidance"),
-    ({"prompt": "a purple elephant"}, "vocabulary"),
-    ({"prompt": None, "prompt_embeds": [[0.0] * 3] * 2}, "embeddings"),
-    ({"prompt": None}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ({"steps": 0}, "steps"),
+        ({"cache": {"method": "teacache", "knobs": {"eps_main": 0.2}}}, "eps_main"),
+        ({"cache": {"method": "warp"}}, "method"),
+        ({"cache": {"preset": "fast", "method": "none"}}, "preset"),
+        ({"guidance": -1}, "guidance"),
+        ({"prompt": "a purple elephant"}, "vocabulary"),
+        ({"prompt": None, "prompt_embeds": [[0.0] * 3] * 2}, "embeddings"),
+        ({"prompt": None}, "prompt"),
+    ],
+)
 def test_bad_requests_are_422_and_never_queued(server, body, reason):
     before = _submitted(server)
     reply = _create(server, **body)
@@ -189,8 +207,11 @@ def test_a_dead_replica_fails_its_jobs_and_the_server_stays_up(server):
     assert job is not None
     _until(lambda: requests.get(f"{server}/v1/videos/{job['id']}", timeout=30).json()["step"] > 0, "a step")
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if "SERVE_REPLICA" in a["name"] and "engine-0" in a["name"]]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "engine-0" in a["name"]
+    ]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 

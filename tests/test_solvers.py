@@ -13,8 +13,9 @@ from sencache.runtime.families import resolve
 TOLERANCE = 1e-6
 
 
-def trajectory(sampler, reference, steps: int, shape: tuple[int, ...], start: int = 0,
-               seeds: list[int] | None = None) -> float:
+def trajectory(
+    sampler, reference, steps: int, shape: tuple[int, ...], start: int = 0, seeds: list[int] | None = None
+) -> float:
     """Step both with the same model outputs from `start` to the end; the largest difference."""
     outputs = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=outputs)
@@ -72,8 +73,16 @@ def test_cogvideox_dpm_equals_diffusers(steps, seeds):
 
     def reference(index, output, x, generators):
         back = scheduler.timesteps[index - 1] if index > 0 else None
-        x, previous["x0"] = scheduler.step(output, previous["x0"], scheduler.timesteps[index], back, x, eta=0.0,
-                                           generator=generators, return_dict=False)
+        x, previous["x0"] = scheduler.step(
+            output,
+            previous["x0"],
+            scheduler.timesteps[index],
+            back,
+            x,
+            eta=0.0,
+            generator=generators,
+            return_dict=False,
+        )
         return x
 
     shape = (len(seeds), 4, 3, 8, 8)

@@ -23,8 +23,12 @@ from sencache.runtime.sensitivity import SensitivityTable
 from sencache.runtime.stepping import StepEngine
 
 TOLERANCE = 1e-5
-PROMPTS = ["one large white circle static on black", "three small yellow squares moving left fast on texture",
-           "two large green circles moving down fast on gradient", "one small red square moving right slow on black"]
+PROMPTS = [
+    "one large white circle static on black",
+    "three small yellow squares moving left fast on texture",
+    "two large green circles moving down fast on gradient",
+    "one small red square moving right slow on black",
+]
 
 # Knobs that make each rule mix runs and reuses on the test tables below (scores near thresholds,
 # so a drift that depended on the batch would change decisions).
@@ -42,8 +46,10 @@ def with_tables(source: Path, out: Path) -> Path:
     shutil.copytree(source, out)
     bundle = Bundle.load(out)
     t = np.asarray(engine_for(out).sampler(50).timesteps, np.float64)[::-1].copy()
-    bundle.write_tables(SensitivityTable(t, np.full(len(t), 1.0), np.full(len(t), 1e-3), meta={"source": "test"}),
-                        BaselineTables((1.0, 0.0), tuple(np.linspace(1.0, 0.85, 10)), {"source": "test"}))
+    bundle.write_tables(
+        SensitivityTable(t, np.full(len(t), 1.0), np.full(len(t), 1e-3), meta={"source": "test"}),
+        BaselineTables((1.0, 0.0), tuple(np.linspace(1.0, 0.85, 10)), {"source": "test"}),
+    )
     return out
 
 
@@ -180,8 +186,9 @@ class FailsAtStep:
     def settings(self) -> dict[str, str]:
         return {"method": self.name}
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         if step == self.step:
             raise ValueError("this rule fails here")
         return NoCache(1).decide(step, t)
@@ -210,8 +217,16 @@ def test_randomized_arrivals_and_cancellations(cogvideox_bundle, tmp_path):
     model = engine_for(with_tables(cogvideox_bundle, tmp_path / "cogvideox"))
     rng = np.random.default_rng(0)
     methods = ["sencache", "teacache", "magcache", "fixed", "none"]
-    specs = [Spec((PROMPTS[rng.integers(4)],), (int(rng.integers(1000)),), int(rng.integers(2, 6)),
-                  float(rng.choice([1.0, 3.0, 6.0])), methods[rng.integers(len(methods))]) for _ in range(120)]
+    specs = [
+        Spec(
+            (PROMPTS[rng.integers(4)],),
+            (int(rng.integers(1000)),),
+            int(rng.integers(2, 6)),
+            float(rng.choice([1.0, 3.0, 6.0])),
+            methods[rng.integers(len(methods))],
+        )
+        for _ in range(120)
+    ]
     arrival = np.sort(rng.integers(0, 150, len(specs)))
     cancel_at = {k: int(arrival[k] + rng.integers(0, 6)) for k in rng.choice(len(specs), 25, replace=False)}
     engine = StepEngine(model)

@@ -25,20 +25,59 @@ def test_tensorrt_rtx_builds_fp32_engines_for_every_stage(ort_bundle, tmp_path):
 def test_tensorrt_rtx_without_target_or_runtime_is_bad_input(capsys, tmp_path, ort_bundle):
     assert main(["build", "--model", "tiny-wan", "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")]) == 2
     assert "--compute-capability" in capsys.readouterr().err
-    assert main(["build", "--model", "tiny-wan", "--backend", "tensorrt-rtx", "--compute-capability", "SM90",
-                 "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                "tiny-wan",
+                "--backend",
+                "tensorrt-rtx",
+                "--compute-capability",
+                "SM90",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "SM89" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,precision", [("tiny-wan", "fp16"), ("tiny-wan", "bf16"), ("tiny-cogvideox", "fp32"),
-                                             ("tiny-cogvideox", "fp16"), ("tiny-cogvideox", "bf16"),
-                                             ("tiny-ltx", "fp32"), ("tiny-ltx", "fp16"), ("tiny-ltx", "bf16")])
+@pytest.mark.parametrize(
+    "model,precision",
+    [
+        ("tiny-wan", "fp16"),
+        ("tiny-wan", "bf16"),
+        ("tiny-cogvideox", "fp32"),
+        ("tiny-cogvideox", "fp16"),
+        ("tiny-cogvideox", "bf16"),
+        ("tiny-ltx", "fp32"),
+        ("tiny-ltx", "fp16"),
+        ("tiny-ltx", "bf16"),
+    ],
+)
 def test_tensorrt_rtx_builds_every_tiny_bundle(capsys, tmp_path, model, precision):
     out = tmp_path / "rtx"
-    code = main(["build", "--model", model, "--backend", "tensorrt-rtx", "--precision", precision,
-                 "--compute-capability", "SM89", "--max-batch", "1", "--out", str(out)])
+    code = main(
+        [
+            "build",
+            "--model",
+            model,
+            "--backend",
+            "tensorrt-rtx",
+            "--precision",
+            precision,
+            "--compute-capability",
+            "SM89",
+            "--max-batch",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     for stage in ("head", "blocks", "tail"):
         assert (out / f"{stage}.engine").stat().st_size > 50_000
@@ -51,8 +90,26 @@ def test_bf16_bundles_are_validated_widened_and_estimated(capsys, tmp_path):
     import json
 
     out = tmp_path / "bf16"
-    assert main(["build", "--model", "tiny-wan", "--backend", "tensorrt-rtx", "--precision", "bf16",
-                 "--compute-capability", "SM89", "--max-batch", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                "tiny-wan",
+                "--backend",
+                "tensorrt-rtx",
+                "--precision",
+                "bf16",
+                "--compute-capability",
+                "SM89",
+                "--max-batch",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     validation = json.loads((out / "manifest.json").read_text())["validation"]
     assert validation["head"]["rel_l2"] < 1e-5 and validation["tail"]["rel_l2"] < 1e-5
     assert validation["blocks"]["rel_l2"] < 5e-3

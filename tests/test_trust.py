@@ -37,8 +37,22 @@ def run(capsys, *args) -> tuple[int, str]:
 
 
 def generate(engine, out, *extra):
-    return ["generate", "--engine", engine, "--prompt", PROMPT, "--seed", "1", "--steps", "3", "--cache", "none",
-            "--out", out, *extra]
+    return [
+        "generate",
+        "--engine",
+        engine,
+        "--prompt",
+        PROMPT,
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--cache",
+        "none",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -59,6 +73,7 @@ def copy(ort_bundle, tmp_path):
 
 # 1. Data loss: a folder is ours only by the marker the tool writes.
 
+
 @pytest.mark.parametrize("marker", ["manifest.json", "stats.json", "report.json", OWNER])
 def test_a_marker_name_does_not_make_a_folder_ours(capsys, ort_bundle, calibrated_bundle, tmp_path, marker):
     mine = tmp_path / "mine"
@@ -66,8 +81,11 @@ def test_a_marker_name_does_not_make_a_folder_ours(capsys, ort_bundle, calibrate
     (mine / marker).write_text('{"tool": "sencache", "kind": "run", "files": []}' if marker == OWNER else "{}")
     (mine / "background.js").write_text("precious")
     before = snapshot(mine)
-    for args in (["build", "--model", "tiny-wan", "--out", mine], generate(ort_bundle, mine),
-                 ["bench", "--engine", calibrated_bundle, "--quick", "--out", mine]):
+    for args in (
+        ["build", "--model", "tiny-wan", "--out", mine],
+        generate(ort_bundle, mine),
+        ["bench", "--engine", calibrated_bundle, "--quick", "--out", mine],
+    ):
         code, err = run(capsys, *args)
         assert code == 2 and ("did not write" in err or "not a bundle" in err or "not a bench" in err), err
         assert snapshot(mine) == before
@@ -96,6 +114,7 @@ def test_a_run_folder_is_not_replaced_by_a_bundle(capsys, ort_bundle, tmp_path):
 
 
 # 2. Integrity: every file the loader opens is listed and checked; the manifest has a digest.
+
 
 def test_a_manifest_edit_without_its_digest_is_caught(capsys, copy, tmp_path):
     manifest = json.loads((copy / MANIFEST).read_text())
@@ -138,13 +157,16 @@ def test_an_unlisted_table_is_refused(capsys, copy, calibrated_bundle, tmp_path)
     assert code == 2 and "sensitivity.json is not listed" in err
 
 
-@pytest.mark.parametrize("where,name", [
-    ("stage", "../elsewhere/blocks.onnx"),
-    ("stage", "/etc/passwd"),
-    ("text", "../../../../etc/passwd"),
-    ("text", "sub/../../x"),
-    ("files", "../../../../etc/passwd"),
-])
+@pytest.mark.parametrize(
+    "where,name",
+    [
+        ("stage", "../elsewhere/blocks.onnx"),
+        ("stage", "/etc/passwd"),
+        ("text", "../../../../etc/passwd"),
+        ("text", "sub/../../x"),
+        ("files", "../../../../etc/passwd"),
+    ],
+)
 def test_names_that_leave_the_bundle_are_refused_before_opening(capsys, copy, tmp_path, where, name):
     def edit(m):
         if where == "stage":
@@ -199,6 +221,7 @@ def test_manifest_corruption_is_one_line_naming_the_field(capsys, copy, tmp_path
 
 def test_shapes_that_lie_about_the_graph(capsys, copy, tmp_path):
     """frames 16 in the manifest (with a consistent latent), 8 in the graph."""
+
     def edit(m):
         m["shapes"].update(frames=16, latent=[3, 16, 32, 32])
 
@@ -223,21 +246,56 @@ def test_a_corrupt_text_encoder_with_a_matching_hash(capsys, copy, tmp_path):
 
 # 4. Requests and options: bounds, checked before the work.
 
-@pytest.mark.parametrize("args,needle", [
-    (["build", "--model", "tiny-wan", "--frames", "0", "--out", "{tmp}/b"], "--frames must be in [1, 1024]"),
-    (["build", "--model", "tiny-wan", "--max-batch", "100000", "--out", "{tmp}/b"], "--max-batch must be in [1, 64]"),
-    (["generate", "--engine", "{ort}", "--prompt", PROMPT, "--steps", "1000000000", "--cache", "none",
-      "--out", "{tmp}/o"], "--steps must be in [1, 1000]"),
-    (["generate", "--engine", "{ort}", "--prompt", PROMPT, "--threads", "100000", "--cache", "none",
-      "--out", "{tmp}/o"], "--threads must be in [0, 1024]"),
-    (["calibrate", "--engine", "{ort}", "--seed", "-1"], "--seed must be in"),
-    (["calibrate", "--engine", "{ort}", "--steps", "5000"], "--steps must be in [2, 1000]"),
-    (["demo", "--threads", "-1", "--out", "{tmp}/d"], "--threads must be in [1, 1024]"),
-    (["demo", "--out", "{tmp}/afile"], "is a file, not a folder"),
-    (["generate", "--engine", "{ort}", "--prompt", "red " * 10_000, "--out", "{tmp}/o"], "words"),
-    (["calibrate", "--engine", "{ort}", "--import-npz", "{tmp}/table2d.npz"], "must be one-dimensional"),
-    (["generate", "--engine", "{ort}", "--steps", "x"], "invalid int value"),
-])
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["build", "--model", "tiny-wan", "--frames", "0", "--out", "{tmp}/b"], "--frames must be in [1, 1024]"),
+        (
+            ["build", "--model", "tiny-wan", "--max-batch", "100000", "--out", "{tmp}/b"],
+            "--max-batch must be in [1, 64]",
+        ),
+        (
+            [
+                "generate",
+                "--engine",
+                "{ort}",
+                "--prompt",
+                PROMPT,
+                "--steps",
+                "1000000000",
+                "--cache",
+                "none",
+                "--out",
+                "{tmp}/o",
+            ],
+            "--steps must be in [1, 1000]",
+        ),
+        (
+            [
+                "generate",
+                "--engine",
+                "{ort}",
+                "--prompt",
+                PROMPT,
+                "--threads",
+                "100000",
+                "--cache",
+                "none",
+                "--out",
+                "{tmp}/o",
+            ],
+            "--threads must be in [0, 1024]",
+        ),
+        (["calibrate", "--engine", "{ort}", "--seed", "-1"], "--seed must be in"),
+        (["calibrate", "--engine", "{ort}", "--steps", "5000"], "--steps must be in [2, 1000]"),
+        (["demo", "--threads", "-1", "--out", "{tmp}/d"], "--threads must be in [1, 1024]"),
+        (["demo", "--out", "{tmp}/afile"], "is a file, not a folder"),
+        (["generate", "--engine", "{ort}", "--prompt", "red " * 10_000, "--out", "{tmp}/o"], "words"),
+        (["calibrate", "--engine", "{ort}", "--import-npz", "{tmp}/table2d.npz"], "must be one-dimensional"),
+        (["generate", "--engine", "{ort}", "--steps", "x"], "invalid int value"),
+    ],
+)
 def test_bad_options_are_one_line_before_any_work(capsys, ort_bundle, tmp_path, args, needle):
     (tmp_path / "afile").write_text("mine")
     np.savez(tmp_path / "table2d.npz", timesteps=np.ones((2, 3)), J_x_norm=np.ones((2, 3)), J_t_norm=np.ones((2, 3)))
@@ -255,6 +313,7 @@ def test_bad_options_are_one_line_before_any_work(capsys, ort_bundle, tmp_path, 
 
 
 # 5. The environment: unwritable, full, locked.
+
 
 @pytest.fixture
 def tmpfs(tmp_path):
@@ -318,6 +377,7 @@ def test_two_concurrent_writers(ort_bundle, tmp_path):
 
 # 6. Interrupts and crashes.
 
+
 def _start_and_wait_for_partial(args: list[str], parent: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "sencache.cli", *map(str, args)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -354,8 +414,11 @@ def test_a_signal_during_generate(ort_bundle, tmp_path, sig, word):
 @pytest.mark.parametrize("command", ["build", "generate"])
 def test_sigkill_leaves_a_partial_that_the_next_writer_sweeps(capsys, ort_bundle, tmp_path, command):
     out = tmp_path / "out"
-    args = (["build", "--model", "tiny-wan", "--max-batch", "3", "--out", out] if command == "build"
-            else generate(ort_bundle, out, "--steps", "400"))
+    args = (
+        ["build", "--model", "tiny-wan", "--max-batch", "3", "--out", out]
+        if command == "build"
+        else generate(ort_bundle, out, "--steps", "400")
+    )
     proc = _start_and_wait_for_partial(args, tmp_path)
     proc.kill()
     proc.wait(timeout=60)
@@ -432,6 +495,7 @@ def test_calibration_tables_are_written_together(ort_bundle, calibrated_bundle, 
 
 
 # 7. Internal errors: exit 1, one line, the traceback in a log file.
+
 
 def test_an_internal_error_points_at_its_log(capsys, ort_bundle, tmp_path, monkeypatch):
     from sencache.runtime.model import Model

@@ -69,12 +69,17 @@ def test_widen_bf16_keeps_the_graph_and_its_values(tmp_path):
     w = helper.make_tensor("w", TensorProto.BFLOAT16, [3], bits.tobytes(), raw=True)
     c = helper.make_tensor("c", TensorProto.BFLOAT16, [], np.array([16087], np.uint16).tobytes(), raw=True)
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
-         helper.make_node("Constant", [], ["k"], value=c),
-         helper.make_node("Mul", ["xb", "w"], ["y0"]),
-         helper.make_node("Mul", ["y0", "k"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3])], initializer=[w])
+        [
+            helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+            helper.make_node("Constant", [], ["k"], value=c),
+            helper.make_node("Mul", ["xb", "w"], ["y0"]),
+            helper.make_node("Mul", ["y0", "k"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3])],
+        initializer=[w],
+    )
     source, target = tmp_path / "b.onnx", tmp_path / "w.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(source))
     widen_bf16(source, target)

@@ -56,8 +56,7 @@ class Denoiser:
         self.numel = self.model.numel
         self.engine = StepEngine(self.model)
         self.rule = ExternalRule()
-        self.id = self.engine.submit(Request([prompt], [seed], steps, bundle.manifest.defaults.guidance),
-                                     self.rule)
+        self.id = self.engine.submit(Request([prompt], [seed], steps, bundle.manifest.defaults.guidance), self.rule)
         self.worker: threading.Thread | None = None
 
     def ask(self) -> tuple[int, float, bytes | None] | None:

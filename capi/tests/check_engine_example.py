@@ -24,9 +24,29 @@ def main(example: str, bundle: str, work: str) -> int:
     worst = 0.0
     for k, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
         run = out / f"generate_{k}"
-        subprocess.run([sys.executable, "-m", "sencache.cli", "generate", "--engine", bundle, "--prompt", prompt,
-                        "--seed", str(seed), "--steps", str(STEPS), "--threads", "1", "--out", str(run)],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sencache.cli",
+                "generate",
+                "--engine",
+                bundle,
+                "--prompt",
+                prompt,
+                "--seed",
+                str(seed),
+                "--steps",
+                str(STEPS),
+                "--threads",
+                "1",
+                "--out",
+                str(run),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         ours = np.load(out / f"request_{k}.npy")
         theirs = np.load(run / "sample_0.npy")
         assert ours.shape == theirs.shape, (ours.shape, theirs.shape)

@@ -12,11 +12,25 @@ from pathlib import Path
 def main(out: str) -> int:
     bundle = Path(out)
     if not (bundle / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "sencache.cli", "build", "--model", "tiny-wan", "--out", str(bundle)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sencache.cli", "build", "--model", "tiny-wan", "--out", str(bundle)], check=True
+        )
     if not (bundle / "sensitivity.json").exists():
-        subprocess.run([sys.executable, "-m", "sencache.cli", "calibrate", "--engine", str(bundle), "--samples", "2",
-                        "--steps", "12"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sencache.cli",
+                "calibrate",
+                "--engine",
+                str(bundle),
+                "--samples",
+                "2",
+                "--steps",
+                "12",
+            ],
+            check=True,
+        )
     print(f"bundle ready: {bundle}")
     return 0
 

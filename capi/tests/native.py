@@ -11,8 +11,14 @@ c_double_p = ctypes.POINTER(ctypes.c_double)
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("rule", ctypes.c_int), ("eps_start", ctypes.c_double), ("eps_main", ctypes.c_double),
-                ("max_reuse", ctypes.c_int32), ("switch_frac", ctypes.c_double), ("force_last", ctypes.c_int32)]
+    _fields_ = [
+        ("rule", ctypes.c_int),
+        ("eps_start", ctypes.c_double),
+        ("eps_main", ctypes.c_double),
+        ("max_reuse", ctypes.c_int32),
+        ("switch_frac", ctypes.c_double),
+        ("force_last", ctypes.c_int32),
+    ]
 
 
 def load() -> ctypes.CDLL:
@@ -21,15 +27,37 @@ def load() -> ctypes.CDLL:
     lib.sc_table_parse_json.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
     lib.sc_table_load_npz.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
     lib.sc_table_load_bundle.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
-    lib.sc_table_lookup.argtypes = [ctypes.c_void_p, ctypes.c_double, c_double_p, c_double_p,
-                                    ctypes.POINTER(ctypes.c_int)]
+    lib.sc_table_lookup.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_double,
+        c_double_p,
+        c_double_p,
+        ctypes.POINTER(ctypes.c_int),
+    ]
     lib.sc_table_destroy.argtypes = [ctypes.c_void_p]
-    lib.sc_policy_create.argtypes = [ctypes.c_void_p, ctypes.POINTER(Settings), ctypes.c_int32, ctypes.c_int32,
-                                     ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)]
-    lib.sc_policy_decide.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_double, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_int32]
-    lib.sc_policy_last.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, c_double_p,
-                                   ctypes.POINTER(ctypes.c_int)]
+    lib.sc_policy_create.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(Settings),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    lib.sc_policy_decide.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_double,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int32,
+    ]
+    lib.sc_policy_last.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        c_double_p,
+        ctypes.POINTER(ctypes.c_int),
+    ]
     lib.sc_policy_outside_table.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
     lib.sc_policy_reset.argtypes = [ctypes.c_void_p]
     lib.sc_policy_destroy.argtypes = [ctypes.c_void_p]
@@ -67,8 +95,20 @@ class Table:
 class Policy:
     """The native rule with the Python rule's decide() shape: (run mask, scores, threshold, forced)."""
 
-    def __init__(self, lib: ctypes.CDLL, table: Table, rule: int, eps_start: float, eps_main: float, max_reuse: int,
-                 switch_frac: float, force_last: bool, steps: int, batch: int, numel: int) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        table: Table,
+        rule: int,
+        eps_start: float,
+        eps_main: float,
+        max_reuse: int,
+        switch_frac: float,
+        force_last: bool,
+        steps: int,
+        batch: int,
+        numel: int,
+    ) -> None:
         self.lib, self.batch = lib, batch
         settings = Settings(rule, eps_start, eps_main, max_reuse, switch_frac, int(force_last))
         self.handle = ctypes.c_void_p()
@@ -79,13 +119,18 @@ class Policy:
 
     def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, float, bool]:
         drift = None if drift_sumsq is None else np.ascontiguousarray(drift_sumsq, dtype=np.float32)
-        status = self.lib.sc_policy_decide(self.handle, step, t, None if drift is None else drift.ctypes.data,
-                                           self.run.ctypes.data, self.batch)
+        status = self.lib.sc_policy_decide(
+            self.handle, step, t, None if drift is None else drift.ctypes.data, self.run.ctypes.data, self.batch
+        )
         if status:
             raise ValueError(self.lib.sc_last_error().decode())
         threshold, forced = ctypes.c_double(), ctypes.c_int()
-        assert self.lib.sc_policy_last(self.handle, self.scores.ctypes.data, self.batch, ctypes.byref(threshold),
-                                       ctypes.byref(forced)) == 0
+        assert (
+            self.lib.sc_policy_last(
+                self.handle, self.scores.ctypes.data, self.batch, ctypes.byref(threshold), ctypes.byref(forced)
+            )
+            == 0
+        )
         return self.run.astype(bool), self.scores.copy(), threshold.value, bool(forced.value)
 
     def outside(self) -> int:

@@ -42,8 +42,11 @@ def random_table(rng: np.random.Generator) -> SensitivityTable:
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:
     """Bitwise equality, NaN equal to NaN."""
-    return np.array_equal(np.asarray(a, np.float64).view(np.int64) , np.asarray(b, np.float64).view(np.int64)) or \
-        np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
+    return (
+        np.array_equal(np.asarray(a, np.float64).view(np.int64), np.asarray(b, np.float64).view(np.int64))
+        or np.array_equal(a, b, equal_nan=True)
+        and np.array_equal(np.signbit(a), np.signbit(b))
+    )
 
 
 def run_traces(chunk: int, count: int) -> tuple[int, int, int]:
@@ -71,15 +74,17 @@ def run_traces(chunk: int, count: int) -> tuple[int, int, int]:
         # eps around the scores this trace will see, so decisions go both ways.
         eps_main = float(np.median(table.jx) * 1e-2 * 10 ** rng.uniform(-1.5, 1.5))
         eps_start = float(eps_main * rng.choice([0.0, 0.1, 1.0]))
-        drifts = (rng.exponential(1.0, (steps, batch)) * numel * 1e-4
-                  * 10 ** rng.uniform(-2, 2, (steps, 1))).astype(np.float32)
+        drifts = (rng.exponential(1.0, (steps, batch)) * numel * 1e-4 * 10 ** rng.uniform(-2, 2, (steps, 1))).astype(
+            np.float32
+        )
         odd = rng.random(steps) < 0.02  # zero, infinite, NaN and negative drifts now and then
         drifts[odd, rng.integers(batch)] = rng.choice(np.array([0.0, np.inf, np.nan, -1.0], np.float32), int(odd.sum()))
         settings = SenCacheSettings(eps_start, eps_main, max_reuse, switch, force_last)
         rule = (SenCacheMaxPolicy if maximal else SenCachePolicy)(settings, table, steps, batch, numel)
         theirs = native.Table.from_json(lib, table.to_bytes())
-        ours = native.Policy(lib, theirs, int(maximal), eps_start, eps_main, max_reuse, switch, force_last, steps,
-                             batch, numel)
+        ours = native.Policy(
+            lib, theirs, int(maximal), eps_start, eps_main, max_reuse, switch, force_last, steps, batch, numel
+        )
         theirs.close()
         for step in range(steps):
             t = float(ts[step])
@@ -105,8 +110,10 @@ def test_random_traces():
         results = pool.starmap(run_traces, enumerate(sizes))
     decisions, runs, outside = (sum(r[i] for r in results) for i in range(3))
     reuses = decisions - runs
-    print(f"\nparity: {TRACES} traces, {decisions} per-sample decisions ({runs} run, {reuses} reuse), "
-          f"{outside} clamped look-ups, 0 mismatches")
+    print(
+        f"\nparity: {TRACES} traces, {decisions} per-sample decisions ({runs} run, {reuses} reuse), "
+        f"{outside} clamped look-ups, 0 mismatches"
+    )
     assert runs > decisions // 10 and reuses > decisions // 10  # both ways, plenty of each
 
 
@@ -127,8 +134,13 @@ def test_lookup_matches_numpy_interp(lib):
 def test_npz_import(lib, tmp_path, compressed, dtype):
     rng = np.random.default_rng(3)
     t = np.array([999.0, 750.5, 500.25, 250.0, 0.0]).astype(dtype)
-    arrays = {"timesteps": t, "J_x_norm": (rng.random(5) * 9).astype(dtype),
-              "J_t_norm": (rng.random(5) * 9).astype(dtype), "sample_counts": np.arange(5), "other": np.array(["x"])}
+    arrays = {
+        "timesteps": t,
+        "J_x_norm": (rng.random(5) * 9).astype(dtype),
+        "J_t_norm": (rng.random(5) * 9).astype(dtype),
+        "sample_counts": np.arange(5),
+        "other": np.array(["x"]),
+    }
     path = tmp_path / "table.npz"
     (np.savez_compressed if compressed else np.savez)(path, **arrays)
     want = SensitivityTable.from_npz(path)
@@ -147,8 +159,12 @@ def test_npz_refusals(lib, tmp_path):
     with zipfile.ZipFile(good) as z:
         first = z.infolist()[0]
     local = first.header_offset
-    data = local + 30 + int.from_bytes(damaged[local + 26:local + 28], "little") + \
-        int.from_bytes(damaged[local + 28:local + 30], "little")
+    data = (
+        local
+        + 30
+        + int.from_bytes(damaged[local + 26 : local + 28], "little")
+        + int.from_bytes(damaged[local + 28 : local + 30], "little")
+    )
     damaged[data + 5] ^= 0xFF  # inside its deflated data
     (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
     for name, needle in (("missing", "missing J_t_norm"), ("two_d", "one-dimensional"), ("damaged", "damaged|CRC")):

@@ -54,12 +54,19 @@ def test_recorded_runs_match():
     defaults = native.Settings()
     assert lib.sc_policy_settings_from_bundle(BUNDLE.encode(), ctypes.byref(defaults)) == 0, lib.sc_last_error()
     manifest = bundle.manifest.defaults.cache["sencache"]
-    assert (defaults.eps_start, defaults.eps_main, defaults.max_reuse) == \
-        (manifest["eps_start"], manifest["eps_main"], manifest["max_reuse"])
+    assert (defaults.eps_start, defaults.eps_main, defaults.max_reuse) == (
+        manifest["eps_start"],
+        manifest["eps_main"],
+        manifest["max_reuse"],
+    )
     engine = StepEngine(model)
     runs = []
-    cases = [("sencache", {}, 1), ("sencache", {"eps_main": manifest["eps_main"] * 3, "max_reuse": 4}, 2),
-             ("sencache-max", {}, 1), ("sencache", {"eps_start": 0.0, "eps_main": manifest["eps_main"] / 3}, 2)]
+    cases = [
+        ("sencache", {}, 1),
+        ("sencache", {"eps_main": manifest["eps_main"] * 3, "max_reuse": 4}, 2),
+        ("sencache-max", {}, 1),
+        ("sencache", {"eps_start": 0.0, "eps_main": manifest["eps_main"] / 3}, 2),
+    ]
     for k, (method, knobs, batch) in enumerate(cases):
         steps = 10 + 4 * k
         request = Request(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest.defaults.guidance)
@@ -71,8 +78,19 @@ def test_recorded_runs_match():
     decisions = reuses = 0
     for method, knobs, batch, steps, rule in runs:
         s = rule.rule.config
-        ours = native.Policy(lib, native.Table(lib, table), int(method == "sencache-max"), s.eps_start, s.eps_main,
-                             s.max_reuse, s.switch_frac, s.force_last, steps, batch, model.numel)
+        ours = native.Policy(
+            lib,
+            native.Table(lib, table),
+            int(method == "sencache-max"),
+            s.eps_start,
+            s.eps_main,
+            s.max_reuse,
+            s.switch_frac,
+            s.force_last,
+            steps,
+            batch,
+            model.numel,
+        )
         assert len(rule.calls) == steps
         for step, t, drift, want in rule.calls:
             run, _, _, _ = ours.decide(step, t, drift)
@@ -81,6 +99,8 @@ def test_recorded_runs_match():
             reuses += int((~want).sum())
         ours.close()
     lib.sc_table_destroy(table)
-    print(f"\nrecorded tiny-wan runs: {len(runs)} requests, {decisions} per-sample decisions "
-          f"({reuses} reuse), 0 mismatches")
+    print(
+        f"\nrecorded tiny-wan runs: {len(runs)} requests, {decisions} per-sample decisions "
+        f"({reuses} reuse), 0 mismatches"
+    )
     assert reuses > 0

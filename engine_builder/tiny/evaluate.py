@@ -37,8 +37,11 @@ def cases() -> list[PromptSpec]:
     motions = [(None, None)] + [(d, s) for d, s in product(DIRECTIONS, ("slow", "fast"))]
     specs = []
     for i, (colour, (direction, speed)) in enumerate(product(COLOURS, motions)):
-        specs.append(PromptSpec("one", ("small", "large")[i % 2], colour, ("circle", "square")[i // 2 % 2],
-                                direction, speed, "black"))
+        specs.append(
+            PromptSpec(
+                "one", ("small", "large")[i % 2], colour, ("circle", "square")[i // 2 % 2], direction, speed, "black"
+            )
+        )
     return specs
 
 
@@ -82,17 +85,32 @@ def evaluate(engine: Model, steps: int | None = None, batch: int = 4) -> dict:
     specs = cases()
     rows = []
     for start in range(0, len(specs), batch):
-        chunk = specs[start:start + batch]
-        request = Request([s.prompt for s in chunk], [1000 + start + i for i in range(len(chunk))], steps,
-                          engine.bundle.manifest.defaults.guidance)
+        chunk = specs[start : start + batch]
+        request = Request(
+            [s.prompt for s in chunk],
+            [1000 + start + i for i in range(len(chunk))],
+            steps,
+            engine.bundle.manifest.defaults.guidance,
+        )
         clips = engine.decode(engine.generate(request, NoCache(len(chunk))).latents)
         for spec, clip in zip(chunk, clips, strict=True):
-            rows.append({"prompt": spec.prompt, "colour": read_colour(clip), "motion": read_motion(clip),
-                         "want_motion": spec.direction or "static"})
+            rows.append(
+                {
+                    "prompt": spec.prompt,
+                    "colour": read_colour(clip),
+                    "motion": read_motion(clip),
+                    "want_motion": spec.direction or "static",
+                }
+            )
     colour = np.mean([r["colour"] == s.colour for r, s in zip(rows, specs, strict=True)])
     motion = np.mean([r["motion"] == r["want_motion"] for r in rows])
-    return {"clips": len(rows), "colour_accuracy": float(colour), "motion_accuracy": float(motion),
-            "chance": {"colour": 1 / len(COLOURS), "motion": 1 / 5}, "rows": rows}
+    return {
+        "clips": len(rows),
+        "colour_accuracy": float(colour),
+        "motion_accuracy": float(motion),
+        "chance": {"colour": 1 / len(COLOURS), "motion": 1 / 5},
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     bundle = Bundle.load(args.engine)
     report = evaluate(Model(bundle, open_backend(bundle, threads=1)))
-    print(f"{bundle.manifest.model}: colour {report['colour_accuracy']:.0%} (chance 12%), "
-          f"motion {report['motion_accuracy']:.0%} (chance 20%) over {report['clips']} one-object clips on black")
+    print(
+        f"{bundle.manifest.model}: colour {report['colour_accuracy']:.0%} (chance 12%), "
+        f"motion {report['motion_accuracy']:.0%} (chance 20%) over {report['clips']} one-object clips on black"
+    )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

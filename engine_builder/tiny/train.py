@@ -112,8 +112,9 @@ def _read_log(path: Path) -> list[dict]:
         return [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: int, threads: int,
-          resume: bool = False) -> None:
+def train(
+    model: str, out: Path, minutes: float, batch: int, lr: float, seed: int, threads: int, resume: bool = False
+) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -135,19 +136,35 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
     start, last_save, avg = time.time(), time.time(), None
     step = previous.get("steps", 0)
     log: list[dict] = _read_log(out / "loss.csv") if resume else []
-    meta = {"model": model, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes, "threads": threads,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.config.items()},
-            "torch": torch.__version__, "objective": objective.kind,
-            "cfg_dropout": 0.1, "ema": 0.999}
+    meta = {
+        "model": model,
+        "seed": seed,
+        "batch": batch,
+        "lr": lr,
+        "minutes": minutes,
+        "threads": threads,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in preset.config.items()},
+        "torch": torch.__version__,
+        "objective": objective.kind,
+        "cfg_dropout": 0.1,
+        "ema": 0.999,
+    }
     if resume:
-        meta["sessions"] = [*previous.get("sessions", [{k: previous[k] for k in ("steps", "elapsed_s", "lr", "minutes")
-                                                         if k in previous}]), {"lr": lr, "minutes": minutes}]
+        meta["sessions"] = [
+            *previous.get(
+                "sessions", [{k: previous[k] for k in ("steps", "elapsed_s", "lr", "minutes") if k in previous}]
+            ),
+            {"lr": lr, "minutes": minutes},
+        ]
     while (elapsed := time.time() - start) < minutes * 60:
         prompts, frames = clips.batch(rng, batch)
         ids = torch.tensor([empty if rng.random() < 0.1 else tokenize(p) for p in prompts])
         xt, timestep, target = objective(torch.from_numpy(adapter.tiny_latents(frames)))
-        pred = run_chain(module_runner(stages, adapter.layout), adapter.layout,
-                         {"latent": xt, "timestep": timestep, "text": text_encoder(ids)}).noise
+        pred = run_chain(
+            module_runner(stages, adapter.layout),
+            adapter.layout,
+            {"latent": xt, "timestep": timestep, "text": text_encoder(ids)},
+        ).noise
         loss = torch.nn.functional.mse_loss(pred, target)
         for group in opt.param_groups:
             group["lr"] = _lr(lr, elapsed / (minutes * 60), step)
@@ -164,12 +181,29 @@ def train(model: str, out: Path, minutes: float, batch: int, lr: float, seed: in
         avg = value if avg is None else 0.98 * avg + 0.02 * value
         step += 1
         if step % 25 == 0:
-            log.append({"step": step, "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1), "loss": round(value, 5),
-                        "loss_avg": round(avg, 5), "lr": round(opt.param_groups[0]["lr"], 7)})
+            log.append(
+                {
+                    "step": step,
+                    "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1),
+                    "loss": round(value, 5),
+                    "loss_avg": round(avg, 5),
+                    "lr": round(opt.param_groups[0]["lr"], 7),
+                }
+            )
             print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {value:.4f}  avg {avg:.4f}", flush=True)
         if time.time() - last_save > 300 and log:
-            _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1),
-                                           "final_loss_avg": avg})
+            _save(
+                out,
+                ema_t,
+                ema_x,
+                log,
+                {
+                    **meta,
+                    "steps": step,
+                    "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1),
+                    "final_loss_avg": avg,
+                },
+            )
             last_save = time.time()
     total = round(time.time() - start + previous.get("elapsed_s", 0.0), 1)
     _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": total, "final_loss_avg": avg})
@@ -187,8 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue from the weights already in --out")
     args = parser.parse_args(argv)
-    train(args.model, args.out or DEFAULT_ROOT / args.model, args.minutes, args.batch, args.lr, args.seed, args.threads,
-          args.resume)
+    train(
+        args.model,
+        args.out or DEFAULT_ROOT / args.model,
+        args.minutes,
+        args.batch,
+        args.lr,
+        args.seed,
+        args.threads,
+        args.resume,
+    )
 
 
 if __name__ == "__main__":

@@ -43,15 +43,18 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
         raise BadInput(f"threads must be in [0, {MAX_THREADS}] (0: all cores), got {threads}", param="threads")
     name = name or bundle.manifest.backend
     if name != bundle.manifest.backend:
-        raise BadInput(f"backend {name}: bundle {bundle.path} was built for {bundle.manifest.backend}; build "
-                       f"another for {name}", param="backend")
+        raise BadInput(
+            f"backend {name}: bundle {bundle.path} was built for {bundle.manifest.backend}; build another for {name}",
+            param="backend",
+        )
     if name == "torch":
         from sencache.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, threads=threads, device=device)
     if device != "cpu":
-        raise BadInput(f"device {device} applies to torch bundles; a {name} bundle picks its own device",
-                       param="device")
+        raise BadInput(
+            f"device {device} applies to torch bundles; a {name} bundle picks its own device", param="device"
+        )
     if name == "onnxruntime":
         from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 

@@ -45,8 +45,9 @@ class OnnxSessions:
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         types = self.input_types[stage]
-        feeds: dict[str, np.ndarray] = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype)
-                                        for name, dtype in types.items()}
+        feeds: dict[str, np.ndarray] = {
+            name: np.ascontiguousarray(inputs[name].numpy(), dtype=dtype) for name, dtype in types.items()
+        }
         outputs = self.sessions[stage].run(self.outputs[stage], feeds)
         return {name: torch.from_numpy(value) for name, value in zip(self.outputs[stage], outputs, strict=True)}
 
@@ -65,16 +66,21 @@ class OnnxRuntimeBackend(StageBackend):
             try:
                 session = self.onnx.open(stage, bundle.read(files[stage]))
             except Exception as e:  # onnxruntime raises its own exception types for bad models
-                raise BadInput(f"bundle {bundle.path}: ONNX Runtime cannot load {files[stage]}: "
-                               f"{str(e).splitlines()[0][:200]}") from None
+                raise BadInput(
+                    f"bundle {bundle.path}: ONNX Runtime cannot load {files[stage]}: {str(e).splitlines()[0][:200]}"
+                ) from None
             _check_graph(bundle, stage, files[stage], session)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.onnx.run(stage, inputs)
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "device": "cpu", "providers": ",".join(self.providers),
-                "onnxruntime": ort.__version__}
+        return {
+            "backend": self.name,
+            "device": "cpu",
+            "providers": ",".join(self.providers),
+            "onnxruntime": ort.__version__,
+        }
 
 
 def _check_graph(bundle: Bundle, stage: str, file: str, session: ort.InferenceSession) -> None:
@@ -83,9 +89,11 @@ def _check_graph(bundle: Bundle, stage: str, file: str, session: ort.InferenceSe
     spec = bundle.manifest.stages[stage]
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if tuple(i.name for i in inputs) != spec.inputs or tuple(o.name for o in outputs) != spec.outputs:
-        raise BadInput(f"bundle {bundle.path}: {file} takes {[i.name for i in inputs]} -> "
-                       f"{[o.name for o in outputs]}, not the {stage} stage's {list(spec.inputs)} -> "
-                       f"{list(spec.outputs)}")
+        raise BadInput(
+            f"bundle {bundle.path}: {file} takes {[i.name for i in inputs]} -> "
+            f"{[o.name for o in outputs]}, not the {stage} stage's {list(spec.inputs)} -> "
+            f"{list(spec.outputs)}"
+        )
     for i in inputs:
         if i.type not in ONNX_TYPES:
             raise BadInput(f"bundle {bundle.path}: {file} input {i.name} is {i.type}, not a float tensor")
@@ -94,5 +102,7 @@ def _check_graph(bundle: Bundle, stage: str, file: str, session: ort.InferenceSe
         for i in inputs:
             expected = {"latent": shapes.latent, "text": shapes.text}.get(i.name)
             if expected is not None and list(i.shape[1:]) != list(expected):
-                raise BadInput(f"bundle {bundle.path}: {file} takes {i.name} of shape {i.shape[1:]} per "
-                               f"sample; the manifest says {list(expected)}")
+                raise BadInput(
+                    f"bundle {bundle.path}: {file} takes {i.name} of shape {i.shape[1:]} per "
+                    f"sample; the manifest says {list(expected)}"
+                )

@@ -28,8 +28,14 @@ from sencache.runtime.manifest import STAGES
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
-             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.BOOL: torch.bool,
+    }
     if dtype not in table:
         raise BadInput(f"a stage engine has an I/O tensor of type {dtype}, which this backend does not exchange")
     return table[dtype]
@@ -45,21 +51,29 @@ class TensorRTBackend(StageBackend):
         try:
             trt = importlib.import_module(module)
         except ImportError:
-            raise BadInput(f"bundle {bundle.path} holds {module} engines; install {module} "
-                           f"({'pip install tensorrt-rtx-cu13' if module == 'tensorrt_rtx' else 'from NVIDIA'})") from None
+            raise BadInput(
+                f"bundle {bundle.path} holds {module} engines; install {module} "
+                f"({'pip install tensorrt-rtx-cu13' if module == 'tensorrt_rtx' else 'from NVIDIA'})"
+            ) from None
         if trt.__version__ != record["version"]:
-            raise BadInput(f"bundle {bundle.path} was built with {module} {record['version']}; this machine has "
-                           f"{trt.__version__}: rebuild the bundle here")
+            raise BadInput(
+                f"bundle {bundle.path} was built with {module} {record['version']}; this machine has "
+                f"{trt.__version__}: rebuild the bundle here"
+            )
         if not torch.cuda.is_available():
-            raise BadInput(f"bundle {bundle.path} holds TensorRT engines, which need an NVIDIA GPU and a CUDA build of "
-                           f"torch (this one, {torch.__version__}, sees no GPU)")
+            raise BadInput(
+                f"bundle {bundle.path} holds TensorRT engines, which need an NVIDIA GPU and a CUDA build of "
+                f"torch (this one, {torch.__version__}, sees no GPU)"
+            )
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.gpu = torch.cuda.get_device_name(self.device)
         major, minor = torch.cuda.get_device_capability(self.device)
         target, here = record["compute_capability"], f"SM{major}{minor}"
         if module == "tensorrt_rtx" and target != here:
-            raise BadInput(f"bundle {bundle.path} was built for {target}; this GPU ({self.gpu}) is {here}: "
-                           f"rebuild it for compute capability {here}")
+            raise BadInput(
+                f"bundle {bundle.path} was built for {target}; this GPU ({self.gpu}) is {here}: "
+                f"rebuild it for compute capability {here}"
+            )
         self.trt = trt
         self.name = "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt"
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
@@ -72,12 +86,16 @@ class TensorRTBackend(StageBackend):
             spec = bundle.manifest.stages[stage]
             engine = self.runtime.deserialize_cuda_engine(bundle.read(spec.file))
             if engine is None:
-                raise BadInput(f"bundle {bundle.path}: {module} cannot load {stage}.engine on {self.gpu} "
-                               f"(built for {target} with {record['version']})")
+                raise BadInput(
+                    f"bundle {bundle.path}: {module} cannot load {stage}.engine on {self.gpu} "
+                    f"(built for {target} with {record['version']})"
+                )
             names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
             if names != {*spec.inputs, *spec.outputs}:
-                raise BadInput(f"bundle {bundle.path}: {spec.file} has tensors {sorted(names)}, not the {stage} "
-                               f"stage's {list(spec.inputs + spec.outputs)}")
+                raise BadInput(
+                    f"bundle {bundle.path}: {spec.file} has tensors {sorted(names)}, not the {stage} "
+                    f"stage's {list(spec.inputs + spec.outputs)}"
+                )
             context = engine.create_execution_context()
             self.engines[stage], self.contexts[stage] = engine, context
             self.input_types[stage], self.output_buffers[stage] = {}, {}
@@ -105,10 +123,15 @@ class TensorRTBackend(StageBackend):
         results = {}
         for name, buffer in self.output_buffers[stage].items():
             shape = tuple(context.get_tensor_shape(name))
-            results[name] = buffer.view(-1)[:math.prod(shape)].view(shape)
+            results[name] = buffer.view(-1)[: math.prod(shape)].view(shape)
         return results
 
     def describe(self) -> dict[str, str]:
         major, minor = torch.cuda.get_device_capability(self.device)
-        return {"backend": self.name, "module": self.trt.__name__, "version": self.trt.__version__,
-                "device": self.gpu, "arch": f"sm_{major}{minor}"}
+        return {
+            "backend": self.name,
+            "module": self.trt.__name__,
+            "version": self.trt.__version__,
+            "device": self.gpu,
+            "arch": f"sm_{major}{minor}",
+        }

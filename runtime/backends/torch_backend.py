@@ -24,14 +24,15 @@ class TorchBackend(StageBackend):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BadInput(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU", param="device")
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise BadInput(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
-                           param="device")
+            raise BadInput(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)", param="device")
         if self.device.type not in ("cpu", "cuda"):
             raise BadInput(f"device {device}: the torch backend runs on cpu or cuda", param="device")
         preset = bundle.preset
         assert bundle.manifest.weights is not None, "Manifest.parse sets the weights of a torch bundle"
         transformer = bundle.adapter.build_transformer(preset, bundle.checked_folder(bundle.manifest.weights))
-        self.modules = {k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()}
+        self.modules = {
+            k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()
+        }
         self.specs = {stage: bundle.manifest.stages[stage] for stage in STAGES}
 
     @torch.no_grad()

@@ -4,5 +4,14 @@ from sencache.runtime.cache.base import CachePolicy, NoCache, StepDecision
 from sencache.runtime.cache.factory import make_policy
 from sencache.runtime.cache.knobs import KNOBS, METHODS, Knob, check_knobs, method_knobs
 
-__all__ = ["KNOBS", "METHODS", "CachePolicy", "Knob", "NoCache", "StepDecision", "check_knobs", "make_policy",
-           "method_knobs"]
+__all__ = [
+    "KNOBS",
+    "METHODS",
+    "CachePolicy",
+    "Knob",
+    "NoCache",
+    "StepDecision",
+    "check_knobs",
+    "make_policy",
+    "method_knobs",
+]

@@ -50,8 +50,9 @@ class CachePolicy(Protocol):
     def settings(self) -> dict[str, Any]:
         """The knobs in use, as written to stats.json under "cache"."""
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         """Decide step `step` at timestep `t` and update the per-sample state."""
 
 
@@ -69,6 +70,7 @@ class NoCache:
     def settings(self) -> dict[str, Any]:
         return {"method": "none"}
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)

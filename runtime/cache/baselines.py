@@ -44,8 +44,9 @@ class FixedPolicy:
     def settings(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self.config)}
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         forced = forced_step(step, self.num_steps, self.config.force_last)
         run = forced or step < self.config.warmup or step % self.config.interval == 0
         return StepDecision(np.full(self.batch, run), np.full(self.batch, np.nan), math.nan, forced)
@@ -79,11 +80,16 @@ class TeaCachePolicy:
         self.previous: np.ndarray | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "threshold": self.config.threshold,
-                "coefficients": list(self.config.coefficients), "force_last": self.config.force_last}
+        return {
+            "method": self.name,
+            "threshold": self.config.threshold,
+            "coefficients": list(self.config.coefficients),
+            "force_last": self.config.force_last,
+        }
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         if modulation is None:
             raise ValueError("TeaCache needs the modulated input")
         current = modulation.reshape(len(modulation), -1).astype(np.float64)
@@ -142,12 +148,18 @@ class MagCachePolicy:
         self.reused = np.zeros(batch, dtype=np.int64)
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "threshold": self.config.threshold, "max_reuse": self.config.max_reuse,
-                "retention": self.config.retention, "force_last": self.config.force_last,
-                "ratios_calibrated_steps": len(self.config.ratios)}
+        return {
+            "method": self.name,
+            "threshold": self.config.threshold,
+            "max_reuse": self.config.max_reuse,
+            "retention": self.config.retention,
+            "force_last": self.config.force_last,
+            "ratios_calibrated_steps": len(self.config.ratios),
+        }
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         batch = len(self.ratio)
         forced = forced_step(step, self.num_steps, self.config.force_last)
         if forced or step < self.retention_step:
@@ -176,8 +188,12 @@ class BaselineTables:
 
     def to_bytes(self) -> bytes:
         magcache = None if self.magcache_ratios is None else {"ratios": list(self.magcache_ratios)}
-        document = {"format": BASELINES_FORMAT, "teacache": {"coefficients": list(self.teacache_coefficients)},
-                    "magcache": magcache, "meta": self.meta}
+        document = {
+            "format": BASELINES_FORMAT,
+            "teacache": {"coefficients": list(self.teacache_coefficients)},
+            "magcache": magcache,
+            "meta": self.meta,
+        }
         return json.dumps(document, indent=1).encode()
 
     @classmethod
@@ -188,9 +204,11 @@ class BaselineTables:
             if document.get("format") != BASELINES_FORMAT:
                 raise ValueError(f"not a {BASELINES_FORMAT} file")
             magcache = document["magcache"]
-            tables = cls(tuple(_number(c) for c in document["teacache"]["coefficients"]),
-                         None if magcache is None else tuple(_number(r) for r in magcache["ratios"]),
-                         dict(document.get("meta", {})))
+            tables = cls(
+                tuple(_number(c) for c in document["teacache"]["coefficients"]),
+                None if magcache is None else tuple(_number(r) for r in magcache["ratios"]),
+                dict(document.get("meta", {})),
+            )
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadInput(f"corrupt baseline tables {source}: {e}") from None
         if not all(math.isfinite(v) for v in tables.teacache_coefficients + (tables.magcache_ratios or ())):

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from sencache.runtime.bundle import Bundle
 
 
-def make_policy(method: str, knobs: Mapping[str, object] | None, steps: int, batch: int, bundle: Bundle,
-                numel: int) -> CachePolicy:
+def make_policy(
+    method: str, knobs: Mapping[str, object] | None, steps: int, batch: int, bundle: Bundle, numel: int
+) -> CachePolicy:
     """The cache rule `method` for one request of `batch` samples and `steps` steps on `bundle`
     (latents of `numel` elements per sample); unset knobs take the bundle's defaults, and
     SenCache's reference conventions are those of the bundle's family adapter. Every problem is a
@@ -45,7 +46,9 @@ def make_policy(method: str, knobs: Mapping[str, object] | None, steps: int, bat
         teacache = TeaCacheSettings(**{**defaults["teacache"], **given}, coefficients=tables.teacache_coefficients)
         return TeaCachePolicy(teacache, steps, batch)
     if tables.magcache_ratios is None:
-        raise BadInput(f"no MagCache ratios are published for {bundle.manifest.model}: calibrate the bundle "
-                       f"(`sencache calibrate`) to measure them")
+        raise BadInput(
+            f"no MagCache ratios are published for {bundle.manifest.model}: calibrate the bundle "
+            f"(`sencache calibrate`) to measure them"
+        )
     magcache = MagCacheSettings(**{**defaults["magcache"], **given}, ratios=tables.magcache_ratios)
     return MagCachePolicy(magcache, steps, batch)

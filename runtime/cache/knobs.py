@@ -34,8 +34,10 @@ class Knob:
                 raise BadInput(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}", param=self.name)
             return str(value)
         span = f"[{self.low:g}, {'inf' if math.isinf(self.high) else f'{self.high:g}'}]"
-        wrong = BadInput(f"{self.name} must be {'an integer' if self.type is int else 'a number'} in {span}, "
-                         f"got {value!r}", param=self.name)
+        wrong = BadInput(
+            f"{self.name} must be {'an integer' if self.type is int else 'a number'} in {span}, got {value!r}",
+            param=self.name,
+        )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         if self.type is int and not float(value).is_integer():
@@ -56,18 +58,35 @@ METHODS: dict[str, str] = {
 }
 
 _SENCACHE = ("sencache", "sencache-max")
-KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps", _SENCACHE),
-    Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that", _SENCACHE),
-    Knob("max_reuse", int, 0, MAX_STEPS, "sencache, magcache: most reuses in a row", (*_SENCACHE, "magcache")),
-    Knob("conventions", str, 0, 0, "sencache: engine (default) or reference (the authors' code for the model's "
-         "family: step counting, forced steps, nearest-timestep table, fixed score constant)", _SENCACHE,
-         CONVENTIONS),
-    Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step", ("fixed",)),
-    Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps", ("fixed",)),
-    Knob("threshold", float, 0.0, math.inf, "teacache, magcache: accumulated-error threshold", ("teacache", "magcache")),
-    Knob("retention", float, 0.0, 1.0, "magcache: fraction of first steps always run", ("magcache",)),
-)}
+KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps", _SENCACHE),
+        Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that", _SENCACHE),
+        Knob("max_reuse", int, 0, MAX_STEPS, "sencache, magcache: most reuses in a row", (*_SENCACHE, "magcache")),
+        Knob(
+            "conventions",
+            str,
+            0,
+            0,
+            "sencache: engine (default) or reference (the authors' code for the model's "
+            "family: step counting, forced steps, nearest-timestep table, fixed score constant)",
+            _SENCACHE,
+            CONVENTIONS,
+        ),
+        Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step", ("fixed",)),
+        Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps", ("fixed",)),
+        Knob(
+            "threshold",
+            float,
+            0.0,
+            math.inf,
+            "teacache, magcache: accumulated-error threshold",
+            ("teacache", "magcache"),
+        ),
+        Knob("retention", float, 0.0, 1.0, "magcache: fraction of first steps always run", ("magcache",)),
+    )
+}
 
 
 def method_knobs(method: str) -> tuple[str, ...]:

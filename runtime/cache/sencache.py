@@ -50,8 +50,15 @@ class SenCachePolicy:
     needs_modulation = False
     may_reuse = True
 
-    def __init__(self, settings: SenCacheSettings, table: SensitivityTable, num_steps: int, batch: int, numel: int,
-                 conventions: SenCacheConventions | None = None) -> None:
+    def __init__(
+        self,
+        settings: SenCacheSettings,
+        table: SensitivityTable,
+        num_steps: int,
+        batch: int,
+        numel: int,
+        conventions: SenCacheConventions | None = None,
+    ) -> None:
         if num_steps <= 0 or batch <= 0 or numel <= 0:
             raise BadInput("steps, batch and latent size must be positive")
         self.config = settings
@@ -76,8 +83,9 @@ class SenCachePolicy:
     def forced(self, step: int) -> bool:
         return self.conventions.forced(step, self.num_steps)
 
-    def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None = None,
-               modulation: np.ndarray | None = None) -> StepDecision:
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
         batch = len(self.reuses)
         eps = self.threshold(step)
         if self.forced(step):

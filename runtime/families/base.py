@@ -69,9 +69,11 @@ class StageLayout:
     @property
     def stage_io(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         """(inputs, outputs) of each stage by name, as exported and as the runtime feeds them."""
-        return {"head": (HEAD_INPUTS, self.head_outputs),
-                "blocks": (self.blocks_inputs, tuple(s + "_out" for s in self.streams)),
-                "tail": (self.tail_inputs, (NOISE,))}
+        return {
+            "head": (HEAD_INPUTS, self.head_outputs),
+            "blocks": (self.blocks_inputs, tuple(s + "_out" for s in self.streams)),
+            "tail": (self.tail_inputs, (NOISE,)),
+        }
 
 
 HEAD_INPUTS = ("latent", "timestep", "text")
@@ -130,8 +132,9 @@ class Sampler:
         """Make the next step the first one of a fresh state at `index` (calibration)."""
         self.scheduler.set_begin_index(index)
 
-    def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
-             generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    def step(
+        self, index: int, noise: torch.Tensor, x: torch.Tensor, generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         """One solver step from `x` with the guided prediction `noise` at timestep `index`."""
         return self.scheduler.step(noise, self.timesteps[index], x, return_dict=False)[0]
 
@@ -177,8 +180,9 @@ class FamilyAdapter(ABC):
     def diffusers_pipeline(self, transformer: nn.Module | None, scheduler, vae: nn.Module | None = None):
         """diffusers' own pipeline around `transformer`, without text encoder (it takes prompt
         embeddings): the reference our loop must match, and with `vae` the reference decoder."""
-        return self.pipeline_class()(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                                     scheduler=scheduler)
+        return self.pipeline_class()(
+            tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler
+        )
 
     def load_components(self, folder: Path):
         """The real model's tokenizer, text encoder and VAE, loaded by diffusers' own pipeline class
@@ -186,16 +190,21 @@ class FamilyAdapter(ABC):
         downloaded; parts the folder lacks stay None and fail clearly when used."""
         folder = Path(folder)
         if not (folder / "model_index.json").is_file():
-            raise BadInput(f"weights {folder}: no model_index.json; text encoding and decoding need the whole "
-                           f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)",
-                           param="weights")
+            raise BadInput(
+                f"weights {folder}: no model_index.json; text encoding and decoding need the whole "
+                f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)",
+                param="weights",
+            )
         absent = {part: None for part in ("tokenizer", "text_encoder", "vae") if not (folder / part).is_dir()}
         try:
-            return self.pipeline_class().from_pretrained(str(folder), transformer=None, local_files_only=True,
-                                                         dtype=torch.float32, **absent)
+            return self.pipeline_class().from_pretrained(
+                str(folder), transformer=None, local_files_only=True, dtype=torch.float32, **absent
+            )
         except (OSError, ValueError, RuntimeError, TypeError) as e:
-            raise BadInput(f"weights {folder}: diffusers cannot load the pipeline components: "
-                           f"{str(e).splitlines()[0]}", param="weights") from None
+            raise BadInput(
+                f"weights {folder}: diffusers cannot load the pipeline components: {str(e).splitlines()[0]}",
+                param="weights",
+            ) from None
 
     def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
         """Text embeddings [B, tokens, channels] by the pipeline's own encode_prompt."""
@@ -204,11 +213,14 @@ class FamilyAdapter(ABC):
     def _encode_prompt(self, pipeline, prompts: list[str], preset: ModelPreset) -> tuple:
         """What the pipeline's encode_prompt returns for `prompts`, without guidance."""
         if pipeline.text_encoder is None or pipeline.tokenizer is None:
-            raise BadInput(f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
-                           f"prompt embeddings")
+            raise BadInput(
+                f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
+                f"prompt embeddings"
+            )
         with torch.no_grad():
-            return pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                          max_sequence_length=self.text_shape(preset)[0], device="cpu")
+            return pipeline.encode_prompt(
+                prompts, do_classifier_free_guidance=False, max_sequence_length=self.text_shape(preset)[0], device="cpu"
+            )
 
     def decode(self, latents: np.ndarray, preset: ModelPreset, shapes: Shapes, pipeline=None) -> np.ndarray:
         """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]: a tiny model's latents are
@@ -247,8 +259,9 @@ class FamilyAdapter(ABC):
 
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
         """The guidance scale at timestep `t` under the pipeline's dynamic-CFG option, if it has one."""
-        raise BadInput(f"dynamic_cfg is an option of CogVideoX's pipeline; {self.family} has no such schedule",
-                       param="dynamic_cfg")
+        raise BadInput(
+            f"dynamic_cfg is an option of CogVideoX's pipeline; {self.family} has no such schedule", param="dynamic_cfg"
+        )
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         """The real pipeline's use of `scheduler` for a run of `steps` at `shapes`."""
@@ -280,14 +293,16 @@ class FamilyAdapter(ABC):
                     f"weights must name a folder: {preset.name} needs a local copy of {source} in diffusers "
                     f"format (transformer/config.json and transformer/*.safetensors to build; model_index.json, "
                     f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded",
-                    param="weights")
+                    param="weights",
+                )
             with torch.device(device):
                 return cls(**preset.config).eval()
         folder = Path(weights)
         sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
         if not (sub / "config.json").is_file():
-            raise BadInput(f"weights {folder}: no transformer/config.json (expected a diffusers-format folder)",
-                           param="weights")
+            raise BadInput(
+                f"weights {folder}: no transformer/config.json (expected a diffusers-format folder)", param="weights"
+            )
         if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
             raise BadInput(f"weights {folder}: no weight files (*.safetensors) in {sub}", param="weights")
         config = json.loads((sub / "config.json").read_text())
@@ -296,7 +311,9 @@ class FamilyAdapter(ABC):
         try:
             model = cls.from_pretrained(str(sub))
         except (OSError, ValueError, RuntimeError) as e:
-            raise BadInput(f"weights {folder}: cannot load {cls.__name__}: {e}".splitlines()[0], param="weights") from None
+            raise BadInput(
+                f"weights {folder}: cannot load {cls.__name__}: {e}".splitlines()[0], param="weights"
+            ) from None
         return model.float().eval()
 
     def make_scheduler(self, preset: ModelPreset, config: dict[str, Any] | None = None):
@@ -315,4 +332,3 @@ class FamilyAdapter(ABC):
         timestep = torch.rand(batch, generator=g) * 1000.0
         text = torch.randn((batch, *self.text_shape(preset)), generator=g)
         return {"latent": latent, "timestep": timestep, "text": text}
-

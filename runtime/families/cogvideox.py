@@ -202,8 +202,9 @@ class CogVideoXSampler(Sampler):
         super().__init__(scheduler, steps)
         self._dpm = isinstance(scheduler, CogVideoXDPMScheduler)
         if self._dpm and scheduler.config.prediction_type != "v_prediction":
-            raise BadInput(f"CogVideoX DPM with prediction type {scheduler.config.prediction_type!r}: the pipeline "
-                           f"predicts v")
+            raise BadInput(
+                f"CogVideoX DPM with prediction type {scheduler.config.prediction_type!r}: the pipeline predicts v"
+            )
         self._previous_x0: torch.Tensor | None = None
         self._steps = [self._dpm_step(i) for i in range(len(self.timesteps))] if self._dpm else []
 
@@ -223,8 +224,9 @@ class CogVideoXSampler(Sampler):
         mult_noise = (1 - alpha_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
         return _DPMStep(alpha**0.5, (1 - alpha) ** 0.5, mult, mult_noise, bool(previous < 0))
 
-    def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
-             generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    def step(
+        self, index: int, noise: torch.Tensor, x: torch.Tensor, generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         t = self.timesteps[index]
         if not self._dpm:
             return self.scheduler.step(noise, t, x, eta=0.0, generator=generators, return_dict=False)[0]
@@ -261,8 +263,9 @@ class CogVideoXAdapter(FamilyAdapter):
     tiny_axes = (0, 1, 4, 2, 3)  # [B, F, C, H, W]
     # vita-epfl/SenCache CogVideoX/sencache.py: one call per step, switch at round(0.2 N), the
     # first and the last step always run, the nearest calibrated timestep, a fixed constant.
-    sencache_reference = SenCacheConventions(switch_frac=0.2, retain_steps=1, nearest_lookup=True,
-                                             score_constant=1099.8181667894016)
+    sencache_reference = SenCacheConventions(
+        switch_frac=0.2, retain_steps=1, nearest_lookup=True, score_constant=1099.8181667894016
+    )
     aliases = {"cogvideox": "cogvideox1.5-5b"}
     presets = {
         "tiny-cogvideox": ModelPreset(
@@ -282,13 +285,17 @@ class CogVideoXAdapter(FamilyAdapter):
             },
             scheduler={"_class_name": "CogVideoXDPMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
             description="bundled tiny CogVideoX 1.5-style (rotary, 2x4x4 patches) trained on procedural clips, "
-                        "RGB used as latent",
+            "RGB used as latent",
         ),
         "cogvideox-2b": ModelPreset(
             name="cogvideox-2b",
             family="cogvideox",
-            config={**_REAL_COMMON, "num_attention_heads": 30, "num_layers": 30,
-                    "use_rotary_positional_embeddings": False},
+            config={
+                **_REAL_COMMON,
+                "num_attention_heads": 30,
+                "num_layers": 30,
+                "use_rotary_positional_embeddings": False,
+            },
             frames=49,
             height=480,
             width=720,
@@ -302,8 +309,12 @@ class CogVideoXAdapter(FamilyAdapter):
         "cogvideox-5b": ModelPreset(
             name="cogvideox-5b",
             family="cogvideox",
-            config={**_REAL_COMMON, "num_attention_heads": 48, "num_layers": 42,
-                    "use_rotary_positional_embeddings": True},
+            config={
+                **_REAL_COMMON,
+                "num_attention_heads": 48,
+                "num_layers": 42,
+                "use_rotary_positional_embeddings": True,
+            },
             frames=49,
             height=480,
             width=720,
@@ -317,9 +328,17 @@ class CogVideoXAdapter(FamilyAdapter):
         "cogvideox1.5-5b": ModelPreset(
             name="cogvideox1.5-5b",
             family="cogvideox",
-            config={**_REAL_COMMON, "num_attention_heads": 48, "num_layers": 42, "sample_width": 170,
-                    "sample_height": 96, "sample_frames": 81, "patch_size_t": 2, "patch_bias": False,
-                    "use_rotary_positional_embeddings": True},
+            config={
+                **_REAL_COMMON,
+                "num_attention_heads": 48,
+                "num_layers": 42,
+                "sample_width": 170,
+                "sample_height": 96,
+                "sample_frames": 81,
+                "patch_size_t": 2,
+                "patch_bias": False,
+                "use_rotary_positional_embeddings": True,
+            },
             frames=81,
             height=768,
             width=1360,
@@ -378,12 +397,23 @@ class CogVideoXAdapter(FamilyAdapter):
         base_width, base_height = config["sample_width"] // p, config["sample_height"] // p
         if p_t is None:
             crops = get_resize_crop_region_for_grid(grid, base_width, base_height)
-            table = get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=crops,
-                                            grid_size=grid, temporal_size=frames, device=torch.device("cpu"))
+            table = get_3d_rotary_pos_embed(
+                embed_dim=config["attention_head_dim"],
+                crops_coords=crops,
+                grid_size=grid,
+                temporal_size=frames,
+                device=torch.device("cpu"),
+            )
         else:
-            table = get_3d_rotary_pos_embed(embed_dim=config["attention_head_dim"], crops_coords=None, grid_size=grid,
-                                            temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
-                                            max_size=(base_height, base_width), device=torch.device("cpu"))
+            table = get_3d_rotary_pos_embed(
+                embed_dim=config["attention_head_dim"],
+                crops_coords=None,
+                grid_size=grid,
+                temporal_size=(frames + p_t - 1) // p_t,
+                grid_type="slice",
+                max_size=(base_height, base_width),
+                device=torch.device("cpu"),
+            )
         assert isinstance(table, tuple), "use_real (the default) gives the (cos, sin) pair"
         return table
 
@@ -413,4 +443,4 @@ class CogVideoXAdapter(FamilyAdapter):
         return CogVideoXPipeline
 
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
-        return pipeline.decode_latents(latents[:, self.padding_frames(preset, shapes):])
+        return pipeline.decode_latents(latents[:, self.padding_frames(preset, shapes) :])

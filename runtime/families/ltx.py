@@ -148,8 +148,13 @@ class LTXSampler(Sampler):
         from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
         config = self.scheduler.config
-        mu = calculate_shift(self.tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        mu = calculate_shift(
+            self.tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
 
 
@@ -165,8 +170,9 @@ class LTXAdapter(FamilyAdapter):
     # vita-epfl/SenCache LTX-Video/sencache.py: one call per step, switch at round(0.2 N),
     # int(round(0.02 N)) steps always run at each end (and the anchorless first), the nearest
     # calibrated timestep, a fixed constant.
-    sencache_reference = SenCacheConventions(switch_frac=0.2, retain_frac=0.02, nearest_lookup=True,
-                                             score_constant=1015.9685034488028)
+    sencache_reference = SenCacheConventions(
+        switch_frac=0.2, retain_frac=0.02, nearest_lookup=True, score_constant=1015.9685034488028
+    )
     aliases = {"ltx-video": "ltx-video-0.9.1"}
     presets = {
         "tiny-ltx": ModelPreset(
@@ -183,7 +189,7 @@ class LTXAdapter(FamilyAdapter):
             cache_defaults=_CACHE,
             scheduler=_SCHEDULER,
             description="tiny LTX-Video, UNTRAINED (random weights, seed 0): for export and parity checks only, "
-                        "its videos are noise",
+            "its videos are noise",
         ),
         **{
             f"ltx-video-{version}": ModelPreset(
@@ -233,8 +239,11 @@ class LTXAdapter(FamilyAdapter):
 
     def split(self, transformer: Any, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
         f, h, w = self.grid(preset, shapes)
-        scale = (1.0 if preset.tiny else TEMPORAL / FRAME_RATE, 1.0 if preset.tiny else SPATIAL,
-                 1.0 if preset.tiny else SPATIAL)
+        scale = (
+            1.0 if preset.tiny else TEMPORAL / FRAME_RATE,
+            1.0 if preset.tiny else SPATIAL,
+            1.0 if preset.tiny else SPATIAL,
+        )
         probe = torch.zeros(1, f * h * w, 1, device=transformer.device)
         rope = transformer.rope(probe, f, h, w, scale, None)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}

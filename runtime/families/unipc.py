@@ -38,9 +38,15 @@ class UniPCSampler(Sampler):
 
     def __init__(self, scheduler, steps: int) -> None:
         config = scheduler.config
-        supported = (config.prediction_type == "flow_prediction" and config.use_flow_sigmas and config.predict_x0
-                     and config.solver_type in ("bh1", "bh2") and not config.thresholding
-                     and scheduler.solver_p is None and not scheduler.disable_corrector)
+        supported = (
+            config.prediction_type == "flow_prediction"
+            and config.use_flow_sigmas
+            and config.predict_x0
+            and config.solver_type in ("bh1", "bh2")
+            and not config.thresholding
+            and scheduler.solver_p is None
+            and not scheduler.disable_corrector
+        )
         if not supported:
             raise BadInput(f"UniPC configuration {dict(config)} is not the flow-prediction one this engine steps")
         super().__init__(scheduler, steps)
@@ -54,13 +60,14 @@ class UniPCSampler(Sampler):
         self._last_sample: torch.Tensor | None = None
         self._last_order = 0
 
-    def step(self, index: int, noise: torch.Tensor, x: torch.Tensor,
-             generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    def step(
+        self, index: int, noise: torch.Tensor, x: torch.Tensor, generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         x0 = x - self.scheduler.sigmas[index] * noise
         if self._last_sample is not None:
             update = self._update(index - 1, index, self._last_order, corrector=True)
             x = self._corrected(update, x0, self._last_sample)
-        self._outputs = (self._outputs + [x0])[-self.order:]
+        self._outputs = (self._outputs + [x0])[-self.order :]
         order = self.order
         if self.scheduler.config.lower_order_final:
             order = min(order, len(self.timesteps) - index)
@@ -127,7 +134,17 @@ class UniPCSampler(Sampler):
         if corrector:
             rhos = torch.ones(1) * 0.5 if order == 1 else torch.linalg.solve(matrix, b)
         else:
-            rhos = None if order == 1 else torch.ones(1) * 0.5 if order == 2 else \
-                torch.linalg.solve(matrix[:-1, :-1], b[:-1])
-        return _Update(ratio=sigma_t / sigma_s0, alpha_h_phi_1=alpha_t * h_phi_1, alpha_b_h=alpha_t * b_h,
-                       rks=tuple(rks), rhos=rhos)
+            rhos = (
+                None
+                if order == 1
+                else torch.ones(1) * 0.5
+                if order == 2
+                else torch.linalg.solve(matrix[:-1, :-1], b[:-1])
+            )
+        return _Update(
+            ratio=sigma_t / sigma_s0,
+            alpha_h_phi_1=alpha_t * h_phi_1,
+            alpha_b_h=alpha_t * b_h,
+            rks=tuple(rks),
+            rhos=rhos,
+        )
