@@ -191,7 +191,7 @@ def authors_table(model, steps: int = 9) -> tuple[np.ndarray, np.ndarray, np.nda
     scaled so that eps reads as an RMS drift on the tiny latents, and varies along t."""
     timesteps = np.asarray(model.sampler(steps).timesteps, np.float64)
     profile = np.linspace(0.6, 1.8, steps)
-    j_x = profile * CONSTANTS[model.bundle.manifest["family"]] / np.sqrt(model.numel)
+    j_x = profile * CONSTANTS[model.bundle.manifest.family] / np.sqrt(model.numel)
     j_t = profile[::-1] * j_x * 1e-3
     return timesteps, j_x, j_t
 
@@ -217,7 +217,7 @@ def test_reference_runs_match_the_authors_rule_decision_by_decision(tiny):
     knobs = {"eps_start": eps_start, "eps_main": eps_main, "max_reuse": k, "conventions": "reference"}
     decisions, mismatches, reuses = 0, [], 0
     for steps in STEP_COUNTS:
-        request = Request(PROMPTS, [1, 2], steps, model.bundle.manifest["defaults"]["guidance"])
+        request = Request(PROMPTS, [1, 2], steps, model.bundle.manifest.defaults.guidance)
         result = model.generate(request, model.policy("sencache", steps, len(PROMPTS), knobs), record=True)
         for b in range(len(PROMPTS)):
             rule = AuthorsRule(family, timesteps, j_x, j_t, eps_start, eps_main, k, steps)
@@ -294,7 +294,7 @@ def test_calibration_on_the_conditional_branch(ort_bundle):
     table = calibrate(model, plan, PROMPTS[:1], show_progress=False).sensitivity
     guided = calibrate(model, CalibrationPlan(samples=1, steps=4, seed=7), PROMPTS[:1], show_progress=False).sensitivity
     assert table.meta["branch"] == "cond" and guided.meta["branch"] == "guided"
-    guidance = model.bundle.manifest["defaults"]["guidance"]
+    guidance = model.bundle.manifest.defaults.guidance
     assert guidance > 1.0
     run = model.generate(Request(PROMPTS[:1], [7], 4, guidance), NoCache(1), record=True)
     text = model.encode(PROMPTS[:1])
