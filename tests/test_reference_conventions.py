@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
 
 from conftest import engine_for
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
@@ -30,7 +29,6 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families import ADAPTERS
 from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
-from sencache.serving.schema import CacheSpec
 
 STEP_COUNTS = (12, 22, 27, 28, 30, 50)
 CONSTANTS = {"wan": 1447.97790038, "cogvideox": 1099.8181667894016, "ltx": 1015.9685034488028}
@@ -156,7 +154,7 @@ def test_reference_policy_compares_the_raw_score_with_eps_times_the_constant():
     assert policy.decide(2, 600.0, np.array([(limit / 2) ** 2])).run[0]
 
 
-def test_the_knob_flows_through_table_cli_and_server_schema():
+def test_the_knob_flows_through_table_and_cli():
     assert check_knobs("sencache", {"conventions": "reference"}) == {"conventions": "reference"}
     assert check_knobs("sencache-max", {"conventions": "engine"}) == {"conventions": "engine"}
     with pytest.raises(BadInput) as e:
@@ -172,9 +170,15 @@ def test_the_knob_flows_through_table_cli_and_server_schema():
     assert parser().parse_args(["generate", "--engine", "b", "--out", "o"]).conventions is None
     assert parser().parse_args(["calibrate", "--engine", "b", "--branch", "cond"]).branch == "cond"
     assert parser().parse_args(["calibrate", "--engine", "b"]).branch == "guided"
+
+
+def test_the_knob_flows_through_the_server_schema():
+    pydantic = pytest.importorskip("pydantic")  # the server's extra
+    from sencache.serving.schema import CacheSpec
+
     spec = CacheSpec(method="sencache", knobs={"conventions": "reference", "eps_main": 0.2})
     assert spec.resolve({}) == ("sencache", {"eps_main": 0.2, "conventions": "reference"})
-    with pytest.raises(ValidationError):
+    with pytest.raises(pydantic.ValidationError):
         CacheSpec(method="sencache", knobs={"conventions": "paper"})
 
 
