@@ -10,6 +10,7 @@ and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x t(reu
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ EVAL_PROMPT_SEED = 2024
 SWEEPS: dict[str, list[dict[str, float]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "sencache-max": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
+    "sencache-reference": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "fixed": [{"interval": k} for k in (2, 3, 4, 5)],
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 3, 4, 5, 6)],
     "teacache": [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)],
@@ -59,6 +61,7 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
 QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
     "sencache-max": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
+    "sencache-reference": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
     "fixed": [{"interval": k} for k in (2, 3)],
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 4)],
     "teacache": [{"threshold": t} for t in (0.1, 0.3)],
@@ -99,10 +102,19 @@ def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | Non
     return prompts, seeds
 
 
-def _knobs(method: str, knobs: dict[str, float], steps: int) -> tuple[str, dict[str, float]]:
-    """The runtime method and its knobs (fixed-warmup is fixed with 20% of the steps always run)."""
+def _knobs(method: str, knobs: dict[str, float], steps: int, engine: Model) -> tuple[str, dict[str, float | str]]:
+    """The runtime method and its knobs: fixed-warmup is fixed with 20% of the steps always run;
+    sencache-reference is sencache under the authors' conventions, its sweep's eps (and the
+    bundle's eps_start) rescaled from the family's fixed score constant to sqrt(numel) of this
+    bundle's latent, so its points sit at the same nominal eps as the engine's."""
     if method == "fixed-warmup":
         return "fixed", {**knobs, "warmup": round(0.2 * steps)}
+    if method == "sencache-reference":
+        constant = engine.adapter.sencache_reference.score_constant or math.sqrt(engine.numel)
+        scale = math.sqrt(engine.numel) / constant
+        eps_start = float(engine.bundle.manifest.defaults.cache["sencache"]["eps_start"])
+        rescaled = {"eps_start": eps_start * scale, "eps_main": knobs["eps_main"] * scale}
+        return "sencache", {"conventions": "reference", **rescaled}
     return method, dict(knobs)
 
 
@@ -221,7 +233,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
                 runtime_knobs, decision_s, floor = dict(knobs), None, None
                 base_s = peer_reference["denoise_s"]
             else:
-                runtime_method, runtime_knobs = _knobs(method, knobs, steps)
+                runtime_method, runtime_knobs = _knobs(method, knobs, steps, engine)
                 measured = runner.run(runtime_method, runtime_knobs)
                 decision_s = measured["decision_s"]
                 floor = float(np.mean(measured["nfe"])) * t_run + (steps - float(np.mean(measured["nfe"]))) * t_reuse

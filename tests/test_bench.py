@@ -91,3 +91,18 @@ def test_stage_flops_for_every_model(model):
 
     counts = stage_flops(model)
     assert counts["blocks"] > 0 and 0 < counts["head_tail_share"] < 0.05
+
+
+def test_reference_sweep_meets_the_same_nominal_threshold(calibrated_bundle):
+    """sencache-reference's rescaled eps, times the family's constant, is the engine's eps times
+    sqrt(numel): the two rules' sweeps compare at the same nominal eps."""
+    from sencache.benchmarks.bench import _knobs
+
+    engine = engine_for(calibrated_bundle)
+    method, knobs = _knobs("sencache-reference", {"eps_main": 0.3}, 30, engine)
+    policy = engine.policy(method, 30, 1, knobs)
+    engine_rule = engine.policy("sencache", 30, 1, {"eps_main": 0.3})
+    assert method == "sencache" and policy.config.conventions == "reference"
+    assert policy.conventions.score_constant == pytest.approx(1447.978)
+    assert policy.config.eps_main * policy.scale == pytest.approx(0.3 * engine_rule.scale)
+    assert policy.config.eps_start * policy.scale == pytest.approx(engine_rule.config.eps_start * engine_rule.scale)
