@@ -3,8 +3,10 @@
 Every run uses the same engine, prompts, seeds and steps; only the decision rule differs. Quality
 is measured against the uncached video of the same prompt and seed (PSNR, SSIM; LPIPS is
 reported as unavailable: its backbone weights cannot be fetched here). Speed is measured in the
-same process with one CPU thread after a warm-up: denoising wall time, decision overhead per step,
-and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x t(reuse step).
+same process with one CPU thread after a warm-up, on the first batch of samples: the median ratio
+of interleaved uncached/cached pairs with its spread (`sencache.benchmarks.timing`), decision
+overhead per step, and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x
+t(reuse step). A speed-up above the floor's is flagged as disturbed timing, not reported as a result.
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sencache.benchmarks.diffusers_peers import PEERS, DiffusersPeers
 from sencache.benchmarks.flops import stage_flops
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
+from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, floor_speedup, run_pairs
+from sencache.console import progress, third_party_output
 from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import Request, Result
 from sencache.runtime.tiny_text import tokenize
 
 REPORT = "report.json"
@@ -57,8 +60,8 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
     "diffusers-fbc": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2)],
 }
 QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
-    "sencache": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
-    "sencache-max": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
+    "sencache": [{"eps_main": e} for e in (0.3, 0.6)],
+    "sencache-max": [{"eps_main": e} for e in (0.3, 0.6)],
     "fixed": [{"interval": k} for k in (2, 3)],
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 4)],
     "teacache": [{"threshold": t} for t in (0.1, 0.3)],
@@ -66,6 +69,12 @@ QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "diffusers-magcache": [{"threshold": t} for t in (0.05, 0.2)],
     "diffusers-fbc": [{"threshold": t} for t in (0.05, 0.2)],
 }
+QUICK_METHODS = ("sencache", "fixed-warmup", "teacache", "magcache")
+"""What --quick runs unless --methods says otherwise: SenCache and one of each kind of baseline."""
+QUICK_SAMPLES = 4
+PAIRS = 3
+QUICK_PAIRS = 2
+MAX_PAIRS = 20
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,13 @@ class BenchPlan:
     steps: int
     guidance: float
     quick: bool
+    pairs: int = PAIRS
+    """Interleaved uncached/cached pairs timed per setting (on the first batch of samples)."""
+    max_spread: float = MAX_SPREAD
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.pairs <= MAX_PAIRS:
+            raise BadInput(f"pairs must be in [1, {MAX_PAIRS}], got {self.pairs}", param="pairs")
 
 
 def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -117,24 +133,46 @@ class Runner:
             for i in range(0, len(plan.prompts), self.batch)
         ]
 
-    def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
-        latents, frames, nfe, denoise_s, decision_s = [], [], [], 0.0, 0.0
-        for prompts, seeds in self.chunks:
-            request = Request(prompts, seeds, self.plan.steps, self.plan.guidance)
-            policy = self.engine.policy(method, request.steps, len(prompts), knobs)
-            result = self.engine.generate(request, policy)
-            latents.extend(result.latents)
-            frames.extend(self.engine.decode(result.latents))
-            nfe.extend(result.nfe)
-            denoise_s += result.timing["denoise_s"]
-            decision_s += result.timing["decision_s"]
+    def _generate(self, chunk: int, method: str, knobs: dict[str, float]) -> Result:
+        prompts, seeds = self.chunks[chunk]
+        policy = self.engine.policy(method, self.plan.steps, len(prompts), knobs)
+        return self.engine.generate(Request(prompts, seeds, self.plan.steps, self.plan.guidance), policy)
+
+    def _collect(self, results: list[Result]) -> dict[str, Any]:
+        """Latents, frames, NFE and seconds of one setting's runs over all chunks."""
+        latents = [latent for result in results for latent in result.latents]
         return {
             "latents": np.stack(latents),
-            "frames": frames,
-            "nfe": nfe,
-            "denoise_s": denoise_s,
-            "decision_s": decision_s,
+            "frames": [frame for result in results for frame in self.engine.decode(result.latents)],
+            "nfe": [n for result in results for n in result.nfe],
+            "denoise_s": sum(result.timing["denoise_s"] for result in results),
+            "decision_s": sum(result.timing["decision_s"] for result in results),
         }
+
+    def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
+        """One setting over the evaluation set, untimed beyond its own loop's clock."""
+        return self._collect([self._generate(i, method, knobs) for i in range(len(self.chunks))])
+
+    def setting(self, method: str, knobs: dict[str, float]) -> tuple[dict[str, Any], PairedTiming]:
+        """One setting's quality run over the evaluation set and its speed-up from interleaved
+        uncached/cached pairs on the first chunk; the first pair's cached run doubles as the
+        quality run of that chunk."""
+        first: list[Result] = []
+
+        def cached(pair: int) -> float:
+            result = self._generate(0, method, knobs)
+            if pair == 0:
+                first.append(result)
+            return result.timing["denoise_s"]
+
+        timing = run_pairs(
+            lambda _: self._generate(0, "none", {}).timing["denoise_s"],
+            cached,
+            self.plan.pairs,
+            self.plan.max_spread,
+        )
+        rest = [self._generate(i, method, knobs) for i in range(1, len(self.chunks))]
+        return self._collect(first + rest), timing
 
     def reuse_step_s(self, reuses: int = 10) -> float:
         """Seconds of one step in which every sample reuses (head, cached residual, tail), over all
@@ -163,6 +201,91 @@ class Runner:
         return best
 
 
+def _label(knobs: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in knobs.items())
+
+
+DISTURBED = "below floor: disturbed timing (faster than the loop's own steps allow); not a result"
+UNPAIRED = "one run against diffusers' uncached pipeline timed before the sweep: not paired, may be disturbed"
+
+
+def _timed_run(
+    method: str,
+    knobs: dict[str, float],
+    measured: dict[str, Any],
+    timing: PairedTiming,
+    timed_samples: int,
+    steps: int,
+    reuse_share: float,
+) -> dict[str, Any]:
+    """A runtime method's speed figures: the paired median, its range, and the floor check on the
+    timed samples (a median above the floor's speed-up is withheld as disturbed timing)."""
+    timed_nfe = measured["nfe"][:timed_samples]
+    ceiling = floor_speedup(steps, float(np.mean(timed_nfe)), reuse_share)
+    disturbed = below_floor(timing.median, ceiling)
+    uncached_s = float(np.median(timing.uncached_s))
+    return {
+        "method": method,
+        "knobs": knobs,
+        "denoise_s": measured["denoise_s"],
+        "decision_s": measured["decision_s"],
+        "uncached_s": uncached_s,
+        "cached_s": float(np.median(timing.cached_s)),
+        "speedup": None if disturbed else timing.median,
+        "speedup_range": [timing.low, timing.high],
+        "below_floor": disturbed,
+        "timing_warning": DISTURBED if disturbed else timing.warning,
+        "timing": {**timing.as_dict(), "samples": timed_samples},
+        "timed_ideal_speedup": steps * timed_samples / float(np.sum(timed_nfe)),
+        "floor_speedup": ceiling,
+        "floor_s": uncached_s / ceiling,
+        "vs_floor": ceiling / timing.median - 1,
+    }
+
+
+def _peer_run(method: str, knobs: dict[str, float], measured: dict[str, Any], base_s: float) -> dict[str, Any]:
+    """A diffusers peer's speed figures: one run against diffusers' own uncached run, unpaired."""
+    return {
+        "method": method,
+        "knobs": knobs,
+        "denoise_s": measured["denoise_s"],
+        "decision_s": None,
+        "uncached_s": base_s,
+        "cached_s": measured["denoise_s"],
+        "speedup": base_s / measured["denoise_s"],
+        "speedup_range": None,
+        "below_floor": False,
+        "timing_warning": UNPAIRED,
+        "timing": None,
+        "timed_ideal_speedup": None,
+        "floor_speedup": None,
+        "floor_s": None,
+        "vs_floor": None,
+        "decision_per_step_s": None,
+    }
+
+
+def _quality(
+    run: dict[str, Any], measured: dict[str, Any], reference: dict[str, Any], steps: int, samples: int
+) -> None:
+    """Add NFE, PSNR and SSIM against the uncached video of each sample to `run`."""
+    nfe = measured["nfe"]
+    psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
+    ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
+    run.update(
+        {
+            "nfe": nfe,
+            "psnr": psnrs,
+            "ssim": ssims,
+            "lpips": None,
+            "mean_nfe": float(np.mean(nfe)),
+            "mean_psnr": float(np.mean(psnrs)),
+            "mean_ssim": float(np.mean(ssims)),
+            "ideal_speedup": steps * samples / float(np.sum(nfe)),
+        }
+    )
+
+
 def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out` (taken,
     locked and checked writable before the sweep; swapped in whole after it)."""
@@ -188,66 +311,48 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     """The sweep and its report document."""
     sweeps = QUICK_SWEEPS if plan.quick else SWEEPS
     runner = Runner(engine, plan)
-    total = 1 + sum(len(sweeps[m]) for m in plan.methods)
-    bar = tqdm(total=total, desc="bench", unit="run", disable=not show_progress)
-    runner.run("none", {})  # warm-up
+    steps, samples = plan.steps, len(plan.prompts)
+    timed_samples = len(runner.chunks[0][0])
+    total = 2 + sum(len(sweeps[m]) for m in plan.methods) + bool(set(PEERS) & set(plan.methods))
+    bar = progress(total=total, desc="bench", unit="task", disable=not show_progress)
+    bar.set_postfix_str("warm-up, uncached reference")
+    engine.generate(Request(*runner.chunks[0], 2, plan.guidance), NoCache(timed_samples))  # warm-up
     reference = runner.run("none", {})
     bar.update(1)
-    steps, samples = plan.steps, len(plan.prompts)
-    t_run = reference["denoise_s"] / steps
+    bar.set_postfix_str("cost of a step that reuses")
     t_reuse = runner.reuse_step_s()
+    # a reused step's share of a full one; clamped, as both are timed on a shared machine (0: steps/NFE)
+    reuse_share = min(max(t_reuse / (reference["denoise_s"] / steps), 0.0), 1.0)
+    bar.update(1)
     peers, peer_reference, parity = None, None, None
     if set(PEERS) & set(plan.methods):
-        peers = DiffusersPeers(engine)
-        meta = engine.bundle.sensitivity().meta
-        calibration = (list(meta.get("prompts", plan.prompts))[:4], list(meta.get("seeds", plan.seeds))[:4])
-        peer_reference = peers.run(
-            "diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
-        )
+        bar.set_postfix_str("diffusers' uncached pipeline")
+        with third_party_output("diffusers"):
+            peers = DiffusersPeers(engine)
+            meta = engine.bundle.sensitivity().meta
+            calibration = (list(meta.get("prompts", plan.prompts))[:4], list(meta.get("seeds", plan.seeds))[:4])
+            peer_reference = peers.run(
+                "diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
+            )
         parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
+        bar.update(1)
     runs = []
     for method in plan.methods:
-        if method not in PEERS:
-            # The cores are shared: re-time the uncached run next to each method's sweep, so each
-            # speed-up compares runs measured minutes, not a quarter of an hour, apart.
-            base_s = runner.run("none", {})["denoise_s"]
-            t_run = base_s / steps
         for knobs in sweeps[method]:
+            bar.set_postfix_str(f"{method} {_label(knobs)}")
             if method in PEERS:
-                measured = peers.run(
-                    method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
-                )
+                with third_party_output("diffusers"):
+                    measured = peers.run(
+                        method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
+                    )
                 measured["frames"] = list(engine.decode(measured["latents"]))
-                runtime_knobs, decision_s, floor = dict(knobs), None, None
-                base_s = peer_reference["denoise_s"]
+                runs.append(_peer_run(method, dict(knobs), measured, peer_reference["denoise_s"]))
             else:
                 runtime_method, runtime_knobs = _knobs(method, knobs, steps)
-                measured = runner.run(runtime_method, runtime_knobs)
-                decision_s = measured["decision_s"]
-                floor = float(np.mean(measured["nfe"])) * t_run + (steps - float(np.mean(measured["nfe"]))) * t_reuse
-            nfe = measured["nfe"]
-            psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
-            ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
-            runs.append(
-                {
-                    "method": method,
-                    "knobs": runtime_knobs,
-                    "nfe": nfe,
-                    "psnr": psnrs,
-                    "ssim": ssims,
-                    "lpips": None,
-                    "mean_nfe": float(np.mean(nfe)),
-                    "mean_psnr": float(np.mean(psnrs)),
-                    "mean_ssim": float(np.mean(ssims)),
-                    "denoise_s": measured["denoise_s"],
-                    "decision_s": decision_s,
-                    "uncached_s": base_s,
-                    "speedup": base_s / measured["denoise_s"],
-                    "ideal_speedup": steps * samples / float(np.sum(nfe)),
-                    "decision_per_step_s": None if decision_s is None else decision_s / (steps * len(runner.chunks)),
-                    "floor_s": floor,
-                }
-            )
+                measured, timing = runner.setting(runtime_method, runtime_knobs)
+                runs.append(_timed_run(method, runtime_knobs, measured, timing, timed_samples, steps, reuse_share))
+                runs[-1]["decision_per_step_s"] = measured["decision_s"] / (steps * len(runner.chunks))
+            _quality(runs[-1], measured, reference, steps, samples)
             bar.update(1)
     bar.close()
     comparison = compare_at_matched_nfe(runs, steps)
@@ -273,7 +378,14 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             "denoise_s": reference["denoise_s"],
             "run_step_s": reference["denoise_s"] / steps,
             "reuse_step_s": t_reuse,
-            "head_tail_share": t_reuse / (reference["denoise_s"] / steps),
+            "head_tail_share": reuse_share,
+        },
+        "timing": {
+            "pairs": plan.pairs,
+            "samples": timed_samples,
+            "max_spread": plan.max_spread,
+            "method": "speed-up = median over interleaved uncached/cached pairs (alternating which runs first) "
+            "on the first batch of samples; a median above the floor's speed-up is withheld as disturbed",
         },
         "diffusers_reference": None
         if peer_reference is None

@@ -1,15 +1,20 @@
 """The main job on the bundled default: build tiny-wan, calibrate it, and generate the same
-prompts with and without SenCache, printing NFE, speed-up and PSNR against the uncached video."""
+prompts with and without SenCache, printing NFE, PSNR against the uncached video, and the speed-up
+as the median of interleaved uncached/cached pairs with its spread (`sencache.benchmarks.timing`)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sencache.benchmarks.metrics import psnr
+from sencache.benchmarks.timing import below_floor, floor_speedup, run_pairs
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
+from sencache.console import note, say
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import MAX_THREADS, open_backend
 from sencache.runtime.bundle import Bundle
@@ -18,7 +23,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder
 from sencache.runtime.model import Model
 from sencache.runtime.outputs import RUN, write_run
-from sencache.runtime.request import Request
+from sencache.runtime.request import Request, Result
 
 DEMO_PROMPTS = [
     ("one large white circle static on black", 11),
@@ -26,19 +31,27 @@ DEMO_PROMPTS = [
     ("two large green circles moving down fast on gradient", 13),
     ("three small yellow squares moving left fast on texture", 14),
 ]
+DEMO_PAIRS = 3
+"""Uncached/cached pairs timed; the first pair's runs are the ones written to the output folder."""
+MAX_PAIRS = 20
 
 
 def _bundle(folder: Path) -> Bundle:
     try:
         return Bundle.load(folder)
     except BadInput:
+        note(f"building the tiny-wan engine bundle into {folder} (once; later demos reuse it)")
         build(BuildOptions(model="tiny-wan", out=folder, max_batch=len(DEMO_PROMPTS)))
         return Bundle.load(folder)
 
 
-def run_demo(out: Path, threads: int = 1) -> None:
+def run_demo(out: Path, threads: int = 1, pairs: int = DEMO_PAIRS) -> None:
+    """Build and calibrate tiny-wan under `out` if needed, write one uncached and one SenCache run
+    of the demo prompts, and print quality and the paired speed-up."""
     if not 1 <= threads <= MAX_THREADS:
         raise BadInput(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
+    if not 1 <= pairs <= MAX_PAIRS:
+        raise BadInput(f"--pairs must be in [1, {MAX_PAIRS}], got {pairs}")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     for name in ("none", "sencache"):
@@ -47,37 +60,54 @@ def run_demo(out: Path, threads: int = 1) -> None:
     bundle = _bundle(out / "tiny-wan")
     engine = Model(bundle, open_backend(bundle, threads=threads))
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
+        note("calibrating the sensitivity table on the model's own trajectories (once)")
         calibration = calibrate(engine, CalibrationPlan())
         bundle.write_tables(calibration.sensitivity, calibration.baselines)
-        print(f"calibrated {bundle.sensitivity_path}")
+        note(f"calibrated {bundle.sensitivity_path}")
     defaults = bundle.manifest.defaults
     prompts, seeds = [p for p, _ in DEMO_PROMPTS], [s for _, s in DEMO_PROMPTS]
     request = Request(prompts, seeds, defaults.steps, defaults.guidance)
     batch = len(prompts)
-    engine.generate(Request(prompts, seeds, 2, defaults["guidance"]), NoCache(batch))  # warm-up
+    note("warm-up")
+    engine.generate(Request(prompts, seeds, 2, defaults["guidance"]), NoCache(batch))
 
-    runs = {}
-    for name in ("none", "sencache"):
+    runs: dict[str, tuple[Result, np.ndarray]] = {}
+
+    def timed(name: str, pair: int) -> float:
+        """One run; the first pair's is decoded and written to `out/name`. Its denoising seconds."""
+        policy = engine.policy(name, request.steps, batch, {})
+        if pair > 0:
+            return engine.generate(request, policy, progress=True).timing["denoise_s"]
         with staged_folder(out / name, RUN) as folder:
             started = time.perf_counter()
-            policy = engine.policy(name, request.steps, batch, {})
-            result = engine.generate(request, policy)
+            result = engine.generate(request, policy, progress=True)
             frames = engine.decode(result.latents)
             write_run(folder, engine, request, policy, result, frames, time.perf_counter() - started)
         runs[name] = (result, frames)
+        return result.timing["denoise_s"]
 
-    base, cached = runs["none"], runs["sencache"]
-    print(f"\n{'prompt':56s} {'NFE':>6s} {'PSNR dB':>8s}  decisions (R run, . reuse)")
-    for i, prompt in enumerate(prompts):
-        pattern = "".join("R" if d == "run" else "." for d in cached[0].decisions[i])
-        print(
-            f"{prompt:56s} {cached[0].nfe[i]:2d}/{request.steps:<3d} {psnr(cached[1][i], base[1][i]):8.2f}  {pattern}"
-        )
-    t_base, t_cached = base[0].timing["denoise_s"], cached[0].timing["denoise_s"]
-    ideal = request.steps * batch / sum(cached[0].nfe)
-    print(
-        f"\ndenoise: uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
-        f"SenCache {t_cached:.2f} s -> speed-up {t_base / t_cached:.2f}x (steps/NFE {ideal:.2f}x); "
-        f"decisions {cached[0].timing['decision_s'] * 1000:.2f} ms in all"
+    timing = run_pairs(
+        lambda k: timed("none", k),
+        lambda k: timed("sencache", k),
+        pairs,
+        before=lambda k, which: note(f"pair {k + 1}/{pairs}: {which} run ({request.steps} steps, {batch} prompts)"),
     )
-    print(f"videos and stats: {out / 'none'} and {out / 'sencache'}")
+
+    base_frames, (cached, cached_frames) = runs["none"][1], runs["sencache"]
+    say(f"\n{'prompt':56s} {'NFE':>6s} {'PSNR dB':>8s}  decisions (R run, . reuse)")
+    for i, prompt in enumerate(prompts):
+        pattern = "".join("R" if d == "run" else "." for d in cached.decisions[i])
+        quality = psnr(cached_frames[i], base_frames[i])
+        say(f"{prompt:56s} {cached.nfe[i]:2d}/{request.steps:<3d} {quality:8.2f}  {pattern}")
+    t_base, t_cached = statistics.median(timing.uncached_s), statistics.median(timing.cached_s)
+    ideal = request.steps * batch / sum(cached.nfe)
+    say(
+        f"\ndenoise (median of {pairs}): uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
+        f"SenCache {t_cached:.2f} s -> speed-up {timing.describe()} (steps/NFE {ideal:.2f}x); "
+        f"decisions {cached.timing['decision_s'] * 1000:.2f} ms in all"
+    )
+    if below_floor(timing.median, floor_speedup(request.steps, sum(cached.nfe) / batch, 0.0)):
+        say("warning: faster than skipping steps can make it (steps/NFE): disturbed timing, not a result")
+    if timing.warning:
+        say(f"warning: {timing.warning}")
+    say(f"videos and stats: {out / 'none'} and {out / 'sencache'}")

@@ -291,6 +291,8 @@ def test_a_corrupt_text_encoder_with_a_matching_hash(capsys, copy, tmp_path):
         (["calibrate", "--engine", "{ort}", "--steps", "5000"], "--steps must be in [2, 1000]"),
         (["demo", "--threads", "-1", "--out", "{tmp}/d"], "--threads must be in [1, 1024]"),
         (["demo", "--out", "{tmp}/afile"], "is a file, not a folder"),
+        (["demo", "--pairs", "0", "--out", "{tmp}/d"], "--pairs must be in [1, 20]"),
+        (["bench", "--engine", "{ort}", "--pairs", "0", "--out", "{tmp}/b"], "--pairs must be in [1, 20]"),
         (["generate", "--engine", "{ort}", "--prompt", "red " * 10_000, "--out", "{tmp}/o"], "words"),
         (["calibrate", "--engine", "{ort}", "--import-npz", "{tmp}/table2d.npz"], "must be one-dimensional"),
         (["generate", "--engine", "{ort}", "--steps", "x"], "invalid int value"),
