@@ -4,7 +4,7 @@ Every run uses the same engine, prompts, seeds and steps; only the decision rule
 is measured against the uncached video of the same prompt and seed (PSNR, SSIM; LPIPS is
 reported as unavailable: its backbone weights cannot be fetched here). Speed is measured in the
 same process with one CPU thread after a warm-up, on the first batch of samples: the median ratio
-of interleaved uncached/cached pairs with its spread (`sencache.benchmarks.timing`), decision
+of uncached/cached pairs from one chain of interleaved runs, with its spread (`sencache.benchmarks.timing`), decision
 overhead per step, and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x
 t(reuse step). A speed-up above the floor's is flagged as disturbed timing, not reported as a result.
 """
@@ -12,8 +12,10 @@ t(reuse step). A speed-up above the floor's is flagged as disturbed timing, not 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from sencache.benchmarks.flops import stage_flops
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
-from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, floor_speedup, run_pairs
+from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, floor_speedup, run_chain
 from sencache.console import progress, third_party_output
 from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
@@ -72,9 +74,10 @@ QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
 QUICK_METHODS = ("sencache", "fixed-warmup", "teacache", "magcache")
 """What --quick runs unless --methods says otherwise: SenCache and one of each kind of baseline."""
 QUICK_SAMPLES = 4
-PAIRS = 3
-QUICK_PAIRS = 2
-MAX_PAIRS = 20
+REPEATS = 2
+"""Timed cached runs per setting, each between two uncached runs (so 2 x REPEATS pairs)."""
+QUICK_REPEATS = 1
+MAX_REPEATS = 10
 
 
 @dataclass(frozen=True)
@@ -85,13 +88,13 @@ class BenchPlan:
     steps: int
     guidance: float
     quick: bool
-    pairs: int = PAIRS
-    """Interleaved uncached/cached pairs timed per setting (on the first batch of samples)."""
+    repeats: int = REPEATS
+    """Timed cached runs per setting on the first batch of samples, each between two uncached runs."""
     max_spread: float = MAX_SPREAD
 
     def __post_init__(self) -> None:
-        if not 1 <= self.pairs <= MAX_PAIRS:
-            raise BadInput(f"pairs must be in [1, {MAX_PAIRS}], got {self.pairs}", param="pairs")
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise BadInput(f"repeats must be in [1, {MAX_REPEATS}], got {self.repeats}", param="repeats")
 
 
 def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -133,13 +136,14 @@ class Runner:
             for i in range(0, len(plan.prompts), self.batch)
         ]
 
-    def _generate(self, chunk: int, method: str, knobs: dict[str, float]) -> Result:
+    def generate(self, chunk: int, method: str, knobs: dict[str, float]) -> Result:
+        """One run of chunk `chunk` (its prompts and seeds) with a runtime method."""
         prompts, seeds = self.chunks[chunk]
         policy = self.engine.policy(method, self.plan.steps, len(prompts), knobs)
         return self.engine.generate(Request(prompts, seeds, self.plan.steps, self.plan.guidance), policy)
 
-    def _collect(self, results: list[Result]) -> dict[str, Any]:
-        """Latents, frames, NFE and seconds of one setting's runs over all chunks."""
+    def collect(self, results: list[Result]) -> dict[str, Any]:
+        """Latents, frames, NFE and seconds of one setting's runs over all chunks, in order."""
         latents = [latent for result in results for latent in result.latents]
         return {
             "latents": np.stack(latents),
@@ -150,29 +154,8 @@ class Runner:
         }
 
     def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
-        """One setting over the evaluation set, untimed beyond its own loop's clock."""
-        return self._collect([self._generate(i, method, knobs) for i in range(len(self.chunks))])
-
-    def setting(self, method: str, knobs: dict[str, float]) -> tuple[dict[str, Any], PairedTiming]:
-        """One setting's quality run over the evaluation set and its speed-up from interleaved
-        uncached/cached pairs on the first chunk; the first pair's cached run doubles as the
-        quality run of that chunk."""
-        first: list[Result] = []
-
-        def cached(pair: int) -> float:
-            result = self._generate(0, method, knobs)
-            if pair == 0:
-                first.append(result)
-            return result.timing["denoise_s"]
-
-        timing = run_pairs(
-            lambda _: self._generate(0, "none", {}).timing["denoise_s"],
-            cached,
-            self.plan.pairs,
-            self.plan.max_spread,
-        )
-        rest = [self._generate(i, method, knobs) for i in range(1, len(self.chunks))]
-        return self._collect(first + rest), timing
+        """One setting over the evaluation set."""
+        return self.collect([self.generate(i, method, knobs) for i in range(len(self.chunks))])
 
     def reuse_step_s(self, reuses: int = 10) -> float:
         """Seconds of one step in which every sample reuses (head, cached residual, tail), over all
@@ -311,10 +294,14 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     """The sweep and its report document."""
     sweeps = QUICK_SWEEPS if plan.quick else SWEEPS
     runner = Runner(engine, plan)
+    load_before = os.getloadavg()[0]
     steps, samples = plan.steps, len(plan.prompts)
     timed_samples = len(runner.chunks[0][0])
-    total = 2 + sum(len(sweeps[m]) for m in plan.methods) + bool(set(PEERS) & set(plan.methods))
-    bar = progress(total=total, desc="bench", unit="task", disable=not show_progress)
+    settings = [(m, _knobs(m, knobs, steps)) for m in plan.methods if m not in PEERS for knobs in sweeps[m]]
+    peer_settings = [(m, knobs) for m in plan.methods if m in PEERS for knobs in sweeps[m]]
+    chain = 1 + 2 * plan.repeats * len(settings) if settings else 0
+    total = 2 + chain + len(settings) + (1 + len(peer_settings) if peer_settings else 0)
+    bar = progress(total=total, desc="bench", unit="run", disable=not show_progress)
     bar.set_postfix_str("warm-up, uncached reference")
     engine.generate(Request(*runner.chunks[0], 2, plan.guidance), NoCache(timed_samples))  # warm-up
     reference = runner.run("none", {})
@@ -324,8 +311,46 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     # a reused step's share of a full one; clamped, as both are timed on a shared machine (0: steps/NFE)
     reuse_share = min(max(t_reuse / (reference["denoise_s"] / steps), 0.0), 1.0)
     bar.update(1)
+    first: dict[int, Result] = {}
+
+    def timed(label: str, chunk_run: Callable[[], Result], keep: int | None = None) -> Callable[..., float]:
+        """A run of the chain: shows its label, keeps the first repeat's result of setting `keep`."""
+
+        def run(repeat: int = 0) -> float:
+            bar.set_postfix_str(label)
+            result = chunk_run()
+            if keep is not None and repeat == 0:
+                first[keep] = result
+            bar.update(1)
+            return result.timing["denoise_s"]
+
+        return run
+
+    timings = (
+        run_chain(
+            timed("uncached", lambda: runner.generate(0, "none", {})),
+            [
+                timed(f"{method} {_label(k)}", lambda m=m, k=k: runner.generate(0, m, k), keep=i)
+                for i, (method, (m, k)) in enumerate(settings)
+            ],
+            plan.repeats,
+            plan.max_spread,
+        )
+        if settings
+        else []
+    )
+    timed_runs = {}
+    for i, ((method, (runtime_method, runtime_knobs)), timing) in enumerate(zip(settings, timings, strict=True)):
+        bar.set_postfix_str(f"{method} {_label(runtime_knobs)}: quality on all samples")
+        rest = [runner.generate(c, runtime_method, runtime_knobs) for c in range(1, len(runner.chunks))]
+        measured = runner.collect([first[i], *rest])
+        run = _timed_run(method, runtime_knobs, measured, timing, timed_samples, steps, reuse_share)
+        run["decision_per_step_s"] = measured["decision_s"] / (steps * len(runner.chunks))
+        _quality(run, measured, reference, steps, samples)
+        timed_runs[i] = run
+        bar.update(1)
     peers, peer_reference, parity = None, None, None
-    if set(PEERS) & set(plan.methods):
+    if peer_settings:
         bar.set_postfix_str("diffusers' uncached pipeline")
         with third_party_output("diffusers"):
             peers = DiffusersPeers(engine)
@@ -336,24 +361,18 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             )
         parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
         bar.update(1)
-    runs = []
-    for method in plan.methods:
-        for knobs in sweeps[method]:
-            bar.set_postfix_str(f"{method} {_label(knobs)}")
-            if method in PEERS:
-                with third_party_output("diffusers"):
-                    measured = peers.run(
-                        method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
-                    )
-                measured["frames"] = list(engine.decode(measured["latents"]))
-                runs.append(_peer_run(method, dict(knobs), measured, peer_reference["denoise_s"]))
-            else:
-                runtime_method, runtime_knobs = _knobs(method, knobs, steps)
-                measured, timing = runner.setting(runtime_method, runtime_knobs)
-                runs.append(_timed_run(method, runtime_knobs, measured, timing, timed_samples, steps, reuse_share))
-                runs[-1]["decision_per_step_s"] = measured["decision_s"] / (steps * len(runner.chunks))
-            _quality(runs[-1], measured, reference, steps, samples)
-            bar.update(1)
+    peer_runs = []
+    for method, knobs in peer_settings:
+        bar.set_postfix_str(f"{method} {_label(knobs)}")
+        with third_party_output("diffusers"):
+            measured = peers.run(method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration)
+        measured["frames"] = list(engine.decode(measured["latents"]))
+        peer_runs.append(_peer_run(method, dict(knobs), measured, peer_reference["denoise_s"]))
+        _quality(peer_runs[-1], measured, reference, steps, samples)
+        bar.update(1)
+    # in the order of the methods asked for, each method's settings in sweep order
+    ordered = [timed_runs[i] for i in range(len(settings))] + peer_runs
+    runs = [r for method in plan.methods for r in ordered if r["method"] == method]
     bar.close()
     comparison = compare_at_matched_nfe(runs, steps)
     report = {
@@ -362,6 +381,8 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             "processor": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "backend": engine.backend.describe(),
+            "cpus": os.cpu_count(),
+            "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]},
         },
         "model": engine.preset.name,
         "steps": steps,
@@ -381,11 +402,12 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             "head_tail_share": reuse_share,
         },
         "timing": {
-            "pairs": plan.pairs,
+            "repeats": plan.repeats,
+            "pairs": 2 * plan.repeats,
             "samples": timed_samples,
             "max_spread": plan.max_spread,
-            "method": "speed-up = median over interleaved uncached/cached pairs (alternating which runs first) "
-            "on the first batch of samples; a median above the floor's speed-up is withheld as disturbed",
+            "method": "one chain U C1 U C2 ... U on the first batch of samples, repeated; each cached run pairs "
+            "with the uncached runs on either side; speed-up = median ratio; one above the floor's is withheld",
         },
         "diffusers_reference": None
         if peer_reference is None

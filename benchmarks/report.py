@@ -27,11 +27,22 @@ def _speedup(run: dict[str, Any], flag: int) -> str:
     return f"{run['speedup']:.2f}x ({low:.2f}-{high:.2f}){mark}"
 
 
+def _load(report: dict[str, Any]) -> str:
+    load = report["machine"].get("load_average_1m")
+    if not load:
+        return ""
+    return (
+        f" Load average (1 min) {load['start']:.1f} at the start and {load['end']:.1f} at the end, on "
+        f"{report['machine']['cpus']} CPUs."
+    )
+
+
 def _timing_note(report: dict[str, Any]) -> str:
     timing = report.get("timing") or {}
     return (
-        f"Speed-up: the median over {timing.get('pairs')} interleaved uncached/cached pairs (which runs first "
-        f"alternates) on the first {timing.get('samples')} samples, with the range of the pairs; a range wider "
+        f"Speed-up: the median over {timing.get('pairs')} uncached/cached pairs on the first "
+        f"{timing.get('samples')} samples, with their range: the runs form one chain, uncached and cached "
+        "alternating, and each cached run pairs with the uncached run on either side. A range wider "
         f"than {timing.get('max_spread', 0) * 100:.0f}% of the median means the machine was busy and is "
         "flagged. Steps/NFE and the distance from the floor are for those samples. A speed-up above what the "
         f"floor allows by more than {FLOOR_TOLERANCE:.0%} is impossible for the loop itself: it is shown as "
@@ -48,7 +59,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Machine: {report['machine']['processor']}, {report['machine']['torch_threads']} thread, "
         f"{report['machine']['backend'].get('backend')}. Uncached: {ref['denoise_s']:.2f} s denoising, "
         f"{ref['run_step_s'] * 1000:.1f} ms per step; a step that reuses everything (head + tail): "
-        f"{ref['reuse_step_s'] * 1000:.2f} ms ({ref['head_tail_share'] * 100:.1f}% of a full step).",
+        f"{ref['reuse_step_s'] * 1000:.2f} ms ({ref['head_tail_share'] * 100:.1f}% of a full step).{_load(report)}",
         "",
         "Head + tail share of the blocks' FLOPs per call (counted on the meta device): "
         + ", ".join(f"{name} {f['head_tail_share'] * 100:.3g}%" for name, f in report["flops"].items())

@@ -1,20 +1,22 @@
-"""Speed-ups that survive a shared machine: interleaved, repeated uncached/cached pairs.
+"""Speed-ups that survive a shared machine: cached runs interleaved with uncached ones.
 
-One uncached and one cached run timed back to back is one pair; its ratio is a speed-up. Load from
-other processes shifts both runs of a pair about alike, so the ratio is steadier than either time,
-and repeating the pair shows how steady it is. The pairs alternate their order (uncached first,
-then cached first, ...) so that a load that grows or fades during a pair favours neither side.
+The runs form one chain, uncached and cached alternating: U C1 U C2 U ... Cn U, repeated. Each
+cached run pairs with the uncached run just before it and the one just after it; each pair's ratio
+is a speed-up. Load from other processes shifts neighbouring runs about alike, so a ratio is
+steadier than either time, and pairing with both neighbours balances a load that grows or fades.
 The speed-up reported is the median ratio with its range; when the range is wider than
 `MAX_SPREAD` of the median the figure is marked as not to be trusted, and a speed-up above what the
-loop's floor allows (it cannot run faster than its own steps) is marked as disturbed timing.
+loop's floor allows (it cannot run faster than its own steps) is marked as disturbed timing. With
+one repeat a disturbance that hits only the cached run is not seen in the spread (it lowers both
+of its ratios alike); more repeats see it.
 
-The statistics here are pure; `run_pairs` only calls the given timed functions in order.
+The statistics here are pure; `run_chain` only calls the given timed functions in order.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +76,7 @@ class PairedTiming:
         return None
 
     def describe(self) -> str:
-        """`1.52x (1.48-1.60 over 3 pairs)`."""
+        """`1.52x (1.48-1.60 over 4 pairs)`."""
         return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f} over {len(self.ratios)} pairs)"
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,30 +94,29 @@ class PairedTiming:
         }
 
 
-def pair_order(pair: int) -> tuple[str, str]:
-    """Which run of pair `pair` (0-based) goes first: uncached in even pairs, cached in odd ones."""
-    return ("uncached", "cached") if pair % 2 == 0 else ("cached", "uncached")
-
-
-def run_pairs(
-    uncached: Callable[[int], float],
-    cached: Callable[[int], float],
-    pairs: int,
+def run_chain(
+    uncached: Callable[[], float],
+    cached: Sequence[Callable[[int], float]],
+    repeats: int,
     max_spread: float = MAX_SPREAD,
-    before: Callable[[int, str], None] | None = None,
-) -> PairedTiming:
-    """Call `uncached(k)` and `cached(k)` for k = 0 .. pairs-1 in `pair_order(k)`; each returns the
-    seconds of its timed part. `before(k, which)` runs before each call (progress)."""
-    if pairs < 1:
-        raise ValueError(f"pairs must be at least 1, got {pairs}")
-    runs = {"uncached": uncached, "cached": cached}
-    seconds: dict[str, list[float]] = {"uncached": [], "cached": []}
-    for k in range(pairs):
-        for which in pair_order(k):
-            if before is not None:
-                before(k, which)
-            seconds[which].append(runs[which](k))
-    return PairedTiming(tuple(seconds["uncached"]), tuple(seconds["cached"]), max_spread)
+) -> list[PairedTiming]:
+    """Call U, then `repeats` times C_1 U C_2 U ... C_n U, where U is `uncached()` and C_i is
+    `cached[i](repeat)`; each returns the seconds of its timed part. Returns, per cached function,
+    its 2 x `repeats` pairs with the uncached runs on either side."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if not cached:
+        raise ValueError("nothing to time: no cached runs")
+    before = uncached()
+    pairs: list[tuple[list[float], list[float]]] = [([], []) for _ in cached]
+    for repeat in range(repeats):
+        for run, (uncached_s, cached_s) in zip(cached, pairs, strict=True):
+            seconds = run(repeat)
+            after = uncached()
+            uncached_s += [before, after]
+            cached_s += [seconds, seconds]
+            before = after
+    return [PairedTiming(tuple(u), tuple(c), max_spread) for u, c in pairs]
 
 
 def floor_speedup(steps: int, mean_nfe: float, reuse_share: float) -> float:

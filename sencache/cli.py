@@ -160,10 +160,10 @@ def _generate(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from sencache.benchmarks.bench import (
         KIND,
-        PAIRS,
         QUICK_METHODS,
-        QUICK_PAIRS,
+        QUICK_REPEATS,
         QUICK_SAMPLES,
+        REPEATS,
         SWEEPS,
         BenchPlan,
         evaluation_set,
@@ -193,7 +193,7 @@ def _bench(args: argparse.Namespace) -> None:
         steps=steps,
         guidance=defaults.guidance,
         quick=args.quick,
-        pairs=(QUICK_PAIRS if args.quick else PAIRS) if args.pairs is None else args.pairs,
+        repeats=(QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats,
     )
     engine = Model(bundle, open_backend(bundle, threads=1))
     report = run_bench(engine, plan, args.out)
@@ -236,7 +236,7 @@ def _gpu_acceptance(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
-    run_demo(args.out, threads=args.threads, pairs=args.pairs)
+    run_demo(args.out, threads=args.threads, repeats=args.repeats)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -369,10 +369,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--quick",
         action="store_true",
-        help="4 samples, 2 timed pairs, sencache and one baseline of each kind, 2 settings each (peers only "
-        "with --methods)",
+        help="4 samples, 1 repeat, sencache and one baseline of each kind, 2 settings each (diffusers peers "
+        "only with --methods)",
     )
-    r.add_argument("--pairs", type=int, help="uncached/cached pairs timed per setting (default 3; --quick: 2)")
+    r.add_argument(
+        "--repeats",
+        type=int,
+        help="timed cached runs per setting, each between two uncached runs; the speed-up is the median of "
+        "the 2 x repeats ratios (default 2; --quick: 1)",
+    )
     r.set_defaults(func=_bench)
 
     k = sub.add_parser("kernels", help="compile the CUDA drift kernel with NVRTC (no GPU needed)")
@@ -412,7 +417,13 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--threads", type=int, default=1, help="CPU threads for the timed runs")
-    d.add_argument("--pairs", type=int, default=3, help="uncached/cached pairs timed; the speed-up is their median")
+    d.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed SenCache runs, each between two uncached runs; the speed-up is the median of the 2 x "
+        "repeats ratios",
+    )
     d.set_defaults(func=_demo)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     for command in sub.choices.values():

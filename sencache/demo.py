@@ -1,6 +1,6 @@
 """The main job on the bundled default: build tiny-wan, calibrate it, and generate the same
 prompts with and without SenCache, printing NFE, PSNR against the uncached video, and the speed-up
-as the median of interleaved uncached/cached pairs with its spread (`sencache.benchmarks.timing`)."""
+as the median of uncached/cached pairs from interleaved runs, with its spread (`sencache.benchmarks.timing`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sencache.benchmarks.metrics import psnr
-from sencache.benchmarks.timing import below_floor, floor_speedup, run_pairs
+from sencache.benchmarks.timing import below_floor, floor_speedup, run_chain
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.console import note, say
 from sencache.engine_builder.builder import BuildOptions, build
@@ -31,9 +31,10 @@ DEMO_PROMPTS = [
     ("two large green circles moving down fast on gradient", 13),
     ("three small yellow squares moving left fast on texture", 14),
 ]
-DEMO_PAIRS = 3
-"""Uncached/cached pairs timed; the first pair's runs are the ones written to the output folder."""
-MAX_PAIRS = 20
+DEMO_REPEATS = 2
+"""Timed SenCache runs, each between two uncached runs (U C U C U: 4 pairs); the first uncached and
+the first SenCache run are the ones written to the output folder."""
+MAX_REPEATS = 10
 
 
 def _bundle(folder: Path) -> Bundle:
@@ -45,18 +46,22 @@ def _bundle(folder: Path) -> Bundle:
         return Bundle.load(folder)
 
 
-def run_demo(out: Path, threads: int = 1, pairs: int = DEMO_PAIRS) -> None:
+def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
     """Build and calibrate tiny-wan under `out` if needed, write one uncached and one SenCache run
     of the demo prompts, and print quality and the paired speed-up."""
     if not 1 <= threads <= MAX_THREADS:
         raise BadInput(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
-    if not 1 <= pairs <= MAX_PAIRS:
-        raise BadInput(f"--pairs must be in [1, {MAX_PAIRS}], got {pairs}")
+    if not 1 <= repeats <= MAX_REPEATS:
+        raise BadInput(f"--repeats must be in [1, {MAX_REPEATS}], got {repeats}")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     for name in ("none", "sencache"):
         check_replaceable(out / name, RUN)
     torch.set_num_threads(threads)
+    note(
+        f"sencache demo: tiny-wan, {len(DEMO_PROMPTS)} prompts uncached and with SenCache, {2 * repeats + 1} timed "
+        f"runs on {threads} thread(s); outputs in {out}"
+    )
     bundle = _bundle(out / "tiny-wan")
     engine = Model(bundle, open_backend(bundle, threads=threads))
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
@@ -72,11 +77,13 @@ def run_demo(out: Path, threads: int = 1, pairs: int = DEMO_PAIRS) -> None:
     engine.generate(Request(prompts, seeds, 2, defaults["guidance"]), NoCache(batch))
 
     runs: dict[str, tuple[Result, np.ndarray]] = {}
+    count = iter(range(1, 2 * repeats + 2))
 
-    def timed(name: str, pair: int) -> float:
-        """One run; the first pair's is decoded and written to `out/name`. Its denoising seconds."""
+    def timed(name: str) -> float:
+        """One run; the first of each kind is decoded and written to `out/name`. Its denoising seconds."""
+        note(f"run {next(count)}/{2 * repeats + 1}: {name} ({request.steps} steps, {batch} prompts)")
         policy = engine.policy(name, request.steps, batch, {})
-        if pair > 0:
+        if name in runs:
             return engine.generate(request, policy, progress=True).timing["denoise_s"]
         with staged_folder(out / name, RUN) as folder:
             started = time.perf_counter()
@@ -86,12 +93,7 @@ def run_demo(out: Path, threads: int = 1, pairs: int = DEMO_PAIRS) -> None:
         runs[name] = (result, frames)
         return result.timing["denoise_s"]
 
-    timing = run_pairs(
-        lambda k: timed("none", k),
-        lambda k: timed("sencache", k),
-        pairs,
-        before=lambda k, which: note(f"pair {k + 1}/{pairs}: {which} run ({request.steps} steps, {batch} prompts)"),
-    )
+    (timing,) = run_chain(lambda: timed("none"), [lambda _: timed("sencache")], repeats)
 
     base_frames, (cached, cached_frames) = runs["none"][1], runs["sencache"]
     say(f"\n{'prompt':56s} {'NFE':>6s} {'PSNR dB':>8s}  decisions (R run, . reuse)")
@@ -102,7 +104,7 @@ def run_demo(out: Path, threads: int = 1, pairs: int = DEMO_PAIRS) -> None:
     t_base, t_cached = statistics.median(timing.uncached_s), statistics.median(timing.cached_s)
     ideal = request.steps * batch / sum(cached.nfe)
     say(
-        f"\ndenoise (median of {pairs}): uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
+        f"\ndenoise (medians): uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
         f"SenCache {t_cached:.2f} s -> speed-up {timing.describe()} (steps/NFE {ideal:.2f}x); "
         f"decisions {cached.timing['decision_s'] * 1000:.2f} ms in all"
     )

@@ -70,7 +70,7 @@ def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path, capsys):
         steps=6,
         guidance=4.0,
         quick=True,
-        pairs=2,
+        repeats=1,
     )
     report = run_bench(engine, plan, tmp_path / "bench", show_progress=False)
     out, err = capsys.readouterr()  # diffusers' MagCache calibration prints its ratios: captured, not shown

@@ -11,8 +11,7 @@ from sencache.benchmarks.timing import (
     PairedTiming,
     below_floor,
     floor_speedup,
-    pair_order,
-    run_pairs,
+    run_chain,
 )
 from sencache.console import set_verbose, third_party_output
 
@@ -48,29 +47,29 @@ def test_pairs_must_match_and_take_time():
         PairedTiming(uncached_s=(), cached_s=())
     with pytest.raises(ValueError, match="positive"):
         PairedTiming(uncached_s=(1.0,), cached_s=(0.0,))
-    with pytest.raises(ValueError, match="at least 1"):
-        run_pairs(lambda k: 1.0, lambda k: 1.0, 0)
 
 
-def test_pairs_alternate_which_run_goes_first():
+def test_each_cached_run_pairs_with_the_uncached_runs_on_either_side():
     calls = []
-    seconds = {"uncached": [6.0, 7.0, 5.0], "cached": [4.0, 3.5, 5.0]}
+    uncached_s = iter([6.0, 7.0, 5.0, 6.0, 8.0])
 
-    def timed(which):
-        return lambda k: calls.append((which, k)) or seconds[which][k]
+    def uncached():
+        calls.append("U")
+        return next(uncached_s)
 
-    timing = run_pairs(timed("uncached"), timed("cached"), 3, before=lambda k, which: calls.append(("before", k)))
-    assert [c for c in calls if c[0] != "before"] == [
-        ("uncached", 0),
-        ("cached", 0),
-        ("cached", 1),
-        ("uncached", 1),
-        ("uncached", 2),
-        ("cached", 2),
-    ]
-    assert calls.count(("before", 1)) == 2 and len(calls) == 12
-    assert timing.ratios == (1.5, 2.0, 1.0) and timing.median == 1.5
-    assert pair_order(0) == ("uncached", "cached") and pair_order(3) == ("cached", "uncached")
+    def cached(name, seconds):
+        return lambda repeat: calls.append(f"{name}{repeat}") or seconds[repeat]
+
+    a, b = run_chain(uncached, [cached("a", [4.0, 3.0]), cached("b", [5.0, 4.0])], 2)
+    assert calls == ["U", "a0", "U", "b0", "U", "a1", "U", "b1", "U"]
+    assert a.uncached_s == (6.0, 7.0, 5.0, 6.0) and a.cached_s == (4.0, 4.0, 3.0, 3.0)
+    assert b.uncached_s == (7.0, 5.0, 6.0, 8.0) and b.cached_s == (5.0, 5.0, 4.0, 4.0)
+    assert a.ratios == (1.5, 1.75, 5 / 3, 2.0) and a.median == pytest.approx((1.75 + 5 / 3) / 2)
+    assert b.ratios == (1.4, 1.0, 1.5, 2.0) and b.median == 1.45 and b.warning is not None
+    with pytest.raises(ValueError, match="at least 1"):
+        run_chain(uncached, [cached("a", [1.0])], 0)
+    with pytest.raises(ValueError, match="no cached runs"):
+        run_chain(uncached, [], 1)
 
 
 def test_floor_speedup_and_the_below_floor_flag():
