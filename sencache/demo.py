@@ -105,7 +105,7 @@ def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
     ideal = request.steps * batch / sum(cached.nfe)
     say(
         f"\ndenoise (medians): uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
-        f"SenCache {t_cached:.2f} s -> speed-up {timing.describe()} (steps/NFE {ideal:.2f}x); "
+        f"SenCache {t_cached:.2f} s -> speed-up {timing.describe()}, steps/NFE {ideal:.2f}x; "
         f"decisions {cached.timing['decision_s'] * 1000:.2f} ms in all"
     )
     if below_floor(timing.median, floor_speedup(request.steps, sum(cached.nfe) / batch, 0.0)):
