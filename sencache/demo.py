@@ -74,7 +74,7 @@ def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
     request = Request(prompts, seeds, defaults.steps, defaults.guidance)
     batch = len(prompts)
     note("warm-up")
-    engine.generate(Request(prompts, seeds, 2, defaults["guidance"]), NoCache(batch))
+    engine.generate(Request(prompts, seeds, 2, defaults.guidance), NoCache(batch))
 
     runs: dict[str, tuple[Result, np.ndarray]] = {}
     count = iter(range(1, 2 * repeats + 2))
