@@ -108,7 +108,7 @@ def calibrate(
     bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
         request = Request(chunk_prompts, chunk_seeds, steps, guidance)
-        run = engine.generate(request, NoCache(len(chunk_prompts)), record=True)
+        run = engine.generate(request, NoCache(len(chunk_prompts)), record=True, progress=show_progress)
         bar.update(steps)
         timesteps = run.timesteps
         text = engine.encode(chunk_prompts)
