@@ -124,3 +124,12 @@ def test_captured_prints_explain_a_failure(capsys):
         raise RuntimeError("boom")
     err = capsys.readouterr().err
     assert "the exporter printed, before it failed" in err and "why it broke" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose"), [(["demo"], False), (["--verbose", "demo"], True), (["demo", "--verbose"], True)]
+)
+def test_verbose_is_one_flag_before_or_after_the_command(argv, verbose):
+    from sencache.cli import parser
+
+    assert parser().parse_args(argv).verbose is verbose
