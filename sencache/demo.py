@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sencache.benchmarks.metrics import psnr
-from sencache.benchmarks.timing import below_floor, floor_speedup, run_chain
+from sencache.benchmarks.timing import PairedTiming, below_floor, floor_speedup, run_chain
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.console import note, say
 from sencache.engine_builder.builder import BuildOptions, build
@@ -44,6 +44,18 @@ def _bundle(folder: Path) -> Bundle:
         note(f"building the tiny-wan engine bundle into {folder} (once; later demos reuse it)")
         build(BuildOptions(model="tiny-wan", out=folder, max_batch=len(DEMO_PROMPTS)))
         return Bundle.load(folder)
+
+
+def speedup_verdict(timing: PairedTiming, ceiling: float) -> tuple[str, list[str]]:
+    """The speed-up as printed and the warnings under it. `ceiling` is the most skipping steps can
+    gain (steps/NFE, a reused step costing nothing); a median above it is disturbed timing."""
+    warnings = [] if timing.warning is None else [timing.warning]
+    if below_floor(timing.median, ceiling):
+        warnings.insert(
+            0, f"faster than skipping steps can make it ({ceiling:.2f}x): other work slowed the uncached runs"
+        )
+        return f"disturbed timing, not a result (median {timing.median:.2f}x)", warnings
+    return timing.describe(), warnings
 
 
 def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
@@ -103,16 +115,12 @@ def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
         say(f"{prompt:56s} {cached.nfe[i]:2d}/{request.steps:<3d} {quality:8.2f}  {pattern}")
     t_base, t_cached = statistics.median(timing.uncached_s), statistics.median(timing.cached_s)
     ideal = request.steps * batch / sum(cached.nfe)
-    # skipping steps cannot beat steps/NFE (a reused step costing nothing): above it, the timing was disturbed
-    disturbed = below_floor(timing.median, floor_speedup(request.steps, sum(cached.nfe) / batch, 0.0))
-    speedup = f"disturbed timing, not a result (median {timing.median:.2f}x)" if disturbed else timing.describe()
+    speedup, warnings = speedup_verdict(timing, floor_speedup(request.steps, sum(cached.nfe) / batch, 0.0))
     say(
         f"\ndenoise (medians): uncached {t_base:.2f} s ({t_base / request.steps * 1000:.0f} ms/step), "
         f"SenCache {t_cached:.2f} s -> speed-up {speedup}, steps/NFE {ideal:.2f}x; "
         f"decisions {cached.timing['decision_s'] * 1000:.2f} ms in all"
     )
-    if disturbed:
-        say("warning: faster than skipping steps can make it: other work slowed the uncached runs")
-    if timing.warning:
-        say(f"warning: {timing.warning}")
+    for warning in warnings:
+        say(f"warning: {warning}")
     say(f"videos and stats: {out / 'none'} and {out / 'sencache'}")

@@ -133,3 +133,16 @@ def test_verbose_is_one_flag_before_or_after_the_command(argv, verbose):
     from sencache.cli import parser
 
     assert parser().parse_args(argv).verbose is verbose
+
+
+def test_the_demo_prints_a_speedup_above_steps_per_nfe_as_disturbed():
+    from sencache.demo import speedup_verdict
+
+    steady = PairedTiming(uncached_s=(6.0, 6.0, 6.0, 6.0), cached_s=(4.0, 4.0, 4.0, 4.0))
+    assert speedup_verdict(steady, 1.58) == ("1.50x (1.50-1.50 over 4 pairs)", [])
+    too_fast = PairedTiming(uncached_s=(8.0, 8.0, 8.0, 8.0), cached_s=(4.0, 4.0, 4.0, 4.0))
+    text, warnings = speedup_verdict(too_fast, 1.58)
+    assert text == "disturbed timing, not a result (median 2.00x)" and "1.58x" in warnings[0]
+    busy = PairedTiming(uncached_s=(6.0, 9.0, 6.0, 6.0), cached_s=(4.0, 4.0, 4.0, 4.0))
+    text, warnings = speedup_verdict(busy, 1.58)
+    assert text.startswith("1.50x (1.50-2.25") and len(warnings) == 1 and "do not trust" in warnings[0]
