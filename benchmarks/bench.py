@@ -188,7 +188,10 @@ def _label(knobs: dict[str, float]) -> str:
     return " ".join(f"{k}={v:g}" for k, v in knobs.items())
 
 
-DISTURBED = "below floor: disturbed timing (faster than the loop's own steps allow); not a result"
+DISTURBED = (
+    "below floor: disturbed timing (faster than the loop's own steps allow: this run's pairs or the floor's "
+    "own timing were disturbed); not a result"
+)
 UNPAIRED = "one run against diffusers' uncached pipeline timed before the sweep: not paired, may be disturbed"
 
 
