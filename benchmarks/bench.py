@@ -3,35 +3,40 @@
 Every run uses the same engine, prompts, seeds and steps; only the decision rule differs. Quality
 is measured against the uncached video of the same prompt and seed (PSNR, SSIM; LPIPS is
 reported as unavailable: its backbone weights cannot be fetched here). Speed is measured in the
-same process with one CPU thread after a warm-up: denoising wall time, decision overhead per step,
-and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x t(reuse step).
+same process with one CPU thread after a warm-up, on the first batch of samples: the median ratio
+of uncached/cached pairs from one chain of interleaved runs, with its spread (`sencache.benchmarks.timing`), decision
+overhead per step, and the loop's distance from its floor NFE x t(run step) + (steps - NFE) x
+t(reuse step). A speed-up above the floor's is flagged as disturbed timing, not reported as a result.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sencache.benchmarks.diffusers_peers import PEERS, DiffusersPeers
 from sencache.benchmarks.flops import stage_flops
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
+from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, floor_speedup, run_chain
+from sencache.console import progress, third_party_output
 from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import Request, Result
 from sencache.runtime.tiny_text import tokenize
 
 REPORT = "report.json"
@@ -59,9 +64,8 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
     "diffusers-fbc": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2)],
 }
 QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
-    "sencache": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
-    "sencache-max": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
-    "sencache-reference": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
+    "sencache": [{"eps_main": e} for e in (0.3, 0.6)],
+    "sencache-max": [{"eps_main": e} for e in (0.3, 0.6)],
     "fixed": [{"interval": k} for k in (2, 3)],
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 4)],
     "teacache": [{"threshold": t} for t in (0.1, 0.3)],
@@ -69,6 +73,13 @@ QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "diffusers-magcache": [{"threshold": t} for t in (0.05, 0.2)],
     "diffusers-fbc": [{"threshold": t} for t in (0.05, 0.2)],
 }
+QUICK_METHODS = ("sencache", "fixed-warmup", "teacache", "magcache")
+"""What --quick runs unless --methods says otherwise: SenCache and one of each kind of baseline."""
+QUICK_SAMPLES = 4
+REPEATS = 2
+"""Timed cached runs per setting, each between two uncached runs (so 2 x REPEATS pairs)."""
+QUICK_REPEATS = 1
+MAX_REPEATS = 10
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,13 @@ class BenchPlan:
     steps: int
     guidance: float
     quick: bool
+    repeats: int = REPEATS
+    """Timed cached runs per setting on the first batch of samples, each between two uncached runs."""
+    max_spread: float = MAX_SPREAD
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise BadInput(f"repeats must be in [1, {MAX_REPEATS}], got {self.repeats}", param="repeats")
 
 
 def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -129,24 +147,26 @@ class Runner:
             for i in range(0, len(plan.prompts), self.batch)
         ]
 
-    def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
-        latents, frames, nfe, denoise_s, decision_s = [], [], [], 0.0, 0.0
-        for prompts, seeds in self.chunks:
-            request = Request(prompts, seeds, self.plan.steps, self.plan.guidance)
-            policy = self.engine.policy(method, request.steps, len(prompts), knobs)
-            result = self.engine.generate(request, policy)
-            latents.extend(result.latents)
-            frames.extend(self.engine.decode(result.latents))
-            nfe.extend(result.nfe)
-            denoise_s += result.timing["denoise_s"]
-            decision_s += result.timing["decision_s"]
+    def generate(self, chunk: int, method: str, knobs: dict[str, float]) -> Result:
+        """One run of chunk `chunk` (its prompts and seeds) with a runtime method."""
+        prompts, seeds = self.chunks[chunk]
+        policy = self.engine.policy(method, self.plan.steps, len(prompts), knobs)
+        return self.engine.generate(Request(prompts, seeds, self.plan.steps, self.plan.guidance), policy)
+
+    def collect(self, results: list[Result]) -> dict[str, Any]:
+        """Latents, frames, NFE and seconds of one setting's runs over all chunks, in order."""
+        latents = [latent for result in results for latent in result.latents]
         return {
             "latents": np.stack(latents),
-            "frames": frames,
-            "nfe": nfe,
-            "denoise_s": denoise_s,
-            "decision_s": decision_s,
+            "frames": [frame for result in results for frame in self.engine.decode(result.latents)],
+            "nfe": [n for result in results for n in result.nfe],
+            "denoise_s": sum(result.timing["denoise_s"] for result in results),
+            "decision_s": sum(result.timing["decision_s"] for result in results),
         }
+
+    def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
+        """One setting over the evaluation set."""
+        return self.collect([self.generate(i, method, knobs) for i in range(len(self.chunks))])
 
     def reuse_step_s(self, reuses: int = 10) -> float:
         """Seconds of one step in which every sample reuses (head, cached residual, tail), over all
@@ -175,6 +195,94 @@ class Runner:
         return best
 
 
+def _label(knobs: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in knobs.items())
+
+
+DISTURBED = (
+    "below floor: disturbed timing (faster than the loop's own steps allow: this run's pairs or the floor's "
+    "own timing were disturbed); not a result"
+)
+UNPAIRED = "one run against diffusers' uncached pipeline timed before the sweep: not paired, may be disturbed"
+
+
+def _timed_run(
+    method: str,
+    knobs: dict[str, float],
+    measured: dict[str, Any],
+    timing: PairedTiming,
+    timed_samples: int,
+    steps: int,
+    reuse_share: float,
+) -> dict[str, Any]:
+    """A runtime method's speed figures: the paired median, its range, and the floor check on the
+    timed samples (a median above the floor's speed-up is withheld as disturbed timing)."""
+    timed_nfe = measured["nfe"][:timed_samples]
+    ceiling = floor_speedup(steps, float(np.mean(timed_nfe)), reuse_share)
+    disturbed = below_floor(timing.median, ceiling)
+    uncached_s = float(np.median(timing.uncached_s))
+    return {
+        "method": method,
+        "knobs": knobs,
+        "denoise_s": measured["denoise_s"],
+        "decision_s": measured["decision_s"],
+        "uncached_s": uncached_s,
+        "cached_s": float(np.median(timing.cached_s)),
+        "speedup": None if disturbed else timing.median,
+        "speedup_range": [timing.low, timing.high],
+        "below_floor": disturbed,
+        "timing_warning": DISTURBED if disturbed else timing.warning,
+        "timing": {**timing.as_dict(), "samples": timed_samples},
+        "timed_ideal_speedup": steps * timed_samples / float(np.sum(timed_nfe)),
+        "floor_speedup": ceiling,
+        "floor_s": uncached_s / ceiling,
+        "vs_floor": ceiling / timing.median - 1,
+    }
+
+
+def _peer_run(method: str, knobs: dict[str, float], measured: dict[str, Any], base_s: float) -> dict[str, Any]:
+    """A diffusers peer's speed figures: one run against diffusers' own uncached run, unpaired."""
+    return {
+        "method": method,
+        "knobs": knobs,
+        "denoise_s": measured["denoise_s"],
+        "decision_s": None,
+        "uncached_s": base_s,
+        "cached_s": measured["denoise_s"],
+        "speedup": base_s / measured["denoise_s"],
+        "speedup_range": None,
+        "below_floor": False,
+        "timing_warning": UNPAIRED,
+        "timing": None,
+        "timed_ideal_speedup": None,
+        "floor_speedup": None,
+        "floor_s": None,
+        "vs_floor": None,
+        "decision_per_step_s": None,
+    }
+
+
+def _quality(
+    run: dict[str, Any], measured: dict[str, Any], reference: dict[str, Any], steps: int, samples: int
+) -> None:
+    """Add NFE, PSNR and SSIM against the uncached video of each sample to `run`."""
+    nfe = measured["nfe"]
+    psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
+    ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
+    run.update(
+        {
+            "nfe": nfe,
+            "psnr": psnrs,
+            "ssim": ssims,
+            "lpips": None,
+            "mean_nfe": float(np.mean(nfe)),
+            "mean_psnr": float(np.mean(psnrs)),
+            "mean_ssim": float(np.mean(ssims)),
+            "ideal_speedup": steps * samples / float(np.sum(nfe)),
+        }
+    )
+
+
 def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out` (taken,
     locked and checked writable before the sweep; swapped in whole after it)."""
@@ -200,67 +308,85 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     """The sweep and its report document."""
     sweeps = QUICK_SWEEPS if plan.quick else SWEEPS
     runner = Runner(engine, plan)
-    total = 1 + sum(len(sweeps[m]) for m in plan.methods)
-    bar = tqdm(total=total, desc="bench", unit="run", disable=not show_progress)
-    runner.run("none", {})  # warm-up
+    load_before = os.getloadavg()[0]
+    steps, samples = plan.steps, len(plan.prompts)
+    timed_samples = len(runner.chunks[0][0])
+    settings = [(m, _knobs(m, knobs, steps, engine)) for m in plan.methods if m not in PEERS for knobs in sweeps[m]]
+    peer_settings = [(m, knobs) for m in plan.methods if m in PEERS for knobs in sweeps[m]]
+    chain = 1 + 2 * plan.repeats * len(settings) if settings else 0
+    total = 2 + chain + len(settings) + (1 + len(peer_settings) if peer_settings else 0)
+    bar = progress(total=total, desc="bench", unit="run", disable=not show_progress)
+    bar.set_postfix_str("warm-up, uncached reference")
+    engine.generate(Request(*runner.chunks[0], 2, plan.guidance), NoCache(timed_samples))  # warm-up
     reference = runner.run("none", {})
     bar.update(1)
-    steps, samples = plan.steps, len(plan.prompts)
-    t_run = reference["denoise_s"] / steps
+    bar.set_postfix_str("cost of a step that reuses")
     t_reuse = runner.reuse_step_s()
-    peers, peer_reference, parity = None, None, None
-    if set(PEERS) & set(plan.methods):
-        peers = DiffusersPeers(engine)
-        meta = engine.bundle.sensitivity().meta
-        calibration = (list(meta.get("prompts", plan.prompts))[:4], list(meta.get("seeds", plan.seeds))[:4])
-        peer_reference = peers.run(
-            "diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
-        )
-        parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
-    runs = []
-    for method in plan.methods:
-        if method not in PEERS:
-            # The cores are shared: re-time the uncached run next to each method's sweep, so each
-            # speed-up compares runs measured minutes, not a quarter of an hour, apart.
-            base_s = runner.run("none", {})["denoise_s"]
-            t_run = base_s / steps
-        for knobs in sweeps[method]:
-            if method in PEERS:
-                measured = peers.run(
-                    method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
-                )
-                measured["frames"] = list(engine.decode(measured["latents"]))
-                runtime_knobs, decision_s, floor = dict(knobs), None, None
-                base_s = peer_reference["denoise_s"]
-            else:
-                runtime_method, runtime_knobs = _knobs(method, knobs, steps, engine)
-                measured = runner.run(runtime_method, runtime_knobs)
-                decision_s = measured["decision_s"]
-                floor = float(np.mean(measured["nfe"])) * t_run + (steps - float(np.mean(measured["nfe"]))) * t_reuse
-            nfe = measured["nfe"]
-            psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
-            ssims = [ssim(a, b) for a, b in zip(measured["frames"], reference["frames"], strict=True)]
-            runs.append(
-                {
-                    "method": method,
-                    "knobs": runtime_knobs,
-                    "nfe": nfe,
-                    "psnr": psnrs,
-                    "ssim": ssims,
-                    "lpips": None,
-                    "mean_nfe": float(np.mean(nfe)),
-                    "mean_psnr": float(np.mean(psnrs)),
-                    "mean_ssim": float(np.mean(ssims)),
-                    "denoise_s": measured["denoise_s"],
-                    "decision_s": decision_s,
-                    "uncached_s": base_s,
-                    "speedup": base_s / measured["denoise_s"],
-                    "ideal_speedup": steps * samples / float(np.sum(nfe)),
-                    "decision_per_step_s": None if decision_s is None else decision_s / (steps * len(runner.chunks)),
-                    "floor_s": floor,
-                }
-            )
+    # a reused step's share of a full one; clamped, as both are timed on a shared machine (0: steps/NFE)
+    reuse_share = min(max(t_reuse / (reference["denoise_s"] / steps), 0.0), 1.0)
+    bar.update(1)
+    first: dict[int, Result] = {}
+
+    def timed(label: str, chunk_run: Callable[[], Result], keep: int | None = None) -> Callable[..., float]:
+        """A run of the chain: shows its label, keeps the first repeat's result of setting `keep`."""
+
+        def run(repeat: int = 0) -> float:
+            bar.set_postfix_str(label)
+            result = chunk_run()
+            if keep is not None and repeat == 0:
+                first[keep] = result
             bar.update(1)
+            return result.timing["denoise_s"]
+
+        return run
+
+    timings = (
+        run_chain(
+            timed("uncached", lambda: runner.generate(0, "none", {})),
+            [
+                timed(f"{method} {_label(k)}", lambda m=m, k=k: runner.generate(0, m, k), keep=i)
+                for i, (method, (m, k)) in enumerate(settings)
+            ],
+            plan.repeats,
+            plan.max_spread,
+        )
+        if settings
+        else []
+    )
+    timed_runs = {}
+    for i, ((method, (runtime_method, runtime_knobs)), timing) in enumerate(zip(settings, timings, strict=True)):
+        bar.set_postfix_str(f"{method} {_label(runtime_knobs)}: quality on all samples")
+        rest = [runner.generate(c, runtime_method, runtime_knobs) for c in range(1, len(runner.chunks))]
+        measured = runner.collect([first[i], *rest])
+        run = _timed_run(method, runtime_knobs, measured, timing, timed_samples, steps, reuse_share)
+        run["decision_per_step_s"] = measured["decision_s"] / (steps * len(runner.chunks))
+        _quality(run, measured, reference, steps, samples)
+        timed_runs[i] = run
+        bar.update(1)
+    peers, peer_reference, parity = None, None, None
+    if peer_settings:
+        bar.set_postfix_str("diffusers' uncached pipeline")
+        with third_party_output("diffusers"):
+            peers = DiffusersPeers(engine)
+            meta = engine.bundle.sensitivity().meta
+            calibration = (list(meta.get("prompts", plan.prompts))[:4], list(meta.get("seeds", plan.seeds))[:4])
+            peer_reference = peers.run(
+                "diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
+            )
+        parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
+        bar.update(1)
+    peer_runs = []
+    for method, knobs in peer_settings:
+        bar.set_postfix_str(f"{method} {_label(knobs)}")
+        with third_party_output("diffusers"):
+            measured = peers.run(method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration)
+        measured["frames"] = list(engine.decode(measured["latents"]))
+        peer_runs.append(_peer_run(method, dict(knobs), measured, peer_reference["denoise_s"]))
+        _quality(peer_runs[-1], measured, reference, steps, samples)
+        bar.update(1)
+    # in the order of the methods asked for, each method's settings in sweep order
+    ordered = [timed_runs[i] for i in range(len(settings))] + peer_runs
+    runs = [r for method in plan.methods for r in ordered if r["method"] == method]
     bar.close()
     comparison = compare_at_matched_nfe(runs, steps)
     report = {
@@ -269,6 +395,8 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             "processor": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "backend": engine.backend.describe(),
+            "cpus": os.cpu_count(),
+            "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]},
         },
         "model": engine.preset.name,
         "steps": steps,
@@ -285,7 +413,15 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             "denoise_s": reference["denoise_s"],
             "run_step_s": reference["denoise_s"] / steps,
             "reuse_step_s": t_reuse,
-            "head_tail_share": t_reuse / (reference["denoise_s"] / steps),
+            "head_tail_share": reuse_share,
+        },
+        "timing": {
+            "repeats": plan.repeats,
+            "pairs": 2 * plan.repeats,
+            "samples": timed_samples,
+            "max_spread": plan.max_spread,
+            "method": "one chain U C1 U C2 ... U on the first batch of samples, repeated; each cached run pairs "
+            "with the uncached runs on either side; speed-up = median ratio; one above the floor's is withheld",
         },
         "diffusers_reference": None
         if peer_reference is None

@@ -8,10 +8,46 @@ from typing import Any
 import numpy as np
 
 from sencache.benchmarks.matched import envelope
+from sencache.benchmarks.timing import FLOOR_TOLERANCE
 
 
 def _knobs(knobs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
+
+
+def _speedup(run: dict[str, Any], flag: int) -> str:
+    """The speed-up cell: median and range of the pairs, `disturbed` when below the floor, and a
+    [n] pointing at the run's timing warning."""
+    mark = f" [{flag}]" if run.get("timing_warning") else ""
+    if run.get("below_floor"):
+        return f"disturbed{mark}"
+    if not run.get("speedup_range"):
+        return f"{run['speedup']:.2f}x{mark}"
+    low, high = run["speedup_range"]
+    return f"{run['speedup']:.2f}x ({low:.2f}-{high:.2f}){mark}"
+
+
+def _load(report: dict[str, Any]) -> str:
+    load = report["machine"].get("load_average_1m")
+    if not load:
+        return ""
+    return (
+        f" Load average (1 min) {load['start']:.1f} at the start and {load['end']:.1f} at the end, on "
+        f"{report['machine']['cpus']} CPUs."
+    )
+
+
+def _timing_note(report: dict[str, Any]) -> str:
+    timing = report.get("timing") or {}
+    return (
+        f"Speed-up: the median over {timing.get('pairs')} uncached/cached pairs on the first "
+        f"{timing.get('samples')} samples, with their range: the runs form one chain, uncached and cached "
+        "alternating, and each cached run pairs with the uncached run on either side. A range wider "
+        f"than {timing.get('max_spread', 0) * 100:.0f}% of the median means the machine was busy and is "
+        "flagged. Steps/NFE and the distance from the floor are for those samples. A speed-up above what the "
+        f"floor allows by more than {FLOOR_TOLERANCE:.0%} is impossible for the loop itself: it is shown as "
+        "`disturbed`, not as a result."
+    )
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -23,23 +59,32 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Machine: {report['machine']['processor']}, {report['machine']['torch_threads']} thread, "
         f"{report['machine']['backend'].get('backend')}. Uncached: {ref['denoise_s']:.2f} s denoising, "
         f"{ref['run_step_s'] * 1000:.1f} ms per step; a step that reuses everything (head + tail): "
-        f"{ref['reuse_step_s'] * 1000:.2f} ms ({ref['head_tail_share'] * 100:.1f}% of a full step).",
+        f"{ref['reuse_step_s'] * 1000:.2f} ms ({ref['head_tail_share'] * 100:.1f}% of a full step).{_load(report)}",
         "",
         "Head + tail share of the blocks' FLOPs per call (counted on the meta device): "
         + ", ".join(f"{name} {f['head_tail_share'] * 100:.3g}%" for name, f in report["flops"].items())
         + ". What a reused step still costs is that share, so speed-up approaches steps/NFE at real depth.",
         "",
-        "| method | knobs | NFE | PSNR dB | SSIM | LPIPS | speed-up | steps/NFE | decision us/step | vs floor |",
+        _timing_note(report),
+        "",
+        "| method | knobs | NFE | PSNR dB | SSIM | LPIPS | speed-up (range) | steps/NFE (timed) | decision us/step | "
+        "vs floor |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
+    flagged = []
     for r in report["runs"]:
-        gap = f"{(r['denoise_s'] / r['floor_s'] - 1) * 100:+.1f}%" if r["floor_s"] else "n/a"
+        gap = "n/a" if r.get("vs_floor") is None else f"{r['vs_floor'] * 100:+.1f}%"
         decision = "n/a" if r["decision_per_step_s"] is None else f"{r['decision_per_step_s'] * 1e6:.0f}"
+        ideal = r["ideal_speedup"] if r.get("timed_ideal_speedup") is None else r["timed_ideal_speedup"]
+        if r.get("timing_warning"):
+            flagged.append(r)
         lines.append(
             f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
-            f"{r['mean_ssim']:.4f} | n/a | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-            f"{decision} | {gap} |"
+            f"{r['mean_ssim']:.4f} | n/a | {_speedup(r, len(flagged))} | {ideal:.2f}x | {decision} | {gap} |"
         )
+    if flagged:
+        lines += ["", "Timing warnings:", ""]
+        lines += [f"{i}. {r['method']} {_knobs(r['knobs'])}: {r['timing_warning']}" for i, r in enumerate(flagged, 1)]
     peer = report.get("diffusers_reference")
     if peer:
         lines += [

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from sencache.console import progress
 from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
@@ -105,10 +105,10 @@ def calibrate(
     tea_x, tea_y, mag = [], [], []
     started = time.perf_counter()
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
-    bar = tqdm(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
+    bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
         request = Request(chunk_prompts, chunk_seeds, steps, guidance)
-        run = engine.generate(request, NoCache(len(chunk_prompts)), record=True)
+        run = engine.generate(request, NoCache(len(chunk_prompts)), record=True, progress=show_progress)
         bar.update(steps)
         timesteps = run.timesteps
         text = engine.encode(chunk_prompts)

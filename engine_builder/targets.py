@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from sencache.console import progress, third_party_output
 from sencache.engine_builder.onnx_export import export_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.errors import BadInput
@@ -49,11 +50,15 @@ class OnnxTarget:
         example = model.stage_inputs(batch=2, seed=0)
         fresh = model.stage_inputs(batch=min(3, rows), seed=1)
         validation = {}
-        for name in tqdm(STAGES, desc="export + validate", unit="stage"):
+        for name in progress(STAGES, desc="export + validate", unit="stage"):
             path = folder / f"{name}.onnx"
-            export_stage(model.stages[name], model.specs[name], example, path, rows)
+            with third_party_output("the ONNX exporter"):
+                export_stage(model.stages[name], model.specs[name], example, path, rows)
             validation[name] = model.precision.validate(model, name, model.specs[name], fresh, path)
-            log(f"  {name}: max abs {validation[name]['max_abs']:.2e}, relative L2 {validation[name]['rel_l2']:.2e}")
+            with tqdm.external_write_mode():
+                log(
+                    f"  {name}: max abs {validation[name]['max_abs']:.2e}, relative L2 {validation[name]['rel_l2']:.2e}"
+                )
         return validation
 
     def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from sencache.console import set_verbose
 from sencache.runtime.cache.knobs import KNOBS, METHODS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
@@ -157,7 +158,17 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from sencache.benchmarks.bench import KIND, SWEEPS, BenchPlan, evaluation_set, run_bench
+    from sencache.benchmarks.bench import (
+        KIND,
+        QUICK_METHODS,
+        QUICK_REPEATS,
+        QUICK_SAMPLES,
+        REPEATS,
+        SWEEPS,
+        BenchPlan,
+        evaluation_set,
+        run_bench,
+    )
     from sencache.benchmarks.diffusers_peers import PEERS
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
@@ -168,11 +179,13 @@ def _bench(args: argparse.Namespace) -> None:
     check_replaceable(args.out, KIND)
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest.defaults
-    prompts, seeds = evaluation_set(4 if args.quick else args.samples, args.prompts, args.seeds)
+    prompts, seeds = evaluation_set(QUICK_SAMPLES if args.quick else args.samples, args.prompts, args.seeds)
     steps = defaults.steps if args.steps is None else args.steps
     if not 1 <= steps <= MAX_STEPS:
         raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {steps}")
-    default = [m for m in SWEEPS if bundle.manifest.family == "wan" or m not in PEERS]
+    default = [
+        m for m in (QUICK_METHODS if args.quick else SWEEPS) if bundle.manifest.family == "wan" or m not in PEERS
+    ]
     plan = BenchPlan(
         methods=tuple(args.methods or default),
         prompts=tuple(prompts),
@@ -180,6 +193,7 @@ def _bench(args: argparse.Namespace) -> None:
         steps=steps,
         guidance=defaults.guidance,
         quick=args.quick,
+        repeats=(QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats,
     )
     engine = Model(bundle, open_backend(bundle, threads=1))
     report = run_bench(engine, plan, args.out)
@@ -222,7 +236,7 @@ def _gpu_acceptance(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
-    run_demo(args.out, threads=args.threads)
+    run_demo(args.out, threads=args.threads, repeats=args.repeats)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -241,6 +255,9 @@ def _serve(args: argparse.Namespace) -> None:
             device=args.device,
         )
     )
+
+
+VERBOSE_HELP = "also show what third-party libraries print (diffusers' calibration lists, exporter notes)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -349,7 +366,18 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")
     r.add_argument("--samples", type=int, default=16, help="evaluation prompts drawn when --prompts is not given")
     r.add_argument("--steps", type=int)
-    r.add_argument("--quick", action="store_true", help="4 samples and a short sweep: a few minutes on 2 cores")
+    r.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 samples, 1 repeat, sencache and one baseline of each kind, 2 settings each (diffusers peers "
+        "only with --methods)",
+    )
+    r.add_argument(
+        "--repeats",
+        type=int,
+        help="timed cached runs per setting, each between two uncached runs; the speed-up is the median of "
+        "the 2 x repeats ratios (default 2; --quick: 1)",
+    )
     r.set_defaults(func=_bench)
 
     k = sub.add_parser("kernels", help="compile the CUDA drift kernel with NVRTC (no GPU needed)")
@@ -389,8 +417,17 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--threads", type=int, default=1, help="CPU threads for the timed runs")
+    d.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed SenCache runs, each between two uncached runs; the speed-up is the median of the 2 x "
+        "repeats ratios",
+    )
     d.set_defaults(func=_demo)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         command.set_defaults(flag=command.flag)
     return p
 
@@ -466,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     nothing written); 1 an internal error (one line naming the log file with the traceback);
     130 interrupted (Ctrl-C or SIGTERM; partial outputs removed)."""
     args = parser().parse_args(argv)
+    set_verbose(args.verbose)
     handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
     previous = {signum: signal.signal(signum, _signalled) for signum in handled}
     try:

@@ -291,6 +291,8 @@ def test_a_corrupt_text_encoder_with_a_matching_hash(capsys, copy, tmp_path):
         (["calibrate", "--engine", "{ort}", "--steps", "5000"], "--steps must be in [2, 1000]"),
         (["demo", "--threads", "-1", "--out", "{tmp}/d"], "--threads must be in [1, 1024]"),
         (["demo", "--out", "{tmp}/afile"], "is a file, not a folder"),
+        (["demo", "--repeats", "0", "--out", "{tmp}/d"], "--repeats must be in [1, 10]"),
+        (["bench", "--engine", "{ort}", "--repeats", "0", "--out", "{tmp}/b"], "--repeats must be in [1, 10]"),
         (["generate", "--engine", "{ort}", "--prompt", "red " * 10_000, "--out", "{tmp}/o"], "words"),
         (["calibrate", "--engine", "{ort}", "--import-npz", "{tmp}/table2d.npz"], "must be one-dimensional"),
         (["generate", "--engine", "{ort}", "--steps", "x"], "invalid int value"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sencache.console import progress
 from sencache.engine_builder.tiny.clips import RGB, STEP
 from sencache.engine_builder.tiny.grammar import COLOURS, DIRECTIONS, PromptSpec
 from sencache.runtime.backends.base import open_backend
@@ -76,15 +77,16 @@ def read_motion(clip: np.ndarray) -> str | None:
     return max(STEP, key=lambda d: float(np.dot(STEP[d], velocity)))
 
 
-def evaluate(engine: Model, steps: int | None = None, batch: int = 4) -> dict:
-    """Accuracy of colour and motion over `cases()`, uncached."""
+def evaluate(engine: Model, steps: int | None = None, batch: int = 4, show_progress: bool = True) -> dict:
+    """Accuracy of colour and motion over `cases()`, uncached (a progress bar on stderr per batch)."""
     if not engine.preset.tiny:
         raise BadInput("evaluate reads the clips of the bundled tiny models (RGB latents) only")
     steps = steps or engine.bundle.manifest.defaults.steps
     batch = max(1, min(batch, engine.bundle.shapes.max_batch))
     specs = cases()
     rows = []
-    for start in range(0, len(specs), batch):
+    starts = range(0, len(specs), batch)
+    for start in progress(starts, desc="evaluate", unit="batch", disable=not show_progress):
         chunk = specs[start : start + batch]
         request = Request(
             [s.prompt for s in chunk],
