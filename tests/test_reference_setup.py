@@ -268,3 +268,35 @@ def test_the_reference_procedure_from_the_command_line(ort_bundle, tmp_path, cap
     assert ("baselines.json" in loaded.manifest.files) == ("baselines.json" in before)
     assert main([*args, "--prompt", "one large white square static on black"]) == 2
     assert "--prompts: none are taken by the reference procedure" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-cogvideox"])
+def test_data_is_noised_as_the_model_was_trained(model):
+    """The reference procedure's x_k: Wan's flow interpolation at the step's sigma, CogVideoX's
+    sqrt(a) x0 + sqrt(1 - a) noise at the step's alphas_cumprod (the tiny models' training objective)."""
+    adapter, preset = resolve(model)
+    scheduler = adapter.make_scheduler(preset)
+    sampler = adapter.sampler(scheduler, 5, preset, None)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for k in range(5):
+        if model == "tiny-wan":
+            sigma = scheduler.sigmas[k]
+            expected = (1 - sigma) * x0 + sigma * noise
+        else:
+            a = scheduler.alphas_cumprod[int(sampler.timesteps[k])]
+            expected = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        assert torch.allclose(sampler.noised(k, x0, noise), expected, atol=1e-6)
+
+
+def test_the_reference_procedure_on_cogvideox(cogvideox_bundle):
+    """CogVideoX: clips noised by its scheduler's add_noise, its DPM solver's state per sample."""
+    model = engine_for(cogvideox_bundle)
+    table = calibrate(
+        model, CalibrationPlan(samples=2, steps=3, seed=4, procedure="reference"), show_progress=False
+    ).sensitivity
+    assert len(table.timesteps) == 3 and np.all(table.jx > 0) and np.all(table.jt > 0)
+    assert table.meta["family"] == "cogvideox" and table.meta["solver_state"] == "per-sample"
+    with pytest.raises(BadInput) as e:
+        calibrate(model, CalibrationPlan(samples=1, steps=3, procedure="reference", sampling="reference"))
+    assert e.value.param == "sampling"
