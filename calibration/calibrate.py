@@ -19,12 +19,27 @@ The same trajectories calibrate the baselines the way their authors do: TeaCache
 maps the relative L1 change of the modulated input between steps to that of the model output
 (degree 4 least squares), and MagCache's ratios are the token-mean of ||r_k|| / ||r_{k-1}|| of
 the blocks' residual r, per step.
+
+`procedure="reference"` runs the authors' procedure instead (vita-epfl/SenCache,
+`Wan2.1/sensitivity_calculation.py`; the CogVideoX and LTX scripts do the same): clean videos of
+the training distribution (here the clips the tiny models are trained on, rendered by
+`engine_builder/tiny/clips.py`, with their captions as prompts) are noised to each timestep t_k of
+the N-step schedule with fresh noise at every timestep, and Jx, Jt are measured there on the
+conditional branch, t_{N} = 0 closing the last step. Their solver state is one per sample: reset
+when the sample starts and stepped once per timestep in order, so a multistep solver's history (and
+UniPC's corrector) carries outputs of the previous timestep's differently noised input into x'
+(`solver_state="per-sample"`; the engine's is `"fresh"`: a new state at every step). Kept as the
+engine runs rather than as their scripts do: one precision for every call (they take Jx under
+bfloat16 autocast and Jt in float32), float timesteps (CogVideoX's and LTX's cast them to int),
+and every sample counted (LTX's never resets its scheduler, so after the first sample every step
+raises an IndexError that is swallowed). Only the sensitivity table is measured: the baselines
+have no trajectory to calibrate on.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +51,18 @@ from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import Sampler
 from sencache.runtime.manifest import MAX_STEPS
 from sencache.runtime.model import Model, Prediction
-from sencache.runtime.request import Request
+from sencache.runtime.request import SAMPLINGS, Request
 from sencache.runtime.sensitivity import SensitivityTable
 
 DEFAULT_SAMPLES = 8
 BRANCHES = ("guided", "cond")
+PROCEDURES = ("engine", "reference")
+"""The engine's (its own uncached trajectories) and the authors' (noised training-distribution videos)."""
+SOLVER_STATES = ("fresh", "per-sample")
+"""Where x' starts from: a fresh solver state at every step, or the authors' one state per sample."""
 
 
 def _check_samples(samples: int) -> None:
@@ -58,12 +78,36 @@ class CalibrationPlan:
     guidance: float | None = None
     seed: int = 1000
     batch: int = 4
-    branch: str = "guided"
-    """The output Jx, Jt measure: "guided" (what inference steps with) or "cond" (the authors')."""
+    branch: str | None = None
+    """The output Jx, Jt measure: "guided" (what inference steps with) or "cond" (the authors');
+    None: the procedure's (engine: guided, reference: cond)."""
+    procedure: str = "engine"
+    """Where x_k comes from: "engine" (own uncached trajectories) or "reference" (the authors')."""
+    solver_state: str | None = None
+    """"fresh" or "per-sample" (see SolverSteps); None: the procedure's (engine: fresh, reference:
+    per-sample)."""
+    sampling: str = "engine"
+    """The schedule of the calibrated timesteps: the bundle's or the authors' (a request's `sampling`)."""
 
     def __post_init__(self) -> None:
+        if self.procedure not in PROCEDURES:
+            raise BadInput(
+                f"procedure must be one of {', '.join(PROCEDURES)}, got {self.procedure!r}", param="procedure"
+            )
+        reference = self.procedure == "reference"
+        if self.branch is None:
+            object.__setattr__(self, "branch", "cond" if reference else "guided")
+        if self.solver_state is None:
+            object.__setattr__(self, "solver_state", "per-sample" if reference else "fresh")
         if self.branch not in BRANCHES:
             raise BadInput(f"branch must be one of {', '.join(BRANCHES)}, got {self.branch!r}", param="branch")
+        if self.solver_state not in SOLVER_STATES:
+            raise BadInput(
+                f"solver_state must be one of {', '.join(SOLVER_STATES)}, got {self.solver_state!r}",
+                param="solver_state",
+            )
+        if self.sampling not in SAMPLINGS:
+            raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}", param="sampling")
         if self.samples is not None:
             _check_samples(self.samples)
         if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
@@ -79,7 +123,47 @@ def _norms(a: np.ndarray) -> np.ndarray:
 @dataclass
 class Calibration:
     sensitivity: SensitivityTable
-    baselines: BaselineTables
+    baselines: BaselineTables | None
+    """None under the reference procedure (no trajectories to calibrate the baselines on)."""
+
+
+class SolverSteps:
+    """The solver step x' of calibration at each timestep, from one of two solver states.
+
+    "fresh" (the engine's): a new state at every step, started at that step, so x' depends only on
+    (x_k, f_k). "per-sample" (the authors'): one state per sample, reset by `begin` when a sample
+    (here a chunk of samples, whose rows the solvers keep apart) starts and stepped once at every
+    timestep in order, so a multistep solver's history from the previous timesteps enters x'."""
+
+    def __init__(self, make: Callable[[], Sampler], state: str) -> None:
+        if state not in SOLVER_STATES:
+            raise BadInput(
+                f"solver_state must be one of {', '.join(SOLVER_STATES)}, got {state!r}", param="solver_state"
+            )
+        self.make, self.state = make, state
+        self._carried: Sampler | None = None
+        self._next = 0
+
+    def begin(self) -> None:
+        """Start a sample: under "per-sample" its state is a fresh one at the first timestep."""
+        self._carried, self._next = None, 0
+        if self.state == "per-sample":
+            self._carried = self.make()
+            self._carried.start_at(0)
+
+    def step(self, k: int, f_k: np.ndarray, x_k: np.ndarray, generators: list[torch.Generator]) -> np.ndarray:
+        """x' from `x_k` with the prediction `f_k` at timestep index `k`."""
+        if self._carried is None:
+            sampler = self.make()
+            sampler.start_at(k)
+        else:
+            if k != self._next:
+                raise ValueError(
+                    f"a per-sample solver state steps its timesteps in order: expected {self._next}, got {k}"
+                )
+            sampler = self._carried
+        self._next = k + 1
+        return sampler.step(k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), generators).numpy()
 
 
 def calibrate(
@@ -89,8 +173,17 @@ def calibrate(
     allow_tiny_vocabulary: bool = False,
     show_progress: bool = True,
 ) -> Calibration:
-    """Measure Jx and Jt, and the baselines' tables, on `engine`'s own trajectories from `prompts`
-    (None: the model's default); a real model refuses tiny-vocabulary prompts unless allowed."""
+    """Measure Jx and Jt by `plan.procedure`: on `engine`'s own trajectories from `prompts` (None:
+    the model's default; a real model refuses tiny-vocabulary prompts unless allowed), with the
+    baselines' tables; or, under "reference", on noised training clips (the table alone)."""
+    if plan.procedure == "reference":
+        if prompts is not None:
+            raise BadInput(
+                "prompts: none are taken by the reference procedure: it measures on rendered training clips, "
+                "whose captions are its prompts",
+                param="prompts",
+            )
+        return Calibration(_reference(engine, plan, show_progress), None)
     manifest = engine.bundle.manifest
     steps = plan.steps or manifest.defaults.steps
     guidance = manifest.defaults.guidance if plan.guidance is None else plan.guidance
@@ -101,25 +194,26 @@ def calibrate(
     )
     seeds = [plan.seed + i for i in range(samples)]
     batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
+    assert plan.solver_state is not None and plan.branch is not None, "the plan resolves its defaults"
+    solver = SolverSteps(lambda: engine.sampler(steps, plan.sampling), plan.solver_state)
     jx_all, jt_all, timesteps = [], [], None
     tea_x, tea_y, mag = [], [], []
     started = time.perf_counter()
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
     bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
-        request = Request(chunk_prompts, chunk_seeds, steps, guidance)
+        request = Request(chunk_prompts, chunk_seeds, steps, guidance, sampling=plan.sampling)
         run = engine.generate(request, NoCache(len(chunk_prompts)), record=True, progress=show_progress)
         bar.update(steps)
         timesteps = run.timesteps
         text = engine.encode(chunk_prompts)
         uncond = engine.encode([""] * len(chunk_prompts)) if guidance > 1.0 else None
         jx_rows, jt_rows, mag_rows, previous = [], [], [], None
+        solver.begin()
         for k in range(steps):
             x_k = run.trajectory[k]
-            n = len(x_k)
             t_k = timesteps[k]
-            now = engine.predict(x_k, np.full(n, t_k, np.float32), text, uncond, guidance)
-            f_k = _branch(now, plan.branch)
+            now = engine.predict(x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
             if previous is not None:
                 tea_x.append(relative_l1(now.modulation, previous.modulation))
                 tea_y.append(relative_l1(now.cond, previous.cond))
@@ -127,56 +221,23 @@ def calibrate(
             previous = now
             if k == steps - 1:
                 break
-            t_next = timesteps[k + 1]
-            x_prime = _solver_step(engine, steps, k, f_k, x_k, [s + k for s in chunk_seeds])
-            both = _branch(
-                engine.predict(
-                    np.concatenate([x_prime, x_k]),
-                    np.array([t_k] * n + [t_next] * n, np.float32),
-                    np.concatenate([text, text]),
-                    None if uncond is None else np.concatenate([uncond, uncond]),
-                    guidance,
-                ),
-                plan.branch,
-            )
-            f_prime, f_next = both[:n], both[n:]
-            dx = _norms(x_prime - x_k)
-            if np.any(dx == 0):
-                raise BadInput(f"calibration: the solver step at t={t_k} did not move the latent")
-            jx_rows.append(_norms(f_prime - f_k) / dx)
-            jt_rows.append(_norms(f_next - f_k) / abs(t_next - t_k))
+            x_prime = solver.step(k, _branch(now, plan.branch), x_k, engine.generators([s + k for s in chunk_seeds]))
+            jx, jt = _differences(engine, plan.branch, now, x_k, x_prime, t_k, timesteps[k + 1], text, uncond, guidance)
+            jx_rows.append(jx)
+            jt_rows.append(jt)
             bar.update(1)
         jx_all.append(np.stack(jx_rows))
         jt_all.append(np.stack(jt_rows))
         mag.append(np.stack(mag_rows))
     bar.close()
-    jx = np.concatenate(jx_all, axis=1)
-    jt = np.concatenate(jt_all, axis=1)
-    if not (np.all(np.isfinite(jx)) and np.all(np.isfinite(jt))):
-        raise BadInput("calibration produced NaN or infinite sensitivities: the model output is not finite")
+    assert timesteps is not None, "at least one chunk ran"
     meta = {
-        "model": engine.preset.name,
-        "family": engine.adapter.family,
-        "backend": engine.backend.name,
-        "scheduler": manifest.scheduler,
-        "steps": steps,
-        "guidance": guidance,
-        "branch": plan.branch,
-        "samples": samples,
-        "seeds": seeds,
-        "prompts": chosen,
+        **_meta(engine, plan, steps, guidance, samples, seeds, chosen),
         "source": "own uncached trajectories",
         "seconds": round(time.perf_counter() - started, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    sensitivity = SensitivityTable(
-        np.asarray(timesteps[:-1]),
-        jx.mean(axis=1),
-        jt.mean(axis=1),
-        counts=np.full(steps - 1, samples, float),
-        jx_std=jx.std(axis=1),
-        jt_std=jt.std(axis=1),
-        meta=meta,
+    sensitivity = _table(
+        np.asarray(timesteps[:-1]), np.concatenate(jx_all, axis=1), np.concatenate(jt_all, axis=1), meta
     )
     x, y = np.concatenate(tea_x), np.concatenate(tea_y)
     coefficients = np.polyfit(x, y, 4)
@@ -195,15 +256,145 @@ def calibrate(
     return Calibration(sensitivity, baselines)
 
 
+def _reference(engine: Model, plan: CalibrationPlan, show_progress: bool) -> SensitivityTable:
+    """The authors' procedure (module docstring) on the tiny models' rendered training clips."""
+    from sencache.engine_builder.tiny import clips
+
+    preset, shapes = engine.preset, engine.bundle.shapes
+    if not preset.tiny:
+        raise BadInput(
+            f"procedure: 'reference' noises videos of the training distribution, which this engine has only for "
+            f"the tiny models (rendered clips); for {preset.name}, run the authors' calibration on your videos and "
+            f"import its table (--import-npz), or use the engine's procedure",
+            param="procedure",
+        )
+    if (shapes.frames, shapes.height, shapes.width) != (clips.FRAMES, clips.HEIGHT, clips.WIDTH):
+        raise BadInput(
+            f"procedure: 'reference' noises the {clips.FRAMES}x{clips.HEIGHT}x{clips.WIDTH} training clips; this "
+            f"bundle is built for {shapes.frames}x{shapes.height}x{shapes.width}",
+            param="procedure",
+        )
+    manifest = engine.bundle.manifest
+    steps = plan.steps or manifest.defaults.steps
+    guidance = manifest.defaults.guidance if plan.guidance is None else plan.guidance
+    samples = plan.samples or DEFAULT_SAMPLES
+    _check_samples(samples)
+    assert plan.solver_state is not None and plan.branch is not None, "the plan resolves its defaults"
+    captions, frames = clips.batch(np.random.default_rng(plan.seed), samples)
+    clean = engine.adapter.tiny_latents(frames)
+    seeds = [plan.seed + i for i in range(samples)]
+    schedule = engine.sampler(steps, plan.sampling)
+    timesteps = [float(t) for t in schedule.timesteps]
+    targets = [*timesteps[1:], 0.0]
+    solver = SolverSteps(lambda: engine.sampler(steps, plan.sampling), plan.solver_state)
+    batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
+    cfg = plan.branch == "guided" and guidance > 1.0
+    jx_all, jt_all = [], []
+    started = time.perf_counter()
+    bar = tqdm(total=samples * steps, desc="calibrate (reference)", unit="step", disable=not show_progress)
+    for i in range(0, samples, batch):
+        chunk_seeds = seeds[i : i + batch]
+        x0 = torch.from_numpy(clean[i : i + batch])
+        text = engine.encode(captions[i : i + batch])
+        uncond = engine.encode([""] * len(chunk_seeds)) if cfg else None
+        noise_generators = engine.generators(chunk_seeds)
+        jx_rows, jt_rows = [], []
+        solver.begin()
+        for k, (t_k, t_next) in enumerate(zip(timesteps, targets, strict=True)):
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noise_generators])
+            x_k = schedule.noised(k, x0, noise).float().numpy()
+            now = engine.predict(x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
+            x_prime = solver.step(k, _branch(now, plan.branch), x_k, engine.generators([s + k for s in chunk_seeds]))
+            jx, jt = _differences(engine, plan.branch, now, x_k, x_prime, t_k, t_next, text, uncond, guidance)
+            jx_rows.append(jx)
+            jt_rows.append(jt)
+            bar.update(len(chunk_seeds))
+        jx_all.append(np.stack(jx_rows))
+        jt_all.append(np.stack(jt_rows))
+    bar.close()
+    meta = {
+        **_meta(engine, plan, steps, guidance if cfg else 1.0, samples, seeds, captions),
+        "source": "rendered training clips noised to each timestep (fresh noise per timestep), t_N = 0",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return _table(np.asarray(timesteps), np.concatenate(jx_all, axis=1), np.concatenate(jt_all, axis=1), meta)
+
+
+def _differences(
+    engine: Model,
+    branch: str,
+    now: Prediction,
+    x_k: np.ndarray,
+    x_prime: np.ndarray,
+    t_k: float,
+    t_next: float,
+    text: np.ndarray,
+    uncond: np.ndarray | None,
+    guidance: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample, Jx = ||f(x', t_k) - f_k|| / ||x' - x_k|| and Jt = ||f(x_k, t_next) - f_k|| / |t_next - t_k|,
+    with f_k = f(x_k, t_k) from `now`; both further evaluations in one call."""
+    n = len(x_k)
+    both = _branch(
+        engine.predict(
+            np.concatenate([x_prime, x_k]),
+            np.array([t_k] * n + [t_next] * n, np.float32),
+            np.concatenate([text, text]),
+            None if uncond is None else np.concatenate([uncond, uncond]),
+            guidance,
+        ),
+        branch,
+    )
+    f_k = _branch(now, branch)
+    dx = _norms(x_prime - x_k)
+    if np.any(dx == 0):
+        raise BadInput(f"calibration: the solver step at t={t_k} did not move the latent")
+    return _norms(both[:n] - f_k) / dx, _norms(both[n:] - f_k) / abs(t_next - t_k)
+
+
+def _meta(
+    engine: Model,
+    plan: CalibrationPlan,
+    steps: int,
+    guidance: float,
+    samples: int,
+    seeds: list[int],
+    prompts: Sequence[str],
+) -> dict:
+    """What a table records of how it was measured."""
+    return {
+        "model": engine.preset.name,
+        "family": engine.adapter.family,
+        "backend": engine.backend.name,
+        "scheduler": engine.scheduler_config(plan.sampling),
+        "sampling": plan.sampling,
+        "steps": steps,
+        "guidance": guidance,
+        "procedure": plan.procedure,
+        "branch": plan.branch,
+        "solver_state": plan.solver_state,
+        "samples": samples,
+        "seeds": seeds,
+        "prompts": list(prompts),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _table(timesteps: np.ndarray, jx: np.ndarray, jt: np.ndarray, meta: dict) -> SensitivityTable:
+    """The mean over samples (axis 1) of per-sample Jx, Jt, with their spread and count."""
+    if not (np.all(np.isfinite(jx)) and np.all(np.isfinite(jt))):
+        raise BadInput("calibration produced NaN or infinite sensitivities: the model output is not finite")
+    return SensitivityTable(
+        timesteps,
+        jx.mean(axis=1),
+        jt.mean(axis=1),
+        counts=np.full(len(timesteps), jx.shape[1], float),
+        jx_std=jx.std(axis=1),
+        jt_std=jt.std(axis=1),
+        meta=meta,
+    )
+
+
 def _branch(prediction: Prediction, branch: str) -> np.ndarray:
     """The output of `prediction` that calibration measures: the guided one or the cond branch's."""
     return prediction.guided if branch == "guided" else prediction.cond
-
-
-def _solver_step(engine: Model, steps: int, k: int, f_k: np.ndarray, x_k: np.ndarray, seeds: list[int]) -> np.ndarray:
-    """One step of the bundle's scheduler from a fresh state at index k (solver noise, where the
-    scheduler adds any, from `seeds`)."""
-    sampler = engine.sampler(steps)
-    sampler.start_at(k)
-    generators = engine.generators(seeds)
-    return sampler.step(k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), generators).numpy()

@@ -132,6 +132,7 @@ class Engine:
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         dynamic_cfg: bool = False,
+        sampling: str = "engine",
     ) -> Video:
         """Generate one video and wait for it (see `submit` for the parameters)."""
         return self.submit(
@@ -144,6 +145,7 @@ class Engine:
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             dynamic_cfg=dynamic_cfg,
+            sampling=sampling,
         ).result()
 
     def submit(
@@ -157,11 +159,13 @@ class Engine:
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         dynamic_cfg: bool = False,
+        sampling: str = "engine",
     ) -> Job:
         """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
         `sencache.runtime.cache.METHODS` with `knobs` from its table (unset ones: the bundle's
         defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
-        text encoder, `prompt` then only labels the video. Raises BadInput, naming the
+        text encoder, `prompt` then only labels the video; `sampling="reference"` runs the authors'
+        sampling schedule (Wan: shift 5.0) instead of the bundle's. Raises BadInput, naming the
         parameter, before anything is queued."""
         defaults = self.model.bundle.manifest.defaults
         request = Request(
@@ -172,6 +176,7 @@ class Engine:
             _one(prompt_embeds, "prompt_embeds"),
             _one(negative_prompt_embeds, "negative_prompt_embeds"),
             dynamic_cfg=dynamic_cfg,
+            sampling=sampling,
         )
         if not isinstance(cache, str):
             raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
@@ -281,6 +286,7 @@ class Engine:
             "steps": request.steps,
             "guidance": request.guidance,
             "dynamic_cfg": request.dynamic_cfg,
+            "sampling": request.sampling,
             "cache": policy.settings(),
             "timesteps": result.timesteps,
             "nfe": result.nfe[0],

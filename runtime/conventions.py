@@ -4,6 +4,15 @@ the authors' code for one family (vita-epfl/SenCache), as pure data and rules (n
 The rule itself is the same under both (SPEC section 1); only these four conventions differ, and a
 user who brings the authors' tables and thresholds gets the authors' decisions with `reference`.
 Each family adapter provides its reference record; the policy reads a record, never a family.
+
+What `reference` does not match: the authors' LTX code caches another residual. It stores
+norm_out(blocks(h)) * (1 + scale_a) + shift_a - h, with h = proj_in(x) and the ANCHOR step's
+modulation, and a reused step outputs proj_out(proj_in(x_i) + cached), so the current timestep
+never reaches its tail; the engine caches blocks(h) - h and a reused step runs the final norm with
+the CURRENT timestep's modulation (SPEC section 2). Matching it would move LTX's final norm and
+modulation from the tail into the blocks stage (another stage split and export, for one family),
+which is not built: under `reference` an LTX run takes the authors' decisions, and a reused step
+still computes the engine's output.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from sencache.runtime.chain import cfg_rows, run_chain
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
-from sencache.runtime.request import Request, Result
+from sencache.runtime.request import SAMPLINGS, Request, Result
 from sencache.runtime.stepping import StepEngine, guide
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
 
@@ -57,12 +58,23 @@ class Model:
         self._lazy = threading.Lock()
         """Guards what is made on first use (text encoder, components, CUDA stream) against threads."""
 
-    def scheduler(self):
-        return self.adapter.make_scheduler(self.preset, self.bundle.manifest.scheduler)
+    def scheduler_config(self, sampling: str = "engine") -> dict[str, Any]:
+        """The scheduler config of a run: the bundle's, or with `sampling="reference"` the family's
+        preset of the authors' schedule (BadInput where the family has none)."""
+        config = dict(self.bundle.manifest.scheduler)
+        if sampling == "reference":
+            return self.adapter.reference_scheduler(config, self.preset)
+        if sampling != "engine":
+            raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}", param="sampling")
+        return config
 
-    def sampler(self, steps: int) -> Sampler:
+    def scheduler(self, sampling: str = "engine"):
+        """A fresh scheduler of the run's config (`scheduler_config`)."""
+        return self.adapter.make_scheduler(self.preset, self.scheduler_config(sampling))
+
+    def sampler(self, steps: int, sampling: str = "engine") -> Sampler:
         """A fresh scheduler driven the way the family's real pipeline drives it."""
-        return self.adapter.sampler(self.scheduler(), steps, self.preset, self.bundle.shapes)
+        return self.adapter.sampler(self.scheduler(sampling), steps, self.preset, self.bundle.shapes)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """Text embeddings [B, tokens, channels] of prompts (the empty prompt is unconditional)."""

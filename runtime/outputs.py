@@ -41,6 +41,7 @@ def stats(
         "steps": steps,
         "guidance": request.guidance,
         "dynamic_cfg": request.dynamic_cfg,
+        "sampling": request.sampling,
         "cache": policy.settings(),
         "timesteps": result.timesteps,
         "samples": [

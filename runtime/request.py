@@ -15,6 +15,10 @@ import numpy as np
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
 
+SAMPLINGS = ("engine", "reference")
+"""The values of a request's `sampling`: the bundle's scheduler as the family's diffusers pipeline
+configures it, or the schedule the SenCache authors' code samples the family with (Wan T2V: shift 5.0)."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -29,6 +33,9 @@ class Request:
     """The unconditional embeddings for guidance; the empty prompt's when not given."""
     dynamic_cfg: bool = False
     """CogVideoX's `use_dynamic_cfg`: the guidance scale follows the pipeline's cosine schedule."""
+    sampling: str = "engine"
+    """One of SAMPLINGS: "reference" runs the authors' sampling schedule where the family has one
+    (the family adapter's `reference_scheduler`); the bundle's scheduler is never changed."""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -44,6 +51,8 @@ class Request:
                 raise BadInput(f"{name} must be [{len(self.prompts)}, tokens, channels], got {shape}", param=name)
             if not np.all(np.isfinite(value)):
                 raise BadInput(f"{name} holds NaN or infinite values", param=name)
+        if self.sampling not in SAMPLINGS:
+            raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}", param="sampling")
         if len(self.prompts) != len(self.seeds):
             raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
         if (

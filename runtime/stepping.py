@@ -164,7 +164,7 @@ class StepEngine:
         text = model.embeddings(request.prompt_embeds, request.prompts)
         if request.cfg:
             text = np.concatenate([text, model.embeddings(request.negative_prompt_embeds, [""] * len(request.prompts))])
-        sampler = model.sampler(request.steps)
+        sampler = model.sampler(request.steps, request.sampling)
         timesteps = [float(t) for t in sampler.timesteps]
         scales = (
             [model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]

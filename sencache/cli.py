@@ -22,6 +22,7 @@ from sencache.console import set_verbose
 from sencache.runtime.cache.knobs import KNOBS, METHODS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
+from sencache.runtime.request import SAMPLINGS
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -75,7 +76,15 @@ def _calibrate(args: argparse.Namespace) -> None:
         return
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
 
-    plan = CalibrationPlan(samples=args.samples, steps=args.steps, seed=args.seed, branch=args.branch)
+    plan = CalibrationPlan(
+        samples=args.samples,
+        steps=args.steps,
+        seed=args.seed,
+        branch=args.branch,
+        procedure=args.procedure,
+        solver_state=args.solver_state,
+        sampling=args.sampling,
+    )
     prompts = _calibration_prompts(args)
     engine = Model(bundle, open_backend(bundle, threads=args.threads))
     result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
@@ -85,10 +94,11 @@ def _calibrate(args: argparse.Namespace) -> None:
         f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {table.meta['samples']} samples, "
         f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}"
     )
-    print(
-        f"wrote {bundle.baselines_path}: TeaCache polynomial, "
-        f"MagCache ratios for {len(result.baselines.magcache_ratios)} steps"
-    )
+    if result.baselines is not None:
+        print(
+            f"wrote {bundle.baselines_path}: TeaCache polynomial, "
+            f"MagCache ratios for {len(result.baselines.magcache_ratios)} steps"
+        )
 
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -133,6 +143,7 @@ def _generate(args: argparse.Namespace) -> None:
         defaults.steps if args.steps is None else args.steps,
         defaults.guidance if args.guidance is None else args.guidance,
         dynamic_cfg=args.dynamic_cfg,
+        sampling=args.sampling,
     )
     engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
@@ -317,9 +328,28 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--branch",
         choices=("guided", "cond"),
-        default="guided",
-        help="measure Jx, Jt on the guided output (default) or on the conditional branch alone, as "
-        "the authors' calibration does",
+        help="measure Jx, Jt on the guided output or on the conditional branch alone, as the authors' "
+        "calibration does (default: guided; cond under --procedure reference)",
+    )
+    c.add_argument(
+        "--procedure",
+        choices=("engine", "reference"),
+        default="engine",
+        help="engine (default): the model's own uncached trajectories; reference: the authors' procedure, "
+        "training clips noised to each timestep (tiny models; sensitivity table only)",
+    )
+    c.add_argument(
+        "--solver-state",
+        choices=("fresh", "per-sample"),
+        help="the solver state x' steps from: a fresh one at every step, or the authors' one per sample "
+        "stepped through its timesteps in order (default: fresh; per-sample under --procedure reference)",
+    )
+    c.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="engine",
+        help="the schedule of the calibrated timesteps: the bundle's (engine) or the authors' preset "
+        "(reference; Wan: flow shift 5.0)",
     )
     c.add_argument("--import-npz", type=Path, help="import the authors' .npz table instead of measuring")
     c.add_argument(
@@ -338,6 +368,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float)
     g.add_argument(
         "--dynamic-cfg", action="store_true", help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule"
+    )
+    g.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="engine",
+        help="the bundle's scheduler (engine, default) or the SenCache authors' sampling preset "
+        "(reference; Wan only: flow shift 5.0 for T2V)",
     )
     g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
     for knob in KNOBS.values():

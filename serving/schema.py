@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from sencache.runtime.cache import KNOBS, METHODS, check_knobs
 from sencache.runtime.errors import BadInput
-from sencache.runtime.request import MAX_STEPS
+from sencache.runtime.request import MAX_STEPS, SAMPLINGS
 
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
@@ -114,6 +114,11 @@ class VideoRequest(BaseModel):
         description="classifier-free guidance scale; <= 1 runs no unconditional branch (default: the bundle's)",
     )
     dynamic_cfg: bool = Field(False, description="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
+    sampling: Literal[SAMPLINGS] = Field(  # type: ignore[valid-type]
+        "engine",
+        description="the bundle's scheduler ('engine') or the SenCache authors' sampling preset ('reference'; "
+        "Wan only: flow shift 5.0)",
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec)
 
     @model_validator(mode="after")

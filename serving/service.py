@@ -167,6 +167,7 @@ class VideoService:
             "cache": method,
             "knobs": knobs,
             "dynamic_cfg": request.dynamic_cfg,
+            "sampling": request.sampling,
         }
         for name in ("prompt_embeds", "negative_prompt_embeds"):
             value = getattr(request, name)
@@ -326,8 +327,11 @@ class VideoService:
             None if embeds is None else embeds[None],
             None if negative is None else negative[None],
             dynamic_cfg=kwargs["dynamic_cfg"],
+            sampling=kwargs["sampling"],
         )
         model.policy(kwargs["cache"], request.steps, 1, kwargs["knobs"])
+        if request.sampling != "engine":
+            model.scheduler(request.sampling)
         if rows > self.max_rows:
             raise BadInput(f"one sample needs {rows} rows; the bundle runs at most {self.max_rows}")
         model.embeddings(request.prompt_embeds, request.prompts)

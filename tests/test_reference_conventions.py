@@ -169,7 +169,7 @@ def test_the_knob_flows_through_table_and_cli():
     assert args.conventions == "reference"
     assert parser().parse_args(["generate", "--engine", "b", "--out", "o"]).conventions is None
     assert parser().parse_args(["calibrate", "--engine", "b", "--branch", "cond"]).branch == "cond"
-    assert parser().parse_args(["calibrate", "--engine", "b"]).branch == "guided"
+    assert parser().parse_args(["calibrate", "--engine", "b"]).branch is None  # the procedure's: guided
 
 
 def test_the_knob_flows_through_the_server_schema():

@@ -154,6 +154,7 @@ def test_openapi_reads_the_knob_table(server):
         ({"prompt": "a purple elephant"}, "vocabulary"),
         ({"prompt": None, "prompt_embeds": [[0.0] * 3] * 2}, "embeddings"),
         ({"prompt": None}, "prompt"),
+        ({"sampling": "shift5"}, "sampling"),
     ],
 )
 def test_bad_requests_are_422_and_never_queued(server, body, reason):

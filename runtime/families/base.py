@@ -138,6 +138,12 @@ class Sampler:
         """One solver step from `x` with the guided prediction `noise` at timestep `index`."""
         return self.scheduler.step(noise, self.timesteps[index], x, return_dict=False)[0]
 
+    def noised(self, index: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Clean latents `x0` noised with `noise` to timestep `index` of the run, as the model was
+        trained (calibration on data): the flow interpolation (1 - sigma) x0 + sigma noise."""
+        sigma = self.scheduler.sigmas[index]
+        return (1 - sigma) * x0 + sigma * noise
+
 
 class FamilyAdapter(ABC):
     """One model family. Subclasses are stateless; presets are class data."""
@@ -172,6 +178,16 @@ class FamilyAdapter(ABC):
         """The diffusers scheduler (`_class_name` plus config) that the real pipeline uses: the
         preset's published one unless the family derives it."""
         return dict(preset.scheduler)
+
+    def reference_scheduler(self, config: dict[str, Any], preset: ModelPreset) -> dict[str, Any]:
+        """The scheduler `config` (a bundle's, with `_class_name`) as the SenCache authors' code
+        samples this family (a request's `sampling="reference"`); a family whose authors' runs use
+        the pipeline's own scheduler has no such preset."""
+        raise BadInput(
+            f"sampling 'reference' is a preset of Wan (the authors sample its T2V runs with shift 5.0); the "
+            f"authors' {self.family} runs use the pipeline's own scheduler, which is the engine's: use 'engine'",
+            param="sampling",
+        )
 
     @abstractmethod
     def pipeline_class(self) -> type[Any]:

@@ -241,6 +241,11 @@ class CogVideoXSampler(Sampler):
         denoised = c.mult[2] * x0 - c.mult[3] * previous
         return c.mult[0] * x - c.mult[1] * denoised + c.mult_noise * _noise(generators, x)
 
+    def noised(self, index: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`x0` noised to timestep `index` by the scheduler's own add_noise (sqrt(a) x0 + sqrt(1 - a)
+        noise with its alphas_cumprod), the forward process CogVideoX is trained with."""
+        return self.scheduler.add_noise(x0, noise, self.timesteps[index])
+
 
 def _noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
     """One standard normal draw per sample from its own generator (diffusers' randn_tensor with a

@@ -169,7 +169,9 @@ class LTXAdapter(FamilyAdapter):
     modulation = "modulated"
     # vita-epfl/SenCache LTX-Video/sencache.py: one call per step, switch at round(0.2 N),
     # int(round(0.02 N)) steps always run at each end (and the anchorless first), the nearest
-    # calibrated timestep, a fixed constant.
+    # calibrated timestep, a fixed constant. Not matched (runtime/conventions.py): their cache holds
+    # the residual after norm_out and the anchor's modulation; a reused step here runs both with the
+    # current timestep in the tail.
     sencache_reference = SenCacheConventions(
         switch_frac=0.2, retain_frac=0.02, nearest_lookup=True, score_constant=1015.9685034488028
     )

@@ -55,6 +55,9 @@ TINY_CONFIG: dict[str, Any] = {
     "rope_max_seq_len": 64,
 }
 
+REFERENCE_SHIFT = 5.0
+"""The flow shift the SenCache authors sample Wan 2.1 T2V with (`sample_shift`, at every size)."""
+
 _SCHEDULER: dict[str, Any] = {
     "_class_name": "UniPCMultistepScheduler",
     "num_train_timesteps": 1000,
@@ -322,6 +325,19 @@ class WanAdapter(FamilyAdapter):
     def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
         shift = 5.0 if preset.height >= 720 else 3.0
         return {**_SCHEDULER, "flow_shift": shift}
+
+    def reference_scheduler(self, config: dict[str, Any], preset: ModelPreset) -> dict[str, Any]:
+        """UniPC with flow shift 5.0: the authors' Wan scripts (vita-epfl/SenCache Wan2.1/sencache.py
+        and sensitivity_calculation.py) sample T2V with `sample_shift` 5.0 at every size, where
+        diffusers' Wan 2.1 configs use 3.0 at 480p. Only the shift changes: the unshifted grid stays
+        diffusers' linspace(1, 1/1000), which the original Wan code (whose scheduler the authors
+        call) spaces as linspace(0.999, 0), at most 0.001 apart, for every run of the engine."""
+        if config.get("_class_name") != _SCHEDULER["_class_name"] or not config.get("use_flow_sigmas"):
+            raise BadInput(
+                f"sampling 'reference' shifts Wan's flow UniPC scheduler; this bundle's is {config.get('_class_name')}",
+                param="sampling",
+            )
+        return {**config, "flow_shift": REFERENCE_SHIFT}
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return UniPCSampler(scheduler, steps)
