@@ -291,7 +291,7 @@ def _reference(engine: Model, plan: CalibrationPlan, show_progress: bool) -> Sen
     cfg = plan.branch == "guided" and guidance > 1.0
     jx_all, jt_all = [], []
     started = time.perf_counter()
-    bar = tqdm(total=samples * steps, desc="calibrate (reference)", unit="step", disable=not show_progress)
+    bar = progress(total=samples * steps, desc="calibrate (reference)", unit="step", disable=not show_progress)
     for i in range(0, samples, batch):
         chunk_seeds = seeds[i : i + batch]
         x0 = torch.from_numpy(clean[i : i + batch])
