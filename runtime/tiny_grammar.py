@@ -122,11 +122,11 @@ def parse_prompt(prompt: str) -> PromptSpec | None:
     expected += [("'on'", (ON,)), ("background", BACKGROUNDS)]
     for i, (slot, choices) in enumerate(expected):
         if i >= len(words):
-            problem = f"it ends where a {slot} ({_choices(choices)}) should follow"
+            problem = f"it ends where {_wanted(slot, choices)} should follow"
             break
         if words[i] not in choices:
             after = f" after {words[0]!r}" if slot == "shape" else ""
-            problem = f"word {i + 1} {words[i]!r} should be {_article(slot)} ({_choices(choices)}){after}"
+            problem = f"word {i + 1} {words[i]!r} should be {_wanted(slot, choices)}{after}"
             break
     else:
         if len(words) == len(expected):
@@ -146,8 +146,9 @@ def parse_prompt(prompt: str) -> PromptSpec | None:
     )
 
 
-def _article(slot: str) -> str:
-    return slot if slot.startswith("'") else f"a {slot}"
+def _wanted(slot: str, choices: tuple[str, ...]) -> str:
+    """What a position takes: a quoted word as it is, a slot as `a colour (red|green|...)`."""
+    return slot if slot.startswith("'") else f"a {slot} ({_choices(choices)})"
 
 
 def check_prompt(prompt: str) -> None:
