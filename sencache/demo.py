@@ -62,7 +62,7 @@ def run_demo(out: Path, threads: int = 1, overwrite: bool = False) -> None:
     prompts, seeds = [p for p, _ in DEMO_PROMPTS], [s for _, s in DEMO_PROMPTS]
     request = Request(prompts, seeds, defaults.steps, defaults.guidance)
     batch = len(prompts)
-    engine.generate(Request(prompts, seeds, 2, defaults["guidance"]), NoCache(batch))  # warm-up
+    engine.generate(Request(prompts, seeds, 2, defaults.guidance), NoCache(batch))  # warm-up
 
     runs = {}
     for name in ("none", "sencache"):
