@@ -37,12 +37,12 @@ import torch
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 
 PROMPTS = (
-    "one small red circle moving left on black",
+    "one small red circle moving left slow on black",
     "two large blue squares static on gradient",
-    "one green circle moving up on texture",
-    "three small yellow circles moving right on black",
-    "one large magenta square moving down on gradient",
-    "two cyan circles moving left slow on black",
+    "one small green circle moving up slow on texture",
+    "three small yellow circles moving right fast on black",
+    "one large magenta square moving down slow on gradient",
+    "two small cyan circles moving left slow on black",
 )
 CACHES = {"none": {"preset": "reference"}, "sencache": {"method": "sencache"}}
 POLL_S = 0.5

@@ -32,6 +32,7 @@ from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
+from sencache.runtime.families.base import check_weights
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.manifest import (
     MAX_BATCH,
@@ -254,9 +255,11 @@ def _log_cache_memory(shapes: BundleShapes, chosen: Precision, log: Log) -> None
 
 
 def _weights_folder(preset: ModelPreset, weights: Path | None) -> Path | None:
+    """The weights folder the build reads: the one given (checked to hold a diffusers transformer),
+    the bundled weights of a trained tiny model, or None for an untrained one; a real model
+    without weights is refused here, before anything is constructed."""
+    check_weights(preset, weights)
     if weights is not None:
-        if not Path(weights).is_dir():
-            raise BadInput(f"weights {weights}: no such folder", param="weights")
         return Path(weights)
     if preset.tiny and preset.trained:
         folder = TINY_MODELS / preset.name

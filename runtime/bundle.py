@@ -22,16 +22,12 @@ from sencache.runtime import manifest as schema
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
-from sencache.runtime.files import OWNER, sha256, staged_folder, write_atomic
-from sencache.runtime.manifest import FileEntry, Manifest
+from sencache.runtime.files import BUNDLE, OWNER, sha256, staged_folder, write_atomic
+from sencache.runtime.manifest import BASELINES, DIGEST, MANIFEST, SENSITIVITY, FileEntry, Manifest
 from sencache.runtime.sensitivity import SensitivityTable
 
 FORMAT = schema.FORMAT
-MANIFEST = "manifest.json"
-DIGEST = "manifest.sha256"
-SENSITIVITY = "sensitivity.json"
-BASELINES = "baselines.json"
-KIND = "bundle"
+KIND = BUNDLE
 _UNLISTED = {MANIFEST, DIGEST, OWNER}
 
 
@@ -46,25 +42,9 @@ class Bundle:
     def load(cls, path: Path) -> Bundle:
         """Read and check a bundle; every problem is a BadInput naming the bundle and the fault."""
         path = Path(path)
-        if not path.is_dir():
-            raise BadInput(f"no engine bundle at {path}: build one there first (`sencache build`)")
+        manifest, digest = schema.read_manifest(path)
         try:
-            data = _read_regular(path, MANIFEST)
-        except FileNotFoundError:
-            raise BadInput(f"{path} is not an engine bundle: {MANIFEST} is missing") from None
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            recorded = _read_regular(path, DIGEST).decode("ascii").split()[0]
-        except (FileNotFoundError, UnicodeDecodeError, IndexError):
-            raise BadInput(f"bundle {path}: {DIGEST} is missing or unreadable; rebuild the bundle") from None
-        if recorded != digest:
-            raise BadInput(f"bundle {path}: {MANIFEST} does not match its digest in {DIGEST} (edited or corrupt)")
-        try:
-            manifest = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadInput(f"corrupt {MANIFEST} in {path}: {e}") from None
-        try:
-            bundle = cls(path, Manifest.parse(manifest), digest)
+            bundle = cls(path, manifest, digest)
             bundle._check_family()
             bundle._check_files()
         except BadInput as e:
@@ -235,13 +215,6 @@ class Bundle:
         baselines = source.baselines() if BASELINES in source.manifest.files else None
         self.write_tables(table, baselines)
         return table
-
-
-def _read_regular(folder: Path, name: str) -> bytes:
-    file = folder / name
-    if file.is_symlink():
-        raise BadInput(f"bundle {folder}: {name} is a symbolic link; bundles hold regular files only")
-    return file.read_bytes()
 
 
 def list_files(folder: Path) -> dict[str, FileEntry]:

@@ -33,6 +33,10 @@ from sencache.runtime.errors import BadInput
 
 OWNER = ".sencache-owner.json"
 """The ownership marker: {"tool": "sencache", "kind": ..., "state": "partial"|"complete", "files": [...]}."""
+BUNDLE = "bundle"
+"""The kind of an engine bundle folder."""
+RUN = "run"
+"""The kind of a generation run folder (videos, frames, stats.json)."""
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -111,6 +115,20 @@ def check_replaceable(target: Path, kind: str) -> None:
         raise BadInput(
             f"output {target} holds {stray[0]!r}, which this tool did not write: nothing was replaced; "
             f"move it away or choose another folder"
+        )
+
+
+def check_output(target: Path, kind: str, overwrite: bool) -> None:
+    """`check_replaceable`, and unless `overwrite`, refuse to replace an earlier output: a target
+    that holds anything (which that check has found to be this tool's `kind`). Cheap: call it
+    before any work, so that a rerun into the same folder stops at once instead of replacing it."""
+    check_replaceable(target, kind)
+    target = Path(target)
+    if not overwrite and target.is_dir() and _listing(target):
+        raise BadInput(
+            f"overwrite not given: {target} already holds a sencache {kind}; give it to replace that {kind}, "
+            f"or choose another folder",
+            param="overwrite",
         )
 
 

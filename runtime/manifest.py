@@ -11,15 +11,21 @@ The builder constructs a `Manifest` and writes it with `to_json`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, overload
 
 from sencache.runtime.errors import BadInput
 
 FORMAT = "sencache-bundle/3"
+MANIFEST = "manifest.json"
+DIGEST = "manifest.sha256"
+SENSITIVITY = "sensitivity.json"
+BASELINES = "baselines.json"
 BACKENDS = ("onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
 TENSORRT = ("tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
@@ -413,3 +419,39 @@ def scheduler_class(config: dict[str, Any]) -> type[Any]:
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise BadInput(f"scheduler._class_name {_show(name)} is not a diffusers scheduler")
     return cls
+
+
+def read_manifest(path: Path) -> tuple[Manifest, str]:
+    """The manifest of the bundle folder `path` and its SHA-256, checked against the digest recorded
+    beside it and against the schema; BadInput naming the bundle and the fault. It needs no model
+    code, so a front end calls it before it loads anything heavy (the bundle's family and files are
+    checked by `Bundle.load`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInput(f"no engine bundle at {path}: build one there first (`sencache build`)")
+    try:
+        data = _read_regular(path, MANIFEST)
+    except FileNotFoundError:
+        raise BadInput(f"{path} is not an engine bundle: {MANIFEST} is missing") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        recorded = _read_regular(path, DIGEST).decode("ascii").split()[0]
+    except (FileNotFoundError, UnicodeDecodeError, IndexError):
+        raise BadInput(f"bundle {path}: {DIGEST} is missing or unreadable; rebuild the bundle") from None
+    if recorded != digest:
+        raise BadInput(f"bundle {path}: {MANIFEST} does not match its digest in {DIGEST} (edited or corrupt)")
+    try:
+        document = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"corrupt {MANIFEST} in {path}: {e}") from None
+    try:
+        return Manifest.parse(document), digest
+    except BadInput as e:
+        raise BadInput(f"bundle {path}: {e}") from None
+
+
+def _read_regular(folder: Path, name: str) -> bytes:
+    file = folder / name
+    if file.is_symlink():
+        raise BadInput(f"bundle {folder}: {name} is a symbolic link; bundles hold regular files only")
+    return file.read_bytes()

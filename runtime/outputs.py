@@ -1,5 +1,5 @@
 """The files of a generation: raw frames, videos and `stats.json`, written into one run folder
-(a partial folder from `files.staged_folder(out, RUN)`, swapped in whole when complete)."""
+(a partial folder from `files.staged_folder(out, files.RUN)`, swapped in whole when complete)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from sencache.runtime.request import Request, Result
 from sencache.runtime.video import write_mp4
 
 STATS = "stats.json"
-RUN = "run"
-"""The kind of folder a generation writes (its ownership marker says so)."""
 
 
 def run_bytes(bundle: Bundle, samples: int) -> int:

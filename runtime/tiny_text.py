@@ -1,9 +1,9 @@
 """The tiny text encoder of the bundled models: a fixed vocabulary, a tokenizer and a small module.
 
-The tiny models were trained on prompts of one small grammar (`sencache.engine_builder.tiny.grammar`,
-documented in the README); the runtime needs only its words. Every word of a prompt must be in
-``VOCABULARY``; anything else is rejected, because the model has never seen it. The empty prompt
-(all padding) is the unconditional prompt used for classifier-free guidance.
+The tiny models were trained on prompts of one small grammar (`sencache.runtime.tiny_grammar`).
+Every word of a prompt must be in ``VOCABULARY`` and the prompt must be a sentence of that grammar;
+anything else is rejected, because the model has never seen it. The empty prompt (all padding) is
+the unconditional prompt used for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
+from sencache.runtime.tiny_grammar import check_prompt
 
 PAD = "<pad>"
 VOCABULARY: tuple[str, ...] = (
@@ -56,7 +57,8 @@ def _quoted(prompt: str) -> str:
 
 
 def tokenize(prompt: str) -> list[int]:
-    """Map a prompt to MAX_TOKENS token ids (padded); raise BadInput for unknown words."""
+    """Map a prompt to MAX_TOKENS token ids (padded); raise BadInput for unknown words or a prompt
+    outside the grammar."""
     words = prompt.lower().split()
     if len(words) > MAX_TOKENS:
         raise BadInput(
@@ -68,6 +70,7 @@ def tokenize(prompt: str) -> list[int]:
             f"prompt {_quoted(prompt)} has words outside the tiny model's vocabulary: {', '.join(unknown)} "
             f"(known: {' '.join(VOCABULARY[1:])})"
         )
+    check_prompt(prompt)
     return [_INDEX[w] for w in words] + [_INDEX[PAD]] * (MAX_TOKENS - len(words))
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -21,11 +22,18 @@ from typing import NoReturn
 from sencache.console import set_verbose
 from sencache.runtime.cache.knobs import KNOBS, METHODS
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import MAX_STEPS
+from sencache.runtime.files import BUNDLE, RUN, check_output
+from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
 from sencache.runtime.request import SAMPLINGS
+from sencache.runtime.tiny_grammar import PromptSpec, grammar_help
 
 
 def _build(args: argparse.Namespace) -> None:
+    check_output(args.out, BUNDLE, args.overwrite)
+    if args.weights is not None:
+        from sencache.runtime.weights import transformer_folder
+
+        transformer_folder(args.weights)  # a wrong folder stops here, before the builder is imported
     from sencache.engine_builder.builder import BuildOptions, build
 
     build(
@@ -53,17 +61,26 @@ def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from sencache.runtime.backends.base import open_backend
-    from sencache.runtime.bundle import Bundle
-    from sencache.runtime.model import Model
-    from sencache.runtime.sensitivity import SensitivityTable
-
     if args.import_npz and args.from_bundle:
         raise BadInput("give --import-npz or --from-bundle, not both")
     if (args.import_npz or args.from_bundle) and (args.prompts or args.prompt):
         raise BadInput(
             "--prompts and --prompt choose what calibration measures on; --import-npz and --from-bundle measure nothing"
         )
+    manifest, _ = read_manifest(args.engine)
+    if args.from_bundle is not None:
+        read_manifest(args.from_bundle)
+    if SENSITIVITY in manifest.files and not args.overwrite:
+        raise BadInput(
+            f"overwrite not given: {args.engine} already has a sensitivity table; give it to replace the bundle's "
+            f"tables, or calibrate a copy",
+            param="overwrite",
+        )
+    from sencache.runtime.backends.base import open_backend
+    from sencache.runtime.bundle import Bundle
+    from sencache.runtime.model import Model
+    from sencache.runtime.sensitivity import SensitivityTable
+
     bundle = Bundle.load(args.engine)
     if args.from_bundle:
         table = bundle.adopt_tables(Bundle.load(args.from_bundle))
@@ -118,16 +135,18 @@ def _separate(out: Path, engine: Path) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    _separate(args.out, args.engine)
+    read_manifest(args.engine)
+    check_output(args.out, RUN, args.overwrite)
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.files import check_free_space, check_replaceable, staged_folder
+    from sencache.runtime.files import check_free_space, staged_folder
     from sencache.runtime.model import Model
-    from sencache.runtime.outputs import RUN, run_bytes, write_run
+    from sencache.runtime.outputs import run_bytes, write_run
     from sencache.runtime.request import Request
+    from sencache.runtime.tiny_text import tokenize
 
     started = time.perf_counter()
-    _separate(args.out, args.engine)
-    check_replaceable(args.out, RUN)
     bundle = Bundle.load(args.engine)
     if not bundle.manifest.trained:
         print(
@@ -145,6 +164,9 @@ def _generate(args: argparse.Namespace) -> None:
         dynamic_cfg=args.dynamic_cfg,
         sampling=args.sampling,
     )
+    if bundle.manifest.text_encoder.kind == "tiny":
+        for prompt in request.prompts:
+            tokenize(prompt)  # the vocabulary and grammar, before the engine is opened
     engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
     knobs = {name: getattr(args, name) for name in KNOBS}
@@ -169,6 +191,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    _separate(args.out, args.engine)
+    read_manifest(args.engine)
     from sencache.benchmarks.bench import (
         KIND,
         QUICK_METHODS,
@@ -183,11 +207,9 @@ def _bench(args: argparse.Namespace) -> None:
     from sencache.benchmarks.diffusers_peers import PEERS
     from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
-    from sencache.runtime.files import check_replaceable
     from sencache.runtime.model import Model
 
-    _separate(args.out, args.engine)
-    check_replaceable(args.out, KIND)
+    check_output(args.out, KIND, args.overwrite)
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest.defaults
     prompts, seeds = evaluation_set(QUICK_SAMPLES if args.quick else args.samples, args.prompts, args.seeds)
@@ -247,7 +269,7 @@ def _gpu_acceptance(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from sencache.demo import run_demo
 
-    run_demo(args.out, threads=args.threads, repeats=args.repeats)
+    run_demo(args.out, threads=args.threads, repeats=args.repeats, overwrite=args.overwrite)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -269,6 +291,20 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 VERBOSE_HELP = "also show what third-party libraries print (diffusers' calibration lists, exporter notes)"
+_GENERATE_EPILOG = "\n\n".join(
+    (
+        textwrap.fill(
+            "--prompt and --seed repeat and pair up in order: the first prompt with the first seed, the second "
+            "with the second, and so on (one prompt without --seed takes seed 0); all of them run as one batch.",
+            79,
+        ),
+        textwrap.fill("Tiny models (tiny-wan, tiny-cogvideox, tiny-ltx) take only the prompts of their grammar:", 79)
+        + "\n"
+        + textwrap.indent(grammar_help(), "  ")
+        + f"\nfor example: {PromptSpec('two', 'small', 'red', 'circle', 'left', 'fast', 'texture').prompt!r}",
+    )
+)
+"""What `generate --help` ends with: how prompts and seeds pair up, and the tiny prompt grammar."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -283,12 +319,16 @@ def parser() -> argparse.ArgumentParser:
         "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
         "ltx-video-0.9.0",
     )
-    b.add_argument("--weights", type=Path, help="diffusers-format folder with the real weights")
+    b.add_argument(
+        "--weights",
+        type=Path,
+        help="diffusers-format folder with the real weights (needed by real models; tiny models use the bundled ones)",
+    )
     b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
-    b.add_argument("--frames", type=int)
-    b.add_argument("--height", type=int)
-    b.add_argument("--width", type=int)
+    b.add_argument("--frames", type=int, help="video frames (default: the model's)")
+    b.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
+    b.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
     b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
     b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
     b.add_argument(
@@ -303,11 +343,14 @@ def parser() -> argparse.ArgumentParser:
         help="with --precision fp8: their prompts, one per line, taken in turn (default: the model's "
         "calibration prompts, as for `sencache calibrate`)",
     )
-    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier bundle in --out" + _OURS)
     b.set_defaults(func=_build)
 
     c = sub.add_parser("calibrate", help="measure the sensitivity table of a bundle")
-    c.add_argument("--engine", type=Path, required=True)
+    c.add_argument(
+        "--engine", type=Path, required=True, help="the bundle to calibrate (its tables are written into it)"
+    )
     c.add_argument(
         "--samples", type=int, help="trajectories, the prompts taken in turn (default: one per prompt given, else 8)"
     )
@@ -323,8 +366,10 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate a real model on prompts that are all in the tiny models' vocabulary",
     )
-    c.add_argument("--steps", type=int)
-    c.add_argument("--seed", type=int, default=1000)
+    c.add_argument("--steps", type=int, help="denoising steps of each trajectory (default: the bundle's)")
+    c.add_argument(
+        "--seed", type=int, default=1000, help="first seed of the trajectories (and of a tiny bundle's drawn prompts)"
+    )
     c.add_argument(
         "--branch",
         choices=("guided", "cond"),
@@ -358,14 +403,24 @@ def parser() -> argparse.ArgumentParser:
         help="take the tables of another build of the same model (an fp8 bundle: its fp32 build's)",
     )
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace the tables of a bundle that has a sensitivity table already"
+    )
     c.set_defaults(func=_calibrate)
 
-    g = sub.add_parser("generate", help="generate videos from prompts")
-    g.add_argument("--engine", type=Path, required=True)
-    g.add_argument("--prompt", action="append")
-    g.add_argument("--seed", type=int, action="append")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float)
+    g = sub.add_parser(
+        "generate",
+        help="generate videos from prompts",
+        description="Generate videos from prompts with an engine bundle; one video per --prompt.",
+        epilog=_GENERATE_EPILOG,
+    )
+    g.add_argument("--engine", type=Path, required=True, help="the engine bundle to run (made by `sencache build`)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable; pairs with the --seed in the same place)")
+    g.add_argument(
+        "--seed", type=int, action="append", help="a seed (repeatable; pairs with the --prompt in the same place)"
+    )
+    g.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's)")
     g.add_argument(
         "--dynamic-cfg", action="store_true", help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule"
     )
@@ -376,23 +431,27 @@ def parser() -> argparse.ArgumentParser:
         help="the bundle's scheduler (engine, default) or the SenCache authors' sampling preset "
         "(reference; Wan only: flow shift 5.0 for T2V)",
     )
-    g.add_argument("--cache", choices=tuple(METHODS), default="sencache")
+    g.add_argument("--cache", choices=tuple(METHODS), default="sencache", help="the cache rule (none: every step runs)")
     for knob in KNOBS.values():
         g.add_argument(
             "--" + knob.name.replace("_", "-"),
             type=knob.type,
             choices=knob.choices or None,
-            help=knob.help.replace("%", "%%"),
+            help=knob.help.replace("%", "%%")
+            + ("" if "(default)" in knob.help else " (default: the bundle's setting, else the rule's own)"),
         )
-    g.add_argument("--backend", help="run on this backend (must match the bundle)")
+    g.add_argument("--backend", help="run on this backend (must match the bundle; default: the bundle's)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
-    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--out", type=Path, required=True, help="the run folder to write (videos, frames, stats.json)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out" + _OURS)
     g.set_defaults(func=_generate)
 
     r = sub.add_parser("bench", help="sweep SenCache and the baselines; quality against NFE and speed")
-    r.add_argument("--engine", type=Path, required=True)
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--engine", type=Path, required=True, help="the calibrated bundle to measure")
+    r.add_argument(
+        "--out", type=Path, required=True, help="the report folder to write (report.md, report.json, the plot)"
+    )
     r.add_argument(
         "--methods",
         nargs="+",
@@ -402,7 +461,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")
     r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")
     r.add_argument("--samples", type=int, default=16, help="evaluation prompts drawn when --prompts is not given")
-    r.add_argument("--steps", type=int)
+    r.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     r.add_argument(
         "--quick",
         action="store_true",
@@ -415,10 +474,11 @@ def parser() -> argparse.ArgumentParser:
         help="timed cached runs per setting, each between two uncached runs; the speed-up is the median of "
         "the 2 x repeats ratios (default 2; --quick: 1)",
     )
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out" + _OURS)
     r.set_defaults(func=_bench)
 
     k = sub.add_parser("kernels", help="compile the CUDA drift kernel with NVRTC (no GPU needed)")
-    k.add_argument("--compile", action="store_true")
+    k.add_argument("--compile", action="store_true", help="compile the kernel for each --arch")
     k.add_argument("--arch", nargs="+", default=["sm_90"], help="sm_80 sm_90 sm_100 ...")
     k.add_argument("--no-cache", action="store_true", help="recompile even if a cached cubin exists")
     k.set_defaults(func=_kernels)
@@ -435,9 +495,9 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_gpu_acceptance)
 
     s = sub.add_parser("serve", help="serve an engine over HTTP (OpenAI-style video API on Ray Serve)")
-    s.add_argument("--engine", type=Path, required=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--engine", type=Path, required=True, help="the engine bundle to serve")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--replicas", type=int, default=1, help="engine replicas (each one engine; jobs stay on theirs)")
     s.add_argument("--max-queue", type=int, default=64, help="jobs waiting for rows per replica; more get 429")
     s.add_argument(
@@ -452,7 +512,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder of the demo's bundle and two runs")
     d.add_argument("--threads", type=int, default=1, help="CPU threads for the timed runs")
     d.add_argument(
         "--repeats",
@@ -460,6 +520,11 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="timed SenCache runs, each between two uncached runs; the speed-up is the median of the 2 x "
         "repeats ratios",
+    )
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the runs of an earlier demo in --out (its bundle and tables are reused)" + _OURS,
     )
     d.set_defaults(func=_demo)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
@@ -516,8 +581,31 @@ def _crash_log(command: str) -> Path:
     return Path("(no writable log folder)")
 
 
+_OURS = "; only folders this tool wrote are ever replaced"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default when it has one (not for unset or off ones); the
+    description and epilog keep their line breaks (the prompt grammar)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = " ".join(str(value) for value in default).replace("%", "%%")
+            return f"{text} (default: {shown})"
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (exit status 2), like every other error."""
+    """argparse that reports a bad command line in one line (exit status 2), like every other error,
+    and shows each option's default in its help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
@@ -546,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except BadInput as e:
-        print(f"sencache {args.command}: error: {_one_line(e.worded(args.flag(e.param)))}", file=sys.stderr)
+        print(f"sencache {args.command}: error: {_one_line(e.worded(args.flag(e.param)), 800)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(

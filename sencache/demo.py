@@ -20,9 +20,9 @@ from sencache.runtime.backends.base import MAX_THREADS, open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import check_replaceable, staged_folder
+from sencache.runtime.files import BUNDLE, RUN, check_output, staged_folder
 from sencache.runtime.model import Model
-from sencache.runtime.outputs import RUN, write_run
+from sencache.runtime.outputs import write_run
 from sencache.runtime.request import Request, Result
 
 DEMO_PROMPTS = [
@@ -37,10 +37,16 @@ the first SenCache run are the ones written to the output folder."""
 MAX_REPEATS = 10
 
 
-def _bundle(folder: Path) -> Bundle:
+def _bundle(folder: Path, overwrite: bool) -> Bundle:
+    """The demo's tiny-wan bundle: the one an earlier demo built there, else a new build (which
+    replaces a bundle that no longer loads only with `overwrite`)."""
     try:
         return Bundle.load(folder)
-    except BadInput:
+    except BadInput as unloadable:
+        try:
+            check_output(folder, BUNDLE, overwrite)
+        except BadInput as refused:
+            raise BadInput(f"{refused} ({unloadable})", param=refused.param) from None
         note(f"building the tiny-wan engine bundle into {folder} (once; later demos reuse it)")
         build(BuildOptions(model="tiny-wan", out=folder, max_batch=len(DEMO_PROMPTS)))
         return Bundle.load(folder)
@@ -58,9 +64,9 @@ def speedup_verdict(timing: PairedTiming, ceiling: float) -> tuple[str, list[str
     return timing.describe(), warnings
 
 
-def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
-    """Build and calibrate tiny-wan under `out` if needed, write one uncached and one SenCache run
-    of the demo prompts, and print quality and the paired speed-up."""
+def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS, overwrite: bool = False) -> None:
+    """Build (or reuse) and calibrate tiny-wan in `out`, then write its uncached and SenCache runs
+    there (earlier runs are replaced only with `overwrite`), and print quality and the paired speed-up."""
     if not 1 <= threads <= MAX_THREADS:
         raise BadInput(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
     if not 1 <= repeats <= MAX_REPEATS:
@@ -68,13 +74,13 @@ def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS) -> None:
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     for name in ("none", "sencache"):
-        check_replaceable(out / name, RUN)
+        check_output(out / name, RUN, overwrite)
     torch.set_num_threads(threads)
     note(
         f"sencache demo: tiny-wan, {len(DEMO_PROMPTS)} prompts uncached and with SenCache, {2 * repeats + 1} timed "
         f"runs on {threads} thread(s); outputs in {out}"
     )
-    bundle = _bundle(out / "tiny-wan")
+    bundle = _bundle(out / "tiny-wan", overwrite)
     engine = Model(bundle, open_backend(bundle, threads=threads))
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
         note("calibrating the sensitivity table on the model's own trajectories (once)")

@@ -1,10 +1,13 @@
 """The command line: bad input ends in exit status 2, one clear line, and no output written."""
 
+import argparse
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,8 +134,14 @@ def test_import_npz_round_trips(capsys, calibrated_bundle, tmp_path):
     shutil.copytree(calibrated_bundle, bundle_dir)
     original = Bundle.load(bundle_dir).sensitivity()
     original.to_npz(tmp_path / "authors.npz")
-    code, _ = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--import-npz", tmp_path / "authors.npz")
-    assert code == 0
+    before = (bundle_dir / "sensitivity.json").read_bytes()
+    code, err = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--import-npz", tmp_path / "authors.npz")
+    assert code == 2 and "--overwrite not given" in err and "already has a sensitivity table" in err
+    assert (bundle_dir / "sensitivity.json").read_bytes() == before
+    code, err = run_cli(
+        capsys, "calibrate", "--engine", bundle_dir, "--import-npz", tmp_path / "authors.npz", "--overwrite"
+    )
+    assert code == 0, err
     imported = Bundle.load(bundle_dir).sensitivity()
     np.testing.assert_array_equal(imported.timesteps, original.timesteps)
     np.testing.assert_array_equal(imported.jx, original.jx)
@@ -162,7 +171,7 @@ def test_calibrate_on_prompts_from_a_file(capsys, ort_bundle, tmp_path):
     meta = Bundle.load(bundle_dir).sensitivity().meta
     assert meta["prompts"] == [PROMPT, "two large blue squares moving up fast on texture", PROMPT]
     assert meta["samples"] == 3
-    code, err = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--prompt", "a dog on a beach")
+    code, err = run_cli(capsys, "calibrate", "--engine", bundle_dir, "--prompt", "a dog on a beach", "--overwrite")
     assert code == 2 and "outside the tiny model's vocabulary: a, dog, beach" in err
 
 
@@ -234,3 +243,153 @@ def test_every_tiny_model_builds_and_generates(capsys, tmp_path, model):
     manifest = Bundle.load(bundle).manifest
     assert manifest.trained == (model != "tiny-ltx")
     assert ("UNTRAINED" in err) == (model == "tiny-ltx")
+
+
+def _subcommands():
+    from sencache.cli import parser
+
+    return parser()._subparsers._group_actions[0].choices
+
+
+def test_every_option_says_what_it_does_and_shows_its_default():
+    for name, command in _subcommands().items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings[0]} has no help"
+        text = command.format_help()
+        assert "default: None" not in text and "default: False" not in text, name
+        for action in command._actions:
+            if action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action, argparse._HelpAction):
+                shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+                assert f"(default: {shown})" in " ".join(text.split()), f"{name} {action.option_strings[0]}"
+
+
+def test_generate_help_gives_the_prompt_grammar_and_the_pairing():
+    from sencache.runtime.tiny_grammar import FORM, SLOTS
+
+    text = _subcommands()["generate"].format_help()
+    assert FORM in text
+    for slot, words in SLOTS.items():
+        assert f"{slot}: {'|'.join(words)}" in text
+    assert "--prompt and --seed repeat and pair up" in " ".join(text.split())
+
+
+def test_words_of_the_vocabulary_out_of_the_grammar_are_refused(capsys, ort_bundle, tmp_path):
+    from sencache.runtime.tiny_grammar import grammar_line
+
+    code, err = run_cli(
+        capsys,
+        "generate",
+        "--engine",
+        ort_bundle,
+        "--prompt",
+        "one small red circles static on black",
+        "--out",
+        tmp_path / "out",
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "word 4 'circles' should be a shape" in err and err.strip().endswith(grammar_line())
+    assert not (tmp_path / "out").exists()
+
+
+CHEAP = """
+import contextlib, io, json, sys
+from sencache.cli import main
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    heavy = sorted(m for m in ("torch", "onnxruntime", "diffusers") if m in sys.modules)
+    print(json.dumps([code, err.getvalue().strip(), heavy]))
+"""
+
+
+def test_cheap_checks_fail_before_any_model_code_is_imported(tmp_path):
+    """A wrong weights folder, a missing or corrupt bundle and an output that needs --overwrite stop
+    the command before torch (or ONNX Runtime, or diffusers) is even imported."""
+    from sencache.runtime.files import BUNDLE, staged_folder
+
+    empty, corrupt, built = tmp_path / "empty", tmp_path / "corrupt", tmp_path / "built"
+    empty.mkdir()
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text("{}")
+    (corrupt / "manifest.sha256").write_text("0" * 64 + "  manifest.json\n")
+    with staged_folder(built, BUNDLE) as folder:
+        (folder / "manifest.json").write_text("{}")
+    out, missing = str(tmp_path / "out"), str(tmp_path / "missing")
+    cases = [
+        (["build", "--model", "wan2.1-t2v-1.3b", "--weights", str(empty), "--out", out], "no transformer/config"),
+        (["build", "--model", "tiny-wan", "--weights", missing, "--out", out], "--weights"),
+        (["build", "--model", "tiny-wan", "--out", str(built)], "--overwrite not given"),
+        (["generate", "--engine", missing, "--prompt", PROMPT, "--out", out], "no engine bundle"),
+        (["generate", "--engine", str(corrupt), "--prompt", PROMPT, "--out", out], "does not match its digest"),
+        (["calibrate", "--engine", missing], "no engine bundle"),
+        (["bench", "--engine", str(corrupt), "--out", out], "does not match its digest"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", CHEAP, json.dumps([argv for argv, _ in cases])], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == len(cases)
+    for (argv, needle), (code, err, heavy) in zip(cases, results, strict=True):
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
+        assert heavy == [], (argv, heavy)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_real_model_without_weights_is_refused_by_the_option_check(tmp_path):
+    """The build stops in BuildOptions.check, before the transformer is loaded or constructed."""
+    from sencache.engine_builder.builder import BuildOptions, build
+    from sencache.runtime.errors import BadInput
+
+    with pytest.raises(BadInput) as raised:
+        build(BuildOptions(model="wan2.1-t2v-1.3b", out=tmp_path / "b"))
+    assert raised.value.param == "weights" and "weights must name a folder" in str(raised.value)
+    frames = [entry.name for entry in raised.traceback]
+    assert "check" in frames and "_load" not in frames and "build_transformer" not in frames
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_earlier_demo_is_replaced_only_with_overwrite(capsys, tmp_path):
+    from sencache.runtime.files import RUN, staged_folder
+
+    out = tmp_path / "demo"
+    with staged_folder(out / "none", RUN) as folder:
+        (folder / "stats.json").write_text("{}")
+    code, err = run_cli(capsys, "demo", "--out", out)
+    assert code == 2 and "--overwrite not given" in err and "already holds a sencache run" in err
+    assert sorted(p.name for p in out.iterdir()) == ["none"] and (out / "none" / "stats.json").read_text() == "{}"
+
+
+def test_a_bench_report_is_replaced_only_with_overwrite(capsys, calibrated_bundle, tmp_path):
+    from sencache.benchmarks.bench import KIND
+    from sencache.runtime.files import staged_folder
+
+    out = tmp_path / "bench"
+    with staged_folder(out, KIND) as folder:
+        (folder / "report.json").write_text("{}")
+    code, err = run_cli(capsys, "bench", "--engine", calibrated_bundle, "--quick", "--out", out)
+    assert code == 2 and "--overwrite not given" in err and "already holds a sencache bench report" in err
+    assert (out / "report.json").read_text() == "{}"
+
+
+def test_what_the_documented_commands_write_is_ignored_by_git():
+    """Every output folder of a command in the README or docs/ (`--out X`, `-B X`) and every default
+    --out of the command line is git-ignored, so following them leaves `git status` clean."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    pages = "".join(page.read_text() for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    folders = set(re.findall(r"(?:--out|-B)\s+([a-z][\w./-]*)", pages))
+    folders |= {
+        str(action.default)
+        for command in _subcommands().values()
+        for action in command._actions
+        if action.dest == "out" and action.default is not None
+    }
+    assert {"bundles/tiny-wan", "runs/x", "runs/demo", "build/capi"} <= folders
+    for folder in sorted(folders):
+        done = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "--no-index", folder + "/"])
+        assert done.returncode == 0, f"{folder} is not git-ignored"

@@ -30,7 +30,7 @@ def test_readme_opens_with_the_two_commands() -> None:
     first = text.index("```")
     assert text[:first].strip() == "# sencache"
     lines = _blocks(text)[0].strip().splitlines()
-    assert lines == ["pip install -e . && sencache demo", 'pip install -e ".[dev]" && python -m pytest -q']
+    assert lines == ["pip install -e . && sencache demo --overwrite", 'pip install -e ".[dev]" && python -m pytest -q']
     assert "-m pytest -q" in (ROOT / ".ci" / "run").read_text()
 
 

@@ -92,7 +92,10 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     assert engine.backend.device.type == "cuda"
     bundle.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
     knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
-    prompts, seeds = ["one large white circle static on black", "two small red squares moving left fast"], [1, 2]
+    prompts, seeds = (
+        ["one large white circle static on black", "two small red squares moving left fast on black"],
+        [1, 2],
+    )
     short = counting_syncs(
         lambda: engine.generate(Request(prompts, seeds, 6, 4.0), engine.policy("sencache", 6, 2, knobs))
     )[1]

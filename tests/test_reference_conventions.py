@@ -244,7 +244,7 @@ def test_authors_npz_then_generate_with_reference_conventions(capsys, calibrated
     timesteps, j_x, j_t = authors_table(model)
     npz = tmp_path / "sensitivity_wan21.npz"
     np.savez(npz, timesteps=timesteps, J_x_norm=j_x, J_t_norm=j_t)
-    assert main(["calibrate", "--engine", str(bundle_dir), "--import-npz", str(npz)]) == 0
+    assert main(["calibrate", "--engine", str(bundle_dir), "--import-npz", str(npz), "--overwrite"]) == 0
     out = tmp_path / "run"
     code = main(
         [

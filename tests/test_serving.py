@@ -22,7 +22,7 @@ from sencache.serving import app as serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "one small red circle moving left on black"
+PROMPT = "one small red circle moving left slow on black"
 DEADLINE_S = 120.0
 
 

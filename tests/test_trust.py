@@ -97,11 +97,15 @@ def test_our_own_run_is_replaced_but_not_with_a_user_file_added(capsys, ort_bund
     assert run(capsys, *generate(ort_bundle, out))[0] == 0
     first = json.loads((out / OWNER).read_text())
     assert first["kind"] == "run" and "stats.json" in first["files"]
-    assert run(capsys, *generate(ort_bundle, out, "--steps", "2"))[0] == 0
+    before = snapshot(out)
+    code, err = run(capsys, *generate(ort_bundle, out, "--steps", "2"))
+    assert code == 2 and "--overwrite not given" in err and "already holds a sencache run" in err
+    assert snapshot(out) == before
+    assert run(capsys, *generate(ort_bundle, out, "--steps", "2", "--overwrite"))[0] == 0
     assert json.loads((out / "stats.json").read_text())["steps"] == 2
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    code, err = run(capsys, *generate(ort_bundle, out))
+    code, err = run(capsys, *generate(ort_bundle, out, "--overwrite"))
     assert code == 2 and "'notes.txt'" in err
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
@@ -365,7 +369,12 @@ def test_a_locked_output_is_refused(capsys, ort_bundle, tmp_path):
 
 def test_two_concurrent_writers(ort_bundle, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "sencache.cli", *map(str, generate(ort_bundle, out, "--steps", "12"))]
+    command = [
+        sys.executable,
+        "-m",
+        "sencache.cli",
+        *map(str, generate(ort_bundle, out, "--steps", "12", "--overwrite")),
+    ]
     procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in results)[0] == 0
@@ -396,7 +405,9 @@ def test_sigterm_during_a_build_removes_the_partial_and_keeps_the_old(ort_bundle
     out = tmp_path / "bundle"
     shutil.copytree(ort_bundle, out)
     before = snapshot(out)
-    proc = _start_and_wait_for_partial(["build", "--model", "tiny-wan", "--max-batch", "3", "--out", out], tmp_path)
+    proc = _start_and_wait_for_partial(
+        ["build", "--model", "tiny-wan", "--max-batch", "3", "--out", out, "--overwrite"], tmp_path
+    )
     proc.send_signal(signal.SIGTERM)
     code, err = proc.wait(timeout=120), proc.stderr.read()
     assert code == 130 and "Traceback" not in err and "terminated; nothing was left half-written" in err

@@ -48,7 +48,8 @@ int main(int argc, char** argv) {
     if (check(sc_engine_create(argv[1], &options, &engine), "create")) return 1;
     sc_engine_set_progress(engine, on_progress, nullptr);
 
-    const char* prompts[2] = {"one small red circle static on black", "two blue squares moving right"};
+    const char* prompts[2] = {"one small red circle static on black",
+                              "two small blue squares moving right slow on black"};
     const uint64_t seeds[2] = {1, 2};
     int64_t ids[2] = {0, 0};
     sc_request request{};

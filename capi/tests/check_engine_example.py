@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPTS = ["one small red circle static on black", "two blue squares moving right"]
+PROMPTS = ["one small red circle static on black", "two small blue squares moving right slow on black"]
 SEEDS = [1, 2]
 STEPS = 12
 

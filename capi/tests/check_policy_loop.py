@@ -13,7 +13,7 @@ import numpy as np
 
 from sencache import Engine
 
-PROMPT, SEED, STEPS = "two blue squares moving right", 3, 16
+PROMPT, SEED, STEPS = "two small blue squares moving right slow on black", 3, 16
 
 
 def main(example: str, bundle: str, examples_dir: str, work: str) -> int:

@@ -23,7 +23,11 @@ from sencache.runtime.request import Request  # noqa: E402
 from sencache.runtime.stepping import StepEngine  # noqa: E402
 
 BUNDLE = os.environ.get("SENCACHE_TEST_BUNDLE", "")
-PROMPTS = ["one small red circle static on black", "two blue squares moving right", "a green bar falling"]
+PROMPTS = [
+    "one small red circle static on black",
+    "two small blue squares moving right slow on black",
+    "one large green square moving down fast on gradient",
+]
 
 
 class Recording:

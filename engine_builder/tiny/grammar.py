@@ -1,58 +1,42 @@
-"""The prompt grammar the tiny models were trained on, slot by slot::
+"""Draws from the prompt grammar the tiny models were trained on (`sencache.runtime.tiny_grammar`,
+the one definition of its slots and form)::
 
     <count> <size> <colour> <shape> (static | moving <direction> <speed>) on <background>
 
 for example ``"two small red circles moving left fast on texture"``. Training clips, the
-evaluation of the trained models and the default prompts of tiny bundles are drawn from it; the
-runtime only needs its words (`sencache.runtime.tiny_text.VOCABULARY`).
+evaluation of the trained models and the default prompts of tiny bundles are drawn here; the
+runtime checks every prompt of a tiny bundle against the same definition.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-COUNTS = ("one", "two", "three")
-SIZES = ("small", "large")
-COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")
-SHAPES = ("circle", "square")
-DIRECTIONS = ("left", "right", "up", "down")
-SPEEDS = ("slow", "fast")
-BACKGROUNDS = ("black", "gradient", "texture")
-WORDS: tuple[str, ...] = (
-    *COUNTS,
-    *SIZES,
-    *COLOURS,
-    *SHAPES,
-    *(s + "s" for s in SHAPES),
-    "static",
-    "moving",
-    *DIRECTIONS,
-    *SPEEDS,
-    "on",
-    *BACKGROUNDS,
+from sencache.runtime.tiny_grammar import (
+    BACKGROUNDS,
+    COLOURS,
+    COUNTS,
+    DIRECTIONS,
+    SHAPES,
+    SIZES,
+    SPEEDS,
+    WORDS,
+    PromptSpec,
 )
-"""Every word the grammar writes, in the order of the tiny tokenizer's ids (after the pad)."""
 
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One sentence of the grammar, slot by slot (direction and speed are None when static)."""
-
-    count: str
-    size: str
-    colour: str
-    shape: str
-    direction: str | None
-    speed: str | None
-    background: str
-
-    @property
-    def prompt(self) -> str:
-        noun = self.shape if self.count == "one" else self.shape + "s"
-        motion = "static" if self.direction is None else f"moving {self.direction} {self.speed}"
-        return f"{self.count} {self.size} {self.colour} {noun} {motion} on {self.background}"
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "COUNTS",
+    "DIRECTIONS",
+    "SHAPES",
+    "SIZES",
+    "SPEEDS",
+    "WORDS",
+    "PromptSpec",
+    "grammar_prompts",
+    "random_spec",
+]
 
 
 def random_spec(rng: np.random.Generator) -> PromptSpec:

@@ -21,6 +21,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
+from sencache.runtime.weights import transformer_folder
 
 if TYPE_CHECKING:
     # Transformer classes are typed from their defining modules: through `diffusers` itself, mypy
@@ -303,24 +304,12 @@ class FamilyAdapter(ABC):
         """
         cls = self.transformer_class()
         if weights is None:
-            if not preset.tiny and device != "meta":
-                source = preset.description.split(" ")[0]
-                raise BadInput(
-                    f"weights must name a folder: {preset.name} needs a local copy of {source} in diffusers "
-                    f"format (transformer/config.json and transformer/*.safetensors to build; model_index.json, "
-                    f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded",
-                    param="weights",
-                )
+            if device != "meta":
+                check_weights(preset, None)
             with torch.device(device):
                 return cls(**preset.config).eval()
         folder = Path(weights)
-        sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
-        if not (sub / "config.json").is_file():
-            raise BadInput(
-                f"weights {folder}: no transformer/config.json (expected a diffusers-format folder)", param="weights"
-            )
-        if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
-            raise BadInput(f"weights {folder}: no weight files (*.safetensors) in {sub}", param="weights")
+        sub = transformer_folder(folder)
         config = json.loads((sub / "config.json").read_text())
         if config.get("_class_name") not in (None, cls.__name__):
             raise BadInput(f"weights {folder}: holds a {config['_class_name']}, not a {cls.__name__}", param="weights")
@@ -348,3 +337,20 @@ class FamilyAdapter(ABC):
         timestep = torch.rand(batch, generator=g) * 1000.0
         text = torch.randn((batch, *self.text_shape(preset)), generator=g)
         return {"latent": latent, "timestep": timestep, "text": text}
+
+
+def check_weights(preset: ModelPreset, weights: Path | None) -> Path | None:
+    """The transformer folder of `weights` for `preset` (None: none given, for a tiny model); BadInput
+    about `weights` when a real model has none or the folder holds no diffusers transformer. File
+    names only: the builder calls it before it constructs anything."""
+    if weights is not None:
+        return transformer_folder(weights)
+    if not preset.tiny:
+        source = preset.description.split(" ")[0]
+        raise BadInput(
+            f"weights must name a folder: {preset.name} needs a local copy of {source} in diffusers "
+            f"format (transformer/config.json and transformer/*.safetensors to build; model_index.json, "
+            f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded",
+            param="weights",
+        )
+    return None
