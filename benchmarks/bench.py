@@ -56,6 +56,7 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "sencache-max": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "sencache-reference": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
+    "sencache-online": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "fixed": [{"interval": k} for k in (2, 3, 4, 5)],
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 3, 4, 5, 6)],
     "teacache": [{"threshold": t} for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)],
@@ -66,6 +67,7 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
 QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "sencache": [{"eps_main": e} for e in (0.3, 0.6)],
     "sencache-max": [{"eps_main": e} for e in (0.3, 0.6)],
+    "sencache-online": [{"eps_main": e} for e in (0.3, 0.6)],
     "fixed": [{"interval": k} for k in (2, 3)],
     "fixed-warmup": [{"interval": k, "warmup": -1} for k in (2, 4)],
     "teacache": [{"threshold": t} for t in (0.1, 0.3)],

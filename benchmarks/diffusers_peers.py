@@ -42,8 +42,8 @@ class DiffusersPeers:
         if engine.adapter.family != "wan":
             raise BadInput(
                 f"the diffusers peers are wired for Wan's pipeline only (its block hooks and sizes); "
-                f"bench {engine.preset.name} with --methods from: sencache sencache-max fixed fixed-warmup "
-                f"teacache magcache"
+                f"bench {engine.preset.name} with --methods from: sencache sencache-max sencache-online fixed "
+                f"fixed-warmup teacache magcache"
             )
         source = engine.bundle.manifest.weights_source
         if not source or not Path(source).is_dir():

@@ -38,9 +38,14 @@ def _at(nfe: np.ndarray, quality: np.ndarray, targets: np.ndarray) -> np.ndarray
 
 
 def compare_at_matched_nfe(
-    runs: list[dict[str, Any]], steps: int, reference: str = "sencache", seed: int = 0
+    runs: list[dict[str, Any]],
+    steps: int,
+    reference: str = "sencache",
+    seed: int = 0,
+    nfe_range: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """SenCache minus each baseline, in PSNR dB, at shared NFE targets, with bootstrap intervals."""
+    """`reference` (SenCache by default) minus each baseline, in PSNR dB, at shared NFE targets
+    (inside `nfe_range` when given), with bootstrap intervals."""
     # A run in which every sample ran every step is the uncached video itself (PSNR capped): it
     # would pull the envelope up to the cap, so it is left out of the comparison.
     runs = [r for r in runs if min(r["nfe"]) < steps]
@@ -59,6 +64,8 @@ def compare_at_matched_nfe(
             continue
         lo = max(nfe[reference].mean(axis=1).min(), nfe[base].mean(axis=1).min())
         hi = min(nfe[reference].mean(axis=1).max(), nfe[base].mean(axis=1).max())
+        if nfe_range is not None:
+            lo, hi = max(lo, nfe_range[0]), min(hi, nfe_range[1])
         if lo > hi:
             result["baselines"][base] = {"overlap": None, "points": []}
             continue

@@ -12,6 +12,9 @@ generators), guidance, cache rule and rule state, latents, anchors and cached re
 4. run the blocks on the rows of running samples of all requests, gathered into one sub-batch,
    and add each other row's cached residual;
 5. run the tail on every row, combine guidance per request and take each request's solver step.
+   For requests whose rule learns from observed reuse errors (`ReuseObserver`), the rows that
+   ran after an earlier run also go through the tail with their cached residual, and the rule
+   receives the guided output's difference per sample (one more tail call, for them alone).
 
 A request's decisions and latents do not depend on which others share its passes. A row that
 runs uses the blocks' output as is, so a request that never reuses is bit-identical to the
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from sencache.runtime.cache import CachePolicy, StepDecision
+from sencache.runtime.cache import CachePolicy, ReuseObserver, StepDecision
 from sencache.runtime.chain import block_streams, blocks_feeds, tail_feeds
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.families.base import NOISE, Sampler
@@ -341,13 +344,18 @@ class StepEngine:
             for job in jobs:
                 self._fail(job, e)
             return
-        for job, noise, decision in live:
+        for job, noise, decision, error in live:
             try:
+                if error is not None:
+                    assert isinstance(job.policy, ReuseObserver), "errors are measured for observing rules"
+                    job.policy.observe(job.step, error)
                 self._advance(job, noise, decision)
             except Exception as e:  # this request's own solver step
                 self._fail(job, e)
 
-    def _decide_and_run(self, jobs: list[RequestState]) -> list[tuple[RequestState, torch.Tensor, StepDecision]]:
+    def _decide_and_run(
+        self, jobs: list[RequestState]
+    ) -> list[tuple[RequestState, torch.Tensor, StepDecision, np.ndarray | None]]:
         model, layout = self.model, self.model.layout
         for job in jobs:
             if job.trajectory is not None:
@@ -387,9 +395,70 @@ class StepEngine:
             live.append((job, k, decision))
 
         run_rows = [offsets[k] + np.flatnonzero(d.run[job.row_sample]) for job, k, d in live]
+        reused = self._reused_streams(head, live, offsets)
         streams = self._blocks(head, jobs, offsets, live, np.concatenate(run_rows) if run_rows else np.zeros(0, int))
         noise = model.backend.run("tail", tail_feeds(layout, streams, head))[NOISE].float()
-        return [(job, noise[offsets[k] : offsets[k + 1]], d) for job, k, d in live]
+        errors = self._reuse_errors(head, noise, offsets, reused)
+        return [(job, noise[offsets[k] : offsets[k + 1]], d, errors.get(job.id)) for job, k, d in live]
+
+    def _reused_streams(
+        self, head: dict[str, torch.Tensor], live: list[tuple[RequestState, int, StepDecision]], offsets: np.ndarray
+    ) -> list[tuple[RequestState, int, StepDecision, dict[str, torch.Tensor]]]:
+        """For each request whose rule observes reuse errors and which holds a cached residual:
+        the tail's streams of its running rows as reuse would have made them (head + cached
+        residual), taken before this step's residuals replace the cache."""
+        layout, out = self.model.layout, []
+        for job, k, decision in live:
+            if not isinstance(job.policy, ReuseObserver) or job.cache is None or not decision.run.any():
+                continue
+            local = np.flatnonzero(decision.run[job.row_sample])
+            index, target = self._index(offsets[k] + local), self._index(local)
+            rows = {
+                s: head[s].index_select(0, index) + job.cache[s].index_select(0, target)
+                for s in layout.tail_stream_names
+            }
+            out.append((job, k, decision, rows))
+        return out
+
+    def _reuse_errors(
+        self,
+        head: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        offsets: np.ndarray,
+        reused: list[tuple[RequestState, int, StepDecision, dict[str, torch.Tensor]]],
+    ) -> dict[int, np.ndarray]:
+        """Per observing request, per sample: the squared L2 norm of the guided output from the
+        cached residual minus the fresh guided output (NaN for samples that did not run), from
+        one tail call over all their rows and one copy to the host."""
+        if not reused:
+            return {}
+        layout = self.model.layout
+        rows = np.concatenate([offsets[k] + np.flatnonzero(d.run[job.row_sample]) for job, k, d, _ in reused])
+        index = self._index(rows)
+        feeds = {
+            **{s: torch.cat([r[s] for *_, r in reused]) for s in layout.tail_stream_names},
+            **{c: head[c].index_select(0, index) for c in layout.tail_context},
+        }
+        from_cache = self.model.backend.run("tail", feeds)[NOISE].float()
+        fresh = noise.index_select(0, index)
+        sums, position = [], 0
+        for job, _, decision, _ in reused:
+            samples = int(decision.run.sum())
+            count = samples * job.branches
+            scale = job.scales[job.step]
+            cached = guide(from_cache[position : position + count], samples, job.request.cfg, scale)
+            now = guide(fresh[position : position + count], samples, job.request.cfg, scale)
+            sums.append((cached.double() - now.double()).pow(2).flatten(1).sum(1))
+            position += count
+        host = torch.cat(sums).cpu().numpy()
+        errors, position = {}, 0
+        for job, _, decision, _ in reused:
+            ran = np.flatnonzero(decision.run)
+            error = np.full(job.batch, np.nan)
+            error[ran] = host[position : position + len(ran)]
+            errors[job.id] = error
+            position += len(ran)
+        return errors
 
     def _text(self, jobs: list[RequestState]) -> torch.Tensor:
         """The text rows of `jobs`, concatenated once per set of active requests."""

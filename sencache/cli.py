@@ -455,7 +455,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--methods",
         nargs="+",
-        help="sencache sencache-max fixed fixed-warmup teacache magcache "
+        help="sencache sencache-max sencache-online fixed fixed-warmup teacache magcache "
         "diffusers-magcache diffusers-fbc (default: all)",
     )
     r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")

@@ -52,6 +52,26 @@ def test_matched_comparison_finds_win_and_tie():
     assert all(p["verdict"] == "tie" for p in result["baselines"]["magcache"]["points"])
 
 
+def test_matched_comparison_keeps_to_the_nfe_range_and_any_reference():
+    runs = _runs("sencache-online", [10, 14, 18], 1.0) + _runs("sencache", [10, 14, 18], 0.0)
+    result = compare_at_matched_nfe(runs, 20, reference="sencache-online", nfe_range=(12.0, 16.0))
+    points = result["baselines"]["sencache"]["points"]
+    assert result["reference"] == "sencache-online" and [p["nfe"] for p in points] == [12.0, 13.0, 14.0, 15.0, 16.0]
+    assert all(p["psnr_diff_db"] == pytest.approx(1.0) for p in points)
+
+
+def test_online_benchmark_groups_samples_by_background_and_count():
+    from sencache.benchmarks.online import difficulty, nfe_by_group
+
+    prompts = ["one large white circle static on black", "three small red squares moving up fast on texture"]
+    assert difficulty(prompts[1]) == ("texture", "three")
+    with pytest.raises(ValueError, match="grammar"):
+        difficulty("a red circle")
+    groups = nfe_by_group(prompts, {"nfe": [12, 18], "psnr": [40.0, 30.0]})
+    assert groups["background=black"] == {"samples": 1, "mean_nfe": 12.0, "mean_psnr": 40.0}
+    assert groups["count=three"]["mean_nfe"] == 18.0 and len(groups) == 4
+
+
 def test_evaluation_set_rejects_bad_input(tmp_path):
     (tmp_path / "p.txt").write_text("one red unicorn\n")
     with pytest.raises(BadInput, match="unicorn"):

@@ -118,3 +118,87 @@ def test_sencache_max_uses_the_larger_sensitivity_of_anchor_and_now():
     up = [p.decide(1, 1000.0, np.array([1.0])).score[0] for p in (plain, wider)]
     assert up[0] == pytest.approx(2.0 + 0.02 * 500) and up[1] == pytest.approx(4.0 + 0.03 * 500)
     assert wider.decide(2, 0.0, np.array([1.0])).score[0] == pytest.approx(2.0 + 0.02 * 500)
+
+
+def online(eps=5.0, max_reuse=3, steps=10, batch=2, numel=4, rate=1.0, bound=4.0):
+    from sencache.runtime.cache.sencache import SenCacheOnlinePolicy, SenCacheOnlineSettings
+
+    settings = SenCacheOnlineSettings(eps, eps, max_reuse, online_rate=rate, online_bound=bound)
+    return SenCacheOnlinePolicy(settings, TABLE, steps, batch, numel)
+
+
+def error_sumsq(rms: np.ndarray, numel: int = 4) -> np.ndarray:
+    """The squared L2 norm whose RMS-form error (over sqrt(numel), as the score) is `rms`."""
+    return (np.asarray(rms, float) * math.sqrt(numel)) ** 2
+
+
+def test_online_without_observations_decides_as_sencache():
+    rng = np.random.default_rng(3)
+    plain, learning = policy(eps_start=0.5, eps_main=3.0, batch=3, steps=12), online(batch=3, steps=12)
+    plain.config = learning.config  # same eps, max_reuse and switch
+    for i in range(12):
+        drift = rng.uniform(0.0, 8.0, 3)
+        a, b = plain.decide(i, 1000.0 - 80 * i, drift), learning.decide(i, 1000.0 - 80 * i, drift)
+        assert np.array_equal(a.run, b.run)
+        np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(learning.factor, np.ones(3))
+
+
+def test_a_sample_costlier_than_predicted_runs_more_and_a_cheaper_one_reuses_more():
+    p, plain = online(rate=1.0), online(rate=1.0)
+    for q in (p, plain):
+        q.decide(0, 500.0, None)  # anchor t=500: Jx 2, Jt 0.02
+        d = q.decide(1, 400.0, np.array([81.0, 81.0]))  # raw 2*9 + 0.02*100 = 20: S_table 10 > eps 5
+        assert d.run.all()
+    np.testing.assert_allclose(p.predicted, [10.0, 10.0])
+    p.observe(1, error_sumsq([20.0, 5.0]))  # observed 2x and 0.5x the prediction
+    np.testing.assert_allclose(p.factor, [2.0, 0.5])
+    np.testing.assert_array_equal(p.observations, [1, 1])
+    # anchor t=400: Jx 1.8, Jt 0.018; a drift giving S_table = 4 < eps 5
+    drift = ((8.0 - 0.018 * 100) / 1.8) ** 2
+    learnt, table = (q.decide(2, 300.0, np.array([drift, drift])) for q in (p, plain))
+    np.testing.assert_allclose(table.score, [4.0, 4.0])
+    np.testing.assert_allclose(learnt.score, [8.0, 2.0])
+    assert list(table.run) == [False, False] and list(learnt.run) == [True, False]
+
+
+def test_online_factor_is_a_clipped_moving_average_of_log_ratios():
+    p = online(rate=0.5, bound=4.0, batch=3)
+    p.decide(0, 500.0, None)
+    p.decide(1, 400.0, np.full(3, 81.0))  # S_table 10
+    p.observe(1, error_sumsq([40.0, 1e6, 0.0]))  # ratios 4, far above the bound, 0
+    np.testing.assert_allclose(p.log_factor, [0.5 * math.log(4.0), 0.5 * math.log(4.0), -0.5 * math.log(4.0)])
+    p.decide(2, 300.0, np.full(3, 1e4))  # runs: S_table well above eps
+    p.observe(2, error_sumsq(p.predicted * 4.0))
+    np.testing.assert_allclose(p.log_factor[0], 0.75 * math.log(4.0))
+    assert np.all(p.factor <= 4.0 + 1e-12) and np.all(p.factor >= 0.25 - 1e-12)
+
+
+def test_online_learns_nothing_where_unobserved_or_forced():
+    p = online(rate=1.0)
+    p.decide(0, 500.0, None)  # forced: no prediction
+    assert np.isnan(p.predicted).all()
+    p.observe(0, error_sumsq([3.0, 3.0]))
+    p.decide(1, 400.0, np.array([81.0, 81.0]))
+    p.observe(1, np.array([np.nan, error_sumsq(30.0)]))  # sample 0 not observed
+    np.testing.assert_allclose(p.factor, [1.0, 3.0])
+    with pytest.raises(ValueError, match="must follow decide"):
+        p.observe(0, error_sumsq([1.0, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        p.observe(1, np.ones(3))
+
+
+def test_online_knobs_are_checked_and_belong_to_the_online_rule():
+    from sencache.runtime.cache import check_knobs
+    from sencache.runtime.cache.sencache import SenCacheOnlineSettings
+
+    assert check_knobs("sencache-online", {"online_rate": 0.3, "online_bound": 2}) == {
+        "online_rate": 0.3,
+        "online_bound": 2.0,
+    }
+    with pytest.raises(BadInput, match="online_rate must be a number in"):
+        SenCacheOnlineSettings(0.1, 1.0, 3, online_rate=1.5)
+    with pytest.raises(BadInput, match="online_bound"):
+        SenCacheOnlineSettings(0.1, 1.0, 3, online_bound=0.5)
+    with pytest.raises(BadInput, match="does not apply"):
+        check_knobs("sencache", {"online_rate": 0.3})

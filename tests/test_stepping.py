@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import engine_for
 from sencache.runtime.bundle import Bundle
@@ -254,3 +255,66 @@ def test_randomized_arrivals_and_cancellations(cogvideox_bundle, tmp_path):
     assert stats["requests_finished_total"] + stats["requests_cancelled_total"] == len(specs)
     assert stats["nfe_saved_total"] > 0
     print(f"cogvideox randomized: {len(specs)} requests, max |latent - solo| = {worst:.1e}")
+
+
+def test_online_rule_observes_the_true_reuse_error_and_equals_alone(family):
+    """sencache-online is shown, at each step a sample runs after an earlier run, the guided
+    output from its cached residual minus the fresh one: checked here against the stages called
+    one by one on the recorded latents. With online_rate 0 it is sencache, bit for bit; learning,
+    it decides and denoises the same alone or sharing passes."""
+    from sencache.runtime.cache.sencache import SenCacheOnlinePolicy
+    from sencache.runtime.chain import block_streams, blocks_feeds, tail_feeds
+    from sencache.runtime.families.base import NOISE
+    from sencache.runtime.stepping import guide
+
+    name, model = family
+    layout, steps = model.layout, 6
+    knobs = {**KNOBS[name]["sencache"], "online_rate": 1.0, "online_bound": 1e6}
+    request = Request([PROMPTS[0], PROMPTS[1]], [41, 42], steps, 4.0)
+    seen: list[tuple[int, np.ndarray]] = []
+
+    class Recording(SenCacheOnlinePolicy):  # the real rule, keeping what it was shown
+        def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+            seen.append((step, error_sumsq.copy()))
+            super().observe(step, error_sumsq)
+
+    made = model.policy("sencache-online", steps, 2, knobs)
+    policy = Recording(made.config, made.table, steps, 2, model.numel)
+    alone = model.generate(request, policy, record=True)
+    assert seen and not np.allclose(policy.factor, 1.0)
+
+    job = StepEngine(model).prepare(request, NoCache(2))
+
+    def chain(step: int) -> tuple[dict, dict]:
+        x = torch.from_numpy(alone.trajectory[step])
+        head = model.head(torch.cat([x, x]), torch.full((4,), job.timesteps[step], dtype=torch.float32), job.text)
+        return head, block_streams(layout, model.backend.run("blocks", blocks_feeds(layout, head)))
+
+    checked = 0
+    for step, error in seen:
+        head, fresh = chain(step)
+        for b in np.flatnonzero(np.isfinite(error)):
+            anchor = max(i for i in range(step) if alone.decisions[b][i] == "run")
+            head_a, out_a = chain(anchor)
+            cached = {s: head[s] + (out_a[s] - head_a[s]) for s in layout.tail_stream_names}
+            outputs = [model.backend.run("tail", tail_feeds(layout, st, head))[NOISE].float() for st in (cached, fresh)]
+            reused, now = (guide(o, 2, True, job.scales[step]) for o in outputs)
+            expected = float((reused[b].double() - now[b].double()).pow(2).sum())
+            assert error[b] == pytest.approx(expected, rel=1e-3)
+            checked += 1
+        assert all(np.isnan(error[b]) == (alone.decisions[b][step] == "reuse") for b in range(2))
+    assert checked >= 2
+
+    still = model.policy("sencache-online", steps, 2, {**knobs, "online_rate": 0.0})
+    plain = model.generate(request, model.policy("sencache", steps, 2, KNOBS[name]["sencache"]))
+    frozen = model.generate(request, still)
+    assert frozen.decisions == plain.decisions and np.array_equal(frozen.latents, plain.latents)
+
+    engine = StepEngine(model)
+    first = engine.submit(request, model.policy("sencache-online", steps, 2, knobs))
+    other = Spec((PROMPTS[2],), (43,), 4, 1.0, "sencache")
+    second = other.submit(engine, name)
+    while engine.busy:
+        engine.step()
+    assert_same(engine.result(first), alone)
+    assert_same(engine.result(second), solo(model, other, name))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,6 +54,17 @@ class CachePolicy(Protocol):
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
     ) -> StepDecision:
         """Decide step `step` at timestep `t` and update the per-sample state."""
+
+
+@runtime_checkable
+class ReuseObserver(Protocol):
+    """A rule that also learns, at steps where a sample runs after an earlier run, what reusing
+    its cached residual would have cost: the loop passes the tail's output from the cached
+    residual against the fresh one (only rules with `observe` pay for that extra tail call)."""
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        """Per sample of step `step` (the step just decided), the squared L2 norm of the guided
+        output with the cached residual minus the fresh output; NaN where not observed."""
 
 
 class NoCache:

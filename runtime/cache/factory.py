@@ -15,7 +15,13 @@ from sencache.runtime.cache.baselines import (
     TeaCacheSettings,
 )
 from sencache.runtime.cache.knobs import check_knobs
-from sencache.runtime.cache.sencache import SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
+from sencache.runtime.cache.sencache import (
+    SenCacheMaxPolicy,
+    SenCacheOnlinePolicy,
+    SenCacheOnlineSettings,
+    SenCachePolicy,
+    SenCacheSettings,
+)
 from sencache.runtime.errors import BadInput
 
 if TYPE_CHECKING:
@@ -34,6 +40,10 @@ def make_policy(
     defaults = bundle.manifest.defaults.cache
     if method == "none":
         return NoCache(batch)
+    if method == "sencache-online":
+        online = SenCacheOnlineSettings(**{**defaults["sencache"], **given})
+        reference = bundle.adapter.sencache_reference if online.conventions == "reference" else None
+        return SenCacheOnlinePolicy(online, bundle.sensitivity(), steps, batch, numel, reference)
     if method in ("sencache", "sencache-max"):
         settings = SenCacheSettings(**{**defaults["sencache"], **given})
         rule = SenCachePolicy if method == "sencache" else SenCacheMaxPolicy

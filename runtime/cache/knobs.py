@@ -52,12 +52,14 @@ METHODS: dict[str, str] = {
     "none": "no cache: every step runs every sample (the reference)",
     "sencache": "SenCache: reuse while the sensitivity-weighted drift from the anchor stays below eps",
     "sencache-max": "SenCache with the larger of the anchor's and the current sensitivities",
+    "sencache-online": "SenCache with a per-sample factor learnt online from the observed cost of reusing "
+    "(experimental)",
     "fixed": "run every interval-th step, reuse the others",
     "teacache": "TeaCache: reuse while the accumulated rescaled change of the modulated input stays small",
     "magcache": "MagCache: reuse while the accumulated residual-magnitude error stays small",
 }
 
-_SENCACHE = ("sencache", "sencache-max")
+_SENCACHE = ("sencache", "sencache-max", "sencache-online")
 KNOBS: dict[str, Knob] = {
     k.name: k
     for k in (
@@ -73,6 +75,23 @@ KNOBS: dict[str, Knob] = {
             "family: step counting, forced steps, nearest-timestep table, fixed score constant)",
             _SENCACHE,
             CONVENTIONS,
+        ),
+        Knob(
+            "online_rate",
+            float,
+            0.0,
+            1.0,
+            "sencache-online: weight of the newest observed/predicted reuse-error log-ratio in each "
+            "sample's moving average (0: plain sencache)",
+            ("sencache-online",),
+        ),
+        Knob(
+            "online_bound",
+            float,
+            1.0,
+            1e6,
+            "sencache-online: the learnt factor stays within [1/bound, bound]",
+            ("sencache-online",),
         ),
         Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step", ("fixed",)),
         Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps", ("fixed",)),

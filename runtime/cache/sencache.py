@@ -95,7 +95,7 @@ class SenCachePolicy:
                 raise ValueError(f"drift_sumsq must have shape ({batch},)")
             drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
             jx, jt = self._sensitivities(t)
-            raw = jx * drift + jt * np.abs(t - self.anchor_t)
+            raw = self._corrected(jx * drift + jt * np.abs(t - self.anchor_t))
             score = raw / self.scale
             # a fixed constant meets the raw score as the authors compare it (eps x constant), bit for bit
             below = score < eps if self.conventions.score_constant is None else raw < eps * self.scale
@@ -106,6 +106,10 @@ class SenCachePolicy:
     def _sensitivities(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """The anchor's Jx, Jt (SPEC section 1)."""
         return self.jx, self.jt
+
+    def _corrected(self, raw: np.ndarray) -> np.ndarray:
+        """The raw score as the rule compares it: the table's bound itself."""
+        return raw
 
     def _commit(self, step: int, t: float, run: np.ndarray) -> None:
         self.reuses = np.where(run, 0, self.reuses + 1)
@@ -128,3 +132,86 @@ class SenCacheMaxPolicy(SenCachePolicy):
     def _sensitivities(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         jx_now, jt_now, _ = self.table.lookup(t, nearest=self.conventions.nearest_lookup)
         return np.maximum(self.jx, jx_now), np.maximum(self.jt, jt_now)
+
+
+@dataclass(frozen=True)
+class SenCacheOnlineSettings(SenCacheSettings):
+    online_rate: float = 0.5
+    """Weight of the newest observation in each sample's running log-ratio of observed to
+    predicted reuse error (0: never learn, the rule is sencache; 1: the last observation alone)."""
+    online_bound: float = 4.0
+    """The correction factor stays within [1 / online_bound, online_bound]."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_settings(self, "online_rate", "online_bound")
+
+
+class SenCacheOnlinePolicy(SenCachePolicy):
+    """SenCache-online, a named variant (not the paper's rule): each sample's score is the
+    table's bound times a factor c_b learnt from what reusing would have cost that sample.
+
+    At a step where sample b runs after an earlier run, the engine also passes its cached
+    residual through the tail and reports ||f(reused) - f(fresh)||^2 of the guided output
+    (`observe`): the true error the table's score S_table predicted at that step, in the same
+    units (SPEC section 1 bounds the output change). log c_b moves towards log(e_b / S_table)
+    by an exponential moving average with weight `online_rate`, clipped to
+    +-log(online_bound); the decision compares c_b * S_table with eps as sencache compares
+    S_table. A sample whose reuse costs more than the table says runs more, one that costs
+    less reuses more. Without observations c_b stays 1 and the decisions are sencache's.
+    """
+
+    name = "sencache-online"
+
+    def __init__(
+        self,
+        settings: SenCacheOnlineSettings,
+        table: SensitivityTable,
+        num_steps: int,
+        batch: int,
+        numel: int,
+        conventions: SenCacheConventions | None = None,
+    ) -> None:
+        super().__init__(settings, table, num_steps, batch, numel, conventions)
+        self.rate = settings.online_rate
+        self.log_bound = float(np.log(settings.online_bound))
+        self.log_factor = np.zeros(batch)
+        self.observations = np.zeros(batch, dtype=np.int64)
+        self.predicted = np.full(batch, np.nan)
+        """The table's score S_table of the last decided step (NaN where it was forced)."""
+        self.decided_step = -1
+
+    @property
+    def factor(self) -> np.ndarray:
+        """Each sample's correction factor c_b."""
+        return np.exp(self.log_factor)
+
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
+        self.predicted = np.full(len(self.reuses), np.nan)
+        self.decided_step = step
+        return super().decide(step, t, drift_sumsq, modulation)
+
+    def _corrected(self, raw: np.ndarray) -> np.ndarray:
+        self.predicted = raw / self.scale
+        return raw * np.exp(self.log_factor)
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        """Learn from the reuse error observed at `step` (the step just decided): per sample the
+        squared L2 norm of guided output from the cached residual minus the fresh output, NaN
+        where the sample did not run or had no cached residual."""
+        batch = len(self.reuses)
+        if step != self.decided_step:
+            raise ValueError(f"observe(step={step}) must follow decide of that step (last: {self.decided_step})")
+        error_sumsq = np.asarray(error_sumsq, dtype=np.float64)
+        if error_sumsq.shape != (batch,):
+            raise ValueError(f"error_sumsq must have shape ({batch},)")
+        error = np.sqrt(error_sumsq) / self.scale
+        seen = np.isfinite(error) & np.isfinite(self.predicted) & (self.predicted > 0)
+        if not seen.any():
+            return
+        with np.errstate(divide="ignore"):
+            ratio = np.clip(np.log(error[seen] / self.predicted[seen]), -self.log_bound, self.log_bound)
+        self.log_factor[seen] = (1.0 - self.rate) * self.log_factor[seen] + self.rate * ratio
+        self.observations[seen] += 1
