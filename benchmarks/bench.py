@@ -27,6 +27,7 @@ from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
 from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.knobs import SPEEDS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
@@ -46,7 +47,7 @@ def real_models(engine: Model) -> list[str]:
 EVAL_PROMPT_SEED = 2024
 """Evaluation prompts are drawn with this seed; calibration draws with its own (1000 by default)."""
 
-SWEEPS: dict[str, list[dict[str, float]]] = {
+SWEEPS: dict[str, list[dict[str, Any]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "sencache-max": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "fixed": [{"interval": k} for k in (2, 3, 4, 5)],
@@ -55,8 +56,10 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
     "magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
     "diffusers-magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
     "diffusers-fbc": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2)],
+    "budget-threshold": [{"speed": s} for s in SPEEDS],
+    "budget-hard": [{"speed": s, "budget": "hard"} for s in SPEEDS],
 }
-QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
+QUICK_SWEEPS: dict[str, list[dict[str, Any]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
     "sencache-max": [{"eps_main": e} for e in (0.15, 0.3, 0.6)],
     "fixed": [{"interval": k} for k in (2, 3)],
@@ -65,7 +68,12 @@ QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "magcache": [{"threshold": t} for t in (0.05, 0.2)],
     "diffusers-magcache": [{"threshold": t} for t in (0.05, 0.2)],
     "diffusers-fbc": [{"threshold": t} for t in (0.05, 0.2)],
+    "budget-threshold": [{"speed": s} for s in ("high", "fast")],
+    "budget-hard": [{"speed": s, "budget": "hard"} for s in ("high", "fast")],
 }
+BUDGETS = ("budget-threshold", "budget-hard")
+"""Sweeps of SenCache under an NFE budget (the named speeds) instead of thresholds: the report
+gives the NFE each asked for next to the NFE it got."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +107,11 @@ def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | Non
     return prompts, seeds
 
 
-def _knobs(method: str, knobs: dict[str, float], steps: int) -> tuple[str, dict[str, float]]:
-    """The runtime method and its knobs (fixed-warmup is fixed with 20% of the steps always run)."""
+def _knobs(method: str, knobs: dict[str, Any], steps: int) -> tuple[str, dict[str, Any]]:
+    """The runtime method and its knobs (fixed-warmup is fixed with 20% of the steps always run;
+    the budget sweeps are SenCache with an NFE budget)."""
+    if method in BUDGETS:
+        return "sencache", dict(knobs)
     if method == "fixed-warmup":
         return "fixed", {**knobs, "warmup": round(0.2 * steps)}
     return method, dict(knobs)
@@ -117,12 +128,13 @@ class Runner:
             for i in range(0, len(plan.prompts), self.batch)
         ]
 
-    def run(self, method: str, knobs: dict[str, float]) -> dict[str, Any]:
-        latents, frames, nfe, denoise_s, decision_s = [], [], [], 0.0, 0.0
+    def run(self, method: str, knobs: dict[str, Any]) -> dict[str, Any]:
+        latents, frames, nfe, denoise_s, decision_s, budget = [], [], [], 0.0, 0.0, None
         for prompts, seeds in self.chunks:
             request = Request(prompts, seeds, self.plan.steps, self.plan.guidance)
             policy = self.engine.policy(method, request.steps, len(prompts), knobs)
             result = self.engine.generate(request, policy)
+            budget = policy.settings().get("budget")
             latents.extend(result.latents)
             frames.extend(self.engine.decode(result.latents))
             nfe.extend(result.nfe)
@@ -134,6 +146,7 @@ class Runner:
             "nfe": nfe,
             "denoise_s": denoise_s,
             "decision_s": decision_s,
+            "requested_nfe": None if budget is None else budget.get("nfe", budget.get("requested_nfe")),
         }
 
     def reuse_step_s(self, reuses: int = 10) -> float:
@@ -176,6 +189,8 @@ def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = T
     engine.bundle.sensitivity()
     if {"teacache", "magcache"} & set(plan.methods):
         engine.bundle.baselines()
+    if set(BUDGETS) & set(plan.methods):
+        engine.bundle.sensitivity().budget_curves()
     with staged_folder(out, KIND) as folder:
         report = _measure(engine, plan, show_progress)
         write_atomic(folder / REPORT, json.dumps(report, indent=1).encode())
@@ -236,6 +251,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
                     "psnr": psnrs,
                     "ssim": ssims,
                     "lpips": None,
+                    "requested_nfe": measured.get("requested_nfe"),
                     "mean_nfe": float(np.mean(nfe)),
                     "mean_psnr": float(np.mean(psnrs)),
                     "mean_ssim": float(np.mean(ssims)),

@@ -29,14 +29,16 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         + ", ".join(f"{name} {f['head_tail_share'] * 100:.3g}%" for name, f in report["flops"].items())
         + ". What a reused step still costs is that share, so speed-up approaches steps/NFE at real depth.",
         "",
-        "| method | knobs | NFE | PSNR dB | SSIM | LPIPS | speed-up | steps/NFE | decision us/step | vs floor |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| method | knobs | requested NFE | NFE | PSNR dB | SSIM | LPIPS | speed-up | steps/NFE | decision us/step "
+        "| vs floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in report["runs"]:
         gap = f"{(r['denoise_s'] / r['floor_s'] - 1) * 100:+.1f}%" if r["floor_s"] else "n/a"
         decision = "n/a" if r["decision_per_step_s"] is None else f"{r['decision_per_step_s'] * 1e6:.0f}"
+        requested = "" if r.get("requested_nfe") is None else f"{r['requested_nfe']:.1f}"
         lines.append(
-            f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
+            f"| {r['method']} | {_knobs(r['knobs'])} | {requested} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
             f"{r['mean_ssim']:.4f} | n/a | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
             f"{decision} | {gap} |"
         )
@@ -65,6 +67,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                     f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
                     f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |"
                 )
+    if any(r.get("requested_nfe") is not None for r in report["runs"]):
+        lines += [
+            "",
+            "budget-threshold and budget-hard ask for an NFE (the named speeds: "
+            "lossless, high, balanced, fast) instead of thresholds; requested NFE is what each asked for.",
+        ]
     lines += ["", "LPIPS: unavailable (no LPIPS backbone weights on this machine); never estimated.", ""]
     path.write_text("\n".join(lines))
 

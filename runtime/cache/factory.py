@@ -14,7 +14,8 @@ from sencache.runtime.cache.baselines import (
     TeaCachePolicy,
     TeaCacheSettings,
 )
-from sencache.runtime.cache.knobs import check_knobs
+from sencache.runtime.cache.budget import make_budget_policy
+from sencache.runtime.cache.knobs import BUDGET_TARGETS, check_knobs
 from sencache.runtime.cache.sencache import SenCacheMaxPolicy, SenCachePolicy, SenCacheSettings
 from sencache.runtime.errors import BadInput
 
@@ -34,6 +35,8 @@ def make_policy(
     defaults = bundle.manifest.defaults.cache
     if method == "none":
         return NoCache(batch)
+    if method == "sencache" and any(name in given for name in BUDGET_TARGETS):
+        return make_budget_policy(given, bundle.sensitivity(), steps, batch, numel)
     if method in ("sencache", "sencache-max"):
         settings = SenCacheSettings(**{**defaults["sencache"], **given})
         rule = SenCachePolicy if method == "sencache" else SenCacheMaxPolicy
