@@ -44,7 +44,9 @@ def _row(steps: int, mode: str, requested: int, measured: dict[str, Any], refere
     }
 
 
-def measure(engine: Model, prompts: list[str], seeds: list[int], step_counts: list[int]) -> dict[str, Any]:
+def measure(
+    engine: Model, prompts: list[str], seeds: list[int], step_counts: list[int], speeds: list[str]
+) -> dict[str, Any]:
     """Every budget of the named speeds at every step count, in both modes, against the uncached
     run of the same prompts and seeds; at the calibration's step count, the hard mode also at the
     threshold mode's achieved mean NFE (rounded), so the two compare at the same NFE."""
@@ -55,8 +57,8 @@ def measure(engine: Model, prompts: list[str], seeds: list[int], step_counts: li
     for steps in step_counts:
         runner = Runner(engine, BenchPlan(("sencache",), tuple(prompts), tuple(seeds), steps, guidance, False))
         reference = runner.run("none", {})
-        for speed, fraction in SPEEDS.items():
-            target = round(fraction * steps)
+        for speed in speeds:
+            target = round(SPEEDS[speed] * steps)
             try:
                 threshold = _row(steps, "threshold", target, runner.run("sencache", {"nfe": target}), reference)
             except BadInput as e:
@@ -140,13 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--out", type=Path, required=True)
     args.add_argument("--samples", type=int, default=8)
     args.add_argument("--steps", type=int, action="append", help="step counts (default: calibration's, 2/3 and 3/2)")
+    args.add_argument("--speed", action="append", choices=tuple(SPEEDS), help="budgets (default: every named speed)")
     parsed = args.parse_args(argv)
     bundle = Bundle.load(parsed.engine)
     engine = Model(bundle, open_backend(bundle, threads=1))
     prompts, seeds = evaluation_set(parsed.samples, None, None)
     calibrated = int(bundle.sensitivity().meta.get("steps", bundle.manifest.defaults.steps))
     step_counts = parsed.steps or [calibrated, round(calibrated * 2 / 3), round(calibrated * 3 / 2)]
-    report = measure(engine, prompts, seeds, step_counts)
+    report = measure(engine, prompts, seeds, step_counts, parsed.speed or list(SPEEDS))
     parsed.out.mkdir(parents=True, exist_ok=True)
     write_atomic(parsed.out / "budget.json", json.dumps(report, indent=1).encode())
     write_atomic(parsed.out / "budget.md", markdown(report).encode())

@@ -19,6 +19,10 @@ The same trajectories calibrate the baselines the way their authors do: TeaCache
 maps the relative L1 change of the modulated input between steps to that of the model output
 (degree 4 least squares), and MagCache's ratios are the token-mean of ||r_k|| / ||r_{k-1}|| of
 the blocks' residual r, per step.
+
+They also give the NFE-budget curves (`sencache.runtime.cache.budget.record_curves`): the SenCache
+rule, the code inference runs, replayed on them over a grid of eps at the calibration's steps, and
+on further uncached trajectories of the same prompts and seeds at half and twice the steps.
 """
 
 from __future__ import annotations

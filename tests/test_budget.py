@@ -23,6 +23,11 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
 
+PROMPTS = [
+    "one small red circle static on black",
+    "two large blue squares moving left fast on texture",
+    "three small green circles moving up slow on gradient",
+]
 TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
 
 
@@ -198,7 +203,7 @@ def test_a_calibrated_bundle_meets_a_hard_budget_exactly_and_records_curves(cali
     budget = engine.bundle.sensitivity().budget_curves()
     assert budget.steps == (4, 8, 16)
     for steps, nfe in ((8, 5), (12, 4)):
-        request = Request(["a red ball", "a blue box", "a green cat"], [1, 2, 3], steps, 4.0)
+        request = Request(PROMPTS, [1, 2, 3], steps, 4.0)
         policy = engine.policy("sencache", steps, 3, {"nfe": nfe, "budget": "hard"})
         assert engine.generate(request, policy).nfe == [nfe] * 3
     out = tmp_path / "out"
