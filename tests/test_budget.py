@@ -121,7 +121,9 @@ def test_a_budget_outside_the_steps_or_below_the_threshold_rule_is_refused():
         make_budget_policy({"nfe": 11, "budget": "hard"}, table, 10, 1, 4)
     with pytest.raises(BadInput, match=r"speedup 2.5 asks for 4.0 runs of 10 steps, fewer than .*budget hard"):
         make_budget_policy({"speedup": 2.5}, table, 10, 1, 4)
-    assert isinstance(make_budget_policy({"speedup": 2.5, "budget": "hard"}, table, 10, 1, 4), SenCacheHardBudget)
+    hard = make_budget_policy({"speedup": 2.5, "budget": "hard"}, table, 10, 1, 4)
+    assert isinstance(hard, SenCacheHardBudget) and hard.nfe == 4
+    assert "eps_main" not in hard.settings() and hard.settings()["budget"] == {"mode": "hard", "nfe": 4}
     with pytest.raises(BadInput, match="no NFE-budget curves"):
         make_budget_policy({"nfe": 5}, TABLE, 10, 1, 4)
 

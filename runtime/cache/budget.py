@@ -243,6 +243,15 @@ class SenCacheHardBudget(SenCachePolicy):
         self.forced_after = np.append(after[1:], 0)
         self.free_from = np.cumsum((~self.forced_steps)[::-1])[::-1]
 
+    def settings(self) -> dict[str, Any]:
+        """The budget and the conventions; no eps or max_reuse, which the hard mode does not use."""
+        kept = ("switch_frac", "force_last", "conventions")
+        return {
+            "method": self.name,
+            **{k: v for k, v in super().settings().items() if k in kept},
+            "budget": self.budget,
+        }
+
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
     ) -> StepDecision:
