@@ -215,9 +215,9 @@ def test_a_calibrated_bundle_meets_a_hard_budget_exactly_and_records_curves(cali
             "--engine",
             str(calibrated_bundle),
             "--prompt",
-            "a red ball",
+            PROMPTS[0],
             "--prompt",
-            "a blue box",
+            PROMPTS[1],
             "--seed",
             "1",
             "--seed",
@@ -227,5 +227,5 @@ def test_a_calibrated_bundle_meets_a_hard_budget_exactly_and_records_curves(cali
     )
     assert code == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["nfe"] == [5, 5]
+    assert [sample["nfe"] for sample in stats["samples"]] == [5, 5]
     assert stats["cache"]["budget"] == {"mode": "hard", "nfe": 5}
