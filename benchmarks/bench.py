@@ -220,7 +220,8 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
             "diffusers-none", {}, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration
         )
         parity = float(np.max(np.abs(peer_reference["latents"] - reference["latents"])))
-    runs = []
+    runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     for method in plan.methods:
         if method not in PEERS:
             # The cores are shared: re-time the uncached run next to each method's sweep, so each
@@ -237,7 +238,15 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
                 base_s = peer_reference["denoise_s"]
             else:
                 runtime_method, runtime_knobs = _knobs(method, knobs, steps)
-                measured = runner.run(runtime_method, runtime_knobs)
+                try:
+                    measured = runner.run(runtime_method, runtime_knobs)
+                except BadInput as e:
+                    if method not in BUDGETS:
+                        raise
+                    # a budget the threshold rule cannot reach at these steps: said, not measured
+                    skipped.append({"method": method, "knobs": runtime_knobs, "reason": str(e)})
+                    bar.update(1)
+                    continue
                 decision_s = measured["decision_s"]
                 floor = float(np.mean(measured["nfe"])) * t_run + (steps - float(np.mean(measured["nfe"]))) * t_reuse
             nfe = measured["nfe"]
@@ -301,6 +310,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         },
         "flops": {name: stage_flops(name) for name in (engine.preset.name, *real_models(engine))},
         "runs": runs,
+        "skipped": skipped,
         "comparison": comparison,
     }
     return report

@@ -73,6 +73,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "budget-threshold and budget-hard ask for an NFE (the named speeds: "
             "lossless, high, balanced, fast) instead of thresholds; requested NFE is what each asked for.",
         ]
+    for skipped in report.get("skipped", []):
+        lines += ["", f"Not measured: {skipped['method']} {_knobs(skipped['knobs'])}: {skipped['reason']}"]
     lines += ["", "LPIPS: unavailable (no LPIPS backbone weights on this machine); never estimated.", ""]
     path.write_text("\n".join(lines))
 
