@@ -33,6 +33,7 @@ from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, fl
 from sencache.console import progress, third_party_output
 from sencache.engine_builder.tiny.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
+from sencache.runtime.cache.knobs import SPEEDS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
@@ -52,7 +53,7 @@ def real_models(engine: Model) -> list[str]:
 EVAL_PROMPT_SEED = 2024
 """Evaluation prompts are drawn with this seed; calibration draws with its own (1000 by default)."""
 
-SWEEPS: dict[str, list[dict[str, float]]] = {
+SWEEPS: dict[str, list[dict[str, Any]]] = {
     "sencache": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "sencache-max": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
     "sencache-reference": [{"eps_main": e} for e in (0.15, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5)],
@@ -63,8 +64,10 @@ SWEEPS: dict[str, list[dict[str, float]]] = {
     "magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
     "diffusers-magcache": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2, 0.4)],
     "diffusers-fbc": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2)],
+    "budget-threshold": [{"speed": s} for s in SPEEDS],
+    "budget-hard": [{"speed": s, "budget": "hard"} for s in SPEEDS],
 }
-QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
+QUICK_SWEEPS: dict[str, list[dict[str, Any]]] = {
     "sencache": [{"eps_main": e} for e in (0.3, 0.6)],
     "sencache-max": [{"eps_main": e} for e in (0.3, 0.6)],
     "sencache-online": [{"eps_main": e} for e in (0.3, 0.6)],
@@ -74,6 +77,8 @@ QUICK_SWEEPS: dict[str, list[dict[str, float]]] = {
     "magcache": [{"threshold": t} for t in (0.05, 0.2)],
     "diffusers-magcache": [{"threshold": t} for t in (0.05, 0.2)],
     "diffusers-fbc": [{"threshold": t} for t in (0.05, 0.2)],
+    "budget-threshold": [{"speed": s} for s in ("high", "fast")],
+    "budget-hard": [{"speed": s, "budget": "hard"} for s in ("high", "fast")],
 }
 QUICK_METHODS = ("sencache", "fixed-warmup", "teacache", "magcache")
 """What --quick runs unless --methods says otherwise: SenCache and one of each kind of baseline."""
@@ -82,6 +87,9 @@ REPEATS = 2
 """Timed cached runs per setting, each between two uncached runs (so 2 x REPEATS pairs)."""
 QUICK_REPEATS = 1
 MAX_REPEATS = 10
+BUDGETS = ("budget-threshold", "budget-hard")
+"""Sweeps of SenCache under an NFE budget (the named speeds) instead of thresholds: the report
+gives the NFE each asked for next to the NFE it got."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +130,14 @@ def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | Non
     return prompts, seeds
 
 
-def _knobs(method: str, knobs: dict[str, float], steps: int, engine: Model) -> tuple[str, dict[str, float | str]]:
+def _knobs(method: str, knobs: dict[str, Any], steps: int, engine: Model) -> tuple[str, dict[str, Any]]:
     """The runtime method and its knobs: fixed-warmup is fixed with 20% of the steps always run;
     sencache-reference is sencache under the authors' conventions, its sweep's eps (and the
     bundle's eps_start) rescaled from the family's fixed score constant to sqrt(numel) of this
-    bundle's latent, so its points sit at the same nominal eps as the engine's."""
+    bundle's latent, so its points sit at the same nominal eps as the engine's; the budget sweeps
+    are SenCache with an NFE budget."""
+    if method in BUDGETS:
+        return "sencache", dict(knobs)
     if method == "fixed-warmup":
         return "fixed", {**knobs, "warmup": round(0.2 * steps)}
     if method == "sencache-reference":
@@ -206,6 +217,26 @@ DISTURBED = (
     "own timing were disturbed); not a result"
 )
 UNPAIRED = "one run against diffusers' uncached pipeline timed before the sweep: not paired, may be disturbed"
+
+
+def _requested_nfe(
+    engine: Model, settings: list[tuple[str, tuple[str, dict[str, Any]]]], steps: int, batch: int
+) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
+    """The NFE each budget sweep's setting asks for, by (method, knobs label), and the settings
+    whose budget the threshold rule cannot reach at these steps (said in the report, not run)."""
+    requested, skipped = {}, []
+    for method, (runtime_method, knobs) in settings:
+        if method not in BUDGETS:
+            continue
+        try:
+            budget = engine.policy(runtime_method, steps, batch, knobs).settings().get("budget") or {}
+        except BadInput as e:
+            skipped.append({"method": method, "knobs": knobs, "reason": str(e)})
+            continue
+        nfe = budget.get("nfe", budget.get("requested_nfe"))
+        if nfe is not None:
+            requested[(method, _label(knobs))] = float(nfe)
+    return requested, skipped
 
 
 def _timed_run(
@@ -298,6 +329,8 @@ def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = T
     engine.bundle.sensitivity()
     if {"teacache", "magcache"} & set(plan.methods):
         engine.bundle.baselines()
+    if set(BUDGETS) & set(plan.methods):
+        engine.bundle.sensitivity().budget_curves()
     with staged_folder(out, KIND) as folder:
         report = _measure(engine, plan, show_progress)
         write_atomic(folder / REPORT, json.dumps(report, indent=1).encode())
@@ -314,6 +347,8 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     steps, samples = plan.steps, len(plan.prompts)
     timed_samples = len(runner.chunks[0][0])
     settings = [(m, _knobs(m, knobs, steps, engine)) for m in plan.methods if m not in PEERS for knobs in sweeps[m]]
+    requested, skipped = _requested_nfe(engine, settings, steps, len(runner.chunks[0][0]))
+    settings = [s for s in settings if not any(s[0] == x["method"] and s[1][1] == x["knobs"] for x in skipped)]
     peer_settings = [(m, knobs) for m in plan.methods if m in PEERS for knobs in sweeps[m]]
     chain = 1 + 2 * plan.repeats * len(settings) if settings else 0
     total = 2 + chain + len(settings) + (1 + len(peer_settings) if peer_settings else 0)
@@ -362,6 +397,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         measured = runner.collect([first[i], *rest])
         run = _timed_run(method, runtime_knobs, measured, timing, timed_samples, steps, reuse_share)
         run["decision_per_step_s"] = measured["decision_s"] / (steps * len(runner.chunks))
+        run["requested_nfe"] = requested.get((method, _label(runtime_knobs)))
         _quality(run, measured, reference, steps, samples)
         timed_runs[i] = run
         bar.update(1)
@@ -435,6 +471,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         },
         "flops": {name: stage_flops(name) for name in (engine.preset.name, *real_models(engine))},
         "runs": runs,
+        "skipped": skipped,
         "comparison": comparison,
     }
     return report

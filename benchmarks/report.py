@@ -67,9 +67,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
         _timing_note(report),
         "",
-        "| method | knobs | NFE | PSNR dB | SSIM | LPIPS | speed-up (range) | steps/NFE (timed) | decision us/step | "
-        "vs floor |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| method | knobs | requested NFE | NFE | PSNR dB | SSIM | LPIPS | speed-up (range) | steps/NFE (timed) | "
+        "decision us/step | vs floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     flagged = []
     for r in report["runs"]:
@@ -78,8 +78,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         ideal = r["ideal_speedup"] if r.get("timed_ideal_speedup") is None else r["timed_ideal_speedup"]
         if r.get("timing_warning"):
             flagged.append(r)
+        requested = "" if r.get("requested_nfe") is None else f"{r['requested_nfe']:.1f}"
         lines.append(
-            f"| {r['method']} | {_knobs(r['knobs'])} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
+            f"| {r['method']} | {_knobs(r['knobs'])} | {requested} | {r['mean_nfe']:.1f} | {r['mean_psnr']:.2f} | "
             f"{r['mean_ssim']:.4f} | n/a | {_speedup(r, len(flagged))} | {ideal:.2f}x | {decision} | {gap} |"
         )
     if flagged:
@@ -110,6 +111,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                     f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
                     f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |"
                 )
+    if any(r.get("requested_nfe") is not None for r in report["runs"]):
+        lines += [
+            "",
+            "budget-threshold and budget-hard ask for an NFE (the named speeds: "
+            "lossless, high, balanced, fast) instead of thresholds; requested NFE is what each asked for.",
+        ]
+    for skipped in report.get("skipped", []):
+        lines += ["", f"Not measured: {skipped['method']} {_knobs(skipped['knobs'])}: {skipped['reason']}"]
     lines += ["", "LPIPS: unavailable (no LPIPS backbone weights on this machine); never estimated.", ""]
     path.write_text("\n".join(lines))
 

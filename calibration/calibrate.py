@@ -34,6 +34,10 @@ bfloat16 autocast and Jt in float32), float timesteps (CogVideoX's and LTX's cas
 and every sample counted (LTX's never resets its scheduler, so after the first sample every step
 raises an IndexError that is swallowed). Only the sensitivity table is measured: the baselines
 have no trajectory to calibrate on.
+
+They also give the NFE-budget curves (`sencache.runtime.cache.budget.record_curves`): the SenCache
+rule, the code inference runs, replayed on them over a grid of eps at the calibration's steps, and
+on further uncached trajectories of the same prompts and seeds at half and twice the steps.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
+from sencache.runtime.cache.budget import record_curves
+from sencache.runtime.cache.sencache import SenCachePolicy
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.manifest import MAX_STEPS
@@ -88,6 +94,9 @@ class CalibrationPlan:
     per-sample)."""
     sampling: str = "engine"
     """The schedule of the calibrated timesteps: the bundle's or the authors' (a request's `sampling`)."""
+    budget_steps: tuple[int, ...] | None = None
+    """Further step counts whose uncached trajectories the NFE-budget curves are also recorded at;
+    None: half and twice the calibration's steps."""
 
     def __post_init__(self) -> None:
         if self.procedure not in PROCEDURES:
@@ -112,6 +121,10 @@ class CalibrationPlan:
             _check_samples(self.samples)
         if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
             raise BadInput(f"steps must be in [2, {MAX_STEPS}] for calibration, got {self.steps}", param="steps")
+        if self.budget_steps is not None and not all(2 <= n <= MAX_STEPS for n in self.budget_steps):
+            raise BadInput(
+                f"budget_steps must each be in [2, {MAX_STEPS}], got {self.budget_steps}", param="budget_steps"
+            )
         if not 0 <= self.seed < 2**63 - 2048:
             raise BadInput(f"seed must be in [0, 2^63 - 2048), got {self.seed}", param="seed")
 
@@ -196,7 +209,7 @@ def calibrate(
     batch = max(1, min(plan.batch, engine.bundle.shapes.max_batch // 2))
     assert plan.solver_state is not None and plan.branch is not None, "the plan resolves its defaults"
     solver = SolverSteps(lambda: engine.sampler(steps, plan.sampling), plan.solver_state)
-    jx_all, jt_all, timesteps = [], [], None
+    jx_all, jt_all, timesteps, paths = [], [], None, []
     tea_x, tea_y, mag = [], [], []
     started = time.perf_counter()
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
@@ -206,6 +219,7 @@ def calibrate(
         run = engine.generate(request, NoCache(len(chunk_prompts)), record=True, progress=show_progress)
         bar.update(steps)
         timesteps = run.timesteps
+        paths.append(np.stack(run.trajectory))
         text = engine.encode(chunk_prompts)
         uncond = engine.encode([""] * len(chunk_prompts)) if guidance > 1.0 else None
         jx_rows, jt_rows, mag_rows, previous = [], [], [], None
@@ -239,6 +253,15 @@ def calibrate(
     sensitivity = _table(
         np.asarray(timesteps[:-1]), np.concatenate(jx_all, axis=1), np.concatenate(jt_all, axis=1), meta
     )
+    trajectories = {steps: (np.concatenate(paths, axis=1), np.asarray(timesteps))}
+    for n in sorted(set(plan.budget_steps or (max(2, round(steps / 2)), min(MAX_STEPS, 2 * steps))) - {steps}):
+        trajectories[n] = _trajectories(engine, chunks, n, guidance, plan.sampling)
+    sensitivity.budget = record_curves(
+        trajectories,
+        lambda settings, n, b: SenCachePolicy(settings, sensitivity, n, b, engine.numel),
+        manifest.defaults.cache["sencache"],
+    )
+    meta["budget_steps"] = list(sensitivity.budget.steps)
     x, y = np.concatenate(tea_x), np.concatenate(tea_y)
     coefficients = np.polyfit(x, y, 4)
     ratios = np.concatenate([[1.0], np.concatenate(mag, axis=1).mean(axis=1)])
@@ -393,6 +416,22 @@ def _table(timesteps: np.ndarray, jx: np.ndarray, jt: np.ndarray, meta: dict) ->
         jt_std=jt.std(axis=1),
         meta=meta,
     )
+
+
+def _trajectories(
+    engine: Model, chunks: list[tuple[list[str], list[int]]], steps: int, guidance: float, sampling: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Uncached trajectories [steps, samples, ...] of `chunks` at `steps` steps, and their timesteps."""
+    paths, timesteps = [], None
+    for chunk_prompts, chunk_seeds in chunks:
+        run = engine.generate(
+            Request(chunk_prompts, chunk_seeds, steps, guidance, sampling=sampling),
+            NoCache(len(chunk_prompts)),
+            record=True,
+        )
+        paths.append(np.stack(run.trajectory))
+        timesteps = run.timesteps
+    return np.concatenate(paths, axis=1), np.asarray(timesteps)
 
 
 def _branch(prediction: Prediction, branch: str) -> np.ndarray:

@@ -10,7 +10,8 @@ table clamps to its edge and is counted, so the caller can report it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,99 @@ import numpy as np
 from sencache.runtime.errors import BadInput
 
 FORMAT = "sencache-sensitivity/1"
+BUDGET_FORMAT = "sencache-budget/1"
+RECALIBRATE = "recalibrate the bundle (`sencache calibrate`) to record them"
+
+
+@dataclass(frozen=True)
+class BudgetCurves:
+    """What calibration records for per-request NFE budgets (issue 12): the SenCache rule replayed
+    on uncached calibration trajectories at a few step counts, over a grid of eps_main (eps_start
+    kept at `eps_ratio` x eps_main, the rest of the rule as recorded here).
+
+    `fractions[n][g]` is the mean NFE / steps at `steps[n]` steps and `eps_grid[g]` (the threshold
+    mode inverts it); `profiles[n]` is the mean score of each step anchored at the step before it
+    (the hard mode plans with it)."""
+
+    steps: tuple[int, ...]
+    eps_grid: tuple[float, ...]
+    fractions: tuple[tuple[float, ...], ...]
+    profiles: tuple[tuple[float, ...], ...]
+    eps_ratio: float
+    max_reuse: int
+    switch_frac: float
+    force_last: bool
+
+    def __post_init__(self) -> None:
+        if len(self.steps) < 1 or any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("steps must be increasing")
+        if any(s < 2 for s in self.steps):
+            raise ValueError("steps must be at least 2")
+        grid = np.asarray(self.eps_grid, dtype=np.float64)
+        if len(grid) < 2 or np.any(np.diff(grid) <= 0) or grid[0] < 0 or not np.all(np.isfinite(grid)):
+            raise ValueError("eps_grid must be finite, non-negative and increasing")
+        if len(self.fractions) != len(self.steps) or len(self.profiles) != len(self.steps):
+            raise ValueError("fractions and profiles need one row per step count")
+        for n, row, profile in zip(self.steps, self.fractions, self.profiles, strict=True):
+            values = np.asarray(row, dtype=np.float64)
+            if len(values) != len(grid) or not np.all((values > 0) & (values <= 1)):
+                raise ValueError("each fractions row must hold one fraction in (0, 1] per eps")
+            if np.any(np.diff(values) > 1e-9):
+                raise ValueError("fractions must not grow with eps")
+            scores = np.asarray(profile, dtype=np.float64)
+            if len(scores) != n or not np.all(np.isfinite(scores)) or np.any(scores < 0):
+                raise ValueError("each profile must hold one finite non-negative score per step")
+        if not (math.isfinite(self.eps_ratio) and self.eps_ratio >= 0):
+            raise ValueError("eps_ratio must be a finite non-negative number")
+        if self.max_reuse < 0 or not 0 <= self.switch_frac <= 1:
+            raise ValueError("max_reuse and switch_frac are out of range")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": BUDGET_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, document: Any) -> BudgetCurves:
+        """Curves from their JSON object; a ValueError says what is wrong."""
+        if not isinstance(document, dict) or document.get("format") != BUDGET_FORMAT:
+            raise ValueError(f"not {BUDGET_FORMAT} curves")
+        try:
+            steps = tuple(_integer(v) for v in _list(document["steps"]))
+            return cls(
+                steps=steps,
+                eps_grid=tuple(_vector(document["eps_grid"]).tolist()),
+                fractions=tuple(tuple(_vector(row).tolist()) for row in _list(document["fractions"])),
+                profiles=tuple(tuple(_vector(row).tolist()) for row in _list(document["profiles"])),
+                eps_ratio=float(_number(document["eps_ratio"])),
+                max_reuse=_integer(document["max_reuse"]),
+                switch_frac=float(_number(document["switch_frac"])),
+                force_last=_boolean(document["force_last"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"missing {e}") from None
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
 
 
 def _optional_vector(value: Any) -> np.ndarray | None:
@@ -42,6 +136,8 @@ class SensitivityTable:
     jx_std: np.ndarray | None = None
     jt_std: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    budget: BudgetCurves | None = None
+    """NFE-budget curves (None in tables from before them, or imported from the authors' .npz)."""
 
     def __post_init__(self) -> None:
         arrays = {"timesteps": self.timesteps, "Jx": self.jx, "Jt": self.jt}
@@ -91,6 +187,8 @@ class SensitivityTable:
         for name, value in (("counts", self.counts), ("Jx_std", self.jx_std), ("Jt_std", self.jt_std)):
             if value is not None:
                 out[name] = value.tolist()
+        if self.budget is not None:
+            out["budget"] = self.budget.to_dict()
         return out
 
     def to_bytes(self) -> bytes:
@@ -105,6 +203,7 @@ class SensitivityTable:
             raise BadInput(f"corrupt sensitivity table {source}: {e}") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise BadInput(f"corrupt sensitivity table {source}: not a {FORMAT} file")
+        budget = None if document.get("budget") is None else _budget(document["budget"], source)
         try:
             meta = document.get("meta", {})
             if not isinstance(meta, dict):
@@ -117,6 +216,7 @@ class SensitivityTable:
                 jx_std=_optional_vector(document.get("Jx_std")),
                 jt_std=_optional_vector(document.get("Jt_std")),
                 meta=meta,
+                budget=budget,
             )
         except KeyError as e:
             raise BadInput(f"corrupt sensitivity table {source}: missing {e}") from None
@@ -150,6 +250,12 @@ class SensitivityTable:
         except (OSError, ValueError) as e:
             raise BadInput(f"cannot read {path} as .npz: {e}") from None
 
+    def budget_curves(self) -> BudgetCurves:
+        """The NFE-budget curves, or a BadInput saying to recalibrate."""
+        if self.budget is None:
+            raise BadInput(f"the sensitivity table has no NFE-budget curves: {RECALIBRATE}")
+        return self.budget
+
     def to_npz(self, path: Path) -> None:
         """Write the authors' format (for their tools, and to check the import round-trips)."""
         arrays = {"timesteps": self.timesteps, "J_x_norm": self.jx, "J_t_norm": self.jt}
@@ -159,3 +265,11 @@ class SensitivityTable:
             # numpy>=2.1 types savez's own `allow_pickle: bool` keyword, so mypy checks the array
             # dict against it; passing allow_pickle instead would be saved as an array on numpy 1.26.
             np.savez(f, **arrays)  # type: ignore[arg-type]
+
+
+def _budget(document: Any, source: str) -> BudgetCurves:
+    """Parsed budget curves; a BadInput that says to recalibrate when they are corrupt."""
+    try:
+        return BudgetCurves.from_dict(document)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"corrupt NFE-budget curves in {source} ({e}): {RECALIBRATE}") from None

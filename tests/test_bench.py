@@ -84,7 +84,7 @@ def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path, capsys):
     engine = engine_for(calibrated_bundle)
     prompts, seeds = evaluation_set(3, None, None)
     plan = BenchPlan(
-        methods=("sencache", "fixed", "teacache", "magcache", "diffusers-magcache", "diffusers-fbc"),
+        methods=("sencache", "fixed", "teacache", "magcache", "diffusers-magcache", "diffusers-fbc", "budget-hard"),
         prompts=tuple(prompts),
         seeds=tuple(seeds),
         steps=6,
@@ -106,6 +106,10 @@ def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path, capsys):
         if run["timing"] is not None:
             assert run["timing"]["pairs"] == 2 and run["timing"]["samples"] == 3
             assert (run["speedup"] is None) == run["below_floor"]
+    budgets = [run for run in stored["runs"] if run["method"] == "budget-hard"]
+    assert [run["requested_nfe"] for run in budgets] == [round(0.75 * 6), round(0.45 * 6)]
+    assert all(run["nfe"] == [run["requested_nfe"]] * 3 for run in budgets)
+    assert "| budget-hard | speed=high, budget=hard | 4.0 | 4.0 |" in (tmp_path / "bench" / "report.md").read_text()
     assert stored["diffusers_reference"]["max_abs_latent_diff_vs_ours"] < 1e-3
     assert (tmp_path / "bench" / "quality_vs_nfe.png").stat().st_size > 10_000
     assert "| method |" in (tmp_path / "bench" / "report.md").read_text()

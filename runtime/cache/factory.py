@@ -14,7 +14,8 @@ from sencache.runtime.cache.baselines import (
     TeaCachePolicy,
     TeaCacheSettings,
 )
-from sencache.runtime.cache.knobs import check_knobs
+from sencache.runtime.cache.budget import make_budget_policy
+from sencache.runtime.cache.knobs import BUDGET_TARGETS, check_knobs
 from sencache.runtime.cache.sencache import (
     SenCacheMaxPolicy,
     SenCacheOnlinePolicy,
@@ -40,6 +41,8 @@ def make_policy(
     defaults = bundle.manifest.defaults.cache
     if method == "none":
         return NoCache(batch)
+    if method == "sencache" and any(name in given for name in BUDGET_TARGETS):
+        return make_budget_policy(given, bundle.sensitivity(), steps, batch, numel)
     if method == "sencache-online":
         online = SenCacheOnlineSettings(**{**defaults["sencache"], **given})
         reference = bundle.adapter.sencache_reference if online.conventions == "reference" else None

@@ -60,6 +60,12 @@ METHODS: dict[str, str] = {
 }
 
 _SENCACHE = ("sencache", "sencache-max", "sencache-online")
+SPEEDS: dict[str, float] = {"lossless": 0.9, "high": 0.75, "balanced": 0.6, "fast": 0.45}
+"""Named NFE budgets of the `speed` knob, each the fraction of the steps a sample runs (a speed-up
+of 1/fraction at any step count); named for the trade-off they aim at, not a quality guarantee."""
+BUDGET_TARGETS = ("nfe", "speedup", "speed")
+"""The knobs that ask for an NFE budget instead of thresholds: at most one per request."""
+BUDGET_MODES = ("threshold", "hard")
 KNOBS: dict[str, Knob] = {
     k.name: k
     for k in (
@@ -93,6 +99,35 @@ KNOBS: dict[str, Knob] = {
             "sencache-online: the learnt factor stays within [1/bound, bound]",
             ("sencache-online",),
         ),
+        Knob(
+            "nfe",
+            int,
+            1,
+            MAX_STEPS,
+            "sencache: NFE budget per sample instead of eps (see budget)",
+            ("sencache",),
+        ),
+        Knob("speedup", float, 1.0, MAX_STEPS, "sencache: NFE budget as steps/NFE instead of eps", ("sencache",)),
+        Knob(
+            "speed",
+            str,
+            0,
+            0,
+            "sencache: a named NFE budget instead of eps, the fraction of steps run: "
+            + ", ".join(f"{k} {v:g}" for k, v in SPEEDS.items()),
+            ("sencache",),
+            tuple(SPEEDS),
+        ),
+        Knob(
+            "budget",
+            str,
+            0,
+            0,
+            "sencache, with nfe/speedup/speed: threshold (default: eps chosen from calibrated curves, "
+            "NFE on average) or hard (exactly that NFE for every sample)",
+            ("sencache",),
+            BUDGET_MODES,
+        ),
         Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step", ("fixed",)),
         Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps", ("fixed",)),
         Knob(
@@ -124,7 +159,26 @@ def check_knobs(method: str, knobs: Mapping[str, object] | None) -> dict[str, in
             raise BadInput(f"unknown cache knob {name!r} (known: {', '.join(KNOBS)})")
         if name not in allowed:
             raise BadInput(f"{name} does not apply to cache {method!r}", param=name)
-    return {name: KNOBS[name].check(value) for name, value in given.items()}
+    checked = {name: KNOBS[name].check(value) for name, value in given.items()}
+    _check_budget(checked)
+    return checked
+
+
+def _check_budget(knobs: Mapping[str, object]) -> None:
+    """A budget is one of nfe, speedup, speed, instead of the rule's own thresholds."""
+    targets = [name for name in BUDGET_TARGETS if name in knobs]
+    if len(targets) > 1:
+        raise BadInput(f"{targets[1]} cannot be given with {targets[0]}: ask for one NFE budget", param=targets[1])
+    if "budget" in knobs and not targets:
+        raise BadInput("budget needs an NFE budget: nfe, speedup or speed", param="budget")
+    if targets:
+        clash = [name for name in ("eps_start", "eps_main", "max_reuse", "conventions") if name in knobs]
+        if clash:
+            raise BadInput(
+                f"{clash[0]} cannot be given with {targets[0]}: an NFE budget chooses the thresholds "
+                f"(under the engine's conventions and the calibrated max_reuse)",
+                param=clash[0],
+            )
 
 
 def check_settings(settings: object, *names: str) -> None:

@@ -58,6 +58,7 @@ class SenCachePolicy:
         batch: int,
         numel: int,
         conventions: SenCacheConventions | None = None,
+        budget: dict[str, Any] | None = None,
     ) -> None:
         if num_steps <= 0 or batch <= 0 or numel <= 0:
             raise BadInput("steps, batch and latent size must be positive")
@@ -73,9 +74,11 @@ class SenCachePolicy:
         self.jt = np.zeros(batch)
         self.reuses = np.zeros(batch, dtype=np.int64)
         self.outside_table: list[float] = []
+        self.budget = budget
+        """The NFE budget the thresholds were chosen for, reported with the settings (None: none)."""
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, **asdict(self.config)}
+        return {"method": self.name, **asdict(self.config), **({} if self.budget is None else {"budget": self.budget})}
 
     def threshold(self, step: int) -> float:
         return self.config.eps_start if step < self.switch_step else self.config.eps_main
@@ -91,17 +94,22 @@ class SenCachePolicy:
         if self.forced(step):
             run, score = np.ones(batch, bool), np.full(batch, np.nan)
         else:
-            if drift_sumsq is None or drift_sumsq.shape != (batch,):
-                raise ValueError(f"drift_sumsq must have shape ({batch},)")
-            drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
-            jx, jt = self._sensitivities(t)
-            raw = self._corrected(jx * drift + jt * np.abs(t - self.anchor_t))
-            score = raw / self.scale
+            raw, score = self._scores(t, drift_sumsq)
             # a fixed constant meets the raw score as the authors compare it (eps x constant), bit for bit
             below = score < eps if self.conventions.score_constant is None else raw < eps * self.scale
             run = ~(below & (self.reuses < self.config.max_reuse))
         self._commit(step, t, run)
         return StepDecision(run, score, eps, self.forced(step))
+
+    def _scores(self, t: float, drift_sumsq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The unnormalised and the normalised score of every sample at timestep `t`."""
+        batch = len(self.reuses)
+        if drift_sumsq is None or drift_sumsq.shape != (batch,):
+            raise ValueError(f"drift_sumsq must have shape ({batch},)")
+        drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
+        jx, jt = self._sensitivities(t)
+        raw = self._corrected(jx * drift + jt * np.abs(t - self.anchor_t))
+        return raw, raw / self.scale
 
     def _sensitivities(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """The anchor's Jx, Jt (SPEC section 1)."""
