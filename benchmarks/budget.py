@@ -2,7 +2,7 @@
 for the threshold mode at the calibration's step count and others, the hard mode's exactness, and
 the quality (PSNR against the uncached video) of both modes at the same mean NFE.
 
-    python -m sencache.benchmarks.budget --engine bundles/tiny-wan --out benchmarks/results/tiny-wan/budget
+    python -m sencache.benchmarks.budget --engine bundles/tiny-wan --out benchmarks/results/budget/tiny-wan
 
 Writes budget.json, budget.md and requested_vs_achieved.png into `--out`.
 """
