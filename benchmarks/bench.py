@@ -208,8 +208,9 @@ class Runner:
         return best
 
 
-def _label(knobs: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in knobs.items())
+def _label(knobs: dict[str, Any]) -> str:
+    """The knobs of one setting as a short label (numbers in %g)."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in knobs.items())
 
 
 DISTURBED = (
