@@ -255,7 +255,7 @@ def calibrate(
     )
     trajectories = {steps: (np.concatenate(paths, axis=1), np.asarray(timesteps))}
     for n in sorted(set(plan.budget_steps or (max(2, round(steps / 2)), min(MAX_STEPS, 2 * steps))) - {steps}):
-        trajectories[n] = _trajectories(engine, chunks, n, guidance, plan.sampling)
+        trajectories[n] = _trajectories(engine, chunks, n, guidance, plan.sampling, show_progress)
     sensitivity.budget = record_curves(
         trajectories,
         lambda settings, n, b: SenCachePolicy(settings, sensitivity, n, b, engine.numel),
@@ -419,7 +419,12 @@ def _table(timesteps: np.ndarray, jx: np.ndarray, jt: np.ndarray, meta: dict) ->
 
 
 def _trajectories(
-    engine: Model, chunks: list[tuple[list[str], list[int]]], steps: int, guidance: float, sampling: str
+    engine: Model,
+    chunks: list[tuple[list[str], list[int]]],
+    steps: int,
+    guidance: float,
+    sampling: str,
+    show_progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Uncached trajectories [steps, samples, ...] of `chunks` at `steps` steps, and their timesteps."""
     paths, timesteps = [], None
@@ -428,6 +433,7 @@ def _trajectories(
             Request(chunk_prompts, chunk_seeds, steps, guidance, sampling=sampling),
             NoCache(len(chunk_prompts)),
             record=True,
+            progress=show_progress,
         )
         paths.append(np.stack(run.trajectory))
         timesteps = run.timesteps
