@@ -208,7 +208,19 @@ class Runner:
         return best
 
 
-def _label(knobs: dict[str, Any]) -> str:
+VARIANTS = ("sencache-online", "budget-hard")
+"""Rules compared, like SenCache, with every other method at matched NFE, inside 40-70% of the steps."""
+
+
+def variant_comparisons(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Each of VARIANTS that ran, minus every other method, in PSNR dB at matched NFE between 40% and
+    70% of the steps (the band where a cache has real choices), with bootstrap intervals."""
+    present = {r["method"] for r in runs}
+    band = (0.4 * steps, 0.7 * steps)
+    return {m: compare_at_matched_nfe(runs, steps, reference=m, nfe_range=band) for m in VARIANTS if m in present}
+
+
+def setting_label(knobs: dict[str, Any]) -> str:
     """The knobs of one setting as a short label (numbers in %g)."""
     return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in knobs.items())
 
@@ -236,7 +248,7 @@ def _requested_nfe(
             continue
         nfe = budget.get("nfe", budget.get("requested_nfe"))
         if nfe is not None:
-            requested[(method, _label(knobs))] = float(nfe)
+            requested[(method, setting_label(knobs))] = float(nfe)
     return requested, skipped
 
 
@@ -382,7 +394,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         run_chain(
             timed("uncached", lambda: runner.generate(0, "none", {})),
             [
-                timed(f"{method} {_label(k)}", lambda m=m, k=k: runner.generate(0, m, k), keep=i)
+                timed(f"{method} {setting_label(k)}", lambda m=m, k=k: runner.generate(0, m, k), keep=i)
                 for i, (method, (m, k)) in enumerate(settings)
             ],
             plan.repeats,
@@ -393,12 +405,12 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     )
     timed_runs = {}
     for i, ((method, (runtime_method, runtime_knobs)), timing) in enumerate(zip(settings, timings, strict=True)):
-        bar.set_postfix_str(f"{method} {_label(runtime_knobs)}: quality on all samples")
+        bar.set_postfix_str(f"{method} {setting_label(runtime_knobs)}: quality on all samples")
         rest = [runner.generate(c, runtime_method, runtime_knobs) for c in range(1, len(runner.chunks))]
         measured = runner.collect([first[i], *rest])
         run = _timed_run(method, runtime_knobs, measured, timing, timed_samples, steps, reuse_share)
         run["decision_per_step_s"] = measured["decision_s"] / (steps * len(runner.chunks))
-        run["requested_nfe"] = requested.get((method, _label(runtime_knobs)))
+        run["requested_nfe"] = requested.get((method, setting_label(runtime_knobs)))
         _quality(run, measured, reference, steps, samples)
         timed_runs[i] = run
         bar.update(1)
@@ -416,7 +428,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         bar.update(1)
     peer_runs = []
     for method, knobs in peer_settings:
-        bar.set_postfix_str(f"{method} {_label(knobs)}")
+        bar.set_postfix_str(f"{method} {setting_label(knobs)}")
         with third_party_output("diffusers"):
             measured = peers.run(method, knobs, list(plan.prompts), list(plan.seeds), steps, plan.guidance, calibration)
         measured["frames"] = list(engine.decode(measured["latents"]))
@@ -428,6 +440,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     runs = [r for method in plan.methods for r in ordered if r["method"] == method]
     bar.close()
     comparison = compare_at_matched_nfe(runs, steps)
+    variants = variant_comparisons(runs, steps)
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -474,5 +487,6 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         "runs": runs,
         "skipped": skipped,
         "comparison": comparison,
+        "variant_comparisons": variants,
     }
     return report

@@ -94,23 +94,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"that pipeline uncached ({peer['denoise_s']:.2f} s), whose latents differ from ours by at most "
             f"{peer['max_abs_latent_diff_vs_ours']:.1e}.",
         ]
-    comparison = report.get("comparison") or {}
-    if comparison.get("baselines"):
-        lines += [
-            "",
-            "SenCache minus baseline, PSNR dB at matched NFE (95% bootstrap interval over samples):",
-            "",
-            "| baseline | NFE | difference | interval | verdict |",
-            "| --- | ---: | ---: | --- | --- |",
-        ]
-        for base, data in comparison["baselines"].items():
-            if not data["points"]:
-                lines.append(f"| {base} | no shared NFE range | | | |")
-            for p in data["points"]:
-                lines.append(
-                    f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
-                    f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |"
-                )
+    lines += _comparison_lines("SenCache", report.get("comparison") or {})
+    for variant, comparison in (report.get("variant_comparisons") or {}).items():
+        lines += _comparison_lines(f"{variant} (NFE 40-70% of the steps)", comparison)
     if any(r.get("requested_nfe") is not None for r in report["runs"]):
         lines += [
             "",
@@ -152,3 +138,25 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _comparison_lines(title: str, comparison: dict[str, Any]) -> list[str]:
+    """The matched-NFE table of one reference rule against every other method."""
+    if not comparison.get("baselines"):
+        return []
+    lines = [
+        "",
+        f"{title} minus baseline, PSNR dB at matched NFE (95% bootstrap interval over samples):",
+        "",
+        "| baseline | NFE | difference | interval | verdict |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for base, data in comparison["baselines"].items():
+        if not data["points"]:
+            lines.append(f"| {base} | no shared NFE range | | | |")
+        for p in data["points"]:
+            lines.append(
+                f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
+                f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |"
+            )
+    return lines

@@ -136,3 +136,14 @@ def test_reference_sweep_meets_the_same_nominal_threshold(calibrated_bundle):
     assert policy.conventions.score_constant == pytest.approx(1447.978)
     assert policy.config.eps_main * policy.scale == pytest.approx(0.3 * engine_rule.scale)
     assert policy.config.eps_start * policy.scale == pytest.approx(engine_rule.config.eps_start * engine_rule.scale)
+
+
+def test_variant_comparisons_measure_each_variant_inside_the_band():
+    runs = _runs("sencache-online", [8, 12, 16], 2.0) + _runs("fixed", [8, 12, 16], 0.0) + _runs("sencache", [8, 16], 0)
+    from sencache.benchmarks.bench import variant_comparisons
+
+    result = variant_comparisons(runs, 20)
+    assert set(result) == {"sencache-online"}
+    points = result["sencache-online"]["baselines"]["fixed"]["points"]
+    assert points and all(8 <= p["nfe"] <= 14 and p["verdict"] == "win" for p in points)
+    assert all(p["psnr_diff_db"] == pytest.approx(2.0) for p in points)
