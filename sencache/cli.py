@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from sencache.console import set_verbose
-from sencache.runtime.cache.knobs import KNOBS, METHODS
+from sencache.runtime.cache.knobs import BUDGET_TARGETS, KNOBS, METHODS, Knob
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import BUNDLE, RUN, check_output
 from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
@@ -307,6 +307,15 @@ _GENERATE_EPILOG = "\n\n".join(
 """What `generate --help` ends with: how prompts and seeds pair up, and the tiny prompt grammar."""
 
 
+def _knob_default(knob: Knob) -> str:
+    """What an unset knob means, unless its help says it."""
+    if "(default" in knob.help:
+        return ""
+    if knob.name in BUDGET_TARGETS:
+        return " (default: none, the thresholds decide)"
+    return " (default: the bundle's setting, else the rule's own)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -437,8 +446,7 @@ def parser() -> argparse.ArgumentParser:
             "--" + knob.name.replace("_", "-"),
             type=knob.type,
             choices=knob.choices or None,
-            help=knob.help.replace("%", "%%")
-            + ("" if "(default)" in knob.help else " (default: the bundle's setting, else the rule's own)"),
+            help=knob.help.replace("%", "%%") + _knob_default(knob),
         )
     g.add_argument("--backend", help="run on this backend (must match the bundle; default: the bundle's)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
