@@ -112,7 +112,7 @@ def test_cancel_and_timeout(engine):
         ({"knobs": {"eps_main": -1.0}}, "eps_main must be a number in [0, inf]", "eps_main"),
         ({"knobs": {"max_reuse": 1.5}}, "max_reuse must be an integer", "max_reuse"),
         ({"knobs": {"interval": 2}}, "interval does not apply to cache 'sencache'", "interval"),
-        ({"knobs": {"speed": 2}}, "unknown cache knob 'speed'", None),
+        ({"knobs": {"velocity": 2}}, "unknown cache knob 'velocity'", None),
         ({"prompt_embeds": [[0.0]]}, "prompt_embeds must be a NumPy array", "prompt_embeds"),
         ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "text embeddings of shape [3, 4]", None),
     ],
