@@ -266,7 +266,7 @@ def test_the_reference_procedure_from_the_command_line(ort_bundle, tmp_path, cap
     shifted.set_timesteps(3)
     assert sorted(table["timesteps"]) == sorted(float(t) for t in shifted.timesteps)
     assert ("baselines.json" in loaded.manifest.files) == ("baselines.json" in before)
-    assert main([*args, "--prompt", "one large white square static on black"]) == 2
+    assert main([*args, "--overwrite", "--prompt", "one large white square static on black"]) == 2
     assert "--prompts: none are taken by the reference procedure" in capsys.readouterr().err
 
 
