@@ -29,6 +29,7 @@ import torch
 from sencache.benchmarks.bench import EVAL_PROMPT_SEED, BenchPlan, Runner
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr
+from sencache.benchmarks.report import comparison_lines
 from sencache.engine_builder.tiny.grammar import BACKGROUNDS, COUNTS, grammar_prompts
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
@@ -200,22 +201,9 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["runs"]:
         knobs = ", ".join(f"{k}={v:g}" for k, v in r["knobs"].items())
         lines.append(f"| {r['method']} | {knobs} | {r['mean_nfe']:.2f} | {r['mean_psnr']:.2f} |")
-    lines += [
-        "",
-        f"sencache-online minus baseline, PSNR dB at matched NFE in [{lo:g}, {hi:g}] (best envelope of each "
-        f"method; 95% bootstrap interval over samples):",
-        "",
-        "| baseline | NFE | difference | interval | verdict |",
-        "| --- | ---: | ---: | --- | --- |",
-    ]
-    for base, data in report["comparison"].get("baselines", {}).items():
-        if not data["points"]:
-            lines.append(f"| {base} | no shared NFE in the band | | | |")
-        for p in data["points"]:
-            lines.append(
-                f"| {base} | {p['nfe']:.1f} | {p['psnr_diff_db']:+.2f} | "
-                f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['verdict']} |"
-            )
+    lines += comparison_lines(
+        f"sencache-online (NFE in [{lo:g}, {hi:g}], best envelope of each method)", report["comparison"]
+    )
     lines += ["", "NFE and PSNR by prompt group (the run of each rule nearest the band's middle):", ""]
     lines += ["| group | samples | " + " | ".join(f"{m} NFE | {m} PSNR" for m in report["nfe_by_group"]) + " |"]
     lines += ["| --- | ---: |" + " ---: | ---: |" * len(report["nfe_by_group"])]

@@ -94,9 +94,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"that pipeline uncached ({peer['denoise_s']:.2f} s), whose latents differ from ours by at most "
             f"{peer['max_abs_latent_diff_vs_ours']:.1e}.",
         ]
-    lines += _comparison_lines("SenCache", report.get("comparison") or {})
+    lines += comparison_lines("SenCache", report.get("comparison") or {})
     for variant, comparison in (report.get("variant_comparisons") or {}).items():
-        lines += _comparison_lines(f"{variant} (NFE 40-70% of the steps)", comparison)
+        lines += comparison_lines(f"{variant} (NFE 40-70% of the steps)", comparison)
     if any(r.get("requested_nfe") is not None for r in report["runs"]):
         lines += [
             "",
@@ -140,7 +140,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _comparison_lines(title: str, comparison: dict[str, Any]) -> list[str]:
+def comparison_lines(title: str, comparison: dict[str, Any]) -> list[str]:
     """The matched-NFE table of one reference rule against every other method."""
     if not comparison.get("baselines"):
         return []
