@@ -31,9 +31,10 @@ from ray.serve.handle import DeploymentHandle
 
 import sencache
 from sencache.runtime.errors import BadInput
+from sencache.runtime.scheduler import Batching
 from sencache.serving import metrics
 from sencache.serving.schema import ErrorBody, VideoJob, VideoRequest, json_field
-from sencache.serving.service import Batching, NotReady, QueueFull, UnknownJob, VideoService
+from sencache.serving.service import NotReady, QueueFull, UnknownJob, VideoService
 
 APP_NAME = "sencache"
 REGISTRY = "sencache-job-registry"
@@ -75,10 +76,12 @@ class EngineReplica:
     def __init__(
         self, engine_dir: str, slot: int, max_queue: int, batching: Batching, threads: int, backend: str, device: str
     ) -> None:
-        engine = sencache.Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads)
+        engine = sencache.Engine.from_bundle(
+            engine_dir, backend=backend, device=device, threads=threads, batching=batching
+        )
         manifest = engine.model.bundle.manifest
         self.service = VideoService(
-            engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue, batching=batching
+            engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue
         )
 
     async def submit(self, body: dict[str, Any]) -> Reply:
