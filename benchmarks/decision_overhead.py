@@ -1,6 +1,6 @@
 """Per-step decision time of the hard NFE budget (issue 21): the table planned once per request
-(`SenCacheHardBudget`) against the per-step bisection it replaced, kept as the oracle of
-tests/test_hard_budget.py (so run from a source checkout, with pytest installed).
+(`SenCacheHardBudget`) against the per-step bisection it replaced, kept here as the oracle that
+tests/test_hard_budget.py checks the table's decisions against.
 
     python -m sencache.benchmarks.decision_overhead [--out benchmarks/results/decision_overhead]
 
@@ -13,34 +13,83 @@ one thread (torch.set_num_threads(1)). Writes report.json and prints it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import math
 import platform
 import time
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 
 from sencache.benchmarks.capi_overhead import summary
+from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.cache.budget import SenCacheHardBudget
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.files import write_atomic
 from sencache.runtime.sensitivity import SensitivityTable
 
-ORACLE = Path(__file__).resolve().parents[1] / "tests" / "test_hard_budget.py"
 TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
 
 
-def load_oracle() -> ModuleType:
-    """The test module that holds the bisection as it decided before the table."""
-    spec = importlib.util.spec_from_file_location("test_hard_budget", ORACLE)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"no oracle at {ORACLE}: run from a source checkout")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The oracle: the hard mode's decisions as they were made before the table, by bisecting a
+# threshold per sample at every step (verbatim but for names); tests/test_hard_budget.py checks
+# the table against it.
+
+ORACLE_ITERATIONS = 40
+
+
+def oracle_thresholds(
+    scores: np.ndarray, runs_left: np.ndarray, increments: np.ndarray, forced: np.ndarray
+) -> np.ndarray:
+    """Per sample, the largest threshold under which the runs expected from now on reach
+    `runs_left`, by bisection."""
+
+    def runs(tau: np.ndarray) -> np.ndarray:
+        count = (scores >= tau).astype(np.int64)
+        acc = np.where(count > 0, 0.0, scores)
+        for increment, is_forced in zip(increments, forced, strict=True):
+            if is_forced:
+                acc = np.zeros_like(acc)
+                continue
+            acc = acc + increment
+            hit = acc >= tau
+            count += hit
+            acc = np.where(hit, 0.0, acc)
+        return count
+
+    low = np.zeros_like(scores)
+    high = scores + float(np.sum(increments)) + 1.0
+    for _ in range(ORACLE_ITERATIONS):
+        middle = (low + high) / 2
+        enough = runs(middle) >= runs_left
+        low, high = np.where(enough, middle, low), np.where(enough, high, middle)
+    return low
+
+
+class OracleHardBudget(SenCacheHardBudget):
+    """The hard mode deciding by `oracle_thresholds` at every step."""
+
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+    ) -> StepDecision:
+        batch = len(self.spent)
+        forced = bool(self.forced_steps[step])
+        if forced:
+            run, score = np.ones(batch, bool), np.full(batch, np.nan)
+        else:
+            _, score = self._scores(t, drift_sumsq)
+            left = self.nfe - self.spent - self.forced_after[step]
+            run = left >= self.free_from[step]
+            open_ = (left > 0) & ~run
+            if open_.any():
+                tau = oracle_thresholds(
+                    score[open_], left[open_], self.profile[step + 1 :], self.forced_steps[step + 1 :]
+                )
+                run[open_] = score[open_] >= tau
+        self.spent += run
+        self._commit(step, t, run)
+        return StepDecision(run, score, math.nan, forced)
 
 
 def measure(oracle: type[SenCacheHardBudget], steps: int, batch: int, rounds: int) -> dict[str, object]:
@@ -90,11 +139,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decision_overhead"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    oracle = load_oracle().OracleHardBudget
     cases = []
     for steps in args.steps:
         for batch in args.batch:
-            cases.append(measure(oracle, steps, batch, args.rounds))
+            cases.append(measure(OracleHardBudget, steps, batch, args.rounds))
             print(json.dumps(cases[-1]), flush=True)
     report = {
         "tool": "sencache.benchmarks.decision_overhead",

@@ -1,79 +1,16 @@
 """The hard NFE budget's plan (issue 21): the table it looks up per step takes the decisions of the
-per-step bisection it replaced, checked against that bisection kept here as the oracle."""
-
-import math
+per-step bisection it replaced, checked against that bisection, which the decision-overhead
+benchmark keeps as the oracle it times the table against."""
 
 import numpy as np
 import pytest
 
-from sencache.runtime.cache.base import StepDecision
+from sencache.benchmarks.decision_overhead import OracleHardBudget, oracle_thresholds
 from sencache.runtime.cache.budget import SenCacheHardBudget, run_thresholds
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.sensitivity import SensitivityTable
 
 TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
-
-
-# --- the oracle: the hard mode's decisions as they were made before the table, by bisecting a
-# threshold per sample at every step (verbatim but for names) ---
-
-ORACLE_ITERATIONS = 40
-
-
-def oracle_thresholds(
-    scores: np.ndarray, runs_left: np.ndarray, increments: np.ndarray, forced: np.ndarray
-) -> np.ndarray:
-    """Per sample, the largest threshold under which the runs expected from now on reach
-    `runs_left`, by bisection."""
-
-    def runs(tau: np.ndarray) -> np.ndarray:
-        count = (scores >= tau).astype(np.int64)
-        acc = np.where(count > 0, 0.0, scores)
-        for increment, is_forced in zip(increments, forced, strict=True):
-            if is_forced:
-                acc = np.zeros_like(acc)
-                continue
-            acc = acc + increment
-            hit = acc >= tau
-            count += hit
-            acc = np.where(hit, 0.0, acc)
-        return count
-
-    low = np.zeros_like(scores)
-    high = scores + float(np.sum(increments)) + 1.0
-    for _ in range(ORACLE_ITERATIONS):
-        middle = (low + high) / 2
-        enough = runs(middle) >= runs_left
-        low, high = np.where(enough, middle, low), np.where(enough, high, middle)
-    return low
-
-
-class OracleHardBudget(SenCacheHardBudget):
-    """The hard mode deciding by `oracle_thresholds` at every step."""
-
-    def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
-    ) -> StepDecision:
-        batch = len(self.spent)
-        forced = bool(self.forced_steps[step])
-        if forced:
-            run, score = np.ones(batch, bool), np.full(batch, np.nan)
-        else:
-            _, score = self._scores(t, drift_sumsq)
-            left = self.nfe - self.spent - self.forced_after[step]
-            run = left >= self.free_from[step]
-            open_ = (left > 0) & ~run
-            if open_.any():
-                tau = oracle_thresholds(
-                    score[open_], left[open_], self.profile[step + 1 :], self.forced_steps[step + 1 :]
-                )
-                run[open_] = score[open_] >= tau
-        self.spent += run
-        self._commit(step, t, run)
-        return StepDecision(run, score, math.nan, forced)
-
-
-# --- end of the oracle ---
 
 
 def test_the_oracle_meets_the_runs_left_on_the_profile():
