@@ -19,8 +19,8 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from sencache.console import set_verbose
 from sencache.runtime.cache.knobs import BUDGET_TARGETS, KNOBS, METHODS, Knob
+from sencache.runtime.console import set_verbose
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import BUNDLE, RUN, check_output
 from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
