@@ -49,13 +49,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sencache.console.output import progress
 from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.cache.budget import record_curves
 from sencache.runtime.cache.sencache import SenCachePolicy
-from sencache.runtime.console import progress
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.manifest import MAX_STEPS

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from sencache.console.output import progress, third_party_output
 from sencache.engine_builder.onnx_export import export_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
-from sencache.runtime.console import progress, third_party_output
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import STAGES, Manifest, max_rows
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sencache.console.output import progress
 from sencache.engine_builder.tiny.clips import RGB, STEP
 from sencache.engine_builder.tiny.grammar import COLOURS, DIRECTIONS, PromptSpec
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
-from sencache.runtime.console import progress
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
