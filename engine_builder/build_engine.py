@@ -84,7 +84,7 @@ def run_build(args: argparse.Namespace) -> None:
 
 
 def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
-    from sencache.engine_builder.prompts import read_prompts
+    from sencache.data.prompts import read_prompts
 
     return None if path is None else tuple(read_prompts(path))
 

@@ -83,7 +83,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
     """The prompts of --prompts FILE then each --prompt; None when neither is given (the model's default)."""
-    from sencache.engine_builder.prompts import read_prompts
+    from sencache.data.prompts import read_prompts
 
     if args.prompts is None and args.prompt is None:
         return None

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from sencache.console.output import progress
-from sencache.engine_builder.tiny.clips import RGB, STEP
-from sencache.engine_builder.tiny.grammar import COLOURS, DIRECTIONS, PromptSpec
+from sencache.data.clips import RGB, STEP
+from sencache.data.grammar import COLOURS, DIRECTIONS, PromptSpec
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
