@@ -1,7 +1,7 @@
 """One engine replica's video jobs: admission (bounded queue, step-level or static batching),
 progress, results as MP4 or raw frames, cancellation, retention and counters.
 
-Plain Python (no Ray): the Ray Serve replica and the Triton model both wrap it. Each submitted
+Plain Python (no Ray): the Ray Serve replica wraps it. Each submitted
 job has one waiter thread that blocks on its result, so completion times are exact and nothing
 polls the engine."""
 
