@@ -30,8 +30,8 @@ from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
 from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, floor_speedup, run_chain
-from sencache.console import progress, third_party_output
-from sencache.engine_builder.tiny.grammar import grammar_prompts
+from sencache.console.output import progress, third_party_output
+from sencache.data.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.knobs import SPEEDS
 from sencache.runtime.errors import BadInput

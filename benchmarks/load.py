@@ -145,9 +145,9 @@ def engine_costs(engine_dir: Path, steps: int, max_jobs: int) -> dict[str, Any]:
     sharing it (the cost of rows), and with `max_jobs` SenCache jobs the host time per pass
     outside the stage calls and the solver steps (the scheduler's own: admission, gathers,
     decisions, bookkeeping)."""
-    import sencache
+    from sencache.runtime.api import Engine
 
-    with sencache.Engine.from_bundle(engine_dir, threads=1) as engine:
+    with Engine.from_bundle(engine_dir, threads=1) as engine:
         spent = {"stages": 0.0, "solver": 0.0}
 
         def timed(call: Any, key: str) -> Any:

@@ -30,7 +30,7 @@ from sencache.benchmarks.bench import EVAL_PROMPT_SEED, BenchPlan, Runner
 from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr
 from sencache.benchmarks.report import comparison_lines
-from sencache.engine_builder.tiny.grammar import BACKGROUNDS, COUNTS, grammar_prompts
+from sencache.data.grammar import BACKGROUNDS, COUNTS, grammar_prompts
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import write_atomic

@@ -1,7 +1,7 @@
 """Measure the sensitivity table Jx(t), Jt(t) of a bundle (SPEC section 4).
 
 Default source: the model's own uncached trajectories from a few prompts and seeds, so no data
-set is needed. The prompts are the caller's or the model's default (`sencache.engine_builder.prompts`:
+set is needed. The prompts are the caller's or the model's default (`sencache.data.prompts`:
 the tiny grammar for a tiny bundle, ordinary video prompts for a real model). For each step k of
 each trajectory, with f the guided denoiser output exactly as inference computes it (same
 backend, same text encoding, same timestep dtype):
@@ -23,7 +23,7 @@ the blocks' residual r, per step.
 `procedure="reference"` runs the authors' procedure instead (vita-epfl/SenCache,
 `Wan2.1/sensitivity_calculation.py`; the CogVideoX and LTX scripts do the same): clean videos of
 the training distribution (here the clips the tiny models are trained on, rendered by
-`engine_builder/tiny/clips.py`, with their captions as prompts) are noised to each timestep t_k of
+`data/clips.py`, with their captions as prompts) are noised to each timestep t_k of
 the N-step schedule with fresh noise at every timestep, and Jx, Jt are measured there on the
 conditional branch, t_{N} = 0 closing the last step. Their solver state is one per sample: reset
 when the sample starts and stepped once per timestep in order, so a multistep solver's history (and
@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sencache.console import progress
-from sencache.engine_builder.prompts import calibration_prompts
+from sencache.console.output import progress
+from sencache.data.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
@@ -283,7 +283,7 @@ def calibrate(
 
 def _reference(engine: Model, plan: CalibrationPlan, show_progress: bool) -> SensitivityTable:
     """The authors' procedure (module docstring) on the tiny models' rendered training clips."""
-    from sencache.engine_builder.tiny import clips
+    from sencache.data import clips
 
     preset, shapes = engine.preset, engine.bundle.shapes
     if not preset.tiny:

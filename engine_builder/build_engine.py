@@ -1,8 +1,114 @@
-"""`python engine_builder/build_engine.py --model NAME ...` is `sencache build --model NAME ...`."""
+"""The build command: its arguments and its run, owned by the builder.
 
+`python engine_builder/build_engine.py --model NAME ...` runs it on its own; `sencache build --model
+NAME ...` is the same command inside the `sencache` command line (which adds these arguments and
+runs `run_build`). Both take the same arguments and answer with the same help and errors, and
+this module does not import the command line. Nothing heavy loads before the arguments are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
 
-from sencache.cli import main
+from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
+from sencache.runtime.files import BUNDLE, check_output
+
+HELP = "export a model's stages into an engine bundle"
+NAME = "sencache build"
+
+
+def add_build_arguments(b: argparse.ArgumentParser) -> None:
+    """The build command's options, on `b`."""
+    b.add_argument(
+        "--model",
+        required=True,
+        help="tiny-wan, tiny-cogvideox, tiny-ltx (untrained), wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
+        "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
+        "ltx-video-0.9.0",
+    )
+    b.add_argument(
+        "--weights",
+        type=Path,
+        help="diffusers-format folder with the real weights (needed by real models; tiny models use the bundled ones)",
+    )
+    b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
+    b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
+    b.add_argument("--frames", type=int, help="video frames (default: the model's)")
+    b.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
+    b.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
+    b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
+    b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
+    b.add_argument(
+        "--fp8-samples",
+        type=int,
+        default=4,
+        help="with --precision fp8: uncached trajectories that calibrate the quantizer",
+    )
+    b.add_argument(
+        "--fp8-prompts",
+        type=Path,
+        help="with --precision fp8: their prompts, one per line, taken in turn (default: the model's "
+        "calibration prompts, as for `sencache calibrate`)",
+    )
+    b.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier bundle in --out" + OURS)
+
+
+def run_build(args: argparse.Namespace) -> None:
+    """Build the bundle the parsed arguments describe."""
+    check_output(args.out, BUNDLE, args.overwrite)
+    if args.weights is not None:
+        from sencache.runtime.weights import transformer_folder
+
+        transformer_folder(args.weights)  # a wrong folder stops here, before the builder is imported
+    from sencache.engine_builder.builder import BuildOptions, build
+
+    build(
+        BuildOptions(
+            model=args.model,
+            out=args.out,
+            weights=args.weights,
+            backend=args.backend,
+            precision=args.precision,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            max_batch=args.max_batch,
+            compute_capability=args.compute_capability,
+            fp8_samples=args.fp8_samples,
+            fp8_prompts=_fp8_prompts(args.fp8_prompts),
+        )
+    )
+
+
+def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
+    from sencache.data.prompts import read_prompts
+
+    return None if path is None else tuple(read_prompts(path))
+
+
+def failure(error: Exception) -> str:
+    """What an internal error is called: a failed export or check is a failed build."""
+    from sencache.engine_builder.onnx_export import BuildFailed
+
+    return "build failed" if isinstance(error, BuildFailed) else f"internal error ({type(error).__name__})"
+
+
+def parser() -> CommandParser:
+    """The build command on its own, as `sencache build` parses it."""
+    p = CommandParser(prog=NAME)
+    add_build_arguments(p)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    p.set_defaults(func=run_build, flag=p.flag)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the build command; its exit status is `sencache build`'s."""
+    return run(NAME, parser().parse_args(argv), failure)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["build", *sys.argv[1:]]))
+    sys.exit(main())

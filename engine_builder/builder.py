@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from sencache.data.prompts import check_prompts
 from sencache.engine_builder.onnx_export import StageSpec
 from sencache.engine_builder.precision import Precision, precision
-from sencache.engine_builder.prompts import check_prompts
 from sencache.engine_builder.targets import OnnxTarget, target
 from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables

@@ -5,7 +5,7 @@ embeddings) and the tail (final norm and output projection) stay in full precisi
 diffusion examples keep embeddings and the output projection. Calibration inputs are the blocks'
 real inputs on the model's own uncached trajectories, run by the runtime's loop on the fp32 ONNX
 stages of the bundle being built (its manifest is written once, after this step). The prompts are
-the caller's or the model's default calibration prompts (`sencache.engine_builder.prompts`).
+the caller's or the model's default calibration prompts (`sencache.data.prompts`).
 The quantized graph (Q/DQ around the matmuls) is checked in ONNX Runtime against the fp32 graph on
 inputs from other seeds (and, for default prompts, other prompts) before any engine is built; the
 error goes in the manifest.
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sencache.data.prompts import calibration_prompts
 from sencache.engine_builder.onnx_export import BuildFailed, compare
-from sencache.engine_builder.prompts import calibration_prompts
 from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache

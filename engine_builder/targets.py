@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from sencache.console import progress, third_party_output
+from sencache.console.output import progress, third_party_output
 from sencache.engine_builder.onnx_export import export_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.errors import BadInput

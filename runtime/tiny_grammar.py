@@ -8,7 +8,7 @@ with a singular shape after ``one`` and a plural one after ``two`` and ``three``
 ``"two small red circles moving left fast on texture"``. The tiny models have seen nothing else:
 a prompt of their words in another order is as foreign to them as an unknown word, so the runtime
 refuses it (`check_prompt`, called by the tiny tokenizer). Training clips and default prompts are
-drawn from the same definition (`sencache.engine_builder.tiny.grammar`). No heavy imports: the
+drawn from the same definition (`sencache.data.grammar`). No heavy imports: the
 command line shows the grammar in its help and checks prompts before it loads a model.
 """
 

@@ -7,57 +7,20 @@ internal failure. An error about one parameter names it as this command's flag (
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import signal
 import sys
-import tempfile
 import textwrap
-import threading
 import time
-import traceback
 from pathlib import Path
-from typing import NoReturn
 
-from sencache.console import set_verbose
+from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
+from sencache.engine_builder.build_engine import HELP as BUILD_HELP
+from sencache.engine_builder.build_engine import add_build_arguments, failure, run_build
 from sencache.runtime.cache.knobs import BUDGET_TARGETS, KNOBS, METHODS, Knob
 from sencache.runtime.errors import BadInput
-from sencache.runtime.files import BUNDLE, RUN, check_output
+from sencache.runtime.files import RUN, check_output
 from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
 from sencache.runtime.request import SAMPLINGS
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help
-
-
-def _build(args: argparse.Namespace) -> None:
-    check_output(args.out, BUNDLE, args.overwrite)
-    if args.weights is not None:
-        from sencache.runtime.weights import transformer_folder
-
-        transformer_folder(args.weights)  # a wrong folder stops here, before the builder is imported
-    from sencache.engine_builder.builder import BuildOptions, build
-
-    build(
-        BuildOptions(
-            model=args.model,
-            out=args.out,
-            weights=args.weights,
-            backend=args.backend,
-            precision=args.precision,
-            frames=args.frames,
-            height=args.height,
-            width=args.width,
-            max_batch=args.max_batch,
-            compute_capability=args.compute_capability,
-            fp8_samples=args.fp8_samples,
-            fp8_prompts=_fp8_prompts(args.fp8_prompts),
-        )
-    )
-
-
-def _fp8_prompts(path: Path | None) -> tuple[str, ...] | None:
-    from sencache.engine_builder.prompts import read_prompts
-
-    return None if path is None else tuple(read_prompts(path))
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -120,7 +83,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
     """The prompts of --prompts FILE then each --prompt; None when neither is given (the model's default)."""
-    from sencache.engine_builder.prompts import read_prompts
+    from sencache.data.prompts import read_prompts
 
     if args.prompts is None and args.prompt is None:
         return None
@@ -290,7 +253,6 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
-VERBOSE_HELP = "also show what third-party libraries print (diffusers' calibration lists, exporter notes)"
 _GENERATE_EPILOG = "\n\n".join(
     (
         textwrap.fill(
@@ -317,44 +279,12 @@ def _knob_default(knob: Knob) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
+    p = CommandParser(prog="sencache", description="Sensitivity-aware caching for video diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="export a model's stages into an engine bundle")
-    b.add_argument(
-        "--model",
-        required=True,
-        help="tiny-wan, tiny-cogvideox, tiny-ltx (untrained), wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
-        "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
-        "ltx-video-0.9.0",
-    )
-    b.add_argument(
-        "--weights",
-        type=Path,
-        help="diffusers-format folder with the real weights (needed by real models; tiny models use the bundled ones)",
-    )
-    b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
-    b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
-    b.add_argument("--frames", type=int, help="video frames (default: the model's)")
-    b.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
-    b.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
-    b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
-    b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
-    b.add_argument(
-        "--fp8-samples",
-        type=int,
-        default=4,
-        help="with --precision fp8: uncached trajectories that calibrate the quantizer",
-    )
-    b.add_argument(
-        "--fp8-prompts",
-        type=Path,
-        help="with --precision fp8: their prompts, one per line, taken in turn (default: the model's "
-        "calibration prompts, as for `sencache calibrate`)",
-    )
-    b.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
-    b.add_argument("--overwrite", action="store_true", help="replace an earlier bundle in --out" + _OURS)
-    b.set_defaults(func=_build)
+    b = sub.add_parser("build", help=BUILD_HELP)
+    add_build_arguments(b)
+    b.set_defaults(func=run_build)
 
     c = sub.add_parser("calibrate", help="measure the sensitivity table of a bundle")
     c.add_argument(
@@ -452,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
     g.add_argument("--out", type=Path, required=True, help="the run folder to write (videos, frames, stats.json)")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out" + _OURS)
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out" + OURS)
     g.set_defaults(func=_generate)
 
     r = sub.add_parser("bench", help="sweep SenCache and the baselines; quality against NFE and speed")
@@ -482,7 +412,7 @@ def parser() -> argparse.ArgumentParser:
         help="timed cached runs per setting, each between two uncached runs; the speed-up is the median of "
         "the 2 x repeats ratios (default 2; --quick: 1)",
     )
-    r.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out" + _OURS)
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out" + OURS)
     r.set_defaults(func=_bench)
 
     k = sub.add_parser("kernels", help="compile the CUDA drift kernel with NVRTC (no GPU needed)")
@@ -532,7 +462,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the runs of an earlier demo in --out (its bundle and tables are reused)" + _OURS,
+        help="replace the runs of an earlier demo in --out (its bundle and tables are reused)" + OURS,
     )
     d.set_defaults(func=_demo)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
@@ -542,139 +472,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: partial outputs are removed on the way out."""
-
-
-def _signalled(signum: int, frame: object) -> None:
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-ENVIRONMENT_ERRORS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENAMETOOLONG,
-    errno.ENOTDIR,
-    errno.EISDIR,
-    errno.ELOOP,
-    errno.EMFILE,
-    errno.ENFILE,
-    errno.EBUSY,
-}
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _crash_log(command: str) -> Path:
-    """Write the current exception's traceback to a log file and return its path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    text = f"sencache {command} ({' '.join(sys.argv)})\n{traceback.format_exc()}"
-    for folder in (
-        Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sencache",
-        Path(tempfile.gettempdir()),
-    ):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"sencache-crash-{stamp}-{os.getpid()}.log"
-            path.write_text(text)
-            return path
-        except OSError:
-            continue
-    return Path("(no writable log folder)")
-
-
-_OURS = "; only folders this tool wrote are ever replaced"
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default when it has one (not for unset or off ones); the
-    description and epilog keep their line breaks (the prompt grammar)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if "%(default)" in text or default is None or default is False or default == argparse.SUPPRESS:
-            return text
-        if isinstance(default, (list, tuple)):
-            shown = " ".join(str(value) for value in default).replace("%", "%%")
-            return f"{text} (default: {shown})"
-        return f"{text} (default: %(default)s)"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (exit status 2), like every other error,
-    and shows each option's default in its help."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
-
-    def flag(self, param: str | None) -> str | None:
-        """The option of this command that sets `param` (its dest), e.g. --eps-main for eps_main;
-        None when it has none (the error then names the parameter as the runtime does)."""
-        return next(
-            (
-                action.option_strings[0]
-                for action in self._actions
-                if param is not None and action.dest == param and action.option_strings
-            ),
-            None,
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit status: 0 done; 2 bad input or environment (one line on stderr,
-    nothing written); 1 an internal error (one line naming the log file with the traceback);
-    130 interrupted (Ctrl-C or SIGTERM; partial outputs removed)."""
+    """Run one command; its exit status is `sencache.console.command.run`'s."""
     args = parser().parse_args(argv)
-    set_verbose(args.verbose)
-    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
-    previous = {signum: signal.signal(signum, _signalled) for signum in handled}
-    try:
-        args.func(args)
-    except BadInput as e:
-        print(f"sencache {args.command}: error: {_one_line(e.worded(args.flag(e.param)), 800)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(
-            f"sencache {args.command}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing "
-            f"was left half-written",
-            file=sys.stderr,
-        )
-        return 130
-    except MemoryError:
-        print(f"sencache {args.command}: error: out of memory; use fewer samples or a smaller bundle", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRORS:
-            return _internal(args.command, e)
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"sencache {args.command}: error: {e.strerror}{where}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        return _internal(args.command, e)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 0
-
-
-def _internal(command: str, error: Exception) -> int:
-    from sencache.engine_builder.onnx_export import BuildFailed
-
-    log = _crash_log(command)
-    kind = "build failed" if isinstance(error, BuildFailed) else f"internal error ({type(error).__name__})"
-    print(f"sencache {command}: {kind}: {_one_line(error, 200)}; traceback in {log}", file=sys.stderr)
-    return 1
+    return run(f"sencache {args.command}", args, failure)
 
 
 if __name__ == "__main__":

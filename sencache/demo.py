@@ -14,7 +14,7 @@ import torch
 from sencache.benchmarks.metrics import psnr
 from sencache.benchmarks.timing import PairedTiming, below_floor, floor_speedup, run_chain
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
-from sencache.console import note, say
+from sencache.console.output import note, say
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.backends.base import MAX_THREADS, open_backend
 from sencache.runtime.bundle import Bundle

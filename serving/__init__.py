@@ -1,4 +1,3 @@
-"""Serving the step-level engine: an OpenAI-style video API on Ray Serve, and a decoupled Triton model.
+"""Serving the step-level engine: an OpenAI-style video API on Ray Serve.
 
-Nothing in `sencache.runtime` imports this package; it needs the `serve` extra (and `triton` for
-`sencache.serving.triton`)."""
+Nothing in `sencache.runtime` imports this package; it needs the `serve` extra."""

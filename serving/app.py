@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-import sencache
+from sencache import __version__
 from sencache.runtime.errors import BadInput
 from sencache.runtime.scheduler import Batching
 from sencache.serving import metrics
@@ -76,9 +76,9 @@ class EngineReplica:
     def __init__(
         self, engine_dir: str, slot: int, max_queue: int, batching: Batching, threads: int, backend: str, device: str
     ) -> None:
-        engine = sencache.Engine.from_bundle(
-            engine_dir, backend=backend, device=device, threads=threads, batching=batching
-        )
+        from sencache.runtime.api import Engine
+
+        engine = Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads, batching=batching)
         manifest = engine.model.bundle.manifest
         self.service = VideoService(
             engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue
@@ -142,7 +142,7 @@ class JobRegistry:
 
 api = FastAPI(
     title="sencache video API",
-    version=sencache.__version__,
+    version=__version__,
     description="Text-to-video generation on the SenCache step-level engine, in the shape of OpenAI's Videos API. "
     "Jobs at different denoising steps share every engine pass, each with its own cache.",
 )

@@ -13,7 +13,6 @@ from sencache.runtime.cache.budget import (
     eps_for_fraction,
     fraction_curve,
     make_budget_policy,
-    planned_thresholds,
     replay,
     step_profile,
 )
@@ -164,13 +163,6 @@ def test_the_hard_mode_spends_its_runs_where_the_scores_are_highest():
     ran = np.flatnonzero(runs[:, 0]).tolist()
     assert ran[:2] == [0, 3] and 6 <= ran[2] < 9  # at its jumps, not before them
     assert np.flatnonzero(runs[:, 1]).tolist() == [0, 7, 8, 9]  # no score: as late as the budget lets it
-
-
-def test_planned_thresholds_meet_the_runs_left_on_the_profile():
-    increments, forced = np.full(8, 1.0), np.zeros(8, bool)
-    tau = planned_thresholds(np.array([0.0, 0.0]), np.array([2, 4]), increments, forced)
-    # a score rising by 1 a step: at most 4 runs at steps 4 and 8, at most 2 runs at 2, 4, 6, 8
-    assert tau == pytest.approx([4.0, 2.0], abs=1e-6)
 
 
 def test_replay_runs_the_rule_as_the_engine_calls_it():

@@ -3,6 +3,7 @@
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -196,6 +197,11 @@ def test_build_engine_script_is_the_build_command(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "unknown model" in done.stderr
+    helps = [
+        subprocess.run([*command, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+        for command in ([sys.executable, "engine_builder/build_engine.py"], ["sencache", "build"])
+    ]
+    assert helps[0].returncode == 0 and "--fp8-prompts" in helps[0].stdout and helps[0].stdout == helps[1].stdout
     done = subprocess.run(
         ["sencache", "generate", "--engine", str(tmp_path / "none"), "--prompt", PROMPT, "--out", str(tmp_path / "o")],
         capture_output=True,

@@ -4,7 +4,7 @@ its draws are seeded, and the runtime refuses a prompt of the right words in the
 import numpy as np
 import pytest
 
-from sencache.engine_builder.tiny.grammar import grammar_prompts, random_spec
+from sencache.data.grammar import grammar_prompts, random_spec
 from sencache.runtime.errors import BadInput
 from sencache.runtime.tiny_grammar import (
     FORM,

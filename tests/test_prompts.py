@@ -9,8 +9,8 @@ import pytest
 from sencache.benchmarks.bench import evaluation_set
 from sencache.calibration.calibrate import CalibrationPlan
 from sencache.cli import _calibration_prompts, main, parser
-from sencache.engine_builder.builder import BuildOptions, build
-from sencache.engine_builder.prompts import (
+from sencache.data.grammar import grammar_prompts
+from sencache.data.prompts import (
     VIDEO_PROMPTS,
     calibration_prompts,
     check_prompts,
@@ -18,7 +18,7 @@ from sencache.engine_builder.prompts import (
     in_tiny_vocabulary,
     read_prompts,
 )
-from sencache.engine_builder.tiny.grammar import grammar_prompts
+from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.errors import BadInput
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

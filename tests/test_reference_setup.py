@@ -16,7 +16,7 @@ from diffusers import UniPCMultistepScheduler
 from conftest import engine_for
 from sencache.calibration.calibrate import CalibrationPlan, SolverSteps, calibrate
 from sencache.cli import main, parser
-from sencache.engine_builder.tiny import clips
+from sencache.data import clips
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput

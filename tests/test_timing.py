@@ -13,7 +13,7 @@ from sencache.benchmarks.timing import (
     floor_speedup,
     run_chain,
 )
-from sencache.console import set_verbose, third_party_output
+from sencache.console.output import set_verbose, third_party_output
 
 
 def test_median_range_and_spread_of_the_pair_ratios():

@@ -44,7 +44,7 @@ def test_psnr_known_values():
 
 def test_prompt_following_readers_are_exact_on_the_training_clips():
     """The evaluator's colour and motion readers recover every prompt from the clips it drew."""
-    from sencache.engine_builder.tiny.clips import render
+    from sencache.data.clips import render
     from sencache.engine_builder.tiny.evaluate import cases, read_colour, read_motion
 
     rng = np.random.default_rng(0)

@@ -1,1 +1,1 @@
-"""The bundled tiny models: procedural training clips and the training script."""
+"""The bundled tiny models: the training script and the evaluation of the trained models."""

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sencache.console import progress
-from sencache.engine_builder.tiny.clips import RGB, STEP
-from sencache.engine_builder.tiny.grammar import COLOURS, DIRECTIONS, PromptSpec
+from sencache.console.output import progress
+from sencache.data.clips import RGB, STEP
+from sencache.data.grammar import COLOURS, DIRECTIONS, PromptSpec
 from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sencache.engine_builder.tiny import clips
+from sencache.data import clips
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes

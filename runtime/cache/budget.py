@@ -7,7 +7,8 @@ of two modes:
   the mean NFE over many samples meets the budget and each sample still follows the rule;
 - hard: every sample runs exactly the NFE asked for. At each step, from the calibrated score
   profile of the steps left, the rule plans a per-sample threshold under which the expected runs
-  left equal the runs left in the budget, and re-plans at the next step with the score it then sees.
+  left equal the runs left in the budget, and re-plans at the next step with the score it then sees;
+  the plan's decisions are tabulated once per request over (step, runs left), so a step looks them up.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
-
-PLAN_ITERATIONS = 40
-"""Bisection steps of the hard mode's per-sample threshold."""
 
 
 def replay(policy: CachePolicy, trajectory: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,34 +178,42 @@ def make_budget_policy(
     )
 
 
-def planned_thresholds(
-    scores: np.ndarray, runs_left: np.ndarray, increments: np.ndarray, forced: np.ndarray
-) -> np.ndarray:
-    """Per sample, the largest threshold under which the runs expected from now on reach
-    `runs_left`: the sample runs now when its score meets it, and afterwards its score is expected
-    to grow by `increments` per step (the calibrated profile of the steps after this one), a run
-    resetting it, as does each `forced` step (which the budget has already reserved)."""
+def run_thresholds(profile: np.ndarray, forced: np.ndarray) -> np.ndarray:
+    """The hard mode's plan, once per request: entry [i, L] is the score at or above which a sample
+    with L runs left (besides the forced steps) runs at the free step i; -inf where it must run.
 
-    def runs(tau: np.ndarray) -> np.ndarray:
-        count = (scores >= tau).astype(np.int64)
-        acc = np.where(count > 0, 0.0, scores)
-        for increment, is_forced in zip(increments, forced, strict=True):
-            if is_forced:
-                acc = np.zeros_like(acc)
-                continue
-            acc = acc + increment
-            hit = acc >= tau
-            count += hit
-            acc = np.where(hit, 0.0, acc)
-        return count
-
-    low = np.zeros_like(scores)
-    high = scores + float(np.sum(increments)) + 1.0
-    for _ in range(PLAN_ITERATIONS):
-        middle = (low + high) / 2
-        enough = runs(middle) >= runs_left
-        low, high = np.where(enough, middle, low), np.where(enough, high, middle)
-    return low
+    The plan is SenCache's on the calibrated `profile`: from a run, a sample's score is expected to
+    grow by the profile of each later step until its next run, and to restart at each `forced` step.
+    At step i it plans the largest threshold under which its runs from now on reach L (it runs now
+    when its score meets that threshold). That holds exactly when skipping now would leave fewer than
+    L runs at every threshold above its score s; skipping, it runs at the next step whose profile is
+    positive (its score then passes any threshold just above s), and its L - 1 other runs need as
+    many blocks of later steps, none across a forced step, each summing to more than s (the most
+    runs a threshold allows are the blocks it cuts greedily). So the entry is the largest smallest
+    block sum over L - 1 such blocks after that step (over L after a forced step reached first); a
+    sample's score never enters the table, so one table serves every sample and step."""
+    steps = len(profile)
+    next_forced = np.full(steps, steps)
+    for p in range(steps - 2, -1, -1):
+        next_forced[p] = p + 1 if forced[p + 1] else next_forced[p + 1]
+    # blocks[p, k]: the largest smallest sum of k blocks after step p, each summed from 0 step by step
+    # as the score grows (inf for none, -inf where k blocks do not fit)
+    blocks = np.full((steps, steps + 1), -np.inf)
+    blocks[:, 0] = np.inf
+    for p in range(steps - 2, -1, -1):
+        end = next_forced[p]
+        sums = np.cumsum(profile[p + 1 : end])
+        best = np.minimum(sums[:, None], blocks[p + 1 : end, :-1]).max(axis=0, initial=-np.inf)
+        blocks[p, 1:] = best if end == steps else np.maximum(best, blocks[end, 1:])
+    thresholds = np.full((steps, steps + 1), -np.inf)
+    for i in np.flatnonzero(~forced):
+        end = next_forced[i]
+        positive = np.flatnonzero(profile[i + 1 : end] > 0)
+        if positive.size:
+            thresholds[i, 1:] = blocks[i + 1 + positive[0], :-1]
+        elif end < steps:
+            thresholds[i, 1:] = blocks[end, 1:]
+    return thresholds
 
 
 class SenCacheHardBudget(SenCachePolicy):
@@ -216,8 +222,9 @@ class SenCacheHardBudget(SenCachePolicy):
     The forced steps are reserved from the budget. At each other step, a sample runs when the
     steps left leave it no choice (its runs left equal its free steps left), never once its runs
     left are spent, and otherwise when its score (SenCache's, from its anchor) meets the threshold
-    planned from the calibrated profile of the steps left (`planned_thresholds`), so it spends its
-    runs where its scores are highest, knowing only the scores so far. max_reuse does not apply."""
+    planned from the calibrated profile of the steps left for its runs left (`run_thresholds`), so
+    it spends its runs where its scores are highest, knowing only the scores so far. max_reuse does
+    not apply."""
 
     def __init__(
         self,
@@ -242,6 +249,7 @@ class SenCacheHardBudget(SenCachePolicy):
         after = np.cumsum(self.forced_steps[::-1])[::-1]
         self.forced_after = np.append(after[1:], 0)
         self.free_from = np.cumsum((~self.forced_steps)[::-1])[::-1]
+        self.thresholds = run_thresholds(self.profile, self.forced_steps)
 
     def settings(self) -> dict[str, Any]:
         """The budget and the conventions; no eps or max_reuse, which the hard mode does not use."""
@@ -264,11 +272,7 @@ class SenCacheHardBudget(SenCachePolicy):
             left = self.nfe - self.spent - self.forced_after[step]
             run = left >= self.free_from[step]
             open_ = (left > 0) & ~run
-            if open_.any():
-                tau = planned_thresholds(
-                    score[open_], left[open_], self.profile[step + 1 :], self.forced_steps[step + 1 :]
-                )
-                run[open_] = score[open_] >= tau
+            run[open_] = score[open_] >= self.thresholds[step, left[open_]]
         self.spent += run
         self._commit(step, t, run)
         return StepDecision(run, score, math.nan, forced)

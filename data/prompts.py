@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sencache.engine_builder.tiny.grammar import grammar_prompts
+from sencache.data.grammar import grammar_prompts
 from sencache.runtime.errors import BadInput
 from sencache.runtime.tiny_text import PAD, VOCABULARY, tokenize
 

@@ -1,5 +1,7 @@
-"""What the `sencache` command shows in a terminal: results on stdout, progress on stderr, and
-third-party chatter (diffusers' calibration lists, exporter notes) only with `--verbose`.
+"""Console output of every layer (the command, the builder, calibration, the benchmarks): results
+on stdout, progress on stderr, and third-party chatter (diffusers' calibration lists, exporter
+notes) only when verbose (`sencache --verbose`). A leaf: it imports nothing of sencache, so a layer
+shows progress without pulling in the command line.
 
 Progress bars go to stderr and vanish when done (`leave=False`); lines printed while a bar is up
 go through `say`, which lifts the bar off the terminal first, so bars and results never share a line.

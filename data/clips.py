@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sencache.engine_builder.tiny.grammar import COUNTS, PromptSpec, random_spec
+from sencache.data.grammar import COUNTS, PromptSpec, random_spec
 
 FRAMES, HEIGHT, WIDTH = 8, 32, 32
 
