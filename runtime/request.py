@@ -127,7 +127,7 @@ class Request:
 
 def _integer_in(value: object, low: int, high: int) -> bool:
     """Whether `value` is an integer (not a bool) in [low, high]."""
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and low <= value <= high
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and bool(low <= value <= high)
 
 
 def _check_embeds(name: str, value: object, batch: int) -> None:
