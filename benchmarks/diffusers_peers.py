@@ -20,6 +20,7 @@ import torch
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
+from sencache.runtime.preparation import sample_generators
 
 PEERS = ("diffusers-magcache", "diffusers-fbc")
 
@@ -67,7 +68,7 @@ class DiffusersPeers:
     def _call(self, prompt: str, seed: int, steps: int, guidance: float) -> np.ndarray:
         embeds = torch.from_numpy(self.engine.encode([prompt]))
         negative = torch.from_numpy(self.engine.encode([""]))
-        latents = self.engine.initial_latents(self.engine.generators([seed]))
+        latents = self.engine.initial_latents(sample_generators([seed]))
         shapes = self.engine.bundle.shapes
         with torch.no_grad():
             out = self.pipeline(

@@ -59,7 +59,9 @@ from sencache.runtime.cache.sencache import SenCachePolicy
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.manifest import MAX_STEPS
-from sencache.runtime.model import Model, Prediction
+from sencache.runtime.model import Model
+from sencache.runtime.prediction import Prediction, predict
+from sencache.runtime.preparation import sample_generators
 from sencache.runtime.request import SAMPLINGS, Request
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -227,7 +229,7 @@ def calibrate(
         for k in range(steps):
             x_k = run.trajectory[k]
             t_k = timesteps[k]
-            now = engine.predict(x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
+            now = predict(engine, x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
             if previous is not None:
                 tea_x.append(relative_l1(now.modulation, previous.modulation))
                 tea_y.append(relative_l1(now.cond, previous.cond))
@@ -235,7 +237,7 @@ def calibrate(
             previous = now
             if k == steps - 1:
                 break
-            x_prime = solver.step(k, _branch(now, plan.branch), x_k, engine.generators([s + k for s in chunk_seeds]))
+            x_prime = solver.step(k, _branch(now, plan.branch), x_k, sample_generators([s + k for s in chunk_seeds]))
             jx, jt = _differences(engine, plan.branch, now, x_k, x_prime, t_k, timesteps[k + 1], text, uncond, guidance)
             jx_rows.append(jx)
             jt_rows.append(jt)
@@ -320,14 +322,14 @@ def _reference(engine: Model, plan: CalibrationPlan, show_progress: bool) -> Sen
         x0 = torch.from_numpy(clean[i : i + batch])
         text = engine.encode(captions[i : i + batch])
         uncond = engine.encode([""] * len(chunk_seeds)) if cfg else None
-        noise_generators = engine.generators(chunk_seeds)
+        noise_generators = sample_generators(chunk_seeds)
         jx_rows, jt_rows = [], []
         solver.begin()
         for k, (t_k, t_next) in enumerate(zip(timesteps, targets, strict=True)):
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in noise_generators])
             x_k = schedule.noised(k, x0, noise).float().numpy()
-            now = engine.predict(x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
-            x_prime = solver.step(k, _branch(now, plan.branch), x_k, engine.generators([s + k for s in chunk_seeds]))
+            now = predict(engine, x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
+            x_prime = solver.step(k, _branch(now, plan.branch), x_k, sample_generators([s + k for s in chunk_seeds]))
             jx, jt = _differences(engine, plan.branch, now, x_k, x_prime, t_k, t_next, text, uncond, guidance)
             jx_rows.append(jx)
             jt_rows.append(jt)
@@ -359,7 +361,8 @@ def _differences(
     with f_k = f(x_k, t_k) from `now`; both further evaluations in one call."""
     n = len(x_k)
     both = _branch(
-        engine.predict(
+        predict(
+            engine,
             np.concatenate([x_prime, x_k]),
             np.array([t_k] * n + [t_next] * n, np.float32),
             np.concatenate([text, text]),

@@ -18,12 +18,14 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache.knobs import KNOBS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
+from sencache.runtime.request import STATES as request_states
 from sencache.runtime.request import Request
 from sencache.runtime.stepping import StepEngine
 
 # sc_status values (capi/include/sencache.h)
 OK, INVALID_ARGUMENT, BUFFER_SIZE, NOT_FOUND, CORRUPT, UNKNOWN_ID, STATE, PYTHON = 0, 1, 2, 3, 4, 5, 6, 7
-STATES = {"queued": 0, "running": 1, "done": 2, "cancelled": 3, "failed": 4}
+STATES = {state: code for code, state in enumerate(request_states)}
+"""sc_state values: the runtime's request states in their order (queued 0 ... failed 4)."""
 
 
 class Refused(Exception):
@@ -106,23 +108,23 @@ class Host:
         knobs_json: str | None,
     ) -> int:
         """Validate and queue one request (as sencache.Engine.submit does); its id."""
-        defaults = self.model.bundle.manifest.defaults
         try:
             knobs = json.loads(knobs_json) if knobs_json else {}
         except json.JSONDecodeError as e:
             raise BadInput(f"knobs_json is not JSON: {e}") from None
         if not isinstance(knobs, dict):
             raise BadInput(f"knobs_json must be a JSON object of knob names to numbers, got {knobs_json!r}")
-        steps = defaults.steps if steps == 0 else steps
-        request = Request(
+        request = Request.resolve(
+            self.model.bundle.manifest.defaults,
             [prompt],
             [seed],
-            steps,
-            defaults.guidance if guidance < 0 else guidance,
-            None if embeds is None else embeds[None],
+            steps=None if steps == 0 else steps,
+            guidance=None if guidance < 0 else guidance,
+            cache=cache,
+            knobs=knobs,
+            prompt_embeds=None if embeds is None else embeds[None],
         )
-        policy = self.model.policy(cache, request.steps, 1, knobs)
-        job_id = self.engine.enqueue(self.engine.prepare(request, policy))
+        job_id = self.engine.submit(request)
         self.known.add(job_id)
         return job_id
 

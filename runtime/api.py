@@ -12,9 +12,7 @@ steps, guidance and cache. A bad request raises BadInput from `submit`, before i
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,9 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request, Result
-from sencache.runtime.stepping import Progress, StepEngine
+from sencache.runtime.request import Progress, Request, Result
+from sencache.runtime.scheduler import Batching, admission
+from sencache.runtime.stepping import StepEngine
 
 __all__ = ["Engine", "Job", "Progress", "Video"]
 
@@ -104,21 +103,28 @@ class Job:
 class Engine:
     """A loaded bundle serving generations: `generate` for one video, `submit` for a Job."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, batching: Batching = "step") -> None:
+        """Serve `model`; `batching` is how queued jobs join: "step" (at every step boundary while
+        rows are free) or "static" (a group starts only when the previous one has ended)."""
         self.model = model
-        self._stepper = StepEngine(model)
+        self.batching = batching
+        self._stepper = StepEngine(model, admission(batching))
         self._wake = threading.Condition()
         self._jobs: dict[int, Job] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Engine:
+    def from_bundle(
+        cls, path: str | Path, backend: str = "auto", device: str = "cpu", threads: int = 0, batching: Batching = "step"
+    ) -> Engine:
         """Load the bundle at `path` and open its backend ("auto": the one it was built for) on
-        `device` with `threads` CPU threads (0: all)."""
+        `device` with `threads` CPU threads (0: all); `batching` as for the constructor."""
+        admission(batching)  # refused before the bundle is loaded
         bundle = Bundle.load(Path(path))
         return cls(
-            Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device))
+            Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device)),
+            batching,
         )
 
     def generate(
@@ -167,44 +173,39 @@ class Engine:
         text encoder, `prompt` then only labels the video; `sampling="reference"` runs the authors'
         sampling schedule (Wan: shift 5.0) instead of the bundle's. Raises BadInput, naming the
         parameter, before anything is queued."""
-        defaults = self.model.bundle.manifest.defaults
-        request = Request(
+        request = Request.resolve(
+            self.model.bundle.manifest.defaults,
             [prompt],
             [seed],
-            defaults.steps if steps is None else steps,
-            defaults.guidance if guidance is None else guidance,
-            _one(prompt_embeds, "prompt_embeds"),
-            _one(negative_prompt_embeds, "negative_prompt_embeds"),
+            steps=steps,
+            guidance=guidance,
+            cache=cache,
+            knobs=knobs,
+            prompt_embeds=_one(prompt_embeds, "prompt_embeds"),
+            negative_prompt_embeds=_one(negative_prompt_embeds, "negative_prompt_embeds"),
             dynamic_cfg=dynamic_cfg,
             sampling=sampling,
         )
-        if not isinstance(cache, str):
-            raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
-        if knobs is not None and not isinstance(knobs, dict):
-            raise BadInput(
-                f"knobs must be a mapping of knob names to values, got {type(knobs).__name__}", param="knobs"
-            )
-        policy = self.model.policy(cache, request.steps, 1, knobs or {})
+        return self.enqueue(request)
+
+    def enqueue(self, request: Request) -> Job:
+        """Queue a resolved request of one sample (`Request.resolve` against this bundle's
+        defaults); BadInput, before anything is queued, for what the engine refuses."""
+        if len(request.prompts) != 1:
+            raise BadInput(f"a job is one video; got {len(request.prompts)} prompts", param="prompt")
         if self._closed:
             raise RuntimeError("the engine is closed")
-        prepared = self._stepper.prepare(request, policy)  # text encoding: outside every lock
+        prepared = self._stepper.prepare(request)  # text encoding: outside every lock
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             job_id = self._stepper.enqueue(prepared)
-            job = self._jobs[job_id] = Job(self, job_id, request, policy)
+            job = self._jobs[job_id] = Job(self, job_id, request, prepared.policy)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._drive, name="sencache-step-engine", daemon=True)
                 self._thread.start()
             self._wake.notify()
         return job
-
-    @contextlib.contextmanager
-    def together(self) -> Iterator[None]:
-        """Jobs submitted inside this block join the same step: the stepping thread waits at its
-        next step boundary until the block ends (static batching admits a group this way)."""
-        with self._wake:
-            yield
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for monitoring: queue depth, active requests and rows, steps and

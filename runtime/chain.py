@@ -69,3 +69,11 @@ def module_runner(stages: dict[str, nn.Module], layout: StageLayout) -> Run:
         return dict(zip(io[stage][1], out if isinstance(out, tuple) else (out,), strict=True))
 
     return run
+
+
+def guide(noise: torch.Tensor, batch: int, cfg: bool, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance over rows [cond x batch, uncond x batch] (or the rows as they are)."""
+    if not cfg:
+        return noise
+    cond, uncond = noise[:batch], noise[batch:]
+    return uncond + guidance * (cond - uncond)

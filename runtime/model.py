@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,12 @@ from tqdm import tqdm
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy, make_policy
-from sencache.runtime.chain import cfg_rows, run_chain
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.request import SAMPLINGS, Request, Result
-from sencache.runtime.stepping import StepEngine, guide
+from sencache.runtime.stepping import StepEngine
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
-
-
-@dataclass
-class Prediction:
-    guided: np.ndarray
-    """The guided noise prediction the solver uses, [B, ...]."""
-    cond: np.ndarray
-    """The conditional branch's raw output, [B, ...]."""
-    modulation: np.ndarray
-    """The head's modulated input (TeaCache's signal), [B, ...]."""
-    residual_norms: np.ndarray
-    """Per-token L2 norm of the blocks' residual of the first stream (MagCache's signal), [B, tokens]."""
 
 
 class Model:
@@ -97,23 +83,15 @@ class Model:
         """The real model's text encoder and VAE (diffusers' pipeline without its transformer),
         from the weights folder the bundle was built from; loaded once."""
         with self._lazy:
-            return self._load_components()
-
-    def _load_components(self):
-        if self._components is None:
-            source = self.bundle.manifest.weights_source
-            if not source or not Path(source).is_dir():
-                raise BadInput(
-                    f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
-                    f"the weights folder the bundle was built from ({source}), which is not there"
-                )
-            self._components = self.adapter.load_components(Path(source))
-        return self._components
-
-    @staticmethod
-    def generators(seeds: list[int]) -> list[torch.Generator]:
-        """One generator per sample: its starting noise and any solver noise come from its own seed."""
-        return [torch.Generator().manual_seed(s) for s in seeds]
+            if self._components is None:
+                source = self.bundle.manifest.weights_source
+                if not source or not Path(source).is_dir():
+                    raise BadInput(
+                        f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
+                        f"the weights folder the bundle was built from ({source}), which is not there"
+                    )
+                self._components = self.adapter.load_components(Path(source))
+            return self._components
 
     def embeddings(self, given: np.ndarray | None, prompts: list[str]) -> np.ndarray:
         """`given` embeddings checked against the bundle's text shape, or those of `prompts`."""
@@ -135,41 +113,9 @@ class Model:
         bundle's defaults."""
         return make_policy(method, knobs, steps, batch, self.bundle, self.numel)
 
-    def predict(
-        self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float
-    ) -> Prediction:
-        """The full, uncached denoiser with guidance, f(x, t, c), for a batch with per-row t,
-        with the signals the baselines calibrate on."""
-        with self.stream():
-            return self._predict(latents, t, text, uncond, guidance)
-
-    def _predict(
-        self, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float
-    ) -> Prediction:
-        batch = len(latents)
-        rows = cfg_rows(
-            self.to_device(latents), self.to_device(text), None if uncond is None else self.to_device(uncond)
-        )
-        branches = len(rows["latent"]) // batch
-        rows["timestep"] = self.to_device(np.concatenate([t] * branches).astype(np.float32))
-        chain = run_chain(self.backend.run, self.layout, rows)
-        stream = self.layout.streams[0]
-        residual = _host(chain.streams[stream][:batch] - chain.head[stream][:batch])
-        noise = chain.noise.float()
-        return Prediction(
-            guided=_host(guide(noise, batch, uncond is not None, guidance)),
-            cond=_host(noise[:batch]),
-            modulation=_host(chain.head[self.adapter.modulation][:batch]),
-            residual_norms=np.linalg.norm(residual.astype(np.float64), axis=-1),
-        )
-
     def to_device(self, value: np.ndarray) -> torch.Tensor:
         """A host array as a tensor on the backend's device."""
         return torch.from_numpy(np.ascontiguousarray(value)).to(self.backend.device)
-
-    def head(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The head stage on rows of latents, per-row timesteps and text."""
-        return self.backend.run("head", {"latent": latent, "timestep": timestep, "text": text})
 
     def drift_meter(self) -> HostDriftMeter | CudaDriftMeter:
         """The drift meter for this engine's device, sized for every row it can hold, made once."""
@@ -187,24 +133,23 @@ class Model:
                 self._cuda_stream = torch.cuda.Stream(self.backend.device)
         return torch.cuda.stream(self._cuda_stream)
 
-    def generate(self, request: Request, policy: CachePolicy, record: bool = False, progress: bool = False) -> Result:
-        """Denoise `request` under `policy` through the step engine, alone; latents come back
-        undecoded. `record` keeps the denoiser input of every step (calibration)."""
+    def generate(
+        self, request: Request, policy: CachePolicy | None = None, record: bool = False, progress: bool = False
+    ) -> Result:
+        """Denoise `request` under `policy` (None: its cache method's rule) through the step engine,
+        alone; latents come back undecoded. `record` keeps the denoiser input of every step
+        (calibration)."""
         engine = StepEngine(self)
-        job = engine.submit(request, policy, record=record)
+        job = engine.prepare(request, policy, record=record)
+        engine.enqueue(job)
         with tqdm(
-            total=request.steps, desc=f"denoise ({policy.name})", unit="step", disable=not progress, leave=False
+            total=request.steps, desc=f"denoise ({job.policy.name})", unit="step", disable=not progress, leave=False
         ) as bar:
             while engine.busy:
                 engine.step()
                 bar.update(1)
         try:
-            return engine.result(job)
+            return engine.result(job.id)
         except Failed as e:  # the caller sees the error the request met, as before the step engine
             assert e.__cause__ is not None, "StepEngine.result raises Failed from the request's error"
             raise e.__cause__ from None
-
-
-def _host(value: torch.Tensor) -> np.ndarray:
-    """A host NumPy view (or copy, from a GPU) of `value`."""
-    return value.detach().cpu().numpy()

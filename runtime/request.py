@@ -1,19 +1,32 @@
-"""A generation request (one sample or a few) and its undecoded result.
+"""A generation request (one sample or a few), its state inside the step engine, its progress
+and its undecoded result.
 
 Every check of a request's own values is here, so a bad request is refused with one message
-naming the parameter before it is queued, whichever surface (command line, Python API, server)
-made it."""
+naming the parameter before it is queued, whichever surface (command line, Python API, server,
+C ABI) made it."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
 
+from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import MAX_STEPS
+from sencache.runtime.manifest import MAX_STEPS, Defaults
+
+if TYPE_CHECKING:
+    from sencache.runtime.cache import CachePolicy
+    from sencache.runtime.families.base import Sampler
+
+State = Literal["queued", "running", "done", "cancelled", "failed"]
+"""Where a request stands; the API, the server and the C ABI all report this one set."""
+STATES: tuple[State, ...] = ("queued", "running", "done", "cancelled", "failed")
+ENDED: tuple[State, ...] = ("done", "cancelled", "failed")
 
 SAMPLINGS = ("engine", "reference")
 """The values of a request's `sampling`: the bundle's scheduler as the family's diffusers pipeline
@@ -22,6 +35,9 @@ configures it, or the schedule the SenCache authors' code samples the family wit
 
 @dataclass(frozen=True)
 class Request:
+    """What a generation asks for, with the bundle's defaults already filled in (`resolve`): every
+    front end (Python API, command line, server, C ABI) builds one and nothing else."""
+
     prompts: list[str]
     seeds: list[int]
     steps: int
@@ -36,30 +52,61 @@ class Request:
     sampling: str = "engine"
     """One of SAMPLINGS: "reference" runs the authors' sampling schedule where the family has one
     (the family adapter's `reference_scheduler`); the bundle's scheduler is never changed."""
+    cache: str = "sencache"
+    """The cache method (`sencache.runtime.cache.METHODS`) the engine makes the request's rule from,
+    unless the caller gives a rule of its own."""
+    knobs: Mapping[str, float | str] = field(default_factory=dict)
+    """The method's knobs that were set, checked against the knob table (unset: the bundle's)."""
+
+    @classmethod
+    def resolve(
+        cls,
+        defaults: Defaults,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        cache: str = "sencache",
+        knobs: Mapping[str, object] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        dynamic_cfg: bool = False,
+        sampling: str = "engine",
+    ) -> Request:
+        """A request whose unset steps and guidance take the bundle's `defaults`; BadInput, naming
+        the parameter, for any value the request cannot take."""
+        if not isinstance(cache, str):
+            raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
+        if knobs is not None and not isinstance(knobs, Mapping):
+            raise BadInput(
+                f"knobs must be a mapping of knob names to values, got {type(knobs).__name__}", param="knobs"
+            )
+        return cls(
+            prompts,
+            seeds,
+            defaults.steps if steps is None else steps,
+            defaults.guidance if guidance is None else guidance,
+            prompt_embeds,
+            negative_prompt_embeds,
+            dynamic_cfg=dynamic_cfg,
+            sampling=sampling,
+            cache=cache,
+            knobs=check_knobs(cache, knobs),
+        )
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise BadInput("prompt is missing: give at least one", param="prompt")
         if not all(isinstance(p, str) for p in self.prompts):
             raise BadInput("prompt must be text", param="prompt")
-        for name in ("prompt_embeds", "negative_prompt_embeds"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, np.ndarray) or value.ndim != 3 or len(value) != len(self.prompts):
-                shape = list(value.shape) if isinstance(value, np.ndarray) else type(value).__name__
-                raise BadInput(f"{name} must be [{len(self.prompts)}, tokens, channels], got {shape}", param=name)
-            if not np.all(np.isfinite(value)):
-                raise BadInput(f"{name} holds NaN or infinite values", param=name)
+        _check_embeds("prompt_embeds", self.prompt_embeds, len(self.prompts))
+        _check_embeds("negative_prompt_embeds", self.negative_prompt_embeds, len(self.prompts))
         if self.sampling not in SAMPLINGS:
             raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}", param="sampling")
         if len(self.prompts) != len(self.seeds):
             raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
-        if (
-            isinstance(self.steps, bool)
-            or not isinstance(self.steps, (int, np.integer))
-            or not 1 <= self.steps <= MAX_STEPS
-        ):
+        if not _integer_in(self.steps, 1, MAX_STEPS):
             raise BadInput(f"steps must be in [1, {MAX_STEPS}], got {self.steps!r}", param="steps")
         if (
             isinstance(self.guidance, bool)
@@ -69,13 +116,29 @@ class Request:
         ):
             raise BadInput(f"guidance must be a finite number >= 0, got {self.guidance!r}", param="guidance")
         for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+            if not _integer_in(seed, 0, 2**63 - 1):
                 raise BadInput(f"seed must be an integer in [0, 2^63), got {seed!r}", param="seed")
 
     @property
     def cfg(self) -> bool:
         """Whether the request runs an unconditional branch (classifier-free guidance)."""
         return self.guidance > 1.0
+
+
+def _integer_in(value: object, low: int, high: int) -> bool:
+    """Whether `value` is an integer (not a bool) in [low, high]."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and bool(low <= value <= high)
+
+
+def _check_embeds(name: str, value: object, batch: int) -> None:
+    """Embeddings given for `batch` prompts are a finite [batch, tokens, channels] array."""
+    if value is None:
+        return
+    if not isinstance(value, np.ndarray) or value.ndim != 3 or len(value) != batch:
+        shape = list(value.shape) if isinstance(value, np.ndarray) else type(value).__name__
+        raise BadInput(f"{name} must be [{batch}, tokens, channels], got {shape}", param=name)
+    if not np.all(np.isfinite(value)):
+        raise BadInput(f"{name} holds NaN or infinite values", param=name)
 
 
 @dataclass
@@ -92,3 +155,75 @@ class Result:
     @property
     def nfe(self) -> list[int]:
         return [d.count("run") for d in self.decisions]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a request stands: its state, the steps it has taken of its steps, and the sample
+    evaluations of the blocks (NFE, summed over its samples) so far."""
+
+    state: State
+    step: int
+    steps: int
+    nfe: int
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One request inside the step engine, with everything it carries from step to step."""
+
+    id: int
+    request: Request
+    policy: CachePolicy
+    sampler: Sampler | None
+    """None once the request ended; then its generators are [] and its tensors empty (released)."""
+    generators: list[torch.Generator]
+    timesteps: list[float]
+    scales: list[float]
+    text: torch.Tensor
+    """Text rows [cond x batch (, uncond x batch)] on the backend's device."""
+    x: torch.Tensor
+    anchor: torch.Tensor
+    state: State = "queued"
+    step: int = 0
+    nfe: int = 0
+    cancel_requested: bool = False
+    cache: dict[str, torch.Tensor] | None = None
+    decisions: list[list[str]] = field(default_factory=list)
+    trace: list[list[dict[str, Any]]] = field(default_factory=list)
+    trajectory: list[np.ndarray] | None = None
+    decision_s: float = 0.0
+    submitted: float = 0.0
+    admitted: float = 0.0
+    result: Result | None = None
+    error: BaseException | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.request.prompts)
+
+    @property
+    def branches(self) -> int:
+        return 2 if self.request.cfg else 1
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.branches
+
+    @property
+    def row_sample(self) -> np.ndarray:
+        """The sample of each of the request's rows."""
+        return np.tile(np.arange(self.batch), self.branches)
+
+    @property
+    def finished(self) -> bool:
+        """Whether a running request has taken its last step."""
+        return self.state == "running" and self.step == self.request.steps
+
+    def progress(self) -> Progress:
+        return Progress(self.state, self.step, self.request.steps, self.nfe)
+
+    def release(self) -> None:
+        """Drop what an ended request holds on the device and its sampler."""
+        self.x = self.anchor = self.text = torch.empty(0)
+        self.cache, self.sampler, self.generators = None, None, []

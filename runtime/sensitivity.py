@@ -24,6 +24,27 @@ BUDGET_FORMAT = "sencache-budget/1"
 RECALIBRATE = "recalibrate the bundle (`sencache calibrate`) to record them"
 
 
+def _check_axes(steps: tuple[int, ...], grid: np.ndarray) -> None:
+    """The step counts increase from at least 2; the eps grid is finite, non-negative, increasing."""
+    if len(steps) < 1 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError("steps must be increasing")
+    if any(s < 2 for s in steps):
+        raise ValueError("steps must be at least 2")
+    if len(grid) < 2 or np.any(np.diff(grid) <= 0) or grid[0] < 0 or not np.all(np.isfinite(grid)):
+        raise ValueError("eps_grid must be finite, non-negative and increasing")
+
+
+def _check_curve(steps: int, grid: int, fractions: np.ndarray, profile: np.ndarray) -> None:
+    """One step count's curve: a fraction in (0, 1] per eps, not growing with eps, and one finite
+    non-negative score per step."""
+    if len(fractions) != grid or not np.all((fractions > 0) & (fractions <= 1)):
+        raise ValueError("each fractions row must hold one fraction in (0, 1] per eps")
+    if np.any(np.diff(fractions) > 1e-9):
+        raise ValueError("fractions must not grow with eps")
+    if len(profile) != steps or not np.all(np.isfinite(profile)) or np.any(profile < 0):
+        raise ValueError("each profile must hold one finite non-negative score per step")
+
+
 @dataclass(frozen=True)
 class BudgetCurves:
     """What calibration records for per-request NFE budgets (issue 12): the SenCache rule replayed
@@ -44,24 +65,12 @@ class BudgetCurves:
     force_last: bool
 
     def __post_init__(self) -> None:
-        if len(self.steps) < 1 or any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
-            raise ValueError("steps must be increasing")
-        if any(s < 2 for s in self.steps):
-            raise ValueError("steps must be at least 2")
         grid = np.asarray(self.eps_grid, dtype=np.float64)
-        if len(grid) < 2 or np.any(np.diff(grid) <= 0) or grid[0] < 0 or not np.all(np.isfinite(grid)):
-            raise ValueError("eps_grid must be finite, non-negative and increasing")
+        _check_axes(self.steps, grid)
         if len(self.fractions) != len(self.steps) or len(self.profiles) != len(self.steps):
             raise ValueError("fractions and profiles need one row per step count")
         for n, row, profile in zip(self.steps, self.fractions, self.profiles, strict=True):
-            values = np.asarray(row, dtype=np.float64)
-            if len(values) != len(grid) or not np.all((values > 0) & (values <= 1)):
-                raise ValueError("each fractions row must hold one fraction in (0, 1] per eps")
-            if np.any(np.diff(values) > 1e-9):
-                raise ValueError("fractions must not grow with eps")
-            scores = np.asarray(profile, dtype=np.float64)
-            if len(scores) != n or not np.all(np.isfinite(scores)) or np.any(scores < 0):
-                raise ValueError("each profile must hold one finite non-negative score per step")
+            _check_curve(n, len(grid), np.asarray(row, dtype=np.float64), np.asarray(profile, dtype=np.float64))
         if not (math.isfinite(self.eps_ratio) and self.eps_ratio >= 0):
             raise ValueError("eps_ratio must be a finite non-negative number")
         if self.max_reuse < 0 or not 0 <= self.switch_frac <= 1:

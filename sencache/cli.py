@@ -117,13 +117,14 @@ def _generate(args: argparse.Namespace) -> None:
             f"it exists for export and parity checks",
             file=sys.stderr,
         )
-    defaults = bundle.manifest.defaults
-    seeds = args.seed or [0]
-    request = Request(
+    request = Request.resolve(
+        bundle.manifest.defaults,
         args.prompt or [],
-        seeds,
-        defaults.steps if args.steps is None else args.steps,
-        defaults.guidance if args.guidance is None else args.guidance,
+        args.seed or [0],
+        steps=args.steps,
+        guidance=args.guidance,
+        cache=args.cache,
+        knobs={name: getattr(args, name) for name in KNOBS},
         dynamic_cfg=args.dynamic_cfg,
         sampling=args.sampling,
     )
@@ -132,8 +133,7 @@ def _generate(args: argparse.Namespace) -> None:
             tokenize(prompt)  # the vocabulary and grammar, before the engine is opened
     engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
     engine.encode(request.prompts)
-    knobs = {name: getattr(args, name) for name in KNOBS}
-    policy = engine.policy(args.cache, request.steps, len(request.prompts), knobs)
+    policy = engine.policy(request.cache, request.steps, len(request.prompts), request.knobs)
     check_free_space(args.out.parent, run_bytes(bundle, len(request.prompts)), f"writing {args.out}")
     with staged_folder(args.out, RUN) as folder:
         result = engine.generate(request, policy, progress=True)

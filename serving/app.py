@@ -31,9 +31,10 @@ from ray.serve.handle import DeploymentHandle
 
 from sencache import __version__
 from sencache.runtime.errors import BadInput
+from sencache.runtime.scheduler import Batching
 from sencache.serving import metrics
 from sencache.serving.schema import ErrorBody, VideoJob, VideoRequest, json_field
-from sencache.serving.service import Batching, NotReady, QueueFull, UnknownJob, VideoService
+from sencache.serving.service import NotReady, QueueFull, UnknownJob, VideoService
 
 APP_NAME = "sencache"
 REGISTRY = "sencache-job-registry"
@@ -77,10 +78,10 @@ class EngineReplica:
     ) -> None:
         from sencache.runtime.api import Engine
 
-        engine = Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads)
+        engine = Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads, batching=batching)
         manifest = engine.model.bundle.manifest
         self.service = VideoService(
-            engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue, batching=batching
+            engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue
         )
 
     async def submit(self, body: dict[str, Any]) -> Reply:

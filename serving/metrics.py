@@ -57,20 +57,7 @@ class _Snapshot(Collector):
             for slot, stats in live.items():
                 family.add_metric([str(slot)], float(stats[key]))
             yield family
-        rate = GaugeMetricFamily(
-            "sencache_steps_per_second", "engine passes per second of stepping", labels=["replica"]
-        )
-        reuse = GaugeMetricFamily(
-            "sencache_reuse_ratio", "share of sample steps served from the cache", labels=["replica"]
-        )
-        for slot, stats in live.items():
-            rate.add_metric(
-                [str(slot)], stats["steps_total"] / stats["step_seconds_total"] if stats["step_seconds_total"] else 0.0
-            )
-            evaluated = stats["nfe_run_total"] + stats["nfe_saved_total"]
-            reuse.add_metric([str(slot)], stats["nfe_saved_total"] / evaluated if evaluated else 0.0)
-        yield rate
-        yield reuse
+        yield from _rates(live)
         requests = CounterMetricFamily("sencache_requests", "video requests by outcome", labels=["replica", "outcome"])
         for slot, stats in live.items():
             for outcome, key in _OUTCOMES.items():
@@ -83,6 +70,19 @@ class _Snapshot(Collector):
                 bounds = [*(f"{b:g}" for b in h["buckets"]), "+Inf"]
                 family.add_metric([str(slot)], list(zip(bounds, map(float, h["counts"]), strict=True)), h["sum"])
             yield family
+
+
+def _rates(live: dict[int, dict[str, Any]]) -> Iterator[Metric]:
+    """Passes per second of stepping and the share of sample steps served from the cache."""
+    rate = GaugeMetricFamily("sencache_steps_per_second", "engine passes per second of stepping", labels=["replica"])
+    reuse = GaugeMetricFamily("sencache_reuse_ratio", "share of sample steps served from the cache", labels=["replica"])
+    for slot, stats in live.items():
+        seconds = stats["step_seconds_total"]
+        rate.add_metric([str(slot)], stats["steps_total"] / seconds if seconds else 0.0)
+        evaluated = stats["nfe_run_total"] + stats["nfe_saved_total"]
+        reuse.add_metric([str(slot)], stats["nfe_saved_total"] / evaluated if evaluated else 0.0)
+    yield rate
+    yield reuse
 
 
 def render(replicas: dict[int, dict[str, Any] | None]) -> bytes:

@@ -13,6 +13,7 @@ from sencache.engine_builder.builder import BuildOptions, build
 from sencache.kernels.cuda_drift import CudaUnavailable, open_device
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
+from sencache.runtime.prediction import predict
 from sencache.runtime.request import Request
 
 pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt not installed (pip install 'sencache[fp8]')")
@@ -52,8 +53,8 @@ def test_fp8_denoiser_stays_close_to_fp32_and_generates(fp8_bundle, ort_bundle):
     text, uncond = fp32.encode(PROMPTS), fp32.encode(["", ""])
     for k in (2, 6, 10):
         t = np.full(2, run.timesteps[k], np.float32)
-        ours = fp8.predict(run.trajectory[k], t, text, uncond, 4.0).cond
-        reference = fp32.predict(run.trajectory[k], t, text, uncond, 4.0).cond
+        ours = predict(fp8, run.trajectory[k], t, text, uncond, 4.0).cond
+        reference = predict(fp32, run.trajectory[k], t, text, uncond, 4.0).cond
         assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 0.1
     frames = fp8.decode(fp8.generate(Request(PROMPTS, [3, 4], 12, 4.0), NoCache(2)).latents)
     assert np.all(np.isfinite(frames)) and frames.std() > 0.05

@@ -6,6 +6,7 @@ import torch
 
 from conftest import engine_for
 from sencache.runtime.cache import NoCache
+from sencache.runtime.preparation import sample_generators
 from sencache.runtime.request import Request
 
 PROMPTS = ["two small red circles moving left fast on texture", "one large cyan square static on gradient"]
@@ -20,7 +21,7 @@ def diffusers_latents(engine, prompts, seeds, steps, guidance):
         out = pipe(
             prompt_embeds=torch.from_numpy(engine.encode(prompts)),
             negative_prompt_embeds=torch.from_numpy(engine.encode([""] * len(prompts))),
-            latents=engine.initial_latents(engine.generators(seeds)),
+            latents=engine.initial_latents(sample_generators(seeds)),
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=shapes.height,

@@ -27,6 +27,8 @@ from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import ADAPTERS
+from sencache.runtime.prediction import predict
+from sencache.runtime.preparation import sample_generators
 from sencache.runtime.request import Request
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -306,13 +308,13 @@ def test_calibration_on_the_conditional_branch(ort_bundle):
         x_k, t_k, t_next = run.trajectory[k], run.timesteps[k], run.timesteps[k + 1]
 
         def cond(x: np.ndarray, t: float) -> np.ndarray:
-            return model.predict(x, np.full(1, t, np.float32), text, None, 1.0).guided
+            return predict(model, x, np.full(1, t, np.float32), text, None, 1.0).guided
 
         f_k = cond(x_k, t_k)
         sampler = model.sampler(4)
         sampler.start_at(k)
         x_prime = sampler.step(
-            k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), model.generators([7 + k])
+            k, torch.from_numpy(f_k), torch.from_numpy(x_k.copy()), sample_generators([7 + k])
         ).numpy()
         jx = np.linalg.norm((cond(x_prime, t_k) - f_k).astype(np.float64)) / np.linalg.norm(
             (x_prime - x_k).astype(np.float64)

@@ -21,6 +21,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
+from sencache.runtime.prediction import predict
 from sencache.runtime.request import Request
 
 # -- Wan's sampling shift as a run preset ----------------------------------------------------------
@@ -231,7 +232,7 @@ def test_the_reference_procedure(ort_bundle):
     sigmas = scheduler.sigmas
 
     def cond(x: np.ndarray, t: float) -> np.ndarray:
-        return model.predict(x, np.full(1, t, np.float32), text, None, 1.0).cond
+        return predict(model, x, np.full(1, t, np.float32), text, None, 1.0).cond
 
     per_sample = [[], []]
     for k in range(2):

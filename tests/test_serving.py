@@ -232,9 +232,9 @@ def test_batching_modes_admit_as_documented(calibrated_bundle, batching):
     from sencache.serving.schema import VideoRequest
     from sencache.serving.service import VideoService
 
-    engine = sencache.Engine.from_bundle(calibrated_bundle, threads=1)
+    engine = sencache.Engine.from_bundle(calibrated_bundle, threads=1, batching=batching)
     manifest = engine.model.bundle.manifest
-    service = VideoService(engine, model=manifest.model, defaults=manifest.defaults, batching=batching)
+    service = VideoService(engine, model=manifest.model, defaults=manifest.defaults)
     try:
         t_first = time.perf_counter()
         first = service.submit(VideoRequest(prompt=PROMPT, seed=1, steps=10, cache={"preset": "reference"}))

@@ -187,6 +187,9 @@ class FailsAtStep:
     def settings(self) -> dict[str, str]:
         return {"method": self.name}
 
+    def warnings(self) -> list[str]:
+        return []
+
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
     ) -> StepDecision:
@@ -263,9 +266,8 @@ def test_online_rule_observes_the_true_reuse_error_and_equals_alone(family):
     one by one on the recorded latents. With online_rate 0 it is sencache, bit for bit; learning,
     it decides and denoises the same alone or sharing passes."""
     from sencache.runtime.cache.sencache import SenCacheOnlinePolicy
-    from sencache.runtime.chain import block_streams, blocks_feeds, tail_feeds
+    from sencache.runtime.chain import block_streams, blocks_feeds, guide, tail_feeds
     from sencache.runtime.families.base import NOISE
-    from sencache.runtime.stepping import guide
 
     name, model = family
     layout, steps = model.layout, 6
@@ -287,7 +289,14 @@ def test_online_rule_observes_the_true_reuse_error_and_equals_alone(family):
 
     def chain(step: int) -> tuple[dict, dict]:
         x = torch.from_numpy(alone.trajectory[step])
-        head = model.head(torch.cat([x, x]), torch.full((4,), job.timesteps[step], dtype=torch.float32), job.text)
+        head = model.backend.run(
+            "head",
+            {
+                "latent": torch.cat([x, x]),
+                "timestep": torch.full((4,), job.timesteps[step], dtype=torch.float32),
+                "text": job.text,
+            },
+        )
         return head, block_streams(layout, model.backend.run("blocks", blocks_feeds(layout, head)))
 
     checked = 0

@@ -40,6 +40,9 @@ class ExternalRule:
     def settings(self) -> dict[str, str]:
         return {"method": self.name}
 
+    def warnings(self) -> list[str]:
+        return []
+
     def decide(self, step, t, drift_sumsq=None, modulation=None) -> StepDecision:
         drift = None if drift_sumsq is None else np.asarray(drift_sumsq, dtype=np.float32).tobytes()
         self.asked.put((step, t, drift))

@@ -50,6 +50,9 @@ class CachePolicy(Protocol):
     def settings(self) -> dict[str, Any]:
         """The knobs in use, as written to stats.json under "cache"."""
 
+    def warnings(self) -> list[str]:
+        """What the request's result should say about how the rule ran (empty when nothing)."""
+
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
     ) -> StepDecision:
@@ -80,6 +83,9 @@ class NoCache:
 
     def settings(self) -> dict[str, Any]:
         return {"method": "none"}
+
+    def warnings(self) -> list[str]:
+        return []
 
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None

@@ -44,6 +44,9 @@ class FixedPolicy:
     def settings(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self.config)}
 
+    def warnings(self) -> list[str]:
+        return []
+
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
     ) -> StepDecision:
@@ -86,6 +89,9 @@ class TeaCachePolicy:
             "coefficients": list(self.config.coefficients),
             "force_last": self.config.force_last,
         }
+
+    def warnings(self) -> list[str]:
+        return []
 
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
@@ -156,6 +162,9 @@ class MagCachePolicy:
             "force_last": self.config.force_last,
             "ratios_calibrated_steps": len(self.config.ratios),
         }
+
+    def warnings(self) -> list[str]:
+        return []
 
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None

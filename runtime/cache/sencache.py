@@ -80,6 +80,16 @@ class SenCachePolicy:
     def settings(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self.config), **({} if self.budget is None else {"budget": self.budget})}
 
+    def warnings(self) -> list[str]:
+        """Look-ups of the sensitivity table that fell outside its timesteps and were clamped."""
+        outside = self.outside_table
+        if not outside:
+            return []
+        return [
+            f"{len(outside)} sensitivity look-ups fell outside the table's timesteps "
+            f"(t={min(outside):.1f}..{max(outside):.1f}) and were clamped to its edge"
+        ]
+
     def threshold(self, step: int) -> float:
         return self.config.eps_start if step < self.switch_step else self.config.eps_main
 

@@ -1,0 +1,66 @@
+"""A request made ready to queue: its rows checked against the bundle, its text embeddings,
+sampler and guidance schedule, its starting noise on the device. Done on the caller's thread
+before the request reaches the scheduler, because text encoding can be slow."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sencache.runtime.cache import CachePolicy
+from sencache.runtime.denoiser import Denoiser
+from sencache.runtime.errors import BadInput
+from sencache.runtime.memory import check_memory, request_bytes
+from sencache.runtime.request import Request, RequestState
+
+
+def prepare(model: Denoiser, request: Request, policy: CachePolicy | None = None, record: bool = False) -> RequestState:
+    """The state `request` starts from under `policy` (None: the rule of the request's cache method
+    and knobs); `record` keeps the denoiser input latent of every step in its result (calibration).
+    BadInput when the bundle cannot take it."""
+    if policy is None:
+        policy = model.policy(request.cache, request.steps, len(request.prompts), request.knobs)
+    job_rows = len(request.prompts) * (2 if request.cfg else 1)
+    if job_rows > model.max_rows:
+        raise BadInput(
+            f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
+            f"{model.bundle.shapes.max_batch} samples (build it with a larger max_batch)"
+        )
+    check_memory(
+        request_bytes(model.bundle.manifest.shapes, len(request.prompts), 2 if request.cfg else 1),
+        model.backend.device,
+    )
+    text = model.embeddings(request.prompt_embeds, request.prompts)
+    if request.cfg:
+        text = np.concatenate([text, model.embeddings(request.negative_prompt_embeds, [""] * len(request.prompts))])
+    sampler = model.sampler(request.steps, request.sampling)
+    timesteps = [float(t) for t in sampler.timesteps]
+    scales = (
+        [model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
+        if request.dynamic_cfg
+        else [request.guidance] * len(timesteps)
+    )
+    generators = sample_generators(request.seeds)
+    with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
+        x = model.initial_latents(generators).to(model.backend.device)
+        text_rows, anchor = model.to_device(text), torch.zeros_like(x)
+    return RequestState(
+        id=0,
+        request=request,
+        policy=policy,
+        sampler=sampler,
+        generators=generators,
+        timesteps=timesteps,
+        scales=scales,
+        text=text_rows,
+        x=x,
+        anchor=anchor,
+        decisions=[[] for _ in request.prompts],
+        trace=[[] for _ in request.prompts],
+        trajectory=[] if record else None,
+    )
+
+
+def sample_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One generator per sample: its starting noise and any solver noise come from its own seed."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
