@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from sencache.console import set_verbose
-from sencache.runtime.cache.knobs import BUDGET_TARGETS, KNOBS, METHODS, Knob
+from sencache.runtime.backends.registry import BACKENDS
+from sencache.runtime.cache import KNOBS, METHODS, Knob
+from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import BUNDLE, RUN, check_output
 from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
@@ -333,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="diffusers-format folder with the real weights (needed by real models; tiny models use the bundled ones)",
     )
-    b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
+    b.add_argument("--backend", default="auto", help="|".join(("auto", *BACKENDS)))
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
     b.add_argument("--frames", type=int, help="video frames (default: the model's)")
     b.add_argument("--height", type=int, help="video height in pixels (default: the model's)")

@@ -158,7 +158,7 @@ class VideoService:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
         steps = self.defaults.steps if request.steps is None else request.steps
         guidance = self.defaults.guidance if request.guidance is None else request.guidance
-        method, knobs = request.cache.resolve(self.defaults.cache)
+        method, knobs = request.cache.resolve(self.defaults)
         kwargs: dict[str, Any] = {
             "prompt": request.prompt or "",
             "seed": request.seed,
