@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.model import Model
@@ -116,10 +114,7 @@ class Engine:
     def from_bundle(cls, path: str | Path, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Engine:
         """Load the bundle at `path` and open its backend ("auto": the one it was built for) on
         `device` with `threads` CPU threads (0: all)."""
-        bundle = Bundle.load(Path(path))
-        return cls(
-            Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device))
-        )
+        return cls(Model.open(path, backend, device, threads))
 
     def generate(
         self,
