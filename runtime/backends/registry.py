@@ -86,6 +86,6 @@ register_backend(
         takes_threads=False,
         engine_module="tensorrt_rtx",
         install="pip install tensorrt-rtx-cu13",
-        build_note="targets SM75 SM80 SM86 SM89 SM120 SM121 (no SM90) for the compute capability a build names, no GPU needed",
+        build_note="targets SM75 SM80 SM86 SM89 SM120 SM121 (no SM90), the one a build names; no GPU needed",
     )
 )
