@@ -143,7 +143,7 @@ def _knobs(method: str, knobs: dict[str, Any], steps: int, engine: Model) -> tup
     if method == "sencache-reference":
         constant = engine.adapter.sencache_reference.score_constant or math.sqrt(engine.numel)
         scale = math.sqrt(engine.numel) / constant
-        eps_start = float(engine.bundle.manifest.defaults.cache["sencache"]["eps_start"])
+        eps_start = float(engine.bundle.manifest.defaults.knobs("sencache")["eps_start"])
         rescaled = {"eps_start": eps_start * scale, "eps_main": knobs["eps_main"] * scale}
         return "sencache", {"conventions": "reference", **rescaled}
     return method, dict(knobs)

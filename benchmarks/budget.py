@@ -20,8 +20,6 @@ import torch
 from sencache.benchmarks.bench import BenchPlan, Runner, evaluation_set
 from sencache.benchmarks.matched import PSNR_CAP
 from sencache.benchmarks.metrics import psnr
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache.knobs import SPEEDS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import write_atomic
@@ -144,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--steps", type=int, action="append", help="step counts (default: calibration's, 2/3 and 3/2)")
     args.add_argument("--speed", action="append", choices=tuple(SPEEDS), help="budgets (default: every named speed)")
     parsed = args.parse_args(argv)
-    bundle = Bundle.load(parsed.engine)
-    engine = Model(bundle, open_backend(bundle, threads=1))
+    engine = Model.open(parsed.engine, threads=1)
+    bundle = engine.bundle
     prompts, seeds = evaluation_set(parsed.samples, None, None)
     calibrated = int(bundle.sensitivity().meta.get("steps", bundle.manifest.defaults.steps))
     step_counts = parsed.steps or [calibrated, round(calibrated * 2 / 3), round(calibrated * 3 / 2)]

@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
 from sencache.runtime.stepping import StepEngine
@@ -87,10 +85,9 @@ def main() -> None:
         str(args.engine).encode(), ctypes.byref(Options(b"auto", b"cpu", 1)), ctypes.byref(engine_c)
     ):
         raise SystemExit(f"sc_engine_create: {lib.sc_last_error().decode()}")
-    bundle = Bundle.load(args.engine)
-    model = Model(bundle, open_backend(bundle, None, threads=1, device="cpu"))
+    model = Model.open(args.engine, threads=1)
     engine_py = StepEngine(model)
-    guidance = bundle.manifest.defaults.guidance
+    guidance = model.bundle.manifest.defaults.guidance
 
     def step_c() -> None:
         active = ctypes.c_int32()
@@ -146,7 +143,7 @@ def main() -> None:
 
     report = {
         "tool": "sencache.benchmarks.capi_overhead",
-        "bundle": bundle.manifest.model,
+        "bundle": model.bundle.manifest.model,
         "backend": model.backend.name,
         "machine": {
             "cpu": platform.processor() or platform.machine(),

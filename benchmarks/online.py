@@ -31,8 +31,6 @@ from sencache.benchmarks.matched import PSNR_CAP, compare_at_matched_nfe
 from sencache.benchmarks.metrics import psnr
 from sencache.benchmarks.report import comparison_lines
 from sencache.data.grammar import BACKGROUNDS, COUNTS, grammar_prompts
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import write_atomic
 from sencache.runtime.model import Model
 
@@ -232,8 +230,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5], help="online_rate values to tune over")
     parser.add_argument("--bounds", type=float, nargs="+", default=[4.0], help="online_bound values to tune over")
     args = parser.parse_args()
-    bundle = Bundle.load(args.engine)
-    engine = Model(bundle, open_backend(bundle, threads=1))
+    engine = Model.open(args.engine, threads=1)
     grid = [(rate, bound) for rate in args.rates for bound in args.bounds]
     report = measure(engine, args.steps, args.samples, args.tune_samples, tuple(args.eps), grid)
     write_atomic(args.out / "report.json", json.dumps(report, indent=1).encode())

@@ -25,7 +25,6 @@ from sencache.benchmarks.bench import PSNR_CAP, evaluation_set
 from sencache.benchmarks.metrics import psnr
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import write_atomic
 from sencache.runtime.model import Model
@@ -44,8 +43,8 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
         path = build(
             BuildOptions(model=model, out=root / precision, precision=precision, max_batch=samples), log=lambda _: None
         )
-        bundle = Bundle.load(path)
-        engine = Model(bundle, open_backend(bundle, threads=1))
+        engine = Model.open(path, threads=1)
+        bundle = engine.bundle
         bundle.write_tables(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
         defaults = bundle.manifest.defaults
         request = Request(prompts, seeds, defaults.steps, defaults.guidance)

@@ -23,8 +23,6 @@ import numpy as np
 import torch
 
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import write_atomic
 from sencache.runtime.model import Model
 from sencache.runtime.sensitivity import SensitivityTable
@@ -90,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the report (.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    bundle = Bundle.load(args.engine)
-    report = measure(Model(bundle, open_backend(bundle, threads=1)), args.samples, args.steps, args.seed)
+    report = measure(Model.open(args.engine, threads=1), args.samples, args.steps, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, json.dumps(report, indent=1).encode())
     for label, row in report["variants"].items():

@@ -296,8 +296,6 @@ def build_bundle(case: ReferenceCase, out: Path, backend: str = "torch", max_bat
 def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
     """Largest absolute differences between our runtime (ONNX Runtime and PyTorch backends) and
     the pipeline, uncached, over batch 1 and 2, with and without guidance, latents and frames."""
-    from sencache.runtime.backends.base import open_backend
-    from sencache.runtime.bundle import Bundle
     from sencache.runtime.cache import NoCache
     from sencache.runtime.model import Model
     from sencache.runtime.request import Request
@@ -305,8 +303,7 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
     case = save_reference(model, root / "weights")
     errors: dict[str, float] = {}
     for backend in ("torch", "onnxruntime"):
-        bundle = Bundle.load(build_bundle(case, root / backend, backend))
-        engine = Model(bundle, open_backend(bundle, threads=1))
+        engine = Model.open(build_bundle(case, root / backend, backend), threads=1)
         for batch in (1, 2):
             for guidance in (1.0, 6.0):
                 seeds = [3, 4][:batch]

@@ -261,7 +261,7 @@ def calibrate(
     sensitivity.budget = record_curves(
         trajectories,
         lambda settings, n, b: SenCachePolicy(settings, sensitivity, n, b, engine.numel),
-        manifest.defaults.cache["sencache"],
+        manifest.defaults.knobs("sencache"),
     )
     meta["budget_steps"] = list(sensitivity.budget.steps)
     x, y = np.concatenate(tea_x), np.concatenate(tea_y)

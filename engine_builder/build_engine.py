@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
+from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.files import BUNDLE, check_output
 
 HELP = "export a model's stages into an engine bundle"
@@ -33,7 +34,7 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
         type=Path,
         help="diffusers-format folder with the real weights (needed by real models; tiny models use the bundled ones)",
     )
-    b.add_argument("--backend", default="auto", help="auto|onnxruntime|torch|tensorrt|tensorrt-rtx")
+    b.add_argument("--backend", default="auto", help="|".join(("auto", *BACKENDS)))
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
     b.add_argument("--frames", type=int, help="video frames (default: the model's)")
     b.add_argument("--height", type=int, help="video height in pixels (default: the model's)")

@@ -220,7 +220,7 @@ def _manifest(plan: BuildPlan, model: LoadedModel, folder: Path, validation: dic
             name: Stage(plan.target.stage_file(name), spec.inputs, spec.outputs) for name, spec in model.specs.items()
         },
         scheduler=_scheduler_config(adapter, preset, plan.weights),
-        defaults=Defaults(preset.steps, preset.guidance, preset.cache_defaults),
+        defaults=Defaults.parse({"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults}),
         text_encoder=_copy_text_encoder(adapter, preset, plan.weights, folder),
         validation=validation,
         tools=_tools(),

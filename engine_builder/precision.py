@@ -17,9 +17,10 @@ from torch import nn
 
 from sencache.engine_builder.onnx_export import TOLERANCE_REL_L2, StageSpec, compare, validate_stage, widen_bf16
 from sencache.runtime.backends.onnxruntime_backend import OnnxSessions
+from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import STAGES, TENSORRT, Manifest
+from sencache.runtime.manifest import STAGES, Manifest
 
 if TYPE_CHECKING:
     from sencache.engine_builder.builder import BuildPlan, LoadedModel
@@ -88,7 +89,7 @@ class BFloat16(Half):
     PyTorch's bf16 kernels."""
 
     def check(self, backend: str) -> None:
-        if backend not in TENSORRT:
+        if backend not in BACKENDS or "bf16" not in BACKENDS[backend].precisions:
             raise BadInput(
                 f"precision bf16 with backend {backend}: ONNX Runtime's CPU provider has no bf16 "
                 f"kernels; build bf16 for backend tensorrt or tensorrt-rtx",

@@ -17,14 +17,15 @@ from tqdm import tqdm
 from sencache.console.output import progress, third_party_output
 from sencache.engine_builder.onnx_export import export_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
+from sencache.runtime.backends.registry import BACKENDS as REGISTERED
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import STAGES, Manifest, max_rows
+from sencache.runtime.manifest import STAGES, Manifest, TensorRTRecord, max_rows
 
 if TYPE_CHECKING:
     from sencache.engine_builder.builder import BuildOptions, BuildPlan, LoadedModel
 
 Log = Callable[[str], None]
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
+BACKENDS = ("auto", *REGISTERED)
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,13 @@ class TensorRTTarget(OnnxTarget):
             folder, list(STAGES), manifest.shapes.max_rows, self.name, plan.options.compute_capability, cache, log
         )
         return manifest.replace(
-            tensorrt={
-                **engines,
-                "engine_validation": "not run at build time: engines run only on "
-                "a GPU; the ONNX they were built from is validated above",
-            }
+            tensorrt=TensorRTRecord.parse(
+                {
+                    **engines,
+                    "engine_validation": "not run at build time: engines run only on "
+                    "a GPU; the ONNX they were built from is validated above",
+                }
+            )
         )
 
 
@@ -107,12 +110,9 @@ class TorchTarget(OnnxTarget):
         return {}
 
 
-TARGETS = {
-    "onnxruntime": OnnxTarget(),
-    "torch": TorchTarget(),
-    "tensorrt": TensorRTTarget("tensorrt"),
-    "tensorrt-rtx": TensorRTTarget("tensorrt-rtx"),
-}
+_KINDS: dict[str, type[OnnxTarget]] = {"onnx": OnnxTarget, "torch": TorchTarget, "engine": TensorRTTarget}
+TARGETS = {name: _KINDS[backend.stages](name) for name, backend in REGISTERED.items()}
+"""The target of each registered backend, by what its build writes per stage."""
 
 
 def target(name: str) -> OnnxTarget:

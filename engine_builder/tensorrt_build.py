@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from sencache.engine_builder.onnx_export import BuildFailed
+from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import write_atomic
 
-MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-INSTALL = {
-    "tensorrt": "pip install 'sencache[tensorrt]' (TensorRT comes from NVIDIA's package index)",
-    "tensorrt-rtx": "pip install tensorrt-rtx-cu13",
-}
+MODULES = {name: b.engine_module for name, b in BACKENDS.items() if b.engine_module is not None}
+"""The TensorRT module of each registered backend that compiles engines."""
+INSTALL = {name: b.install for name, b in BACKENDS.items() if b.install is not None}
 
 
 def load_tensorrt(backend: str):

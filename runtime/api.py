@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.model import Model
@@ -121,11 +119,7 @@ class Engine:
         """Load the bundle at `path` and open its backend ("auto": the one it was built for) on
         `device` with `threads` CPU threads (0: all); `batching` as for the constructor."""
         admission(batching)  # refused before the bundle is loaded
-        bundle = Bundle.load(Path(path))
-        return cls(
-            Model(bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device)),
-            batching,
-        )
+        return cls(Model.open(path, backend, device, threads), batching)
 
     def generate(
         self,

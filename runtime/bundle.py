@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sencache.runtime import manifest as schema
@@ -37,6 +39,9 @@ class Bundle:
     manifest: Manifest
     digest: str
     """SHA-256 of the manifest as loaded (a rewrite of the bundle changes it)."""
+    _tables: dict[str, SensitivityTable | BaselineTables] = field(default_factory=dict, init=False, repr=False)
+    """The calibration tables as parsed and verified, once per loaded bundle, shared by every request."""
+    _tables_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def load(cls, path: Path) -> Bundle:
@@ -171,18 +176,32 @@ class Bundle:
         return self.path / SENSITIVITY
 
     def sensitivity(self) -> SensitivityTable:
+        """The sensitivity table, read, verified and parsed on first use. Shared: callers do not change it."""
         if SENSITIVITY not in self.manifest.files:
             raise BadInput(f"no sensitivity table in {self.path}: calibrate it first (`sencache calibrate`)")
-        return SensitivityTable.parse(self.read(SENSITIVITY), f"{self.path / SENSITIVITY}")
+        table = self._table(SENSITIVITY, SensitivityTable.parse)
+        assert isinstance(table, SensitivityTable)
+        return table
 
     @property
     def baselines_path(self) -> Path:
         return self.path / BASELINES
 
     def baselines(self) -> BaselineTables:
+        """The baseline tables, read, verified and parsed on first use. Shared: callers do not change them."""
         if BASELINES not in self.manifest.files:
             raise BadInput(f"no baseline tables in {self.path}: calibrate it first (`sencache calibrate`)")
-        return BaselineTables.parse(self.read(BASELINES), f"{self.path / BASELINES}")
+        tables = self._table(BASELINES, BaselineTables.parse)
+        assert isinstance(tables, BaselineTables)
+        return tables
+
+    def _table(
+        self, name: str, parse: Callable[[bytes, str], SensitivityTable | BaselineTables]
+    ) -> SensitivityTable | BaselineTables:
+        with self._tables_lock:
+            if name not in self._tables:
+                self._tables[name] = parse(self.read(name), f"{self.path / name}")
+            return self._tables[name]
 
     def write_tables(
         self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None
@@ -198,6 +217,8 @@ class Bundle:
             if baselines is not None:
                 write_atomic(folder / BASELINES, baselines.to_bytes())
             self.manifest, self.digest = write_manifest(folder, self.manifest)
+        with self._tables_lock:
+            self._tables.clear()
 
     def adopt_tables(self, source: Bundle) -> SensitivityTable:
         """Take the sensitivity table (and baseline tables, if any) of another bundle of the same
@@ -210,7 +231,7 @@ class Bundle:
                     f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
                     f"between builds of the same model and scheduler"
                 )
-        table = source.sensitivity()
+        table = dataclasses.replace(source.sensitivity())
         table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest.precision}
         baselines = source.baselines() if BASELINES in source.manifest.files else None
         self.write_tables(table, baselines)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, overload
 
+from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.errors import BadInput
 
 FORMAT = "sencache-bundle/3"
@@ -26,8 +27,6 @@ MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"
 SENSITIVITY = "sensitivity.json"
 BASELINES = "baselines.json"
-BACKENDS = ("onnxruntime", "torch", "tensorrt", "tensorrt-rtx")
-TENSORRT = ("tensorrt", "tensorrt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STAGES = ("head", "blocks", "tail")
 MAX_FRAMES = 1024
@@ -194,15 +193,57 @@ class BundleShapes:
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a request takes when it does not say: steps, guidance, and each cache method's knobs."""
+    """What a request takes when it does not say: steps, guidance, and each cache rule's knobs."""
 
     steps: int
     guidance: float
-    cache: dict[str, dict[str, float]]
-    """Default knobs by cache method ("sencache", "teacache", "magcache")."""
+    cache: dict[str, Any]
+    """Default knobs by section of the cache rules' registry ("sencache", "teacache", "magcache"),
+    each an instance of the settings type its rule registered for it."""
+
+    def knobs(self, section: str) -> dict[str, Any]:
+        """The default knobs of `section` by name ({} where the bundle has none)."""
+        settings = self.cache.get(section)
+        return {} if settings is None else dataclasses.asdict(settings)
 
     def to_json(self) -> dict[str, Any]:
-        return {"steps": self.steps, "guidance": self.guidance, **self.cache}
+        return {"steps": self.steps, "guidance": self.guidance, **{k: self.knobs(k) for k in self.cache}}
+
+    @classmethod
+    def parse(cls, data: Any, path: str = "defaults") -> Defaults:
+        """Steps, guidance and each registered section's knobs, checked by the knob table and
+        typed by the section's settings (BadInput names the field)."""
+        return _defaults(_Fields(data, path))
+
+
+@dataclass(frozen=True)
+class TensorRTRecord:
+    """What built a TensorRT bundle's engines, which must match what runs them."""
+
+    module: str
+    """The Python module of the engines: tensorrt or tensorrt_rtx."""
+    version: str
+    compute_capability: str | None
+    """The GPU the engines target (SM89, or "build GPU"); None where the record has none."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """The build's other notes (profiles, timing cache, validation), reported as written."""
+
+    def to_json(self) -> dict[str, Any]:
+        head = {"module": self.module, "version": self.version}
+        if self.compute_capability is not None:
+            head["compute_capability"] = self.compute_capability
+        return {**head, **self.details}
+
+    @classmethod
+    def parse(cls, data: Any, path: str = "tensorrt") -> TensorRTRecord:
+        record = _Fields(data, path)
+        modules = tuple(b.engine_module for b in BACKENDS.values() if b.engine_module is not None)
+        return cls(
+            module=record.text("module", modules),
+            version=record.text("version"),
+            compute_capability=record.text("compute_capability", optional=True),
+            details={k: v for k, v in record.value.items() if k not in ("module", "version", "compute_capability")},
+        )
 
 
 @dataclass(frozen=True)
@@ -258,7 +299,7 @@ class Manifest:
     weights: str | None = None
     """The saved transformer's folder (torch bundles)."""
     quantization: dict[str, Any] | None = None
-    tensorrt: dict[str, Any] | None = None
+    tensorrt: TensorRTRecord | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Manifest:
@@ -285,7 +326,11 @@ class Manifest:
             "weights_source": self.weights_source,
             "created": self.created,
         }
-        optional = {"weights": self.weights, "quantization": self.quantization, "tensorrt": self.tensorrt}
+        optional = {
+            "weights": self.weights,
+            "quantization": self.quantization,
+            "tensorrt": None if self.tensorrt is None else self.tensorrt.to_json(),
+        }
         data.update({k: v for k, v in optional.items() if v is not None})
         data["files"] = {name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()}
         return data
@@ -305,7 +350,7 @@ class Manifest:
         config = m.obj("config").value
         shapes = _shapes(m.obj("shapes"))
         precision = m.text("precision", PRECISIONS)
-        backend = m.text("backend", BACKENDS)
+        backend = m.text("backend", tuple(BACKENDS))
         stages = {}
         section = m.obj("stages")
         for stage in STAGES:
@@ -316,13 +361,7 @@ class Manifest:
                 tuple(spec.names("outputs")),
             )
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
-        tensorrt = None
-        if backend in TENSORRT:
-            record = m.obj("tensorrt")
-            record.text("module", ("tensorrt", "tensorrt_rtx"))
-            record.text("version")
-            record.text("compute_capability", optional=True)
-            tensorrt = record.value
+        tensorrt = TensorRTRecord.parse(m.get("tensorrt")) if BACKENDS[backend].engine_module else None
         scheduler = m.obj("scheduler")
         scheduler.text("_class_name")
         defaults = _defaults(m.obj("defaults"))
@@ -379,21 +418,24 @@ def _shapes(shapes: _Fields) -> BundleShapes:
 
 
 def _defaults(defaults: _Fields) -> Defaults:
+    # The cache package reads MAX_STEPS from here, so its registry is imported when first needed.
+    from sencache.runtime.cache.knobs import KNOBS
+    from sencache.runtime.cache.registry import SECTIONS
+
     steps = defaults.integer("steps", 1, MAX_STEPS)
     guidance = defaults.number("guidance", 0.0)
-    sencache = defaults.obj("sencache")
-    sencache.number("eps_start", 0.0)
-    sencache.number("eps_main", 0.0)
-    sencache.integer("max_reuse", 0, MAX_STEPS)
-    teacache = defaults.obj("teacache", optional=True)
-    if teacache is not None:
-        teacache.number("threshold", 0.0)
-    magcache = defaults.obj("magcache", optional=True)
-    if magcache is not None:
-        magcache.number("threshold", 0.0)
-        magcache.integer("max_reuse", 0, MAX_STEPS)
-        magcache.number("retention", 0.0, 1.0)
-    cache = {k: v for k, v in defaults.value.items() if k not in ("steps", "guidance")}
+    cache = {}
+    for name, section in SECTIONS.items():
+        fields = defaults.obj(name, optional=not section.required)
+        if fields is None:
+            continue
+        knobs: dict[str, float] = {}
+        for knob in (KNOBS[f.name] for f in dataclasses.fields(section.settings)):
+            if knob.type is int:
+                knobs[knob.name] = fields.integer(knob.name, int(knob.low), int(knob.high))
+            else:
+                knobs[knob.name] = fields.number(knob.name, knob.low, knob.high)
+        cache[name] = section.settings(**knobs)
     return Defaults(steps, guidance, cache)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sencache.runtime.backends.base import StageBackend
+from sencache.runtime.backends.base import StageBackend, open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy, make_policy
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
@@ -43,6 +43,14 @@ class Model:
         self._cuda_stream: torch.cuda.Stream | None = None
         self._lazy = threading.Lock()
         """Guards what is made on first use (text encoder, components, CUDA stream) against threads."""
+
+    @classmethod
+    def open(cls, path: Path | str, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Model:
+        """The model of the bundle at `path`, checked on load, on `backend` ("auto": the one it
+        was built for; another is refused) with `threads` host threads (0: all cores) and, for
+        torch bundles, its modules on `device`."""
+        bundle = Bundle.load(Path(path))
+        return cls(bundle, open_backend(bundle, None if backend == "auto" else backend, threads, device))
 
     def scheduler_config(self, sampling: str = "engine") -> dict[str, Any]:
         """The scheduler config of a run: the bundle's, or with `sampling="reference"` the family's

@@ -16,7 +16,7 @@ from sencache.benchmarks.timing import PairedTiming, below_floor, floor_speedup,
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.console.output import note, say
 from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.backends.base import MAX_THREADS, open_backend
+from sencache.runtime.backends.base import MAX_THREADS
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
@@ -80,8 +80,8 @@ def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS, overwrite
         f"sencache demo: tiny-wan, {len(DEMO_PROMPTS)} prompts uncached and with SenCache, {2 * repeats + 1} timed "
         f"runs on {threads} thread(s); outputs in {out}"
     )
-    bundle = _bundle(out / "tiny-wan", overwrite)
-    engine = Model(bundle, open_backend(bundle, threads=threads))
+    engine = Model.open(_bundle(out / "tiny-wan", overwrite).path, threads=threads)
+    bundle = engine.bundle
     if not bundle.sensitivity_path.exists() or not bundle.baselines_path.exists():
         note("calibrating the sensitivity table on the model's own trajectories (once)")
         calibration = calibrate(engine, CalibrationPlan())

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from typing import Any
 
+from sencache.runtime.backends.registry import BACKENDS, Backend
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -51,6 +53,16 @@ def _nvrtc() -> str | None:
         return None
 
 
+def _build_line(backend: Backend, gpus: list[str], fp8: bool) -> list[str] | str:
+    """What `backend` builds here: its precisions, or why it builds nothing."""
+    if backend.engine_module is not None and not _importable(backend.engine_module):
+        return f"not installed: {backend.install}"
+    if backend.builds_on_gpu and not gpus:
+        return "needs a GPU to build for"
+    precisions = [p for p in backend.precisions if fp8 or p != "fp8"]
+    return precisions + ([backend.build_note] if backend.build_note else [])
+
+
 def report() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -62,7 +74,6 @@ def report() -> dict[str, Any]:
     nvcc = shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
     cuda_torch = torch.cuda.is_available()
     modelopt = _version("nvidia-modelopt") if _importable("modelopt") else None
-    fp8 = ["fp8"] if modelopt else []
     return {
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
@@ -75,22 +86,7 @@ def report() -> dict[str, Any]:
         "nvrtc": _nvrtc(),
         "nvcc": nvcc,
         "modelopt": modelopt,
-        "build": {
-            "onnxruntime": ["fp32", "fp16", *fp8],
-            "torch": ["fp32", "fp16"],
-            "tensorrt": (["fp32", "fp16", "bf16", *fp8] if gpus else "needs a GPU to build for")
-            if trt
-            else "not installed: pip install 'sencache[tensorrt]' (NVIDIA's index)",
-            "tensorrt-rtx": [
-                "fp32",
-                "fp16",
-                "bf16",
-                *fp8,
-                "targets SM75 SM80 SM86 SM89 SM120 SM121 (no SM90) by --compute-capability, no GPU needed",
-            ]
-            if trt_rtx
-            else "not installed: pip install 'sencache[tensorrt-rtx]'",
-        },
+        "build": {name: _build_line(backend, gpus, modelopt is not None) for name, backend in BACKENDS.items()},
         "run": {
             "onnxruntime": "CUDA EP" if "CUDAExecutionProvider" in providers else "CPU EP",
             "torch": "CUDA (generate --device cuda), device-resident loop" if cuda_torch else "CPU",

@@ -153,8 +153,6 @@ def cached_loop(arch: str) -> dict[str, Any]:
 
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
     from sencache.engine_builder.builder import BuildOptions, build
-    from sencache.runtime.backends.base import open_backend
-    from sencache.runtime.bundle import Bundle
     from sencache.runtime.model import Model
     from sencache.runtime.request import Request
 
@@ -162,13 +160,14 @@ def cached_loop(arch: str) -> dict[str, Any]:
         return {"skipped": "this torch has no CUDA"}
     backend, target = loop_backend(arch)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Bundle.load(
+        engine = Model.open(
             build(
                 BuildOptions(model="tiny-wan", out=Path(tmp) / "b", backend=backend, compute_capability=target),
                 log=lambda _: None,
-            )
+            ),
+            device="cuda" if backend == "torch" else "cpu",
         )
-        engine = Model(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
+        bundle = engine.bundle
         bundle.write_tables(calibrate(engine, CalibrationPlan(samples=4), show_progress=False).sensitivity)
         request = Request(
             [
@@ -193,13 +192,14 @@ def cached_loop(arch: str) -> dict[str, Any]:
                 "torch_syncs": syncs,
             }
         report["speedup"] = report["none"]["denoise_s"] / report["sencache"]["denoise_s"]
-        ltx = Bundle.load(
+        engine = Model.open(
             build(
                 BuildOptions(model="tiny-ltx", out=Path(tmp) / "ltx", backend=backend, compute_capability=target),
                 log=lambda _: None,
-            )
+            ),
+            device="cuda" if backend == "torch" else "cpu",
         )
-        engine = Model(ltx, open_backend(ltx, device="cuda" if backend == "torch" else "cpu"))
+        ltx = engine.bundle
         ltx.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
         knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}
         report["flow_euler_syncs"] = {

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from sencache.runtime.cache import KNOBS, METHODS, check_knobs
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import Defaults
 from sencache.runtime.request import MAX_STEPS, SAMPLINGS
 
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -82,12 +83,12 @@ class CacheSpec(BaseModel):
             raise ValueError(e.worded(json_field(e.param))) from None
         return self
 
-    def resolve(self, defaults: dict[str, dict[str, float]]) -> tuple[str, dict[str, float | str]]:
+    def resolve(self, defaults: Defaults) -> tuple[str, dict[str, float | str]]:
         """(method, knobs) for the engine; a preset scales the bundle's `defaults` of its method."""
         if self.preset is None:
             return self.method or "sencache", self.knobs.model_dump(exclude_none=True)
         method, factors = PRESETS[self.preset]
-        base = defaults.get(method, {})
+        base = defaults.knobs(method)
         return method, {k: base[k] * f for k, f in factors.items() if k in base}
 
 

@@ -144,7 +144,7 @@ class VideoService:
 
     def submit(self, video: VideoRequest) -> VideoJob:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
-        method, knobs = video.cache.resolve(self.defaults.cache)
+        method, knobs = video.cache.resolve(self.defaults)
         request = Request.resolve(
             self.defaults,
             [video.prompt or ""],

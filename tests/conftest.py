@@ -80,8 +80,7 @@ def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
 
 
 def engine_for(path: Path) -> Model:
-    bundle = Bundle.load(path)
-    return Model(bundle, open_backend(bundle, threads=1))
+    return Model.open(path, threads=1)
 
 
 def reseal(folder: Path, edit) -> None:

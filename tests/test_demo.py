@@ -10,8 +10,6 @@ import pytest
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.demo import DEMO_PROMPTS, run_demo
 from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.model import Model
 
 
@@ -22,8 +20,9 @@ def test_demo_runs_and_prints_each_prompt(tmp_path, capsys):
     and the speed-up line."""
     out = tmp_path / "demo"
     build(BuildOptions(model="tiny-wan", out=out / "tiny-wan", max_batch=len(DEMO_PROMPTS)), log=lambda _: None)
-    bundle = Bundle.load(out / "tiny-wan")
-    calibration = calibrate(Model(bundle, open_backend(bundle, threads=1)), CalibrationPlan(samples=2, steps=8))
+    engine = Model.open(out / "tiny-wan", threads=1)
+    bundle = engine.bundle
+    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8))
     bundle.write_tables(calibration.sensitivity, calibration.baselines)
     capsys.readouterr()
 

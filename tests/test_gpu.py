@@ -70,8 +70,6 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     import torch
 
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
-    from sencache.runtime.backends.base import open_backend
-    from sencache.runtime.bundle import Bundle
     from sencache.runtime.cache import NoCache
     from sencache.runtime.model import Model
     from sencache.runtime.request import Request
@@ -87,8 +85,8 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
         extra = ["--backend", "torch"]
     out = tmp_path / "bundle"
     assert main(["build", "--model", "tiny-ltx", "--max-batch", "2", "--out", str(out), *extra]) == 0
-    bundle = Bundle.load(out)
-    engine = Model(bundle, open_backend(bundle, device="cuda" if backend == "torch" else "cpu"))
+    engine = Model.open(out, device="cuda" if backend == "torch" else "cpu")
+    bundle = engine.bundle
     assert engine.backend.device.type == "cuda"
     bundle.write_tables(calibrate(engine, CalibrationPlan(samples=2), show_progress=False).sensitivity)
     knobs = {"eps_start": 0.2, "eps_main": 0.4, "max_reuse": 3}

@@ -5,7 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from sencache.runtime.cache import NoCache
+from sencache.runtime.cache import KNOBS, METHODS, Knob, NoCache, make_policy
+from sencache.runtime.cache.baselines import FixedPolicy, FixedSettings
+from sencache.runtime.cache.knobs import register_knob
+from sencache.runtime.cache.registry import RULES, Rule, register_rule
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
@@ -202,3 +205,31 @@ def test_online_knobs_are_checked_and_belong_to_the_online_rule():
         SenCacheOnlineSettings(0.1, 1.0, 3, online_bound=0.5)
     with pytest.raises(BadInput, match="does not apply"):
         check_knobs("sencache", {"online_rate": 0.3})
+
+
+def test_a_new_rule_is_its_module_and_an_import_line() -> None:
+    """What docs/development.md shows: a rule and its knob registered (as a new module would) are
+    known to the method list, the knob table and its checks, and the factory, with nothing else edited."""
+    register_knob(Knob("period", int, 1, 10, "every-third: run every period-th step"))
+    register_rule(
+        Rule(
+            "every-third",
+            "run every third step",
+            ("period", "warmup"),
+            lambda knobs, context: FixedPolicy(
+                FixedSettings(knobs.get("period", 3), knobs.get("warmup", 0)), context.steps, context.batch
+            ),
+        )
+    )
+    try:
+        assert METHODS["every-third"] == "run every third step"
+        assert KNOBS["period"].methods == ("every-third",)
+        assert KNOBS["warmup"].methods == ("fixed", "every-third")
+        policy = make_policy("every-third", {}, 9, 2, None, 1)  # a rule that needs nothing never reads the bundle
+        assert [bool(policy.decide(i, 0.0).run[0]) for i in range(9)] == [i in (0, 3, 6, 8) for i in range(9)]
+        with pytest.raises(BadInput, match=r"period must be an integer in \[1, 10\], got 11"):
+            make_policy("every-third", {"period": 11}, 9, 2, None, 1)
+        with pytest.raises(BadInput, match="eps_main does not apply to cache 'every-third'"):
+            make_policy("every-third", {"eps_main": 0.1}, 9, 2, None, 1)
+    finally:
+        del RULES["every-third"], METHODS["every-third"], KNOBS["period"]

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import StepDecision
 from sencache.runtime.model import Model
 from sencache.runtime.request import Request
@@ -54,12 +52,13 @@ class Denoiser:
     """One request (batch 1) of `bundle_dir` stepped one step per ask/answer pair."""
 
     def __init__(self, bundle_dir: str, prompt: str, seed: int, steps: int) -> None:
-        bundle = Bundle.load(Path(bundle_dir))
-        self.model = Model(bundle, open_backend(bundle, None, threads=1, device="cpu"))
+        self.model = Model.open(bundle_dir, threads=1)
         self.numel = self.model.numel
         self.engine = StepEngine(self.model)
         self.rule = ExternalRule()
-        self.id = self.engine.submit(Request([prompt], [seed], steps, bundle.manifest.defaults.guidance), self.rule)
+        self.id = self.engine.submit(
+            Request([prompt], [seed], steps, self.model.bundle.manifest.defaults.guidance), self.rule
+        )
         self.worker: threading.Thread | None = None
 
     def ask(self) -> tuple[int, float, bytes | None] | None:

@@ -22,8 +22,6 @@ import torch
 from sencache.console.output import progress
 from sencache.data.clips import RGB, STEP
 from sencache.data.grammar import COLOURS, DIRECTIONS, PromptSpec
-from sencache.runtime.backends.base import open_backend
-from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
@@ -121,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the per-clip readings here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    bundle = Bundle.load(args.engine)
-    report = evaluate(Model(bundle, open_backend(bundle, threads=1)))
+    engine = Model.open(args.engine, threads=1)
+    bundle = engine.bundle
+    report = evaluate(engine)
     print(
         f"{bundle.manifest.model}: colour {report['colour_accuracy']:.0%} (chance 12%), "
         f"motion {report['motion_accuracy']:.0%} (chance 20%) over {report['clips']} one-object clips on black"

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 
@@ -47,20 +48,9 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
             f"backend {name}: bundle {bundle.path} was built for {bundle.manifest.backend}; build another for {name}",
             param="backend",
         )
-    if name == "torch":
-        from sencache.runtime.backends.torch_backend import TorchBackend
-
-        return TorchBackend(bundle, threads=threads, device=device)
-    if device != "cpu":
+    backend = BACKENDS[name]
+    if device != "cpu" and not backend.takes_device:
         raise BadInput(
             f"device {device} applies to torch bundles; a {name} bundle picks its own device", param="device"
         )
-    if name == "onnxruntime":
-        from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(bundle, threads=threads)
-    if name in ("tensorrt", "tensorrt-rtx"):
-        from sencache.runtime.backends.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(bundle)
-    raise BadInput(f"bundle {bundle.path}: backend {name!r} is not supported by this runtime")
+    return backend.open(bundle, threads, device)

@@ -47,7 +47,7 @@ class TensorRTBackend(StageBackend):
     def __init__(self, bundle: Bundle) -> None:
         record = bundle.manifest.tensorrt
         assert record is not None, "Manifest.parse sets the tensorrt record of a TensorRT bundle"
-        module = record["module"]
+        module = record.module
         try:
             trt = importlib.import_module(module)
         except ImportError:
@@ -55,9 +55,9 @@ class TensorRTBackend(StageBackend):
                 f"bundle {bundle.path} holds {module} engines; install {module} "
                 f"({'pip install tensorrt-rtx-cu13' if module == 'tensorrt_rtx' else 'from NVIDIA'})"
             ) from None
-        if trt.__version__ != record["version"]:
+        if trt.__version__ != record.version:
             raise BadInput(
-                f"bundle {bundle.path} was built with {module} {record['version']}; this machine has "
+                f"bundle {bundle.path} was built with {module} {record.version}; this machine has "
                 f"{trt.__version__}: rebuild the bundle here"
             )
         if not torch.cuda.is_available():
@@ -68,7 +68,7 @@ class TensorRTBackend(StageBackend):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.gpu = torch.cuda.get_device_name(self.device)
         major, minor = torch.cuda.get_device_capability(self.device)
-        target, here = record["compute_capability"], f"SM{major}{minor}"
+        target, here = record.compute_capability, f"SM{major}{minor}"
         if module == "tensorrt_rtx" and target != here:
             raise BadInput(
                 f"bundle {bundle.path} was built for {target}; this GPU ({self.gpu}) is {here}: "
@@ -88,7 +88,7 @@ class TensorRTBackend(StageBackend):
             if engine is None:
                 raise BadInput(
                     f"bundle {bundle.path}: {module} cannot load {stage}.engine on {self.gpu} "
-                    f"(built for {target} with {record['version']})"
+                    f"(built for {target} with {record.version})"
                 )
             names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
             if names != {*spec.inputs, *spec.outputs}:

@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from sencache.runtime.cache.registry import Rule, register_rule
+
 
 @dataclass(frozen=True)
 class StepDecision:
@@ -91,3 +93,13 @@ class NoCache:
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
     ) -> StepDecision:
         return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)
+
+
+register_rule(
+    Rule(
+        "none",
+        "no cache: every step runs every sample (the reference)",
+        (),
+        lambda _, context: NoCache(context.batch),
+    )
+)

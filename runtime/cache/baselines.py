@@ -16,6 +16,7 @@ import numpy as np
 
 from sencache.runtime.cache.base import StepDecision, forced_step, relative_l1
 from sencache.runtime.cache.knobs import check_settings
+from sencache.runtime.cache.registry import DefaultsSection, Rule, RuleContext, register_defaults, register_rule
 from sencache.runtime.errors import BadInput
 
 
@@ -53,6 +54,16 @@ class FixedPolicy:
         forced = forced_step(step, self.num_steps, self.config.force_last)
         run = forced or step < self.config.warmup or step % self.config.interval == 0
         return StepDecision(np.full(self.batch, run), np.full(self.batch, np.nan), math.nan, forced)
+
+
+@dataclass(frozen=True)
+class TeaCacheDefaults:
+    """The bundle's default TeaCache knobs (the manifest's defaults.teacache)."""
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        check_settings(self, "threshold")
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,18 @@ class TeaCachePolicy:
         self.accumulated[run] = 0.0
         self.previous = current
         return StepDecision(run, score, self.config.threshold, forced)
+
+
+@dataclass(frozen=True)
+class MagCacheDefaults:
+    """The bundle's default MagCache knobs (the manifest's defaults.magcache)."""
+
+    threshold: float
+    max_reuse: int
+    retention: float
+
+    def __post_init__(self) -> None:
+        check_settings(self, "threshold", "max_reuse", "retention")
 
 
 @dataclass(frozen=True)
@@ -231,3 +254,54 @@ def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {value!r}")
     return float(value)
+
+
+def _teacache(knobs: dict[str, Any], context: RuleContext) -> TeaCachePolicy:
+    coefficients = context.baselines().teacache_coefficients
+    return TeaCachePolicy(
+        TeaCacheSettings(**{**context.defaults, **knobs}, coefficients=coefficients), context.steps, context.batch
+    )
+
+
+def _magcache(knobs: dict[str, Any], context: RuleContext) -> MagCachePolicy:
+    ratios = context.baselines().magcache_ratios
+    if ratios is None:
+        raise BadInput(
+            f"no MagCache ratios are published for {context.bundle.manifest.model}: calibrate the bundle "
+            f"(`sencache calibrate`) to measure them"
+        )
+    return MagCachePolicy(
+        MagCacheSettings(**{**context.defaults, **knobs}, ratios=ratios), context.steps, context.batch
+    )
+
+
+register_rule(
+    Rule(
+        "fixed",
+        "run every interval-th step, reuse the others",
+        ("interval", "warmup"),
+        lambda knobs, context: FixedPolicy(FixedSettings(**{"interval": 2, **knobs}), context.steps, context.batch),
+    )
+)
+register_defaults(DefaultsSection("teacache", TeaCacheDefaults))
+register_rule(
+    Rule(
+        "teacache",
+        "TeaCache: reuse while the accumulated rescaled change of the modulated input stays small",
+        ("threshold",),
+        _teacache,
+        ("baselines",),
+        section="teacache",
+    )
+)
+register_defaults(DefaultsSection("magcache", MagCacheDefaults))
+register_rule(
+    Rule(
+        "magcache",
+        "MagCache: reuse while the accumulated residual-magnitude error stays small",
+        ("threshold", "max_reuse", "retention"),
+        _magcache,
+        ("baselines",),
+        section="magcache",
+    )
+)

@@ -21,6 +21,7 @@ import numpy as np
 
 from sencache.runtime.cache.base import CachePolicy, StepDecision
 from sencache.runtime.cache.knobs import BUDGET_TARGETS, SPEEDS
+from sencache.runtime.cache.registry import Rule, register_rule
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
@@ -276,3 +277,17 @@ class SenCacheHardBudget(SenCachePolicy):
         self.spent += run
         self._commit(step, t, run)
         return StepDecision(run, score, math.nan, forced)
+
+
+register_rule(
+    Rule(
+        "sencache",
+        "SenCache held to an NFE budget",
+        (*BUDGET_TARGETS, "budget"),
+        lambda knobs, context: make_budget_policy(
+            knobs, context.sensitivity(), context.steps, context.batch, context.numel
+        ),
+        ("sensitivity",),
+        selected_by=BUDGET_TARGETS,
+    )
+)

@@ -1,6 +1,7 @@
-"""The one table of cache methods and their knobs: the command line, the Python API, the server
-and the cache rules' own settings all read it, so a knob is named, typed, bounded and explained
-once. Its errors name the knob as the Python API does (each front end spells it its own way)."""
+"""The one table of cache knobs: the command line, the Python API, the server and the cache rules'
+own settings all read it, so a knob is named, typed, bounded and explained once; which methods
+take a knob is what the rules register (`registry`). Its errors name the knob as the Python API
+does (each front end spells it its own way)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sencache.runtime.cache.registry import RULES, rule_knobs
 from sencache.runtime.conventions import NAMES as CONVENTIONS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS
@@ -23,7 +25,6 @@ class Knob:
     low: float
     high: float
     help: str
-    methods: tuple[str, ...]
     choices: tuple[str, ...] = ()
     """The values a str knob takes."""
 
@@ -47,19 +48,12 @@ class Knob:
             raise wrong
         return number
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The cache methods that take this knob, in the order they are registered."""
+        return tuple(method for method, rules in RULES.items() if any(self.name in r.knobs for r in rules))
 
-METHODS: dict[str, str] = {
-    "none": "no cache: every step runs every sample (the reference)",
-    "sencache": "SenCache: reuse while the sensitivity-weighted drift from the anchor stays below eps",
-    "sencache-max": "SenCache with the larger of the anchor's and the current sensitivities",
-    "sencache-online": "SenCache with a per-sample factor learnt online from the observed cost of reusing "
-    "(experimental)",
-    "fixed": "run every interval-th step, reuse the others",
-    "teacache": "TeaCache: reuse while the accumulated rescaled change of the modulated input stays small",
-    "magcache": "MagCache: reuse while the accumulated residual-magnitude error stays small",
-}
 
-_SENCACHE = ("sencache", "sencache-max", "sencache-online")
 SPEEDS: dict[str, float] = {"lossless": 0.9, "high": 0.75, "balanced": 0.6, "fast": 0.45}
 """Named NFE budgets of the `speed` knob, each the fraction of the steps a sample runs (a speed-up
 of 1/fraction at any step count); named for the trade-off they aim at, not a quality guarantee."""
@@ -69,9 +63,9 @@ BUDGET_MODES = ("threshold", "hard")
 KNOBS: dict[str, Knob] = {
     k.name: k
     for k in (
-        Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps", _SENCACHE),
-        Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that", _SENCACHE),
-        Knob("max_reuse", int, 0, MAX_STEPS, "sencache, magcache: most reuses in a row", (*_SENCACHE, "magcache")),
+        Knob("eps_start", float, 0.0, math.inf, "sencache: threshold of the first 20% of steps"),
+        Knob("eps_main", float, 0.0, math.inf, "sencache: threshold after that"),
+        Knob("max_reuse", int, 0, MAX_STEPS, "sencache, magcache: most reuses in a row"),
         Knob(
             "conventions",
             str,
@@ -79,7 +73,6 @@ KNOBS: dict[str, Knob] = {
             0,
             "sencache: engine (default) or reference (the authors' code for the model's "
             "family: step counting, forced steps, nearest-timestep table, fixed score constant)",
-            _SENCACHE,
             CONVENTIONS,
         ),
         Knob(
@@ -89,25 +82,10 @@ KNOBS: dict[str, Knob] = {
             1.0,
             "sencache-online: weight of the newest observed/predicted reuse-error log-ratio in each "
             "sample's moving average (0: plain sencache)",
-            ("sencache-online",),
         ),
-        Knob(
-            "online_bound",
-            float,
-            1.0,
-            1e6,
-            "sencache-online: the learnt factor stays within [1/bound, bound]",
-            ("sencache-online",),
-        ),
-        Knob(
-            "nfe",
-            int,
-            1,
-            MAX_STEPS,
-            "sencache: NFE budget per sample instead of eps (see budget)",
-            ("sencache",),
-        ),
-        Knob("speedup", float, 1.0, MAX_STEPS, "sencache: NFE budget as steps/NFE instead of eps", ("sencache",)),
+        Knob("online_bound", float, 1.0, 1e6, "sencache-online: the learnt factor stays within [1/bound, bound]"),
+        Knob("nfe", int, 1, MAX_STEPS, "sencache: NFE budget per sample instead of eps (see budget)"),
+        Knob("speedup", float, 1.0, MAX_STEPS, "sencache: NFE budget as steps/NFE instead of eps"),
         Knob(
             "speed",
             str,
@@ -115,7 +93,6 @@ KNOBS: dict[str, Knob] = {
             0,
             "sencache: a named NFE budget instead of eps, the fraction of steps run: "
             + ", ".join(f"{k} {v:g}" for k, v in SPEEDS.items()),
-            ("sencache",),
             tuple(SPEEDS),
         ),
         Knob(
@@ -125,29 +102,28 @@ KNOBS: dict[str, Knob] = {
             0,
             "sencache, with nfe/speedup/speed: threshold (default: eps chosen from calibrated curves, "
             "NFE on average) or hard (exactly that NFE for every sample)",
-            ("sencache",),
             BUDGET_MODES,
         ),
-        Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step", ("fixed",)),
-        Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps", ("fixed",)),
-        Knob(
-            "threshold",
-            float,
-            0.0,
-            math.inf,
-            "teacache, magcache: accumulated-error threshold",
-            ("teacache", "magcache"),
-        ),
-        Knob("retention", float, 0.0, 1.0, "magcache: fraction of first steps always run", ("magcache",)),
+        Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step"),
+        Knob("warmup", int, 0, MAX_STEPS, "fixed: run all of the first W steps"),
+        Knob("threshold", float, 0.0, math.inf, "teacache, magcache: accumulated-error threshold"),
+        Knob("retention", float, 0.0, 1.0, "magcache: fraction of first steps always run"),
     )
 }
 
 
+def register_knob(knob: Knob) -> Knob:
+    """Add a knob that a newly registered rule takes (the table's own knobs are listed above)."""
+    if knob.name in KNOBS:
+        raise ValueError(f"cache knob {knob.name!r} is registered twice")
+    KNOBS[knob.name] = knob
+    return knob
+
+
 def method_knobs(method: str) -> tuple[str, ...]:
-    """The knobs `method` takes, or a BadInput listing the methods."""
-    if method not in METHODS:
-        raise BadInput(f"unknown cache method {method!r} (choose from {', '.join(METHODS)})")
-    return tuple(name for name, knob in KNOBS.items() if method in knob.methods)
+    """The knobs `method` takes, in the table's order, or a BadInput listing the methods."""
+    allowed = rule_knobs(method)
+    return tuple(name for name in KNOBS if name in allowed)
 
 
 def check_knobs(method: str, knobs: Mapping[str, object] | None) -> dict[str, int | float | str]:

@@ -12,9 +12,30 @@ import numpy as np
 
 from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.cache.knobs import check_settings
+from sencache.runtime.cache.registry import (
+    DefaultsSection,
+    Need,
+    Rule,
+    RuleContext,
+    register_defaults,
+    register_rule,
+)
 from sencache.runtime.conventions import SenCacheConventions, engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
+
+
+@dataclass(frozen=True)
+class SenCacheDefaults:
+    """The bundle's calibrated SenCache knobs (the manifest's defaults.sencache), shared by every
+    SenCache variant."""
+
+    eps_start: float
+    eps_main: float
+    max_reuse: int
+
+    def __post_init__(self) -> None:
+        check_settings(self, "eps_start", "eps_main", "max_reuse")
 
 
 @dataclass(frozen=True)
@@ -233,3 +254,55 @@ class SenCacheOnlinePolicy(SenCachePolicy):
             ratio = np.clip(np.log(error[seen] / self.predicted[seen]), -self.log_bound, self.log_bound)
         self.log_factor[seen] = (1.0 - self.rate) * self.log_factor[seen] + self.rate * ratio
         self.observations[seen] += 1
+
+
+def _conventions(settings: SenCacheSettings, context: RuleContext) -> SenCacheConventions | None:
+    return context.reference() if settings.conventions == "reference" else None
+
+
+def _build(settings: SenCacheSettings, context: RuleContext, rule: type[SenCachePolicy]) -> SenCachePolicy:
+    return rule(
+        settings, context.sensitivity(), context.steps, context.batch, context.numel, _conventions(settings, context)
+    )
+
+
+def _online(knobs: dict[str, Any], context: RuleContext) -> SenCachePolicy:
+    settings = SenCacheOnlineSettings(**{**context.defaults, **knobs})
+    return SenCacheOnlinePolicy(
+        settings, context.sensitivity(), context.steps, context.batch, context.numel, _conventions(settings, context)
+    )
+
+
+register_defaults(DefaultsSection("sencache", SenCacheDefaults, required=True))
+_THRESHOLDS = ("eps_start", "eps_main", "max_reuse", "conventions")
+_NEEDS: tuple[Need, ...] = ("sensitivity", "reference")
+register_rule(
+    Rule(
+        "sencache",
+        "SenCache: reuse while the sensitivity-weighted drift from the anchor stays below eps",
+        _THRESHOLDS,
+        lambda knobs, context: _build(SenCacheSettings(**{**context.defaults, **knobs}), context, SenCachePolicy),
+        _NEEDS,
+        section="sencache",
+    )
+)
+register_rule(
+    Rule(
+        "sencache-max",
+        "SenCache with the larger of the anchor's and the current sensitivities",
+        _THRESHOLDS,
+        lambda knobs, context: _build(SenCacheSettings(**{**context.defaults, **knobs}), context, SenCacheMaxPolicy),
+        _NEEDS,
+        section="sencache",
+    )
+)
+register_rule(
+    Rule(
+        "sencache-online",
+        "SenCache with a per-sample factor learnt online from the observed cost of reusing (experimental)",
+        (*_THRESHOLDS, "online_rate", "online_bound"),
+        _online,
+        _NEEDS,
+        section="sencache",
+    )
+)

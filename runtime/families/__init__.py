@@ -1,14 +1,14 @@
-"""Model-family adapters and the registry of named models."""
+"""Model-family adapters and the registry of named models. Each adapter registers itself
+(`@register_family`); a new family is its module and an import line here."""
 
 from __future__ import annotations
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes, StageLayout
-from sencache.runtime.families.cogvideox import CogVideoXAdapter
-from sencache.runtime.families.ltx import LTXAdapter
-from sencache.runtime.families.wan import WanAdapter
+from sencache.runtime.families import wan  # noqa: F401  (registers first: the order of ADAPTERS)
 
-ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in (WanAdapter(), CogVideoXAdapter(), LTXAdapter())}
+# isort: split
+from sencache.runtime.families import cogvideox, ltx  # noqa: F401
+from sencache.runtime.families.base import ADAPTERS, FamilyAdapter, ModelPreset, Shapes, StageLayout
 
 
 def resolve(model: str) -> tuple[FamilyAdapter, ModelPreset]:

@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -354,3 +354,18 @@ def check_weights(preset: ModelPreset, weights: Path | None) -> Path | None:
             param="weights",
         )
     return None
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {}
+"""The adapter of each registered family, by family name."""
+
+Adapter = TypeVar("Adapter", bound=type[FamilyAdapter])
+
+
+def register_family(cls: Adapter) -> Adapter:
+    """Class decorator: register one instance of the adapter `cls` under its family name."""
+    adapter = cls()
+    if adapter.family in ADAPTERS:
+        raise ValueError(f"model family {adapter.family!r} is registered twice")
+    ADAPTERS[adapter.family] = adapter
+    return cls

@@ -20,7 +20,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout, register_family
 from sencache.runtime.tiny_text import MAX_TOKENS
 
 if TYPE_CHECKING:
@@ -256,6 +256,7 @@ def _noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tenso
     return draws.pin_memory().to(like.device, non_blocking=True)
 
 
+@register_family
 class CogVideoXAdapter(FamilyAdapter):
     family = "cogvideox"
     layout = StageLayout(

@@ -20,7 +20,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout, register_family
 from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, TinyTextEncoder, tokenize
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ class LTXSampler(Sampler):
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
 
 
+@register_family
 class LTXAdapter(FamilyAdapter):
     family = "ltx"
     layout = StageLayout(

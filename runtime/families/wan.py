@@ -15,7 +15,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout
+from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout, register_family
 from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_text import MAX_TOKENS
 
@@ -236,6 +236,7 @@ class _Tail(nn.Module):
         return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
+@register_family
 class WanAdapter(FamilyAdapter):
     family = "wan"
     layout = StageLayout(
