@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import MAX_STEPS, Defaults
 
 if TYPE_CHECKING:
+    import torch
+
     from sencache.runtime.cache import CachePolicy
     from sencache.runtime.families.base import Sampler
 
@@ -224,6 +225,7 @@ class RequestState:
         return Progress(self.state, self.step, self.request.steps, self.nfe)
 
     def release(self) -> None:
-        """Drop what an ended request holds on the device and its sampler."""
-        self.x = self.anchor = self.text = torch.empty(0)
+        """Drop what an ended request holds on the device and its sampler (request.py imports no torch,
+        so that front ends check a request before they load any model code)."""
+        self.x, self.anchor, self.text = self.x.new_empty(0), self.anchor.new_empty(0), self.text.new_empty(0)
         self.cache, self.sampler, self.generators = None, None, []

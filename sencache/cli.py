@@ -15,7 +15,8 @@ from pathlib import Path
 from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
 from sencache.engine_builder.build_engine import HELP as BUILD_HELP
 from sencache.engine_builder.build_engine import add_build_arguments, failure, run_build
-from sencache.runtime.cache.knobs import BUDGET_TARGETS, KNOBS, METHODS, Knob
+from sencache.runtime.cache import KNOBS, METHODS, Knob
+from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
