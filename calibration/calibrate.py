@@ -58,7 +58,7 @@ from sencache.runtime.cache.budget import record_curves
 from sencache.runtime.cache.sencache import SenCachePolicy
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import Sampler
-from sencache.runtime.manifest import MAX_STEPS
+from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
 from sencache.runtime.preparation import sample_generators

@@ -20,7 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, overload
 
 from sencache.runtime.backends.registry import BACKENDS
+from sencache.runtime.cache import KNOBS
+from sencache.runtime.cache.registry import SECTIONS
 from sencache.runtime.errors import BadInput
+from sencache.runtime.limits import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, MAX_STEPS
 
 FORMAT = "sencache-bundle/3"
 MANIFEST = "manifest.json"
@@ -29,11 +32,6 @@ SENSITIVITY = "sensitivity.json"
 BASELINES = "baselines.json"
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STAGES = ("head", "blocks", "tail")
-MAX_FRAMES = 1024
-MAX_PIXELS = 8192
-MAX_BATCH = 64
-MAX_STEPS = 1000
-"""The most denoising steps a request may ask for (published schedules use 20-100)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -418,10 +416,6 @@ def _shapes(shapes: _Fields) -> BundleShapes:
 
 
 def _defaults(defaults: _Fields) -> Defaults:
-    # The cache package reads MAX_STEPS from here, so its registry is imported when first needed.
-    from sencache.runtime.cache.knobs import KNOBS
-    from sencache.runtime.cache.registry import SECTIONS
-
     steps = defaults.integer("steps", 1, MAX_STEPS)
     guidance = defaults.number("guidance", 0.0)
     cache = {}

@@ -16,7 +16,8 @@ import numpy as np
 
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import MAX_STEPS, Defaults
+from sencache.runtime.limits import MAX_STEPS
+from sencache.runtime.manifest import Defaults
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,8 @@ from sencache.runtime.cache import KNOBS, METHODS, Knob
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
-from sencache.runtime.manifest import MAX_STEPS, SENSITIVITY, read_manifest
+from sencache.runtime.limits import MAX_STEPS
+from sencache.runtime.manifest import SENSITIVITY, read_manifest
 from sencache.runtime.request import SAMPLINGS
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help
 

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from sencache.runtime.cache import KNOBS, METHODS, check_knobs
 from sencache.runtime.errors import BadInput
+from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.manifest import Defaults
-from sencache.runtime.request import MAX_STEPS, SAMPLINGS
+from sencache.runtime.request import SAMPLINGS
 
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 

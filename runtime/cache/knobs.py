@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sencache.runtime.cache.registry import RULES, rule_knobs
 from sencache.runtime.conventions import NAMES as CONVENTIONS
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import MAX_STEPS
+from sencache.runtime.limits import MAX_STEPS
 
 
 @dataclass(frozen=True)

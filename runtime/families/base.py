@@ -21,6 +21,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
+from sencache.runtime.manifest import scheduler_class
 from sencache.runtime.weights import transformer_folder
 
 if TYPE_CHECKING:
@@ -323,7 +324,6 @@ class FamilyAdapter(ABC):
 
     def make_scheduler(self, preset: ModelPreset, config: dict[str, Any] | None = None):
         """A fresh diffusers scheduler, from the bundle's stored config or the preset's."""
-        from sencache.runtime.manifest import scheduler_class
 
         config = dict(config or self.scheduler_config(preset))
         cls = scheduler_class(config)
