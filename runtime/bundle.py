@@ -50,8 +50,8 @@ class Bundle:
         manifest, digest = schema.read_manifest(path)
         try:
             bundle = cls(path, manifest, digest)
-            bundle._check_family()
-            bundle._check_files()
+            _check_family(bundle)
+            _check_files(bundle)
         except BadInput as e:
             raise BadInput(f"bundle {path}: {e}") from None
         return bundle
@@ -62,53 +62,6 @@ class Bundle:
         files as they are now, checksummed here, so the builder's own runs (fp8 calibration) read
         them through the same checks as a loaded bundle."""
         return cls(Path(folder), manifest.replace(files=list_files(folder)), digest="")
-
-    def _check_family(self) -> None:
-        """The manifest agrees with its family: known model, stage names, shapes, scheduler."""
-        adapter = self.adapter
-        preset = self.preset
-        for stage, (inputs, outputs) in adapter.layout.stage_io.items():
-            spec = self.manifest.stages[stage]
-            if spec.inputs != inputs or spec.outputs != outputs:
-                raise BadInput(
-                    f"stages.{stage} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
-                    f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}"
-                )
-        try:
-            latent = adapter.latent_shape(preset, self.shapes)
-            text = adapter.text_shape(preset)
-            adapter.make_scheduler(preset, self.manifest.scheduler)
-        except BadInput:
-            raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
-            raise BadInput(f"config or scheduler do not fit the {adapter.family} family: {e}") from None
-        shapes = self.manifest.shapes
-        if shapes.latent != tuple(latent):
-            raise BadInput(
-                f"shapes.latent {list(shapes.latent)} is not the {list(latent)} that frames, height and width give"
-            )
-        if shapes.text != tuple(text):
-            raise BadInput(f"shapes.text {list(shapes.text)} is not the model's {list(text)}")
-
-    def _check_files(self) -> None:
-        """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
-        files = self.manifest.files
-        needed = [self.manifest.stages[s].file for s in schema.STAGES]
-        if self.manifest.text_encoder.kind == "tiny":
-            assert self.manifest.text_encoder.file is not None, "Manifest.parse sets a tiny encoder's file"
-            needed.append(self.manifest.text_encoder.file)
-        for name in (SENSITIVITY, BASELINES):
-            if (self.path / name).exists() or (self.path / name).is_symlink():
-                needed.append(name)
-        for name in needed:
-            if name not in files and not any(listed.startswith(name + "/") for listed in files):
-                raise BadInput(f"{name} is not listed in {MANIFEST}'s files: it cannot be verified")
-        for name, entry in files.items():
-            file = self._inside(name)
-            if not file.is_file():
-                raise BadInput(f"file {name} is missing")
-            if file.stat().st_size != entry.bytes:
-                raise BadInput(f"file {name} does not match its checksum in {MANIFEST} (size differs)")
 
     def _inside(self, name: str) -> Path:
         """The path of a listed name, refusing links and anything that resolves outside the bundle."""
@@ -179,7 +132,7 @@ class Bundle:
         """The sensitivity table, read, verified and parsed on first use. Shared: callers do not change it."""
         if SENSITIVITY not in self.manifest.files:
             raise BadInput(f"no sensitivity table in {self.path}: calibrate it first (`sencache calibrate`)")
-        table = self._table(SENSITIVITY, SensitivityTable.parse)
+        table = _parsed(self, SENSITIVITY, SensitivityTable.parse)
         assert isinstance(table, SensitivityTable)
         return table
 
@@ -191,17 +144,9 @@ class Bundle:
         """The baseline tables, read, verified and parsed on first use. Shared: callers do not change them."""
         if BASELINES not in self.manifest.files:
             raise BadInput(f"no baseline tables in {self.path}: calibrate it first (`sencache calibrate`)")
-        tables = self._table(BASELINES, BaselineTables.parse)
+        tables = _parsed(self, BASELINES, BaselineTables.parse)
         assert isinstance(tables, BaselineTables)
         return tables
-
-    def _table(
-        self, name: str, parse: Callable[[bytes, str], SensitivityTable | BaselineTables]
-    ) -> SensitivityTable | BaselineTables:
-        with self._tables_lock:
-            if name not in self._tables:
-                self._tables[name] = parse(self.read(name), f"{self.path / name}")
-            return self._tables[name]
 
     def write_tables(
         self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None
@@ -254,3 +199,62 @@ def write_manifest(folder: Path, manifest: Manifest) -> tuple[Manifest, str]:
     write_atomic(folder / MANIFEST, data)
     write_atomic(folder / DIGEST, f"{digest}  {MANIFEST}\n".encode())
     return manifest, digest
+
+
+def _check_family(bundle: Bundle) -> None:
+    """The manifest agrees with its family: known model, stage names, shapes, scheduler."""
+    adapter = bundle.adapter
+    preset = bundle.preset
+    for stage, (inputs, outputs) in adapter.layout.stage_io.items():
+        spec = bundle.manifest.stages[stage]
+        if spec.inputs != inputs or spec.outputs != outputs:
+            raise BadInput(
+                f"stages.{stage} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
+                f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}"
+            )
+    try:
+        latent = adapter.latent_shape(preset, bundle.shapes)
+        text = adapter.text_shape(preset)
+        adapter.make_scheduler(preset, bundle.manifest.scheduler)
+    except BadInput:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        raise BadInput(f"config or scheduler do not fit the {adapter.family} family: {e}") from None
+    shapes = bundle.manifest.shapes
+    if shapes.latent != tuple(latent):
+        raise BadInput(
+            f"shapes.latent {list(shapes.latent)} is not the {list(latent)} that frames, height and width give"
+        )
+    if shapes.text != tuple(text):
+        raise BadInput(f"shapes.text {list(shapes.text)} is not the model's {list(text)}")
+
+
+def _check_files(bundle: Bundle) -> None:
+    """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
+    files = bundle.manifest.files
+    needed = [bundle.manifest.stages[s].file for s in schema.STAGES]
+    if bundle.manifest.text_encoder.kind == "tiny":
+        assert bundle.manifest.text_encoder.file is not None, "Manifest.parse sets a tiny encoder's file"
+        needed.append(bundle.manifest.text_encoder.file)
+    for name in (SENSITIVITY, BASELINES):
+        if (bundle.path / name).exists() or (bundle.path / name).is_symlink():
+            needed.append(name)
+    for name in needed:
+        if name not in files and not any(listed.startswith(name + "/") for listed in files):
+            raise BadInput(f"{name} is not listed in {MANIFEST}'s files: it cannot be verified")
+    for name, entry in files.items():
+        file = bundle._inside(name)
+        if not file.is_file():
+            raise BadInput(f"file {name} is missing")
+        if file.stat().st_size != entry.bytes:
+            raise BadInput(f"file {name} does not match its checksum in {MANIFEST} (size differs)")
+
+
+def _parsed(
+    bundle: Bundle, name: str, parse: Callable[[bytes, str], SensitivityTable | BaselineTables]
+) -> SensitivityTable | BaselineTables:
+    """Table `name` of `bundle`, read, verified and parsed once per loaded bundle (under its lock)."""
+    with bundle._tables_lock:
+        if name not in bundle._tables:
+            bundle._tables[name] = parse(bundle.read(name), f"{bundle.path / name}")
+        return bundle._tables[name]

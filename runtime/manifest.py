@@ -349,15 +349,7 @@ class Manifest:
         shapes = _shapes(m.obj("shapes"))
         precision = m.text("precision", PRECISIONS)
         backend = m.text("backend", tuple(BACKENDS))
-        stages = {}
-        section = m.obj("stages")
-        for stage in STAGES:
-            spec = section.obj(stage)
-            stages[stage] = Stage(
-                plain_name(spec.text("file"), spec.name("file")),
-                tuple(spec.names("inputs")),
-                tuple(spec.names("outputs")),
-            )
+        stages = _stages(m.obj("stages"))
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
         tensorrt = TensorRTRecord.parse(m.get("tensorrt")) if BACKENDS[backend].engine_module else None
         scheduler = m.obj("scheduler")
@@ -365,16 +357,7 @@ class Manifest:
         defaults = _defaults(m.obj("defaults"))
         text_encoder = _text_encoder(m.obj("text_encoder"))
         weights_source = m.text("weights_source", optional=True)
-        files = {}
-        listing = m.obj("files")
-        for name in listing.value:
-            plain_name(name, "files")
-            entry = listing.obj(name)
-            size = entry.integer("bytes", 0, 2**50)
-            digest = entry.text("sha256")
-            if not _SHA256.fullmatch(digest):
-                raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
-            files[name] = FileEntry(size, digest)
+        files = _files(m.obj("files"))
         return cls(
             model=model,
             family=family,
@@ -397,6 +380,31 @@ class Manifest:
             tensorrt=tensorrt,
             files=files,
         )
+
+
+def _stages(section: _Fields) -> dict[str, Stage]:
+    stages = {}
+    for stage in STAGES:
+        spec = section.obj(stage)
+        stages[stage] = Stage(
+            plain_name(spec.text("file"), spec.name("file")),
+            tuple(spec.names("inputs")),
+            tuple(spec.names("outputs")),
+        )
+    return stages
+
+
+def _files(listing: _Fields) -> dict[str, FileEntry]:
+    files = {}
+    for name in listing.value:
+        plain_name(name, "files")
+        entry = listing.obj(name)
+        size = entry.integer("bytes", 0, 2**50)
+        digest = entry.text("sha256")
+        if not _SHA256.fullmatch(digest):
+            raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
+        files[name] = FileEntry(size, digest)
+    return files
 
 
 def _shapes(shapes: _Fields) -> BundleShapes:

@@ -47,68 +47,56 @@ class TensorRTBackend(StageBackend):
     def __init__(self, bundle: Bundle) -> None:
         record = bundle.manifest.tensorrt
         assert record is not None, "Manifest.parse sets the tensorrt record of a TensorRT bundle"
-        module = record.module
-        try:
-            trt = importlib.import_module(module)
-        except ImportError:
-            raise BadInput(
-                f"bundle {bundle.path} holds {module} engines; install {module} "
-                f"({'pip install tensorrt-rtx-cu13' if module == 'tensorrt_rtx' else 'from NVIDIA'})"
-            ) from None
-        if trt.__version__ != record.version:
-            raise BadInput(
-                f"bundle {bundle.path} was built with {module} {record.version}; this machine has "
-                f"{trt.__version__}: rebuild the bundle here"
-            )
-        if not torch.cuda.is_available():
-            raise BadInput(
-                f"bundle {bundle.path} holds TensorRT engines, which need an NVIDIA GPU and a CUDA build of "
-                f"torch (this one, {torch.__version__}, sees no GPU)"
-            )
+        self.trt = _tensorrt(bundle, record.module, record.version)
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.gpu = torch.cuda.get_device_name(self.device)
         major, minor = torch.cuda.get_device_capability(self.device)
-        target, here = record.compute_capability, f"SM{major}{minor}"
-        if module == "tensorrt_rtx" and target != here:
+        here = f"SM{major}{minor}"
+        if record.module == "tensorrt_rtx" and record.compute_capability != here:
             raise BadInput(
-                f"bundle {bundle.path} was built for {target}; this GPU ({self.gpu}) is {here}: "
+                f"bundle {bundle.path} was built for {record.compute_capability}; this GPU ({self.gpu}) is {here}: "
                 f"rebuild it for compute capability {here}"
             )
-        self.trt = trt
-        self.name = "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt"
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self.name = "tensorrt-rtx" if record.module == "tensorrt_rtx" else "tensorrt"
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
         self.input_types: dict[str, dict[str, torch.dtype]] = {}
         self.output_buffers: dict[str, dict[str, torch.Tensor]] = {}
-        max_rows = bundle.manifest.shapes.max_rows
         for stage in STAGES:
-            spec = bundle.manifest.stages[stage]
-            engine = self.runtime.deserialize_cuda_engine(bundle.read(spec.file))
-            if engine is None:
-                raise BadInput(
-                    f"bundle {bundle.path}: {module} cannot load {stage}.engine on {self.gpu} "
-                    f"(built for {target} with {record.version})"
-                )
-            names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-            if names != {*spec.inputs, *spec.outputs}:
-                raise BadInput(
-                    f"bundle {bundle.path}: {spec.file} has tensors {sorted(names)}, not the {stage} "
-                    f"stage's {list(spec.inputs + spec.outputs)}"
-                )
-            context = engine.create_execution_context()
-            self.engines[stage], self.contexts[stage] = engine, context
-            self.input_types[stage], self.output_buffers[stage] = {}, {}
-            for i in range(engine.num_io_tensors):
-                name = engine.get_tensor_name(i)
-                dtype = _torch_dtype(trt, engine.get_tensor_dtype(name))
-                if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                    self.input_types[stage][name] = dtype
-                    continue
-                shape = [max_rows if d < 0 else d for d in engine.get_tensor_shape(name)]
-                buffer = torch.empty(shape, dtype=dtype, device=self.device)
-                context.set_tensor_address(name, buffer.data_ptr())
-                self.output_buffers[stage][name] = buffer
+            self._load(bundle, stage)
+
+    def _load(self, bundle: Bundle, stage: str) -> None:
+        """Deserialize `stage`'s engine, check its tensors against the manifest, make its execution
+        context and allocate its outputs for the bundle's most rows (bound once, reused by `run`)."""
+        trt, record, spec = self.trt, bundle.manifest.tensorrt, bundle.manifest.stages[stage]
+        assert record is not None, "a TensorRT bundle has its tensorrt record"
+        engine = self.runtime.deserialize_cuda_engine(bundle.read(spec.file))
+        if engine is None:
+            raise BadInput(
+                f"bundle {bundle.path}: {record.module} cannot load {stage}.engine on {self.gpu} "
+                f"(built for {record.compute_capability} with {record.version})"
+            )
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        if names != {*spec.inputs, *spec.outputs}:
+            raise BadInput(
+                f"bundle {bundle.path}: {spec.file} has tensors {sorted(names)}, not the {stage} "
+                f"stage's {list(spec.inputs + spec.outputs)}"
+            )
+        context = engine.create_execution_context()
+        self.engines[stage], self.contexts[stage] = engine, context
+        self.input_types[stage], self.output_buffers[stage] = {}, {}
+        max_rows = bundle.manifest.shapes.max_rows
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype = _torch_dtype(trt, engine.get_tensor_dtype(name))
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.input_types[stage][name] = dtype
+                continue
+            shape = [max_rows if d < 0 else d for d in engine.get_tensor_shape(name)]
+            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            context.set_tensor_address(name, buffer.data_ptr())
+            self.output_buffers[stage][name] = buffer
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         context = self.contexts[stage]
@@ -135,3 +123,26 @@ class TensorRTBackend(StageBackend):
             "device": self.gpu,
             "arch": f"sm_{major}{minor}",
         }
+
+
+def _tensorrt(bundle: Bundle, module: str, version: str) -> Any:
+    """The TensorRT module a bundle's engines were built with, at that version, on a machine with a
+    GPU; BadInput saying what to install or rebuild otherwise."""
+    try:
+        trt = importlib.import_module(module)
+    except ImportError:
+        raise BadInput(
+            f"bundle {bundle.path} holds {module} engines; install {module} "
+            f"({'pip install tensorrt-rtx-cu13' if module == 'tensorrt_rtx' else 'from NVIDIA'})"
+        ) from None
+    if trt.__version__ != version:
+        raise BadInput(
+            f"bundle {bundle.path} was built with {module} {version}; this machine has "
+            f"{trt.__version__}: rebuild the bundle here"
+        )
+    if not torch.cuda.is_available():
+        raise BadInput(
+            f"bundle {bundle.path} holds TensorRT engines, which need an NVIDIA GPU and a CUDA build of "
+            f"torch (this one, {torch.__version__}, sees no GPU)"
+        )
+    return trt
