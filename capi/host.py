@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache.knobs import KNOBS
 from sencache.runtime.errors import BadInput
@@ -89,9 +88,7 @@ class Host:
             bundle = Bundle.load(Path(bundle_dir))
         except BadInput as e:
             raise Refused(CORRUPT if Path(bundle_dir).is_dir() else NOT_FOUND, str(e)) from None
-        self.model = Model(
-            bundle, open_backend(bundle, None if backend == "auto" else backend, threads=threads, device=device)
-        )
+        self.model = Model.open(bundle, backend, device, threads)
         self.engine = StepEngine(self.model)
         self.known: set[int] = set()
         self.reported: set[int] = set()

@@ -45,11 +45,14 @@ class Model:
         """Guards what is made on first use (text encoder, components, CUDA stream) against threads."""
 
     @classmethod
-    def open(cls, path: Path | str, backend: str = "auto", device: str = "cpu", threads: int = 0) -> Model:
-        """The model of the bundle at `path`, checked on load, on `backend` ("auto": the one it
-        was built for; another is refused) with `threads` host threads (0: all cores) and, for
-        torch bundles, its modules on `device`."""
-        bundle = Bundle.load(Path(path))
+    def open(
+        cls, bundle: Bundle | Path | str, backend: str | None = "auto", device: str = "cpu", threads: int = 0
+    ) -> Model:
+        """The model of `bundle` (a loaded one, or the folder of one, checked on load) on `backend`
+        ("auto" or None: the one it was built for; another is refused) with `threads` host threads
+        (0: all cores) and, for torch bundles, its modules on `device`."""
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.load(Path(bundle))
         return cls(bundle, open_backend(bundle, None if backend == "auto" else backend, threads, device))
 
     def scheduler_config(self, sampling: str = "engine") -> dict[str, Any]:

@@ -41,7 +41,6 @@ def _calibrate(args: argparse.Namespace) -> None:
             f"tables, or calibrate a copy",
             param="overwrite",
         )
-    from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.model import Model
     from sencache.runtime.sensitivity import SensitivityTable
@@ -68,7 +67,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         sampling=args.sampling,
     )
     prompts = _calibration_prompts(args)
-    engine = Model(bundle, open_backend(bundle, threads=args.threads))
+    engine = Model.open(bundle, threads=args.threads)
     result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
     table = result.sensitivity
     bundle.write_tables(table, result.baselines)
@@ -103,7 +102,6 @@ def _generate(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
     read_manifest(args.engine)
     check_output(args.out, RUN, args.overwrite)
-    from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.files import check_free_space, staged_folder
     from sencache.runtime.model import Model
@@ -133,7 +131,7 @@ def _generate(args: argparse.Namespace) -> None:
     if bundle.manifest.text_encoder.kind == "tiny":
         for prompt in request.prompts:
             tokenize(prompt)  # the vocabulary and grammar, before the engine is opened
-    engine = Model(bundle, open_backend(bundle, args.backend, threads=args.threads, device=args.device))
+    engine = Model.open(bundle, args.backend, args.device, args.threads)
     engine.encode(request.prompts)
     policy = engine.policy(request.cache, request.steps, len(request.prompts), request.knobs)
     check_free_space(args.out.parent, run_bytes(bundle, len(request.prompts)), f"writing {args.out}")
@@ -170,7 +168,6 @@ def _bench(args: argparse.Namespace) -> None:
         run_bench,
     )
     from sencache.benchmarks.diffusers_peers import PEERS
-    from sencache.runtime.backends.base import open_backend
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.model import Model
 
@@ -193,7 +190,7 @@ def _bench(args: argparse.Namespace) -> None:
         quick=args.quick,
         repeats=(QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats,
     )
-    engine = Model(bundle, open_backend(bundle, threads=1))
+    engine = Model.open(bundle, threads=1)
     report = run_bench(engine, plan, args.out)
     print((args.out / "report.md").read_text())
     print(f"report: {args.out / 'report.json'}, plot: {args.out / 'quality_vs_nfe.png'} ({len(report['runs'])} runs)")
