@@ -1,19 +1,21 @@
-"""Shared fixtures: tiny bundles built once per session (tiny-wan on ONNX Runtime and PyTorch,
-tiny-cogvideox and tiny-ltx on ONNX Runtime)."""
+"""Shared fixtures: tiny bundles built once per test run and shared by every xdist worker (tiny-wan
+on ONNX Runtime, PyTorch and in FP8, tiny-cogvideox and tiny-ltx on ONNX Runtime, a calibrated
+tiny-wan), and helpers that open and tamper with bundles."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from bundle_cache import BundleCache
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.backends.base import open_backend
 from sencache.runtime.bundle import DIGEST, MANIFEST, Bundle
 from sencache.runtime.model import Model
 
@@ -21,6 +23,7 @@ torch.set_num_threads(1)
 
 
 BUILDS = {
+    "bundle_cache",
     "ort_bundle",
     "torch_bundle",
     "cogvideox_bundle",
@@ -40,43 +43,57 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def ort_bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny-wan-ort"
-    build(BuildOptions(model="tiny-wan", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
-    return out
+def bundle_cache(tmp_path_factory) -> BundleCache:
+    """The run's shared bundles: under the base folder all xdist workers of this run share."""
+    base = tmp_path_factory.getbasetemp()
+    return BundleCache((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "bundles")
+
+
+def built(cache: BundleCache, **options) -> Path:
+    """The shared bundle `build` makes with `options` (quietly)."""
+    return cache.get("build", lambda out: build(BuildOptions(out=out, **options), log=lambda _: None), **options)
 
 
 @pytest.fixture(scope="session")
-def torch_bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny-wan-torch"
-    build(BuildOptions(model="tiny-wan", out=out, backend="torch", max_batch=3), log=lambda _: None)
-    return out
+def ort_bundle(bundle_cache) -> Path:
+    return built(bundle_cache, model="tiny-wan", backend="onnxruntime", max_batch=3)
 
 
 @pytest.fixture(scope="session")
-def cogvideox_bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny-cogvideox-ort"
-    build(BuildOptions(model="tiny-cogvideox", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
-    return out
+def torch_bundle(bundle_cache) -> Path:
+    return built(bundle_cache, model="tiny-wan", backend="torch", max_batch=3)
 
 
 @pytest.fixture(scope="session")
-def ltx_bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "tiny-ltx-ort"
-    build(BuildOptions(model="tiny-ltx", out=out, backend="onnxruntime", max_batch=3), log=lambda _: None)
-    return out
+def cogvideox_bundle(bundle_cache) -> Path:
+    return built(bundle_cache, model="tiny-cogvideox", backend="onnxruntime", max_batch=3)
 
 
 @pytest.fixture(scope="session")
-def calibrated_bundle(ort_bundle, tmp_path_factory) -> Path:
-    """A copy of the ONNX bundle with a small measured sensitivity table."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny-wan-calibrated"
-    shutil.copytree(ort_bundle, out)
+def ltx_bundle(bundle_cache) -> Path:
+    return built(bundle_cache, model="tiny-ltx", backend="onnxruntime", max_batch=3)
+
+
+@pytest.fixture(scope="session")
+def fp8_bundle(bundle_cache) -> Path:
+    return built(bundle_cache, model="tiny-wan", precision="fp8", max_batch=2, fp8_samples=1)
+
+
+def _calibrate(source: Path, out: Path, plan: CalibrationPlan) -> None:
+    shutil.copytree(source, out)
     bundle = Bundle.load(out)
-    engine = Model(bundle, open_backend(bundle, threads=1))
-    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8), show_progress=False)
+    engine = Model.open(bundle, threads=1)
+    calibration = calibrate(engine, plan, show_progress=False)
     bundle.write_tables(calibration.sensitivity, calibration.baselines)
-    return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(ort_bundle, bundle_cache) -> Path:
+    """A copy of the ONNX bundle with a small measured sensitivity table."""
+    plan = CalibrationPlan(samples=2, steps=8)
+    return bundle_cache.get(
+        "calibrated", lambda out: _calibrate(ort_bundle, out, plan), source=ort_bundle.name, plan=plan
+    )
 
 
 def engine_for(path: Path) -> Model:

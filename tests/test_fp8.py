@@ -9,7 +9,6 @@ import pytest
 
 from conftest import engine_for
 from sencache.cli import main
-from sencache.engine_builder.builder import BuildOptions, build
 from sencache.kernels.cuda_drift import CudaUnavailable, open_device
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
@@ -19,13 +18,6 @@ from sencache.runtime.request import Request
 pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt not installed (pip install 'sencache[fp8]')")
 
 PROMPTS = ["one large white circle static on black", "two small red squares moving left fast on texture"]
-
-
-@pytest.fixture(scope="module")
-def fp8_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "tiny-wan-fp8"
-    build(BuildOptions(model="tiny-wan", out=out, precision="fp8", max_batch=2, fp8_samples=1), log=lambda _: None)
-    return out
 
 
 def test_blocks_are_an_fp8_qdq_graph_checked_against_fp32(fp8_bundle):

@@ -30,9 +30,13 @@ from sencache.runtime.sensitivity import SensitivityTable
 STEPS = 5
 
 
-@pytest.fixture(scope="module", params=list(FACTORIES))
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(model, marks=pytest.mark.xdist_group(f"real-like-{model}")) for model in FACTORIES],
+)
 def real_like(request, tmp_path_factory):
-    """A diffusers-format folder of a tiny random model of a real preset, and our bundle of it."""
+    """A diffusers-format folder of a tiny random model of a real preset, and our bundle of it (each
+    preset's tests on one xdist worker, which builds it once)."""
     root = tmp_path_factory.mktemp(request.param)
     case = save_reference(request.param, root / "weights")
     build_bundle(case, root / "bundle")

@@ -20,7 +20,7 @@ requests = pytest.importorskip("requests")
 import sencache  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
 
 PROMPT = "one small red circle moving left slow on black"
 DEADLINE_S = 120.0

@@ -16,7 +16,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import native  # noqa: E402
 
-from sencache.runtime.backends.base import open_backend  # noqa: E402
 from sencache.runtime.bundle import Bundle  # noqa: E402
 from sencache.runtime.model import Model  # noqa: E402
 from sencache.runtime.request import Request  # noqa: E402
@@ -51,7 +50,7 @@ class Recording:
 def test_recorded_runs_match():
     lib = native.load()
     bundle = Bundle.load(Path(BUNDLE))
-    model = Model(bundle, open_backend(bundle, None, threads=1, device="cpu"))
+    model = Model.open(bundle, threads=1)
     table = ctypes.c_void_p()
     assert lib.sc_table_load_bundle(BUNDLE.encode(), ctypes.byref(table)) == 0, lib.sc_last_error()
     lib.sc_policy_settings_from_bundle.argtypes = [ctypes.c_char_p, ctypes.POINTER(native.Settings)]
