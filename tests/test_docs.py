@@ -31,8 +31,9 @@ def test_readme_opens_with_the_two_commands() -> None:
     first = text.index("```")
     assert text[:first].strip() == "# sencache"
     lines = _blocks(text)[0].strip().splitlines()
-    assert lines == ["pip install -e . && sencache demo --overwrite", 'pip install -e ".[dev]" && python -m pytest -q']
-    assert "-m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    test = "python -m pytest -q -n auto --dist loadgroup"
+    assert lines == ["pip install -e . && sencache demo --overwrite", f'pip install -e ".[dev]" && {test}']
+    assert "python3 -m pytest -q -n auto --dist loadgroup\n" in (ROOT / ".ci" / "run").read_text()
 
 
 def _commands(text: str) -> list[list[str]]:
