@@ -4,7 +4,8 @@ An adapter owns everything that differs between families: the diffusers transfor
 its configs, how the transformer splits into head / blocks / tail (SPEC section 2), the latent
 layout, the timestep units, how classifier-free guidance is batched, the scheduler the real
 pipeline uses, and how latents become frames. The runtime, the builder and calibration only talk
-to this interface, so a new family is one new module.
+to this interface (and to the functions of `parts.py`, built on its hooks), so a new family is one
+new module.
 """
 
 from __future__ import annotations
