@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sencache.runtime.errors import BadInput
+from sencache.runtime.families.parts import build_transformer, diffusers_pipeline
 from sencache.runtime.model import Model
 from sencache.runtime.preparation import sample_generators
 
@@ -53,8 +54,8 @@ class DiffusersPeers:
                 f"{source!r} is not available here"
             )
         self.engine = engine
-        self.transformer = engine.adapter.build_transformer(engine.preset, Path(source))
-        self.pipeline = engine.adapter.diffusers_pipeline(self.transformer, engine.scheduler())
+        self.transformer = build_transformer(engine.adapter, engine.preset, Path(source))
+        self.pipeline = diffusers_pipeline(engine.adapter, self.transformer, engine.scheduler())
         self.pipeline.set_progress_bar_config(disable=True)
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         self.computed: list[bool] = []

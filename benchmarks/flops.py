@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes
+from sencache.runtime.families.parts import build_transformer, example_inputs
 
 
 def stage_flops(model: str) -> dict[str, float]:
@@ -20,9 +21,9 @@ def stage_flops(model: str) -> dict[str, float]:
     shapes = Shapes(preset.frames, preset.height, preset.width, 1)
     counts: dict[str, float] = {}
     with torch.device("meta"):
-        transformer = adapter.build_transformer(preset, None, device="meta")
+        transformer = build_transformer(adapter, preset, None, device="meta")
         stages = adapter.split(transformer, preset, shapes)
-        inputs = adapter.example_inputs(preset, shapes, 1)
+        inputs = example_inputs(adapter, preset, shapes, 1)
         with FlopCounterMode(display=False) as counter:
             head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs), strict=True))
         counts["head"] = float(counter.get_total_flops())

@@ -27,6 +27,7 @@ import torch
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.families import resolve
 from sencache.runtime.families.ltx import pack_text
+from sencache.runtime.families.parts import diffusers_pipeline
 from sencache.runtime.files import write_atomic
 
 WORDS = [
@@ -212,7 +213,7 @@ def save_reference(model: str, folder: Path, seed: int = 0) -> ReferenceCase:
     adapter, _ = resolve(model)
     torch.manual_seed(seed)
     transformer, vae, scheduler, text, size = FACTORIES[model](model)
-    pipe = adapter.diffusers_pipeline(transformer.eval(), scheduler, vae=vae.eval())
+    pipe = diffusers_pipeline(adapter, transformer.eval(), scheduler, vae=vae.eval())
     tokenizer, text_encoder = _text_components(adapter.family, text[1] - 1 if adapter.family == "ltx" else text[1])
     pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
     pipe.save_pretrained(folder)

@@ -306,7 +306,7 @@ def _reference(engine: Model, plan: CalibrationPlan, show_progress: bool) -> Sen
     _check_samples(samples)
     assert plan.solver_state is not None and plan.branch is not None, "the plan resolves its defaults"
     captions, frames = clips.batch(np.random.default_rng(plan.seed), samples)
-    clean = engine.adapter.tiny_latents(frames)
+    clean = engine.adapter.tiny_format.latents(frames)
     seeds = [plan.seed + i for i in range(samples)]
     schedule = engine.sampler(steps, plan.sampling)
     timesteps = [float(t) for t in schedule.timesteps]

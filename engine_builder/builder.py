@@ -32,7 +32,7 @@ from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
-from sencache.runtime.families.base import check_weights
+from sencache.runtime.families.parts import build_transformer, check_weights, example_inputs
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.manifest import (
     MAX_BATCH,
@@ -133,7 +133,7 @@ class LoadedModel:
     def stage_inputs(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
         """Inputs for every stage: random head inputs (latent and text in the build's dtype,
         timestep fp32) and the head's real outputs."""
-        inputs = self.adapter.example_inputs(self.preset, self.shapes, batch, seed)
+        inputs = example_inputs(self.adapter, self.preset, self.shapes, batch, seed)
         inputs = {k: v if k == "timestep" else v.to(self.precision.dtype) for k, v in inputs.items()}
         with torch.no_grad():
             outputs = self.stages["head"](**inputs)
@@ -181,7 +181,7 @@ def _load(plan: BuildPlan, log: Log) -> LoadedModel:
     preset = plan.preset
     log(f"loading {preset.name} ({preset.description})")
     torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
-    transformer = plan.adapter.build_transformer(preset, plan.weights)
+    transformer = build_transformer(plan.adapter, preset, plan.weights)
     preset = dataclasses.replace(preset, config=dict(preset.config, **_jsonable(dict(transformer.config))))
     lowered = plan.precision.lower(transformer)
     return LoadedModel(
@@ -307,10 +307,10 @@ def _scheduler_config(adapter: FamilyAdapter, preset: ModelPreset, weights: Path
 def _stream_shapes(adapter: FamilyAdapter, preset: ModelPreset, shapes: Shapes) -> list[tuple[int, ...]]:
     """Per-row shapes of the cached streams, from the head on the meta device (no memory)."""
     with torch.device("meta"):
-        transformer = adapter.build_transformer(preset, None, device="meta")
+        transformer = build_transformer(adapter, preset, None, device="meta")
         stages = adapter.split(transformer, preset, shapes)
         outputs = dict(
-            zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True)
+            zip(adapter.layout.head_outputs, stages["head"](**example_inputs(adapter, preset, shapes, 1)), strict=True)
         )
     return [tuple(outputs[s].shape[1:]) for s in adapter.layout.streams]
 
@@ -327,7 +327,10 @@ def _copy_text_encoder(
             note="tokenizer, text encoder and VAE load from the weights folder through diffusers' pipeline",
         )
     spec = TextEncoderSpec(
-        "tiny", file="text_encoder.safetensors", dim=adapter.tiny_text_dim(preset), untrained=not preset.trained
+        "tiny",
+        file="text_encoder.safetensors",
+        dim=adapter.tiny_format.text_dim(adapter.text_shape(preset)),
+        untrained=not preset.trained,
     )
     if preset.trained:
         shutil.copyfile(weights / "text_encoder.safetensors", folder / spec.file)

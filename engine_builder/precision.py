@@ -20,6 +20,7 @@ from sencache.runtime.backends.onnxruntime_backend import OnnxSessions
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.errors import BadInput
+from sencache.runtime.families.parts import example_inputs
 from sencache.runtime.manifest import STAGES, Manifest
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def precision(name: str) -> Precision:
 
 def _reference(model: LoadedModel) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Chain inputs and the fp32 PyTorch model's noise on them."""
-    inputs = model.adapter.example_inputs(model.preset, model.shapes, 2, seed=2)
+    inputs = example_inputs(model.adapter, model.preset, model.shapes, 2, seed=2)
     with torch.no_grad():
         expected = run_chain(module_runner(model.reference, model.adapter.layout), model.adapter.layout, inputs).noise
     return inputs, expected.numpy()

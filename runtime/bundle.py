@@ -24,6 +24,7 @@ from sencache.runtime import manifest as schema
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
+from sencache.runtime.families.parts import make_scheduler
 from sencache.runtime.files import BUNDLE, OWNER, sha256, staged_folder, write_atomic
 from sencache.runtime.manifest import BASELINES, DIGEST, MANIFEST, SENSITIVITY, FileEntry, Manifest
 from sencache.runtime.sensitivity import SensitivityTable
@@ -215,7 +216,7 @@ def _check_family(bundle: Bundle) -> None:
     try:
         latent = adapter.latent_shape(preset, bundle.shapes)
         text = adapter.text_shape(preset)
-        adapter.make_scheduler(preset, bundle.manifest.scheduler)
+        make_scheduler(adapter, preset, bundle.manifest.scheduler)
     except BadInput:
         raise
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:

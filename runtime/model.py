@@ -20,6 +20,7 @@ from sencache.runtime.cache import CachePolicy, make_policy
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
+from sencache.runtime.families.parts import decode, load_components, make_scheduler
 from sencache.runtime.request import SAMPLINGS, Request, Result
 from sencache.runtime.stepping import StepEngine
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
@@ -67,7 +68,7 @@ class Model:
 
     def scheduler(self, sampling: str = "engine"):
         """A fresh scheduler of the run's config (`scheduler_config`)."""
-        return self.adapter.make_scheduler(self.preset, self.scheduler_config(sampling))
+        return make_scheduler(self.adapter, self.preset, self.scheduler_config(sampling))
 
     def sampler(self, steps: int, sampling: str = "engine") -> Sampler:
         """A fresh scheduler driven the way the family's real pipeline drives it."""
@@ -83,12 +84,12 @@ class Model:
                 assert spec.file is not None and spec.dim is not None, "parse sets a tiny encoder's file, dim"
                 self._text_encoder = load_tiny_text_encoder(self.bundle.read(spec.file), spec.dim, spec.file)
         with torch.no_grad():
-            return self.adapter.encode_tiny(self._text_encoder, prompts)
+            return self.adapter.tiny_format.encode_text(self._text_encoder, prompts)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Frames [B, T, H, W, 3] in [0, 1], decoded as the family's pipeline decodes."""
         pipeline = None if self.preset.tiny else self.components()
-        return self.adapter.decode(latents, self.preset, self.bundle.shapes, pipeline)
+        return decode(self.adapter, latents, self.preset, self.bundle.shapes, pipeline)
 
     def components(self):
         """The real model's text encoder and VAE (diffusers' pipeline without its transformer),
@@ -101,7 +102,7 @@ class Model:
                         f"{self.preset.name}: text encoding and decoding load the text encoder and VAE from "
                         f"the weights folder the bundle was built from ({source}), which is not there"
                     )
-                self._components = self.adapter.load_components(Path(source))
+                self._components = load_components(self.adapter, Path(source))
             return self._components
 
     def embeddings(self, given: np.ndarray | None, prompts: list[str]) -> np.ndarray:

@@ -3,7 +3,7 @@
 `sencache build --weights DIR` reads the transformer from DIR; before any model code is imported
 or any model constructed, the folder must exist and hold a transformer config and weight files, so
 a wrong path stops at once with one line (the class named in the config is checked when the
-family's transformer class is at hand, `FamilyAdapter.build_transformer`)."""
+family's transformer class is at hand, `families.parts.build_transformer`)."""
 
 from __future__ import annotations
 

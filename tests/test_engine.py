@@ -13,6 +13,7 @@ from sencache.engine_builder.onnx_export import compare
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.families import resolve
+from sencache.runtime.families.parts import build_transformer, example_inputs
 from sencache.runtime.request import Request
 
 PROMPTS = [
@@ -35,10 +36,10 @@ def test_manifest_records_validation_and_tools(ort_bundle):
 def test_onnx_stages_match_pytorch_at_every_batch_size(ort_bundle):
     bundle = Bundle.load(ort_bundle)
     adapter, preset = resolve("tiny-wan")
-    transformer = adapter.build_transformer(preset, Path(bundle.manifest.weights_source))
+    transformer = build_transformer(adapter, preset, Path(bundle.manifest.weights_source))
     stages = adapter.split(transformer, preset, bundle.shapes)
     for batch in (1, 4, 6):
-        inputs = adapter.example_inputs(preset, bundle.shapes, batch, seed=40 + batch)
+        inputs = example_inputs(adapter, preset, bundle.shapes, batch, seed=40 + batch)
         with torch.no_grad():
             head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs), strict=True))
             hidden = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})

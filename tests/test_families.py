@@ -8,6 +8,7 @@ import torch
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes
+from sencache.runtime.families.parts import build_transformer, example_inputs, load_components
 
 # Parameter counts of the published checkpoints' configs (Wan 1.3B/14B, CogVideoX 2B/5B, LTX-Video 2B).
 REAL = [
@@ -24,7 +25,7 @@ REAL = [
 @pytest.mark.parametrize("model,params,latent", REAL)
 def test_every_real_config_builds_and_splits_on_meta(model, params, latent):
     adapter, preset = resolve(model)
-    transformer = adapter.build_transformer(preset, None, device="meta")
+    transformer = build_transformer(adapter, preset, None, device="meta")
     count = sum(p.numel() for p in transformer.parameters())
     assert abs(count - params) / params < 0.02
     shapes = Shapes(preset.frames, preset.height, preset.width, 1)
@@ -32,7 +33,7 @@ def test_every_real_config_builds_and_splits_on_meta(model, params, latent):
     stages = adapter.split(transformer, preset, shapes)
     with torch.device("meta"):
         head = dict(
-            zip(adapter.layout.head_outputs, stages["head"](**adapter.example_inputs(preset, shapes, 1)), strict=True)
+            zip(adapter.layout.head_outputs, stages["head"](**example_inputs(adapter, preset, shapes, 1)), strict=True)
         )
         streams = stages["blocks"](**{k: head[k] for k in adapter.layout.blocks_inputs})
         streams = dict(zip(adapter.layout.streams, streams if isinstance(streams, tuple) else (streams,), strict=True))
@@ -59,18 +60,18 @@ def test_cogvideox_1_5_pads_latent_frames_as_the_pipeline_does():
 def test_real_model_without_weights_names_the_folder_to_pass(model):
     adapter, preset = resolve(model)
     with pytest.raises(BadInput, match="weights must name a folder: .* needs a local copy of .* in diffusers format"):
-        adapter.build_transformer(preset, None)
+        build_transformer(adapter, preset, None)
 
 
 def test_component_folder_errors(tmp_path):
     adapter, preset = resolve("cogvideox-5b")
     with pytest.raises(BadInput, match="no model_index.json"):
-        adapter.load_components(tmp_path)
+        load_components(adapter, tmp_path)
     (tmp_path / "model_index.json").write_text(
         json.dumps({"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]})
     )
     with pytest.raises(BadInput, match="cannot load the pipeline components"):
-        adapter.load_components(tmp_path)
+        load_components(adapter, tmp_path)
 
 
 def test_wan_1_3b_latent_matches_published_size():
@@ -81,10 +82,10 @@ def test_wan_1_3b_latent_matches_published_size():
 def test_tiny_split_equals_the_whole_transformer():
     adapter, preset = resolve("tiny-wan")
     torch.manual_seed(0)
-    transformer = adapter.build_transformer(preset, None)
+    transformer = build_transformer(adapter, preset, None)
     shapes = Shapes(preset.frames, preset.height, preset.width, 2)
     stages = adapter.split(transformer, preset, shapes)
-    inputs = adapter.example_inputs(preset, shapes, 2)
+    inputs = example_inputs(adapter, preset, shapes, 2)
     with torch.no_grad():
         whole = transformer(inputs["latent"], inputs["timestep"], inputs["text"], return_dict=False)[0]
         head = dict(zip(adapter.layout.head_outputs, stages["head"](**inputs), strict=True))
@@ -96,23 +97,23 @@ def test_tiny_split_equals_the_whole_transformer():
 def test_weight_folder_errors(tmp_path):
     adapter, preset = resolve("wan2.1-t2v-1.3b")
     with pytest.raises(BadInput, match="config.json"):
-        adapter.build_transformer(preset, tmp_path)
+        build_transformer(adapter, preset, tmp_path)
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
     with pytest.raises(BadInput, match="no weight files"):
-        adapter.build_transformer(preset, tmp_path)
+        build_transformer(adapter, preset, tmp_path)
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "CogVideoXTransformer3DModel"}))
     (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(BadInput, match="not a WanTransformer3DModel"):
-        adapter.build_transformer(preset, tmp_path)
+        build_transformer(adapter, preset, tmp_path)
 
 
 def test_real_weights_load_from_a_diffusers_folder(tmp_path):
     adapter, preset = resolve("tiny-wan")
     torch.manual_seed(3)
-    saved = adapter.build_transformer(preset, None)
+    saved = build_transformer(adapter, preset, None)
     saved.save_pretrained(tmp_path / "transformer")
-    loaded = adapter.build_transformer(preset, tmp_path)
+    loaded = build_transformer(adapter, preset, tmp_path)
     for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 

@@ -6,6 +6,7 @@ import torch
 
 from conftest import engine_for
 from sencache.runtime.cache import NoCache
+from sencache.runtime.families.parts import build_transformer, diffusers_pipeline
 from sencache.runtime.preparation import sample_generators
 from sencache.runtime.request import Request
 
@@ -14,8 +15,8 @@ PROMPTS = ["two small red circles moving left fast on texture", "one large cyan 
 
 def diffusers_latents(engine, prompts, seeds, steps, guidance):
     shapes = engine.bundle.shapes
-    transformer = engine.adapter.build_transformer(engine.preset, engine.bundle.checked_folder("transformer"))
-    pipe = engine.adapter.diffusers_pipeline(transformer, engine.scheduler())
+    transformer = build_transformer(engine.adapter, engine.preset, engine.bundle.checked_folder("transformer"))
+    pipe = diffusers_pipeline(engine.adapter, transformer, engine.scheduler())
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         out = pipe(

@@ -21,6 +21,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
+from sencache.runtime.families.parts import make_scheduler
 from sencache.runtime.prediction import predict
 from sencache.runtime.request import Request
 
@@ -41,7 +42,7 @@ def test_the_wan_preset_runs_diffusers_unipc_at_shift_5(model, steps):
     adapter, preset = resolve(model)
     default = adapter.scheduler_config(preset)
     config = adapter.reference_scheduler(dict(default), preset)
-    ours = adapter.sampler(adapter.make_scheduler(preset, config), steps, preset, None)
+    ours = adapter.sampler(make_scheduler(adapter, preset, config), steps, preset, None)
     theirs = UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
@@ -57,7 +58,7 @@ def test_the_wan_preset_runs_diffusers_unipc_at_shift_5(model, steps):
     assert np.allclose(ours.scheduler.sigmas[:-1].numpy(), flow_sigmas(steps, 5.0), atol=1e-6)
     # the engine's default is untouched: diffusers' 480p shift (3.0) for these presets
     assert default["flow_shift"] == 3.0 == adapter.scheduler_config(preset)["flow_shift"]
-    engine = adapter.sampler(adapter.make_scheduler(preset), steps, preset, None)
+    engine = adapter.sampler(make_scheduler(adapter, preset), steps, preset, None)
     assert np.allclose(engine.scheduler.sigmas[:-1].numpy(), flow_sigmas(steps, 3.0), atol=1e-6)
     assert not torch.equal(engine.timesteps, ours.timesteps)
 
@@ -126,7 +127,7 @@ def _inputs(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _wan_sampler():
     adapter, preset = resolve("tiny-wan")
-    return adapter.sampler(adapter.make_scheduler(preset), STEPS, preset, None)
+    return adapter.sampler(make_scheduler(adapter, preset), STEPS, preset, None)
 
 
 def test_the_per_sample_state_is_diffusers_stepped_through_the_timesteps_in_order():
@@ -137,7 +138,7 @@ def test_the_per_sample_state_is_diffusers_stepped_through_the_timesteps_in_orde
     adapter, preset = resolve("tiny-wan")
     for sample_seed in (1, 2):
         inputs = _inputs(sample_seed)
-        scheduler = adapter.make_scheduler(preset)
+        scheduler = make_scheduler(adapter, preset)
         scheduler.set_timesteps(STEPS)  # the authors reset per sample
         solver.begin()
         fresh.begin()
@@ -224,7 +225,7 @@ def test_the_reference_procedure(ort_bundle):
     # recomputed here from its parts for sample 0 at the first two timesteps: the clip, noised to
     # t_k with that sample's generator, the cond branch, diffusers' scheduler stepped in order
     captions, frames = clips.batch(np.random.default_rng(11), 1)
-    x0 = torch.from_numpy(model.adapter.tiny_latents(frames))
+    x0 = torch.from_numpy(model.adapter.tiny_format.latents(frames))
     text = model.encode(captions)
     noise = torch.Generator().manual_seed(11)
     scheduler = model.scheduler()
@@ -276,7 +277,7 @@ def test_data_is_noised_as_the_model_was_trained(model):
     """The reference procedure's x_k: Wan's flow interpolation at the step's sigma, CogVideoX's
     sqrt(a) x0 + sqrt(1 - a) noise at the step's alphas_cumprod (the tiny models' training objective)."""
     adapter, preset = resolve(model)
-    scheduler = adapter.make_scheduler(preset)
+    scheduler = make_scheduler(adapter, preset)
     sampler = adapter.sampler(scheduler, 5, preset, None)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)

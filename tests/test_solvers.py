@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sencache.runtime.families import resolve
+from sencache.runtime.families.parts import make_scheduler
 
 TOLERANCE = 1e-6
 
@@ -36,8 +37,8 @@ def trajectory(
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 12, 50])
 def test_unipc_equals_diffusers(model, steps):
     adapter, preset = resolve(model)
-    sampler = adapter.sampler(adapter.make_scheduler(preset), steps, preset, None)
-    scheduler = adapter.make_scheduler(preset)
+    sampler = adapter.sampler(make_scheduler(adapter, preset), steps, preset, None)
+    scheduler = make_scheduler(adapter, preset)
     scheduler.set_timesteps(steps)
 
     def reference(index, output, x, generators):
@@ -50,9 +51,9 @@ def test_unipc_equals_diffusers(model, steps):
 def test_unipc_from_a_fresh_state_mid_run_equals_diffusers(start):
     """Calibration steps once from a fresh scheduler at step k (diffusers' set_begin_index)."""
     adapter, preset = resolve("tiny-wan")
-    sampler = adapter.sampler(adapter.make_scheduler(preset), 8, preset, None)
+    sampler = adapter.sampler(make_scheduler(adapter, preset), 8, preset, None)
     sampler.start_at(start)
-    scheduler = adapter.make_scheduler(preset)
+    scheduler = make_scheduler(adapter, preset)
     scheduler.set_timesteps(8)
     scheduler.set_begin_index(start)
 
@@ -66,8 +67,8 @@ def test_unipc_from_a_fresh_state_mid_run_equals_diffusers(start):
 @pytest.mark.parametrize("seeds", [[3], [3, 4]])
 def test_cogvideox_dpm_equals_diffusers(steps, seeds):
     adapter, preset = resolve("tiny-cogvideox")
-    sampler = adapter.sampler(adapter.make_scheduler(preset), steps, preset, None)
-    scheduler = adapter.make_scheduler(preset)
+    sampler = adapter.sampler(make_scheduler(adapter, preset), steps, preset, None)
+    scheduler = make_scheduler(adapter, preset)
     scheduler.set_timesteps(steps)
     previous = {"x0": None}
 
@@ -95,7 +96,7 @@ def test_dpm_noise_is_each_samples_own():
     outputs = torch.randn((2, 4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
     runs = []
     for seeds in ([5, 6], [5, 9]):
-        sampler = adapter.sampler(adapter.make_scheduler(preset), 4, preset, None)
+        sampler = adapter.sampler(make_scheduler(adapter, preset), 4, preset, None)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         x = outputs.clone()
         for index in range(4):

@@ -33,6 +33,7 @@ from sencache.data import clips
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes
+from sencache.runtime.families.parts import build_transformer, make_scheduler
 from sencache.runtime.tiny_text import TinyTextEncoder, tokenize
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "tiny_models"
@@ -121,10 +122,10 @@ def train(
     adapter, preset = resolve(model)
     if not preset.trained:
         raise SystemExit(f"{model} ships untrained: training it is out of reach on these machines")
-    transformer = adapter.build_transformer(preset, out if resume else None).train()
+    transformer = build_transformer(adapter, preset, out if resume else None).train()
     stages = adapter.split(transformer, preset, Shapes(preset.frames, preset.height, preset.width, batch))
-    objective = Objective(adapter.make_scheduler(preset))
-    text_encoder = TinyTextEncoder(dim=adapter.tiny_text_dim(preset)).train()
+    objective = Objective(make_scheduler(adapter, preset))
+    text_encoder = TinyTextEncoder(dim=adapter.tiny_format.text_dim(adapter.text_shape(preset))).train()
     previous: dict = {}
     if resume:
         text_encoder.load_state_dict(load_file(str(out / "text_encoder.safetensors")))
@@ -159,7 +160,7 @@ def train(
     while (elapsed := time.time() - start) < minutes * 60:
         prompts, frames = clips.batch(rng, batch)
         ids = torch.tensor([empty if rng.random() < 0.1 else tokenize(p) for p in prompts])
-        xt, timestep, target = objective(torch.from_numpy(adapter.tiny_latents(frames)))
+        xt, timestep, target = objective(torch.from_numpy(adapter.tiny_format.latents(frames)))
         pred = run_chain(
             module_runner(stages, adapter.layout),
             adapter.layout,

@@ -8,6 +8,7 @@ import torch
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
+from sencache.runtime.families.parts import build_transformer
 from sencache.runtime.manifest import STAGES
 
 
@@ -29,7 +30,7 @@ class TorchBackend(StageBackend):
             raise BadInput(f"device {device}: the torch backend runs on cpu or cuda", param="device")
         preset = bundle.preset
         assert bundle.manifest.weights is not None, "Manifest.parse sets the weights of a torch bundle"
-        transformer = bundle.adapter.build_transformer(preset, bundle.checked_folder(bundle.manifest.weights))
+        transformer = build_transformer(bundle.adapter, preset, bundle.checked_folder(bundle.manifest.weights))
         self.modules = {
             k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()
         }

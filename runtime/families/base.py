@@ -4,15 +4,14 @@ An adapter owns everything that differs between families: the diffusers transfor
 its configs, how the transformer splits into head / blocks / tail (SPEC section 2), the latent
 layout, the timestep units, how classifier-free guidance is batched, the scheduler the real
 pipeline uses, and how latents become frames. The runtime, the builder and calibration only talk
-to this interface, so a new family is one new module.
+to this interface (and to the functions of `parts.py`, built on its hooks), so a new family is one
+new module.
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -21,8 +20,6 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import scheduler_class
-from sencache.runtime.weights import transformer_folder
 
 if TYPE_CHECKING:
     # Transformer classes are typed from their defining modules: through `diffusers` itself, mypy
@@ -147,6 +144,42 @@ class Sampler:
         return (1 - sigma) * x0 + sigma * noise
 
 
+class TinyFormat(ABC):
+    """A tiny model's formats: its latents are its training clips' RGB in [-1, 1] (no VAE), and its
+    text is the tiny text encoder's embeddings as the family's head takes them."""
+
+    @abstractmethod
+    def latents(self, clips: np.ndarray) -> np.ndarray:
+        """Training clips [B, T, H, W, 3] in [0, 1] as a tiny model's latents (inverse of `frames`)."""
+
+    @abstractmethod
+    def frames(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
+        """A tiny model's latents as frames [B, T, H, W, 3] in [0, 1]."""
+
+    def text_dim(self, text_shape: tuple[int, int]) -> int:
+        """Width of the tiny text encoder's embeddings for a head taking text of `text_shape`."""
+        return text_shape[1]
+
+    def encode_text(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
+        """The tiny text encoder's embeddings, as this family's head takes text."""
+        return encoder.encode(prompts).numpy()
+
+
+@dataclass(frozen=True)
+class TinyClipAxes(TinyFormat):
+    """Latents that are the clip with its axes reordered."""
+
+    axes: tuple[int, ...]
+    """Where the latent [B, ...] takes its axes from a clip [B, T, H, W, 3]."""
+
+    def latents(self, clips: np.ndarray) -> np.ndarray:
+        return (clips.transpose(self.axes) * 2.0 - 1.0).astype(np.float32)
+
+    def frames(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
+        frames = latents.transpose(np.argsort(self.axes))
+        return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+
 class FamilyAdapter(ABC):
     """One model family. Subclasses are stateless; presets are class data."""
 
@@ -159,6 +192,8 @@ class FamilyAdapter(ABC):
     """Short names for a family's default variant (`cogvideox` -> the preset it means)."""
     sencache_reference: SenCacheConventions
     """SenCache as the authors' code runs this family (the `reference` conventions)."""
+    tiny_format: TinyFormat
+    """How this family's tiny models hold clips as latents and take the tiny encoder's text."""
 
     @abstractmethod
     def transformer_class(self) -> type[ModelMixin]:
@@ -195,85 +230,13 @@ class FamilyAdapter(ABC):
     def pipeline_class(self) -> type[Any]:
         """diffusers' own pipeline of this family (a DiffusionPipeline; each takes its own components)."""
 
-    def diffusers_pipeline(self, transformer: nn.Module | None, scheduler, vae: nn.Module | None = None):
-        """diffusers' own pipeline around `transformer`, without text encoder (it takes prompt
-        embeddings): the reference our loop must match, and with `vae` the reference decoder."""
-        return self.pipeline_class()(
-            tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler
-        )
-
-    def load_components(self, folder: Path):
-        """The real model's tokenizer, text encoder and VAE, loaded by diffusers' own pipeline class
-        from a diffusers-format folder (no transformer: the denoising loop is ours). Nothing is
-        downloaded; parts the folder lacks stay None and fail clearly when used."""
-        folder = Path(folder)
-        if not (folder / "model_index.json").is_file():
-            raise BadInput(
-                f"weights {folder}: no model_index.json; text encoding and decoding need the whole "
-                f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)",
-                param="weights",
-            )
-        absent = {part: None for part in ("tokenizer", "text_encoder", "vae") if not (folder / part).is_dir()}
-        try:
-            return self.pipeline_class().from_pretrained(
-                str(folder), transformer=None, local_files_only=True, dtype=torch.float32, **absent
-            )
-        except (OSError, ValueError, RuntimeError, TypeError) as e:
-            raise BadInput(
-                f"weights {folder}: diffusers cannot load the pipeline components: {str(e).splitlines()[0]}",
-                param="weights",
-            ) from None
-
     def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
         """Text embeddings [B, tokens, channels] by the pipeline's own encode_prompt."""
-        return self._encode_prompt(pipeline, prompts, preset)[0].float().numpy()
-
-    def _encode_prompt(self, pipeline, prompts: list[str], preset: ModelPreset) -> tuple:
-        """What the pipeline's encode_prompt returns for `prompts`, without guidance."""
-        if pipeline.text_encoder is None or pipeline.tokenizer is None:
-            raise BadInput(
-                f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass "
-                f"prompt embeddings"
-            )
-        with torch.no_grad():
-            return pipeline.encode_prompt(
-                prompts, do_classifier_free_guidance=False, max_sequence_length=self.text_shape(preset)[0], device="cpu"
-            )
-
-    def decode(self, latents: np.ndarray, preset: ModelPreset, shapes: Shapes, pipeline=None) -> np.ndarray:
-        """Latents [B, ...] to frames [B, T, H, W, 3] float32 in [0, 1]: a tiny model's latents are
-        its RGB clips; a real model's go through the pipeline's VAE as the pipeline decodes them."""
-        if preset.tiny:
-            return self.decode_tiny(latents, shapes)
-        if pipeline is None or pipeline.vae is None:
-            raise BadInput(f"{preset.name}: decoding needs the VAE: the weights folder has no vae/")
-        with torch.no_grad():
-            video = self.decode_real(torch.from_numpy(latents), pipeline, preset, shapes)
-        return np.asarray(pipeline.video_processor.postprocess_video(video, output_type="np"), np.float32)
-
-    tiny_axes: tuple[int, ...] = ()
-    """Where a tiny model's latent [B, ...] takes its axes from a clip [B, T, H, W, 3]."""
-
-    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
-        """A tiny model's latents as frames [B, T, H, W, 3] in [0, 1]."""
-        frames = latents.transpose(np.argsort(self.tiny_axes))
-        return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
-
-    def tiny_text_dim(self, preset: ModelPreset) -> int:
-        """Width of the tiny text encoder's embeddings for this model."""
-        return self.text_shape(preset)[1]
-
-    def encode_tiny(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
-        """The tiny text encoder's embeddings, as this family's head takes text."""
-        return encoder.encode(prompts).numpy()
+        return pipeline_encode_prompt(self, pipeline, prompts, preset)[0].float().numpy()
 
     @abstractmethod
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
         """The pipeline's own latent-to-video steps, up to the VAE output [B, 3, T, H, W]."""
-
-    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
-        """Training clips [B, T, H, W, 3] in [0, 1] as a tiny model's latents (inverse of decode)."""
-        return (clips.transpose(self.tiny_axes) * 2.0 - 1.0).astype(np.float32)
 
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
         """The guidance scale at timestep `t` under the pipeline's dynamic-CFG option, if it has one."""
@@ -297,63 +260,17 @@ class FamilyAdapter(ABC):
         except KeyError:
             raise BadInput(f"unknown {self.family} model {name!r} (known: {', '.join(self.presets)})") from None
 
-    def build_transformer(self, preset: ModelPreset, weights: Path | None, device: str = "cpu") -> nn.Module:
-        """Construct the diffusers transformer; load weights from a diffusers folder when given.
 
-        On `device="meta"` no memory is allocated (shape planning). A real model without
-        weights is an error that says what to pass.
-        """
-        cls = self.transformer_class()
-        if weights is None:
-            if device != "meta":
-                check_weights(preset, None)
-            with torch.device(device):
-                return cls(**preset.config).eval()
-        folder = Path(weights)
-        sub = transformer_folder(folder)
-        config = json.loads((sub / "config.json").read_text())
-        if config.get("_class_name") not in (None, cls.__name__):
-            raise BadInput(f"weights {folder}: holds a {config['_class_name']}, not a {cls.__name__}", param="weights")
-        try:
-            model = cls.from_pretrained(str(sub))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise BadInput(
-                f"weights {folder}: cannot load {cls.__name__}: {e}".splitlines()[0], param="weights"
-            ) from None
-        return model.float().eval()
-
-    def make_scheduler(self, preset: ModelPreset, config: dict[str, Any] | None = None):
-        """A fresh diffusers scheduler, from the bundle's stored config or the preset's."""
-
-        config = dict(config or self.scheduler_config(preset))
-        cls = scheduler_class(config)
-        config.pop("_class_name")
-        return cls.from_config(config)
-
-    def example_inputs(self, preset: ModelPreset, shapes: Shapes, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Random head inputs of the right shapes and dtypes, for export and validation."""
-        g = torch.Generator().manual_seed(seed)
-        latent = torch.randn((batch, *self.latent_shape(preset, shapes)), generator=g)
-        timestep = torch.rand(batch, generator=g) * 1000.0
-        text = torch.randn((batch, *self.text_shape(preset)), generator=g)
-        return {"latent": latent, "timestep": timestep, "text": text}
-
-
-def check_weights(preset: ModelPreset, weights: Path | None) -> Path | None:
-    """The transformer folder of `weights` for `preset` (None: none given, for a tiny model); BadInput
-    about `weights` when a real model has none or the folder holds no diffusers transformer. File
-    names only: the builder calls it before it constructs anything."""
-    if weights is not None:
-        return transformer_folder(weights)
-    if not preset.tiny:
-        source = preset.description.split(" ")[0]
+def pipeline_encode_prompt(adapter: FamilyAdapter, pipeline, prompts: list[str], preset: ModelPreset) -> tuple:
+    """What the pipeline's encode_prompt returns for `prompts`, without guidance."""
+    if pipeline.text_encoder is None or pipeline.tokenizer is None:
         raise BadInput(
-            f"weights must name a folder: {preset.name} needs a local copy of {source} in diffusers "
-            f"format (transformer/config.json and transformer/*.safetensors to build; model_index.json, "
-            f"tokenizer/, text_encoder/, vae/ and scheduler/ too to generate); nothing is downloaded",
-            param="weights",
+            f"{preset.name}: the weights folder has no tokenizer/ or text_encoder/; add them or pass prompt embeddings"
         )
-    return None
+    with torch.no_grad():
+        return pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=False, max_sequence_length=adapter.text_shape(preset)[0], device="cpu"
+        )
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {}

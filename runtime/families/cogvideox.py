@@ -20,7 +20,15 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout, register_family
+from sencache.runtime.families.base import (
+    FamilyAdapter,
+    ModelPreset,
+    Sampler,
+    Shapes,
+    StageLayout,
+    TinyClipAxes,
+    register_family,
+)
 from sencache.runtime.tiny_text import MAX_TOKENS
 
 if TYPE_CHECKING:
@@ -266,7 +274,7 @@ class CogVideoXAdapter(FamilyAdapter):
         tail_streams=("hidden",),
     )
     modulation = "temb"
-    tiny_axes = (0, 1, 4, 2, 3)  # [B, F, C, H, W]
+    tiny_format = TinyClipAxes((0, 1, 4, 2, 3))  # [B, F, C, H, W]
     # vita-epfl/SenCache CogVideoX/sencache.py: one call per step, switch at round(0.2 N), the
     # first and the last step always run, the nearest calibrated timestep, a fixed constant.
     sencache_reference = SenCacheConventions(

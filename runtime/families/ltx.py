@@ -20,7 +20,16 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout, register_family
+from sencache.runtime.families.base import (
+    FamilyAdapter,
+    ModelPreset,
+    Sampler,
+    Shapes,
+    StageLayout,
+    TinyFormat,
+    pipeline_encode_prompt,
+    register_family,
+)
 from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, TinyTextEncoder, tokenize
 
 if TYPE_CHECKING:
@@ -158,6 +167,27 @@ class LTXSampler(Sampler):
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
 
 
+class TinyTokens(TinyFormat):
+    """Tiny LTX: the clip's pixels are the latent tokens [B, T*H*W, 3] (patch 1, as the pipeline packs
+    latents), and the text carries its token mask as the last channel (`pack_text`)."""
+
+    def latents(self, clips: np.ndarray) -> np.ndarray:
+        b, f, h, w, c = clips.shape
+        return (clips.reshape(b, f * h * w, c) * 2.0 - 1.0).astype(np.float32)
+
+    def frames(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
+        frames = latents.reshape(len(latents), shapes.frames, shapes.height, shapes.width, -1)
+        return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+    def text_dim(self, text_shape: tuple[int, int]) -> int:
+        """The text's width less its mask channel."""
+        return text_shape[1] - 1
+
+    def encode_text(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
+        ids = np.array([tokenize(p) for p in prompts])
+        return pack_text(encoder.encode(prompts).numpy(), ids != VOCABULARY.index(PAD))
+
+
 @register_family
 class LTXAdapter(FamilyAdapter):
     family = "ltx"
@@ -168,6 +198,7 @@ class LTXAdapter(FamilyAdapter):
         signals=("modulated",),
     )
     modulation = "modulated"
+    tiny_format = TinyTokens()
     # vita-epfl/SenCache LTX-Video/sencache.py: one call per step, switch at round(0.2 N),
     # int(round(0.02 N)) steps always run at each end (and the anchorless first), the nearest
     # calibrated timestep, a fixed constant. Not matched (runtime/conventions.py): their cache holds
@@ -233,13 +264,6 @@ class LTXAdapter(FamilyAdapter):
     def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
         return (MAX_TOKENS if preset.tiny else 128, preset.config["caption_channels"] + 1)
 
-    def tiny_text_dim(self, preset: ModelPreset) -> int:
-        return preset.config["caption_channels"]
-
-    def encode_tiny(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
-        ids = np.array([tokenize(p) for p in prompts])
-        return pack_text(encoder.encode(prompts).numpy(), ids != VOCABULARY.index(PAD))
-
     def split(self, transformer: Any, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
         f, h, w = self.grid(preset, shapes)
         scale = (
@@ -267,16 +291,8 @@ class LTXAdapter(FamilyAdapter):
         return LTXPipeline
 
     def encode_prompts(self, pipeline, prompts: list[str], preset: ModelPreset) -> np.ndarray:
-        embeds, mask, _, _ = self._encode_prompt(pipeline, prompts, preset)
+        embeds, mask, _, _ = pipeline_encode_prompt(self, pipeline, prompts, preset)
         return pack_text(embeds.float().numpy(), mask.numpy())
-
-    def tiny_latents(self, clips: np.ndarray) -> np.ndarray:
-        b, f, h, w, c = clips.shape
-        return (clips.reshape(b, f * h * w, c) * 2.0 - 1.0).astype(np.float32)
-
-    def decode_tiny(self, latents: np.ndarray, shapes: Shapes) -> np.ndarray:
-        frames = latents.reshape(len(latents), shapes.frames, shapes.height, shapes.width, -1)
-        return np.clip((frames + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
 
     def decode_real(self, latents: torch.Tensor, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
         """The pipeline's decoding at its defaults. A timestep-conditioned VAE (0.9.1) is told

@@ -15,7 +15,15 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Sampler, Shapes, StageLayout, register_family
+from sencache.runtime.families.base import (
+    FamilyAdapter,
+    ModelPreset,
+    Sampler,
+    Shapes,
+    StageLayout,
+    TinyClipAxes,
+    register_family,
+)
 from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_text import MAX_TOKENS
 
@@ -246,7 +254,7 @@ class WanAdapter(FamilyAdapter):
         shared=("rope_cos", "rope_sin"),
     )
     modulation = "temb"
-    tiny_axes = (0, 4, 1, 2, 3)  # [B, C, F, H, W]
+    tiny_format = TinyClipAxes((0, 4, 1, 2, 3))  # [B, C, F, H, W]
     # vita-epfl/SenCache Wan2.1/sencache.py: cond and uncond are separate calls, the switch is at
     # call round(0.2 * 2N) and step i is call 2i; no retention (only the anchorless first step
     # runs); the nearest calibrated timestep; eps times sqrt(numel) of a 480x832, 81-frame latent.
