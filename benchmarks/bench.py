@@ -37,7 +37,7 @@ from sencache.runtime.cache.knobs import SPEEDS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request, Result
+from sencache.runtime.request import GenerationParams, Result
 from sencache.runtime.tiny_text import tokenize
 
 REPORT = "report.json"
@@ -164,7 +164,7 @@ class Runner:
         """One run of chunk `chunk` (its prompts and seeds) with a runtime method."""
         prompts, seeds = self.chunks[chunk]
         policy = self.engine.policy(method, self.plan.steps, len(prompts), knobs)
-        return self.engine.generate(Request(prompts, seeds, self.plan.steps, self.plan.guidance), policy)
+        return self.engine.generate(GenerationParams(prompts, seeds, self.plan.steps, self.plan.guidance), policy)
 
     def collect(self, results: list[Result]) -> dict[str, Any]:
         """Latents, frames, NFE and seconds of one setting's runs over all chunks, in order."""
@@ -190,10 +190,10 @@ class Runner:
 
         def reusing() -> None:
             policy = engine.policy("fixed", steps, batch, {"interval": steps})
-            engine.generate(Request(prompts, seeds, steps, self.plan.guidance), policy)
+            engine.generate(GenerationParams(prompts, seeds, steps, self.plan.guidance), policy)
 
         def running() -> None:
-            engine.generate(Request(prompts, seeds, 2, self.plan.guidance), NoCache(batch))
+            engine.generate(GenerationParams(prompts, seeds, 2, self.plan.guidance), NoCache(batch))
 
         reusing()
         return (self._timed(reusing) - self._timed(running)) / reuses * len(self.chunks)
@@ -367,7 +367,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     total = 2 + chain + len(settings) + (1 + len(peer_settings) if peer_settings else 0)
     bar = progress(total=total, desc="bench", unit="run", disable=not show_progress)
     bar.set_postfix_str("warm-up, uncached reference")
-    engine.generate(Request(*runner.chunks[0], 2, plan.guidance), NoCache(timed_samples))  # warm-up
+    engine.generate(GenerationParams(*runner.chunks[0], 2, plan.guidance), NoCache(timed_samples))  # warm-up
     reference = runner.run("none", {})
     bar.update(1)
     bar.set_postfix_str("cost of a step that reuses")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 from sencache.runtime.stepping import StepEngine
 
 PROMPT = "one small red circle static on black"
@@ -101,7 +101,7 @@ def main() -> None:
         if lib.sc_engine_submit(engine_c, ctypes.byref(request), ctypes.byref(c_id)):
             raise RuntimeError(lib.sc_last_error().decode())
         py_id = engine_py.submit(
-            Request([PROMPT], [r], args.steps, guidance), model.policy("sencache", args.steps, 1, {})
+            GenerationParams([PROMPT], [r], args.steps, guidance), model.policy("sencache", args.steps, 1, {})
         )
         for k in range(args.steps + 1):  # the last call retires the finished requests
             order = (step_c, engine_py.step) if (r + k) % 2 else (engine_py.step, step_c)
@@ -129,7 +129,7 @@ def main() -> None:
     request = CRequest(PROMPT.encode(), None, 0, 0, 0, 2, guidance, b"sencache", None)
     c_id = ctypes.c_int64()
     lib.sc_engine_submit(engine_c, ctypes.byref(request), ctypes.byref(c_id))
-    py_id = engine_py.submit(Request([PROMPT], [0], 2, guidance), model.policy("sencache", 2, 1, {}))
+    py_id = engine_py.submit(GenerationParams([PROMPT], [0], 2, guidance), model.policy("sencache", 2, 1, {}))
     progress = CProgress()
     poll_c, poll_py = [], []
     for _ in range(args.polls):

@@ -28,7 +28,7 @@ from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import write_atomic
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 PRECISIONS = ("fp32", "fp16", "fp8")
 
@@ -47,7 +47,7 @@ def measure(model: str, root: Path, samples: int, log=print) -> dict[str, Any]:
         bundle = engine.bundle
         bundle.write_tables(calibrate(engine, CalibrationPlan(), show_progress=False).sensitivity)
         defaults = bundle.manifest.defaults
-        request = Request(prompts, seeds, defaults.steps, defaults.guidance)
+        request = GenerationParams(prompts, seeds, defaults.steps, defaults.guidance)
         uncached = engine.decode(engine.generate(request, engine.policy("none", request.steps, samples, {})).latents)
         reference = uncached if reference is None else reference
         tables = {"own table": None} if precision == "fp32" else {"own table": None, "fp32 table": root / "fp32"}

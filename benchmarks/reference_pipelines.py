@@ -299,7 +299,7 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
     the pipeline, uncached, over batch 1 and 2, with and without guidance, latents and frames."""
     from sencache.runtime.cache import NoCache
     from sencache.runtime.model import Model
-    from sencache.runtime.request import Request
+    from sencache.runtime.request import GenerationParams
 
     case = save_reference(model, root / "weights")
     errors: dict[str, float] = {}
@@ -309,7 +309,7 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
             for guidance in (1.0, 6.0):
                 seeds = [3, 4][:batch]
                 embeds, negative = embeddings(case, batch, 9), embeddings(case, batch, 10)
-                request = Request([f"p{i}" for i in range(batch)], seeds, steps, guidance, embeds, negative)
+                request = GenerationParams([f"p{i}" for i in range(batch)], seeds, steps, guidance, embeds, negative)
                 ours = engine.generate(request, NoCache(batch))
                 theirs = run_reference(case, seeds, steps, guidance, "latent", embeds, negative)
                 key = f"{backend} latents batch {batch} cfg {guidance:g}"

@@ -62,7 +62,7 @@ from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
 from sencache.runtime.preparation import sample_generators
-from sencache.runtime.request import SAMPLINGS, Request
+from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.sensitivity import SensitivityTable
 
 DEFAULT_SAMPLES = 8
@@ -217,7 +217,7 @@ def calibrate(
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
     bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
-        request = Request(chunk_prompts, chunk_seeds, steps, guidance, sampling=plan.sampling)
+        request = GenerationParams(chunk_prompts, chunk_seeds, steps, guidance, sampling=plan.sampling)
         run = engine.generate(request, NoCache(len(chunk_prompts)), record=True, progress=show_progress)
         bar.update(steps)
         timesteps = run.timesteps
@@ -433,7 +433,7 @@ def _trajectories(
     paths, timesteps = [], None
     for chunk_prompts, chunk_seeds in chunks:
         run = engine.generate(
-            Request(chunk_prompts, chunk_seeds, steps, guidance, sampling=sampling),
+            GenerationParams(chunk_prompts, chunk_seeds, steps, guidance, sampling=sampling),
             NoCache(len(chunk_prompts)),
             record=True,
             progress=show_progress,

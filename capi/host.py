@@ -18,7 +18,7 @@ from sencache.runtime.cache.knobs import KNOBS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
 from sencache.runtime.request import STATES as request_states
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 from sencache.runtime.stepping import StepEngine
 
 # sc_status values (capi/include/sencache.h)
@@ -111,7 +111,7 @@ class Host:
             raise BadInput(f"knobs_json is not JSON: {e}") from None
         if not isinstance(knobs, dict):
             raise BadInput(f"knobs_json must be a JSON object of knob names to numbers, got {knobs_json!r}")
-        request = Request.resolve(
+        request = GenerationParams.resolve(
             self.model.bundle.manifest.defaults,
             [prompt],
             [seed],

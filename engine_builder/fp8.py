@@ -39,7 +39,7 @@ from sencache.runtime.chain import cfg_rows
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import STAGES, Manifest
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 TOLERANCE_REL_L2 = 0.15
 """Largest relative L2 error of the fp8 blocks against fp32 before the build fails."""
@@ -69,7 +69,7 @@ def blocks_inputs(engine: Model, prompts: list[str], seed: int, every: int = 2) 
     for start in range(0, samples, batch):
         chunk = prompts[start : start + batch]
         run = engine.generate(
-            Request(chunk, [seed + start + i for i in range(len(chunk))], steps, guidance),
+            GenerationParams(chunk, [seed + start + i for i in range(len(chunk))], steps, guidance),
             NoCache(len(chunk)),
             record=True,
         )

@@ -22,7 +22,7 @@ import numpy as np
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.model import Model
-from sencache.runtime.request import Progress, Request, Result
+from sencache.runtime.request import GenerationParams, Progress, Result
 from sencache.runtime.scheduler import Batching, admission
 from sencache.runtime.stepping import StepEngine
 
@@ -41,7 +41,7 @@ class Video:
 class Job:
     """A submitted generation: its progress, cancellation and result."""
 
-    def __init__(self, engine: Engine, job_id: int, request: Request, policy: CachePolicy) -> None:
+    def __init__(self, engine: Engine, job_id: int, request: GenerationParams, policy: CachePolicy) -> None:
         self._engine = engine
         self._id = job_id
         self._request = request
@@ -167,7 +167,7 @@ class Engine:
         text encoder, `prompt` then only labels the video; `sampling="reference"` runs the authors'
         sampling schedule (Wan: shift 5.0) instead of the bundle's. Raises BadInput, naming the
         parameter, before anything is queued."""
-        request = Request.resolve(
+        request = GenerationParams.resolve(
             self.model.bundle.manifest.defaults,
             [prompt],
             [seed],
@@ -182,8 +182,8 @@ class Engine:
         )
         return self.enqueue(request)
 
-    def enqueue(self, request: Request) -> Job:
-        """Queue a resolved request of one sample (`Request.resolve` against this bundle's
+    def enqueue(self, request: GenerationParams) -> Job:
+        """Queue a resolved request of one sample (`GenerationParams.resolve` against this bundle's
         defaults); BadInput, before anything is queued, for what the engine refuses."""
         if len(request.prompts) != 1:
             raise BadInput(f"a job is one video; got {len(request.prompts)} prompts", param="prompt")
@@ -268,7 +268,7 @@ class Engine:
             self._wake.notify()
         return cancelled
 
-    def _video(self, request: Request, policy: CachePolicy, result: Result) -> Video:
+    def _video(self, request: GenerationParams, policy: CachePolicy, result: Result) -> Video:
         """Decode a finished job (on the caller's thread, not the stepping one) with its stats."""
         model = self.model
         frames = model.decode(result.latents)[0]

@@ -21,7 +21,7 @@ from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_m
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.families.parts import decode, load_components, make_scheduler
-from sencache.runtime.request import SAMPLINGS, Request, Result
+from sencache.runtime.request import SAMPLINGS, GenerationParams, Result
 from sencache.runtime.stepping import StepEngine
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
 
@@ -146,7 +146,7 @@ class Model:
         return torch.cuda.stream(self._cuda_stream)
 
     def generate(
-        self, request: Request, policy: CachePolicy | None = None, record: bool = False, progress: bool = False
+        self, request: GenerationParams, policy: CachePolicy | None = None, record: bool = False, progress: bool = False
     ) -> Result:
         """Denoise `request` under `policy` (None: its cache method's rule) through the step engine,
         alone; latents come back undecoded. `record` keeps the denoiser input of every step

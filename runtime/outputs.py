@@ -13,7 +13,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.files import write_atomic
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request, Result
+from sencache.runtime.request import GenerationParams, Result
 from sencache.runtime.video import write_mp4
 
 STATS = "stats.json"
@@ -27,7 +27,12 @@ def run_bytes(bundle: Bundle, samples: int) -> int:
 
 
 def stats(
-    engine: Model, request: Request, policy: CachePolicy, result: Result, total_s: float, files: list[tuple[str, str]]
+    engine: Model,
+    request: GenerationParams,
+    policy: CachePolicy,
+    result: Result,
+    total_s: float,
+    files: list[tuple[str, str]],
 ) -> dict[str, Any]:
     """The stats.json document (the command-line contract, plus the per-step trace)."""
     steps = request.steps
@@ -67,7 +72,7 @@ def stats(
 def write_run(
     folder: Path,
     engine: Model,
-    request: Request,
+    request: GenerationParams,
     policy: CachePolicy,
     result: Result,
     frames: np.ndarray,

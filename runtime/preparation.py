@@ -11,10 +11,12 @@ from sencache.runtime.cache import CachePolicy
 from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.errors import BadInput
 from sencache.runtime.memory import check_memory, request_bytes
-from sencache.runtime.request import Request, RequestState
+from sencache.runtime.request import GenerationParams, RequestState
 
 
-def prepare(model: Denoiser, request: Request, policy: CachePolicy | None = None, record: bool = False) -> RequestState:
+def prepare(
+    model: Denoiser, request: GenerationParams, policy: CachePolicy | None = None, record: bool = False
+) -> RequestState:
     """The state `request` starts from under `policy` (None: the rule of the request's cache method
     and knobs); `record` keeps the denoiser input latent of every step in its result (calibration).
     BadInput when the bundle cannot take it."""

@@ -36,7 +36,7 @@ configures it, or the schedule the SenCache authors' code samples the family wit
 
 
 @dataclass(frozen=True)
-class Request:
+class GenerationParams:
     """What a generation asks for, with the bundle's defaults already filled in (`resolve`): every
     front end (Python API, command line, server, C ABI) builds one and nothing else."""
 
@@ -75,7 +75,7 @@ class Request:
         negative_prompt_embeds: np.ndarray | None = None,
         dynamic_cfg: bool = False,
         sampling: str = "engine",
-    ) -> Request:
+    ) -> GenerationParams:
         """A request whose unset steps and guidance take the bundle's `defaults`; BadInput, naming
         the parameter, for any value the request cannot take."""
         if not isinstance(cache, str):
@@ -175,7 +175,7 @@ class RequestState:
     """One request inside the step engine, with everything it carries from step to step."""
 
     id: int
-    request: Request
+    request: GenerationParams
     policy: CachePolicy
     sampler: Sampler | None
     """None once the request ended; then its generators are [] and its tensors empty (released)."""

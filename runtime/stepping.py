@@ -18,7 +18,7 @@ from sencache.runtime.cache import CachePolicy
 from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.pass_runner import PassRunner
 from sencache.runtime.preparation import prepare
-from sencache.runtime.request import Progress, Request, RequestState, Result
+from sencache.runtime.request import GenerationParams, Progress, RequestState, Result
 from sencache.runtime.scheduler import Admission, Scheduler, StepLevel
 
 
@@ -31,14 +31,16 @@ class StepEngine:
         self.scheduler = Scheduler(model.max_rows, admission or StepLevel())
         self.runner = PassRunner(model)
 
-    def submit(self, request: Request, policy: CachePolicy | None = None, record: bool = False) -> int:
+    def submit(self, request: GenerationParams, policy: CachePolicy | None = None, record: bool = False) -> int:
         """Queue `request` under `policy` (a rule made for its steps and samples; None: the rule of
         the request's cache method and knobs); returns its id.
         `record` keeps the denoiser input latent of every step in the result (calibration).
         Raises BadInput, before anything is queued, for what `prepare` refuses."""
         return self.enqueue(self.prepare(request, policy, record))
 
-    def prepare(self, request: Request, policy: CachePolicy | None = None, record: bool = False) -> RequestState:
+    def prepare(
+        self, request: GenerationParams, policy: CachePolicy | None = None, record: bool = False
+    ) -> RequestState:
         """Everything a request needs before it can queue, computed on the caller's thread without
         the engine's lock (text encoding can be slow). BadInput when refused."""
         return prepare(self.model, request, policy, record)

@@ -106,7 +106,7 @@ def _generate(args: argparse.Namespace) -> None:
     from sencache.runtime.files import check_free_space, staged_folder
     from sencache.runtime.model import Model
     from sencache.runtime.outputs import run_bytes, write_run
-    from sencache.runtime.request import Request
+    from sencache.runtime.request import GenerationParams
     from sencache.runtime.tiny_text import tokenize
 
     started = time.perf_counter()
@@ -117,7 +117,7 @@ def _generate(args: argparse.Namespace) -> None:
             f"it exists for export and parity checks",
             file=sys.stderr,
         )
-    request = Request.resolve(
+    request = GenerationParams.resolve(
         bundle.manifest.defaults,
         args.prompt or [],
         args.seed or [0],

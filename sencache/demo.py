@@ -23,7 +23,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.files import BUNDLE, RUN, check_output, staged_folder
 from sencache.runtime.model import Model
 from sencache.runtime.outputs import write_run
-from sencache.runtime.request import Request, Result
+from sencache.runtime.request import GenerationParams, Result
 
 DEMO_PROMPTS = [
     ("one large white circle static on black", 11),
@@ -89,10 +89,10 @@ def run_demo(out: Path, threads: int = 1, repeats: int = DEMO_REPEATS, overwrite
         note(f"calibrated {bundle.sensitivity_path}")
     defaults = bundle.manifest.defaults
     prompts, seeds = [p for p, _ in DEMO_PROMPTS], [s for _, s in DEMO_PROMPTS]
-    request = Request(prompts, seeds, defaults.steps, defaults.guidance)
+    request = GenerationParams(prompts, seeds, defaults.steps, defaults.guidance)
     batch = len(prompts)
     note("warm-up")
-    engine.generate(Request(prompts, seeds, 2, defaults.guidance), NoCache(batch))
+    engine.generate(GenerationParams(prompts, seeds, 2, defaults.guidance), NoCache(batch))
 
     runs: dict[str, tuple[Result, np.ndarray]] = {}
     count = iter(range(1, 2 * repeats + 2))

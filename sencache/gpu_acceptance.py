@@ -154,7 +154,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
     from sencache.engine_builder.builder import BuildOptions, build
     from sencache.runtime.model import Model
-    from sencache.runtime.request import Request
+    from sencache.runtime.request import GenerationParams
 
     if not torch.cuda.is_available():
         return {"skipped": "this torch has no CUDA"}
@@ -169,7 +169,7 @@ def cached_loop(arch: str) -> dict[str, Any]:
         )
         bundle = engine.bundle
         bundle.write_tables(calibrate(engine, CalibrationPlan(samples=4), show_progress=False).sensitivity)
-        request = Request(
+        request = GenerationParams(
             [
                 "one large white circle static on black",
                 "two small red squares moving left fast on texture",
@@ -205,7 +205,8 @@ def cached_loop(arch: str) -> dict[str, Any]:
         report["flow_euler_syncs"] = {
             steps: counting_syncs(
                 lambda steps=steps: engine.generate(
-                    Request(request.prompts[:2], [1, 2], steps, 4.0), engine.policy("sencache", steps, 2, knobs)
+                    GenerationParams(request.prompts[:2], [1, 2], steps, 4.0),
+                    engine.policy("sencache", steps, 2, knobs),
                 )
             )[1]
             for steps in (6, 20)

@@ -21,7 +21,7 @@ import numpy as np
 
 from sencache.runtime.errors import BadInput, Cancelled
 from sencache.runtime.manifest import Defaults
-from sencache.runtime.request import Request, State
+from sencache.runtime.request import GenerationParams, State
 from sencache.runtime.scheduler import Batching
 from sencache.runtime.video import write_mp4
 from sencache.serving.schema import VideoJob, VideoRequest
@@ -145,7 +145,7 @@ class VideoService:
     def submit(self, video: VideoRequest) -> VideoJob:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
         method, knobs = video.cache.resolve(self.defaults)
-        request = Request.resolve(
+        request = GenerationParams.resolve(
             self.defaults,
             [video.prompt or ""],
             [video.seed],

@@ -15,7 +15,7 @@ from conftest import engine_for
 from sencache.cli import parser
 from sencache.runtime.cache import KNOBS, METHODS, check_knobs
 from sencache.runtime.errors import BadInput, Cancelled
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 PROMPT = "one small red circle static on black"
 
@@ -28,7 +28,7 @@ def engine(calibrated_bundle):
 
 def solo_frames(bundle, seed: int, steps: int, guidance: float, cache: str, knobs: dict) -> tuple[np.ndarray, list]:
     model = engine_for(bundle)
-    result = model.generate(Request([PROMPT], [seed], steps, guidance), model.policy(cache, steps, 1, knobs))
+    result = model.generate(GenerationParams([PROMPT], [seed], steps, guidance), model.policy(cache, steps, 1, knobs))
     return model.decode(result.latents)[0], result.decisions[0]
 
 

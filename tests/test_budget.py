@@ -20,7 +20,7 @@ from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import Defaults
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
 
 PROMPTS = [
@@ -198,7 +198,7 @@ def test_a_calibrated_bundle_meets_a_hard_budget_exactly_and_records_curves(cali
     budget = engine.bundle.sensitivity().budget_curves()
     assert budget.steps == (4, 8, 16)
     for steps, nfe in ((8, 5), (12, 4)):
-        request = Request(PROMPTS, [1, 2, 3], steps, 4.0)
+        request = GenerationParams(PROMPTS, [1, 2, 3], steps, 4.0)
         policy = engine.policy("sencache", steps, 3, {"nfe": nfe, "budget": "hard"})
         assert engine.generate(request, policy).nfe == [nfe] * 3
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.families import resolve
 from sencache.runtime.families.parts import build_transformer, example_inputs
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 PROMPTS = [
     "one large white circle static on black",
@@ -58,7 +58,7 @@ def test_onnx_stages_match_pytorch_at_every_batch_size(ort_bundle):
 
 
 def test_onnxruntime_and_torch_backends_give_the_same_video(ort_bundle, torch_bundle):
-    request = Request(PROMPTS[:2], SEEDS[:2], 6, 4.0)
+    request = GenerationParams(PROMPTS[:2], SEEDS[:2], 6, 4.0)
     a = engine_for(ort_bundle).generate(request, NoCache(2))
     b = engine_for(torch_bundle).generate(request, NoCache(2))
     assert compare(a.latents, b.latents)["rel_l2"] < 1e-4
@@ -67,7 +67,7 @@ def test_onnxruntime_and_torch_backends_give_the_same_video(ort_bundle, torch_bu
 
 def test_zero_eps_equals_no_cache_exactly(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
-    request = Request(PROMPTS[:2], SEEDS[:2], 8, 4.0)
+    request = GenerationParams(PROMPTS[:2], SEEDS[:2], 8, 4.0)
     reference = engine.generate(request, NoCache(2))
     for knobs in (
         {"eps_start": 0.0, "eps_main": 0.0, "max_reuse": 3},
@@ -80,7 +80,7 @@ def test_zero_eps_equals_no_cache_exactly(calibrated_bundle):
 
 def test_cache_skips_steps_and_stays_close(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
-    request = Request(PROMPTS[:1], SEEDS[:1], 8, 4.0)
+    request = GenerationParams(PROMPTS[:1], SEEDS[:1], 8, 4.0)
     reference = engine.generate(request, NoCache(1))
     cached = engine.generate(
         request, engine.policy("sencache", 8, 1, {"eps_start": 10.0, "eps_main": 10.0, "max_reuse": 2})
@@ -93,9 +93,11 @@ def test_cache_skips_steps_and_stays_close(calibrated_bundle):
 def test_a_sample_is_the_same_alone_or_in_a_batch(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     knobs = {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3}
-    together = engine.generate(Request(PROMPTS, SEEDS, 8, 4.0), engine.policy("sencache", 8, 3, knobs))
+    together = engine.generate(GenerationParams(PROMPTS, SEEDS, 8, 4.0), engine.policy("sencache", 8, 3, knobs))
     for i in range(3):
-        alone = engine.generate(Request([PROMPTS[i]], [SEEDS[i]], 8, 4.0), engine.policy("sencache", 8, 1, knobs))
+        alone = engine.generate(
+            GenerationParams([PROMPTS[i]], [SEEDS[i]], 8, 4.0), engine.policy("sencache", 8, 1, knobs)
+        )
         assert alone.decisions[0] == together.decisions[i]
         np.testing.assert_allclose(alone.latents[0], together.latents[i], atol=1e-5)
 
@@ -171,7 +173,7 @@ def test_fp16_bundle_runs_close_to_fp32(ort_bundle, tmp_path):
     assert manifest.validation["chain_vs_fp32"]["rel_l2"] < 5e-3
     session = ort.InferenceSession(str(out / "blocks.onnx"))
     assert {i.name: i.type for i in session.get_inputs()}["hidden"] == "tensor(float16)"
-    request = Request(PROMPTS[:2], SEEDS[:2], 6, 4.0)
+    request = GenerationParams(PROMPTS[:2], SEEDS[:2], 6, 4.0)
     half = engine_for(out).generate(request, NoCache(2)).latents
     full = engine_for(ort_bundle).generate(request, NoCache(2)).latents
     assert half.dtype == np.float32

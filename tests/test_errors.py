@@ -15,7 +15,7 @@ from sencache.runtime.cache import KNOBS, METHODS, check_knobs, method_knobs
 from sencache.runtime.cache.baselines import FixedSettings, MagCacheSettings, TeaCacheSettings
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 FLAG = re.compile(r"--[a-z]")
@@ -57,11 +57,11 @@ def _raised(make) -> BadInput:
 
 
 REQUEST_AND_KNOB_ERRORS = [
-    (lambda: Request([], [], 2, 1.0), "prompt"),
-    (lambda: Request([7], [0], 2, 1.0), "prompt"),
-    (lambda: Request(["a"], [0], 0, 1.0), "steps"),
-    (lambda: Request(["a"], [0], 2, -1.0), "guidance"),
-    (lambda: Request(["a"], [-1], 2, 1.0), "seed"),
+    (lambda: GenerationParams([], [], 2, 1.0), "prompt"),
+    (lambda: GenerationParams([7], [0], 2, 1.0), "prompt"),
+    (lambda: GenerationParams(["a"], [0], 0, 1.0), "steps"),
+    (lambda: GenerationParams(["a"], [0], 2, -1.0), "guidance"),
+    (lambda: GenerationParams(["a"], [-1], 2, 1.0), "seed"),
     (lambda: check_knobs("sencache", {"eps_main": -1.0}), "eps_main"),
     (lambda: check_knobs("fixed", {"eps_start": 1.0}), "eps_start"),
     (lambda: SenCacheSettings(-1.0, 1.0, 3), "eps_start"),
@@ -148,7 +148,7 @@ def test_the_server_refusal_carries_the_field():
     pytest.importorskip("ray")
     from sencache.serving.app import _refused
 
-    reply = _refused(_raised(lambda: Request(["a"], [0], 0, 1.0)))
+    reply = _refused(_raised(lambda: GenerationParams(["a"], [0], 0, 1.0)))
     assert reply.status == 422 and reply.body == {"detail": "steps must be in [1, 1000], got 0", "field": "steps"}
     reply = _refused(_raised(lambda: check_knobs("fixed", {"eps_main": 0.2})))
     assert reply.body == {

@@ -13,7 +13,7 @@ from sencache.kernels.cuda_drift import CudaUnavailable, open_device
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.prediction import predict
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt not installed (pip install 'sencache[fp8]')")
 
@@ -41,14 +41,14 @@ def test_fp8_denoiser_stays_close_to_fp32_and_generates(fp8_bundle, ort_bundle):
     follow the prompt but are not pixel-faithful to fp32 ones; `benchmarks/precision.py` measures
     by how much.)"""
     fp8, fp32 = engine_for(fp8_bundle), engine_for(ort_bundle)
-    run = fp32.generate(Request(PROMPTS, [3, 4], 12, 4.0), NoCache(2), record=True)
+    run = fp32.generate(GenerationParams(PROMPTS, [3, 4], 12, 4.0), NoCache(2), record=True)
     text, uncond = fp32.encode(PROMPTS), fp32.encode(["", ""])
     for k in (2, 6, 10):
         t = np.full(2, run.timesteps[k], np.float32)
         ours = predict(fp8, run.trajectory[k], t, text, uncond, 4.0).cond
         reference = predict(fp32, run.trajectory[k], t, text, uncond, 4.0).cond
         assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 0.1
-    frames = fp8.decode(fp8.generate(Request(PROMPTS, [3, 4], 12, 4.0), NoCache(2)).latents)
+    frames = fp8.decode(fp8.generate(GenerationParams(PROMPTS, [3, 4], 12, 4.0), NoCache(2)).latents)
     assert np.all(np.isfinite(frames)) and frames.std() > 0.05
 
 

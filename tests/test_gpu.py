@@ -46,7 +46,7 @@ def test_tensorrt_bundle_runs_like_onnxruntime(device, request, tmp_path):
     """The stage engines on this GPU against the same bundle in ONNX Runtime."""
     from conftest import engine_for
     from sencache.runtime.cache import NoCache
-    from sencache.runtime.request import Request
+    from sencache.runtime.request import GenerationParams
 
     backend, target = loop_backend(device.arch)
     if backend == "torch":
@@ -55,7 +55,7 @@ def test_tensorrt_bundle_runs_like_onnxruntime(device, request, tmp_path):
     extra = ["--backend", backend, *(["--compute-capability", target] if target else [])]
     out = tmp_path / "trt"
     assert main(["build", "--model", "tiny-wan", "--max-batch", "3", "--out", str(out), *extra]) == 0
-    run = Request(["one large white circle static on black"], [1], 8, 4.0)
+    run = GenerationParams(["one large white circle static on black"], [1], 8, 4.0)
     ours = engine_for(out).generate(run, NoCache(1)).latents
     reference = engine_for(ort_bundle).generate(run, NoCache(1)).latents
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-2
@@ -72,7 +72,7 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
     from sencache.runtime.cache import NoCache
     from sencache.runtime.model import Model
-    from sencache.runtime.request import Request
+    from sencache.runtime.request import GenerationParams
 
     if not torch.cuda.is_available():
         pytest.skip("this torch has no CUDA")
@@ -95,13 +95,13 @@ def test_device_loop_waits_only_on_the_drift_event(device, backend, tmp_path):
         [1, 2],
     )
     short = counting_syncs(
-        lambda: engine.generate(Request(prompts, seeds, 6, 4.0), engine.policy("sencache", 6, 2, knobs))
+        lambda: engine.generate(GenerationParams(prompts, seeds, 6, 4.0), engine.policy("sencache", 6, 2, knobs))
     )[1]
     long = counting_syncs(
-        lambda: engine.generate(Request(prompts, seeds, 20, 4.0), engine.policy("sencache", 20, 2, knobs))
+        lambda: engine.generate(GenerationParams(prompts, seeds, 20, 4.0), engine.policy("sencache", 20, 2, knobs))
     )[1]
     assert long == short
-    request = Request(prompts, seeds, 20, 4.0)
+    request = GenerationParams(prompts, seeds, 20, 4.0)
     cached = engine.generate(request, engine.policy("sencache", 20, 2, knobs))
     reference = engine.generate(request, NoCache(2))
     assert min(cached.nfe) < 20

@@ -8,7 +8,7 @@ from conftest import engine_for
 from sencache.runtime.cache import NoCache
 from sencache.runtime.families.parts import build_transformer, diffusers_pipeline
 from sencache.runtime.preparation import sample_generators
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 PROMPTS = ["two small red circles moving left fast on texture", "one large cyan square static on gradient"]
 
@@ -38,7 +38,7 @@ def diffusers_latents(engine, prompts, seeds, steps, guidance):
 def test_uncached_loop_matches_wan_pipeline(torch_bundle, batch, guidance):
     engine = engine_for(torch_bundle)
     prompts, seeds = PROMPTS[:batch], [5, 6][:batch]
-    ours = engine.generate(Request(prompts, seeds, 6, guidance), NoCache(batch)).latents
+    ours = engine.generate(GenerationParams(prompts, seeds, 6, guidance), NoCache(batch)).latents
     theirs = diffusers_latents(engine, prompts, seeds, 6, guidance)
     # With CFG we run cond and uncond as one batch of rows where the pipeline makes two calls: the
     # float rounding of CPU matmuls differs with the batch, and guidance 4 amplifies it 7-fold.

@@ -24,7 +24,7 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import SensitivityTable
 
 STEPS = 5
@@ -55,7 +55,7 @@ def test_uncached_latents_match_the_pipeline(real_like, batch, guidance):
     seeds = [3, 4][:batch]
     embeds, negative = embeddings(case, batch, 9), embeddings(case, batch, 10)
     ours = engine.generate(
-        Request([f"p{i}" for i in range(batch)], seeds, STEPS, guidance, embeds, negative), NoCache(batch)
+        GenerationParams([f"p{i}" for i in range(batch)], seeds, STEPS, guidance, embeds, negative), NoCache(batch)
     ).latents
     theirs = run_reference(case, seeds, STEPS, guidance, "latent", embeds, negative)
     # Wan's pipeline makes separate cond and uncond calls where we run both rows as one batch: the
@@ -71,7 +71,7 @@ def test_prompts_are_encoded_by_the_pipelines_own_text_encoder(real_like):
     case = real_like
     engine = engine_for(bundle_of(case))
     prompts = ["a red circle moving left fast", "two large blue squares on black"]
-    ours = engine.decode(engine.generate(Request(prompts, [3, 4], STEPS, 6.0), NoCache(2)).latents)
+    ours = engine.decode(engine.generate(GenerationParams(prompts, [3, 4], STEPS, 6.0), NoCache(2)).latents)
     theirs = run_reference(case, [3, 4], STEPS, 6.0, "np", prompts=prompts)
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
 
@@ -80,7 +80,7 @@ def test_frames_match_the_pipeline(real_like):
     case = real_like
     engine = engine_for(bundle_of(case))
     embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)
-    result = engine.generate(Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative), NoCache(2))
+    result = engine.generate(GenerationParams(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative), NoCache(2))
     ours = engine.decode(result.latents)
     theirs = run_reference(case, [3, 4], STEPS, 6.0, "np", embeds, negative)
     assert ours.shape == theirs.shape == (2, *case.size, 3)
@@ -104,7 +104,7 @@ def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
     settings = SenCacheSettings(eps_start=0.02, eps_main=0.6, max_reuse=2)
     policy = engine.policy("sencache", steps, batch, {"eps_start": 0.02, "eps_main": 0.6, "max_reuse": 2})
     embeds, negative = embeddings(case, batch, 1), embeddings(case, batch, 2)
-    result = engine.generate(Request(["a", "b"], [7, 8], steps, 6.0, embeds, negative), policy, record=True)
+    result = engine.generate(GenerationParams(["a", "b"], [7, 8], steps, 6.0, embeds, negative), policy, record=True)
     assert result.timesteps == [float(t) for t in timesteps]
     numel = engine.numel
     switch = round(0.2 * steps)
@@ -136,7 +136,7 @@ def test_onnx_bundle_matches_the_pytorch_bundle(real_like):
     case = real_like
     onnx = build_bundle(case, case.folder.parent / "onnx", "onnxruntime")
     embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)
-    request = Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative)
+    request = GenerationParams(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative)
     ours = engine_for(onnx).generate(request, NoCache(2)).latents
     reference = engine_for(bundle_of(case)).generate(request, NoCache(2)).latents
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-4
@@ -154,11 +154,11 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
     knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
     embeds, negative = embeddings(case, 2, 5), embeddings(case, 2, 6)
     both = engine.generate(
-        Request(["a", "b"], [21, 22], steps, 6.0, embeds, negative), engine.policy("sencache", steps, 2, knobs)
+        GenerationParams(["a", "b"], [21, 22], steps, 6.0, embeds, negative), engine.policy("sencache", steps, 2, knobs)
     )
     for b in range(2):
         alone = engine.generate(
-            Request(["x"], [21 + b], steps, 6.0, embeds[b : b + 1], negative[b : b + 1]),
+            GenerationParams(["x"], [21 + b], steps, 6.0, embeds[b : b + 1], negative[b : b + 1]),
             engine.policy("sencache", steps, 1, knobs),
         )
         assert alone.decisions[0] == both.decisions[b]
@@ -181,7 +181,7 @@ def test_dynamic_cfg_matches_cogvideox_pipeline(real_like):
     case = real_like
     engine = engine_for(bundle_of(case))
     embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)
-    request = Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative, dynamic_cfg=True)
+    request = GenerationParams(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative, dynamic_cfg=True)
     if not case.model.startswith("cogvideox"):
         with pytest.raises(BadInput, match="dynamic_cfg is an option"):
             engine.generate(request, NoCache(2))
@@ -189,5 +189,5 @@ def test_dynamic_cfg_matches_cogvideox_pipeline(real_like):
     ours = engine.generate(request, NoCache(2)).latents
     theirs = run_reference(case, [3, 4], STEPS, 6.0, "latent", embeds, negative, use_dynamic_cfg=True)
     np.testing.assert_allclose(ours, theirs, atol=2e-6, rtol=0)
-    plain = engine.generate(Request(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative), NoCache(2)).latents
+    plain = engine.generate(GenerationParams(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative), NoCache(2)).latents
     assert np.abs(plain - ours).max() > 1e-3

@@ -29,7 +29,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families import ADAPTERS
 from sencache.runtime.prediction import predict
 from sencache.runtime.preparation import sample_generators
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import SensitivityTable
 
 STEP_COUNTS = (12, 22, 27, 28, 30, 50)
@@ -228,7 +228,7 @@ def test_reference_runs_match_the_authors_rule_decision_by_decision(tiny):
     knobs = {"eps_start": eps_start, "eps_main": eps_main, "max_reuse": k, "conventions": "reference"}
     decisions, mismatches, reuses = 0, [], 0
     for steps in REPLAY_STEPS:
-        request = Request(PROMPTS, [1, 2], steps, model.bundle.manifest.defaults.guidance)
+        request = GenerationParams(PROMPTS, [1, 2], steps, model.bundle.manifest.defaults.guidance)
         result = model.generate(request, model.policy("sencache", steps, len(PROMPTS), knobs), record=True)
         for b in range(len(PROMPTS)):
             rule = AuthorsRule(family, timesteps, j_x, j_t, eps_start, eps_main, k, steps)
@@ -307,7 +307,7 @@ def test_calibration_on_the_conditional_branch(ort_bundle):
     assert table.meta["branch"] == "cond" and guided.meta["branch"] == "guided"
     guidance = model.bundle.manifest.defaults.guidance
     assert guidance > 1.0
-    run = model.generate(Request(PROMPTS[:1], [7], 4, guidance), NoCache(1), record=True)
+    run = model.generate(GenerationParams(PROMPTS[:1], [7], 4, guidance), NoCache(1), record=True)
     text = model.encode(PROMPTS[:1])
     for k in range(3):
         x_k, t_k, t_next = run.trajectory[k], run.timesteps[k], run.timesteps[k + 1]

@@ -23,7 +23,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 from sencache.runtime.families.parts import make_scheduler
 from sencache.runtime.prediction import predict
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 # -- Wan's sampling shift as a run preset ----------------------------------------------------------
 
@@ -73,7 +73,7 @@ def test_families_without_the_preset_refuse_it(model):
 
 def test_the_preset_is_checked_and_named_on_every_surface():
     with pytest.raises(BadInput) as e:
-        Request(["a"], [0], 4, 1.0, sampling="shift5")
+        GenerationParams(["a"], [0], 4, 1.0, sampling="shift5")
     assert e.value.param == "sampling"
     adapter, preset = resolve("tiny-wan")
     with pytest.raises(BadInput) as e:
@@ -100,8 +100,8 @@ def test_the_preset_is_a_server_field():
 def test_a_wan_run_with_the_preset(ort_bundle):
     model = engine_for(ort_bundle)
     prompt = ["one large white square static on black"]
-    shifted = model.generate(Request(prompt, [3], 6, 4.0, sampling="reference"), NoCache(1))
-    default = model.generate(Request(prompt, [3], 6, 4.0), NoCache(1))
+    shifted = model.generate(GenerationParams(prompt, [3], 6, 4.0, sampling="reference"), NoCache(1))
+    default = model.generate(GenerationParams(prompt, [3], 6, 4.0), NoCache(1))
     reference = UniPCMultistepScheduler.from_config({**model.bundle.manifest.scheduler, "flow_shift": 5.0})
     reference.set_timesteps(6)
     assert shifted.timesteps == [float(t) for t in reference.timesteps]

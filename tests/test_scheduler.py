@@ -10,13 +10,13 @@ import torch
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput, Cancelled, Failed
 from sencache.runtime.pass_runner import Outcome, PassPlan, PassResult
-from sencache.runtime.request import Request, RequestState
+from sencache.runtime.request import GenerationParams, RequestState
 from sencache.runtime.scheduler import Scheduler, StaticBatching, StepLevel, admission
 
 
 def state(samples: int, guidance: float = 4.0) -> RequestState:
     """A queued request of `samples` samples (2 rows each with guidance), its tensors placeholders."""
-    request = Request([f"p{i}" for i in range(samples)], list(range(samples)), 4, guidance)
+    request = GenerationParams([f"p{i}" for i in range(samples)], list(range(samples)), 4, guidance)
     empty = torch.zeros(samples, 1)
     return RequestState(0, request, NoCache(samples), None, [], [0.0] * 4, [guidance] * 4, empty, empty, empty)
 

@@ -19,7 +19,7 @@ from sencache.runtime.cache import NoCache, StepDecision
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request, Result
+from sencache.runtime.request import GenerationParams, Result
 from sencache.runtime.sensitivity import SensitivityTable
 from sencache.runtime.stepping import StepEngine
 
@@ -70,8 +70,8 @@ class Spec:
     guidance: float
     method: str
 
-    def request(self) -> Request:
-        return Request(list(self.prompts), list(self.seeds), self.steps, self.guidance)
+    def request(self) -> GenerationParams:
+        return GenerationParams(list(self.prompts), list(self.seeds), self.steps, self.guidance)
 
     def submit(self, engine: StepEngine, family: str) -> int:
         knobs = {**COMMON, **KNOBS[family]}[self.method]
@@ -203,7 +203,7 @@ def test_a_failing_request_fails_alone(family):
     engine = StepEngine(model)
     spec = Spec((PROMPTS[0],), (31,), 5, 4.0, "sencache")
     good = spec.submit(engine, name)
-    bad = engine.submit(Request([PROMPTS[1]], [32], 5, 4.0), FailsAtStep(2))
+    bad = engine.submit(GenerationParams([PROMPTS[1]], [32], 5, 4.0), FailsAtStep(2))
     while engine.busy:
         engine.step()
     assert engine.poll(bad).state == "failed"
@@ -272,7 +272,7 @@ def test_online_rule_observes_the_true_reuse_error_and_equals_alone(family):
     name, model = family
     layout, steps = model.layout, 6
     knobs = {**KNOBS[name]["sencache"], "online_rate": 1.0, "online_bound": 1e6}
-    request = Request([PROMPTS[0], PROMPTS[1]], [41, 42], steps, 4.0)
+    request = GenerationParams([PROMPTS[0], PROMPTS[1]], [41, 42], steps, 4.0)
     seen: list[tuple[int, np.ndarray]] = []
 
     class Recording(SenCacheOnlinePolicy):  # the real rule, keeping what it was shown

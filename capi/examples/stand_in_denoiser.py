@@ -19,7 +19,7 @@ import numpy as np
 
 from sencache.runtime.cache import StepDecision
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 from sencache.runtime.stepping import StepEngine
 
 
@@ -57,7 +57,7 @@ class Denoiser:
         self.engine = StepEngine(self.model)
         self.rule = ExternalRule()
         self.id = self.engine.submit(
-            Request([prompt], [seed], steps, self.model.bundle.manifest.defaults.guidance), self.rule
+            GenerationParams([prompt], [seed], steps, self.model.bundle.manifest.defaults.guidance), self.rule
         )
         self.worker: threading.Thread | None = None
 

@@ -18,7 +18,7 @@ import native  # noqa: E402
 
 from sencache.runtime.bundle import Bundle  # noqa: E402
 from sencache.runtime.model import Model  # noqa: E402
-from sencache.runtime.request import Request  # noqa: E402
+from sencache.runtime.request import GenerationParams  # noqa: E402
 from sencache.runtime.stepping import StepEngine  # noqa: E402
 
 BUNDLE = os.environ.get("SENCACHE_TEST_BUNDLE", "")
@@ -72,7 +72,7 @@ def test_recorded_runs_match():
     ]
     for k, (method, knobs, batch) in enumerate(cases):
         steps = 10 + 4 * k
-        request = Request(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest.defaults.guidance)
+        request = GenerationParams(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest.defaults.guidance)
         rule = Recording(model.policy(method, steps, batch, knobs))
         engine.submit(request, rule)
         runs.append((method, knobs, batch, steps, rule))

@@ -25,7 +25,7 @@ from sencache.data.grammar import COLOURS, DIRECTIONS, PromptSpec
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.model import Model
-from sencache.runtime.request import Request
+from sencache.runtime.request import GenerationParams
 
 STATIC_BELOW = 0.4
 """Pixels per frame under which a centroid counts as not moving."""
@@ -86,7 +86,7 @@ def evaluate(engine: Model, steps: int | None = None, batch: int = 4, show_progr
     starts = range(0, len(specs), batch)
     for start in progress(starts, desc="evaluate", unit="batch", disable=not show_progress):
         chunk = specs[start : start + batch]
-        request = Request(
+        request = GenerationParams(
             [s.prompt for s in chunk],
             [1000 + start + i for i in range(len(chunk))],
             steps,
