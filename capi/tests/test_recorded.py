@@ -56,7 +56,7 @@ def test_recorded_runs_match():
     lib.sc_policy_settings_from_bundle.argtypes = [ctypes.c_char_p, ctypes.POINTER(native.Settings)]
     defaults = native.Settings()
     assert lib.sc_policy_settings_from_bundle(BUNDLE.encode(), ctypes.byref(defaults)) == 0, lib.sc_last_error()
-    manifest = bundle.manifest.defaults.cache["sencache"]
+    manifest = bundle.manifest.defaults.knobs("sencache")
     assert (defaults.eps_start, defaults.eps_main, defaults.max_reuse) == (
         manifest["eps_start"],
         manifest["eps_main"],
