@@ -42,6 +42,7 @@ def main(example: str, bundle: str, work: str) -> int:
                 "1",
                 "--out",
                 str(run),
+                "--overwrite",  # a rerun of ctest in the same build tree replaces the run it made before
             ],
             check=True,
             env=env,
