@@ -67,7 +67,10 @@ MEDIA: dict[str, str] = {"video": "video/mp4", "thumbnail": "image/png", "frames
 """The media type of each content variant."""
 
 
-def _error(status: int, message: str, *, param: str | None = None, code: str | None = None, **headers: str) -> Reply:
+def _error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+) -> Reply:
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
     return Reply(status, error_body(status, message, param=param, code=code), headers)
 
 
@@ -86,11 +89,9 @@ def _invalid(errors: list[Any]) -> Reply:
 
 
 def _missing(error: UnknownJob) -> Reply:
-    return (
-        _error(404, str(error), param="video_id", code="video_not_found")
-        if error.gone is None
-        else Reply(404, error_body(404, str(error), param="video_id", code=f"video_{error.gone}"), gone=error.gone)
-    )
+    """404 for a job this replica does not hold; `gone` says it once did (so the registry is not asked)."""
+    code = f"video_{error.gone or 'not_found'}"
+    return Reply(404, error_body(404, str(error), param="video_id", code=code), gone=error.gone)
 
 
 def _response(reply: Reply) -> Response:
@@ -121,7 +122,7 @@ class EngineReplica:
         except BadInput as e:
             return _refused(e)
         except QueueFull as e:
-            return _error(429, str(e), code="queue_full", **{"Retry-After": str(e.retry_after)})
+            return _error(429, str(e), code="queue_full", retry_after=e.retry_after)
         return Reply(200, job.model_dump())
 
     async def status(self, job_id: str) -> Reply:
@@ -262,15 +263,9 @@ class VideoAPI:
                 self.registry.add.remote(reply.body)
             return _response(reply)
         if waits:
-            wait = str(min(waits))
-            return _response(
-                _error(
-                    429,
-                    f"every replica's queue is full; retry after {wait} s",
-                    code="queue_full",
-                    **{"Retry-After": wait},
-                )
-            )
+            wait = min(waits)
+            message = f"every replica's queue is full; retry after {wait} s"
+            return _response(_error(429, message, code="queue_full", retry_after=wait))
         return _response(_error(503, "no engine replica is up", code="no_replica"))
 
     @api.get("/v1/videos", response_model=VideoList, responses=_ERRORS, summary="List video jobs")
