@@ -7,9 +7,11 @@ job registry, remembers every id the ingress handed out; an id the registry know
 replica does not (the replica died and Serve started a fresh one) is reported failed, never
 left pending, and an id neither knows is a 404.
 
-Endpoints (OpenAI Videos API shape): POST /v1/videos, GET /v1/videos/{id},
-GET /v1/videos/{id}/content, DELETE /v1/videos/{id}, GET /metrics, GET /healthz; the OpenAPI
-document is at /openapi.json and the docs at /docs.
+Endpoints (OpenAI's Videos API, which the `openai` SDK drives unchanged): POST /v1/videos (JSON
+or multipart/form-data), GET /v1/videos (cursor pages), GET /v1/videos/{id},
+GET /v1/videos/{id}/content, DELETE /v1/videos/{id} (cancels a running job, then deletes it);
+GET /metrics, GET /healthz; the OpenAPI document is at /openapi.json and the docs at /docs.
+Every error has OpenAI's body (`sencache.serving.errors`).
 """
 
 import asyncio
@@ -19,22 +21,28 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import ray
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from sencache import __version__
 from sencache.runtime.errors import BadInput
 from sencache.runtime.scheduler import Batching
 from sencache.serving import metrics
-from sencache.serving.schema import ErrorBody, VideoJob, VideoRequest, json_field
-from sencache.serving.service import NotReady, QueueFull, UnknownJob, VideoService
+from sencache.serving.errors import error_body, error_response
+from sencache.serving.form import parse_body
+from sencache.serving.schema import ErrorBody, VideoDeleted, VideoJob, VideoList, VideoRequest, json_field
+from sencache.serving.service import NotReady, QueueFull, UnknownJob, Variant, VideoService
 
 APP_NAME = "sencache"
 REGISTRY = "sencache-job-registry"
@@ -51,16 +59,39 @@ class Reply:
     body: dict[str, Any] | bytes
     headers: dict[str, str] = field(default_factory=dict)
     media_type: str = "application/json"
+    gone: str | None = None
+    """For a 404: why the replica no longer holds the job (expired, deleted), None when it never did."""
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(status, {"detail": detail}, headers or {})
+MEDIA: dict[str, str] = {"video": "video/mp4", "thumbnail": "image/png", "frames": "application/octet-stream"}
+"""The media type of each content variant."""
+
+
+def _error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+) -> Reply:
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    return Reply(status, error_body(status, message, param=param, code=code), headers)
 
 
 def _refused(error: BadInput) -> Reply:
-    """422 for a request the engine refuses, naming the request body's field at fault."""
+    """422 for a request the engine refuses, naming the request body's field at fault as `param`."""
     field = json_field(error.param)
-    return Reply(422, {"detail": error.worded(field), **({"field": field} if field else {})})
+    return _error(422, error.worded(field), param=field, code="invalid_value")
+
+
+def _invalid(errors: list[Any]) -> Reply:
+    """422 for a body or query the schema refuses: every error as `field: reason` (never the
+    input itself), `param` the first one's field, `code` its kind."""
+    places = [".".join(str(part) for part in e["loc"] if part not in ("body", "query", "path")) for e in errors]
+    message = "; ".join(f"{place}: {e['msg']}" if place else e["msg"] for place, e in zip(places, errors, strict=True))
+    return _error(422, message, param=places[0] or None if places else None, code=errors[0]["type"] if errors else None)
+
+
+def _missing(error: UnknownJob) -> Reply:
+    """404 for a job this replica does not hold; `gone` says it once did (so the registry is not asked)."""
+    code = f"video_{error.gone or 'not_found'}"
+    return Reply(404, error_body(404, str(error), param="video_id", code=code), gone=error.gone)
 
 
 def _response(reply: Reply) -> Response:
@@ -91,23 +122,26 @@ class EngineReplica:
         except BadInput as e:
             return _refused(e)
         except QueueFull as e:
-            return _error(429, str(e), {"Retry-After": str(e.retry_after)})
+            return _error(429, str(e), code="queue_full", retry_after=e.retry_after)
         return Reply(200, job.model_dump())
 
     async def status(self, job_id: str) -> Reply:
         return await self._about(job_id, self.service.status)
 
-    async def cancel(self, job_id: str) -> Reply:
-        return await self._about(job_id, self.service.cancel)
+    async def delete(self, job_id: str) -> Reply:
+        return await self._about(job_id, self.service.delete)
 
-    async def content(self, job_id: str, variant: Literal["video", "frames"]) -> Reply:
+    async def jobs(self) -> list[tuple[float, dict[str, Any]]]:
+        return [(created, job.model_dump()) for created, job in await asyncio.to_thread(self.service.jobs)]
+
+    async def content(self, job_id: str, variant: Variant) -> Reply:
         try:
             data = await asyncio.to_thread(self.service.content, job_id, variant)
         except UnknownJob as e:
-            return Reply(404, {"detail": str(e), "expired": e.expired})
+            return _missing(e)
         except NotReady as e:
-            return _error(409, str(e))
-        return Reply(200, data, media_type="video/mp4" if variant == "video" else "application/octet-stream")
+            return _error(409, str(e), code="video_not_ready")
+        return Reply(200, data, media_type=MEDIA[variant])
 
     async def metrics(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.service.metrics)
@@ -116,7 +150,7 @@ class EngineReplica:
         try:
             job = await asyncio.to_thread(action, job_id)
         except UnknownJob as e:
-            return Reply(404, {"detail": str(e), "expired": e.expired})
+            return _missing(e)
         return Reply(200, job.model_dump())
 
     def __del__(self) -> None:
@@ -139,6 +173,9 @@ class JobRegistry:
     def get(self, job_id: str) -> dict[str, Any] | None:
         return self.jobs.get(job_id)
 
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
 
 api = FastAPI(
     title="sencache video API",
@@ -147,6 +184,32 @@ api = FastAPI(
     "Jobs at different denoising steps share every engine pass, each with its own cache.",
 )
 _ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+_BODY = {"schema": {"$ref": "#/components/schemas/VideoRequest"}}
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, error: RequestValidationError) -> Response:
+    """A query or path the schema refuses: 422 in OpenAI's error shape."""
+    return _response(_invalid(list(error.errors())))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    """Starlette's own errors (an unknown path 404, a wrong method 405) in OpenAI's error shape."""
+    return error_response(error.status_code, str(error.detail), headers=error.headers)
+
+
+def _openapi() -> dict[str, Any]:
+    """The OpenAPI document, with the request body's schema (read by hand, so FastAPI does not list it)."""
+    if api.openapi_schema is None:
+        doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schema = VideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        doc["components"]["schemas"].update({**schema.pop("$defs"), "VideoRequest": schema})
+        api.openapi_schema = doc
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 def _slot(job_id: str, replicas: int) -> int | None:
@@ -166,10 +229,25 @@ class VideoAPI:
         self.registry = JobRegistry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
         self._turn = itertools.cycle(range(len(replicas)))
 
-    @api.post("/v1/videos", response_model=VideoJob, responses=_ERRORS, summary="Create a video job")
-    async def create(self, request: VideoRequest) -> Response:
-        """Queue one video; 422 with the reason if the engine refuses it (never queued), 429 with
-        Retry-After when every replica's queue is full."""
+    @api.post(
+        "/v1/videos",
+        response_model=VideoJob,
+        responses=_ERRORS,
+        summary="Create a video job",
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": _BODY, "multipart/form-data": _BODY}}
+        },
+    )
+    async def create(self, http: Request) -> Response:
+        """Queue one video (a JSON body, or a form as the `openai` SDK sends it); 422 with the
+        reason if the engine refuses it (never queued), 429 with Retry-After when every replica's
+        queue is full."""
+        try:
+            request = VideoRequest.model_validate(parse_body(http.headers.get("content-type", ""), await http.body()))
+        except BadInput as e:
+            return _response(_refused(e))
+        except ValidationError as e:
+            return _response(_invalid(e.errors()))
         first = next(self._turn)
         order = [(first + k) % len(self.replicas) for k in range(len(self.replicas))]
         waits: list[int] = []
@@ -185,22 +263,54 @@ class VideoAPI:
                 self.registry.add.remote(reply.body)
             return _response(reply)
         if waits:
-            return _response(
-                _error(
-                    429, f"every replica's queue is full; retry after {min(waits)} s", {"Retry-After": str(min(waits))}
+            wait = min(waits)
+            message = f"every replica's queue is full; retry after {wait} s"
+            return _response(_error(429, message, code="queue_full", retry_after=wait))
+        return _response(_error(503, "no engine replica is up", code="no_replica"))
+
+    @api.get("/v1/videos", response_model=VideoList, responses=_ERRORS, summary="List video jobs")
+    async def list_videos(
+        self,
+        after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+        limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+        order: Annotated[Literal["asc", "desc"], Query(description="by submission time")] = "desc",
+    ) -> Response:
+        """The jobs the replicas hold (queued, running, and each replica's last 64 ended), newest
+        first by default; OpenAI's cursor page. A replica that does not answer adds none."""
+        held = await asyncio.gather(*(self._jobs(h) for h in self.replicas))
+        jobs = [job for _, job in sorted((j for js in held for j in js), key=lambda j: (j[0], j[1]["id"]))]
+        if order == "desc":
+            jobs.reverse()
+        start = 0
+        if after is not None:
+            ids = [job["id"] for job in jobs]
+            if after not in ids:
+                return _response(
+                    _error(404, f"no video {after[:80]!r} to list after", param="after", code="video_not_found")
                 )
-            )
-        return _response(_error(503, "no engine replica is up"))
+            start = ids.index(after) + 1
+        page = jobs[start : start + limit]
+        body = VideoList(
+            data=[VideoJob.model_validate(job) for job in page],
+            first_id=page[0]["id"] if page else None,
+            last_id=page[-1]["id"] if page else None,
+            has_more=start + limit < len(jobs),
+        )
+        return JSONResponse(body.model_dump())
 
     @api.get("/v1/videos/{video_id}", response_model=VideoJob, responses=_ERRORS, summary="A video job's status")
     async def retrieve(self, video_id: str) -> Response:
         """Status, progress (percent of steps), step / steps and NFE so far."""
         return await self._route(video_id, "status")
 
-    @api.delete("/v1/videos/{video_id}", response_model=VideoJob, responses=_ERRORS, summary="Cancel a video job")
-    async def cancel(self, video_id: str) -> Response:
-        """Cancel a queued or running job; its rows are free at the next step. An ended job is left as it is."""
-        return await self._route(video_id, "cancel")
+    @api.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS, summary="Delete a video")
+    async def delete(self, video_id: str) -> Response:
+        """Delete a video and its content; a queued or running job is cancelled first (its rows are
+        free at the next step). Its id is a 404 afterwards."""
+        response = await self._route(video_id, "delete")
+        if response.status_code == 200:
+            self.registry.forget.remote(video_id)
+        return response
 
     @api.get(
         "/v1/videos/{video_id}/content",
@@ -210,11 +320,15 @@ class VideoAPI:
     async def content(
         self,
         video_id: str,
-        variant: Literal["video", "frames"] = Query(
-            "video", description="video: MP4 (H.264); frames: float32 [T, H, W, 3] in [0, 1] as .npy"
-        ),
+        variant: Annotated[
+            Variant,
+            Query(
+                description="video: MP4 (H.264); thumbnail: the first frame as a PNG; "
+                "frames: float32 [T, H, W, 3] in [0, 1] as .npy"
+            ),
+        ] = "video",
     ) -> Response:
-        """The MP4 of a completed job, or its raw frames; 409 while it is not completed."""
+        """The MP4 of a completed job, its first frame, or its raw frames; 409 while it is not completed."""
         return await self._route(video_id, "content", variant)
 
     @api.get("/metrics", summary="Prometheus metrics")
@@ -232,6 +346,12 @@ class VideoAPI:
         body = {"status": "ok" if not down else "degraded", "replicas": len(self.replicas), "down": down}
         return JSONResponse(body, status_code=200 if not down else 503)
 
+    async def _jobs(self, handle: DeploymentHandle) -> list[tuple[float, dict[str, Any]]]:
+        try:
+            return await asyncio.wait_for(handle.jobs.remote(), CALL_TIMEOUT_S)
+        except _REPLICA_GONE:
+            return []
+
     async def _metrics(self, handle: DeploymentHandle, timeout: float = CALL_TIMEOUT_S) -> dict[str, Any] | None:
         try:
             return await asyncio.wait_for(handle.metrics.remote(), timeout)
@@ -241,7 +361,7 @@ class VideoAPI:
     async def _route(self, video_id: str, method: str, *args: Any) -> Response:
         slot = _slot(video_id, len(self.replicas))
         if slot is None:
-            return _response(_error(404, f"no video {video_id!r}"))
+            return _response(_error(404, f"no video {video_id[:80]!r}", param="video_id", code="video_not_found"))
         try:
             reply = await asyncio.wait_for(getattr(self.replicas[slot], method).remote(video_id, *args), CALL_TIMEOUT_S)
         except _REPLICA_GONE as e:
@@ -249,14 +369,19 @@ class VideoAPI:
             gone = f"its engine replica died ({type(e).__name__})"
         else:
             gone = "its engine replica died and was restarted"
-        if reply is not None and not (reply.status == 404 and not reply.body.get("expired")):
+        if reply is not None and not (reply.status == 404 and reply.gone is None):
             return _response(reply)
         job = await self.registry.get.remote(video_id)
         if job is None:
-            return _response(reply or _error(404, f"no video {video_id!r}"))
-        failed = VideoJob.model_validate({**job, "status": "failed", "error": {"message": f"failed: {gone}"}})
+            return _response(
+                reply or _error(404, f"no video {video_id[:80]!r}", param="video_id", code="video_not_found")
+            )
         if method == "content":
-            return _response(_error(409, f"video {video_id} failed: {gone}"))
+            return _response(_error(409, f"video {video_id} failed: {gone}", code="video_not_ready"))
+        if method == "delete":
+            return _response(Reply(200, VideoDeleted(id=video_id).model_dump()))
+        error = {"code": "replica_died", "message": f"failed: {gone}"}
+        failed = VideoJob.model_validate({**job, "status": "failed", "error": error})
         return _response(Reply(200, failed.model_dump()))
 
 

@@ -99,6 +99,11 @@ class VideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, max_length=10_000, description="the text; or give prompt_embeds")
+    model: str | None = Field(None, description="the served bundle's model (the only one; default: it)")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT': the bundle's resolution (the only one; default: it)")
+    seconds: str | float | None = Field(
+        None, description="the clip's length: the bundle's frames at the MP4's frame rate (the only one; default: it)"
+    )
     prompt_embeds: list[list[float]] | None = Field(
         None, description="text embeddings [tokens, channels] computed elsewhere, instead of prompt"
     )
@@ -136,31 +141,70 @@ class VideoRequest(BaseModel):
         return self
 
 
-Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+Status = Literal["queued", "in_progress", "completed", "failed"]
+
+
+class VideoError(BaseModel):
+    """Why a video failed: `code` is `cancelled` for a job cancelled before it completed,
+    `replica_died` when its engine replica died, `generation_failed` when the engine failed it."""
+
+    code: str
+    message: str
 
 
 class VideoJob(BaseModel):
-    """A video job as the API reports it (OpenAI's video object, plus the step counters)."""
+    """A video job as the API reports it: OpenAI's video object, plus this engine's detail (the
+    seed, the step and NFE counters, the cache method and the latencies)."""
 
     id: str
     object: Literal["video"] = "video"
     status: Status
     progress: int = Field(description="percent of the denoising steps taken")
+    created_at: int = Field(description="Unix seconds")
+    completed_at: int | None = Field(None, description="Unix seconds of the end (completed or failed)")
+    expires_at: int | None = Field(None, description="never set: a replica keeps its last 64 ended jobs")
+    model: str
+    prompt: str | None = Field(None, description="the prompt (None for a job given prompt_embeds)")
+    size: str = Field(description="'WIDTHxHEIGHT' of the frames (the MP4 is enlarged 8 times)")
+    seconds: str = Field(description="the clip's length in seconds at the MP4's frame rate")
+    error: VideoError | None = None
     step: int
     steps: int
     nfe: int = Field(description="denoiser block evaluations so far (a reused step costs none)")
-    created_at: int = Field(description="Unix seconds")
-    completed_at: int | None = None
-    model: str
     seed: int
     cache: str
     latency_s: float | None = Field(None, description="seconds from submission to the video (once completed)")
     queue_wait_s: float | None = Field(None, description="of which waiting for rows before the first step")
-    error: dict[str, str] | None = None
+
+
+class VideoList(BaseModel):
+    """GET /v1/videos: one page of jobs, OpenAI's cursor page (`after` the last id for the next)."""
+
+    object: Literal["list"] = "list"
+    data: list[VideoJob]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    """DELETE /v1/videos/{id}: the video is gone (a queued or running job was cancelled first)."""
+
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong (OpenAI's error object)."""
+
+    message: str
+    type: str = Field(description="invalid_request_error below 500 (rate_limit_error for 429), server_error from 500")
+    param: str | None = Field(None, description="the JSON field of the request at fault, where one is")
+    code: str | None = Field(None, description="a machine-readable reason")
 
 
 class ErrorBody(BaseModel):
-    """The body of every error answer."""
+    """The body of every error answer (OpenAI's shape)."""
 
-    detail: str
-    field: str | None = Field(None, description="the JSON field of the request at fault, where one is")
+    error: ErrorDetail

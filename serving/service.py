@@ -1,5 +1,6 @@
-"""One engine replica's video jobs: a bounded queue, progress, results as MP4 or raw frames,
-cancellation, retention and counters. Admission (step-level or static batching) is the engine's.
+"""One engine replica's video jobs: a bounded queue, progress, results as MP4, thumbnail or raw
+frames, cancellation, deletion, listing, retention and counters. Admission (step-level or static
+batching) is the engine's.
 
 Plain Python (no Ray): the Ray Serve replica wraps it. Each submitted job has one waiter thread
 that blocks on its result, so completion times are exact and nothing polls the engine."""
@@ -23,8 +24,8 @@ from sencache.runtime.errors import BadInput, Cancelled
 from sencache.runtime.manifest import Defaults
 from sencache.runtime.request import GenerationParams, State
 from sencache.runtime.scheduler import Batching
-from sencache.runtime.video import write_mp4
-from sencache.serving.schema import VideoJob, VideoRequest
+from sencache.runtime.video import MP4_FPS, thumbnail_png, write_mp4
+from sencache.serving.schema import VideoDeleted, VideoError, VideoJob, VideoRequest
 
 if TYPE_CHECKING:
     from sencache.runtime.api import Engine, Job, Video
@@ -33,10 +34,14 @@ STATUS: dict[State, str] = {
     "queued": "queued",
     "running": "in_progress",
     "done": "completed",
-    "cancelled": "cancelled",
+    "cancelled": "failed",
     "failed": "failed",
 }
-"""The API's status of each request state."""
+"""The API's status of each request state: OpenAI's four (a cancelled job has failed, with the
+error code `cancelled`)."""
+
+Variant = Literal["video", "thumbnail", "frames"]
+"""The downloadable content of a completed job: the MP4, its first frame as a PNG, the raw frames as .npy."""
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 """Upper bounds (seconds) of the request latency and queue wait histograms."""
@@ -51,14 +56,15 @@ class QueueFull(Exception):
 
 
 class UnknownJob(KeyError):
-    """No job of that id on this replica; `expired` when it ended and its result was released."""
+    """No job of that id on this replica; `gone` says why when it had one: `expired` (it ended
+    and its result was released) or `deleted`."""
 
-    def __init__(self, job_id: str, expired: bool) -> None:
+    def __init__(self, job_id: str, gone: str | None) -> None:
         super().__init__(job_id)
-        self.expired = expired
+        self.gone = gone
 
     def __str__(self) -> str:
-        kind = "expired (its result was released)" if self.expired else "unknown"
+        kind = {None: "unknown", "expired": "expired (its result was released)"}.get(self.gone, self.gone)
         return f"video {self.args[0]} is {kind}"
 
 
@@ -100,12 +106,13 @@ class _Record:
     cache: str
     steps: int
     rows: int
+    prompt: str | None
     ended: State | None = None
     """How the job ended, once its video is decoded (or it failed or was cancelled); until then
     its state is the engine's."""
     completed_at: float | None = None
     video: Video | None = None
-    error: str | None = None
+    error: VideoError | None = None
     mp4: bytes | None = None
     latency_s: float | None = None
     queue_wait_s: float | None = None
@@ -125,6 +132,9 @@ class VideoService:
             raise BadInput(f"max_queue and retain must be >= 1, got {max_queue} and {retain}")
         self.engine = engine
         self.model = model
+        shapes = engine.model.bundle.manifest.shapes
+        self.size = f"{shapes.width}x{shapes.height}"
+        self.seconds = f"{shapes.frames / MP4_FPS:g}"
         self.defaults = defaults
         self.slot = slot
         self.max_queue = max_queue
@@ -133,7 +143,8 @@ class VideoService:
         self._lock = threading.Condition()
         self._jobs: OrderedDict[str, _Record] = OrderedDict()
         self._ended: deque[str] = deque()
-        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._gone: OrderedDict[str, str] = OrderedDict()
+        """Ids no longer held, and why (expired or deleted)."""
         self._latency = Histogram()
         self._queue_wait = Histogram()
         self._rejected = 0
@@ -144,6 +155,7 @@ class VideoService:
 
     def submit(self, video: VideoRequest) -> VideoJob:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
+        self._check_output(video)
         method, knobs = video.cache.resolve(self.defaults)
         request = GenerationParams.resolve(
             self.defaults,
@@ -174,6 +186,7 @@ class VideoService:
                 cache=method,
                 steps=request.steps,
                 rows=2 if request.cfg else 1,
+                prompt=video.prompt,
             )
             self._jobs[record.id] = record
             threading.Thread(target=self._await, args=(record,), name=f"wait-{record.id}", daemon=True).start()
@@ -192,8 +205,24 @@ class VideoService:
                 self._lock.wait()
             return self._describe(record)
 
-    def content(self, job_id: str, variant: Literal["video", "frames"]) -> bytes:
-        """The MP4 (H.264) of a completed job, or its frames as a float32 [T, H, W, 3] .npy."""
+    def delete(self, job_id: str) -> VideoDeleted:
+        """Cancel a queued or running job (as `cancel`), then forget it and its video."""
+        with self._lock:
+            self.cancel(job_id)
+            del self._jobs[job_id]
+            self._ended.remove(job_id)
+            self._forget(job_id, "deleted")
+        return VideoDeleted(id=job_id)
+
+    def jobs(self) -> list[tuple[float, VideoJob]]:
+        """Every job held (running, queued, and the last `retain` ended), each with its submission
+        time (Unix seconds, unrounded) to order a listing by."""
+        with self._lock:
+            return [(r.created, self._describe(r)) for r in self._jobs.values()]
+
+    def content(self, job_id: str, variant: Variant) -> bytes:
+        """The MP4 (H.264) of a completed job, its first frame as a PNG, or its frames as a float32
+        [T, H, W, 3] .npy."""
         with self._lock:
             record = self._record(job_id)
             if record.ended != "done":
@@ -203,6 +232,8 @@ class VideoService:
             buffer = io.BytesIO()
             np.save(buffer, np.asarray(video.frames, dtype=np.float32))
             return buffer.getvalue()
+        if variant == "thumbnail":
+            return thumbnail_png(video.frames)
         if record.mp4 is None:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "video.mp4"
@@ -236,8 +267,32 @@ class VideoService:
     def _record(self, job_id: str) -> _Record:
         record = self._jobs.get(job_id)
         if record is None:
-            raise UnknownJob(job_id, expired=job_id in self._expired)
+            raise UnknownJob(job_id, self._gone.get(job_id))
         return record
+
+    def _check_output(self, video: VideoRequest) -> None:
+        """The model, size and seconds asked for, where given, are the bundle's (the only ones it serves)."""
+        if video.model is not None and video.model != self.model:
+            raise BadInput(f"model {video.model!r} is not served here; this server serves {self.model!r}", "model")
+        if video.size is not None and video.size != self.size:
+            raise BadInput(f"size {video.size!r} is not served; this model makes {self.size!r}", "size")
+        if video.seconds is not None:
+            try:
+                seconds = float(video.seconds)
+            except ValueError:
+                seconds = math.nan
+            if not math.isclose(seconds, float(self.seconds), abs_tol=1e-3):
+                raise BadInput(
+                    f"seconds {str(video.seconds)[:20]!r} is not served; this model makes {self.seconds!r} "
+                    f"({self.engine.model.bundle.manifest.shapes.frames} frames at {MP4_FPS} per second)",
+                    "seconds",
+                )
+
+    def _forget(self, job_id: str, why: str) -> None:
+        """Remember that `job_id` is gone and why, the newest 100 000 (lock held)."""
+        self._gone[job_id] = why
+        while len(self._gone) > 100_000:
+            self._gone.popitem(last=False)
 
     def _waiting(self) -> int:
         """Jobs that hold no rows yet: the engine's queue."""
@@ -271,23 +326,27 @@ class VideoService:
             created_at=int(record.created),
             completed_at=None if record.completed_at is None else int(record.completed_at),
             model=self.model,
+            prompt=record.prompt,
+            size=self.size,
+            seconds=self.seconds,
+            error=record.error,
             seed=record.seed,
             cache=record.cache,
             latency_s=record.latency_s,
             queue_wait_s=record.queue_wait_s,
-            error=None if record.error is None else {"message": record.error},
         )
 
     def _await(self, record: _Record) -> None:
         """Block on the job's result and record how it ended."""
         state: State
+        error: VideoError | None = None
         try:
             record.video = record.job.result(timeout=None)
-            state, error = "done", None
+            state = "done"
         except Cancelled:
-            state, error = "cancelled", None
+            state, error = "cancelled", VideoError(code="cancelled", message="cancelled before it completed")
         except Exception as e:  # Failed, or the engine closed under it: reported, never left pending
-            state, error = "failed", str(e) or type(e).__name__
+            state, error = "failed", VideoError(code="generation_failed", message=str(e) or type(e).__name__)
         with self._lock:
             self._row_steps += record.rows * record.job.progress.step
             if state == "done":
@@ -305,9 +364,7 @@ class VideoService:
         while len(self._ended) > self.retain:
             old = self._ended.popleft()
             del self._jobs[old]
-            self._expired[old] = None
-            while len(self._expired) > 100_000:
-                self._expired.popitem(last=False)
+            self._forget(old, "expired")
         self._lock.notify_all()
 
 

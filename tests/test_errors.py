@@ -148,12 +148,12 @@ def test_the_server_refusal_carries_the_field():
     pytest.importorskip("ray")
     from sencache.serving.app import _refused
 
+    def body(message: str, param: str | None) -> dict:
+        return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_value"}}
+
     reply = _refused(_raised(lambda: GenerationParams(["a"], [0], 0, 1.0)))
-    assert reply.status == 422 and reply.body == {"detail": "steps must be in [1, 1000], got 0", "field": "steps"}
+    assert reply.status == 422 and reply.body == body("steps must be in [1, 1000], got 0", "steps")
     reply = _refused(_raised(lambda: check_knobs("fixed", {"eps_main": 0.2})))
-    assert reply.body == {
-        "detail": "cache.knobs.eps_main does not apply to cache 'fixed'",
-        "field": "cache.knobs.eps_main",
-    }
+    assert reply.body == body("cache.knobs.eps_main does not apply to cache 'fixed'", "cache.knobs.eps_main")
     reply = _refused(BadInput("threads must be >= 0, got -1", param="threads"))
-    assert reply.body == {"detail": "threads must be >= 0, got -1"}
+    assert reply.body == body("threads must be >= 0, got -1", None)
