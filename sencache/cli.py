@@ -7,12 +7,13 @@ internal failure. An error about one parameter names it as this command's flag (
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
+from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, Terminated, run
 from sencache.engine_builder.build_engine import HELP as BUILD_HELP
 from sencache.engine_builder.build_engine import add_build_arguments, failure, run_build
 from sencache.runtime.cache import KNOBS, METHODS, Knob
@@ -252,7 +253,8 @@ def _serve(args: argparse.Namespace) -> None:
     options.check()  # before Ray and torch are imported: a bad bundle path or a port in use is refused at once
     from sencache.serving.app import serve_forever
 
-    serve_forever(options)
+    ended = serve_forever(options)
+    raise Terminated() if ended == signal.SIGTERM else KeyboardInterrupt()
 
 
 _GENERATE_EPILOG = "\n\n".join(

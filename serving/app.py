@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +35,6 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from sencache import __version__
-from sencache.console.command import Terminated
 from sencache.runtime.errors import BadInput
 from sencache.runtime.scheduler import Batching
 from sencache.serving import guard, metrics
@@ -320,6 +320,11 @@ def application(options: ServeOptions, max_body: int) -> serve.Application:
 def start(options: ServeOptions, num_cpus: int | None = None) -> None:
     """Start Ray on this machine (if it is not running), the HTTP proxy on host:port, and the app;
     returns once every replica is up."""
+    _deploy(options, _start_ray(options, num_cpus))
+
+
+def _start_ray(options: ServeOptions, num_cpus: int | None = None) -> int:
+    """Check the options and the bundle, then start Ray (if it is not running); the body limit in bytes."""
     from sencache.runtime.bundle import Bundle
 
     max_body = options.check()
@@ -334,6 +339,11 @@ def start(options: ServeOptions, num_cpus: int | None = None) -> None:
             configure_logging=False,
             _node_ip_address=_node_ip(options.host),
         )
+    return max_body
+
+
+def _deploy(options: ServeOptions, max_body: int) -> None:
+    """Start Serve's HTTP proxy on host:port and the app; returns once every replica is up."""
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(application(options, max_body), name=APP_NAME, route_prefix="/", blocking=False)
 
@@ -361,15 +371,17 @@ def stop() -> None:
     ray.shutdown()
 
 
-def serve_forever(options: ServeOptions) -> None:
-    """`sencache serve`: run until SIGINT or SIGTERM, then cancel the running jobs, shut down quietly
-    and raise KeyboardInterrupt (Terminated for SIGTERM), which the command answers with exit 130."""
-    start(options)
-    print(
-        f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
-        f"{options.batching} batching); API docs at /docs",
-        flush=True,
-    )
+def serve_forever(options: ServeOptions) -> signal.Signals:
+    """`sencache serve`: run until SIGINT or SIGTERM, then cancel the queued and running jobs, shut
+    down quietly and return the signal (the command exits with 130). The handlers replace Ray's as
+    soon as Ray is up, so a signal while the replicas start ends the server once they are up."""
+    try:
+        max_body = _start_ray(options)
+    except SystemExit as e:  # Ray's own SIGTERM handler, which ray.init installs while it runs
+        if e.code != signal.SIGTERM:
+            raise
+        _quietly(ray.shutdown)
+        return signal.SIGTERM
     received: list[int] = []
     done = threading.Event()
 
@@ -379,9 +391,20 @@ def serve_forever(options: ServeOptions) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop)
+    _deploy(options, max_body)
+    print(
+        f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
+        f"{options.batching} batching); API docs at /docs",
+        flush=True,
+    )
     while not done.wait(1.0):
         pass
+    _quietly(stop)
+    return signal.Signals(received[0])
+
+
+def _quietly(shutdown: Callable[[], None]) -> None:
+    """Run `shutdown` without Ray's chatter (it reports the actors a shutdown kills on the driver's stdout)."""
     logging.getLogger("ray").setLevel(logging.CRITICAL)
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        stop()  # quietly: Ray reports the actors that Serve's shutdown kills on the driver's stdout
-    raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+        shutdown()
