@@ -7,12 +7,13 @@ internal failure. An error about one parameter names it as this command's flag (
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
+from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, Terminated, run
 from sencache.engine_builder.build_engine import HELP as BUILD_HELP
 from sencache.engine_builder.build_engine import add_build_arguments, failure, run_build
 from sencache.runtime.cache import KNOBS, METHODS, Knob
@@ -235,21 +236,25 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from sencache.serving.app import ServeOptions, serve_forever
+    from sencache.serving.options import ServeOptions
 
-    serve_forever(
-        ServeOptions(
-            engine=args.engine,
-            host=args.host,
-            port=args.port,
-            replicas=args.replicas,
-            max_queue=args.max_queue,
-            batching=args.batching,
-            threads=args.threads,
-            backend=args.backend,
-            device=args.device,
-        )
+    options = ServeOptions(
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        max_queue=args.max_queue,
+        batching=args.batching,
+        threads=args.threads,
+        backend=args.backend,
+        device=args.device,
+        max_body_mb=args.max_body_mb,
     )
+    options.check()  # before Ray and torch are imported: a bad bundle path or a port in use is refused at once
+    from sencache.serving.app import serve_forever
+
+    ended = serve_forever(options)
+    raise Terminated() if ended == signal.SIGTERM else KeyboardInterrupt()
 
 
 _GENERATE_EPILOG = "\n\n".join(
@@ -446,6 +451,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="CPU threads per replica (0: all)")
     s.add_argument("--backend", default="auto", help="run on this backend (must match the bundle)")
     s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per replica)")
+    s.add_argument(
+        "--max-body-mb",
+        type=float,
+        help="largest request body in MB (10^6 bytes); larger ones get 413 before they are read (default: two "
+        "of the bundle's text embeddings at 32 bytes a number, plus 1 MB)",
+    )
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="build, calibrate and compare SenCache with the uncached run on tiny-wan")

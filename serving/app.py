@@ -15,12 +15,16 @@ Every error has OpenAI's body (`sencache.serving.errors`).
 """
 
 import asyncio
+import contextlib
+import ipaddress
 import itertools
+import logging
+import os
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import ray
@@ -38,9 +42,10 @@ from starlette.exceptions import HTTPException
 from sencache import __version__
 from sencache.runtime.errors import BadInput
 from sencache.runtime.scheduler import Batching
-from sencache.serving import metrics
+from sencache.serving import guard, metrics
 from sencache.serving.errors import error_body, error_response
 from sencache.serving.form import parse_body
+from sencache.serving.options import ServeOptions
 from sencache.serving.schema import ErrorBody, VideoDeleted, VideoJob, VideoList, VideoRequest, json_field
 from sencache.serving.service import NotReady, QueueFull, UnknownJob, Variant, VideoService
 
@@ -81,10 +86,10 @@ def _refused(error: BadInput) -> Reply:
 
 
 def _invalid(errors: list[Any]) -> Reply:
-    """422 for a body or query the schema refuses: every error as `field: reason` (never the
-    input itself), `param` the first one's field, `code` its kind."""
+    """422 for a body or query the schema refuses: the errors as `field: reason` with at most a short
+    prefix of any input (`guard.worded`), `param` the first one's field, `code` its kind."""
     places = [".".join(str(part) for part in e["loc"] if part not in ("body", "query", "path")) for e in errors]
-    message = "; ".join(f"{place}: {e['msg']}" if place else e["msg"] for place, e in zip(places, errors, strict=True))
+    message = guard.worded(errors)
     return _error(422, message, param=places[0] or None if places else None, code=errors[0]["type"] if errors else None)
 
 
@@ -99,6 +104,17 @@ def _response(reply: Reply) -> Response:
     if isinstance(reply.body, bytes):
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
     return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+def _refusal(status: int, detail: str) -> Response:
+    """The error answer of the body guard (`guard.BodyGuard`)."""
+    return _response(_error(status, detail))
+
+
+def _body_limit() -> int:
+    """The ingress's body limit in bytes (`sencache serve --max-body-mb`), read in its replica."""
+    limit: int = serve.get_replica_context().servable_object.max_body
+    return limit
 
 
 class EngineReplica:
@@ -153,6 +169,10 @@ class EngineReplica:
             return _missing(e)
         return Reply(200, job.model_dump())
 
+    async def close(self) -> None:
+        """Stop admitting and cancel what is queued or running (on the server's shutdown)."""
+        await asyncio.to_thread(self.service.close)
+
     def __del__(self) -> None:
         self.service.close()
 
@@ -183,6 +203,9 @@ api = FastAPI(
     description="Text-to-video generation on the SenCache step-level engine, in the shape of OpenAI's Videos API. "
     "Jobs at different denoising steps share every engine pass, each with its own cache.",
 )
+api.add_middleware(guard.BodyGuard, max_bytes=_body_limit, refusal=_refusal)
+
+
 _ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 _BODY = {"schema": {"$ref": "#/components/schemas/VideoRequest"}}
 
@@ -224,8 +247,9 @@ def _slot(job_id: str, replicas: int) -> int | None:
 class VideoAPI:
     """The HTTP ingress: validates requests, spreads new jobs over the replicas, routes the rest."""
 
-    def __init__(self, replicas: list[DeploymentHandle]) -> None:
+    def __init__(self, replicas: list[DeploymentHandle], max_body: int) -> None:
         self.replicas = replicas
+        self.max_body = max_body
         self.registry = JobRegistry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
         self._turn = itertools.cycle(range(len(replicas)))
 
@@ -385,33 +409,9 @@ class VideoAPI:
         return _response(Reply(200, failed.model_dump()))
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """How `sencache serve` runs: the bundle, the address, the replicas and their queue."""
-
-    engine: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: int = 1
-    max_queue: int = 64
-    batching: Batching = "step"
-    threads: int = 1
-    backend: str = "auto"
-    device: str = "cpu"
-
-    def check(self) -> None:
-        from sencache.runtime.bundle import Bundle
-
-        Bundle.load(self.engine)
-        for name, low in (("replicas", 1), ("max_queue", 1), ("threads", 0)):
-            if getattr(self, name) < low:
-                raise BadInput(f"{name} must be >= {low}, got {getattr(self, name)}", param=name)
-        if not 0 < self.port < 65536:
-            raise BadInput(f"port must be in [1, 65535], got {self.port}", param="port")
-
-
-def application(options: ServeOptions) -> serve.Application:
-    """The Serve application: one engine deployment per replica slot behind the ingress."""
+def application(options: ServeOptions, max_body: int) -> serve.Application:
+    """The Serve application: one engine deployment per replica slot behind the ingress, which
+    refuses bodies over `max_body` bytes."""
     resources = {"num_gpus": 1} if options.device.startswith("cuda") else {"num_cpus": max(1, options.threads)}
     replica = serve.deployment(
         EngineReplica,
@@ -432,13 +432,21 @@ def application(options: ServeOptions) -> serve.Application:
         )
         for slot in range(options.replicas)
     ]
-    return VideoAPI.bind(replicas)
+    return VideoAPI.bind(replicas, max_body)
 
 
 def start(options: ServeOptions, num_cpus: int | None = None) -> None:
     """Start Ray on this machine (if it is not running), the HTTP proxy on host:port, and the app;
     returns once every replica is up."""
-    options.check()
+    _deploy(options, _start_ray(options, num_cpus))
+
+
+def _start_ray(options: ServeOptions, num_cpus: int | None = None) -> int:
+    """Check the options and the bundle, then start Ray (if it is not running); the body limit in bytes."""
+    from sencache.runtime.bundle import Bundle
+
+    max_body = options.check()
+    Bundle.load(options.engine)
     if not ray.is_initialized():
         ray.init(
             address="local",
@@ -447,28 +455,74 @@ def start(options: ServeOptions, num_cpus: int | None = None) -> None:
             num_cpus=num_cpus,
             log_to_driver=False,
             configure_logging=False,
+            _node_ip_address=_node_ip(options.host),
         )
+    return max_body
+
+
+def _deploy(options: ServeOptions, max_body: int) -> None:
+    """Start Serve's HTTP proxy on host:port and the app; returns once every replica is up."""
     serve.start(http_options={"host": options.host, "port": options.port})
-    serve.run(application(options), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application(options, max_body), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def _node_ip(host: str) -> str | None:
+    """The address Ray's own servers advertise: the API's when it is one address (Ray swaps a loopback
+    one for this machine's; its gRPC ports listen on every interface whatever it is given), else Ray's choice."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return None if address.is_unspecified else host
 
 
 def stop() -> None:
-    """Shut the app, Serve and Ray down."""
+    """Cancel every replica's queued and running jobs, then shut the app, Serve and Ray down."""
+    application = serve.status().applications.get(APP_NAME)
+    for name in application.deployments if application is not None else ():
+        if name.startswith("engine-"):
+            try:
+                serve.get_deployment_handle(name, app_name=APP_NAME).close.remote().result(timeout_s=CALL_TIMEOUT_S)
+            except (*_REPLICA_GONE, TimeoutError):
+                continue
     serve.shutdown()
     ray.shutdown()
 
 
-def serve_forever(options: ServeOptions) -> None:
-    """`sencache serve`: run until SIGINT or SIGTERM, then shut down."""
-    start(options)
+def serve_forever(options: ServeOptions) -> signal.Signals:
+    """`sencache serve`: run until SIGINT or SIGTERM, then cancel the queued and running jobs, shut
+    down quietly and return the signal (the command exits with 130). The handlers replace Ray's as
+    soon as Ray is up, so a signal while the replicas start ends the server once they are up."""
+    try:
+        max_body = _start_ray(options)
+    except SystemExit as e:  # Ray's own SIGTERM handler, which ray.init installs while it runs
+        if e.code != signal.SIGTERM:
+            raise
+        _quietly(ray.shutdown)
+        return signal.SIGTERM
+    received: list[int] = []
+    done = threading.Event()
+
+    def _stop(signum: int, _: Any) -> None:
+        received.append(signum)
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+    _deploy(options, max_body)
     print(
         f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
         f"{options.batching} batching); API docs at /docs",
         flush=True,
     )
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     while not done.wait(1.0):
         pass
-    stop()
+    _quietly(stop)
+    return signal.Signals(received[0])
+
+
+def _quietly(shutdown: Callable[[], None]) -> None:
+    """Run `shutdown` without Ray's chatter (it reports the actors a shutdown kills on the driver's stdout)."""
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        shutdown()
