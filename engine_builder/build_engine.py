@@ -14,10 +14,27 @@ from pathlib import Path
 
 from sencache.console.command import OURS, VERBOSE_HELP, CommandParser, run
 from sencache.runtime.backends.registry import BACKENDS
+from sencache.runtime.errors import BadInput
 from sencache.runtime.files import BUNDLE, check_output
 
 HELP = "export a model's stages into an engine bundle"
 NAME = "sencache build"
+MODELS = {
+    "tiny-wan": "",
+    "tiny-cogvideox": "",
+    "tiny-ltx": "untrained",
+    "wan2.1-t2v-1.3b": "",
+    "wan2.1-t2v-14b": "",
+    "cogvideox": "= cogvideox1.5-5b",
+    "cogvideox1.5-5b": "",
+    "cogvideox-2b": "",
+    "cogvideox-5b": "",
+    "ltx-video": "= ltx-video-0.9.1",
+    "ltx-video-0.9.1": "",
+    "ltx-video-0.9.0": "",
+}
+"""Every name `--model` takes (the family registry's presets and aliases, which import torch), with
+what the help says of it: here so an unknown name is refused before anything heavy is imported."""
 
 
 def add_build_arguments(b: argparse.ArgumentParser) -> None:
@@ -25,9 +42,7 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--model",
         required=True,
-        help="tiny-wan, tiny-cogvideox, tiny-ltx (untrained), wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
-        "cogvideox (= cogvideox1.5-5b), cogvideox-2b, cogvideox-5b, ltx-video (= ltx-video-0.9.1), "
-        "ltx-video-0.9.0",
+        help=", ".join(f"{name} ({note})" if note else name for name, note in MODELS.items()),
     )
     b.add_argument(
         "--weights",
@@ -59,6 +74,8 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
 
 def run_build(args: argparse.Namespace) -> None:
     """Build the bundle the parsed arguments describe."""
+    if args.model not in MODELS:
+        raise BadInput(f"unknown model {args.model!r} (known: {', '.join(MODELS)})")
     check_output(args.out, BUNDLE, args.overwrite)
     if args.weights is not None:
         from sencache.runtime.weights import transformer_folder

@@ -22,7 +22,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.manifest import SENSITIVITY, read_manifest
-from sencache.runtime.request import SAMPLINGS
+from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help
 
 
@@ -101,13 +101,23 @@ def _separate(out: Path, engine: Path) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
-    read_manifest(args.engine)
+    manifest, _ = read_manifest(args.engine)
     check_output(args.out, RUN, args.overwrite)
+    request = GenerationParams.resolve(
+        manifest.defaults,
+        args.prompt or [],
+        args.seed or [0],
+        steps=args.steps,
+        guidance=args.guidance,
+        cache=args.cache,
+        knobs={name: getattr(args, name) for name in KNOBS},
+        dynamic_cfg=args.dynamic_cfg,
+        sampling=args.sampling,
+    )
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.files import check_free_space, staged_folder
     from sencache.runtime.model import Model
     from sencache.runtime.outputs import run_bytes, write_run
-    from sencache.runtime.request import GenerationParams
     from sencache.runtime.tiny_text import tokenize
 
     started = time.perf_counter()
@@ -118,17 +128,6 @@ def _generate(args: argparse.Namespace) -> None:
             f"it exists for export and parity checks",
             file=sys.stderr,
         )
-    request = GenerationParams.resolve(
-        bundle.manifest.defaults,
-        args.prompt or [],
-        args.seed or [0],
-        steps=args.steps,
-        guidance=args.guidance,
-        cache=args.cache,
-        knobs={name: getattr(args, name) for name in KNOBS},
-        dynamic_cfg=args.dynamic_cfg,
-        sampling=args.sampling,
-    )
     if bundle.manifest.text_encoder.kind == "tiny":
         for prompt in request.prompts:
             tokenize(prompt)  # the vocabulary and grammar, before the engine is opened
@@ -156,7 +155,10 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
-    read_manifest(args.engine)
+    manifest, _ = read_manifest(args.engine)
+    steps = manifest.defaults.steps if args.steps is None else args.steps
+    if not 1 <= steps <= MAX_STEPS:
+        raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {steps}")
     from sencache.benchmarks.bench import (
         KIND,
         QUICK_METHODS,
@@ -176,9 +178,6 @@ def _bench(args: argparse.Namespace) -> None:
     bundle = Bundle.load(args.engine)
     defaults = bundle.manifest.defaults
     prompts, seeds = evaluation_set(QUICK_SAMPLES if args.quick else args.samples, args.prompts, args.seeds)
-    steps = defaults.steps if args.steps is None else args.steps
-    if not 1 <= steps <= MAX_STEPS:
-        raise BadInput(f"--steps must be in [1, {MAX_STEPS}], got {steps}")
     default = [
         m for m in (QUICK_METHODS if args.quick else SWEEPS) if bundle.manifest.family == "wan" or m not in PEERS
     ]
@@ -345,7 +344,12 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="take the tables of another build of the same model (an fp8 bundle: its fp32 build's)",
     )
-    c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
+    c.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (0: all); one as in the demo: tiny-wan's calibration took 2.5x the CPU time on all cores",
+    )
     c.add_argument(
         "--overwrite", action="store_true", help="replace the tables of a bundle that has a sensitivity table already"
     )

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny bundles built once per test run and shared by every xdist worker (tiny-wan
 on ONNX Runtime, PyTorch and in FP8, tiny-cogvideox and tiny-ltx on ONNX Runtime, a calibrated
-tiny-wan), and helpers that open and tamper with bundles."""
+tiny-wan, and one as the demo builds it), and helpers that open and tamper with bundles."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ BUILDS = {
     "cogvideox_bundle",
     "ltx_bundle",
     "calibrated_bundle",
+    "demo_bundle",
     "fp8_bundle",
     "real_like",
 }
@@ -94,6 +95,15 @@ def calibrated_bundle(ort_bundle, bundle_cache) -> Path:
     return bundle_cache.get(
         "calibrated", lambda out: _calibrate(ort_bundle, out, plan), source=ort_bundle.name, plan=plan
     )
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(bundle_cache) -> Path:
+    """tiny-wan as the demo builds it into runs/demo/tiny-wan (the build's defaults, a batch of 4),
+    with a small measured sensitivity table in place of the demo's full one."""
+    source = built(bundle_cache, model="tiny-wan")
+    plan = CalibrationPlan(samples=2, steps=8)
+    return bundle_cache.get("calibrated", lambda out: _calibrate(source, out, plan), source=source.name, plan=plan)
 
 
 def engine_for(path: Path) -> Model:

@@ -306,14 +306,32 @@ for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(argv)
-    heavy = sorted(m for m in ("torch", "onnxruntime", "diffusers") if m in sys.modules)
+    heavy = sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)
     print(json.dumps([code, err.getvalue().strip(), heavy]))
 """
+HEAVY = ("torch", "onnxruntime", "diffusers", "ray")
+"""What a refusal that needs no model must come before: importing any of these takes seconds."""
+
+
+def _refused_before_heavy_imports(cases: list[tuple[list[str], str]]) -> None:
+    """Run every case's argv in one fresh interpreter: each is refused (exit 2, one line holding its
+    needle) while none of HEAVY is in sys.modules; the import-free path is what keeps it under 2 s."""
+    done = subprocess.run(
+        [sys.executable, "-c", CHEAP, json.dumps([argv for argv, _ in cases]), json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == len(cases)
+    for (argv, needle), (code, err, heavy) in zip(cases, results, strict=True):
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
+        assert heavy == [], (argv, heavy)
 
 
 def test_cheap_checks_fail_before_any_model_code_is_imported(tmp_path):
-    """A wrong weights folder, a missing or corrupt bundle and an output that needs --overwrite stop
-    the command before torch (or ONNX Runtime, or diffusers) is even imported."""
+    """A wrong weights folder or model name, a missing or corrupt bundle and an output that needs
+    --overwrite stop the command before torch (or ONNX Runtime, diffusers, Ray) is even imported."""
     from sencache.runtime.files import BUNDLE, staged_folder
 
     empty, corrupt, built = tmp_path / "empty", tmp_path / "corrupt", tmp_path / "built"
@@ -324,25 +342,44 @@ def test_cheap_checks_fail_before_any_model_code_is_imported(tmp_path):
     with staged_folder(built, BUNDLE) as folder:
         (folder / "manifest.json").write_text("{}")
     out, missing = str(tmp_path / "out"), str(tmp_path / "missing")
-    cases = [
-        (["build", "--model", "wan2.1-t2v-1.3b", "--weights", str(empty), "--out", out], "no transformer/config"),
-        (["build", "--model", "tiny-wan", "--weights", missing, "--out", out], "--weights"),
-        (["build", "--model", "tiny-wan", "--out", str(built)], "--overwrite not given"),
-        (["generate", "--engine", missing, "--prompt", PROMPT, "--out", out], "no engine bundle"),
-        (["generate", "--engine", str(corrupt), "--prompt", PROMPT, "--out", out], "does not match its digest"),
-        (["calibrate", "--engine", missing], "no engine bundle"),
-        (["bench", "--engine", str(corrupt), "--out", out], "does not match its digest"),
-    ]
-    done = subprocess.run(
-        [sys.executable, "-c", CHEAP, json.dumps([argv for argv, _ in cases])], capture_output=True, text=True
+    _refused_before_heavy_imports(
+        [
+            (["build", "--model", "wan2.1-t2v-1.3b", "--weights", str(empty), "--out", out], "no transformer/config"),
+            (["build", "--model", "tiny-wan", "--weights", missing, "--out", out], "--weights"),
+            (["build", "--model", "tiny-wan", "--out", str(built)], "--overwrite not given"),
+            (["build", "--model", "nonexistent-model", "--out", out], "unknown model 'nonexistent-model'"),
+            (["generate", "--engine", missing, "--prompt", PROMPT, "--out", out], "no engine bundle"),
+            (["generate", "--engine", str(corrupt), "--prompt", PROMPT, "--out", out], "does not match its digest"),
+            (["calibrate", "--engine", missing], "no engine bundle"),
+            (["bench", "--engine", str(corrupt), "--out", out], "does not match its digest"),
+        ]
     )
-    assert done.returncode == 0, done.stderr
-    results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(results) == len(cases)
-    for (argv, needle), (code, err, heavy) in zip(cases, results, strict=True):
-        assert code == 2 and needle in err and len(err.splitlines()) == 1, (argv, err)
-        assert heavy == [], (argv, heavy)
     assert not (tmp_path / "out").exists()
+
+
+def test_request_checks_on_a_bundle_fail_before_any_model_code_is_imported(ort_bundle, tmp_path):
+    """What the bundle's manifest answers (steps, prompts and seeds that do not pair up, a guidance
+    that is not a number, a knob out of range) is refused before the heavy imports too."""
+    out = str(tmp_path / "out")
+    generate = ["generate", "--engine", str(ort_bundle), "--prompt", PROMPT, "--out", out]
+    _refused_before_heavy_imports(
+        [
+            ([*generate, "--steps", "0"], "--steps must be in [1, 1000], got 0"),
+            ([*generate, "--seed", "1", "--seed", "2"], "pair up"),
+            ([*generate, "--guidance", "nan"], "--guidance"),
+            ([*generate, "--eps-main", "-1"], "--eps-main"),
+            (["bench", "--engine", str(ort_bundle), "--steps", "0", "--out", out], "--steps must be in [1, 1000]"),
+        ]
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_build_command_knows_every_model_of_the_registry():
+    """build_engine.MODELS (read before torch is imported) names exactly the registry's models."""
+    from sencache.engine_builder.build_engine import MODELS
+    from sencache.runtime.families import ADAPTERS
+
+    assert set(MODELS) == {name for adapter in ADAPTERS.values() for name in (*adapter.aliases, *adapter.presets)}
 
 
 def test_a_real_model_without_weights_is_refused_by_the_option_check(tmp_path):
@@ -395,7 +432,7 @@ def test_what_the_documented_commands_write_is_ignored_by_git():
         for action in command._actions
         if action.dest == "out" and action.default is not None
     }
-    assert {"bundles/tiny-wan", "runs/x", "runs/demo", "build/capi"} <= folders
+    assert {"bundles/cogvideox", "runs/x", "runs/demo", "build/capi"} <= folders
     for folder in sorted(folders):
         done = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "--no-index", folder + "/"])
         assert done.returncode == 0, f"{folder} is not git-ignored"

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
-import pytest
-
-from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.demo import DEMO_PROMPTS, run_demo
-from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.model import Model
+from sencache.runtime.bundle import Bundle
 
 
-@pytest.mark.slow
-def test_demo_runs_and_prints_each_prompt(tmp_path, capsys):
-    """The demo on a tiny-wan bundle it finds in its folder (built and calibrated small here, as
-    the demo itself would build it): one line per prompt whose NFE is that of the run it wrote,
-    and the speed-up line."""
+def test_demo_runs_and_prints_each_prompt(demo_bundle, tmp_path, capsys):
+    """The demo on a tiny-wan bundle it finds in its folder (the shared one the demo itself would
+    build, calibrated small): one line per prompt whose NFE is that of the run it wrote, and the
+    speed-up line."""
     out = tmp_path / "demo"
-    build(BuildOptions(model="tiny-wan", out=out / "tiny-wan", max_batch=len(DEMO_PROMPTS)), log=lambda _: None)
-    engine = Model.open(out / "tiny-wan", threads=1)
-    bundle = engine.bundle
-    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=8))
-    bundle.write_tables(calibration.sensitivity, calibration.baselines)
-    capsys.readouterr()
+    shutil.copytree(demo_bundle, out / "tiny-wan")
+    assert Bundle.load(out / "tiny-wan").manifest.shapes.max_batch == len(DEMO_PROMPTS)
 
     run_demo(out, threads=1, repeats=1)
 
