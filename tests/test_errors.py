@@ -16,6 +16,8 @@ from sencache.runtime.cache.baselines import FixedSettings, MagCacheSettings, Te
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.request import GenerationParams
+from sencache.runtime.tiny_grammar import check_prompt
+from sencache.runtime.tiny_text import tokenize
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 FLAG = re.compile(r"--[a-z]")
@@ -62,6 +64,12 @@ REQUEST_AND_KNOB_ERRORS = [
     (lambda: GenerationParams(["a"], [0], 0, 1.0), "steps"),
     (lambda: GenerationParams(["a"], [0], 2, -1.0), "guidance"),
     (lambda: GenerationParams(["a"], [-1], 2, 1.0), "seed"),
+    (lambda: GenerationParams(["a", "b"], [0], 2, 1.0), "seed"),
+    (lambda: check_knobs("deepcache", {}), "cache"),
+    (lambda: check_knobs("sencache", {"velocity": 2}), "knobs"),
+    (lambda: tokenize("one small purple circle static on black"), "prompt"),
+    (lambda: tokenize(" ".join(["red"] * 13)), "prompt"),
+    (lambda: check_prompt("one small red"), "prompt"),
     (lambda: check_knobs("sencache", {"eps_main": -1.0}), "eps_main"),
     (lambda: check_knobs("fixed", {"eps_start": 1.0}), "eps_start"),
     (lambda: SenCacheSettings(-1.0, 1.0, 3), "eps_start"),
@@ -157,3 +165,23 @@ def test_the_server_refusal_carries_the_field():
     }
     reply = _refused(BadInput("threads must be >= 0, got -1", param="threads"))
     assert reply.body == {"detail": "threads must be >= 0, got -1"}
+
+
+@pytest.mark.parametrize(
+    "make,field,c_field",
+    [
+        (lambda: check_knobs("deepcache", {}), "cache.method", "request->cache"),
+        (lambda: check_knobs("sencache", {"velocity": 2}), "cache.knobs", "request->knobs_json"),
+        (lambda: check_prompt("one small red"), "prompt", "request->prompt"),
+        (lambda: GenerationParams(["a", "b"], [0], 2, 1.0), "seed", "request->seed"),
+    ],
+)
+def test_the_server_and_the_c_abi_name_the_field_of_a_refused_request(make, field, c_field):
+    pytest.importorskip("pydantic")
+    from sencache.capi.host import INVALID_ARGUMENT, status
+    from sencache.serving.schema import json_field
+
+    error = _raised(make)
+    assert json_field(error.param) == field
+    assert status(error)[0] == INVALID_ARGUMENT and status(error)[1].startswith(f"{c_field} ")
+
