@@ -185,3 +185,15 @@ def test_the_server_and_the_c_abi_name_the_field_of_a_refused_request(make, fiel
     assert json_field(error.param) == field
     assert status(error)[0] == INVALID_ARGUMENT and status(error)[1].startswith(f"{c_field} ")
 
+
+def test_the_c_abi_tells_a_missing_bundle_from_a_corrupt_one(tmp_path):
+    """SC_ERR_NOT_FOUND where there is no bundle (no folder, or a folder without a manifest, as
+    /etc), SC_ERR_CORRUPT for a bundle that is there but cannot be read."""
+    from sencache.capi.host import CORRUPT, NOT_FOUND, Host, Refused
+
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "manifest.json").write_text("{not json")
+    for folder, code in (("/etc", NOT_FOUND), (tmp_path / "missing", NOT_FOUND), (tmp_path / "corrupt", CORRUPT)):
+        with pytest.raises(Refused) as refused:
+            Host(str(folder), "auto", "cpu", 1)
+        assert refused.value.code == code, (folder, str(refused.value))
