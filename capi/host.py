@@ -15,7 +15,7 @@ import numpy as np
 
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache.knobs import KNOBS
-from sencache.runtime.errors import BadInput
+from sencache.runtime.errors import BadInput, MissingBundle
 from sencache.runtime.model import Model
 from sencache.runtime.request import STATES as request_states
 from sencache.runtime.request import GenerationParams
@@ -86,8 +86,10 @@ class Host:
     def __init__(self, bundle_dir: str, backend: str, device: str, threads: int) -> None:
         try:
             bundle = Bundle.load(Path(bundle_dir))
+        except MissingBundle as e:
+            raise Refused(NOT_FOUND, str(e)) from None
         except BadInput as e:
-            raise Refused(CORRUPT if Path(bundle_dir).is_dir() else NOT_FOUND, str(e)) from None
+            raise Refused(CORRUPT, str(e)) from None
         self.model = Model.open(bundle, backend, device, threads)
         self.engine = StepEngine(self.model)
         self.known: set[int] = set()

@@ -35,8 +35,8 @@ class Denoiser(Protocol):
         """The cache rule `method` for one request; unset knobs take the bundle's defaults."""
         ...
 
-    def embeddings(self, given: np.ndarray | None, prompts: list[str]) -> np.ndarray:
-        """Text embeddings of `prompts`, or `given` checked against the bundle."""
+    def embeddings(self, given: np.ndarray | None, prompts: list[str], param: str) -> np.ndarray:
+        """Text embeddings of `prompts`, or `given` (the request's parameter `param`) checked against the bundle."""
         ...
 
     def sampler(self, steps: int, sampling: str = "engine") -> Sampler:

@@ -30,6 +30,11 @@ class BadInput(Exception):
         return spelling + message[len(self.param) :]
 
 
+class MissingBundle(BadInput):
+    """No engine bundle where one was named: no folder there, or a folder without a manifest (as
+    against a bundle that is there but corrupt, a plain BadInput)."""
+
+
 class Cancelled(Exception):
     """The request was cancelled before it finished."""
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.cache import KNOBS
 from sencache.runtime.cache.registry import SECTIONS
-from sencache.runtime.errors import BadInput
+from sencache.runtime.errors import BadInput, MissingBundle
 from sencache.runtime.limits import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, MAX_STEPS
 
 FORMAT = "sencache-bundle/3"
@@ -472,11 +472,11 @@ def read_manifest(path: Path) -> tuple[Manifest, str]:
     checked by `Bundle.load`)."""
     path = Path(path)
     if not path.is_dir():
-        raise BadInput(f"no engine bundle at {path}: build one there first (`sencache build`)")
+        raise MissingBundle(f"no engine bundle at {path}: build one there first (`sencache build`)")
     try:
         data = _read_regular(path, MANIFEST)
     except FileNotFoundError:
-        raise BadInput(f"{path} is not an engine bundle: {MANIFEST} is missing") from None
+        raise MissingBundle(f"{path} is not an engine bundle: {MANIFEST} is missing") from None
     digest = hashlib.sha256(data).hexdigest()
     try:
         recorded = _read_regular(path, DIGEST).decode("ascii").split()[0]

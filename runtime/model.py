@@ -105,14 +105,16 @@ class Model:
                 self._components = load_components(self.adapter, Path(source))
             return self._components
 
-    def embeddings(self, given: np.ndarray | None, prompts: list[str]) -> np.ndarray:
-        """`given` embeddings checked against the bundle's text shape, or those of `prompts`."""
+    def embeddings(self, given: np.ndarray | None, prompts: list[str], param: str) -> np.ndarray:
+        """`given` embeddings (the request's parameter `param`) checked against the bundle's text
+        shape, or those of `prompts`."""
         if given is None:
             return self.encode(prompts)
         expected = self.bundle.manifest.shapes.text
         if tuple(given.shape[1:]) != expected:
             raise BadInput(
-                f"text embeddings of shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}"
+                f"{param} has shape {list(given.shape[1:])} per prompt; the bundle takes {list(expected)}",
+                param=param,
             )
         return given.astype(np.float32, copy=False)
 

@@ -25,16 +25,20 @@ def prepare(
     job_rows = len(request.prompts) * (2 if request.cfg else 1)
     if job_rows > model.max_rows:
         raise BadInput(
-            f"{len(request.prompts)} samples need {job_rows} rows; the bundle was built for at most "
-            f"{model.bundle.shapes.max_batch} samples (build it with a larger max_batch)"
+            f"prompt gives {len(request.prompts)} samples, which need {job_rows} rows; the bundle was built for "
+            f"at most {model.bundle.shapes.max_batch} samples (build it with a larger max_batch)",
+            param="prompt",
         )
     check_memory(
         request_bytes(model.bundle.manifest.shapes, len(request.prompts), 2 if request.cfg else 1),
         model.backend.device,
     )
-    text = model.embeddings(request.prompt_embeds, request.prompts)
+    text = model.embeddings(request.prompt_embeds, request.prompts, "prompt_embeds")
     if request.cfg:
-        text = np.concatenate([text, model.embeddings(request.negative_prompt_embeds, [""] * len(request.prompts))])
+        negative = model.embeddings(
+            request.negative_prompt_embeds, [""] * len(request.prompts), "negative_prompt_embeds"
+        )
+        text = np.concatenate([text, negative])
     sampler = model.sampler(request.steps, request.sampling)
     timesteps = [float(t) for t in sampler.timesteps]
     scales = (

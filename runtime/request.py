@@ -107,7 +107,11 @@ class GenerationParams:
         if self.sampling not in SAMPLINGS:
             raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}", param="sampling")
         if len(self.prompts) != len(self.seeds):
-            raise BadInput(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds: they pair up one to one")
+            raise BadInput(
+                f"seed must pair up one to one with the prompts: {len(self.prompts)} prompts but "
+                f"{len(self.seeds)} seeds",
+                param="seed",
+            )
         if not _integer_in(self.steps, 1, MAX_STEPS):
             raise BadInput(f"steps must be in [1, {MAX_STEPS}], got {self.steps!r}", param="steps")
         if (

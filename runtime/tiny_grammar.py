@@ -142,7 +142,8 @@ def parse_prompt(prompt: str) -> PromptSpec | None:
             )
         problem = f"words after the background: {' '.join(words[len(expected) :])}"
     raise BadInput(
-        f"prompt {_quoted(prompt)} is not in the tiny models' grammar: {problem}; the grammar: {grammar_line()}"
+        f"prompt {_quoted(prompt)} is not in the tiny models' grammar: {problem}; the grammar: {grammar_line()}",
+        param="prompt",
     )
 
 

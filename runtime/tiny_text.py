@@ -62,13 +62,15 @@ def tokenize(prompt: str) -> list[int]:
     words = prompt.lower().split()
     if len(words) > MAX_TOKENS:
         raise BadInput(
-            f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most {MAX_TOKENS}"
+            f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most {MAX_TOKENS}",
+            param="prompt",
         )
     unknown = list(dict.fromkeys(w for w in words if w not in _INDEX or w == PAD))
     if unknown:
         raise BadInput(
             f"prompt {_quoted(prompt)} has words outside the tiny model's vocabulary: {', '.join(unknown)} "
-            f"(known: {' '.join(VOCABULARY[1:])})"
+            f"(known: {' '.join(VOCABULARY[1:])})",
+            param="prompt",
         )
     check_prompt(prompt)
     return [_INDEX[w] for w in words] + [_INDEX[PAD]] * (MAX_TOKENS - len(words))

@@ -106,15 +106,15 @@ def test_cancel_and_timeout(engine):
         ({"seed": -1}, "seed must be", "seed"),
         ({"guidance": float("inf")}, "guidance must be", "guidance"),
         ({"prompt": 7}, "prompt must be text", "prompt"),
-        ({"cache": "deepcache"}, "unknown cache method 'deepcache'", None),
+        ({"cache": "deepcache"}, "cache must be one of none, ", "cache"),
         ({"cache": 3}, "cache must be the name of a method", "cache"),
         ({"knobs": [1]}, "knobs must be a mapping", "knobs"),
         ({"knobs": {"eps_main": -1.0}}, "eps_main must be a number in [0, inf]", "eps_main"),
         ({"knobs": {"max_reuse": 1.5}}, "max_reuse must be an integer", "max_reuse"),
         ({"knobs": {"interval": 2}}, "interval does not apply to cache 'sencache'", "interval"),
-        ({"knobs": {"velocity": 2}}, "unknown cache knob 'velocity'", None),
+        ({"knobs": {"velocity": 2}}, "knobs has an unknown cache knob 'velocity'", "knobs"),
         ({"prompt_embeds": [[0.0]]}, "prompt_embeds must be a NumPy array", "prompt_embeds"),
-        ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "text embeddings of shape [3, 4]", None),
+        ({"prompt_embeds": np.zeros((3, 4), np.float32)}, "prompt_embeds has shape [3, 4]", "prompt_embeds"),
     ],
 )
 def test_bad_requests_are_refused_before_queueing(engine, kwargs, message, param):

@@ -16,6 +16,8 @@ from sencache.runtime.cache.baselines import FixedSettings, MagCacheSettings, Te
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.request import GenerationParams
+from sencache.runtime.tiny_grammar import check_prompt
+from sencache.runtime.tiny_text import tokenize
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 FLAG = re.compile(r"--[a-z]")
@@ -62,6 +64,12 @@ REQUEST_AND_KNOB_ERRORS = [
     (lambda: GenerationParams(["a"], [0], 0, 1.0), "steps"),
     (lambda: GenerationParams(["a"], [0], 2, -1.0), "guidance"),
     (lambda: GenerationParams(["a"], [-1], 2, 1.0), "seed"),
+    (lambda: GenerationParams(["a", "b"], [0], 2, 1.0), "seed"),
+    (lambda: check_knobs("deepcache", {}), "cache"),
+    (lambda: check_knobs("sencache", {"velocity": 2}), "knobs"),
+    (lambda: tokenize("one small purple circle static on black"), "prompt"),
+    (lambda: tokenize(" ".join(["red"] * 13)), "prompt"),
+    (lambda: check_prompt("one small red"), "prompt"),
     (lambda: check_knobs("sencache", {"eps_main": -1.0}), "eps_main"),
     (lambda: check_knobs("fixed", {"eps_start": 1.0}), "eps_start"),
     (lambda: SenCacheSettings(-1.0, 1.0, 3), "eps_start"),
@@ -157,3 +165,35 @@ def test_the_server_refusal_carries_the_field():
     assert reply.body == body("cache.knobs.eps_main does not apply to cache 'fixed'", "cache.knobs.eps_main")
     reply = _refused(BadInput("threads must be >= 0, got -1", param="threads"))
     assert reply.body == body("threads must be >= 0, got -1", None)
+
+
+@pytest.mark.parametrize(
+    "make,field,c_field",
+    [
+        (lambda: check_knobs("deepcache", {}), "cache.method", "request->cache"),
+        (lambda: check_knobs("sencache", {"velocity": 2}), "cache.knobs", "request->knobs_json"),
+        (lambda: check_prompt("one small red"), "prompt", "request->prompt"),
+        (lambda: GenerationParams(["a", "b"], [0], 2, 1.0), "seed", "request->seed"),
+    ],
+)
+def test_the_server_and_the_c_abi_name_the_field_of_a_refused_request(make, field, c_field):
+    pytest.importorskip("pydantic")
+    from sencache.capi.host import INVALID_ARGUMENT, status
+    from sencache.serving.schema import json_field
+
+    error = _raised(make)
+    assert json_field(error.param) == field
+    assert status(error)[0] == INVALID_ARGUMENT and status(error)[1].startswith(f"{c_field} ")
+
+
+def test_the_c_abi_tells_a_missing_bundle_from_a_corrupt_one(tmp_path):
+    """SC_ERR_NOT_FOUND where there is no bundle (no folder, or a folder without a manifest, as
+    /etc), SC_ERR_CORRUPT for a bundle that is there but cannot be read."""
+    from sencache.capi.host import CORRUPT, NOT_FOUND, Host, Refused
+
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "manifest.json").write_text("{not json")
+    for folder, code in (("/etc", NOT_FOUND), (tmp_path / "missing", NOT_FOUND), (tmp_path / "corrupt", CORRUPT)):
+        with pytest.raises(Refused) as refused:
+            Host(str(folder), "auto", "cpu", 1)
+        assert refused.value.code == code, (folder, str(refused.value))

@@ -267,8 +267,9 @@ def _magcache(knobs: dict[str, Any], context: RuleContext) -> MagCachePolicy:
     ratios = context.baselines().magcache_ratios
     if ratios is None:
         raise BadInput(
-            f"no MagCache ratios are published for {context.bundle.manifest.model}: calibrate the bundle "
-            f"(`sencache calibrate`) to measure them"
+            f"cache 'magcache' needs MagCache ratios and none are published for {context.bundle.manifest.model}: "
+            f"calibrate the bundle (`sencache calibrate`) to measure them",
+            param="cache",
         )
     return MagCachePolicy(
         MagCacheSettings(**{**context.defaults, **knobs}, ratios=ratios), context.steps, context.batch

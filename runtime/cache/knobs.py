@@ -132,7 +132,7 @@ def check_knobs(method: str, knobs: Mapping[str, object] | None) -> dict[str, in
     given = {k: v for k, v in (knobs or {}).items() if v is not None}
     for name in sorted(given):
         if name not in KNOBS:
-            raise BadInput(f"unknown cache knob {name!r} (known: {', '.join(KNOBS)})")
+            raise BadInput(f"knobs has an unknown cache knob {name!r} (known: {', '.join(KNOBS)})", param="knobs")
         if name not in allowed:
             raise BadInput(f"{name} does not apply to cache {method!r}", param=name)
     checked = {name: KNOBS[name].check(value) for name, value in given.items()}

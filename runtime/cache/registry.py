@@ -112,7 +112,7 @@ def register_defaults(section: DefaultsSection) -> DefaultsSection:
 def rule_knobs(method: str) -> tuple[str, ...]:
     """Every knob `method` takes, its variants' included, or a BadInput listing the methods."""
     if method not in RULES:
-        raise BadInput(f"unknown cache method {method!r} (choose from {', '.join(METHODS)})")
+        raise BadInput(f"cache must be one of {', '.join(METHODS)}, got {method!r}", param="cache")
     return tuple(name for rule in RULES[method] for name in rule.knobs)
 
 
