@@ -38,7 +38,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
 from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams, Result
-from sencache.runtime.tiny_text import tokenize
+from sencache.runtime.tiny_grammar import tokenize
 
 REPORT = "report.json"
 KIND = "bench report"

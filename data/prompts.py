@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sencache.data.grammar import grammar_prompts
 from sencache.runtime.errors import BadInput
-from sencache.runtime.tiny_text import PAD, VOCABULARY, tokenize
+from sencache.runtime.tiny_grammar import PAD, VOCABULARY, tokenize
 
 VIDEO_PROMPTS = Path(__file__).with_name("video_prompts.txt")
 """The default calibration prompts of real models, one per line."""

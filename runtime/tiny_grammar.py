@@ -1,4 +1,6 @@
-"""The prompt grammar the tiny models were trained on: its slots, its form, and the check of a prompt.
+"""The prompt grammar the tiny models were trained on: its slots, its form, the check of a prompt,
+and the tiny text encoder's vocabulary and tokenizer (`tokenize`: every word in ``VOCABULARY``, the
+prompt a sentence of the grammar; the empty prompt, all padding, is the unconditional one).
 
 One sentence of the grammar, slot by slot::
 
@@ -7,7 +9,7 @@ One sentence of the grammar, slot by slot::
 with a singular shape after ``one`` and a plural one after ``two`` and ``three``, for example
 ``"two small red circles moving left fast on texture"``. The tiny models have seen nothing else:
 a prompt of their words in another order is as foreign to them as an unknown word, so the runtime
-refuses it (`check_prompt`, called by the tiny tokenizer). Training clips and default prompts are
+refuses it (`check_prompt`, called by `tokenize`). Training clips and default prompts are
 drawn from the same definition (`sencache.data.grammar`). No heavy imports: the
 command line shows the grammar in its help and checks prompts before it loads a model.
 """
@@ -155,3 +157,61 @@ def _wanted(slot: str, choices: tuple[str, ...]) -> str:
 def check_prompt(prompt: str) -> None:
     """Refuse (BadInput) a prompt that is not a sentence of the grammar; the empty prompt passes."""
     parse_prompt(prompt)
+
+
+PAD = "<pad>"
+VOCABULARY: tuple[str, ...] = (
+    PAD,
+    "one",
+    "two",
+    "three",
+    "small",
+    "large",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "cyan",
+    "magenta",
+    "white",
+    "orange",
+    "circle",
+    "square",
+    "circles",
+    "squares",
+    "static",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+    "slow",
+    "fast",
+    "on",
+    "black",
+    "gradient",
+    "texture",
+)
+"""The token ids of the tiny text encoder, in order (the trained embeddings index this table)."""
+MAX_TOKENS = 12
+_INDEX = {word: i for i, word in enumerate(VOCABULARY)}
+
+
+def tokenize(prompt: str) -> list[int]:
+    """Map a prompt to MAX_TOKENS token ids (padded); raise BadInput for unknown words or a prompt
+    outside the grammar."""
+    words = prompt.lower().split()
+    if len(words) > MAX_TOKENS:
+        raise BadInput(
+            f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most {MAX_TOKENS}",
+            param="prompt",
+        )
+    unknown = list(dict.fromkeys(w for w in words if w not in _INDEX or w == PAD))
+    if unknown:
+        raise BadInput(
+            f"prompt {_quoted(prompt)} has words outside the tiny model's vocabulary: {', '.join(unknown)} "
+            f"(known: {' '.join(VOCABULARY[1:])})",
+            param="prompt",
+        )
+    check_prompt(prompt)
+    return [_INDEX[w] for w in words] + [_INDEX[PAD]] * (MAX_TOKENS - len(words))

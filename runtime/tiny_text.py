@@ -1,10 +1,6 @@
-"""The tiny text encoder of the bundled models: a fixed vocabulary, a tokenizer and a small module.
-
-The tiny models were trained on prompts of one small grammar (`sencache.runtime.tiny_grammar`).
-Every word of a prompt must be in ``VOCABULARY`` and the prompt must be a sentence of that grammar;
-anything else is rejected, because the model has never seen it. The empty prompt (all padding) is
-the unconditional prompt used for classifier-free guidance.
-"""
+"""The tiny text encoder of the bundled models: a small module over the fixed vocabulary and the
+tokenizer of `sencache.runtime.tiny_grammar` (which imports no torch, so a front end refuses a
+prompt outside the vocabulary or the grammar before any model code loads)."""
 
 from __future__ import annotations
 
@@ -12,68 +8,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.tiny_grammar import check_prompt
-
-PAD = "<pad>"
-VOCABULARY: tuple[str, ...] = (
-    PAD,
-    "one",
-    "two",
-    "three",
-    "small",
-    "large",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "cyan",
-    "magenta",
-    "white",
-    "orange",
-    "circle",
-    "square",
-    "circles",
-    "squares",
-    "static",
-    "moving",
-    "left",
-    "right",
-    "up",
-    "down",
-    "slow",
-    "fast",
-    "on",
-    "black",
-    "gradient",
-    "texture",
-)
-"""The token ids of the tiny text encoder, in order (the trained embeddings index this table)."""
-MAX_TOKENS = 12
-_INDEX = {word: i for i, word in enumerate(VOCABULARY)}
-
-
-def _quoted(prompt: str) -> str:
-    return repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
-
-
-def tokenize(prompt: str) -> list[int]:
-    """Map a prompt to MAX_TOKENS token ids (padded); raise BadInput for unknown words or a prompt
-    outside the grammar."""
-    words = prompt.lower().split()
-    if len(words) > MAX_TOKENS:
-        raise BadInput(
-            f"prompt {_quoted(prompt)} has {len(words)} words; the tiny text encoder takes at most {MAX_TOKENS}",
-            param="prompt",
-        )
-    unknown = list(dict.fromkeys(w for w in words if w not in _INDEX or w == PAD))
-    if unknown:
-        raise BadInput(
-            f"prompt {_quoted(prompt)} has words outside the tiny model's vocabulary: {', '.join(unknown)} "
-            f"(known: {' '.join(VOCABULARY[1:])})",
-            param="prompt",
-        )
-    check_prompt(prompt)
-    return [_INDEX[w] for w in words] + [_INDEX[PAD]] * (MAX_TOKENS - len(words))
+from sencache.runtime.tiny_grammar import MAX_TOKENS, VOCABULARY, tokenize
 
 
 class TinyTextEncoder(nn.Module):

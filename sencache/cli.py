@@ -20,10 +20,10 @@ from sencache.runtime.cache import KNOBS, METHODS, Knob
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
-from sencache.runtime.limits import MAX_STEPS
+from sencache.runtime.limits import MAX_STEPS, check_threads
 from sencache.runtime.manifest import SENSITIVITY, read_manifest
 from sencache.runtime.request import SAMPLINGS, GenerationParams
-from sencache.runtime.tiny_grammar import PromptSpec, grammar_help
+from sencache.runtime.tiny_grammar import PromptSpec, grammar_help, tokenize
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -114,11 +114,14 @@ def _generate(args: argparse.Namespace) -> None:
         dynamic_cfg=args.dynamic_cfg,
         sampling=args.sampling,
     )
+    check_threads(args.threads)
+    if manifest.text_encoder.kind == "tiny":
+        for prompt in request.prompts:
+            tokenize(prompt)  # the vocabulary and grammar, before any model code is imported
     from sencache.runtime.bundle import Bundle
     from sencache.runtime.files import check_free_space, staged_folder
     from sencache.runtime.model import Model
     from sencache.runtime.outputs import run_bytes, write_run
-    from sencache.runtime.tiny_text import tokenize
 
     started = time.perf_counter()
     bundle = Bundle.load(args.engine)
@@ -128,9 +131,6 @@ def _generate(args: argparse.Namespace) -> None:
             f"it exists for export and parity checks",
             file=sys.stderr,
         )
-    if bundle.manifest.text_encoder.kind == "tiny":
-        for prompt in request.prompts:
-            tokenize(prompt)  # the vocabulary and grammar, before the engine is opened
     engine = Model.open(bundle, args.backend, args.device, args.threads)
     engine.encode(request.prompts)
     policy = engine.policy(request.cache, request.steps, len(request.prompts), request.knobs)

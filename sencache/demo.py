@@ -16,11 +16,11 @@ from sencache.benchmarks.timing import PairedTiming, below_floor, floor_speedup,
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.console.output import note, say
 from sencache.engine_builder.builder import BuildOptions, build
-from sencache.runtime.backends.base import MAX_THREADS
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import BUNDLE, RUN, check_output, staged_folder
+from sencache.runtime.limits import MAX_THREADS
 from sencache.runtime.model import Model
 from sencache.runtime.outputs import write_run
 from sencache.runtime.request import GenerationParams, Result

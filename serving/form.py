@@ -31,6 +31,8 @@ def parse_body(content_type: str, body: bytes) -> dict[str, Any]:
             value = json.loads(body)
         except (UnicodeDecodeError, ValueError) as e:
             raise BadInput(f"body is not valid JSON: {e}", "body") from None
+        except RecursionError:
+            raise BadInput("body is nested too deeply to read", "body") from None
         if not isinstance(value, dict):
             raise BadInput(f"body must be a JSON object, got a {type(value).__name__}", "body")
         return value

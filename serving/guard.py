@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import reprlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -44,8 +45,17 @@ def default_max_body(text_shape: Sequence[int]) -> int:
     return 2 * tokens * channels * BYTES_PER_NUMBER + HEADROOM_BYTES
 
 
+_SHORT = reprlib.Repr()
+"""A bounded repr of containers: never deeper than 3 levels (a 1000-deep list is no recursion risk)."""
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 8, 8
+_SHORT.maxstring = _SHORT.maxother = PREFIX_CHARS
+
+
 def prefix(value: Any) -> str:
-    """`value`'s repr cut to PREFIX_CHARS characters (marked with '...' and the full length when cut)."""
+    """`value`'s repr cut to PREFIX_CHARS characters (marked with '...', and a text's full length, when cut)."""
+    if not isinstance(value, str):
+        text = _SHORT.repr(value)
+        return text if len(text) <= PREFIX_CHARS else f"{text[:PREFIX_CHARS]}..."
     text = repr(value)
     return text if len(text) <= PREFIX_CHARS else f"{text[:PREFIX_CHARS]}... ({len(text)} characters)"
 

@@ -359,7 +359,8 @@ def test_cheap_checks_fail_before_any_model_code_is_imported(tmp_path):
 
 def test_request_checks_on_a_bundle_fail_before_any_model_code_is_imported(ort_bundle, tmp_path):
     """What the bundle's manifest answers (steps, prompts and seeds that do not pair up, a guidance
-    that is not a number, a knob out of range) is refused before the heavy imports too."""
+    that is not a number, a knob out of range, threads, a prompt outside the tiny model's vocabulary
+    or grammar) is refused before the heavy imports too."""
     out = str(tmp_path / "out")
     generate = ["generate", "--engine", str(ort_bundle), "--prompt", PROMPT, "--out", out]
     _refused_before_heavy_imports(
@@ -368,6 +369,23 @@ def test_request_checks_on_a_bundle_fail_before_any_model_code_is_imported(ort_b
             ([*generate, "--seed", "1", "--seed", "2"], "pair up"),
             ([*generate, "--guidance", "nan"], "--guidance"),
             ([*generate, "--eps-main", "-1"], "--eps-main"),
+            ([*generate, "--threads", "5000"], "--threads must be in [0, 1024]"),
+            (
+                ["generate", "--engine", str(ort_bundle), "--prompt", "one small purple elephant", "--out", out],
+                "vocabulary",
+            ),
+            (
+                [
+                    "generate",
+                    "--engine",
+                    str(ort_bundle),
+                    "--prompt",
+                    "small one red circle static on black",
+                    "--out",
+                    out,
+                ],
+                "--prompt",
+            ),
             (["bench", "--engine", str(ort_bundle), "--steps", "0", "--out", out], "--steps must be in [1, 1000]"),
         ]
     )

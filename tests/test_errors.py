@@ -16,8 +16,7 @@ from sencache.runtime.cache.baselines import FixedSettings, MagCacheSettings, Te
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.request import GenerationParams
-from sencache.runtime.tiny_grammar import check_prompt
-from sencache.runtime.tiny_text import tokenize
+from sencache.runtime.tiny_grammar import check_prompt, tokenize
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 FLAG = re.compile(r"--[a-z]")

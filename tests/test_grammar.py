@@ -8,15 +8,17 @@ from sencache.data.grammar import grammar_prompts, random_spec
 from sencache.runtime.errors import BadInput
 from sencache.runtime.tiny_grammar import (
     FORM,
+    PAD,
     SLOTS,
+    VOCABULARY,
     WORDS,
     PromptSpec,
     check_prompt,
     grammar_help,
     grammar_line,
     parse_prompt,
+    tokenize,
 )
-from sencache.runtime.tiny_text import PAD, VOCABULARY, tokenize
 
 
 def test_the_grammar_writes_exactly_the_tiny_vocabulary_in_token_order():

@@ -148,6 +148,8 @@ def _typed_bodies() -> Iterator[tuple[str, bytes, dict[str, str]]]:
         "nonsense",
     ):
         for payload in (b"\xff\xfe" + body, b"prompt=" + PROMPT.encode(), b"--xyz\r\ngarbage\r\n--xyz--\r\n"):
+            if kind == "application/x-www-form-urlencoded" and payload.startswith(b"prompt="):
+                continue  # a valid form: the API reads forms as it reads the openai SDK's
             yield f"{kind} {payload[:10]!r}", payload, {"content-type": kind}
 
 
@@ -188,7 +190,7 @@ def test_bad_bodies_are_4xx_with_a_json_error_and_never_queued(server, calibrate
         streamed = session.post(f"{server}/v1/videos", data=(over[i : i + 65536] for i in range(0, len(over), 65536)))
         _check_error(streamed, "over the limit, chunked")
         assert streamed.status_code == 413
-    assert {400, 415, 422} <= set(statuses), statuses
+    assert {415, 422} <= set(statuses), statuses  # unreadable types 415; the rest, malformed JSON too, 422
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
     assert _submitted(server) == before
 

@@ -152,7 +152,7 @@ def test_openapi_reads_the_knob_table(server):
         ({"cache": {"preset": "fast", "method": "none"}}, "preset"),
         ({"guidance": -1}, "guidance"),
         ({"prompt": "a purple elephant"}, "vocabulary"),
-        ({"prompt": None, "prompt_embeds": [[0.0] * 3] * 2}, "embeddings"),
+        ({"prompt": None, "prompt_embeds": [[0.0] * 3] * 2}, "prompt_embeds has shape"),
         ({"prompt": None}, "prompt"),
         ({"sampling": "shift5"}, "sampling"),
     ],

@@ -8,7 +8,8 @@ import pytest
 from sencache.benchmarks.metrics import psnr
 from sencache.kernels.drift import drift_sumsq
 from sencache.runtime.errors import BadInput
-from sencache.runtime.tiny_text import MAX_TOKENS, TinyTextEncoder, tokenize
+from sencache.runtime.tiny_grammar import MAX_TOKENS, tokenize
+from sencache.runtime.tiny_text import TinyTextEncoder
 
 
 def test_tokenize_pads_and_rejects_unknown_words():

@@ -34,7 +34,8 @@ from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import Shapes
 from sencache.runtime.families.parts import build_transformer, make_scheduler
-from sencache.runtime.tiny_text import TinyTextEncoder, tokenize
+from sencache.runtime.tiny_grammar import tokenize
+from sencache.runtime.tiny_text import TinyTextEncoder
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "tiny_models"
 

@@ -9,8 +9,7 @@ import torch
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
-
-MAX_THREADS = 1024
+from sencache.runtime.limits import check_threads
 
 
 class StageBackend(ABC):
@@ -40,8 +39,7 @@ def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, devi
     """The backend that runs `bundle`: its own unless `name` asks for another it supports.
     `device` places the PyTorch backend's modules (e.g. "cuda"); TensorRT bundles always run on
     the GPU and ONNX Runtime bundles on the host."""
-    if not 0 <= threads <= MAX_THREADS:
-        raise BadInput(f"threads must be in [0, {MAX_THREADS}] (0: all cores), got {threads}", param="threads")
+    check_threads(threads)
     name = name or bundle.manifest.backend
     if name != bundle.manifest.backend:
         raise BadInput(

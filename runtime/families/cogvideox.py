@@ -29,7 +29,7 @@ from sencache.runtime.families.base import (
     TinyClipAxes,
     register_family,
 )
-from sencache.runtime.tiny_text import MAX_TOKENS
+from sencache.runtime.tiny_grammar import MAX_TOKENS
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin

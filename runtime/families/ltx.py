@@ -30,7 +30,8 @@ from sencache.runtime.families.base import (
     pipeline_encode_prompt,
     register_family,
 )
-from sencache.runtime.tiny_text import MAX_TOKENS, PAD, VOCABULARY, TinyTextEncoder, tokenize
+from sencache.runtime.tiny_grammar import MAX_TOKENS, PAD, VOCABULARY, tokenize
+from sencache.runtime.tiny_text import TinyTextEncoder
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
