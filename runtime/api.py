@@ -8,10 +8,19 @@ steps, guidance and cache. A bad request raises BadInput from `submit`, before i
     with sencache.Engine.from_bundle("bundles/tiny-wan") as engine:
         video = engine.generate(prompt="one small red circle static on black", seed=1, steps=30)
         video.frames  # [T, H, W, 3] float32 in [0, 1]
+
+Over several ranks (`parallel="sp=2,cfg=2"`, each rank a process launched by torchrun, or given a
+`RankGroup`), every rank opens the engine the same way; rank 0 (`engine.is_driver`) takes the
+jobs, and the others run its passes on their rows and tokens until rank 0 closes the engine:
+
+    with sencache.Engine.from_bundle("bundles/tiny-wan-torch", parallel="sp=2") as engine:
+        if engine.is_driver:
+            video = engine.generate(prompt="one small red circle static on black", seed=1)
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +29,12 @@ from typing import Any
 import numpy as np
 
 from sencache.runtime.cache import CachePolicy
-from sencache.runtime.errors import BadInput, Cancelled, Failed
+from sencache.runtime.errors import BadInput, Cancelled, Failed, RankFailure
 from sencache.runtime.model import Model
+from sencache.runtime.parallel.boundary import Follower
+from sencache.runtime.parallel.config import ParallelConfig
+from sencache.runtime.parallel.group import RankGroup
+from sencache.runtime.parallel.sequence import shard_sequence
 from sencache.runtime.request import GenerationParams, Progress, Result
 from sencache.runtime.scheduler import Batching, admission
 from sencache.runtime.stepping import StepEngine
@@ -101,25 +114,52 @@ class Job:
 class Engine:
     """A loaded bundle serving generations: `generate` for one video, `submit` for a Job."""
 
-    def __init__(self, model: Model, batching: Batching = "step") -> None:
+    def __init__(self, model: Model, batching: Batching = "step", ranks: RankGroup | None = None) -> None:
         """Serve `model`; `batching` is how queued jobs join: "step" (at every step boundary while
-        rows are free) or "static" (a group starts only when the previous one has ended)."""
+        rows are free) or "static" (a group starts only when the previous one has ended). With
+        `ranks`, this process is one rank of the engine: rank 0 serves, the others follow it."""
         self.model = model
         self.batching = batching
-        self._stepper = StepEngine(model, admission(batching))
+        self.ranks = ranks
+        self._stepper = StepEngine(model, admission(batching), ranks if ranks is None or ranks.is_driver else None)
         self._wake = threading.Condition()
         self._jobs: dict[int, Job] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._follower_error: BaseException | None = None
+        if ranks is not None and not ranks.is_driver:
+            self._thread = threading.Thread(target=self._follow, name="sencache-rank-follower", daemon=True)
+            self._thread.start()
 
     @classmethod
     def from_bundle(
-        cls, path: str | Path, backend: str = "auto", device: str = "cpu", threads: int = 0, batching: Batching = "step"
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        device: str = "cpu",
+        threads: int = 0,
+        batching: Batching = "step",
+        parallel: str | ParallelConfig | None = None,
+        group: RankGroup | None = None,
     ) -> Engine:
         """Load the bundle at `path` and open its backend ("auto": the one it was built for) on
-        `device` with `threads` CPU threads (0: all); `batching` as for the constructor."""
+        `device` with `threads` CPU threads (0: all); `batching` as for the constructor.
+        `parallel` ("sp=2,cfg=2") splits the engine over sp x cfg ranks: this process joins the
+        group `group`, or torchrun's (RANK, WORLD_SIZE, MASTER_ADDR/PORT); on CUDA each rank takes
+        its LOCAL_RANK's GPU."""
         admission(batching)  # refused before the bundle is loaded
-        return cls(Model.open(path, backend, device, threads), batching)
+        config = ParallelConfig.parse(parallel if group is None else group.config)
+        if config.world == 1:
+            return cls(Model.open(path, backend, device, threads), batching)
+        ranks = group or RankGroup.join(config, device=device)
+        model = Model.open(path, backend, str(ranks.device), threads)
+        shard_sequence(model, ranks)
+        return cls(model, batching, ranks)
+
+    @property
+    def is_driver(self) -> bool:
+        """Whether this process takes jobs: the only rank of a one-process engine, or rank 0."""
+        return self.ranks is None or self.ranks.is_driver
 
     def generate(
         self,
@@ -187,6 +227,10 @@ class Engine:
         defaults); BadInput, before anything is queued, for what the engine refuses."""
         if len(request.prompts) != 1:
             raise BadInput(f"a job is one video; got {len(request.prompts)} prompts", param="prompt")
+        if not self.is_driver:
+            raise RuntimeError(f"rank {self.ranks.rank if self.ranks else 0} follows rank 0: submit jobs on rank 0")
+        if self._stepper.broken is not None:
+            raise RuntimeError(f"the engine's rank group failed; open the engine again: {self._stepper.broken}")
         if self._closed:
             raise RuntimeError("the engine is closed")
         prepared = self._stepper.prepare(request)  # text encoding: outside every lock
@@ -207,7 +251,9 @@ class Engine:
         return self._stepper.stats()
 
     def close(self) -> None:
-        """Stop the background thread; jobs still queued or running end cancelled."""
+        """Stop the background thread; jobs still queued or running end cancelled. Over several
+        ranks, rank 0 then lets the others go, and every other rank waits here until it does
+        (RankFailure when the group broke before)."""
         with self._wake:
             if self._closed:
                 return
@@ -215,7 +261,18 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        self._settle(self._stepper.end_all("cancelled"))
+        if self.is_driver:
+            self._settle(self._stepper.end_all("cancelled"))
+            try:
+                self._stepper.stop()
+            finally:
+                if self.ranks is not None:
+                    self.ranks.close()
+            return
+        assert self.ranks is not None, "only a rank of a group follows"
+        self.ranks.close()
+        if self._follower_error is not None:
+            raise self._follower_error
 
     def __enter__(self) -> Engine:
         return self
@@ -224,18 +281,32 @@ class Engine:
         self.close()
 
     def _drive(self) -> None:
-        """The background thread: step while any job is pending, report the jobs that ended."""
+        """The background thread: step while any job is pending, report the jobs that ended.
+        Over several ranks, an idle engine still meets the others within the group's timeout."""
+        heartbeat = None if self.ranks is None else self.ranks.timeout_s / 4
         while True:
             with self._wake:
                 while not self._closed and not self._stepper.busy:
-                    self._wake.wait()
+                    if not self._wake.wait(heartbeat) and self._stepper.broken is None:
+                        break
                 if self._closed:
                     return
+            if not self._stepper.busy:
+                with contextlib.suppress(RankFailure):  # broken: the next job is refused with the reason
+                    self._stepper.idle()
+                continue
             try:
                 ended = self._stepper.step()
             except Exception as e:  # a fault outside any one request: no job is left pending
                 ended = self._stepper.end_all("failed", e)
             self._settle(ended)
+
+    def _follow(self) -> None:
+        """A rank other than 0: run rank 0's passes until it closes the engine."""
+        try:
+            Follower(self.model, self.ranks).run()  # type: ignore[arg-type]
+        except BaseException as e:  # reported by close()
+            self._follower_error = e
 
     def _settle(self, ended: list[int]) -> None:
         for job_id in ended:

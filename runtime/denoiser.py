@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from sencache.runtime.families.base import FamilyAdapter, Sampler, StageLayout
 
 
+DriftMeter = Union["HostDriftMeter", "CudaDriftMeter"]
+
+
 class Denoiser(Protocol):
     """A bundle's head / blocks / tail stages on one backend, with its family's sampler."""
 
@@ -30,6 +33,9 @@ class Denoiser(Protocol):
     adapter: FamilyAdapter
     layout: StageLayout
     max_rows: int
+    numel: int
+    """Elements of one sample's latent."""
+    latent_shape: tuple[int, ...]
 
     def policy(self, method: str, steps: int, batch: int, knobs: Mapping[str, float | str | None]) -> CachePolicy:
         """The cache rule `method` for one request; unset knobs take the bundle's defaults."""
@@ -55,6 +61,6 @@ class Denoiser(Protocol):
         """The context every device operation of the engine runs in."""
         ...
 
-    def drift_meter(self) -> HostDriftMeter | CudaDriftMeter:
-        """The fused drift reduction of this device."""
+    def drift_meter(self, per_sample: int) -> DriftMeter:
+        """The fused drift reduction of this device over `per_sample` elements of each sample."""
         ...

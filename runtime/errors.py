@@ -41,3 +41,8 @@ class Cancelled(Exception):
 
 class Failed(Exception):
     """The request met an error while it ran; the error is the cause."""
+
+
+class RankFailure(RuntimeError):
+    """A collective of an engine's rank group failed (a rank died, or did not answer within the
+    group's timeout): the group cannot run another pass, so the engine must be rebuilt."""

@@ -40,7 +40,7 @@ class Model:
         self.max_rows = bundle.manifest.shapes.max_rows
         self._text_encoder: TinyTextEncoder | None = None
         self._components = None
-        self._meter: HostDriftMeter | CudaDriftMeter | None = None
+        self._meters: dict[int, HostDriftMeter | CudaDriftMeter] = {}
         self._cuda_stream: torch.cuda.Stream | None = None
         self._lazy = threading.Lock()
         """Guards what is made on first use (text encoder, components, CUDA stream) against threads."""
@@ -131,11 +131,13 @@ class Model:
         """A host array as a tensor on the backend's device."""
         return torch.from_numpy(np.ascontiguousarray(value)).to(self.backend.device)
 
-    def drift_meter(self) -> HostDriftMeter | CudaDriftMeter:
-        """The drift meter for this engine's device, sized for every row it can hold, made once."""
-        if self._meter is None:
-            self._meter = drift_meter(self.backend.device, self.max_rows, self.numel)
-        return self._meter
+    def drift_meter(self, per_sample: int) -> HostDriftMeter | CudaDriftMeter:
+        """The drift meter for this engine's device over `per_sample` elements of each sample
+        (the whole latent, or a rank's part of it), sized for every row it can hold, made once."""
+        with self._lazy:
+            if per_sample not in self._meters:
+                self._meters[per_sample] = drift_meter(self.backend.device, self.max_rows, per_sample)
+            return self._meters[per_sample]
 
     def stream(self) -> contextlib.AbstractContextManager:
         """Make the engine's CUDA stream current (a GPU backend), or nothing (the host). On a GPU

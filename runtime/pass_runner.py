@@ -2,17 +2,21 @@
 head, blocks and tail calls (SPEC sections 2 and 3). The runner never touches the queue: it takes
 a `PassPlan` from the scheduler and gives back a `PassResult`, which the scheduler applies.
 
-A pass:
-1. measure the drift from the anchor of every sample whose rule wants it, as ONE reduction;
-2. run the head on the rows of every planned request (a row is a (sample, CFG branch) pair; each
-   row carries its own timestep, so requests at different steps share the call);
-3. wait for the drift (the pass's only host wait) and let each request's rule decide;
-4. run the blocks on the rows of running samples of all requests, gathered into one sub-batch,
-   and add each other row's cached residual;
-5. run the tail on every row. For requests whose rule learns from observed reuse errors
-   (`ReuseObserver`), the rows that ran after an earlier run also go through the tail with their
-   cached residual, and the rule receives the guided output's difference per sample (one more
-   tail call, for them alone).
+A pass, on each rank of the engine (one, or sp x cfg of a group, runtime/parallel/):
+1. measure, on this rank's part of the elements, each request's per-sample statistics its rule
+   reads (the drift of the latent from its anchor, TeaCache's change of the modulated input, and
+   the reuse errors observed in the previous pass), and sum every rank's parts in ONE collective
+   (the identity on one rank), so that every rank's rules decide on the same numbers;
+2. run the head on this rank's rows of every planned request (a row is a (sample, CFG branch) pair;
+   each row carries its own timestep, so requests at different steps share the call);
+3. let each request's rule decide (after the measurement, the pass's only host wait);
+4. run the blocks on this rank's tokens of the running rows of all requests, gathered into one
+   sub-batch, and add each other row's cached residual;
+5. gather the rows' tokens from every shard and run the tail on this rank's rows; exchange the
+   branches' outputs, so every rank holds each request's whole rows. For requests whose rule
+   learns from observed reuse errors (`ReuseObserver`), the rows that ran after an earlier run
+   also go through the tail with their cached residual, and the guided outputs' difference is
+   measured for the next pass's collective (it only informs the decisions after this one).
 
 A row that runs uses the blocks' output as is, so a request that never reuses is bit-identical to
 the uncached run of the same rows, and a request's outputs do not depend on who shares its pass.
@@ -28,9 +32,10 @@ import numpy as np
 import torch
 
 from sencache.runtime.cache import ReuseObserver, StepDecision
-from sencache.runtime.chain import block_streams, blocks_feeds, guide, tail_feeds
-from sencache.runtime.denoiser import Denoiser
+from sencache.runtime.chain import block_streams, blocks_feeds, guide
+from sencache.runtime.denoiser import Denoiser, DriftMeter
 from sencache.runtime.families.base import NOISE
+from sencache.runtime.parallel.ranks import Ranks, SingleRank, local_rows
 from sencache.runtime.request import RequestState
 
 Streams = dict[str, torch.Tensor]
@@ -54,35 +59,49 @@ class PassPlan:
 
 
 @dataclass(frozen=True)
-class Decided:
-    """A planned request once its rule has decided the step: which of its rows run the blocks,
-    as its own row indices and as the pass's, computed once."""
+class Placed:
+    """A planned request's rows on this rank: `rows` among its own, from `begin` in the pass's."""
 
     job: RequestState
+    rows: slice
     begin: int
-    """Its first row in the pass."""
-    decision: StepDecision
-    local: np.ndarray
-    """Its rows that run, among its own rows."""
 
     @property
-    def rows(self) -> np.ndarray:
-        """Its rows that run, among the pass's rows."""
-        return self.begin + self.local
+    def count(self) -> int:
+        return self.rows.stop - self.rows.start
 
     @property
     def end(self) -> int:
-        return self.begin + self.job.rows
+        return self.begin + self.count
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A planned request once its rule has decided the step: which of its rows on this rank run
+    the blocks, as indices among those rows and among the pass's rows, computed once."""
+
+    placed: Placed
+    decision: StepDecision
+    local: np.ndarray
+    """Its rows on this rank that run, among its rows on this rank."""
+
+    @property
+    def job(self) -> RequestState:
+        return self.placed.job
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Its rows that run, among the pass's rows on this rank."""
+        return self.placed.begin + self.local
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a pass gives one request: its tail output and decision, the reuse errors its rule
-    observes (observing rules only), or the failure that took it out of the pass."""
+    """What a pass gives one request: its whole rows of the tail's output and its decision, or
+    the failure that took it out of the pass."""
 
     noise: torch.Tensor | None = None
     decision: StepDecision | None = None
-    reuse_error: np.ndarray | None = None
     failure: BaseException | None = None
 
 
@@ -94,23 +113,24 @@ class PassResult:
 
 
 class PassRunner:
-    """Runs planned passes on one model; holds only what is reused across passes."""
+    """Runs planned passes on one model and one rank; holds only what is reused across passes."""
 
-    def __init__(self, model: Denoiser) -> None:
+    def __init__(self, model: Denoiser, ranks: Ranks | None = None) -> None:
         self.model = model
+        self.ranks: Ranks = ranks or SingleRank()
         self._text_rows: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def execute(self, plan: PassPlan) -> PassResult:
         """One denoising step of every planned request, sharing each stage call. An error in a
-        request's own rule fails that request alone; an error in a shared stage call fails every
-        request of the pass."""
+        request's own rule fails that request alone (on every rank: they decide on the same
+        numbers); an error in a shared stage call or collective fails every request of the pass."""
         outcomes: dict[int, Outcome] = {}
         if not plan.jobs:
             return PassResult(outcomes)
         try:
             with self.model.stream():
                 self._execute(plan, outcomes)
-        except Exception as e:  # a stage or the drift failed: the rows of every request were in it
+        except Exception as e:  # a stage, a measurement or a collective failed: every request was in it
             for job in plan.jobs:
                 if job.id not in outcomes or outcomes[job.id].failure is None:
                     outcomes[job.id] = Outcome(failure=e)
@@ -120,92 +140,150 @@ class PassRunner:
         for job in plan.jobs:
             if job.trajectory is not None:
                 job.trajectory.append(job.x.to("cpu", copy=True).numpy())
-        head, drift, shared_s = self._head(plan)
-        decided = self._decide(plan, head, drift, shared_s, outcomes)
-        reused = self._reused_streams(head, decided)
-        streams = self._blocks(head, plan, decided)
-        noise = self.model.backend.run("tail", tail_feeds(self.model.layout, streams, head))[NOISE].float()
-        errors = self._reuse_errors(head, noise, reused)
-        for d in decided:
-            outcomes[d.job.id] = Outcome(noise[d.begin : d.end], d.decision, errors.get(d.job.id))
-
-    def _head(self, plan: PassPlan) -> tuple[Streams, dict[int, np.ndarray], float]:
-        """The head on every row, with the drift of every request whose rule wants it (measured
-        in one reduction, started before the head and collected after it) and the host seconds
-        spent on both outside the stage."""
-        model = self.model
+        branches = [self._place(plan, b) for b in range(self.ranks.config.cfg)]
+        placed = branches[self.ranks.branch]
         tick = time.perf_counter()
-        measured = [j for j in plan.jobs if j.policy.needs_drift and j.step > 0]
-        meter = model.drift_meter() if measured else None
-        if meter is not None:
-            meter.start(torch.cat([j.x for j in measured]), torch.cat([j.anchor for j in measured]))
+        drifting = [p.job for p in placed if p.job.policy.needs_drift and p.job.step > 0]
+        meter = self._start_drift(drifting)
         shared_s = time.perf_counter() - tick
-        latent = torch.cat([j.x for j in plan.jobs for _ in range(j.branches)])
-        t_rows = np.concatenate([np.full(j.rows, j.timesteps[j.step], np.float32) for j in plan.jobs])
-        head = model.backend.run(
-            "head", {"latent": latent, "timestep": self._upload(t_rows), "text": self._text(plan.jobs)}
-        )
+        head = self._head(placed)
         tick = time.perf_counter()
-        drift: dict[int, np.ndarray] = {}
+        measured = self._reduce(placed, self._parts(placed, head, drifting, meter))
+        shared_s += time.perf_counter() - tick
+        decided = self._decide(placed, measured, shared_s, outcomes)
+        observing = [d for d in decided if _observes(d)]
+        reused = self._reused_streams(head, observing)
+        streams = self._blocks(head, placed, decided)
+        outputs = self._tail(head, streams, reused)
+        noise, from_cache = self._whole_rows(outputs, branches, decided, observing)
+        self._measure_reuse(noise, from_cache, observing)
+        for d in decided:
+            outcomes[d.job.id] = Outcome(noise[d.job.id], d.decision)
+
+    def _place(self, plan: PassPlan, branch: int) -> list[Placed]:
+        """Each request's rows on the ranks of `branch`, in pass order."""
+        placed, begin = [], 0
+        for job in plan.jobs:
+            rows = local_rows(self.ranks.config, branch, job.rows, job.batch)
+            placed.append(Placed(job, rows, begin))
+            begin += rows.stop - rows.start
+        return placed
+
+    def _start_drift(self, drifting: list[RequestState]) -> DriftMeter | None:
+        """Start measuring, on this rank's part of the elements, the drift of each listed
+        request's latent from its anchor (one fused reduction, collected after the head)."""
+        if not drifting:
+            return None
+        part = self.ranks.elements(self.model.numel)
+        meter = self.model.drift_meter(part.stop - part.start)
+        meter.start(
+            _part(torch.cat([j.x for j in drifting]), part), _part(torch.cat([j.anchor for j in drifting]), part)
+        )
+        return meter
+
+    def _parts(
+        self, placed: list[Placed], head: Streams, drifting: list[RequestState], meter: DriftMeter | None
+    ) -> dict[int, list[np.ndarray]]:
+        """This rank's parts of every request's measurements, in the order its rule takes them:
+        the reuse errors observed in the last pass, the drift, TeaCache's signal sums."""
+        parts: dict[int, list[np.ndarray]] = {p.job.id: [] for p in placed}
+        for p in placed:
+            if p.job.observed is not None:
+                parts[p.job.id].append(p.job.observed[1])
         if meter is not None:
-            values, starts = meter.result(), np.cumsum([0] + [j.batch for j in measured])
-            drift = {j.id: values[starts[i] : starts[i + 1]] for i, j in enumerate(measured)}
-        return head, drift, shared_s + time.perf_counter() - tick
+            values, starts = meter.result(), np.cumsum([0] + [j.batch for j in drifting])
+            for i, job in enumerate(drifting):
+                parts[job.id].append(values[starts[i] : starts[i + 1]])
+        for p in placed:
+            if p.job.policy.needs_modulation:
+                parts[p.job.id].append(self._signal_sums(p, head))
+        return parts
+
+    def _signal_sums(self, p: Placed, head: Streams) -> np.ndarray:
+        """This rank's part of the per-sample sums of |m - m_prev| and |m_prev| of the head's
+        modulated input m of the request's conditional rows (TeaCache's relative L1 change):
+        zero on ranks without those rows, and at the request's first step."""
+        job, sums = p.job, np.zeros(2 * p.job.batch)
+        if not p.count or self.ranks.branch != 0:
+            return sums
+        signal = head[self.model.adapter.modulation]
+        part = self.ranks.branch_elements(int(np.prod(signal.shape[1:])))
+        assert part is not None, "the conditional branch's ranks hold its elements"
+        current = _part(signal[p.begin : p.begin + job.batch], part).double()
+        if job.signal is not None:
+            sums = torch.cat([(current - job.signal).abs().sum(1), job.signal.abs().sum(1)]).cpu().numpy()
+        job.signal = current
+        return sums
+
+    def _reduce(self, placed: list[Placed], parts: dict[int, list[np.ndarray]]) -> dict[int, list[np.ndarray]]:
+        """Every request's measurements summed over the ranks in ONE collective and split back in
+        the order they were measured; the reuse errors observed in the last pass go to their rules."""
+        flat = [v for p in placed for v in parts[p.job.id]]
+        total = self.ranks.reduce(np.concatenate(flat)) if flat else np.zeros(0)
+        out, position = {}, 0
+        for p in placed:
+            out[p.job.id] = []
+            for v in parts[p.job.id]:
+                out[p.job.id].append(total[position : position + len(v)])
+                position += len(v)
+            if p.job.observed is not None:
+                assert isinstance(p.job.policy, ReuseObserver), "errors are measured for observing rules"
+                p.job.policy.observe(p.job.observed[0], out[p.job.id].pop(0))
+                p.job.observed = None
+        return out
+
+    def _head(self, placed: list[Placed]) -> Streams:
+        """The head on this rank's rows of every planned request (nothing when it has none)."""
+        if not any(p.count for p in placed):
+            return {}
+        latent = torch.cat([p.job.x for p in placed for _ in range(p.count // p.job.batch)])
+        t_rows = np.concatenate([np.full(p.count, p.job.timesteps[p.job.step], np.float32) for p in placed])
+        return self.model.backend.run(
+            "head", {"latent": latent, "timestep": self._upload(t_rows), "text": self._text(placed)}
+        )
 
     def _decide(
-        self,
-        plan: PassPlan,
-        head: Streams,
-        drift: dict[int, np.ndarray],
-        shared_s: float,
-        outcomes: dict[int, Outcome],
+        self, placed: list[Placed], measured: dict[int, list[np.ndarray]], shared_s: float, outcomes: dict[int, Outcome]
     ) -> list[Decided]:
         """Each request's rule decides its step; a rule that raises takes its request out of the
         pass (its outcome is the failure)."""
-        tick = time.perf_counter()
-        modulation = self._modulation(plan, head)
-        shared_s += time.perf_counter() - tick
         decided = []
-        for k, job in enumerate(plan.jobs):
+        for p in placed:
+            job, values = p.job, measured[p.job.id]
             tick = time.perf_counter()
             try:
-                decision = job.policy.decide(
-                    job.step, job.timesteps[job.step], drift.get(job.id), modulation.get(job.id)
-                )
+                drift = values.pop(0) if job.policy.needs_drift and job.step > 0 else None
+                change = None
+                if job.policy.needs_modulation:
+                    sums = values.pop(0)
+                    change = sums[: job.batch] / sums[job.batch :] if job.step > 0 else None
+                decision = job.policy.decide(job.step, job.timesteps[job.step], drift, change)
             except Exception as e:  # this request's rule: its rows leave the pass
                 outcomes[job.id] = Outcome(failure=e)
                 continue
             job.decision_s += shared_s + time.perf_counter() - tick
-            decided.append(Decided(job, int(plan.offsets[k]), decision, np.flatnonzero(decision.run[job.row_sample])))
+            decided.append(Decided(p, decision, np.flatnonzero(decision.run[job.row_sample[p.rows]])))
         return decided
 
-    def _modulation(self, plan: PassPlan, head: Streams) -> dict[int, np.ndarray]:
-        """The head's modulated input of the conditional rows of the requests whose rule reads it,
-        brought to the host in one copy."""
-        wanting = [(k, j) for k, j in enumerate(plan.jobs) if j.policy.needs_modulation]
-        if not wanting:
-            return {}
-        rows = np.concatenate([plan.offsets[k] + np.arange(j.batch) for k, j in wanting])
-        signal = head[self.model.adapter.modulation]
-        values = signal.index_select(0, self._index(rows)).detach().cpu().numpy()
-        starts = np.cumsum([0] + [j.batch for _, j in wanting])
-        return {j.id: values[starts[i] : starts[i + 1]] for i, (_, j) in enumerate(wanting)}
-
-    def _blocks(self, head: Streams, plan: PassPlan, decided: list[Decided]) -> Streams:
-        """Streams after the blocks for every row: computed for the running rows in one call, the
-        request's cached residual added on the others; the residuals of the rows that ran are
-        stored for the requests whose rule may reuse them."""
+    def _blocks(self, head: Streams, placed: list[Placed], decided: list[Decided]) -> Streams:
+        """This rank's tokens of the streams after the blocks for every row of this rank: computed
+        for the running rows in one call, the request's cached residual added on the others; the
+        residuals of the rows that ran are stored for the requests whose rule may reuse them."""
         layout, backend = self.model.layout, self.model.backend
+        total = placed[-1].end if placed else 0
+        if not total:
+            return {}
+        head = self._shard(head)
         run_rows = np.concatenate([d.rows for d in decided]) if decided else np.zeros(0, int)
-        if len(run_rows) == plan.rows:
+        if len(run_rows) == total:
             streams = block_streams(layout, backend.run("blocks", blocks_feeds(layout, head)))
             self._store_all(head, streams, decided)
             return streams
         streams = {}
         for s in layout.streams:
             pieces = [
-                j.cache[s] if j.cache is not None else head[s].new_zeros((j.rows, *head[s].shape[1:]))
-                for j in plan.jobs
+                p.job.cache[s] if p.job.cache is not None else head[s].new_zeros((p.count, *head[s].shape[1:]))
+                for p in placed
             ]
             streams[s] = head[s] + torch.cat(pieces)
         if len(run_rows):
@@ -219,12 +297,20 @@ class PassRunner:
             self._store_gathered(head, fresh, decided)
         return streams
 
+    def _shard(self, head: Streams) -> Streams:
+        """The head's outputs with this rank's tokens of the per-token ones (sequence parallelism)."""
+        if self.ranks.config.sp == 1:
+            return head
+        tokens = self.model.layout.tokens
+        return {k: v[:, self.ranks.tokens(v.shape[1])].contiguous() if k in tokens else v for k, v in head.items()}
+
     @staticmethod
     def _store_all(head: Streams, fresh: Streams, decided: list[Decided]) -> None:
         """Every row ran: each reusing request's residuals are one slice of the pass."""
         for d in decided:
+            p = d.placed
             if d.job.policy.may_reuse and len(d.local):
-                d.job.cache = {s: fresh[s][d.begin : d.end] - head[s][d.begin : d.end] for s in fresh}
+                d.job.cache = {s: fresh[s][p.begin : p.end] - head[s][p.begin : p.end] for s in fresh}
 
     def _store_gathered(self, head: Streams, fresh: Streams, decided: list[Decided]) -> None:
         """Some rows ran, gathered in `fresh` in the order of `decided`: each reusing request's
@@ -237,72 +323,106 @@ class PassRunner:
                 continue
             index = self._index(d.rows)
             rows = {s: fresh[s][first : first + count] - head[s].index_select(0, index) for s in fresh}
-            if count == job.rows:
+            if count == d.placed.count:
                 job.cache = rows
                 continue
             if job.cache is None:
-                job.cache = {s: r.new_zeros((job.rows, *r.shape[1:])) for s, r in rows.items()}
+                job.cache = {s: r.new_zeros((d.placed.count, *r.shape[1:])) for s, r in rows.items()}
             target = self._index(d.local)
             for s in rows:
                 job.cache[s].index_copy_(0, target, rows[s])
 
-    def _reused_streams(self, head: Streams, decided: list[Decided]) -> list[tuple[Decided, Streams]]:
-        """For each request whose rule observes reuse errors and which holds a cached residual:
-        the tail's streams of its running rows as reuse would have made them (head + cached
-        residual), taken before this step's residuals replace the cache."""
+    def _reused_streams(self, head: Streams, observing: list[Decided]) -> list[tuple[torch.Tensor, Streams]]:
+        """For each observing request with rows on this rank: the pass's indices of its running
+        rows, and this rank's tokens of their tail streams as reuse would have made them (head +
+        cached residual), taken before this step's residuals replace the cache."""
         out = []
-        for d in decided:
-            job = d.job
-            if not isinstance(job.policy, ReuseObserver) or job.cache is None or not len(d.local):
+        head = self._shard(head)
+        for d in observing:
+            if not len(d.local):
                 continue
-            index, target = self._index(d.rows), self._index(d.local)
-            cache = job.cache
-            rows = {
-                s: head[s].index_select(0, index) + cache[s].index_select(0, target)
-                for s in self.model.layout.tail_stream_names
-            }
-            out.append((d, rows))
+            assert d.job.cache is not None, "a request that ran an earlier step holds its residuals"
+            index, target, cache = self._index(d.rows), self._index(d.local), d.job.cache
+            names = self.model.layout.tail_stream_names
+            out.append((index, {s: head[s].index_select(0, index) + cache[s].index_select(0, target) for s in names}))
         return out
 
-    def _reuse_errors(
-        self, head: Streams, noise: torch.Tensor, reused: list[tuple[Decided, Streams]]
-    ) -> dict[int, np.ndarray]:
-        """Per observing request, per sample: the squared L2 norm of the guided output from the
-        cached residual minus the fresh guided output (NaN for samples that did not run), from
-        one tail call over all their rows and one copy to the host."""
-        if not reused:
-            return {}
+    def _tail(self, head: Streams, streams: Streams, reused: list[tuple[torch.Tensor, Streams]]) -> torch.Tensor:
+        """The tail's output of this rank's rows, then of its observing requests' running rows
+        from the cache: whole rows, their tokens gathered from every shard in one collective."""
         layout = self.model.layout
-        index = self._index(np.concatenate([d.rows for d, _ in reused]))
-        feeds = {
-            **{s: torch.cat([r[s] for _, r in reused]) for s in layout.tail_stream_names},
-            **{c: head[c].index_select(0, index) for c in layout.tail_context},
+        if not streams:
+            return torch.zeros((0, *self.model.latent_shape), device=self.model.backend.device)
+        names = layout.tail_stream_names
+        fresh = len(streams[names[0]])
+        whole = {
+            s: self.ranks.gather_tokens(
+                torch.cat([streams[s], *(r[s] for _, r in reused)]) if reused else streams[s], 1
+            )
+            for s in names
         }
-        from_cache = self.model.backend.run("tail", feeds)[NOISE].float()
-        fresh = noise.index_select(0, index)
-        sums, position = [], 0
-        for d, _ in reused:
-            job, samples, count = d.job, int(d.decision.run.sum()), len(d.local)
-            scale = job.scales[job.step]
-            cached = guide(from_cache[position : position + count], samples, job.request.cfg, scale)
-            now = guide(fresh[position : position + count], samples, job.request.cfg, scale)
-            sums.append((cached.double() - now.double()).pow(2).flatten(1).sum(1))
-            position += count
-        host = torch.cat(sums).cpu().numpy()
-        errors, position = {}, 0
-        for d, _ in reused:
-            ran = np.flatnonzero(d.decision.run)
-            error = np.full(d.job.batch, np.nan)
-            error[ran] = host[position : position + len(ran)]
-            errors[d.job.id] = error
-            position += len(ran)
-        return errors
+        run = self.model.backend.run
+        outputs = [run("tail", {**{s: whole[s][:fresh] for s in names}, **{c: head[c] for c in layout.tail_context}})]
+        if reused:
+            index = torch.cat([i for i, _ in reused])
+            context = {c: head[c].index_select(0, index) for c in layout.tail_context}
+            outputs.append(run("tail", {**{s: whole[s][fresh:] for s in names}, **context}))
+        return torch.cat([o[NOISE].float() for o in outputs])
 
-    def _text(self, jobs: Sequence[RequestState]) -> torch.Tensor:
-        """The text rows of `jobs`, concatenated once per set of planned requests."""
-        key = tuple(j.id for j in jobs)
+    def _whole_rows(
+        self, mine: torch.Tensor, branches: list[list[Placed]], decided: list[Decided], observing: list[Decided]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Each request's whole rows [cond x batch, uncond x batch] of the tail's output, and each
+        observing request's rows of its running samples from the cache, from every branch's rows
+        (one exchange with CFG parallelism)."""
+        ran = {d.job.id: int(d.decision.run.sum()) for d in observing}
+        at = [{p.job.id: p for p in branch} for branch in branches]
+
+        def reuse_rows(b: int, d: Decided) -> int:
+            return at[b][d.job.id].count // d.job.batch * ran[d.job.id]
+
+        counts = tuple(
+            (branch[-1].end if branch else 0) + sum(reuse_rows(b, d) for d in observing)
+            for b, branch in enumerate(branches)
+        )
+        parts = [mine] if len(branches) == 1 else self.ranks.exchange_branches(mine, counts)
+        noise = {
+            d.job.id: torch.cat([parts[b][at[b][d.job.id].begin : at[b][d.job.id].end] for b in range(len(parts))])
+            for d in decided
+        }
+        from_cache: dict[int, list[torch.Tensor]] = {d.job.id: [] for d in observing}
+        for b, branch in enumerate(branches):
+            position = branch[-1].end if branch else 0
+            for d in observing:
+                rows = reuse_rows(b, d)
+                from_cache[d.job.id].append(parts[b][position : position + rows])
+                position += rows
+        return noise, {k: torch.cat(v) for k, v in from_cache.items()}
+
+    def _measure_reuse(
+        self, noise: dict[int, torch.Tensor], from_cache: dict[int, torch.Tensor], observing: list[Decided]
+    ) -> None:
+        """Per observing request, per sample: this rank's part of the squared L2 norm of the guided
+        output from the cached residual minus the fresh guided output (NaN for samples that did
+        not run), kept for the next pass's collective."""
+        part = self.ranks.elements(self.model.numel)
+        for d in observing:
+            job = d.job
+            ran = np.flatnonzero(d.decision.run)
+            rows = np.concatenate([ran + b * job.batch for b in range(job.branches)])
+            scale = job.scales[job.step]
+            cached = guide(from_cache[job.id], len(ran), job.request.cfg, scale)
+            now = guide(noise[job.id].index_select(0, self._index(rows)), len(ran), job.request.cfg, scale)
+            sums = _part(cached.double() - now.double(), part).pow(2).sum(1).cpu().numpy()
+            error = np.full(job.batch, np.nan)
+            error[ran] = sums
+            job.observed = (job.step, error)
+
+    def _text(self, placed: list[Placed]) -> torch.Tensor:
+        """This rank's text rows of the planned requests, concatenated once per set of requests."""
+        key = tuple(p.job.id for p in placed)
         if self._text_rows is None or self._text_rows[0] != key:
-            self._text_rows = (key, torch.cat([j.text for j in jobs]))
+            self._text_rows = (key, torch.cat([p.job.text[p.rows] for p in placed]))
         return self._text_rows[1]
 
     def _index(self, rows: np.ndarray) -> torch.Tensor:
@@ -311,6 +431,20 @@ class PassRunner:
 
     def _upload(self, values: np.ndarray) -> torch.Tensor:
         return upload(values, self.model.backend.device)
+
+
+def _observes(d: Decided) -> bool:
+    """Whether the pass measures what reusing would have cost `d`'s request: its rule observes,
+    and samples run after an earlier run (step 0 always runs, so a cache exists after it)."""
+    return isinstance(d.job.policy, ReuseObserver) and d.job.step > 0 and bool(d.decision.run.any())
+
+
+def _part(tensor: torch.Tensor, part: slice) -> torch.Tensor:
+    """Elements `part` of each row of `tensor`, flattened per row (contiguous: the drift kernel's input)."""
+    flat = tensor.flatten(1)
+    if part.start == 0 and part.stop == flat.shape[1]:
+        return flat
+    return flat[:, part].contiguous()
 
 
 def upload(values: np.ndarray, device: torch.device) -> torch.Tensor:

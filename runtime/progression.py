@@ -1,5 +1,5 @@
 """What a request does with its outcome of a pass, and its result once it took its last step:
-the rule's observation of reuse errors, guidance, anchors, the per-step trace and the family
+guidance, anchors, the per-step trace and the family
 sampler's solver step (diffusers' arithmetic with the schedule's scalars computed on the host and
 solver noise drawn from each sample's own generator, so it adds no host wait on a GPU)."""
 
@@ -11,18 +11,15 @@ import time
 import numpy as np
 import torch
 
-from sencache.runtime.cache import ReuseObserver, StepDecision
+from sencache.runtime.cache import StepDecision
 from sencache.runtime.chain import guide
 from sencache.runtime.pass_runner import upload
 from sencache.runtime.request import RequestState, Result
 
 
-def advance(job: RequestState, noise: torch.Tensor, decision: StepDecision, reuse_error: np.ndarray | None) -> int:
+def advance(job: RequestState, noise: torch.Tensor, decision: StepDecision) -> int:
     """Take `job`'s solver step from its pass's tail output `noise` under `decision`; returns the
     samples that ran. The caller counts the step (`job.step`, `job.nfe`) under its lock."""
-    if reuse_error is not None:
-        assert isinstance(job.policy, ReuseObserver), "errors are measured for observing rules"
-        job.policy.observe(job.step, reuse_error)
     i = job.step
     guided = guide(noise, job.batch, job.request.cfg, job.scales[i])
     if decision.run.all():

@@ -195,6 +195,12 @@ class RequestState:
     nfe: int = 0
     cancel_requested: bool = False
     cache: dict[str, torch.Tensor] | None = None
+    """Cached residuals of the request's rows on this rank (its tokens of them), per stream."""
+    signal: torch.Tensor | None = None
+    """This rank's part of the last step's modulated input (TeaCache's signal), float64."""
+    observed: tuple[int, np.ndarray] | None = None
+    """(step, this rank's part of the per-sample reuse error) measured in the last pass, for the
+    next pass's collective."""
     decisions: list[list[str]] = field(default_factory=list)
     trace: list[list[dict[str, Any]]] = field(default_factory=list)
     trajectory: list[np.ndarray] | None = None
@@ -234,3 +240,4 @@ class RequestState:
         so that front ends check a request before they load any model code)."""
         self.x, self.anchor, self.text = self.x.new_empty(0), self.anchor.new_empty(0), self.text.new_empty(0)
         self.cache, self.sampler, self.generators = None, None, []
+        self.signal = self.observed = None

@@ -215,7 +215,7 @@ class Scheduler:
                 if outcome.failure is not None:
                     raise outcome.failure
                 assert outcome.noise is not None and outcome.decision is not None, "an outcome without failure ran"
-                runs[job.id] = advance(job, outcome.noise, outcome.decision, outcome.reuse_error)
+                runs[job.id] = advance(job, outcome.noise, outcome.decision)
             except Exception as e:  # the pass failed for it, or its own solver step did
                 with self._lock:
                     if job.state == "running":

@@ -16,20 +16,29 @@ from typing import Literal
 
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.denoiser import Denoiser
-from sencache.runtime.pass_runner import PassRunner
+from sencache.runtime.errors import RankFailure
+from sencache.runtime.parallel.boundary import Announcer
+from sencache.runtime.parallel.group import RankGroup
+from sencache.runtime.pass_runner import Outcome, PassResult, PassRunner
 from sencache.runtime.preparation import prepare
 from sencache.runtime.request import GenerationParams, Progress, RequestState, Result
 from sencache.runtime.scheduler import Admission, Scheduler, StepLevel
 
 
 class StepEngine:
-    """Runs many requests through one model, each at its own step, in shared stage calls."""
+    """Runs many requests through one model, each at its own step, in shared stage calls.
 
-    def __init__(self, model: Denoiser, admission: Admission | None = None) -> None:
+    With a rank group this is rank 0's engine: each step boundary is announced to the other
+    ranks (runtime/parallel/boundary.py), which run the same pass on their rows and tokens."""
+
+    def __init__(self, model: Denoiser, admission: Admission | None = None, ranks: RankGroup | None = None) -> None:
         self.model = model
         self.max_rows = model.max_rows
         self.scheduler = Scheduler(model.max_rows, admission or StepLevel())
-        self.runner = PassRunner(model)
+        self.runner = PassRunner(model, ranks)
+        self.announcer = Announcer(ranks) if ranks is not None else None
+        self.broken: RankFailure | None = None
+        """Set when the rank group failed: no pass can run again on it."""
 
     def submit(self, request: GenerationParams, policy: CachePolicy | None = None, record: bool = False) -> int:
         """Queue `request` under `policy` (a rule made for its steps and samples; None: the rule of
@@ -84,8 +93,32 @@ class StepEngine:
         """Admit and retire requests at this step boundary, advance every running request by one
         step in one pass through head, blocks and tail, and return the ids of the requests that
         ended (done, cancelled or failed) since the last call."""
+        if self.broken is not None:
+            return self.scheduler.end_all("failed", self.broken)
         plan = self.scheduler.schedule()
         started = time.perf_counter()
-        result = self.runner.execute(plan)
+        try:
+            if self.announcer is not None:
+                self.announcer.announce(plan)
+            result = self.runner.execute(plan)
+        except RankFailure as e:
+            result = PassResult({j.id: Outcome(failure=e) for j in plan.jobs})
+        self.broken = next((o.failure for o in result.outcomes.values() if isinstance(o.failure, RankFailure)), None)
         with self.model.stream():
-            return self.scheduler.update_from_output(plan, result, started)
+            ended = self.scheduler.update_from_output(plan, result, started)
+        return ended + (self.scheduler.end_all("failed", self.broken) if self.broken is not None else [])
+
+    def idle(self) -> None:
+        """With a rank group and nothing to run: a boundary without a pass, so the other ranks'
+        wait stays within the group's timeout. RankFailure when the group broke."""
+        if self.announcer is not None and self.broken is None:
+            try:
+                self.announcer.idle()
+            except RankFailure as e:
+                self.broken = e
+                raise
+
+    def stop(self) -> None:
+        """With a rank group: tell the other ranks to leave (the engine closes)."""
+        if self.announcer is not None and self.broken is None:
+            self.announcer.stop()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import (
     BaselineTables,
     FixedPolicy,
@@ -27,10 +28,11 @@ def test_fixed_interval_with_warmup_and_forced_ends():
 
 
 def test_teacache_accumulates_polynomial_of_relative_l1_change():
-    # poly(d) = 2 d: modulation 1.0, 1.1, ... -> d = 0.1 / previous value
+    # poly(d) = 2 d: modulation 1.0, 1.1, ... -> d = 0.1 / previous value (the engine measures d)
     mods = [np.full((1, 4), v) for v in (1.0, 1.1, 1.2, 1.3, 1.4, 1.5)]
     policy = TeaCachePolicy(TeaCacheSettings(0.3, (2.0, 0.0)), 6, 1)
-    decisions = [policy.decide(i, 0.0, modulation=mods[i]) for i in range(6)]
+    changes = [None] + [relative_l1(mods[i], mods[i - 1]) for i in range(1, 6)]
+    decisions = [policy.decide(i, 0.0, modulation_change=changes[i]) for i in range(6)]
     # acc: 0.2 (reuse), 0.2 + 0.1818 (run, reset), 0.1667 (reuse), 0.1667 + 0.1538 (run), last forced
     assert [bool(d.run[0]) for d in decisions] == [True, False, True, False, True, True]
     assert decisions[1].score[0] == pytest.approx(0.2)
@@ -42,9 +44,16 @@ def test_teacache_accumulates_polynomial_of_relative_l1_change():
 def test_teacache_decides_per_sample():
     mods = [np.array([[1.0], [1.0]]), np.array([[1.01], [2.0]]), np.array([[1.02], [3.0]])]
     policy = TeaCachePolicy(TeaCacheSettings(0.5, (1.0, 0.0)), 4, 2)
-    policy.decide(0, 0.0, modulation=mods[0])
-    d = policy.decide(1, 0.0, modulation=mods[1])
+    policy.decide(0, 0.0)
+    d = policy.decide(1, 0.0, modulation_change=relative_l1(mods[1], mods[0]))
     assert d.run.tolist() == [False, True]
+
+
+def test_teacache_refuses_a_step_without_the_change():
+    policy = TeaCachePolicy(TeaCacheSettings(0.5, (1.0, 0.0)), 4, 1)
+    policy.decide(0, 0.0)
+    with pytest.raises(ValueError, match="relative L1 change"):
+        policy.decide(1, 0.0)
 
 
 def test_magcache_error_and_max_reuse():

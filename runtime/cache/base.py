@@ -2,7 +2,8 @@
 
 A rule is pure code (no I/O, no device, no model) over the per-sample state of ONE request: at
 each of its steps it sees the step index, the timestep, the per-sample squared drift of the
-latent from its anchor and, for rules that want it, the per-sample modulated input of the head,
+latent from its anchor and, for rules that want it, the per-sample relative L1 change of the
+head's modulated input since the last step (both measured by the engine, summed over its ranks),
 and says which samples RUN the blocks and which REUSE their cached residual (SPEC sections 1-3).
 """
 
@@ -56,7 +57,7 @@ class CachePolicy(Protocol):
         """What the request's result should say about how the rule ran (empty when nothing)."""
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         """Decide step `step` at timestep `t` and update the per-sample state."""
 
@@ -90,7 +91,7 @@ class NoCache:
         return []
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         return StepDecision(np.ones(self.batch, bool), np.full(self.batch, np.nan), math.nan, True)
 

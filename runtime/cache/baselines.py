@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sencache.runtime.cache.base import StepDecision, forced_step, relative_l1
+from sencache.runtime.cache.base import StepDecision, forced_step
 from sencache.runtime.cache.knobs import check_settings
 from sencache.runtime.cache.registry import DefaultsSection, Rule, RuleContext, register_defaults, register_rule
 from sencache.runtime.errors import BadInput
@@ -49,7 +49,7 @@ class FixedPolicy:
         return []
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         forced = forced_step(step, self.num_steps, self.config.force_last)
         run = forced or step < self.config.warmup or step % self.config.interval == 0
@@ -91,7 +91,6 @@ class TeaCachePolicy:
     def __init__(self, settings: TeaCacheSettings, num_steps: int, batch: int) -> None:
         self.config, self.num_steps = settings, num_steps
         self.accumulated = np.zeros(batch)
-        self.previous: np.ndarray | None = None
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -105,23 +104,20 @@ class TeaCachePolicy:
         return []
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
-        if modulation is None:
-            raise ValueError("TeaCache needs the modulated input")
-        current = modulation.reshape(len(modulation), -1).astype(np.float64)
-        previous = None if forced_step(step, self.num_steps, self.config.force_last) else self.previous
-        forced = previous is None
-        if previous is None:
-            run = np.ones(len(current), bool)
+        forced = forced_step(step, self.num_steps, self.config.force_last)
+        batch = len(self.accumulated)
+        if forced:
+            run = np.ones(batch, bool)
             self.accumulated[:] = 0.0
         else:
-            change = relative_l1(current, previous)
-            self.accumulated += np.polyval(self.config.coefficients, change)
+            if modulation_change is None:
+                raise ValueError("TeaCache needs the relative L1 change of the modulated input after its first step")
+            self.accumulated += np.polyval(self.config.coefficients, modulation_change)
             run = self.accumulated >= self.config.threshold
-        score = np.full(len(current), np.nan) if forced else self.accumulated.copy()
+        score = np.full(batch, np.nan) if forced else self.accumulated.copy()
         self.accumulated[run] = 0.0
-        self.previous = current
         return StepDecision(run, score, self.config.threshold, forced)
 
 
@@ -190,7 +186,7 @@ class MagCachePolicy:
         return []
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         batch = len(self.ratio)
         forced = forced_step(step, self.num_steps, self.config.force_last)

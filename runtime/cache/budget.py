@@ -262,7 +262,7 @@ class SenCacheHardBudget(SenCachePolicy):
         }
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         batch = len(self.spent)
         forced = bool(self.forced_steps[step])

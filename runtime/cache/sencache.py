@@ -118,7 +118,7 @@ class SenCachePolicy:
         return self.conventions.forced(step, self.num_steps)
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         batch = len(self.reuses)
         eps = self.threshold(step)
@@ -226,11 +226,11 @@ class SenCacheOnlinePolicy(SenCachePolicy):
         return np.exp(self.log_factor)
 
     def decide(
-        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation: np.ndarray | None = None
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         self.predicted = np.full(len(self.reuses), np.nan)
         self.decided_step = step
-        return super().decide(step, t, drift_sumsq, modulation)
+        return super().decide(step, t, drift_sumsq, modulation_change)
 
     def _corrected(self, raw: np.ndarray) -> np.ndarray:
         self.predicted = raw / self.scale

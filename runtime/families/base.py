@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     # reads the placeholders diffusers declares for installs without torch (utils/dummy_pt_objects.py).
     from diffusers.models.modeling_utils import ModelMixin
 
+    from sencache.runtime.parallel.sequence import SequenceShard
     from sencache.runtime.tiny_text import TinyTextEncoder
 
 
@@ -48,6 +49,9 @@ class StageLayout:
     tail_streams: tuple[str, ...] | None = None
     signals: tuple[str, ...] = ()
     """Head outputs only cache rules read (LTX's block-0 modulated input for TeaCache)."""
+    tokens: tuple[str, ...] = ()
+    """Head outputs whose dimension 1 is the video token axis: sequence parallelism gives each
+    rank its part of them (the others, text included, stay whole on every rank)."""
 
     @property
     def head_outputs(self) -> tuple[str, ...]:
@@ -215,6 +219,12 @@ class FamilyAdapter(ABC):
         """The diffusers scheduler (`_class_name` plus config) that the real pipeline uses: the
         preset's published one unless the family derives it."""
         return dict(preset.scheduler)
+
+    def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
+        """Make this family's blocks module run on one rank's video tokens (sequence parallelism):
+        its self-attention exchanges heads for tokens and its per-token tables keep the rank's
+        tokens. BadInput where the heads or tokens do not divide by sp."""
+        raise BadInput(f"the {self.family} family has no sequence parallelism", param="parallel")
 
     def reference_scheduler(self, config: dict[str, Any], preset: ModelPreset) -> dict[str, Any]:
         """The scheduler `config` (a bundle's, with `_class_name`) as the SenCache authors' code

@@ -34,6 +34,8 @@ from sencache.runtime.tiny_grammar import MAX_TOKENS
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
 
+    from sencache.runtime.parallel.sequence import SequenceShard
+
 _REAL_COMMON: dict[str, Any] = {
     "attention_head_dim": 64,
     "in_channels": 16,
@@ -272,6 +274,7 @@ class CogVideoXAdapter(FamilyAdapter):
         block_context=("temb",),
         tail_context=("temb",),
         tail_streams=("hidden",),
+        tokens=("hidden",),
     )
     modulation = "temb"
     tiny_format = TinyClipAxes((0, 1, 4, 2, 3))  # [B, F, C, H, W]
@@ -442,6 +445,19 @@ class CogVideoXAdapter(FamilyAdapter):
             rope = (rope[0].to("meta"), rope[1].to("meta"))
         grid = (frames // p_t, height // p, width // p)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer, grid)}
+
+    def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
+        from sencache.runtime.parallel.sequence import JointUlyssesProcessor
+
+        shard.check_heads(preset.config["num_attention_heads"])
+        frames, _, height, width = self.latent_shape(preset, shapes)
+        p, p_t = preset.config["patch_size"], preset.config.get("patch_size_t") or 1
+        part = shard.tokens((frames // p_t) * (height // p) * (width // p))
+        if blocks.rotary:
+            blocks.rope_cos = blocks.rope_cos[part].contiguous()
+            blocks.rope_sin = blocks.rope_sin[part].contiguous()
+        for block in blocks.blocks:  # type: ignore[union-attr]
+            block.attn1.set_processor(JointUlyssesProcessor(shard))
 
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:
         """CogVideoXPipeline's `use_dynamic_cfg` formula, as written there: it takes the timestep

@@ -36,6 +36,8 @@ from sencache.runtime.tiny_text import TinyTextEncoder
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
 
+    from sencache.runtime.parallel.sequence import SequenceShard
+
 FRAME_RATE = 25
 """The pipeline's default frame rate; it scales the temporal rotary coordinates."""
 SPATIAL, TEMPORAL = 32, 8
@@ -197,6 +199,7 @@ class LTXAdapter(FamilyAdapter):
         block_context=("encoder", "temb", "text_bias"),
         tail_context=("embedded",),
         signals=("modulated",),
+        tokens=("hidden",),
     )
     modulation = "modulated"
     tiny_format = TinyTokens()
@@ -275,6 +278,14 @@ class LTXAdapter(FamilyAdapter):
         probe = torch.zeros(1, f * h * w, 1, device=transformer.device)
         rope = transformer.rope(probe, f, h, w, scale, None)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
+
+    def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
+        shard.check_heads(preset.config["num_attention_heads"])
+        part = shard.tokens(blocks.rope_cos.shape[1])
+        blocks.rope_cos = blocks.rope_cos[:, part].contiguous()
+        blocks.rope_sin = blocks.rope_sin[:, part].contiguous()
+        for block in blocks.blocks:  # type: ignore[union-attr]
+            block.attn1.processor._parallel_config = shard.diffusers_config
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:
         return LTXSampler(scheduler, steps, self.latent_shape(preset, shapes)[0])

@@ -30,6 +30,8 @@ from sencache.runtime.tiny_grammar import MAX_TOKENS
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
 
+    from sencache.runtime.parallel.sequence import SequenceShard
+
 _REAL_COMMON: dict[str, Any] = {
     "patch_size": (1, 2, 2),
     "attention_head_dim": 128,
@@ -252,6 +254,7 @@ class WanAdapter(FamilyAdapter):
         block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
         tail_context=("temb",),
         shared=("rope_cos", "rope_sin"),
+        tokens=("hidden", "rope_cos", "rope_sin"),
     )
     modulation = "temb"
     tiny_format = TinyClipAxes((0, 4, 1, 2, 3))  # [B, C, F, H, W]
@@ -330,6 +333,14 @@ class WanAdapter(FamilyAdapter):
             raise BadInput(f"{preset.name}: latent {f}x{h}x{w} is not divisible by the patch size {p_t}x{p_h}x{p_w}")
         grid = (f // p_t, h // p_h, w // p_w)
         return {"head": _Head(transformer), "blocks": _Blocks(transformer), "tail": _Tail(transformer, grid)}
+
+    def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
+        shard.check_heads(preset.config["num_attention_heads"])
+        _, f, h, w = self.latent_shape(preset, shapes)
+        p_t, p_h, p_w = preset.config["patch_size"]
+        shard.tokens((f // p_t) * (h // p_h) * (w // p_w))  # the head's rotary tables are cut with the tokens
+        for block in blocks.blocks:  # type: ignore[union-attr]
+            block.attn1.processor._parallel_config = shard.diffusers_config
 
     def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
         shift = 5.0 if preset.height >= 720 else 3.0

@@ -1,0 +1,1 @@
+"""One engine over several ranks: sequence and CFG parallelism on torch.distributed."""
