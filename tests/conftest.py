@@ -32,6 +32,8 @@ BUILDS = {
     "demo_bundle",
     "fp8_bundle",
     "real_like",
+    "torch_calibrated",
+    "cogvideox_torch_calibrated",
 }
 """Fixtures that build (and calibrate) bundles: a test that needs one, directly or through another
 fixture, is `slow`, so `pytest -m "not slow"` is the fast lane of pure and small tests."""
@@ -95,6 +97,23 @@ def calibrated_bundle(ort_bundle, bundle_cache) -> Path:
     return bundle_cache.get(
         "calibrated", lambda out: _calibrate(ort_bundle, out, plan), source=ort_bundle.name, plan=plan
     )
+
+
+@pytest.fixture(scope="session")
+def torch_calibrated(torch_bundle, bundle_cache) -> Path:
+    """A copy of the PyTorch tiny-wan bundle with a small measured sensitivity table."""
+    plan = CalibrationPlan(samples=2, steps=8)
+    return bundle_cache.get(
+        "calibrated", lambda out: _calibrate(torch_bundle, out, plan), source=torch_bundle.name, plan=plan
+    )
+
+
+@pytest.fixture(scope="session")
+def cogvideox_torch_calibrated(bundle_cache) -> Path:
+    """A PyTorch tiny-cogvideox bundle with a small measured sensitivity table."""
+    source = built(bundle_cache, model="tiny-cogvideox", backend="torch", max_batch=3)
+    plan = CalibrationPlan(samples=2, steps=8)
+    return bundle_cache.get("calibrated", lambda out: _calibrate(source, out, plan), source=source.name, plan=plan)
 
 
 @pytest.fixture(scope="session")
