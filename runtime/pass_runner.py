@@ -220,7 +220,8 @@ class PassRunner:
         the order they were measured; the reuse errors observed in the last pass go to their rules."""
         flat = [v for p in placed for v in parts[p.job.id]]
         total = self.ranks.reduce(np.concatenate(flat)) if flat else np.zeros(0)
-        out, position = {}, 0
+        out: dict[int, list[np.ndarray]] = {}
+        position = 0
         for p in placed:
             out[p.job.id] = []
             for v in parts[p.job.id]:

@@ -453,10 +453,11 @@ class CogVideoXAdapter(FamilyAdapter):
         frames, _, height, width = self.latent_shape(preset, shapes)
         p, p_t = preset.config["patch_size"], preset.config.get("patch_size_t") or 1
         part = shard.tokens((frames // p_t) * (height // p) * (width // p))
-        if blocks.rotary:
-            blocks.rope_cos = blocks.rope_cos[part].contiguous()
-            blocks.rope_sin = blocks.rope_sin[part].contiguous()
-        for block in blocks.blocks:  # type: ignore[union-attr]
+        tables: Any = blocks  # its rotary tables are buffers, typed Tensor | Module through nn.Module
+        if tables.rotary:
+            tables.rope_cos = tables.rope_cos[part].contiguous()
+            tables.rope_sin = tables.rope_sin[part].contiguous()
+        for block in tables.blocks:
             block.attn1.set_processor(JointUlyssesProcessor(shard))
 
     def dynamic_guidance(self, guidance: float, t: float, steps: int) -> float:

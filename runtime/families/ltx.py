@@ -281,10 +281,11 @@ class LTXAdapter(FamilyAdapter):
 
     def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
         shard.check_heads(preset.config["num_attention_heads"])
-        part = shard.tokens(blocks.rope_cos.shape[1])
-        blocks.rope_cos = blocks.rope_cos[:, part].contiguous()
-        blocks.rope_sin = blocks.rope_sin[:, part].contiguous()
-        for block in blocks.blocks:  # type: ignore[union-attr]
+        tables: Any = blocks  # its rotary tables are buffers, typed Tensor | Module through nn.Module
+        part = shard.tokens(tables.rope_cos.shape[1])
+        tables.rope_cos = tables.rope_cos[:, part].contiguous()
+        tables.rope_sin = tables.rope_sin[:, part].contiguous()
+        for block in tables.blocks:
             block.attn1.processor._parallel_config = shard.diffusers_config
 
     def sampler(self, scheduler, steps: int, preset: ModelPreset, shapes: Shapes) -> Sampler:

@@ -69,7 +69,7 @@ def shard_sequence(model: Model, group: RankGroup) -> None:
         )
     from diffusers import ContextParallelConfig, ParallelConfig
 
-    attention = ContextParallelConfig(ulysses_degree=group.config.sp, mesh=group.mesh)
+    attention: Any = ContextParallelConfig(ulysses_degree=group.config.sp, mesh=group.mesh)
     attention.setup(group.rank, group.world, group.device, group.mesh)
     shard = SequenceShard(
         group.config.sp, group.shard, ParallelConfig(context_parallel_config=attention), group.sp_group
@@ -107,7 +107,7 @@ class JointUlyssesProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_rotary_emb: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.embeddings import apply_rotary_emb
 
@@ -121,9 +121,9 @@ class JointUlyssesProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if image_rotary_emb is not None:
-            q = torch.cat([q[:, :, :words], apply_rotary_emb(q[:, :, words:], image_rotary_emb)], dim=2)
-            k = torch.cat([k[:, :, :words], apply_rotary_emb(k[:, :, words:], image_rotary_emb)], dim=2)
+        if image_rotary_emb is not None:  # on the video tokens, as CogVideoX's own processor applies it
+            rotated: Any = (apply_rotary_emb(x[:, :, words:], image_rotary_emb) for x in (q, k))
+            q, k = (torch.cat([x[:, :, :words], r], dim=2) for x, r in zip((q, k), rotated, strict=True))
         part = heads // self.size
         mine = slice(self.index * part, (self.index + 1) * part)
 
