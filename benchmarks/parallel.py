@@ -66,7 +66,10 @@ TRAFFIC = ("sp=2", "cfg=2", "sp=2,cfg=2", "sp=4")
 TIMING = ("sp=2", "cfg=2")
 ELEMENT = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "unsigned char": 1, "long int": 8, "int": 4}
 """Bytes per element of the types torch.profiler names in a collective's record."""
+FLOOR = 200
+"""Back-to-back decision all-reduces after the timed passes: the collective without a pass around it."""
 PROJECTION_MODEL = "wan2.1-t2v-14b"
+SCALED = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "cogvideox-5b")
 PROJECTED = ("sp=8", "sp=4,cfg=2")
 
 
@@ -143,7 +146,7 @@ def _timing(model: Model, group: TimedGroup, task: Task) -> dict[str, Any]:
     count interleaved (the order turns every round)."""
     if not group.is_driver:
         Follower(model, group).run()
-        return {"reduce_s": group.reduce_s}
+        return {"reduce_s": group.reduce_s, "floor_s": _floor(group)}
     stepper = StepEngine(model, admission("step"), group)
     passes: dict[int, list[dict[str, float]]] = {n: [] for n in task.samples}
     for r in range(task.rounds):
@@ -151,7 +154,15 @@ def _timing(model: Model, group: TimedGroup, task: Task) -> dict[str, Any]:
         for samples in order:
             passes[samples] += drive(stepper, requests(model, samples, task.steps, {}), group)[1]
     stepper.stop()
-    return {"passes": {str(k): v for k, v in passes.items()}, "reduce_s": group.reduce_s}
+    return {"passes": {str(k): v for k, v in passes.items()}, "reduce_s": group.reduce_s, "floor_s": _floor(group)}
+
+
+def _floor(group: TimedGroup) -> list[float]:
+    """FLOOR decision all-reduces of two samples' drift, back to back on every rank."""
+    start = len(group.reduce_s)
+    for _ in range(FLOOR):
+        group.reduce(np.zeros(2))
+    return group.reduce_s[start:]
 
 
 def _rank(rank: int, task: Task) -> None:
@@ -225,7 +236,33 @@ def measure_timing(model: str, bundle: Path, parallel: str, steps: int, rounds: 
     ranks = spawn(Task("timing", model, str(bundle), parallel, _free_port(), str(folder), steps, (1, 2), rounds))
     reduce_s = [r["reduce_s"] for r in ranks]
     by_samples = {samples: shares(passes, reduce_s) for samples, passes in ranks[0]["passes"].items()}
-    return {"model": model, "parallel": parallel, "steps": steps, "rounds": rounds, "by_samples": by_samples}
+    floor = np.min([r["floor_s"] for r in ranks], axis=0) * 1e6
+    return {
+        "model": model,
+        "parallel": parallel,
+        "steps": steps,
+        "rounds": rounds,
+        "by_samples": by_samples,
+        "floor_us_median": float(np.median(floor)),
+        "floor_us_q25": float(np.percentile(floor, 25)),
+        "floor_us_q75": float(np.percentile(floor, 75)),
+    }
+
+
+def scaling() -> list[dict[str, Any]]:
+    """Attention and token-gather bytes per pass on one rank, by the formulas, for real models at
+    their preset sizes: one guided sample (both rows on every rank), bf16, each sp that divides
+    the model's heads and tokens."""
+    rows = []
+    for model in SCALED:
+        w = widths(model)
+        for sp in (2, 4, 8):
+            if w.heads % sp == 0 and w.tokens % sp == 0:
+                attention = sum(attention_bytes(w, 2, sp, 2).values())
+                rows.append(
+                    {**asdict(w), "sp": sp, "attention_bytes": attention, "token_bytes": token_bytes(w, 2, sp, 2)}
+                )
+    return rows
 
 
 def project() -> dict[str, Any]:
@@ -322,6 +359,30 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {100 * s['share_median']:.2f}% | {100 * s['share_q25']:.2f}-{100 * s['share_q75']:.2f}% "
                 f"| {100 * s['share_max']:.2f}% | {100 * s['share_rank0_median']:.2f}% |"
             )
+    lines += [
+        "",
+        f"The same all-reduce back to back, {FLOOR} times after the passes (no pass around it; the smaller of "
+        "the two ranks' times): "
+        + "; ".join(
+            f"{t['model']} {t['parallel']} {t['floor_us_median']:.0f} us "
+            f"({t['floor_us_q25']:.0f}-{t['floor_us_q75']:.0f})"
+            for t in report["timing"]
+        )
+        + f". Load average of the machine (1 min) at the start and end: {m['load_start']:.1f}, {m['load_end']:.1f} "
+        "(the 2 cores are shared with other work): a rank that waits in a collective is woken by the scheduler.",
+    ]
+    lines += [
+        "",
+        "## Scaled by the formulas: bytes per pass on one rank for real models (bf16, one guided sample)",
+        "",
+        "| model | video tokens S | text in attention T | H x D | blocks | sp | attention GiB | token gather MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["scaling"]:
+        lines.append(
+            f"| {r['model']} | {r['tokens']:,} | {r['text_tokens']} | {r['heads']} x {r['head_dim']} | {r['blocks']} "
+            f"| {r['sp']} | {r['attention_bytes'] / 2**30:.2f} | {r['token_bytes'] / 2**20:,.1f} |"
+        )
     p = report["projection"]
     w = p["widths"]
     lines += [
@@ -331,13 +392,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{w['tokens']:,} video tokens, {w['heads']} heads x {w['head_dim']}, {w['blocks']} blocks; one guided "
         f"sample (2 rows) per pass, every row running, activations bf16 ({p['element_bytes']} B). Link: "
         f"{p['link']['name']}, {p['link']['bytes_per_s'] / 1e9:.0f} GB/s one way ({p['link']['source']}). "
-        f"Compute: FLOPs per row from benchmarks/flops.py (head {p['flops_per_row']['head'] / 1e12:,.1f} T, "
-        f"blocks {p['flops_per_row']['blocks'] / 1e12:,.0f} T, tail {p['flops_per_row']['tail'] / 1e12:,.1f} T) "
+        f"Compute: FLOPs per row from benchmarks/flops.py (head {p['flops_per_row']['head'] / 1e12:,.2f} T, "
+        f"blocks {p['flops_per_row']['blocks'] / 1e12:,.0f} T, tail {p['flops_per_row']['tail'] / 1e12:,.2f} T) "
         f"at {p['accelerator']['peak_flops'] / 1e12:.0f} TFLOPS x MFU {p['accelerator']['mfu']} "
         f"({p['accelerator']['source']}). Wire bytes = payload x (n-1)/n for all-to-all, x (n-1) for "
         "all-gather; collectives assumed not to overlap compute and to reach the link's peak.",
         "",
-        "| parallel | attention GiB sent | tokens GiB | branches MiB | decision B | comm ms | compute ms "
+        "| parallel | sent per GPU: attention GiB | tokens GiB | branches MiB | decision B | comm ms | compute ms "
         "| comm share |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -367,6 +428,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/parallel"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="sencache-parallel-") as scratch:
         work = Path(scratch)
         bundles = {m: args.engines / m if args.engines else tiny_bundle(m, work / m) for m in MODELS}
@@ -384,9 +446,12 @@ def main() -> None:
             "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "load_start": load_start,
+            "load_end": os.getloadavg()[0],
         },
         "traffic": traffic,
         "timing": timing,
+        "scaling": scaling(),
         "projection": project(),
     }
     text = markdown(report)
