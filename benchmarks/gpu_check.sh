@@ -5,13 +5,16 @@
 # and other packages stay as they are, then runs, each bounded by `timeout` and none stopping the
 # next: `sencache doctor`, `sencache gpu-acceptance`, `pytest -m gpu`, and the cached loop on
 # tiny-wan with the PyTorch CUDA backend (torch bundle, brief calibration, `generate --device cuda`
-# with SenCache and with `--cache none`, compared). A summary ends the run.
+# with SenCache and with `--cache none`, compared), and, where nvidia-smi lists 2 GPUs or more, the
+# engine over 2 ranks on NCCL (torchrun; sp=2, then cfg=2, on the loop's bundle: decisions equal to
+# one rank's, the decision all-reduce timed; benchmarks/parallel_check.py). On one GPU that step is
+# recorded as skipped, and says so. A summary ends the run.
 #
 # Run from anywhere; it works in the checkout that holds it. Environment (paths may be relative):
-#   OUT                 where results go (default: runs/gpu-check in the checkout). It receives six
+#   OUT                 where results go (default: runs/gpu-check in the checkout). It receives seven
 #                       files, within the eight the device tool brings back: summary.txt,
 #                       gpu_check.log (every step's output), gpu.json, loop.json,
-#                       stats_sencache.json, stats_none.json
+#                       stats_sencache.json, stats_none.json, parallel_nccl.json
 #   PYTHON              the interpreter that holds torch (default: python3)
 #   GPU_CHECK_BUDGET_S  the whole run, in seconds (default 450); each step is also capped
 #   GPU_CHECK_WORK      scratch space, emptied first if this script made it (default: /tmp/sencache-gpu-check)
@@ -34,7 +37,7 @@ if [ -n "$(ls -A "$WORK" 2>/dev/null)" ] && [ ! -f "$WORK/.sencache-gpu-check-wo
 fi
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" && touch "$WORK/.sencache-gpu-check-work" || exit 1
 # No figure of an earlier run may pass for this one's.
-rm -f "$OUT"/{summary.txt,gpu_check.log,gpu.json,loop.json,stats_sencache.json,stats_none.json}
+rm -f "$OUT"/{summary.txt,gpu_check.log,gpu.json,loop.json,stats_sencache.json,stats_none.json,parallel_nccl.json}
 LOG=$OUT/gpu_check.log
 SUMMARY=$WORK/summary.rows
 : >"$LOG"
@@ -44,11 +47,8 @@ SUMMARY=$WORK/summary.rows
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
 
-if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
-    HAVE_GPU=1
-else
-    HAVE_GPU=0
-fi
+GPUS=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null) | grep -c '^GPU ')
+HAVE_GPU=$((GPUS > 0 ? 1 : 0))
 
 # step NAME KIND CAP_S COMMAND...: run COMMAND for at most CAP_S seconds (less when the budget is
 # nearly spent), output to the log, and record a verdict. KIND "host" steps must succeed anywhere;
@@ -118,7 +118,18 @@ loop_run() {  # loop_run CACHE: one generate of the loop's four prompts on the G
         --out "$WORK/run-$1" && cp "$WORK/run-$1/stats.json" "$OUT/stats_$1.json"
 }
 
-export -f install_project loop_run  # run by `timeout bash -c` like any command
+parallel_run() {  # the engine over 2 ranks on NCCL, sp=2 then cfg=2, each against one rank
+    local parallel status=0
+    for parallel in sp=2 cfg=2; do
+        # PYTHONSAFEPATH: the ranks torchrun starts import sencache from SITE, never the checkout's folder.
+        PYTHONSAFEPATH=1 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
+            -m sencache.benchmarks.parallel_check --engine "$WORK/tiny-wan-torch" --parallel "$parallel" \
+            --device cuda --out "$OUT/parallel_nccl.json" || status=1
+    done
+    return $status
+}
+
+export -f install_project loop_run parallel_run  # run by `timeout bash -c` like any command
 export OUT PYTHON WORK SITE
 echo "GPU check: $(date -u +%FT%TZ), budget $BUDGET s, GPU listed by nvidia-smi: $([ $HAVE_GPU = 1 ] && echo yes || echo no)," \
     "results in $OUT" | tee -a "$LOG"
@@ -134,6 +145,13 @@ if [ -f "$OUT/stats_sencache.json" ] && [ -f "$OUT/stats_none.json" ]; then
     step loop-compare host 30 "$PYTHON" -P -m sencache.benchmarks.gpu_check_report loop \
         "$WORK/run-sencache" "$WORK/run-none" --out "$OUT/loop.json"
 fi
+if [ "$GPUS" -ge 2 ]; then
+    step parallel-nccl gpu 180 parallel_run
+else
+    line="skipped: the 2-rank NCCL run needs 2 GPUs; nvidia-smi lists $GPUS"
+    printf 'parallel-nccl\tskip\t-\t0\t%s\n' "$line" >>"$SUMMARY"
+    echo "== parallel-nccl: $line" | tee -a "$LOG"
+fi
 
 {
     echo
@@ -147,6 +165,9 @@ fi
     fi
     if [ -f "$OUT/loop.json" ]; then
         cat "$WORK/loop-compare.out"
+    fi
+    if [ -f "$OUT/parallel_nccl.json" ]; then
+        grep '^parallel ' "$WORK/parallel-nccl.out"
     fi
 } | tee "$OUT/summary.txt" | tee -a "$LOG"
 
