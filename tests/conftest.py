@@ -34,6 +34,7 @@ BUILDS = {
     "real_like",
     "torch_calibrated",
     "cogvideox_torch_calibrated",
+    "ltx_torch_calibrated",
 }
 """Fixtures that build (and calibrate) bundles: a test that needs one, directly or through another
 fixture, is `slow`, so `pytest -m "not slow"` is the fast lane of pure and small tests."""
@@ -112,6 +113,14 @@ def torch_calibrated(torch_bundle, bundle_cache) -> Path:
 def cogvideox_torch_calibrated(bundle_cache) -> Path:
     """A PyTorch tiny-cogvideox bundle with a small measured sensitivity table."""
     source = built(bundle_cache, model="tiny-cogvideox", backend="torch", max_batch=3)
+    plan = CalibrationPlan(samples=2, steps=8)
+    return bundle_cache.get("calibrated", lambda out: _calibrate(source, out, plan), source=source.name, plan=plan)
+
+
+@pytest.fixture(scope="session")
+def ltx_torch_calibrated(bundle_cache) -> Path:
+    """A PyTorch tiny-ltx bundle with a small measured sensitivity table."""
+    source = built(bundle_cache, model="tiny-ltx", backend="torch", max_batch=3)
     plan = CalibrationPlan(samples=2, steps=8)
     return bundle_cache.get("calibrated", lambda out: _calibrate(source, out, plan), source=source.name, plan=plan)
 

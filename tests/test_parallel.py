@@ -97,6 +97,12 @@ def test_sequence_parallel_cogvideox(cogvideox_torch_calibrated):
     check_equal_to_alone(reports, alone(cogvideox_torch_calibrated, JOINS), tolerance=1e-5)
 
 
+def test_sequence_parallel_ltx(ltx_torch_calibrated):
+    script = [e for e in JOINS[:5] if isinstance(e, Submit)]
+    reports = group_run("sp=2", ltx_torch_calibrated, script)
+    check_equal_to_alone(reports, alone(ltx_torch_calibrated, script), tolerance=1e-5)
+
+
 # PyTorch's CPU kernels give a row slightly different last bits in batches of other sizes: in one
 # process the same request alone and sharing passes differs by up to ~1.2e-4 after 8 steps with
 # guidance 4 (ONNX Runtime's do not: the cfg=2 test above is bit-identical). With cfg=2 each rank
