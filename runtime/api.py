@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from sencache.runtime.backends.registry import BACKENDS
+from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.errors import BadInput, Cancelled, Failed, RankFailure
 from sencache.runtime.model import Model
@@ -146,13 +148,17 @@ class Engine:
         `device` with `threads` CPU threads (0: all); `batching` as for the constructor.
         `parallel` ("sp=2,cfg=2") splits the engine over sp x cfg ranks: this process joins the
         group `group`, or torchrun's (RANK, WORLD_SIZE, MASTER_ADDR/PORT); on CUDA each rank takes
-        its LOCAL_RANK's GPU."""
+        its LOCAL_RANK's GPU (`device="cuda"` also puts a TensorRT bundle's group on NCCL; that
+        backend picks the rank's GPU itself)."""
         admission(batching)  # refused before the bundle is loaded
         config = ParallelConfig.parse(parallel if group is None else group.config)
         if config.world == 1:
             return cls(Model.open(path, backend, device, threads), batching)
         ranks = group or RankGroup.join(config, device=device)
-        model = Model.open(path, backend, str(ranks.device), threads)
+        bundle = Bundle.load(Path(path))
+        chosen = BACKENDS.get(bundle.manifest.backend if backend == "auto" else str(backend))
+        takes_device = chosen is not None and chosen.takes_device
+        model = Model.open(bundle, backend, str(ranks.device) if takes_device else "cpu", threads)
         shard_sequence(model, ranks)
         return cls(model, batching, ranks)
 
