@@ -25,74 +25,20 @@ the uncached run of the same rows, and a request's outputs do not depend on who 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sencache.runtime.cache import ReuseObserver, StepDecision
-from sencache.runtime.chain import block_streams, blocks_feeds, guide
-from sencache.runtime.denoiser import Denoiser, DriftMeter
+from sencache.runtime.cache import StepDecision
+from sencache.runtime.chain import block_streams, blocks_feeds
+from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.families.base import NOISE
-from sencache.runtime.parallel.ranks import Ranks, SingleRank, local_rows
-from sencache.runtime.request import RequestState
+from sencache.runtime.parallel.ranks import Ranks, SingleRank
+from sencache.runtime.placement import Decided, PassPlan, Placed, place
+from sencache.runtime.rule_inputs import Measured, RuleInputs
 
 Streams = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PassPlan:
-    """The requests of one pass in row order, and where each one's rows start and end."""
-
-    jobs: tuple[RequestState, ...]
-    offsets: np.ndarray
-    """[len(jobs) + 1]: request k holds the pass's rows offsets[k]:offsets[k + 1]."""
-
-    @classmethod
-    def of(cls, jobs: Sequence[RequestState]) -> PassPlan:
-        return cls(tuple(jobs), np.cumsum([0] + [j.rows for j in jobs]))
-
-    @property
-    def rows(self) -> int:
-        return int(self.offsets[-1])
-
-
-@dataclass(frozen=True)
-class Placed:
-    """A planned request's rows on this rank: `rows` among its own, from `begin` in the pass's."""
-
-    job: RequestState
-    rows: slice
-    begin: int
-
-    @property
-    def count(self) -> int:
-        return self.rows.stop - self.rows.start
-
-    @property
-    def end(self) -> int:
-        return self.begin + self.count
-
-
-@dataclass(frozen=True)
-class Decided:
-    """A planned request once its rule has decided the step: which of its rows on this rank run
-    the blocks, as indices among those rows and among the pass's rows, computed once."""
-
-    placed: Placed
-    decision: StepDecision
-    local: np.ndarray
-    """Its rows on this rank that run, among its rows on this rank."""
-
-    @property
-    def job(self) -> RequestState:
-        return self.placed.job
-
-    @property
-    def rows(self) -> np.ndarray:
-        """Its rows that run, among the pass's rows on this rank."""
-        return self.placed.begin + self.local
 
 
 @dataclass(frozen=True)
@@ -118,6 +64,7 @@ class PassRunner:
     def __init__(self, model: Denoiser, ranks: Ranks | None = None) -> None:
         self.model = model
         self.ranks: Ranks = ranks or SingleRank()
+        self.inputs = RuleInputs(model, self.ranks)
         self._text_rows: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def execute(self, plan: PassPlan) -> PassResult:
@@ -140,98 +87,24 @@ class PassRunner:
         for job in plan.jobs:
             if job.trajectory is not None:
                 job.trajectory.append(job.x.to("cpu", copy=True).numpy())
-        branches = [self._place(plan, b) for b in range(self.ranks.config.cfg)]
+        branches = [place(plan, self.ranks.config, b) for b in range(self.ranks.config.cfg)]
         placed = branches[self.ranks.branch]
         tick = time.perf_counter()
-        drifting = [p.job for p in placed if p.job.policy.needs_drift and p.job.step > 0]
-        meter = self._start_drift(drifting)
+        self.inputs.start(placed)
         shared_s = time.perf_counter() - tick
         head = self._head(placed)
         tick = time.perf_counter()
-        measured = self._reduce(placed, self._parts(placed, head, drifting, meter))
+        measured = self.inputs.collect(placed, head)
         shared_s += time.perf_counter() - tick
         decided = self._decide(placed, measured, shared_s, outcomes)
-        observing = [d for d in decided if _observes(d)]
+        observing = [d for d in decided if d.observes]
         reused = self._reused_streams(head, observing)
         streams = self._blocks(head, placed, decided)
         outputs = self._tail(head, streams, reused)
         noise, from_cache = self._whole_rows(outputs, branches, decided, observing)
-        self._measure_reuse(noise, from_cache, observing)
+        self.inputs.measure_reuse(noise, from_cache, observing)
         for d in decided:
             outcomes[d.job.id] = Outcome(noise[d.job.id], d.decision)
-
-    def _place(self, plan: PassPlan, branch: int) -> list[Placed]:
-        """Each request's rows on the ranks of `branch`, in pass order."""
-        placed, begin = [], 0
-        for job in plan.jobs:
-            rows = local_rows(self.ranks.config, branch, job.rows, job.batch)
-            placed.append(Placed(job, rows, begin))
-            begin += rows.stop - rows.start
-        return placed
-
-    def _start_drift(self, drifting: list[RequestState]) -> DriftMeter | None:
-        """Start measuring, on this rank's part of the elements, the drift of each listed
-        request's latent from its anchor (one fused reduction, collected after the head)."""
-        if not drifting:
-            return None
-        part = self.ranks.elements(self.model.numel)
-        meter = self.model.drift_meter(part.stop - part.start)
-        meter.start(
-            _part(torch.cat([j.x for j in drifting]), part), _part(torch.cat([j.anchor for j in drifting]), part)
-        )
-        return meter
-
-    def _parts(
-        self, placed: list[Placed], head: Streams, drifting: list[RequestState], meter: DriftMeter | None
-    ) -> dict[int, list[np.ndarray]]:
-        """This rank's parts of every request's measurements, in the order its rule takes them:
-        the reuse errors observed in the last pass, the drift, TeaCache's signal sums."""
-        parts: dict[int, list[np.ndarray]] = {p.job.id: [] for p in placed}
-        for p in placed:
-            if p.job.observed is not None:
-                parts[p.job.id].append(p.job.observed[1])
-        if meter is not None:
-            values, starts = meter.result(), np.cumsum([0] + [j.batch for j in drifting])
-            for i, job in enumerate(drifting):
-                parts[job.id].append(values[starts[i] : starts[i + 1]])
-        for p in placed:
-            if p.job.policy.needs_modulation:
-                parts[p.job.id].append(self._signal_sums(p, head))
-        return parts
-
-    def _signal_sums(self, p: Placed, head: Streams) -> np.ndarray:
-        """This rank's part of the per-sample sums of |m - m_prev| and |m_prev| of the head's
-        modulated input m of the request's conditional rows (TeaCache's relative L1 change):
-        zero on ranks without those rows, and at the request's first step."""
-        job, sums = p.job, np.zeros(2 * p.job.batch)
-        if not p.count or self.ranks.branch != 0:
-            return sums
-        signal = head[self.model.adapter.modulation]
-        part = self.ranks.branch_elements(int(np.prod(signal.shape[1:])))
-        assert part is not None, "the conditional branch's ranks hold its elements"
-        current = _part(signal[p.begin : p.begin + job.batch], part).double()
-        if job.signal is not None:
-            sums = torch.cat([(current - job.signal).abs().sum(1), job.signal.abs().sum(1)]).cpu().numpy()
-        job.signal = current
-        return sums
-
-    def _reduce(self, placed: list[Placed], parts: dict[int, list[np.ndarray]]) -> dict[int, list[np.ndarray]]:
-        """Every request's measurements summed over the ranks in ONE collective and split back in
-        the order they were measured; the reuse errors observed in the last pass go to their rules."""
-        flat = [v for p in placed for v in parts[p.job.id]]
-        total = self.ranks.reduce(np.concatenate(flat)) if flat else np.zeros(0)
-        out: dict[int, list[np.ndarray]] = {}
-        position = 0
-        for p in placed:
-            out[p.job.id] = []
-            for v in parts[p.job.id]:
-                out[p.job.id].append(total[position : position + len(v)])
-                position += len(v)
-            if p.job.observed is not None:
-                assert isinstance(p.job.policy, ReuseObserver), "errors are measured for observing rules"
-                p.job.policy.observe(p.job.observed[0], out[p.job.id].pop(0))
-                p.job.observed = None
-        return out
 
     def _head(self, placed: list[Placed]) -> Streams:
         """The head on this rank's rows of every planned request (nothing when it has none)."""
@@ -244,7 +117,7 @@ class PassRunner:
         )
 
     def _decide(
-        self, placed: list[Placed], measured: dict[int, list[np.ndarray]], shared_s: float, outcomes: dict[int, Outcome]
+        self, placed: list[Placed], measured: Measured, shared_s: float, outcomes: dict[int, Outcome]
     ) -> list[Decided]:
         """Each request's rule decides its step; a rule that raises takes its request out of the
         pass (its outcome is the failure)."""
@@ -400,25 +273,6 @@ class PassRunner:
                 position += rows
         return noise, {k: torch.cat(v) for k, v in from_cache.items()}
 
-    def _measure_reuse(
-        self, noise: dict[int, torch.Tensor], from_cache: dict[int, torch.Tensor], observing: list[Decided]
-    ) -> None:
-        """Per observing request, per sample: this rank's part of the squared L2 norm of the guided
-        output from the cached residual minus the fresh guided output (NaN for samples that did
-        not run), kept for the next pass's collective."""
-        part = self.ranks.elements(self.model.numel)
-        for d in observing:
-            job = d.job
-            ran = np.flatnonzero(d.decision.run)
-            rows = np.concatenate([ran + b * job.batch for b in range(job.branches)])
-            scale = job.scales[job.step]
-            cached = guide(from_cache[job.id], len(ran), job.request.cfg, scale)
-            now = guide(noise[job.id].index_select(0, self._index(rows)), len(ran), job.request.cfg, scale)
-            sums = _part(cached.double() - now.double(), part).pow(2).sum(1).cpu().numpy()
-            error = np.full(job.batch, np.nan)
-            error[ran] = sums
-            job.observed = (job.step, error)
-
     def _text(self, placed: list[Placed]) -> torch.Tensor:
         """This rank's text rows of the planned requests, concatenated once per set of requests."""
         key = tuple(p.job.id for p in placed)
@@ -432,20 +286,6 @@ class PassRunner:
 
     def _upload(self, values: np.ndarray) -> torch.Tensor:
         return upload(values, self.model.backend.device)
-
-
-def _observes(d: Decided) -> bool:
-    """Whether the pass measures what reusing would have cost `d`'s request: its rule observes,
-    and samples run after an earlier run (step 0 always runs, so a cache exists after it)."""
-    return isinstance(d.job.policy, ReuseObserver) and d.job.step > 0 and bool(d.decision.run.any())
-
-
-def _part(tensor: torch.Tensor, part: slice) -> torch.Tensor:
-    """Elements `part` of each row of `tensor`, flattened per row (contiguous: the drift kernel's input)."""
-    flat = tensor.flatten(1)
-    if part.start == 0 and part.stop == flat.shape[1]:
-        return flat
-    return flat[:, part].contiguous()
 
 
 def upload(values: np.ndarray, device: torch.device) -> torch.Tensor:

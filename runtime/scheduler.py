@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from sencache.runtime.errors import BadInput, Cancelled, Failed
-from sencache.runtime.pass_runner import PassPlan, PassResult
+from sencache.runtime.pass_runner import PassResult
+from sencache.runtime.placement import PassPlan
 from sencache.runtime.progression import advance, finish
 from sencache.runtime.request import ENDED, Progress, RequestState, Result, State
 

@@ -9,7 +9,8 @@ import torch
 
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput, Cancelled, Failed
-from sencache.runtime.pass_runner import Outcome, PassPlan, PassResult
+from sencache.runtime.pass_runner import Outcome, PassResult
+from sencache.runtime.placement import PassPlan
 from sencache.runtime.request import GenerationParams, RequestState
 from sencache.runtime.scheduler import Scheduler, StaticBatching, StepLevel, admission
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.errors import RankFailure
 from sencache.runtime.parallel.group import RankGroup
-from sencache.runtime.pass_runner import PassPlan, PassRunner
+from sencache.runtime.pass_runner import PassRunner
+from sencache.runtime.placement import PassPlan
 from sencache.runtime.preparation import prepare
 from sencache.runtime.progression import advance
 from sencache.runtime.request import GenerationParams, RequestState
