@@ -60,3 +60,12 @@ def _check_listen(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as e:
             raise BadInput(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on now (the OS's pick): for a rank group's
+    rendezvous, and for servers started in tests."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -7,7 +7,6 @@ metrics, and a job whose replica is killed is reported failed while the server s
 from __future__ import annotations
 
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ requests = pytest.importorskip("requests")
 
 import sencache  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
+from sencache.serving.options import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
 
@@ -26,16 +26,10 @@ PROMPT = "one small red circle moving left slow on black"
 DEADLINE_S = 120.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(calibrated_bundle: Path):
     """The app with 2 replicas of queue 2 on a free loopback port; Ray shut down afterwards."""
-    port = _free_port()
+    port = free_port()
     options = serving.ServeOptions(engine=calibrated_bundle, port=port, replicas=2, max_queue=2, threads=1)
     serving.start(options, num_cpus=2)
     base = f"http://127.0.0.1:{port}"
