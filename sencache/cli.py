@@ -253,6 +253,8 @@ def _serve(args: argparse.Namespace) -> None:
         backend=args.backend,
         device=args.device,
         max_body_mb=args.max_body_mb,
+        gpus_per_replica=args.gpus_per_replica,
+        parallel=args.parallel,
     )
     options.check()  # before Ray and torch are imported: a bad bundle path or a port in use is refused at once
     from sencache.serving.app import serve_forever
@@ -464,7 +466,19 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--threads", type=int, default=1, help="CPU threads per replica (0: all)")
     s.add_argument("--backend", default="auto", help="run on this backend (must match the bundle)")
-    s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per replica)")
+    s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per rank)")
+    s.add_argument(
+        "--gpus-per-replica",
+        type=int,
+        default=1,
+        help="ranks of each replica's engine, one GPU each (on the CPU: --threads CPUs each), in one Ray "
+        "placement group per replica; more than 1 needs --parallel",
+    )
+    s.add_argument(
+        "--parallel",
+        help="how each replica's engine splits over its --gpus-per-replica ranks, e.g. sp=2,cfg=2 (sp>1: torch "
+        "bundles); sp x cfg must equal --gpus-per-replica",
+    )
     s.add_argument(
         "--max-body-mb",
         type=float,
