@@ -102,10 +102,20 @@ class RankWorkers:
         ]
         try:
             engine = self.setup.open(0, init_method, self.batching)
+        except Exception:
+            try:
+                self._raise_worker_error()
+            finally:
+                self.kill()
+            raise
+        try:  # a worker that joined but could not open the engine fails here, not in the first pass
             ray.get([w.ready.remote() for w in self.workers], timeout=self.setup.timeout_s)
         except Exception:
-            self._raise_worker_error()
-            self.kill()
+            try:
+                with contextlib.suppress(RankFailure):
+                    engine.close()
+            finally:
+                self.kill()
             raise
         return engine
 

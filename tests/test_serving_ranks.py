@@ -46,6 +46,25 @@ def _workers() -> list[dict]:
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("sencache-rank")]
 
 
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--gpus-per-replica", "2"], "--parallel sp=1,cfg=1 is 1 rank(s), one per GPU of a replica"),
+        (["--gpus-per-replica", "2", "--parallel", "sp=2"], "sequence parallelism runs on torch bundles"),
+        (["--gpus-per-replica", "0"], "--gpus-per-replica must be >= 1"),
+        (["--parallel", "cfg=3"], "--parallel cfg must be 1 or 2"),
+    ],
+    ids=["no-parallel", "sp-on-onnx", "zero-ranks", "bad-cfg"],
+)
+def test_serve_refuses_ranks_that_do_not_fit_before_ray_starts(calibrated_bundle, capsys, flags, reason):
+    from sencache.cli import main
+
+    assert main(["serve", "--engine", str(calibrated_bundle), "--port", str(free_port()), *flags]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized()
+
+
 def test_two_ranks_serve_the_one_process_video(server, calibrated_bundle):
     assert len(_workers()) == 1
     reply = create(server, seed=3, steps=8, cache={"method": "sencache", "knobs": {"eps_main": 0.6}})
