@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.bundle import Bundle
@@ -129,8 +130,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._follower_error: BaseException | None = None
-        if ranks is not None and not ranks.is_driver:
-            self._thread = threading.Thread(target=self._follow, name="sencache-rank-follower", daemon=True)
+        if ranks is not None:  # from the start: an idle rank 0 still meets the others within the group's timeout
+            target, name = (
+                (self._drive, "sencache-step-engine") if ranks.is_driver else (self._follow, "sencache-rank-follower")
+            )
+            self._thread = threading.Thread(target=target, name=name, daemon=True)
             self._thread.start()
 
     @classmethod
@@ -166,6 +170,12 @@ class Engine:
     def is_driver(self) -> bool:
         """Whether this process takes jobs: the only rank of a one-process engine, or rank 0."""
         return self.ranks is None or self.ranks.is_driver
+
+    @property
+    def broken(self) -> RankFailure | None:
+        """Why the engine's rank group failed (a rank died or did not answer), None while it works:
+        a broken engine refuses new jobs, and only a new one (on a new group) runs again."""
+        return self._stepper.broken
 
     def generate(
         self,
@@ -233,13 +243,37 @@ class Engine:
         defaults); BadInput, before anything is queued, for what the engine refuses."""
         if len(request.prompts) != 1:
             raise BadInput(f"a job is one video; got {len(request.prompts)} prompts", param="prompt")
+        return self._queue(request)
+
+    def denoise(self, request: GenerationParams, policy: CachePolicy | None = None, progress: bool = False) -> Result:
+        """Run a resolved request of any number of samples as one batch under `policy` (None: its
+        cache method's rule), in this engine's passes, and wait for its undecoded latents, decisions
+        and timing (with a progress bar when `progress`): what the command line writes, on one
+        process or on rank 0 of several. Raises the error the request met (BadInput before anything
+        is queued; RankFailure when the rank group broke under it)."""
+        job = self._queue(request, policy)
+        label = f"denoise ({job._policy.name})"
+        with tqdm(total=request.steps, desc=label, unit="step", disable=not progress, leave=False) as bar:
+            while not job._ended.wait(0.1):
+                bar.update(job.progress.step - bar.n)
+        final = job._settled()
+        if final.state == "cancelled":
+            raise Cancelled(f"job {job.id} was cancelled")
+        if final.state == "failed":
+            assert job._error is not None, "a failed job keeps the error it met"
+            raise job._error
+        assert job._result is not None, "a job that ended done has its result"
+        return job._result
+
+    def _queue(self, request: GenerationParams, policy: CachePolicy | None = None) -> Job:
+        """Prepare and queue `request` as one job (any number of samples)."""
         if not self.is_driver:
             raise RuntimeError(f"rank {self.ranks.rank if self.ranks else 0} follows rank 0: submit jobs on rank 0")
-        if self._stepper.broken is not None:
-            raise RuntimeError(f"the engine's rank group failed; open the engine again: {self._stepper.broken}")
+        if self.broken is not None:
+            raise RuntimeError(f"the engine's rank group failed; open the engine again: {self.broken}")
         if self._closed:
             raise RuntimeError("the engine is closed")
-        prepared = self._stepper.prepare(request)  # text encoding: outside every lock
+        prepared = self._stepper.prepare(request, policy)  # text encoding: outside every lock
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")

@@ -22,6 +22,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.limits import MAX_STEPS, check_threads
 from sencache.runtime.manifest import SENSITIVITY, read_manifest
+from sencache.runtime.parallel.config import ParallelConfig
 from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help, tokenize
 
@@ -115,30 +116,34 @@ def _generate(args: argparse.Namespace) -> None:
         sampling=args.sampling,
     )
     check_threads(args.threads)
+    ParallelConfig.parse(args.parallel)  # its syntax, before any model code is imported
     if manifest.text_encoder.kind == "tiny":
         for prompt in request.prompts:
             tokenize(prompt)  # the vocabulary and grammar, before any model code is imported
-    from sencache.runtime.bundle import Bundle
+    from sencache.runtime.api import Engine
     from sencache.runtime.files import check_free_space, staged_folder
-    from sencache.runtime.model import Model
     from sencache.runtime.outputs import run_bytes, write_run
 
     started = time.perf_counter()
-    bundle = Bundle.load(args.engine)
-    if not bundle.manifest.trained:
-        print(
-            f"warning: {bundle.manifest.model} is UNTRAINED (random weights): its videos are noise; "
-            f"it exists for export and parity checks",
-            file=sys.stderr,
-        )
-    engine = Model.open(bundle, args.backend, args.device, args.threads)
-    engine.encode(request.prompts)
-    policy = engine.policy(request.cache, request.steps, len(request.prompts), request.knobs)
-    check_free_space(args.out.parent, run_bytes(bundle, len(request.prompts)), f"writing {args.out}")
+    with Engine.from_bundle(
+        args.engine, args.backend or "auto", args.device, args.threads, parallel=args.parallel
+    ) as engine:
+        if not engine.is_driver:
+            return  # this rank runs rank 0's passes until rank 0 closes the engine; rank 0 writes the run
+        model = engine.model
+        if not model.bundle.manifest.trained:
+            print(
+                f"warning: {model.bundle.manifest.model} is UNTRAINED (random weights): its videos are noise; "
+                f"it exists for export and parity checks",
+                file=sys.stderr,
+            )
+        model.encode(request.prompts)
+        policy = model.policy(request.cache, request.steps, len(request.prompts), request.knobs)
+        check_free_space(args.out.parent, run_bytes(model.bundle, len(request.prompts)), f"writing {args.out}")
+        result = engine.denoise(request, policy, progress=True)
+    frames = model.decode(result.latents)  # after the other ranks are let go: decoding is rank 0's alone
     with staged_folder(args.out, RUN) as folder:
-        result = engine.generate(request, policy, progress=True)
-        frames = engine.decode(result.latents)
-        document = write_run(folder, engine, request, policy, result, frames, time.perf_counter() - started)
+        document = write_run(folder, model, request, policy, result, frames, time.perf_counter() - started)
     for sample in document["samples"]:
         print(
             f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} "
@@ -248,6 +253,8 @@ def _serve(args: argparse.Namespace) -> None:
         backend=args.backend,
         device=args.device,
         max_body_mb=args.max_body_mb,
+        gpus_per_replica=args.gpus_per_replica,
+        parallel=args.parallel,
     )
     options.check()  # before Ray and torch are imported: a bad bundle path or a port in use is refused at once
     from sencache.serving.app import serve_forever
@@ -389,6 +396,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", help="run on this backend (must match the bundle; default: the bundle's)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     g.add_argument("--device", default="cpu", help="torch bundles: where the stages and the loop run (cpu, cuda)")
+    g.add_argument(
+        "--parallel",
+        help="split every pass over sp x cfg ranks, e.g. sp=2,cfg=2 (sp>1: torch bundles); start one process "
+        "per rank with torchrun --nproc-per-node <sp*cfg> -m sencache.cli generate ...; rank 0 writes the run",
+    )
     g.add_argument("--out", type=Path, required=True, help="the run folder to write (videos, frames, stats.json)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out" + OURS)
     g.set_defaults(func=_generate)
@@ -454,7 +466,19 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--threads", type=int, default=1, help="CPU threads per replica (0: all)")
     s.add_argument("--backend", default="auto", help="run on this backend (must match the bundle)")
-    s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per replica)")
+    s.add_argument("--device", default="cpu", help="torch bundles: cpu or cuda (one GPU per rank)")
+    s.add_argument(
+        "--gpus-per-replica",
+        type=int,
+        default=1,
+        help="ranks of each replica's engine, one GPU each (on the CPU: --threads CPUs each), in one Ray "
+        "placement group per replica; more than 1 needs --parallel",
+    )
+    s.add_argument(
+        "--parallel",
+        help="how each replica's engine splits over its --gpus-per-replica ranks, e.g. sp=2,cfg=2 (sp>1: torch "
+        "bundles); sp x cfg must equal --gpus-per-replica",
+    )
     s.add_argument(
         "--max-body-mb",
         type=float,

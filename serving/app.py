@@ -40,12 +40,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from sencache import __version__
-from sencache.runtime.errors import BadInput
+from sencache.runtime.errors import BadInput, RankFailure
 from sencache.runtime.scheduler import Batching
 from sencache.serving import guard, metrics
 from sencache.serving.errors import error_body, error_response
 from sencache.serving.form import parse_body
 from sencache.serving.options import ServeOptions
+from sencache.serving.rank_workers import RankSetup, RankWorkers
 from sencache.serving.schema import ErrorBody, VideoDeleted, VideoJob, VideoList, VideoRequest, json_field
 from sencache.serving.service import NotReady, QueueFull, UnknownJob, Variant, VideoService
 
@@ -118,14 +119,30 @@ def _body_limit() -> int:
 
 
 class EngineReplica:
-    """One engine (one bundle on one device) and its jobs, as a Ray Serve replica."""
+    """One engine (one bundle on one device, or on the ranks of `ranks`) and its jobs, as a Ray
+    Serve replica. Over several ranks the replica is rank 0; when its group breaks, the next
+    health check or job opens the engine again on a new group (`rank_workers`)."""
 
     def __init__(
-        self, engine_dir: str, slot: int, max_queue: int, batching: Batching, threads: int, backend: str, device: str
+        self,
+        engine_dir: str,
+        slot: int,
+        max_queue: int,
+        batching: Batching,
+        threads: int,
+        backend: str,
+        device: str,
+        ranks: RankSetup | None = None,
     ) -> None:
         from sencache.runtime.api import Engine
 
-        engine = Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads, batching=batching)
+        self.workers = None if ranks is None else RankWorkers(ranks, batching)
+        self._mending = threading.Lock()
+        engine = (
+            Engine.from_bundle(engine_dir, backend=backend, device=device, threads=threads, batching=batching)
+            if self.workers is None
+            else self.workers.open()
+        )
         manifest = engine.model.bundle.manifest
         self.service = VideoService(
             engine, model=manifest.model, defaults=manifest.defaults, slot=slot, max_queue=max_queue
@@ -134,12 +151,28 @@ class EngineReplica:
     async def submit(self, body: dict[str, Any]) -> Reply:
         request = VideoRequest.model_validate(body)
         try:
+            await asyncio.to_thread(self._mend)
             job = await asyncio.to_thread(self.service.submit, request)
         except BadInput as e:
             return _refused(e)
         except QueueFull as e:
             return _error(429, str(e), code="queue_full", retry_after=e.retry_after)
+        except Exception as e:  # the rank group broke and could not be rebuilt, or broke just now
+            if self.service.engine.broken is None:
+                raise
+            return _error(503, f"the engine's rank group failed: {e}", code="rank_group_failed", retry_after=1)
         return Reply(200, job.model_dump())
+
+    async def check_health(self) -> None:
+        """Serve's health check: a broken rank group is rebuilt here; a replica that cannot rebuild
+        it raises, so Serve replaces the replica (and its placement group)."""
+        await asyncio.to_thread(self._mend)
+
+    def _mend(self) -> None:
+        """When the engine's rank group broke: the engine again on a new group (once, under a lock)."""
+        with self._mending:
+            if self.workers is not None and self.service.engine.broken is not None:
+                self.service.reopen(self.workers.reopen(self.service.engine))
 
     async def status(self, job_id: str) -> Reply:
         return await self._about(job_id, self.service.status)
@@ -171,10 +204,19 @@ class EngineReplica:
 
     async def close(self) -> None:
         """Stop admitting and cancel what is queued or running (on the server's shutdown)."""
-        await asyncio.to_thread(self.service.close)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        """Close the engine; over several ranks, that lets the workers go, then they end."""
+        try:
+            with contextlib.suppress(RankFailure):  # a broken group has nothing more to say
+                self.service.close()
+        finally:
+            if self.workers is not None:
+                self.workers.kill()
 
     def __del__(self) -> None:
-        self.service.close()
+        self._close()
 
 
 @ray.remote(num_cpus=0)
@@ -413,12 +455,21 @@ def application(options: ServeOptions, max_body: int) -> serve.Application:
     """The Serve application: one engine deployment per replica slot behind the ingress, which
     refuses bodies over `max_body` bytes."""
     resources = {"num_gpus": 1} if options.device.startswith("cuda") else {"num_cpus": max(1, options.threads)}
+    ranks = None
+    placement: dict[str, Any] = {}
+    if options.gpus_per_replica > 1:
+        ranks = RankSetup(
+            str(options.engine.resolve()), str(options.parallel), options.backend, options.device, options.threads
+        )
+        resources = ranks.resources()
+        placement = {"placement_group_bundles": ranks.bundles(), "placement_group_strategy": "STRICT_PACK"}
     replica = serve.deployment(
         EngineReplica,
         ray_actor_options=resources,
         max_ongoing_requests=256,
         health_check_period_s=2,
         health_check_timeout_s=30,
+        **placement,
     )
     replicas = [
         replica.options(name=f"engine-{slot}").bind(
@@ -429,6 +480,7 @@ def application(options: ServeOptions, max_body: int) -> serve.Application:
             options.threads,
             options.backend,
             options.device,
+            ranks,
         )
         for slot in range(options.replicas)
     ]
@@ -511,8 +563,8 @@ def serve_forever(options: ServeOptions) -> signal.Signals:
         signal.signal(sig, _stop)
     _deploy(options, max_body)
     print(
-        f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s), "
-        f"{options.batching} batching); API docs at /docs",
+        f"serving {options.engine} on http://{options.host}:{options.port} ({options.replicas} replica(s) of "
+        f"{options.gpus_per_replica} rank(s), {options.batching} batching); API docs at /docs",
         flush=True,
     )
     while not done.wait(1.0):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.manifest import read_manifest
+from sencache.runtime.parallel.config import ParallelConfig
 from sencache.serving.guard import MB, default_max_body
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """How `sencache serve` runs: the bundle, the address, the replicas and their queue, the body limit."""
+    """How `sencache serve` runs: the bundle, the address, the replicas, their ranks and queue, the body limit."""
 
     engine: Path
     host: str = "127.0.0.1"
@@ -32,14 +33,31 @@ class ServeOptions:
     device: str = "cpu"
     max_body_mb: float | None = None
     """None: the bundle's `default_max_body`."""
+    gpus_per_replica: int = 1
+    """Ranks of each replica's engine, one per GPU (on the CPU: one process each)."""
+    parallel: str | None = None
+    """How each replica's engine splits over its ranks ("sp=2,cfg=2"); its world is `gpus_per_replica`."""
 
     def check(self) -> int:
-        """BadInput for a bundle without a valid manifest, a number out of range, or an address this
-        machine cannot listen on (a bad host, a port in use); the body limit in bytes otherwise."""
+        """BadInput for a bundle without a valid manifest, a number out of range, ranks that do not
+        match `parallel`, or an address this machine cannot listen on (a bad host, a port in use);
+        the body limit in bytes otherwise."""
         manifest, _ = read_manifest(self.engine)
-        for name, low in (("replicas", 1), ("max_queue", 1), ("threads", 0)):
+        for name, low in (("replicas", 1), ("max_queue", 1), ("threads", 0), ("gpus_per_replica", 1)):
             if getattr(self, name) < low:
                 raise BadInput(f"{name} must be >= {low}, got {getattr(self, name)}", param=name)
+        config = ParallelConfig.parse(self.parallel)
+        if config.world != self.gpus_per_replica:
+            raise BadInput(
+                f"parallel {config} is {config.world} rank(s), one per GPU of a replica; gpus_per_replica is "
+                f"{self.gpus_per_replica}",
+                param="parallel",
+            )
+        if config.sp > 1 and manifest.backend != "torch":
+            raise BadInput(
+                f"parallel {config}: sequence parallelism runs on torch bundles; {self.engine} is {manifest.backend}",
+                param="parallel",
+            )
         if self.max_body_mb is not None and not 0 < self.max_body_mb < float("inf"):
             raise BadInput(f"max_body_mb must be > 0, got {self.max_body_mb}", param="max_body_mb")
         if not 0 < self.port < 65536:
@@ -60,3 +78,12 @@ def _check_listen(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as e:
             raise BadInput(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on now (the OS's pick): for a rank group's
+    rendezvous, and for servers started in tests."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -256,6 +256,12 @@ class VideoService:
             )
         return stats
 
+    def reopen(self, engine: Engine) -> None:
+        """Serve on `engine` from now on: the same bundle opened again after the rank group of the
+        old one failed (its jobs have ended, failed with the reason; the counters start again)."""
+        with self._lock:
+            self.engine = engine
+
     def close(self) -> None:
         """Stop admitting and close the engine (what is queued or running ends cancelled)."""
         with self._lock:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ openai = pytest.importorskip("openai")
 
 import sencache  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
+from sencache.serving.options import free_port  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,16 +30,10 @@ PROMPT = "one small red circle moving left slow on black"
 POLL_MS = 100
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def client(calibrated_bundle: Path):
     """An `openai.OpenAI` client of the app (2 replicas) on a free loopback port; Ray shut down afterwards."""
-    port = _free_port()
+    port = free_port()
     serving.start(serving.ServeOptions(engine=calibrated_bundle, port=port, replicas=2, threads=1), num_cpus=2)
     try:
         end = time.monotonic() + 120

@@ -29,6 +29,7 @@ NOT_RUN = {
     "sencache build --model cogvideox ": NEEDS_CHECKPOINT,
     "sencache calibrate --engine bundles/cogvideox": NEEDS_CHECKPOINT,
     "sencache serve --engine runs/demo/tiny-wan": "tests/test_serving.py serves a calibrated tiny-wan on 127.0.0.1",
+    "torchrun --nproc-per-node 2 ": "tests/test_parallel_cli.py runs it (python -m torch.distributed.run) on 127.0.0.1",
     "curl -s localhost:8000/v1/videos ": "tests/test_serving.py posts this body to the served tiny-wan",
 }
 """The README's lines this test does not run, by how they start, and where they are run instead."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ requests = pytest.importorskip("requests")
 from sencache.runtime.manifest import read_manifest  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
 from sencache.serving.guard import default_max_body  # noqa: E402
+from sencache.serving.options import free_port  # noqa: E402
 from sencache.serving.schema import VideoRequest  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
@@ -37,16 +37,10 @@ MOST_ERROR_BYTES = 4000
 BOUND_S = 180.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(calibrated_bundle: Path):
     """The app with 1 replica on a free loopback port; Ray shut down afterwards."""
-    port = _free_port()
+    port = free_port()
     serving.start(serving.ServeOptions(engine=calibrated_bundle, port=port, threads=1), num_cpus=1)
     base = f"http://127.0.0.1:{port}"
     try:

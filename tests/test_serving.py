@@ -7,7 +7,6 @@ metrics, and a job whose replica is killed is reported failed while the server s
 from __future__ import annotations
 
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -19,53 +18,24 @@ requests = pytest.importorskip("requests")
 
 import sencache  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
+from sencache.serving.options import free_port  # noqa: E402
+from served import PROMPT, create, until, wait  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
-
-PROMPT = "one small red circle moving left slow on black"
-DEADLINE_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(calibrated_bundle: Path):
     """The app with 2 replicas of queue 2 on a free loopback port; Ray shut down afterwards."""
-    port = _free_port()
+    port = free_port()
     options = serving.ServeOptions(engine=calibrated_bundle, port=port, replicas=2, max_queue=2, threads=1)
     serving.start(options, num_cpus=2)
     base = f"http://127.0.0.1:{port}"
     try:
-        _until(lambda: requests.get(f"{base}/healthz", timeout=10).status_code == 200, "healthz")
+        until(lambda: requests.get(f"{base}/healthz", timeout=10).status_code == 200, "healthz")
         yield base
     finally:
         serving.stop()
-
-
-def _until(check, what: str, timeout: float = DEADLINE_S):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _create(base: str, **body) -> requests.Response:
-    return requests.post(f"{base}/v1/videos", json={"prompt": PROMPT, **body}, timeout=30)
-
-
-def _wait(base: str, video_id: str, states=("completed", "failed")) -> dict:
-    def ended():
-        job = requests.get(f"{base}/v1/videos/{video_id}", timeout=30).json()
-        return job if job["status"] in states else None
-
-    return _until(ended, f"{video_id} to end")
 
 
 def _submitted(base: str) -> float:
@@ -78,11 +48,11 @@ def _submitted(base: str) -> float:
 
 
 def test_served_video_equals_engine_generate(server, calibrated_bundle):
-    reply = _create(server, seed=3, steps=8, cache={"method": "sencache", "knobs": {"eps_main": 0.3}})
+    reply = create(server, seed=3, steps=8, cache={"method": "sencache", "knobs": {"eps_main": 0.3}})
     assert reply.status_code == 200, reply.text
     job = reply.json()
     assert set(job) >= {"id", "status"} and job["status"] in ("queued", "in_progress")
-    done = _wait(server, job["id"])
+    done = wait(server, job["id"])
     assert done["status"] == "completed" and done["progress"] == 100 and done["step"] == done["steps"] == 8
     assert 1 <= done["nfe"] <= 8
 
@@ -121,9 +91,9 @@ def test_prompt_embeds_give_the_prompts_video(server, calibrated_bundle):
         embeds = engine.model.encode([PROMPT])[0]
     videos = []
     for text in ({"prompt": PROMPT}, {"prompt": None, "prompt_embeds": embeds.tolist()}):
-        reply = _create(server, **text, seed=5, steps=3, cache={"preset": "reference"})
+        reply = create(server, **text, seed=5, steps=3, cache={"preset": "reference"})
         assert reply.status_code == 200, reply.text
-        assert _wait(server, reply.json()["id"])["status"] == "completed"
+        assert wait(server, reply.json()["id"])["status"] == "completed"
         content = requests.get(
             f"{server}/v1/videos/{reply.json()['id']}/content", params={"variant": "frames"}, timeout=30
         )
@@ -159,7 +129,7 @@ def test_openapi_reads_the_knob_table(server):
 )
 def test_bad_requests_are_422_and_never_queued(server, body, reason):
     before = _submitted(server)
-    reply = _create(server, **body)
+    reply = create(server, **body)
     assert reply.status_code == 422, reply.text
     assert reason in reply.text
     assert _submitted(server) == before
@@ -177,7 +147,7 @@ def test_full_queue_is_429_then_cancel_frees_it(server):
     at the latest (earlier while jobs wait for the next step boundary to take free rows)."""
     ids = []
     for _ in range(11):
-        reply = _create(server, steps=200, cache={"preset": "reference"})
+        reply = create(server, steps=200, cache={"preset": "reference"})
         if reply.status_code == 429:
             break
         assert reply.status_code == 200, reply.text
@@ -191,22 +161,22 @@ def test_full_queue_is_429_then_cancel_frees_it(server):
         assert reply.status_code == 200 and reply.json() == {"id": video_id, "object": "video.deleted", "deleted": True}
     gone = requests.get(f"{server}/v1/videos/{ids[0]}/content", timeout=30)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "video_deleted"
-    again = _create(server, steps=2)
+    again = create(server, steps=2)
     assert again.status_code == 200
-    assert _wait(server, again.json()["id"])["status"] == "completed"
+    assert wait(server, again.json()["id"])["status"] == "completed"
 
 
 def test_a_dead_replica_fails_its_jobs_and_the_server_stays_up(server):
     job = None
     for _ in range(4):  # round robin: one of the next two lands on replica 0
-        reply = _create(server, steps=200, cache={"preset": "reference"})
+        reply = create(server, steps=200, cache={"preset": "reference"})
         assert reply.status_code == 200
         if reply.json()["id"].startswith("video_0_"):
             job = reply.json()
             break
         requests.delete(f"{server}/v1/videos/{reply.json()['id']}", timeout=60)
     assert job is not None
-    _until(lambda: requests.get(f"{server}/v1/videos/{job['id']}", timeout=30).json()["step"] > 0, "a step")
+    until(lambda: requests.get(f"{server}/v1/videos/{job['id']}", timeout=30).json()["step"] > 0, "a step")
 
     names = [
         a["name"]
@@ -216,13 +186,13 @@ def test_a_dead_replica_fails_its_jobs_and_the_server_stays_up(server):
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
-    failed = _wait(server, job["id"])
+    failed = wait(server, job["id"])
     assert failed["status"] == "failed" and "replica died" in failed["error"]["message"]
-    _until(lambda: requests.get(f"{server}/healthz", timeout=10).status_code == 200, "the replica to restart")
+    until(lambda: requests.get(f"{server}/healthz", timeout=10).status_code == 200, "the replica to restart")
     for _ in range(2):  # both replicas take new work
-        reply = _create(server, steps=2)
+        reply = create(server, steps=2)
         assert reply.status_code == 200
-        assert _wait(server, reply.json()["id"])["status"] == "completed"
+        assert wait(server, reply.json()["id"])["status"] == "completed"
 
 
 @pytest.mark.parametrize("batching", ["static", "step"])
@@ -238,11 +208,11 @@ def test_batching_modes_admit_as_documented(calibrated_bundle, batching):
     try:
         t_first = time.perf_counter()
         first = service.submit(VideoRequest(prompt=PROMPT, seed=1, steps=10, cache={"preset": "reference"}))
-        _until(lambda: service.status(first.id).step >= 1, "the first job's first step")
+        until(lambda: service.status(first.id).step >= 1, "the first job's first step")
         t_second = time.perf_counter()
         second = service.submit(VideoRequest(prompt=PROMPT, seed=2, steps=3, cache={"preset": "reference"}))
         for job in (first, second):
-            _until(lambda job=job: service.status(job.id).status == "completed", job.id)
+            until(lambda job=job: service.status(job.id).status == "completed", job.id)
         first, second = service.status(first.id), service.status(second.id)
         first_end = t_first + first.latency_s
         second_start = t_second + second.queue_wait_s
