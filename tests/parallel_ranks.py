@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from ports import free_port
 
 from sencache.runtime.errors import Cancelled, Failed
 from sencache.runtime.model import Model
@@ -26,6 +25,7 @@ from sencache.runtime.parallel.sequence import shard_sequence
 from sencache.runtime.request import GenerationParams
 from sencache.runtime.scheduler import StepLevel
 from sencache.runtime.stepping import StepEngine
+from sencache.serving.options import free_port
 
 PROMPTS = ("one small red circle static on black", "two large blue squares moving right slow on black")
 
