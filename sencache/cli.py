@@ -140,10 +140,11 @@ def _generate(args: argparse.Namespace) -> None:
         model.encode(request.prompts)
         policy = model.policy(request.cache, request.steps, len(request.prompts), request.knobs)
         check_free_space(args.out.parent, run_bytes(model.bundle, len(request.prompts)), f"writing {args.out}")
-        result = engine.denoise(request, policy, progress=True)
-    frames = model.decode(result.latents)  # after the other ranks are let go: decoding is rank 0's alone
-    with staged_folder(args.out, RUN) as folder:
-        document = write_run(folder, model, request, policy, result, frames, time.perf_counter() - started)
+        with staged_folder(args.out, RUN) as folder:  # claimed (locked, writable) before the work
+            result = engine.denoise(request, policy, progress=True)
+            engine.close()  # lets the other ranks go: decoding and writing are rank 0's alone
+            frames = model.decode(result.latents)
+            document = write_run(folder, model, request, policy, result, frames, time.perf_counter() - started)
     for sample in document["samples"]:
         print(
             f"{sample['nfe']:3d}/{request.steps} NFE  {sample['prompt']!r} seed {sample['seed']} "

@@ -511,13 +511,13 @@ def test_calibration_tables_are_written_together(ort_bundle, calibrated_bundle, 
 
 
 def test_an_internal_error_points_at_its_log(capsys, ort_bundle, tmp_path, monkeypatch):
-    from sencache.runtime.model import Model
+    from sencache.runtime.api import Engine
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setattr(Model, "generate", broken)
+    monkeypatch.setattr(Engine, "denoise", broken)
     code = main([str(a) for a in generate(ort_bundle, tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "internal error (ZeroDivisionError)" in err and len(err.strip().splitlines()) == 1
