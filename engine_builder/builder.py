@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sencache.data.prompts import check_prompts
+from sencache.engine_builder.dummy import dummy_config, dummy_transformer
 from sencache.engine_builder.onnx_export import StageSpec
 from sencache.engine_builder.precision import Precision, precision
 from sencache.engine_builder.targets import OnnxTarget, target
@@ -47,6 +48,12 @@ from sencache.runtime.manifest import (
 from sencache.runtime.tiny_text import TinyTextEncoder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
+LOAD_FORMATS = ("weights", "dummy")
+DUMMY_TEXT = TextEncoderSpec(
+    "dummy",
+    note="dummy weights: no text encoder or VAE (their real sizes would dominate the build); prompt "
+    "embeddings are drawn from each prompt at the real text shape, frames are blank",
+)
 Log = Callable[[str], None]
 
 
@@ -66,10 +73,17 @@ class BuildOptions:
     """Uncached trajectories that calibrate the FP8 quantizer."""
     fp8_prompts: tuple[str, ...] | None = None
     """Their prompts, taken in turn (None: the model's default calibration prompts)."""
+    load_format: str = "weights"
+    """`weights`: read `weights` (or a tiny model's bundled ones); `dummy`: random weights from `seed`."""
+    seed: int = 0
+    """The dummy weights' seed."""
+    layers: int | None = None
+    """With dummy weights: this many transformer blocks instead of the preset's (None: all)."""
 
     def check(self) -> BuildPlan:
         """Resolve and check every option before any work; BadInput names the first bad one."""
         adapter, preset = resolve(self.model)
+        preset = self._dummy_preset(preset)
         backend = target(self.backend)
         backend.check(self)
         chosen = precision(self.precision)
@@ -97,7 +111,31 @@ class BuildOptions:
         adapter.latent_shape(preset, shapes)  # sizes the family cannot take are refused here, before any work
         if self.fp8_prompts is not None:
             check_prompts(self.fp8_prompts, preset.tiny, preset.name)
-        return BuildPlan(self, adapter, preset, backend, chosen, shapes, _weights_folder(preset, self.weights))
+        weights = None if self.dummy else _weights_folder(preset, self.weights)
+        return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights)
+
+    @property
+    def dummy(self) -> bool:
+        return self.load_format == "dummy"
+
+    def _dummy_preset(self, preset: ModelPreset) -> ModelPreset:
+        """`preset` as the load format builds it (dummy: `layers` blocks); BadInput for options that
+        do not go together."""
+        if self.load_format not in LOAD_FORMATS:
+            raise BadInput(
+                f"unknown load_format {self.load_format!r} (choose from {', '.join(LOAD_FORMATS)})", param="load_format"
+            )
+        if not self.dummy:
+            if self.layers is not None:
+                raise BadInput("layers applies to load_format dummy", param="layers")
+            return preset
+        if self.weights is not None:
+            raise BadInput("weights and load_format dummy exclude each other: dummy weights are drawn", param="weights")
+        if preset.tiny:
+            raise BadInput(f"load_format dummy is for real presets; {preset.name} ships its own weights", param="model")
+        if not 0 <= self.seed < 2**31:
+            raise BadInput(f"seed must be in [0, 2**31), got {self.seed}", param="seed")
+        return dataclasses.replace(preset, config=dummy_config(preset, self.layers))
 
 
 @dataclass(frozen=True)
@@ -179,11 +217,33 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
 def _load(plan: BuildPlan, log: Log) -> LoadedModel:
     """The transformer with the weights' config, split in fp32 and in the build's precision."""
     preset = plan.preset
+    if plan.options.dummy:
+        return _load_dummy(plan, log)
     log(f"loading {preset.name} ({preset.description})")
     torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
     transformer = build_transformer(plan.adapter, preset, plan.weights)
     preset = dataclasses.replace(preset, config=dict(preset.config, **_jsonable(dict(transformer.config))))
     lowered = plan.precision.lower(transformer)
+    return _loaded(plan, preset, transformer, lowered)
+
+
+def _load_dummy(plan: BuildPlan, log: Log) -> LoadedModel:
+    """The transformer with dummy weights: drawn once in fp32 (the reference) and, for a lower
+    precision, drawn again straight in it (the same values rounded) instead of copied and cast."""
+    preset, seed = plan.preset, plan.options.seed
+    log(
+        f"drawing dummy weights for {preset.name} ({preset.config.get('num_layers')} blocks, seed {seed}): "
+        f"RANDOM weights, for engineering and speed checks only"
+    )
+    transformer = dummy_transformer(plan.adapter, preset.config, seed)
+    preset = dataclasses.replace(preset, config=dict(preset.config, **_jsonable(dict(transformer.config))))
+    dtype = plan.precision.dtype
+    lowered = transformer if dtype == torch.float32 else dummy_transformer(plan.adapter, preset.config, seed, dtype)
+    return _loaded(plan, preset, transformer, lowered)
+
+
+def _loaded(plan: BuildPlan, preset: ModelPreset, transformer: nn.Module, lowered: nn.Module) -> LoadedModel:
+    """The fp32 `transformer` and its `lowered` twin, split into stages."""
     return LoadedModel(
         plan.adapter,
         preset,
@@ -221,12 +281,13 @@ def _manifest(plan: BuildPlan, model: LoadedModel, folder: Path, validation: dic
         },
         scheduler=_scheduler_config(adapter, preset, plan.weights),
         defaults=Defaults.parse({"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults}),
-        text_encoder=_copy_text_encoder(adapter, preset, plan.weights, folder),
+        text_encoder=DUMMY_TEXT if plan.options.dummy else _copy_text_encoder(adapter, preset, plan.weights, folder),
         validation=validation,
         tools=_tools(),
         weights_source=str(plan.weights) if plan.weights else None,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         weights=plan.target.weights,
+        dummy_seed=plan.options.seed if plan.options.dummy else None,
     )
 
 

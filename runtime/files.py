@@ -24,12 +24,19 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sencache.runtime.errors import BadInput
+
+HASH_CHUNK = 1 << 22
+LARGE_FILE = 1 << 30
+"""Files this large show a progress bar while they are hashed."""
 
 OWNER = ".sencache-owner.json"
 """The ownership marker: {"tool": "sencache", "kind": ..., "state": "partial"|"complete", "files": [...]}."""
@@ -57,10 +64,27 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def sha256(path: Path) -> str:
+    """The SHA-256 of a file, streamed in 4 MiB chunks into one reused buffer (a file of any size
+    costs 4 MiB of memory); a progress bar on stderr for files of 1 GiB or more."""
+    size = Path(path).stat().st_size
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with (
+        open(path, "rb", buffering=0) as f,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"checksum {Path(path).name}",
+            disable=size < LARGE_FILE,
+            leave=False,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+            bar.update(n)
     return h.hexdigest()
 
 

@@ -64,7 +64,7 @@ class OnnxRuntimeBackend(StageBackend):
         self.providers = self.onnx.providers
         for stage in STAGES:
             try:
-                session = self.onnx.open(stage, bundle.read(files[stage]))
+                session = self.onnx.open(stage, str(bundle.checked_file(files[stage])))
             except Exception as e:  # onnxruntime raises its own exception types for bad models
                 raise BadInput(
                     f"bundle {bundle.path}: ONNX Runtime cannot load {files[stage]}: {str(e).splitlines()[0][:200]}"

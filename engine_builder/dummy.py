@@ -1,0 +1,71 @@
+"""Dummy weights: a real preset's transformer at its true shapes with deterministic random weights.
+
+Like vLLM's `--load-format dummy`, for what does not depend on the weights: export, memory, bundle
+size, load time and speed. The transformer is constructed with its parameters on the `meta` device
+(no memory; buffers such as rotary tables are computed for real) and then materialised one
+parameter at a time, so the process never holds more than the finished model plus one tensor.
+Each value is a function of the seed and the parameter's name alone: the same seed gives the same
+weights in every precision and whatever the number of blocks, so a fp32 reference of a fp16 build
+is drawn again rather than copied.
+
+The draw keeps activations bounded through every block: matrices and convolutions N(0, 1/fan_in),
+norm and other 1-D scales 1, biases 0, other tables N(0, 1/last dimension).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families import FamilyAdapter, ModelPreset
+
+LAYERS_KEY = "num_layers"
+"""The config key of the number of transformer blocks (every registered family's diffusers class)."""
+
+
+def dummy_config(preset: ModelPreset, layers: int | None) -> dict[str, Any]:
+    """The preset's config, with `layers` blocks instead of its own when given (engineering checks
+    at the true width); BadInput when the preset has no such key or `layers` is out of range."""
+    config = dict(preset.config)
+    if layers is None:
+        return config
+    if LAYERS_KEY not in config:
+        raise BadInput(f"layers: {preset.name} has no {LAYERS_KEY} in its config", param="layers")
+    if not 1 <= layers <= config[LAYERS_KEY]:
+        raise BadInput(f"layers must be in [1, {config[LAYERS_KEY]}] for {preset.name}, got {layers}", param="layers")
+    config[LAYERS_KEY] = layers
+    return config
+
+
+def dummy_transformer(
+    adapter: FamilyAdapter, config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The family's transformer with `config` and random weights drawn from `seed`, in `dtype`
+    except the modules diffusers keeps in fp32 (as `from_pretrained(torch_dtype=...)` loads them)."""
+    with init_empty_weights(include_buffers=False):
+        transformer = adapter.transformer_class()(**config)
+    keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or [])
+    for name, module in transformer.named_modules():
+        for key, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full = f"{name}.{key}" if name else key
+            kept = any(part in keep for part in full.split("."))
+            value = draw(full, tuple(param.shape), seed).to(torch.float32 if kept else dtype)
+            module._parameters[key] = nn.Parameter(value, requires_grad=False)
+    return transformer.eval()
+
+
+def draw(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The fp32 value of parameter `name` of `shape` under `seed` (see the module's docstring)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if len(shape) == 1:
+        return torch.zeros(shape) if leaf == "bias" else torch.ones(shape)
+    generator = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+    fan_in = shape[-1] if leaf != "weight" else int(torch.tensor(shape[1:]).prod())
+    return torch.randn(shape, generator=generator) / fan_in**0.5
