@@ -123,7 +123,7 @@ class BuildOptions:
         do not go together."""
         if self.load_format not in LOAD_FORMATS:
             raise BadInput(
-                f"unknown load_format {self.load_format!r} (choose from {', '.join(LOAD_FORMATS)})", param="load_format"
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}", param="load_format"
             )
         if not self.dummy:
             if self.layers is not None:
@@ -132,7 +132,9 @@ class BuildOptions:
         if self.weights is not None:
             raise BadInput("weights and load_format dummy exclude each other: dummy weights are drawn", param="weights")
         if preset.tiny:
-            raise BadInput(f"load_format dummy is for real presets; {preset.name} ships its own weights", param="model")
+            raise BadInput(
+                f"model {preset.name} ships its own weights; load_format dummy is for real presets", param="model"
+            )
         if not 0 <= self.seed < 2**31:
             raise BadInput(f"seed must be in [0, 2**31), got {self.seed}", param="seed")
         return dataclasses.replace(preset, config=dummy_config(preset, self.layers))

@@ -66,6 +66,7 @@ def draw(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) == 1:
         return torch.zeros(shape) if leaf == "bias" else torch.ones(shape)
-    generator = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+    # torch's CPU generator (mt19937) keeps 32 bits of its seed: seed and name are hashed into them
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
     fan_in = shape[-1] if leaf != "weight" else int(torch.tensor(shape[1:]).prod())
     return torch.randn(shape, generator=generator) / fan_in**0.5

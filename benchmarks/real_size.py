@@ -1,0 +1,200 @@
+"""Real-size builds with dummy weights: what a real preset costs to build, load and run here.
+
+    nice -n 15 python -m sencache.benchmarks.real_size --model wan2.1-t2v-1.3b --precision fp16
+
+Per preset and precision (one build at a time; each run adds its row): the build's wall time and
+peak RSS (`/usr/bin/time -v` around `build_engine.py --load-format dummy`), the bundle's bytes and
+each ONNX graph's (with its external data), the validation error per stage and of the chain, the
+time to verify the bundle's checksums against one plain read of its bytes, the load time (checks
+and ONNX Runtime sessions) and seconds per uncached step, all at the reduced resolution the bundle
+is built for (the weights are full size whatever the resolution; validating at the model's own
+resolution would take hours on these CPUs). Writes `benchmarks/results/real_size/<model>-<precision>.json`
+and the table of every row there in `report.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.files import HASH_CHUNK, write_atomic
+from sencache.runtime.model import Model
+from sencache.runtime.request import GenerationParams
+
+RESULTS = Path("benchmarks/results/real_size")
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "engine_builder" / "build_engine.py"
+REDUCED = {"frames": 9, "height": 128, "width": 128}
+"""The resolution every real-size bundle here is built, validated and run at (Wan: 3x16x16 latent,
+192 tokens; the text stays at its real length)."""
+STEPS = 3
+
+
+def build(model: str, precision: str, out: Path, layers: int | None) -> dict[str, Any]:
+    """Run the dummy build in a child process under `/usr/bin/time -v`; its wall time, peak RSS and log."""
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        str(BUILD_SCRIPT),
+        "--model",
+        model,
+        "--load-format",
+        "dummy",
+        "--precision",
+        precision,
+        "--max-batch",
+        "1",
+        *(f"--{k}={v}" for k, v in REDUCED.items()),
+        *(() if layers is None else ("--layers", str(layers))),
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    assert rss is not None, "/usr/bin/time -v reports the peak RSS"
+    log = [line for line in done.stdout.splitlines() if line.strip()]
+    return {"build_s": wall, "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9, "build_log": log}
+
+
+def read_once(paths: list[Path]) -> float:
+    """Seconds to read every byte of `paths` once into one reused buffer (the baseline of verification)."""
+    buffer = bytearray(HASH_CHUNK)
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    return time.perf_counter() - started
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (theirs only), so the next read comes from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_verify(bundle: Bundle) -> float:
+    started = time.perf_counter()
+    bundle.verify_files()
+    return time.perf_counter() - started
+
+
+def measure_bundle(path: Path, threads: int) -> dict[str, Any]:
+    """Sizes, validation, verification against one read, load time and s/step of the built bundle."""
+    bundle = Bundle.load(path)
+    files = bundle.manifest.files
+    paths = [path / name for name in files]
+    evict(paths)
+    cold_read_s = read_once(paths)
+    evict(paths)
+    cold_verify_s = timed_verify(bundle)
+    read_s = read_once(paths)
+    verify_s = timed_verify(bundle)
+    started = time.perf_counter()
+    engine = Model.open(path, threads=threads)
+    load_s = time.perf_counter() - started
+    defaults = engine.bundle.manifest.defaults
+    request = GenerationParams(["a red fox running through snow"], [0], STEPS, defaults.guidance)
+    result = engine.generate(request, engine.policy("none", STEPS, 1, {}))
+    onnx = {}
+    for stage, spec in bundle.manifest.stages.items():
+        onnx[stage] = sum(e.bytes for n, e in files.items() if n in (spec.file, f"{spec.file}.data"))
+    return {
+        "bundle_bytes": sum(e.bytes for e in files.values()),
+        "onnx_bytes": onnx,
+        "validation": bundle.manifest.validation,
+        "config": {k: bundle.manifest.config.get(k) for k in ("num_layers", "num_attention_heads")},
+        "latent": list(bundle.manifest.shapes.latent),
+        "read_once_s": read_s,
+        "verify_s": verify_s,
+        "verify_vs_read": verify_s / read_s,
+        "cold_read_once_s": cold_read_s,
+        "cold_verify_s": cold_verify_s,
+        "cold_verify_vs_read": cold_verify_s / cold_read_s,
+        "load_s": load_s,
+        "steps": STEPS,
+        "per_step_s": result.timing["denoise_s"] / STEPS,
+        "rows_per_step": 2,
+    }
+
+
+def write_report(folder: Path) -> None:
+    """report.md: one row per measured preset and precision."""
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    lines = [
+        "# Real-size builds with dummy weights",
+        "",
+        f"Every bundle at {REDUCED['frames']} frames x {REDUCED['height']}x{REDUCED['width']} (the weights at full "
+        "size), ONNX Runtime CPU, max batch 1. Peak RSS of the build from `/usr/bin/time -v`; verification is the "
+        "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
+        "evicted first) and from the page cache; "
+        "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
+        "",
+        "| model | precision | blocks | build s | peak RSS GB | bundle GB | blocks ONNX GB | worst stage rel L2 | "
+        "chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        v = r["validation"]
+        stages = max(v[s]["rel_l2"] for s in ("head", "blocks", "tail"))
+        chain = v.get("chain_vs_fp32", {}).get("rel_l2")
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['config']['num_layers']} | {r['build_s']:.0f} | "
+            f"{r['build_peak_rss_gb']:.1f} | {r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
+            f"{stages:.1e} | {'n/a' if chain is None else f'{chain:.1e}'} | {r['cold_verify_vs_read']:.2f} "
+            f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
+            f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {r['load_s']:.1f} | {r['per_step_s']:.1f} |"
+        )
+    if rows:
+        lines += ["", f"Machine: {rows[-1]['machine']}."]
+    write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sencache.benchmarks.real_size", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a real preset (wan2.1-t2v-1.3b, cogvideox-2b, ...)")
+    p.add_argument("--precision", default="fp16", help="fp32|fp16")
+    p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
+    p.add_argument("--threads", type=int, default=2, help="threads of the measured runs (torch and ONNX Runtime)")
+    p.add_argument("--work", type=Path, help="where the bundle is built (default: a temporary folder, removed)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the results folder")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+        bundle = Path(scratch) / "bundle"
+        row = {"model": args.model, "precision": args.precision, "reduced": REDUCED}
+        row |= build(args.model, args.precision, bundle, args.layers)
+        torch.set_num_threads(args.threads)
+        row |= measure_bundle(bundle, args.threads)
+    row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.model + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{args.precision}"
+    write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
+    write_report(args.out)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Dummy weights (`--load-format dummy`): the draw, the options that go with it, and a real
+preset's true width built with one block at a tiny resolution, then run through `generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sencache.cli import main
+from sencache.engine_builder.builder import BuildOptions, build
+from sencache.engine_builder.dummy import dummy_config, dummy_transformer
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families import resolve
+from sencache.runtime.manifest import DUMMY_NOTICE, Manifest
+
+WAN = "wan2.1-t2v-1.3b"
+TINY_SIZE = {"frames": 5, "height": 32, "width": 32}
+
+
+def _wan(layers: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    adapter, preset = resolve(WAN)
+    return dummy_transformer(adapter, dummy_config(preset, layers), seed, dtype)
+
+
+def test_the_draw_is_a_function_of_seed_and_name():
+    one, two = _wan(1).state_dict(), _wan(2).state_dict()
+    assert not any(t.is_meta for t in two.values())
+    assert all(torch.equal(one[name], two[name]) for name in one)  # fewer blocks: the same first blocks
+    assert set(two) - set(one) and all(name.startswith("blocks.1.") for name in set(two) - set(one))
+    other = _wan(1, seed=1).state_dict()
+    assert not torch.equal(one["blocks.0.ffn.net.0.proj.weight"], other["blocks.0.ffn.net.0.proj.weight"])
+    weight = one["blocks.0.ffn.net.0.proj.weight"]  # 8960 x 1536: N(0, 1/1536)
+    assert weight.shape == (8960, 1536) and abs(weight.std().item() * 1536**0.5 - 1) < 0.01
+
+
+def test_a_lower_precision_draws_the_same_values_rounded():
+    wide, half = _wan(1).state_dict(), _wan(1, dtype=torch.float16).state_dict()
+    assert half["blocks.0.attn1.to_q.weight"].dtype == torch.float16
+    assert half["blocks.0.scale_shift_table"].dtype == torch.float32  # kept in fp32, as diffusers loads it
+    assert torch.equal(half["blocks.0.attn1.to_q.weight"], wide["blocks.0.attn1.to_q.weight"].half())
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"model": WAN, "load_format": "dummy", "weights": Path("/tmp")}, "weights"),
+        ({"model": WAN, "layers": 2}, "layers"),
+        ({"model": WAN, "load_format": "dummy", "layers": 31}, "layers"),
+        ({"model": WAN, "load_format": "dummy", "seed": -1}, "seed"),
+        ({"model": WAN, "load_format": "random"}, "load_format"),
+        ({"model": "tiny-wan", "load_format": "dummy"}, "model"),
+    ],
+)
+def test_options_that_do_not_go_with_dummy_weights(options, param, tmp_path):
+    with pytest.raises(BadInput) as e:
+        BuildOptions(out=tmp_path / "b", **options).check()
+    assert e.value.param == param
+
+
+def test_a_real_preset_needs_no_weights_folder_with_dummy_weights(tmp_path):
+    plan = BuildOptions(model="cogvideox", out=tmp_path / "b", load_format="dummy", layers=1).check()
+    assert plan.weights is None and plan.preset.config["num_layers"] == 1
+    assert plan.preset.config["num_attention_heads"] == resolve("cogvideox")[1].config["num_attention_heads"]
+
+
+@pytest.mark.slow
+def test_a_dummy_build_is_built_loaded_and_run(tmp_path, capsys):
+    """Wan 1.3B's true width (1536, 12 heads, text 512 x 4096) with one block at 5 x 32 x 32."""
+    out = build(
+        BuildOptions(model=WAN, out=tmp_path / "b", load_format="dummy", seed=3, layers=1, max_batch=1, **TINY_SIZE),
+        log=lambda _: None,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dummy_weights"] == {"seed": 3} and manifest["text_encoder"]["kind"] == "dummy"
+    assert manifest["weights_source"] is None and manifest["config"]["num_layers"] == 1
+    assert all(manifest["validation"][stage]["rel_l2"] < 1e-4 for stage in ("head", "blocks", "tail"))
+    bundle = Bundle.load(out)
+    assert bundle.manifest.dummy and Manifest.parse(bundle.manifest.to_json()).dummy_seed == 3
+    assert bundle.manifest.shapes.text == (512, 4096)
+    run = tmp_path / "run"
+    code = main(
+        ["generate", "--engine", str(out), "--prompt", "a fox", "--steps", "2", "--cache", "none", "--out", str(run)]
+    )
+    err = capsys.readouterr().err
+    assert code == 0 and err.count(DUMMY_NOTICE) == 1
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["samples"][0]["nfe"] == 2
