@@ -59,6 +59,12 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--layers", type=int, help="with --load-format dummy: build this many transformer blocks (default: all)"
     )
+    b.add_argument(
+        "--group-blocks",
+        type=int,
+        help="with --load-format dummy: stream the build, this many blocks per ONNX graph and one group in "
+        "memory at a time (models whose weights do not fit twice)",
+    )
     b.add_argument("--backend", default="auto", help="|".join(("auto", *BACKENDS)))
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
     b.add_argument("--frames", type=int, help="video frames (default: the model's)")
@@ -110,6 +116,7 @@ def run_build(args: argparse.Namespace) -> None:
             load_format=args.load_format,
             seed=args.seed,
             layers=args.layers,
+            group_blocks=args.group_blocks,
         )
     )
 

@@ -43,22 +43,47 @@ def dummy_config(preset: ModelPreset, layers: int | None) -> dict[str, Any]:
 
 
 def dummy_transformer(
-    adapter: FamilyAdapter, config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32
+    adapter: FamilyAdapter,
+    config: dict[str, Any],
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    first_block: int = 0,
 ) -> nn.Module:
     """The family's transformer with `config` and random weights drawn from `seed`, in `dtype`
-    except the modules diffusers keeps in fp32 (as `from_pretrained(torch_dtype=...)` loads them)."""
+    except the modules diffusers keeps in fp32 (as `from_pretrained(torch_dtype=...)` loads them).
+    With `first_block`, its blocks are the model's blocks from that one on (a streamed build's
+    group: block j is drawn as block first_block + j)."""
     with init_empty_weights(include_buffers=False):
         transformer = adapter.transformer_class()(**config)
     keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or [])
+    blocks = block_list_name(transformer, config[LAYERS_KEY])
     for name, module in transformer.named_modules():
         for key, param in list(module._parameters.items()):
             if param is None:
                 continue
             full = f"{name}.{key}" if name else key
             kept = any(part in keep for part in full.split("."))
-            value = draw(full, tuple(param.shape), seed).to(torch.float32 if kept else dtype)
-            module._parameters[key] = nn.Parameter(value, requires_grad=False)
+            value = draw(_shifted(full, blocks, first_block), tuple(param.shape), seed)
+            module._parameters[key] = nn.Parameter(value.to(torch.float32 if kept else dtype), requires_grad=False)
     return transformer.eval()
+
+
+def block_list_name(transformer: nn.Module, layers: int) -> str:
+    """The name of the transformer's list of `layers` blocks (`blocks`, `transformer_blocks`)."""
+    lists = [name for name, child in transformer.named_children() if isinstance(child, nn.ModuleList)]
+    found = [name for name in lists if len(getattr(transformer, name)) == layers]
+    if len(found) != 1:
+        raise ValueError(f"{type(transformer).__name__}: no single list of {layers} blocks among {lists}")
+    return found[0]
+
+
+def _shifted(name: str, blocks: str, first_block: int) -> str:
+    """`name` with its block index moved on by `first_block` (other names unchanged)."""
+    head, _, rest = name.partition(".")
+    if head != blocks or not first_block:
+        return name
+    index, _, leaf = rest.partition(".")
+    return f"{blocks}.{int(index) + first_block}.{leaf}"
 
 
 def draw(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

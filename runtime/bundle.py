@@ -251,7 +251,7 @@ def _check_family(bundle: Bundle) -> None:
 def _check_files(bundle: Bundle) -> None:
     """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
     files = bundle.manifest.files
-    needed = [bundle.manifest.stages[s].file for s in schema.STAGES]
+    needed = [file for s in schema.STAGES for file in bundle.manifest.stages[s].files]
     if bundle.manifest.text_encoder.kind == "tiny":
         assert bundle.manifest.text_encoder.file is not None, "Manifest.parse sets a tiny encoder's file"
         needed.append(bundle.manifest.text_encoder.file)

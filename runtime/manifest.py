@@ -154,9 +154,18 @@ class Stage:
     file: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    parts: tuple[str, ...] = ()
+    """Further graphs of the stage in a streamed build (groups of blocks), run after `file` in order,
+    each taking the streams the one before returned (ONNX Runtime bundles only)."""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every graph of the stage, in the order they run."""
+        return (self.file, *self.parts)
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "inputs": list(self.inputs), "outputs": list(self.outputs)}
+        parts = {"parts": list(self.parts)} if self.parts else {}
+        return {"file": self.file, **parts, "inputs": list(self.inputs), "outputs": list(self.outputs)}
 
 
 @dataclass(frozen=True)
@@ -368,6 +377,8 @@ class Manifest:
         precision = m.text("precision", PRECISIONS)
         backend = m.text("backend", tuple(BACKENDS))
         stages = _stages(m.obj("stages"))
+        if backend != "onnxruntime" and any(stage.parts for stage in stages.values()):
+            raise BadInput(f"stages with parts (a streamed build) run on onnxruntime, not {backend}")
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
         tensorrt = TensorRTRecord.parse(m.get("tensorrt")) if BACKENDS[backend].engine_module else None
         scheduler = m.obj("scheduler")
@@ -406,10 +417,12 @@ def _stages(section: _Fields) -> dict[str, Stage]:
     stages = {}
     for stage in STAGES:
         spec = section.obj(stage)
+        parts = spec.names("parts") if "parts" in spec.value else []
         stages[stage] = Stage(
             plain_name(spec.text("file"), spec.name("file")),
             tuple(spec.names("inputs")),
             tuple(spec.names("outputs")),
+            tuple(plain_name(part, spec.name("parts")) for part in parts),
         )
     return stages
 

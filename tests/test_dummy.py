@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,9 +17,11 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 from sencache.runtime.manifest import DUMMY_NOTICE, Manifest
+from sencache.runtime.model import Model
+from sencache.runtime.request import GenerationParams
 
 WAN = "wan2.1-t2v-1.3b"
-TINY_SIZE = {"frames": 5, "height": 32, "width": 32}
+SMALL = {"layers": 2, "frames": 5, "height": 32, "width": 32, "max_batch": 1}
 
 
 def _wan(layers: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -49,6 +52,9 @@ def test_a_lower_precision_draws_the_same_values_rounded():
     [
         ({"model": WAN, "load_format": "dummy", "weights": Path("/tmp")}, "weights"),
         ({"model": WAN, "layers": 2}, "layers"),
+        ({"model": WAN, "group_blocks": 2}, "group_blocks"),
+        ({"model": WAN, "load_format": "dummy", "group_blocks": 31}, "group_blocks"),
+        ({"model": WAN, "load_format": "dummy", "group_blocks": 2, "precision": "fp8"}, "group_blocks"),
         ({"model": WAN, "load_format": "dummy", "layers": 31}, "layers"),
         ({"model": WAN, "load_format": "dummy", "seed": -1}, "seed"),
         ({"model": WAN, "load_format": "random"}, "load_format"),
@@ -67,25 +73,43 @@ def test_a_real_preset_needs_no_weights_folder_with_dummy_weights(tmp_path):
     assert plan.preset.config["num_attention_heads"] == resolve("cogvideox")[1].config["num_attention_heads"]
 
 
+@pytest.fixture(scope="module")
+def dummy_bundle(tmp_path_factory) -> Path:
+    """Wan 1.3B's true width (1536, 12 heads, text 512 x 4096) with two blocks at 5 x 32 x 32."""
+    out = tmp_path_factory.mktemp("dummy") / "b"
+    return build(BuildOptions(model=WAN, out=out, load_format="dummy", seed=3, **SMALL), log=lambda _: None)
+
+
 @pytest.mark.slow
-def test_a_dummy_build_is_built_loaded_and_run(tmp_path, capsys):
-    """Wan 1.3B's true width (1536, 12 heads, text 512 x 4096) with one block at 5 x 32 x 32."""
-    out = build(
-        BuildOptions(model=WAN, out=tmp_path / "b", load_format="dummy", seed=3, layers=1, max_batch=1, **TINY_SIZE),
-        log=lambda _: None,
-    )
-    manifest = json.loads((out / "manifest.json").read_text())
+def test_a_dummy_build_is_built_loaded_and_run(dummy_bundle, tmp_path, capsys):
+    manifest = json.loads((dummy_bundle / "manifest.json").read_text())
     assert manifest["dummy_weights"] == {"seed": 3} and manifest["text_encoder"]["kind"] == "dummy"
-    assert manifest["weights_source"] is None and manifest["config"]["num_layers"] == 1
+    assert manifest["weights_source"] is None and manifest["config"]["num_layers"] == 2
     assert all(manifest["validation"][stage]["rel_l2"] < 1e-4 for stage in ("head", "blocks", "tail"))
-    bundle = Bundle.load(out)
+    bundle = Bundle.load(dummy_bundle)
     assert bundle.manifest.dummy and Manifest.parse(bundle.manifest.to_json()).dummy_seed == 3
     assert bundle.manifest.shapes.text == (512, 4096)
     run = tmp_path / "run"
-    code = main(
-        ["generate", "--engine", str(out), "--prompt", "a fox", "--steps", "2", "--cache", "none", "--out", str(run)]
-    )
+    args = ["generate", "--engine", dummy_bundle, "--prompt", "a fox", "--steps", "2", "--cache", "none", "--out", run]
+    code = main([str(a) for a in args])
     err = capsys.readouterr().err
     assert code == 0 and err.count(DUMMY_NOTICE) == 1
-    stats = json.loads((run / "stats.json").read_text())
-    assert stats["samples"][0]["nfe"] == 2
+    assert json.loads((run / "stats.json").read_text())["samples"][0]["nfe"] == 2
+
+
+@pytest.mark.slow
+def test_a_streamed_build_runs_as_the_whole_graph(dummy_bundle, tmp_path):
+    """One block per graph, one group in memory at a time: the same latents as the one-graph build."""
+    streamed = build(
+        BuildOptions(model=WAN, out=tmp_path / "s", load_format="dummy", seed=3, group_blocks=1, **SMALL),
+        log=lambda _: None,
+    )
+    manifest = Bundle.load(streamed).manifest
+    assert manifest.stages["blocks"].files == ("blocks.onnx", "blocks.1.onnx")
+    assert [g["blocks"] for g in manifest.validation["blocks_groups"]] == [[0, 1], [1, 2]]
+    latents = []
+    for path in (dummy_bundle, streamed):
+        engine = Model.open(path, threads=1)
+        request = GenerationParams(["a fox"], [0], 2, 5.0)
+        latents.append(engine.generate(request, engine.policy("none", 2, 1, {})).latents)
+    assert np.array_equal(latents[0], latents[1])
