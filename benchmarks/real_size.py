@@ -39,9 +39,11 @@ REDUCED = {"frames": 9, "height": 128, "width": 128}
 """The resolution every real-size bundle here is built, validated and run at (Wan: 3x16x16 latent,
 192 tokens; the text stays at its real length)."""
 STEPS = 3
+LOAD_SHARE = 0.7
+"""The share of the available memory a bundle may take to be loaded and run here."""
 
 
-def build(model: str, precision: str, out: Path, layers: int | None) -> dict[str, Any]:
+def build(model: str, precision: str, out: Path, layers: int | None, group_blocks: int | None) -> dict[str, Any]:
     """Run the dummy build in a child process under `/usr/bin/time -v`; its wall time, peak RSS and log."""
     command = [
         "/usr/bin/time",
@@ -58,6 +60,7 @@ def build(model: str, precision: str, out: Path, layers: int | None) -> dict[str
         "1",
         *(f"--{k}={v}" for k, v in REDUCED.items()),
         *(() if layers is None else ("--layers", str(layers))),
+        *(() if group_blocks is None else ("--group-blocks", str(group_blocks))),
         "--out",
         str(out),
         "--overwrite",
@@ -101,38 +104,58 @@ def timed_verify(bundle: Bundle) -> float:
     return time.perf_counter() - started
 
 
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what this machine can still give a process."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
 def measure_bundle(path: Path, threads: int) -> dict[str, Any]:
-    """Sizes, validation, verification against one read, load time and s/step of the built bundle."""
+    """Sizes, validation, verification against one read, load time and s/step of the built bundle
+    (load and run only where its graphs fit in memory: ONNX Runtime holds them all)."""
     bundle = Bundle.load(path)
     files = bundle.manifest.files
     paths = [path / name for name in files]
+    onnx = {}
+    for stage, spec in bundle.manifest.stages.items():
+        onnx[stage] = sum(e.bytes for n, e in files.items() if n in spec.files or n[: -len(".data")] in spec.files)
+    figures: dict[str, Any] = {
+        "bundle_bytes": sum(e.bytes for e in files.values()),
+        "onnx_bytes": onnx,
+        "graphs": {stage: len(spec.files) for stage, spec in bundle.manifest.stages.items()},
+        "validation": bundle.manifest.validation,
+        "config": {k: bundle.manifest.config.get(k) for k in ("num_layers", "num_attention_heads")},
+        "latent": list(bundle.manifest.shapes.latent),
+    }
     evict(paths)
     cold_read_s = read_once(paths)
     evict(paths)
     cold_verify_s = timed_verify(bundle)
     read_s = read_once(paths)
     verify_s = timed_verify(bundle)
-    started = time.perf_counter()
-    engine = Model.open(path, threads=threads)
-    load_s = time.perf_counter() - started
-    defaults = engine.bundle.manifest.defaults
-    request = GenerationParams(["a red fox running through snow"], [0], STEPS, defaults.guidance)
-    result = engine.generate(request, engine.policy("none", STEPS, 1, {}))
-    onnx = {}
-    for stage, spec in bundle.manifest.stages.items():
-        onnx[stage] = sum(e.bytes for n, e in files.items() if n in (spec.file, f"{spec.file}.data"))
-    return {
-        "bundle_bytes": sum(e.bytes for e in files.values()),
-        "onnx_bytes": onnx,
-        "validation": bundle.manifest.validation,
-        "config": {k: bundle.manifest.config.get(k) for k in ("num_layers", "num_attention_heads")},
-        "latent": list(bundle.manifest.shapes.latent),
+    figures |= {
         "read_once_s": read_s,
         "verify_s": verify_s,
         "verify_vs_read": verify_s / read_s,
         "cold_read_once_s": cold_read_s,
         "cold_verify_s": cold_verify_s,
         "cold_verify_vs_read": cold_verify_s / cold_read_s,
+    }
+    free = available_bytes()
+    if figures["bundle_bytes"] > LOAD_SHARE * free:
+        figures["not_run"] = (
+            f"{figures['bundle_bytes'] / 1e9:.1f} GB of graphs, which ONNX Runtime holds at once, exceed "
+            f"{LOAD_SHARE:.0%} of the {free / 1e9:.1f} GB available"
+        )
+        return figures
+    started = time.perf_counter()
+    engine = Model.open(path, threads=threads)
+    load_s = time.perf_counter() - started
+    request = GenerationParams(["a red fox running through snow"], [0], STEPS, engine.bundle.manifest.defaults.guidance)
+    result = engine.generate(request, engine.policy("none", STEPS, 1, {}))
+    return figures | {
         "load_s": load_s,
         "steps": STEPS,
         "per_step_s": result.timing["denoise_s"] / STEPS,
@@ -152,8 +175,8 @@ def write_report(folder: Path) -> None:
         "evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
-        "| model | precision | blocks | build s | peak RSS GB | bundle GB | blocks ONNX GB | worst stage rel L2 | "
-        "chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
+        "| model | precision | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
+        "worst stage rel L2 | chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -161,15 +184,21 @@ def write_report(folder: Path) -> None:
         stages = max(v[s]["rel_l2"] for s in ("head", "blocks", "tail"))
         chain = v.get("chain_vs_fp32", {}).get("rel_l2")
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['config']['num_layers']} | {r['build_s']:.0f} | "
+            f"| {r['model']} | {r['precision']} | {r['config']['num_layers']} ({r['graphs']['blocks']}) | "
+            f"{r['build_s']:.0f} | "
             f"{r['build_peak_rss_gb']:.1f} | {r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
             f"{stages:.1e} | {'n/a' if chain is None else f'{chain:.1e}'} | {r['cold_verify_vs_read']:.2f} "
             f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
-            f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {r['load_s']:.1f} | {r['per_step_s']:.1f} |"
+            f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {_run(r)} |"
         )
+    lines += [f"- {r['model']} {r['precision']}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def _run(row: dict[str, Any]) -> str:
+    return "not run | not run" if "not_run" in row else f"{row['load_s']:.1f} | {row['per_step_s']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,19 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a real preset (wan2.1-t2v-1.3b, cogvideox-2b, ...)")
     p.add_argument("--precision", default="fp16", help="fp32|fp16")
     p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
+    p.add_argument("--group-blocks", type=int, help="stream the build, this many blocks per graph")
     p.add_argument("--threads", type=int, default=2, help="threads of the measured runs (torch and ONNX Runtime)")
     p.add_argument("--work", type=Path, help="where the bundle is built (default: a temporary folder, removed)")
     p.add_argument("--out", type=Path, default=RESULTS, help="the results folder")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         bundle = Path(scratch) / "bundle"
-        row = {"model": args.model, "precision": args.precision, "reduced": REDUCED}
-        row |= build(args.model, args.precision, bundle, args.layers)
+        row = {"model": args.model, "precision": args.precision, "reduced": REDUCED, "group_blocks": args.group_blocks}
+        row |= build(args.model, args.precision, bundle, args.layers, args.group_blocks)
         torch.set_num_threads(args.threads)
         row |= measure_bundle(bundle, args.threads)
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.model + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{args.precision}"
+    name += "" if args.group_blocks is None else f"-groups-of-{args.group_blocks}"
     write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
     write_report(args.out)
     print((args.out / "report.md").read_text())
