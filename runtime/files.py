@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import queue
@@ -31,7 +32,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -80,7 +80,7 @@ def sha256(path: Path) -> str:
     for index in range(READ_AHEAD):
         free.put(index)
 
-    def read(f: BinaryIO) -> None:
+    def read(f: io.FileIO) -> None:
         try:
             while True:
                 index = free.get()
