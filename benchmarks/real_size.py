@@ -35,15 +35,17 @@ from sencache.runtime.request import GenerationParams
 
 RESULTS = Path("benchmarks/results/real_size")
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "engine_builder" / "build_engine.py"
-REDUCED = {"frames": 9, "height": 128, "width": 128}
-"""The resolution every real-size bundle here is built, validated and run at (Wan: 3x16x16 latent,
-192 tokens; the text stays at its real length)."""
+REDUCED = "9x128x128"
+"""The resolution (frames x height x width) real-size bundles here are built, validated and run at
+by default (Wan: 3x16x16 latent, 192 tokens; the text stays at its real length)."""
 STEPS = 3
 LOAD_SHARE = 0.7
 """The share of the available memory a bundle may take to be loaded and run here."""
 
 
-def build(model: str, precision: str, out: Path, layers: int | None, group_blocks: int | None) -> dict[str, Any]:
+def build(
+    model: str, precision: str, size: str, out: Path, layers: int | None, group_blocks: int | None
+) -> dict[str, Any]:
     """Run the dummy build in a child process under `/usr/bin/time -v`; its wall time, peak RSS and log."""
     command = [
         "/usr/bin/time",
@@ -58,7 +60,7 @@ def build(model: str, precision: str, out: Path, layers: int | None, group_block
         precision,
         "--max-batch",
         "1",
-        *(f"--{k}={v}" for k, v in REDUCED.items()),
+        *(f"--{k}={v}" for k, v in zip(("frames", "height", "width"), size.split("x"), strict=True)),
         *(() if layers is None else ("--layers", str(layers))),
         *(() if group_blocks is None else ("--group-blocks", str(group_blocks))),
         "--out",
@@ -169,23 +171,23 @@ def write_report(folder: Path) -> None:
     lines = [
         "# Real-size builds with dummy weights",
         "",
-        f"Every bundle at {REDUCED['frames']} frames x {REDUCED['height']}x{REDUCED['width']} (the weights at full "
+        "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
         "size), ONNX Runtime CPU, max batch 1. Peak RSS of the build from `/usr/bin/time -v`; verification is the "
         "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
         "evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
-        "| model | precision | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
+        "| model | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
         "worst stage rel L2 | chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         v = r["validation"]
         stages = max(v[s]["rel_l2"] for s in ("head", "blocks", "tail"))
         chain = v.get("chain_vs_fp32", {}).get("rel_l2")
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['config']['num_layers']} ({r['graphs']['blocks']}) | "
-            f"{r['build_s']:.0f} | "
+            f"| {r['model']} | {r['precision']} | {r['reduced']} | "
+            f"{r['config']['num_layers']} ({r['graphs']['blocks']}) | {r['build_s']:.0f} | "
             f"{r['build_peak_rss_gb']:.1f} | {r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
             f"{stages:.1e} | {'n/a' if chain is None else f'{chain:.1e}'} | {r['cold_verify_vs_read']:.2f} "
             f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sencache.benchmarks.real_size", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a real preset (wan2.1-t2v-1.3b, cogvideox-2b, ...)")
     p.add_argument("--precision", default="fp16", help="fp32|fp16")
+    p.add_argument("--size", default=REDUCED, help=f"frames x height x width to build at (default {REDUCED})")
     p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
     p.add_argument("--group-blocks", type=int, help="stream the build, this many blocks per graph")
     p.add_argument("--threads", type=int, default=2, help="threads of the measured runs (torch and ONNX Runtime)")
@@ -213,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         bundle = Path(scratch) / "bundle"
-        row = {"model": args.model, "precision": args.precision, "reduced": REDUCED, "group_blocks": args.group_blocks}
-        row |= build(args.model, args.precision, bundle, args.layers, args.group_blocks)
+        row = {
+            "model": args.model,
+            "precision": args.precision,
+            "reduced": args.size,
+            "group_blocks": args.group_blocks,
+        }
+        row |= build(args.model, args.precision, args.size, bundle, args.layers, args.group_blocks)
         torch.set_num_threads(args.threads)
         row |= measure_bundle(bundle, args.threads)
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
