@@ -195,7 +195,7 @@ def write_report(folder: Path) -> None:
         )
     lines += [f"- {r['model']} {r['precision']}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r]
     if rows:
-        lines += ["", f"Machine: {rows[-1]['machine']}."]
+        lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
 
 
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="where the bundle is built (default: a temporary folder, removed)")
     p.add_argument("--out", type=Path, default=RESULTS, help="the results folder")
     args = p.parse_args(argv)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         bundle = Path(scratch) / "bundle"
         row = {
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         row |= measure_bundle(bundle, args.threads)
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    row["load_average_1m"] = {"start": load_before, "end": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.model + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{args.precision}"
     name += "" if args.group_blocks is None else f"-groups-of-{args.group_blocks}"
