@@ -4,6 +4,7 @@ preset's true width built with one block at a tiny resolution, then run through 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,31 @@ def test_a_streamed_build_runs_as_the_whole_graph(dummy_bundle, tmp_path):
         request = GenerationParams(["a fox"], [0], 2, 5.0)
         latents.append(engine.generate(request, engine.policy("none", 2, 1, {})).latents)
     assert np.array_equal(latents[0], latents[1])
+
+
+@pytest.mark.slow
+def test_external_data_is_verified_and_loaded(dummy_bundle, tmp_path):
+    """A graph with its weights in `blocks.onnx.data` (as the exporter writes graphs past 2 GB)
+    loads and runs as before; a changed byte of the data is refused, naming the file."""
+    import onnx
+
+    from conftest import relist, reseal
+
+    moved = tmp_path / "external"
+    shutil.copytree(dummy_bundle, moved)
+    graph = onnx.load(str(moved / "blocks.onnx"))
+    onnx.save(graph, str(moved / "blocks.onnx"), save_as_external_data=True, location="blocks.onnx.data")
+    reseal(moved, lambda m: [relist(m, moved, name) for name in ("blocks.onnx", "blocks.onnx.data")])
+    latents = []
+    for path in (dummy_bundle, moved):
+        engine = Model.open(path, threads=1)
+        request = GenerationParams(["a fox"], [0], 1, 5.0)
+        latents.append(engine.generate(request, engine.policy("none", 1, 1, {})).latents)
+    assert np.array_equal(latents[0], latents[1])
+    with open(moved / "blocks.onnx.data", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BadInput, match=r"blocks\.onnx\.data does not match its checksum"):
+        Model.open(moved, threads=1)
