@@ -30,6 +30,7 @@ import torch
 
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import HASH_CHUNK, write_atomic
+from sencache.runtime.manifest import Manifest
 from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams
 
@@ -114,7 +115,7 @@ def available_bytes() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def measure_bundle(path: Path, threads: int) -> dict[str, Any]:
+def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
     """Sizes, validation, verification against one read, load time and s/step of the built bundle
     (load and run only where its graphs fit in memory: ONNX Runtime holds them all)."""
     bundle = Bundle.load(path)
@@ -155,12 +156,12 @@ def measure_bundle(path: Path, threads: int) -> dict[str, Any]:
     started = time.perf_counter()
     engine = Model.open(path, threads=threads)
     load_s = time.perf_counter() - started
-    request = GenerationParams(["a red fox running through snow"], [0], STEPS, engine.bundle.manifest.defaults.guidance)
-    result = engine.generate(request, engine.policy("none", STEPS, 1, {}))
+    request = GenerationParams(["a red fox running through snow"], [0], steps, engine.bundle.manifest.defaults.guidance)
+    result = engine.generate(request, engine.policy("none", steps, 1, {}))
     return figures | {
         "load_s": load_s,
-        "steps": STEPS,
-        "per_step_s": result.timing["denoise_s"] / STEPS,
+        "steps": steps,
+        "per_step_s": result.timing["denoise_s"] / steps,
         "rows_per_step": 2,
     }
 
@@ -187,8 +188,8 @@ def write_report(folder: Path) -> None:
         chain = v.get("chain_vs_fp32", {}).get("rel_l2")
         lines.append(
             f"| {r['model']} | {r['precision']} | {r['reduced']} | "
-            f"{r['config']['num_layers']} ({r['graphs']['blocks']}) | {r['build_s']:.0f} | "
-            f"{r['build_peak_rss_gb']:.1f} | {r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
+            f"{r['config']['num_layers']} ({r['graphs']['blocks']}) | {_built(r)} | "
+            f"{r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
             f"{stages:.1e} | {'n/a' if chain is None else f'{chain:.1e}'} | {r['cold_verify_vs_read']:.2f} "
             f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
             f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {_run(r)} |"
@@ -199,13 +200,37 @@ def write_report(folder: Path) -> None:
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
 
 
+def _described(manifest: Manifest) -> dict[str, Any]:
+    """The row's description of a bundle built before (its build figures were not measured here)."""
+    s, groups = manifest.shapes, manifest.validation.get("blocks_groups")
+    return {
+        "model": manifest.model,
+        "precision": manifest.precision,
+        "reduced": f"{s.frames}x{s.height}x{s.width}",
+        "group_blocks": None if not groups else groups[0]["blocks"][1] - groups[0]["blocks"][0],
+        "build": "not measured by this run (--bundle)",
+    }
+
+
+def _built(row: dict[str, Any]) -> str:
+    if "build_s" not in row:
+        return "n/a | n/a"
+    return f"{row['build_s']:.0f} | {row['build_peak_rss_gb']:.1f}"
+
+
 def _run(row: dict[str, Any]) -> str:
     return "not run | not run" if "not_run" in row else f"{row['load_s']:.1f} | {row['per_step_s']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sencache.benchmarks.real_size", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a real preset (wan2.1-t2v-1.3b, cogvideox-2b, ...)")
+    p.add_argument("--model", help="a real preset (wan2.1-t2v-1.3b, cogvideox-2b, ...)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="measure this dummy bundle, built before, instead of building one (no build figures)",
+    )
+    p.add_argument("--steps", type=int, default=STEPS, help=f"uncached steps timed (default {STEPS})")
     p.add_argument("--precision", default="fp16", help="fp32|fp16")
     p.add_argument("--size", default=REDUCED, help=f"frames x height x width to build at (default {REDUCED})")
     p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
@@ -214,23 +239,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="where the bundle is built (default: a temporary folder, removed)")
     p.add_argument("--out", type=Path, default=RESULTS, help="the results folder")
     args = p.parse_args(argv)
+    if (args.model is None) == (args.bundle is None):
+        p.error("give --model (build and measure) or --bundle (measure)")
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
-        bundle = Path(scratch) / "bundle"
-        row = {
-            "model": args.model,
-            "precision": args.precision,
-            "reduced": args.size,
-            "group_blocks": args.group_blocks,
-        }
-        row |= build(args.model, args.precision, args.size, bundle, args.layers, args.group_blocks)
-        torch.set_num_threads(args.threads)
-        row |= measure_bundle(bundle, args.threads)
+    torch.set_num_threads(args.threads)
+    if args.bundle is not None:
+        row = _described(Bundle.load(args.bundle).manifest)
+        row |= measure_bundle(args.bundle, args.threads, args.steps)
+    else:
+        with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+            bundle = Path(scratch) / "bundle"
+            row = {
+                "model": args.model,
+                "precision": args.precision,
+                "reduced": args.size,
+                "group_blocks": args.group_blocks,
+            }
+            row |= build(args.model, args.precision, args.size, bundle, args.layers, args.group_blocks)
+            row |= measure_bundle(bundle, args.threads, args.steps)
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     row["load_average_1m"] = {"start": load_before, "end": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = args.model + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{args.precision}"
-    name += "" if args.group_blocks is None else f"-groups-of-{args.group_blocks}"
+    name = row["model"] + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{row['precision']}"
+    name += "" if row["group_blocks"] is None else f"-groups-of-{row['group_blocks']}"
     write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
     write_report(args.out)
     print((args.out / "report.md").read_text())
