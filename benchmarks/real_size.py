@@ -198,7 +198,15 @@ def write_report(folder: Path) -> None:
             f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
             f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {_run(r)} |"
         )
-    lines += [f"- {r['model']} {r['precision']}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r]
+    lines += [""] + [
+        f"- {r['model']} {r['precision']}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r
+    ]
+    lines += [
+        f"- {r['model']} {r['precision']}, build figures: {r['build_measured_by']}."
+        for r in rows
+        if "build_measured_by" in r
+    ]
+    lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
