@@ -329,6 +329,12 @@ def _quality(
     )
 
 
+DUMMY_QUALITY = (
+    "MEANINGLESS: a dummy build (random weights, no VAE, blank frames); only the timings, NFE and "
+    "decision costs of this report are figures"
+)
+
+
 def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Sweep, measure and write report.json, report.md and quality_vs_nfe.png into `out` (taken,
     locked and checked writable before the sweep; swapped in whole after it)."""
@@ -456,6 +462,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         "prompts": list(plan.prompts),
         "seeds": list(plan.seeds),
         "calibration_prompts": engine.bundle.sensitivity().meta.get("prompts"),
+        "quality_meaningless": DUMMY_QUALITY if engine.bundle.manifest.dummy else None,
         "metrics": {
             "psnr": f"per video over all frames and channels, data range 1, capped at {PSNR_CAP:g} dB",
             "ssim": "Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, per frame and channel, averaged",

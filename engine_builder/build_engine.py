@@ -49,6 +49,22 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
         type=Path,
         help="diffusers-format folder with the real weights (needed by real models; tiny models use the bundled ones)",
     )
+    b.add_argument(
+        "--load-format",
+        default="weights",
+        help="weights (read --weights; tiny models: their bundled ones) | dummy (a real preset at its true "
+        "shapes with random weights from --seed, no --weights: engineering and speed checks only)",
+    )
+    b.add_argument("--seed", type=int, default=0, help="with --load-format dummy: the seed of the random weights")
+    b.add_argument(
+        "--layers", type=int, help="with --load-format dummy: build this many transformer blocks (default: all)"
+    )
+    b.add_argument(
+        "--group-blocks",
+        type=int,
+        help="with --load-format dummy: stream the build, this many blocks per ONNX graph and one group in "
+        "memory at a time (models whose weights do not fit twice)",
+    )
     b.add_argument("--backend", default="auto", help="|".join(("auto", *BACKENDS)))
     b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
     b.add_argument("--frames", type=int, help="video frames (default: the model's)")
@@ -97,6 +113,10 @@ def run_build(args: argparse.Namespace) -> None:
             compute_capability=args.compute_capability,
             fp8_samples=args.fp8_samples,
             fp8_prompts=_fp8_prompts(args.fp8_prompts),
+            load_format=args.load_format,
+            seed=args.seed,
+            layers=args.layers,
+            group_blocks=args.group_blocks,
         )
     )
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sencache.data.prompts import check_prompts
+from sencache.engine_builder.dummy import LAYERS_KEY, dummy_config, dummy_transformer
 from sencache.engine_builder.onnx_export import StageSpec
 from sencache.engine_builder.precision import Precision, precision
 from sencache.engine_builder.targets import OnnxTarget, target
@@ -47,6 +48,12 @@ from sencache.runtime.manifest import (
 from sencache.runtime.tiny_text import TinyTextEncoder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
+LOAD_FORMATS = ("weights", "dummy")
+DUMMY_TEXT = TextEncoderSpec(
+    "dummy",
+    note="dummy weights: no text encoder or VAE (their real sizes would dominate the build); prompt "
+    "embeddings are drawn from each prompt at the real text shape, frames are blank",
+)
 Log = Callable[[str], None]
 
 
@@ -66,10 +73,20 @@ class BuildOptions:
     """Uncached trajectories that calibrate the FP8 quantizer."""
     fp8_prompts: tuple[str, ...] | None = None
     """Their prompts, taken in turn (None: the model's default calibration prompts)."""
+    load_format: str = "weights"
+    """`weights`: read `weights` (or a tiny model's bundled ones); `dummy`: random weights from `seed`."""
+    seed: int = 0
+    """The dummy weights' seed."""
+    layers: int | None = None
+    """With dummy weights: this many transformer blocks instead of the preset's (None: all)."""
+    group_blocks: int | None = None
+    """With dummy weights: stream the build, this many blocks per ONNX graph, one group in memory at
+    a time (None: the blocks in one graph)."""
 
     def check(self) -> BuildPlan:
         """Resolve and check every option before any work; BadInput names the first bad one."""
         adapter, preset = resolve(self.model)
+        preset = self._dummy_preset(preset)
         backend = target(self.backend)
         backend.check(self)
         chosen = precision(self.precision)
@@ -97,7 +114,45 @@ class BuildOptions:
         adapter.latent_shape(preset, shapes)  # sizes the family cannot take are refused here, before any work
         if self.fp8_prompts is not None:
             check_prompts(self.fp8_prompts, preset.tiny, preset.name)
-        return BuildPlan(self, adapter, preset, backend, chosen, shapes, _weights_folder(preset, self.weights))
+        weights = None if self.dummy else _weights_folder(preset, self.weights)
+        return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights)
+
+    @property
+    def dummy(self) -> bool:
+        return self.load_format == "dummy"
+
+    def _dummy_preset(self, preset: ModelPreset) -> ModelPreset:
+        """`preset` as the load format builds it (dummy: `layers` blocks); BadInput for options that
+        do not go together."""
+        if self.load_format not in LOAD_FORMATS:
+            raise BadInput(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}", param="load_format"
+            )
+        if not self.dummy:
+            for name in ("layers", "group_blocks"):
+                if getattr(self, name) is not None:
+                    raise BadInput(f"{name} applies to load_format dummy", param=name)
+            return preset
+        if self.weights is not None:
+            raise BadInput("weights and load_format dummy exclude each other: dummy weights are drawn", param="weights")
+        if preset.tiny:
+            raise BadInput(
+                f"model {preset.name} ships its own weights; load_format dummy is for real presets", param="model"
+            )
+        if not 0 <= self.seed < 2**31:
+            raise BadInput(f"seed must be in [0, 2**31), got {self.seed}", param="seed")
+        preset = dataclasses.replace(preset, config=dummy_config(preset, self.layers))
+        if self.group_blocks is not None:
+            layers = preset.config[LAYERS_KEY]
+            if not 1 <= self.group_blocks <= layers:
+                raise BadInput(f"group_blocks must be in [1, {layers}], got {self.group_blocks}", param="group_blocks")
+            if self.backend not in ("auto", "onnxruntime") or self.precision not in ("fp32", "fp16"):
+                raise BadInput(
+                    "group_blocks streams fp32 or fp16 ONNX Runtime builds; "
+                    f"not backend {self.backend} in {self.precision}",
+                    param="group_blocks",
+                )
+        return preset
 
 
 @dataclass(frozen=True)
@@ -162,16 +217,23 @@ def build(options: BuildOptions, log: Log = print) -> Path:
 
 def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
     """Export, validate and write the bundle into the (partial) `folder`."""
-    model = _load(plan, log)
-    validation = plan.target.write_stages(model, folder, log)
-    chain = plan.precision.chain_error(model, folder) if plan.target.exports_onnx else None
-    if chain is not None:
-        validation["chain_vs_fp32"] = chain
-        log(f"  head -> blocks -> tail in {plan.precision.name} vs fp32 PyTorch: relative L2 {chain['rel_l2']:.2e}")
-    manifest = _manifest(plan, model, folder, validation)
+    if plan.options.group_blocks is not None:
+        from sencache.engine_builder.streaming import write_streamed
+
+        streamed = write_streamed(plan, folder, log, lambda first, layers: _load_dummy(plan, log, first, layers))
+        preset, validation, parts = streamed
+        manifest = _manifest(plan, preset, stage_specs(plan.adapter.layout), folder, validation, parts)
+    else:
+        model = _load(plan, log)
+        preset, validation = model.preset, plan.target.write_stages(model, folder, log)
+        chain = plan.precision.chain_error(model, folder) if plan.target.exports_onnx else None
+        if chain is not None:
+            validation["chain_vs_fp32"] = chain
+            log(f"  head -> blocks -> tail in {plan.precision.name} vs fp32 PyTorch: relative L2 {chain['rel_l2']:.2e}")
+        manifest = _manifest(plan, preset, model.specs, folder, validation)
     manifest = plan.precision.post_step(plan, manifest, folder, log)
     manifest = plan.target.post_build(plan, manifest, folder, log)
-    _write_baselines(model.preset, folder)
+    _write_baselines(preset, folder)
     write_manifest(folder, manifest)
     _log_cache_memory(manifest.shapes, plan.precision, log)
 
@@ -179,11 +241,42 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
 def _load(plan: BuildPlan, log: Log) -> LoadedModel:
     """The transformer with the weights' config, split in fp32 and in the build's precision."""
     preset = plan.preset
+    if plan.options.dummy:
+        return _load_dummy(plan, log)
     log(f"loading {preset.name} ({preset.description})")
     torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
     transformer = build_transformer(plan.adapter, preset, plan.weights)
     preset = dataclasses.replace(preset, config=dict(preset.config, **_jsonable(dict(transformer.config))))
     lowered = plan.precision.lower(transformer)
+    return _loaded(plan, preset, transformer, lowered)
+
+
+def _load_dummy(plan: BuildPlan, log: Log, first_block: int = 0, layers: int | None = None) -> LoadedModel:
+    """The transformer with dummy weights: drawn once in fp32 (the reference) and, for a lower
+    precision, drawn again straight in it (the same values rounded) instead of copied and cast.
+    With `layers`, only blocks `first_block` to `first_block + layers` (a streamed build's group);
+    the preset keeps the whole model's config."""
+    preset, seed = plan.preset, plan.options.seed
+    config = dict(preset.config) if layers is None else dict(preset.config, **{LAYERS_KEY: layers})
+    if layers is None:
+        log(
+            f"drawing dummy weights for {preset.name} ({config.get(LAYERS_KEY)} blocks, seed {seed}): "
+            f"RANDOM weights, for engineering and speed checks only"
+        )
+    transformer = dummy_transformer(plan.adapter, config, seed, first_block=first_block)
+    merged = dict(preset.config, **_jsonable(dict(transformer.config)))
+    preset = dataclasses.replace(preset, config=dict(merged, **{LAYERS_KEY: preset.config[LAYERS_KEY]}))
+    dtype = plan.precision.dtype
+    lowered = (
+        transformer
+        if dtype == torch.float32
+        else dummy_transformer(plan.adapter, config, seed, dtype, first_block=first_block)
+    )
+    return _loaded(plan, preset, transformer, lowered)
+
+
+def _loaded(plan: BuildPlan, preset: ModelPreset, transformer: nn.Module, lowered: nn.Module) -> LoadedModel:
+    """The fp32 `transformer` and its `lowered` twin, split into stages."""
     return LoadedModel(
         plan.adapter,
         preset,
@@ -196,9 +289,17 @@ def _load(plan: BuildPlan, log: Log) -> LoadedModel:
     )
 
 
-def _manifest(plan: BuildPlan, model: LoadedModel, folder: Path, validation: dict[str, Any]) -> Manifest:
-    """The bundle's manifest, before post-build steps and the file listing."""
-    adapter, preset, shapes = plan.adapter, model.preset, plan.shapes
+def _manifest(
+    plan: BuildPlan,
+    preset: ModelPreset,
+    specs: dict[str, StageSpec],
+    folder: Path,
+    validation: dict[str, Any],
+    parts: tuple[str, ...] = (),
+) -> Manifest:
+    """The bundle's manifest, before post-build steps and the file listing; `parts`: the further
+    graphs of the blocks stage in a streamed build."""
+    adapter, shapes = plan.adapter, plan.shapes
     return Manifest(
         model=preset.name,
         family=adapter.family,
@@ -217,16 +318,18 @@ def _manifest(plan: BuildPlan, model: LoadedModel, folder: Path, validation: dic
         precision=plan.precision.name,
         backend=plan.target.name,
         stages={
-            name: Stage(plan.target.stage_file(name), spec.inputs, spec.outputs) for name, spec in model.specs.items()
+            name: Stage(plan.target.stage_file(name), spec.inputs, spec.outputs, parts if name == "blocks" else ())
+            for name, spec in specs.items()
         },
         scheduler=_scheduler_config(adapter, preset, plan.weights),
         defaults=Defaults.parse({"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults}),
-        text_encoder=_copy_text_encoder(adapter, preset, plan.weights, folder),
+        text_encoder=DUMMY_TEXT if plan.options.dummy else _copy_text_encoder(adapter, preset, plan.weights, folder),
         validation=validation,
         tools=_tools(),
         weights_source=str(plan.weights) if plan.weights else None,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         weights=plan.target.weights,
+        dummy_seed=plan.options.seed if plan.options.dummy else None,
     )
 
 

@@ -5,7 +5,8 @@ runtime opens (stage files, weights, text encoder, calibration tables) with its 
 On load, the digest is checked, the manifest is validated against its schema and the family, and
 every listed name must be a plain name inside the bundle that is a regular file there (no `..`,
 no absolute paths, no links). A file's bytes are checked against its SHA-256 when the runtime
-reads them (`read`, `checked_folder`), so every byte that is loaded has been verified, once.
+reads them (`read`, `checked_file`, `checked_folder`), so every byte that is loaded has been verified,
+once; large files are hashed streaming (`checked_file`) and then opened by their loader.
 The checksums catch corruption and edits; they are not a signature against someone who rewrites
 the manifest and its digest together.
 """
@@ -32,6 +33,8 @@ from sencache.runtime.sensitivity import SensitivityTable
 FORMAT = schema.FORMAT
 KIND = BUNDLE
 _UNLISTED = {MANIFEST, DIGEST, OWNER}
+EXTERNAL_DATA = ".data"
+"""The suffix of an ONNX graph's external weights file, as the exporter names it (`blocks.onnx.data`)."""
 
 
 @dataclass
@@ -88,6 +91,21 @@ class Bundle:
             raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}")
         return data
 
+    def checked_file(self, name: str) -> Path:
+        """The path of listed file `name` after its streamed check (and its external data's,
+        `name.data`, when listed: an ONNX graph past 2 GB keeps its weights there), for loaders that
+        open the file themselves; no file is held in memory."""
+        for file in (name, f"{name}{EXTERNAL_DATA}"):
+            entry = self.manifest.files.get(file)
+            if entry is None:
+                if file == name:
+                    raise BadInput(f"bundle {self.path}: {name} is not listed in {MANIFEST}'s files")
+                continue
+            path = self._inside(file)
+            if path.stat().st_size != entry.bytes or sha256(path) != entry.sha256:
+                raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
+        return self._inside(name)
+
     def checked_folder(self, name: str) -> Path:
         """A listed folder, after checking every file in it (all listed, all matching): for
         loaders that open files themselves (diffusers' from_pretrained)."""
@@ -103,9 +121,9 @@ class Bundle:
         return folder
 
     def verify_files(self) -> None:
-        """Hash every listed file now (a full check; loading checks each file as it is read)."""
+        """Hash every listed file now, streamed (a full check; loading checks each file as it is read)."""
         for name in self.manifest.files:
-            self.read(name)
+            self.checked_file(name)
 
     @property
     def adapter(self) -> FamilyAdapter:
@@ -233,7 +251,7 @@ def _check_family(bundle: Bundle) -> None:
 def _check_files(bundle: Bundle) -> None:
     """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
     files = bundle.manifest.files
-    needed = [bundle.manifest.stages[s].file for s in schema.STAGES]
+    needed = [file for s in schema.STAGES for file in bundle.manifest.stages[s].files]
     if bundle.manifest.text_encoder.kind == "tiny":
         assert bundle.manifest.text_encoder.file is not None, "Manifest.parse sets a tiny encoder's file"
         needed.append(bundle.manifest.text_encoder.file)

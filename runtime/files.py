@@ -20,16 +20,28 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
+import queue
 import secrets
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sencache.runtime.errors import BadInput
+
+HASH_CHUNK = 1 << 22
+READ_AHEAD = 4
+"""Buffers of HASH_CHUNK bytes a checksum reads ahead into while it hashes."""
+LARGE_FILE = 1 << 30
+"""Files this large show a progress bar while they are hashed."""
 
 OWNER = ".sencache-owner.json"
 """The ownership marker: {"tool": "sencache", "kind": ..., "state": "partial"|"complete", "files": [...]}."""
@@ -57,10 +69,53 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def sha256(path: Path) -> str:
+    """The SHA-256 of a file, streamed: a reader thread fills READ_AHEAD reused 4 MiB buffers while
+    this one hashes (both release the GIL), so from disk it costs about one read of the file and
+    16 MiB of memory whatever its size; a progress bar on stderr for files of 1 GiB or more."""
+    size = Path(path).stat().st_size
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    buffers = [bytearray(HASH_CHUNK) for _ in range(READ_AHEAD)]
+    free: queue.Queue[int] = queue.Queue()
+    filled: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+    for index in range(READ_AHEAD):
+        free.put(index)
+
+    def read(f: io.FileIO) -> None:
+        try:
+            while True:
+                index = free.get()
+                n = f.readinto(buffers[index])
+                filled.put((index, n))
+                if not n:
+                    return
+        except BaseException as e:  # handed to the hashing thread, which raises it
+            filled.put(e)
+
+    with (
+        open(path, "rb", buffering=0) as f,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"checksum {Path(path).name}",
+            disable=size < LARGE_FILE,
+            leave=False,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        reader = threading.Thread(target=read, args=(f,), daemon=True)
+        reader.start()
+        while True:
+            item = filled.get()
+            if isinstance(item, BaseException):
+                raise item
+            index, n = item
+            if not n:
+                break
+            h.update(memoryview(buffers[index])[:n])
+            bar.update(n)
+            free.put(index)
+        reader.join()
     return h.hexdigest()
 
 

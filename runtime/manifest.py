@@ -154,9 +154,18 @@ class Stage:
     file: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    parts: tuple[str, ...] = ()
+    """Further graphs of the stage in a streamed build (groups of blocks), run after `file` in order,
+    each taking the streams the one before returned (ONNX Runtime bundles only)."""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every graph of the stage, in the order they run."""
+        return (self.file, *self.parts)
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "inputs": list(self.inputs), "outputs": list(self.outputs)}
+        parts = {"parts": list(self.parts)} if self.parts else {}
+        return {"file": self.file, **parts, "inputs": list(self.inputs), "outputs": list(self.outputs)}
 
 
 @dataclass(frozen=True)
@@ -244,9 +253,18 @@ class TensorRTRecord:
         )
 
 
+DUMMY_NOTICE = "the weights are RANDOM (a dummy build): engineering and speed checks only, its outputs mean nothing"
+"""What generate, serve and bench print once on a dummy bundle."""
+
+TEXT_ENCODERS = ("tiny", "diffusers", "dummy")
+"""A tiny encoder in the bundle, diffusers' from the weights folder, or none (dummy builds: prompt
+embeddings drawn from the prompt, latents as output; see runtime/dummy.py)."""
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    """A tiny text encoder stored in the bundle (`file`, `dim`), or diffusers' from the weights folder."""
+    """A tiny text encoder stored in the bundle (`file`, `dim`), diffusers' from the weights folder,
+    or a dummy build's stand-in."""
 
     kind: str
     file: str | None = None
@@ -298,7 +316,15 @@ class Manifest:
     """The saved transformer's folder (torch bundles)."""
     quantization: dict[str, Any] | None = None
     tensorrt: TensorRTRecord | None = None
+    dummy_seed: int | None = None
+    """The seed of the transformer's random weights in a dummy build (`--load-format dummy`); None
+    for real weights. Written as `dummy_weights: {"seed": ...}`."""
     files: dict[str, FileEntry] = field(default_factory=dict)
+
+    @property
+    def dummy(self) -> bool:
+        """The weights are random (a dummy build): engineering and speed checks only."""
+        return self.dummy_seed is not None
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -328,6 +354,7 @@ class Manifest:
             "weights": self.weights,
             "quantization": self.quantization,
             "tensorrt": None if self.tensorrt is None else self.tensorrt.to_json(),
+            "dummy_weights": None if self.dummy_seed is None else {"seed": self.dummy_seed},
         }
         data.update({k: v for k, v in optional.items() if v is not None})
         data["files"] = {name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()}
@@ -350,6 +377,8 @@ class Manifest:
         precision = m.text("precision", PRECISIONS)
         backend = m.text("backend", tuple(BACKENDS))
         stages = _stages(m.obj("stages"))
+        if backend != "onnxruntime" and any(stage.parts for stage in stages.values()):
+            raise BadInput(f"stages with parts (a streamed build) run on onnxruntime, not {backend}")
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
         tensorrt = TensorRTRecord.parse(m.get("tensorrt")) if BACKENDS[backend].engine_module else None
         scheduler = m.obj("scheduler")
@@ -357,6 +386,7 @@ class Manifest:
         defaults = _defaults(m.obj("defaults"))
         text_encoder = _text_encoder(m.obj("text_encoder"))
         weights_source = m.text("weights_source", optional=True)
+        dummy = m.obj("dummy_weights", optional=True)
         files = _files(m.obj("files"))
         return cls(
             model=model,
@@ -378,6 +408,7 @@ class Manifest:
             weights=weights,
             quantization=m.record("quantization") or None,
             tensorrt=tensorrt,
+            dummy_seed=None if dummy is None else dummy.integer("seed", 0, 2**31 - 1),
             files=files,
         )
 
@@ -386,10 +417,12 @@ def _stages(section: _Fields) -> dict[str, Stage]:
     stages = {}
     for stage in STAGES:
         spec = section.obj(stage)
+        parts = spec.names("parts") if "parts" in spec.value else []
         stages[stage] = Stage(
             plain_name(spec.text("file"), spec.name("file")),
             tuple(spec.names("inputs")),
             tuple(spec.names("outputs")),
+            tuple(plain_name(part, spec.name("parts")) for part in parts),
         )
     return stages
 
@@ -442,14 +475,13 @@ def _defaults(defaults: _Fields) -> Defaults:
 
 
 def _text_encoder(spec: _Fields) -> TextEncoderSpec:
-    if spec.text("kind", ("tiny", "diffusers")) == "tiny":
+    kind = spec.text("kind", TEXT_ENCODERS)
+    if kind == "tiny":
         file = plain_name(spec.text("file"), "text_encoder.file")
         return TextEncoderSpec(
             "tiny", file=file, dim=spec.integer("dim", 1, 65536), untrained=spec.flag("untrained") is True
         )
-    return TextEncoderSpec(
-        "diffusers", source=spec.text("source", optional=True), note=spec.text("note", optional=True)
-    )
+    return TextEncoderSpec(kind, source=spec.text("source", optional=True), note=spec.text("note", optional=True))
 
 
 def scheduler_class(config: dict[str, Any]) -> type[Any]:

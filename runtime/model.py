@@ -18,6 +18,7 @@ from sencache.runtime.backends.base import StageBackend, open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy, make_policy
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
+from sencache.runtime.dummy import blank_frames, dummy_embeddings
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.families.parts import decode, load_components, make_scheduler
@@ -77,6 +78,8 @@ class Model:
     def encode(self, prompts: list[str]) -> np.ndarray:
         """Text embeddings [B, tokens, channels] of prompts (the empty prompt is unconditional)."""
         spec = self.bundle.manifest.text_encoder
+        if spec.kind == "dummy":
+            return dummy_embeddings(prompts, self.adapter.text_shape(self.preset))
         if spec.kind != "tiny":
             return self.adapter.encode_prompts(self.components(), prompts, self.preset)
         with self._lazy:
@@ -87,7 +90,11 @@ class Model:
             return self.adapter.tiny_format.encode_text(self._text_encoder, prompts)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Frames [B, T, H, W, 3] in [0, 1], decoded as the family's pipeline decodes."""
+        """Frames [B, T, H, W, 3] in [0, 1], decoded as the family's pipeline decodes (a dummy
+        build has no VAE: blank frames)."""
+        if self.bundle.manifest.dummy:
+            s = self.bundle.shapes
+            return blank_frames(len(latents), s.frames, s.height, s.width)
         pipeline = None if self.preset.tiny else self.components()
         return decode(self.adapter, latents, self.preset, self.bundle.shapes, pipeline)
 

@@ -21,7 +21,7 @@ from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.limits import MAX_STEPS, check_threads
-from sencache.runtime.manifest import SENSITIVITY, read_manifest
+from sencache.runtime.manifest import DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
 from sencache.runtime.parallel.config import ParallelConfig
 from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help, tokenize
@@ -100,6 +100,12 @@ def _separate(out: Path, engine: Path) -> None:
         raise BadInput(f"--out {out} would replace the engine bundle {engine}; choose another folder")
 
 
+def _dummy_notice(manifest: Manifest) -> None:
+    """Say once, on stderr, that a dummy build's weights are random."""
+    if manifest.dummy:
+        print(f"note: {manifest.model}: {DUMMY_NOTICE}", file=sys.stderr)
+
+
 def _generate(args: argparse.Namespace) -> None:
     _separate(args.out, args.engine)
     manifest, _ = read_manifest(args.engine)
@@ -131,6 +137,7 @@ def _generate(args: argparse.Namespace) -> None:
         if not engine.is_driver:
             return  # this rank runs rank 0's passes until rank 0 closes the engine; rank 0 writes the run
         model = engine.model
+        _dummy_notice(manifest)
         if not model.bundle.manifest.trained:
             print(
                 f"warning: {model.bundle.manifest.model} is UNTRAINED (random weights): its videos are noise; "
@@ -182,6 +189,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     check_output(args.out, KIND, args.overwrite)
     bundle = Bundle.load(args.engine)
+    _dummy_notice(manifest)
     defaults = bundle.manifest.defaults
     prompts, seeds = evaluation_set(QUICK_SAMPLES if args.quick else args.samples, args.prompts, args.seeds)
     default = [
@@ -258,6 +266,7 @@ def _serve(args: argparse.Namespace) -> None:
         parallel=args.parallel,
     )
     options.check()  # before Ray and torch are imported: a bad bundle path or a port in use is refused at once
+    _dummy_notice(read_manifest(args.engine)[0])
     from sencache.serving.app import serve_forever
 
     ended = serve_forever(options)

@@ -27,6 +27,9 @@ NOT_RUN = {
     "python -m pytest": "this test suite",
     "sencache demo --overwrite": "tests/test_demo.py runs the demo on a bundle in its folder",
     "sencache build --model cogvideox ": NEEDS_CHECKPOINT,
+    "python engine_builder/build_engine.py --model cogvideox --load-format dummy": "a 5B-parameter build; "
+    "tests/test_dummy.py builds a real preset's true width with two blocks",
+    "nice -n 15 python -m sencache.benchmarks.real_size": "builds a real-size model (benchmarks/results/real_size)",
     "sencache calibrate --engine bundles/cogvideox": NEEDS_CHECKPOINT,
     "sencache serve --engine runs/demo/tiny-wan": "tests/test_serving.py serves a calibrated tiny-wan on 127.0.0.1",
     "torchrun --nproc-per-node 2 ": "tests/test_parallel_cli.py runs it (python -m torch.distributed.run) on 127.0.0.1",

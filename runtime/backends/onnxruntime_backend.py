@@ -58,21 +58,35 @@ class OnnxRuntimeBackend(StageBackend):
 
     def __init__(self, bundle: Bundle, threads: int = 0, files: dict[str, str] | None = None) -> None:
         """`files`: the ONNX file of each stage when not the manifest's (the builder runs the fp32
-        exports of a bundle whose stages become TensorRT engines)."""
-        files = files or {stage: bundle.manifest.stages[stage].file for stage in STAGES}
+        exports of a bundle whose stages become TensorRT engines). A stage of several graphs (a
+        streamed build's groups of blocks) runs them in turn."""
+        graphs = (
+            {stage: bundle.manifest.stages[stage].files for stage in STAGES}
+            if files is None
+            else {stage: (files[stage],) for stage in STAGES}
+        )
         self.onnx = OnnxSessions(threads)
         self.providers = self.onnx.providers
-        for stage in STAGES:
-            try:
-                session = self.onnx.open(stage, bundle.read(files[stage]))
-            except Exception as e:  # onnxruntime raises its own exception types for bad models
-                raise BadInput(
-                    f"bundle {bundle.path}: ONNX Runtime cannot load {files[stage]}: {str(e).splitlines()[0][:200]}"
-                ) from None
-            _check_graph(bundle, stage, files[stage], session)
+        self.parts = {stage: [_part(stage, i) for i in range(len(names))] for stage, names in graphs.items()}
+        for stage, names in graphs.items():
+            for part, file in zip(self.parts[stage], names, strict=True):
+                try:
+                    session = self.onnx.open(part, str(bundle.checked_file(file)))
+                except BadInput:
+                    raise
+                except Exception as e:  # onnxruntime raises its own exception types for bad models
+                    raise BadInput(
+                        f"bundle {bundle.path}: ONNX Runtime cannot load {file}: {str(e).splitlines()[0][:200]}"
+                    ) from None
+                _check_graph(bundle, stage, file, session)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.onnx.run(stage, inputs)
+        parts = self.parts[stage]
+        outputs = self.onnx.run(parts[0], inputs)
+        for part in parts[1:]:
+            streams = {name.removesuffix(STREAM_OUT): value for name, value in outputs.items()}
+            outputs = self.onnx.run(part, {**inputs, **streams})
+        return outputs
 
     def describe(self) -> dict[str, str]:
         return {
@@ -81,6 +95,15 @@ class OnnxRuntimeBackend(StageBackend):
             "providers": ",".join(self.providers),
             "onnxruntime": ort.__version__,
         }
+
+
+STREAM_OUT = "_out"
+"""What the blocks stage appends to a stream's name for its output (StageLayout.stage_io)."""
+
+
+def _part(stage: str, index: int) -> str:
+    """The session name of graph `index` of `stage` (the first is the stage itself)."""
+    return stage if index == 0 else f"{stage}.{index}"
 
 
 def _check_graph(bundle: Bundle, stage: str, file: str, session: ort.InferenceSession) -> None:

@@ -1,0 +1,284 @@
+"""Real-size builds with dummy weights: what a real preset costs to build, load and run here.
+
+    nice -n 15 python -m sencache.benchmarks.real_size --model wan2.1-t2v-1.3b --precision fp16
+
+Per preset and precision (one build at a time; each run adds its row): the build's wall time and
+peak RSS (`/usr/bin/time -v` around `build_engine.py --load-format dummy`), the bundle's bytes and
+each ONNX graph's (with its external data), the validation error per stage and of the chain, the
+time to verify the bundle's checksums against one plain read of its bytes, the load time (checks
+and ONNX Runtime sessions) and seconds per uncached step, all at the reduced resolution the bundle
+is built for (the weights are full size whatever the resolution; validating at the model's own
+resolution would take hours on these CPUs). Writes `benchmarks/results/real_size/<model>-<precision>.json`
+and the table of every row there in `report.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.files import HASH_CHUNK, write_atomic
+from sencache.runtime.manifest import Manifest
+from sencache.runtime.model import Model
+from sencache.runtime.request import GenerationParams
+
+RESULTS = Path("benchmarks/results/real_size")
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "engine_builder" / "build_engine.py"
+REDUCED = "9x128x128"
+"""The resolution (frames x height x width) real-size bundles here are built, validated and run at
+by default (Wan: 3x16x16 latent, 192 tokens; the text stays at its real length)."""
+STEPS = 3
+LOAD_SHARE = 0.8
+"""The share of the available memory a loaded bundle may take to be run here."""
+LOADED_BYTES = {"fp32": 1.0, "fp16": 3.0}
+"""Memory of a loaded bundle per byte of its graphs: ONNX Runtime's CPU provider runs fp16 graphs
+with fp32 copies of their weights (a 0.43 GB fp16 bundle opens at 1.66 GB RSS, 0.4 GB of it the
+interpreter and torch)."""
+
+
+def build(
+    model: str, precision: str, size: str, out: Path, layers: int | None, group_blocks: int | None
+) -> dict[str, Any]:
+    """Run the dummy build in a child process under `/usr/bin/time -v`; its wall time, peak RSS and log."""
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        str(BUILD_SCRIPT),
+        "--model",
+        model,
+        "--load-format",
+        "dummy",
+        "--precision",
+        precision,
+        "--max-batch",
+        "1",
+        *(f"--{k}={v}" for k, v in zip(("frames", "height", "width"), size.split("x"), strict=True)),
+        *(() if layers is None else ("--layers", str(layers))),
+        *(() if group_blocks is None else ("--group-blocks", str(group_blocks))),
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    assert rss is not None, "/usr/bin/time -v reports the peak RSS"
+    log = [line for line in done.stdout.splitlines() if line.strip()]
+    return {"build_s": wall, "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9, "build_log": log}
+
+
+def read_once(paths: list[Path]) -> float:
+    """Seconds to read every byte of `paths` once into one reused buffer (the baseline of verification)."""
+    buffer = bytearray(HASH_CHUNK)
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    return time.perf_counter() - started
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (theirs only), so the next read comes from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_verify(bundle: Bundle) -> float:
+    started = time.perf_counter()
+    bundle.verify_files()
+    return time.perf_counter() - started
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what this machine can still give a process."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
+    """Sizes, validation, verification against one read, load time and s/step of the built bundle
+    (load and run only where its graphs fit in memory: ONNX Runtime holds them all)."""
+    bundle = Bundle.load(path)
+    files = bundle.manifest.files
+    paths = [path / name for name in files]
+    onnx = {}
+    for stage, spec in bundle.manifest.stages.items():
+        onnx[stage] = sum(e.bytes for n, e in files.items() if n in spec.files or n[: -len(".data")] in spec.files)
+    figures: dict[str, Any] = {
+        "bundle_bytes": sum(e.bytes for e in files.values()),
+        "onnx_bytes": onnx,
+        "graphs": {stage: len(spec.files) for stage, spec in bundle.manifest.stages.items()},
+        "validation": bundle.manifest.validation,
+        "config": {k: bundle.manifest.config.get(k) for k in ("num_layers", "num_attention_heads")},
+        "latent": list(bundle.manifest.shapes.latent),
+    }
+    evict(paths)
+    cold_read_s = read_once(paths)
+    evict(paths)
+    cold_verify_s = timed_verify(bundle)
+    read_s = read_once(paths)
+    verify_s = timed_verify(bundle)
+    figures |= {
+        "read_once_s": read_s,
+        "verify_s": verify_s,
+        "verify_vs_read": verify_s / read_s,
+        "cold_read_once_s": cold_read_s,
+        "cold_verify_s": cold_verify_s,
+        "cold_verify_vs_read": cold_verify_s / cold_read_s,
+    }
+    free, needed = available_bytes(), figures["bundle_bytes"] * LOADED_BYTES[bundle.manifest.precision]
+    if needed > LOAD_SHARE * free:
+        figures["not_run"] = (
+            f"ONNX Runtime would hold about {needed / 1e9:.0f} GB for its {figures['bundle_bytes'] / 1e9:.1f} GB of "
+            f"{bundle.manifest.precision} graphs, over {LOAD_SHARE:.0%} of the {free / 1e9:.1f} GB available"
+        )
+        return figures
+    started = time.perf_counter()
+    engine = Model.open(path, threads=threads)
+    load_s = time.perf_counter() - started
+    request = GenerationParams(["a red fox running through snow"], [0], steps, engine.bundle.manifest.defaults.guidance)
+    result = engine.generate(request, engine.policy("none", steps, 1, {}))
+    return figures | {
+        "load_s": load_s,
+        "steps": steps,
+        "per_step_s": result.timing["denoise_s"] / steps,
+        "rows_per_step": 2,
+    }
+
+
+def write_report(folder: Path) -> None:
+    """report.md: one row per measured preset and precision."""
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    lines = [
+        "# Real-size builds with dummy weights",
+        "",
+        "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
+        "size), ONNX Runtime CPU, max batch 1. Peak RSS of the build from `/usr/bin/time -v`; verification is the "
+        "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
+        "evicted first) and from the page cache; "
+        "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
+        "",
+        "| model | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
+        "worst stage rel L2 | chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        v = r["validation"]
+        stages = max(v[s]["rel_l2"] for s in ("head", "blocks", "tail"))
+        chain = v.get("chain_vs_fp32", {}).get("rel_l2")
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['reduced']} | "
+            f"{r['config']['num_layers']} ({r['graphs']['blocks']}) | {_built(r)} | "
+            f"{r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
+            f"{stages:.1e} | {'n/a' if chain is None else f'{chain:.1e}'} | {r['cold_verify_vs_read']:.2f} "
+            f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
+            f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {_run(r)} |"
+        )
+    lines += [""] + [
+        f"- {r['model']} {r['precision']}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r
+    ]
+    lines += [
+        f"- {r['model']} {r['precision']}, build figures: {r['build_measured_by']}."
+        for r in rows
+        if "build_measured_by" in r
+    ]
+    lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
+    if rows:
+        lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
+    write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def _described(manifest: Manifest) -> dict[str, Any]:
+    """The row's description of a bundle built before (its build figures were not measured here)."""
+    s, groups = manifest.shapes, manifest.validation.get("blocks_groups")
+    return {
+        "model": manifest.model,
+        "precision": manifest.precision,
+        "reduced": f"{s.frames}x{s.height}x{s.width}",
+        "group_blocks": None if not groups else groups[0]["blocks"][1] - groups[0]["blocks"][0],
+        "build": "not measured by this run (--bundle)",
+    }
+
+
+def _built(row: dict[str, Any]) -> str:
+    if "build_s" not in row:
+        return "n/a | n/a"
+    return f"{row['build_s']:.0f} | {row['build_peak_rss_gb']:.1f}"
+
+
+def _run(row: dict[str, Any]) -> str:
+    return "not run | not run" if "not_run" in row else f"{row['load_s']:.1f} | {row['per_step_s']:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sencache.benchmarks.real_size", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a real preset (wan2.1-t2v-1.3b, cogvideox-2b, ...)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="measure this dummy bundle, built before, instead of building one (no build figures)",
+    )
+    p.add_argument("--steps", type=int, default=STEPS, help=f"uncached steps timed (default {STEPS})")
+    p.add_argument("--precision", default="fp16", help="fp32|fp16")
+    p.add_argument("--size", default=REDUCED, help=f"frames x height x width to build at (default {REDUCED})")
+    p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
+    p.add_argument("--group-blocks", type=int, help="stream the build, this many blocks per graph")
+    p.add_argument("--threads", type=int, default=2, help="threads of the measured runs (torch and ONNX Runtime)")
+    p.add_argument("--work", type=Path, help="where the bundle is built (default: a temporary folder, removed)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the results folder")
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.bundle is None):
+        p.error("give --model (build and measure) or --bundle (measure)")
+    load_before = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    if args.bundle is not None:
+        row = _described(Bundle.load(args.bundle).manifest)
+        row |= measure_bundle(args.bundle, args.threads, args.steps)
+    else:
+        with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+            bundle = Path(scratch) / "bundle"
+            row = {
+                "model": args.model,
+                "precision": args.precision,
+                "reduced": args.size,
+                "group_blocks": args.group_blocks,
+            }
+            row |= build(args.model, args.precision, args.size, bundle, args.layers, args.group_blocks)
+            row |= measure_bundle(bundle, args.threads, args.steps)
+    row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    row["load_average_1m"] = {"start": load_before, "end": os.getloadavg()[0]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = row["model"] + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{row['precision']}"
+    name += "" if row["group_blocks"] is None else f"-groups-of-{row['group_blocks']}"
+    write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
+    write_report(args.out)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Dummy weights (`--load-format dummy`): the draw, the options that go with it, and a real
+preset's true width built with one block at a tiny resolution, then run through `generate`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sencache.cli import main
+from sencache.engine_builder.builder import BuildOptions, build
+from sencache.engine_builder.dummy import dummy_config, dummy_transformer
+from sencache.runtime.bundle import Bundle
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families import resolve
+from sencache.runtime.manifest import DUMMY_NOTICE, Manifest
+from sencache.runtime.model import Model
+from sencache.runtime.request import GenerationParams
+
+WAN = "wan2.1-t2v-1.3b"
+SMALL = {"layers": 2, "frames": 5, "height": 32, "width": 32, "max_batch": 1}
+
+
+def _wan(layers: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    adapter, preset = resolve(WAN)
+    return dummy_transformer(adapter, dummy_config(preset, layers), seed, dtype)
+
+
+def test_the_draw_is_a_function_of_seed_and_name():
+    one, two = _wan(1).state_dict(), _wan(2).state_dict()
+    assert not any(t.is_meta for t in two.values())
+    assert all(torch.equal(one[name], two[name]) for name in one)  # fewer blocks: the same first blocks
+    assert set(two) - set(one) and all(name.startswith("blocks.1.") for name in set(two) - set(one))
+    other = _wan(1, seed=1).state_dict()
+    assert not torch.equal(one["blocks.0.ffn.net.0.proj.weight"], other["blocks.0.ffn.net.0.proj.weight"])
+    weight = one["blocks.0.ffn.net.0.proj.weight"]  # 8960 x 1536: N(0, 1/1536)
+    assert weight.shape == (8960, 1536) and abs(weight.std().item() * 1536**0.5 - 1) < 0.01
+
+
+def test_a_lower_precision_draws_the_same_values_rounded():
+    wide, half = _wan(1).state_dict(), _wan(1, dtype=torch.float16).state_dict()
+    assert half["blocks.0.attn1.to_q.weight"].dtype == torch.float16
+    assert half["blocks.0.scale_shift_table"].dtype == torch.float32  # kept in fp32, as diffusers loads it
+    assert torch.equal(half["blocks.0.attn1.to_q.weight"], wide["blocks.0.attn1.to_q.weight"].half())
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"model": WAN, "load_format": "dummy", "weights": Path("/tmp")}, "weights"),
+        ({"model": WAN, "layers": 2}, "layers"),
+        ({"model": WAN, "group_blocks": 2}, "group_blocks"),
+        ({"model": WAN, "load_format": "dummy", "group_blocks": 31}, "group_blocks"),
+        ({"model": WAN, "load_format": "dummy", "group_blocks": 2, "precision": "fp8"}, "group_blocks"),
+        ({"model": WAN, "load_format": "dummy", "layers": 31}, "layers"),
+        ({"model": WAN, "load_format": "dummy", "seed": -1}, "seed"),
+        ({"model": WAN, "load_format": "random"}, "load_format"),
+        ({"model": "tiny-wan", "load_format": "dummy"}, "model"),
+    ],
+)
+def test_options_that_do_not_go_with_dummy_weights(options, param, tmp_path):
+    with pytest.raises(BadInput) as e:
+        BuildOptions(out=tmp_path / "b", **options).check()
+    assert e.value.param == param
+
+
+def test_a_real_preset_needs_no_weights_folder_with_dummy_weights(tmp_path):
+    plan = BuildOptions(model="cogvideox", out=tmp_path / "b", load_format="dummy", layers=1).check()
+    assert plan.weights is None and plan.preset.config["num_layers"] == 1
+    assert plan.preset.config["num_attention_heads"] == resolve("cogvideox")[1].config["num_attention_heads"]
+
+
+@pytest.fixture(scope="module")
+def dummy_bundle(tmp_path_factory) -> Path:
+    """Wan 1.3B's true width (1536, 12 heads, text 512 x 4096) with two blocks at 5 x 32 x 32."""
+    out = tmp_path_factory.mktemp("dummy") / "b"
+    return build(BuildOptions(model=WAN, out=out, load_format="dummy", seed=3, **SMALL), log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_a_dummy_build_is_built_loaded_and_run(dummy_bundle, tmp_path, capsys):
+    manifest = json.loads((dummy_bundle / "manifest.json").read_text())
+    assert manifest["dummy_weights"] == {"seed": 3} and manifest["text_encoder"]["kind"] == "dummy"
+    assert manifest["weights_source"] is None and manifest["config"]["num_layers"] == 2
+    assert all(manifest["validation"][stage]["rel_l2"] < 1e-4 for stage in ("head", "blocks", "tail"))
+    bundle = Bundle.load(dummy_bundle)
+    assert bundle.manifest.dummy and Manifest.parse(bundle.manifest.to_json()).dummy_seed == 3
+    assert bundle.manifest.shapes.text == (512, 4096)
+    run = tmp_path / "run"
+    args = ["generate", "--engine", dummy_bundle, "--prompt", "a fox", "--steps", "2", "--cache", "none", "--out", run]
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count(DUMMY_NOTICE) == 1
+    assert json.loads((run / "stats.json").read_text())["samples"][0]["nfe"] == 2
+
+
+@pytest.mark.slow
+def test_a_streamed_build_runs_as_the_whole_graph(dummy_bundle, tmp_path):
+    """One block per graph, one group in memory at a time: the same latents as the one-graph build."""
+    streamed = build(
+        BuildOptions(model=WAN, out=tmp_path / "s", load_format="dummy", seed=3, group_blocks=1, **SMALL),
+        log=lambda _: None,
+    )
+    manifest = Bundle.load(streamed).manifest
+    assert manifest.stages["blocks"].files == ("blocks.onnx", "blocks.1.onnx")
+    assert [g["blocks"] for g in manifest.validation["blocks_groups"]] == [[0, 1], [1, 2]]
+    latents = []
+    for path in (dummy_bundle, streamed):
+        engine = Model.open(path, threads=1)
+        request = GenerationParams(["a fox"], [0], 2, 5.0)
+        latents.append(engine.generate(request, engine.policy("none", 2, 1, {})).latents)
+    assert np.array_equal(latents[0], latents[1])
+
+
+@pytest.mark.slow
+def test_external_data_is_verified_and_loaded(dummy_bundle, tmp_path):
+    """A graph with its weights in `blocks.onnx.data` (as the exporter writes graphs past 2 GB)
+    loads and runs as before; a changed byte of the data is refused, naming the file."""
+    import onnx
+
+    from conftest import relist, reseal
+
+    moved = tmp_path / "external"
+    shutil.copytree(dummy_bundle, moved)
+    graph = onnx.load(str(moved / "blocks.onnx"))
+    onnx.save(graph, str(moved / "blocks.onnx"), save_as_external_data=True, location="blocks.onnx.data")
+    reseal(moved, lambda m: [relist(m, moved, name) for name in ("blocks.onnx", "blocks.onnx.data")])
+    latents = []
+    for path in (dummy_bundle, moved):
+        engine = Model.open(path, threads=1)
+        request = GenerationParams(["a fox"], [0], 1, 5.0)
+        latents.append(engine.generate(request, engine.policy("none", 1, 1, {})).latents)
+    assert np.array_equal(latents[0], latents[1])
+    with open(moved / "blocks.onnx.data", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BadInput, match=r"blocks\.onnx\.data does not match its checksum"):
+        Model.open(moved, threads=1)
