@@ -317,8 +317,8 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     tensorrt: TensorRTRecord | None = None
     dummy_seed: int | None = None
-    """The seed of the transformer's random weights in a dummy build (`--load-format dummy`); None
-    for real weights. Written as `dummy_weights: {"seed": ...}`."""
+    """The seed of the transformer's random weights in a dummy build (random weights at the real
+    shapes); None for real weights. Written as `dummy_weights: {"seed": ...}`."""
     files: dict[str, FileEntry] = field(default_factory=dict)
 
     @property
