@@ -49,7 +49,14 @@ interpreter and torch)."""
 
 
 def build(
-    model: str, precision: str, size: str, out: Path, layers: int | None, group_blocks: int | None
+    model: str,
+    precision: str,
+    size: str,
+    out: Path,
+    layers: int | None,
+    group_blocks: int | None,
+    backend: str = "onnxruntime",
+    compute_capability: str | None = None,
 ) -> dict[str, Any]:
     """Run the dummy build in a child process under `/usr/bin/time -v`; its wall time, peak RSS and log."""
     command = [
@@ -63,6 +70,9 @@ def build(
         "dummy",
         "--precision",
         precision,
+        "--backend",
+        backend,
+        *(() if compute_capability is None else ("--compute-capability", compute_capability)),
         "--max-batch",
         "1",
         *(f"--{k}={v}" for k, v in zip(("frames", "height", "width"), size.split("x"), strict=True)),
@@ -125,14 +135,18 @@ def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
     bundle = Bundle.load(path)
     files = bundle.manifest.files
     paths = [path / name for name in files]
-    onnx = {}
+    onnx, engines = {}, {}
     for stage, spec in bundle.manifest.stages.items():
-        onnx[stage] = sum(e.bytes for n, e in files.items() if n in spec.files or n[: -len(".data")] in spec.files)
+        graphs = {_onnx_name(f) for f in spec.files}
+        onnx[stage] = sum(e.bytes for n, e in files.items() if n in graphs or n[: -len(".data")] in graphs)
+        engines[stage] = sum(files[f].bytes for f in spec.files if f.endswith(".engine"))
     figures: dict[str, Any] = {
+        "backend": bundle.manifest.backend,
         "bundle_bytes": sum(e.bytes for e in files.values()),
         "onnx_bytes": onnx,
         "graphs": {stage: len(spec.files) for stage, spec in bundle.manifest.stages.items()},
         "validation": bundle.manifest.validation,
+        **({} if bundle.manifest.quantization is None else {"quantization": bundle.manifest.quantization}),
         "config": {k: bundle.manifest.config.get(k) for k in ("num_layers", "num_attention_heads")},
         "latent": list(bundle.manifest.shapes.latent),
     }
@@ -150,6 +164,15 @@ def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
         "cold_verify_s": cold_verify_s,
         "cold_verify_vs_read": cold_verify_s / cold_read_s,
     }
+    if bundle.manifest.tensorrt is not None:
+        figures["engine_bytes"] = engines
+        figures["tensorrt"] = {
+            "module": bundle.manifest.tensorrt.module,
+            "version": bundle.manifest.tensorrt.version,
+            "compute_capability": bundle.manifest.tensorrt.compute_capability,
+        }
+        figures["not_run"] = f"{bundle.manifest.backend} engines run only on a GPU (none here)"
+        return figures
     free, needed = available_bytes(), figures["bundle_bytes"] * LOADED_BYTES[bundle.manifest.precision]
     if needed > LOAD_SHARE * free:
         figures["not_run"] = (
@@ -177,35 +200,37 @@ def write_report(folder: Path) -> None:
         "# Real-size builds with dummy weights",
         "",
         "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
-        "size), ONNX Runtime CPU, max batch 1. Peak RSS of the build from `/usr/bin/time -v`; verification is the "
+        "size), ONNX Runtime CPU, max batch 1 (TensorRT-RTX rows: engines compiled here for the GPU named, from "
+        "the bundle's validated ONNX graphs, not run: no GPU here). Peak RSS of the build from `/usr/bin/time -v`; verification is the "
         "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
         "evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
-        "| model | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
-        "worst stage rel L2 | chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | backend | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
+        "engines GB | worst stage rel L2 | chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         v = r["validation"]
         stages = max(v[s]["rel_l2"] for s in ("head", "blocks", "tail"))
         chain = v.get("chain_vs_fp32", {}).get("rel_l2")
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['reduced']} | "
+            f"| {r['model']} | {_backend(r)} | {r['precision']} | {r['reduced']} | "
             f"{r['config']['num_layers']} ({r['graphs']['blocks']}) | {_built(r)} | "
-            f"{r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | "
+            f"{r['bundle_bytes'] / 1e9:.2f} | {r['onnx_bytes']['blocks'] / 1e9:.2f} | {_engines(r)} | "
             f"{stages:.1e} | {'n/a' if chain is None else f'{chain:.1e}'} | {r['cold_verify_vs_read']:.2f} "
             f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
             f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {_run(r)} |"
         )
     lines += [""] + [
-        f"- {r['model']} {r['precision']}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r
+        f"- {_name(r)}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r
     ]
     lines += [
         f"- {r['model']} {r['precision']}, build figures: {r['build_measured_by']}."
         for r in rows
         if "build_measured_by" in r
     ]
+    lines += [f"- {_name(r)}: {_fp8(r)}." for r in rows if "blocks_fp8_vs_fp32" in r["validation"]]
     lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
@@ -222,6 +247,36 @@ def _described(manifest: Manifest) -> dict[str, Any]:
         "group_blocks": None if not groups else groups[0]["blocks"][1] - groups[0]["blocks"][0],
         "build": "not measured by this run (--bundle)",
     }
+
+
+def _onnx_name(file: str) -> str:
+    """The ONNX graph a stage file was built from (an engine's graph stays in the bundle beside it)."""
+    return file[: -len(".engine")] + ".onnx" if file.endswith(".engine") else file
+
+
+def _backend(row: dict[str, Any]) -> str:
+    """The backend of a row (rows written before engines were measured are ONNX Runtime's)."""
+    if "tensorrt" not in row:
+        return row.get("backend", "onnxruntime")
+    return f"{row['backend']} {row['tensorrt']['version']} ({row['tensorrt']['compute_capability']})"
+
+
+def _engines(row: dict[str, Any]) -> str:
+    return "n/a" if "engine_bytes" not in row else f"{sum(row['engine_bytes'].values()) / 1e9:.2f}"
+
+
+def _name(row: dict[str, Any]) -> str:
+    return f"{row['model']} {row.get('backend', 'onnxruntime')} {row['precision']}"
+
+
+def _fp8(row: dict[str, Any]) -> str:
+    error, calibration = row["validation"]["blocks_fp8_vs_fp32"], row["quantization"]["calibration"]
+    return (
+        f"the FP8 (E4M3 Q/DQ, {row['quantization']['tool']}) blocks against the fp32 blocks in ONNX Runtime: "
+        f"relative L2 {error['rel_l2']:.3f} ({error['rel_l2_of_residual']:.3f} of the blocks' residual) on "
+        f"{error['rows']} held-out rows, calibrated on {calibration['rows']} rows of {calibration['samples']} "
+        f"uncached trajectories; the stage errors of the row are the fp32 graphs' before quantization"
+    )
 
 
 def _built(row: dict[str, Any]) -> str:
@@ -243,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         help="measure this dummy bundle, built before, instead of building one (no build figures)",
     )
     p.add_argument("--steps", type=int, default=STEPS, help=f"uncached steps timed (default {STEPS})")
-    p.add_argument("--precision", default="fp16", help="fp32|fp16")
+    p.add_argument("--precision", default="fp16", help="fp32|fp16|fp8 (fp8: with --backend tensorrt-rtx)")
     p.add_argument("--size", default=REDUCED, help=f"frames x height x width to build at (default {REDUCED})")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime|tensorrt-rtx (engines built, not run)")
+    p.add_argument("--compute-capability", help="with --backend tensorrt-rtx: the target, e.g. SM89")
     p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
     p.add_argument("--group-blocks", type=int, help="stream the build, this many blocks per graph")
     p.add_argument("--threads", type=int, default=2, help="threads of the measured runs (torch and ONNX Runtime)")
@@ -267,12 +324,22 @@ def main(argv: list[str] | None = None) -> int:
                 "reduced": args.size,
                 "group_blocks": args.group_blocks,
             }
-            row |= build(args.model, args.precision, args.size, bundle, args.layers, args.group_blocks)
+            row |= build(
+                args.model,
+                args.precision,
+                args.size,
+                bundle,
+                args.layers,
+                args.group_blocks,
+                args.backend,
+                args.compute_capability,
+            )
             row |= measure_bundle(bundle, args.threads, args.steps)
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     row["load_average_1m"] = {"start": load_before, "end": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     name = row["model"] + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{row['precision']}"
+    name += "" if row["backend"] == "onnxruntime" else f"-{row['backend']}"
     name += "" if row["group_blocks"] is None else f"-groups-of-{row['group_blocks']}"
     write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
     write_report(args.out)

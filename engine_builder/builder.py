@@ -9,6 +9,7 @@ stage exported and matched PyTorch, so an interrupted or failed build never leav
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.metadata
 import json
 import platform
@@ -231,6 +232,8 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
             validation["chain_vs_fp32"] = chain
             log(f"  head -> blocks -> tail in {plan.precision.name} vs fp32 PyTorch: relative L2 {chain['rel_l2']:.2e}")
         manifest = _manifest(plan, preset, model.specs, folder, validation)
+        del model  # the post-build steps read the graphs back: the weights must not be held twice
+        gc.collect()
     manifest = plan.precision.post_step(plan, manifest, folder, log)
     manifest = plan.target.post_build(plan, manifest, folder, log)
     _write_baselines(preset, folder)

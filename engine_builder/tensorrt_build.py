@@ -108,11 +108,13 @@ def build_engines(
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise BuildFailed(f"{MODULES[backend]} could not build the {stage} engine")
-        (folder / f"{stage}.engine").write_bytes(bytes(engine))
+        with open(folder / f"{stage}.engine", "wb") as f:
+            f.write(memoryview(engine))  # not bytes(engine): a real-size engine is GBs, held once
         record["profiles"][stage] = shapes
         log(
             f"  {stage}: {MODULES[backend]} engine, {engine.nbytes / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s"
         )
+        del engine, network, parser, builder  # the next stage's build starts with this one's memory freed
     if cache is not None and timing_cache is not None:
         write_atomic(timing_cache, bytes(cache.serialize()))
         record["timing_cache"] = timing_cache.name
