@@ -5,18 +5,21 @@
 # and other packages stay as they are, then runs, each bounded by `timeout` and none stopping the
 # next: `sencache doctor`, `sencache gpu-acceptance`, `pytest -m gpu`, and the cached loop on
 # tiny-wan with the PyTorch CUDA backend (torch bundle, brief calibration, `generate --device cuda`
-# with SenCache and with `--cache none`, compared), and, where nvidia-smi lists 2 GPUs or more, the
+# with SenCache and with `--cache none`, compared), the real-size run (Wan 2.1 1.3B's shapes with
+# dummy weights drawn on the machine, nothing large carried: a torch bf16 bundle at 33x480x832
+# timed on the GPU by benchmarks/gpu_real_size.py; without a GPU, the CPU rehearsal runs the same
+# steps at 9x64x64 with one block and labels its figures so), and, where nvidia-smi lists 2 GPUs or more, the
 # engine over 2 ranks on NCCL (torchrun; sp=2, then cfg=2, on the loop's bundle: decisions equal to
 # one rank's, the decision all-reduce timed; benchmarks/parallel_check.py). On one GPU that step is
 # recorded as skipped, and says so. A summary ends the run.
 #
 # Run from anywhere; it works in the checkout that holds it. Environment (paths may be relative):
-#   OUT                 where results go (default: runs/gpu-check in the checkout). It receives seven
-#                       files, within the eight the device tool brings back: summary.txt,
-#                       gpu_check.log (every step's output), gpu.json, loop.json,
+#   OUT                 where results go (default: runs/gpu-check in the checkout). It receives eight
+#                       files, the most the device tool brings back: summary.txt,
+#                       gpu_check.log (every step's output), gpu.json, loop.json, real_size.json,
 #                       stats_sencache.json, stats_none.json, parallel_nccl.json
 #   PYTHON              the interpreter that holds torch (default: python3)
-#   GPU_CHECK_BUDGET_S  the whole run, in seconds (default 450); each step is also capped
+#   GPU_CHECK_BUDGET_S  the whole run, in seconds (default 480); each step is also capped
 #   GPU_CHECK_WORK      scratch space, emptied first if this script made it (default: /tmp/sencache-gpu-check)
 # Exit status 0 when no step failed, else 1. Where nvidia-smi lists no GPU (the CPU rehearsal,
 # .ci/gpu_rehearsal), a GPU step passes as "skip" only when it ends with its one clear line
@@ -26,7 +29,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${OUT:-$ROOT/runs/gpu-check}")
 WORK=$(realpath -m "${GPU_CHECK_WORK:-/tmp/sencache-gpu-check}")
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 cd "$ROOT" || exit 1
 SITE=$WORK/site
 DEADLINE=$((SECONDS + BUDGET))
@@ -37,7 +40,7 @@ if [ -n "$(ls -A "$WORK" 2>/dev/null)" ] && [ ! -f "$WORK/.sencache-gpu-check-wo
 fi
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" && touch "$WORK/.sencache-gpu-check-work" || exit 1
 # No figure of an earlier run may pass for this one's.
-rm -f "$OUT"/{summary.txt,gpu_check.log,gpu.json,loop.json,stats_sencache.json,stats_none.json,parallel_nccl.json}
+rm -f "$OUT"/{summary.txt,gpu_check.log,gpu.json,loop.json,real_size.json,stats_sencache.json,stats_none.json,parallel_nccl.json}
 LOG=$OUT/gpu_check.log
 SUMMARY=$WORK/summary.rows
 : >"$LOG"
@@ -136,6 +139,19 @@ echo "GPU check: $(date -u +%FT%TZ), budget $BUDGET s, GPU listed by nvidia-smi:
 step install host 90 install_project
 step doctor host 60 sencache doctor
 step gpu-acceptance gpu 240 sencache gpu-acceptance --out "$OUT/gpu.json"
+# The real-size run. Its Python starts no part past its own budget and writes each part as it is
+# measured, so a cut run keeps its figures; the rehearsal's run is labelled one in its JSON.
+if [ "$HAVE_GPU" = 1 ]; then
+    real_size=(--frames 33 --height 480 --width 832)
+    real_run=(--device cuda --budget-s 170)
+else
+    real_size=(--frames 9 --height 64 --width 64 --layers 1)
+    real_run=(--device cpu --rehearsal --steps 6 --passes 2 --budget-s 170)
+fi
+step real-build host 120 sencache build --model wan2.1-t2v-1.3b --load-format dummy --backend torch \
+    --precision bf16 --max-batch 4 "${real_size[@]}" --out "$WORK/wan-1.3b-torch"
+step real-size host 190 "$PYTHON" -P -m sencache.benchmarks.gpu_real_size --engine "$WORK/wan-1.3b-torch" \
+    "${real_run[@]}" --out "$OUT/real_size.json"
 step pytest-gpu pytest 150 "$PYTHON" -P -m pytest -m gpu -q -ra -p no:cacheprovider tests
 step loop-build host 90 sencache build --model tiny-wan --backend torch --max-batch 4 --out "$WORK/tiny-wan-torch"
 step loop-calibrate host 240 sencache calibrate --engine "$WORK/tiny-wan-torch" --samples 2 --steps 6
@@ -162,6 +178,9 @@ fi
     done <"$SUMMARY"
     if [ -f "$OUT/gpu.json" ]; then
         "$PYTHON" -P -m sencache.benchmarks.gpu_check_report figures "$OUT/gpu.json"
+    fi
+    if [ -f "$OUT/real_size.json" ]; then
+        "$PYTHON" -P -m sencache.benchmarks.gpu_check_report real-size "$OUT/real_size.json"
     fi
     if [ -f "$OUT/loop.json" ]; then
         cat "$WORK/loop-compare.out"

@@ -8,6 +8,9 @@ python -m sencache.benchmarks.gpu_check_report figures gpu.json
     prints the headline figures of `sencache gpu-acceptance --out gpu.json` against their
     targets (README "GPU check"): drift kernel >= 80% of the HBM peak, decision <= 50 us per
     step, and the host syncs of the loop.
+python -m sencache.benchmarks.gpu_check_report real-size real_size.json
+    prints the figures of `python -m sencache.benchmarks.gpu_real_size` (the Wan 1.3B-size run),
+    each with where it came from: the GPU it was measured on, or the CPU rehearsal at a tiny size.
 """
 
 from __future__ import annotations
@@ -107,6 +110,66 @@ def figure_lines(gpu: dict[str, Any]) -> list[str]:
     return lines
 
 
+def real_size_lines(run: dict[str, Any]) -> list[str]:
+    """One line per part of a gpu_real_size document, each saying where its figures came from."""
+    where = "REHEARSAL on the CPU at a tiny size, not GPU figures" if run["rehearsal"] else run["source"]
+    lines = [
+        f"real size [{where}]: {run['model']} ({run['weights']}, {run['blocks']} blocks) {run['precision']} "
+        f"at {run['resolution']} (latent {'x'.join(map(str, run['latent_per_sample']))}), "
+        f"loaded in {run['load_s']:.1f} s"
+        + ("; random weights: the timings hold, the NFE says nothing of a trained model's" if run["dummy"] else "")
+    ]
+    for name in ("calibration", "runs", "drift_kernel", "rows"):
+        part = run.get(name)
+        if part is None:
+            lines.append(f"  {name}: missing (the run stopped before it)")
+        elif "not_run" in part:
+            lines.append(f"  {name}: not run ({part['not_run']})")
+        else:
+            lines += [f"  {line}" for line in _PARTS[name](part)]
+    return lines
+
+
+def _calibration(part: dict[str, Any]) -> list[str]:
+    return [f"calibration: {part['samples']} sample x {part['steps']} steps in {part['calibrate_s']:.1f} s"]
+
+
+def _runs(part: dict[str, Any]) -> list[str]:
+    lines = []
+    for method in ("uncached", "sencache"):
+        if method not in part:
+            lines.append(f"{method}: not run (no calibration table)")
+            continue
+        r = part[method]
+        syncs = "" if r["torch_syncs"] is None else f", {r['torch_syncs']} syncs PyTorch saw"
+        lines.append(
+            f"{method}: {r['per_step_s']:.3f} s/step ({r['rows_per_step']} rows), NFE {r['nfe']}/{r['steps']}, "
+            f"decision {r['decision_us_per_step']:.1f} us/step, {r['drift_readbacks_per_step']:.2f} drift "
+            f"read-backs (event waits) per step{syncs}"
+        )
+    if "speedup" in part:
+        lines.append(f"SenCache speed-up {part['speedup']:.2f}x")
+    return lines
+
+
+def _drift_kernel(part: dict[str, Any]) -> list[str]:
+    return [
+        f"drift: {part['bandwidth_GBps']:.0f} GB/s, {part['per_launch_us']:.1f} us per launch on "
+        f"{part['samples']} x {'x'.join(map(str, part['latent_per_sample']))} {part['dtype']} ({part['measured_by']})"
+    ]
+
+
+def _rows(part: dict[str, Any]) -> list[str]:
+    curve = part["curve"]
+    points = ", ".join(
+        f"{rows}: {c['pass_s']:.3f} s ({c['per_row_vs_first']:.2f}x per row)" for rows, c in curve.items()
+    )
+    return [f"pass time against rows through the step engine: {points}"]
+
+
+_PARTS = {"calibration": _calibration, "runs": _runs, "drift_kernel": _drift_kernel, "rows": _rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check_report", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_argument("--out", type=Path, help="also write the comparison as JSON here")
     figures = sub.add_parser("figures", help="the headline figures of gpu-acceptance's JSON")
     figures.add_argument("gpu_json", type=Path)
+    real = sub.add_parser("real-size", help="the figures of the real-size run's JSON")
+    real.add_argument("real_size_json", type=Path)
     args = p.parse_args(argv)
     if args.command == "loop":
         result = compare_runs(args.cached, args.reference)
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))
         print("\n".join(loop_lines(result)))
+    elif args.command == "real-size":
+        print("\n".join(real_size_lines(json.loads(args.real_size_json.read_text()))))
     else:
         print("\n".join(figure_lines(json.loads(args.gpu_json.read_text()))))
     return 0

@@ -201,13 +201,15 @@ def write_report(folder: Path) -> None:
         "",
         "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
         "size), ONNX Runtime CPU, max batch 1 (TensorRT-RTX rows: engines compiled here for the GPU named, from "
-        "the bundle's validated ONNX graphs, not run: no GPU here). Peak RSS of the build from `/usr/bin/time -v`; verification is the "
+        "the bundle's validated ONNX graphs, not run: no GPU here). Peak RSS of the build from "
+        "`/usr/bin/time -v`; verification is the "
         "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
         "evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
-        "| model | backend | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
-        "engines GB | worst stage rel L2 | chain rel L2 | verify / read, disk | verify / read, cached | load s | s/step |",
+        "| model | backend | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | "
+        "blocks ONNX GB | engines GB | worst stage rel L2 | chain rel L2 | verify / read, disk | "
+        "verify / read, cached | load s | s/step |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -222,9 +224,7 @@ def write_report(folder: Path) -> None:
             f"({r['cold_verify_s']:.1f} / {r['cold_read_once_s']:.1f} s) | {r['verify_vs_read']:.2f} "
             f"({r['verify_s']:.1f} / {r['read_once_s']:.1f} s) | {_run(r)} |"
         )
-    lines += [""] + [
-        f"- {_name(r)}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r
-    ]
+    lines += [""] + [f"- {_name(r)}: not loaded or run: {r['not_run']}." for r in rows if "not_run" in r]
     lines += [
         f"- {r['model']} {r['precision']}, build figures: {r['build_measured_by']}."
         for r in rows

@@ -256,7 +256,8 @@ def _load(plan: BuildPlan, log: Log) -> LoadedModel:
 
 def _load_dummy(plan: BuildPlan, log: Log, first_block: int = 0, layers: int | None = None) -> LoadedModel:
     """The transformer with dummy weights: drawn once in fp32 (the reference) and, for a lower
-    precision, drawn again straight in it (the same values rounded) instead of copied and cast.
+    precision, drawn again straight in it (the same values rounded) instead of copied and cast; a
+    target that validates no graph (torch) gets the second draw alone, as its own reference.
     With `layers`, only blocks `first_block` to `first_block + layers` (a streamed build's group);
     the preset keeps the whole model's config."""
     preset, seed = plan.preset, plan.options.seed
@@ -266,15 +267,15 @@ def _load_dummy(plan: BuildPlan, log: Log, first_block: int = 0, layers: int | N
             f"drawing dummy weights for {preset.name} ({config.get(LAYERS_KEY)} blocks, seed {seed}): "
             f"RANDOM weights, for engineering and speed checks only"
         )
-    transformer = dummy_transformer(plan.adapter, config, seed, first_block=first_block)
+    dtype = plan.precision.dtype
+    lowered = dummy_transformer(plan.adapter, config, seed, dtype, first_block=first_block)
+    transformer = (
+        lowered
+        if dtype == torch.float32 or not plan.target.exports_onnx
+        else dummy_transformer(plan.adapter, config, seed, first_block=first_block)
+    )
     merged = dict(preset.config, **_jsonable(dict(transformer.config)))
     preset = dataclasses.replace(preset, config=dict(merged, **{LAYERS_KEY: preset.config[LAYERS_KEY]}))
-    dtype = plan.precision.dtype
-    lowered = (
-        transformer
-        if dtype == torch.float32
-        else dummy_transformer(plan.adapter, config, seed, dtype, first_block=first_block)
-    )
     return _loaded(plan, preset, transformer, lowered)
 
 

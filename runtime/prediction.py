@@ -50,5 +50,6 @@ def predict(
 
 
 def _host(value: torch.Tensor) -> np.ndarray:
-    """A host NumPy view (or copy, from a GPU) of `value`."""
-    return value.detach().cpu().numpy()
+    """A host NumPy view (or copy, from a GPU) of `value`; bf16, which NumPy lacks, widened to fp32."""
+    value = value.detach()
+    return (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()

@@ -1,12 +1,13 @@
 """The GPU check's report (`sencache.benchmarks.gpu_check_report`): the loop comparison on real
-`sencache generate` folders, and the figures of gpu-acceptance's JSON against their targets."""
+`sencache generate` folders, the figures of gpu-acceptance's JSON against their targets, and the
+real-size run's figures with where they came from (its CPU rehearsal run here, for real)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from sencache.benchmarks.gpu_check_report import compare_runs, figure_lines, main
+from sencache.benchmarks.gpu_check_report import compare_runs, figure_lines, main, real_size_lines
 from sencache.benchmarks.metrics import psnr
 from sencache.cli import main as sencache
 
@@ -117,3 +118,56 @@ def test_figures_of_a_run_without_the_loop():
     document = acceptance(0.9, 20.0, (1, 1))
     document["loop"] = {"skipped": "this torch has no CUDA"}
     assert figure_lines(document)[-1] == "loop: skipped (this torch has no CUDA)"
+
+
+@pytest.fixture(scope="module")
+def real_size_run(tmp_path_factory):
+    """The real-size run's CPU rehearsal, as the GPU check's rehearsal runs it: Wan 1.3B's true
+    width with one block, dummy bf16 weights, a torch bundle at 9x64x64."""
+    from sencache.benchmarks.gpu_real_size import main as real_size
+    from sencache.engine_builder.builder import BuildOptions, build
+
+    work = tmp_path_factory.mktemp("real-size")
+    options = BuildOptions(
+        model="wan2.1-t2v-1.3b",
+        out=work / "bundle",
+        load_format="dummy",
+        layers=1,
+        backend="torch",
+        precision="bf16",
+        frames=9,
+        height=64,
+        width=64,
+        max_batch=2,
+    )
+    build(options, log=lambda _: None)
+    out = work / "real_size.json"
+    argv = ["--engine", str(work / "bundle"), "--device", "cpu", "--rehearsal", "--steps", "3"]
+    assert real_size([*argv, "--rows", "1,2", "--passes", "1", "--launches", "3", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_real_size_run_measures_every_part_in_bf16(real_size_run):
+    run = real_size_run
+    assert run["rehearsal"] and run["dummy"] and run["blocks"] == 1 and run["precision"] == "bf16"
+    assert run["backend"]["dtype"] == "bfloat16" and run["latent_per_sample"] == [16, 3, 8, 8]
+    uncached, cached = run["runs"]["uncached"], run["runs"]["sencache"]
+    assert uncached["nfe"] == 3 and uncached["rows_per_step"] == 2 and uncached["drift_readbacks_per_step"] == 0
+    assert cached["drift_readbacks_per_step"] == pytest.approx(2 / 3)  # one per step after the first
+    assert run["drift_kernel"]["samples"] == 2 and run["drift_kernel"]["bandwidth_GBps"] > 0
+    assert list(run["rows"]["curve"]) == ["1", "2"] and run["rows"]["curve"]["1"]["per_row_vs_first"] == 1.0
+
+
+def test_real_size_lines_name_where_each_figure_came_from(real_size_run):
+    lines = real_size_lines(real_size_run)
+    assert "REHEARSAL on the CPU at a tiny size, not GPU figures" in lines[0] and "random weights" in lines[0]
+    assert any("uncached:" in line and "s/step (2 rows)" in line for line in lines)
+    assert any("drift:" in line and "host clock" in line for line in lines)
+    assert any(line.startswith("  pass time against rows") for line in lines)
+    measured = dict(real_size_run, rehearsal=False, source="measured on NVIDIA H200")
+    measured["rows"] = {"not_run": "12 s of the 170 s budget left"}
+    del measured["drift_kernel"]
+    lines = real_size_lines(measured)
+    assert "[measured on NVIDIA H200]" in lines[0]
+    assert "  drift_kernel: missing (the run stopped before it)" in lines
+    assert "  rows: not run (12 s of the 170 s budget left)" in lines

@@ -63,7 +63,7 @@ register_backend(
     Backend("onnxruntime", f"{_BACKENDS}.onnxruntime_backend:OnnxRuntimeBackend", "onnx", ("fp32", "fp16", "fp8"))
 )
 register_backend(
-    Backend("torch", f"{_BACKENDS}.torch_backend:TorchBackend", "torch", ("fp32", "fp16"), takes_device=True)
+    Backend("torch", f"{_BACKENDS}.torch_backend:TorchBackend", "torch", ("fp32", "fp16", "bf16"), takes_device=True)
 )
 register_backend(
     Backend(

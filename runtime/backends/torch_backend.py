@@ -1,5 +1,5 @@
 """PyTorch reference backend: the diffusers transformer itself, split by the family adapter,
-on the host or a GPU; the loop's tensors stay on that device."""
+on the host or a GPU, in the bundle's precision; the loop's tensors stay on that device."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.parts import build_transformer
 from sencache.runtime.manifest import STAGES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The weights' dtype of each precision a torch bundle is built in."""
 
 
 class TorchBackend(StageBackend):
@@ -30,7 +33,10 @@ class TorchBackend(StageBackend):
             raise BadInput(f"device {device}: the torch backend runs on cpu or cuda", param="device")
         preset = bundle.preset
         assert bundle.manifest.weights is not None, "Manifest.parse sets the weights of a torch bundle"
-        transformer = build_transformer(bundle.adapter, preset, bundle.checked_folder(bundle.manifest.weights))
+        self.dtype = DTYPES[bundle.manifest.precision]
+        transformer = build_transformer(
+            bundle.adapter, preset, bundle.checked_folder(bundle.manifest.weights), dtype=self.dtype
+        )
         self.modules = {
             k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()
         }
@@ -39,9 +45,21 @@ class TorchBackend(StageBackend):
     @torch.no_grad()
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.specs[stage]
-        out = self.modules[stage](**{name: inputs[name] for name in spec.inputs})
+        out = self.modules[stage](**{name: self._fed(stage, name, inputs[name]) for name in spec.inputs})
         out = out if isinstance(out, tuple) else (out,)
         return dict(zip(spec.outputs, out, strict=True))
 
+    def _fed(self, stage: str, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The loop's latent and text go into the head in the weights' dtype, as diffusers' pipelines
+        feed their transformer (the timestep stays fp32); the other stages take what the head made."""
+        if stage == "head" and name != "timestep" and value.is_floating_point():
+            return value.to(self.dtype)
+        return value
+
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "torch": torch.__version__, "device": str(self.device)}
+        return {
+            "backend": self.name,
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }

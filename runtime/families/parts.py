@@ -40,9 +40,14 @@ def check_weights(preset: ModelPreset, weights: Path | None) -> Path | None:
 
 
 def build_transformer(
-    adapter: FamilyAdapter, preset: ModelPreset, weights: Path | None, device: str = "cpu"
+    adapter: FamilyAdapter,
+    preset: ModelPreset,
+    weights: Path | None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Construct the family's diffusers transformer; load weights from a diffusers folder when given.
+    """Construct the family's diffusers transformer; load weights from a diffusers folder when given,
+    in `dtype` (a lower one keeps the modules diffusers keeps in fp32, as its `from_pretrained` does).
 
     On `device="meta"` no memory is allocated (shape planning). A real model without
     weights is an error that says what to pass.
@@ -59,10 +64,10 @@ def build_transformer(
     if config.get("_class_name") not in (None, cls.__name__):
         raise BadInput(f"weights {folder}: holds a {config['_class_name']}, not a {cls.__name__}", param="weights")
     try:
-        model = cls.from_pretrained(str(sub))
+        model = cls.from_pretrained(str(sub), torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise BadInput(f"weights {folder}: cannot load {cls.__name__}: {e}".splitlines()[0], param="weights") from None
-    return model.float().eval()
+    return (model.float() if dtype == torch.float32 else model).eval()
 
 
 def make_scheduler(adapter: FamilyAdapter, preset: ModelPreset, config: dict[str, Any] | None = None):
