@@ -27,6 +27,7 @@ from torch import nn
 
 from sencache.data.prompts import check_prompts
 from sencache.engine_builder.dummy import LAYERS_KEY, dummy_config, dummy_transformer
+from sencache.engine_builder.memory import peak_rss
 from sencache.engine_builder.onnx_export import StageSpec
 from sencache.engine_builder.precision import Precision, precision
 from sencache.engine_builder.targets import OnnxTarget, target
@@ -234,6 +235,7 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
         manifest = _manifest(plan, preset, model.specs, folder, validation)
         del model  # the post-build steps read the graphs back: the weights must not be held twice
         gc.collect()
+    log(f"stages exported and validated ({peak_rss()})")
     manifest = plan.precision.post_step(plan, manifest, folder, log)
     manifest = plan.target.post_build(plan, manifest, folder, log)
     _write_baselines(preset, folder)

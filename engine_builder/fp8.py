@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from sencache.data.prompts import calibration_prompts
+from sencache.engine_builder.memory import peak_rss
 from sencache.engine_builder.onnx_export import BuildFailed, compare
 from sencache.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from sencache.runtime.bundle import Bundle
@@ -115,6 +116,7 @@ def quantize_blocks(
     check = blocks_inputs(
         engine, calibration_prompts(tiny, model, max(1, samples // 2), CHECK_SEED, prompts), CHECK_SEED, every=5
     )
+    log(f"  captured {len(calibration[engine.layout.streams[0]])} calibration rows ({peak_rss()})")
     with tempfile.TemporaryDirectory(prefix="fp8-", dir=folder.parent) as tmp:
         source, target = Path(tmp) / "blocks.onnx", Path(tmp) / "blocks.fp8.onnx"
         shutil.copyfile(folder / "blocks.onnx", source)  # modelopt rewrites its input file in place
@@ -135,9 +137,13 @@ def quantize_blocks(
             raise BuildFailed(f"FP8 quantization of the blocks stage failed: {type(e).__name__}: {e}") from e
         finally:
             logging.getLogger().setLevel(previous)
+        log(f"  quantized the blocks with ModelOpt ({peak_rss()})")
         check = {name: value[:1] if name in engine.layout.shared else value for name, value in check.items()}
         error = _fp8_error(folder / "blocks.onnx", target, check, engine.layout.streams)
-        log(f"  blocks fp8 vs fp32 in ONNX Runtime: relative L2 {error['rel_l2']:.3f} on {error['rows']} rows")
+        log(
+            f"  blocks fp8 vs fp32 in ONNX Runtime: relative L2 {error['rel_l2']:.3f} on {error['rows']} rows "
+            f"({peak_rss()})"
+        )
         if not error["rel_l2"] <= TOLERANCE_REL_L2:
             raise BuildFailed(
                 f"FP8 blocks differ from fp32 by relative L2 {error['rel_l2']:.3f}; the limit is {TOLERANCE_REL_L2}"

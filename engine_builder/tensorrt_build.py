@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sencache.engine_builder.memory import peak_rss
 from sencache.engine_builder.onnx_export import BuildFailed
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.errors import BadInput
@@ -112,7 +113,8 @@ def build_engines(
             f.write(memoryview(engine))  # not bytes(engine): a real-size engine is GBs, held once
         record["profiles"][stage] = shapes
         log(
-            f"  {stage}: {MODULES[backend]} engine, {engine.nbytes / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s"
+            f"  {stage}: {MODULES[backend]} engine, {engine.nbytes / 1e6:.1f} MB, "
+            f"{time.perf_counter() - started:.1f} s ({peak_rss()})"
         )
         del engine, network, parser, builder  # the next stage's build starts with this one's memory freed
     if cache is not None and timing_cache is not None:
