@@ -57,6 +57,7 @@ def build(
     group_blocks: int | None,
     backend: str = "onnxruntime",
     compute_capability: str | None = None,
+    fp8_samples: int | None = None,
 ) -> dict[str, Any]:
     """Run the dummy build in a child process under `/usr/bin/time -v`; its wall time, peak RSS and log."""
     command = [
@@ -73,6 +74,7 @@ def build(
         "--backend",
         backend,
         *(() if compute_capability is None else ("--compute-capability", compute_capability)),
+        *(() if fp8_samples is None else ("--fp8-samples", str(fp8_samples))),
         "--max-batch",
         "1",
         *(f"--{k}={v}" for k, v in zip(("frames", "height", "width"), size.split("x"), strict=True)),
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=REDUCED, help=f"frames x height x width to build at (default {REDUCED})")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime|tensorrt-rtx (engines built, not run)")
     p.add_argument("--compute-capability", help="with --backend tensorrt-rtx: the target, e.g. SM89")
+    p.add_argument("--fp8-samples", type=int, help="with --precision fp8: calibration trajectories")
     p.add_argument("--layers", type=int, help="build this many blocks (default: all)")
     p.add_argument("--group-blocks", type=int, help="stream the build, this many blocks per graph")
     p.add_argument("--threads", type=int, default=2, help="threads of the measured runs (torch and ONNX Runtime)")
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.group_blocks,
                 args.backend,
                 args.compute_capability,
+                args.fp8_samples,
             )
             row |= measure_bundle(bundle, args.threads, args.steps)
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
