@@ -114,3 +114,25 @@ def test_bf16_bundles_are_validated_widened_and_estimated(capsys, tmp_path):
     assert validation["head"]["rel_l2"] < 1e-5 and validation["tail"]["rel_l2"] < 1e-5
     assert validation["blocks"]["rel_l2"] < 5e-3
     assert 1e-3 < validation["chain_vs_fp32"]["rel_l2"] < 3e-2
+
+
+@pytest.mark.slow
+def test_tensorrt_rtx_builds_a_real_preset_at_its_true_width(tmp_path):
+    """Wan 2.1 1.3B's true width (1536, 12 heads, text 512 x 4096) with one of its 30 blocks and
+    dummy fp16 weights, 9x64x64: the real-size path (dummy draw, export, validation, the PyTorch
+    model freed, engines written without a second copy) in under a minute. The whole 30-block
+    model's fp16 and fp8 engines are in benchmarks/results/real_size/ (minutes to build)."""
+    import json
+
+    out = tmp_path / "wan"
+    argv = ["build", "--model", "wan2.1-t2v-1.3b", "--load-format", "dummy", "--layers", "1"]
+    argv += ["--backend", "tensorrt-rtx", "--compute-capability", "SM89", "--precision", "fp16"]
+    assert main([*argv, "--frames", "9", "--height", "64", "--width", "64", "--max-batch", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["num_layers"] == 1 and manifest["config"]["num_attention_heads"] == 12
+    profiles = manifest["tensorrt"]["profiles"]
+    assert profiles["blocks"]["hidden"]["max"] == [2, 48, 1536]
+    assert profiles["head"]["text"]["max"] == [2, 512, 4096]
+    # one block of fp16 weights (about 88 MB) is in the blocks engine; the head holds the text projection
+    assert (out / "blocks.engine").stat().st_size > 80e6 and (out / "head.engine").stat().st_size > 20e6
+    assert manifest["validation"]["chain_vs_fp32"]["rel_l2"] < 5e-3
