@@ -104,8 +104,6 @@ def quantize_blocks(
     (None: the model's default calibration prompts); returns the quantization record.
     `manifest` is the bundle's as it will be written (before its file listing)."""
     version = require_modelopt()
-    from modelopt.onnx.quantization import quantize
-
     bundle = Bundle.being_built(folder, manifest)
     engine = Model(bundle, OnnxRuntimeBackend(bundle, threads, files={s: f"{s}.onnx" for s in STAGES}))
     log(f"  capturing blocks inputs on {samples} uncached trajectories")
@@ -118,25 +116,8 @@ def quantize_blocks(
     )
     log(f"  captured {len(calibration[engine.layout.streams[0]])} calibration rows ({peak_rss()})")
     with tempfile.TemporaryDirectory(prefix="fp8-", dir=folder.parent) as tmp:
-        source, target = Path(tmp) / "blocks.onnx", Path(tmp) / "blocks.fp8.onnx"
-        shutil.copyfile(folder / "blocks.onnx", source)  # modelopt rewrites its input file in place
-        previous = logging.getLogger().level
-        try:
-            quiet = io.StringIO()  # its ONNX Runtime calibrator prints tensor counts and progress bars
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                quantize(
-                    onnx_path=str(source),
-                    quantize_mode="fp8",
-                    calibration_data=calibration,
-                    calibration_eps=["cpu"],
-                    output_path=str(target),
-                    high_precision_dtype="fp32",
-                    log_level="ERROR",
-                )
-        except Exception as e:  # modelopt raises many types; the build reports which step failed
-            raise BuildFailed(f"FP8 quantization of the blocks stage failed: {type(e).__name__}: {e}") from e
-        finally:
-            logging.getLogger().setLevel(previous)
+        target = Path(tmp) / "blocks.fp8.onnx"
+        quantize_graph(folder / "blocks.onnx", target, calibration)
         log(f"  quantized the blocks with ModelOpt ({peak_rss()})")
         check = {name: value[:1] if name in engine.layout.shared else value for name, value in check.items()}
         error = _fp8_error(folder / "blocks.onnx", target, check, engine.layout.streams)
@@ -160,6 +141,32 @@ def quantize_blocks(
         },
         "blocks_vs_fp32": error,
     }
+
+
+def quantize_graph(source: Path, target: Path, calibration: dict[str, np.ndarray]) -> None:
+    """Write the FP8 Q/DQ version of the fp32 graph `source` to `target` (beside it: a folder of
+    its own), calibrated on `calibration` (the graph's inputs, rows stacked) in ONNX Runtime on the CPU."""
+    from modelopt.onnx.quantization import quantize
+
+    copy = target.parent / f"{source.stem}.source.onnx"
+    shutil.copyfile(source, copy)  # modelopt rewrites its input file in place
+    previous = logging.getLogger().level
+    try:
+        quiet = io.StringIO()  # its ONNX Runtime calibrator prints tensor counts and progress bars
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            quantize(
+                onnx_path=str(copy),
+                quantize_mode="fp8",
+                calibration_data=calibration,
+                calibration_eps=["cpu"],
+                output_path=str(target),
+                high_precision_dtype="fp32",
+                log_level="ERROR",
+            )
+    except Exception as e:  # modelopt raises many types; the build reports which step failed
+        raise BuildFailed(f"FP8 quantization of the blocks stage failed: {type(e).__name__}: {e}") from e
+    finally:
+        logging.getLogger().setLevel(previous)
 
 
 def _fp8_error(fp32: Path, fp8: Path, inputs: dict[str, np.ndarray], streams: tuple[str, ...]) -> dict[str, float]:
