@@ -35,6 +35,8 @@ from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams
 
 RESULTS = Path("benchmarks/results/real_size")
+FP8_MEMORY = "fp8_memory.json"
+"""The FP8 quantizer's memory against its blocks (benchmarks/fp8_memory.py), not a row."""
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "engine_builder" / "build_engine.py"
 REDUCED = "9x128x128"
 """The resolution (frames x height x width) real-size bundles here are built, validated and run at
@@ -197,7 +199,7 @@ def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
 
 def write_report(folder: Path) -> None:
     """report.md: one row per measured preset and precision."""
-    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != FP8_MEMORY]
     lines = [
         "# Real-size builds with dummy weights",
         "",
@@ -234,6 +236,8 @@ def write_report(folder: Path) -> None:
     ]
     lines += [f"- {_name(r)}: {_fp8(r)}." for r in rows if "blocks_fp8_vs_fp32" in r["validation"]]
     lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
+    if (folder / FP8_MEMORY).is_file():
+        lines += ["", _fp8_memory(json.loads((folder / FP8_MEMORY).read_text()))]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
@@ -278,6 +282,33 @@ def _fp8(row: dict[str, Any]) -> str:
         f"relative L2 {error['rel_l2']:.3f} ({error['rel_l2_of_residual']:.3f} of the blocks' residual) on "
         f"{error['rows']} held-out rows, calibrated on {calibration['rows']} rows of {calibration['samples']} "
         f"uncached trajectories; the stage errors of the row are the fp32 graphs' before quantization"
+    )
+
+
+def _fp8_memory(memory: dict[str, Any]) -> str:
+    """The paragraph on the FP8 quantizer's memory at the whole model's size."""
+    points = "; ".join(
+        f"{p['blocks']} block{'s' if p['blocks'] > 1 else ''} ({p['graph_gb']:.2f} GB of fp32 graph): "
+        f"{p['peak_rss_gb']:.2f} GB in {p['seconds']:.0f} s"
+        for p in memory["points"]
+    )
+    text = (
+        f"FP8 quantization memory ({memory['model']}, `python -m sencache.benchmarks.fp8_memory`): the peak RSS "
+        f"of ModelOpt's ONNX FP8 quantizer (engine_builder/fp8.py `quantize_graph`) on the fp32 blocks graph, "
+        f"{memory['resolution']}, one process per graph: {points}."
+    )
+    if "fit" not in memory:
+        return text + " One point only: no line through it."
+    fit = memory["fit"]
+    return text + (
+        f" It grows by {fit['gb_per_block']:.2f} GB per block ({fit['rss_per_graph_byte']:.0f} bytes per byte of "
+        f"graph) from {fit['gb_at_zero_blocks']:.2f} GB, so the whole {fit['whole_model_blocks']}-block graph would "
+        f"need about {fit['whole_model_peak_gb']:.0f} GB: the one-graph FP8 build of the whole model does not fit "
+        "this 24 GB machine (the 20 GB limit), and its TensorRT-RTX FP8 engines, built from that graph, are not "
+        "built here. Not built either, the way within the limit: quantize the blocks in groups (as `--group-blocks` "
+        "exports them, calibrating each group on the previous one's outputs) and join the quantized groups into "
+        "one graph before the engine build (TensorRT-RTX builds the FP8 engine at about 2 bytes of RSS per byte "
+        "of its Q/DQ graph: 0.89 GB for 2 blocks' 0.37 GB)"
     )
 
 
