@@ -142,3 +142,25 @@ def test_external_data_is_verified_and_loaded(dummy_bundle, tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(BadInput, match=r"blocks\.onnx\.data does not match its checksum"):
         Model.open(moved, threads=1)
+
+
+def test_the_real_size_report_shows_engines_and_the_fp8_memory_verdict(tmp_path):
+    """The report's TensorRT-RTX rows (engine sizes, not run without a GPU) and its FP8 memory
+    paragraph, whose verdict follows the line through the measured points."""
+    from sencache.benchmarks.real_size import FP8_MEMORY, write_report
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "real_size"
+    shutil.copy(results / "wan2.1-t2v-1.3b-fp16-tensorrt-rtx.json", tmp_path)
+    point = {"blocks": 1, "graph_gb": 0.19, "peak_rss_gb": 2.3, "seconds": 53.0, "calibration_rows": 50}
+    memory = {"model": "wan2.1-t2v-1.3b", "resolution": "5x64x64", "points": [point]}
+    (tmp_path / FP8_MEMORY).write_text(json.dumps(memory))
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| wan2.1-t2v-1.3b | tensorrt-rtx 1.7.1.116 (SM89) | fp16 | 9x128x128 | 30 (1) |" in report
+    assert "| 2.99 |" in report and "tensorrt-rtx engines run only on a GPU" in report
+    assert "One point only" in report
+    fit = {"gb_per_block": 2.0, "gb_at_zero_blocks": 0.5, "rss_per_graph_byte": 11.0, "whole_model_blocks": 30}
+    for whole, verdict in ((61.0, "does not fit the 20 GB limit"), (15.0, "within the 20 GB limit")):
+        (tmp_path / FP8_MEMORY).write_text(json.dumps(dict(memory, fit=dict(fit, whole_model_peak_gb=whole))))
+        write_report(tmp_path)
+        assert verdict in (tmp_path / "report.md").read_text()
