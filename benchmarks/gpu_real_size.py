@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sencache.benchmarks.syncs import counting_syncs
 from sencache.data.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.files import write_atomic
@@ -92,8 +93,6 @@ def torch_syncs(device: torch.device, work: Callable[[], Any]) -> tuple[Any, int
     """`work()` and, on CUDA, the synchronizing calls PyTorch saw during it (None on the host)."""
     if device.type != "cuda":
         return work(), None
-    from sencache.gpu_acceptance import counting_syncs
-
     return counting_syncs(work)
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sencache.benchmarks.syncs import counting_syncs
 from sencache.kernels.cuda_drift import DTYPES, DeviceDrift, _driver, _ok, open_device, upload
 from sencache.kernels.host_reference import drift_reference
 
@@ -219,22 +219,6 @@ def cached_loop(arch: str) -> dict[str, Any]:
         "wait per step goes through the CUDA driver and is in neither count"
     )
     return report
-
-
-def counting_syncs(work: Callable[[], Any]) -> tuple[Any, int]:
-    """`work()` and the number of synchronizing calls PyTorch saw during it."""
-    import warnings
-
-    import torch
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            result = work()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return result, sum("synchroniz" in str(w.message) for w in seen)
 
 
 def run(out: Path | None = None) -> dict[str, Any]:
