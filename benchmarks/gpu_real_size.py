@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     part("drift_kernel", lambda: drift_kernel(engine, shapes.max_batch, args.launches))
     part("rows", lambda: {"curve": pass_times(engine, rows, args.passes)})
     report.add("total_s", time.perf_counter() - started)
+    print(f"real-size run of {manifest.model} written to {args.out} in {report.document['total_s']:.0f} s")
     return 0
 
 
