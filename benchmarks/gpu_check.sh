@@ -146,7 +146,7 @@ if [ "$HAVE_GPU" = 1 ]; then
     real_run=(--device cuda --budget-s 170)
 else
     real_size=(--frames 9 --height 64 --width 64 --layers 1)
-    real_run=(--device cpu --rehearsal --steps 6 --passes 2 --budget-s 170)
+    real_run=(--device cpu --rehearsal --steps 4 --passes 1 --budget-s 170)
 fi
 step real-build host 120 sencache build --model wan2.1-t2v-1.3b --load-format dummy --backend torch \
     --precision bf16 --max-batch 4 "${real_size[@]}" --out "$WORK/wan-1.3b-torch"
