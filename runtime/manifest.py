@@ -319,6 +319,9 @@ class Manifest:
     dummy_seed: int | None = None
     """The seed of the transformer's random weights in a dummy build (random weights at the real
     shapes); None for real weights. Written as `dummy_weights: {"seed": ...}`."""
+    sizing: dict[str, Any] | None = None
+    """A dummy build's choice of precision, block grouping and resolution, what it was chosen from
+    (parameters, available memory, estimated peak) and which parts were automatic."""
     files: dict[str, FileEntry] = field(default_factory=dict)
 
     @property
@@ -355,6 +358,7 @@ class Manifest:
             "quantization": self.quantization,
             "tensorrt": None if self.tensorrt is None else self.tensorrt.to_json(),
             "dummy_weights": None if self.dummy_seed is None else {"seed": self.dummy_seed},
+            "sizing": self.sizing,
         }
         data.update({k: v for k, v in optional.items() if v is not None})
         data["files"] = {name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()}
@@ -409,6 +413,7 @@ class Manifest:
             quantization=m.record("quantization") or None,
             tensorrt=tensorrt,
             dummy_seed=None if dummy is None else dummy.integer("seed", 0, 2**31 - 1),
+            sizing=m.record("sizing") or None,
             files=files,
         )
 
