@@ -31,6 +31,7 @@ import torch
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import HASH_CHUNK, write_atomic
 from sencache.runtime.manifest import Manifest
+from sencache.runtime.memory import estimated_peak
 from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams
 
@@ -41,11 +42,7 @@ REDUCED = "9x128x128"
 by default (Wan: 3x16x16 latent, 192 tokens; the text stays at its real length)."""
 STEPS = 3
 LOAD_SHARE = 0.8
-"""The share of the available memory a loaded bundle may take to be run here."""
-LOADED_BYTES = {"fp32": 1.0, "fp16": 3.0}
-"""Memory of a loaded bundle per byte of its graphs: ONNX Runtime's CPU provider runs fp16 graphs
-with fp32 copies of their weights (a 0.43 GB fp16 bundle opens at 1.66 GB RSS, 0.4 GB of it the
-interpreter and torch)."""
+"""The share of the available memory a run's estimated peak (runtime/memory.py) may take to be run here."""
 
 
 def build(
@@ -81,6 +78,23 @@ def build(
     assert rss is not None, "/usr/bin/time -v reports the peak RSS"
     log = [line for line in done.stdout.splitlines() if line.strip()]
     return {"build_s": wall, "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9, "build_log": log}
+
+
+def build_figures(log: str) -> dict[str, Any]:
+    """Wall time, peak RSS and log of a build run by hand under `/usr/bin/time -v` (its output)."""
+    command = re.search(r"Command being timed: \"(.*)\"", log)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", log)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
+    if command is None or wall is None or rss is None:
+        raise SystemExit("--build-log: not the output of /usr/bin/time -v (no command, wall time or peak RSS)")
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.group(1).split(":"))))
+    lines = [line for line in log.splitlines() if line.strip() and not line.startswith("\t")]
+    return {
+        "build_command": command.group(1),
+        "build_s": seconds,
+        "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9,
+        "build_log": [line for line in lines if "\r" not in line and "%|" not in line][-30:],
+    }
 
 
 def read_once(paths: list[Path]) -> float:
@@ -150,11 +164,12 @@ def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
         "cold_verify_s": cold_verify_s,
         "cold_verify_vs_read": cold_verify_s / cold_read_s,
     }
-    free, needed = available_bytes(), figures["bundle_bytes"] * LOADED_BYTES[bundle.manifest.precision]
+    free, needed = available_bytes(), estimated_peak(bundle.manifest, 1, 2)
     if needed > LOAD_SHARE * free:
         figures["not_run"] = (
-            f"ONNX Runtime would hold about {needed / 1e9:.0f} GB for its {figures['bundle_bytes'] / 1e9:.1f} GB of "
-            f"{bundle.manifest.precision} graphs, over {LOAD_SHARE:.0%} of the {free / 1e9:.1f} GB available"
+            f"a run would peak at about {needed / 1e9:.0f} GB (ONNX Runtime holds its "
+            f"{figures['bundle_bytes'] / 1e9:.1f} GB of {bundle.manifest.precision} graphs), over {LOAD_SHARE:.0%} "
+            f"of the {free / 1e9:.1f} GB available"
         )
         return figures
     started = time.perf_counter()
@@ -206,6 +221,12 @@ def write_report(folder: Path) -> None:
         for r in rows
         if "build_measured_by" in r
     ]
+    lines += [
+        f"- {r['model']} {r['precision']}: built by `{_command(r['build_command'])}`, which chose "
+        f"{', '.join(r['sizing']['automatic'])} itself ({_choice(r['sizing'])})."
+        for r in rows
+        if "build_command" in r and r.get("sizing", {}).get("automatic")
+    ]
     lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
@@ -221,7 +242,24 @@ def _described(manifest: Manifest) -> dict[str, Any]:
         "reduced": f"{s.frames}x{s.height}x{s.width}",
         "group_blocks": None if not groups else groups[0]["blocks"][1] - groups[0]["blocks"][0],
         "build": "not measured by this run (--bundle)",
+        **({"sizing": manifest.sizing} if manifest.sizing else {}),
     }
+
+
+def _command(command: str) -> str:
+    """A build command as the README spells it: `python engine_builder/build_engine.py ...`."""
+    words = command.split()
+    script = next((i for i, w in enumerate(words) if w.endswith("build_engine.py")), None)
+    return command if script is None else " ".join(["python", "engine_builder/build_engine.py", *words[script + 1 :]])
+
+
+def _choice(sizing: dict[str, Any]) -> str:
+    groups = "one graph" if sizing["group_blocks"] is None else f"groups of {sizing['group_blocks']} blocks"
+    return (
+        f"{sizing['parameters'] / 1e9:.2f} B parameters, {sizing['available_bytes'] / 2**30:.1f} GiB available: "
+        f"{sizing['precision']}, {groups}, estimated peak {sizing['estimated_peak_bytes'] / 1e9:.1f} GB, "
+        f"{'x'.join(map(str, sizing['resolution']))}"
+    )
 
 
 def _built(row: dict[str, Any]) -> str:
@@ -242,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="measure this dummy bundle, built before, instead of building one (no build figures)",
     )
+    p.add_argument(
+        "--build-log",
+        type=Path,
+        help="with --bundle: the output of `/usr/bin/time -v` around the build command that made it (its "
+        "wall time, peak RSS and command go into the row)",
+    )
     p.add_argument("--steps", type=int, default=STEPS, help=f"uncached steps timed (default {STEPS})")
     p.add_argument("--precision", default="fp16", help="fp32|fp16")
     p.add_argument("--size", default=REDUCED, help=f"frames x height x width to build at (default {REDUCED})")
@@ -257,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.bundle is not None:
         row = _described(Bundle.load(args.bundle).manifest)
+        if args.build_log is not None:
+            row |= build_figures(args.build_log.read_text(errors="replace"))
+            del row["build"]
         row |= measure_bundle(args.bundle, args.threads, args.steps)
     else:
         with tempfile.TemporaryDirectory(dir=args.work) as scratch:
@@ -274,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = row["model"] + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{row['precision']}"
     name += "" if row["group_blocks"] is None else f"-groups-of-{row['group_blocks']}"
+    name += "-auto" if row.get("sizing", {}).get("automatic") else ""
     write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
     write_report(args.out)
     print((args.out / "report.md").read_text())
