@@ -41,6 +41,8 @@ REDUCED = "9x128x128"
 """The resolution (frames x height x width) real-size bundles here are built, validated and run at
 by default (Wan: 3x16x16 latent, 192 tokens; the text stays at its real length)."""
 STEPS = 3
+NOT_RUN = "not_run.md"
+"""The presets not run, with the measured figures that predict them (written by hand, kept in the report)."""
 LOAD_SHARE = 0.8
 """The share of the available memory a run's estimated peak (runtime/memory.py) may take to be run here."""
 
@@ -228,6 +230,9 @@ def write_report(folder: Path) -> None:
         if "build_command" in r and r.get("sizing", {}).get("automatic")
     ]
     lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
+    not_run = folder / NOT_RUN
+    if not_run.is_file():
+        lines += ["", not_run.read_text().strip()]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
