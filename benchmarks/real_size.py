@@ -194,9 +194,10 @@ def write_report(folder: Path) -> None:
         "# Real-size builds with dummy weights",
         "",
         "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
-        "size), ONNX Runtime CPU, max batch 1. Peak RSS of the build from `/usr/bin/time -v`; verification is the "
-        "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
-        "evicted first) and from the page cache; "
+        "size), ONNX Runtime CPU, max batch 1 unless a note says otherwise. Peak RSS of the build from `/usr/bin/time "
+        "-v`; verification is the bundle's streamed check of every file (the SHA-256 of each 64 MiB chunk on every "
+        "core where the manifest lists chunks, else the whole file's) against one plain read of the same bytes, "
+        "from disk (the files' pages evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
         "| model | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | blocks ONNX GB | "
