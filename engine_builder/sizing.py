@@ -15,10 +15,12 @@ flag fits a 24 GB machine; every explicit flag overrides its part of the choice.
 
 The estimate is linear in the parameters held at once, BUILD_BASE + BUILD_BYTES_PER_PARAMETER per
 parameter: the upper line of the peak RSS of the measured builds (`/usr/bin/time -v`), fp32 and fp16,
-one graph and streamed: CogVideoX 1.5 at its true width with 2 blocks, 4.85 GB fp32 and 4.09 GB fp16
-for 0.28 B parameters, 3.31 GB fp32 streamed one block at a time (0.15 B held); Wan 1.3B fp16 in one
+one graph and streamed: CogVideoX 1.5 at its true width with 2 blocks, 4.96 GB fp32 and 4.18 GB fp16
+for 0.28 B parameters, 3.39 GB fp32 streamed one block at a time (0.15 B held); Wan 1.3B fp16 in one
 graph, 17.1 GB for 1.42 B; LTX-Video, CogVideoX 1.5-5B and 4 blocks of Wan 14B fp16 streamed, 8.6,
-12.3 and 12.1 GB for 0.51, 0.81 and 0.94 B held (benchmarks/results/real_size/report.md). A build
+12.3 and 12.1 GB for 0.51, 0.81 and 0.94 B held (benchmarks/results/real_size/report.md); the
+README's command as chosen here (CogVideoX 1.5-5B fp16 in 7 groups of 6) peaked at 12.1 GB against
+13.0 GB estimated. A build
 holds the fp32 weights (and an fp16 copy), the exporter's copy and ONNX Runtime's session, which
 widens fp16 weights to fp32: about the same bytes per parameter in both precisions.
 """
