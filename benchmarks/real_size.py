@@ -31,6 +31,7 @@ import torch
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.files import HASH_CHUNK, write_atomic
 from sencache.runtime.manifest import Manifest
+from sencache.runtime.memory import estimated_peak
 from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams
 
@@ -44,12 +45,10 @@ REDUCED = "9x128x128"
 """The resolution (frames x height x width) real-size bundles here are built, validated and run at
 by default (Wan: 3x16x16 latent, 192 tokens; the text stays at its real length)."""
 STEPS = 3
+NOT_RUN = "not_run.md"
+"""The presets not run, with the measured figures that predict them (written by hand, kept in the report)."""
 LOAD_SHARE = 0.8
-"""The share of the available memory a loaded bundle may take to be run here."""
-LOADED_BYTES = {"fp32": 1.0, "fp16": 3.0}
-"""Memory of a loaded bundle per byte of its graphs: ONNX Runtime's CPU provider runs fp16 graphs
-with fp32 copies of their weights (a 0.43 GB fp16 bundle opens at 1.66 GB RSS, 0.4 GB of it the
-interpreter and torch)."""
+"""The share of the available memory a run's estimated peak (runtime/memory.py) may take to be run here."""
 
 
 def build(
@@ -97,6 +96,23 @@ def build(
     assert rss is not None, "/usr/bin/time -v reports the peak RSS"
     log = [line for line in done.stdout.splitlines() if line.strip()]
     return {"build_s": wall, "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9, "build_log": log}
+
+
+def build_figures(log: str) -> dict[str, Any]:
+    """Wall time, peak RSS and log of a build run by hand under `/usr/bin/time -v` (its output)."""
+    command = re.search(r"Command being timed: \"(.*)\"", log)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", log)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
+    if command is None or wall is None or rss is None:
+        raise SystemExit("--build-log: not the output of /usr/bin/time -v (no command, wall time or peak RSS)")
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.group(1).split(":"))))
+    lines = [line for line in log.splitlines() if line.strip() and not line.startswith("\t")]
+    return {
+        "build_command": command.group(1),
+        "build_s": seconds,
+        "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9,
+        "build_log": [line for line in lines if "\r" not in line and "%|" not in line][-30:],
+    }
 
 
 def read_once(paths: list[Path]) -> float:
@@ -179,11 +195,12 @@ def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
         }
         figures["not_run"] = f"{bundle.manifest.backend} engines run only on a GPU (none here)"
         return figures
-    free, needed = available_bytes(), figures["bundle_bytes"] * LOADED_BYTES[bundle.manifest.precision]
+    free, needed = available_bytes(), estimated_peak(bundle.manifest, 1, 2)
     if needed > LOAD_SHARE * free:
         figures["not_run"] = (
-            f"ONNX Runtime would hold about {needed / 1e9:.0f} GB for its {figures['bundle_bytes'] / 1e9:.1f} GB of "
-            f"{bundle.manifest.precision} graphs, over {LOAD_SHARE:.0%} of the {free / 1e9:.1f} GB available"
+            f"a run would peak at about {needed / 1e9:.0f} GB (ONNX Runtime holds its "
+            f"{figures['bundle_bytes'] / 1e9:.1f} GB of {bundle.manifest.precision} graphs), over {LOAD_SHARE:.0%} "
+            f"of the {free / 1e9:.1f} GB available"
         )
         return figures
     started = time.perf_counter()
@@ -206,11 +223,11 @@ def write_report(folder: Path) -> None:
         "# Real-size builds with dummy weights",
         "",
         "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
-        "size), ONNX Runtime CPU, max batch 1 (TensorRT-RTX rows: engines compiled here for the GPU named, from "
-        "the bundle's validated ONNX graphs, not run: no GPU here). Peak RSS of the build from "
-        "`/usr/bin/time -v`; verification is the "
-        "streamed SHA-256 of every file against one plain read of the same bytes, from disk (the files' pages "
-        "evicted first) and from the page cache; "
+        "size), ONNX Runtime CPU, max batch 1 unless a note says otherwise (TensorRT-RTX rows: engines compiled "
+        "here for the GPU named, from the bundle's validated ONNX graphs, not run: no GPU here). Peak RSS of the "
+        "build from `/usr/bin/time -v`; verification is the bundle's streamed check of every file (the SHA-256 of "
+        "each 64 MiB chunk on every core where the manifest lists chunks, else the whole file's) against one plain "
+        "read of the same bytes, from disk (the files' pages evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
         "| model | backend | precision | size | blocks (graphs) | build s | peak RSS GB | bundle GB | "
@@ -237,9 +254,18 @@ def write_report(folder: Path) -> None:
         if "build_measured_by" in r
     ]
     lines += [f"- {_name(r)}: {_fp8(r)}." for r in rows if "blocks_fp8_vs_fp32" in r["validation"]]
-    lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
     if (folder / FP8_MEMORY).is_file():
         lines += ["", _fp8_memory(json.loads((folder / FP8_MEMORY).read_text()))]
+    lines += [
+        f"- {r['model']} {r['precision']}: built by `{_command(r['build_command'])}`, which chose "
+        f"{', '.join(r['sizing']['automatic'])} itself ({_choice(r['sizing'])})."
+        for r in rows
+        if "build_command" in r and r.get("sizing", {}).get("automatic")
+    ]
+    lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
+    not_run = folder / NOT_RUN
+    if not_run.is_file():
+        lines += ["", not_run.read_text().strip()]
     if rows:
         lines += ["", f"Machine: {rows[-1]['machine']}, shared: the 1-minute load average of each run is in its JSON."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
@@ -254,6 +280,7 @@ def _described(manifest: Manifest) -> dict[str, Any]:
         "reduced": f"{s.frames}x{s.height}x{s.width}",
         "group_blocks": None if not groups else groups[0]["blocks"][1] - groups[0]["blocks"][0],
         "build": "not measured by this run (--bundle)",
+        **({"sizing": manifest.sizing} if manifest.sizing else {}),
     }
 
 
@@ -317,6 +344,22 @@ def _fp8_memory(memory: dict[str, Any]) -> str:
     )
 
 
+def _command(command: str) -> str:
+    """A build command as the README spells it: `python engine_builder/build_engine.py ...`."""
+    words = command.split()
+    script = next((i for i, w in enumerate(words) if w.endswith("build_engine.py")), None)
+    return command if script is None else " ".join(["python", "engine_builder/build_engine.py", *words[script + 1 :]])
+
+
+def _choice(sizing: dict[str, Any]) -> str:
+    groups = "one graph" if sizing["group_blocks"] is None else f"groups of {sizing['group_blocks']} blocks"
+    return (
+        f"{sizing['parameters'] / 1e9:.2f} B parameters, {sizing['available_bytes'] / 2**30:.1f} GiB available: "
+        f"{sizing['precision']}, {groups}, estimated peak {sizing['estimated_peak_bytes'] / 1e9:.1f} GB, "
+        f"{'x'.join(map(str, sizing['resolution']))}"
+    )
+
+
 def _built(row: dict[str, Any]) -> str:
     if "build_s" not in row:
         return "n/a | n/a"
@@ -334,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle",
         type=Path,
         help="measure this dummy bundle, built before, instead of building one (no build figures)",
+    )
+    p.add_argument(
+        "--build-log",
+        type=Path,
+        help="with --bundle: the output of `/usr/bin/time -v` around the build command that made it (its "
+        "wall time, peak RSS and command go into the row)",
     )
     p.add_argument("--steps", type=int, default=STEPS, help=f"uncached steps timed (default {STEPS})")
     p.add_argument("--precision", default="fp16", help="fp32|fp16|fp8 (fp8: with --backend tensorrt-rtx)")
@@ -353,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.bundle is not None:
         row = _described(Bundle.load(args.bundle).manifest)
+        if args.build_log is not None:
+            row |= build_figures(args.build_log.read_text(errors="replace"))
+            del row["build"]
         row |= measure_bundle(args.bundle, args.threads, args.steps)
     else:
         with tempfile.TemporaryDirectory(dir=args.work) as scratch:
@@ -381,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     name = row["model"] + ("" if args.layers is None else f"-{args.layers}blocks") + f"-{row['precision']}"
     name += "" if row["backend"] == "onnxruntime" else f"-{row['backend']}"
     name += "" if row["group_blocks"] is None else f"-groups-of-{row['group_blocks']}"
+    name += "-auto" if row.get("sizing", {}).get("automatic") else ""
     write_atomic(args.out / f"{name}.json", json.dumps(row, indent=1).encode())
     write_report(args.out)
     print((args.out / "report.md").read_text())

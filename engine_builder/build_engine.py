@@ -35,6 +35,8 @@ MODELS = {
 }
 """Every name `--model` takes (the family registry's presets and aliases, which import torch), with
 what the help says of it: here so an unknown name is refused before anything heavy is imported."""
+REDUCED_HELP = "with --load-format dummy, 9x128x128 unless one of the three is given"
+"""What the help says of a dummy build's reduced resolution (engine_builder/sizing.py's REDUCED)."""
 
 
 def add_build_arguments(b: argparse.ArgumentParser) -> None:
@@ -63,13 +65,18 @@ def add_build_arguments(b: argparse.ArgumentParser) -> None:
         "--group-blocks",
         type=int,
         help="with --load-format dummy: stream the build, this many blocks per ONNX graph and one group in "
-        "memory at a time (models whose weights do not fit twice)",
+        "memory at a time, 0 for one graph (default: chosen from the model's size and the available memory)",
     )
     b.add_argument("--backend", default="auto", help="|".join(("auto", *BACKENDS)))
-    b.add_argument("--precision", default="fp32", help="fp32|fp16|bf16|fp8")
-    b.add_argument("--frames", type=int, help="video frames (default: the model's)")
-    b.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
-    b.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
+    b.add_argument(
+        "--precision",
+        default="auto",
+        help="auto|fp32|fp16|bf16|fp8 (auto: with --load-format dummy fp32 where the model's fp32 weights take "
+        "at most half the available memory, else fp16; otherwise fp32)",
+    )
+    b.add_argument("--frames", type=int, help=f"video frames (default: the model's; {REDUCED_HELP})")
+    b.add_argument("--height", type=int, help=f"video height in pixels (default: the model's; {REDUCED_HELP})")
+    b.add_argument("--width", type=int, help=f"video width in pixels (default: the model's; {REDUCED_HELP})")
     b.add_argument("--max-batch", type=int, default=4, help="most samples per generate call")
     b.add_argument("--compute-capability", help="tensorrt-rtx target without a GPU, e.g. SM89 or SM120")
     b.add_argument(

@@ -30,6 +30,7 @@ from sencache.engine_builder.dummy import LAYERS_KEY, dummy_config, dummy_transf
 from sencache.engine_builder.memory import peak_rss
 from sencache.engine_builder.onnx_export import StageSpec
 from sencache.engine_builder.precision import Precision, precision
+from sencache.engine_builder.sizing import REDUCED, STREAMABLE, Sizing, choose, model_size
 from sencache.engine_builder.targets import OnnxTarget, target
 from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables
@@ -47,6 +48,7 @@ from sencache.runtime.manifest import (
     Stage,
     TextEncoderSpec,
 )
+from sencache.runtime.memory import available_bytes
 from sencache.runtime.tiny_text import TinyTextEncoder
 
 TINY_MODELS = Path(__file__).resolve().parent / "tiny_models"
@@ -57,6 +59,8 @@ DUMMY_TEXT = TextEncoderSpec(
     "embeddings are drawn from each prompt at the real text shape, frames are blank",
 )
 Log = Callable[[str], None]
+STREAMING_BACKENDS = ("auto", "onnxruntime")
+"""The backends whose builds stream block groups (`auto` builds for ONNX Runtime)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ class BuildOptions:
     out: Path
     weights: Path | None = None
     backend: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
+    """fp32|fp16|bf16|fp8, or `auto`: a dummy build's chosen by engine_builder/sizing.py, else fp32."""
     frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -83,12 +88,53 @@ class BuildOptions:
     """With dummy weights: this many transformer blocks instead of the preset's (None: all)."""
     group_blocks: int | None = None
     """With dummy weights: stream the build, this many blocks per ONNX graph, one group in memory at
-    a time (None: the blocks in one graph)."""
+    a time (0: the blocks in one graph; None: chosen by engine_builder/sizing.py)."""
 
     def check(self) -> BuildPlan:
-        """Resolve and check every option before any work; BadInput names the first bad one."""
+        """Resolve and check every option before any work; BadInput names the first bad one. A
+        dummy build's unset precision, grouping and resolution are chosen here (`BuildPlan.sizing`)."""
         adapter, preset = resolve(self.model)
         preset = self._dummy_preset(preset)
+        sizing = self._sizing(adapter, preset) if self.dummy else None
+        if sizing is not None:
+            frames, height, width = sizing.resolution
+            sized = dataclasses.replace(
+                self,
+                precision=sizing.precision,
+                group_blocks=sizing.group_blocks,
+                frames=frames,
+                height=height,
+                width=width,
+            )
+        else:
+            sized = dataclasses.replace(self, precision="fp32" if self.precision == "auto" else self.precision)
+        return sized._check(adapter, preset, sizing)
+
+    def _sizing(self, adapter: FamilyAdapter, preset: ModelPreset) -> Sizing:
+        """A dummy build's sizing: the options given, the rest chosen from the model's size and the
+        memory available now."""
+        given = (self.frames, self.height, self.width)
+        resolution = None
+        if given != (None, None, None):
+            resolution = tuple(r if g is None else g for g, r in zip(given, REDUCED, strict=True))
+        return choose(
+            model_size(adapter, preset.config),
+            available_bytes(torch.device("cpu")),
+            None if self.precision == "auto" else self.precision,
+            self.group_blocks,
+            resolution,  # type: ignore[arg-type]  # three ints, zipped
+            streamable=self.backend in STREAMING_BACKENDS,
+        )
+
+    def _check(self, adapter: FamilyAdapter, preset: ModelPreset, sizing: Sizing | None) -> BuildPlan:
+        """The rest of `check`, on options with their precision, grouping and resolution settled."""
+        streams = self.backend in STREAMING_BACKENDS and self.precision in STREAMABLE
+        if self.group_blocks is not None and not streams:
+            raise BadInput(
+                f"group_blocks streams {' or '.join(STREAMABLE)} ONNX Runtime builds; "
+                f"not backend {self.backend} in {self.precision}",
+                param="group_blocks",
+            )
         backend = target(self.backend)
         backend.check(self)
         chosen = precision(self.precision)
@@ -117,7 +163,7 @@ class BuildOptions:
         if self.fp8_prompts is not None:
             check_prompts(self.fp8_prompts, preset.tiny, preset.name)
         weights = None if self.dummy else _weights_folder(preset, self.weights)
-        return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights)
+        return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights, sizing)
 
     @property
     def dummy(self) -> bool:
@@ -146,12 +192,9 @@ class BuildOptions:
         preset = dataclasses.replace(preset, config=dummy_config(preset, self.layers))
         if self.group_blocks is not None:
             layers = preset.config[LAYERS_KEY]
-            if not 1 <= self.group_blocks <= layers:
-                raise BadInput(f"group_blocks must be in [1, {layers}], got {self.group_blocks}", param="group_blocks")
-            if self.backend not in ("auto", "onnxruntime") or self.precision not in ("fp32", "fp16"):
+            if not 0 <= self.group_blocks <= layers:
                 raise BadInput(
-                    "group_blocks streams fp32 or fp16 ONNX Runtime builds; "
-                    f"not backend {self.backend} in {self.precision}",
+                    f"group_blocks must be in [0, {layers}] (0: one graph), got {self.group_blocks}",
                     param="group_blocks",
                 )
         return preset
@@ -168,6 +211,8 @@ class BuildPlan:
     precision: Precision
     shapes: Shapes
     weights: Path | None
+    sizing: Sizing | None = None
+    """A dummy build's choice of precision, grouping and resolution (None: not a dummy build)."""
 
 
 @dataclass
@@ -210,6 +255,8 @@ def build(options: BuildOptions, log: Log = print) -> Path:
     """Build the bundle described by `options` into `options.out`; returns its path."""
     check_replaceable(options.out, KIND)
     plan = options.check()
+    if plan.sizing is not None:
+        log(plan.sizing.line())
     started = time.perf_counter()
     with staged_folder(options.out, KIND) as folder:
         _build_into(folder, plan, log)
@@ -336,6 +383,7 @@ def _manifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         weights=plan.target.weights,
         dummy_seed=plan.options.seed if plan.options.dummy else None,
+        sizing=None if plan.sizing is None else plan.sizing.to_json(),
     )
 
 

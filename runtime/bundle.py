@@ -6,7 +6,10 @@ On load, the digest is checked, the manifest is validated against its schema and
 every listed name must be a plain name inside the bundle that is a regular file there (no `..`,
 no absolute paths, no links). A file's bytes are checked against its SHA-256 when the runtime
 reads them (`read`, `checked_file`, `checked_folder`), so every byte that is loaded has been verified,
-once; large files are hashed streaming (`checked_file`) and then opened by their loader.
+once; large files are hashed streaming (`checked_file`) and then opened by their loader. A file past
+64 MiB is also listed by the SHA-256 of each chunk, and checked by those on every core at once (a
+whole-file SHA-256 is one core's sequential work); a bundle that lists no chunks is checked by its
+files' whole SHA-256, as before.
 The checksums catch corruption and edits; they are not a signature against someone who rewrites
 the manifest and its digest together.
 """
@@ -26,7 +29,7 @@ from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
 from sencache.runtime.families.parts import make_scheduler
-from sencache.runtime.files import BUNDLE, OWNER, sha256, staged_folder, write_atomic
+from sencache.runtime.files import BUNDLE, CHUNK_BYTES, OWNER, chunk_digests, sha256, staged_folder, write_atomic
 from sencache.runtime.manifest import BASELINES, DIGEST, MANIFEST, SENSITIVITY, FileEntry, Manifest
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -101,8 +104,7 @@ class Bundle:
                 if file == name:
                     raise BadInput(f"bundle {self.path}: {name} is not listed in {MANIFEST}'s files")
                 continue
-            path = self._inside(file)
-            if path.stat().st_size != entry.bytes or sha256(path) != entry.sha256:
+            if not _matches(self._inside(file), entry):
                 raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
         return self._inside(name)
 
@@ -116,7 +118,7 @@ class Bundle:
             stray = sorted(present - listed)
             raise BadInput(f"bundle {self.path}: {stray[0] if stray else name} is not listed in {MANIFEST}'s files")
         for file in sorted(listed):
-            if sha256(self._inside(file)) != self.manifest.files[file].sha256:
+            if not _matches(self._inside(file), self.manifest.files[file]):
                 raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
         return folder
 
@@ -204,9 +206,26 @@ class Bundle:
 
 def list_files(folder: Path) -> dict[str, FileEntry]:
     """Size and SHA-256 of every file in `folder` the manifest lists (all but itself, its digest
-    and the owner marker)."""
+    and the owner marker), and the chunks' SHA-256 of files past CHUNK_BYTES."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in _UNLISTED)
-    return {file.relative_to(folder).as_posix(): FileEntry(file.stat().st_size, sha256(file)) for file in files}
+    return {file.relative_to(folder).as_posix(): _entry(file) for file in files}
+
+
+def _entry(file: Path) -> FileEntry:
+    size = file.stat().st_size
+    if size <= CHUNK_BYTES:
+        return FileEntry(size, sha256(file))
+    return FileEntry(size, sha256(file), CHUNK_BYTES, tuple(chunk_digests(file)))
+
+
+def _matches(path: Path, entry: FileEntry) -> bool:
+    """Whether the file at `path` has the listed size and bytes: by its chunks on every core when
+    listed, else by its whole SHA-256 (small files, bundles written before chunks were listed)."""
+    if path.stat().st_size != entry.bytes:
+        return False
+    if entry.chunks:
+        return chunk_digests(path, entry.chunk_bytes) == list(entry.chunks)
+    return sha256(path) == entry.sha256
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> tuple[Manifest, str]:

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +43,9 @@ READ_AHEAD = 4
 """Buffers of HASH_CHUNK bytes a checksum reads ahead into while it hashes."""
 LARGE_FILE = 1 << 30
 """Files this large show a progress bar while they are hashed."""
+CHUNK_BYTES = 1 << 26
+"""Files larger than this are also listed by the SHA-256 of each 64 MiB chunk (`chunk_digests`),
+which a check hashes on every core at once."""
 
 OWNER = ".sencache-owner.json"
 """The ownership marker: {"tool": "sencache", "kind": ..., "state": "partial"|"complete", "files": [...]}."""
@@ -116,6 +120,60 @@ def sha256(path: Path) -> str:
             bar.update(n)
             free.put(index)
         reader.join()
+    return h.hexdigest()
+
+
+def chunk_digests(path: Path, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """The SHA-256 of each `chunk_bytes` chunk of a file, hashed on every core at once.
+
+    One SHA-256 of a whole file is a sequential chain that one core hashes at about 1.3 GB/s here,
+    slower than the page cache and, on a busy machine, than the disk; chunks are independent: each
+    worker reads its chunk with `pread` into its own 4 MiB buffer and hashes it (both release the
+    GIL), so reading and hashing overlap across workers and memory stays at one buffer per worker.
+    A progress bar on stderr for files of 1 GiB or more."""
+    size = Path(path).stat().st_size
+    offsets = range(0, size, chunk_bytes)
+    workers = min(len(offsets), (os.cpu_count() or 1) + 1) or 1
+    buffers: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(workers):
+        buffers.put(bytearray(HASH_CHUNK))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with (
+            tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                desc=f"checksum {Path(path).name}",
+                disable=size < LARGE_FILE,
+                leave=False,
+                file=sys.stderr,
+            ) as bar,
+            ThreadPoolExecutor(workers, thread_name_prefix="checksum") as pool,
+        ):
+
+            def digest(offset: int) -> str:
+                buffer = buffers.get()
+                try:
+                    return _digest_range(fd, offset, min(chunk_bytes, size - offset), buffer, bar)
+                finally:
+                    buffers.put(buffer)
+
+            return list(pool.map(digest, offsets))
+    finally:
+        os.close(fd)
+
+
+def _digest_range(fd: int, offset: int, length: int, buffer: bytearray, bar: tqdm) -> str:
+    """The SHA-256 of `length` bytes of `fd` from `offset`, read through `buffer`."""
+    h, view, done = hashlib.sha256(), memoryview(buffer), 0
+    while done < length:
+        n = os.preadv(fd, [view[: min(len(buffer), length - done)]], offset + done)
+        if not n:
+            raise OSError(errno.EIO, "the file ended before its listed size")
+        h.update(view[:n])
+        bar.update(n)
+        done += n
     return h.hexdigest()
 
 

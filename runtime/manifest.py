@@ -286,10 +286,17 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A listed file's size and SHA-256."""
+    """A listed file's size and SHA-256, and for a large file the SHA-256 of each `chunk_bytes`
+    chunk, which a check verifies on every core at once (runtime/files.py `chunk_digests`)."""
 
     bytes: int
     sha256: str
+    chunk_bytes: int = 0
+    chunks: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        chunked = {"chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks)} if self.chunks else {}
+        return {"bytes": self.bytes, "sha256": self.sha256, **chunked}
 
 
 @dataclass(frozen=True)
@@ -319,6 +326,9 @@ class Manifest:
     dummy_seed: int | None = None
     """The seed of the transformer's random weights in a dummy build (random weights at the real
     shapes); None for real weights. Written as `dummy_weights: {"seed": ...}`."""
+    sizing: dict[str, Any] | None = None
+    """A dummy build's choice of precision, block grouping and resolution, what it was chosen from
+    (parameters, available memory, estimated peak) and which parts were automatic."""
     files: dict[str, FileEntry] = field(default_factory=dict)
 
     @property
@@ -355,9 +365,10 @@ class Manifest:
             "quantization": self.quantization,
             "tensorrt": None if self.tensorrt is None else self.tensorrt.to_json(),
             "dummy_weights": None if self.dummy_seed is None else {"seed": self.dummy_seed},
+            "sizing": self.sizing,
         }
         data.update({k: v for k, v in optional.items() if v is not None})
-        data["files"] = {name: {"bytes": e.bytes, "sha256": e.sha256} for name, e in self.files.items()}
+        data["files"] = {name: e.to_json() for name, e in self.files.items()}
         return data
 
     @classmethod
@@ -409,6 +420,7 @@ class Manifest:
             quantization=m.record("quantization") or None,
             tensorrt=tensorrt,
             dummy_seed=None if dummy is None else dummy.integer("seed", 0, 2**31 - 1),
+            sizing=m.record("sizing") or None,
             files=files,
         )
 
@@ -436,8 +448,23 @@ def _files(listing: _Fields) -> dict[str, FileEntry]:
         digest = entry.text("sha256")
         if not _SHA256.fullmatch(digest):
             raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
-        files[name] = FileEntry(size, digest)
+        files[name] = FileEntry(size, digest, *_chunks(entry, size))
     return files
+
+
+def _chunks(entry: _Fields, size: int) -> tuple[int, tuple[str, ...]]:
+    """A file's chunk size and chunk digests, (0, ()) when it lists none (small files; bundles
+    written before chunks were listed, which are checked by their whole SHA-256)."""
+    if "chunks" not in entry.value:
+        return 0, ()
+    chunk_bytes = entry.integer("chunk_bytes", 1 << 20, 1 << 34)
+    chunks = entry.names("chunks")
+    if len(chunks) != -(-size // chunk_bytes) or not all(_SHA256.fullmatch(c) for c in chunks):
+        raise BadInput(
+            f"{entry.name('chunks')} must be the 64-hex-digit SHA-256 of each of the file's "
+            f"{-(-size // chunk_bytes)} chunks of {chunk_bytes} bytes"
+        )
+    return chunk_bytes, tuple(chunks)
 
 
 def _shapes(shapes: _Fields) -> BundleShapes:

@@ -10,7 +10,7 @@ import torch
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.errors import BadInput
-from sencache.runtime.memory import check_memory, request_bytes
+from sencache.runtime.memory import check_memory, needed_bytes
 from sencache.runtime.request import GenerationParams, RequestState
 
 
@@ -29,10 +29,8 @@ def prepare(
             f"at most {model.bundle.shapes.max_batch} samples (build it with a larger max_batch)",
             param="prompt",
         )
-    check_memory(
-        request_bytes(model.bundle.manifest.shapes, len(request.prompts), 2 if request.cfg else 1),
-        model.backend.device,
-    )
+    needed = needed_bytes(model.bundle.manifest, len(request.prompts), 2 if request.cfg else 1)
+    check_memory(needed, model.backend.device)
     text = model.embeddings(request.prompt_embeds, request.prompts, "prompt_embeds")
     if request.cfg:
         negative = model.embeddings(

@@ -14,6 +14,7 @@ import torch
 from sencache.cli import main
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.engine_builder.dummy import dummy_config, dummy_transformer
+from sencache.engine_builder.sizing import model_size
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
@@ -86,6 +87,11 @@ def test_a_dummy_build_is_built_loaded_and_run(dummy_bundle, tmp_path, capsys):
     manifest = json.loads((dummy_bundle / "manifest.json").read_text())
     assert manifest["dummy_weights"] == {"seed": 3} and manifest["text_encoder"]["kind"] == "dummy"
     assert manifest["weights_source"] is None and manifest["config"]["num_layers"] == 2
+    sizing = manifest["sizing"]  # the build chose what no option gave, and recorded it
+    assert sizing["automatic"] == ["precision", "group_blocks"] and sizing["precision"] == manifest["precision"]
+    adapter, preset = resolve(WAN)
+    assert sizing["resolution"] == [5, 32, 32]
+    assert sizing["parameters"] == model_size(adapter, dummy_config(preset, 2)).total
     assert all(manifest["validation"][stage]["rel_l2"] < 1e-4 for stage in ("head", "blocks", "tail"))
     bundle = Bundle.load(dummy_bundle)
     assert bundle.manifest.dummy and Manifest.parse(bundle.manifest.to_json()).dummy_seed == 3

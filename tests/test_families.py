@@ -121,3 +121,19 @@ def test_real_weights_load_from_a_diffusers_folder(tmp_path):
 def test_unknown_model():
     with pytest.raises(BadInput, match="unknown model"):
         resolve("sora")
+
+
+@pytest.mark.parametrize("model", ["ltx-video", "tiny-ltx"])
+def test_one_ltx_step_goes_from_sigma_one_to_zero(model):
+    """diffusers' stretch to shift_terminal divides 0 by 0 for one sigma (NaN timesteps, then an
+    IndexError in step); one step is sigma 1 alone, which the shift and the stretch both keep."""
+    from sencache.runtime.families.parts import make_scheduler
+
+    adapter, preset = resolve(model)
+    shapes = Shapes(preset.frames, preset.height, preset.width, 1)
+    one = adapter.sampler(make_scheduler(adapter, preset), 1, preset, shapes)
+    assert one.timesteps.tolist() == [1000.0] and one.scheduler.sigmas.tolist() == [1.0, 0.0]
+    x, velocity = torch.randn(1, 8, 4), torch.randn(1, 8, 4)
+    assert torch.allclose(one.step(0, velocity, x), x - velocity)
+    two = adapter.sampler(make_scheduler(adapter, preset), 2, preset, shapes)
+    assert two.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.1, 0.0])  # the terminal stretch still applies

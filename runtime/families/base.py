@@ -126,7 +126,7 @@ class Sampler:
     def __init__(self, scheduler, steps: int) -> None:
         self.scheduler = scheduler
         self.set_timesteps(steps)
-        self.timesteps = scheduler.timesteps
+        self.timesteps = self.scheduler.timesteps
 
     def set_timesteps(self, steps: int) -> None:
         self.scheduler.set_timesteps(steps)

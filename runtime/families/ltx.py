@@ -150,7 +150,11 @@ class _Tail(nn.Module):
 
 
 class LTXSampler(Sampler):
-    """The pipeline's timesteps: sigmas linspace(1, 1/N, N) shifted by mu from the token count."""
+    """The pipeline's timesteps: sigmas linspace(1, 1/N, N) shifted by mu from the token count.
+
+    One step is the schedule's first sigma, 1, alone: the shift and the stretch to `shift_terminal`
+    both keep 1 at 1, but diffusers' stretch divides 0 by 0 for a single sigma (NaN timesteps, then
+    an IndexError in `step`), so for one step the scheduler is made without the stretch."""
 
     def __init__(self, scheduler, steps: int, tokens: int) -> None:
         self.tokens = tokens
@@ -160,6 +164,9 @@ class LTXSampler(Sampler):
         from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
         config = self.scheduler.config
+        if steps == 1 and config.get("shift_terminal"):
+            self.scheduler = type(self.scheduler).from_config({**config, "shift_terminal": None})
+            config = self.scheduler.config
         mu = calculate_shift(
             self.tokens,
             config.get("base_image_seq_len", 256),
