@@ -1,7 +1,8 @@
 """diffusers' own pipelines from tiny random components, built offline: the reference our runtime
 must reproduce.
 
-For each real preset (Wan 2.1, CogVideoX 2b / 5b / 1.5, LTX-Video 0.9.0 / 0.9.1) a tiny random
+For each real preset (Wan 2.1, CogVideoX 2b / 5b / 1.5, LTX-Video 0.9.0 / 0.9.1, and the
+image-to-video ones with their image encoder where the pipeline has one) a tiny random
 transformer of that family and config style, a tiny VAE with the real compression factors, the
 real scheduler class, a word-level tokenizer and a tiny T5 (UMT5 for Wan) text encoder are saved as
 a diffusers-format folder. `sencache build --model <preset> --weights <folder>` makes a bundle of
@@ -66,6 +67,16 @@ class ReferenceCase:
     def packs_mask(self) -> bool:
         return resolve(self.model)[0].family == "ltx"
 
+    @property
+    def takes_image(self) -> bool:
+        return resolve(self.model)[0].takes_image
+
+
+def reference_image(seed: int = 0, height: int = 40, width: int = 56) -> np.ndarray:
+    """A random RGB picture (uint8 [H, W, 3]) of another size than the video, so the pipeline's
+    resizing is part of what is compared."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
 
 def _text_components(family: str, width: int):
     """A word-level tokenizer and a tiny random T5 (UMT5 for Wan) encoder."""
@@ -80,19 +91,19 @@ def _text_components(family: str, width: int):
         tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     config = dict(vocab_size=len(vocabulary), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    if family == "wan":
+    if family.startswith("wan"):
         return tokenizer, UMT5EncoderModel(UMT5Config(**config)).eval()
     return tokenizer, T5EncoderModel(T5Config(**config)).eval()
 
 
-def _wan(model: str):
+def _wan(model: str, **image: int):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
+        in_channels=image.pop("in_channels", 16),
         out_channels=16,
         text_dim=16,
         freq_dim=32,
@@ -101,12 +112,29 @@ def _wan(model: str):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        **image,
     )
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return transformer, vae, scheduler, (512, 16), (9, 32, 48)
+
+
+def _wan_i2v(model: str):
+    """Wan 2.1 I2V: 36 input channels (mask and first-frame latents after the noise), a tiny CLIP
+    vision encoder at 32 x 32 with 2 x 2 patches (257 hidden states, as ViT-H/14 at 224) and its
+    processor; 512 text tokens, which Wan's attention processor assumes before the image tokens."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    transformer, vae, scheduler, text, size = _wan(model, in_channels=36, image_dim=16, added_kv_proj_dim=24)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=2
+        )
+    ).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformer, vae, scheduler, text, size, {"image_encoder": encoder, "image_processor": processor}
 
 
 def _cogvideox(model: str):
@@ -205,17 +233,22 @@ FACTORIES = {
     "ltx-video-0.9.0": _ltx,
     "ltx-video-0.9.1": _ltx,
 }
-"""Real presets with a tiny reference pipeline."""
+"""Real text-to-video presets with a tiny reference pipeline."""
+
+IMAGE_FACTORIES = {
+    "wan2.1-i2v-14b-480p": _wan_i2v,
+}
+"""Real image-to-video presets with a tiny reference pipeline."""
 
 
 def save_reference(model: str, folder: Path, seed: int = 0) -> ReferenceCase:
     """Construct the tiny pipeline of `model` (random weights from `seed`) and save it to `folder`."""
     adapter, _ = resolve(model)
     torch.manual_seed(seed)
-    transformer, vae, scheduler, text, size = FACTORIES[model](model)
+    transformer, vae, scheduler, text, size, *image_parts = {**FACTORIES, **IMAGE_FACTORIES}[model](model)
     pipe = diffusers_pipeline(adapter, transformer.eval(), scheduler, vae=vae.eval())
     tokenizer, text_encoder = _text_components(adapter.family, text[1] - 1 if adapter.family == "ltx" else text[1])
-    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, **(image_parts[0] if image_parts else {}))
     pipe.save_pretrained(folder)
     return ReferenceCase(model, Path(folder), text, size)
 
@@ -240,10 +273,13 @@ def run_reference(
     embeds: np.ndarray | None = None,
     negative: np.ndarray | None = None,
     prompts: list[str] | None = None,
+    image: np.ndarray | None = None,
     **options: Any,
 ) -> np.ndarray:
     """diffusers' pipeline on prompt embeddings (or prompts, through its own text encoder), one
-    generator per sample; latents or frames [B, T, H, W, 3] as a NumPy array."""
+    generator per sample, and for an image-to-video model `image` (a PIL picture for each
+    sample where the pipeline takes one per sample); latents or frames [B, T, H, W, 3] as a
+    NumPy array."""
     adapter, _ = resolve(case.model)
     text_parts = {} if prompts is not None else {"tokenizer": None, "text_encoder": None}
     pipe = adapter.pipeline_class().from_pretrained(str(case.folder), local_files_only=True, **text_parts)
@@ -259,6 +295,10 @@ def run_reference(
         }
     else:
         text = {"prompt_embeds": torch.from_numpy(embeds), "negative_prompt_embeds": torch.from_numpy(negative)}
+    if image is not None:
+        from PIL import Image
+
+        options["image"] = Image.fromarray(image)
     frames, height, width = case.size
     with torch.no_grad():
         out = pipe(
@@ -302,6 +342,7 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
     from sencache.runtime.request import GenerationParams
 
     case = save_reference(model, root / "weights")
+    image = reference_image() if case.takes_image else None
     errors: dict[str, float] = {}
     for backend in ("torch", "onnxruntime"):
         engine = Model.open(build_bundle(case, root / backend, backend), threads=1)
@@ -309,13 +350,15 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
             for guidance in (1.0, 6.0):
                 seeds = [3, 4][:batch]
                 embeds, negative = embeddings(case, batch, 9), embeddings(case, batch, 10)
-                request = GenerationParams([f"p{i}" for i in range(batch)], seeds, steps, guidance, embeds, negative)
+                request = GenerationParams(
+                    [f"p{i}" for i in range(batch)], seeds, steps, guidance, embeds, negative, image=image
+                )
                 ours = engine.generate(request, NoCache(batch))
-                theirs = run_reference(case, seeds, steps, guidance, "latent", embeds, negative)
+                theirs = run_reference(case, seeds, steps, guidance, "latent", embeds, negative, image=image)
                 key = f"{backend} latents batch {batch} cfg {guidance:g}"
                 errors[key] = float(np.abs(ours.latents - theirs).max())
                 if batch == 2 and guidance > 1:
-                    frames = run_reference(case, seeds, steps, guidance, "np", embeds, negative)
+                    frames = run_reference(case, seeds, steps, guidance, "np", embeds, negative, image=image)
                     errors[f"{backend} frames batch 2 cfg 6"] = float(
                         np.abs(engine.decode(ours.latents) - frames).max()
                     )
@@ -325,7 +368,7 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="parity of our runtime with diffusers' pipelines")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", nargs="*", default=list(FACTORIES))
+    parser.add_argument("--models", nargs="*", default=[*FACTORIES, *IMAGE_FACTORIES])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     report = {}

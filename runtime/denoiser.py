@@ -49,6 +49,10 @@ class Denoiser(Protocol):
         """A fresh sampler of `steps` steps."""
         ...
 
+    def conditions(self, image: np.ndarray | None, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """The head's image inputs of each sample ({} for a text-to-video model)."""
+        ...
+
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """The starting noise of each sample."""
         ...

@@ -1,0 +1,106 @@
+"""Image-to-video against diffusers' own pipelines (WanImageToVideoPipeline, ...) built from tiny
+random components saved as diffusers folders, image encoder included: the same latents for the
+same seeds, prompt embeddings and image, with and without guidance, batch 1 and 2, on the PyTorch
+and the ONNX Runtime backends; the image reaches the model; a sample is the same alone or in a
+batch under SenCache; the image is refused where it does not belong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import engine_for
+from sencache.benchmarks.reference_pipelines import (
+    IMAGE_FACTORIES,
+    ReferenceCase,
+    build_bundle,
+    embeddings,
+    reference_image,
+    run_reference,
+    save_reference,
+)
+from sencache.runtime.cache import NoCache
+from sencache.runtime.errors import BadInput
+from sencache.runtime.request import GenerationParams
+from sencache.runtime.sensitivity import SensitivityTable
+
+STEPS = 5
+IMAGE = reference_image()
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(model, marks=pytest.mark.xdist_group(f"real-like-{model}")) for model in IMAGE_FACTORIES],
+)
+def real_like(request, tmp_path_factory) -> ReferenceCase:
+    """A diffusers-format folder of a tiny random image-to-video model, and our PyTorch and ONNX
+    Runtime bundles of it."""
+    root = tmp_path_factory.mktemp(request.param)
+    case = save_reference(request.param, root / "weights")
+    for backend in ("torch", "onnxruntime"):
+        build_bundle(case, root / backend, backend)
+    return case
+
+
+def _request(case: ReferenceCase, batch: int, guidance: float, image=IMAGE, seed: int = 9) -> GenerationParams:
+    return GenerationParams(
+        [f"p{i}" for i in range(batch)],
+        [3, 4][:batch],
+        STEPS,
+        guidance,
+        embeddings(case, batch, seed),
+        embeddings(case, batch, seed + 1),
+        image=image,
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("guidance", [1.0, 6.0])
+def test_latents_match_the_pipeline(real_like, backend, batch, guidance):
+    case = real_like
+    engine = engine_for(case.folder.parent / backend)
+    request = _request(case, batch, guidance)
+    ours = engine.generate(request, NoCache(batch)).latents
+    theirs = run_reference(
+        case, request.seeds, STEPS, guidance, "latent", request.prompt_embeds, request.negative_prompt_embeds, image=IMAGE
+    )
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_the_image_conditions_the_video(real_like):
+    """Another image gives other latents (the conditioning is not dropped on the way)."""
+    case = real_like
+    engine = engine_for(case.folder.parent / "torch")
+    first = engine.generate(_request(case, 1, 6.0), NoCache(1)).latents
+    other = engine.generate(_request(case, 1, 6.0, image=reference_image(seed=1)), NoCache(1)).latents
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
+    case = real_like
+    engine = engine_for(case.folder.parent / "torch")
+    steps = 8
+    timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
+    engine.bundle.write_tables(
+        SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0), np.full(steps, 1e-3), meta={"source": "test"})
+    )
+    knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
+    embeds, negative = embeddings(case, 2, 5), embeddings(case, 2, 6)
+    request = GenerationParams(["a", "b"], [21, 22], steps, 6.0, embeds, negative, image=IMAGE)
+    together = engine.generate(request, engine.policy("sencache", steps, 2, knobs))
+    for b in range(2):
+        alone = engine.generate(
+            GenerationParams(["x"], [21 + b], steps, 6.0, embeds[b : b + 1], negative[b : b + 1], image=IMAGE),
+            engine.policy("sencache", steps, 1, knobs),
+        )
+        assert alone.decisions[0] == together.decisions[b]
+        np.testing.assert_allclose(alone.latents[0], together.latents[b], atol=1e-5, rtol=0)
+    assert any("reuse" in d for d in together.decisions)
+
+
+def test_a_missing_image_is_refused_before_any_work(real_like):
+    engine = engine_for(real_like.folder.parent / "torch")
+    with pytest.raises(BadInput, match="^image is missing: .* is an image-to-video model") as caught:
+        engine.generate(_request(real_like, 1, 6.0, image=None), NoCache(1))
+    assert caught.value.param == "image"
