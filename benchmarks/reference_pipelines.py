@@ -137,7 +137,7 @@ def _wan_i2v(model: str):
     return transformer, vae, scheduler, text, size, {"image_encoder": encoder, "image_processor": processor}
 
 
-def _cogvideox(model: str):
+def _cogvideox(model: str, **image: Any):
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
@@ -161,9 +161,9 @@ def _cogvideox(model: str):
         max_text_seq_length=7,
         use_rotary_positional_embeddings=model != "cogvideox-2b",
     )
-    if model == "cogvideox1.5-5b":
+    if model.startswith("cogvideox1.5-5b"):
         config.update(patch_size_t=2, patch_bias=False)  # 3 latent frames: the pipeline pads to 4
-    transformer = CogVideoXTransformer3DModel(**config)
+    transformer = CogVideoXTransformer3DModel(**{**config, **image})
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,
@@ -174,7 +174,7 @@ def _cogvideox(model: str):
         temporal_compression_ratio=4,
     )
     # DPM (stochastic, two-step memory) where the 5B models' users switch to it; DDIM elsewhere.
-    scheduler_class = CogVideoXDPMScheduler if model == "cogvideox1.5-5b" else CogVideoXDDIMScheduler
+    scheduler_class = CogVideoXDPMScheduler if model.startswith("cogvideox1.5-5b") else CogVideoXDDIMScheduler
     scheduler = scheduler_class(
         beta_schedule="scaled_linear",
         prediction_type="v_prediction",
@@ -184,6 +184,16 @@ def _cogvideox(model: str):
         clip_sample=False,
     )
     return transformer, vae, scheduler, (7, 16), (9, 32, 48)
+
+
+def _cogvideox_i2v(model: str):
+    """CogVideoX I2V: twice the VAE's channels in; CogVideoX-5B-I2V's learned position embeddings
+    (its sample size is the video's, which they require), CogVideoX 1.5-I2V's ofs embedding."""
+    if model == "cogvideox-5b-i2v":
+        image = dict(in_channels=8, use_learned_positional_embeddings=True, sample_height=4, sample_width=6)
+    else:
+        image = dict(in_channels=8, ofs_embed_dim=32)  # the size of the timestep embedding it is added to
+    return _cogvideox(model, **image)
 
 
 def _ltx(model: str):
@@ -237,6 +247,8 @@ FACTORIES = {
 
 IMAGE_FACTORIES = {
     "wan2.1-i2v-14b-480p": _wan_i2v,
+    "cogvideox-5b-i2v": _cogvideox_i2v,
+    "cogvideox1.5-5b-i2v": _cogvideox_i2v,
 }
 """Real image-to-video presets with a tiny reference pipeline."""
 
@@ -298,7 +310,9 @@ def run_reference(
     if image is not None:
         from PIL import Image
 
-        options["image"] = Image.fromarray(image)
+        picture = Image.fromarray(image)
+        # CogVideoX's prepare_latents encodes image[i] for sample i; Wan's encodes the one image once
+        options["image"] = [picture] * len(seeds) if adapter.family == "cogvideox-i2v" else picture
     frames, height, width = case.size
     with torch.no_grad():
         out = pipe(
