@@ -27,8 +27,10 @@ import torch
 
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.families import resolve
-from sencache.runtime.families.ltx import pack_text
+from sencache.runtime.families.base import FamilyAdapter
+from sencache.runtime.families.ltx import LTXAdapter, pack_text
 from sencache.runtime.families.parts import diffusers_pipeline
+from sencache.runtime.families.wan import WanAdapter
 from sencache.runtime.files import write_atomic
 
 WORDS = [
@@ -65,7 +67,7 @@ class ReferenceCase:
 
     @property
     def packs_mask(self) -> bool:
-        return resolve(self.model)[0].family == "ltx"
+        return isinstance(resolve(self.model)[0], LTXAdapter)
 
     @property
     def takes_image(self) -> bool:
@@ -78,7 +80,7 @@ def reference_image(seed: int = 0, height: int = 40, width: int = 56) -> np.ndar
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def _text_components(family: str, width: int):
+def _text_components(adapter: FamilyAdapter, width: int):
     """A word-level tokenizer and a tiny random T5 (UMT5 for Wan) encoder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
@@ -91,7 +93,7 @@ def _text_components(family: str, width: int):
         tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     config = dict(vocab_size=len(vocabulary), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    if family.startswith("wan"):
+    if isinstance(adapter, WanAdapter):
         return tokenizer, UMT5EncoderModel(UMT5Config(**config)).eval()
     return tokenizer, T5EncoderModel(T5Config(**config)).eval()
 
@@ -220,7 +222,7 @@ def _ltx(model: str):
         decoder_inject_noise=(False,) * 5,
         upsample_residual=(False,) * 4,
         upsample_factor=(1,) * 4,
-        timestep_conditioning=model == "ltx-video-0.9.1",
+        timestep_conditioning=model.startswith("ltx-video-0.9.1"),
         patch_size=4,
         patch_size_t=1,
     )
@@ -249,6 +251,7 @@ IMAGE_FACTORIES = {
     "wan2.1-i2v-14b-480p": _wan_i2v,
     "cogvideox-5b-i2v": _cogvideox_i2v,
     "cogvideox1.5-5b-i2v": _cogvideox_i2v,
+    "ltx-video-0.9.1-i2v": _ltx,
 }
 """Real image-to-video presets with a tiny reference pipeline."""
 
@@ -259,7 +262,7 @@ def save_reference(model: str, folder: Path, seed: int = 0) -> ReferenceCase:
     torch.manual_seed(seed)
     transformer, vae, scheduler, text, size, *image_parts = {**FACTORIES, **IMAGE_FACTORIES}[model](model)
     pipe = diffusers_pipeline(adapter, transformer.eval(), scheduler, vae=vae.eval())
-    tokenizer, text_encoder = _text_components(adapter.family, text[1] - 1 if adapter.family == "ltx" else text[1])
+    tokenizer, text_encoder = _text_components(adapter, text[1] - 1 if isinstance(adapter, LTXAdapter) else text[1])
     pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, **(image_parts[0] if image_parts else {}))
     pipe.save_pretrained(folder)
     return ReferenceCase(model, Path(folder), text, size)
@@ -311,8 +314,8 @@ def run_reference(
         from PIL import Image
 
         picture = Image.fromarray(image)
-        # CogVideoX's prepare_latents encodes image[i] for sample i; Wan's encodes the one image once
-        options["image"] = [picture] * len(seeds) if adapter.family == "cogvideox-i2v" else picture
+        # CogVideoX's and LTX's prepare_latents encode image[i] for sample i; Wan's the one image once
+        options["image"] = picture if isinstance(adapter, WanAdapter) else [picture] * len(seeds)
     frames, height, width = case.size
     with torch.no_grad():
         out = pipe(

@@ -53,6 +53,10 @@ class Denoiser(Protocol):
         """The head's image inputs of each sample ({} for a text-to-video model)."""
         ...
 
+    def start_latents(self, noise: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The latents a run starts from (the noise, and the image where the family puts it there)."""
+        ...
+
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """The starting noise of each sample."""
         ...

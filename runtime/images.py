@@ -20,6 +20,19 @@ MAX_SIDE = 4096
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 """The largest encoded image file the engine reads."""
 
+IMAGE_FAMILIES = frozenset({"wan-i2v", "cogvideox-i2v", "ltx-i2v"})
+"""The model families that start from an image (their adapters' `takes_image`), named here without
+any model code so that a front end can refuse a request from the bundle's manifest alone."""
+
+
+def check_image_fits(family: str, model: str, given: bool) -> None:
+    """BadInput naming `image` when a request gives an image to a text-to-video model, or none to
+    an image-to-video model (`family` and `model` as a bundle's manifest names them)."""
+    if family in IMAGE_FAMILIES and not given:
+        raise BadInput(f"image is missing: {model} is an image-to-video model", param="image")
+    if family not in IMAGE_FAMILIES and given:
+        raise BadInput(f"image: {model} is a text-to-video model and takes none", param="image")
+
 
 def check_image(image: object, param: str = "image") -> np.ndarray:
     """`image` as RGB uint8 [H, W, 3], contiguous; BadInput naming `param` unless it is an array of

@@ -22,6 +22,7 @@ from sencache.runtime.dummy import blank_frames, dummy_conditions, dummy_embeddi
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.families.parts import decode, load_components, make_scheduler
+from sencache.runtime.images import check_image_fits
 from sencache.runtime.request import SAMPLINGS, GenerationParams, Result
 from sencache.runtime.stepping import StepEngine
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
@@ -129,16 +130,18 @@ class Model:
         """The head's image inputs of one sample per generator (the layout's `conditions`), as the
         family's pipeline encodes `image`; {} for a text-to-video model. BadInput naming `image`
         when the model and the request disagree on whether there is one."""
-        if not self.adapter.takes_image:
-            if image is not None:
-                raise BadInput(f"image: {self.preset.name} is a text-to-video model and takes none", param="image")
-            return {}
+        check_image_fits(self.adapter.family, self.preset.name, image is not None)
         if image is None:
-            raise BadInput(f"image is missing: {self.preset.name} is an image-to-video model", param="image")
+            return {}
         if self.bundle.manifest.dummy:
             shapes = self.adapter.condition_shapes(self.preset, self.bundle.shapes)
             return dummy_conditions(image, len(generators), shapes)
         return self.adapter.encode_image(image, generators, self.components(), self.preset, self.bundle.shapes)
+
+    def start_latents(self, noise: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The latents a run starts from: the starting noise, and the image where the family's
+        pipeline puts it in the latent (`conditions` from `conditions`)."""
+        return self.adapter.start_latents(noise, conditions, self.preset, self.bundle.shapes)
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """The starting noise of each sample, drawn as the family's pipeline draws it."""

@@ -49,11 +49,12 @@ def prepare(
         else [request.guidance] * len(timesteps)
     )
     with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
-        x = model.initial_latents(generators).to(model.backend.device)
+        x = model.start_latents(model.initial_latents(generators), conditions).to(model.backend.device)
         text_rows, anchor = model.to_device(text), torch.zeros_like(x)
         condition_rows = {
             k: (torch.cat([v, v]) if request.cfg else v).to(model.backend.device, torch.float32).contiguous()
             for k, v in conditions.items()
+            if k in model.layout.conditions
         }
     return RequestState(
         id=0,

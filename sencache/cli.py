@@ -20,6 +20,7 @@ from sencache.runtime.cache import KNOBS, METHODS, Knob
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
+from sencache.runtime.images import check_image_fits, read_image
 from sencache.runtime.limits import MAX_STEPS, check_threads
 from sencache.runtime.manifest import DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
 from sencache.runtime.parallel.config import ParallelConfig
@@ -120,7 +121,9 @@ def _generate(args: argparse.Namespace) -> None:
         knobs={name: getattr(args, name) for name in KNOBS},
         dynamic_cfg=args.dynamic_cfg,
         sampling=args.sampling,
+        image=None if args.image is None else read_image(args.image),
     )
+    check_image_fits(manifest.family, manifest.model, request.image is not None)
     check_threads(args.threads)
     ParallelConfig.parse(args.parallel)  # its syntax, before any model code is imported
     if manifest.text_encoder.kind == "tiny":
@@ -382,6 +385,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable; pairs with the --seed in the same place)")
     g.add_argument(
         "--seed", type=int, action="append", help="a seed (repeatable; pairs with the --prompt in the same place)"
+    )
+    g.add_argument(
+        "--image",
+        type=Path,
+        help="image-to-video models: the first frame (PNG, JPEG, ...; RGB), resized to the video as the "
+        "model's pipeline does; the same for every prompt",
     )
     g.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's)")

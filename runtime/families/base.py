@@ -20,6 +20,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
+from sencache.runtime.images import IMAGE_FAMILIES
 
 if TYPE_CHECKING:
     # Transformer classes are typed from their defining modules: through `diffusers` itself, mypy
@@ -55,7 +56,8 @@ class StageLayout:
     conditions: tuple[str, ...] = ()
     """Head inputs after latent, timestep and text that the request's image gives (image-to-video:
     the first frame's latents, image-encoder states): one row per engine row, the same at every
-    step of the run. Empty for a text-to-video family."""
+    step of the run. Empty for a family whose head takes no image (text-to-video, or LTX-Video,
+    whose image is in the latent itself)."""
 
     @property
     def head_inputs(self) -> tuple[str, ...]:
@@ -276,11 +278,12 @@ class FamilyAdapter(ABC):
 
     @property
     def takes_image(self) -> bool:
-        """Whether the family conditions on an image (image-to-video): its head takes `conditions`."""
-        return bool(self.layout.conditions)
+        """Whether the family's models start from an image (image-to-video): a request must give one."""
+        return self.family in IMAGE_FAMILIES
 
     def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
-        """Per-row shape of each of the layout's `conditions` (none for text-to-video)."""
+        """Per-sample shape of each tensor `encode_image` gives (the layout's `conditions` among
+        them); none for text-to-video."""
         return {}
 
     def encode_image(
@@ -291,6 +294,13 @@ class FamilyAdapter(ABC):
         pipeline does) and components (its VAE, its image encoder), drawing from the generators as
         the pipeline does before the starting noise."""
         raise BadInput(f"image: {preset.name} is a text-to-video model and takes none", param="image")
+
+    def start_latents(
+        self, noise: torch.Tensor, conditions: dict[str, torch.Tensor], preset: ModelPreset, shapes: Shapes
+    ) -> torch.Tensor:
+        """The latents a run starts from: the starting noise, with what the image puts there where
+        the family's pipeline puts the image in the latent itself (LTX-Video's first frame)."""
+        return noise
 
     def preset(self, name: str) -> ModelPreset:
         try:

@@ -81,7 +81,8 @@ def example_inputs(
     latent = torch.randn((batch, *adapter.latent_shape(preset, shapes)), generator=g)
     timestep = torch.rand(batch, generator=g) * 1000.0
     text = torch.randn((batch, *adapter.text_shape(preset)), generator=g)
-    conditions = {k: torch.randn((batch, *s), generator=g) for k, s in adapter.condition_shapes(preset, shapes).items()}
+    condition_shapes = adapter.condition_shapes(preset, shapes)
+    conditions = {k: torch.randn((batch, *condition_shapes[k]), generator=g) for k in adapter.layout.conditions}
     return {"latent": latent, "timestep": timestep, "text": text, **conditions}
 
 
