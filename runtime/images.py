@@ -55,7 +55,7 @@ def read_image(source: str | Path | bytes, param: str = "image") -> np.ndarray:
 
     if isinstance(source, bytes):
         data = source
-        name = "the image bytes"
+        name = param
     else:
         path = Path(source)
         if not path.is_file():
@@ -63,7 +63,7 @@ def read_image(source: str | Path | bytes, param: str = "image") -> np.ndarray:
         if path.stat().st_size > MAX_IMAGE_BYTES:
             raise BadInput(f"{param} {path}: larger than {MAX_IMAGE_BYTES // 2**20} MiB", param=param)
         data = path.read_bytes()
-        name = str(path)
+        name = f"{param} {path}"
     if len(data) > MAX_IMAGE_BYTES:
         raise BadInput(f"{param}: larger than {MAX_IMAGE_BYTES // 2**20} MiB", param=param)
     try:
@@ -71,12 +71,12 @@ def read_image(source: str | Path | bytes, param: str = "image") -> np.ndarray:
             _check_size(picture.width, picture.height, param)
             if picture.mode != "RGB":
                 raise BadInput(
-                    f"{param} {name}: mode {picture.mode}, not RGB (convert it to 8-bit RGB without alpha)",
+                    f"{name}: mode {picture.mode}, not RGB (convert it to 8-bit RGB without alpha)",
                     param=param,
                 )
             return np.asarray(picture.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInput(f"{param} {name}: not a readable image ({str(e).splitlines()[0]})", param=param) from None
+        raise BadInput(f"{name}: not a readable image ({str(e).splitlines()[0]})", param=param) from None
 
 
 def as_image(value: Any, param: str = "image") -> np.ndarray | None:
