@@ -36,6 +36,9 @@ def _calibrate(args: argparse.Namespace) -> None:
             "--prompts and --prompt choose what calibration measures on; --import-npz and --from-bundle measure nothing"
         )
     manifest, _ = read_manifest(args.engine)
+    image = None if args.image is None else read_image(args.image)
+    if not (args.import_npz or args.from_bundle):
+        check_image_fits(manifest.family, manifest.model, image is not None)
     if args.from_bundle is not None:
         read_manifest(args.from_bundle)
     if SENSITIVITY in manifest.files and not args.overwrite:
@@ -71,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     )
     prompts = _calibration_prompts(args)
     engine = Model.open(bundle, threads=args.threads)
-    result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
+    result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary, image=image)
     table = result.sensitivity
     bundle.write_tables(table, result.baselines)
     print(
@@ -323,6 +326,9 @@ def parser() -> argparse.ArgumentParser:
         "tiny grammar for tiny bundles, built-in video prompts for real models)",
     )
     c.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; after those of --prompts)")
+    c.add_argument(
+        "--image", type=Path, help="image-to-video models: the first frame every calibration trajectory starts from"
+    )
     c.add_argument(
         "--allow-tiny-vocabulary",
         action="store_true",

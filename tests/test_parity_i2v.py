@@ -104,3 +104,25 @@ def test_a_missing_image_is_refused_before_any_work(real_like):
     with pytest.raises(BadInput, match="^image is missing: .* is an image-to-video model") as caught:
         engine.generate(_request(real_like, 1, 6.0, image=None), NoCache(1))
     assert caught.value.param == "image"
+
+
+def test_calibration_and_sencache_on_an_image_to_video_bundle(real_like, tmp_path):
+    """Calibration starts every trajectory from the image (the same draws as the run's) and gives a
+    finite table, with which SenCache reuses steps of an image-to-video run; without an image
+    calibration is refused naming it."""
+    import shutil
+
+    from sencache.calibration.calibrate import CalibrationPlan, calibrate
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(real_like.folder.parent / "torch", folder)
+    engine = engine_for(folder)
+    with pytest.raises(BadInput, match="^image is missing"):
+        calibrate(engine, CalibrationPlan(samples=1, steps=4), show_progress=False)
+    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=4), show_progress=False, image=IMAGE)
+    table = calibration.sensitivity
+    assert len(table.timesteps) == 3 and np.all(table.jx > 0) and np.all(table.jt > 0)
+    engine.bundle.write_tables(table, calibration.baselines)
+    knobs = {"eps_start": 10.0, "eps_main": 10.0, "max_reuse": 2}
+    result = engine.generate(_request(real_like, 1, 6.0), engine.policy("sencache", STEPS, 1, knobs))
+    assert "reuse" in result.decisions[0]
