@@ -132,7 +132,12 @@ def _wan_i2v(model: str):
     transformer, vae, scheduler, text, size = _wan(model, in_channels=36, image_dim=16, added_kv_proj_dim=24)
     encoder = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=2
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=2,
         )
     ).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

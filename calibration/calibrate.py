@@ -263,7 +263,11 @@ def calibrate(
     assert timesteps is not None, "at least one chunk ran"
     meta = {
         **_meta(engine, plan, steps, guidance, samples, seeds, chosen),
-        **({} if image is None else {"image_sha256": hashlib.sha256(image.tobytes()).hexdigest(), "image_shape": list(image.shape)}),
+        **(
+            {}
+            if image is None
+            else {"image_sha256": hashlib.sha256(image.tobytes()).hexdigest(), "image_shape": list(image.shape)}
+        ),
         "source": "own uncached trajectories",
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -3,8 +3,8 @@
 A dummy bundle carries a real-size transformer with random weights and neither the text encoder
 (UMT5-XXL or T5-XXL, 4.7 B parameters) nor the VAE: their size is not what the dummy path checks.
 A prompt's embeddings are drawn from the prompt itself at the model's real text shape (the same
-prompt, the same embeddings), an image's conditioning likewise from the image, and frames are blank: what a run of it shows is the denoising loop's
-speed and memory.
+prompt, the same embeddings), an image's conditioning likewise from the image, and frames are
+blank: what a run of it shows is the denoising loop's speed and memory.
 """
 
 from __future__ import annotations

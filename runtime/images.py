@@ -38,7 +38,9 @@ def check_image(image: object, param: str = "image") -> np.ndarray:
     """`image` as RGB uint8 [H, W, 3], contiguous; BadInput naming `param` unless it is an array of
     that kind with sides in [MIN_SIDE, MAX_SIDE]."""
     if not isinstance(image, np.ndarray):
-        raise BadInput(f"{param} must be RGB pixels (uint8 [height, width, 3]), got {type(image).__name__}", param=param)
+        raise BadInput(
+            f"{param} must be RGB pixels (uint8 [height, width, 3]), got {type(image).__name__}", param=param
+        )
     if image.dtype != np.uint8:
         raise BadInput(f"{param} must be uint8 RGB pixels, got {image.dtype}", param=param)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -96,7 +98,8 @@ def as_image(value: Any, param: str = "image") -> np.ndarray | None:
         _check_size(value.width, value.height, param)
         return np.asarray(value, dtype=np.uint8).copy()
     raise BadInput(
-        f"{param} must be a path, image bytes, a PIL image or uint8 [height, width, 3] pixels, got {type(value).__name__}",
+        f"{param} must be a path, image bytes, a PIL image or uint8 [height, width, 3] pixels, "
+        f"got {type(value).__name__}",
         param=param,
     )
 

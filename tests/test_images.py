@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import CHEAP, HEAVY
 
 from sencache.benchmarks.reference_pipelines import build_bundle, reference_image, run_reference, save_reference
 from sencache.cli import main
 from sencache.runtime.errors import BadInput
 from sencache.runtime.images import MAX_SIDE, as_image, check_image, read_image
 from sencache.runtime.request import GenerationParams
-from test_cli import CHEAP, HEAVY
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

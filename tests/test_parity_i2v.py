@@ -63,7 +63,14 @@ def test_latents_match_the_pipeline(real_like, backend, batch, guidance):
     request = _request(case, batch, guidance)
     ours = engine.generate(request, NoCache(batch)).latents
     theirs = run_reference(
-        case, request.seeds, STEPS, guidance, "latent", request.prompt_embeds, request.negative_prompt_embeds, image=IMAGE
+        case,
+        request.seeds,
+        STEPS,
+        guidance,
+        "latent",
+        request.prompt_embeds,
+        request.negative_prompt_embeds,
+        image=IMAGE,
     )
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
 

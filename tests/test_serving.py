@@ -38,9 +38,7 @@ def server(calibrated_bundle: Path):
         serving.stop()
 
 
-TINY_PNG = (
-    "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAFklEQVR4nGNgGAWjYBSMglEwCqgNAAIQAAEvD3PVAAAAAElFTkSuQmCC"
-)
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAFklEQVR4nGNgGAWjYBSMglEwCqgNAAIQAAEvD3PVAAAAAElFTkSuQmCC"
 """A 16 x 16 black RGB PNG in base64: an image a text-to-video bundle refuses."""
 
 

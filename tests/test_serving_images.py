@@ -7,8 +7,8 @@ never queued. (Ray's transport of the same body is what tests/test_serving.py co
 from __future__ import annotations
 
 import base64
-import json
 import io
+import json
 import time
 import uuid
 
@@ -78,7 +78,9 @@ def test_json_and_multipart_images_give_the_engines_video(service):
         {**common, "image": "data:image/png;base64," + encoded},
     ]
     for name in ("image", "input_reference"):
-        kind, data = _multipart({"prompt": PROMPT, "seed": "3", "steps": "3", "cache[preset]": "reference"}, {name: _png(PIXELS)})
+        kind, data = _multipart(
+            {"prompt": PROMPT, "seed": "3", "steps": "3", "cache[preset]": "reference"}, {name: _png(PIXELS)}
+        )
         bodies.append(parse_body(kind, data))
     for body in bodies:
         np.testing.assert_allclose(_frames(svc, body), expected, atol=1e-5, rtol=0)

@@ -34,7 +34,9 @@ def main(program: str, t2v_bundle: str, work: str) -> int:
     shape = np.frombuffer(data[:32], np.int64)
     ours = np.frombuffer(data[32:], np.float32).reshape(shape)
     with Engine.from_bundle(bundle, threads=1) as engine:
-        video = engine.generate("a red circle moving left", seed=3, steps=3, guidance=5.0, cache="none", image=picture())
+        video = engine.generate(
+            "a red circle moving left", seed=3, steps=3, guidance=5.0, cache="none", image=picture()
+        )
     worst = float(np.abs(ours - video.frames).max())
     print(f"frames {list(shape)}: max abs difference to Engine.generate {worst:.2e}")
     return 0 if worst <= 1e-5 else 1

@@ -146,7 +146,9 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
         from PIL import Image
 
         if pipeline.vae is None:
-            raise BadInput(f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image")
+            raise BadInput(
+                f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image"
+            )
         frames = self.latent_shape(preset, shapes)[0]
         with torch.no_grad():
             pixels = pipeline.video_processor.preprocess(

@@ -42,6 +42,7 @@ class _Head(nn.Module):
     def __init__(self, t: Any, mask: torch.Tensor) -> None:
         super().__init__()
         self.t = t
+        self.keep: torch.Tensor
         self.register_buffer("keep", 1 - mask[None], persistent=False)
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
@@ -126,7 +127,9 @@ class LTXI2VAdapter(LTXAdapter):
         from PIL import Image
 
         if pipeline.vae is None:
-            raise BadInput(f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image")
+            raise BadInput(
+                f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image"
+            )
         frames = self.grid(preset, shapes)[0]
         vae = pipeline.vae
         with torch.no_grad():
