@@ -10,7 +10,8 @@ it like of the real checkpoint, and `run_reference` runs the diffusers pipeline 
 
     python -m sencache.benchmarks.reference_pipelines --out runs/parity
 
-prints and saves (parity.json) the largest differences between our runtime and each pipeline.
+prints and saves (parity.json) the largest differences between our runtime and each pipeline;
+with `--save MODEL` it saves that model's tiny pipeline and our bundle of it instead.
 """
 
 from __future__ import annotations
@@ -391,8 +392,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="parity of our runtime with diffusers' pipelines")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", nargs="*", default=[*FACTORIES, *IMAGE_FACTORIES])
+    parser.add_argument(
+        "--save",
+        metavar="MODEL",
+        help="instead: save MODEL's tiny pipeline to OUT/weights and build our PyTorch bundle of it in OUT/bundle",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.save:
+        bundle = build_bundle(save_reference(args.save, args.out / "weights"), args.out / "bundle")
+        print(f"bundle ready: {bundle}")
+        return
     report = {}
     for model in args.models:
         with tempfile.TemporaryDirectory() as tmp:

@@ -21,13 +21,13 @@ def picture() -> np.ndarray:
 
 
 def main(program: str, t2v_bundle: str, work: str) -> int:
-    from sencache.benchmarks.reference_pipelines import build_bundle, save_reference
     from sencache.runtime.api import Engine
 
     root = Path(work)
     bundle = root / "bundle"
     if not (bundle / "manifest.json").exists():
-        build_bundle(save_reference("wan2.1-i2v-14b-480p", root / "weights"), bundle)
+        save = [sys.executable, "-m", "sencache.benchmarks.reference_pipelines", "--save", "wan2.1-i2v-14b-480p"]
+        subprocess.run([*save, "--out", str(root)], check=True)
     out = root / "frames.bin"
     subprocess.run([program, str(bundle), t2v_bundle, str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     data = out.read_bytes()
