@@ -7,14 +7,13 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from test_cli import CHEAP, HEAVY
 
-from sencache.benchmarks.reference_pipelines import build_bundle, reference_image, run_reference, save_reference
+from sencache.benchmarks.reference_pipelines import reference_image, run_reference
 from sencache.cli import main
 from sencache.runtime.errors import BadInput
 from sencache.runtime.images import MAX_SIDE, as_image, check_image, read_image
@@ -108,21 +107,13 @@ def test_command_line_refusals_come_before_model_code(ort_bundle, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture(scope="module")
-def wan_i2v(tmp_path_factory) -> tuple[Path, object]:
-    """A tiny random Wan 2.1 I2V saved as a diffusers folder (text and image encoders, VAE) and
-    our PyTorch bundle of it."""
-    root = tmp_path_factory.mktemp("wan-i2v")
-    case = save_reference("wan2.1-i2v-14b-480p", root / "weights")
-    return build_bundle(case, root / "bundle", "torch"), case
-
-
 def test_generate_with_image_is_the_pipeline_and_the_api(wan_i2v, tmp_path, capsys):
     """`sencache generate --image` writes the frames of WanImageToVideoPipeline(prompt, image); the
     Python API with the same image (as pixels) gives the same frames; no image is refused."""
     from sencache.runtime.api import Engine
 
-    bundle, case = wan_i2v
+    case = wan_i2v
+    bundle = case.folder.parent / "torch"
     picture = tmp_path / "first.png"
     picture.write_bytes(_png(PIXELS))
     prompt = "a red circle moving left"

@@ -6,18 +6,19 @@ batch under SenCache; the image is refused where it does not belong."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from conftest import engine_for
+from conftest import engine_for, image_case
 from sencache.benchmarks.reference_pipelines import (
     IMAGE_FACTORIES,
     ReferenceCase,
-    build_bundle,
     embeddings,
     reference_image,
     run_reference,
-    save_reference,
 )
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
@@ -28,18 +29,17 @@ STEPS = 5
 IMAGE = reference_image()
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param(model, marks=pytest.mark.xdist_group(f"real-like-{model}")) for model in IMAGE_FACTORIES],
-)
-def real_like(request, tmp_path_factory) -> ReferenceCase:
+@pytest.fixture(scope="module", params=list(IMAGE_FACTORIES))
+def real_like(request, bundle_cache) -> ReferenceCase:
     """A diffusers-format folder of a tiny random image-to-video model, and our PyTorch and ONNX
-    Runtime bundles of it."""
-    root = tmp_path_factory.mktemp(request.param)
-    case = save_reference(request.param, root / "weights")
-    for backend in ("torch", "onnxruntime"):
-        build_bundle(case, root / backend, backend)
-    return case
+    Runtime bundles of it (shared by every worker: a test that changes a bundle copies it)."""
+    return image_case(bundle_cache, request.param)
+
+
+def _own_copy(case: ReferenceCase, tmp_path) -> Path:
+    """A copy of the case's PyTorch bundle this test may change (write tables into)."""
+    shutil.copytree(case.folder.parent / "torch", tmp_path / "bundle")
+    return tmp_path / "bundle"
 
 
 def _request(case: ReferenceCase, batch: int, guidance: float, image=IMAGE, seed: int = 9) -> GenerationParams:
@@ -84,9 +84,9 @@ def test_the_image_conditions_the_video(real_like):
     assert np.abs(first - other).max() > 1e-3
 
 
-def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
+def test_a_sample_is_the_same_alone_or_in_a_batch(real_like, tmp_path):
     case = real_like
-    engine = engine_for(case.folder.parent / "torch")
+    engine = engine_for(_own_copy(case, tmp_path))
     steps = 8
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
     engine.bundle.write_tables(
@@ -117,13 +117,9 @@ def test_calibration_and_sencache_on_an_image_to_video_bundle(real_like, tmp_pat
     """Calibration starts every trajectory from the image (the same draws as the run's) and gives a
     finite table, with which SenCache reuses steps of an image-to-video run; without an image
     calibration is refused naming it."""
-    import shutil
-
     from sencache.calibration.calibrate import CalibrationPlan, calibrate
 
-    folder = tmp_path / "bundle"
-    shutil.copytree(real_like.folder.parent / "torch", folder)
-    engine = engine_for(folder)
+    engine = engine_for(_own_copy(real_like, tmp_path))
     with pytest.raises(BadInput, match="^image is missing"):
         calibrate(engine, CalibrationPlan(samples=1, steps=4), show_progress=False)
     calibration = calibrate(engine, CalibrationPlan(samples=2, steps=4), show_progress=False, image=IMAGE)

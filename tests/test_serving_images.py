@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sencache.benchmarks.reference_pipelines import build_bundle, reference_image, save_reference
+from sencache.benchmarks.reference_pipelines import reference_image
 from sencache.runtime.api import Engine
 from sencache.runtime.errors import BadInput
 from sencache.serving.form import parse_body
@@ -49,11 +49,8 @@ def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[str, by
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan-i2v-serve")
-    case = save_reference("wan2.1-i2v-14b-480p", root / "weights")
-    bundle = build_bundle(case, root / "bundle", "torch")
-    with Engine.from_bundle(bundle, threads=1) as engine:
+def service(wan_i2v):
+    with Engine.from_bundle(wan_i2v.folder.parent / "torch", threads=1) as engine:
         manifest = engine.model.bundle.manifest
         yield VideoService(engine, model=manifest.model, defaults=manifest.defaults), engine
 
