@@ -145,3 +145,12 @@ def test_real_weights_load_from_a_diffusers_folder(tmp_path):
 def test_unknown_model():
     with pytest.raises(BadInput, match="unknown model"):
         resolve("sora")
+
+
+def test_cogvideox_5b_i2v_takes_only_its_learned_size():
+    """Its learned position embeddings are for 480 x 720 (diffusers' pipeline refuses other sizes):
+    refused at once, before a build constructs anything."""
+    adapter, preset = resolve("cogvideox-5b-i2v")
+    assert adapter.latent_shape(preset, Shapes(49, 480, 720, 1)) == (13, 16, 60, 90)
+    with pytest.raises(BadInput, match="learned position embeddings take 480x720"):
+        adapter.latent_shape(preset, Shapes(9, 64, 64, 1))

@@ -123,7 +123,14 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
     def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
         """The noise latent: half the transformer's input channels (the pipeline's latent_channels)."""
         frames, _, h, w = super().latent_shape(preset, shapes)
-        return (frames, preset.config["in_channels"] // 2, h, w)
+        config = preset.config
+        sample = (config["sample_height"], config["sample_width"])
+        if config.get("use_learned_positional_embeddings") and (h, w) != sample:
+            raise BadInput(
+                f"{preset.name}: its learned position embeddings take {8 * sample[0]}x{8 * sample[1]} "
+                f"(height x width) only, as diffusers' pipeline does; got {shapes.height}x{shapes.width}"
+            )
+        return (frames, config["in_channels"] // 2, h, w)
 
     def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
         return {"image_latent": self.latent_shape(preset, shapes)}
