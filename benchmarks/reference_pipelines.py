@@ -257,7 +257,7 @@ IMAGE_FACTORIES = {
     "wan2.1-i2v-14b-480p": _wan_i2v,
     "cogvideox-5b-i2v": _cogvideox_i2v,
     "cogvideox1.5-5b-i2v": _cogvideox_i2v,
-    "ltx-video-0.9.1-i2v": _ltx,
+    "ltx-video-0.9.0-i2v": _ltx,  # 0.9.1: diffusers 0.42 cannot decode its frames with a list of generators
 }
 """Real image-to-video presets with a tiny reference pipeline."""
 
