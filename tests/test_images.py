@@ -5,6 +5,7 @@ the command line's --image and the Python API's `image` give the pipeline's own 
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -95,7 +96,6 @@ def test_command_line_refusals_come_before_model_code(ort_bundle, tmp_path):
         + ["--out", str(tmp_path / "out")]
         for extra, _ in cases
     ]
-    import json
 
     done = subprocess.run(
         [sys.executable, "-c", CHEAP, json.dumps(argvs), json.dumps(HEAVY)], capture_output=True, text=True
@@ -131,4 +131,6 @@ def test_generate_with_image_is_the_pipeline_and_the_api(wan_i2v, tmp_path, caps
         with pytest.raises(BadInput, match="image is 8x8 pixels"):
             engine.submit(prompt, image=np.zeros((8, 8, 3), np.uint8))
     written = np.load(tmp_path / "run" / "sample_0.npy")
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["image"]["shape"] == [40, 56, 3]
     np.testing.assert_allclose(written, theirs, atol=1e-5, rtol=0)
