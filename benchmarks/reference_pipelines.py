@@ -1,7 +1,8 @@
 """diffusers' own pipelines from tiny random components, built offline: the reference our runtime
 must reproduce.
 
-For each real preset (Wan 2.1, CogVideoX 2b / 5b / 1.5, LTX-Video 0.9.0 / 0.9.1) a tiny random
+For each real preset (Wan 2.1, CogVideoX 2b / 5b / 1.5, LTX-Video 0.9.0 / 0.9.1, and the
+image-to-video ones with their image encoder where the pipeline has one) a tiny random
 transformer of that family and config style, a tiny VAE with the real compression factors, the
 real scheduler class, a word-level tokenizer and a tiny T5 (UMT5 for Wan) text encoder are saved as
 a diffusers-format folder. `sencache build --model <preset> --weights <folder>` makes a bundle of
@@ -9,7 +10,8 @@ it like of the real checkpoint, and `run_reference` runs the diffusers pipeline 
 
     python -m sencache.benchmarks.reference_pipelines --out runs/parity
 
-prints and saves (parity.json) the largest differences between our runtime and each pipeline.
+prints and saves (parity.json) the largest differences between our runtime and each pipeline;
+with `--save MODEL` it saves that model's tiny pipeline and our bundle of it instead.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.families import resolve
-from sencache.runtime.families.ltx import pack_text
+from sencache.runtime.families.base import FamilyAdapter
+from sencache.runtime.families.ltx import LTXAdapter, pack_text
 from sencache.runtime.families.parts import diffusers_pipeline
+from sencache.runtime.families.wan import WanAdapter
 from sencache.runtime.files import write_atomic
 
 WORDS = [
@@ -64,10 +68,20 @@ class ReferenceCase:
 
     @property
     def packs_mask(self) -> bool:
-        return resolve(self.model)[0].family == "ltx"
+        return isinstance(resolve(self.model)[0], LTXAdapter)
+
+    @property
+    def takes_image(self) -> bool:
+        return resolve(self.model)[0].takes_image
 
 
-def _text_components(family: str, width: int):
+def reference_image(seed: int = 0, height: int = 40, width: int = 56) -> np.ndarray:
+    """A random RGB picture (uint8 [H, W, 3]) of another size than the video, so the pipeline's
+    resizing is part of what is compared."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _text_components(adapter: FamilyAdapter, width: int):
     """A word-level tokenizer and a tiny random T5 (UMT5 for Wan) encoder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
@@ -80,19 +94,19 @@ def _text_components(family: str, width: int):
         tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     config = dict(vocab_size=len(vocabulary), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    if family == "wan":
+    if isinstance(adapter, WanAdapter):
         return tokenizer, UMT5EncoderModel(UMT5Config(**config)).eval()
     return tokenizer, T5EncoderModel(T5Config(**config)).eval()
 
 
-def _wan(model: str):
+def _wan(model: str, **image: int):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
+        in_channels=image.pop("in_channels", 16),
         out_channels=16,
         text_dim=16,
         freq_dim=32,
@@ -101,6 +115,7 @@ def _wan(model: str):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        **image,
     )
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
@@ -109,7 +124,28 @@ def _wan(model: str):
     return transformer, vae, scheduler, (512, 16), (9, 32, 48)
 
 
-def _cogvideox(model: str):
+def _wan_i2v(model: str):
+    """Wan 2.1 I2V: 36 input channels (mask and first-frame latents after the noise), a tiny CLIP
+    vision encoder at 32 x 32 with 2 x 2 patches (257 hidden states, as ViT-H/14 at 224) and its
+    processor; 512 text tokens, which Wan's attention processor assumes before the image tokens."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    transformer, vae, scheduler, text, size = _wan(model, in_channels=36, image_dim=16, added_kv_proj_dim=24)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=2,
+        )
+    ).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformer, vae, scheduler, text, size, {"image_encoder": encoder, "image_processor": processor}
+
+
+def _cogvideox(model: str, **image: Any):
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
@@ -133,9 +169,9 @@ def _cogvideox(model: str):
         max_text_seq_length=7,
         use_rotary_positional_embeddings=model != "cogvideox-2b",
     )
-    if model == "cogvideox1.5-5b":
+    if model.startswith("cogvideox1.5-5b"):
         config.update(patch_size_t=2, patch_bias=False)  # 3 latent frames: the pipeline pads to 4
-    transformer = CogVideoXTransformer3DModel(**config)
+    transformer = CogVideoXTransformer3DModel(**{**config, **image})
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,
@@ -146,7 +182,7 @@ def _cogvideox(model: str):
         temporal_compression_ratio=4,
     )
     # DPM (stochastic, two-step memory) where the 5B models' users switch to it; DDIM elsewhere.
-    scheduler_class = CogVideoXDPMScheduler if model == "cogvideox1.5-5b" else CogVideoXDDIMScheduler
+    scheduler_class = CogVideoXDPMScheduler if model.startswith("cogvideox1.5-5b") else CogVideoXDDIMScheduler
     scheduler = scheduler_class(
         beta_schedule="scaled_linear",
         prediction_type="v_prediction",
@@ -156,6 +192,16 @@ def _cogvideox(model: str):
         clip_sample=False,
     )
     return transformer, vae, scheduler, (7, 16), (9, 32, 48)
+
+
+def _cogvideox_i2v(model: str):
+    """CogVideoX I2V: twice the VAE's channels in; CogVideoX-5B-I2V's learned position embeddings
+    (its sample size is the video's, which they require), CogVideoX 1.5-I2V's ofs embedding."""
+    if model == "cogvideox-5b-i2v":
+        image = dict(in_channels=8, use_learned_positional_embeddings=True, sample_height=4, sample_width=6)
+    else:
+        image = dict(in_channels=8, ofs_embed_dim=32)  # the size of the timestep embedding it is added to
+    return _cogvideox(model, **image)
 
 
 def _ltx(model: str):
@@ -182,7 +228,7 @@ def _ltx(model: str):
         decoder_inject_noise=(False,) * 5,
         upsample_residual=(False,) * 4,
         upsample_factor=(1,) * 4,
-        timestep_conditioning=model == "ltx-video-0.9.1",
+        timestep_conditioning=model.startswith("ltx-video-0.9.1"),
         patch_size=4,
         patch_size_t=1,
     )
@@ -205,17 +251,25 @@ FACTORIES = {
     "ltx-video-0.9.0": _ltx,
     "ltx-video-0.9.1": _ltx,
 }
-"""Real presets with a tiny reference pipeline."""
+"""Real text-to-video presets with a tiny reference pipeline."""
+
+IMAGE_FACTORIES = {
+    "wan2.1-i2v-14b-480p": _wan_i2v,
+    "cogvideox-5b-i2v": _cogvideox_i2v,
+    "cogvideox1.5-5b-i2v": _cogvideox_i2v,
+    "ltx-video-0.9.0-i2v": _ltx,  # 0.9.1: diffusers 0.42 cannot decode its frames with a list of generators
+}
+"""Real image-to-video presets with a tiny reference pipeline."""
 
 
 def save_reference(model: str, folder: Path, seed: int = 0) -> ReferenceCase:
     """Construct the tiny pipeline of `model` (random weights from `seed`) and save it to `folder`."""
     adapter, _ = resolve(model)
     torch.manual_seed(seed)
-    transformer, vae, scheduler, text, size = FACTORIES[model](model)
+    transformer, vae, scheduler, text, size, *image_parts = {**FACTORIES, **IMAGE_FACTORIES}[model](model)
     pipe = diffusers_pipeline(adapter, transformer.eval(), scheduler, vae=vae.eval())
-    tokenizer, text_encoder = _text_components(adapter.family, text[1] - 1 if adapter.family == "ltx" else text[1])
-    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
+    tokenizer, text_encoder = _text_components(adapter, text[1] - 1 if isinstance(adapter, LTXAdapter) else text[1])
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, **(image_parts[0] if image_parts else {}))
     pipe.save_pretrained(folder)
     return ReferenceCase(model, Path(folder), text, size)
 
@@ -240,10 +294,13 @@ def run_reference(
     embeds: np.ndarray | None = None,
     negative: np.ndarray | None = None,
     prompts: list[str] | None = None,
+    image: np.ndarray | None = None,
     **options: Any,
 ) -> np.ndarray:
     """diffusers' pipeline on prompt embeddings (or prompts, through its own text encoder), one
-    generator per sample; latents or frames [B, T, H, W, 3] as a NumPy array."""
+    generator per sample, and for an image-to-video model `image` (a PIL picture for each
+    sample where the pipeline takes one per sample); latents or frames [B, T, H, W, 3] as a
+    NumPy array."""
     adapter, _ = resolve(case.model)
     text_parts = {} if prompts is not None else {"tokenizer": None, "text_encoder": None}
     pipe = adapter.pipeline_class().from_pretrained(str(case.folder), local_files_only=True, **text_parts)
@@ -259,6 +316,12 @@ def run_reference(
         }
     else:
         text = {"prompt_embeds": torch.from_numpy(embeds), "negative_prompt_embeds": torch.from_numpy(negative)}
+    if image is not None:
+        from PIL import Image
+
+        picture = Image.fromarray(image)
+        # CogVideoX's and LTX's prepare_latents encode image[i] for sample i; Wan's the one image once
+        options["image"] = picture if isinstance(adapter, WanAdapter) else [picture] * len(seeds)
     frames, height, width = case.size
     with torch.no_grad():
         out = pipe(
@@ -302,6 +365,7 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
     from sencache.runtime.request import GenerationParams
 
     case = save_reference(model, root / "weights")
+    image = reference_image() if case.takes_image else None
     errors: dict[str, float] = {}
     for backend in ("torch", "onnxruntime"):
         engine = Model.open(build_bundle(case, root / backend, backend), threads=1)
@@ -309,13 +373,15 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
             for guidance in (1.0, 6.0):
                 seeds = [3, 4][:batch]
                 embeds, negative = embeddings(case, batch, 9), embeddings(case, batch, 10)
-                request = GenerationParams([f"p{i}" for i in range(batch)], seeds, steps, guidance, embeds, negative)
+                request = GenerationParams(
+                    [f"p{i}" for i in range(batch)], seeds, steps, guidance, embeds, negative, image=image
+                )
                 ours = engine.generate(request, NoCache(batch))
-                theirs = run_reference(case, seeds, steps, guidance, "latent", embeds, negative)
+                theirs = run_reference(case, seeds, steps, guidance, "latent", embeds, negative, image=image)
                 key = f"{backend} latents batch {batch} cfg {guidance:g}"
                 errors[key] = float(np.abs(ours.latents - theirs).max())
                 if batch == 2 and guidance > 1:
-                    frames = run_reference(case, seeds, steps, guidance, "np", embeds, negative)
+                    frames = run_reference(case, seeds, steps, guidance, "np", embeds, negative, image=image)
                     errors[f"{backend} frames batch 2 cfg 6"] = float(
                         np.abs(engine.decode(ours.latents) - frames).max()
                     )
@@ -325,9 +391,18 @@ def measure(model: str, root: Path, steps: int = 5) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="parity of our runtime with diffusers' pipelines")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", nargs="*", default=list(FACTORIES))
+    parser.add_argument("--models", nargs="*", default=[*FACTORIES, *IMAGE_FACTORIES])
+    parser.add_argument(
+        "--save",
+        metavar="MODEL",
+        help="instead: save MODEL's tiny pipeline to OUT/weights and build our PyTorch bundle of it in OUT/bundle",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.save:
+        bundle = build_bundle(save_reference(args.save, args.out / "weights"), args.out / "bundle")
+        print(f"bundle ready: {bundle}")
+        return
     report = {}
     for model in args.models:
         with tempfile.TemporaryDirectory() as tmp:

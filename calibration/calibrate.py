@@ -42,6 +42,7 @@ on further uncached trajectories of the same prompts and seeds at half and twice
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from sencache.runtime.cache.budget import record_curves
 from sencache.runtime.cache.sencache import SenCachePolicy
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import Sampler
+from sencache.runtime.images import check_image_fits
 from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
@@ -187,10 +189,19 @@ def calibrate(
     prompts: Sequence[str] | None = None,
     allow_tiny_vocabulary: bool = False,
     show_progress: bool = True,
+    image: np.ndarray | None = None,
 ) -> Calibration:
     """Measure Jx and Jt by `plan.procedure`: on `engine`'s own trajectories from `prompts` (None:
     the model's default; a real model refuses tiny-vocabulary prompts unless allowed), with the
-    baselines' tables; or, under "reference", on noised training clips (the table alone)."""
+    baselines' tables; or, under "reference", on noised training clips (the table alone). An
+    image-to-video model requires `image`: every trajectory starts from it."""
+    check_image_fits(engine.adapter.family, engine.preset.name, image is not None)
+    if plan.procedure == "reference" and image is not None:
+        raise BadInput(
+            "image: the reference procedure measures on rendered training clips; image-to-video models "
+            "calibrate on their own trajectories (procedure engine)",
+            param="image",
+        )
     if plan.procedure == "reference":
         if prompts is not None:
             raise BadInput(
@@ -217,8 +228,9 @@ def calibrate(
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
     bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
     for chunk_prompts, chunk_seeds in chunks:
-        request = GenerationParams(chunk_prompts, chunk_seeds, steps, guidance, sampling=plan.sampling)
+        request = GenerationParams(chunk_prompts, chunk_seeds, steps, guidance, sampling=plan.sampling, image=image)
         run = engine.generate(request, NoCache(len(chunk_prompts)), record=True, progress=show_progress)
+        conditions = engine.conditions(image, sample_generators(chunk_seeds))  # the run's: same seeds, same draws
         bar.update(steps)
         timesteps = run.timesteps
         paths.append(np.stack(run.trajectory))
@@ -229,7 +241,7 @@ def calibrate(
         for k in range(steps):
             x_k = run.trajectory[k]
             t_k = timesteps[k]
-            now = predict(engine, x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance)
+            now = predict(engine, x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance, conditions)
             if previous is not None:
                 tea_x.append(relative_l1(now.modulation, previous.modulation))
                 tea_y.append(relative_l1(now.cond, previous.cond))
@@ -238,7 +250,9 @@ def calibrate(
             if k == steps - 1:
                 break
             x_prime = solver.step(k, _branch(now, plan.branch), x_k, sample_generators([s + k for s in chunk_seeds]))
-            jx, jt = _differences(engine, plan.branch, now, x_k, x_prime, t_k, timesteps[k + 1], text, uncond, guidance)
+            jx, jt = _differences(
+                engine, plan.branch, now, x_k, x_prime, t_k, timesteps[k + 1], text, uncond, guidance, conditions
+            )
             jx_rows.append(jx)
             jt_rows.append(jt)
             bar.update(1)
@@ -249,6 +263,11 @@ def calibrate(
     assert timesteps is not None, "at least one chunk ran"
     meta = {
         **_meta(engine, plan, steps, guidance, samples, seeds, chosen),
+        **(
+            {}
+            if image is None
+            else {"image_sha256": hashlib.sha256(image.tobytes()).hexdigest(), "image_shape": list(image.shape)}
+        ),
         "source": "own uncached trajectories",
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -257,7 +276,7 @@ def calibrate(
     )
     trajectories = {steps: (np.concatenate(paths, axis=1), np.asarray(timesteps))}
     for n in sorted(set(plan.budget_steps or (max(2, round(steps / 2)), min(MAX_STEPS, 2 * steps))) - {steps}):
-        trajectories[n] = _trajectories(engine, chunks, n, guidance, plan.sampling, show_progress)
+        trajectories[n] = _trajectories(engine, chunks, n, guidance, plan.sampling, show_progress, image)
     sensitivity.budget = record_curves(
         trajectories,
         lambda settings, n, b: SenCachePolicy(settings, sensitivity, n, b, engine.numel),
@@ -356,6 +375,7 @@ def _differences(
     text: np.ndarray,
     uncond: np.ndarray | None,
     guidance: float,
+    conditions: dict[str, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per sample, Jx = ||f(x', t_k) - f_k|| / ||x' - x_k|| and Jt = ||f(x_k, t_next) - f_k|| / |t_next - t_k|,
     with f_k = f(x_k, t_k) from `now`; both further evaluations in one call."""
@@ -368,6 +388,7 @@ def _differences(
             np.concatenate([text, text]),
             None if uncond is None else np.concatenate([uncond, uncond]),
             guidance,
+            None if conditions is None else {k: torch.cat([v, v]) for k, v in conditions.items()},
         ),
         branch,
     )
@@ -428,12 +449,13 @@ def _trajectories(
     guidance: float,
     sampling: str,
     show_progress: bool,
+    image: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Uncached trajectories [steps, samples, ...] of `chunks` at `steps` steps, and their timesteps."""
     paths, timesteps = [], None
     for chunk_prompts, chunk_seeds in chunks:
         run = engine.generate(
-            GenerationParams(chunk_prompts, chunk_seeds, steps, guidance, sampling=sampling),
+            GenerationParams(chunk_prompts, chunk_seeds, steps, guidance, sampling=sampling, image=image),
             NoCache(len(chunk_prompts)),
             record=True,
             progress=show_progress,

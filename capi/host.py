@@ -16,6 +16,7 @@ import numpy as np
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache.knobs import KNOBS
 from sencache.runtime.errors import BadInput, MissingBundle
+from sencache.runtime.images import check_image, check_image_fits
 from sencache.runtime.model import Model
 from sencache.runtime.request import STATES as request_states
 from sencache.runtime.request import GenerationParams
@@ -105,8 +106,13 @@ class Host:
         guidance: float,
         cache: str,
         knobs_json: str | None,
+        image: np.ndarray | None = None,
     ) -> int:
-        """Validate and queue one request (as sencache.Engine.submit does); its id."""
+        """Validate and queue one request (as sencache.Engine.submit does); its id. `image` is the
+        sc_image's pixels, uint8 [height, width, 3]."""
+        manifest = self.model.bundle.manifest
+        check_image_fits(manifest.family, manifest.model, image is not None)
+        pixels = None if image is None else check_image(image)
         try:
             knobs = json.loads(knobs_json) if knobs_json else {}
         except json.JSONDecodeError as e:
@@ -122,6 +128,7 @@ class Host:
             cache=cache,
             knobs=knobs,
             prompt_embeds=None if embeds is None else embeds[None],
+            image=pixels,
         )
         job_id = self.engine.submit(request)
         self.known.add(job_id)

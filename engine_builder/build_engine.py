@@ -32,6 +32,13 @@ MODELS = {
     "ltx-video": "= ltx-video-0.9.1",
     "ltx-video-0.9.1": "",
     "ltx-video-0.9.0": "",
+    "wan2.1-i2v-14b-480p": "image-to-video",
+    "wan2.1-i2v-14b-720p": "image-to-video",
+    "cogvideox-5b-i2v": "image-to-video",
+    "cogvideox1.5-5b-i2v": "image-to-video",
+    "ltx-video-i2v": "= ltx-video-0.9.1-i2v",
+    "ltx-video-0.9.1-i2v": "image-to-video",
+    "ltx-video-0.9.0-i2v": "image-to-video",
 }
 """Every name `--model` takes (the family registry's presets and aliases, which import torch), with
 what the help says of it: here so an unknown name is refused before anything heavy is imported."""

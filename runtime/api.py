@@ -9,6 +9,10 @@ steps, guidance and cache. A bad request raises BadInput from `submit`, before i
         video = engine.generate(prompt="one small red circle static on black", seed=1, steps=30)
         video.frames  # [T, H, W, 3] float32 in [0, 1]
 
+An image-to-video bundle takes its first frame as `image` (a path, bytes, a PIL image or pixels):
+
+    video = engine.generate(prompt="a cat turns its head", image="cat.png", seed=1)
+
 Over several ranks (`parallel="sp=2,cfg=2"`, each rank a process launched by torchrun, or given a
 `RankGroup`), every rank opens the engine the same way; rank 0 (`engine.is_driver`) takes the
 jobs, and the others run its passes on their rows and tokens until rank 0 closes the engine:
@@ -33,6 +37,7 @@ from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.errors import BadInput, Cancelled, Failed, RankFailure
+from sencache.runtime.images import as_image, check_image_fits
 from sencache.runtime.model import Model
 from sencache.runtime.parallel.boundary import Follower
 from sencache.runtime.parallel.config import ParallelConfig
@@ -189,6 +194,7 @@ class Engine:
         negative_prompt_embeds: np.ndarray | None = None,
         dynamic_cfg: bool = False,
         sampling: str = "engine",
+        image: Any = None,
     ) -> Video:
         """Generate one video and wait for it (see `submit` for the parameters)."""
         return self.submit(
@@ -202,6 +208,7 @@ class Engine:
             negative_prompt_embeds=negative_prompt_embeds,
             dynamic_cfg=dynamic_cfg,
             sampling=sampling,
+            image=image,
         ).result()
 
     def submit(
@@ -216,13 +223,19 @@ class Engine:
         negative_prompt_embeds: np.ndarray | None = None,
         dynamic_cfg: bool = False,
         sampling: str = "engine",
+        image: Any = None,
     ) -> Job:
         """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
         `sencache.runtime.cache.METHODS` with `knobs` from its table (unset ones: the bundle's
         defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
         text encoder, `prompt` then only labels the video; `sampling="reference"` runs the authors'
-        sampling schedule (Wan: shift 5.0) instead of the bundle's. Raises BadInput, naming the
+        sampling schedule (Wan: shift 5.0) instead of the bundle's; `image` (image-to-video models,
+        which require it: a path, encoded bytes, a PIL image or RGB uint8 [H, W, 3] pixels) is the
+        first frame, resized to the video as the model's pipeline does. Raises BadInput, naming the
         parameter, before anything is queued."""
+        manifest = self.model.bundle.manifest
+        pixels = as_image(image)
+        check_image_fits(manifest.family, manifest.model, pixels is not None)
         request = GenerationParams.resolve(
             self.model.bundle.manifest.defaults,
             [prompt],
@@ -235,6 +248,7 @@ class Engine:
             negative_prompt_embeds=_one(negative_prompt_embeds, "negative_prompt_embeds"),
             dynamic_cfg=dynamic_cfg,
             sampling=sampling,
+            image=pixels,
         )
         return self.enqueue(request)
 

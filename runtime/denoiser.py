@@ -49,6 +49,14 @@ class Denoiser(Protocol):
         """A fresh sampler of `steps` steps."""
         ...
 
+    def conditions(self, image: np.ndarray | None, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """The head's image inputs of each sample ({} for a text-to-video model)."""
+        ...
+
+    def start_latents(self, noise: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The latents a run starts from (the noise, and the image where the family puts it there)."""
+        ...
+
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """The starting noise of each sample."""
         ...

@@ -18,10 +18,11 @@ from sencache.runtime.backends.base import StageBackend, open_backend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.cache import CachePolicy, make_policy
 from sencache.runtime.drift_meter import CudaDriftMeter, HostDriftMeter, drift_meter
-from sencache.runtime.dummy import blank_frames, dummy_embeddings
+from sencache.runtime.dummy import blank_frames, dummy_conditions, dummy_embeddings
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.families.parts import decode, load_components, make_scheduler
+from sencache.runtime.images import check_image_fits
 from sencache.runtime.request import SAMPLINGS, GenerationParams, Result
 from sencache.runtime.stepping import StepEngine
 from sencache.runtime.tiny_text import TinyTextEncoder, load_tiny_text_encoder
@@ -124,6 +125,23 @@ class Model:
                 param=param,
             )
         return given.astype(np.float32, copy=False)
+
+    def conditions(self, image: np.ndarray | None, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """The head's image inputs of one sample per generator (the layout's `conditions`), as the
+        family's pipeline encodes `image`; {} for a text-to-video model. BadInput naming `image`
+        when the model and the request disagree on whether there is one."""
+        check_image_fits(self.adapter.family, self.preset.name, image is not None)
+        if image is None:
+            return {}
+        if self.bundle.manifest.dummy:
+            shapes = self.adapter.condition_shapes(self.preset, self.bundle.shapes)
+            return dummy_conditions(image, len(generators), shapes)
+        return self.adapter.encode_image(image, generators, self.components(), self.preset, self.bundle.shapes)
+
+    def start_latents(self, noise: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The latents a run starts from: the starting noise, and the image where the family's
+        pipeline puts it in the latent (`conditions` from `conditions`)."""
+        return self.adapter.start_latents(noise, conditions, self.preset, self.bundle.shapes)
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """The starting noise of each sample, drawn as the family's pipeline draws it."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ def stats(
         "guidance": request.guidance,
         "dynamic_cfg": request.dynamic_cfg,
         "sampling": request.sampling,
+        "image": None
+        if request.image is None
+        else {"sha256": hashlib.sha256(request.image.tobytes()).hexdigest(), "shape": list(request.image.shape)},
         "cache": policy.settings(),
         "timesteps": result.timesteps,
         "samples": [

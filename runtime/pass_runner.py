@@ -112,8 +112,9 @@ class PassRunner:
             return {}
         latent = torch.cat([p.job.x for p in placed for _ in range(p.count // p.job.batch)])
         t_rows = np.concatenate([np.full(p.count, p.job.timesteps[p.job.step], np.float32) for p in placed])
+        conditions = {k: torch.cat([p.job.conditions[k][p.rows] for p in placed]) for k in self.model.layout.conditions}
         return self.model.backend.run(
-            "head", {"latent": latent, "timestep": self._upload(t_rows), "text": self._text(placed)}
+            "head", {"latent": latent, "timestep": self._upload(t_rows), "text": self._text(placed), **conditions}
         )
 
     def _decide(

@@ -26,10 +26,17 @@ class Prediction:
 
 
 def predict(
-    model: Model, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float
+    model: Model,
+    latents: np.ndarray,
+    t: np.ndarray,
+    text: np.ndarray,
+    uncond: np.ndarray | None,
+    guidance: float,
+    conditions: dict[str, torch.Tensor] | None = None,
 ) -> Prediction:
     """f(x, t, c) of `model` for a batch with per-row timesteps `t`, guided by `guidance` when
-    `uncond` embeddings are given."""
+    `uncond` embeddings are given; an image-to-video model's head also takes the image's
+    `conditions` of each sample (`Model.conditions`), the same for both guidance rows."""
     with model.stream():
         batch = len(latents)
         rows = cfg_rows(
@@ -37,6 +44,9 @@ def predict(
         )
         branches = len(rows["latent"]) // batch
         rows["timestep"] = model.to_device(np.concatenate([t] * branches).astype(np.float32))
+        for name in model.layout.conditions:
+            assert conditions is not None, "an image-to-video head takes the image's conditions"
+            rows[name] = torch.cat([conditions[name]] * branches).to(model.backend.device, torch.float32)
         chain = run_chain(model.backend.run, model.layout, rows)
         stream = model.layout.streams[0]
         residual = _host(chain.streams[stream][:batch] - chain.head[stream][:batch])

@@ -31,6 +31,8 @@ def prepare(
         )
     needed = needed_bytes(model.bundle.manifest, len(request.prompts), 2 if request.cfg else 1)
     check_memory(needed, model.backend.device)
+    generators = sample_generators(request.seeds)
+    conditions = model.conditions(request.image, generators)  # drawn before the noise, as the pipelines do
     text = model.embeddings(request.prompt_embeds, request.prompts, "prompt_embeds")
     if request.cfg:
         negative = model.embeddings(
@@ -44,10 +46,14 @@ def prepare(
         if request.dynamic_cfg
         else [request.guidance] * len(timesteps)
     )
-    generators = sample_generators(request.seeds)
     with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
-        x = model.initial_latents(generators).to(model.backend.device)
+        x = model.start_latents(model.initial_latents(generators), conditions).to(model.backend.device)
         text_rows, anchor = model.to_device(text), torch.zeros_like(x)
+        condition_rows = {
+            k: (torch.cat([v, v]) if request.cfg else v).to(model.backend.device, torch.float32).contiguous()
+            for k, v in conditions.items()
+            if k in model.layout.conditions
+        }
     return RequestState(
         id=0,
         request=request,
@@ -59,6 +65,7 @@ def prepare(
         text=text_rows,
         x=x,
         anchor=anchor,
+        conditions=condition_rows,
         decisions=[[] for _ in request.prompts],
         trace=[[] for _ in request.prompts],
         trajectory=[] if record else None,

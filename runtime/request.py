@@ -16,6 +16,7 @@ import numpy as np
 
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.errors import BadInput
+from sencache.runtime.images import check_image
 from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.manifest import Defaults
 
@@ -59,6 +60,9 @@ class GenerationParams:
     unless the caller gives a rule of its own."""
     knobs: Mapping[str, float | str] = field(default_factory=dict)
     """The method's knobs that were set, checked against the knob table (unset: the bundle's)."""
+    image: np.ndarray | None = None
+    """The image an image-to-video model starts from (RGB uint8 [H, W, 3], any size: the family's
+    pipeline resizes it), the same for every sample; None for a text-to-video model."""
 
     @classmethod
     def resolve(
@@ -75,6 +79,7 @@ class GenerationParams:
         negative_prompt_embeds: np.ndarray | None = None,
         dynamic_cfg: bool = False,
         sampling: str = "engine",
+        image: np.ndarray | None = None,
     ) -> GenerationParams:
         """A request whose unset steps and guidance take the bundle's `defaults`; BadInput, naming
         the parameter, for any value the request cannot take."""
@@ -95,6 +100,7 @@ class GenerationParams:
             sampling=sampling,
             cache=cache,
             knobs=check_knobs(cache, knobs),
+            image=image,
         )
 
     def __post_init__(self) -> None:
@@ -104,6 +110,8 @@ class GenerationParams:
             raise BadInput("prompt must be text", param="prompt")
         _check_embeds("prompt_embeds", self.prompt_embeds, len(self.prompts))
         _check_embeds("negative_prompt_embeds", self.negative_prompt_embeds, len(self.prompts))
+        if self.image is not None:
+            check_image(self.image)
         if self.sampling not in SAMPLINGS:
             raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}", param="sampling")
         if len(self.prompts) != len(self.seeds):
@@ -190,6 +198,8 @@ class RequestState:
     """Text rows [cond x batch (, uncond x batch)] on the backend's device."""
     x: torch.Tensor
     anchor: torch.Tensor
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The image's head inputs (the layout's `conditions`), rows as `text`; {} for text-to-video."""
     state: State = "queued"
     step: int = 0
     nfe: int = 0
@@ -239,5 +249,5 @@ class RequestState:
         """Drop what an ended request holds on the device and its sampler (request.py imports no torch,
         so that front ends check a request before they load any model code)."""
         self.x, self.anchor, self.text = self.x.new_empty(0), self.anchor.new_empty(0), self.text.new_empty(0)
-        self.cache, self.sampler, self.generators = None, None, []
+        self.cache, self.sampler, self.generators, self.conditions = None, None, [], {}
         self.signal = self.observed = None

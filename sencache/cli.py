@@ -20,6 +20,7 @@ from sencache.runtime.cache import KNOBS, METHODS, Knob
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
+from sencache.runtime.images import check_image_fits, read_image
 from sencache.runtime.limits import MAX_STEPS, check_threads
 from sencache.runtime.manifest import DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
 from sencache.runtime.parallel.config import ParallelConfig
@@ -35,6 +36,9 @@ def _calibrate(args: argparse.Namespace) -> None:
             "--prompts and --prompt choose what calibration measures on; --import-npz and --from-bundle measure nothing"
         )
     manifest, _ = read_manifest(args.engine)
+    image = None if args.image is None else read_image(args.image)
+    if not (args.import_npz or args.from_bundle):
+        check_image_fits(manifest.family, manifest.model, image is not None)
     if args.from_bundle is not None:
         read_manifest(args.from_bundle)
     if SENSITIVITY in manifest.files and not args.overwrite:
@@ -70,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     )
     prompts = _calibration_prompts(args)
     engine = Model.open(bundle, threads=args.threads)
-    result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
+    result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary, image=image)
     table = result.sensitivity
     bundle.write_tables(table, result.baselines)
     print(
@@ -120,7 +124,9 @@ def _generate(args: argparse.Namespace) -> None:
         knobs={name: getattr(args, name) for name in KNOBS},
         dynamic_cfg=args.dynamic_cfg,
         sampling=args.sampling,
+        image=None if args.image is None else read_image(args.image),
     )
+    check_image_fits(manifest.family, manifest.model, request.image is not None)
     check_threads(args.threads)
     ParallelConfig.parse(args.parallel)  # its syntax, before any model code is imported
     if manifest.text_encoder.kind == "tiny":
@@ -321,6 +327,9 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; after those of --prompts)")
     c.add_argument(
+        "--image", type=Path, help="image-to-video models: the first frame every calibration trajectory starts from"
+    )
+    c.add_argument(
         "--allow-tiny-vocabulary",
         action="store_true",
         help="calibrate a real model on prompts that are all in the tiny models' vocabulary",
@@ -382,6 +391,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable; pairs with the --seed in the same place)")
     g.add_argument(
         "--seed", type=int, action="append", help="a seed (repeatable; pairs with the --prompt in the same place)"
+    )
+    g.add_argument(
+        "--image",
+        type=Path,
+        help="image-to-video models: the first frame (PNG, JPEG, ...; RGB), resized to the video as the "
+        "model's pipeline does; the same for every prompt",
     )
     g.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's)")

@@ -4,10 +4,13 @@ The SDK's `videos.create` sends multipart/form-data, each field a text part and 
 `extra_body` with bracketed names (`cache[knobs][eps_main]`). Text values are read as JSON where
 they parse (numbers, booleans, a JSON-encoded `prompt_embeds`), the API's string fields as given.
 The SDK flattens arrays (`prompt_embeds[][]`), which loses their shape: those are refused, naming
-the way that works (one JSON-encoded field). Parsed with the standard library (no python-multipart)."""
+the way that works (one JSON-encoded field). The one file part taken is the image of an
+image-to-video request (`image`, or `input_reference` as OpenAI's API names it), carried on as the
+`image` field in base64 like a JSON body's. Parsed with the standard library (no python-multipart)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from email.parser import BytesParser
@@ -17,8 +20,11 @@ from urllib.parse import parse_qsl
 
 from sencache.runtime.errors import BadInput
 
-TEXT_FIELDS = frozenset({"prompt", "model", "size", "seconds"})
+TEXT_FIELDS = frozenset({"prompt", "model", "size", "seconds", "image"})
 """Top-level fields whose form values are strings as given (a prompt "42" is text, not a number)."""
+
+IMAGE_PARTS = frozenset({"image", "input_reference"})
+"""The names a multipart body may give its image file part."""
 
 _KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 
@@ -62,7 +68,10 @@ def _multipart(content_type: str, body: bytes) -> list[tuple[str, str]]:
         if not isinstance(name, str):
             raise BadInput("body has a form part without a name", "body")
         if part.get_filename() is not None:
-            raise BadInput(f"{name[:80]} is a file; this server takes no file inputs (no input_reference)", name)
+            if name not in IMAGE_PARTS:
+                raise BadInput(f"{name[:80]} is a file; the one file this server takes is the image", name)
+            fields.append(("image", base64.b64encode(part.get_payload(decode=True) or b"").decode("ascii")))
+            continue
         try:
             fields.append((name, (part.get_payload(decode=True) or b"").decode("utf-8")))
         except UnicodeDecodeError:

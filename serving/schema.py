@@ -127,6 +127,11 @@ class VideoRequest(BaseModel):
         "Wan only: flow shift 5.0)",
     )
     cache: CacheSpec = Field(default_factory=CacheSpec)
+    image: str | None = Field(
+        None,
+        description="image-to-video models (which require it): the first frame, an image file (PNG, JPEG, "
+        "WebP; RGB) in base64 or as a data: URL; in a multipart body, a file part named image",
+    )
 
     @model_validator(mode="after")
     def _text(self) -> VideoRequest:

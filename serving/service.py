@@ -7,6 +7,8 @@ that blocks on its result, so completion times are exact and nothing polls the e
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import tempfile
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sencache.runtime.errors import BadInput, Cancelled
+from sencache.runtime.images import check_image_fits, read_image
 from sencache.runtime.manifest import Defaults
 from sencache.runtime.request import GenerationParams, State
 from sencache.runtime.scheduler import Batching
@@ -156,6 +159,9 @@ class VideoService:
     def submit(self, video: VideoRequest) -> VideoJob:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
         self._check_output(video)
+        manifest = self.engine.model.bundle.manifest
+        image = None if video.image is None else read_image(image_bytes(video.image))
+        check_image_fits(manifest.family, manifest.model, image is not None)
         method, knobs = video.cache.resolve(self.defaults)
         request = GenerationParams.resolve(
             self.defaults,
@@ -169,6 +175,7 @@ class VideoService:
             negative_prompt_embeds=_embeds(video.negative_prompt_embeds),
             dynamic_cfg=video.dynamic_cfg,
             sampling=video.sampling,
+            image=image,
         )
         with self._lock:
             if self._closed:
@@ -372,6 +379,19 @@ class VideoService:
             del self._jobs[old]
             self._forget(old, "expired")
         self._lock.notify_all()
+
+
+def image_bytes(text: str) -> bytes:
+    """The image file a body's `image` field carries: base64, or a data: URL of it; BadInput naming
+    `image` when it is neither."""
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if not head.endswith(";base64"):
+            raise BadInput("image: a data: URL must be base64 (data:image/png;base64,...)", param="image")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput("image is not base64 (nor a data: URL of it)", param="image") from None
 
 
 def _embeds(value: list[list[float]] | None) -> np.ndarray | None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bundle_cache import BundleCache
+from sencache.benchmarks.reference_pipelines import ReferenceCase, build_bundle, save_reference
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.bundle import DIGEST, MANIFEST, Bundle
@@ -35,6 +36,7 @@ BUILDS = {
     "torch_calibrated",
     "cogvideox_torch_calibrated",
     "ltx_torch_calibrated",
+    "wan_i2v",
 }
 """Fixtures that build (and calibrate) bundles: a test that needs one, directly or through another
 fixture, is `slow`, so `pytest -m "not slow"` is the fast lane of pure and small tests."""
@@ -81,6 +83,28 @@ def ltx_bundle(bundle_cache) -> Path:
 @pytest.fixture(scope="session")
 def fp8_bundle(bundle_cache) -> Path:
     return built(bundle_cache, model="tiny-wan", precision="fp8", max_batch=2, fp8_samples=1)
+
+
+def image_case(cache: BundleCache, model: str) -> ReferenceCase:
+    """The tiny random image-to-video pipeline of `model` saved as a diffusers folder (`weights/`),
+    with our PyTorch and ONNX Runtime bundles of it beside it (`torch/`, `onnxruntime/`), made once
+    per run for every worker. Tests read them; one that changes a bundle copies it."""
+
+    def make(out: Path) -> None:
+        case = save_reference(model, out / "weights")
+        for backend in ("torch", "onnxruntime"):
+            build_bundle(case, out / backend, backend)
+        (out / "case.json").write_text(json.dumps({"text": case.text, "size": case.size}))
+
+    folder = cache.get("image-to-video", make, model=model)
+    info = json.loads((folder / "case.json").read_text())
+    return ReferenceCase(model, folder / "weights", tuple(info["text"]), tuple(info["size"]))
+
+
+@pytest.fixture(scope="session")
+def wan_i2v(bundle_cache) -> ReferenceCase:
+    """Wan 2.1 I2V's tiny reference pipeline and our bundles of it (`image_case`)."""
+    return image_case(bundle_cache, "wan2.1-i2v-14b-480p")
 
 
 def _calibrate(source: Path, out: Path, plan: CalibrationPlan) -> None:

@@ -16,6 +16,7 @@ from sencache.engine_builder.builder import BuildOptions, build
 from sencache.engine_builder.dummy import dummy_config, dummy_transformer
 from sencache.engine_builder.sizing import model_size
 from sencache.runtime.bundle import Bundle
+from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 from sencache.runtime.manifest import DUMMY_NOTICE, Manifest
@@ -170,3 +171,28 @@ def test_the_real_size_report_shows_engines_and_the_fp8_memory_verdict(tmp_path)
         (tmp_path / FP8_MEMORY).write_text(json.dumps(dict(memory, fit=dict(fit, whole_model_peak_gb=whole))))
         write_report(tmp_path)
         assert verdict in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_an_image_to_video_dummy_build_takes_its_image(tmp_path, capsys):
+    """LTX-Video I2V at its true width (one block, 9 x 64 x 64, PyTorch): with dummy weights there is no
+    VAE, so the image's first latent frame is drawn from the image; the run keeps that frame as the
+    pipeline keeps the image's, and a run without an image is refused naming --image."""
+    from PIL import Image
+
+    out = tmp_path / "b"
+    options = {"layers": 1, "frames": 9, "height": 64, "width": 64, "max_batch": 1, "backend": "torch"}
+    build(BuildOptions(model="ltx-video-i2v", out=out, load_format="dummy", **options), log=lambda _: None)
+    picture = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(picture)
+    base = ["generate", "--engine", str(out), "--prompt", "a fox", "--steps", "2", "--cache", "none"]
+    assert main([*base, "--out", str(tmp_path / "none")]) == 2
+    assert "--image is missing: ltx-video-0.9.1-i2v is an image-to-video model" in capsys.readouterr().err
+    assert main([*base, "--image", str(picture), "--out", str(tmp_path / "run")]) == 0
+    model = Model.open(out, threads=1)
+    image = np.asarray(Image.open(picture))
+    request = GenerationParams(["a fox"], [0], 2, 1.0, image=image)
+    first = model.conditions(image, [torch.Generator().manual_seed(0)])["image_latent"][0, :4]
+    latents = model.generate(request, NoCache(1)).latents[0]
+    np.testing.assert_array_equal(latents[:4], first.numpy())  # frame 0: 2 x 2 tokens, held
+    assert np.abs(latents[4:]).max() > 0

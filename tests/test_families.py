@@ -19,6 +19,14 @@ REAL = [
     ("cogvideox1.5-5b", 5.57e9, (22, 16, 96, 170)),
     ("ltx-video-0.9.0", 1.92e9, (21 * 16 * 22, 128)),
     ("ltx-video-0.9.1", 1.92e9, (21 * 16 * 22, 128)),
+    # image-to-video: Wan's CLIP projection and added key/value projections (16.4 B, as the published
+    # I2V-14B checkpoints), CogVideoX's doubled input channels, LTX-Video's own transformer
+    ("wan2.1-i2v-14b-480p", 16.39e9, (16, 21, 60, 104)),
+    ("wan2.1-i2v-14b-720p", 16.39e9, (16, 21, 90, 160)),
+    ("cogvideox-5b-i2v", 5.57e9, (13, 16, 60, 90)),
+    ("cogvideox1.5-5b-i2v", 5.57e9, (22, 16, 96, 170)),
+    ("ltx-video-0.9.0-i2v", 1.92e9, (21 * 16 * 22, 128)),
+    ("ltx-video-0.9.1-i2v", 1.92e9, (21 * 16 * 22, 128)),
 ]
 
 
@@ -47,6 +55,22 @@ def test_every_real_config_builds_and_splits_on_meta(model, params, latent):
 def test_short_names_mean_the_default_variants():
     assert resolve("cogvideox")[1].name == "cogvideox1.5-5b"
     assert resolve("ltx-video")[1].name == "ltx-video-0.9.1"
+    assert resolve("ltx-video-i2v")[1].name == "ltx-video-0.9.1-i2v"
+
+
+def test_image_families_are_the_adapters_that_take_an_image():
+    """The manifest-only list front ends check against, and the adapters: a family whose head takes
+    image inputs is in it, and every family in it encodes an image its own way."""
+    from sencache.runtime.families import ADAPTERS
+    from sencache.runtime.families.base import FamilyAdapter
+    from sencache.runtime.images import IMAGE_FAMILIES
+
+    assert set(ADAPTERS) >= IMAGE_FAMILIES
+    for adapter in ADAPTERS.values():
+        assert adapter.takes_image == (adapter.family in IMAGE_FAMILIES)
+        if adapter.layout.conditions:
+            assert adapter.takes_image
+        assert (type(adapter).encode_image is not FamilyAdapter.encode_image) == adapter.takes_image
 
 
 def test_cogvideox_1_5_pads_latent_frames_as_the_pipeline_does():
@@ -137,3 +161,12 @@ def test_one_ltx_step_goes_from_sigma_one_to_zero(model):
     assert torch.allclose(one.step(0, velocity, x), x - velocity)
     two = adapter.sampler(make_scheduler(adapter, preset), 2, preset, shapes)
     assert two.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.1, 0.0])  # the terminal stretch still applies
+
+
+def test_cogvideox_5b_i2v_takes_only_its_learned_size():
+    """Its learned position embeddings are for 480 x 720 (diffusers' pipeline refuses other sizes):
+    refused at once, before a build constructs anything."""
+    adapter, preset = resolve("cogvideox-5b-i2v")
+    assert adapter.latent_shape(preset, Shapes(49, 480, 720, 1)) == (13, 16, 60, 90)
+    with pytest.raises(BadInput, match="learned position embeddings take 480x720"):
+        adapter.latent_shape(preset, Shapes(9, 64, 64, 1))

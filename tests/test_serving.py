@@ -38,6 +38,10 @@ def server(calibrated_bundle: Path):
         serving.stop()
 
 
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAFklEQVR4nGNgGAWjYBSMglEwCqgNAAIQAAEvD3PVAAAAAElFTkSuQmCC"
+"""A 16 x 16 black RGB PNG in base64: an image a text-to-video bundle refuses."""
+
+
 def _submitted(base: str) -> float:
     text = requests.get(f"{base}/metrics", timeout=30).text
     return sum(
@@ -125,6 +129,8 @@ def test_openapi_reads_the_knob_table(server):
         ({"prompt": None, "prompt_embeds": [[0.0] * 3] * 2}, "prompt_embeds has shape"),
         ({"prompt": None}, "prompt"),
         ({"sampling": "shift5"}, "sampling"),
+        ({"image": TINY_PNG}, "image: tiny-wan is a text-to-video model and takes none"),
+        ({"image": "not base64!"}, "image is not base64"),
     ],
 )
 def test_bad_requests_are_422_and_never_queued(server, body, reason):

@@ -171,6 +171,15 @@ typedef struct sc_request {
     const char* knobs_json;              /* NULL, or a JSON object of knobs: {"eps_main": 0.1, "max_reuse": 3} */
 } sc_request;
 
+/* The first frame of an image-to-video request: RGB pixels, 8 bits per channel, row-major with
+ * `stride` bytes from one row to the next (>= width * channels). The engine copies it before
+ * sc_engine_submit_image returns and resizes it to the video as the model's pipeline does. */
+typedef struct sc_image {
+    const uint8_t* pixels;
+    int32_t width, height; /* each in [16, 4096] */
+    int32_t channels;      /* 3 (RGB) */
+    int64_t stride;        /* bytes per row */
+} sc_image;
 typedef enum sc_state { SC_QUEUED = 0, SC_RUNNING = 1, SC_DONE = 2, SC_CANCELLED = 3, SC_FAILED = 4 } sc_state;
 
 typedef struct sc_progress {
@@ -187,6 +196,11 @@ SC_API sc_status sc_engine_create(const char* bundle_dir, const sc_engine_option
 SC_API sc_status sc_engine_set_progress(sc_engine* engine, sc_progress_fn fn, void* user);
 /* Validate and queue one request; *id_out is its id (> 0). */
 SC_API sc_status sc_engine_submit(sc_engine* engine, const sc_request* request, int64_t* id_out);
+/* sc_engine_submit with an image: an image-to-video bundle requires one (image NULL is refused),
+ * a text-to-video bundle refuses one; bad pixels, sizes or strides are refused before queueing,
+ * the message naming the field of sc_image. sc_engine_submit is this call with image NULL. */
+SC_API sc_status sc_engine_submit_image(sc_engine* engine, const sc_request* request, const sc_image* image,
+                                        int64_t* id_out);
 /* One pass of the step engine: admit queued requests at the step boundary, advance every active
  * one by one step. *active_out (may be NULL): requests still queued or running afterwards. */
 SC_API sc_status sc_engine_step(sc_engine* engine, int32_t* active_out);

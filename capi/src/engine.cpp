@@ -176,7 +176,28 @@ extern "C" sc_status sc_engine_set_progress(sc_engine* engine, sc_progress_fn fn
     });
 }
 
+// The image as a NumPy uint8 [height, width, channels] copy (rows packed), through numpy.frombuffer.
+static Ref image_array(const sc_image* image, PyObject* module) {
+    const size_t row = static_cast<size_t>(image->width) * image->channels;
+    std::string packed(row * image->height, '\0');
+    for (int32_t y = 0; y < image->height; ++y)
+        std::memcpy(&packed[y * row], image->pixels + static_cast<size_t>(y) * image->stride, row);
+    Ref buffer(PyBytes_FromStringAndSize(packed.data(), static_cast<Py_ssize_t>(packed.size())));
+    Ref numpy(buffer ? PyImport_ImportModule("numpy") : nullptr);
+    Ref flat(numpy ? PyObject_CallMethod(numpy.get(), "frombuffer", "Os", buffer.get(), "uint8") : nullptr);
+    Ref array(flat ? PyObject_CallMethod(flat.get(), "reshape", "iii", static_cast<int>(image->height),
+                                         static_cast<int>(image->width), static_cast<int>(image->channels))
+                   : nullptr);
+    if (!array) throw python_error(module);
+    return array;
+}
+
 extern "C" sc_status sc_engine_submit(sc_engine* engine, const sc_request* request, int64_t* id_out) {
+    return sc_engine_submit_image(engine, request, nullptr, id_out);
+}
+
+extern "C" sc_status sc_engine_submit_image(sc_engine* engine, const sc_request* request, const sc_image* image,
+                                            int64_t* id_out) {
     return guarded([&] {
         checked(engine);
         SC_REQUIRE(request != nullptr && id_out != nullptr, SC_ERR_INVALID_ARGUMENT, "request or id_out is NULL");
@@ -188,7 +209,16 @@ extern "C" sc_status sc_engine_submit(sc_engine* engine, const sc_request* reque
             SC_REQUIRE(request->embed_tokens > 0 && request->embed_channels > 0, SC_ERR_BUFFER_SIZE,
                        "prompt_embeds given with embed_tokens or embed_channels <= 0");
         }
+        if (image) {
+            SC_REQUIRE(image->pixels != nullptr, SC_ERR_INVALID_ARGUMENT, "image->pixels is NULL");
+            SC_REQUIRE(image->channels == 3, SC_ERR_INVALID_ARGUMENT, "image->channels must be 3 (RGB pixels)");
+            SC_REQUIRE(image->width >= 16 && image->width <= 4096 && image->height >= 16 && image->height <= 4096,
+                       SC_ERR_INVALID_ARGUMENT, "image->width and image->height must each be in [16, 4096]");
+            SC_REQUIRE(image->stride >= static_cast<int64_t>(image->width) * image->channels, SC_ERR_BUFFER_SIZE,
+                       "image->stride is smaller than width * channels bytes");
+        }
         Gil gil;
+        Ref pixels = image ? image_array(image, engine->module) : Ref(Py_NewRef(Py_None));
         Ref embeds;
         if (request->prompt_embeds) {
             // A NumPy copy [tokens, channels] made through numpy.frombuffer: no NumPy C API needed.
@@ -202,9 +232,10 @@ extern "C" sc_status sc_engine_submit(sc_engine* engine, const sc_request* reque
         } else {
             embeds.p = Py_NewRef(Py_None);
         }
-        Ref id = engine->call("submit", "(sOKidsz)", request->prompt, embeds.get(),
+        Ref id = engine->call("submit", "(sOKidszO)", request->prompt, embeds.get(),
                               static_cast<unsigned long long>(request->seed), static_cast<int>(request->steps),
-                              request->guidance, request->cache ? request->cache : "sencache", request->knobs_json);
+                              request->guidance, request->cache ? request->cache : "sencache", request->knobs_json,
+                              pixels.get());
         *id_out = PyLong_AsLongLong(id.get());
         return SC_OK;
     });

@@ -8,6 +8,9 @@ from sencache.runtime.families import wan  # noqa: F401  (registers first: the o
 
 # isort: split
 from sencache.runtime.families import cogvideox, ltx  # noqa: F401
+
+# isort: split
+from sencache.runtime.families import cogvideox_i2v, ltx_i2v, wan_i2v  # noqa: F401  (image-to-video variants after their T2V families)
 from sencache.runtime.families.base import ADAPTERS, FamilyAdapter, ModelPreset, Shapes, StageLayout
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
+from sencache.runtime.images import IMAGE_FAMILIES
 
 if TYPE_CHECKING:
     # Transformer classes are typed from their defining modules: through `diffusers` itself, mypy
@@ -52,6 +53,15 @@ class StageLayout:
     tokens: tuple[str, ...] = ()
     """Head outputs whose dimension 1 is the video token axis: sequence parallelism gives each
     rank its part of them (the others, text included, stay whole on every rank)."""
+    conditions: tuple[str, ...] = ()
+    """Head inputs after latent, timestep and text that the request's image gives (image-to-video:
+    the first frame's latents, image-encoder states): one row per engine row, the same at every
+    step of the run. Empty for a family whose head takes no image (text-to-video, or LTX-Video,
+    whose image is in the latent itself)."""
+
+    @property
+    def head_inputs(self) -> tuple[str, ...]:
+        return HEAD_INPUTS + self.conditions
 
     @property
     def head_outputs(self) -> tuple[str, ...]:
@@ -73,7 +83,7 @@ class StageLayout:
     def stage_io(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         """(inputs, outputs) of each stage by name, as exported and as the runtime feeds them."""
         return {
-            "head": (HEAD_INPUTS, self.head_outputs),
+            "head": (self.head_inputs, self.head_outputs),
             "blocks": (self.blocks_inputs, tuple(s + "_out" for s in self.streams)),
             "tail": (self.tail_inputs, (NOISE,)),
         }
@@ -198,6 +208,8 @@ class FamilyAdapter(ABC):
     """SenCache as the authors' code runs this family (the `reference` conventions)."""
     tiny_format: TinyFormat
     """How this family's tiny models hold clips as latents and take the tiny encoder's text."""
+    image_components: tuple[str, ...] = ()
+    """The pipeline's components that encode an image besides the VAE (Wan I2V's CLIP encoder)."""
 
     @abstractmethod
     def transformer_class(self) -> type[ModelMixin]:
@@ -263,6 +275,32 @@ class FamilyAdapter(ABC):
         list of generators, so a sample never depends on its batch."""
         shape = self.latent_shape(preset, shapes)
         return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether the family's models start from an image (image-to-video): a request must give one."""
+        return self.family in IMAGE_FAMILIES
+
+    def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of each tensor `encode_image` gives (the layout's `conditions` among
+        them); none for text-to-video."""
+        return {}
+
+    def encode_image(
+        self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
+    ) -> dict[str, torch.Tensor]:
+        """The `conditions` [B, ...] of one sample per generator from `image` (RGB uint8 [H, W, 3]
+        of any size), by the pipeline's own preprocessing (resized to the video's size, as the
+        pipeline does) and components (its VAE, its image encoder), drawing from the generators as
+        the pipeline does before the starting noise."""
+        raise BadInput(f"image: {preset.name} is a text-to-video model and takes none", param="image")
+
+    def start_latents(
+        self, noise: torch.Tensor, conditions: dict[str, torch.Tensor], preset: ModelPreset, shapes: Shapes
+    ) -> torch.Tensor:
+        """The latents a run starts from: the starting noise, with what the image puts there where
+        the family's pipeline puts the image in the latent itself (LTX-Video's first frame)."""
+        return noise
 
     def preset(self, name: str) -> ModelPreset:
         try:

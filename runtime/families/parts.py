@@ -86,7 +86,9 @@ def example_inputs(
     latent = torch.randn((batch, *adapter.latent_shape(preset, shapes)), generator=g)
     timestep = torch.rand(batch, generator=g) * 1000.0
     text = torch.randn((batch, *adapter.text_shape(preset)), generator=g)
-    return {"latent": latent, "timestep": timestep, "text": text}
+    condition_shapes = adapter.condition_shapes(preset, shapes)
+    conditions = {k: torch.randn((batch, *condition_shapes[k]), generator=g) for k in adapter.layout.conditions}
+    return {"latent": latent, "timestep": timestep, "text": text, **conditions}
 
 
 def diffusers_pipeline(adapter: FamilyAdapter, transformer: nn.Module | None, scheduler, vae: nn.Module | None = None):
@@ -108,7 +110,8 @@ def load_components(adapter: FamilyAdapter, folder: Path):
             f"diffusers folder (model_index.json, tokenizer/, text_encoder/, vae/, scheduler/)",
             param="weights",
         )
-    absent = {part: None for part in ("tokenizer", "text_encoder", "vae") if not (folder / part).is_dir()}
+    parts = ("tokenizer", "text_encoder", "vae", *adapter.image_components)
+    absent = {part: None for part in parts if not (folder / part).is_dir()}
     try:
         return adapter.pipeline_class().from_pretrained(
             str(folder), transformer=None, local_files_only=True, dtype=torch.float32, **absent

@@ -1,0 +1,166 @@
+"""Wan 2.1 image-to-video: WanTransformer3DModel with an image encoder and first-frame channels.
+
+Facts of the real pipeline (diffusers' WanImageToVideoPipeline, Wan2.1-I2V-14B-*-Diffusers): the
+image is resized to the video's size by the pipeline's video processor and put as frame 0 of an
+otherwise black video, which the Wan VAE encodes (its mode, no draw); a 4-channel first-frame mask
+and those 16 channels are concatenated to the 16-channel noise latent (36 input channels). The
+image also goes through the CLIP ViT-H/14 image encoder (its second-to-last hidden states, 257 x
+1280), which the transformer projects (`image_dim`) and puts before the text tokens; each block's
+cross-attention reads them through its added key/value projections (`added_kv_proj_dim`). Both
+conditionings are the same for the cond and uncond calls and at every step, so they are head
+inputs; the blocks, the tail, the sampler and the cache rules are Wan 2.1's unchanged (a rule reads
+the 16-channel latent, the timestep and the timestep embedding, none of which the image changes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sencache.runtime.errors import BadInput
+from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
+from sencache.runtime.families.wan import _REAL_COMMON, WanAdapter
+
+IMAGE_TOKENS = 257
+"""Hidden states of CLIP ViT-H/14 at 224 x 224: 16 x 16 patches and the class token."""
+
+_I2V_CONFIG: dict[str, Any] = {
+    **_REAL_COMMON,
+    "num_attention_heads": 40,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "in_channels": 36,
+    "image_dim": 1280,
+    "added_kv_proj_dim": 5120,
+}
+
+# Published baseline constants (shared/reference/baseline_constants.json): TeaCache's Wan2.1 I2V
+# polynomials on the timestep embedding e, and MagCache's cond-branch ratios (every other entry of
+# the published [cond, uncond] list of 40 steps, the I2V default).
+_TEACACHE_480P = (-302.33167, 223.948934, -52.546397, 5.8734844, -0.201973289)
+_TEACACHE_720P = (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683)
+# fmt: off
+_MAGCACHE_480P = (
+    1.0, 0.98783, 0.97559, 0.98311, 0.98202, 0.9888, 0.98762, 0.98957, 0.99052, 0.99383, 0.98857, 0.99065,
+    0.98845, 0.99057, 0.98957, 0.98601, 0.98823, 0.98756, 0.98808, 0.98721, 0.98571, 0.98543, 0.98157, 0.98411,
+    0.97952, 0.98149, 0.9774, 0.97825, 0.97355, 0.97085, 0.97056, 0.96588, 0.96113, 0.9567, 0.94961, 0.93973,
+    0.93217, 0.91878, 0.90955, 0.92617,
+)
+# fmt: on
+_CACHE = {
+    "sencache": {"eps_start": 0.045, "eps_main": 2.0, "max_reuse": 3},
+    "teacache": {"threshold": 0.05},
+    "magcache": {"threshold": 0.12, "max_reuse": 2, "retention": 0.2},
+}
+
+
+# `t` is the diffusers transformer, typed Any (see wan.py).
+class _Head(nn.Module):
+    """Wan's head with the image: the first-frame channels after the noise latent, the projected
+    image tokens before the text tokens (WanTransformer3DModel.forward)."""
+
+    def __init__(self, t: Any) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image_latent: torch.Tensor,
+        image_embeds: torch.Tensor,
+    ):
+        t = self.t
+        x = torch.cat([latent, image_latent], dim=1)
+        rope_cos, rope_sin = t.rope(x)
+        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        temb, tproj, encoder, image = t.condition_embedder(timestep, text, image_embeds)
+        encoder = torch.cat([image, encoder], dim=1)
+        return hidden, encoder, tproj.unflatten(1, (6, -1)), rope_cos, rope_sin, temb
+
+
+@register_family
+class WanI2VAdapter(WanAdapter):
+    family = "wan-i2v"
+    layout = StageLayout(
+        streams=("hidden",),
+        block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
+        tail_context=("temb",),
+        shared=("rope_cos", "rope_sin"),
+        tokens=("hidden", "rope_cos", "rope_sin"),
+        conditions=("image_latent", "image_embeds"),
+    )
+    image_components = ("image_encoder", "image_processor")
+    aliases: dict[str, str] = {}
+    presets = {
+        f"wan2.1-i2v-14b-{size}": ModelPreset(
+            name=f"wan2.1-i2v-14b-{size}",
+            family="wan-i2v",
+            config=_I2V_CONFIG,
+            frames=81,
+            height=height,
+            width=width,
+            guidance=5.0,
+            steps=40,
+            cache_defaults=_CACHE,
+            published_baselines=(teacache, magcache),
+            description=f"Wan-AI/Wan2.1-I2V-14B-{size.upper()}-Diffusers",
+        )
+        for size, height, width, teacache, magcache in (
+            ("480p", 480, 832, _TEACACHE_480P, _MAGCACHE_480P),
+            ("720p", 720, 1280, _TEACACHE_720P, None),
+        )
+    }
+
+    def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
+        """The noise latent: the transformer's output channels (its input adds the image's)."""
+        _, f, h, w = super().latent_shape(preset, shapes)
+        return (preset.config["out_channels"], f, h, w)
+
+    def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
+        c, f, h, w = self.latent_shape(preset, shapes)
+        return {
+            "image_latent": (preset.config["in_channels"] - c, f, h, w),
+            "image_embeds": (IMAGE_TOKENS, preset.config["image_dim"]),
+        }
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        return {**super().split(transformer, preset, shapes), "head": _Head(transformer)}
+
+    def pipeline_class(self) -> type[Any]:
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline
+
+    def encode_image(
+        self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
+    ) -> dict[str, torch.Tensor]:
+        """The pipeline's encode_image (CLIP hidden states) and prepare_latents (mask and VAE mode of
+        the first frame): the VAE's mode draws nothing, so one encoding serves every sample."""
+        from PIL import Image
+
+        if pipeline.image_encoder is None or pipeline.image_processor is None or pipeline.vae is None:
+            raise BadInput(
+                f"{preset.name}: the weights folder needs image_encoder/, image_processor/ and vae/ to take an image",
+                param="image",
+            )
+        picture = Image.fromarray(image)
+        batch = len(generators)
+        with torch.no_grad():
+            embeds = pipeline.encode_image(picture, torch.device("cpu")).float()
+            pixels = pipeline.video_processor.preprocess(picture, height=shapes.height, width=shapes.width).float()
+            zeros = torch.zeros((1, *self.latent_shape(preset, shapes)))
+            _, condition = pipeline.prepare_latents(
+                pixels, 1, zeros.shape[1], shapes.height, shapes.width, shapes.frames, torch.float32, "cpu", None, zeros
+            )
+        if tuple(embeds.shape[1:]) != self.condition_shapes(preset, shapes)["image_embeds"]:
+            raise BadInput(
+                f"{preset.name}: the image encoder gives {list(embeds.shape[1:])} states, not the "
+                f"{[IMAGE_TOKENS, preset.config['image_dim']]} the transformer was built for",
+                param="image",
+            )
+        return {"image_latent": condition.expand(batch, -1, -1, -1, -1), "image_embeds": embeds.expand(batch, -1, -1)}
