@@ -10,6 +10,7 @@ import torch
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import experts_of
 from sencache.runtime.memory import check_memory, request_bytes
 from sencache.runtime.request import GenerationParams, RequestState
 
@@ -39,12 +40,20 @@ def prepare(
             request.negative_prompt_embeds, [""] * len(request.prompts), "negative_prompt_embeds"
         )
         text = np.concatenate([text, negative])
+    boundary = model.bundle.manifest.boundary
+    if request.guidance_2 is not None and boundary is None:
+        raise BadInput(
+            f"guidance_2 is the second expert's guidance; {model.bundle.manifest.model} has one expert",
+            param="guidance_2",
+        )
     sampler = model.sampler(request.steps, request.sampling)
     timesteps = [float(t) for t in sampler.timesteps]
+    experts = experts_of(timesteps, boundary)
+    guidance = [request.guidance, request.guidance if request.guidance_2 is None else request.guidance_2]
     scales = (
         [model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
         if request.dynamic_cfg
-        else [request.guidance] * len(timesteps)
+        else [guidance[e] for e in experts]
     )
     generators = sample_generators(request.seeds)
     with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
@@ -61,6 +70,7 @@ def prepare(
         text=text_rows,
         x=x,
         anchor=anchor,
+        experts=experts,
         decisions=[[] for _ in request.prompts],
         trace=[[] for _ in request.prompts],
         trajectory=[] if record else None,

@@ -9,7 +9,7 @@ from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.parts import build_transformer
-from sencache.runtime.manifest import STAGES
+from sencache.runtime.experts import stage_name
 
 
 class TorchBackend(StageBackend):
@@ -30,11 +30,13 @@ class TorchBackend(StageBackend):
             raise BadInput(f"device {device}: the torch backend runs on cpu or cuda", param="device")
         preset = bundle.preset
         assert bundle.manifest.weights is not None, "Manifest.parse sets the weights of a torch bundle"
-        transformer = build_transformer(bundle.adapter, preset, bundle.checked_folder(bundle.manifest.weights))
-        self.modules = {
-            k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()
-        }
-        self.specs = {stage: bundle.manifest.stages[stage] for stage in STAGES}
+        self.modules = {}
+        for expert in range(bundle.manifest.experts):  # each expert's transformer is its stages' file
+            folder = bundle.manifest.stages[stage_name("blocks", expert)].file
+            transformer = build_transformer(bundle.adapter, preset, bundle.checked_folder(folder))
+            for stage, module in bundle.adapter.split(transformer, preset, bundle.shapes).items():
+                self.modules[stage_name(stage, expert)] = module.to(self.device)
+        self.specs = dict(bundle.manifest.stages)
 
     @torch.no_grad()
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

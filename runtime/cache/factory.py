@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from sencache.runtime.cache.base import CachePolicy
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.cache.registry import RuleContext, rule_for
+from sencache.runtime.cache.segments import expert_segments
+from sencache.runtime.experts import experts_of, segments
 
 if TYPE_CHECKING:
     from sencache.runtime.bundle import Bundle
@@ -19,8 +21,17 @@ def make_policy(
     """The cache rule `method` for one request of `batch` samples and `steps` steps on `bundle`
     (latents of `numel` elements per sample), as its module registered it; unset knobs take the
     bundle's defaults of the rule's section. Every problem is a BadInput naming the knob or the
-    missing table."""
+    missing table. On a bundle of two experts, one rule per expert's run of steps (of the bundle's
+    schedule), each with that expert's tables (runtime/cache/segments.py)."""
     given = check_knobs(method, knobs)
     rule = rule_for(method, given)
     defaults = bundle.manifest.defaults.knobs(rule.section) if rule.section else {}
-    return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
+    boundary = bundle.manifest.boundary
+    if boundary is None:
+        return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
+    parts = segments(experts_of(bundle.timesteps(steps), boundary))
+    rules = [
+        rule.build(dict(given), RuleContext(end - first, batch, numel, defaults, bundle, rule.needs, expert))
+        for expert, first, end in parts
+    ]
+    return expert_segments(rules, parts, boundary)
