@@ -116,10 +116,11 @@ class BuildOptions:
         if self.fp8_prompts is not None:
             check_prompts(self.fp8_prompts, preset.tiny, preset.name)
         if preset.experts > 1 and (self.group_blocks is not None or self.precision == "fp8"):
+            param = "group_blocks" if self.group_blocks is not None else "precision"
             raise BadInput(
-                f"{preset.name} has {preset.experts} experts; streamed (group_blocks) and fp8 builds take one: "
-                f"build it unstreamed in fp32, fp16 or bf16",
-                param="group_blocks" if self.group_blocks is not None else "precision",
+                f"{param}: {preset.name} has {preset.experts} experts; streamed (group_blocks) and fp8 builds "
+                f"take one: build it unstreamed in fp32, fp16 or bf16",
+                param=param,
             )
         weights = None if self.dummy else _weights_folder(preset, self.weights)
         return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights)

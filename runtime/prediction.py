@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sencache.runtime.chain import cfg_rows, guide, run_chain
+from sencache.runtime.experts import experts_of, run_routed
 from sencache.runtime.model import Model
 
 
@@ -26,10 +27,17 @@ class Prediction:
 
 
 def predict(
-    model: Model, latents: np.ndarray, t: np.ndarray, text: np.ndarray, uncond: np.ndarray | None, guidance: float
+    model: Model,
+    latents: np.ndarray,
+    t: np.ndarray,
+    text: np.ndarray,
+    uncond: np.ndarray | None,
+    guidance: float,
+    experts: np.ndarray | None = None,
 ) -> Prediction:
     """f(x, t, c) of `model` for a batch with per-row timesteps `t`, guided by `guidance` when
-    `uncond` embeddings are given."""
+    `uncond` embeddings are given; each sample by its expert (`experts`; None: the expert of its
+    timestep, as inference picks it)."""
     with model.stream():
         batch = len(latents)
         rows = cfg_rows(
@@ -37,7 +45,14 @@ def predict(
         )
         branches = len(rows["latent"]) // batch
         rows["timestep"] = model.to_device(np.concatenate([t] * branches).astype(np.float32))
-        chain = run_chain(model.backend.run, model.layout, rows)
+        if experts is None:
+            experts = np.asarray(experts_of(t, model.bundle.manifest.boundary))
+        row_experts = np.concatenate([experts] * branches)
+
+        def run(stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return run_routed(model.backend.run, stage, feeds, row_experts, model.layout.shared)
+
+        chain = run_chain(run, model.layout, rows)
         stream = model.layout.streams[0]
         residual = _host(chain.streams[stream][:batch] - chain.head[stream][:batch])
         noise = chain.noise.float()

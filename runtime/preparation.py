@@ -21,6 +21,12 @@ def prepare(
     """The state `request` starts from under `policy` (None: the rule of the request's cache method
     and knobs); `record` keeps the denoiser input latent of every step in its result (calibration).
     BadInput when the bundle cannot take it."""
+    boundary = model.bundle.manifest.boundary
+    if request.guidance_2 is not None and boundary is None:
+        raise BadInput(
+            f"guidance_2 is the second expert's guidance; {model.bundle.manifest.model} has one expert",
+            param="guidance_2",
+        )
     if policy is None:
         policy = model.policy(request.cache, request.steps, len(request.prompts), request.knobs)
     job_rows = len(request.prompts) * (2 if request.cfg else 1)
@@ -40,12 +46,6 @@ def prepare(
             request.negative_prompt_embeds, [""] * len(request.prompts), "negative_prompt_embeds"
         )
         text = np.concatenate([text, negative])
-    boundary = model.bundle.manifest.boundary
-    if request.guidance_2 is not None and boundary is None:
-        raise BadInput(
-            f"guidance_2 is the second expert's guidance; {model.bundle.manifest.model} has one expert",
-            param="guidance_2",
-        )
     sampler = model.sampler(request.steps, request.sampling)
     timesteps = [float(t) for t in sampler.timesteps]
     experts = experts_of(timesteps, boundary)

@@ -21,7 +21,8 @@ from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.limits import MAX_STEPS, check_threads
-from sencache.runtime.manifest import DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
+from sencache.runtime.experts import table_name
+from sencache.runtime.manifest import BASELINES, DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
 from sencache.runtime.parallel.config import ParallelConfig
 from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help, tokenize
@@ -71,17 +72,20 @@ def _calibrate(args: argparse.Namespace) -> None:
     prompts = _calibration_prompts(args)
     engine = Model.open(bundle, threads=args.threads)
     result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary)
-    table = result.sensitivity
-    bundle.write_tables(table, result.baselines)
-    print(
-        f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {table.meta['samples']} samples, "
-        f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}"
-    )
-    if result.baselines is not None:
+    for expert, tables in enumerate(result.experts):
+        table = tables.sensitivity
+        bundle.write_tables(table, tables.baselines, expert)
+        which = f" (expert {expert + 1})" if len(result.experts) > 1 else ""
         print(
-            f"wrote {bundle.baselines_path}: TeaCache polynomial, "
-            f"MagCache ratios for {len(result.baselines.magcache_ratios)} steps"
+            f"wrote {bundle.path / table_name(SENSITIVITY, expert)}{which}: {len(table.timesteps)} timesteps, "
+            f"{table.meta['samples']} samples, "
+            f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}"
         )
+        if tables.baselines is not None:
+            print(
+                f"wrote {bundle.path / table_name(BASELINES, expert)}{which}: TeaCache polynomial, "
+                f"MagCache ratios for {len(tables.baselines.magcache_ratios)} steps"
+            )
 
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:

@@ -30,8 +30,22 @@ def make_policy(
     if boundary is None:
         return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
     parts = segments(experts_of(bundle.timesteps(steps), boundary))
+    nfe = split_nfe(int(given["nfe"]), [end - first for _, first, end in parts]) if "nfe" in given else None  # type: ignore[call-overload]
     rules = [
-        rule.build(dict(given), RuleContext(end - first, batch, numel, defaults, bundle, rule.needs, expert))
-        for expert, first, end in parts
+        rule.build(
+            dict(given) if nfe is None else {**given, "nfe": nfe[i]},
+            RuleContext(end - first, batch, numel, defaults, bundle, rule.needs, expert),
+        )
+        for i, (expert, first, end) in enumerate(parts)
     ]
     return expert_segments(rules, parts, boundary)
+
+
+def split_nfe(nfe: int, lengths: list[int]) -> list[int]:
+    """A request's NFE budget shared out over its experts' runs of steps in proportion to their
+    lengths (largest remainders), each run's own budget: steps never move between experts."""
+    exact = [nfe * n / sum(lengths) for n in lengths]
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(lengths)), key=lambda i: shares[i] - exact[i])[: nfe - sum(shares)]:
+        shares[i] += 1
+    return shares
