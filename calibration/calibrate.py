@@ -301,7 +301,7 @@ def calibrate(
         own["budget_steps"] = list(sensitivity.budget.steps)
         within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
         tables.append(
-            Calibration(sensitivity, _baselines(engine, own, tea[0][within], tea[1][within], ratios[first:end - 1]))
+            Calibration(sensitivity, _baselines(engine, own, tea[0][within], tea[1][within], ratios[first : end - 1]))
         )
     return Calibration(tables[0].sensitivity, tables[0].baselines, tables[1:])
 
@@ -322,9 +322,7 @@ def _segment_trajectories(
     return out
 
 
-def _baselines(
-    engine: Model, meta: dict, x: np.ndarray, y: np.ndarray, ratios: np.ndarray
-) -> BaselineTables:
+def _baselines(engine: Model, meta: dict, x: np.ndarray, y: np.ndarray, ratios: np.ndarray) -> BaselineTables:
     """TeaCache's fit of the output change `y` on the modulated input's change `x` (degree 4, as
     its authors fit; lower where an expert's few steps give fewer than 5 points), and MagCache's
     ratios (1.0 at the first step, then `ratios`)."""

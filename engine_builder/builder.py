@@ -370,7 +370,9 @@ def _manifest(
         weights=plan.target.weights,
         dummy_seed=plan.options.seed if plan.options.dummy else None,
         experts=preset.experts,
-        boundary=None if preset.boundary_ratio is None else preset.boundary_ratio * _train_timesteps(adapter, preset, plan),
+        boundary=None
+        if preset.boundary_ratio is None
+        else preset.boundary_ratio * _train_timesteps(adapter, preset, plan),
     )
 
 

@@ -19,8 +19,8 @@ from sencache.engine_builder.onnx_export import TOLERANCE_REL_L2, StageSpec, com
 from sencache.runtime.backends.onnxruntime_backend import OnnxSessions
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.chain import module_runner, run_chain
-from sencache.runtime.experts import stage_name
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import stage_name
 from sencache.runtime.families.parts import example_inputs
 from sencache.runtime.manifest import STAGES, Manifest
 

@@ -81,7 +81,13 @@ class TensorRTTarget(OnnxTarget):
         out = Path(plan.options.out)
         cache = out.with_name(f".{out.name}.sencache-timing.cache")
         engines = build_engines(
-            folder, list(manifest.stages), manifest.shapes.max_rows, self.name, plan.options.compute_capability, cache, log
+            folder,
+            list(manifest.stages),
+            manifest.shapes.max_rows,
+            self.name,
+            plan.options.compute_capability,
+            cache,
+            log,
         )
         return manifest.replace(
             tensorrt=TensorRTRecord.parse(

@@ -39,6 +39,8 @@ MAX_EXPERTS = 2
 def stage_names(experts: int = 1) -> tuple[str, ...]:
     """Every stage of a bundle of `experts` transformers (runtime/experts.py), expert by expert."""
     return tuple(stage_name(stage, e) for e in range(experts) for stage in STAGES)
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

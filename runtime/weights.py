@@ -21,9 +21,7 @@ def transformer_folder(weights: Path, name: str = "transformer") -> Path:
         raise BadInput(f"weights {folder}: no such folder", param="weights")
     sub = folder / name if (folder / name).is_dir() else folder
     if not (sub / "config.json").is_file():
-        raise BadInput(
-            f"weights {folder}: no {name}/config.json (expected a diffusers-format folder)", param="weights"
-        )
+        raise BadInput(f"weights {folder}: no {name}/config.json (expected a diffusers-format folder)", param="weights")
     if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
         raise BadInput(f"weights {folder}: no weight files (*.safetensors) in {sub}", param="weights")
     return sub

@@ -19,9 +19,9 @@ from sencache.engine_builder.build_engine import add_build_arguments, failure, r
 from sencache.runtime.cache import KNOBS, METHODS, Knob
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import table_name
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.limits import MAX_STEPS, check_threads
-from sencache.runtime.experts import table_name
 from sencache.runtime.manifest import BASELINES, DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
 from sencache.runtime.parallel.config import ParallelConfig
 from sencache.runtime.request import SAMPLINGS, GenerationParams

@@ -128,7 +128,9 @@ def test_requests_on_either_side_of_the_boundary_share_a_pass(wan22):
     case = case_of(wan22["weights"])
     engine = Model.open(wan22["onnxruntime"], threads=1)
     embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)
-    requests = [GenerationParams([f"p{i}"], [3 + i], STEPS, 6.0, embeds[i : i + 1], negative[i : i + 1]) for i in (0, 1)]
+    requests = [
+        GenerationParams([f"p{i}"], [3 + i], STEPS, 6.0, embeds[i : i + 1], negative[i : i + 1]) for i in (0, 1)
+    ]
     alone = [engine.generate(r, NoCache(1)).latents for r in requests]
     calls: list[list[str]] = []
     run = engine.backend.run
@@ -187,7 +189,9 @@ def test_no_rule_reuses_across_the_switch(calibrated, method):
     steps = 12
     knobs = {"nfe": 6, "budget": "hard"} if method == "nfe" else GREEDY[method]
     cache = "sencache" if method == "nfe" else method
-    request = GenerationParams.resolve(calibrated.bundle.manifest.defaults, ["a", "b"], [1, 2], steps=steps, cache=cache, knobs=knobs)
+    request = GenerationParams.resolve(
+        calibrated.bundle.manifest.defaults, ["a", "b"], [1, 2], steps=steps, cache=cache, knobs=knobs
+    )
     result = calibrated.generate(request)
     parts = segments(experts_of(result.timesteps, calibrated.bundle.manifest.boundary))
     assert [e for e, _, _ in parts] == [0, 1]

@@ -8,8 +8,8 @@ import torch
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.parts import build_transformer
 from sencache.runtime.experts import stage_name
+from sencache.runtime.families.parts import build_transformer
 
 
 class TorchBackend(StageBackend):

@@ -26,11 +26,12 @@ def make_policy(
     given = check_knobs(method, knobs)
     rule = rule_for(method, given)
     defaults = bundle.manifest.defaults.knobs(rule.section) if rule.section else {}
-    boundary = bundle.manifest.boundary
+    boundary = None if bundle is None else bundle.manifest.boundary  # a rule that needs nothing may have none
     if boundary is None:
         return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
     parts = segments(experts_of(bundle.timesteps(steps), boundary))
-    nfe = split_nfe(int(given["nfe"]), [end - first for _, first, end in parts]) if "nfe" in given else None  # type: ignore[call-overload]
+    lengths = [end - first for _, first, end in parts]
+    nfe = split_nfe(int(given["nfe"]), lengths) if "nfe" in given else None
     rules = [
         rule.build(
             dict(given) if nfe is None else {**given, "nfe": nfe[i]},

@@ -48,7 +48,9 @@ class ExpertSegments:
         }
 
     def warnings(self) -> list[str]:
-        return [f"expert {e + 1}: {w}" for (e, _, _), r in zip(self.segments, self.rules, strict=True) for w in r.warnings()]
+        return [
+            f"expert {e + 1}: {w}" for (e, _, _), r in zip(self.segments, self.rules, strict=True) for w in r.warnings()
+        ]
 
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
