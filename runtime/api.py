@@ -183,6 +183,7 @@ class Engine:
         seed: int = 0,
         steps: int | None = None,
         guidance: float | None = None,
+        guidance_2: float | None = None,
         cache: str = "sencache",
         knobs: dict[str, float | str] | None = None,
         prompt_embeds: np.ndarray | None = None,
@@ -196,6 +197,7 @@ class Engine:
             seed=seed,
             steps=steps,
             guidance=guidance,
+            guidance_2=guidance_2,
             cache=cache,
             knobs=knobs,
             prompt_embeds=prompt_embeds,
@@ -210,6 +212,7 @@ class Engine:
         seed: int = 0,
         steps: int | None = None,
         guidance: float | None = None,
+        guidance_2: float | None = None,
         cache: str = "sencache",
         knobs: dict[str, float | str] | None = None,
         prompt_embeds: np.ndarray | None = None,
@@ -217,7 +220,8 @@ class Engine:
         dynamic_cfg: bool = False,
         sampling: str = "engine",
     ) -> Job:
-        """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
+        """Queue one video. `steps` and `guidance` default to the bundle's (`guidance_2`, a two-expert
+        model's second expert's scale: the bundle's, or `guidance` when that is given); `cache` is a method of
         `sencache.runtime.cache.METHODS` with `knobs` from its table (unset ones: the bundle's
         defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
         text encoder, `prompt` then only labels the video; `sampling="reference"` runs the authors'
@@ -229,6 +233,7 @@ class Engine:
             [seed],
             steps=steps,
             guidance=guidance,
+            guidance_2=guidance_2,
             cache=cache,
             knobs=knobs,
             prompt_embeds=_one(prompt_embeds, "prompt_embeds"),

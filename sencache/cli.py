@@ -120,6 +120,7 @@ def _generate(args: argparse.Namespace) -> None:
         args.seed or [0],
         steps=args.steps,
         guidance=args.guidance,
+        guidance_2=args.guidance_2,
         cache=args.cache,
         knobs={name: getattr(args, name) for name in KNOBS},
         dynamic_cfg=args.dynamic_cfg,
@@ -389,6 +390,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's)")
+    g.add_argument(
+        "--guidance-2",
+        type=float,
+        help="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance scale "
+        "(default: the bundle's, or --guidance when given)",
+    )
     g.add_argument(
         "--dynamic-cfg", action="store_true", help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule"
     )
