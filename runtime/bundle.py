@@ -212,11 +212,18 @@ class Bundle:
                     f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
                     f"between builds of the same model and scheduler"
                 )
-        table = dataclasses.replace(source.sensitivity())
-        table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest.precision}
-        baselines = source.baselines() if BASELINES in source.manifest.files else None
-        self.write_tables(table, baselines)
-        return table
+        tables = []
+        for expert in range(self.manifest.experts):  # each expert's tables (the first's returned)
+            table = dataclasses.replace(source.sensitivity(expert))
+            table.meta = {
+                **table.meta,
+                "adopted_from": str(source.path),
+                "adopted_precision": source.manifest.precision,
+            }
+            has_baselines = table_name(BASELINES, expert) in source.manifest.files
+            self.write_tables(table, source.baselines(expert) if has_baselines else None, expert)
+            tables.append(table)
+        return tables[0]
 
 
 def list_files(folder: Path) -> dict[str, FileEntry]:

@@ -241,3 +241,36 @@ def test_each_expert_reads_its_own_tables(wan22, tmp_path):
     with pytest.raises(BadInput, match="no baseline tables baselines_2.json"):
         engine.policy("teacache", 10, 1, {})
     assert engine.policy("fixed", 10, 1, {}).settings()["experts"][1]["steps"] == [4, 10]  # t = 875 is high-noise
+
+
+@pytest.fixture(scope="module")
+def tiny_two_experts(bundle_cache) -> Path:
+    """The bundled tiny two-expert model (ONNX Runtime), calibrated per expert."""
+    from conftest import built
+
+    bundle = built(bundle_cache, model="tiny-wan2.2", backend="onnxruntime", max_batch=2)
+
+    def calibrated(out: Path) -> None:
+        import shutil
+
+        shutil.copytree(bundle, out)
+        engine = Model.open(out, threads=1)
+        for expert, tables in enumerate(calibrate(engine, CalibrationPlan(samples=2, steps=8)).experts):
+            engine.bundle.write_tables(tables.sensitivity, tables.baselines, expert)
+
+    return bundle_cache.get("tiny-wan2.2-calibrated", calibrated, source=bundle.name)
+
+
+def test_the_tiny_two_expert_model_runs_calibration_bench_and_the_step_engine(tiny_two_experts, tmp_path):
+    """The bench on the tiny two-expert model: every rule meets the uncached video closely at fewer
+    NFE, and the switch runs in every cached run."""
+    from sencache.benchmarks.bench import BenchPlan, evaluation_set, run_bench
+
+    engine = Model.open(tiny_two_experts, threads=1)
+    assert engine.bundle.manifest.experts == 2 and engine.bundle.manifest.text_encoder.kind == "tiny"
+    prompts, seeds = evaluation_set(2, None, None)
+    plan = BenchPlan(("sencache", "teacache", "magcache", "fixed"), tuple(prompts), tuple(seeds), 10, 4.0, True, 1)
+    report = run_bench(engine, plan, tmp_path / "bench", show_progress=False)
+    assert {run["method"] for run in report["runs"]} == {"sencache", "teacache", "magcache", "fixed"}
+    for run in report["runs"]:
+        assert all(4 <= n < 10 for n in run["nfe"]) and all(p > 20 for p in run["psnr"]), run

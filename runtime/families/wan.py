@@ -305,6 +305,26 @@ class WanAdapter(FamilyAdapter):
             },
             description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
         ),
+        "tiny-wan2.2": ModelPreset(
+            name="tiny-wan2.2",
+            family="wan",
+            config=TINY_CONFIG,
+            frames=8,
+            height=32,
+            width=32,
+            tiny=True,
+            guidance=4.0,
+            guidance_2=3.0,
+            steps=30,
+            boundary_ratio=0.875,
+            cache_defaults={
+                "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
+                "teacache": {"threshold": 0.1},
+                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+            },
+            description="bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from "
+            "tiny-wan, the high-noise expert on timesteps >= 875, the low-noise expert below",
+        ),
         "wan2.1-t2v-1.3b": ModelPreset(
             name="wan2.1-t2v-1.3b",
             family="wan",
