@@ -1,11 +1,13 @@
 """diffusers' own pipelines from tiny random components, built offline: the reference our runtime
 must reproduce.
 
-For each real preset (Wan 2.1, CogVideoX 2b / 5b / 1.5, LTX-Video 0.9.0 / 0.9.1, and the
-image-to-video ones with their image encoder where the pipeline has one) a tiny random
-transformer of that family and config style, a tiny VAE with the real compression factors, the
-real scheduler class, a word-level tokenizer and a tiny T5 (UMT5 for Wan) text encoder are saved as
-a diffusers-format folder. `sencache build --model <preset> --weights <folder>` makes a bundle of
+For each real preset (Wan 2.1, Wan 2.2 T2V-A14B and TI2V-5B, CogVideoX 2b / 5b / 1.5, LTX-Video
+0.9.0 / 0.9.1, and the image-to-video ones with their image encoder where the pipeline has one) a
+tiny random transformer of that family and config style (two for Wan 2.2 A14B: `transformer` and
+`transformer_2` with the pipeline's `boundary_ratio`), a tiny VAE with the real compression factors
+(Wan 2.2's residual 16x VAE for TI2V-5B, whose pipeline `expand_timesteps`), the real scheduler
+class, a word-level tokenizer and a tiny T5 (UMT5 for Wan) text encoder are saved as a
+diffusers-format folder. `sencache build --model <preset> --weights <folder>` makes a bundle of
 it like of the real checkpoint, and `run_reference` runs the diffusers pipeline on the same inputs.
 
     python -m sencache.benchmarks.reference_pipelines --out runs/parity
@@ -99,15 +101,15 @@ def _text_components(adapter: FamilyAdapter, width: int):
     return tokenizer, T5EncoderModel(T5Config(**config)).eval()
 
 
-def _wan(model: str, **image: int):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+def _wan_transformer(channels: int, **image: Any):
+    from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=image.pop("in_channels", 16),
-        out_channels=16,
+        in_channels=image.pop("in_channels", channels),
+        out_channels=channels,
         text_dim=16,
         freq_dim=32,
         ffn_dim=32,
@@ -117,11 +119,48 @@ def _wan(model: str, **image: int):
         rope_max_seq_len=32,
         **image,
     )
+
+
+def _wan(model: str):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return transformer, vae, scheduler, (512, 16), (9, 32, 48)
+    return _wan_transformer(16), vae, scheduler, (512, 16), (9, 32, 48), {}
+
+
+def _wan22(model: str):
+    """Wan 2.2: A14B's two experts switching at its boundary ratio (5 steps of the tests' shift-3
+    schedule: 2 high-noise, 3 low-noise), or TI2V-5B's one transformer on the 48-channel latents of
+    the residual VAE with 2x2 patches (16x spatial), whose pipeline expands timesteps per token."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    if model == "wan2.2-t2v-a14b":
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        experts = {"transformer_2": _wan_transformer(16), "boundary_ratio": 0.875}
+        return _wan_transformer(16), vae, scheduler, (512, 16), (9, 32, 48), experts
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        decoder_base_dim=4,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=np.linspace(-0.5, 0.5, 48).tolist(),
+        latents_std=np.linspace(0.8, 1.2, 48).tolist(),
+    )
+    return _wan_transformer(48), vae, scheduler, (512, 16), (9, 32, 64), {"expand_timesteps": True}
 
 
 def _wan_i2v(model: str):
@@ -130,7 +169,8 @@ def _wan_i2v(model: str):
     processor; 512 text tokens, which Wan's attention processor assumes before the image tokens."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    transformer, vae, scheduler, text, size = _wan(model, in_channels=36, image_dim=16, added_kv_proj_dim=24)
+    _, vae, scheduler, text, size, _ = _wan(model)
+    transformer = _wan_transformer(16, in_channels=36, image_dim=16, added_kv_proj_dim=24)
     encoder = CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=16,
@@ -191,7 +231,7 @@ def _cogvideox(model: str, **image: Any):
         timestep_spacing="trailing",
         clip_sample=False,
     )
-    return transformer, vae, scheduler, (7, 16), (9, 32, 48)
+    return transformer, vae, scheduler, (7, 16), (9, 32, 48), {}
 
 
 def _cogvideox_i2v(model: str):
@@ -240,18 +280,22 @@ def _ltx(model: str):
         max_image_seq_len=4096,
         shift_terminal=0.1,
     )
-    return transformer, vae, scheduler, (128, 17), (9, 64, 96)
+    return transformer, vae, scheduler, (128, 17), (9, 64, 96), {}
 
 
 FACTORIES = {
     "wan2.1-t2v-1.3b": _wan,
+    "wan2.2-t2v-a14b": _wan22,
+    "wan2.2-ti2v-5b": _wan22,
     "cogvideox-2b": _cogvideox,
     "cogvideox-5b": _cogvideox,
     "cogvideox1.5-5b": _cogvideox,
     "ltx-video-0.9.0": _ltx,
     "ltx-video-0.9.1": _ltx,
 }
-"""Real text-to-video presets with a tiny reference pipeline."""
+"""Real text-to-video presets with a tiny reference pipeline: each factory gives the transformer,
+VAE, scheduler, text shape, video size, and the pipeline's further modules and config (a second
+expert, an image encoder)."""
 
 IMAGE_FACTORIES = {
     "wan2.1-i2v-14b-480p": _wan_i2v,
@@ -259,17 +303,22 @@ IMAGE_FACTORIES = {
     "cogvideox1.5-5b-i2v": _cogvideox_i2v,
     "ltx-video-0.9.0-i2v": _ltx,  # 0.9.1: diffusers 0.42 cannot decode its frames with a list of generators
 }
-"""Real image-to-video presets with a tiny reference pipeline."""
+"""Real image-to-video presets with a tiny reference pipeline (factories as above)."""
 
 
 def save_reference(model: str, folder: Path, seed: int = 0) -> ReferenceCase:
     """Construct the tiny pipeline of `model` (random weights from `seed`) and save it to `folder`."""
     adapter, _ = resolve(model)
     torch.manual_seed(seed)
-    transformer, vae, scheduler, text, size, *image_parts = {**FACTORIES, **IMAGE_FACTORIES}[model](model)
+    transformer, vae, scheduler, text, size, extras = {**FACTORIES, **IMAGE_FACTORIES}[model](model)
     pipe = diffusers_pipeline(adapter, transformer.eval(), scheduler, vae=vae.eval())
+    modules = {  # models and processors are the pipeline's modules; the rest is its config
+        k: v.eval() if isinstance(v, torch.nn.Module) else v for k, v in extras.items() if hasattr(v, "save_pretrained")
+    }
+    pipe.register_modules(**modules)
+    pipe.register_to_config(**{k: v for k, v in extras.items() if k not in modules})
     tokenizer, text_encoder = _text_components(adapter, text[1] - 1 if isinstance(adapter, LTXAdapter) else text[1])
-    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, **(image_parts[0] if image_parts else {}))
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
     pipe.save_pretrained(folder)
     return ReferenceCase(model, Path(folder), text, size)
 

@@ -35,6 +35,13 @@ and every sample counted (LTX's never resets its scheduler, so after the first s
 raises an IndexError that is swallowed). Only the sensitivity table is measured: the baselines
 have no trajectory to calibrate on.
 
+A model of two experts (Wan 2.2 A14B) gets one set of tables per expert, each from its own steps
+(runtime/cache/segments.py: each expert's steps are a run of their own for the cache rules): every
+evaluation at a step is made with the expert of that step, Jt's at t_{k+1} included, so the table
+row of the expert's last step measures the same expert; TeaCache's pairs and MagCache's ratios
+never pair a step of one expert with one of the other, each expert's MagCache ratios start at 1.0,
+and its budget curves replay its own steps as a run.
+
 They also give the NFE-budget curves (`sencache.runtime.cache.budget.record_curves`): the SenCache
 rule, the code inference runs, replayed on them over a grid of eps at the calibration's steps, and
 on further uncached trajectories of the same prompts and seeds at half and twice the steps.
@@ -45,7 +52,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -58,6 +65,7 @@ from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.cache.budget import record_curves
 from sencache.runtime.cache.sencache import SenCachePolicy
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import expert_of, experts_of, segments
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.images import check_image_fits
 from sencache.runtime.limits import MAX_STEPS
@@ -142,6 +150,14 @@ class Calibration:
     sensitivity: SensitivityTable
     baselines: BaselineTables | None
     """None under the reference procedure (no trajectories to calibrate the baselines on)."""
+    others: list[Calibration] = field(default_factory=list)
+    """The tables of a model's further experts (the second expert's first); the fields above are
+    the first expert's."""
+
+    @property
+    def experts(self) -> list[Calibration]:
+        """Each expert's tables, the first expert's first."""
+        return [Calibration(self.sensitivity, self.baselines), *self.others]
 
 
 class SolverSteps:
@@ -223,7 +239,7 @@ def calibrate(
     assert plan.solver_state is not None and plan.branch is not None, "the plan resolves its defaults"
     solver = SolverSteps(lambda: engine.sampler(steps, plan.sampling), plan.solver_state)
     jx_all, jt_all, timesteps, paths = [], [], None, []
-    tea_x, tea_y, mag = [], [], []
+    tea_x, tea_y, tea_k, mag = [], [], [], []
     started = time.perf_counter()
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
     bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
@@ -245,6 +261,7 @@ def calibrate(
             if previous is not None:
                 tea_x.append(relative_l1(now.modulation, previous.modulation))
                 tea_y.append(relative_l1(now.cond, previous.cond))
+                tea_k.append(np.full(len(x_k), k))
                 mag_rows.append((now.residual_norms / previous.residual_norms).mean(axis=1))
             previous = now
             if k == steps - 1:
@@ -271,24 +288,69 @@ def calibrate(
         "source": "own uncached trajectories",
         "seconds": round(time.perf_counter() - started, 2),
     }
-    sensitivity = _table(
-        np.asarray(timesteps[:-1]), np.concatenate(jx_all, axis=1), np.concatenate(jt_all, axis=1), meta
-    )
+    jx, jt = np.concatenate(jx_all, axis=1), np.concatenate(jt_all, axis=1)
     trajectories = {steps: (np.concatenate(paths, axis=1), np.asarray(timesteps))}
     for n in sorted(set(plan.budget_steps or (max(2, round(steps / 2)), min(MAX_STEPS, 2 * steps))) - {steps}):
         trajectories[n] = _trajectories(engine, chunks, n, guidance, plan.sampling, show_progress, image)
-    sensitivity.budget = record_curves(
-        trajectories,
-        lambda settings, n, b: SenCachePolicy(settings, sensitivity, n, b, engine.numel),
-        manifest.defaults.knobs("sencache"),
-    )
-    meta["budget_steps"] = list(sensitivity.budget.steps)
-    x, y = np.concatenate(tea_x), np.concatenate(tea_y)
-    coefficients = np.polyfit(x, y, 4)
-    ratios = np.concatenate([[1.0], np.concatenate(mag, axis=1).mean(axis=1)])
-    baselines = BaselineTables(
+    tea = (np.concatenate(tea_x), np.concatenate(tea_y), np.concatenate(tea_k))
+    ratios = np.concatenate(mag, axis=1).mean(axis=1)  # of steps 1 .. steps - 1
+    boundary = manifest.boundary
+    parts = segments(experts_of(timesteps, boundary))
+    if len(parts) != manifest.experts:
+        raise BadInput(
+            f"steps: {steps} calibration steps give {len(parts)} of the model's {manifest.experts} experts a step; "
+            f"calibrate with more steps",
+            param="steps",
+        )
+    tables = []
+    for expert, first, end in parts:
+        rows = slice(first, min(end, steps - 1))
+        if rows.stop - rows.start < 1:
+            raise BadInput(
+                f"steps: expert {expert + 1} gets no calibrated step of {steps}; calibrate with more steps",
+                param="steps",
+            )
+        own = {**meta, "expert": expert + 1, "expert_steps": [first, end]} if boundary is not None else meta
+        sensitivity = _table(np.asarray(timesteps[rows]), jx[rows], jt[rows], own)
+        sensitivity.budget = record_curves(
+            _segment_trajectories(trajectories, boundary, expert),
+            lambda settings, n, b, table=sensitivity: SenCachePolicy(settings, table, n, b, engine.numel),
+            manifest.defaults.knobs("sencache"),
+        )
+        own["budget_steps"] = list(sensitivity.budget.steps)
+        within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
+        tables.append(
+            Calibration(sensitivity, _baselines(engine, own, tea[0][within], tea[1][within], ratios[first : end - 1]))
+        )
+    return Calibration(tables[0].sensitivity, tables[0].baselines, tables[1:])
+
+
+def _segment_trajectories(
+    trajectories: dict[int, tuple[np.ndarray, np.ndarray]], boundary: float | None, expert: int
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each trajectory's steps of `expert`, as a run of their own, by its step count (the first of
+    equal counts; runs under 2 steps are left out); all of them with one expert."""
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for n in sorted(trajectories):
+        path, timesteps = trajectories[n]
+        for e, first, end in segments(experts_of(timesteps, boundary)):
+            if e == expert and end - first >= 2 and end - first not in out:
+                out[end - first] = (path[first:end], timesteps[first:end])
+    if not out:
+        raise BadInput(f"calibration: expert {expert + 1} has under 2 steps at every step count; use more steps")
+    return out
+
+
+def _baselines(engine: Model, meta: dict, x: np.ndarray, y: np.ndarray, ratios: np.ndarray) -> BaselineTables:
+    """TeaCache's fit of the output change `y` on the modulated input's change `x` (degree 4, as
+    its authors fit; lower where an expert's few steps give fewer than 5 points), and MagCache's
+    ratios (1.0 at the first step, then `ratios`)."""
+    if not len(x):
+        raise BadInput("calibration: an expert has a single step, which gives TeaCache no pair; use more steps")
+    coefficients = np.polyfit(x, y, min(4, len(x) - 1))
+    return BaselineTables(
         teacache_coefficients=tuple(float(c) for c in coefficients),
-        magcache_ratios=tuple(float(r) for r in ratios),
+        magcache_ratios=tuple(float(r) for r in np.concatenate([[1.0], ratios])),
         meta={
             **meta,
             "teacache_input": engine.adapter.modulation,
@@ -297,7 +359,6 @@ def calibrate(
             "magcache_branch": "cond",
         },
     )
-    return Calibration(sensitivity, baselines)
 
 
 def _reference(engine: Model, plan: CalibrationPlan, show_progress: bool) -> SensitivityTable:
@@ -389,6 +450,7 @@ def _differences(
             None if uncond is None else np.concatenate([uncond, uncond]),
             guidance,
             None if conditions is None else {k: torch.cat([v, v]) for k, v in conditions.items()},
+            experts=np.full(2 * n, expert_of(t_k, engine.bundle.manifest.boundary)),  # t_next's too: t_k's table
         ),
         branch,
     )

@@ -35,6 +35,7 @@ from sencache.engine_builder.targets import OnnxTarget, target
 from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import stage_name, weights_folder
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, StageLayout, resolve
 from sencache.runtime.families.parts import build_transformer, check_weights, example_inputs
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
@@ -162,6 +163,13 @@ class BuildOptions:
         adapter.latent_shape(preset, shapes)  # sizes the family cannot take are refused here, before any work
         if self.fp8_prompts is not None:
             check_prompts(self.fp8_prompts, preset.tiny, preset.name)
+        if preset.experts > 1 and (self.group_blocks is not None or self.precision == "fp8"):
+            param = "group_blocks" if self.group_blocks is not None else "precision"
+            raise BadInput(
+                f"{param}: {preset.name} has {preset.experts} experts; streamed (group_blocks) and fp8 builds "
+                f"take one: build it unstreamed in fp32, fp16 or bf16",
+                param=param,
+            )
         weights = None if self.dummy else _weights_folder(preset, self.weights)
         return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights, sizing)
 
@@ -231,6 +239,8 @@ class LoadedModel:
     specs: dict[str, StageSpec]
     widened: dict[str, nn.Module] | None = None
     """The stages widened to fp32 with the same low-precision weights (bf16 validation), made on use."""
+    expert: int = 0
+    """Which expert's transformer this is (runtime/experts.py; 0 for a one-expert model)."""
 
     def stage_inputs(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
         """Inputs for every stage: random head inputs (latent and text in the build's dtype,
@@ -273,15 +283,27 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
         preset, validation, parts = streamed
         manifest = _manifest(plan, preset, stage_specs(plan.adapter.layout), folder, validation, parts)
     else:
-        model = _load(plan, log)
-        preset, validation = model.preset, plan.target.write_stages(model, folder, log)
-        chain = plan.precision.chain_error(model, folder) if plan.target.exports_onnx else None
-        if chain is not None:
-            validation["chain_vs_fp32"] = chain
-            log(f"  head -> blocks -> tail in {plan.precision.name} vs fp32 PyTorch: relative L2 {chain['rel_l2']:.2e}")
-        manifest = _manifest(plan, preset, model.specs, folder, validation)
-        del model  # the post-build steps read the graphs back: the weights must not be held twice
-        gc.collect()
+        validation: dict[str, Any] = {}
+        for expert in range(plan.preset.experts):  # one expert's transformer in memory at a time
+            model = _load(plan, log, expert)
+            if expert == 0:
+                preset, specs = model.preset, model.specs
+            elif model.preset.config != preset.config:
+                raise BadInput(
+                    f"weights {plan.weights}: {weights_folder(expert)}/ has another config than transformer/",
+                    param="weights",
+                )
+            validation.update(plan.target.write_stages(model, folder, log))
+            chain = plan.precision.chain_error(model, folder) if plan.target.exports_onnx else None
+            if chain is not None:
+                validation[stage_name("chain_vs_fp32", expert)] = chain
+                log(
+                    f"  head -> blocks -> tail in {plan.precision.name} vs fp32 PyTorch: "
+                    f"relative L2 {chain['rel_l2']:.2e}"
+                )
+            del model  # the post-build steps read the graphs back: the weights must not be held twice
+            gc.collect()
+        manifest = _manifest(plan, preset, specs, folder, validation)
     log(f"stages exported and validated ({peak_rss()})")
     manifest = plan.precision.post_step(plan, manifest, folder, log)
     manifest = plan.target.post_build(plan, manifest, folder, log)
@@ -290,26 +312,29 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
     _log_cache_memory(manifest.shapes, plan.precision, log)
 
 
-def _load(plan: BuildPlan, log: Log) -> LoadedModel:
-    """The transformer with the weights' config, split in fp32 and in the build's precision."""
+def _load(plan: BuildPlan, log: Log, expert: int = 0) -> LoadedModel:
+    """The transformer (of `expert`) with the weights' config, split in fp32 and in the build's precision."""
     preset = plan.preset
     if plan.options.dummy:
-        return _load_dummy(plan, log)
-    log(f"loading {preset.name} ({preset.description})")
-    torch.manual_seed(0)  # an untrained tiny model's random weights are the same on every build
-    transformer = build_transformer(plan.adapter, preset, plan.weights)
+        return _load_dummy(plan, log, expert=expert)
+    which = f" expert {expert + 1} of {preset.experts}" if preset.experts > 1 else ""
+    log(f"loading {preset.name}{which} ({preset.description})")
+    torch.manual_seed(expert)  # an untrained tiny model's random weights are the same on every build
+    transformer = build_transformer(plan.adapter, preset, plan.weights, expert=expert)
     preset = dataclasses.replace(preset, config=dict(preset.config, **_jsonable(dict(transformer.config))))
     lowered = plan.precision.lower(transformer)
-    return _loaded(plan, preset, transformer, lowered)
+    return _loaded(plan, preset, transformer, lowered, expert)
 
 
-def _load_dummy(plan: BuildPlan, log: Log, first_block: int = 0, layers: int | None = None) -> LoadedModel:
+def _load_dummy(
+    plan: BuildPlan, log: Log, first_block: int = 0, layers: int | None = None, expert: int = 0
+) -> LoadedModel:
     """The transformer with dummy weights: drawn once in fp32 (the reference) and, for a lower
     precision, drawn again straight in it (the same values rounded) instead of copied and cast; a
     target that validates no graph (torch) gets the second draw alone, as its own reference.
     With `layers`, only blocks `first_block` to `first_block + layers` (a streamed build's group);
-    the preset keeps the whole model's config."""
-    preset, seed = plan.preset, plan.options.seed
+    the preset keeps the whole model's config. A second expert draws from the next seed."""
+    preset, seed = plan.preset, plan.options.seed + expert
     config = dict(preset.config) if layers is None else dict(preset.config, **{LAYERS_KEY: layers})
     if layers is None:
         log(
@@ -325,10 +350,12 @@ def _load_dummy(plan: BuildPlan, log: Log, first_block: int = 0, layers: int | N
     )
     merged = dict(preset.config, **_jsonable(dict(transformer.config)))
     preset = dataclasses.replace(preset, config=dict(merged, **{LAYERS_KEY: preset.config[LAYERS_KEY]}))
-    return _loaded(plan, preset, transformer, lowered)
+    return _loaded(plan, preset, transformer, lowered, expert)
 
 
-def _loaded(plan: BuildPlan, preset: ModelPreset, transformer: nn.Module, lowered: nn.Module) -> LoadedModel:
+def _loaded(
+    plan: BuildPlan, preset: ModelPreset, transformer: nn.Module, lowered: nn.Module, expert: int = 0
+) -> LoadedModel:
     """The fp32 `transformer` and its `lowered` twin, split into stages."""
     return LoadedModel(
         plan.adapter,
@@ -339,6 +366,7 @@ def _loaded(plan: BuildPlan, preset: ModelPreset, transformer: nn.Module, lowere
         plan.adapter.split(transformer, preset, plan.shapes),
         plan.adapter.split(lowered, preset, plan.shapes),
         stage_specs(plan.adapter.layout),
+        expert=expert,
     )
 
 
@@ -371,11 +399,21 @@ def _manifest(
         precision=plan.precision.name,
         backend=plan.target.name,
         stages={
-            name: Stage(plan.target.stage_file(name), spec.inputs, spec.outputs, parts if name == "blocks" else ())
+            stage_name(name, expert): Stage(
+                plan.target.stage_file(name, expert), spec.inputs, spec.outputs, parts if name == "blocks" else ()
+            )
+            for expert in range(preset.experts)
             for name, spec in specs.items()
         },
         scheduler=_scheduler_config(adapter, preset, plan.weights),
-        defaults=Defaults.parse({"steps": preset.steps, "guidance": preset.guidance, **preset.cache_defaults}),
+        defaults=Defaults.parse(
+            {
+                "steps": preset.steps,
+                "guidance": preset.guidance,
+                **({} if preset.guidance_2 is None else {"guidance_2": preset.guidance_2}),
+                **preset.cache_defaults,
+            }
+        ),
         text_encoder=DUMMY_TEXT if plan.options.dummy else _copy_text_encoder(adapter, preset, plan.weights, folder),
         validation=validation,
         tools=_tools(),
@@ -384,7 +422,16 @@ def _manifest(
         weights=plan.target.weights,
         dummy_seed=plan.options.seed if plan.options.dummy else None,
         sizing=None if plan.sizing is None else plan.sizing.to_json(),
+        experts=preset.experts,
+        boundary=None
+        if preset.boundary_ratio is None
+        else preset.boundary_ratio * _train_timesteps(adapter, preset, plan),
     )
+
+
+def _train_timesteps(adapter: FamilyAdapter, preset: ModelPreset, plan: BuildPlan) -> float:
+    """The scheduler's num_train_timesteps, which WanPipeline scales `boundary_ratio` by."""
+    return float(_scheduler_config(adapter, preset, plan.weights).get("num_train_timesteps", 1000))
 
 
 def _write_baselines(preset: ModelPreset, folder: Path) -> None:

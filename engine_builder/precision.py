@@ -20,6 +20,7 @@ from sencache.runtime.backends.onnxruntime_backend import OnnxSessions
 from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import stage_name
 from sencache.runtime.families.parts import example_inputs
 from sencache.runtime.manifest import STAGES, Manifest
 
@@ -78,7 +79,7 @@ class Half(Precision):
         """The exported stages chained in ONNX Runtime against the fp32 PyTorch model."""
         sessions = OnnxSessions(providers=["CPUExecutionProvider"])
         for stage in STAGES:
-            sessions.open(stage, str(folder / f"{stage}.onnx"))
+            sessions.open(stage, str(folder / f"{stage_name(stage, model.expert)}.onnx"))
         inputs, expected = _reference(model)
         got = run_chain(sessions.run, model.adapter.layout, inputs).noise
         return compare(got.numpy().astype(np.float32), expected)

@@ -19,6 +19,7 @@ from sencache.engine_builder.onnx_export import export_stage
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.backends.registry import BACKENDS as REGISTERED
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import stage_name, weights_folder
 from sencache.runtime.manifest import STAGES, Manifest, TensorRTRecord, max_rows
 
 if TYPE_CHECKING:
@@ -42,8 +43,8 @@ class OnnxTarget:
         if options.compute_capability is not None:
             raise BadInput("compute_capability applies to backend tensorrt-rtx", param="compute_capability")
 
-    def stage_file(self, stage: str) -> str:
-        return f"{stage}.onnx"
+    def stage_file(self, stage: str, expert: int = 0) -> str:
+        return f"{stage_name(stage, expert)}.onnx"
 
     def write_stages(self, model: LoadedModel, folder: Path, log: Log) -> dict[str, dict[str, float | str]]:
         """Export the stages; validate each on fresh inputs against PyTorch at the same precision."""
@@ -52,14 +53,13 @@ class OnnxTarget:
         fresh = model.stage_inputs(batch=min(3, rows), seed=1)
         validation = {}
         for name in progress(STAGES, desc="export + validate", unit="stage"):
-            path = folder / f"{name}.onnx"
+            path = folder / f"{stage_name(name, model.expert)}.onnx"
             with third_party_output("the ONNX exporter"):
                 export_stage(model.stages[name], model.specs[name], example, path, rows)
-            validation[name] = model.precision.validate(model, name, model.specs[name], fresh, path)
+            key = stage_name(name, model.expert)
+            validation[key] = model.precision.validate(model, name, model.specs[name], fresh, path)
             with tqdm.external_write_mode():
-                log(
-                    f"  {name}: max abs {validation[name]['max_abs']:.2e}, relative L2 {validation[name]['rel_l2']:.2e}"
-                )
+                log(f"  {key}: max abs {validation[key]['max_abs']:.2e}, relative L2 {validation[key]['rel_l2']:.2e}")
         return validation
 
     def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
@@ -74,14 +74,20 @@ class TensorRTTarget(OnnxTarget):
     def check(self, options: BuildOptions) -> None:
         check_target(self.name, options.compute_capability)
 
-    def stage_file(self, stage: str) -> str:
-        return f"{stage}.engine"
+    def stage_file(self, stage: str, expert: int = 0) -> str:
+        return f"{stage_name(stage, expert)}.engine"
 
     def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
         out = Path(plan.options.out)
         cache = out.with_name(f".{out.name}.sencache-timing.cache")
         engines = build_engines(
-            folder, list(STAGES), manifest.shapes.max_rows, self.name, plan.options.compute_capability, cache, log
+            folder,
+            list(manifest.stages),
+            manifest.shapes.max_rows,
+            self.name,
+            plan.options.compute_capability,
+            cache,
+            log,
         )
         return manifest.replace(
             tensorrt=TensorRTRecord.parse(
@@ -102,11 +108,11 @@ class TorchTarget(OnnxTarget):
     exports_onnx: bool = False
     weights: str | None = "transformer"
 
-    def stage_file(self, stage: str) -> str:
-        return "transformer"
+    def stage_file(self, stage: str, expert: int = 0) -> str:
+        return weights_folder(expert)
 
     def write_stages(self, model: LoadedModel, folder: Path, log: Log) -> dict[str, dict[str, float | str]]:
-        model.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+        model.transformer.save_pretrained(folder / weights_folder(model.expert), safe_serialization=True)
         return {}
 
 

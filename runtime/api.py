@@ -188,6 +188,7 @@ class Engine:
         seed: int = 0,
         steps: int | None = None,
         guidance: float | None = None,
+        guidance_2: float | None = None,
         cache: str = "sencache",
         knobs: dict[str, float | str] | None = None,
         prompt_embeds: np.ndarray | None = None,
@@ -202,6 +203,7 @@ class Engine:
             seed=seed,
             steps=steps,
             guidance=guidance,
+            guidance_2=guidance_2,
             cache=cache,
             knobs=knobs,
             prompt_embeds=prompt_embeds,
@@ -217,6 +219,7 @@ class Engine:
         seed: int = 0,
         steps: int | None = None,
         guidance: float | None = None,
+        guidance_2: float | None = None,
         cache: str = "sencache",
         knobs: dict[str, float | str] | None = None,
         prompt_embeds: np.ndarray | None = None,
@@ -225,7 +228,8 @@ class Engine:
         sampling: str = "engine",
         image: Any = None,
     ) -> Job:
-        """Queue one video. `steps` and `guidance` default to the bundle's; `cache` is a method of
+        """Queue one video. `steps` and `guidance` default to the bundle's (`guidance_2`, a two-expert
+        model's second expert's scale: the bundle's, or `guidance` when that is given); `cache` is a method of
         `sencache.runtime.cache.METHODS` with `knobs` from its table (unset ones: the bundle's
         defaults); `prompt_embeds` ([tokens, channels] or [1, tokens, channels]) replace the
         text encoder, `prompt` then only labels the video; `sampling="reference"` runs the authors'
@@ -242,6 +246,7 @@ class Engine:
             [seed],
             steps=steps,
             guidance=guidance,
+            guidance_2=guidance_2,
             cache=cache,
             knobs=knobs,
             prompt_embeds=_one(prompt_embeds, "prompt_embeds"),

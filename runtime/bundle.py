@@ -27,6 +27,7 @@ from pathlib import Path
 from sencache.runtime import manifest as schema
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import stage_name, table_name
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
 from sencache.runtime.families.parts import make_scheduler
 from sencache.runtime.files import BUNDLE, CHUNK_BYTES, OWNER, chunk_digests, sha256, staged_folder, write_atomic
@@ -145,15 +146,24 @@ class Bundle:
             base, config=self.manifest.config, frames=shapes.frames, height=shapes.height, width=shapes.width
         )
 
+    def timesteps(self, steps: int) -> list[float]:
+        """The timesteps of a run of `steps` on the bundle's scheduler, as its family samples them."""
+        sampler = self.adapter.sampler(
+            make_scheduler(self.adapter, self.preset, self.manifest.scheduler), steps, self.preset, self.shapes
+        )
+        return [float(t) for t in sampler.timesteps]
+
     @property
     def sensitivity_path(self) -> Path:
         return self.path / SENSITIVITY
 
-    def sensitivity(self) -> SensitivityTable:
-        """The sensitivity table, read, verified and parsed on first use. Shared: callers do not change it."""
-        if SENSITIVITY not in self.manifest.files:
-            raise BadInput(f"no sensitivity table in {self.path}: calibrate it first (`sencache calibrate`)")
-        table = _parsed(self, SENSITIVITY, SensitivityTable.parse)
+    def sensitivity(self, expert: int = 0) -> SensitivityTable:
+        """The sensitivity table (of `expert`, in a bundle of several: each is calibrated on its own
+        steps), read, verified and parsed on first use. Shared: callers do not change it."""
+        name = table_name(SENSITIVITY, expert)
+        if name not in self.manifest.files:
+            raise BadInput(f"no sensitivity table {name} in {self.path}: calibrate it first (`sencache calibrate`)")
+        table = _parsed(self, name, SensitivityTable.parse)
         assert isinstance(table, SensitivityTable)
         return table
 
@@ -161,27 +171,34 @@ class Bundle:
     def baselines_path(self) -> Path:
         return self.path / BASELINES
 
-    def baselines(self) -> BaselineTables:
-        """The baseline tables, read, verified and parsed on first use. Shared: callers do not change them."""
-        if BASELINES not in self.manifest.files:
-            raise BadInput(f"no baseline tables in {self.path}: calibrate it first (`sencache calibrate`)")
-        tables = _parsed(self, BASELINES, BaselineTables.parse)
+    def baselines(self, expert: int = 0) -> BaselineTables:
+        """The baseline tables (of `expert`), read, verified and parsed on first use. Shared:
+        callers do not change them."""
+        name = table_name(BASELINES, expert)
+        if name not in self.manifest.files:
+            raise BadInput(f"no baseline tables {name} in {self.path}: calibrate it first (`sencache calibrate`)")
+        tables = _parsed(self, name, BaselineTables.parse)
         assert isinstance(tables, BaselineTables)
         return tables
 
     def write_tables(
-        self, sensitivity: SensitivityTable | None = None, baselines: BaselineTables | None = None
+        self,
+        sensitivity: SensitivityTable | None = None,
+        baselines: BaselineTables | None = None,
+        expert: int = 0,
     ) -> None:
-        """Replace the calibration tables given, together: the bundle is restaged (hard links, no
-        copies), the tables and the manifest rewritten, and swapped in whole. Refused when the
-        bundle was rebuilt since it was loaded (tables measured on another build)."""
+        """Replace the calibration tables given (of `expert`), together: the bundle is restaged
+        (hard links, no copies), the tables and the manifest rewritten, and swapped in whole.
+        Refused when the bundle was rebuilt since it was loaded (tables measured on another build)."""
+        if not 0 <= expert < self.manifest.experts:
+            raise BadInput(f"expert must be in [0, {self.manifest.experts}), got {expert}", param="expert")
         with staged_folder(self.path, KIND, seed=True) as folder:
             if (folder / DIGEST).read_text().split()[0] != self.digest:
                 raise BadInput(f"bundle {self.path} changed since it was loaded; calibrate it again")
             if sensitivity is not None:
-                write_atomic(folder / SENSITIVITY, sensitivity.to_bytes())
+                write_atomic(folder / table_name(SENSITIVITY, expert), sensitivity.to_bytes())
             if baselines is not None:
-                write_atomic(folder / BASELINES, baselines.to_bytes())
+                write_atomic(folder / table_name(BASELINES, expert), baselines.to_bytes())
             self.manifest, self.digest = write_manifest(folder, self.manifest)
         with self._tables_lock:
             self._tables.clear()
@@ -197,11 +214,18 @@ class Bundle:
                     f"bundle {source.path} differs from {self.path} in its {key}; tables only carry over "
                     f"between builds of the same model and scheduler"
                 )
-        table = dataclasses.replace(source.sensitivity())
-        table.meta = {**table.meta, "adopted_from": str(source.path), "adopted_precision": source.manifest.precision}
-        baselines = source.baselines() if BASELINES in source.manifest.files else None
-        self.write_tables(table, baselines)
-        return table
+        tables = []
+        for expert in range(self.manifest.experts):  # each expert's tables (the first's returned)
+            table = dataclasses.replace(source.sensitivity(expert))
+            table.meta = {
+                **table.meta,
+                "adopted_from": str(source.path),
+                "adopted_precision": source.manifest.precision,
+            }
+            has_baselines = table_name(BASELINES, expert) in source.manifest.files
+            self.write_tables(table, source.baselines(expert) if has_baselines else None, expert)
+            tables.append(table)
+        return tables[0]
 
 
 def list_files(folder: Path) -> dict[str, FileEntry]:
@@ -243,13 +267,17 @@ def _check_family(bundle: Bundle) -> None:
     """The manifest agrees with its family: known model, stage names, shapes, scheduler."""
     adapter = bundle.adapter
     preset = bundle.preset
-    for stage, (inputs, outputs) in adapter.layout.stage_io.items():
-        spec = bundle.manifest.stages[stage]
-        if spec.inputs != inputs or spec.outputs != outputs:
-            raise BadInput(
-                f"stages.{stage} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
-                f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}"
-            )
+    if bundle.manifest.experts != preset.experts:
+        raise BadInput(f"experts: {preset.name} has {preset.experts}, the manifest {bundle.manifest.experts}")
+    for expert in range(preset.experts):
+        for stage, (inputs, outputs) in adapter.layout.stage_io.items():
+            name = stage_name(stage, expert)
+            spec = bundle.manifest.stages[name]
+            if spec.inputs != inputs or spec.outputs != outputs:
+                raise BadInput(
+                    f"stages.{name} inputs/outputs {list(spec.inputs)} -> {list(spec.outputs)} are not the "
+                    f"{adapter.family} stage's {list(inputs)} -> {list(outputs)}"
+                )
     try:
         latent = adapter.latent_shape(preset, bundle.shapes)
         text = adapter.text_shape(preset)
@@ -270,11 +298,12 @@ def _check_family(bundle: Bundle) -> None:
 def _check_files(bundle: Bundle) -> None:
     """Every file the runtime will open is listed, a regular file inside the bundle, of its size."""
     files = bundle.manifest.files
-    needed = [file for s in schema.STAGES for file in bundle.manifest.stages[s].files]
+    needed = [file for stage in bundle.manifest.stages.values() for file in stage.files]
     if bundle.manifest.text_encoder.kind == "tiny":
         assert bundle.manifest.text_encoder.file is not None, "Manifest.parse sets a tiny encoder's file"
         needed.append(bundle.manifest.text_encoder.file)
-    for name in (SENSITIVITY, BASELINES):
+    tables = [table_name(t, e) for t in (SENSITIVITY, BASELINES) for e in range(bundle.manifest.experts)]
+    for name in tables:
         if (bundle.path / name).exists() or (bundle.path / name).is_symlink():
             needed.append(name)
     for name in needed:

@@ -23,6 +23,7 @@ from sencache.runtime.backends.registry import BACKENDS
 from sencache.runtime.cache import KNOBS
 from sencache.runtime.cache.registry import SECTIONS
 from sencache.runtime.errors import BadInput, MissingBundle
+from sencache.runtime.experts import stage_name
 from sencache.runtime.limits import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, MAX_STEPS
 
 FORMAT = "sencache-bundle/3"
@@ -32,6 +33,14 @@ SENSITIVITY = "sensitivity.json"
 BASELINES = "baselines.json"
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STAGES = ("head", "blocks", "tail")
+MAX_EXPERTS = 2
+
+
+def stage_names(experts: int = 1) -> tuple[str, ...]:
+    """Every stage of a bundle of `experts` transformers (runtime/experts.py), expert by expert."""
+    return tuple(stage_name(stage, e) for e in range(experts) for stage in STAGES)
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -207,6 +216,8 @@ class Defaults:
     cache: dict[str, Any]
     """Default knobs by section of the cache rules' registry ("sencache", "teacache", "magcache"),
     each an instance of the settings type its rule registered for it."""
+    guidance_2: float | None = None
+    """A two-expert model's guidance scale for its second expert (None: one expert)."""
 
     def knobs(self, section: str) -> dict[str, Any]:
         """The default knobs of `section` by name ({} where the bundle has none)."""
@@ -214,7 +225,8 @@ class Defaults:
         return {} if settings is None else dataclasses.asdict(settings)
 
     def to_json(self) -> dict[str, Any]:
-        return {"steps": self.steps, "guidance": self.guidance, **{k: self.knobs(k) for k in self.cache}}
+        second = {} if self.guidance_2 is None else {"guidance_2": self.guidance_2}
+        return {"steps": self.steps, "guidance": self.guidance, **second, **{k: self.knobs(k) for k in self.cache}}
 
     @classmethod
     def parse(cls, data: Any, path: str = "defaults") -> Defaults:
@@ -330,6 +342,10 @@ class Manifest:
     """A dummy build's choice of precision, block grouping and resolution, what it was chosen from
     (parameters, available memory, estimated peak) and which parts were automatic."""
     files: dict[str, FileEntry] = field(default_factory=dict)
+    experts: int = 1
+    """Transformers that denoise in turn (Wan 2.2 A14B: 2), each with its own stages."""
+    boundary: float | None = None
+    """With two experts: the timestep from which down the second one denoises (runtime/experts.py)."""
 
     @property
     def dummy(self) -> bool:
@@ -366,6 +382,7 @@ class Manifest:
             "tensorrt": None if self.tensorrt is None else self.tensorrt.to_json(),
             "dummy_weights": None if self.dummy_seed is None else {"seed": self.dummy_seed},
             "sizing": self.sizing,
+            "experts": None if self.experts == 1 else {"count": self.experts, "boundary": self.boundary},
         }
         data.update({k: v for k, v in optional.items() if v is not None})
         data["files"] = {name: e.to_json() for name, e in self.files.items()}
@@ -387,7 +404,8 @@ class Manifest:
         shapes = _shapes(m.obj("shapes"))
         precision = m.text("precision", PRECISIONS)
         backend = m.text("backend", tuple(BACKENDS))
-        stages = _stages(m.obj("stages"))
+        experts, boundary = _experts(m.obj("experts", optional=True))
+        stages = _stages(m.obj("stages"), experts)
         if backend != "onnxruntime" and any(stage.parts for stage in stages.values()):
             raise BadInput(f"stages with parts (a streamed build) run on onnxruntime, not {backend}")
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
@@ -422,12 +440,22 @@ class Manifest:
             dummy_seed=None if dummy is None else dummy.integer("seed", 0, 2**31 - 1),
             sizing=m.record("sizing") or None,
             files=files,
+            experts=experts,
+            boundary=boundary,
         )
 
 
-def _stages(section: _Fields) -> dict[str, Stage]:
+def _experts(section: _Fields | None) -> tuple[int, float | None]:
+    """(count, boundary timestep) of a bundle's experts; (1, None) where the manifest has none."""
+    if section is None:
+        return 1, None
+    count = section.integer("count", 2, MAX_EXPERTS)
+    return count, section.number("boundary", 0.0)
+
+
+def _stages(section: _Fields, experts: int) -> dict[str, Stage]:
     stages = {}
-    for stage in STAGES:
+    for stage in stage_names(experts):
         spec = section.obj(stage)
         parts = spec.names("parts") if "parts" in spec.value else []
         stages[stage] = Stage(
@@ -486,6 +514,7 @@ def _shapes(shapes: _Fields) -> BundleShapes:
 def _defaults(defaults: _Fields) -> Defaults:
     steps = defaults.integer("steps", 1, MAX_STEPS)
     guidance = defaults.number("guidance", 0.0)
+    guidance_2 = defaults.number("guidance_2", 0.0) if "guidance_2" in defaults.value else None
     cache = {}
     for name, section in SECTIONS.items():
         fields = defaults.obj(name, optional=not section.required)
@@ -498,7 +527,7 @@ def _defaults(defaults: _Fields) -> Defaults:
             else:
                 knobs[knob.name] = fields.number(knob.name, knob.low, knob.high)
         cache[name] = section.settings(**knobs)
-    return Defaults(steps, guidance, cache)
+    return Defaults(steps, guidance, cache, guidance_2)
 
 
 def _text_encoder(spec: _Fields) -> TextEncoderSpec:

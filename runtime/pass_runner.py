@@ -20,6 +20,12 @@ A pass, on each rank of the engine (one, or sp x cfg of a group, runtime/paralle
 
 A row that runs uses the blocks' output as is, so a request that never reuses is bit-identical to
 the uncached run of the same rows, and a request's outputs do not depend on who shares its pass.
+
+With two experts (runtime/experts.py) each stage call runs each expert on its own rows, chosen by
+the row's timestep, so requests on either side of the boundary share the pass. A request whose
+expert changed since its last step drops its cached residuals first: a residual of one expert is
+never added to the other's stream, and a rule that reuses where no residual of the current expert
+exists fails its request instead of running on a wrong residual.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from sencache.runtime.cache import StepDecision
 from sencache.runtime.chain import block_streams, blocks_feeds
 from sencache.runtime.denoiser import Denoiser
+from sencache.runtime.experts import run_routed
 from sencache.runtime.families.base import NOISE
 from sencache.runtime.parallel.ranks import Ranks, SingleRank
 from sencache.runtime.placement import Decided, PassPlan, Placed, place
@@ -66,6 +73,8 @@ class PassRunner:
         self.ranks: Ranks = ranks or SingleRank()
         self.inputs = RuleInputs(model, self.ranks)
         self._text_rows: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._experts = np.zeros(0, int)
+        """The expert of each of this rank's rows in the current pass."""
 
     def execute(self, plan: PassPlan) -> PassResult:
         """One denoising step of every planned request, sharing each stage call. An error in a
@@ -87,11 +96,14 @@ class PassRunner:
         for job in plan.jobs:
             if job.trajectory is not None:
                 job.trajectory.append(job.x.to("cpu", copy=True).numpy())
+            if job.cache_expert != job.expert:  # the switch: the other expert's residuals go
+                job.cache, job.cache_expert = None, job.expert
         branches = [place(plan, self.ranks.config, b) for b in range(self.ranks.config.cfg)]
         placed = branches[self.ranks.branch]
         tick = time.perf_counter()
         self.inputs.start(placed)
         shared_s = time.perf_counter() - tick
+        self._experts = np.concatenate([np.full(p.count, p.job.expert) for p in placed]) if placed else np.zeros(0)
         head = self._head(placed)
         tick = time.perf_counter()
         measured = self.inputs.collect(placed, head)
@@ -113,9 +125,12 @@ class PassRunner:
         latent = torch.cat([p.job.x for p in placed for _ in range(p.count // p.job.batch)])
         t_rows = np.concatenate([np.full(p.count, p.job.timesteps[p.job.step], np.float32) for p in placed])
         conditions = {k: torch.cat([p.job.conditions[k][p.rows] for p in placed]) for k in self.model.layout.conditions}
-        return self.model.backend.run(
-            "head", {"latent": latent, "timestep": self._upload(t_rows), "text": self._text(placed), **conditions}
-        )
+        feeds = {"latent": latent, "timestep": self._upload(t_rows), "text": self._text(placed), **conditions}
+        return self._run("head", feeds, self._experts)
+
+    def _run(self, stage: str, feeds: Streams, experts: np.ndarray) -> Streams:
+        """`stage` on rows whose experts are `experts`, each expert on its own rows."""
+        return run_routed(self.model.backend.run, stage, feeds, experts, self.model.layout.shared)
 
     def _decide(
         self, placed: list[Placed], measured: Measured, shared_s: float, outcomes: dict[int, Outcome]
@@ -133,6 +148,11 @@ class PassRunner:
                     sums = values.pop(0)
                     change = sums[: job.batch] / sums[job.batch :] if job.step > 0 else None
                 decision = job.policy.decide(job.step, job.timesteps[job.step], drift, change)
+                if job.switched and not decision.run.all():
+                    raise RuntimeError(
+                        f"the {job.policy.name} rule reused a residual at step {job.step}, where the request "
+                        f"holds none of expert {job.expert + 1} (the first step of an expert always runs)"
+                    )
             except Exception as e:  # this request's rule: its rows leave the pass
                 outcomes[job.id] = Outcome(failure=e)
                 continue
@@ -144,14 +164,14 @@ class PassRunner:
         """This rank's tokens of the streams after the blocks for every row of this rank: computed
         for the running rows in one call, the request's cached residual added on the others; the
         residuals of the rows that ran are stored for the requests whose rule may reuse them."""
-        layout, backend = self.model.layout, self.model.backend
+        layout = self.model.layout
         total = placed[-1].end if placed else 0
         if not total:
             return {}
         head = self._shard(head)
         run_rows = np.concatenate([d.rows for d in decided]) if decided else np.zeros(0, int)
         if len(run_rows) == total:
-            streams = block_streams(layout, backend.run("blocks", blocks_feeds(layout, head)))
+            streams = block_streams(layout, self._run("blocks", blocks_feeds(layout, head), self._experts))
             self._store_all(head, streams, decided)
             return streams
         streams = {}
@@ -166,7 +186,7 @@ class PassRunner:
             inputs = {
                 k: v if k in layout.shared else v.index_select(0, index) for k, v in blocks_feeds(layout, head).items()
             }
-            fresh = block_streams(layout, backend.run("blocks", inputs))
+            fresh = block_streams(layout, self._run("blocks", inputs, self._experts[run_rows]))
             for s in layout.streams:
                 streams[s].index_copy_(0, index, fresh[s])
             self._store_gathered(head, fresh, decided)
@@ -236,12 +256,13 @@ class PassRunner:
             )
             for s in names
         }
-        run = self.model.backend.run
-        outputs = [run("tail", {**{s: whole[s][:fresh] for s in names}, **{c: head[c] for c in layout.tail_context}})]
+        feeds = {**{s: whole[s][:fresh] for s in names}, **{c: head[c] for c in layout.tail_context}}
+        outputs = [self._run("tail", feeds, self._experts)]
         if reused:
             index = torch.cat([i for i, _ in reused])
             context = {c: head[c].index_select(0, index) for c in layout.tail_context}
-            outputs.append(run("tail", {**{s: whole[s][fresh:] for s in names}, **context}))
+            experts = self._experts[index.cpu().numpy()]
+            outputs.append(self._run("tail", {**{s: whole[s][fresh:] for s in names}, **context}, experts))
         return torch.cat([o[NOISE].float() for o in outputs])
 
     def _whole_rows(

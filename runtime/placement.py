@@ -72,8 +72,14 @@ class Decided:
     @property
     def observes(self) -> bool:
         """Whether the pass measures what reusing would have cost its request: the rule observes,
-        and samples run after an earlier run (step 0 always runs, so a cache exists after it)."""
-        return isinstance(self.job.policy, ReuseObserver) and self.job.step > 0 and bool(self.decision.run.any())
+        and samples run after an earlier run of the same expert (step 0 always runs, so a cache
+        exists after it; an expert's first step has none)."""
+        return (
+            isinstance(self.job.policy, ReuseObserver)
+            and not self.job.switched
+            and self.job.step > 0
+            and bool(self.decision.run.any())
+        )
 
 
 def place(plan: PassPlan, config: ParallelConfig, branch: int) -> list[Placed]:

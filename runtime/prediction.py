@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sencache.runtime.chain import cfg_rows, guide, run_chain
+from sencache.runtime.experts import experts_of, run_routed
 from sencache.runtime.model import Model
 
 
@@ -33,10 +34,12 @@ def predict(
     uncond: np.ndarray | None,
     guidance: float,
     conditions: dict[str, torch.Tensor] | None = None,
+    experts: np.ndarray | None = None,
 ) -> Prediction:
     """f(x, t, c) of `model` for a batch with per-row timesteps `t`, guided by `guidance` when
     `uncond` embeddings are given; an image-to-video model's head also takes the image's
-    `conditions` of each sample (`Model.conditions`), the same for both guidance rows."""
+    `conditions` of each sample (`Model.conditions`), the same for both guidance rows; each sample
+    runs by its expert (`experts`; None: the expert of its timestep, as inference picks it)."""
     with model.stream():
         batch = len(latents)
         rows = cfg_rows(
@@ -47,7 +50,14 @@ def predict(
         for name in model.layout.conditions:
             assert conditions is not None, "an image-to-video head takes the image's conditions"
             rows[name] = torch.cat([conditions[name]] * branches).to(model.backend.device, torch.float32)
-        chain = run_chain(model.backend.run, model.layout, rows)
+        if experts is None:
+            experts = np.asarray(experts_of(t, model.bundle.manifest.boundary))
+        row_experts = np.concatenate([experts] * branches)
+
+        def run(stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return run_routed(model.backend.run, stage, feeds, row_experts, model.layout.shared)
+
+        chain = run_chain(run, model.layout, rows)
         stream = model.layout.streams[0]
         residual = _host(chain.streams[stream][:batch] - chain.head[stream][:batch])
         noise = chain.noise.float()

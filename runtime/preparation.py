@@ -10,6 +10,7 @@ import torch
 from sencache.runtime.cache import CachePolicy
 from sencache.runtime.denoiser import Denoiser
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import experts_of
 from sencache.runtime.memory import check_memory, needed_bytes
 from sencache.runtime.request import GenerationParams, RequestState
 
@@ -20,6 +21,12 @@ def prepare(
     """The state `request` starts from under `policy` (None: the rule of the request's cache method
     and knobs); `record` keeps the denoiser input latent of every step in its result (calibration).
     BadInput when the bundle cannot take it."""
+    boundary = model.bundle.manifest.boundary
+    if request.guidance_2 is not None and boundary is None:
+        raise BadInput(
+            f"guidance_2 is the second expert's guidance; {model.bundle.manifest.model} has one expert",
+            param="guidance_2",
+        )
     if policy is None:
         policy = model.policy(request.cache, request.steps, len(request.prompts), request.knobs)
     job_rows = len(request.prompts) * (2 if request.cfg else 1)
@@ -41,10 +48,12 @@ def prepare(
         text = np.concatenate([text, negative])
     sampler = model.sampler(request.steps, request.sampling)
     timesteps = [float(t) for t in sampler.timesteps]
+    experts = experts_of(timesteps, boundary)
+    guidance = [request.guidance, request.guidance if request.guidance_2 is None else request.guidance_2]
     scales = (
         [model.adapter.dynamic_guidance(request.guidance, t, request.steps) for t in timesteps]
         if request.dynamic_cfg
-        else [request.guidance] * len(timesteps)
+        else [guidance[e] for e in experts]
     )
     with model.stream():  # the loop's tensors belong to the engine's stream (on a GPU)
         x = model.start_latents(model.initial_latents(generators), conditions).to(model.backend.device)
@@ -66,6 +75,7 @@ def prepare(
         x=x,
         anchor=anchor,
         conditions=condition_rows,
+        experts=experts,
         decisions=[[] for _ in request.prompts],
         trace=[[] for _ in request.prompts],
         trajectory=[] if record else None,

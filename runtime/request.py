@@ -63,6 +63,8 @@ class GenerationParams:
     image: np.ndarray | None = None
     """The image an image-to-video model starts from (RGB uint8 [H, W, 3], any size: the family's
     pipeline resizes it), the same for every sample; None for a text-to-video model."""
+    guidance_2: float | None = None
+    """A two-expert model's guidance scale for its second expert (WanPipeline's `guidance_scale_2`)."""
 
     @classmethod
     def resolve(
@@ -80,15 +82,20 @@ class GenerationParams:
         dynamic_cfg: bool = False,
         sampling: str = "engine",
         image: np.ndarray | None = None,
+        guidance_2: float | None = None,
     ) -> GenerationParams:
         """A request whose unset steps and guidance take the bundle's `defaults`; BadInput, naming
-        the parameter, for any value the request cannot take."""
+        the parameter, for any value the request cannot take. On a two-expert bundle an unset
+        `guidance_2` is the bundle's when `guidance` is unset too, else `guidance` (as WanPipeline
+        takes `guidance_scale` for both experts when `guidance_scale_2` is not given)."""
         if not isinstance(cache, str):
             raise BadInput(f"cache must be the name of a method, got {cache!r}", param="cache")
         if knobs is not None and not isinstance(knobs, Mapping):
             raise BadInput(
                 f"knobs must be a mapping of knob names to values, got {type(knobs).__name__}", param="knobs"
             )
+        if guidance_2 is None and defaults.guidance_2 is not None:
+            guidance_2 = defaults.guidance_2 if guidance is None else guidance
         return cls(
             prompts,
             seeds,
@@ -101,6 +108,7 @@ class GenerationParams:
             cache=cache,
             knobs=check_knobs(cache, knobs),
             image=image,
+            guidance_2=guidance_2,
         )
 
     def __post_init__(self) -> None:
@@ -129,6 +137,13 @@ class GenerationParams:
             or self.guidance < 0
         ):
             raise BadInput(f"guidance must be a finite number >= 0, got {self.guidance!r}", param="guidance")
+        if self.guidance_2 is not None and (
+            isinstance(self.guidance_2, bool)
+            or not isinstance(self.guidance_2, (int, float))
+            or not math.isfinite(self.guidance_2)
+            or self.guidance_2 < 0
+        ):
+            raise BadInput(f"guidance_2 must be a finite number >= 0, got {self.guidance_2!r}", param="guidance_2")
         for seed in self.seeds:
             if not _integer_in(seed, 0, 2**63 - 1):
                 raise BadInput(f"seed must be an integer in [0, 2^63), got {seed!r}", param="seed")
@@ -200,6 +215,10 @@ class RequestState:
     anchor: torch.Tensor
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
     """The image's head inputs (the layout's `conditions`), rows as `text`; {} for text-to-video."""
+    experts: list[int] = field(default_factory=list)
+    """The expert of each step (runtime/experts.py; all 0 for a one-expert model)."""
+    cache_expert: int = 0
+    """The expert whose residuals `cache` holds: they are dropped when the request's expert changes."""
     state: State = "queued"
     step: int = 0
     nfe: int = 0
@@ -236,6 +255,17 @@ class RequestState:
     def row_sample(self) -> np.ndarray:
         """The sample of each of the request's rows."""
         return np.tile(np.arange(self.batch), self.branches)
+
+    @property
+    def expert(self) -> int:
+        """The expert of the request's current step."""
+        return self.experts[self.step] if self.step < len(self.experts) else 0
+
+    @property
+    def switched(self) -> bool:
+        """Whether the current step is an expert's first after another expert's (nothing cached
+        of it exists: the step runs every sample)."""
+        return 0 < self.step < len(self.experts) and self.experts[self.step - 1] != self.experts[self.step]
 
     @property
     def finished(self) -> bool:

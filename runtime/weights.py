@@ -12,17 +12,16 @@ from pathlib import Path
 from sencache.runtime.errors import BadInput
 
 
-def transformer_folder(weights: Path) -> Path:
-    """The folder with the transformer's `config.json` and weight files in `weights` (its
-    `transformer/` subfolder, or `weights` itself); BadInput about `weights` when there is none."""
+def transformer_folder(weights: Path, name: str = "transformer") -> Path:
+    """The folder with the transformer's `config.json` and weight files in `weights` (its `name`
+    subfolder, `transformer/` or a second expert's `transformer_2/`, or `weights` itself); BadInput
+    about `weights` when there is none."""
     folder = Path(weights)
     if not folder.is_dir():
         raise BadInput(f"weights {folder}: no such folder", param="weights")
-    sub = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    sub = folder / name if (folder / name).is_dir() else folder
     if not (sub / "config.json").is_file():
-        raise BadInput(
-            f"weights {folder}: no transformer/config.json (expected a diffusers-format folder)", param="weights"
-        )
+        raise BadInput(f"weights {folder}: no {name}/config.json (expected a diffusers-format folder)", param="weights")
     if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
         raise BadInput(f"weights {folder}: no weight files (*.safetensors) in {sub}", param="weights")
     return sub

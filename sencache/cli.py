@@ -19,10 +19,11 @@ from sencache.engine_builder.build_engine import add_build_arguments, failure, r
 from sencache.runtime.cache import KNOBS, METHODS, Knob
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import table_name
 from sencache.runtime.files import RUN, check_output
 from sencache.runtime.images import check_image_fits, read_image
 from sencache.runtime.limits import MAX_STEPS, check_threads
-from sencache.runtime.manifest import DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
+from sencache.runtime.manifest import BASELINES, DUMMY_NOTICE, SENSITIVITY, Manifest, read_manifest
 from sencache.runtime.parallel.config import ParallelConfig
 from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.tiny_grammar import PromptSpec, grammar_help, tokenize
@@ -75,17 +76,20 @@ def _calibrate(args: argparse.Namespace) -> None:
     prompts = _calibration_prompts(args)
     engine = Model.open(bundle, threads=args.threads)
     result = calibrate(engine, plan, prompts, allow_tiny_vocabulary=args.allow_tiny_vocabulary, image=image)
-    table = result.sensitivity
-    bundle.write_tables(table, result.baselines)
-    print(
-        f"wrote {bundle.sensitivity_path}: {len(table.timesteps)} timesteps, {table.meta['samples']} samples, "
-        f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}"
-    )
-    if result.baselines is not None:
+    for expert, tables in enumerate(result.experts):
+        table = tables.sensitivity
+        bundle.write_tables(table, tables.baselines, expert)
+        which = f" (expert {expert + 1})" if len(result.experts) > 1 else ""
         print(
-            f"wrote {bundle.baselines_path}: TeaCache polynomial, "
-            f"MagCache ratios for {len(result.baselines.magcache_ratios)} steps"
+            f"wrote {bundle.path / table_name(SENSITIVITY, expert)}{which}: {len(table.timesteps)} timesteps, "
+            f"{table.meta['samples']} samples, "
+            f"Jx {table.jx.min():.3g}..{table.jx.max():.3g}, Jt {table.jt.min():.3g}..{table.jt.max():.3g}"
         )
+        if tables.baselines is not None:
+            print(
+                f"wrote {bundle.path / table_name(BASELINES, expert)}{which}: TeaCache polynomial, "
+                f"MagCache ratios for {len(tables.baselines.magcache_ratios)} steps"
+            )
 
 
 def _calibration_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -120,6 +124,7 @@ def _generate(args: argparse.Namespace) -> None:
         args.seed or [0],
         steps=args.steps,
         guidance=args.guidance,
+        guidance_2=args.guidance_2,
         cache=args.cache,
         knobs={name: getattr(args, name) for name in KNOBS},
         dynamic_cfg=args.dynamic_cfg,
@@ -400,6 +405,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's)")
+    g.add_argument(
+        "--guidance-2",
+        type=float,
+        help="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance scale "
+        "(default: the bundle's, or --guidance when given)",
+    )
     g.add_argument(
         "--dynamic-cfg", action="store_true", help="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule"
     )

@@ -120,6 +120,13 @@ class VideoRequest(BaseModel):
         allow_inf_nan=False,
         description="classifier-free guidance scale; <= 1 runs no unconditional branch (default: the bundle's)",
     )
+    guidance_2: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance scale "
+        "(default: the bundle's, or guidance when given)",
+    )
     dynamic_cfg: bool = Field(False, description="CogVideoX only: the pipeline's use_dynamic_cfg guidance schedule")
     sampling: Literal[SAMPLINGS] = Field(  # type: ignore[valid-type]
         "engine",

@@ -169,6 +169,7 @@ class VideoService:
             [video.seed],
             steps=video.steps,
             guidance=video.guidance,
+            guidance_2=video.guidance_2,
             cache=method,
             knobs=knobs,
             prompt_embeds=_embeds(video.prompt_embeds),

@@ -24,6 +24,7 @@ from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.sencache import SenCacheSettings
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import experts_of, segments
 from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -87,8 +88,15 @@ def test_frames_match_the_pipeline(real_like):
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
+def write_every_expert(engine, table: SensitivityTable) -> None:
+    """`table` as the sensitivity table of each of the bundle's experts."""
+    for expert in range(engine.bundle.manifest.experts):
+        engine.bundle.write_tables(table, expert=expert)
+
+
 def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
-    """Recompute every step of the trace from SPEC sections 1-3 with the pipeline's own timesteps."""
+    """Recompute every step of the trace from SPEC sections 1-3 with the pipeline's own timesteps;
+    with two experts, each expert's steps are a run of their own (runtime/cache/segments.py)."""
     case = real_like
     engine = engine_for(bundle_of(case))
     steps, batch = 12, 2
@@ -100,20 +108,23 @@ def test_sencache_trace_applies_the_rule_on_the_pipeline_timesteps(real_like):
         counts=np.ones(steps),
         meta={"source": "test"},
     )
-    engine.bundle.write_tables(table)
+    write_every_expert(engine, table)
+    parts = segments(experts_of(timesteps, engine.bundle.manifest.boundary))
+    assert len(parts) == engine.bundle.manifest.experts
     settings = SenCacheSettings(eps_start=0.02, eps_main=0.6, max_reuse=2)
     policy = engine.policy("sencache", steps, batch, {"eps_start": 0.02, "eps_main": 0.6, "max_reuse": 2})
     embeds, negative = embeddings(case, batch, 1), embeddings(case, batch, 2)
     result = engine.generate(GenerationParams(["a", "b"], [7, 8], steps, 6.0, embeds, negative), policy, record=True)
     assert result.timesteps == [float(t) for t in timesteps]
     numel = engine.numel
-    switch = round(0.2 * steps)
     for b in range(batch):
         anchor, reuses = None, 0
         for i, step in enumerate(result.trace[b]):
             x = result.trajectory[i][b].astype(np.float64)
-            eps = settings.eps_start if i < switch else settings.eps_main
-            forced = i in (0, steps - 1)
+            _, first, end = next(p for p in parts if p[1] <= i < p[2])
+            local, n = i - first, end - first
+            eps = settings.eps_start if local < round(0.2 * n) else settings.eps_main
+            forced = local in (0, n - 1)
             if anchor is None or forced:
                 expected = "run"
             else:
@@ -148,8 +159,9 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(real_like):
     engine = engine_for(bundle_of(case))
     steps = 10
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
-    engine.bundle.write_tables(
-        SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0), np.full(steps, 1e-3), meta={"source": "test"})
+    write_every_expert(
+        engine,
+        SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0), np.full(steps, 1e-3), meta={"source": "test"}),
     )
     knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
     embeds, negative = embeddings(case, 2, 5), embeddings(case, 2, 6)
@@ -171,10 +183,14 @@ def test_calibration_runs_on_the_real_pipeline_components(real_like, tmp_path):
     own stepping (DPM and flow-matching included), finite tables for every step."""
     case = real_like
     engine = engine_for(bundle_of(case))
-    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=4), show_progress=False)
-    table = calibration.sensitivity
-    assert len(table.timesteps) == 3 and np.all(table.jx > 0) and np.all(table.jt > 0)
-    assert len(calibration.baselines.magcache_ratios) == 4
+    steps = 4 if engine.bundle.manifest.experts == 1 else 8
+    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=steps), show_progress=False)
+    experts = calibration.experts
+    assert len(experts) == engine.bundle.manifest.experts
+    assert sum(len(e.sensitivity.timesteps) for e in experts) == steps - 1  # the last step has no t_{k+1}
+    assert sum(len(e.baselines.magcache_ratios) for e in experts) == steps  # each expert's from its first step
+    for e in experts:
+        assert np.all(e.sensitivity.jx > 0) and np.all(e.sensitivity.jt > 0)
 
 
 def test_dynamic_cfg_matches_cogvideox_pipeline(real_like):

@@ -13,7 +13,6 @@ import torch
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import STAGES
 
 ONNX_TYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 """The ONNX input types a stage may take, as NumPy dtypes."""
@@ -61,9 +60,9 @@ class OnnxRuntimeBackend(StageBackend):
         exports of a bundle whose stages become TensorRT engines). A stage of several graphs (a
         streamed build's groups of blocks) runs them in turn."""
         graphs = (
-            {stage: bundle.manifest.stages[stage].files for stage in STAGES}
+            {stage: spec.files for stage, spec in bundle.manifest.stages.items()}
             if files is None
-            else {stage: (files[stage],) for stage in STAGES}
+            else {stage: (files[stage],) for stage in bundle.manifest.stages}
         )
         self.onnx = OnnxSessions(threads)
         self.providers = self.onnx.providers
@@ -120,7 +119,7 @@ def _check_graph(bundle: Bundle, stage: str, file: str, session: ort.InferenceSe
     for i in inputs:
         if i.type not in ONNX_TYPES:
             raise BadInput(f"bundle {bundle.path}: {file} input {i.name} is {i.type}, not a float tensor")
-    if stage == "head":
+    if "latent" in spec.inputs:  # a head stage (of any expert)
         shapes = bundle.manifest.shapes
         for i in inputs:
             expected = {"latent": shapes.latent, "text": shapes.text}.get(i.name)

@@ -24,7 +24,6 @@ import torch
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import STAGES
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -63,7 +62,7 @@ class TensorRTBackend(StageBackend):
         self.contexts: dict[str, Any] = {}
         self.input_types: dict[str, dict[str, torch.dtype]] = {}
         self.output_buffers: dict[str, dict[str, torch.Tensor]] = {}
-        for stage in STAGES:
+        for stage in bundle.manifest.stages:
             self._load(bundle, stage)
 
     def _load(self, bundle: Bundle, stage: str) -> None:

@@ -8,8 +8,8 @@ import torch
 from sencache.runtime.backends.base import StageBackend
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import stage_name
 from sencache.runtime.families.parts import build_transformer
-from sencache.runtime.manifest import STAGES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """The weights' dtype of each precision a torch bundle is built in."""
@@ -34,13 +34,13 @@ class TorchBackend(StageBackend):
         preset = bundle.preset
         assert bundle.manifest.weights is not None, "Manifest.parse sets the weights of a torch bundle"
         self.dtype = DTYPES[bundle.manifest.precision]
-        transformer = build_transformer(
-            bundle.adapter, preset, bundle.checked_folder(bundle.manifest.weights), dtype=self.dtype
-        )
-        self.modules = {
-            k: m.to(self.device) for k, m in bundle.adapter.split(transformer, preset, bundle.shapes).items()
-        }
-        self.specs = {stage: bundle.manifest.stages[stage] for stage in STAGES}
+        self.modules = {}
+        for expert in range(bundle.manifest.experts):  # each expert's transformer is its stages' file
+            folder = bundle.manifest.stages[stage_name("blocks", expert)].file
+            transformer = build_transformer(bundle.adapter, preset, bundle.checked_folder(folder), dtype=self.dtype)
+            for stage, module in bundle.adapter.split(transformer, preset, bundle.shapes).items():
+                self.modules[stage_name(stage, expert)] = module.to(self.device)
+        self.specs = dict(bundle.manifest.stages)
 
     @torch.no_grad()
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from sencache.runtime.cache.base import CachePolicy
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.cache.registry import RuleContext, rule_for
+from sencache.runtime.cache.segments import expert_segments
+from sencache.runtime.experts import experts_of, segments
 
 if TYPE_CHECKING:
     from sencache.runtime.bundle import Bundle
@@ -19,8 +21,32 @@ def make_policy(
     """The cache rule `method` for one request of `batch` samples and `steps` steps on `bundle`
     (latents of `numel` elements per sample), as its module registered it; unset knobs take the
     bundle's defaults of the rule's section. Every problem is a BadInput naming the knob or the
-    missing table."""
+    missing table. On a bundle of two experts, one rule per expert's run of steps (of the bundle's
+    schedule), each with that expert's tables (runtime/cache/segments.py)."""
     given = check_knobs(method, knobs)
     rule = rule_for(method, given)
     defaults = bundle.manifest.defaults.knobs(rule.section) if rule.section else {}
-    return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
+    boundary = None if bundle is None else bundle.manifest.boundary  # a rule that needs nothing may have none
+    if boundary is None:
+        return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
+    parts = segments(experts_of(bundle.timesteps(steps), boundary))
+    lengths = [end - first for _, first, end in parts]
+    nfe = split_nfe(int(given["nfe"]), lengths) if "nfe" in given else None
+    rules = [
+        rule.build(
+            dict(given) if nfe is None else {**given, "nfe": nfe[i]},
+            RuleContext(end - first, batch, numel, defaults, bundle, rule.needs, expert),
+        )
+        for i, (expert, first, end) in enumerate(parts)
+    ]
+    return expert_segments(rules, parts, boundary)
+
+
+def split_nfe(nfe: int, lengths: list[int]) -> list[int]:
+    """A request's NFE budget shared out over its experts' runs of steps in proportion to their
+    lengths (largest remainders), each run's own budget: steps never move between experts."""
+    exact = [nfe * n / sum(lengths) for n in lengths]
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(lengths)), key=lambda i: shares[i] - exact[i])[: nfe - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -35,16 +35,18 @@ class RuleContext:
     """The bundle's default knobs of the rule's section ({} where the rule has none)."""
     bundle: Bundle
     needs: tuple[Need, ...]
+    expert: int = 0
+    """The expert whose steps the rule decides (its tables are that expert's)."""
 
     def sensitivity(self) -> SensitivityTable:
-        """The bundle's sensitivity table (parsed once per bundle)."""
+        """The bundle's sensitivity table of the expert (parsed once per bundle)."""
         self._declared("sensitivity")
-        return self.bundle.sensitivity()
+        return self.bundle.sensitivity(self.expert)
 
     def baselines(self) -> BaselineTables:
-        """The bundle's baseline tables (parsed once per bundle)."""
+        """The bundle's baseline tables of the expert (parsed once per bundle)."""
         self._declared("baselines")
-        return self.bundle.baselines()
+        return self.bundle.baselines(self.expert)
 
     def reference(self) -> SenCacheConventions:
         """The reference conventions of the bundle's family."""

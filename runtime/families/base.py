@@ -115,6 +115,16 @@ class ModelPreset:
     scheduler: dict[str, Any] = field(default_factory=dict)
     """The published scheduler config, where the family does not derive it."""
     description: str = ""
+    boundary_ratio: float | None = None
+    """Two experts (Wan 2.2 A14B): the first denoises t >= boundary_ratio x the scheduler's
+    num_train_timesteps, the second the rest (WanPipeline's `boundary_ratio`); None: one transformer."""
+    guidance_2: float | None = None
+    """The second expert's default guidance scale (WanPipeline's `guidance_scale_2`)."""
+
+    @property
+    def experts(self) -> int:
+        """How many transformers denoise in turn (runtime/experts.py)."""
+        return 1 if self.boundary_ratio is None else 2
 
 
 @dataclass(frozen=True)

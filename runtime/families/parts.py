@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import weights_folder
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes
 from sencache.runtime.manifest import scheduler_class
 from sencache.runtime.weights import transformer_folder
@@ -24,9 +25,16 @@ from sencache.runtime.weights import transformer_folder
 
 def check_weights(preset: ModelPreset, weights: Path | None) -> Path | None:
     """The transformer folder of `weights` for `preset` (None: none given, for a tiny model); BadInput
-    about `weights` when a real model has none or the folder holds no diffusers transformer. File
-    names only: the builder calls it before it constructs anything."""
+    about `weights` when a real model has none or the folder holds no diffusers transformer (of
+    every expert). File names only: the builder calls it before it constructs anything."""
     if weights is not None:
+        for expert in range(1, preset.experts):
+            if not (Path(weights) / weights_folder(expert)).is_dir():
+                raise BadInput(
+                    f"weights {weights}: {preset.name} has {preset.experts} experts; no {weights_folder(expert)}/",
+                    param="weights",
+                )
+            transformer_folder(weights, weights_folder(expert))
         return transformer_folder(weights)
     if not preset.tiny:
         source = preset.description.split(" ")[0]
@@ -45,9 +53,11 @@ def build_transformer(
     weights: Path | None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    expert: int = 0,
 ) -> nn.Module:
-    """Construct the family's diffusers transformer; load weights from a diffusers folder when given,
-    in `dtype` (a lower one keeps the modules diffusers keeps in fp32, as its `from_pretrained` does).
+    """Construct the family's diffusers transformer (of `expert`, in a model of several); load
+    weights from a diffusers folder when given, in `dtype` (a lower one keeps the modules diffusers
+    keeps in fp32, as its `from_pretrained` does).
 
     On `device="meta"` no memory is allocated (shape planning). A real model without
     weights is an error that says what to pass.
@@ -59,7 +69,7 @@ def build_transformer(
         with torch.device(device):
             return cls(**preset.config).eval()
     folder = Path(weights)
-    sub = transformer_folder(folder)
+    sub = transformer_folder(folder, weights_folder(expert))
     config = json.loads((sub / "config.json").read_text())
     if config.get("_class_name") not in (None, cls.__name__):
         raise BadInput(f"weights {folder}: holds a {config['_class_name']}, not a {cls.__name__}", param="weights")
@@ -112,6 +122,8 @@ def load_components(adapter: FamilyAdapter, folder: Path):
         )
     parts = ("tokenizer", "text_encoder", "vae", *adapter.image_components)
     absent = {part: None for part in parts if not (folder / part).is_dir()}
+    if (folder / weights_folder(1)).is_dir():  # a second expert's transformer: ours too
+        absent[weights_folder(1)] = None
     try:
         return adapter.pipeline_class().from_pretrained(
             str(folder), transformer=None, local_files_only=True, dtype=torch.float32, **absent

@@ -1,9 +1,16 @@
-"""Wan 2.1 text-to-video: diffusers' WanTransformer3DModel split into head / blocks / tail.
+"""Wan 2.1 and 2.2 text-to-video: diffusers' WanTransformer3DModel split into head / blocks / tail.
 
 Facts of the real pipeline (diffusers' WanPipeline and the published Diffusers configs):
 timesteps in 0..1000 from UniPCMultistepScheduler with flow sigmas and shift (3.0 at 480p,
 5.0 at 720p), cond and uncond as two separate transformer calls, latents [16, (F-1)/4+1, H/8, W/8]
 from the Wan VAE, and text from UMT5 at 512 tokens x 4096 channels.
+
+Wan 2.2 T2V-A14B is two such transformers (`transformer` and `transformer_2` of WanPipeline): the
+high-noise expert at timesteps >= boundary_ratio x 1000 with `guidance_scale`, the low-noise expert
+below with `guidance_scale_2` (runtime/experts.py). TI2V-5B is one transformer on the Wan 2.2 VAE's
+48-channel latents at 16x spatial compression; its pipeline sets `expand_timesteps` (a timestep per
+token, from a mask that only an image condition makes uneven), which for text-to-video gives every
+token the same timestep: the same numbers as one timestep per sample, which is what the engine runs.
 """
 
 from __future__ import annotations
@@ -64,6 +71,22 @@ TINY_CONFIG: dict[str, Any] = {
     "added_kv_proj_dim": None,
     "rope_max_seq_len": 64,
 }
+
+_WAN22_A14B: dict[str, Any] = {**_REAL_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+"""Each expert of Wan2.2-T2V-A14B-Diffusers (transformer/ and transformer_2/ have the same config)."""
+_WAN22_TI2V_5B: dict[str, Any] = {
+    **_REAL_COMMON,
+    "in_channels": 48,
+    "out_channels": 48,
+    "num_attention_heads": 24,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+}
+"""Wan2.2-TI2V-5B-Diffusers' transformer: 3072 wide, on the 48 channels of the Wan 2.2 VAE."""
+_VAE_SPATIAL = {"wan2.2-ti2v-5b": 16}
+"""The VAE's spatial compression where it is not the Wan 2.1 VAE's 8 (Wan 2.2's VAE: 16)."""
+_AUTHORS_PRESETS = ("tiny-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+"""The Wan models whose sampling the SenCache authors' code fixes (their Wan2.1 scripts)."""
 
 REFERENCE_SHIFT = 5.0
 """The flow shift the SenCache authors sample Wan 2.1 T2V with (`sample_shift`, at every size)."""
@@ -282,6 +305,26 @@ class WanAdapter(FamilyAdapter):
             },
             description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
         ),
+        "tiny-wan2.2": ModelPreset(
+            name="tiny-wan2.2",
+            family="wan",
+            config=TINY_CONFIG,
+            frames=8,
+            height=32,
+            width=32,
+            tiny=True,
+            guidance=4.0,
+            guidance_2=3.0,
+            steps=30,
+            boundary_ratio=0.875,
+            cache_defaults={
+                "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
+                "teacache": {"threshold": 0.1},
+                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+            },
+            description="bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from "
+            "tiny-wan, the high-noise expert on timesteps >= 875, the low-noise expert below",
+        ),
         "wan2.1-t2v-1.3b": ModelPreset(
             name="wan2.1-t2v-1.3b",
             family="wan",
@@ -308,6 +351,38 @@ class WanAdapter(FamilyAdapter):
             published_baselines=(_TEACACHE_14B, _MAGCACHE_14B),
             description="Wan-AI/Wan2.1-T2V-14B-Diffusers",
         ),
+        # Wan 2.2's own configs (Wan-Video/Wan2.2 wan/configs): T2V-A14B samples 40 steps with shift
+        # 12.0, boundary 0.875 and guidance (4.0 high-noise, 3.0 low-noise); TI2V-5B 50 steps with
+        # shift 5.0 and guidance 5.0 at 704x1280, 121 frames. No published TeaCache or MagCache
+        # constants exist for them: calibration measures each expert's tables.
+        "wan2.2-t2v-a14b": ModelPreset(
+            name="wan2.2-t2v-a14b",
+            family="wan",
+            config=_WAN22_A14B,
+            frames=81,
+            height=720,
+            width=1280,
+            guidance=4.0,
+            guidance_2=3.0,
+            steps=40,
+            boundary_ratio=0.875,
+            cache_defaults=_WAN_14B_CACHE,
+            scheduler={"flow_shift": 12.0},
+            description="Wan-AI/Wan2.2-T2V-A14B-Diffusers (two experts: transformer/ and transformer_2/)",
+        ),
+        "wan2.2-ti2v-5b": ModelPreset(
+            name="wan2.2-ti2v-5b",
+            family="wan",
+            config=_WAN22_TI2V_5B,
+            frames=121,
+            height=704,
+            width=1280,
+            guidance=5.0,
+            steps=50,
+            cache_defaults=_WAN_1_3B_CACHE,
+            scheduler={"flow_shift": 5.0},
+            description="Wan-AI/Wan2.2-TI2V-5B-Diffusers (text-to-video; the Wan 2.2 VAE)",
+        ),
     }
 
     def transformer_class(self) -> type[ModelMixin]:
@@ -319,9 +394,10 @@ class WanAdapter(FamilyAdapter):
         channels = preset.config["in_channels"]
         if preset.tiny:
             return (channels, shapes.frames, shapes.height, shapes.width)
-        if (shapes.frames - 1) % 4 or shapes.height % 16 or shapes.width % 16:
-            raise BadInput(f"{preset.name}: frames must be 4k+1 and height/width multiples of 16")
-        return (channels, (shapes.frames - 1) // 4 + 1, shapes.height // 8, shapes.width // 8)
+        spatial = _VAE_SPATIAL.get(preset.name, 8)
+        if (shapes.frames - 1) % 4 or shapes.height % (2 * spatial) or shapes.width % (2 * spatial):
+            raise BadInput(f"{preset.name}: frames must be 4k+1 and height/width multiples of {2 * spatial}")
+        return (channels, (shapes.frames - 1) // 4 + 1, shapes.height // spatial, shapes.width // spatial)
 
     def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
         return (MAX_TOKENS if preset.tiny else 512, preset.config["text_dim"])
@@ -344,7 +420,7 @@ class WanAdapter(FamilyAdapter):
 
     def scheduler_config(self, preset: ModelPreset) -> dict[str, Any]:
         shift = 5.0 if preset.height >= 720 else 3.0
-        return {**_SCHEDULER, "flow_shift": shift}
+        return {**_SCHEDULER, "flow_shift": shift, **preset.scheduler}
 
     def reference_scheduler(self, config: dict[str, Any], preset: ModelPreset) -> dict[str, Any]:
         """UniPC with flow shift 5.0: the authors' Wan scripts (vita-epfl/SenCache Wan2.1/sencache.py
@@ -352,6 +428,12 @@ class WanAdapter(FamilyAdapter):
         diffusers' Wan 2.1 configs use 3.0 at 480p. Only the shift changes: the unshifted grid stays
         diffusers' linspace(1, 1/1000), which the original Wan code (whose scheduler the authors
         call) spaces as linspace(0.999, 0), at most 0.001 apart, for every run of the engine."""
+        if preset.name not in _AUTHORS_PRESETS:
+            raise BadInput(
+                f"sampling 'reference' is the SenCache authors' Wan 2.1 schedule; they publish none for "
+                f"{preset.name}: use 'engine'",
+                param="sampling",
+            )
         if config.get("_class_name") != _SCHEDULER["_class_name"] or not config.get("use_flow_sigmas"):
             raise BadInput(
                 f"sampling 'reference' shifts Wan's flow UniPC scheduler; this bundle's is {config.get('_class_name')}",
