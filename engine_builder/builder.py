@@ -30,7 +30,7 @@ from sencache.engine_builder.dummy import LAYERS_KEY, dummy_config, dummy_transf
 from sencache.engine_builder.memory import peak_rss
 from sencache.engine_builder.onnx_export import StageSpec
 from sencache.engine_builder.precision import Precision, precision
-from sencache.engine_builder.sizing import REDUCED, STREAMABLE, Sizing, choose, model_size
+from sencache.engine_builder.sizing import BUILD_SHARE, REDUCED, STREAMABLE, Sizing, choose, model_size
 from sencache.engine_builder.targets import OnnxTarget, target
 from sencache.runtime.bundle import BASELINES, KIND, write_manifest
 from sencache.runtime.cache.baselines import BaselineTables
@@ -124,7 +124,7 @@ class BuildOptions:
             None if self.precision == "auto" else self.precision,
             self.group_blocks,
             resolution,  # type: ignore[arg-type]  # three ints, zipped
-            streamable=self.backend in STREAMING_BACKENDS,
+            streamable=self.backend in STREAMING_BACKENDS and preset.experts == 1,
         )
 
     def _check(self, adapter: FamilyAdapter, preset: ModelPreset, sizing: Sizing | None) -> BuildPlan:
@@ -169,6 +169,13 @@ class BuildOptions:
                 f"{param}: {preset.name} has {preset.experts} experts; streamed (group_blocks) and fp8 builds "
                 f"take one: build it unstreamed in fp32, fp16 or bf16",
                 param=param,
+            )
+        if preset.experts > 1 and sizing is not None and sizing.estimated_peak > BUILD_SHARE * sizing.available:
+            raise BadInput(
+                f"layers: give fewer blocks to check {preset.name} at its true width here: one expert in one graph "
+                f"needs about {sizing.estimated_peak / 2**30:.0f} GiB to build, over {BUILD_SHARE:.0%} of the "
+                f"{sizing.available / 2**30:.1f} GiB available, and a model of {preset.experts} experts is not streamed",
+                param="layers",
             )
         weights = None if self.dummy else _weights_folder(preset, self.weights)
         return BuildPlan(self, adapter, preset, backend, chosen, shapes, weights, sizing)
