@@ -165,8 +165,9 @@ def test_one_ltx_step_goes_from_sigma_one_to_zero(model):
 
 def test_cogvideox_5b_i2v_takes_only_its_learned_size():
     """Its learned position embeddings are for 480 x 720 (diffusers' pipeline refuses other sizes):
-    refused at once, before a build constructs anything."""
+    refused when the transformer (with its weights' config) is split, as one line."""
     adapter, preset = resolve("cogvideox-5b-i2v")
-    assert adapter.latent_shape(preset, Shapes(49, 480, 720, 1)) == (13, 16, 60, 90)
+    transformer = build_transformer(adapter, preset, None, device="meta")
+    assert set(adapter.split(transformer, preset, Shapes(49, 480, 720, 1))) == {"head", "blocks", "tail"}
     with pytest.raises(BadInput, match="learned position embeddings take 480x720"):
-        adapter.latent_shape(preset, Shapes(9, 64, 64, 1))
+        adapter.split(transformer, preset, Shapes(9, 64, 64, 1))

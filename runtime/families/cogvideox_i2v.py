@@ -123,19 +123,22 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
     def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
         """The noise latent: half the transformer's input channels (the pipeline's latent_channels)."""
         frames, _, h, w = super().latent_shape(preset, shapes)
+        return (frames, preset.config["in_channels"] // 2, h, w)
+
+    def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
+        return {"image_latent": self.latent_shape(preset, shapes)}
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        """The stages; BadInput for a size other than that of the model's learned position
+        embeddings (CogVideoX-5B-I2V), which diffusers' pipeline refuses too."""
         config = preset.config
+        _, _, h, w = self.latent_shape(preset, shapes)
         sample = (config["sample_height"], config["sample_width"])
         if config.get("use_learned_positional_embeddings") and (h, w) != sample:
             raise BadInput(
                 f"{preset.name}: its learned position embeddings take {8 * sample[0]}x{8 * sample[1]} "
                 f"(height x width) only, as diffusers' pipeline does; got {shapes.height}x{shapes.width}"
             )
-        return (frames, config["in_channels"] // 2, h, w)
-
-    def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
-        return {"image_latent": self.latent_shape(preset, shapes)}
-
-    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
         return {**super().split(transformer, preset, shapes), "head": _Head(transformer)}
 
     def pipeline_class(self) -> type[Any]:
