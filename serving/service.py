@@ -156,7 +156,7 @@ class VideoService:
     def submit(self, video: VideoRequest) -> VideoJob:
         """Check and queue one video job; BadInput (never queued) or QueueFull."""
         self._check_output(video)
-        method, knobs = video.cache.resolve(self.defaults)
+        method, knobs = video.cache.resolve()
         request = GenerationParams.resolve(
             self.defaults,
             [video.prompt or ""],

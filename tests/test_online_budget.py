@@ -86,8 +86,10 @@ def test_the_threshold_mode_reuses_at_most_max_reuse_in_a_row_and_runs_at_least_
         hard = run_trace(online_budget(steps, batch, nfe, "hard", max_reuse=2), rng, steps, batch, True)
         assert (hard.sum(axis=0) == nfe).all()
     # with a cap the plan never reaches, threshold and hard take the same decisions
-    a, b = (run_trace(online_budget(20, 3, 14, m, max_reuse=20), np.random.default_rng(2), 20, 3, True)
-            for m in ("threshold", "hard"))
+    a, b = (
+        run_trace(online_budget(20, 3, 14, m, max_reuse=20), np.random.default_rng(2), 20, 3, True)
+        for m in ("threshold", "hard")
+    )
     assert (a == b).all()
 
 

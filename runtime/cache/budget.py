@@ -213,11 +213,20 @@ def make_online_budget_policy(
     curves = table.budget_curves()
     planned = _planned_settings(curves)
     _, fraction, target = budget_target(knobs, steps, _forced_count(planned, steps))
-    online = {k: knobs[k] for k in ONLINE_KNOBS if k in knobs}
+    online = {"online_prior": BUDGET_PRIOR, **{k: knobs[k] for k in ONLINE_KNOBS if k in knobs}}
     settings = SenCacheOnlineSettings(**{**planned.__dict__, **online})  # type: ignore[arg-type]
     mode = str(knobs.get("budget", "threshold"))
     return SenCacheOnlineBudget(
-        settings, table, steps, batch, numel, target, step_profile(curves, steps), mode, fraction * steps
+        settings,
+        table,
+        steps,
+        batch,
+        numel,
+        target,
+        step_profile(curves, steps),
+        mode,
+        fraction * steps,
+        curves.eps_ratio,
     )
 
 
@@ -325,6 +334,14 @@ class SenCacheHardBudget(SenCachePolicy):
         return np.zeros(len(self.spent), bool)
 
 
+BUDGET_PRIOR = 2.0
+"""The budget rule's default online_prior: a sample's learnt factor gets half its weight after two
+observations (measured on the development draw: see benchmarks/results/online)."""
+MIN_EPS_RATIO = 1e-6
+"""The smallest eps_start / eps_main a plan weighs by (a calibrated eps_start of 0 runs every early
+step, as a weight of 1e6 does)."""
+
+
 class SenCacheOnlineBudget(SenCacheHardBudget):
     """sencache-online held to an NFE budget of `nfe` runs per sample.
 
@@ -349,8 +366,15 @@ class SenCacheOnlineBudget(SenCacheHardBudget):
         profile: np.ndarray,
         mode: str,
         requested_nfe: float,
+        eps_ratio: float = 1.0,
     ) -> None:
-        super().__init__(settings, table, num_steps, batch, numel, nfe, profile)
+        switch = engine_conventions(settings.switch_frac, settings.force_last).switch_step(num_steps)
+        self.weights = np.where(np.arange(num_steps) < switch, 1.0 / max(eps_ratio, MIN_EPS_RATIO), 1.0)
+        """Each step's weight on its score: 1 / eps_ratio over the steps where calibrated SenCache
+        compares with eps_start (eps_ratio x eps_main), so the plan weighs the early steps as the
+        calibrated thresholds do; 1 after."""
+        self.step_weight = 1.0
+        super().__init__(settings, table, num_steps, batch, numel, nfe, np.asarray(profile) * self.weights)
         if mode not in ("threshold", "hard"):
             raise BadInput(f"budget must be threshold or hard, got {mode!r}", param="budget")
         self.mode = mode
@@ -372,6 +396,7 @@ class SenCacheOnlineBudget(SenCacheHardBudget):
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
         self.online.start(step)
+        self.step_weight = float(self.weights[step])
         return super().decide(step, t, drift_sumsq, modulation_change)
 
     def _capped(self) -> np.ndarray:
@@ -381,7 +406,7 @@ class SenCacheOnlineBudget(SenCacheHardBudget):
         return self.reuses >= self.config.max_reuse
 
     def _corrected(self, raw: np.ndarray) -> np.ndarray:
-        return self.online.corrected(raw, self.scale)
+        return self.online.corrected(raw, self.scale) * self.step_weight
 
     def observe(self, step: int, error_sumsq: np.ndarray) -> None:
         """As `SenCacheOnlinePolicy.observe`."""
