@@ -119,3 +119,13 @@ def test_a_budget_selects_the_online_budget_rule_and_refuses_thresholds():
         check_knobs("sencache-online", {"nfe": 10, "eps_main": 0.2})
     with pytest.raises(BadInput, match=r"a budget must lie in \[2, 20\]"):
         make_online_budget_policy({"nfe": 1}, CALIBRATED, 20, 1, 4)
+
+
+def test_the_servers_presets_are_the_online_rule_at_the_named_speeds():
+    from sencache.serving.schema import CacheSpec
+
+    assert CacheSpec(preset="reference").resolve() == ("none", {})
+    for preset, speed in (("quality", "high"), ("balanced", "balanced"), ("fast", "fast")):
+        method, knobs = CacheSpec(preset=preset).resolve()
+        assert (method, knobs) == ("sencache-online", {"speed": speed})
+        assert check_knobs(method, knobs) == knobs
