@@ -121,11 +121,11 @@ def test_a_budget_selects_the_online_budget_rule_and_refuses_thresholds():
         make_online_budget_policy({"nfe": 1}, CALIBRATED, 20, 1, 4)
 
 
-def test_the_servers_presets_are_the_online_rule_at_the_named_speeds():
+def test_the_servers_presets_are_budgets_at_the_named_speeds():
     from sencache.serving.schema import CacheSpec
 
     assert CacheSpec(preset="reference").resolve() == ("none", {})
     for preset, speed in (("quality", "high"), ("balanced", "balanced"), ("fast", "fast")):
         method, knobs = CacheSpec(preset=preset).resolve()
-        assert (method, knobs) == ("sencache-online", {"speed": speed})
+        assert (method, knobs) == ("sencache", {"speed": speed})
         assert check_knobs(method, knobs) == knobs

@@ -214,7 +214,7 @@ def make_online_budget_policy(
     planned = _planned_settings(curves)
     _, fraction, target = budget_target(knobs, steps, _forced_count(planned, steps))
     online = {"online_prior": BUDGET_PRIOR, **{k: knobs[k] for k in ONLINE_KNOBS if k in knobs}}
-    settings = SenCacheOnlineSettings(**{**planned.__dict__, **online})  # type: ignore[arg-type]
+    settings = SenCacheOnlineSettings(**{**planned.__dict__, **online})
     mode = str(knobs.get("budget", "threshold"))
     return SenCacheOnlineBudget(
         settings,
