@@ -1,16 +1,16 @@
-"""sencache-online against SenCache and the best fixed schedule, on held-out prompts and seeds.
+"""The budget-driven sencache-online rule against every other rule, on draws nobody tuned for.
 
     python -m sencache.benchmarks.online --engine bundles/tiny-wan --out benchmarks/results/online/tiny-wan
 
-1. Tune: the online knobs (online_rate x online_bound) are chosen on a draw of grammar prompts and
-   seeds that is neither the evaluation set nor the calibration set: the setting whose PSNR
-   envelope beats SenCache's by most, averaged over matched NFE in the band below.
-2. Evaluate on bench's evaluation set (prompts drawn with EVAL_PROMPT_SEED, seeds 0..n-1): the
-   uncached reference, SenCache's eps sweep, the fixed schedules (warm-up W, then every k-th
-   step, over several W and k: the best of them at each NFE is the envelope) and the online
-   rule's eps sweep; PSNR differences at matched NFE inside 40%..70% of the steps with bootstrap
-   intervals over samples (`matched.compare_at_matched_nfe`), and NFE per sample grouped by the
-   prompt's background and object count.
+Each draw is a set of grammar prompts and seeds drawn from one seed. The development draw
+(DEV_DRAW) is what the rule was developed on; the fresh draws (FRESH_DRAWS) come from seeds the
+development never used and are run once, at the end, and reported side by side. On each draw: the
+uncached reference; SenCache's eps sweep; fixed schedules with and without warm-up (every k-th
+step after W steps run); TeaCache and MagCache threshold sweeps; plain sencache-online's eps sweep;
+and sencache-online held to each requested NFE (`--nfe`, hard mode, and threshold mode at some).
+The budget-driven rule minus each other rule, in PSNR dB at matched NFE inside 40%..70% of the
+steps, with bootstrap intervals over samples (`matched.compare_at_matched_nfe`), and the
+requested against the achieved NFE.
 
 Writes report.json and report.md into --out and prints the Markdown.
 """
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +36,55 @@ from sencache.data.grammar import BACKGROUNDS, COUNTS, grammar_prompts
 from sencache.runtime.files import write_atomic
 from sencache.runtime.model import Model
 
-TUNE_PROMPT_SEED = 7
-"""Tuning prompts are drawn with this seed (evaluation: EVAL_PROMPT_SEED; calibration: 1000)."""
-TUNE_SEED_OFFSET = 100
-"""Tuning samples use seeds 100, 101, ... (evaluation: 0, 1, ...)."""
+
+@dataclass(frozen=True)
+class Draw:
+    """A set of evaluation samples: `samples` grammar prompts drawn with `prompt_seed`, paired with
+    seeds seed_offset, seed_offset + 1, ..."""
+
+    name: str
+    prompt_seed: int
+    seed_offset: int
+
+    def prompts(self, samples: int) -> list[str]:
+        return grammar_prompts(samples, self.prompt_seed)
+
+    def seeds(self, samples: int) -> list[int]:
+        return [self.seed_offset + i for i in range(samples)]
+
+
+DEV_DRAW = Draw("development", 7, 100)
+"""The draw the budget-driven rule was developed on (the former tuning draw of this bench)."""
+FRESH_DRAWS = (Draw("fresh-1", 20261202, 5000), Draw("fresh-2", 20261203, 6000))
+"""Draws from seeds that no development looked at (calibration draws with 1000, bench's own
+evaluation set with EVAL_PROMPT_SEED, the development draw with DEV_DRAW's)."""
+LOOKED_AT = (
+    f"the development draw (prompt seed {DEV_DRAW.prompt_seed}, seeds from {DEV_DRAW.seed_offset}); bench's "
+    f"evaluation set (prompt seed {EVAL_PROMPT_SEED}, seeds from 0), whose earlier report (and the issue's "
+    "held-out figures) motivated the change"
+)
 BAND = (0.4, 0.7)
 """The NFE band of the target, as fractions of the steps."""
-EPS = (0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
-"""Default eps_main sweep of both SenCache rules (the same grid for both)."""
-FIXED = tuple((w, k) for w in (3, 6) for k in (2, 3, 4))
-"""Fixed schedules: all of the first W steps, then every k-th."""
+BEST = "online-budget"
+"""The label of the budget-driven rule (sencache-online with `nfe`, hard mode)."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The settings each rule is swept over (per model: its NFE for a knob value differs)."""
+
+    sencache_eps: tuple[float, ...] = (0.2, 0.3, 0.45, 0.7)
+    online_eps: tuple[float, ...] = (0.15, 0.2)
+    fixed: tuple[tuple[int, int], ...] = ((6, 2), (3, 2), (6, 3), (0, 2), (0, 3))
+    """(warm-up W, interval k) pairs; W 0 is a fixed schedule without warm-up."""
+    teacache: tuple[float, ...] = (0.03, 0.05)
+    magcache: tuple[float, ...] = (0.1, 0.2, 0.4)
+    nfe_fractions: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
+    """The budget rule's requested NFE, as fractions of the steps (rounded to whole runs)."""
+    threshold_fractions: tuple[float, ...] = (0.5,)
+    """The budgets also run in the other mode (requested against achieved NFE)."""
+    mode: str = "hard"
+    """The budget mode of the compared runs (the other mode runs at `threshold_fractions`)."""
 
 
 def difficulty(prompt: str) -> tuple[str, str]:
@@ -57,17 +98,18 @@ def difficulty(prompt: str) -> tuple[str, str]:
 class Sweeper:
     """Runs settings of cache rules over one prompt set and scores them against its uncached run."""
 
-    def __init__(
-        self, engine: Model, prompts: list[str], seeds: list[int], steps: int, eps: tuple[float, ...] = EPS
-    ) -> None:
+    def __init__(self, engine: Model, prompts: list[str], seeds: list[int], steps: int, partial: Path) -> None:
         plan = BenchPlan((), tuple(prompts), tuple(seeds), steps, engine.bundle.manifest.defaults.guidance, False)
-        self.runner, self.steps, self.eps = Runner(engine, plan), steps, eps
+        self.runner, self.steps, self.partial = Runner(engine, plan), steps, partial
         self.reference = self.runner.run("none", {})["frames"]
+        self.done: list[dict[str, Any]] = []
+        """The runs so far, also written to `partial` after each (a long sweep cut short keeps them)."""
 
     def run(self, label: str, method: str, knobs: dict[str, Any]) -> dict[str, Any]:
         measured = self.runner.run(method, knobs)
         scores = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], self.reference, strict=True)]
-        return {
+        print(f"  {label} {knobs}: NFE {np.mean(measured['nfe']):.2f}, PSNR {np.mean(scores):.2f} dB", flush=True)
+        run = {
             "method": label,
             "knobs": knobs,
             "nfe": [int(n) for n in measured["nfe"]],
@@ -75,47 +117,49 @@ class Sweeper:
             "mean_nfe": float(np.mean(measured["nfe"])),
             "mean_psnr": float(np.mean(scores)),
         }
+        self.done.append(run)
+        write_atomic(self.partial, json.dumps(self.done, indent=1).encode())
+        return run
 
-    def sencache(self, method: str, knobs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return [self.run(method, method, {**(knobs or {}), "eps_main": e}) for e in self.eps]
-
-    def fixed(self) -> list[dict[str, Any]]:
-        return [self.run("fixed-warmup", "fixed", {"interval": k, "warmup": w}) for w, k in FIXED]
-
-
-def band_mean(comparison: dict[str, Any], baseline: str) -> float:
-    """The mean PSNR difference over the matched-NFE points of `baseline` (NaN if none)."""
-    points = comparison.get("baselines", {}).get(baseline, {}).get("points", [])
-    return float(np.mean([p["psnr_diff_db"] for p in points])) if points else float("nan")
+    def sweep(self, sweep: Sweep) -> list[dict[str, Any]]:
+        """Every rule of the comparison over its settings: the budget rule and the strongest
+        baselines first, so a sweep cut short still compares them (`--collect`)."""
+        steps = self.steps
+        other = "threshold" if sweep.mode == "hard" else "hard"
+        budgets = sorted({round(f * steps) for f in sweep.nfe_fractions})
+        runs = [self.run(BEST, "sencache-online", {"nfe": n, "budget": sweep.mode}) for n in budgets]
+        runs += [
+            self.run("fixed-warmup" if w else "fixed", "fixed", {"interval": k, "warmup": w}) for w, k in sweep.fixed
+        ]
+        runs += [self.run("sencache", "sencache", {"eps_main": e}) for e in sweep.sencache_eps]
+        runs += [self.run("magcache", "magcache", {"threshold": x}) for x in sweep.magcache]
+        runs += [self.run("teacache", "teacache", {"threshold": x}) for x in sweep.teacache]
+        runs += [self.run("sencache-online", "sencache-online", {"eps_main": e}) for e in sweep.online_eps]
+        checks = sorted({round(f * steps) for f in sweep.threshold_fractions})
+        runs += [self.run(f"{BEST}-{other}", "sencache-online", {"nfe": n, "budget": other}) for n in checks]
+        return runs
 
 
 def compare(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
-    """sencache-online minus each other method at matched NFE inside BAND."""
-    return compare_at_matched_nfe(
-        runs, steps, reference="sencache-online", nfe_range=(BAND[0] * steps, BAND[1] * steps)
-    )
+    """The budget-driven rule minus each other rule at matched NFE inside BAND (its runs in the other
+    budget mode are left out: they check the NFE met, and are the same rule)."""
+    kept = [r for r in runs if not r["method"].startswith(f"{BEST}-")]
+    return compare_at_matched_nfe(kept, steps, reference=BEST, nfe_range=(BAND[0] * steps, BAND[1] * steps))
 
 
-def tune(
-    engine: Model, steps: int, samples: int, eps: tuple[float, ...], grid: list[tuple[float, float]]
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The online knobs of `grid` ((online_rate, online_bound) pairs) that beat SenCache by most
-    on the tuning draw, and every setting's score; a grid of one setting is taken untried."""
-    if len(grid) == 1:
-        return {"online_rate": grid[0][0], "online_bound": grid[0][1]}, []
-    prompts = grammar_prompts(samples, TUNE_PROMPT_SEED)
-    sweeper = Sweeper(engine, prompts, [TUNE_SEED_OFFSET + i for i in range(samples)], steps, eps)
-    baseline = sweeper.sencache("sencache")
-    tried = []
-    for rate, bound in grid:
-        knobs = {"online_rate": rate, "online_bound": bound}
-        runs = sweeper.sencache("sencache-online", knobs)
-        gain = band_mean(compare(baseline + runs, steps), "sencache")
-        tried.append({"knobs": knobs, "mean_gain_vs_sencache_db": gain})
-        print(f"tune {knobs}: {gain:+.3f} dB vs sencache on the tuning draw", flush=True)
-    scored = [t for t in tried if np.isfinite(t["mean_gain_vs_sencache_db"])]
-    best = max(scored, key=lambda t: t["mean_gain_vs_sencache_db"]) if scored else tried[0]
-    return dict(best["knobs"]), tried
+def nfe_met(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Requested against achieved mean NFE of every budget run."""
+    return [
+        {
+            "mode": r["knobs"].get("budget", "threshold"),
+            "requested": r["knobs"]["nfe"],
+            "achieved": r["mean_nfe"],
+            "max_sample": max(r["nfe"]),
+            "min_sample": min(r["nfe"]),
+        }
+        for r in runs
+        if "nfe" in r["knobs"]
+    ]
 
 
 def nfe_by_group(prompts: list[str], run: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -136,86 +180,103 @@ def nfe_by_group(prompts: list[str], run: dict[str, Any]) -> dict[str, dict[str,
     }
 
 
-def nearest(runs: list[dict[str, Any]], method: str, nfe: float) -> dict[str, Any]:
-    return min((r for r in runs if r["method"] == method), key=lambda r: abs(r["mean_nfe"] - nfe))
-
-
-def measure(
-    engine: Model,
-    steps: int,
-    samples: int,
-    tune_samples: int,
-    eps: tuple[float, ...] = EPS,
-    grid: list[tuple[float, float]] | None = None,
-) -> dict[str, Any]:
-    """Tune (over `grid`), then evaluate on the held-out set; the report document."""
+def measure_draw(engine: Model, draw: Draw, steps: int, samples: int, sweep: Sweep, out: Path) -> dict[str, Any]:
+    """Every rule on one draw: its runs, the matched-NFE comparison and the NFE met."""
     torch.set_num_threads(1)
     started = time.perf_counter()
-    knobs, tried = tune(engine, steps, tune_samples, eps, grid or [(0.5, 4.0)])
-    prompts = grammar_prompts(samples, EVAL_PROMPT_SEED)
-    seeds = list(range(samples))
-    sweeper = Sweeper(engine, prompts, seeds, steps, eps)
-    runs = sweeper.sencache("sencache") + sweeper.fixed() + sweeper.sencache("sencache-online", knobs)
-    comparison = compare(runs, steps)
-    middle = 0.5 * (BAND[0] + BAND[1]) * steps
-    spread = {m: nfe_by_group(prompts, nearest(runs, m, middle)) for m in ("sencache-online", "sencache")}
+    prompts, seeds = draw.prompts(samples), draw.seeds(samples)
+    print(f"{draw.name}: {samples} samples, prompt seed {draw.prompt_seed}", flush=True)
+    runs = Sweeper(engine, prompts, seeds, steps, out / f"partial-{draw.name}.json").sweep(sweep)
     return {
-        "model": engine.preset.name,
-        "steps": steps,
-        "guidance": engine.bundle.manifest.defaults.guidance,
-        "band_nfe": [BAND[0] * steps, BAND[1] * steps],
-        "evaluation": {"prompts": prompts, "seeds": seeds, "prompt_seed": EVAL_PROMPT_SEED},
-        "tuning": {
-            "prompts": grammar_prompts(tune_samples, TUNE_PROMPT_SEED),
-            "seeds": [TUNE_SEED_OFFSET + i for i in range(tune_samples)],
-            "tried": tried,
-            "chosen": knobs,
-        },
-        "calibration_prompts": engine.bundle.sensitivity().meta.get("prompts"),
+        "draw": {**asdict(draw), "prompts": prompts, "seeds": seeds},
         "runs": runs,
-        "comparison": comparison,
-        "nfe_by_group": {m: {"run_mean_nfe": nearest(runs, m, middle)["mean_nfe"], **g} for m, g in spread.items()},
+        "comparison": compare(runs, steps),
+        "nfe_met": nfe_met(runs),
         "seconds": time.perf_counter() - started,
+        "load_average": os.getloadavg(),
     }
+
+
+def collect_draw(draw: Draw, steps: int, samples: int, out: Path) -> dict[str, Any]:
+    """A draw's document from the runs its sweep saved (`partial-<draw>.json`), for a sweep that
+    was cut short; its time is not known and its load average is the one now."""
+    runs = json.loads((out / f"partial-{draw.name}.json").read_text())
+    return {
+        "draw": {**asdict(draw), "prompts": draw.prompts(samples), "seeds": draw.seeds(samples)},
+        "runs": runs,
+        "comparison": compare(runs, steps),
+        "nfe_met": nfe_met(runs),
+        "seconds": float("nan"),
+        "load_average": os.getloadavg(),
+        "cut_short": True,
+    }
+
+
+def verdict_lines(draws: list[dict[str, Any]]) -> list[str]:
+    """One line per matched NFE and rule: the difference and interval on each draw, side by side."""
+    names = [d["draw"]["name"] for d in draws]
+    lines = [
+        "",
+        f"{BEST} minus each rule, PSNR dB at matched NFE, 95% bootstrap interval, per draw:",
+        "",
+        "| rule | " + " | ".join(f"{n}: NFE, diff [interval]" for n in names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
+    rules = sorted({b for d in draws for b in d["comparison"].get("baselines", {})})
+    for rule in rules:
+        columns = []
+        for d in draws:
+            points = d["comparison"]["baselines"].get(rule, {}).get("points", [])
+            columns.append(
+                "<br>".join(
+                    f"{p['nfe']:.1f}: {p['psnr_diff_db']:+.2f} [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+                    for p in points
+                )
+                or "no shared NFE"
+            )
+        lines.append(f"| {rule} | " + " | ".join(columns) + " |")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
     steps, (lo, hi) = report["steps"], report["band_nfe"]
+    draws = report["draws"]
     lines = [
-        f"# {report['model']}: sencache-online, {len(report['evaluation']['prompts'])} held-out prompts, {steps} steps",
+        f"# {report['model']}: budget-driven sencache-online against every rule, {steps} steps",
         "",
-        f"Online knobs: {report['tuning']['chosen']} "
-        + (
-            "(set, not tuned)."
-            if not report["tuning"]["tried"]
-            else "(chosen on the tuning draw; tried: "
-            + "; ".join(f"{t['knobs']} {t['mean_gain_vs_sencache_db']:+.2f} dB" for t in report["tuning"]["tried"])
-            + ")."
-        ),
-        "",
-        "| method | knobs | NFE | PSNR dB |",
-        "| --- | --- | ---: | ---: |",
-    ]
-    for r in report["runs"]:
-        knobs = ", ".join(f"{k}={v:g}" for k, v in r["knobs"].items())
-        lines.append(f"| {r['method']} | {knobs} | {r['mean_nfe']:.2f} | {r['mean_psnr']:.2f} |")
-    lines += comparison_lines(
-        f"sencache-online (NFE in [{lo:g}, {hi:g}], best envelope of each method)", report["comparison"]
-    )
-    lines += ["", "NFE and PSNR by prompt group (the run of each rule nearest the band's middle):", ""]
-    lines += ["| group | samples | " + " | ".join(f"{m} NFE | {m} PSNR" for m in report["nfe_by_group"]) + " |"]
-    lines += ["| --- | ---: |" + " ---: | ---: |" * len(report["nfe_by_group"])]
-    methods = list(report["nfe_by_group"])
-    groups = [g for g in report["nfe_by_group"][methods[0]] if g != "run_mean_nfe"]
-    means = " | ".join(f"{report['nfe_by_group'][m]['run_mean_nfe']:.2f} |" for m in methods)
-    lines.append(f"| (run mean NFE) | | {means}")
-    for g in groups:
-        cells = " | ".join(
-            f"{report['nfe_by_group'][m][g]['mean_nfe']:.2f} | {report['nfe_by_group'][m][g]['mean_psnr']:.2f}"
-            for m in methods
+        "Draws: "
+        + "; ".join(
+            f"{d['draw']['name']} ({len(d['draw']['prompts'])} samples, prompt seed {d['draw']['prompt_seed']}, "
+            f"seeds from {d['draw']['seed_offset']})"
+            for d in draws
         )
-        lines.append(f"| {g} | {report['nfe_by_group'][methods[0]][g]['samples']} | {cells} |")
-    lines += ["", f"Measured in {report['seconds']:.0f} s.", ""]
+        + ".",
+        f"Looked at while developing: {report['looked_at']}. The fresh draws were run once, at the end.",
+        f"Matched NFE inside [{lo:g}, {hi:g}] (40-70% of the steps), each rule's upper envelope.",
+    ]
+    lines += verdict_lines(draws)
+    lines += ["", "Requested against achieved mean NFE (min-max over samples):", ""]
+    lines += ["| draw | mode | requested | achieved | samples |", "| --- | --- | ---: | ---: | --- |"]
+    for d in draws:
+        for m in d["nfe_met"]:
+            lines.append(
+                f"| {d['draw']['name']} | {m['mode']} | {m['requested']} | {m['achieved']:.2f} | "
+                f"{m['min_sample']}-{m['max_sample']} |"
+            )
+    for d in draws:
+        lines += [
+            "",
+            f"## {d['draw']['name']}",
+            "",
+            "| method | knobs | NFE | PSNR dB |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for r in d["runs"]:
+            knobs = ", ".join(f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in r["knobs"].items())
+            lines.append(f"| {r['method']} | {knobs} | {r['mean_nfe']:.2f} | {r['mean_psnr']:.2f} |")
+        lines += comparison_lines(BEST, d["comparison"])
+        load = ", ".join(f"{x:.1f}" for x in d["load_average"])
+        lines += ["", f"Measured in {d['seconds']:.0f} s (load average at the end {load}).", ""]
     return "\n".join(lines)
 
 
@@ -223,16 +284,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--samples", type=int, default=16, help="held-out evaluation samples")
-    parser.add_argument("--tune-samples", type=int, default=8, help="samples of the tuning draw")
+    parser.add_argument("--samples", type=int, default=12, help="samples of each draw")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--eps", type=float, nargs="+", default=list(EPS), help="eps_main sweep of both rules")
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.5], help="online_rate values to tune over")
-    parser.add_argument("--bounds", type=float, nargs="+", default=[4.0], help="online_bound values to tune over")
+    parser.add_argument(
+        "--draws",
+        nargs="+",
+        default=[d.name for d in FRESH_DRAWS],
+        choices=[DEV_DRAW.name, *(d.name for d in FRESH_DRAWS)],
+    )
+    parser.add_argument("--sencache-eps", type=float, nargs="+", default=list(Sweep.sencache_eps))
+    parser.add_argument("--online-eps", type=float, nargs="+", default=list(Sweep.online_eps))
+    parser.add_argument("--teacache", type=float, nargs="+", default=list(Sweep.teacache))
+    parser.add_argument("--magcache", type=float, nargs="+", default=list(Sweep.magcache))
+    parser.add_argument("--mode", choices=("hard", "threshold"), default=Sweep.mode, help="budget mode compared")
+    parser.add_argument(
+        "--collect", action="store_true", help="write the report from the runs a cut-short sweep saved in --out"
+    )
     args = parser.parse_args()
     engine = Model.open(args.engine, threads=1)
-    grid = [(rate, bound) for rate in args.rates for bound in args.bounds]
-    report = measure(engine, args.steps, args.samples, args.tune_samples, tuple(args.eps), grid)
+    sweep = Sweep(
+        tuple(args.sencache_eps),
+        tuple(args.online_eps),
+        Sweep.fixed,
+        tuple(args.teacache),
+        tuple(args.magcache),
+        mode=args.mode,
+    )
+    known = {d.name: d for d in (DEV_DRAW, *FRESH_DRAWS)}
+    if args.collect:
+        draws = [collect_draw(known[name], args.steps, args.samples, args.out) for name in args.draws]
+    else:
+        draws = [measure_draw(engine, known[name], args.steps, args.samples, sweep, args.out) for name in args.draws]
+    report = {
+        "model": engine.preset.name,
+        "steps": args.steps,
+        "guidance": engine.bundle.manifest.defaults.guidance,
+        "band_nfe": [BAND[0] * args.steps, BAND[1] * args.steps],
+        "looked_at": LOOKED_AT,
+        "sweep": asdict(sweep),
+        "calibration_prompts": engine.bundle.sensitivity().meta.get("prompts"),
+        "draws": draws,
+    }
     write_atomic(args.out / "report.json", json.dumps(report, indent=1).encode())
     text = markdown(report)
     write_atomic(args.out / "report.md", text.encode())

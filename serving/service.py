@@ -162,7 +162,7 @@ class VideoService:
         manifest = self.engine.model.bundle.manifest
         image = None if video.image is None else read_image(image_bytes(video.image))
         check_image_fits(manifest.family, manifest.model, image is not None)
-        method, knobs = video.cache.resolve(self.defaults)
+        method, knobs = video.cache.resolve()
         request = GenerationParams.resolve(
             self.defaults,
             [video.prompt or ""],

@@ -19,7 +19,6 @@ from sencache.runtime.cache.budget import (
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.errors import BadInput
-from sencache.runtime.manifest import Defaults
 from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
 
@@ -188,7 +187,7 @@ def test_the_budget_knobs_reach_the_server_schema():
     from sencache.serving.schema import CacheSpec
 
     spec = CacheSpec(method="sencache", knobs={"nfe": 12, "budget": "hard"})
-    assert spec.resolve(Defaults(30, 5.0, {})) == ("sencache", {"nfe": 12, "budget": "hard"})
+    assert spec.resolve() == ("sencache", {"nfe": 12, "budget": "hard"})
     with pytest.raises(pydantic.ValidationError, match="cache.knobs.eps_main cannot be given with speedup"):
         CacheSpec(method="sencache", knobs={"speedup": 2.0, "eps_main": 0.3})
 

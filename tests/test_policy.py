@@ -153,10 +153,10 @@ def test_a_sample_costlier_than_predicted_runs_more_and_a_cheaper_one_reuses_mor
         q.decide(0, 500.0, None)  # anchor t=500: Jx 2, Jt 0.02
         d = q.decide(1, 400.0, np.array([81.0, 81.0]))  # raw 2*9 + 0.02*100 = 20: S_table 10 > eps 5
         assert d.run.all()
-    np.testing.assert_allclose(p.predicted, [10.0, 10.0])
+    np.testing.assert_allclose(p.online.predicted, [10.0, 10.0])
     p.observe(1, error_sumsq([20.0, 5.0]))  # observed 2x and 0.5x the prediction
     np.testing.assert_allclose(p.factor, [2.0, 0.5])
-    np.testing.assert_array_equal(p.observations, [1, 1])
+    np.testing.assert_array_equal(p.online.observations, [1, 1])
     # anchor t=400: Jx 1.8, Jt 0.018; a drift giving S_table = 4 < eps 5
     drift = ((8.0 - 0.018 * 100) / 1.8) ** 2
     learnt, table = (q.decide(2, 300.0, np.array([drift, drift])) for q in (p, plain))
@@ -170,17 +170,17 @@ def test_online_factor_is_a_clipped_moving_average_of_log_ratios():
     p.decide(0, 500.0, None)
     p.decide(1, 400.0, np.full(3, 81.0))  # S_table 10
     p.observe(1, error_sumsq([40.0, 1e6, 0.0]))  # ratios 4, far above the bound, 0
-    np.testing.assert_allclose(p.log_factor, [0.5 * math.log(4.0), 0.5 * math.log(4.0), -0.5 * math.log(4.0)])
+    np.testing.assert_allclose(p.online.log_factor, [0.5 * math.log(4.0), 0.5 * math.log(4.0), -0.5 * math.log(4.0)])
     p.decide(2, 300.0, np.full(3, 1e4))  # runs: S_table well above eps
-    p.observe(2, error_sumsq(p.predicted * 4.0))
-    np.testing.assert_allclose(p.log_factor[0], 0.75 * math.log(4.0))
+    p.observe(2, error_sumsq(p.online.predicted * 4.0))
+    np.testing.assert_allclose(p.online.log_factor[0], 0.75 * math.log(4.0))
     assert np.all(p.factor <= 4.0 + 1e-12) and np.all(p.factor >= 0.25 - 1e-12)
 
 
 def test_online_learns_nothing_where_unobserved_or_forced():
     p = online(rate=1.0)
     p.decide(0, 500.0, None)  # forced: no prediction
-    assert np.isnan(p.predicted).all()
+    assert np.isnan(p.online.predicted).all()
     p.observe(0, error_sumsq([3.0, 3.0]))
     p.decide(1, 400.0, np.array([81.0, 81.0]))
     p.observe(1, np.array([np.nan, error_sumsq(30.0)]))  # sample 0 not observed

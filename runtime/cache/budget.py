@@ -9,6 +9,11 @@ of two modes:
   profile of the steps left, the rule plans a per-sample threshold under which the expected runs
   left equal the runs left in the budget, and re-plans at the next step with the score it then sees;
   the plan's decisions are tabulated once per request over (step, runs left), so a step looks them up.
+
+sencache-online takes the same budgets: each sample follows the hard mode's plan with its score
+scaled by its learnt factor (`SenCacheOnlineBudget`), so the budget is spread over the steps by
+the table's predicted error, per sample; in threshold mode max_reuse still applies (a sample may
+run past its budget rather than reuse longer), in hard mode it never does.
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ import numpy as np
 from sencache.runtime.cache.base import CachePolicy, StepDecision
 from sencache.runtime.cache.knobs import BUDGET_TARGETS, SPEEDS
 from sencache.runtime.cache.registry import Rule, register_rule
-from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
+from sencache.runtime.cache.sencache import (
+    ONLINE_KNOBS,
+    OnlineFactor,
+    SenCacheOnlineSettings,
+    SenCachePolicy,
+    SenCacheSettings,
+)
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
@@ -131,21 +142,9 @@ def requested_fraction(knobs: Mapping[str, object]) -> tuple[str, float]:
     raise BadInput("budget needs an NFE budget: nfe, speedup or speed", param="budget")
 
 
-def make_budget_policy(
-    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int, numel: int
-) -> SenCachePolicy:
-    """The SenCache rule for a request with an NFE budget (`nfe`, `speedup` or `speed`, and
-    `budget` = threshold or hard); BadInput when the budget cannot be met at `steps` steps."""
-    curves = table.budget_curves()
-    settings = SenCacheSettings(
-        eps_start=0.0,
-        eps_main=0.0,
-        max_reuse=curves.max_reuse,
-        switch_frac=curves.switch_frac,
-        force_last=curves.force_last,
-    )
-    conventions = engine_conventions(settings.switch_frac, settings.force_last)
-    forced = sum(conventions.forced(i, steps) for i in range(steps))
+def budget_target(knobs: Mapping[str, object], steps: int, forced: int) -> tuple[str, float, int]:
+    """(the knob that set it, the fraction of steps asked for, the runs per sample that are) of a
+    request's budget; BadInput when those runs fall outside [forced, steps]."""
     param, fraction = requested_fraction(knobs)
     target = int(knobs["nfe"]) if param == "nfe" else round(steps * fraction)  # type: ignore[call-overload]
     if param == "nfe":
@@ -156,6 +155,33 @@ def make_budget_policy(
             f"[{forced}, {steps}] runs ({forced} steps always run)",
             param=param,
         )
+    return param, fraction, target
+
+
+def _planned_settings(curves: BudgetCurves) -> SenCacheSettings:
+    """The engine's conventions and the calibrated max_reuse, with no eps (a plan needs none)."""
+    return SenCacheSettings(
+        eps_start=0.0,
+        eps_main=0.0,
+        max_reuse=curves.max_reuse,
+        switch_frac=curves.switch_frac,
+        force_last=curves.force_last,
+    )
+
+
+def _forced_count(settings: SenCacheSettings, steps: int) -> int:
+    conventions = engine_conventions(settings.switch_frac, settings.force_last)
+    return sum(conventions.forced(i, steps) for i in range(steps))
+
+
+def make_budget_policy(
+    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int, numel: int
+) -> SenCachePolicy:
+    """The SenCache rule for a request with an NFE budget (`nfe`, `speedup` or `speed`, and
+    `budget` = threshold or hard); BadInput when the budget cannot be met at `steps` steps."""
+    curves = table.budget_curves()
+    settings = _planned_settings(curves)
+    param, fraction, target = budget_target(knobs, steps, _forced_count(settings, steps))
     mode = str(knobs.get("budget", "threshold"))
     if mode == "hard":
         return SenCacheHardBudget(settings, table, steps, batch, numel, target, step_profile(curves, steps))
@@ -176,6 +202,31 @@ def make_budget_policy(
     )
     return SenCachePolicy(
         chosen, table, steps, batch, numel, budget={"mode": "threshold", "requested_nfe": fraction * steps}
+    )
+
+
+def make_online_budget_policy(
+    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int, numel: int
+) -> SenCachePolicy:
+    """The sencache-online rule for a request with an NFE budget: the hard mode's plan over the
+    calibrated profile, each sample's score scaled by its learnt factor (`SenCacheOnlineBudget`)."""
+    curves = table.budget_curves()
+    planned = _planned_settings(curves)
+    _, fraction, target = budget_target(knobs, steps, _forced_count(planned, steps))
+    online = {"online_prior": BUDGET_PRIOR, **{k: knobs[k] for k in ONLINE_KNOBS if k in knobs}}
+    settings = SenCacheOnlineSettings(**{**planned.__dict__, **online})
+    mode = str(knobs.get("budget", "threshold"))
+    return SenCacheOnlineBudget(
+        settings,
+        table,
+        steps,
+        batch,
+        numel,
+        target,
+        step_profile(curves, steps),
+        mode,
+        fraction * steps,
+        curves.eps_ratio,
     )
 
 
@@ -271,12 +322,95 @@ class SenCacheHardBudget(SenCachePolicy):
         else:
             _, score = self._scores(t, drift_sumsq)
             left = self.nfe - self.spent - self.forced_after[step]
-            run = left >= self.free_from[step]
+            run = (left >= self.free_from[step]) | self._capped()
             open_ = (left > 0) & ~run
             run[open_] = score[open_] >= self.thresholds[step, left[open_]]
         self.spent += run
         self._commit(step, t, run)
         return StepDecision(run, score, math.nan, forced)
+
+    def _capped(self) -> np.ndarray:
+        """Samples that run whatever their plan says (none: the hard mode never passes its budget)."""
+        return np.zeros(len(self.spent), bool)
+
+
+BUDGET_PRIOR = 2.0
+"""The budget rule's default online_prior: a sample's learnt factor gets half its weight after two
+observations (measured on the development draw: see benchmarks/results/online)."""
+MIN_EPS_RATIO = 1e-6
+"""The smallest eps_start / eps_main a plan weighs by (a calibrated eps_start of 0 runs every early
+step, as a weight of 1e6 does)."""
+
+
+class SenCacheOnlineBudget(SenCacheHardBudget):
+    """sencache-online held to an NFE budget of `nfe` runs per sample.
+
+    Each sample follows the hard mode's plan (`run_thresholds` over the calibrated profile: the
+    budget goes to the steps where the table predicts the largest reuse error, so the early,
+    sensitive steps get the runs the table justifies and no warm-up is set by hand), with its score
+    scaled by its learnt factor (`OnlineFactor`, the engine's observations as for sencache-online).
+    Mode "hard": exactly `nfe` runs. Mode "threshold": also runs a sample that has reused
+    max_reuse steps in a row, so it may pass its budget (the mean NFE is reported, not promised
+    exact)."""
+
+    name = "sencache-online"
+
+    def __init__(
+        self,
+        settings: SenCacheOnlineSettings,
+        table: SensitivityTable,
+        num_steps: int,
+        batch: int,
+        numel: int,
+        nfe: int,
+        profile: np.ndarray,
+        mode: str,
+        requested_nfe: float,
+        eps_ratio: float = 1.0,
+    ) -> None:
+        switch = engine_conventions(settings.switch_frac, settings.force_last).switch_step(num_steps)
+        self.weights = np.where(np.arange(num_steps) < switch, 1.0 / max(eps_ratio, MIN_EPS_RATIO), 1.0)
+        """Each step's weight on its score: 1 / eps_ratio over the steps where calibrated SenCache
+        compares with eps_start (eps_ratio x eps_main), so the plan weighs the early steps as the
+        calibrated thresholds do; 1 after."""
+        self.step_weight = 1.0
+        super().__init__(settings, table, num_steps, batch, numel, nfe, np.asarray(profile) * self.weights)
+        if mode not in ("threshold", "hard"):
+            raise BadInput(f"budget must be threshold or hard, got {mode!r}", param="budget")
+        self.mode = mode
+        self.budget = {"mode": mode, "nfe": nfe, "requested_nfe": requested_nfe}
+        self.online = OnlineFactor(batch, settings.online_rate, settings.online_bound, settings.online_prior)
+
+    def settings(self) -> dict[str, Any]:
+        """The budget, the conventions and the online knobs (and max_reuse where it applies)."""
+        config = self.config
+        kept = [*ONLINE_KNOBS, *(("max_reuse",) if self.mode == "threshold" else ())]
+        return {**super().settings(), **{k: getattr(config, k) for k in kept}}
+
+    @property
+    def factor(self) -> np.ndarray:
+        """Each sample's correction factor as applied."""
+        return self.online.factor
+
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
+    ) -> StepDecision:
+        self.online.start(step)
+        self.step_weight = float(self.weights[step])
+        return super().decide(step, t, drift_sumsq, modulation_change)
+
+    def _capped(self) -> np.ndarray:
+        """In threshold mode, samples that have reused max_reuse steps in a row."""
+        if self.mode == "hard":
+            return super()._capped()
+        return self.reuses >= self.config.max_reuse
+
+    def _corrected(self, raw: np.ndarray) -> np.ndarray:
+        return self.online.corrected(raw, self.scale) * self.step_weight
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        """As `SenCacheOnlinePolicy.observe`."""
+        self.online.observe(step, np.sqrt(np.asarray(error_sumsq, dtype=np.float64)) / self.scale)
 
 
 register_rule(
@@ -285,6 +419,18 @@ register_rule(
         "SenCache held to an NFE budget",
         (*BUDGET_TARGETS, "budget"),
         lambda knobs, context: make_budget_policy(
+            knobs, context.sensitivity(), context.steps, context.batch, context.numel
+        ),
+        ("sensitivity",),
+        selected_by=BUDGET_TARGETS,
+    )
+)
+register_rule(
+    Rule(
+        "sencache-online",
+        "sencache-online held to an NFE budget (the hard mode's plan, scores scaled by the learnt factor)",
+        (*BUDGET_TARGETS, "budget", *ONLINE_KNOBS),
+        lambda knobs, context: make_online_budget_policy(
             knobs, context.sensitivity(), context.steps, context.batch, context.numel
         ),
         ("sensitivity",),

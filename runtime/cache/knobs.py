@@ -84,14 +84,21 @@ KNOBS: dict[str, Knob] = {
             "sample's moving average (0: plain sencache)",
         ),
         Knob("online_bound", float, 1.0, 1e6, "sencache-online: the learnt factor stays within [1/bound, bound]"),
-        Knob("nfe", int, 1, MAX_STEPS, "sencache: NFE budget per sample instead of eps (see budget)"),
-        Knob("speedup", float, 1.0, MAX_STEPS, "sencache: NFE budget as steps/NFE instead of eps"),
+        Knob(
+            "online_prior",
+            float,
+            0.0,
+            1e6,
+            "sencache-online: observations at which the learnt factor gets half its weight (0: full weight at once)",
+        ),
+        Knob("nfe", int, 1, MAX_STEPS, "sencache, sencache-online: NFE budget per sample instead of eps (see budget)"),
+        Knob("speedup", float, 1.0, MAX_STEPS, "sencache, sencache-online: NFE budget as steps/NFE instead of eps"),
         Knob(
             "speed",
             str,
             0,
             0,
-            "sencache: a named NFE budget instead of eps, the fraction of steps run: "
+            "sencache, sencache-online: a named NFE budget instead of eps, the fraction of steps run: "
             + ", ".join(f"{k} {v:g}" for k, v in SPEEDS.items()),
             tuple(SPEEDS),
         ),
@@ -100,8 +107,8 @@ KNOBS: dict[str, Knob] = {
             str,
             0,
             0,
-            "sencache, with nfe/speedup/speed: threshold (default: eps chosen from calibrated curves, "
-            "NFE on average) or hard (exactly that NFE for every sample)",
+            "with nfe/speedup/speed: threshold (default: NFE on average; sencache: eps from calibrated "
+            "curves, sencache-online: the planned budget, max_reuse still applies) or hard (exactly that NFE)",
             BUDGET_MODES,
         ),
         Knob("interval", int, 1, MAX_STEPS, "fixed: run every K-th step"),

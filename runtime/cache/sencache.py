@@ -180,10 +180,66 @@ class SenCacheOnlineSettings(SenCacheSettings):
     predicted reuse error (0: never learn, the rule is sencache; 1: the last observation alone)."""
     online_bound: float = 4.0
     """The correction factor stays within [1 / online_bound, online_bound]."""
+    online_prior: float = 0.0
+    """Observations at which the learnt factor gets half its weight (shrunk toward the table
+    before that; 0: applied in full from the first observation)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_settings(self, "online_rate", "online_bound")
+        check_settings(self, "online_rate", "online_bound", "online_prior")
+
+
+class OnlineFactor:
+    """Each sample's factor c_b between the reuse error it was observed to cost and the table's
+    score that predicted it, learnt as the run goes (pure state, shared by the online rules).
+
+    log c_b moves towards log(e_b / S_table) by an exponential moving average with weight `rate`,
+    each observation clipped to +-log(bound). The factor a rule applies is shrunk toward the table
+    (c = 1) by how much evidence the sample has: log c_b x n / (n + prior) after n observations,
+    so one early observation does not swing a sample (prior 0: no shrinkage)."""
+
+    def __init__(self, batch: int, rate: float, bound: float, prior: float = 0.0) -> None:
+        self.rate = rate
+        self.log_bound = float(np.log(bound))
+        self.prior = prior
+        self.log_factor = np.zeros(batch)
+        self.observations = np.zeros(batch, dtype=np.int64)
+        self.predicted = np.full(batch, np.nan)
+        """The table's score S_table of the last decided step (NaN where it was forced)."""
+        self.decided_step = -1
+
+    @property
+    def factor(self) -> np.ndarray:
+        """Each sample's factor as applied: the learnt one shrunk by its evidence."""
+        n = self.observations
+        weight = n / np.maximum(n + self.prior, 1e-300) if self.prior > 0 else np.ones(len(n))
+        return np.exp(self.log_factor * weight)
+
+    def start(self, step: int) -> None:
+        """A step is being decided: nothing predicted yet (a forced step predicts nothing)."""
+        self.predicted = np.full(len(self.log_factor), np.nan)
+        self.decided_step = step
+
+    def corrected(self, raw: np.ndarray, scale: float) -> np.ndarray:
+        """The factor applied to the table's raw score; raw / `scale` (the score in the error's
+        units) is kept as the prediction."""
+        self.predicted = raw / scale
+        return raw * self.factor
+
+    def observe(self, step: int, error: np.ndarray) -> None:
+        """Learn from the normalised reuse error observed at `step` (NaN where not observed)."""
+        batch = len(self.log_factor)
+        if step != self.decided_step:
+            raise ValueError(f"observe(step={step}) must follow decide of that step (last: {self.decided_step})")
+        if error.shape != (batch,):
+            raise ValueError(f"error_sumsq must have shape ({batch},)")
+        seen = np.isfinite(error) & np.isfinite(self.predicted) & (self.predicted > 0)
+        if not seen.any():
+            return
+        with np.errstate(divide="ignore"):
+            ratio = np.clip(np.log(error[seen] / self.predicted[seen]), -self.log_bound, self.log_bound)
+        self.log_factor[seen] = (1.0 - self.rate) * self.log_factor[seen] + self.rate * ratio
+        self.observations[seen] += 1
 
 
 class SenCacheOnlinePolicy(SenCachePolicy):
@@ -195,9 +251,9 @@ class SenCacheOnlinePolicy(SenCachePolicy):
     (`observe`): the true error the table's score S_table predicted at that step, in the same
     units (SPEC section 1 bounds the output change). log c_b moves towards log(e_b / S_table)
     by an exponential moving average with weight `online_rate`, clipped to
-    +-log(online_bound); the decision compares c_b * S_table with eps as sencache compares
-    S_table. A sample whose reuse costs more than the table says runs more, one that costs
-    less reuses more. Without observations c_b stays 1 and the decisions are sencache's.
+    +-log(online_bound) (`OnlineFactor`); the decision compares c_b * S_table with eps as
+    sencache compares S_table. A sample whose reuse costs more than the table says runs more, one
+    that costs less reuses more. Without observations c_b stays 1 and the decisions are sencache's.
     """
 
     name = "sencache-online"
@@ -212,48 +268,27 @@ class SenCacheOnlinePolicy(SenCachePolicy):
         conventions: SenCacheConventions | None = None,
     ) -> None:
         super().__init__(settings, table, num_steps, batch, numel, conventions)
-        self.rate = settings.online_rate
-        self.log_bound = float(np.log(settings.online_bound))
-        self.log_factor = np.zeros(batch)
-        self.observations = np.zeros(batch, dtype=np.int64)
-        self.predicted = np.full(batch, np.nan)
-        """The table's score S_table of the last decided step (NaN where it was forced)."""
-        self.decided_step = -1
+        self.online = OnlineFactor(batch, settings.online_rate, settings.online_bound, settings.online_prior)
 
     @property
     def factor(self) -> np.ndarray:
         """Each sample's correction factor c_b."""
-        return np.exp(self.log_factor)
+        return self.online.factor
 
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
-        self.predicted = np.full(len(self.reuses), np.nan)
-        self.decided_step = step
+        self.online.start(step)
         return super().decide(step, t, drift_sumsq, modulation_change)
 
     def _corrected(self, raw: np.ndarray) -> np.ndarray:
-        self.predicted = raw / self.scale
-        return raw * np.exp(self.log_factor)
+        return self.online.corrected(raw, self.scale)
 
     def observe(self, step: int, error_sumsq: np.ndarray) -> None:
         """Learn from the reuse error observed at `step` (the step just decided): per sample the
         squared L2 norm of guided output from the cached residual minus the fresh output, NaN
         where the sample did not run or had no cached residual."""
-        batch = len(self.reuses)
-        if step != self.decided_step:
-            raise ValueError(f"observe(step={step}) must follow decide of that step (last: {self.decided_step})")
-        error_sumsq = np.asarray(error_sumsq, dtype=np.float64)
-        if error_sumsq.shape != (batch,):
-            raise ValueError(f"error_sumsq must have shape ({batch},)")
-        error = np.sqrt(error_sumsq) / self.scale
-        seen = np.isfinite(error) & np.isfinite(self.predicted) & (self.predicted > 0)
-        if not seen.any():
-            return
-        with np.errstate(divide="ignore"):
-            ratio = np.clip(np.log(error[seen] / self.predicted[seen]), -self.log_bound, self.log_bound)
-        self.log_factor[seen] = (1.0 - self.rate) * self.log_factor[seen] + self.rate * ratio
-        self.observations[seen] += 1
+        self.online.observe(step, np.sqrt(np.asarray(error_sumsq, dtype=np.float64)) / self.scale)
 
 
 def _conventions(settings: SenCacheSettings, context: RuleContext) -> SenCacheConventions | None:
@@ -276,6 +311,8 @@ def _online(knobs: dict[str, Any], context: RuleContext) -> SenCachePolicy:
 register_defaults(DefaultsSection("sencache", SenCacheDefaults, required=True))
 _THRESHOLDS = ("eps_start", "eps_main", "max_reuse", "conventions")
 _NEEDS: tuple[Need, ...] = ("sensitivity", "reference")
+ONLINE_KNOBS = ("online_rate", "online_bound", "online_prior")
+"""The knobs of the learnt factor, with or without an NFE budget."""
 register_rule(
     Rule(
         "sencache",
@@ -300,7 +337,7 @@ register_rule(
     Rule(
         "sencache-online",
         "SenCache with a per-sample factor learnt online from the observed cost of reusing (experimental)",
-        (*_THRESHOLDS, "online_rate", "online_bound"),
+        (*_THRESHOLDS, *ONLINE_KNOBS),
         _online,
         _NEEDS,
         section="sencache",

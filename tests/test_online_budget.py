@@ -1,0 +1,131 @@
+"""sencache-online held to an NFE budget (issue 26): the hard mode's exact budget, the threshold
+mode's max_reuse guard, the learnt factor's shrinkage toward the table, and the knobs that select it."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sencache.runtime.cache.budget import (
+    SenCacheHardBudget,
+    SenCacheOnlineBudget,
+    make_online_budget_policy,
+    step_profile,
+)
+from sencache.runtime.cache.knobs import check_knobs
+from sencache.runtime.cache.registry import rule_for
+from sencache.runtime.cache.sencache import OnlineFactor, SenCacheOnlineSettings, SenCacheSettings
+from sencache.runtime.errors import BadInput
+from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
+
+TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
+CURVES = BudgetCurves(
+    steps=(10, 20),
+    eps_grid=(0.0, 0.1, 0.2, 0.4),
+    fractions=((1.0, 0.8, 0.6, 0.5), (1.0, 0.6, 0.4, 0.3)),
+    profiles=(tuple(np.linspace(0.1, 0.2, 10)), tuple(np.linspace(0.05, 0.1, 20))),
+    eps_ratio=0.25,
+    max_reuse=3,
+    switch_frac=0.2,
+    force_last=True,
+)
+CALIBRATED = SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=CURVES)
+
+
+def online_budget(steps: int, batch: int, nfe: int, mode: str, max_reuse: int = 3, **online) -> SenCacheOnlineBudget:
+    settings = SenCacheOnlineSettings(0.0, 0.0, max_reuse, **online)
+    profile = step_profile(CURVES, steps)
+    return SenCacheOnlineBudget(settings, TABLE, steps, batch, 4, nfe, profile, mode, float(nfe))
+
+
+def run_trace(policy, rng: np.random.Generator, steps: int, batch: int, observe: bool) -> np.ndarray:
+    """The runs [steps, batch] of `policy` on random drifts, with random observed reuse errors."""
+    runs = np.zeros((steps, batch), bool)
+    for i in range(steps):
+        drift = rng.lognormal(-3.0, 1.5, batch) ** 2 * rng.choice([0.0, 1.0, 50.0], batch)
+        runs[i] = policy.decide(i, 1000.0 * (1 - i / steps), None if i == 0 else drift).run
+        if observe:
+            policy.observe(i, rng.lognormal(0.0, 2.0, batch) * np.where(rng.random(batch) < 0.2, np.nan, 1.0))
+    return runs
+
+
+@pytest.mark.parametrize("steps", [6, 13, 30])
+def test_the_hard_mode_gives_every_learning_sample_exactly_its_budget(steps):
+    rng = np.random.default_rng(steps)
+    for nfe in range(2, steps + 1):
+        policy = online_budget(steps, 5, nfe, "hard", online_rate=0.7, online_prior=1.0)
+        runs = run_trace(policy, rng, steps, 5, observe=True)
+        assert runs.sum(axis=0).tolist() == [nfe] * 5, (steps, nfe)
+
+
+def test_without_observations_the_plan_is_the_hard_modes():
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    steps = 20
+    for nfe in (8, 10, 14):
+        mine = run_trace(online_budget(steps, 4, nfe, "hard"), rng_a, steps, 4, observe=False)
+        profile = step_profile(CURVES, steps)
+        hard = SenCacheHardBudget(SenCacheSettings(0.0, 0.0, 3), TABLE, steps, 4, 4, nfe, profile)
+        assert (mine == run_trace(hard, rng_b, steps, 4, observe=False)).all()
+
+
+def longest_reuse(runs: np.ndarray) -> int:
+    longest = 0
+    for column in runs.T:
+        gaps = np.diff(np.flatnonzero(column)) - 1
+        longest = max(longest, int(gaps.max(initial=0)))
+    return longest
+
+
+def test_the_threshold_mode_reuses_at_most_max_reuse_in_a_row_and_runs_at_least_its_budget():
+    rng = np.random.default_rng(1)
+    steps, batch = 30, 6
+    for nfe in (12, 15, 18, 21):
+        runs = run_trace(online_budget(steps, batch, nfe, "threshold", max_reuse=2), rng, steps, batch, True)
+        assert longest_reuse(runs) <= 2
+        assert (runs.sum(axis=0) >= nfe).all()
+        hard = run_trace(online_budget(steps, batch, nfe, "hard", max_reuse=2), rng, steps, batch, True)
+        assert (hard.sum(axis=0) == nfe).all()
+    # with a cap the plan never reaches, threshold and hard take the same decisions
+    a, b = (
+        run_trace(online_budget(20, 3, 14, m, max_reuse=20), np.random.default_rng(2), 20, 3, True)
+        for m in ("threshold", "hard")
+    )
+    assert (a == b).all()
+
+
+def test_the_learnt_factor_is_shrunk_toward_the_table_by_its_evidence():
+    factor = OnlineFactor(2, rate=1.0, bound=100.0, prior=2.0)
+    factor.start(1)
+    factor.corrected(np.array([1.0, 1.0]), 1.0)
+    factor.observe(1, np.array([4.0, np.nan]))  # one observation of 4x the prediction
+    assert factor.factor == pytest.approx([math.exp(math.log(4.0) / 3.0), 1.0])
+    factor.start(2)
+    factor.corrected(np.array([1.0, 1.0]), 1.0)
+    factor.observe(2, np.array([4.0, 0.25]))
+    assert factor.factor == pytest.approx([math.exp(math.log(4.0) / 2.0), math.exp(-math.log(4.0) / 3.0)])
+    assert OnlineFactor(1, 1.0, 4.0).factor.tolist() == [1.0]
+
+
+def test_a_budget_selects_the_online_budget_rule_and_refuses_thresholds():
+    knobs = check_knobs("sencache-online", {"speed": "fast", "budget": "hard", "online_rate": 0.3})
+    assert rule_for("sencache-online", knobs).selected_by
+    policy = make_online_budget_policy(knobs, CALIBRATED, 20, 2, 4)
+    assert isinstance(policy, SenCacheOnlineBudget) and policy.nfe == 9
+    assert policy.settings()["budget"] == {"mode": "hard", "nfe": 9, "requested_nfe": pytest.approx(9.0)}
+    assert policy.settings()["online_rate"] == 0.3 and "max_reuse" not in policy.settings()
+    threshold = make_online_budget_policy(check_knobs("sencache-online", {"nfe": 12}), CALIBRATED, 20, 1, 4)
+    assert threshold.mode == "threshold" and threshold.settings()["max_reuse"] == 3
+    with pytest.raises(BadInput, match="eps_main cannot be given with nfe"):
+        check_knobs("sencache-online", {"nfe": 10, "eps_main": 0.2})
+    with pytest.raises(BadInput, match=r"a budget must lie in \[2, 20\]"):
+        make_online_budget_policy({"nfe": 1}, CALIBRATED, 20, 1, 4)
+
+
+def test_the_servers_presets_are_budgets_at_the_named_speeds():
+    from sencache.serving.schema import CacheSpec
+
+    assert CacheSpec(preset="reference").resolve() == ("none", {})
+    for preset, speed in (("quality", "high"), ("balanced", "balanced"), ("fast", "fast")):
+        method, knobs = CacheSpec(preset=preset).resolve()
+        assert (method, knobs) == ("sencache", {"speed": speed})
+        assert check_knobs(method, knobs) == knobs
