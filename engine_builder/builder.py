@@ -174,7 +174,8 @@ class BuildOptions:
             raise BadInput(
                 f"layers: give fewer blocks to check {preset.name} at its true width here: one expert in one graph "
                 f"needs about {sizing.estimated_peak / 2**30:.0f} GiB to build, over {BUILD_SHARE:.0%} of the "
-                f"{sizing.available / 2**30:.1f} GiB available, and a model of {preset.experts} experts is not streamed",
+                f"{sizing.available / 2**30:.1f} GiB available, and a model of {preset.experts} experts is not "
+                "streamed",
                 param="layers",
             )
         weights = None if self.dummy else _weights_folder(preset, self.weights)
