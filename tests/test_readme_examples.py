@@ -31,6 +31,10 @@ NOT_RUN = {
     "tests/test_dummy.py builds a real preset's true width with two blocks",
     "nice -n 15 python -m sencache.benchmarks.real_size": "builds a real-size model (benchmarks/results/real_size)",
     "sencache calibrate --engine bundles/cogvideox": NEEDS_CHECKPOINT,
+    "sencache build --model wan2.1-i2v-14b-480p": "needs the Wan 2.1 I2V-14B checkpoint, which nothing here "
+    "downloads; tests/test_parity_i2v.py builds the tiny reference of its preset",
+    "sencache generate --engine bundles/wan-i2v": "needs that bundle; tests/test_images.py runs generate --image "
+    "on the tiny Wan I2V reference",
     "sencache serve --engine runs/demo/tiny-wan": "tests/test_serving.py serves a calibrated tiny-wan on 127.0.0.1",
     "torchrun --nproc-per-node 2 ": "tests/test_parallel_cli.py runs it (python -m torch.distributed.run) on 127.0.0.1",
     "curl -s localhost:8000/v1/videos ": "tests/test_serving.py posts this body to the served tiny-wan",

@@ -111,7 +111,7 @@ class AuthorsRule:
 # -- the conventions themselves, per family (no bundle) ------------------------------------------
 
 
-@pytest.mark.parametrize("family", sorted(ADAPTERS))
+@pytest.mark.parametrize("family", sorted(CONSTANTS))
 @pytest.mark.parametrize("steps", STEP_COUNTS + (1, 2, 5, 25, 26, 75, 100))
 def test_switch_and_forced_steps_are_the_authors(family, steps):
     conventions = ADAPTERS[family].sencache_reference
@@ -123,6 +123,15 @@ def test_switch_and_forced_steps_are_the_authors(family, steps):
     assert [conventions.forced(i, steps) for i in range(steps)] == forced
     assert conventions.score_constant == CONSTANTS[family]
     assert conventions.nearest_lookup
+
+
+def test_image_to_video_families_keep_the_conventions_of_the_family_they_extend():
+    """The authors published text-to-video conventions only: every other family's adapter extends
+    one of theirs and keeps its record."""
+    for family, adapter in ADAPTERS.items():
+        base = next(f for f in CONSTANTS if isinstance(adapter, type(ADAPTERS[f])))
+        assert adapter.sencache_reference == ADAPTERS[base].sencache_reference
+        assert family == base or family.startswith(f"{base}-")
 
 
 def test_the_conventions_differ_where_the_issue_says():
@@ -184,7 +193,7 @@ def test_the_knob_flows_through_the_server_schema():
     from sencache.serving.schema import CacheSpec
 
     spec = CacheSpec(method="sencache", knobs={"conventions": "reference", "eps_main": 0.2})
-    assert spec.resolve({}) == ("sencache", {"eps_main": 0.2, "conventions": "reference"})
+    assert spec.resolve() == ("sencache", {"eps_main": 0.2, "conventions": "reference"})
     with pytest.raises(pydantic.ValidationError):
         CacheSpec(method="sencache", knobs={"conventions": "paper"})
 
