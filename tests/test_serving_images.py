@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sencache.benchmarks.reference_pipelines import reference_image
-from sencache.runtime.api import Engine
-from sencache.runtime.errors import BadInput
-from sencache.serving.form import parse_body
-from sencache.serving.schema import VideoRequest
-from sencache.serving.service import VideoService
+pytest.importorskip("pydantic")  # the server's extra
+
+from sencache.benchmarks.reference_pipelines import reference_image  # noqa: E402
+from sencache.runtime.api import Engine  # noqa: E402
+from sencache.runtime.errors import BadInput  # noqa: E402
+from sencache.serving.form import parse_body  # noqa: E402
+from sencache.serving.schema import VideoRequest  # noqa: E402
+from sencache.serving.service import VideoService  # noqa: E402
 
 PIXELS = reference_image()
 PROMPT = "a red circle moving left"
