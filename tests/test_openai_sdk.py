@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ openai = pytest.importorskip("openai")
 import sencache  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
 from sencache.serving.options import free_port  # noqa: E402
+from served import PROMPT, running  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,31 +25,15 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),  # OpenAI's own Videos API; not ours
 ]
 
-PROMPT = "one small red circle moving left slow on black"
 POLL_MS = 100
 
 
 @pytest.fixture(scope="module")
 def client(calibrated_bundle: Path):
     """An `openai.OpenAI` client of the app (2 replicas) on a free loopback port; Ray shut down afterwards."""
-    port = free_port()
-    serving.start(serving.ServeOptions(engine=calibrated_bundle, port=port, replicas=2, threads=1), num_cpus=2)
-    try:
-        end = time.monotonic() + 120
-        while not _healthy(f"http://127.0.0.1:{port}/healthz"):
-            assert time.monotonic() < end, "the server did not come up"
-            time.sleep(0.1)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    finally:
-        serving.stop()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
+    options = serving.ServeOptions(engine=calibrated_bundle, port=free_port(), replicas=2, threads=1)
+    with running(options, num_cpus=2) as base:
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from sencache.serving import app as serving  # noqa: E402
 from sencache.serving.guard import default_max_body  # noqa: E402
 from sencache.serving.options import free_port  # noqa: E402
 from sencache.serving.schema import VideoRequest  # noqa: E402
+from served import PROMPT, running, submitted  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
 
-PROMPT = "one small red circle moving left slow on black"
 FIELDS = ("prompt", "seed", "steps", "guidance", "dynamic_cfg", "sampling", "cache", "prompt_embeds", "extra")
 WRONG = [None, True, -1, 2**64, 1.5, "", "x" * 300, [], [1, "a"], {}, {"a": {"b": []}}, [[0.5]], [[]], -1e308]
 NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999")
@@ -40,17 +40,8 @@ BOUND_S = 180.0
 @pytest.fixture(scope="module")
 def server(calibrated_bundle: Path):
     """The app with 1 replica on a free loopback port; Ray shut down afterwards."""
-    port = free_port()
-    serving.start(serving.ServeOptions(engine=calibrated_bundle, port=port, threads=1), num_cpus=1)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 120
-        while requests.get(f"{base}/healthz", timeout=10).status_code != 200:
-            assert time.monotonic() < end, "the server did not come up"
-            time.sleep(0.2)
+    with running(serving.ServeOptions(engine=calibrated_bundle, port=free_port(), threads=1), num_cpus=1) as base:
         yield base
-    finally:
-        serving.stop()
 
 
 def _json_bodies(rng: random.Random) -> Iterator[tuple[str, bytes, dict[str, str]]]:
@@ -155,18 +146,9 @@ def _check_error(reply: requests.Response, what: str) -> None:
     assert isinstance(body, dict) and ("error" in body or "detail" in body), (what, body)
 
 
-def _submitted(base: str) -> float:
-    text = requests.get(f"{base}/metrics", timeout=30).text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("sencache_requests_total{") and 'outcome="submitted"' in line
-    )
-
-
 def test_bad_bodies_are_4xx_with_a_json_error_and_never_queued(server, calibrated_bundle):
     start = time.monotonic()
-    before = _submitted(server)
+    before = submitted(server)
     limit = default_max_body(read_manifest(calibrated_bundle)[0].shapes.text)
     cases = list(_json_bodies(random.Random(24))) + list(_typed_bodies())
     assert len(cases) >= 300
@@ -186,7 +168,7 @@ def test_bad_bodies_are_4xx_with_a_json_error_and_never_queued(server, calibrate
         assert streamed.status_code == 413
     assert {415, 422} <= set(statuses), statuses  # unreadable types 415; the rest, malformed JSON too, 422
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
-    assert _submitted(server) == before
+    assert submitted(server) == before
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):

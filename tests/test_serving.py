@@ -19,7 +19,7 @@ requests = pytest.importorskip("requests")
 import sencache  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
 from sencache.serving.options import free_port  # noqa: E402
-from served import PROMPT, create, until, wait  # noqa: E402
+from served import PROMPT, create, running, submitted, until, wait  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
 
@@ -27,28 +27,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray insta
 @pytest.fixture(scope="module")
 def server(calibrated_bundle: Path):
     """The app with 2 replicas of queue 2 on a free loopback port; Ray shut down afterwards."""
-    port = free_port()
-    options = serving.ServeOptions(engine=calibrated_bundle, port=port, replicas=2, max_queue=2, threads=1)
-    serving.start(options, num_cpus=2)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        until(lambda: requests.get(f"{base}/healthz", timeout=10).status_code == 200, "healthz")
+    options = serving.ServeOptions(engine=calibrated_bundle, port=free_port(), replicas=2, max_queue=2, threads=1)
+    with running(options, num_cpus=2) as base:
         yield base
-    finally:
-        serving.stop()
 
 
 TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAFklEQVR4nGNgGAWjYBSMglEwCqgNAAIQAAEvD3PVAAAAAElFTkSuQmCC"
 """A 16 x 16 black RGB PNG in base64: an image a text-to-video bundle refuses."""
-
-
-def _submitted(base: str) -> float:
-    text = requests.get(f"{base}/metrics", timeout=30).text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("sencache_requests_total{") and 'outcome="submitted"' in line
-    )
 
 
 def test_served_video_equals_engine_generate(server, calibrated_bundle):
@@ -134,11 +119,11 @@ def test_openapi_reads_the_knob_table(server):
     ],
 )
 def test_bad_requests_are_422_and_never_queued(server, body, reason):
-    before = _submitted(server)
+    before = submitted(server)
     reply = create(server, **body)
     assert reply.status_code == 422, reply.text
     assert reason in reply.text
-    assert _submitted(server) == before
+    assert submitted(server) == before
 
 
 def test_unknown_ids_are_404(server):

@@ -22,7 +22,7 @@ import sencache  # noqa: E402
 from sencache.runtime.parallel.group import TIMEOUT_S  # noqa: E402
 from sencache.serving import app as serving  # noqa: E402
 from sencache.serving.options import free_port  # noqa: E402
-from served import PROMPT, create, until, wait  # noqa: E402
+from served import PROMPT, create, running, until, wait  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance: all on one worker
 
@@ -30,15 +30,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray insta
 @pytest.fixture(scope="module")
 def server(calibrated_bundle: Path):
     """One replica of two ranks (cfg=2), one CPU each, on a free loopback port; Ray shut down afterwards."""
-    port = free_port()
-    options = serving.ServeOptions(engine=calibrated_bundle, port=port, threads=1, gpus_per_replica=2, parallel="cfg=2")
-    serving.start(options, num_cpus=2)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        until(lambda: requests.get(f"{base}/healthz", timeout=10).status_code == 200, "healthz")
+    options = serving.ServeOptions(
+        engine=calibrated_bundle, port=free_port(), threads=1, gpus_per_replica=2, parallel="cfg=2"
+    )
+    with running(options, num_cpus=2) as base:
         yield base
-    finally:
-        serving.stop()
 
 
 def _workers() -> list[dict]:
