@@ -339,11 +339,14 @@ def _fp8_memory(memory: dict[str, Any]) -> str:
         f"{p['peak_rss_gb']:.2f} GB in {p['seconds']:.0f} s"
         for p in memory["points"]
     )
+    command = memory.get("command", "python -m sencache.benchmarks.fp8_memory")
     text = (
-        f"FP8 quantization memory ({memory['model']}, `python -m sencache.benchmarks.fp8_memory`): the peak RSS "
+        f"FP8 quantization memory ({memory['model']}, `{command}`): the peak RSS "
         f"of ModelOpt's ONNX FP8 quantizer (engine_builder/fp8.py `quantize_graph`) on the fp32 blocks graph, "
         f"{memory['resolution']}, one process per graph: {points}."
     )
+    if "bundles" in memory:
+        text += f" Bundles: `{memory['bundles']}`."
     if "fit" not in memory:
         return text + " One point only: no line through it."
     fit = memory["fit"]
