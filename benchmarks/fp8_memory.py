@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     model = manifests[0].model
     whole = resolve(model)[1].config["num_layers"]
     report: dict[str, Any] = {
+        "command": " ".join(["python -m sencache.benchmarks.fp8_memory", *(argv or sys.argv[1:])]),
         "model": model,
         "resolution": f"{manifests[0].shapes.frames}x{manifests[0].shapes.height}x{manifests[0].shapes.width}",
         "points": rows,

@@ -95,7 +95,12 @@ def build(
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     assert rss is not None, "/usr/bin/time -v reports the peak RSS"
     log = [line for line in done.stdout.splitlines() if line.strip()]
-    return {"build_s": wall, "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9, "build_log": log}
+    return {
+        "build_command": " ".join(command[2:]),
+        "build_s": wall,
+        "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9,
+        "build_log": log,
+    }
 
 
 def build_figures(log: str) -> dict[str, Any]:
@@ -169,6 +174,7 @@ def measure_bundle(path: Path, threads: int, steps: int) -> dict[str, Any]:
         "graphs": {stage: len(spec.files) for stage, spec in bundle.manifest.stages.items()},
         "validation": bundle.manifest.validation,
         **({} if bundle.manifest.quantization is None else {"quantization": bundle.manifest.quantization}),
+        **({} if bundle.manifest.sizing is None else {"sizing": bundle.manifest.sizing}),
         "config": {k: bundle.manifest.config.get(k) for k in ("num_layers", "num_attention_heads")},
         "latent": list(bundle.manifest.shapes.latent),
     }
@@ -310,7 +316,19 @@ def _fp8(row: dict[str, Any]) -> str:
         f"the FP8 (E4M3 Q/DQ, {row['quantization']['tool']}) blocks against the fp32 blocks in ONNX Runtime: "
         f"relative L2 {error['rel_l2']:.3f} ({error['rel_l2_of_residual']:.3f} of the blocks' residual) on "
         f"{error['rows']} held-out rows, calibrated on {calibration['rows']} rows of {calibration['samples']} "
-        f"uncached trajectories; the stage errors of the row are the fp32 graphs' before quantization"
+        f"uncached trajectories{_fp8_groups(error)}; the stage errors of the row are the fp32 graphs' before "
+        "quantization"
+    )
+
+
+def _fp8_groups(error: dict[str, Any]) -> str:
+    """How the groups of a streamed FP8 build compare, each quantized alone."""
+    if "groups" not in error:
+        return ""
+    worst = max(error["groups"], key=lambda g: g["rel_l2"])
+    return (
+        f", the {len(error['groups'])} groups quantized one at a time and chained (each alone against its fp32 "
+        f"graph: at worst relative L2 {worst['rel_l2']:.3f}, {worst['graph']})"
     )
 
 
@@ -321,11 +339,14 @@ def _fp8_memory(memory: dict[str, Any]) -> str:
         f"{p['peak_rss_gb']:.2f} GB in {p['seconds']:.0f} s"
         for p in memory["points"]
     )
+    command = memory.get("command", "python -m sencache.benchmarks.fp8_memory")
     text = (
-        f"FP8 quantization memory ({memory['model']}, `python -m sencache.benchmarks.fp8_memory`): the peak RSS "
+        f"FP8 quantization memory ({memory['model']}, `{command}`): the peak RSS "
         f"of ModelOpt's ONNX FP8 quantizer (engine_builder/fp8.py `quantize_graph`) on the fp32 blocks graph, "
         f"{memory['resolution']}, one process per graph: {points}."
     )
+    if "bundles" in memory:
+        text += f" Bundles: `{memory['bundles']}`."
     if "fit" not in memory:
         return text + " One point only: no line through it."
     fit = memory["fit"]
@@ -338,9 +359,9 @@ def _fp8_memory(memory: dict[str, Any]) -> str:
         return text + f", within the {BUILD_LIMIT_GB:.0f} GB limit."
     return text + (
         f": the one-graph FP8 build of the whole model does not fit the {BUILD_LIMIT_GB:.0f} GB limit of this "
-        "machine, and its TensorRT-RTX FP8 engines, built from that graph, are not built here. Not built either, "
-        "the way within the limit: quantize the blocks in groups (as `--group-blocks` exports them, calibrating "
-        "each group on the previous one's outputs) and join the quantized groups into one graph for the engine."
+        "machine. An FP8 build therefore quantizes the blocks in groups, each calibrated on the fp32 outputs of "
+        "the groups before it, the group chosen from this line (engine_builder/sizing.py), and TensorRT builds "
+        "one engine per group, run in turn."
     )
 
 
@@ -427,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.fp8_samples,
             )
             row |= measure_bundle(bundle, args.threads, args.steps)
+            if row["group_blocks"] is None and "sizing" in row:
+                row["group_blocks"] = row["sizing"]["group_blocks"]
     row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     row["load_average_1m"] = {"start": load_before, "end": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)

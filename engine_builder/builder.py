@@ -60,8 +60,9 @@ DUMMY_TEXT = TextEncoderSpec(
     "embeddings are drawn from each prompt at the real text shape, frames are blank",
 )
 Log = Callable[[str], None]
-STREAMING_BACKENDS = ("auto", "onnxruntime")
-"""The backends whose builds stream block groups (`auto` builds for ONNX Runtime)."""
+STREAMING_BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+"""The backends whose builds stream block groups (`auto` builds for ONNX Runtime; TensorRT compiles
+one engine per group)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class BuildOptions:
         streams = self.backend in STREAMING_BACKENDS and self.precision in STREAMABLE
         if self.group_blocks is not None and not streams:
             raise BadInput(
-                f"group_blocks streams {' or '.join(STREAMABLE)} ONNX Runtime builds; "
+                f"group_blocks streams {', '.join(STREAMABLE)} builds for {', '.join(STREAMING_BACKENDS)}; "
                 f"not backend {self.backend} in {self.precision}",
                 param="group_blocks",
             )
@@ -288,8 +289,8 @@ def _build_into(folder: Path, plan: BuildPlan, log: Log) -> None:
         from sencache.engine_builder.streaming import write_streamed
 
         streamed = write_streamed(plan, folder, log, lambda first, layers: _load_dummy(plan, log, first, layers))
-        preset, validation, parts = streamed
-        manifest = _manifest(plan, preset, stage_specs(plan.adapter.layout), folder, validation, parts)
+        preset, validation, groups = streamed
+        manifest = _manifest(plan, preset, stage_specs(plan.adapter.layout), folder, validation, groups)
     else:
         validation: dict[str, Any] = {}
         for expert in range(plan.preset.experts):  # one expert's transformer in memory at a time
@@ -384,11 +385,12 @@ def _manifest(
     specs: dict[str, StageSpec],
     folder: Path,
     validation: dict[str, Any],
-    parts: tuple[str, ...] = (),
+    groups: int = 1,
 ) -> Manifest:
-    """The bundle's manifest, before post-build steps and the file listing; `parts`: the further
-    graphs of the blocks stage in a streamed build."""
+    """The bundle's manifest, before post-build steps and the file listing; `groups`: the graphs of
+    the blocks stage (more than one in a streamed build)."""
     adapter, shapes = plan.adapter, plan.shapes
+    parts = tuple(plan.target.group_file(i) for i in range(1, groups))
     return Manifest(
         model=preset.name,
         family=adapter.family,

@@ -23,6 +23,12 @@ README's command as chosen here (CogVideoX 1.5-5B fp16 in 7 groups of 6) peaked 
 13.0 GB estimated. A build
 holds the fp32 weights (and an fp16 copy), the exporter's copy and ONNX Runtime's session, which
 widens fp16 weights to fp32: about the same bytes per parameter in both precisions.
+
+An fp8 build also quantizes its blocks graphs with ModelOpt (engine_builder/fp8.py), one group at a
+time after the export, each in a process of its own; that process's peak is its own line in the
+blocks quantized at once, FP8_QUANTIZE_BASE + FP8_QUANTIZE_BYTES_PER_PARAMETER per parameter of the
+group's blocks, held beside the build's own BUILD_BASE, and the group is the fewest even ones whose
+larger peak, export or quantization, fits.
 """
 
 from __future__ import annotations
@@ -46,8 +52,14 @@ BUILD_BASE = 1.6e9
 the reduced resolution)."""
 BUILD_BYTES_PER_PARAMETER = 14.0
 """Peak bytes of a build per parameter held at once, fp32 or fp16."""
-STREAMABLE = ("fp32", "fp16")
-"""The precisions a streamed build takes (engine_builder/streaming.py)."""
+FP8_QUANTIZE_BASE = 0.087e9
+FP8_QUANTIZE_BYTES_PER_PARAMETER = 55.1
+"""The FP8 quantizer's peak RSS: the line through its measured points (benchmarks/results/real_size/
+fp8_memory.json, `python -m sencache.benchmarks.fp8_memory`: 1 and 3 blocks of Wan 2.1 1.3B, 2.65
+and 7.76 GB, 2.56 GB per block of 46.4 M parameters), fp32 graphs at 5x64x64 calibrated on 50 rows;
+the graph's fp32 weights are 4 of those bytes per parameter."""
+STREAMABLE = ("fp32", "fp16", "fp8")
+"""The precisions a streamed build takes (engine_builder/streaming.py; fp8 quantizes each group)."""
 REDUCED = (9, 128, 128)
 """Frames, height and width of a dummy build when none is given (Wan: 3x16x16 latent, 192 tokens;
 the text keeps its real length)."""
@@ -83,6 +95,20 @@ def model_size(adapter: FamilyAdapter, config: dict[str, Any]) -> ModelSize:
 def estimated_peak(parameters: int) -> int:
     """The build's estimated peak RSS in bytes with `parameters` held at once."""
     return int(BUILD_BASE + BUILD_BYTES_PER_PARAMETER * parameters)
+
+
+def quantize_peak(blocks_parameters: int) -> int:
+    """The FP8 quantizer's estimated peak RSS in bytes on a blocks graph of `blocks_parameters`."""
+    return int(FP8_QUANTIZE_BASE + FP8_QUANTIZE_BYTES_PER_PARAMETER * blocks_parameters)
+
+
+def build_peak(size: ModelSize, precision: str, group: int | None) -> int:
+    """The estimated peak RSS of a build of `size` in `precision`, `group` blocks per graph (None:
+    one graph): the export's, and for fp8 the quantizer's process beside the build's if larger."""
+    peak = estimated_peak(size.held(group))
+    if precision == "fp8":
+        peak = max(peak, int(BUILD_BASE) + quantize_peak((size.blocks if group is None else group) * size.per_block))
+    return peak
 
 
 @dataclass(frozen=True)
@@ -150,30 +176,29 @@ def choose(
     budget = BUILD_SHARE * available
     group = None if group_blocks == 0 else group_blocks
     if group_blocks is None and streamable and precision in STREAMABLE:
-        group = _group(size, budget)
+        group = _group(size, precision, budget)
     return Sizing(
         precision,
         group,
         REDUCED if resolution is None else resolution,
         size,
         available,
-        estimated_peak(size.held(group)),
+        build_peak(size, precision, group),
         automatic,
     )
 
 
-def _group(size: ModelSize, budget: float) -> int | None:
+def _group(size: ModelSize, precision: str, budget: float) -> int | None:
     """None when the whole model fits `budget` as one graph, else the size of the fewest even groups
     that fit; BadInput when one block per group does not."""
-    if estimated_peak(size.total) <= budget:
+    if build_peak(size, precision, None) <= budget:
         return None
-    per_param = BUILD_BYTES_PER_PARAMETER
-    largest = math.floor((budget - BUILD_BASE - per_param * size.other) / (per_param * size.per_block))
-    if largest < 1:
+    fitting = [g for g in range(1, size.blocks + 1) if build_peak(size, precision, g) <= budget]
+    if not fitting:
         raise BadInput(
-            f"even one block per group needs about {estimated_peak(size.held(1)) / 2**30:.1f} GiB, over "
+            f"even one block per group needs about {build_peak(size, precision, 1) / 2**30:.1f} GiB, over "
             f"{BUILD_SHARE:.0%} of the {budget / BUILD_SHARE / 2**30:.1f} GiB available: free memory or build on a "
             f"larger machine"
         )
-    groups = math.ceil(size.blocks / min(largest, size.blocks))
+    groups = math.ceil(size.blocks / max(fitting))
     return math.ceil(size.blocks / groups)

@@ -5,8 +5,9 @@ For models whose weights do not fit the build machine twice (CogVideoX 5B in fp3
 blocks (dummy weights are drawn by name, so a group's blocks are the model's), is exported,
 validated against PyTorch on the head's outputs of fresh inputs, and freed before the next group
 is drawn. The bundle's blocks stage lists the groups' graphs (`file` and `parts`), which ONNX
-Runtime runs in turn. The chain head -> blocks -> tail against fp32 is not measured: it would need
-every group at once; each group is validated alone.
+Runtime runs in turn (TensorRT: the engine compiled from each). The chain head -> blocks -> tail
+against fp32 is not measured: it would need every group at once; each group is validated alone (an
+fp8 build then quantizes the groups one at a time, engine_builder/fp8.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from sencache.console.output import progress, third_party_output
 from sencache.engine_builder.dummy import LAYERS_KEY
 from sencache.engine_builder.onnx_export import export_stage
+from sencache.runtime.backends.base import part_name
 from sencache.runtime.families import ModelPreset
 from sencache.runtime.manifest import max_rows
 
@@ -32,16 +34,17 @@ LoadGroup = Callable[[int, int], "LoadedModel"]
 """(first block, blocks) -> the transformer of that group, in fp32 and in the build's precision."""
 
 
-def group_file(index: int) -> str:
-    """The ONNX file of group `index` (the first is the blocks stage's own `blocks.onnx`)."""
-    return "blocks.onnx" if index == 0 else f"blocks.{index}.onnx"
+def group_file(index: int, extension: str = "onnx") -> str:
+    """The file of group `index` (the first is the blocks stage's own `blocks.onnx`); `extension`:
+    `engine` for the TensorRT engine compiled from it."""
+    return f"{part_name('blocks', index)}.{extension}"
 
 
 def write_streamed(
     plan: BuildPlan, folder: Path, log: Log, load_group: LoadGroup
-) -> tuple[ModelPreset, dict[str, Any], tuple[str, ...]]:
+) -> tuple[ModelPreset, dict[str, Any], int]:
     """Export and validate head, every group of blocks and tail into `folder`; returns the preset
-    with the transformer's config, the validation record and the files of the groups after the first."""
+    with the transformer's config, the validation record and the number of groups."""
     layers, size = plan.preset.config[LAYERS_KEY], plan.options.group_blocks
     assert size is not None, "BuildOptions.check admits a streamed build only with group_blocks"
     groups = [(first, min(size, layers - first)) for first in range(0, layers, size)]
@@ -80,4 +83,4 @@ def write_streamed(
         "checked": "the worst group, each on the head's outputs of fresh inputs",
     }
     validation["chain_vs_fp32"] = {"not_measured": "a streamed build holds one group at a time"}
-    return preset, validation, tuple(group_file(i) for i in range(1, len(groups)))
+    return preset, validation, len(groups)

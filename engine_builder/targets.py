@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from sencache.console.output import progress, third_party_output
 from sencache.engine_builder.onnx_export import export_stage
+from sencache.engine_builder.streaming import group_file
 from sencache.engine_builder.tensorrt_build import build_engines, check_target
 from sencache.runtime.backends.registry import BACKENDS as REGISTERED
 from sencache.runtime.errors import BadInput
@@ -37,6 +38,8 @@ class OnnxTarget:
     exports_onnx: bool = True
     weights: str | None = None
     """The folder of saved PyTorch weights the bundle carries (torch bundles)."""
+    extension: str = "onnx"
+    """What a stage's file ends in."""
 
     def check(self, options: BuildOptions) -> None:
         """BadInput for options this target does not take."""
@@ -44,7 +47,11 @@ class OnnxTarget:
             raise BadInput("compute_capability applies to backend tensorrt-rtx", param="compute_capability")
 
     def stage_file(self, stage: str, expert: int = 0) -> str:
-        return f"{stage_name(stage, expert)}.onnx"
+        return f"{stage_name(stage, expert)}.{self.extension}"
+
+    def group_file(self, index: int) -> str:
+        """The file of a streamed build's group `index` of blocks."""
+        return group_file(index, self.extension)
 
     def write_stages(self, model: LoadedModel, folder: Path, log: Log) -> dict[str, dict[str, float | str]]:
         """Export the stages; validate each on fresh inputs against PyTorch at the same precision."""
@@ -71,18 +78,17 @@ class OnnxTarget:
 class TensorRTTarget(OnnxTarget):
     """TensorRT or TensorRT-RTX: the validated ONNX stages compiled into engines."""
 
+    extension: str = "engine"
+
     def check(self, options: BuildOptions) -> None:
         check_target(self.name, options.compute_capability)
-
-    def stage_file(self, stage: str, expert: int = 0) -> str:
-        return f"{stage_name(stage, expert)}.engine"
 
     def post_build(self, plan: BuildPlan, manifest: Manifest, folder: Path, log: Log) -> Manifest:
         out = Path(plan.options.out)
         cache = out.with_name(f".{out.name}.sencache-timing.cache")
         engines = build_engines(
             folder,
-            list(manifest.stages),
+            [Path(file).stem for stage in manifest.stages.values() for file in stage.files],
             manifest.shapes.max_rows,
             self.name,
             plan.options.compute_capability,

@@ -62,14 +62,15 @@ def check_target(backend: str, compute_capability: str | None) -> None:
 
 def build_engines(
     folder: Path,
-    stages: list[str],
+    graphs: list[str],
     max_rows: int,
     backend: str,
     compute_capability: str | None,
     timing_cache: Path | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Build `<stage>.engine` from `<stage>.onnx` in `folder`; returns the manifest's TensorRT record."""
+    """Build `<graph>.engine` from `<graph>.onnx` in `folder` (a stage, or a streamed build's group
+    of blocks); returns the manifest's TensorRT record."""
     trt = load_tensorrt(backend)
     logger = trt.Logger(trt.Logger.ERROR)
     record: dict[str, Any] = {
@@ -81,7 +82,7 @@ def build_engines(
         "timing_cache": None,
     }
     cache = None
-    for stage in stages:
+    for stage in graphs:
         started = time.perf_counter()
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -406,8 +406,8 @@ class Manifest:
         backend = m.text("backend", tuple(BACKENDS))
         experts, boundary = _experts(m.obj("experts", optional=True))
         stages = _stages(m.obj("stages"), experts)
-        if backend != "onnxruntime" and any(stage.parts for stage in stages.values()):
-            raise BadInput(f"stages with parts (a streamed build) run on onnxruntime, not {backend}")
+        if backend == "torch" and any(stage.parts for stage in stages.values()):
+            raise BadInput("stages with parts (a streamed build) run on onnxruntime or tensorrt, not torch")
         weights = plain_name(m.text("weights"), "weights") if backend == "torch" else None
         tensorrt = TensorRTRecord.parse(m.get("tensorrt")) if BACKENDS[backend].engine_module else None
         scheduler = m.obj("scheduler")

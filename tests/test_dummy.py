@@ -57,7 +57,7 @@ def test_a_lower_precision_draws_the_same_values_rounded():
         ({"model": WAN, "layers": 2}, "layers"),
         ({"model": WAN, "group_blocks": 2}, "group_blocks"),
         ({"model": WAN, "load_format": "dummy", "group_blocks": 31}, "group_blocks"),
-        ({"model": WAN, "load_format": "dummy", "group_blocks": 2, "precision": "fp8"}, "group_blocks"),
+        ({"model": WAN, "load_format": "dummy", "group_blocks": 2, "precision": "bf16"}, "group_blocks"),
         ({"model": WAN, "load_format": "dummy", "layers": 31}, "layers"),
         ({"model": WAN, "load_format": "dummy", "seed": -1}, "seed"),
         ({"model": WAN, "load_format": "random"}, "load_format"),
@@ -196,3 +196,21 @@ def test_an_image_to_video_dummy_build_takes_its_image(tmp_path, capsys):
     latents = model.generate(request, NoCache(1)).latents[0]
     np.testing.assert_array_equal(latents[:4], first.numpy())  # frame 0: 2 x 2 tokens, held
     assert np.abs(latents[4:]).max() > 0
+
+
+def test_streamed_parts_run_on_onnx_runtime_and_tensorrt_not_torch(ort_bundle):
+    """A streamed build's groups of blocks: graphs for ONNX Runtime, one engine each for TensorRT
+    (run in turn by its backend); the PyTorch backend loads one transformer and takes no parts."""
+    data = json.loads((ort_bundle / "manifest.json").read_text())
+    data["stages"]["blocks"]["parts"] = ["blocks.1.onnx"]
+    assert Manifest.parse(data).stages["blocks"].files == ("blocks.onnx", "blocks.1.onnx")
+    rtx = json.loads(json.dumps(data))
+    rtx.update(
+        backend="tensorrt-rtx", tensorrt={"module": "tensorrt_rtx", "version": "1.7", "compute_capability": "SM89"}
+    )
+    for stage in rtx["stages"].values():
+        stage["file"] = stage["file"].replace(".onnx", ".engine")
+    rtx["stages"]["blocks"]["parts"] = ["blocks.1.engine"]
+    assert Manifest.parse(rtx).stages["blocks"].files == ("blocks.engine", "blocks.1.engine")
+    with pytest.raises(BadInput, match="not torch"):
+        Manifest.parse(dict(data, backend="torch", weights="transformer"))

@@ -4,6 +4,7 @@ options a build takes from them."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,16 +13,21 @@ import pytest
 from sencache.engine_builder import builder
 from sencache.engine_builder.builder import BuildOptions
 from sencache.engine_builder.sizing import (
+    BUILD_BASE,
     BUILD_SHARE,
+    FP8_QUANTIZE_BASE,
+    FP8_QUANTIZE_BYTES_PER_PARAMETER,
     REDUCED,
     ModelSize,
     choose,
     estimated_peak,
     model_size,
+    quantize_peak,
 )
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families import resolve
 
+FP8_MEMORY = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "real_size" / "fp8_memory.json"
 GIB = 2**30
 MACHINE = 22 * GIB
 """What a fresh 24 GB machine of this kind has available."""
@@ -94,3 +100,42 @@ def test_a_build_of_real_weights_keeps_fp32_and_the_models_resolution(tmp_path):
     plan = BuildOptions(model="tiny-wan", out=tmp_path / "b").check()
     assert plan.sizing is None and plan.options.precision == "fp32"
     assert Path(plan.options.out) == tmp_path / "b"
+
+
+def test_the_fp8_quantizer_line_is_the_measured_fit():
+    memory = json.loads(FP8_MEMORY.read_text())
+    fit, size = memory["fit"], _size(memory["model"])
+    assert abs(FP8_QUANTIZE_BASE / (fit["gb_at_zero_blocks"] * 1e9) - 1) < 0.02
+    assert abs(FP8_QUANTIZE_BYTES_PER_PARAMETER * size.per_block / (fit["gb_per_block"] * 1e9) - 1) < 0.02
+
+
+def test_fp8_groups_keep_the_quantizer_within_the_budget():
+    """Quantizing Wan 1.3B's 30 blocks at once does not fit; the chosen groups do, and are the fewest."""
+    size, budget = _size("wan2.1-t2v-1.3b"), BUILD_SHARE * MACHINE
+    assert quantize_peak(size.blocks * size.per_block) > budget
+    chosen = choose(size, MACHINE, "fp8", None, None)
+    group = chosen.group_blocks
+    assert group is not None and chosen.estimated_peak <= budget
+    assert chosen.estimated_peak > quantize_peak(group * size.per_block)  # the build's own memory beside it
+    groups = math.ceil(size.blocks / group)
+    assert quantize_peak(math.ceil(size.blocks / (groups - 1)) * size.per_block) > budget - BUILD_BASE  # fewest
+    assert choose(size, MACHINE, "fp32", None, None).group_blocks != group  # export alone would group otherwise
+    with pytest.raises(BadInput, match="even one block per group"):
+        choose(size, int(quantize_peak(size.per_block) / BUILD_SHARE), "fp8", None, None)
+
+
+def test_a_dummy_tensorrt_rtx_fp8_build_is_streamed_in_groups(tmp_path, monkeypatch):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
+    pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt not installed")
+    monkeypatch.setattr(builder, "available_bytes", lambda device: MACHINE)
+    options = BuildOptions(
+        model="wan2.1-t2v-1.3b",
+        out=tmp_path / "b",
+        load_format="dummy",
+        precision="fp8",
+        backend="tensorrt-rtx",
+        compute_capability="SM89",
+    )
+    plan = options.check()
+    assert plan.options.group_blocks == plan.sizing.group_blocks is not None
+    assert plan.target.group_file(1) == "blocks.1.engine"

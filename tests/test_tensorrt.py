@@ -1,5 +1,6 @@
 """TensorRT-RTX builds real engines from the bundle's validated ONNX on this GPU-less machine."""
 
+import json
 import shutil
 
 import pytest
@@ -136,3 +137,20 @@ def test_tensorrt_rtx_builds_a_real_preset_at_its_true_width(tmp_path):
     # one block of fp16 weights (about 88 MB) is in the blocks engine; the head holds the text projection
     assert (out / "blocks.engine").stat().st_size > 80e6 and (out / "head.engine").stat().st_size > 20e6
     assert manifest["validation"]["chain_vs_fp32"]["rel_l2"] < 5e-3
+
+
+@pytest.mark.slow
+def test_tensorrt_rtx_compiles_one_engine_per_streamed_group(tmp_path):
+    """Two of Wan 1.3B's blocks at the true width, streamed one per graph: one engine per group,
+    listed in order as the blocks stage's file and parts (the TensorRT backend runs them in turn)."""
+    out = tmp_path / "wan"
+    argv = ["build", "--model", "wan2.1-t2v-1.3b", "--load-format", "dummy", "--layers", "2", "--group-blocks", "1"]
+    argv += ["--backend", "tensorrt-rtx", "--compute-capability", "SM89", "--precision", "fp16"]
+    assert main([*argv, "--frames", "5", "--height", "64", "--width", "64", "--max-batch", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    blocks = manifest["stages"]["blocks"]
+    assert (blocks["file"], blocks["parts"]) == ("blocks.engine", ["blocks.1.engine"])
+    assert set(manifest["tensorrt"]["profiles"]) == {"head", "blocks", "blocks.1", "tail"}
+    assert [g["blocks"] for g in manifest["validation"]["blocks_groups"]] == [[0, 1], [1, 2]]
+    for engine in ("blocks.engine", "blocks.1.engine"):
+        assert (out / engine).stat().st_size > 80e6  # one block of fp16 weights each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,6 +34,29 @@ class StageBackend(ABC):
     def describe(self) -> dict[str, str]:
         """What runs where, for stats and logs."""
         return {"backend": self.name, "device": str(self.device)}
+
+
+STREAM_OUT = "_out"
+"""What the blocks stage appends to a stream's name for its output (StageLayout.stage_io)."""
+
+
+def part_name(stage: str, index: int) -> str:
+    """The name of graph or engine `index` of `stage` (the first is the stage itself)."""
+    return stage if index == 0 else f"{stage}.{index}"
+
+
+def run_parts(
+    run: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    parts: Sequence[str],
+    inputs: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Run a stage's `parts` in turn (a streamed build's groups of blocks): each part's stream
+    outputs are the next one's stream inputs, the other inputs are the stage's own."""
+    outputs = run(parts[0], inputs)
+    for part in parts[1:]:
+        streams = {name.removesuffix(STREAM_OUT): value for name, value in outputs.items()}
+        outputs = run(part, {**inputs, **streams})
+    return outputs
 
 
 def open_backend(bundle: Bundle, name: str | None = None, threads: int = 0, device: str = "cpu") -> StageBackend:

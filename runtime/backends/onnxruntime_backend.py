@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from sencache.runtime.backends.base import StageBackend
+from sencache.runtime.backends.base import StageBackend, part_name, run_parts
 from sencache.runtime.bundle import Bundle
 from sencache.runtime.errors import BadInput
 
@@ -55,18 +55,14 @@ class OnnxRuntimeBackend(StageBackend):
     name = "onnxruntime"
     device = torch.device("cpu")
 
-    def __init__(self, bundle: Bundle, threads: int = 0, files: dict[str, str] | None = None) -> None:
-        """`files`: the ONNX file of each stage when not the manifest's (the builder runs the fp32
+    def __init__(self, bundle: Bundle, threads: int = 0, files: dict[str, tuple[str, ...]] | None = None) -> None:
+        """`files`: the ONNX files of each stage when not the manifest's (the builder runs the fp32
         exports of a bundle whose stages become TensorRT engines). A stage of several graphs (a
         streamed build's groups of blocks) runs them in turn."""
-        graphs = (
-            {stage: spec.files for stage, spec in bundle.manifest.stages.items()}
-            if files is None
-            else {stage: (files[stage],) for stage in bundle.manifest.stages}
-        )
+        graphs = {stage: spec.files for stage, spec in bundle.manifest.stages.items()} if files is None else files
         self.onnx = OnnxSessions(threads)
         self.providers = self.onnx.providers
-        self.parts = {stage: [_part(stage, i) for i in range(len(names))] for stage, names in graphs.items()}
+        self.parts = {stage: [part_name(stage, i) for i in range(len(names))] for stage, names in graphs.items()}
         for stage, names in graphs.items():
             for part, file in zip(self.parts[stage], names, strict=True):
                 try:
@@ -80,12 +76,7 @@ class OnnxRuntimeBackend(StageBackend):
                 _check_graph(bundle, stage, file, session)
 
     def run(self, stage: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        parts = self.parts[stage]
-        outputs = self.onnx.run(parts[0], inputs)
-        for part in parts[1:]:
-            streams = {name.removesuffix(STREAM_OUT): value for name, value in outputs.items()}
-            outputs = self.onnx.run(part, {**inputs, **streams})
-        return outputs
+        return run_parts(self.onnx.run, self.parts[stage], inputs)
 
     def describe(self) -> dict[str, str]:
         return {
@@ -94,15 +85,6 @@ class OnnxRuntimeBackend(StageBackend):
             "providers": ",".join(self.providers),
             "onnxruntime": ort.__version__,
         }
-
-
-STREAM_OUT = "_out"
-"""What the blocks stage appends to a stream's name for its output (StageLayout.stage_io)."""
-
-
-def _part(stage: str, index: int) -> str:
-    """The session name of graph `index` of `stage` (the first is the stage itself)."""
-    return stage if index == 0 else f"{stage}.{index}"
 
 
 def _check_graph(bundle: Bundle, stage: str, file: str, session: ort.InferenceSession) -> None:
