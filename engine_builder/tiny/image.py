@@ -1,6 +1,6 @@
 """Fine-tune a tiny image-to-video model from a trained tiny text-to-video one.
 
-    python -m sencache.engine_builder.tiny.image --model tiny-wan-i2v --init tiny-wan --minutes 8
+    python -m sencache.engine_builder.tiny.image --model tiny-wan-i2v --init tiny-wan --minutes 15 --threads 1
 
 The image-to-video transformer starts from `--init`'s: its head, tail and first blocks (as many as
 the preset has), the patch embedding's noise channels copied and its first-frame channels zero, the
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny-wan-i2v")
     parser.add_argument("--init", default="tiny-wan", help="the trained tiny text-to-video model it starts from")
     parser.add_argument("--out", type=Path, default=None, help="default: the bundled tiny_models/<model> folder")
-    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
