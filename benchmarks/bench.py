@@ -11,6 +11,7 @@ t(reuse step). A speed-up above the floor's is flagged as disturbed timing, not 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,11 +32,13 @@ from sencache.benchmarks.metrics import psnr, ssim
 from sencache.benchmarks.report import write_markdown, write_plot
 from sencache.benchmarks.timing import MAX_SPREAD, PairedTiming, below_floor, floor_speedup, run_chain
 from sencache.console.output import progress, third_party_output
+from sencache.data.clips import first_frame
 from sencache.data.grammar import grammar_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.knobs import SPEEDS
 from sencache.runtime.errors import BadInput
 from sencache.runtime.files import check_replaceable, staged_folder, write_atomic
+from sencache.runtime.images import read_image
 from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams, Result
 from sencache.runtime.tiny_grammar import tokenize
@@ -103,10 +106,16 @@ class BenchPlan:
     repeats: int = REPEATS
     """Timed cached runs per setting on the first batch of samples, each between two uncached runs."""
     max_spread: float = MAX_SPREAD
+    images: tuple[np.ndarray, ...] = ()
+    """Image-to-video: each sample's image (RGB uint8 [H, W, 3]), in the order of the prompts; empty: none."""
+    image_source: str | None = None
+    """Where the images come from, for the report (`evaluation_images`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.repeats <= MAX_REPEATS:
             raise BadInput(f"repeats must be in [1, {MAX_REPEATS}], got {self.repeats}", param="repeats")
+        if self.images and len(self.images) != len(self.prompts):
+            raise BadInput(f"{len(self.prompts)} prompts but {len(self.images)} images: they pair up one to one")
 
 
 def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -128,6 +137,27 @@ def evaluation_set(count: int, prompts_file: Path | None, seeds: list[int] | Non
     if len(seeds) != len(prompts):
         raise BadInput(f"{len(prompts)} prompts but {len(seeds)} seeds: they pair up one to one")
     return prompts, seeds
+
+
+def evaluation_images(
+    engine: Model, prompts: list[str], paths: list[Path] | None
+) -> tuple[tuple[np.ndarray, ...], str | None]:
+    """Each sample's image and where the images come from (empty and None for text-to-video): the
+    files given (one for every sample, or one per prompt), or for a tiny model the first frame of a
+    clip of each prompt drawn with seed EVAL_PROMPT_SEED + its index (clips no model was trained on)."""
+    if not engine.adapter.takes_image:
+        if paths:
+            raise BadInput(f"--images: {engine.preset.name} is a text-to-video model and takes none")
+        return (), None
+    if paths:
+        if len(paths) not in (1, len(prompts)):
+            raise BadInput(f"--images: {len(paths)} images for {len(prompts)} prompts (give one, or one per prompt)")
+        images = [read_image(path, "--images") for path in paths]
+        return tuple(images[i % len(images)] for i in range(len(prompts))), "files: " + ", ".join(map(str, paths))
+    if not engine.preset.tiny:
+        raise BadInput(f"--images is missing: {engine.preset.name} is an image-to-video model")
+    images = tuple(first_frame(prompt, EVAL_PROMPT_SEED + i) for i, prompt in enumerate(prompts))
+    return images, f"the first frame of a clip of each prompt (data/clips.py, seed {EVAL_PROMPT_SEED} + its index)"
 
 
 def _knobs(method: str, knobs: dict[str, Any], steps: int, engine: Model) -> tuple[str, dict[str, Any]]:
@@ -155,16 +185,26 @@ class Runner:
     def __init__(self, engine: Model, plan: BenchPlan) -> None:
         self.engine, self.plan = engine, plan
         self.batch = engine.bundle.shapes.max_batch
-        self.chunks = [
-            (list(plan.prompts[i : i + self.batch]), list(plan.seeds[i : i + self.batch]))
-            for i in range(0, len(plan.prompts), self.batch)
-        ]
+        self.chunks: list[tuple[list[str], list[int], np.ndarray | None]] = []
+        """Consecutive samples of one image (a request carries one), at most a batch each."""
+        images = plan.images or (None,) * len(plan.prompts)
+        for prompt, seed, image in zip(plan.prompts, plan.seeds, images, strict=True):
+            last = self.chunks[-1] if self.chunks else None
+            if last is not None and last[2] is image and len(last[0]) < self.batch:
+                last[0].append(prompt)
+                last[1].append(seed)
+            else:
+                self.chunks.append(([prompt], [seed], image))
+
+    def request(self, chunk: int, steps: int) -> GenerationParams:
+        """The request of chunk `chunk` (its prompts, seeds and image) at `steps` steps."""
+        prompts, seeds, image = self.chunks[chunk]
+        return GenerationParams(prompts, seeds, steps, self.plan.guidance, image=image)
 
     def generate(self, chunk: int, method: str, knobs: dict[str, float]) -> Result:
-        """One run of chunk `chunk` (its prompts and seeds) with a runtime method."""
-        prompts, seeds = self.chunks[chunk]
-        policy = self.engine.policy(method, self.plan.steps, len(prompts), knobs)
-        return self.engine.generate(GenerationParams(prompts, seeds, self.plan.steps, self.plan.guidance), policy)
+        """One run of chunk `chunk` with a runtime method."""
+        policy = self.engine.policy(method, self.plan.steps, len(self.chunks[chunk][0]), knobs)
+        return self.engine.generate(self.request(chunk, self.plan.steps), policy)
 
     def collect(self, results: list[Result]) -> dict[str, Any]:
         """Latents, frames, NFE and seconds of one setting's runs over all chunks, in order."""
@@ -185,15 +225,15 @@ class Runner:
         """Seconds of one step in which every sample reuses (head, cached residual, tail), over all
         chunks: a run of 2 + `reuses` steps that reuses all but the forced first and last step,
         minus a run of those 2 steps alone, divided by `reuses`."""
-        engine, (prompts, seeds) = self.engine, self.chunks[0]
-        batch, steps = len(prompts), 2 + reuses
+        engine = self.engine
+        batch, steps = len(self.chunks[0][0]), 2 + reuses
 
         def reusing() -> None:
             policy = engine.policy("fixed", steps, batch, {"interval": steps})
-            engine.generate(GenerationParams(prompts, seeds, steps, self.plan.guidance), policy)
+            engine.generate(self.request(0, steps), policy)
 
         def running() -> None:
-            engine.generate(GenerationParams(prompts, seeds, 2, self.plan.guidance), NoCache(batch))
+            engine.generate(self.request(0, 2), NoCache(batch))
 
         reusing()
         return (self._timed(reusing) - self._timed(running)) / reuses * len(self.chunks)
@@ -345,6 +385,11 @@ def run_bench(engine: Model, plan: BenchPlan, out: Path, show_progress: bool = T
     unknown = [m for m in plan.methods if m not in SWEEPS]
     if unknown:
         raise BadInput(f"unknown method {unknown[0]!r} (choose from {', '.join(SWEEPS)})")
+    peers = [m for m in plan.methods if m in PEERS]
+    if plan.images and peers:
+        raise BadInput(
+            f"{peers[0]}: the diffusers peers run text-to-video only; leave them out for {engine.preset.name}"
+        )
     engine.bundle.sensitivity()
     if {"teacache", "magcache"} & set(plan.methods):
         engine.bundle.baselines()
@@ -373,7 +418,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
     total = 2 + chain + len(settings) + (1 + len(peer_settings) if peer_settings else 0)
     bar = progress(total=total, desc="bench", unit="run", disable=not show_progress)
     bar.set_postfix_str("warm-up, uncached reference")
-    engine.generate(GenerationParams(*runner.chunks[0], 2, plan.guidance), NoCache(timed_samples))  # warm-up
+    engine.generate(runner.request(0, 2), NoCache(timed_samples))  # warm-up
     reference = runner.run("none", {})
     bar.update(1)
     bar.set_postfix_str("cost of a step that reuses")
@@ -461,6 +506,9 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         "guidance": plan.guidance,
         "prompts": list(plan.prompts),
         "seeds": list(plan.seeds),
+        "images": None
+        if not plan.images
+        else {"source": plan.image_source, "sha256": [hashlib.sha256(i.tobytes()).hexdigest() for i in plan.images]},
         "calibration_prompts": engine.bundle.sensitivity().meta.get("prompts"),
         "quality_meaningless": DUMMY_QUALITY if engine.bundle.manifest.dummy else None,
         "metrics": {

@@ -57,6 +57,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"guidance {report['guidance']}",
         "",
         *([f"**Quality figures {report['quality_meaningless']}.**", ""] if report.get("quality_meaningless") else []),
+        *([f"Images: {report['images']['source']}.", ""] if report.get("images") else []),
         f"Machine: {report['machine']['processor']}, {report['machine']['torch_threads']} thread, "
         f"{report['machine']['backend'].get('backend')}. Uncached: {ref['denoise_s']:.2f} s denoising, "
         f"{ref['run_step_s'] * 1000:.1f} ms per step; a step that reuses everything (head + tail): "

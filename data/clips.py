@@ -10,9 +10,14 @@ directly as latents after mapping to [-1, 1].
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 
 from sencache.data.grammar import COUNTS, PromptSpec, random_spec
+from sencache.runtime.errors import BadInput
+from sencache.runtime.tiny_grammar import parse_prompt
 
 FRAMES, HEIGHT, WIDTH = 8, 32, 32
 
@@ -76,3 +81,34 @@ def batch(rng: np.random.Generator, size: int) -> tuple[list[str], np.ndarray]:
     """A batch of prompts and their clips [B, T, H, W, 3] in [0, 1]."""
     specs = [random_spec(rng) for _ in range(size)]
     return [s.prompt for s in specs], np.stack([render(s, rng) for s in specs])
+
+
+def first_frame(prompt: str, seed: int) -> np.ndarray:
+    """The first frame of a clip of `prompt` (a sentence of the grammar) drawn with `seed`, as the
+    RGB uint8 [H, W, 3] a request to a tiny image-to-video model carries."""
+    spec = parse_prompt(prompt)
+    if spec is None:
+        raise BadInput("the empty prompt describes no clip to take a first frame from")
+    return np.round(render(spec, np.random.default_rng(seed))[0] * 255.0).astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the first frame of a clip as a PNG: an image for a tiny image-to-video model."""
+    import argparse
+
+    from PIL import Image
+
+    from sencache.runtime.files import write_atomic
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("prompt", help="a sentence of the tiny grammar")
+    parser.add_argument("--seed", type=int, default=0, help="draws the clip's positions, speed and textures")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    buffer = io.BytesIO()
+    Image.fromarray(first_frame(args.prompt, args.seed)).save(buffer, format="PNG")
+    write_atomic(args.out, buffer.getvalue())
+
+
+if __name__ == "__main__":
+    main()

@@ -42,6 +42,7 @@ MODELS = {
     "ltx-video-i2v": "= ltx-video-0.9.1-i2v",
     "ltx-video-0.9.1-i2v": "image-to-video",
     "ltx-video-0.9.0-i2v": "image-to-video",
+    "tiny-wan-i2v": "image-to-video",
 }
 """Every name `--model` takes (the family registry's presets and aliases, which import torch), with
 what the help says of it: here so an unknown name is refused before anything heavy is imported."""

@@ -136,7 +136,8 @@ class Model:
         if self.bundle.manifest.dummy:
             shapes = self.adapter.condition_shapes(self.preset, self.bundle.shapes)
             return dummy_conditions(image, len(generators), shapes)
-        return self.adapter.encode_image(image, generators, self.components(), self.preset, self.bundle.shapes)
+        pipeline = None if self.preset.tiny else self.components()  # a tiny model encodes without components
+        return self.adapter.encode_image(image, generators, pipeline, self.preset, self.bundle.shapes)
 
     def start_latents(self, noise: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
         """The latents a run starts from: the starting noise, and the image where the family's

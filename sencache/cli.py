@@ -191,6 +191,7 @@ def _bench(args: argparse.Namespace) -> None:
         REPEATS,
         SWEEPS,
         BenchPlan,
+        evaluation_images,
         evaluation_set,
         run_bench,
     )
@@ -206,6 +207,8 @@ def _bench(args: argparse.Namespace) -> None:
     default = [
         m for m in (QUICK_METHODS if args.quick else SWEEPS) if bundle.manifest.family == "wan" or m not in PEERS
     ]
+    engine = Model.open(bundle, threads=1)
+    images, image_source = evaluation_images(engine, prompts, args.images)
     plan = BenchPlan(
         methods=tuple(args.methods or default),
         prompts=tuple(prompts),
@@ -214,8 +217,9 @@ def _bench(args: argparse.Namespace) -> None:
         guidance=defaults.guidance,
         quick=args.quick,
         repeats=(QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats,
+        images=images,
+        image_source=image_source,
     )
-    engine = Model.open(bundle, threads=1)
     report = run_bench(engine, plan, args.out)
     print((args.out / "report.md").read_text())
     print(f"report: {args.out / 'report.json'}, plot: {args.out / 'quality_vs_nfe.png'} ({len(report['runs'])} runs)")
@@ -454,6 +458,13 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")
     r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")
+    r.add_argument(
+        "--images",
+        type=Path,
+        nargs="+",
+        help="image-to-video models: one image for every sample, or one per prompt (default for a tiny model: "
+        "the first frame of a clip of each prompt)",
+    )
     r.add_argument("--samples", type=int, default=16, help="evaluation prompts drawn when --prompts is not given")
     r.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     r.add_argument(

@@ -35,6 +35,12 @@ NOT_RUN = {
     "downloads; tests/test_parity_i2v.py builds the tiny reference of its preset",
     "sencache generate --engine bundles/wan-i2v": "needs that bundle; tests/test_images.py runs generate --image "
     "on the tiny Wan I2V reference",
+    "sencache build --model tiny-wan-i2v": "tests/test_tiny_i2v.py builds it, calibrates it from a first frame "
+    "and benches it, shortened",
+    "python -m sencache.data.clips": "tests/test_tiny_i2v.py runs it",
+    "sencache calibrate --engine bundles/tiny-wan-i2v": "tests/test_tiny_i2v.py calibrates the tiny I2V bundle",
+    "sencache bench --engine bundles/tiny-wan-i2v": "its full run is benchmarks/results/tiny-wan-i2v (about 20 "
+    "minutes); tests/test_tiny_i2v.py runs a short bench",
     "sencache serve --engine runs/demo/tiny-wan": "tests/test_serving.py serves a calibrated tiny-wan on 127.0.0.1",
     "torchrun --nproc-per-node 2 ": "tests/test_parallel_cli.py runs it (python -m torch.distributed.run) on 127.0.0.1",
     "curl -s localhost:8000/v1/videos ": "tests/test_serving.py posts this body to the served tiny-wan",

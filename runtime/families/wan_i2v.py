@@ -10,22 +10,45 @@ cross-attention reads them through its added key/value projections (`added_kv_pr
 conditionings are the same for the cond and uncond calls and at every step, so they are head
 inputs; the blocks, the tail, the sampler and the cache rules are Wan 2.1's unchanged (a rule reads
 the 16-channel latent, the timestep and the timestep embedding, none of which the image changes).
+
+The tiny model (`tiny-wan-i2v`, RGB as latent like every tiny model) has no VAE and no CLIP: its
+first-frame channels are a 1-channel mask and the image's RGB in [-1, 1] at frame 0 (the real
+layout, mask before image, without the VAE's 4x temporal packing), and its image encoder is the
+image's pixels cut into the transformer's own spatial patches (3 x 4 x 4 = 48 values per token).
+Its text is the tiny encoder's tokens padded with zeros to 512, as the pipeline pads UMT5's: diffusers'
+Wan attention takes the last 512 context tokens as text and the ones before them as the image's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
-from sencache.runtime.families.wan import _REAL_COMMON, WanAdapter
+from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, TinyClipAxes, register_family
+from sencache.runtime.families.wan import _REAL_COMMON, TINY_CONFIG, WanAdapter
+
+if TYPE_CHECKING:
+    from sencache.runtime.tiny_text import TinyTextEncoder
 
 IMAGE_TOKENS = 257
 """Hidden states of CLIP ViT-H/14 at 224 x 224: 16 x 16 patches and the class token."""
+TEXT_TOKENS = 512
+"""The text tokens diffusers' WanAttnProcessor splits off the end of the context (hard-coded there)."""
+
+TINY_I2V_CONFIG: dict[str, Any] = {
+    **TINY_CONFIG,
+    "num_layers": 2,
+    "in_channels": 7,
+    "image_dim": 48,
+    "added_kv_proj_dim": 128,
+}
+"""tiny-wan's transformer with tiny-wan's first 2 blocks (the carried weights stay small), 4
+first-frame channels (mask, RGB) and image tokens of 4 x 4 RGB patches (48 values)."""
 
 _I2V_CONFIG: dict[str, Any] = {
     **_REAL_COMMON,
@@ -55,6 +78,15 @@ _CACHE = {
     "teacache": {"threshold": 0.05},
     "magcache": {"threshold": 0.12, "max_reuse": 2, "retention": 0.2},
 }
+
+
+@dataclass(frozen=True)
+class TinyPaddedText(TinyClipAxes):
+    """Wan's tiny clip axes, with the tiny encoder's text padded with zeros to TEXT_TOKENS tokens."""
+
+    def encode_text(self, encoder: TinyTextEncoder, prompts: list[str]) -> np.ndarray:
+        text = encoder.encode(prompts).numpy()
+        return np.pad(text, ((0, 0), (0, TEXT_TOKENS - text.shape[1]), (0, 0)))
 
 
 # `t` is the diffusers transformer, typed Any (see wan.py).
@@ -95,6 +127,7 @@ class WanI2VAdapter(WanAdapter):
         conditions=("image_latent", "image_embeds"),
     )
     image_components = ("image_encoder", "image_processor")
+    tiny_format = TinyPaddedText((0, 4, 1, 2, 3))  # [B, C, F, H, W]
     aliases: dict[str, str] = {}
     presets = {
         f"wan2.1-i2v-14b-{size}": ModelPreset(
@@ -115,6 +148,28 @@ class WanI2VAdapter(WanAdapter):
             ("720p", 720, 1280, _TEACACHE_720P, None),
         )
     }
+    presets["tiny-wan-i2v"] = ModelPreset(
+        name="tiny-wan-i2v",
+        family="wan-i2v",
+        config=TINY_I2V_CONFIG,
+        frames=8,
+        height=32,
+        width=32,
+        tiny=True,
+        guidance=4.0,
+        steps=30,
+        cache_defaults={
+            "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
+            "teacache": {"threshold": 0.1},
+            "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+        },
+        description="bundled tiny Wan 2.1 I2V (0.7 M parameters, 2 blocks) fine-tuned from tiny-wan on "
+        "procedural clips continued from their first frame; RGB used as latent, image tokens are pixel patches",
+    )
+
+    def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
+        """TEXT_TOKENS, a tiny model's too: the transformer's attention splits text from image by it."""
+        return (TEXT_TOKENS, preset.config["text_dim"])
 
     def latent_shape(self, preset: ModelPreset, shapes: Shapes) -> tuple[int, ...]:
         """The noise latent: the transformer's output channels (its input adds the image's)."""
@@ -123,9 +178,11 @@ class WanI2VAdapter(WanAdapter):
 
     def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
         c, f, h, w = self.latent_shape(preset, shapes)
+        _, p_h, p_w = preset.config["patch_size"]
+        tokens = (h // p_h) * (w // p_w) if preset.tiny else IMAGE_TOKENS
         return {
             "image_latent": (preset.config["in_channels"] - c, f, h, w),
-            "image_embeds": (IMAGE_TOKENS, preset.config["image_dim"]),
+            "image_embeds": (tokens, preset.config["image_dim"]),
         }
 
     def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
@@ -143,6 +200,8 @@ class WanI2VAdapter(WanAdapter):
         the first frame): the VAE's mode draws nothing, so one encoding serves every sample."""
         from PIL import Image
 
+        if preset.tiny:
+            return self._tiny_conditions(image, len(generators), preset, shapes)
         if pipeline.image_encoder is None or pipeline.image_processor is None or pipeline.vae is None:
             raise BadInput(
                 f"{preset.name}: the weights folder needs image_encoder/, image_processor/ and vae/ to take an image",
@@ -164,3 +223,26 @@ class WanI2VAdapter(WanAdapter):
                 param="image",
             )
         return {"image_latent": condition.expand(batch, -1, -1, -1, -1), "image_embeds": embeds.expand(batch, -1, -1)}
+
+    def _tiny_conditions(
+        self, image: np.ndarray, batch: int, preset: ModelPreset, shapes: Shapes
+    ) -> dict[str, torch.Tensor]:
+        """A tiny model's image inputs (module docstring): `image` resized to the video's size as
+        the real pipeline's video processor resizes (Lanczos), in [-1, 1]; nothing is drawn."""
+        from PIL import Image
+
+        picture = Image.fromarray(image)
+        if picture.size != (shapes.width, shapes.height):
+            picture = picture.resize((shapes.width, shapes.height), Image.Resampling.LANCZOS)
+        rgb = torch.from_numpy(np.asarray(picture, np.float32) / 127.5 - 1.0)  # [H, W, 3]
+        shape = self.condition_shapes(preset, shapes)
+        latent = torch.zeros(shape["image_latent"])
+        latent[0, 0] = 1.0
+        latent[1:, 0] = rgb.permute(2, 0, 1)
+        _, p_h, p_w = preset.config["patch_size"]
+        patches = rgb.reshape(shapes.height // p_h, p_h, shapes.width // p_w, p_w, 3).permute(0, 2, 1, 3, 4)
+        embeds = patches.reshape(shape["image_embeds"])
+        return {
+            "image_latent": latent.expand(batch, *latent.shape).contiguous(),
+            "image_embeds": embeds.expand(batch, *embeds.shape).contiguous(),
+        }
