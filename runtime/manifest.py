@@ -311,10 +311,10 @@ class FileEntry:
     sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        chunked = {"chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks)}
         if self.algorithm == BLAKE3:
-            return {"bytes": self.bytes, "algorithm": BLAKE3, "chunk_bytes": self.chunk_bytes, "chunks": [*self.chunks]}
-        chunked = {"chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks)} if self.chunks else {}
-        return {"bytes": self.bytes, "sha256": self.sha256, **chunked}
+            return {"bytes": self.bytes, "algorithm": BLAKE3, **chunked}
+        return {"bytes": self.bytes, "sha256": self.sha256, **(chunked if self.chunks else {})}
 
 
 @dataclass(frozen=True)
