@@ -27,10 +27,11 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import blake3
 from tqdm import tqdm
@@ -50,7 +51,17 @@ BLAKE3 = "blake3"
 so a check costs about a copy of the bytes rather than several."""
 SHA256 = "sha256"
 """The digest of bundles written before BLAKE3, still checked."""
-ALGORITHMS = {BLAKE3: lambda: blake3.blake3(max_threads=1), SHA256: hashlib.sha256}
+
+
+class Hash(Protocol):
+    """What a checksum needs of a hash object (hashlib's and blake3's have it)."""
+
+    def update(self, data: memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+ALGORITHMS: dict[str, Callable[[], Hash]] = {BLAKE3: lambda: blake3.blake3(max_threads=1), SHA256: hashlib.sha256}
 """A new hash object per algorithm. One thread per BLAKE3 hash: the parallelism is across chunks."""
 
 OWNER = ".sencache-owner.json"
