@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from sencache.benchmarks.verify_speed import evict, read_once, section
 from sencache.runtime.bundle import Bundle
-from sencache.runtime.files import HASH_CHUNK, write_atomic
+from sencache.runtime.files import write_atomic
 from sencache.runtime.manifest import Manifest
 from sencache.runtime.memory import estimated_peak
 from sencache.runtime.model import Model
@@ -45,6 +46,8 @@ REDUCED = "9x128x128"
 """The resolution (frames x height x width) real-size bundles here are built, validated and run at
 by default (Wan: 3x16x16 latent, 192 tokens; the text stays at its real length)."""
 STEPS = 3
+VERIFY = "verify"
+"""The verification figures at size (benchmarks/verify_speed.py), a section of the report."""
 NOT_RUN = "not_run.md"
 """The presets not run, with the measured figures that predict them (written by hand, kept in the report)."""
 LOAD_SHARE = 0.8
@@ -118,28 +121,6 @@ def build_figures(log: str) -> dict[str, Any]:
         "build_peak_rss_gb": int(rss.group(1)) * 1024 / 1e9,
         "build_log": [line for line in lines if "\r" not in line and "%|" not in line][-30:],
     }
-
-
-def read_once(paths: list[Path]) -> float:
-    """Seconds to read every byte of `paths` once into one reused buffer (the baseline of verification)."""
-    buffer = bytearray(HASH_CHUNK)
-    started = time.perf_counter()
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
-    return time.perf_counter() - started
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop these files' pages from the page cache (theirs only), so the next read comes from disk."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def timed_verify(bundle: Bundle) -> float:
@@ -231,8 +212,9 @@ def write_report(folder: Path) -> None:
         "Every bundle at the reduced resolution of its row, frames x height x width (the weights at full "
         "size), ONNX Runtime CPU, max batch 1 unless a note says otherwise (TensorRT-RTX rows: engines compiled "
         "here for the GPU named, from the bundle's validated ONNX graphs, not run: no GPU here). Peak RSS of the "
-        "build from `/usr/bin/time -v`; verification is the bundle's streamed check of every file (the SHA-256 of "
-        "each 64 MiB chunk on every core where the manifest lists chunks, else the whole file's) against one plain "
+        "build from `/usr/bin/time -v`; verification is the bundle's streamed check of every file, as the bundle "
+        "was built (these bundles list SHA-256: of each 64 MiB chunk on every core where the manifest lists chunks, "
+        "else the whole file's; bundles built now list BLAKE3, measured in the section below), against one plain "
         "read of the same bytes, from disk (the files' pages evicted first) and from the page cache; "
         "load is the checks plus the ONNX Runtime sessions; s/step is uncached, cond + uncond rows.",
         "",
@@ -269,6 +251,9 @@ def write_report(folder: Path) -> None:
         if "build_command" in r and r.get("sizing", {}).get("automatic")
     ]
     lines += [f"- {r['model']} {r['precision']}: {r['note']}." for r in rows if "note" in r]
+    verified = [json.loads(p.read_text()) for p in sorted((folder / VERIFY).glob("*.json"))]
+    if verified:
+        lines += ["", *section(verified)]
     not_run = folder / NOT_RUN
     if not_run.is_file():
         lines += ["", not_run.read_text().strip()]

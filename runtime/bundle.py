@@ -1,15 +1,14 @@
 """An engine bundle on disk: stage files, `manifest.json` and its digest, and calibration tables.
 
 Integrity: the manifest's own SHA-256 is in `manifest.sha256`; the manifest lists every file the
-runtime opens (stage files, weights, text encoder, calibration tables) with its size and SHA-256.
-On load, the digest is checked, the manifest is validated against its schema and the family, and
-every listed name must be a plain name inside the bundle that is a regular file there (no `..`,
-no absolute paths, no links). A file's bytes are checked against its SHA-256 when the runtime
-reads them (`read`, `checked_file`, `checked_folder`), so every byte that is loaded has been verified,
-once; large files are hashed streaming (`checked_file`) and then opened by their loader. A file past
-64 MiB is also listed by the SHA-256 of each chunk, and checked by those on every core at once (a
-whole-file SHA-256 is one core's sequential work); a bundle that lists no chunks is checked by its
-files' whole SHA-256, as before.
+runtime opens (stage files, weights, text encoder, calibration tables) with its size and the BLAKE3
+digest of each 64 MiB chunk. On load, the digest is checked, the manifest is validated against its
+schema and the family, and every listed name must be a plain name inside the bundle that is a
+regular file there (no `..`, no absolute paths, no links). A file's bytes are checked against its
+digests when the runtime reads them (`read`, `checked_file`, `checked_folder`), so every byte that
+is loaded has been verified, once; large files are hashed streaming, chunks on every core at once
+(`checked_file`), and then opened by their loader. A bundle written before BLAKE3 is checked by the
+SHA-256 digests it lists (of each chunk where it lists chunks, else of the whole file).
 The checksums catch corruption and edits; they are not a signature against someone who rewrites
 the manifest and its digest together.
 """
@@ -30,7 +29,7 @@ from sencache.runtime.errors import BadInput
 from sencache.runtime.experts import stage_name, table_name
 from sencache.runtime.families import FamilyAdapter, ModelPreset, Shapes, adapter_for
 from sencache.runtime.families.parts import make_scheduler
-from sencache.runtime.files import BUNDLE, CHUNK_BYTES, OWNER, chunk_digests, sha256, staged_folder, write_atomic
+from sencache.runtime.files import BUNDLE, OWNER, chunk_digests, digest_of, staged_folder, write_atomic
 from sencache.runtime.manifest import BASELINES, DIGEST, MANIFEST, SENSITIVITY, FileEntry, Manifest
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -86,14 +85,20 @@ class Bundle:
         return file
 
     def read(self, name: str) -> bytes:
-        """The bytes of listed file `name`, checked against its SHA-256 (read once)."""
+        """The bytes of listed file `name`, checked against its digests (read once)."""
         entry = self.manifest.files.get(name)
         if entry is None:
             raise BadInput(f"bundle {self.path}: {name} is not listed in {MANIFEST}'s files")
         data = self._inside(name).read_bytes()
-        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}")
+        if len(data) != entry.bytes:
+            self._refuse(name, "size differs")
+        self._refuse(name, _differs(entry, digest_of(data, entry.algorithm, _chunk_bytes(entry))))
         return data
+
+    def _refuse(self, name: str, why: str | None) -> None:
+        """BadInput naming file `name` and `why` it differs, when it does (`why` not None)."""
+        if why is not None:
+            raise BadInput(f"bundle {self.path}: file {name} does not match its checksum in {MANIFEST}: {why}")
 
     def checked_file(self, name: str) -> Path:
         """The path of listed file `name` after its streamed check (and its external data's,
@@ -105,8 +110,7 @@ class Bundle:
                 if file == name:
                     raise BadInput(f"bundle {self.path}: {name} is not listed in {MANIFEST}'s files")
                 continue
-            if not _matches(self._inside(file), entry):
-                raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
+            self._refuse(file, mismatch(self._inside(file), entry))
         return self._inside(name)
 
     def checked_folder(self, name: str) -> Path:
@@ -119,8 +123,7 @@ class Bundle:
             stray = sorted(present - listed)
             raise BadInput(f"bundle {self.path}: {stray[0] if stray else name} is not listed in {MANIFEST}'s files")
         for file in sorted(listed):
-            if not _matches(self._inside(file), self.manifest.files[file]):
-                raise BadInput(f"bundle {self.path}: file {file} does not match its checksum in {MANIFEST}")
+            self._refuse(file, mismatch(self._inside(file), self.manifest.files[file]))
         return folder
 
     def verify_files(self) -> None:
@@ -229,27 +232,36 @@ class Bundle:
 
 
 def list_files(folder: Path) -> dict[str, FileEntry]:
-    """Size and SHA-256 of every file in `folder` the manifest lists (all but itself, its digest
-    and the owner marker), and the chunks' SHA-256 of files past CHUNK_BYTES."""
+    """Size and BLAKE3 chunk digests of every file in `folder` the manifest lists (all but itself,
+    its digest and the owner marker), each file read once."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in _UNLISTED)
-    return {file.relative_to(folder).as_posix(): _entry(file) for file in files}
+    return {f.relative_to(folder).as_posix(): FileEntry(f.stat().st_size, tuple(chunk_digests(f))) for f in files}
 
 
-def _entry(file: Path) -> FileEntry:
-    size = file.stat().st_size
-    if size <= CHUNK_BYTES:
-        return FileEntry(size, sha256(file))
-    return FileEntry(size, sha256(file), CHUNK_BYTES, tuple(chunk_digests(file)))
+def _chunk_bytes(entry: FileEntry) -> int:
+    """The bytes each listed digest covers: a whole file when a bundle written before BLAKE3 lists
+    only its SHA-256."""
+    return entry.chunk_bytes if entry.chunks else max(entry.bytes, 1)
 
 
-def _matches(path: Path, entry: FileEntry) -> bool:
-    """Whether the file at `path` has the listed size and bytes: by its chunks on every core when
-    listed, else by its whole SHA-256 (small files, bundles written before chunks were listed)."""
+def mismatch(path: Path, entry: FileEntry) -> str | None:
+    """What of the file at `path` differs from `entry` (its size, a chunk, its digest), or None when
+    it matches; hashed streaming, chunks on every core."""
     if path.stat().st_size != entry.bytes:
-        return False
-    if entry.chunks:
-        return chunk_digests(path, entry.chunk_bytes) == list(entry.chunks)
-    return sha256(path) == entry.sha256
+        return "size differs"
+    return _differs(entry, chunk_digests(path, entry.algorithm, _chunk_bytes(entry)))
+
+
+def _differs(entry: FileEntry, digests: list[str]) -> str | None:
+    """Which listed digest `digests` fail (the first chunk that differs), or None when they match."""
+    listed = list(entry.chunks) if entry.chunks else [entry.sha256]
+    if digests == listed:
+        return None
+    if len(listed) == 1:
+        return f"its {entry.algorithm} digest differs"
+    chunk = next(i for i, (a, b) in enumerate(zip(digests, listed, strict=True)) if a != b)
+    start = chunk * entry.chunk_bytes
+    return f"chunk {chunk} of {len(listed)} (bytes {start} to {min(start + entry.chunk_bytes, entry.bytes)}) differs"
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> tuple[Manifest, str]:

@@ -24,6 +24,7 @@ from sencache.runtime.cache import KNOBS
 from sencache.runtime.cache.registry import SECTIONS
 from sencache.runtime.errors import BadInput, MissingBundle
 from sencache.runtime.experts import stage_name
+from sencache.runtime.files import BLAKE3, CHUNK_BYTES, SHA256
 from sencache.runtime.limits import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, MAX_STEPS
 
 FORMAT = "sencache-bundle/3"
@@ -41,7 +42,7 @@ def stage_names(experts: int = 1) -> tuple[str, ...]:
     return tuple(stage_name(stage, e) for e in range(experts) for stage in STAGES)
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def max_rows(max_batch: int) -> int:
@@ -298,17 +299,22 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A listed file's size and SHA-256, and for a large file the SHA-256 of each `chunk_bytes`
-    chunk, which a check verifies on every core at once (runtime/files.py `chunk_digests`)."""
+    """A listed file's size and the `algorithm` digest of each `chunk_bytes` chunk (one digest for a
+    file no larger), which a check hashes on every core at once (runtime/files.py `chunk_digests`).
+    Bundles written now list BLAKE3 digests; bundles written before list the whole file's SHA-256
+    (`sha256`) and, past 64 MiB, each chunk's SHA-256, or no chunks (then checked by `sha256`)."""
 
     bytes: int
-    sha256: str
-    chunk_bytes: int = 0
-    chunks: tuple[str, ...] = ()
+    chunks: tuple[str, ...]
+    chunk_bytes: int = CHUNK_BYTES
+    algorithm: str = BLAKE3
+    sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        chunked = {"chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks)} if self.chunks else {}
-        return {"bytes": self.bytes, "sha256": self.sha256, **chunked}
+        chunked = {"chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks)}
+        if self.algorithm == BLAKE3:
+            return {"bytes": self.bytes, "algorithm": BLAKE3, **chunked}
+        return {"bytes": self.bytes, "sha256": self.sha256, **(chunked if self.chunks else {})}
 
 
 @dataclass(frozen=True)
@@ -473,26 +479,32 @@ def _files(listing: _Fields) -> dict[str, FileEntry]:
         plain_name(name, "files")
         entry = listing.obj(name)
         size = entry.integer("bytes", 0, 2**50)
-        digest = entry.text("sha256")
-        if not _SHA256.fullmatch(digest):
-            raise BadInput(f"{entry.name('sha256')} must be 64 lowercase hex digits")
-        files[name] = FileEntry(size, digest, *_chunks(entry, size))
+        if "algorithm" in entry.value:
+            algorithm = entry.text("algorithm")
+            if algorithm != BLAKE3:
+                raise BadInput(f"{entry.name('algorithm')} must be {BLAKE3!r}, got {_show(algorithm)}")
+            files[name] = FileEntry(size, *_chunks(entry, size, algorithm))
+            continue
+        digest = entry.text(SHA256)  # a bundle written before BLAKE3
+        if not _HEX_DIGEST.fullmatch(digest):
+            raise BadInput(f"{entry.name(SHA256)} must be 64 lowercase hex digits")
+        chunks, chunk_bytes = _chunks(entry, size, SHA256) if "chunks" in entry.value else ((), 0)
+        files[name] = FileEntry(size, chunks, chunk_bytes, SHA256, digest)
     return files
 
 
-def _chunks(entry: _Fields, size: int) -> tuple[int, tuple[str, ...]]:
-    """A file's chunk size and chunk digests, (0, ()) when it lists none (small files; bundles
-    written before chunks were listed, which are checked by their whole SHA-256)."""
-    if "chunks" not in entry.value:
-        return 0, ()
+def _chunks(entry: _Fields, size: int, algorithm: str) -> tuple[tuple[str, ...], int]:
+    """A file's chunk digests and chunk size: the 64-hex-digit digest of each chunk (one for an
+    empty file)."""
     chunk_bytes = entry.integer("chunk_bytes", 1 << 20, 1 << 34)
     chunks = entry.names("chunks")
-    if len(chunks) != -(-size // chunk_bytes) or not all(_SHA256.fullmatch(c) for c in chunks):
+    count = max(-(-size // chunk_bytes), 1)
+    if len(chunks) != count or not all(_HEX_DIGEST.fullmatch(c) for c in chunks):
         raise BadInput(
-            f"{entry.name('chunks')} must be the 64-hex-digit SHA-256 of each of the file's "
-            f"{-(-size // chunk_bytes)} chunks of {chunk_bytes} bytes"
+            f"{entry.name('chunks')} must be the 64-hex-digit {algorithm} digest of each of the file's "
+            f"{count} chunks of {chunk_bytes} bytes"
         )
-    return chunk_bytes, tuple(chunks)
+    return tuple(chunks), chunk_bytes
 
 
 def _shapes(shapes: _Fields) -> BundleShapes:

@@ -30,7 +30,7 @@ def test_the_opened_stages_count_every_graph_and_its_external_data(ort_bundle):
     graphs = [f for stage in manifest.stages.values() for f in stage.files]
     stored = sum(manifest.files[f].bytes for f in graphs)
     assert loaded_bytes(manifest) == int(stored * LOADED_PER_BYTE["fp32"] + SESSION_BYTES * len(graphs))
-    files = dict(manifest.files, **{"blocks.onnx.data": FileEntry(10**9, "0" * 64)})
+    files = dict(manifest.files, **{"blocks.onnx.data": FileEntry(10**9, ("0" * 64,) * 15)})
     half = dataclasses.replace(manifest, precision="fp16", files=files)
     assert loaded_bytes(half) == int((stored + 10**9) * LOADED_PER_BYTE["fp16"] + SESSION_BYTES * len(graphs))
 

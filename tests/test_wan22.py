@@ -87,7 +87,7 @@ def test_the_bundle_carries_both_experts(wan22):
     assert manifest["experts"] == {"count": 2, "boundary": 875.0}
     assert list(manifest["stages"]) == ["head", "blocks", "tail", "head_2", "blocks_2", "tail_2"]
     assert manifest["defaults"]["guidance_2"] == 3.0
-    blocks = [manifest["files"][manifest["stages"][s]["file"]]["sha256"] for s in ("blocks", "blocks_2")]
+    blocks = [manifest["files"][manifest["stages"][s]["file"]]["chunks"] for s in ("blocks", "blocks_2")]
     assert blocks[0] != blocks[1]
     torch_manifest = json.loads((wan22["torch"] / "manifest.json").read_text())
     assert torch_manifest["stages"]["blocks_2"]["file"] == "transformer_2"
