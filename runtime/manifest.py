@@ -27,7 +27,10 @@ from sencache.runtime.experts import stage_name
 from sencache.runtime.files import BLAKE3, CHUNK_BYTES, SHA256
 from sencache.runtime.limits import MAX_BATCH, MAX_FRAMES, MAX_PIXELS, MAX_STEPS
 
-FORMAT = "sencache-bundle/3"
+FORMAT = "sencache-bundle/4"
+READABLE = (FORMAT, "sencache-bundle/3")
+"""Formats this version loads: 4 lists BLAKE3 chunk digests, 3 (read as before) SHA-256 ones, so a
+version that knows only 3 refuses a new bundle with its message to rebuild rather than a missing field."""
 MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"
 SENSITIVITY = "sensitivity.json"
@@ -400,7 +403,7 @@ class Manifest:
         bad field) and return them typed. Family-dependent consistency is the bundle's to check."""
         m = _Fields(data, "")
         fmt = m.get("format")
-        if fmt != FORMAT:
+        if fmt not in READABLE:
             raise BadInput(
                 f"bundle format {_show(fmt)} is not {FORMAT!r}: rebuild it with this version (`sencache build`)"
             )
