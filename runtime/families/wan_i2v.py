@@ -1,4 +1,4 @@
-"""Wan 2.1 image-to-video: WanTransformer3DModel with an image encoder and first-frame channels.
+"""Wan image-to-video: WanTransformer3DModel with first-frame channels, and an image encoder in 2.1.
 
 Facts of the real pipeline (diffusers' WanImageToVideoPipeline, Wan2.1-I2V-14B-*-Diffusers): the
 image is resized to the video's size by the pipeline's video processor and put as frame 0 of an
@@ -10,6 +10,11 @@ cross-attention reads them through its added key/value projections (`added_kv_pr
 conditionings are the same for the cond and uncond calls and at every step, so they are head
 inputs; the blocks, the tail, the sampler and the cache rules are Wan 2.1's unchanged (a rule reads
 the 16-channel latent, the timestep and the timestep embedding, none of which the image changes).
+
+Wan 2.2 I2V-A14B (Wan2.2-I2V-A14B-Diffusers) is two experts, switching as Wan 2.2 T2V-A14B's do
+(runtime/experts.py), each taking the same 36 channels; it has no image encoder (the pipeline's
+image_encoder is None, the transformer's `image_dim` None, `expand_timesteps` false), so the first
+frame's channels are its only image input.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import nn
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
-from sencache.runtime.families.wan import _REAL_COMMON, WanAdapter
+from sencache.runtime.families.wan import _REAL_COMMON, _WAN22_A14B, WanAdapter, WanHead, a14b_preset
 
 IMAGE_TOKENS = 257
 """Hidden states of CLIP ViT-H/14 at 224 x 224: 16 x 16 patches and the class token."""
@@ -57,14 +62,16 @@ _CACHE = {
 }
 
 
-# `t` is the diffusers transformer, typed Any (see wan.py).
-class _Head(nn.Module):
-    """Wan's head with the image: the first-frame channels after the noise latent, the projected
-    image tokens before the text tokens (WanTransformer3DModel.forward)."""
+class _Head(WanHead):
+    """Wan's head with the first-frame channels after the noise latent (Wan 2.2 I2V: no image encoder)."""
 
-    def __init__(self, t: Any) -> None:
-        super().__init__()
-        self.t = t
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image_latent: torch.Tensor):
+        return self.embed(torch.cat([latent, image_latent], dim=1), timestep, text)
+
+
+class _ImageHead(WanHead):
+    """Wan 2.1 I2V's head: the first-frame channels after the noise latent, the projected image
+    tokens before the text tokens (WanTransformer3DModel.forward)."""
 
     def forward(
         self,
@@ -74,13 +81,7 @@ class _Head(nn.Module):
         image_latent: torch.Tensor,
         image_embeds: torch.Tensor,
     ):
-        t = self.t
-        x = torch.cat([latent, image_latent], dim=1)
-        rope_cos, rope_sin = t.rope(x)
-        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
-        temb, tproj, encoder, image = t.condition_embedder(timestep, text, image_embeds)
-        encoder = torch.cat([image, encoder], dim=1)
-        return hidden, encoder, tproj.unflatten(1, (6, -1)), rope_cos, rope_sin, temb
+        return self.embed(torch.cat([latent, image_latent], dim=1), timestep, text, image_embeds)
 
 
 @register_family
@@ -129,38 +130,90 @@ class WanI2VAdapter(WanAdapter):
         }
 
     def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
-        return {**super().split(transformer, preset, shapes), "head": _Head(transformer)}
+        return {**super().split(transformer, preset, shapes), "head": _ImageHead(transformer)}
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import WanImageToVideoPipeline
 
         return WanImageToVideoPipeline
 
+    def first_frame(self, image: np.ndarray, batch: int, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        """The pipeline's prepare_latents for the image: the first-frame mask and the VAE's mode of
+        the image followed by black frames, [batch, in - out channels, ...]; the mode draws nothing,
+        so one encoding serves every sample."""
+        pixels = self.image_pixels(image, pipeline, preset, shapes)
+        zeros = torch.zeros((1, *self.latent_shape(preset, shapes)))
+        with torch.no_grad():
+            _, condition = pipeline.prepare_latents(
+                pixels, 1, zeros.shape[1], shapes.height, shapes.width, shapes.frames, torch.float32, "cpu", None, zeros
+            )
+        return condition.expand(batch, -1, -1, -1, -1)
+
     def encode_image(
         self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
     ) -> dict[str, torch.Tensor]:
-        """The pipeline's encode_image (CLIP hidden states) and prepare_latents (mask and VAE mode of
-        the first frame): the VAE's mode draws nothing, so one encoding serves every sample."""
+        """The pipeline's encode_image (CLIP hidden states) and its first frame (`first_frame`)."""
         from PIL import Image
 
-        if pipeline.image_encoder is None or pipeline.image_processor is None or pipeline.vae is None:
+        if pipeline.image_encoder is None or pipeline.image_processor is None:
             raise BadInput(
                 f"{preset.name}: the weights folder needs image_encoder/, image_processor/ and vae/ to take an image",
                 param="image",
             )
-        picture = Image.fromarray(image)
         batch = len(generators)
         with torch.no_grad():
-            embeds = pipeline.encode_image(picture, torch.device("cpu")).float()
-            pixels = pipeline.video_processor.preprocess(picture, height=shapes.height, width=shapes.width).float()
-            zeros = torch.zeros((1, *self.latent_shape(preset, shapes)))
-            _, condition = pipeline.prepare_latents(
-                pixels, 1, zeros.shape[1], shapes.height, shapes.width, shapes.frames, torch.float32, "cpu", None, zeros
-            )
+            embeds = pipeline.encode_image(Image.fromarray(image), torch.device("cpu")).float()
         if tuple(embeds.shape[1:]) != self.condition_shapes(preset, shapes)["image_embeds"]:
             raise BadInput(
                 f"{preset.name}: the image encoder gives {list(embeds.shape[1:])} states, not the "
                 f"{[IMAGE_TOKENS, preset.config['image_dim']]} the transformer was built for",
                 param="image",
             )
-        return {"image_latent": condition.expand(batch, -1, -1, -1, -1), "image_embeds": embeds.expand(batch, -1, -1)}
+        return {
+            "image_latent": self.first_frame(image, batch, pipeline, preset, shapes),
+            "image_embeds": embeds.expand(batch, -1, -1),
+        }
+
+
+@register_family
+class Wan22I2VAdapter(WanI2VAdapter):
+    """Wan 2.2 I2V-A14B: two experts (as Wan 2.2 T2V-A14B) whose transformers take the first-frame
+    channels of Wan 2.1 I2V but no image encoder: diffusers' WanImageToVideoPipeline with
+    `transformer_2`, `boundary_ratio`, `expand_timesteps` false and no image_encoder, which then
+    passes no image states (the transformer's `image_dim` is None)."""
+
+    family = "wan2.2-i2v"
+    layout = StageLayout(
+        streams=("hidden",),
+        block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
+        tail_context=("temb",),
+        shared=("rope_cos", "rope_sin"),
+        tokens=("hidden", "rope_cos", "rope_sin"),
+        conditions=("image_latent",),
+    )
+    image_components = ()
+    presets = {
+        # Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps with shift 5.0, boundary 0.900,
+        # guidance 3.5 for both experts; the Wan 2.1 VAE (36 = 16 noise + 4 mask + 16 image channels).
+        "wan2.2-i2v-a14b": a14b_preset(
+            "wan2.2-i2v-a14b",
+            "wan2.2-i2v",
+            {**_WAN22_A14B, "in_channels": 36},
+            guidance=(3.5, 3.5),
+            boundary_ratio=0.9,
+            shift=5.0,
+            description="Wan-AI/Wan2.2-I2V-A14B-Diffusers (two experts: transformer/ and transformer_2/)",
+        ),
+    }
+
+    def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
+        return {"image_latent": super().condition_shapes(preset, shapes)["image_latent"]}
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        return {**super().split(transformer, preset, shapes), "head": _Head(transformer)}
+
+    def encode_image(
+        self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
+    ) -> dict[str, torch.Tensor]:
+        """The pipeline's first frame (`first_frame`) alone: it has no image encoder."""
+        return {"image_latent": self.first_frame(image, len(generators), pipeline, preset, shapes)}
