@@ -275,13 +275,12 @@ def a14b_preset(
 
 # `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
 # nn.Module.__getattr__, which mypy types as Tensor | Module.
-class WanHead(nn.Module):
+class WanEmbedding(nn.Module):
+    """What every Wan head computes; each head's `forward` calls `embed` on its own inputs."""
+
     def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
-
-    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
-        return self.embed(latent, timestep, text)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None):
         """WanTransformer3DModel.forward up to the blocks on the transformer's input `x`; the
@@ -293,6 +292,11 @@ class WanHead(nn.Module):
         if image_tokens is not None:
             encoder = torch.cat([image_tokens, encoder], dim=1)
         return hidden, encoder, tproj.unflatten(1, (6, -1)), rope_cos, rope_sin, temb
+
+
+class _Head(WanEmbedding):
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        return self.embed(latent, timestep, text)
 
 
 class _Blocks(nn.Module):
@@ -433,7 +437,7 @@ class WanAdapter(FamilyAdapter):
         if f % p_t or h % p_h or w % p_w:
             raise BadInput(f"{preset.name}: latent {f}x{h}x{w} is not divisible by the patch size {p_t}x{p_h}x{p_w}")
         grid = (f // p_t, h // p_h, w // p_w)
-        return {"head": WanHead(transformer), "blocks": _Blocks(transformer), "tail": _Tail(transformer, grid)}
+        return {"head": _Head(transformer), "blocks": _Blocks(transformer), "tail": _Tail(transformer, grid)}
 
     def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
         shard.check_heads(preset.config["num_attention_heads"])

@@ -27,7 +27,7 @@ from torch import nn
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
-from sencache.runtime.families.wan import _REAL_COMMON, _WAN22_A14B, WanAdapter, WanHead, a14b_preset
+from sencache.runtime.families.wan import _REAL_COMMON, _WAN22_A14B, WanAdapter, WanEmbedding, a14b_preset
 
 IMAGE_TOKENS = 257
 """Hidden states of CLIP ViT-H/14 at 224 x 224: 16 x 16 patches and the class token."""
@@ -62,14 +62,14 @@ _CACHE = {
 }
 
 
-class _Head(WanHead):
+class _Head(WanEmbedding):
     """Wan's head with the first-frame channels after the noise latent (Wan 2.2 I2V: no image encoder)."""
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image_latent: torch.Tensor):
         return self.embed(torch.cat([latent, image_latent], dim=1), timestep, text)
 
 
-class _ImageHead(WanHead):
+class _ImageHead(WanEmbedding):
     """Wan 2.1 I2V's head: the first-frame channels after the noise latent, the projected image
     tokens before the text tokens (WanTransformer3DModel.forward)."""
 
@@ -95,7 +95,7 @@ class WanI2VAdapter(WanAdapter):
         tokens=("hidden", "rope_cos", "rope_sin"),
         conditions=("image_latent", "image_embeds"),
     )
-    image_components = ("image_encoder", "image_processor")
+    image_components: tuple[str, ...] = ("image_encoder", "image_processor")
     aliases: dict[str, str] = {}
     presets = {
         f"wan2.1-i2v-14b-{size}": ModelPreset(
