@@ -14,6 +14,7 @@ modulated input is that embedding, to which the constant offset is added in the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
+from sencache.runtime.families.base import ModelPreset, Shapes, register_family
 from sencache.runtime.families.cogvideox import (
     _CACHE,
     _REAL_COMMON,
@@ -90,14 +91,7 @@ class _Head(nn.Module):
 @register_family
 class CogVideoXI2VAdapter(CogVideoXAdapter):
     family = "cogvideox-i2v"
-    layout = StageLayout(
-        streams=("hidden", "encoder"),
-        block_context=("temb",),
-        tail_context=("temb",),
-        tail_streams=("hidden",),
-        tokens=("hidden",),
-        conditions=("image_latent",),
-    )
+    layout = replace(CogVideoXAdapter.layout, conditions=("image_latent",))
     aliases: dict[str, str] = {}
     presets = {
         "cogvideox-5b-i2v": _preset(

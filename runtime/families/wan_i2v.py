@@ -19,6 +19,7 @@ frame's channels are its only image input.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
+from sencache.runtime.families.base import ModelPreset, Shapes, register_family
 from sencache.runtime.families.wan import _REAL_COMMON, _WAN22_A14B, WanAdapter, WanEmbedding, a14b_preset
 
 IMAGE_TOKENS = 257
@@ -87,14 +88,7 @@ class _ImageHead(WanEmbedding):
 @register_family
 class WanI2VAdapter(WanAdapter):
     family = "wan-i2v"
-    layout = StageLayout(
-        streams=("hidden",),
-        block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
-        tail_context=("temb",),
-        shared=("rope_cos", "rope_sin"),
-        tokens=("hidden", "rope_cos", "rope_sin"),
-        conditions=("image_latent", "image_embeds"),
-    )
+    layout = replace(WanAdapter.layout, conditions=("image_latent", "image_embeds"))
     image_components: tuple[str, ...] = ("image_encoder", "image_processor")
     aliases: dict[str, str] = {}
     presets = {
@@ -183,14 +177,7 @@ class Wan22I2VAdapter(WanI2VAdapter):
     passes no image states (the transformer's `image_dim` is None)."""
 
     family = "wan2.2-i2v"
-    layout = StageLayout(
-        streams=("hidden",),
-        block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
-        tail_context=("temb",),
-        shared=("rope_cos", "rope_sin"),
-        tokens=("hidden", "rope_cos", "rope_sin"),
-        conditions=("image_latent",),
-    )
+    layout = replace(WanAdapter.layout, conditions=("image_latent",))
     image_components = ()
     presets = {
         # Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps with shift 5.0, boundary 0.900,
