@@ -3,7 +3,7 @@ must reproduce.
 
 For each real preset (Wan 2.1, Wan 2.2 T2V-A14B and TI2V-5B, CogVideoX 2b / 5b / 1.5, LTX-Video
 0.9.0 / 0.9.1, and the image-to-video ones with their image encoder where the pipeline has one) a
-tiny random transformer of that family and config style (two for Wan 2.2 A14B: `transformer` and
+tiny random transformer of that family and config style (two for Wan 2.2's A14B ones: `transformer` and
 `transformer_2` with the pipeline's `boundary_ratio`), a tiny VAE with the real compression factors
 (Wan 2.2's residual 16x VAE for TI2V-5B, whose pipeline `expand_timesteps`), the real scheduler
 class, a word-level tokenizer and a tiny T5 (UMT5 for Wan) text encoder are saved as a
@@ -185,6 +185,18 @@ def _wan_i2v(model: str):
     return transformer, vae, scheduler, text, size, {"image_encoder": encoder, "image_processor": processor}
 
 
+def _wan22_i2v(model: str):
+    """Wan 2.2 I2V-A14B: two experts of 36 input channels (mask and first-frame latents after the
+    noise) switching at the preset's boundary ratio (2 high-noise, 3 low-noise steps of the tests'
+    5), and no image encoder, as the pipeline's image_encoder is None in the real folder."""
+    _, vae, scheduler, text, size, _ = _wan(model)
+    experts = {
+        "transformer_2": _wan_transformer(16, in_channels=36),
+        "boundary_ratio": resolve(model)[1].boundary_ratio,
+    }
+    return _wan_transformer(16, in_channels=36), vae, scheduler, text, size, experts
+
+
 def _cogvideox(model: str, **image: Any):
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -299,6 +311,7 @@ expert, an image encoder)."""
 
 IMAGE_FACTORIES = {
     "wan2.1-i2v-14b-480p": _wan_i2v,
+    "wan2.2-i2v-a14b": _wan22_i2v,
     "cogvideox-5b-i2v": _cogvideox_i2v,
     "cogvideox1.5-5b-i2v": _cogvideox_i2v,
     "ltx-video-0.9.0-i2v": _ltx,  # 0.9.1: diffusers 0.42 cannot decode its frames with a list of generators

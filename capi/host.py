@@ -66,14 +66,17 @@ _REQUEST_FIELDS = {
     "cache": "cache",
     "knobs": "knobs_json",
 }
+_EXTRA_FIELDS = {"guidance_2": "guidance_2"}
 _OPTION_FIELDS = {"backend": "backend", "device": "device", "threads": "threads"}
 
 
 def c_field(param: str | None) -> str | None:
-    """How the C ABI names a parameter: the field of sc_request or sc_engine_options that holds it
-    (a cache knob is a key of request->knobs_json)."""
+    """How the C ABI names a parameter: the field of sc_request, sc_request_extra or
+    sc_engine_options that holds it (a cache knob is a key of request->knobs_json)."""
     if param in _REQUEST_FIELDS:
         return f"request->{_REQUEST_FIELDS[param]}"
+    if param in _EXTRA_FIELDS:
+        return f"extra->{_EXTRA_FIELDS[param]}"
     if param in _OPTION_FIELDS:
         return f"options->{_OPTION_FIELDS[param]}"
     if param in KNOBS:
@@ -107,9 +110,10 @@ class Host:
         cache: str,
         knobs_json: str | None,
         image: np.ndarray | None = None,
+        guidance_2: float = -1.0,
     ) -> int:
         """Validate and queue one request (as sencache.Engine.submit does); its id. `image` is the
-        sc_image's pixels, uint8 [height, width, 3]."""
+        sc_image's pixels, uint8 [height, width, 3]; `guidance_2` sc_request_extra's (< 0: unset)."""
         manifest = self.model.bundle.manifest
         check_image_fits(manifest.family, manifest.model, image is not None)
         pixels = None if image is None else check_image(image)
@@ -125,6 +129,7 @@ class Host:
             [seed],
             steps=None if steps == 0 else steps,
             guidance=None if guidance < 0 else guidance,
+            guidance_2=None if guidance_2 < 0 else guidance_2,
             cache=cache,
             knobs=knobs,
             prompt_embeds=None if embeds is None else embeds[None],

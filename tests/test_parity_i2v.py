@@ -1,5 +1,6 @@
-"""Image-to-video against diffusers' own pipelines (WanImageToVideoPipeline, ...) built from tiny
-random components saved as diffusers folders, image encoder included: the same latents for the
+"""Image-to-video against diffusers' own pipelines (WanImageToVideoPipeline, Wan 2.2's with its two
+experts too, ...) built from tiny random components saved as diffusers folders, image encoder
+included where the pipeline has one: the same latents for the
 same seeds, prompt embeddings and image, with and without guidance, batch 1 and 2, on the PyTorch
 and the ONNX Runtime backends; the image reaches the model; a sample is the same alone or in a
 batch under SenCache; the image is refused where it does not belong."""
@@ -22,6 +23,7 @@ from sencache.benchmarks.reference_pipelines import (
 )
 from sencache.runtime.cache import NoCache
 from sencache.runtime.errors import BadInput
+from sencache.runtime.experts import experts_of
 from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import SensitivityTable
 
@@ -89,9 +91,9 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(real_like, tmp_path):
     engine = engine_for(_own_copy(case, tmp_path))
     steps = 8
     timesteps = np.asarray(engine.sampler(steps).timesteps, np.float64)
-    engine.bundle.write_tables(
-        SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0), np.full(steps, 1e-3), meta={"source": "test"})
-    )
+    table = SensitivityTable(timesteps[::-1].copy(), np.full(steps, 1.0), np.full(steps, 1e-3), meta={"source": "test"})
+    for expert in range(engine.bundle.manifest.experts):
+        engine.bundle.write_tables(table, expert=expert)
     knobs = {"eps_start": 0.02, "eps_main": 0.8, "max_reuse": 2}
     embeds, negative = embeddings(case, 2, 5), embeddings(case, 2, 6)
     request = GenerationParams(["a", "b"], [21, 22], steps, 6.0, embeds, negative, image=IMAGE)
@@ -122,10 +124,15 @@ def test_calibration_and_sencache_on_an_image_to_video_bundle(real_like, tmp_pat
     engine = engine_for(_own_copy(real_like, tmp_path))
     with pytest.raises(BadInput, match="^image is missing"):
         calibrate(engine, CalibrationPlan(samples=1, steps=4), show_progress=False)
-    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=4), show_progress=False, image=IMAGE)
-    table = calibration.sensitivity
-    assert len(table.timesteps) == 3 and np.all(table.jx > 0) and np.all(table.jt > 0)
-    engine.bundle.write_tables(table, calibration.baselines)
+    manifest = engine.bundle.manifest
+    steps = 4 * manifest.experts  # Wan 2.2 I2V: 999, 954, 900 with the first expert, 833, ... with the second
+    calibration = calibrate(engine, CalibrationPlan(samples=2, steps=steps), show_progress=False, image=IMAGE)
+    assert len(calibration.experts) == manifest.experts
+    for expert, tables in enumerate(calibration.experts):  # each expert's tables from its own steps
+        table = tables.sensitivity
+        assert experts_of(table.timesteps, manifest.boundary) == [expert] * len(table.timesteps)
+        assert len(table.timesteps) >= 2 and np.all(table.jx > 0) and np.all(table.jt > 0)
+        engine.bundle.write_tables(table, tables.baselines, expert)
     knobs = {"eps_start": 10.0, "eps_main": 10.0, "max_reuse": 2}
     result = engine.generate(_request(real_like, 1, 6.0), engine.policy("sencache", STEPS, 1, knobs))
     assert "reuse" in result.decisions[0]

@@ -1,6 +1,7 @@
 """Wan 2.2: the presets from their real configs, the two experts of T2V-A14B as per-expert stages
 chosen per row by timestep (on both backends, against diffusers' WanPipeline with `transformer_2`,
-`boundary_ratio` and `guidance_scale_2`), and cache rules that never reuse across the switch."""
+`boundary_ratio` and `guidance_scale_2`; I2V-A14B's against WanImageToVideoPipeline), and cache
+rules that never reuse across the switch."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from sencache.benchmarks.reference_pipelines import build_bundle, embeddings, run_reference, save_reference
+from conftest import image_case
+from sencache.benchmarks.reference_pipelines import (
+    build_bundle,
+    embeddings,
+    reference_image,
+    run_reference,
+    save_reference,
+)
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions
 from sencache.runtime.cache import NoCache, StepDecision
@@ -51,7 +59,11 @@ def case_of(folder: Path):
 
 @pytest.mark.parametrize(
     "model, experts, billions, latent",
-    [(A14B, 2, 14.29, (16, 21, 90, 160)), ("wan2.2-ti2v-5b", 1, 5.00, (48, 31, 44, 80))],
+    [
+        (A14B, 2, 14.29, (16, 21, 90, 160)),
+        ("wan2.2-i2v-a14b", 2, 14.29, (16, 21, 90, 160)),
+        ("wan2.2-ti2v-5b", 1, 5.00, (48, 31, 44, 80)),
+    ],
 )
 def test_presets_construct_from_their_real_configs_on_meta(model, experts, billions, latent):
     adapter, preset = resolve(model)
@@ -280,3 +292,21 @@ def test_the_tiny_two_expert_model_runs_calibration_bench_and_the_step_engine(ti
         assert all(4 <= n <= 10 for n in run["nfe"]), run  # each expert's first and last steps run
     for method in plan.methods:  # each rule skips steps somewhere and stays close to the uncached video
         assert any(max(r["nfe"]) < 10 and min(r["psnr"]) > 20 for r in report["runs"] if r["method"] == method)
+
+
+def test_the_image_to_video_experts_match_the_pipeline_with_guidance_2(bundle_cache):
+    """Wan 2.2 I2V-A14B (two experts on the first frame's channels, no image encoder) against
+    WanImageToVideoPipeline with `transformer_2`, `boundary_ratio` and `guidance_scale_2`; the
+    bundle is the image-to-video parity tests' (tests/test_parity_i2v.py runs the other cases)."""
+    case = image_case(bundle_cache, "wan2.2-i2v-a14b")
+    engine = Model.open(case.folder.parent / "torch", threads=1)
+    manifest = engine.bundle.manifest
+    assert (manifest.family, manifest.experts, manifest.boundary) == ("wan2.2-i2v", 2, 900.0)
+    assert json.loads((case.folder / "model_index.json").read_text())["image_encoder"] == [None, None]
+    image = reference_image()
+    embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)
+    request = GenerationParams(["a", "b"], [3, 4], STEPS, 6.0, embeds, negative, guidance_2=2.5, image=image)
+    ours = engine.generate(request, NoCache(2))
+    assert experts_of(ours.timesteps, manifest.boundary) == [0, 0, 1, 1, 1]
+    theirs = run_reference(case, [3, 4], STEPS, 6.0, "latent", embeds, negative, image=image, guidance_scale_2=2.5)
+    np.testing.assert_allclose(ours.latents, theirs, atol=1e-5, rtol=0)

@@ -47,7 +47,8 @@ extern "C" {
 #define SC_API __attribute__((visibility("default")))
 #endif
 
-#define SC_ABI_VERSION 1
+/* 2: sc_engine_submit_ex and sc_request_extra (the second expert's guidance). */
+#define SC_ABI_VERSION 2
 
 typedef enum sc_status {
     SC_OK = 0,
@@ -180,6 +181,17 @@ typedef struct sc_image {
     int32_t channels;      /* 3 (RGB) */
     int64_t stride;        /* bytes per row */
 } sc_image;
+/* Request parameters beyond sc_request, which keeps its layout. `size` is sizeof(sc_request_extra)
+ * as the caller was compiled: fields past it take their defaults, so a caller built against an
+ * older header keeps working when fields are added; a size larger than this library knows is
+ * refused (SC_ERR_UNSUPPORTED) rather than its fields ignored. Zero-initialise, then set size. */
+typedef struct sc_request_extra {
+    size_t size;
+    double guidance_2; /* the second (low-noise) expert's guidance of a two-expert bundle (Wan 2.2
+                        * A14B; Python's guidance_2, the CLI's --guidance-2); < 0: the bundle's when
+                        * guidance is < 0 too, else guidance, as diffusers' pipeline takes it. A
+                        * one-expert bundle refuses a value >= 0. */
+} sc_request_extra;
 typedef enum sc_state { SC_QUEUED = 0, SC_RUNNING = 1, SC_DONE = 2, SC_CANCELLED = 3, SC_FAILED = 4 } sc_state;
 
 typedef struct sc_progress {
@@ -201,6 +213,10 @@ SC_API sc_status sc_engine_submit(sc_engine* engine, const sc_request* request, 
  * the message naming the field of sc_image. sc_engine_submit is this call with image NULL. */
 SC_API sc_status sc_engine_submit_image(sc_engine* engine, const sc_request* request, const sc_image* image,
                                         int64_t* id_out);
+/* sc_engine_submit_image with further parameters (`extra` may be NULL: all their defaults). A bad
+ * extra->size or field is refused before queueing, the message naming it. */
+SC_API sc_status sc_engine_submit_ex(sc_engine* engine, const sc_request* request, const sc_image* image,
+                                     const sc_request_extra* extra, int64_t* id_out);
 /* One pass of the step engine: admit queued requests at the step boundary, advance every active
  * one by one step. *active_out (may be NULL): requests still queued or running afterwards. */
 SC_API sc_status sc_engine_step(sc_engine* engine, int32_t* active_out);

@@ -4,6 +4,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -198,10 +199,29 @@ extern "C" sc_status sc_engine_submit(sc_engine* engine, const sc_request* reque
 
 extern "C" sc_status sc_engine_submit_image(sc_engine* engine, const sc_request* request, const sc_image* image,
                                             int64_t* id_out) {
+    return sc_engine_submit_ex(engine, request, image, nullptr, id_out);
+}
+
+// sc_request_extra's guidance_2 where the caller's `size` covers it, else its default (< 0: unset).
+static double extra_guidance_2(const sc_request_extra* extra) {
+    constexpr size_t end = offsetof(sc_request_extra, guidance_2) + sizeof(double);
+    return extra && extra->size >= end ? extra->guidance_2 : -1.0;
+}
+
+extern "C" sc_status sc_engine_submit_ex(sc_engine* engine, const sc_request* request, const sc_image* image,
+                                         const sc_request_extra* extra, int64_t* id_out) {
     return guarded([&] {
         checked(engine);
         SC_REQUIRE(request != nullptr && id_out != nullptr, SC_ERR_INVALID_ARGUMENT, "request or id_out is NULL");
         *id_out = 0;
+        if (extra) {
+            SC_REQUIRE(extra->size >= sizeof(extra->size), SC_ERR_INVALID_ARGUMENT,
+                       "extra->size must be sizeof(sc_request_extra)");
+            SC_REQUIRE(extra->size <= sizeof(sc_request_extra), SC_ERR_UNSUPPORTED,
+                       "extra->size is larger than this library's sc_request_extra (a newer sencache.h; see "
+                       "sc_abi_version)");
+        }
+        const double guidance_2 = extra_guidance_2(extra);
         SC_REQUIRE(request->prompt != nullptr, SC_ERR_INVALID_ARGUMENT, "request->prompt is NULL (give \"\" with embeddings)");
         SC_REQUIRE(request->steps >= 0, SC_ERR_INVALID_ARGUMENT, "steps must be >= 0 (0: the bundle's default)");
         SC_REQUIRE(request->seed < (uint64_t{1} << 63), SC_ERR_INVALID_ARGUMENT, "seed must be < 2^63");
@@ -232,10 +252,10 @@ extern "C" sc_status sc_engine_submit_image(sc_engine* engine, const sc_request*
         } else {
             embeds.p = Py_NewRef(Py_None);
         }
-        Ref id = engine->call("submit", "(sOKidszO)", request->prompt, embeds.get(),
+        Ref id = engine->call("submit", "(sOKidszOd)", request->prompt, embeds.get(),
                               static_cast<unsigned long long>(request->seed), static_cast<int>(request->steps),
                               request->guidance, request->cache ? request->cache : "sencache", request->knobs_json,
-                              pixels.get());
+                              pixels.get(), guidance_2);
         *id_out = PyLong_AsLongLong(id.get());
         return SC_OK;
     });

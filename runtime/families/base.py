@@ -305,6 +305,30 @@ class FamilyAdapter(ABC):
         the pipeline does before the starting noise."""
         raise BadInput(f"image: {preset.name} is a text-to-video model and takes none", param="image")
 
+    def image_pixels(self, image: np.ndarray, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        """`image` as the pipeline's video processor gives it to its VAE: resized to the video's
+        size, [1, 3, height, width] in [-1, 1]; BadInput where the weights folder has no VAE."""
+        from PIL import Image
+
+        if pipeline.vae is None:
+            raise BadInput(
+                f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image"
+            )
+        with torch.no_grad():
+            picture = Image.fromarray(image)
+            return pipeline.video_processor.preprocess(picture, height=shapes.height, width=shapes.width).float()
+
+    def image_draws(
+        self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
+    ) -> torch.Tensor:
+        """One draw of the VAE's posterior of `image` per generator, [B, channels, 1, h, w], as the
+        pipelines that sample it do (`retrieve_latents` per generator); the encoder runs once, since
+        the pipeline encodes the same image for every sample."""
+        pixels = self.image_pixels(image, pipeline, preset, shapes)
+        with torch.no_grad():
+            posterior = pipeline.vae.encode(pixels.unsqueeze(2)).latent_dist
+            return torch.cat([posterior.sample(g) for g in generators])
+
     def start_latents(
         self, noise: torch.Tensor, conditions: dict[str, torch.Tensor], preset: ModelPreset, shapes: Shapes
     ) -> torch.Tensor:

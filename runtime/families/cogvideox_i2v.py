@@ -14,6 +14,7 @@ modulated input is that embedding, to which the constant offset is added in the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, register_family
+from sencache.runtime.families.base import ModelPreset, Shapes, register_family
 from sencache.runtime.families.cogvideox import (
     _CACHE,
     _REAL_COMMON,
@@ -36,6 +37,35 @@ OFS = 2.0
 # TeaCache's published CogVideoX1.5-5B-I2V polynomial (shared/reference/baseline_constants.json,
 # TeaCache @7c10efc4); its CogVideoX-5b one is published for T2V and I2V alike.
 _TEACACHE_1_5_I2V = (122.842302, -104.088754, 26.2981677, -0.306009921, 0.037121322)
+
+
+def _preset(
+    name: str, config: dict[str, Any], size: tuple[int, int, int], teacache: tuple[float, ...], description: str
+) -> ModelPreset:
+    """A CogVideoX 5B I2V model: the 5B transformer (rotary positions) on twice the VAE's channels,
+    `config` its own further settings, `size` (frames, height, width) its default video, sampled as
+    THUDM publishes it (DDIM, guidance 6.0, 50 steps)."""
+    return ModelPreset(
+        name=name,
+        family="cogvideox-i2v",
+        config={
+            **_REAL_COMMON,
+            "num_attention_heads": 48,
+            "num_layers": 42,
+            "in_channels": 32,
+            "use_rotary_positional_embeddings": True,
+            **config,
+        },
+        frames=size[0],
+        height=size[1],
+        width=size[2],
+        guidance=6.0,
+        steps=50,
+        cache_defaults=_CACHE,
+        scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+        published_baselines=(teacache, None),
+        description=description,
+    )
 
 
 # `t` is the diffusers transformer, typed Any (see cogvideox.py).
@@ -61,62 +91,29 @@ class _Head(nn.Module):
 @register_family
 class CogVideoXI2VAdapter(CogVideoXAdapter):
     family = "cogvideox-i2v"
-    layout = StageLayout(
-        streams=("hidden", "encoder"),
-        block_context=("temb",),
-        tail_context=("temb",),
-        tail_streams=("hidden",),
-        tokens=("hidden",),
-        conditions=("image_latent",),
-    )
+    layout = replace(CogVideoXAdapter.layout, conditions=("image_latent",))
     aliases: dict[str, str] = {}
     presets = {
-        "cogvideox-5b-i2v": ModelPreset(
-            name="cogvideox-5b-i2v",
-            family="cogvideox-i2v",
-            config={
-                **_REAL_COMMON,
-                "num_attention_heads": 48,
-                "num_layers": 42,
-                "in_channels": 32,
-                "use_rotary_positional_embeddings": True,
-                "use_learned_positional_embeddings": True,
-            },
-            frames=49,
-            height=480,
-            width=720,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            published_baselines=(_TEACACHE_5B, None),
-            description="THUDM/CogVideoX-5b-I2V (49 x 480 x 720 only: learned position embeddings)",
+        "cogvideox-5b-i2v": _preset(
+            "cogvideox-5b-i2v",
+            {"use_learned_positional_embeddings": True},
+            (49, 480, 720),
+            _TEACACHE_5B,
+            "THUDM/CogVideoX-5b-I2V (49 x 480 x 720 only: learned position embeddings)",
         ),
-        "cogvideox1.5-5b-i2v": ModelPreset(
-            name="cogvideox1.5-5b-i2v",
-            family="cogvideox-i2v",
-            config={
-                **_REAL_COMMON,
-                "num_attention_heads": 48,
-                "num_layers": 42,
-                "in_channels": 32,
+        "cogvideox1.5-5b-i2v": _preset(
+            "cogvideox1.5-5b-i2v",
+            {
                 "ofs_embed_dim": 512,
                 "sample_width": 170,
                 "sample_height": 96,
                 "sample_frames": 81,
                 "patch_size_t": 2,
                 "patch_bias": False,
-                "use_rotary_positional_embeddings": True,
             },
-            frames=81,
-            height=768,
-            width=1360,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            published_baselines=(_TEACACHE_1_5_I2V, None),
-            description="THUDM/CogVideoX1.5-5B-I2V (81x768x1360: 21 latent frames padded to 22)",
+            (81, 768, 1360),
+            _TEACACHE_1_5_I2V,
+            "THUDM/CogVideoX1.5-5B-I2V (81x768x1360: 21 latent frames padded to 22)",
         ),
     }
 
@@ -152,20 +149,8 @@ class CogVideoXI2VAdapter(CogVideoXAdapter):
         """The pipeline's prepare_latents for the image: one VAE posterior draw per sample from its
         generator (the encoder runs once: the pipeline encodes the same image per sample), scaled,
         then zero frames; the starting noise is drawn next from the same generators, as there."""
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import retrieve_latents
-        from PIL import Image
-
-        if pipeline.vae is None:
-            raise BadInput(
-                f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image"
-            )
         frames = self.latent_shape(preset, shapes)[0]
-        with torch.no_grad():
-            pixels = pipeline.video_processor.preprocess(
-                Image.fromarray(image), height=shapes.height, width=shapes.width
-            ).float()
-            encoded = pipeline.vae.encode(pixels.unsqueeze(2))
-            drawn = torch.cat([retrieve_latents(encoded, g) for g in generators]).permute(0, 2, 1, 3, 4)
+        drawn = self.image_draws(image, generators, pipeline, preset, shapes).permute(0, 2, 1, 3, 4)
         scale = pipeline.vae_scaling_factor_image
         drawn = 1 / scale * drawn if pipeline.vae.config.invert_scale_latents else scale * drawn
         latents = torch.cat([drawn, drawn.new_zeros((len(generators), frames - 1, *drawn.shape[2:]))], dim=1)

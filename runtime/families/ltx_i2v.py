@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import ModelPreset, Sampler, Shapes, register_family
 from sencache.runtime.families.ltx import _CACHE, _REAL, _SCHEDULER, _TEACACHE_0_9_1, LTXAdapter, LTXSampler
 
@@ -123,22 +122,9 @@ class LTXI2VAdapter(LTXAdapter):
         """The pipeline's prepare_latents for the image: one VAE posterior draw per sample from its
         generator (the encoder runs once: the pipeline encodes the same image per sample),
         normalized, repeated over the frames and packed; the starting noise is drawn next."""
-        from diffusers.pipelines.ltx.pipeline_ltx_image2video import retrieve_latents
-        from PIL import Image
-
-        if pipeline.vae is None:
-            raise BadInput(
-                f"image: {preset.name} encodes it with the VAE; the weights folder has no vae/", param="image"
-            )
         frames = self.grid(preset, shapes)[0]
-        vae = pipeline.vae
-        with torch.no_grad():
-            pixels = pipeline.video_processor.preprocess(
-                Image.fromarray(image), height=shapes.height, width=shapes.width
-            ).float()
-            encoded = vae.encode(pixels.unsqueeze(2))
-            drawn = torch.cat([retrieve_latents(encoded, g) for g in generators])
-        drawn = pipeline._normalize_latents(drawn, vae.latents_mean, vae.latents_std)
+        drawn = self.image_draws(image, generators, pipeline, preset, shapes)
+        drawn = pipeline._normalize_latents(drawn, pipeline.vae.latents_mean, pipeline.vae.latents_std)
         packed = pipeline._pack_latents(drawn.repeat(1, 1, frames, 1, 1), 1, 1)
         return {"image_latent": packed}
 

@@ -225,19 +225,78 @@ _MAGCACHE_14B = (
 )
 
 
+_TINY_COMMON: dict[str, Any] = {
+    "family": "wan",
+    "config": TINY_CONFIG,
+    "frames": 8,
+    "height": 32,
+    "width": 32,
+    "tiny": True,
+    "guidance": 4.0,
+    "steps": 30,
+    "cache_defaults": {
+        "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
+        "teacache": {"threshold": 0.1},
+        "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+    },
+}
+"""What the bundled tiny Wan models share (RGB as latent, 8 x 32 x 32)."""
+
+
+def a14b_preset(
+    name: str,
+    family: str,
+    config: dict[str, Any],
+    guidance: tuple[float, float],
+    boundary_ratio: float,
+    shift: float,
+    description: str,
+) -> ModelPreset:
+    """A Wan 2.2 A14B model as Wan 2.2's configs (Wan-Video/Wan2.2 wan/configs) sample it: two 14 B
+    experts switching at `boundary_ratio`, `guidance` (high-noise, low-noise), 40 steps of flow
+    shift `shift`, 81 frames at 720 x 1280. No published TeaCache or MagCache constants exist for
+    them: calibration measures each expert's tables."""
+    return ModelPreset(
+        name=name,
+        family=family,
+        config=config,
+        frames=81,
+        height=720,
+        width=1280,
+        guidance=guidance[0],
+        guidance_2=guidance[1],
+        steps=40,
+        boundary_ratio=boundary_ratio,
+        cache_defaults=_WAN_14B_CACHE,
+        scheduler={"flow_shift": shift},
+        description=description,
+    )
+
+
 # `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
 # nn.Module.__getattr__, which mypy types as Tensor | Module.
-class _Head(nn.Module):
+class WanEmbedding(nn.Module):
+    """What every Wan head computes; each head's `forward` calls `embed` on its own inputs."""
+
     def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
 
-    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None):
+        """WanTransformer3DModel.forward up to the blocks on the transformer's input `x`; the
+        projected `image` states, where the model has an image encoder, before the text tokens."""
         t = self.t
-        rope_cos, rope_sin = t.rope(latent)
-        hidden = t.patch_embedding(latent).flatten(2).transpose(1, 2).contiguous()
-        temb, tproj, encoder, _ = t.condition_embedder(timestep, text, None)
+        rope_cos, rope_sin = t.rope(x)
+        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        temb, tproj, encoder, image_tokens = t.condition_embedder(timestep, text, image)
+        if image_tokens is not None:
+            encoder = torch.cat([image_tokens, encoder], dim=1)
         return hidden, encoder, tproj.unflatten(1, (6, -1)), rope_cos, rope_sin, temb
+
+
+class _Head(WanEmbedding):
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
+        return self.embed(latent, timestep, text)
 
 
 class _Blocks(nn.Module):
@@ -290,38 +349,14 @@ class WanAdapter(FamilyAdapter):
     presets = {
         "tiny-wan": ModelPreset(
             name="tiny-wan",
-            family="wan",
-            config=TINY_CONFIG,
-            frames=8,
-            height=32,
-            width=32,
-            tiny=True,
-            guidance=4.0,
-            steps=30,
-            cache_defaults={
-                "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
-                "teacache": {"threshold": 0.1},
-                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
-            },
+            **_TINY_COMMON,
             description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
         ),
         "tiny-wan2.2": ModelPreset(
             name="tiny-wan2.2",
-            family="wan",
-            config=TINY_CONFIG,
-            frames=8,
-            height=32,
-            width=32,
-            tiny=True,
-            guidance=4.0,
+            **_TINY_COMMON,
             guidance_2=3.0,
-            steps=30,
             boundary_ratio=0.875,
-            cache_defaults={
-                "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
-                "teacache": {"threshold": 0.1},
-                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
-            },
             description="bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from "
             "tiny-wan, the high-noise expert on timesteps >= 875, the low-noise expert below",
         ),
@@ -355,19 +390,13 @@ class WanAdapter(FamilyAdapter):
         # 12.0, boundary 0.875 and guidance (4.0 high-noise, 3.0 low-noise); TI2V-5B 50 steps with
         # shift 5.0 and guidance 5.0 at 704x1280, 121 frames. No published TeaCache or MagCache
         # constants exist for them: calibration measures each expert's tables.
-        "wan2.2-t2v-a14b": ModelPreset(
-            name="wan2.2-t2v-a14b",
-            family="wan",
-            config=_WAN22_A14B,
-            frames=81,
-            height=720,
-            width=1280,
-            guidance=4.0,
-            guidance_2=3.0,
-            steps=40,
+        "wan2.2-t2v-a14b": a14b_preset(
+            "wan2.2-t2v-a14b",
+            "wan",
+            _WAN22_A14B,
+            guidance=(4.0, 3.0),
             boundary_ratio=0.875,
-            cache_defaults=_WAN_14B_CACHE,
-            scheduler={"flow_shift": 12.0},
+            shift=12.0,
             description="Wan-AI/Wan2.2-T2V-A14B-Diffusers (two experts: transformer/ and transformer_2/)",
         ),
         "wan2.2-ti2v-5b": ModelPreset(

@@ -1,4 +1,4 @@
-"""Wan 2.1 image-to-video: WanTransformer3DModel with an image encoder and first-frame channels.
+"""Wan image-to-video: WanTransformer3DModel with first-frame channels, and an image encoder in 2.1.
 
 Facts of the real pipeline (diffusers' WanImageToVideoPipeline, Wan2.1-I2V-14B-*-Diffusers): the
 image is resized to the video's size by the pipeline's video processor and put as frame 0 of an
@@ -11,6 +11,11 @@ conditionings are the same for the cond and uncond calls and at every step, so t
 inputs; the blocks, the tail, the sampler and the cache rules are Wan 2.1's unchanged (a rule reads
 the 16-channel latent, the timestep and the timestep embedding, none of which the image changes).
 
+Wan 2.2 I2V-A14B (Wan2.2-I2V-A14B-Diffusers) is two experts, switching as Wan 2.2 T2V-A14B's do
+(runtime/experts.py), each taking the same 36 channels; it has no image encoder (the pipeline's
+image_encoder is None, the transformer's `image_dim` None, `expand_timesteps` false), so the first
+frame's channels are its only image input.
+
 The tiny model (`tiny-wan-i2v`, RGB as latent like every tiny model) has no VAE and no CLIP: its
 first-frame channels are a 1-channel mask and the image's RGB in [-1, 1] at frame 0 (the real
 layout, mask before image, without the VAE's 4x temporal packing), and its image encoder is the
@@ -21,7 +26,7 @@ Wan attention takes the last 512 context tokens as text and the ones before them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,14 +34,22 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import ModelPreset, Shapes, StageLayout, TinyClipAxes, register_family
-from sencache.runtime.families.wan import _REAL_COMMON, TINY_CONFIG, WanAdapter
+from sencache.runtime.families.base import ModelPreset, Shapes, TinyClipAxes, register_family
+from sencache.runtime.families.wan import (
+    _REAL_COMMON,
+    _WAN22_A14B,
+    TINY_CONFIG,
+    WanAdapter,
+    WanEmbedding,
+    a14b_preset,
+)
 
 if TYPE_CHECKING:
     from sencache.runtime.tiny_text import TinyTextEncoder
 
 IMAGE_TOKENS = 257
 """Hidden states of CLIP ViT-H/14 at 224 x 224: 16 x 16 patches and the class token."""
+
 TEXT_TOKENS = 512
 """The text tokens diffusers' WanAttnProcessor splits off the end of the context (hard-coded there)."""
 
@@ -89,14 +102,16 @@ class TinyPaddedText(TinyClipAxes):
         return np.pad(text, ((0, 0), (0, TEXT_TOKENS - text.shape[1]), (0, 0)))
 
 
-# `t` is the diffusers transformer, typed Any (see wan.py).
-class _Head(nn.Module):
-    """Wan's head with the image: the first-frame channels after the noise latent, the projected
-    image tokens before the text tokens (WanTransformer3DModel.forward)."""
+class _Head(WanEmbedding):
+    """Wan's head with the first-frame channels after the noise latent (Wan 2.2 I2V: no image encoder)."""
 
-    def __init__(self, t: Any) -> None:
-        super().__init__()
-        self.t = t
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image_latent: torch.Tensor):
+        return self.embed(torch.cat([latent, image_latent], dim=1), timestep, text)
+
+
+class _ImageHead(WanEmbedding):
+    """Wan 2.1 I2V's head: the first-frame channels after the noise latent, the projected image
+    tokens before the text tokens (WanTransformer3DModel.forward)."""
 
     def forward(
         self,
@@ -106,27 +121,14 @@ class _Head(nn.Module):
         image_latent: torch.Tensor,
         image_embeds: torch.Tensor,
     ):
-        t = self.t
-        x = torch.cat([latent, image_latent], dim=1)
-        rope_cos, rope_sin = t.rope(x)
-        hidden = t.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
-        temb, tproj, encoder, image = t.condition_embedder(timestep, text, image_embeds)
-        encoder = torch.cat([image, encoder], dim=1)
-        return hidden, encoder, tproj.unflatten(1, (6, -1)), rope_cos, rope_sin, temb
+        return self.embed(torch.cat([latent, image_latent], dim=1), timestep, text, image_embeds)
 
 
 @register_family
 class WanI2VAdapter(WanAdapter):
     family = "wan-i2v"
-    layout = StageLayout(
-        streams=("hidden",),
-        block_context=("encoder", "tproj", "rope_cos", "rope_sin"),
-        tail_context=("temb",),
-        shared=("rope_cos", "rope_sin"),
-        tokens=("hidden", "rope_cos", "rope_sin"),
-        conditions=("image_latent", "image_embeds"),
-    )
-    image_components = ("image_encoder", "image_processor")
+    layout = replace(WanAdapter.layout, conditions=("image_latent", "image_embeds"))
+    image_components: tuple[str, ...] = ("image_encoder", "image_processor")
     tiny_format = TinyPaddedText((0, 4, 1, 2, 3))  # [B, C, F, H, W]
     aliases: dict[str, str] = {}
     presets = {
@@ -148,6 +150,7 @@ class WanI2VAdapter(WanAdapter):
             ("720p", 720, 1280, _TEACACHE_720P, None),
         )
     }
+
     presets["tiny-wan-i2v"] = ModelPreset(
         name="tiny-wan-i2v",
         family="wan-i2v",
@@ -186,43 +189,51 @@ class WanI2VAdapter(WanAdapter):
         }
 
     def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
-        return {**super().split(transformer, preset, shapes), "head": _Head(transformer)}
+        return {**super().split(transformer, preset, shapes), "head": _ImageHead(transformer)}
 
     def pipeline_class(self) -> type[Any]:
         from diffusers import WanImageToVideoPipeline
 
         return WanImageToVideoPipeline
 
+    def first_frame(self, image: np.ndarray, batch: int, pipeline, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
+        """The pipeline's prepare_latents for the image: the first-frame mask and the VAE's mode of
+        the image followed by black frames, [batch, in - out channels, ...]; the mode draws nothing,
+        so one encoding serves every sample."""
+        pixels = self.image_pixels(image, pipeline, preset, shapes)
+        zeros = torch.zeros((1, *self.latent_shape(preset, shapes)))
+        with torch.no_grad():
+            _, condition = pipeline.prepare_latents(
+                pixels, 1, zeros.shape[1], shapes.height, shapes.width, shapes.frames, torch.float32, "cpu", None, zeros
+            )
+        return condition.expand(batch, -1, -1, -1, -1)
+
     def encode_image(
         self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
     ) -> dict[str, torch.Tensor]:
-        """The pipeline's encode_image (CLIP hidden states) and prepare_latents (mask and VAE mode of
-        the first frame): the VAE's mode draws nothing, so one encoding serves every sample."""
+        """The pipeline's encode_image (CLIP hidden states) and its first frame (`first_frame`)."""
         from PIL import Image
 
         if preset.tiny:
             return self._tiny_conditions(image, len(generators), preset, shapes)
-        if pipeline.image_encoder is None or pipeline.image_processor is None or pipeline.vae is None:
+        if pipeline.image_encoder is None or pipeline.image_processor is None:
             raise BadInput(
                 f"{preset.name}: the weights folder needs image_encoder/, image_processor/ and vae/ to take an image",
                 param="image",
             )
-        picture = Image.fromarray(image)
         batch = len(generators)
         with torch.no_grad():
-            embeds = pipeline.encode_image(picture, torch.device("cpu")).float()
-            pixels = pipeline.video_processor.preprocess(picture, height=shapes.height, width=shapes.width).float()
-            zeros = torch.zeros((1, *self.latent_shape(preset, shapes)))
-            _, condition = pipeline.prepare_latents(
-                pixels, 1, zeros.shape[1], shapes.height, shapes.width, shapes.frames, torch.float32, "cpu", None, zeros
-            )
+            embeds = pipeline.encode_image(Image.fromarray(image), torch.device("cpu")).float()
         if tuple(embeds.shape[1:]) != self.condition_shapes(preset, shapes)["image_embeds"]:
             raise BadInput(
                 f"{preset.name}: the image encoder gives {list(embeds.shape[1:])} states, not the "
                 f"{[IMAGE_TOKENS, preset.config['image_dim']]} the transformer was built for",
                 param="image",
             )
-        return {"image_latent": condition.expand(batch, -1, -1, -1, -1), "image_embeds": embeds.expand(batch, -1, -1)}
+        return {
+            "image_latent": self.first_frame(image, batch, pipeline, preset, shapes),
+            "image_embeds": embeds.expand(batch, -1, -1),
+        }
 
     def _tiny_conditions(
         self, image: np.ndarray, batch: int, preset: ModelPreset, shapes: Shapes
@@ -246,3 +257,40 @@ class WanI2VAdapter(WanAdapter):
             "image_latent": latent.expand(batch, *latent.shape).contiguous(),
             "image_embeds": embeds.expand(batch, *embeds.shape).contiguous(),
         }
+
+
+@register_family
+class Wan22I2VAdapter(WanI2VAdapter):
+    """Wan 2.2 I2V-A14B: two experts (as Wan 2.2 T2V-A14B) whose transformers take the first-frame
+    channels of Wan 2.1 I2V but no image encoder: diffusers' WanImageToVideoPipeline with
+    `transformer_2`, `boundary_ratio`, `expand_timesteps` false and no image_encoder, which then
+    passes no image states (the transformer's `image_dim` is None)."""
+
+    family = "wan2.2-i2v"
+    layout = replace(WanAdapter.layout, conditions=("image_latent",))
+    image_components = ()
+    presets = {
+        # Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py: 40 steps with shift 5.0, boundary 0.900,
+        # guidance 3.5 for both experts; the Wan 2.1 VAE (36 = 16 noise + 4 mask + 16 image channels).
+        "wan2.2-i2v-a14b": a14b_preset(
+            "wan2.2-i2v-a14b",
+            "wan2.2-i2v",
+            {**_WAN22_A14B, "in_channels": 36},
+            guidance=(3.5, 3.5),
+            boundary_ratio=0.9,
+            shift=5.0,
+            description="Wan-AI/Wan2.2-I2V-A14B-Diffusers (two experts: transformer/ and transformer_2/)",
+        ),
+    }
+
+    def condition_shapes(self, preset: ModelPreset, shapes: Shapes) -> dict[str, tuple[int, ...]]:
+        return {"image_latent": super().condition_shapes(preset, shapes)["image_latent"]}
+
+    def split(self, transformer: nn.Module, preset: ModelPreset, shapes: Shapes) -> dict[str, nn.Module]:
+        return {**super().split(transformer, preset, shapes), "head": _Head(transformer)}
+
+    def encode_image(
+        self, image: np.ndarray, generators: list[torch.Generator], pipeline, preset: ModelPreset, shapes: Shapes
+    ) -> dict[str, torch.Tensor]:
+        """The pipeline's first frame (`first_frame`) alone: it has no image encoder."""
+        return {"image_latent": self.first_frame(image, len(generators), pipeline, preset, shapes)}
