@@ -55,13 +55,17 @@ class Draw:
 
 DEV_DRAW = Draw("development", 7, 100)
 """The draw the budget-driven rule was developed on (the former tuning draw of this bench)."""
-FRESH_DRAWS = (Draw("fresh-1", 20261202, 5000), Draw("fresh-2", 20261203, 6000))
+LOOKED_AT_DRAWS = (Draw("fresh-1", 20261202, 5000), Draw("fresh-2", 20261203, 6000))
+"""Draws that were fresh for the first budget rule and whose reports then steered its successor
+(the online rule at a measured eps): development draws since."""
+FRESH_DRAWS = (Draw("fresh-3", 20261204, 7000),)
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
-evaluation set with EVAL_PROMPT_SEED, the development draw with DEV_DRAW's)."""
+evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
 LOOKED_AT = (
-    f"the development draw (prompt seed {DEV_DRAW.prompt_seed}, seeds from {DEV_DRAW.seed_offset}); bench's "
-    f"evaluation set (prompt seed {EVAL_PROMPT_SEED}, seeds from 0), whose earlier report (and the issue's "
-    "held-out figures) motivated the change"
+    f"the development draw (prompt seed {DEV_DRAW.prompt_seed}, seeds from {DEV_DRAW.seed_offset}); "
+    + "; ".join(f"{d.name} (prompt seed {d.prompt_seed}, seeds from {d.seed_offset})" for d in LOOKED_AT_DRAWS)
+    + f"; bench's evaluation set (prompt seed {EVAL_PROMPT_SEED}, seeds from 0), whose earlier report (and the "
+    "issue's held-out figures) motivated the change"
 )
 BAND = (0.4, 0.7)
 """The NFE band of the target, as fractions of the steps."""
@@ -121,23 +125,31 @@ class Sweeper:
         write_atomic(self.partial, json.dumps(self.done, indent=1).encode())
         return run
 
-    def sweep(self, sweep: Sweep) -> list[dict[str, Any]]:
-        """Every rule of the comparison over its settings: the budget rule and the strongest
-        baselines first, so a sweep cut short still compares them (`--collect`)."""
+    def sweep(self, sweep: Sweep, part: str = "all") -> list[dict[str, Any]]:
+        """Every rule of the comparison over its settings, or those of one `part` (PARTS: for several
+        processes whose saved runs `--collect` joins): the budget rule and the strongest baselines
+        first, so a sweep cut short still compares them."""
         steps = self.steps
         other = "threshold" if sweep.mode == "hard" else "hard"
         budgets = sorted({round(f * steps) for f in sweep.nfe_fractions})
-        runs = [self.run(BEST, "sencache-online", {"nfe": n, "budget": sweep.mode}) for n in budgets]
-        runs += [
-            self.run("fixed-warmup" if w else "fixed", "fixed", {"interval": k, "warmup": w}) for w, k in sweep.fixed
-        ]
-        runs += [self.run("sencache", "sencache", {"eps_main": e}) for e in sweep.sencache_eps]
-        runs += [self.run("magcache", "magcache", {"threshold": x}) for x in sweep.magcache]
-        runs += [self.run("teacache", "teacache", {"threshold": x}) for x in sweep.teacache]
-        runs += [self.run("sencache-online", "sencache-online", {"eps_main": e}) for e in sweep.online_eps]
         checks = sorted({round(f * steps) for f in sweep.threshold_fractions})
-        runs += [self.run(f"{BEST}-{other}", "sencache-online", {"nfe": n, "budget": other}) for n in checks]
-        return runs
+        settings = {
+            "budget": [(BEST, "sencache-online", {"nfe": n, "budget": sweep.mode}) for n in budgets]
+            + [(f"{BEST}-{other}", "sencache-online", {"nfe": n, "budget": other}) for n in checks],
+            "fixed": [
+                ("fixed-warmup" if w else "fixed", "fixed", {"interval": k, "warmup": w}) for w, k in sweep.fixed
+            ],
+            "sencache": [("sencache", "sencache", {"eps_main": e}) for e in sweep.sencache_eps],
+            "magcache": [("magcache", "magcache", {"threshold": x}) for x in sweep.magcache],
+            "teacache": [("teacache", "teacache", {"threshold": x}) for x in sweep.teacache],
+            "online": [("sencache-online", "sencache-online", {"eps_main": e}) for e in sweep.online_eps],
+        }
+        chosen = settings if part == "all" else {part: settings[part]}
+        return [self.run(*setting) for runs in chosen.values() for setting in runs]
+
+
+PARTS = ("all", "budget", "fixed", "sencache", "magcache", "teacache", "online")
+"""What one sweep process runs: every rule, or the budget rule's runs, or one other rule's."""
 
 
 def compare(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
@@ -180,13 +192,20 @@ def nfe_by_group(prompts: list[str], run: dict[str, Any]) -> dict[str, dict[str,
     }
 
 
-def measure_draw(engine: Model, draw: Draw, steps: int, samples: int, sweep: Sweep, out: Path) -> dict[str, Any]:
-    """Every rule on one draw: its runs, the matched-NFE comparison and the NFE met."""
+def partial_path(out: Path, draw: Draw, part: str) -> Path:
+    """Where a sweep of `part` of the rules on `draw` saves its runs as it goes."""
+    return out / f"partial-{draw.name}{'' if part == 'all' else '-' + part}.json"
+
+
+def measure_draw(
+    engine: Model, draw: Draw, steps: int, samples: int, sweep: Sweep, out: Path, part: str = "all"
+) -> dict[str, Any]:
+    """Every rule (of `part`) on one draw: its runs, the matched-NFE comparison and the NFE met."""
     torch.set_num_threads(1)
     started = time.perf_counter()
     prompts, seeds = draw.prompts(samples), draw.seeds(samples)
     print(f"{draw.name}: {samples} samples, prompt seed {draw.prompt_seed}", flush=True)
-    runs = Sweeper(engine, prompts, seeds, steps, out / f"partial-{draw.name}.json").sweep(sweep)
+    runs = Sweeper(engine, prompts, seeds, steps, partial_path(out, draw, part)).sweep(sweep, part)
     return {
         "draw": {**asdict(draw), "prompts": prompts, "seeds": seeds},
         "runs": runs,
@@ -198,9 +217,15 @@ def measure_draw(engine: Model, draw: Draw, steps: int, samples: int, sweep: Swe
 
 
 def collect_draw(draw: Draw, steps: int, samples: int, out: Path) -> dict[str, Any]:
-    """A draw's document from the runs its sweep saved (`partial-<draw>.json`), for a sweep that
-    was cut short; its time is not known and its load average is the one now."""
-    runs = json.loads((out / f"partial-{draw.name}.json").read_text())
+    """A draw's document from the runs its sweeps saved (`partial_path`: one sweep of all rules, or
+    the budget rule's and the other rules' apart), for sweeps cut short or run as two processes;
+    its time is not known and its load average is the one now."""
+    runs = [
+        run
+        for part in PARTS
+        if partial_path(out, draw, part).exists()
+        for run in json.loads(partial_path(out, draw, part).read_text())
+    ]
     return {
         "draw": {**asdict(draw), "prompts": draw.prompts(samples), "seeds": draw.seeds(samples)},
         "runs": runs,
@@ -251,7 +276,8 @@ def markdown(report: dict[str, Any]) -> str:
             for d in draws
         )
         + ".",
-        f"Looked at while developing: {report['looked_at']}. The fresh draws were run once, at the end.",
+        f"Looked at while developing: {report['looked_at']}. "
+        f"Fresh (never looked at before this report): {', '.join(d.name for d in FRESH_DRAWS)}, run once, at the end.",
         f"Matched NFE inside [{lo:g}, {hi:g}] (40-70% of the steps), each rule's upper envelope.",
     ]
     lines += verdict_lines(draws)
@@ -290,7 +316,7 @@ def main() -> None:
         "--draws",
         nargs="+",
         default=[d.name for d in FRESH_DRAWS],
-        choices=[DEV_DRAW.name, *(d.name for d in FRESH_DRAWS)],
+        choices=[d.name for d in (DEV_DRAW, *LOOKED_AT_DRAWS, *FRESH_DRAWS)],
     )
     parser.add_argument("--sencache-eps", type=float, nargs="+", default=list(Sweep.sencache_eps))
     parser.add_argument("--online-eps", type=float, nargs="+", default=list(Sweep.online_eps))
@@ -298,7 +324,10 @@ def main() -> None:
     parser.add_argument("--magcache", type=float, nargs="+", default=list(Sweep.magcache))
     parser.add_argument("--mode", choices=("hard", "threshold"), default=Sweep.mode, help="budget mode compared")
     parser.add_argument(
-        "--collect", action="store_true", help="write the report from the runs a cut-short sweep saved in --out"
+        "--collect", action="store_true", help="write the report from the runs the sweeps saved in --out"
+    )
+    parser.add_argument(
+        "--part", choices=PARTS, default="all", help="the rules to run (join the parts' runs with --collect)"
     )
     args = parser.parse_args()
     engine = Model.open(args.engine, threads=1)
@@ -310,11 +339,14 @@ def main() -> None:
         tuple(args.magcache),
         mode=args.mode,
     )
-    known = {d.name: d for d in (DEV_DRAW, *FRESH_DRAWS)}
+    known = {d.name: d for d in (DEV_DRAW, *LOOKED_AT_DRAWS, *FRESH_DRAWS)}
     if args.collect:
         draws = [collect_draw(known[name], args.steps, args.samples, args.out) for name in args.draws]
     else:
-        draws = [measure_draw(engine, known[name], args.steps, args.samples, sweep, args.out) for name in args.draws]
+        draws = [
+            measure_draw(engine, known[name], args.steps, args.samples, sweep, args.out, args.part)
+            for name in args.draws
+        ]
     report = {
         "model": engine.preset.name,
         "steps": args.steps,

@@ -44,11 +44,14 @@ and its budget curves replay its own steps as a run.
 
 They also give the NFE-budget curves (`sencache.runtime.cache.budget.record_curves`): the SenCache
 rule, the code inference runs, replayed on them over a grid of eps at the calibration's steps, and
-on further uncached trajectories of the same prompts and seeds at half and twice the steps.
+on further uncached trajectories of the same prompts and seeds at half and twice the steps; and, on
+models of one expert, sencache-online's curve (`record_online_curve`), measured by running that rule
+on the calibration samples at the calibration's steps, since its learnt factor needs observed errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -62,8 +65,8 @@ from sencache.data.prompts import calibration_prompts
 from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
-from sencache.runtime.cache.budget import record_curves
-from sencache.runtime.cache.sencache import SenCachePolicy
+from sencache.runtime.cache.budget import measure_online_curve, record_curves
+from sencache.runtime.cache.sencache import SenCacheOnlinePolicy, SenCacheOnlineSettings, SenCachePolicy
 from sencache.runtime.errors import BadInput
 from sencache.runtime.experts import expert_of, experts_of, segments
 from sencache.runtime.families.base import Sampler
@@ -73,7 +76,7 @@ from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
 from sencache.runtime.preparation import sample_generators
 from sencache.runtime.request import SAMPLINGS, GenerationParams
-from sencache.runtime.sensitivity import SensitivityTable
+from sencache.runtime.sensitivity import OnlineCurve, SensitivityTable
 
 DEFAULT_SAMPLES = 8
 BRANCHES = ("guided", "cond")
@@ -317,12 +320,42 @@ def calibrate(
             lambda settings, n, b, table=sensitivity: SenCachePolicy(settings, table, n, b, engine.numel),
             manifest.defaults.knobs("sencache"),
         )
+        if boundary is None:  # the online rule's curve is measured over whole runs of one expert
+            online = record_online_curve(
+                engine, sensitivity, chunks, steps, guidance, plan.sampling, image, show_progress
+            )
+            sensitivity.budget = dataclasses.replace(sensitivity.budget, online=online)
         own["budget_steps"] = list(sensitivity.budget.steps)
         within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
         tables.append(
             Calibration(sensitivity, _baselines(engine, own, tea[0][within], tea[1][within], ratios[first : end - 1]))
         )
     return Calibration(tables[0].sensitivity, tables[0].baselines, tables[1:])
+
+
+def record_online_curve(
+    engine: Model,
+    table: SensitivityTable,
+    chunks: list[tuple[list[str], list[int]]],
+    steps: int,
+    guidance: float,
+    sampling: str,
+    image: np.ndarray | None = None,
+    show_progress: bool = False,
+) -> OnlineCurve:
+    """sencache-online's mean-NFE-vs-eps curve (`measure_online_curve`) at `steps` steps, measured
+    by running the engine with that rule and `table` on the calibration `chunks` (prompts, seeds):
+    its learnt factor needs the reuse errors only a run observes."""
+
+    def fraction_at(settings: SenCacheOnlineSettings) -> float:
+        nfe = []
+        for prompts, seeds in chunks:
+            policy = SenCacheOnlinePolicy(settings, table, steps, len(prompts), engine.numel)
+            request = GenerationParams(prompts, seeds, steps, guidance, sampling=sampling, image=image)
+            nfe += engine.generate(request, policy, progress=show_progress).nfe
+        return float(np.mean(nfe)) / steps
+
+    return measure_online_curve(table.budget_curves(), steps, fraction_at)
 
 
 def _segment_trajectories(

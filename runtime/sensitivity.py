@@ -46,6 +46,43 @@ def _check_curve(steps: int, grid: int, fractions: np.ndarray, profile: np.ndarr
 
 
 @dataclass(frozen=True)
+class OnlineCurve:
+    """The mean NFE / steps of the sencache-online rule against its eps_main, measured at
+    calibration by running the engine with that rule (its learnt factor needs the observed reuse
+    errors, which a replay of uncached trajectories cannot give) on the calibration samples at
+    `steps` steps, with the online knobs `rate`, `bound`, `prior` and the SenCache curves' eps_ratio,
+    max_reuse and conventions. A budget's threshold mode inverts it."""
+
+    steps: int
+    eps_grid: tuple[float, ...]
+    fractions: tuple[float, ...]
+    rate: float
+    bound: float
+    prior: float
+
+    def __post_init__(self) -> None:
+        _check_axes((self.steps,), np.asarray(self.eps_grid, dtype=np.float64))
+        fractions = np.asarray(self.fractions, dtype=np.float64)
+        if len(fractions) != len(self.eps_grid) or not np.all((fractions > 0) & (fractions <= 1)):
+            raise ValueError("the online curve must hold one fraction in (0, 1] per eps")
+        if np.any(np.diff(fractions) > 1e-9):
+            raise ValueError("the online curve's fractions must not grow with eps")
+
+    @classmethod
+    def from_dict(cls, document: Any) -> OnlineCurve:
+        if not isinstance(document, dict):
+            raise ValueError("the online curve must be an object")
+        return cls(
+            steps=_integer(document["steps"]),
+            eps_grid=tuple(_vector(document["eps_grid"]).tolist()),
+            fractions=tuple(_vector(document["fractions"]).tolist()),
+            rate=_number(document["rate"]),
+            bound=_number(document["bound"]),
+            prior=_number(document["prior"]),
+        )
+
+
+@dataclass(frozen=True)
 class BudgetCurves:
     """What calibration records for per-request NFE budgets (issue 12): the SenCache rule replayed
     on uncached calibration trajectories at a few step counts, over a grid of eps_main (eps_start
@@ -63,6 +100,8 @@ class BudgetCurves:
     max_reuse: int
     switch_frac: float
     force_last: bool
+    online: OnlineCurve | None = None
+    """sencache-online's measured curve (None in curves from before it, or where not measured)."""
 
     def __post_init__(self) -> None:
         grid = np.asarray(self.eps_grid, dtype=np.float64)
@@ -95,6 +134,7 @@ class BudgetCurves:
                 max_reuse=_integer(document["max_reuse"]),
                 switch_frac=float(_number(document["switch_frac"])),
                 force_last=_boolean(document["force_last"]),
+                online=None if document.get("online") is None else OnlineCurve.from_dict(document["online"]),
             )
         except KeyError as e:
             raise ValueError(f"missing {e}") from None

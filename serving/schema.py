@@ -60,8 +60,8 @@ PRESETS: dict[str, tuple[str, dict[str, str]]] = {
 every model and step count): `reference` runs every step; `quality`, `balanced` and `fast` are
 SenCache held to the `speed` budgets high, balanced and fast (0.75, 0.6 and 0.45 of the steps run,
 on average: threshold mode), which needs a bundle calibrated with budget curves. SenCache, not the
-budgeted sencache-online, because it measured ahead of it at matched NFE on fresh draws
-(benchmarks/results/online)."""
+budgeted sencache-online (the online rule at the eps of its measured curve), because that is not
+ahead of every rule at every budget on a fresh draw (benchmarks/results/online)."""
 
 
 class CacheSpec(BaseModel):

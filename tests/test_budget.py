@@ -13,6 +13,7 @@ from sencache.runtime.cache.budget import (
     eps_for_fraction,
     fraction_curve,
     make_budget_policy,
+    online_eps_for_fraction,
     replay,
     step_profile,
 )
@@ -196,6 +197,10 @@ def test_a_calibrated_bundle_meets_a_hard_budget_exactly_and_records_curves(cali
     engine = engine_for(calibrated_bundle)
     budget = engine.bundle.sensitivity().budget_curves()
     assert budget.steps == (4, 8, 16)
+    # sencache-online's curve, measured by running it at the calibration's steps: a threshold budget runs it
+    assert budget.online is not None and (budget.online.steps, len(budget.online.fractions)) == (8, 10)
+    online = engine.policy("sencache-online", 8, 3, {"nfe": 5})
+    assert online.settings()["eps_main"] == pytest.approx(online_eps_for_fraction(budget, 8, 5 / 8))
     for steps, nfe in ((8, 5), (12, 4)):
         request = GenerationParams(PROMPTS, [1, 2, 3], steps, 4.0)
         policy = engine.policy("sencache", steps, 3, {"nfe": nfe, "budget": "hard"})

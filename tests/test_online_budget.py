@@ -2,6 +2,7 @@
 mode's max_reuse guard, the learnt factor's shrinkage toward the table, and the knobs that select it."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,13 +11,20 @@ from sencache.runtime.cache.budget import (
     SenCacheHardBudget,
     SenCacheOnlineBudget,
     make_online_budget_policy,
+    measure_online_curve,
+    online_eps_for_fraction,
     step_profile,
 )
 from sencache.runtime.cache.knobs import check_knobs
 from sencache.runtime.cache.registry import rule_for
-from sencache.runtime.cache.sencache import OnlineFactor, SenCacheOnlineSettings, SenCacheSettings
+from sencache.runtime.cache.sencache import (
+    OnlineFactor,
+    SenCacheOnlinePolicy,
+    SenCacheOnlineSettings,
+    SenCacheSettings,
+)
 from sencache.runtime.errors import BadInput
-from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
+from sencache.runtime.sensitivity import BudgetCurves, OnlineCurve, SensitivityTable
 
 TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
 CURVES = BudgetCurves(
@@ -129,3 +137,58 @@ def test_the_servers_presets_are_budgets_at_the_named_speeds():
         method, knobs = CacheSpec(preset=preset).resolve()
         assert (method, knobs) == ("sencache", {"speed": speed})
         assert check_knobs(method, knobs) == knobs
+
+
+ONLINE = OnlineCurve(steps=10, eps_grid=(0.05, 0.1, 0.2), fractions=(0.9, 0.7, 0.5), rate=0.5, bound=4.0, prior=2.0)
+MEASURED = SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=replace(CURVES, online=ONLINE))
+
+
+def test_the_online_curve_is_inverted_and_carried_to_other_step_counts_by_sencaches_eps():
+    # halfway between 0.7 at eps 0.1 and 0.5 at 0.2, in log eps
+    assert online_eps_for_fraction(MEASURED.budget, 10, 0.6) == pytest.approx(math.sqrt(0.02))
+    # SenCache's eps for 0.6 is 0.2 at 10 steps and 0.1 at 20: the online eps halves with it
+    assert online_eps_for_fraction(MEASURED.budget, 20, 0.6) == pytest.approx(math.sqrt(0.02) / 2)
+    assert online_eps_for_fraction(MEASURED.budget, 10, 0.95) is None
+    assert online_eps_for_fraction(MEASURED.budget, 10, 0.45) is None
+
+
+def test_a_threshold_budget_runs_the_online_rule_at_the_curves_eps():
+    policy = make_online_budget_policy(check_knobs("sencache-online", {"nfe": 6}), MEASURED, 10, 2, 4)
+    assert type(policy) is SenCacheOnlinePolicy
+    settings = policy.settings()
+    assert settings["eps_main"] == pytest.approx(math.sqrt(0.02))
+    assert settings["eps_start"] == pytest.approx(0.25 * math.sqrt(0.02))
+    assert (settings["max_reuse"], settings["online_prior"], settings["online_rate"]) == (3, 2.0, 0.5)
+    assert settings["budget"] == {"mode": "threshold", "requested_nfe": pytest.approx(6.0)}
+    same = make_online_budget_policy({"nfe": 6, "online_prior": 2.0}, MEASURED, 10, 1, 4)
+    assert same.settings()["eps_main"] == pytest.approx(math.sqrt(0.02))
+    with pytest.raises(BadInput, match="online_rate: a threshold budget runs the online rule with the knobs its"):
+        make_online_budget_policy({"nfe": 6, "online_rate": 0.3}, MEASURED, 10, 1, 4)
+    with pytest.raises(BadInput, match=r"nfe 4 asks for 4.0 runs of 10 steps, outside .* \(about 5.0-9.0\)"):
+        make_online_budget_policy({"nfe": 4}, MEASURED, 10, 1, 4)
+    hard = make_online_budget_policy({"nfe": 4, "budget": "hard"}, MEASURED, 10, 1, 4)
+    assert isinstance(hard, SenCacheOnlineBudget)
+
+
+def test_the_online_curve_is_measured_on_its_grid_with_the_budgets_knobs_and_made_monotone():
+    seen = []
+
+    def fraction_at(settings: SenCacheOnlineSettings) -> float:
+        seen.append(settings)
+        return [0.9, 0.8, 0.85, 0.6, 0.5, 0.55, 0.4, 0.3, 0.3, 0.2][len(seen) - 1]
+
+    curve = measure_online_curve(CURVES, 10, fraction_at)
+    # SenCache's eps for 80% of 10 steps is 0.1 (a quarter of it starts the grid), for 40% none: the grid's top
+    assert curve.eps_grid == pytest.approx(tuple(np.geomspace(0.025, 0.4, 10)))
+    assert curve.fractions == (0.9, 0.8, 0.8, 0.6, 0.5, 0.5, 0.4, 0.3, 0.3, 0.2)
+    assert [s.eps_main for s in seen] == pytest.approx(list(curve.eps_grid))
+    assert all(s.eps_start == pytest.approx(0.25 * s.eps_main) and s.max_reuse == 3 for s in seen)
+    assert (curve.steps, curve.rate, curve.bound, curve.prior) == (10, 0.5, 4.0, 2.0)
+    # at 20 steps SenCache's eps for 80% is 0.05 and for 40% 0.2 (its top, 1.5 times that)
+    assert measure_online_curve(CURVES, 20, lambda _: 0.5).eps_grid == pytest.approx(
+        tuple(np.geomspace(0.0125, 0.3, 10))
+    )
+    table = SensitivityTable.parse(MEASURED.to_bytes(), "t.json")
+    assert table.budget == MEASURED.budget
+    with pytest.raises(ValueError, match="must not grow with eps"):
+        replace(ONLINE, fractions=(0.5, 0.7, 0.9))

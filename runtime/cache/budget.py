@@ -10,10 +10,12 @@ of two modes:
   left equal the runs left in the budget, and re-plans at the next step with the score it then sees;
   the plan's decisions are tabulated once per request over (step, runs left), so a step looks them up.
 
-sencache-online takes the same budgets: each sample follows the hard mode's plan with its score
-scaled by its learnt factor (`SenCacheOnlineBudget`), so the budget is spread over the steps by
-the table's predicted error, per sample; in threshold mode max_reuse still applies (a sample may
-run past its budget rather than reuse longer), in hard mode it never does.
+sencache-online takes the same budgets. Threshold mode: the online rule itself (each sample's
+score scaled by its learnt factor, compared with eps, max_reuse applying), its eps chosen per
+request by inverting the mean-NFE-vs-eps curve that calibration measured by running that rule
+(`OnlineCurve`), so the mean NFE meets the budget while each sample's runs follow its own observed
+reuse errors. Hard mode (and threshold mode on tables without that curve): each sample follows the
+hard mode's plan with its score scaled by its learnt factor (`SenCacheOnlineBudget`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from sencache.runtime.cache.registry import Rule, register_rule
 from sencache.runtime.cache.sencache import (
     ONLINE_KNOBS,
     OnlineFactor,
+    SenCacheOnlinePolicy,
     SenCacheOnlineSettings,
     SenCachePolicy,
     SenCacheSettings,
 )
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
-from sencache.runtime.sensitivity import BudgetCurves, SensitivityTable
+from sencache.runtime.sensitivity import BudgetCurves, OnlineCurve, SensitivityTable
 
 
 def replay(policy: CachePolicy, trajectory: np.ndarray, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,17 +208,85 @@ def make_budget_policy(
     )
 
 
+ONLINE_GRID_POINTS = 10
+"""The eps_main at which calibration runs sencache-online to measure its curve."""
+ONLINE_FRACTIONS = (0.4, 0.8)
+"""The fractions of the steps its grid spans: from a quarter of SenCache's eps for the larger to
+1.5 times SenCache's eps for the smaller (the learnt factor lowers a sample's score, and so its runs;
+measured: about half SenCache's eps gives the same mean NFE on the tiny models)."""
+
+
+def online_settings(
+    curves: BudgetCurves, eps_main: float, rate: float, bound: float, prior: float
+) -> SenCacheOnlineSettings:
+    """sencache-online at `eps_main` with the curves' eps_ratio, max_reuse and conventions: the one
+    rule calibration measures and a threshold budget runs."""
+    return SenCacheOnlineSettings(
+        eps_start=curves.eps_ratio * eps_main,
+        eps_main=eps_main,
+        max_reuse=curves.max_reuse,
+        switch_frac=curves.switch_frac,
+        force_last=curves.force_last,
+        online_rate=rate,
+        online_bound=bound,
+        online_prior=prior,
+    )
+
+
+def online_eps_grid(curves: BudgetCurves, steps: int) -> np.ndarray:
+    """The eps_main grid of sencache-online's curve at `steps` steps (`ONLINE_FRACTIONS`)."""
+    grid = np.asarray(curves.eps_grid)
+    low, high = (eps_for_fraction(curves, steps, f) for f in sorted(ONLINE_FRACTIONS, reverse=True))
+    low = 0.25 * (low if low else grid[1])
+    high = max(1.5 * high if high is not None else grid[-1], 2.0 * low)
+    return np.geomspace(low, high, ONLINE_GRID_POINTS)
+
+
+def measure_online_curve(
+    curves: BudgetCurves, steps: int, fraction_at: Callable[[SenCacheOnlineSettings], float]
+) -> OnlineCurve:
+    """sencache-online's curve at `steps` steps and the budget's online knobs:
+    `fraction_at(settings)` runs the rule (the engine, on the calibration samples) and returns its
+    mean NFE / steps; the curve is made non-increasing in eps (a sample's runs fall with eps)."""
+    defaults = SenCacheOnlineSettings(0.0, 0.0, 0)
+    knobs = (defaults.online_rate, defaults.online_bound, BUDGET_PRIOR)
+    grid = online_eps_grid(curves, steps)
+    fractions = [fraction_at(online_settings(curves, float(eps), *knobs)) for eps in grid]
+    return OnlineCurve(steps, tuple(grid.tolist()), tuple(np.minimum.accumulate(fractions).tolist()), *knobs)
+
+
+def online_eps_for_fraction(curves: BudgetCurves, steps: int, fraction: float) -> float | None:
+    """sencache-online's eps_main for a mean NFE / steps of `fraction` at `steps` steps: its
+    measured curve inverted at the steps it was measured at, carried to other step counts in the
+    ratio of SenCache's eps at the two; None where the curve does not reach `fraction`."""
+    online = curves.online
+    assert online is not None, "the caller checks that the curve was measured"
+    measured = np.asarray(online.fractions)
+    if not measured[-1] - 1e-9 <= fraction <= measured[0] + 1e-9:
+        return None
+    # the grid is geometric: interpolated in log eps
+    eps = float(np.exp(np.interp(fraction, measured[::-1], np.log(online.eps_grid)[::-1])))
+    there, here = eps_for_fraction(curves, online.steps, fraction), eps_for_fraction(curves, steps, fraction)
+    if steps == online.steps or not there or here is None:
+        return eps
+    return eps * here / there
+
+
 def make_online_budget_policy(
     knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int, numel: int
 ) -> SenCachePolicy:
-    """The sencache-online rule for a request with an NFE budget: the hard mode's plan over the
-    calibrated profile, each sample's score scaled by its learnt factor (`SenCacheOnlineBudget`)."""
+    """The sencache-online rule for a request with an NFE budget: in threshold mode, the online
+    rule at the eps its measured curve gives for the budget (`online_eps_for_fraction`); in hard
+    mode, or where the table has no such curve, the hard mode's plan over the calibrated profile,
+    each sample's score scaled by its learnt factor (`SenCacheOnlineBudget`)."""
     curves = table.budget_curves()
     planned = _planned_settings(curves)
-    _, fraction, target = budget_target(knobs, steps, _forced_count(planned, steps))
+    param, fraction, target = budget_target(knobs, steps, _forced_count(planned, steps))
+    mode = str(knobs.get("budget", "threshold"))
+    if mode == "threshold" and curves.online is not None:
+        return _online_threshold(knobs, param, fraction, curves, table, steps, batch, numel)
     online = {"online_prior": BUDGET_PRIOR, **{k: knobs[k] for k in ONLINE_KNOBS if k in knobs}}
     settings = SenCacheOnlineSettings(**{**planned.__dict__, **online})
-    mode = str(knobs.get("budget", "threshold"))
     return SenCacheOnlineBudget(
         settings,
         table,
@@ -228,6 +299,41 @@ def make_online_budget_policy(
         fraction * steps,
         curves.eps_ratio,
     )
+
+
+def _online_threshold(
+    knobs: Mapping[str, object],
+    param: str,
+    fraction: float,
+    curves: BudgetCurves,
+    table: SensitivityTable,
+    steps: int,
+    batch: int,
+    numel: int,
+) -> SenCacheOnlinePolicy:
+    """sencache-online at the eps its measured curve gives for the budget; BadInput for online knobs
+    other than those the curve was measured with, or a budget outside it."""
+    online = curves.online
+    assert online is not None
+    measured = {"online_rate": online.rate, "online_bound": online.bound, "online_prior": online.prior}
+    other = {k: knobs[k] for k in ONLINE_KNOBS if k in knobs and float(knobs[k]) != measured[k]}  # type: ignore[arg-type]
+    if other:
+        raise BadInput(
+            f"{', '.join(other)}: a threshold budget runs the online rule with the knobs its curve was measured "
+            f"with ({', '.join(f'{k} {v:g}' for k, v in measured.items())}); ask for budget hard",
+            param=next(iter(other)),
+        )
+    eps = online_eps_for_fraction(curves, steps, fraction)
+    if eps is None:
+        reach = f"{online.fractions[-1] * steps:.1f}-{online.fractions[0] * steps:.1f}"
+        raise BadInput(
+            f"{param} {knobs[param]} asks for {fraction * steps:.1f} runs of {steps} steps, outside what the online "
+            f"rule's measured curve reaches (about {reach}): ask for budget hard",
+            param=param,
+        )
+    settings = online_settings(curves, eps, online.rate, online.bound, online.prior)
+    budget = {"mode": "threshold", "requested_nfe": fraction * steps}
+    return SenCacheOnlinePolicy(settings, table, steps, batch, numel, budget=budget)
 
 
 def run_thresholds(profile: np.ndarray, forced: np.ndarray) -> np.ndarray:

@@ -266,8 +266,9 @@ class SenCacheOnlinePolicy(SenCachePolicy):
         batch: int,
         numel: int,
         conventions: SenCacheConventions | None = None,
+        budget: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(settings, table, num_steps, batch, numel, conventions)
+        super().__init__(settings, table, num_steps, batch, numel, conventions, budget)
         self.online = OnlineFactor(batch, settings.online_rate, settings.online_bound, settings.online_prior)
 
     @property
