@@ -37,6 +37,7 @@ MODELS = {
     "ltx-video-0.9.0": "",
     "wan2.1-i2v-14b-480p": "image-to-video",
     "wan2.1-i2v-14b-720p": "image-to-video",
+    "wan2.2-i2v-a14b": "two experts, image-to-video",
     "cogvideox-5b-i2v": "image-to-video",
     "cogvideox1.5-5b-i2v": "image-to-video",
     "ltx-video-i2v": "= ltx-video-0.9.1-i2v",

@@ -20,7 +20,7 @@ MAX_SIDE = 4096
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 """The largest encoded image file the engine reads."""
 
-IMAGE_FAMILIES = frozenset({"wan-i2v", "wan2.2-i2v", "cogvideox-i2v", "ltx-i2v"})
+IMAGE_FAMILIES = frozenset({"wan-i2v", "wan-i2v-2.2", "cogvideox-i2v", "ltx-i2v"})
 """The model families that start from an image (their adapters' `takes_image`), named here without
 any model code so that a front end can refuse a request from the bundle's manifest alone."""
 

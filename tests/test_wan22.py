@@ -301,7 +301,7 @@ def test_the_image_to_video_experts_match_the_pipeline_with_guidance_2(bundle_ca
     case = image_case(bundle_cache, "wan2.2-i2v-a14b")
     engine = Model.open(case.folder.parent / "torch", threads=1)
     manifest = engine.bundle.manifest
-    assert (manifest.family, manifest.experts, manifest.boundary) == ("wan2.2-i2v", 2, 900.0)
+    assert (manifest.family, manifest.experts, manifest.boundary) == ("wan-i2v-2.2", 2, 900.0)
     assert json.loads((case.folder / "model_index.json").read_text())["image_encoder"] == [None, None]
     image = reference_image()
     embeds, negative = embeddings(case, 2, 9), embeddings(case, 2, 10)

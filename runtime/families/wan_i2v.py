@@ -266,7 +266,7 @@ class Wan22I2VAdapter(WanI2VAdapter):
     `transformer_2`, `boundary_ratio`, `expand_timesteps` false and no image_encoder, which then
     passes no image states (the transformer's `image_dim` is None)."""
 
-    family = "wan2.2-i2v"
+    family = "wan-i2v-2.2"
     layout = replace(WanAdapter.layout, conditions=("image_latent",))
     image_components = ()
     presets = {
@@ -274,7 +274,7 @@ class Wan22I2VAdapter(WanI2VAdapter):
         # guidance 3.5 for both experts; the Wan 2.1 VAE (36 = 16 noise + 4 mask + 16 image channels).
         "wan2.2-i2v-a14b": a14b_preset(
             "wan2.2-i2v-a14b",
-            "wan2.2-i2v",
+            "wan-i2v-2.2",
             {**_WAN22_A14B, "in_channels": 36},
             guidance=(3.5, 3.5),
             boundary_ratio=0.9,
