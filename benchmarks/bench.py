@@ -110,6 +110,9 @@ class BenchPlan:
     """Image-to-video: each sample's image (RGB uint8 [H, W, 3]), in the order of the prompts; empty: none."""
     image_source: str | None = None
     """Where the images come from, for the report (`evaluation_images`)."""
+    guidance_2: float | None = None
+    """A two-expert model's guidance for its second expert (the bundle's `defaults.guidance_2`, as
+    `generate` takes it); None: `guidance` for both, as WanPipeline without `guidance_scale_2`."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.repeats <= MAX_REPEATS:
@@ -199,7 +202,7 @@ class Runner:
     def request(self, chunk: int, steps: int) -> GenerationParams:
         """The request of chunk `chunk` (its prompts, seeds and image) at `steps` steps."""
         prompts, seeds, image = self.chunks[chunk]
-        return GenerationParams(prompts, seeds, steps, self.plan.guidance, image=image)
+        return GenerationParams(prompts, seeds, steps, self.plan.guidance, image=image, guidance_2=self.plan.guidance_2)
 
     def generate(self, chunk: int, method: str, knobs: dict[str, float]) -> Result:
         """One run of chunk `chunk` with a runtime method."""
@@ -504,6 +507,7 @@ def _measure(engine: Model, plan: BenchPlan, show_progress: bool) -> dict[str, A
         "model": engine.preset.name,
         "steps": steps,
         "guidance": plan.guidance,
+        **({} if plan.guidance_2 is None else {"guidance_2": plan.guidance_2}),
         "prompts": list(plan.prompts),
         "seeds": list(plan.seeds),
         "images": None

@@ -49,11 +49,22 @@ def measure(
     run of the same prompts and seeds; at the calibration's step count, the hard mode also at the
     threshold mode's achieved mean NFE (rounded), so the two compare at the same NFE."""
     torch.set_num_threads(1)
-    guidance = engine.bundle.manifest.defaults.guidance
+    defaults = engine.bundle.manifest.defaults
     calibrated = int(engine.bundle.sensitivity().meta.get("steps", engine.bundle.manifest.defaults.steps))
     rows: list[dict[str, Any]] = []
     for steps in step_counts:
-        runner = Runner(engine, BenchPlan(("sencache",), tuple(prompts), tuple(seeds), steps, guidance, False))
+        runner = Runner(
+            engine,
+            BenchPlan(
+                ("sencache",),
+                tuple(prompts),
+                tuple(seeds),
+                steps,
+                defaults.guidance,
+                False,
+                guidance_2=defaults.guidance_2,
+            ),
+        )
         reference = runner.run("none", {})
         for speed in speeds:
             target = round(SPEEDS[speed] * steps)

@@ -103,7 +103,10 @@ class Sweeper:
     """Runs settings of cache rules over one prompt set and scores them against its uncached run."""
 
     def __init__(self, engine: Model, prompts: list[str], seeds: list[int], steps: int, partial: Path) -> None:
-        plan = BenchPlan((), tuple(prompts), tuple(seeds), steps, engine.bundle.manifest.defaults.guidance, False)
+        defaults = engine.bundle.manifest.defaults
+        plan = BenchPlan(
+            (), tuple(prompts), tuple(seeds), steps, defaults.guidance, False, guidance_2=defaults.guidance_2
+        )
         self.runner, self.steps, self.partial = Runner(engine, plan), steps, partial
         self.reference = self.runner.run("none", {})["frames"]
         self.done: list[dict[str, Any]] = []

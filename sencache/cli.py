@@ -215,6 +215,7 @@ def _bench(args: argparse.Namespace) -> None:
         seeds=tuple(seeds),
         steps=steps,
         guidance=defaults.guidance,
+        guidance_2=defaults.guidance_2,
         quick=args.quick,
         repeats=(QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats,
         images=images,

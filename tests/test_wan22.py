@@ -280,13 +280,19 @@ def tiny_two_experts(bundle_cache) -> Path:
 def test_the_tiny_two_expert_model_runs_calibration_bench_and_the_step_engine(tiny_two_experts, tmp_path):
     """Calibration, the bench and the step engine end to end on the tiny two-expert model: every
     rule skips steps and stays close to the uncached video."""
-    from sencache.benchmarks.bench import BenchPlan, evaluation_set, run_bench
+    from sencache.benchmarks.bench import BenchPlan, Runner, evaluation_set, run_bench
 
     engine = Model.open(tiny_two_experts, threads=1)
     assert engine.bundle.manifest.experts == 2 and engine.bundle.manifest.text_encoder.kind == "tiny"
     prompts, seeds = evaluation_set(2, None, None)
-    plan = BenchPlan(("sencache", "teacache", "magcache", "fixed"), tuple(prompts), tuple(seeds), 10, 4.0, True, 1)
+    defaults = engine.bundle.manifest.defaults
+    methods = ("sencache", "teacache", "magcache", "fixed")
+    plan = BenchPlan(
+        methods, tuple(prompts), tuple(seeds), 10, defaults.guidance, True, 1, guidance_2=defaults.guidance_2
+    )
+    assert Runner(engine, plan).request(0, 10).guidance_2 == defaults.guidance_2 == 3.0 != defaults.guidance
     report = run_bench(engine, plan, tmp_path / "bench", show_progress=False)
+    assert (report["guidance"], report["guidance_2"]) == (defaults.guidance, 3.0)
     assert {run["method"] for run in report["runs"]} == {"sencache", "teacache", "magcache", "fixed"}
     for run in report["runs"]:
         assert all(4 <= n <= 10 for n in run["nfe"]), run  # each expert's first and last steps run
