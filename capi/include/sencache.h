@@ -2,7 +2,8 @@
  *
  * Two libraries, one header:
  *   libsencache_policy  the cache alone, native, no Python: sensitivity tables (sc_table_*), the
- *                       SenCache decision rule per request (sc_policy_*) and, when built with CUDA,
+ *                       SenCache decision rules per request (sc_policy_*: sencache, sencache-max,
+ *                       sencache-online) and, when built with CUDA,
  *                       the fused drift kernel on the caller's stream (sc_drift_*).
  *   libsencache         the whole engine (sc_engine_*): the Python runtime's step-level engine
  *                       (sencache.runtime.stepping.StepEngine) behind an embedded interpreter.
@@ -47,8 +48,10 @@ extern "C" {
 #define SC_API __attribute__((visibility("default")))
 #endif
 
-/* 2: sc_engine_submit_ex and sc_request_extra (the second expert's guidance). */
-#define SC_ABI_VERSION 2
+/* 2: sc_engine_submit_ex and sc_request_extra (the second expert's guidance).
+ * 3: SC_RULE_SENCACHE_ONLINE with sc_policy_create_ex, sc_policy_extra (its knobs),
+ *    sc_policy_observe and sc_policy_factor. */
+#define SC_ABI_VERSION 3
 
 typedef enum sc_status {
     SC_OK = 0,
@@ -94,7 +97,12 @@ SC_API void sc_table_destroy(sc_table* table);
 /* The engine's conventions (conventions="engine" in Python): interpolated look-ups, the score
  * normalised by sqrt(numel). The authors' reference conventions are not in the native rule yet. */
 
-typedef enum sc_rule { SC_RULE_SENCACHE = 0, SC_RULE_SENCACHE_MAX = 1 } sc_rule;
+/* SC_RULE_SENCACHE: Python's "sencache" (SenCachePolicy); SC_RULE_SENCACHE_MAX: "sencache-max"
+ * (the larger of the anchor's and the current sensitivities); SC_RULE_SENCACHE_ONLINE (ABI 3):
+ * "sencache-online" (SenCacheOnlinePolicy), each sample's score the table's times a factor c_b
+ * learnt from the reuse errors the host observes and feeds back (sc_policy_observe); its knobs are
+ * in sc_policy_extra (sc_policy_create takes their defaults). */
+typedef enum sc_rule { SC_RULE_SENCACHE = 0, SC_RULE_SENCACHE_MAX = 1, SC_RULE_SENCACHE_ONLINE = 2 } sc_rule;
 
 typedef struct sc_policy_settings {
     sc_rule rule;
@@ -109,12 +117,37 @@ typedef struct sc_policy_settings {
  * manifest.json defaults.sencache (the runtime's defaults for that bundle). */
 SC_API sc_status sc_policy_settings_from_bundle(const char* bundle_dir, sc_policy_settings* out);
 
+/* Settings beyond sc_policy_settings, which keeps its layout (ABI 3). `size` is
+ * sizeof(sc_policy_extra) as the caller was compiled: fields past it take their defaults, so a
+ * caller built against an older header keeps working when fields are added; a size larger than
+ * this library knows is refused (SC_ERR_UNSUPPORTED) rather than its fields ignored. Start from
+ * SC_POLICY_EXTRA_DEFAULTS (size and every default), then change what you need. The fields are
+ * checked whatever the rule (a value out of range: SC_ERR_INVALID_ARGUMENT, naming the field, as
+ * Python's SenCacheOnlineSettings refuses it); the online knobs act on SC_RULE_SENCACHE_ONLINE only. */
+typedef struct sc_policy_extra {
+    size_t size;
+    double online_rate;  /* [0, 1], default 0.5: weight of the newest observation in each sample's
+                          * moving average of log(observed / predicted error) (0: never learn, the
+                          * decisions are SC_RULE_SENCACHE's; 1: the last observation alone) */
+    double online_bound; /* [1, 1e6], default 4: each observation's ratio, so the factor, stays
+                          * within [1 / online_bound, online_bound] */
+    double online_prior; /* [0, 1e6], default 0: observations at which the learnt factor gets half
+                          * its weight (log c_b x n / (n + prior) after n observations; 0: full
+                          * weight from the first) */
+} sc_policy_extra;
+#define SC_POLICY_EXTRA_DEFAULTS {sizeof(sc_policy_extra), 0.5, 4.0, 0.0}
+
 typedef struct sc_policy sc_policy;
 
 /* A rule for one request of `batch` samples, `steps` steps, latents of `numel` elements per
- * sample. The policy keeps its own reference to the table (the caller may destroy it). */
+ * sample. The policy keeps its own reference to the table (the caller may destroy it).
+ * sc_policy_create is sc_policy_create_ex with extra NULL (every default). */
 SC_API sc_status sc_policy_create(const sc_table* table, const sc_policy_settings* settings, int32_t steps,
                                   int32_t batch, int64_t numel, sc_policy** out);
+/* sc_policy_create with further settings (`extra` may be NULL: all their defaults). */
+SC_API sc_status sc_policy_create_ex(const sc_table* table, const sc_policy_settings* settings,
+                                     const sc_policy_extra* extra, int32_t steps, int32_t batch, int64_t numel,
+                                     sc_policy** out);
 /* Decide step `step` (0-based, < steps) at timestep `t`: run_mask_out[b] = 1 where sample b runs
  * the blocks, 0 where it reuses its cached residual; then update the per-sample state.
  * drift_sumsq[b] = sum over sample b of (x - anchor)^2 (what sc_drift_* yields); it may be NULL on
@@ -123,9 +156,26 @@ SC_API sc_status sc_policy_create(const sc_table* table, const sc_policy_setting
 SC_API sc_status sc_policy_decide(sc_policy* policy, int32_t step, double t, const float* drift_sumsq,
                                   uint8_t* run_mask_out, int32_t batch);
 /* The scores of the last decision (NaN where the step was forced), its threshold and whether it
- * was forced; any output may be NULL. */
+ * was forced; any output may be NULL. SC_RULE_SENCACHE_ONLINE's score is the corrected one, the
+ * one compared with the threshold: c_b x (the table's score). */
 SC_API sc_status sc_policy_last(const sc_policy* policy, double* scores_out, int32_t batch, double* threshold,
                                 int* forced);
+/* SC_RULE_SENCACHE_ONLINE: learn from the reuse errors observed at `step`, the step just decided
+ * (else SC_ERR_STATE, as after sc_policy_reset). error_sumsq[b] = the squared L2 norm, over sample
+ * b, of the guided output from its cached residual minus the fresh guided output (what reusing
+ * would have cost it: run the cached residual through the tail too where the sample ran after an
+ * earlier run), NaN where not observed (the sample did not run, or had no cached residual yet).
+ * Per sample with a finite error and a positive finite prediction (the table's score at that
+ * step; none on forced steps): log c_b <- (1 - online_rate) log c_b + online_rate x
+ * clip(log(error / prediction), +-log online_bound), both in the score's units (sqrt of the sum
+ * over sqrt(numel)); an error of 0 meets the lower bound; others are left as they are (NaN, inf
+ * or negative errors: not observed). Observing a step twice learns twice. Python's SenCacheOnlinePolicy.observe, the same arithmetic in double
+ * (exp and log: the C library's, as the Python rule calls them). Other rules: SC_ERR_INVALID_ARGUMENT. */
+SC_API sc_status sc_policy_observe(sc_policy* policy, int32_t step, const double* error_sumsq, int32_t batch);
+/* SC_RULE_SENCACHE_ONLINE: each sample's factor c_b as the next decision applies it (1 before any
+ * observation): exp(log c_b x weight), weight n / (n + online_prior) after n observations (1 when
+ * online_prior is 0). Other rules: SC_ERR_INVALID_ARGUMENT. */
+SC_API sc_status sc_policy_factor(const sc_policy* policy, double* factor_out, int32_t batch);
 /* How many decisions so far moved anchors at a timestep outside the table (clamped look-ups). */
 SC_API sc_status sc_policy_outside_table(const sc_policy* policy, int64_t* count);
 /* Back to the state before step 0 (a new request with the same settings and sizes). */
@@ -168,7 +218,7 @@ typedef struct sc_request {
     uint64_t seed;                       /* < 2^63 */
     int32_t steps;                       /* 0: the bundle's default */
     double guidance;                     /* < 0: the bundle's default */
-    const char* cache;                   /* "sencache", "sencache-max", "none", "fixed", "teacache", "magcache"; NULL: sencache */
+    const char* cache;                   /* "sencache", "sencache-max", "sencache-online", "none", "fixed", "teacache", "magcache"; NULL: sencache */
     const char* knobs_json;              /* NULL, or a JSON object of knobs: {"eps_main": 0.1, "max_reuse": 3} */
 } sc_request;
 

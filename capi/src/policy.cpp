@@ -1,9 +1,12 @@
-// Sensitivity tables and the SenCache rule, native: the same arithmetic as
+// Sensitivity tables and the SenCache rules, native: the same arithmetic as
 // runtime/sensitivity.py (SensitivityTable) and runtime/cache/sencache.py (SenCachePolicy,
-// SenCacheMaxPolicy), in double, operation for operation, so decisions agree bit for bit.
-// Build with -ffp-contract=off: a fused multiply-add would round differently from NumPy.
+// SenCacheMaxPolicy, SenCacheOnlinePolicy with its OnlineFactor), in double, operation for
+// operation, so decisions agree bit for bit. Build with -ffp-contract=off: a fused multiply-add
+// would round differently from NumPy. exp and log are the C library's, which the Python rule calls
+// too (through `math`).
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -256,6 +259,56 @@ extern "C" void sc_table_destroy(sc_table* table) {
 
 // ---- the rule ----------------------------------------------------------------------------------
 
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// Each sample's learnt factor of the online rule: OnlineFactor in runtime/cache/sencache.py.
+struct OnlineFactor {
+    double rate = 0, log_bound = 0, prior = 0;
+    std::vector<double> log_factor, predicted;  // predicted: the table's score of the last decided step
+    std::vector<int64_t> observations;
+    int32_t decided_step = -1;
+
+    void reset(int32_t batch) {
+        log_factor.assign(batch, 0.0);
+        observations.assign(batch, 0);
+        predicted.assign(batch, kNaN);
+        decided_step = -1;
+    }
+
+    // factor: exp(log c_b x n / max(n + prior, 1e-300)), the weight 1 when prior is 0.
+    double factor(size_t b) const {
+        double weight = 1.0;
+        if (prior > 0) {
+            const double n = static_cast<double>(observations[b]);
+            weight = n / std::max(n + prior, 1e-300);
+        }
+        return std::exp(log_factor[b] * weight);
+    }
+
+    void start(int32_t step) {
+        std::fill(predicted.begin(), predicted.end(), kNaN);
+        decided_step = step;
+    }
+
+    // observe(step, error) with error = sqrt(error_sumsq) / scale, as SenCacheOnlinePolicy passes it.
+    void observe(const double* error_sumsq, double scale) {
+        for (size_t b = 0; b < log_factor.size(); ++b) {
+            const double error = std::sqrt(error_sumsq[b]) / scale;
+            if (!(std::isfinite(error) && std::isfinite(predicted[b]) && predicted[b] > 0)) continue;
+            // np.clip: log(0) = -inf and log(inf) = inf meet the bound; x itself where it equals one
+            double ratio = std::log(error / predicted[b]);
+            ratio = ratio < -log_bound ? -log_bound : ratio;
+            ratio = ratio > log_bound ? log_bound : ratio;
+            log_factor[b] = (1.0 - rate) * log_factor[b] + rate * ratio;
+            observations[b] += 1;
+        }
+    }
+};
+
+}  // namespace
+
 struct sc_policy {
     std::shared_ptr<sc_table> table;
     sc_policy_settings settings;
@@ -268,8 +321,12 @@ struct sc_policy {
     double threshold = std::numeric_limits<double>::quiet_NaN();
     bool forced = false;
     int64_t outside = 0;
+    OnlineFactor online;  // SC_RULE_SENCACHE_ONLINE only
+
+    bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
 
     void reset() {
+        online.reset(batch);
         anchor_t.assign(batch, 0.0);
         jx.assign(batch, 0.0);
         jt.assign(batch, 0.0);
@@ -284,6 +341,7 @@ struct sc_policy {
     bool is_forced(int32_t step) const { return step == 0 || (settings.force_last && step == steps - 1); }
 
     void decide(int32_t step, double t, const float* drift_sumsq) {
+        if (learns()) online.start(step);
         const double eps = step < switch_step ? settings.eps_start : settings.eps_main;
         forced = is_forced(step);
         threshold = eps;
@@ -304,7 +362,12 @@ struct sc_policy {
                 }
                 const double a = sx * drift;
                 const double c = st * std::fabs(t - anchor_t[b]);
-                scores[b] = (a + c) / root;
+                double raw = a + c;
+                if (learns()) {  // OnlineFactor.corrected: the table's score kept as the prediction
+                    online.predicted[b] = raw / root;
+                    raw = raw * online.factor(b);
+                }
+                scores[b] = raw / root;
                 run[b] = !((scores[b] < eps) && (reuses[b] < settings.max_reuse));
             }
         }
@@ -332,8 +395,9 @@ struct sc_policy {
 namespace {
 
 void check_settings(const sc_policy_settings& s) {
-    SC_REQUIRE(s.rule == SC_RULE_SENCACHE || s.rule == SC_RULE_SENCACHE_MAX, SC_ERR_INVALID_ARGUMENT,
-               "rule must be SC_RULE_SENCACHE or SC_RULE_SENCACHE_MAX");
+    SC_REQUIRE(s.rule == SC_RULE_SENCACHE || s.rule == SC_RULE_SENCACHE_MAX || s.rule == SC_RULE_SENCACHE_ONLINE,
+               SC_ERR_INVALID_ARGUMENT,
+               "rule must be SC_RULE_SENCACHE, SC_RULE_SENCACHE_MAX or SC_RULE_SENCACHE_ONLINE");
     SC_REQUIRE(std::isfinite(s.eps_start) && s.eps_start >= 0, SC_ERR_INVALID_ARGUMENT,
                "settings.eps_start must be a finite number >= 0, got " + std::to_string(s.eps_start));
     SC_REQUIRE(std::isfinite(s.eps_main) && s.eps_main >= 0, SC_ERR_INVALID_ARGUMENT,
@@ -342,6 +406,37 @@ void check_settings(const sc_policy_settings& s) {
                "settings.max_reuse must be in [0, 1000], got " + std::to_string(s.max_reuse));
     SC_REQUIRE(s.switch_frac >= 0.0 && s.switch_frac <= 1.0, SC_ERR_INVALID_ARGUMENT,
                "switch fraction must be in [0, 1], got " + std::to_string(s.switch_frac));
+}
+
+// The caller's sc_policy_extra with the fields past its `size` at their defaults, checked as
+// runtime/cache/knobs.py bounds the knobs (NaN fails every comparison, so it is refused).
+sc_policy_extra complete_extra(const sc_policy_extra* extra) {
+    sc_policy_extra full SC_POLICY_EXTRA_DEFAULTS;
+    if (extra == nullptr) return full;
+    SC_REQUIRE(extra->size >= sizeof(extra->size), SC_ERR_INVALID_ARGUMENT,
+               "extra->size must be sizeof(sc_policy_extra)");
+    SC_REQUIRE(extra->size <= sizeof(sc_policy_extra), SC_ERR_UNSUPPORTED,
+               "extra->size is larger than this library's sc_policy_extra (a newer sencache.h; see sc_abi_version)");
+    const auto covered = [&](size_t offset) { return extra->size >= offset + sizeof(double); };
+    if (covered(offsetof(sc_policy_extra, online_rate))) full.online_rate = extra->online_rate;
+    if (covered(offsetof(sc_policy_extra, online_bound))) full.online_bound = extra->online_bound;
+    if (covered(offsetof(sc_policy_extra, online_prior))) full.online_prior = extra->online_prior;
+    const auto check = [](double value, double low, double high, const char* name, const char* range) {
+        SC_REQUIRE(value >= low && value <= high, SC_ERR_INVALID_ARGUMENT,
+                   std::string("extra->") + name + " must be a number in " + range + ", got " + std::to_string(value));
+    };
+    check(full.online_rate, 0.0, 1.0, "online_rate", "[0, 1]");
+    check(full.online_bound, 1.0, 1e6, "online_bound", "[1, 1e+06]");
+    check(full.online_prior, 0.0, 1e6, "online_prior", "[0, 1e+06]");
+    return full;
+}
+
+sc_policy* checked_online(const sc_policy* policy, int32_t batch) {
+    SC_REQUIRE(policy != nullptr, SC_ERR_INVALID_ARGUMENT, "policy is NULL");
+    SC_REQUIRE(policy->learns(), SC_ERR_INVALID_ARGUMENT, "the policy's rule is not SC_RULE_SENCACHE_ONLINE");
+    SC_REQUIRE(batch == policy->batch, SC_ERR_BUFFER_SIZE,
+               "batch " + std::to_string(batch) + " but the policy was made for " + std::to_string(policy->batch));
+    return const_cast<sc_policy*>(policy);
 }
 
 }  // namespace
@@ -380,6 +475,12 @@ extern "C" sc_status sc_policy_settings_from_bundle(const char* bundle_dir, sc_p
 
 extern "C" sc_status sc_policy_create(const sc_table* table, const sc_policy_settings* settings, int32_t steps,
                                       int32_t batch, int64_t numel, sc_policy** out) {
+    return sc_policy_create_ex(table, settings, nullptr, steps, batch, numel, out);
+}
+
+extern "C" sc_status sc_policy_create_ex(const sc_table* table, const sc_policy_settings* settings,
+                                         const sc_policy_extra* extra, int32_t steps, int32_t batch, int64_t numel,
+                                         sc_policy** out) {
     return guarded([&] {
         SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
         *out = nullptr;
@@ -387,7 +488,11 @@ extern "C" sc_status sc_policy_create(const sc_table* table, const sc_policy_set
         SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
                    "steps, batch and latent size must be positive");
         check_settings(*settings);
+        const sc_policy_extra full = complete_extra(extra);
         auto policy = std::make_unique<sc_policy>();
+        policy->online.rate = full.online_rate;
+        policy->online.log_bound = std::log(full.online_bound);
+        policy->online.prior = full.online_prior;
         policy->table = unwrap(table);
         policy->settings = *settings;
         policy->steps = steps;
@@ -430,6 +535,27 @@ extern "C" sc_status sc_policy_last(const sc_policy* policy, double* scores_out,
         }
         if (threshold) *threshold = policy->threshold;
         if (forced) *forced = policy->forced ? 1 : 0;
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_observe(sc_policy* policy, int32_t step, const double* error_sumsq, int32_t batch) {
+    return guarded([&] {
+        sc_policy* p = checked_online(policy, batch);
+        SC_REQUIRE(error_sumsq != nullptr, SC_ERR_INVALID_ARGUMENT, "error_sumsq is NULL");
+        SC_REQUIRE(step == p->online.decided_step, SC_ERR_STATE,
+                   "observe(step=" + std::to_string(step) + ") must follow the decision of that step (last: " +
+                       std::to_string(p->online.decided_step) + ")");
+        p->online.observe(error_sumsq, std::sqrt(static_cast<double>(p->numel)));
+        return SC_OK;
+    });
+}
+
+extern "C" sc_status sc_policy_factor(const sc_policy* policy, double* factor_out, int32_t batch) {
+    return guarded([&] {
+        const sc_policy* p = checked_online(policy, batch);
+        SC_REQUIRE(factor_out != nullptr, SC_ERR_INVALID_ARGUMENT, "factor_out is NULL");
+        for (int32_t b = 0; b < batch; ++b) factor_out[b] = p->online.factor(b);
         return SC_OK;
     });
 }

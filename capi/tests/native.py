@@ -21,6 +21,18 @@ class Settings(ctypes.Structure):
     ]
 
 
+class Extra(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("online_rate", ctypes.c_double),
+        ("online_bound", ctypes.c_double),
+        ("online_prior", ctypes.c_double),
+    ]
+
+
+SC_ERR_STATE = 6
+
+
 def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(os.environ["SENCACHE_POLICY_LIB"])
     lib.sc_last_error.restype = ctypes.c_char_p
@@ -43,6 +55,15 @@ def load() -> ctypes.CDLL:
         ctypes.c_int64,
         ctypes.POINTER(ctypes.c_void_p),
     ]
+    lib.sc_policy_create_ex.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(Settings),
+        ctypes.POINTER(Extra),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
     lib.sc_policy_decide.argtypes = [
         ctypes.c_void_p,
         ctypes.c_int32,
@@ -58,6 +79,8 @@ def load() -> ctypes.CDLL:
         c_double_p,
         ctypes.POINTER(ctypes.c_int),
     ]
+    lib.sc_policy_observe.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+    lib.sc_policy_factor.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.sc_policy_outside_table.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
     lib.sc_policy_reset.argtypes = [ctypes.c_void_p]
     lib.sc_policy_destroy.argtypes = [ctypes.c_void_p]
@@ -92,8 +115,17 @@ class Table:
         self.lib.sc_table_destroy(self.handle)
 
 
+class NativeError(ValueError):
+    """A native call's failure: its status and sc_last_error's message."""
+
+    def __init__(self, lib: ctypes.CDLL, status: int) -> None:
+        super().__init__(lib.sc_last_error().decode())
+        self.status = status
+
+
 class Policy:
-    """The native rule with the Python rule's decide() shape: (run mask, scores, threshold, forced)."""
+    """The native rule with the Python rule's decide() shape: (run mask, scores, threshold, forced);
+    `online` (rate, bound, prior) goes in an sc_policy_extra (sc_policy_create_ex)."""
 
     def __init__(
         self,
@@ -108,12 +140,28 @@ class Policy:
         steps: int,
         batch: int,
         numel: int,
+        online: tuple[float, float, float] | None = None,
     ) -> None:
         self.lib, self.batch = lib, batch
         settings = Settings(rule, eps_start, eps_main, max_reuse, switch_frac, int(force_last))
         self.handle = ctypes.c_void_p()
-        if lib.sc_policy_create(table.handle, ctypes.byref(settings), steps, batch, numel, ctypes.byref(self.handle)):
-            raise ValueError(lib.sc_last_error().decode())
+        if online is None:
+            status = lib.sc_policy_create(
+                table.handle, ctypes.byref(settings), steps, batch, numel, ctypes.byref(self.handle)
+            )
+        else:
+            extra = Extra(ctypes.sizeof(Extra), *online)
+            status = lib.sc_policy_create_ex(
+                table.handle,
+                ctypes.byref(settings),
+                ctypes.byref(extra),
+                steps,
+                batch,
+                numel,
+                ctypes.byref(self.handle),
+            )
+        if status:
+            raise NativeError(lib, status)
         self.run = np.zeros(batch, np.uint8)
         self.scores = np.zeros(batch, np.float64)
 
@@ -132,6 +180,19 @@ class Policy:
             == 0
         )
         return self.run.astype(bool), self.scores.copy(), threshold.value, bool(forced.value)
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        errors = np.ascontiguousarray(error_sumsq, dtype=np.float64)
+        status = self.lib.sc_policy_observe(self.handle, step, errors.ctypes.data, self.batch)
+        if status:
+            raise NativeError(self.lib, status)
+
+    def factor(self) -> np.ndarray:
+        out = np.zeros(self.batch, np.float64)
+        status = self.lib.sc_policy_factor(self.handle, out.ctypes.data, self.batch)
+        if status:
+            raise NativeError(self.lib, status)
+        return out
 
     def outside(self) -> int:
         count = ctypes.c_int64()

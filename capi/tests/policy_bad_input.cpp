@@ -1,6 +1,8 @@
 // Bad input across the native ABI: nulls, missing and corrupt tables (JSON and .npz), wrong sizes,
-// double destroy. Every call must return a status and a message, never crash (also run under ASan).
+// double destroy, the online rule's knobs and observations. Every call must return a status and a
+// message, never crash (also run under ASan).
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -119,6 +121,90 @@ int main(int argc, char** argv) {
     sc_policy_destroy(policy);
     sc_policy_destroy(policy);  // double destroy: a no-op
     sc_policy_destroy(nullptr);
+    // the online rule: its knobs (sc_policy_extra) refused as Python's SenCacheOnlineSettings
+    // refuses them, whatever the rule; its observations only after the decision of their step
+    EXPECT(sc_table_parse_json(good.data(), good.size(), &table), SC_OK);
+    sc_policy_settings online = s;
+    online.rule = SC_RULE_SENCACHE_ONLINE;
+    const sc_policy_extra extra = SC_POLICY_EXTRA_DEFAULTS;
+    sc_policy_extra bad_extra;
+    const double bad_rates[] = {-0.1, 1.5, NAN, INFINITY};
+    const double bad_bounds[] = {0.5, -4.0, 0.0, 2e6, INFINITY, NAN};
+    const double bad_priors[] = {-1.0, 2e6, INFINITY, NAN};
+    for (double v : bad_rates) {
+        bad_extra = extra;
+        bad_extra.online_rate = v;
+        EXPECT(sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+        EXPECT(sc_policy_create_ex(table, &s, &bad_extra, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    }
+    for (double v : bad_bounds) {
+        bad_extra = extra;
+        bad_extra.online_bound = v;
+        EXPECT(sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    }
+    for (double v : bad_priors) {
+        bad_extra = extra;
+        bad_extra.online_prior = v;
+        EXPECT(sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    }
+    if (policy != nullptr) { std::printf("FAIL a refused create left a policy\n"); ++failures; }
+    bad_extra = extra;
+    bad_extra.online_rate = -0.1;
+    if (std::strstr((sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), sc_last_error()),
+                    "extra->online_rate") == nullptr) {
+        std::printf("FAIL the message does not name extra->online_rate: %s\n", sc_last_error());
+        ++failures;
+    }
+    bad_extra = extra;
+    bad_extra.size = 0;
+    EXPECT(sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    bad_extra.size = sizeof(sc_policy_extra) + 8;  // a newer header's
+    EXPECT(sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), SC_ERR_UNSUPPORTED);
+    bad_extra = extra;
+    bad_extra.size = offsetof(sc_policy_extra, online_bound);  // an older header's: the rest default
+    bad_extra.online_bound = NAN;
+    bad_extra.online_prior = NAN;
+    EXPECT(sc_policy_create_ex(table, &online, &bad_extra, 10, 2, 100, &policy), SC_OK);
+    sc_policy_destroy(policy);
+    EXPECT(sc_policy_create_ex(table, &online, nullptr, 10, 2, 100, &policy), SC_OK);  // NULL: the defaults
+    sc_policy_destroy(policy);
+    sc_policy* plain = nullptr;
+    EXPECT(sc_policy_create(table, &s, 10, 2, 100, &plain), SC_OK);
+    const double errors[2] = {1.0, NAN};
+    double factor[2] = {0, 0};
+    const auto expect_factor = [&](bool ok, const char* when) {
+        if (!ok) {
+            std::printf("FAIL factor %s: %g %g\n", when, factor[0], factor[1]);
+            ++failures;
+        }
+    };
+    EXPECT(sc_policy_decide(plain, 0, 1000.0, nullptr, run, 2), SC_OK);
+    EXPECT(sc_policy_observe(plain, 0, errors, 2), SC_ERR_INVALID_ARGUMENT);  // sencache does not learn
+    EXPECT(sc_policy_factor(plain, factor, 2), SC_ERR_INVALID_ARGUMENT);
+    sc_policy_destroy(plain);
+    EXPECT(sc_policy_create_ex(table, &online, &extra, 10, 2, 100, &policy), SC_OK);
+    EXPECT(sc_policy_observe(nullptr, 0, errors, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_observe(policy, 0, errors, 2), SC_ERR_STATE);  // nothing decided yet
+    EXPECT(sc_policy_decide(policy, 0, 1000.0, nullptr, run, 2), SC_OK);
+    EXPECT(sc_policy_observe(policy, 1, errors, 2), SC_ERR_STATE);  // not the step just decided
+    EXPECT(sc_policy_observe(policy, 0, nullptr, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_observe(policy, 0, errors, 3), SC_ERR_BUFFER_SIZE);
+    EXPECT(sc_policy_observe(policy, 0, errors, 2), SC_OK);  // a forced step predicts nothing: no change
+    EXPECT(sc_policy_factor(policy, nullptr, 2), SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_factor(policy, factor, 1), SC_ERR_BUFFER_SIZE);
+    EXPECT(sc_policy_factor(policy, factor, 2), SC_OK);
+    expect_factor(factor[0] == 1.0 && factor[1] == 1.0, "after a forced step");
+    EXPECT(sc_policy_decide(policy, 1, 900.0, drift, run, 2), SC_OK);
+    EXPECT(sc_policy_observe(policy, 1, errors, 2), SC_OK);
+    EXPECT(sc_policy_factor(policy, factor, 2), SC_OK);
+    expect_factor(factor[0] != 1.0 && factor[1] == 1.0, "after learning from sample 0 alone");
+    EXPECT(sc_policy_reset(policy), SC_OK);
+    EXPECT(sc_policy_observe(policy, 1, errors, 2), SC_ERR_STATE);  // a new request: nothing decided
+    EXPECT(sc_policy_factor(policy, factor, 2), SC_OK);
+    expect_factor(factor[0] == 1.0 && factor[1] == 1.0, "after reset");
+    sc_policy_destroy(policy);
+    sc_table_destroy(table);
+    if (sc_abi_version() != SC_ABI_VERSION) { std::printf("FAIL sc_abi_version %d\n", sc_abi_version()); ++failures; }
     // without CUDA every sc_drift_* call says so; with it, bad arguments are refused before the device
     sc_drift* drift_handle = nullptr;
     EXPECT(sc_drift_create(0, 10, &drift_handle), sc_drift_available() ? SC_ERR_INVALID_ARGUMENT : SC_ERR_UNSUPPORTED);

@@ -5,6 +5,7 @@ Every backend calls the same code, so a decision never depends on where the mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -196,11 +197,17 @@ class OnlineFactor:
     log c_b moves towards log(e_b / S_table) by an exponential moving average with weight `rate`,
     each observation clipped to +-log(bound). The factor a rule applies is shrunk toward the table
     (c = 1) by how much evidence the sample has: log c_b x n / (n + prior) after n observations,
-    so one early observation does not swing a sample (prior 0: no shrinkage)."""
+    so one early observation does not swing a sample (prior 0: no shrinkage).
+
+    exp and log are the C library's (`math`), element by element, not NumPy's: NumPy's float64
+    exp and log run its own AVX-512 code on CPUs that have it and the C library's elsewhere, which
+    round differently, so a factor (and at the edge a decision) differed between CPUs with and
+    without AVX-512, and the native rule (libsencache_policy, which calls the same C library's)
+    could not reproduce it bit for bit."""
 
     def __init__(self, batch: int, rate: float, bound: float, prior: float = 0.0) -> None:
         self.rate = rate
-        self.log_bound = float(np.log(bound))
+        self.log_bound = math.log(bound)
         self.prior = prior
         self.log_factor = np.zeros(batch)
         self.observations = np.zeros(batch, dtype=np.int64)
@@ -213,7 +220,7 @@ class OnlineFactor:
         """Each sample's factor as applied: the learnt one shrunk by its evidence."""
         n = self.observations
         weight = n / np.maximum(n + self.prior, 1e-300) if self.prior > 0 else np.ones(len(n))
-        return np.exp(self.log_factor * weight)
+        return np.array([math.exp(v) for v in (self.log_factor * weight).tolist()], dtype=np.float64)
 
     def start(self, step: int) -> None:
         """A step is being decided: nothing predicted yet (a forced step predicts nothing)."""
@@ -236,8 +243,11 @@ class OnlineFactor:
         seen = np.isfinite(error) & np.isfinite(self.predicted) & (self.predicted > 0)
         if not seen.any():
             return
-        with np.errstate(divide="ignore"):
-            ratio = np.clip(np.log(error[seen] / self.predicted[seen]), -self.log_bound, self.log_bound)
+        with np.errstate(over="ignore"):
+            quotient = error[seen] / self.predicted[seen]
+        # log(0) is -inf (math.log refuses it), log(inf) inf: both clipped to the bound
+        log_ratio = np.array([math.log(q) if q > 0 else -math.inf for q in quotient.tolist()])
+        ratio = np.clip(log_ratio, -self.log_bound, self.log_bound)
         self.log_factor[seen] = (1.0 - self.rate) * self.log_factor[seen] + self.rate * ratio
         self.observations[seen] += 1
 
