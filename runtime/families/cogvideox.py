@@ -21,6 +21,7 @@ from torch import nn
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import (
+    TINY_CACHE,
     FamilyAdapter,
     ModelPreset,
     Sampler,
@@ -28,6 +29,7 @@ from sencache.runtime.families.base import (
     StageLayout,
     TinyClipAxes,
     register_family,
+    tiny_preset,
 )
 from sencache.runtime.tiny_grammar import MAX_TOKENS
 
@@ -285,24 +287,16 @@ class CogVideoXAdapter(FamilyAdapter):
     )
     aliases = {"cogvideox": "cogvideox1.5-5b"}
     presets = {
-        "tiny-cogvideox": ModelPreset(
-            name="tiny-cogvideox",
-            family="cogvideox",
-            config=TINY_CONFIG,
-            frames=8,
-            height=32,
-            width=32,
-            tiny=True,
-            guidance=4.0,
-            steps=30,
+        "tiny-cogvideox": tiny_preset(
+            "tiny-cogvideox",
+            "cogvideox",
+            TINY_CONFIG,
+            "bundled tiny CogVideoX 1.5-style (rotary, 2x4x4 patches) trained on procedural clips, RGB used as latent",
             cache_defaults={  # eps_main from benchmarks/results/tiny-cogvideox (0.3 never reuses under DPM)
+                **TINY_CACHE,
                 "sencache": {"eps_start": 0.05, "eps_main": 0.6, "max_reuse": 3},
-                "teacache": {"threshold": 0.1},
-                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
             },
             scheduler={"_class_name": "CogVideoXDPMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            description="bundled tiny CogVideoX 1.5-style (rotary, 2x4x4 patches) trained on procedural clips, "
-            "RGB used as latent",
         ),
         "cogvideox-2b": ModelPreset(
             name="cogvideox-2b",

@@ -29,6 +29,7 @@ from sencache.runtime.families.base import (
     TinyFormat,
     pipeline_encode_prompt,
     register_family,
+    tiny_preset,
 )
 from sencache.runtime.tiny_grammar import MAX_TOKENS, PAD, VOCABULARY, tokenize
 from sencache.runtime.tiny_text import TinyTextEncoder
@@ -220,21 +221,18 @@ class LTXAdapter(FamilyAdapter):
     )
     aliases = {"ltx-video": "ltx-video-0.9.1"}
     presets = {
-        "tiny-ltx": ModelPreset(
-            name="tiny-ltx",
-            family="ltx",
-            config=TINY_CONFIG,
-            frames=8,
+        "tiny-ltx": tiny_preset(
+            "tiny-ltx",
+            "ltx",
+            TINY_CONFIG,
+            "tiny LTX-Video, UNTRAINED (random weights, seed 0): for export and parity checks only, "
+            "its videos are noise",
             height=16,
             width=16,
-            tiny=True,
             trained=False,
             guidance=3.0,
-            steps=30,
             cache_defaults=_CACHE,
             scheduler=_SCHEDULER,
-            description="tiny LTX-Video, UNTRAINED (random weights, seed 0): for export and parity checks only, "
-            "its videos are noise",
         ),
         **{
             f"ltx-video-{version}": ModelPreset(

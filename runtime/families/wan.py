@@ -30,6 +30,7 @@ from sencache.runtime.families.base import (
     StageLayout,
     TinyClipAxes,
     register_family,
+    tiny_preset,
 )
 from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_grammar import MAX_TOKENS
@@ -225,24 +226,6 @@ _MAGCACHE_14B = (
 )
 
 
-_TINY_COMMON: dict[str, Any] = {
-    "family": "wan",
-    "config": TINY_CONFIG,
-    "frames": 8,
-    "height": 32,
-    "width": 32,
-    "tiny": True,
-    "guidance": 4.0,
-    "steps": 30,
-    "cache_defaults": {
-        "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
-        "teacache": {"threshold": 0.1},
-        "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
-    },
-}
-"""What the bundled tiny Wan models share (RGB as latent, 8 x 32 x 32)."""
-
-
 def a14b_preset(
     name: str,
     family: str,
@@ -347,18 +330,20 @@ class WanAdapter(FamilyAdapter):
         switch_frac=0.2, switch_calls=2, nearest_lookup=True, score_constant=1447.97790038
     )
     presets = {
-        "tiny-wan": ModelPreset(
-            name="tiny-wan",
-            **_TINY_COMMON,
-            description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
+        "tiny-wan": tiny_preset(
+            "tiny-wan",
+            "wan",
+            TINY_CONFIG,
+            "bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
         ),
-        "tiny-wan2.2": ModelPreset(
-            name="tiny-wan2.2",
-            **_TINY_COMMON,
+        "tiny-wan2.2": tiny_preset(
+            "tiny-wan2.2",
+            "wan",
+            TINY_CONFIG,
+            "bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from tiny-wan, the "
+            "high-noise expert on timesteps >= 875, the low-noise expert below",
             guidance_2=3.0,
             boundary_ratio=0.875,
-            description="bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from "
-            "tiny-wan, the high-noise expert on timesteps >= 875, the low-noise expert below",
         ),
         "wan2.1-t2v-1.3b": ModelPreset(
             name="wan2.1-t2v-1.3b",
