@@ -120,6 +120,34 @@ _CACHE = {
 }
 
 
+def thudm_preset(
+    name: str,
+    family: str,
+    config: dict[str, Any],
+    size: tuple[int, int, int],
+    teacache: tuple[float, ...],
+    description: str,
+    snr_shift_scale: float = 1.0,
+) -> ModelPreset:
+    """A CogVideoX model sampled as THUDM publishes it (DDIM with `snr_shift_scale`, guidance 6.0,
+    50 steps): `config` its transformer's settings over the common ones, `size` (frames, height,
+    width) its default video, `teacache` TeaCache's published polynomial for it."""
+    return ModelPreset(
+        name=name,
+        family=family,
+        config={**_REAL_COMMON, **config},
+        frames=size[0],
+        height=size[1],
+        width=size[2],
+        guidance=6.0,
+        steps=50,
+        cache_defaults=_CACHE,
+        scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": snr_shift_scale},
+        published_baselines=(teacache, None),
+        description=description,
+    )
+
+
 # `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
 # nn.Module.__getattr__, which mypy types as Tensor | Module.
 class _Head(nn.Module):
@@ -298,49 +326,27 @@ class CogVideoXAdapter(FamilyAdapter):
             },
             scheduler={"_class_name": "CogVideoXDPMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
         ),
-        "cogvideox-2b": ModelPreset(
-            name="cogvideox-2b",
-            family="cogvideox",
-            config={
-                **_REAL_COMMON,
-                "num_attention_heads": 30,
-                "num_layers": 30,
-                "use_rotary_positional_embeddings": False,
-            },
-            frames=49,
-            height=480,
-            width=720,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
-            published_baselines=(_TEACACHE_2B, None),
-            description="THUDM/CogVideoX-2b",
+        "cogvideox-2b": thudm_preset(
+            "cogvideox-2b",
+            "cogvideox",
+            {"num_attention_heads": 30, "num_layers": 30, "use_rotary_positional_embeddings": False},
+            (49, 480, 720),
+            _TEACACHE_2B,
+            "THUDM/CogVideoX-2b",
+            snr_shift_scale=3.0,
         ),
-        "cogvideox-5b": ModelPreset(
-            name="cogvideox-5b",
-            family="cogvideox",
-            config={
-                **_REAL_COMMON,
-                "num_attention_heads": 48,
-                "num_layers": 42,
-                "use_rotary_positional_embeddings": True,
-            },
-            frames=49,
-            height=480,
-            width=720,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            published_baselines=(_TEACACHE_5B, None),
-            description="THUDM/CogVideoX-5b",
+        "cogvideox-5b": thudm_preset(
+            "cogvideox-5b",
+            "cogvideox",
+            {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True},
+            (49, 480, 720),
+            _TEACACHE_5B,
+            "THUDM/CogVideoX-5b",
         ),
-        "cogvideox1.5-5b": ModelPreset(
-            name="cogvideox1.5-5b",
-            family="cogvideox",
-            config={
-                **_REAL_COMMON,
+        "cogvideox1.5-5b": thudm_preset(
+            "cogvideox1.5-5b",
+            "cogvideox",
+            {
                 "num_attention_heads": 48,
                 "num_layers": 42,
                 "sample_width": 170,
@@ -350,15 +356,9 @@ class CogVideoXAdapter(FamilyAdapter):
                 "patch_bias": False,
                 "use_rotary_positional_embeddings": True,
             },
-            frames=81,
-            height=768,
-            width=1360,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            published_baselines=(_TEACACHE_1_5, None),
-            description="THUDM/CogVideoX1.5-5B (81x768x1360: 21 latent frames padded to 22)",
+            (81, 768, 1360),
+            _TEACACHE_1_5,
+            "THUDM/CogVideoX1.5-5B (81x768x1360: 21 latent frames padded to 22)",
         ),
     }
 
