@@ -345,32 +345,25 @@ class WanAdapter(FamilyAdapter):
             guidance_2=3.0,
             boundary_ratio=0.875,
         ),
-        "wan2.1-t2v-1.3b": ModelPreset(
-            name="wan2.1-t2v-1.3b",
-            family="wan",
-            config={**_REAL_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
-            frames=81,
-            height=480,
-            width=832,
-            guidance=5.0,
-            steps=50,
-            cache_defaults=_WAN_1_3B_CACHE,
-            published_baselines=(_TEACACHE_1_3B, _MAGCACHE_1_3B),
-            description="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        ),
-        "wan2.1-t2v-14b": ModelPreset(
-            name="wan2.1-t2v-14b",
-            family="wan",
-            config={**_REAL_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-            frames=81,
-            height=720,
-            width=1280,
-            guidance=5.0,
-            steps=50,
-            cache_defaults=_WAN_14B_CACHE,
-            published_baselines=(_TEACACHE_14B, _MAGCACHE_14B),
-            description="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        ),
+        **{
+            f"wan2.1-t2v-{size}": ModelPreset(
+                name=f"wan2.1-t2v-{size}",
+                family="wan",
+                config={**_REAL_COMMON, "num_attention_heads": heads, "ffn_dim": ffn_dim, "num_layers": layers},
+                frames=81,
+                height=height,
+                width=width,
+                guidance=5.0,
+                steps=50,
+                cache_defaults=cache,
+                published_baselines=baselines,
+                description=f"Wan-AI/Wan2.1-T2V-{size.upper()}-Diffusers",
+            )
+            for size, (heads, ffn_dim, layers), (height, width), cache, baselines in (
+                ("1.3b", (12, 8960, 30), (480, 832), _WAN_1_3B_CACHE, (_TEACACHE_1_3B, _MAGCACHE_1_3B)),
+                ("14b", (40, 13824, 40), (720, 1280), _WAN_14B_CACHE, (_TEACACHE_14B, _MAGCACHE_14B)),
+            )
+        },
         # Wan 2.2's own configs (Wan-Video/Wan2.2 wan/configs): T2V-A14B samples 40 steps with shift
         # 12.0, boundary 0.875 and guidance (4.0 high-noise, 3.0 low-noise); TI2V-5B 50 steps with
         # shift 5.0 and guidance 5.0 at 704x1280, 121 frames. No published TeaCache or MagCache
