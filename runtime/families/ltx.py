@@ -95,6 +95,28 @@ _CACHE = {
     "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
 }
 
+VERSIONS = ("0.9.0", "0.9.1")
+"""The LTX-Video releases with presets (Lightricks/LTX-Video in diffusers format)."""
+
+
+def lightricks_preset(name: str, family: str, version: str, description: str) -> ModelPreset:
+    """LTX-Video `version` at Lightricks' defaults (161 x 512 x 704, guidance 3.0, 50 steps, their
+    scheduler config), with TeaCache's polynomial where one is published (0.9.1)."""
+    return ModelPreset(
+        name=name,
+        family=family,
+        config=_REAL,
+        frames=161,
+        height=512,
+        width=704,
+        guidance=3.0,
+        steps=50,
+        cache_defaults=_CACHE,
+        scheduler=_SCHEDULER,
+        published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
+        description=description,
+    )
+
 
 def pack_text(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """T5 embeddings [B, T, C] and their attention mask [B, T] as one text input [B, T, C + 1]."""
@@ -235,21 +257,10 @@ class LTXAdapter(FamilyAdapter):
             scheduler=_SCHEDULER,
         ),
         **{
-            f"ltx-video-{version}": ModelPreset(
-                name=f"ltx-video-{version}",
-                family="ltx",
-                config=_REAL,
-                frames=161,
-                height=512,
-                width=704,
-                guidance=3.0,
-                steps=50,
-                cache_defaults=_CACHE,
-                scheduler=_SCHEDULER,
-                published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
-                description=f"Lightricks/LTX-Video {version} (diffusers format)",
+            f"ltx-video-{version}": lightricks_preset(
+                f"ltx-video-{version}", "ltx", version, f"Lightricks/LTX-Video {version} (diffusers format)"
             )
-            for version in ("0.9.0", "0.9.1")
+            for version in VERSIONS
         },
     }
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.families.base import ModelPreset, Sampler, Shapes, register_family
-from sencache.runtime.families.ltx import _CACHE, _REAL, _SCHEDULER, _TEACACHE_0_9_1, LTXAdapter, LTXSampler
+from sencache.runtime.families.ltx import VERSIONS, LTXAdapter, LTXSampler, lightricks_preset
 
 
 def first_frame_mask(frames: int, height: int, width: int) -> torch.Tensor:
@@ -81,21 +81,13 @@ class LTXI2VAdapter(LTXAdapter):
     family = "ltx-i2v"
     aliases = {"ltx-video-i2v": "ltx-video-0.9.1-i2v"}
     presets = {
-        f"ltx-video-{version}-i2v": ModelPreset(
-            name=f"ltx-video-{version}-i2v",
-            family="ltx-i2v",
-            config=_REAL,
-            frames=161,
-            height=512,
-            width=704,
-            guidance=3.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler=_SCHEDULER,
-            published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
-            description=f"Lightricks/LTX-Video {version} (diffusers format) through LTXImageToVideoPipeline",
+        f"ltx-video-{version}-i2v": lightricks_preset(
+            f"ltx-video-{version}-i2v",
+            "ltx-i2v",
+            version,
+            f"Lightricks/LTX-Video {version} (diffusers format) through LTXImageToVideoPipeline",
         )
-        for version in ("0.9.0", "0.9.1")
+        for version in VERSIONS
     }
 
     def mask(self, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:
