@@ -1,6 +1,6 @@
-// What the engine ABI checks share: EXPECT (the status, and a needle its message holds), the
-// request they submit to the tiny bundles, a submitted request run to its end, and the frames file
-// their check_engine_*.py scripts read.
+// What the engine ABI checks share: EXPECT (the status, and a needle its message holds), an engine
+// opened on the CPU, the request they submit to the tiny bundles, a submitted request run to its
+// end, and the frames file their check_engine_*.py scripts read.
 #pragma once
 
 #include <cstdio>
@@ -21,6 +21,14 @@ static inline void expect(sc_status got, sc_status want, const char* needle, int
     }
 }
 #define EXPECT(expr, want, needle) expect((expr), (want), (needle), __LINE__)
+
+// The engine of `bundle` on the CPU with one thread; nullptr (a failure counted) where it does not open.
+static inline sc_engine* open_engine(const char* bundle) {
+    const sc_engine_options options{"auto", "cpu", 1};
+    sc_engine* engine = nullptr;
+    EXPECT(sc_engine_create(bundle, &options, &engine), SC_OK, nullptr);
+    return engine;
+}
 
 // `prompt` at seed 3, uncached, `steps` steps at `guidance`.
 static inline sc_request tiny_request(const char* prompt, int32_t steps, double guidance) {

@@ -28,10 +28,8 @@ int main(int argc, char** argv) {
     std::printf("sc_abi_version %d\n", sc_abi_version());
     if (sc_abi_version() < 2) ++failures;
     sc_request request = tiny_request("one small red circle moving left fast on black", 6, 4.0);
-    sc_engine_options options{"auto", "cpu", 1};
 
-    sc_engine* engine = nullptr;
-    EXPECT(sc_engine_create(argv[1], &options, &engine), SC_OK, nullptr);
+    sc_engine* engine = open_engine(argv[1]);
     if (!engine) return 1;
     int64_t id = 0;
     sc_request_extra extra{};
@@ -58,9 +56,7 @@ int main(int argc, char** argv) {
     write_frames(argv[3], shape, {&base, &guided});
     sc_engine_destroy(engine);
 
-    sc_engine* one = nullptr;
-    EXPECT(sc_engine_create(argv[2], &options, &one), SC_OK, nullptr);
-    if (one) {
+    if (sc_engine* one = open_engine(argv[2])) {
         request.prompt = "one small red circle static on black";
         EXPECT(sc_engine_submit_ex(one, &request, nullptr, &extra, &id), SC_ERR_INVALID_ARGUMENT,
                "extra->guidance_2 is the second expert's guidance; tiny-wan has one expert");

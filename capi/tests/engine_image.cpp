@@ -20,9 +20,7 @@ int main(int argc, char** argv) {
     const sc_image image{pixels.data(), kWidth, kHeight, 3, kStride};
     sc_request request = tiny_request("a red circle moving left", 3, 5.0);
 
-    sc_engine_options options{"auto", "cpu", 1};
-    sc_engine* engine = nullptr;
-    EXPECT(sc_engine_create(argv[1], &options, &engine), SC_OK, nullptr);
+    sc_engine* engine = open_engine(argv[1]);
     if (!engine) return 1;
     int64_t id = 0;
     EXPECT(sc_engine_submit(engine, &request, &id), SC_ERR_INVALID_ARGUMENT, "image is missing");
@@ -45,9 +43,7 @@ int main(int argc, char** argv) {
     write_frames(argv[3], shape, {&frames});
     sc_engine_destroy(engine);
 
-    sc_engine* text_only = nullptr;
-    EXPECT(sc_engine_create(argv[2], &options, &text_only), SC_OK, nullptr);
-    if (text_only) {
+    if (sc_engine* text_only = open_engine(argv[2])) {
         request.prompt = "one small red circle static on black";
         EXPECT(sc_engine_submit_image(text_only, &request, &image, &id), SC_ERR_INVALID_ARGUMENT,
                "image: tiny-wan is a text-to-video model and takes none");
