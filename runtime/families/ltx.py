@@ -125,20 +125,27 @@ def pack_text(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 # `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
 # nn.Module.__getattr__, which mypy types as Tensor | Module.
-class _Head(nn.Module):
+class LTXHead(nn.Module):
+    """LTXVideoTransformer3DModel.forward up to the blocks; `embed_timestep` is what a variant's
+    head changes (image-to-video: a timestep per token)."""
+
     def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
+
+    def embed_timestep(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype):
+        """The timestep embeddings (temb, embedded), [batch, 1, C] each: one timestep per row. The
+        transformer's view(batch, -1, C) of [B, C] is unsqueeze(1), written so the exporter sees
+        the middle dimension is 1."""
+        temb, embedded = self.t.time_embed(timestep.flatten(), batch_size=batch, hidden_dtype=dtype)
+        return temb.unsqueeze(1), embedded.unsqueeze(1)
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
         t = self.t
         batch = latent.shape[0]
         bias = ((1 - text[..., -1].to(latent.dtype)) * -10000.0).unsqueeze(1)
         hidden = t.proj_in(latent)
-        # One timestep per row: the transformer's view(batch, -1, C) of [B, C] is unsqueeze(1),
-        # written so the exporter sees the middle dimension is 1.
-        temb, embedded = t.time_embed(timestep.flatten(), batch_size=batch, hidden_dtype=hidden.dtype)
-        temb, embedded = temb.unsqueeze(1), embedded.unsqueeze(1)
+        temb, embedded = self.embed_timestep(timestep, batch, hidden.dtype)
         encoder = t.caption_projection(text[..., :-1])
         first = t.transformer_blocks[0]
         ada = first.scale_shift_table[None, None] + temb.unflatten(2, (first.scale_shift_table.shape[0], -1))
@@ -293,7 +300,7 @@ class LTXAdapter(FamilyAdapter):
         )
         probe = torch.zeros(1, f * h * w, 1, device=transformer.device)
         rope = transformer.rope(probe, f, h, w, scale, None)
-        return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
+        return {"head": LTXHead(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
 
     def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
         shard.check_heads(preset.config["num_attention_heads"])
