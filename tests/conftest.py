@@ -16,6 +16,7 @@ import torch
 from bundle_cache import BundleCache
 from sencache.benchmarks.reference_pipelines import ReferenceCase, build_bundle, save_reference
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
+from sencache.cli import main
 from sencache.engine_builder.builder import BuildOptions, build
 from sencache.runtime.bundle import DIGEST, MANIFEST, Bundle
 from sencache.runtime.model import Model
@@ -160,6 +161,13 @@ def demo_bundle(bundle_cache) -> Path:
 
 def engine_for(path: Path) -> Model:
     return Model.open(path, threads=1)
+
+
+def rtx_build(model: str, precision: str, out: Path, *options: str) -> int:
+    """`sencache build` of `model` at `precision` into `out` for TensorRT-RTX on SM89, batch 1, with
+    further `options`: its exit code."""
+    argv = ["build", "--model", model, "--backend", "tensorrt-rtx", "--precision", precision]
+    return main([*argv, "--compute-capability", "SM89", *options, "--max-batch", "1", "--out", str(out)])
 
 
 def reseal(folder: Path, edit) -> None:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from budget_tables import TABLE, curves
 from conftest import engine_for
 from sencache.cli import main, parser
 from sencache.runtime.cache.budget import (
@@ -28,21 +29,6 @@ PROMPTS = [
     "two large blue squares moving left fast on texture",
     "three small green circles moving up slow on gradient",
 ]
-TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
-
-
-def curves(**changes) -> BudgetCurves:
-    fields = dict(
-        steps=(10, 20),
-        eps_grid=(0.0, 0.1, 0.2, 0.4),
-        fractions=((1.0, 0.8, 0.6, 0.5), (1.0, 0.6, 0.4, 0.3)),
-        profiles=(tuple(np.linspace(0.1, 0.2, 10)), tuple(np.linspace(0.05, 0.1, 20))),
-        eps_ratio=0.25,
-        max_reuse=3,
-        switch_frac=0.2,
-        force_last=True,
-    )
-    return BudgetCurves(**{**fields, **changes})
 
 
 def table_with(budget: BudgetCurves | None) -> SensitivityTable:

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import engine_for
+from conftest import engine_for, rtx_build
 from sencache.cli import main
 from sencache.kernels.cuda_drift import CudaUnavailable, open_device
 from sencache.runtime.bundle import Bundle
@@ -57,25 +57,7 @@ def test_fp8_denoiser_stays_close_to_fp32_and_generates(fp8_bundle, ort_bundle):
 def test_tensorrt_rtx_builds_fp8_engines(capsys, tmp_path, model):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
     out = tmp_path / "rtx"
-    code = main(
-        [
-            "build",
-            "--model",
-            model,
-            "--backend",
-            "tensorrt-rtx",
-            "--precision",
-            "fp8",
-            "--compute-capability",
-            "SM89",
-            "--fp8-samples",
-            "1",
-            "--max-batch",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
+    code = rtx_build(model, "fp8", out, "--fp8-samples", "1")
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"]["compute_capability"] == "SM89"

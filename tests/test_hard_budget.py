@@ -5,12 +5,10 @@ benchmark keeps as the oracle it times the table against."""
 import numpy as np
 import pytest
 
+from budget_tables import TABLE
 from sencache.benchmarks.decision_overhead import OracleHardBudget, oracle_thresholds
 from sencache.runtime.cache.budget import SenCacheHardBudget, run_thresholds
 from sencache.runtime.cache.sencache import SenCacheSettings
-from sencache.runtime.sensitivity import SensitivityTable
-
-TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
 
 
 def test_the_oracle_meets_the_runs_left_on_the_profile():

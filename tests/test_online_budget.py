@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from budget_tables import TABLE, curves
 from sencache.runtime.cache.budget import (
     SenCacheHardBudget,
     SenCacheOnlineBudget,
@@ -24,19 +25,9 @@ from sencache.runtime.cache.sencache import (
     SenCacheSettings,
 )
 from sencache.runtime.errors import BadInput
-from sencache.runtime.sensitivity import BudgetCurves, OnlineCurve, SensitivityTable
+from sencache.runtime.sensitivity import OnlineCurve, SensitivityTable
 
-TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
-CURVES = BudgetCurves(
-    steps=(10, 20),
-    eps_grid=(0.0, 0.1, 0.2, 0.4),
-    fractions=((1.0, 0.8, 0.6, 0.5), (1.0, 0.6, 0.4, 0.3)),
-    profiles=(tuple(np.linspace(0.1, 0.2, 10)), tuple(np.linspace(0.05, 0.1, 20))),
-    eps_ratio=0.25,
-    max_reuse=3,
-    switch_frac=0.2,
-    force_last=True,
-)
+CURVES = curves()
 CALIBRATED = SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=CURVES)
 
 

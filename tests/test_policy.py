@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from budget_tables import TABLE
 from sencache.runtime.cache import KNOBS, METHODS, Knob, NoCache, make_policy
 from sencache.runtime.cache.baselines import FixedPolicy, FixedSettings
 from sencache.runtime.cache.knobs import register_knob
@@ -12,8 +13,6 @@ from sencache.runtime.cache.registry import RULES, Rule, register_rule
 from sencache.runtime.cache.sencache import SenCachePolicy, SenCacheSettings
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import SensitivityTable
-
-TABLE = SensitivityTable(np.array([0.0, 500.0, 1000.0]), np.array([1.0, 2.0, 4.0]), np.array([0.01, 0.02, 0.03]))
 
 
 def policy(eps_start=0.1, eps_main=1.0, max_reuse=3, steps=10, batch=1, numel=4, **kw):

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from conftest import rtx_build
 from sencache.cli import main
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed")
@@ -62,23 +63,7 @@ def test_tensorrt_rtx_without_target_or_runtime_is_bad_input(capsys, tmp_path, o
 )
 def test_tensorrt_rtx_builds_every_tiny_bundle(capsys, tmp_path, model, precision):
     out = tmp_path / "rtx"
-    code = main(
-        [
-            "build",
-            "--model",
-            model,
-            "--backend",
-            "tensorrt-rtx",
-            "--precision",
-            precision,
-            "--compute-capability",
-            "SM89",
-            "--max-batch",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
+    code = rtx_build(model, precision, out)
     assert code == 0, capsys.readouterr().err
     for stage in ("head", "blocks", "tail"):
         assert (out / f"{stage}.engine").stat().st_size > 50_000
@@ -91,26 +76,7 @@ def test_bf16_bundles_are_validated_widened_and_estimated(capsys, tmp_path):
     import json
 
     out = tmp_path / "bf16"
-    assert (
-        main(
-            [
-                "build",
-                "--model",
-                "tiny-wan",
-                "--backend",
-                "tensorrt-rtx",
-                "--precision",
-                "bf16",
-                "--compute-capability",
-                "SM89",
-                "--max-batch",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert rtx_build("tiny-wan", "bf16", out) == 0
     validation = json.loads((out / "manifest.json").read_text())["validation"]
     assert validation["head"]["rel_l2"] < 1e-5 and validation["tail"]["rel_l2"] < 1e-5
     assert validation["blocks"]["rel_l2"] < 5e-3

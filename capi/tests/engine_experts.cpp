@@ -5,22 +5,9 @@
 //   engine_experts TWO_EXPERT_BUNDLE ONE_EXPERT_BUNDLE FRAMES_OUT
 #include <cstddef>
 #include <cstdio>
-#include <cstring>
 #include <vector>
 
-#include "sencache.h"
-
-static int failures = 0;
-
-static void expect(sc_status got, sc_status want, const char* needle, int line) {
-    if (got != want || (needle && !std::strstr(sc_last_error(), needle))) {
-        std::printf("FAIL line %d: %s (want %s): %s\n", line, sc_status_name(got), sc_status_name(want), sc_last_error());
-        ++failures;
-    } else if (got != SC_OK) {
-        std::printf("ok   line %d: %s: %s\n", line, sc_status_name(got), sc_last_error());
-    }
-}
-#define EXPECT(expr, want, needle) expect((expr), (want), (needle), __LINE__)
+#include "engine_checks.h"
 
 // One request alone, run to the end (as Engine.generate runs it: the same batch, so the same bits):
 // its frames, empty where it was refused. extra NULL: through sc_engine_submit.
@@ -31,11 +18,7 @@ static std::vector<float> run(sc_engine* engine, const sc_request& request, cons
         extra ? sc_engine_submit_ex(engine, &request, nullptr, extra, &id) : sc_engine_submit(engine, &request, &id);
     EXPECT(submitted, SC_OK, nullptr);
     if (submitted != SC_OK) return {};
-    int32_t active = 1;
-    while (active > 0 && failures == 0) EXPECT(sc_engine_step(engine, &active), SC_OK, nullptr);
-    EXPECT(sc_engine_frames_shape(engine, id, shape), SC_OK, nullptr);
-    std::vector<float> frames(static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3]));
-    EXPECT(sc_engine_copy_frames(engine, id, frames.data(), frames.size()), SC_OK, nullptr);
+    std::vector<float> frames = run_to_end(engine, id, shape);
     EXPECT(sc_engine_release(engine, id), SC_OK, nullptr);
     return frames;
 }
@@ -44,16 +27,9 @@ int main(int argc, char** argv) {
     if (argc < 4) return 2;
     std::printf("sc_abi_version %d\n", sc_abi_version());
     if (sc_abi_version() < 2) ++failures;
-    sc_request request{};
-    request.prompt = "one small red circle moving left fast on black";
-    request.seed = 3;
-    request.steps = 6;
-    request.guidance = 4.0;
-    request.cache = "none";
-    sc_engine_options options{"auto", "cpu", 1};
+    sc_request request = tiny_request("one small red circle moving left fast on black", 6, 4.0);
 
-    sc_engine* engine = nullptr;
-    EXPECT(sc_engine_create(argv[1], &options, &engine), SC_OK, nullptr);
+    sc_engine* engine = open_engine(argv[1]);
     if (!engine) return 1;
     int64_t id = 0;
     sc_request_extra extra{};
@@ -77,19 +53,10 @@ int main(int argc, char** argv) {
     }
     extra.size = sizeof(sc_request_extra);
     const std::vector<float> guided = run(engine, request, &extra, shape);
-    if (FILE* out = std::fopen(argv[3], "wb")) {
-        std::fwrite(shape, sizeof(int64_t), 4, out);
-        std::fwrite(base.data(), sizeof(float), base.size(), out);
-        std::fwrite(guided.data(), sizeof(float), guided.size(), out);
-        std::fclose(out);
-    } else {
-        ++failures;
-    }
+    write_frames(argv[3], shape, {&base, &guided});
     sc_engine_destroy(engine);
 
-    sc_engine* one = nullptr;
-    EXPECT(sc_engine_create(argv[2], &options, &one), SC_OK, nullptr);
-    if (one) {
+    if (sc_engine* one = open_engine(argv[2])) {
         request.prompt = "one small red circle static on black";
         EXPECT(sc_engine_submit_ex(one, &request, nullptr, &extra, &id), SC_ERR_INVALID_ARGUMENT,
                "extra->guidance_2 is the second expert's guidance; tiny-wan has one expert");

@@ -2,24 +2,11 @@
 // sc_engine_submit_image, run to the end, its frames written for check_engine_image.py to compare
 // with the Python API; and the image refusals (missing, on a text-to-video bundle, bad fields).
 //   engine_image I2V_BUNDLE T2V_BUNDLE FRAMES_OUT
+#include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <string>
 #include <vector>
 
-#include "sencache.h"
-
-static int failures = 0;
-
-static void expect(sc_status got, sc_status want, const char* needle, int line) {
-    if (got != want || (needle && !std::strstr(sc_last_error(), needle))) {
-        std::printf("FAIL line %d: %s (want %s): %s\n", line, sc_status_name(got), sc_status_name(want), sc_last_error());
-        ++failures;
-    } else if (got != SC_OK) {
-        std::printf("ok   line %d: %s: %s\n", line, sc_status_name(got), sc_last_error());
-    }
-}
-#define EXPECT(expr, want, needle) expect((expr), (want), (needle), __LINE__)
+#include "engine_checks.h"
 
 // The picture check_engine_image.py rebuilds: 56 x 40 RGB, rows padded to 200 bytes.
 constexpr int32_t kWidth = 56, kHeight = 40, kStride = 200;
@@ -31,16 +18,9 @@ int main(int argc, char** argv) {
         for (int x = 0; x < kWidth; ++x)
             for (int c = 0; c < 3; ++c) pixels[y * kStride + x * 3 + c] = static_cast<uint8_t>((y * 7 + x * 13 + c * 101) % 256);
     const sc_image image{pixels.data(), kWidth, kHeight, 3, kStride};
-    sc_request request{};
-    request.prompt = "a red circle moving left";
-    request.seed = 3;
-    request.steps = 3;
-    request.guidance = 5.0;
-    request.cache = "none";
+    sc_request request = tiny_request("a red circle moving left", 3, 5.0);
 
-    sc_engine_options options{"auto", "cpu", 1};
-    sc_engine* engine = nullptr;
-    EXPECT(sc_engine_create(argv[1], &options, &engine), SC_OK, nullptr);
+    sc_engine* engine = open_engine(argv[1]);
     if (!engine) return 1;
     int64_t id = 0;
     EXPECT(sc_engine_submit(engine, &request, &id), SC_ERR_INVALID_ARGUMENT, "image is missing");
@@ -58,24 +38,12 @@ int main(int argc, char** argv) {
     EXPECT(sc_engine_submit_image(engine, &request, &bad, &id), SC_ERR_INVALID_ARGUMENT, "image->pixels");
 
     EXPECT(sc_engine_submit_image(engine, &request, &image, &id), SC_OK, nullptr);
-    int32_t active = 1;
-    while (active > 0 && failures == 0) EXPECT(sc_engine_step(engine, &active), SC_OK, nullptr);
     int64_t shape[4] = {0, 0, 0, 0};
-    EXPECT(sc_engine_frames_shape(engine, id, shape), SC_OK, nullptr);
-    std::vector<float> frames(static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3]));
-    EXPECT(sc_engine_copy_frames(engine, id, frames.data(), frames.size()), SC_OK, nullptr);
-    if (FILE* out = std::fopen(argv[3], "wb")) {
-        std::fwrite(shape, sizeof(int64_t), 4, out);
-        std::fwrite(frames.data(), sizeof(float), frames.size(), out);
-        std::fclose(out);
-    } else {
-        ++failures;
-    }
+    const std::vector<float> frames = run_to_end(engine, id, shape);
+    write_frames(argv[3], shape, {&frames});
     sc_engine_destroy(engine);
 
-    sc_engine* text_only = nullptr;
-    EXPECT(sc_engine_create(argv[2], &options, &text_only), SC_OK, nullptr);
-    if (text_only) {
+    if (sc_engine* text_only = open_engine(argv[2])) {
         request.prompt = "one small red circle static on black";
         EXPECT(sc_engine_submit_image(text_only, &request, &image, &id), SC_ERR_INVALID_ARGUMENT,
                "image: tiny-wan is a text-to-video model and takes none");

@@ -14,11 +14,8 @@ written atomically when both are done.
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from sencache.data import clips
-from sencache.engine_builder.tiny.train import DEFAULT_ROOT, _lr
+from sencache.engine_builder.tiny.train import DEFAULT_ROOT, Trainer, replacing, write_log
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.experts import weights_folder
 from sencache.runtime.families import resolve
@@ -56,18 +53,15 @@ def train_experts(
     text_encoder.load_state_dict(load_file(str(source / "text_encoder.safetensors")))
     empty = tokenize("")
     log: list[dict] = []
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    finals = []
+    finals, averages = [], []
     for expert in range(preset.experts):
         torch.manual_seed(seed + expert)
         rng = np.random.default_rng(seed + expert)
         low, high = noise_range(preset.boundary_ratio, expert)
         transformer = build_transformer(adapter, preset, source).train()
         stages = adapter.split(transformer, preset, shapes)
-        ema = copy.deepcopy(transformer).eval()
-        opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-        start, step, avg = time.time(), 0, None
+        trainer = Trainer([transformer], lr, warmup=20, ema=0.995, avg_weight=0.05)
+        start = time.time()
         budget = minutes * 30  # seconds: half the minutes each
         while (elapsed := time.time() - start) < budget:
             prompts, frames = clips.batch(rng, batch)
@@ -83,36 +77,22 @@ def train_experts(
                 adapter.layout,
                 {"latent": (1 - s) * x0 + s * noise, "timestep": sigma * 1000.0, "text": text},
             ).noise
-            loss = torch.nn.functional.mse_loss(pred, noise - x0)
-            for group in opt.param_groups:
-                group["lr"] = _lr(lr, elapsed / budget, step, warmup=20)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), transformer.parameters(), strict=True):
-                    e.lerp_(p, 1 - min(0.995, (1 + step) / (10 + step)))
-            value = float(loss.detach())
-            avg = value if avg is None else 0.95 * avg + 0.05 * value
-            step += 1
+            value = trainer.update(torch.nn.functional.mse_loss(pred, noise - x0), elapsed / budget)
+            step, avg = trainer.step, trainer.avg
             log.append({"expert": expert + 1, "step": step, "elapsed_s": round(elapsed, 1), "loss": round(value, 5)})
             print(f"expert {expert + 1} step {step:5d}  {elapsed:6.0f} s  loss {value:.4f}  avg {avg:.4f}", flush=True)
-        ema.save_pretrained(tmp / weights_folder(expert), safe_serialization=True)
-        finals.append({"expert": expert + 1, "sigmas": [low, high], "steps": step, "final_loss_avg": avg})
-    shutil.copyfile(source / "text_encoder.safetensors", tmp / "text_encoder.safetensors")
-    with open(tmp / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(log[0]))
-        writer.writeheader()
-        writer.writerows(log)
-    meta = {"model": model, "init": init, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes}
-    meta.update({"threads": threads, "torch": torch.__version__, "experts": finals, "text_encoder": "frozen"})
-    (tmp / "train.json").write_text(json.dumps(meta, indent=1))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+        averages.append(trainer.averages[0])
+        finals.append(
+            {"expert": expert + 1, "sigmas": [low, high], "steps": trainer.step, "final_loss_avg": trainer.avg}
+        )
+    with replacing(out) as tmp:
+        for expert, ema in enumerate(averages):
+            ema.save_pretrained(tmp / weights_folder(expert), safe_serialization=True)
+        shutil.copyfile(source / "text_encoder.safetensors", tmp / "text_encoder.safetensors")
+        write_log(tmp / "loss.csv", log)
+        meta = {"model": model, "init": init, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes}
+        meta.update({"threads": threads, "torch": torch.__version__, "experts": finals, "text_encoder": "frozen"})
+        (tmp / "train.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {out}: " + ", ".join(f"expert {f['expert']} {f['steps']} steps" for f in finals))
 
 
@@ -128,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     out = args.out or DEFAULT_ROOT / args.model
-    out.parent.mkdir(parents=True, exist_ok=True)
     train_experts(args.model, args.init, out, args.minutes, args.batch, args.lr, args.seed, args.threads)
 
 

@@ -18,11 +18,8 @@ them in its own precision) with `text_encoder.safetensors`, `loss.csv`, `loss.pn
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sencache.data import clips
-from sencache.engine_builder.tiny.train import DEFAULT_ROOT, _lr, _plot
+from sencache.engine_builder.tiny.train import DEFAULT_ROOT, Trainer, _plot, replacing, write_log
 from sencache.runtime.chain import module_runner, run_chain
 from sencache.runtime.families import resolve
 from sencache.runtime.families.base import FamilyAdapter, ModelPreset, Shapes
@@ -90,10 +87,9 @@ def train_image_model(
     stages = adapter.split(transformer, preset, shapes)
     text_encoder = TinyTextEncoder(dim=adapter.tiny_format.text_dim(adapter.text_shape(preset))).eval()
     text_encoder.load_state_dict(load_file(str(source / "text_encoder.safetensors")))
-    ema = copy.deepcopy(transformer).eval()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    trainer = Trainer([transformer], lr, warmup=20, ema=0.995, avg_weight=0.05)
     log: list[dict] = []
-    start, step, avg = time.time(), 0, None
+    start = time.time()
     budget = minutes * 60
     while (elapsed := time.time() - start) < budget:
         prompts, frames = clips.batch(rng, batch)
@@ -107,52 +103,32 @@ def train_image_model(
         inputs = {"latent": (1 - s) * x0 + s * noise, "timestep": sigma * 1000.0, "text": text}
         inputs.update(first_frame_conditions(adapter, preset, shapes, frames))
         pred = run_chain(module_runner(stages, adapter.layout), adapter.layout, inputs).noise
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        for group in opt.param_groups:
-            group["lr"] = _lr(lr, elapsed / budget, step, warmup=20)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), transformer.parameters(), strict=True):
-                e.lerp_(p, 1 - min(0.995, (1 + step) / (10 + step)))
-        value = float(loss.detach())
-        avg = value if avg is None else 0.95 * avg + 0.05 * value
-        step += 1
+        value = trainer.update(torch.nn.functional.mse_loss(pred, noise - x0), elapsed / budget)
+        step, avg = trainer.step, trainer.avg
         log.append(
             {
                 "step": step,
                 "elapsed_s": round(elapsed, 1),
                 "loss": round(value, 5),
                 "loss_avg": round(avg, 5),
-                "lr": round(opt.param_groups[0]["lr"], 7),
+                "lr": round(trainer.current_lr, 7),
             }
         )
         print(f"step {step:5d}  {elapsed:6.0f} s  loss {value:.4f}  avg {avg:.4f}", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    (tmp / "transformer").mkdir()
-    ema.save_config(tmp / "transformer")
-    weights = {k: v.to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
-    save_file(weights, str(tmp / "transformer" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(source / "text_encoder.safetensors", tmp / "text_encoder.safetensors")
-    with open(tmp / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(log[0]))
-        writer.writeheader()
-        writer.writerows(log)
-    _plot(log, tmp / "loss.png")
-    meta = {"model": model, "init": init, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes}
-    meta.update({"threads": threads, "torch": torch.__version__, "steps": step, "elapsed_s": round(elapsed, 1)})
-    meta.update({"final_loss_avg": avg, "text_encoder": "frozen", "cfg_dropout": 0.1, "ema": 0.995})
-    meta.update({"weights_dtype": "float16"})
-    (tmp / "train.json").write_text(json.dumps(meta, indent=1))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    ema, step, avg = trainer.averages[0], trainer.step, trainer.avg
+    with replacing(out) as tmp:
+        (tmp / "transformer").mkdir()
+        ema.save_config(tmp / "transformer")
+        weights = {k: v.to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
+        save_file(weights, str(tmp / "transformer" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(source / "text_encoder.safetensors", tmp / "text_encoder.safetensors")
+        write_log(tmp / "loss.csv", log)
+        _plot(log, tmp / "loss.png")
+        meta = {"model": model, "init": init, "seed": seed, "batch": batch, "lr": lr, "minutes": minutes}
+        meta.update({"threads": threads, "torch": torch.__version__, "steps": step, "elapsed_s": round(elapsed, 1)})
+        meta.update({"final_loss_avg": avg, "text_encoder": "frozen", "cfg_dropout": 0.1, "ema": 0.995})
+        meta.update({"weights_dtype": "float16"})
+        (tmp / "train.json").write_text(json.dumps(meta, indent=1))
     print(f"saved {out} after {step} steps")
 
 

@@ -23,11 +23,14 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from sencache.data import clips
 from sencache.runtime.chain import module_runner, run_chain
@@ -47,23 +50,85 @@ def _lr(base: float, frac: float, step: int, warmup: int = 200) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def _save(out: Path, transformer, text_encoder, log: list[dict], meta: dict) -> None:
+class Trainer:
+    """The update step of every tiny training script: AdamW (weight decay 0.01) on the parameters of
+    `modules` at `_lr`'s schedule, gradients clipped to norm 1, an exponential moving average of
+    each module's weights (`averages`, what gets saved; its decay ramps up to `ema` over the first
+    steps when `ramp`), and a running mean of the loss (`avg`, `avg_weight` on each new loss)."""
+
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        lr: float,
+        warmup: int,
+        ema: float,
+        avg_weight: float,
+        step: int = 0,
+        ramp: bool = True,
+    ) -> None:
+        self.modules = modules
+        self.params = [p for module in modules for p in module.parameters()]
+        self.averages = [copy.deepcopy(module).eval() for module in modules]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+        self.lr, self.warmup, self.ema, self.avg_weight, self.ramp = lr, warmup, ema, avg_weight, ramp
+        self.step = step
+        self.avg: float | None = None
+
+    @property
+    def current_lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def update(self, loss: torch.Tensor, frac: float) -> float:
+        """One optimizer step on `loss` at `frac` of the time budget, then the averages: the loss's value."""
+        for group in self.opt.param_groups:
+            group["lr"] = _lr(self.lr, frac, self.step, warmup=self.warmup)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        decay = min(self.ema, (1 + self.step) / (10 + self.step)) if self.ramp else self.ema
+        with torch.no_grad():
+            for average, module in zip(self.averages, self.modules, strict=True):
+                for e, p in zip(average.parameters(), module.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+        value = float(loss.detach())
+        self.avg = value if self.avg is None else (1 - self.avg_weight) * self.avg + self.avg_weight * value
+        self.step += 1
+        return value
+
+
+@contextmanager
+def replacing(out: Path) -> Iterator[Path]:
+    """A new folder beside `out` to write into, which then takes `out`'s place in one rename (the
+    previous one removed after): a reader finds the previous folder or the new one, whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
-    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-    save_file({k: v.contiguous() for k, v in text_encoder.state_dict().items()}, str(tmp / "text_encoder.safetensors"))
-    with open(tmp / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(log[0]))
-        writer.writeheader()
-        writer.writerows(log)
-    (tmp / "train.json").write_text(json.dumps(meta, indent=1))
-    _plot(log, tmp / "loss.png")
+    yield tmp
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_log(path: Path, log: list[dict]) -> None:
+    """The training log as CSV, a row per entry."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(log[0]))
+        writer.writeheader()
+        writer.writerows(log)
+
+
+def _save(out: Path, transformer, text_encoder, log: list[dict], meta: dict) -> None:
+    with replacing(out) as tmp:
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        save_file(
+            {k: v.contiguous() for k, v in text_encoder.state_dict().items()}, str(tmp / "text_encoder.safetensors")
+        )
+        write_log(tmp / "loss.csv", log)
+        (tmp / "train.json").write_text(json.dumps(meta, indent=1))
+        _plot(log, tmp / "loss.png")
 
 
 def _plot(log: list[dict], path: Path) -> None:
@@ -131,12 +196,18 @@ def train(
     if resume:
         text_encoder.load_state_dict(load_file(str(out / "text_encoder.safetensors")))
         previous = json.loads((out / "train.json").read_text())
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
-    ema_t, ema_x = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    trainer = Trainer(
+        [transformer, text_encoder],
+        lr,
+        warmup=200,
+        ema=0.999,
+        avg_weight=0.02,
+        step=previous.get("steps", 0),
+        ramp=not resume,
+    )
+    ema_t, ema_x = trainer.averages
     empty = tokenize("")
-    start, last_save, avg = time.time(), time.time(), None
-    step = previous.get("steps", 0)
+    start, last_save = time.time(), time.time()
     log: list[dict] = _read_log(out / "loss.csv") if resume else []
     meta = {
         "model": model,
@@ -167,21 +238,8 @@ def train(
             adapter.layout,
             {"latent": xt, "timestep": timestep, "text": text_encoder(ids)},
         ).noise
-        loss = torch.nn.functional.mse_loss(pred, target)
-        for group in opt.param_groups:
-            group["lr"] = _lr(lr, elapsed / (minutes * 60), step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = 0.999 if resume else min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_t, transformer), (ema_x, text_encoder)):
-                for e, p in zip(ema.parameters(), live.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
-        value = float(loss.detach())
-        avg = value if avg is None else 0.98 * avg + 0.02 * value
-        step += 1
+        value = trainer.update(torch.nn.functional.mse_loss(pred, target), elapsed / (minutes * 60))
+        step, avg = trainer.step, trainer.avg
         if step % 25 == 0:
             log.append(
                 {
@@ -189,7 +247,7 @@ def train(
                     "elapsed_s": round(elapsed + previous.get("elapsed_s", 0.0), 1),
                     "loss": round(value, 5),
                     "loss_avg": round(avg, 5),
-                    "lr": round(opt.param_groups[0]["lr"], 7),
+                    "lr": round(trainer.current_lr, 7),
                 }
             )
             print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {value:.4f}  avg {avg:.4f}", flush=True)
@@ -208,8 +266,8 @@ def train(
             )
             last_save = time.time()
     total = round(time.time() - start + previous.get("elapsed_s", 0.0), 1)
-    _save(out, ema_t, ema_x, log, {**meta, "steps": step, "elapsed_s": total, "final_loss_avg": avg})
-    print(f"saved {out} after {step} steps")
+    _save(out, ema_t, ema_x, log, {**meta, "steps": trainer.step, "elapsed_s": total, "final_loss_avg": trainer.avg})
+    print(f"saved {out} after {trainer.step} steps")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ new module.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -125,6 +125,33 @@ class ModelPreset:
     def experts(self) -> int:
         """How many transformers denoise in turn (runtime/experts.py)."""
         return 1 if self.boundary_ratio is None else 2
+
+
+TINY_CACHE: dict[str, dict[str, float]] = {
+    "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
+    "teacache": {"threshold": 0.1},
+    "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
+}
+"""The bundled tiny models' default cache knobs (RGB as latent, 30 steps): `tiny_preset`'s."""
+
+
+def tiny_preset(name: str, family: str, config: dict[str, Any], description: str, **changes: Any) -> ModelPreset:
+    """A bundled tiny model of `config`: RGB as latent, 8 x 32 x 32, 30 steps at guidance 4.0 with
+    TINY_CACHE's knobs; `changes` are the ModelPreset fields it sets otherwise."""
+    preset = ModelPreset(
+        name=name,
+        family=family,
+        config=config,
+        frames=8,
+        height=32,
+        width=32,
+        tiny=True,
+        guidance=4.0,
+        steps=30,
+        cache_defaults=TINY_CACHE,
+        description=description,
+    )
+    return replace(preset, **changes)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import nn
 from sencache.runtime.conventions import SenCacheConventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import (
+    TINY_CACHE,
     FamilyAdapter,
     ModelPreset,
     Sampler,
@@ -28,6 +29,7 @@ from sencache.runtime.families.base import (
     StageLayout,
     TinyClipAxes,
     register_family,
+    tiny_preset,
 )
 from sencache.runtime.tiny_grammar import MAX_TOKENS
 
@@ -116,6 +118,34 @@ _CACHE = {
     "teacache": {"threshold": 0.1},
     "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
 }
+
+
+def thudm_preset(
+    name: str,
+    family: str,
+    config: dict[str, Any],
+    size: tuple[int, int, int],
+    teacache: tuple[float, ...],
+    description: str,
+    snr_shift_scale: float = 1.0,
+) -> ModelPreset:
+    """A CogVideoX model sampled as THUDM publishes it (DDIM with `snr_shift_scale`, guidance 6.0,
+    50 steps): `config` its transformer's settings over the common ones, `size` (frames, height,
+    width) its default video, `teacache` TeaCache's published polynomial for it."""
+    return ModelPreset(
+        name=name,
+        family=family,
+        config={**_REAL_COMMON, **config},
+        frames=size[0],
+        height=size[1],
+        width=size[2],
+        guidance=6.0,
+        steps=50,
+        cache_defaults=_CACHE,
+        scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": snr_shift_scale},
+        published_baselines=(teacache, None),
+        description=description,
+    )
 
 
 # `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
@@ -285,68 +315,38 @@ class CogVideoXAdapter(FamilyAdapter):
     )
     aliases = {"cogvideox": "cogvideox1.5-5b"}
     presets = {
-        "tiny-cogvideox": ModelPreset(
-            name="tiny-cogvideox",
-            family="cogvideox",
-            config=TINY_CONFIG,
-            frames=8,
-            height=32,
-            width=32,
-            tiny=True,
-            guidance=4.0,
-            steps=30,
+        "tiny-cogvideox": tiny_preset(
+            "tiny-cogvideox",
+            "cogvideox",
+            TINY_CONFIG,
+            "bundled tiny CogVideoX 1.5-style (rotary, 2x4x4 patches) trained on procedural clips, RGB used as latent",
             cache_defaults={  # eps_main from benchmarks/results/tiny-cogvideox (0.3 never reuses under DPM)
+                **TINY_CACHE,
                 "sencache": {"eps_start": 0.05, "eps_main": 0.6, "max_reuse": 3},
-                "teacache": {"threshold": 0.1},
-                "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
             },
             scheduler={"_class_name": "CogVideoXDPMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            description="bundled tiny CogVideoX 1.5-style (rotary, 2x4x4 patches) trained on procedural clips, "
-            "RGB used as latent",
         ),
-        "cogvideox-2b": ModelPreset(
-            name="cogvideox-2b",
-            family="cogvideox",
-            config={
-                **_REAL_COMMON,
-                "num_attention_heads": 30,
-                "num_layers": 30,
-                "use_rotary_positional_embeddings": False,
-            },
-            frames=49,
-            height=480,
-            width=720,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
-            published_baselines=(_TEACACHE_2B, None),
-            description="THUDM/CogVideoX-2b",
+        "cogvideox-2b": thudm_preset(
+            "cogvideox-2b",
+            "cogvideox",
+            {"num_attention_heads": 30, "num_layers": 30, "use_rotary_positional_embeddings": False},
+            (49, 480, 720),
+            _TEACACHE_2B,
+            "THUDM/CogVideoX-2b",
+            snr_shift_scale=3.0,
         ),
-        "cogvideox-5b": ModelPreset(
-            name="cogvideox-5b",
-            family="cogvideox",
-            config={
-                **_REAL_COMMON,
-                "num_attention_heads": 48,
-                "num_layers": 42,
-                "use_rotary_positional_embeddings": True,
-            },
-            frames=49,
-            height=480,
-            width=720,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            published_baselines=(_TEACACHE_5B, None),
-            description="THUDM/CogVideoX-5b",
+        "cogvideox-5b": thudm_preset(
+            "cogvideox-5b",
+            "cogvideox",
+            {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True},
+            (49, 480, 720),
+            _TEACACHE_5B,
+            "THUDM/CogVideoX-5b",
         ),
-        "cogvideox1.5-5b": ModelPreset(
-            name="cogvideox1.5-5b",
-            family="cogvideox",
-            config={
-                **_REAL_COMMON,
+        "cogvideox1.5-5b": thudm_preset(
+            "cogvideox1.5-5b",
+            "cogvideox",
+            {
                 "num_attention_heads": 48,
                 "num_layers": 42,
                 "sample_width": 170,
@@ -356,15 +356,9 @@ class CogVideoXAdapter(FamilyAdapter):
                 "patch_bias": False,
                 "use_rotary_positional_embeddings": True,
             },
-            frames=81,
-            height=768,
-            width=1360,
-            guidance=6.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-            published_baselines=(_TEACACHE_1_5, None),
-            description="THUDM/CogVideoX1.5-5B (81x768x1360: 21 latent frames padded to 22)",
+            (81, 768, 1360),
+            _TEACACHE_1_5,
+            "THUDM/CogVideoX1.5-5B (81x768x1360: 21 latent frames padded to 22)",
         ),
     }
 

@@ -23,13 +23,7 @@ from torch import nn
 
 from sencache.runtime.errors import BadInput
 from sencache.runtime.families.base import ModelPreset, Shapes, register_family
-from sencache.runtime.families.cogvideox import (
-    _CACHE,
-    _REAL_COMMON,
-    _SCHEDULER_COMMON,
-    _TEACACHE_5B,
-    CogVideoXAdapter,
-)
+from sencache.runtime.families.cogvideox import _TEACACHE_5B, CogVideoXAdapter, thudm_preset
 
 OFS = 2.0
 """The offset CogVideoXImageToVideoPipeline embeds (`ofs_emb`) for models with an ofs embedding."""
@@ -44,28 +38,15 @@ def _preset(
 ) -> ModelPreset:
     """A CogVideoX 5B I2V model: the 5B transformer (rotary positions) on twice the VAE's channels,
     `config` its own further settings, `size` (frames, height, width) its default video, sampled as
-    THUDM publishes it (DDIM, guidance 6.0, 50 steps)."""
-    return ModelPreset(
-        name=name,
-        family="cogvideox-i2v",
-        config={
-            **_REAL_COMMON,
-            "num_attention_heads": 48,
-            "num_layers": 42,
-            "in_channels": 32,
-            "use_rotary_positional_embeddings": True,
-            **config,
-        },
-        frames=size[0],
-        height=size[1],
-        width=size[2],
-        guidance=6.0,
-        steps=50,
-        cache_defaults=_CACHE,
-        scheduler={"_class_name": "CogVideoXDDIMScheduler", **_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-        published_baselines=(teacache, None),
-        description=description,
-    )
+    THUDM publishes it (`thudm_preset`)."""
+    config = {
+        "num_attention_heads": 48,
+        "num_layers": 42,
+        "in_channels": 32,
+        "use_rotary_positional_embeddings": True,
+        **config,
+    }
+    return thudm_preset(name, "cogvideox-i2v", config, size, teacache, description)
 
 
 # `t` is the diffusers transformer, typed Any (see cogvideox.py).

@@ -29,6 +29,7 @@ from sencache.runtime.families.base import (
     TinyFormat,
     pipeline_encode_prompt,
     register_family,
+    tiny_preset,
 )
 from sencache.runtime.tiny_grammar import MAX_TOKENS, PAD, VOCABULARY, tokenize
 from sencache.runtime.tiny_text import TinyTextEncoder
@@ -94,6 +95,28 @@ _CACHE = {
     "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
 }
 
+VERSIONS = ("0.9.0", "0.9.1")
+"""The LTX-Video releases with presets (Lightricks/LTX-Video in diffusers format)."""
+
+
+def lightricks_preset(name: str, family: str, version: str, description: str) -> ModelPreset:
+    """LTX-Video `version` at Lightricks' defaults (161 x 512 x 704, guidance 3.0, 50 steps, their
+    scheduler config), with TeaCache's polynomial where one is published (0.9.1)."""
+    return ModelPreset(
+        name=name,
+        family=family,
+        config=_REAL,
+        frames=161,
+        height=512,
+        width=704,
+        guidance=3.0,
+        steps=50,
+        cache_defaults=_CACHE,
+        scheduler=_SCHEDULER,
+        published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
+        description=description,
+    )
+
 
 def pack_text(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """T5 embeddings [B, T, C] and their attention mask [B, T] as one text input [B, T, C + 1]."""
@@ -102,20 +125,27 @@ def pack_text(embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 # `t` is the diffusers transformer, typed Any: its submodules are set from its config and read through
 # nn.Module.__getattr__, which mypy types as Tensor | Module.
-class _Head(nn.Module):
+class LTXHead(nn.Module):
+    """LTXVideoTransformer3DModel.forward up to the blocks; `embed_timestep` is what a variant's
+    head changes (image-to-video: a timestep per token)."""
+
     def __init__(self, t: Any) -> None:
         super().__init__()
         self.t = t
+
+    def embed_timestep(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype):
+        """The timestep embeddings (temb, embedded), [batch, 1, C] each: one timestep per row. The
+        transformer's view(batch, -1, C) of [B, C] is unsqueeze(1), written so the exporter sees
+        the middle dimension is 1."""
+        temb, embedded = self.t.time_embed(timestep.flatten(), batch_size=batch, hidden_dtype=dtype)
+        return temb.unsqueeze(1), embedded.unsqueeze(1)
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
         t = self.t
         batch = latent.shape[0]
         bias = ((1 - text[..., -1].to(latent.dtype)) * -10000.0).unsqueeze(1)
         hidden = t.proj_in(latent)
-        # One timestep per row: the transformer's view(batch, -1, C) of [B, C] is unsqueeze(1),
-        # written so the exporter sees the middle dimension is 1.
-        temb, embedded = t.time_embed(timestep.flatten(), batch_size=batch, hidden_dtype=hidden.dtype)
-        temb, embedded = temb.unsqueeze(1), embedded.unsqueeze(1)
+        temb, embedded = self.embed_timestep(timestep, batch, hidden.dtype)
         encoder = t.caption_projection(text[..., :-1])
         first = t.transformer_blocks[0]
         ada = first.scale_shift_table[None, None] + temb.unflatten(2, (first.scale_shift_table.shape[0], -1))
@@ -220,38 +250,24 @@ class LTXAdapter(FamilyAdapter):
     )
     aliases = {"ltx-video": "ltx-video-0.9.1"}
     presets = {
-        "tiny-ltx": ModelPreset(
-            name="tiny-ltx",
-            family="ltx",
-            config=TINY_CONFIG,
-            frames=8,
+        "tiny-ltx": tiny_preset(
+            "tiny-ltx",
+            "ltx",
+            TINY_CONFIG,
+            "tiny LTX-Video, UNTRAINED (random weights, seed 0): for export and parity checks only, "
+            "its videos are noise",
             height=16,
             width=16,
-            tiny=True,
             trained=False,
             guidance=3.0,
-            steps=30,
             cache_defaults=_CACHE,
             scheduler=_SCHEDULER,
-            description="tiny LTX-Video, UNTRAINED (random weights, seed 0): for export and parity checks only, "
-            "its videos are noise",
         ),
         **{
-            f"ltx-video-{version}": ModelPreset(
-                name=f"ltx-video-{version}",
-                family="ltx",
-                config=_REAL,
-                frames=161,
-                height=512,
-                width=704,
-                guidance=3.0,
-                steps=50,
-                cache_defaults=_CACHE,
-                scheduler=_SCHEDULER,
-                published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
-                description=f"Lightricks/LTX-Video {version} (diffusers format)",
+            f"ltx-video-{version}": lightricks_preset(
+                f"ltx-video-{version}", "ltx", version, f"Lightricks/LTX-Video {version} (diffusers format)"
             )
-            for version in ("0.9.0", "0.9.1")
+            for version in VERSIONS
         },
     }
 
@@ -284,7 +300,7 @@ class LTXAdapter(FamilyAdapter):
         )
         probe = torch.zeros(1, f * h * w, 1, device=transformer.device)
         rope = transformer.rope(probe, f, h, w, scale, None)
-        return {"head": _Head(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
+        return {"head": LTXHead(transformer), "blocks": _Blocks(transformer, rope), "tail": _Tail(transformer)}
 
     def shard_blocks(self, blocks: nn.Module, preset: ModelPreset, shapes: Shapes, shard: SequenceShard) -> None:
         shard.check_heads(preset.config["num_attention_heads"])

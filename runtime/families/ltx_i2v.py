@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.families.base import ModelPreset, Sampler, Shapes, register_family
-from sencache.runtime.families.ltx import _CACHE, _REAL, _SCHEDULER, _TEACACHE_0_9_1, LTXAdapter, LTXSampler
+from sencache.runtime.families.ltx import VERSIONS, LTXAdapter, LTXHead, LTXSampler, lightricks_preset
 
 
 def first_frame_mask(frames: int, height: int, width: int) -> torch.Tensor:
@@ -34,31 +34,21 @@ def first_frame_mask(frames: int, height: int, width: int) -> torch.Tensor:
 
 
 # `t` is the diffusers transformer, typed Any (see ltx.py).
-class _Head(nn.Module):
+class _Head(LTXHead):
     """LTX-Video's head with one timestep per token, t * (1 - mask) (LTXVideoTransformer3DModel.forward
     on the pipeline's timestep)."""
 
     def __init__(self, t: Any, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.t = t
+        super().__init__(t)
         self.keep: torch.Tensor
         self.register_buffer("keep", 1 - mask[None], persistent=False)
 
-    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
-        t = self.t
-        batch = latent.shape[0]
-        bias = ((1 - text[..., -1].to(latent.dtype)) * -10000.0).unsqueeze(1)
-        hidden = t.proj_in(latent)
+    def embed_timestep(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype):
+        """The timestep embeddings (temb, embedded), [batch, tokens, C] each: the row's timestep
+        on every token but the first frame's, which are at timestep 0."""
         tokens = timestep.flatten()[:, None] * self.keep
-        temb, embedded = t.time_embed(tokens.flatten(), batch_size=batch, hidden_dtype=hidden.dtype)
-        temb = temb.view(batch, -1, temb.size(-1))
-        embedded = embedded.view(batch, -1, embedded.size(-1))
-        encoder = t.caption_projection(text[..., :-1])
-        first = t.transformer_blocks[0]
-        ada = first.scale_shift_table[None, None] + temb.unflatten(2, (first.scale_shift_table.shape[0], -1))
-        shift, scale = ada[:, :, 0], ada[:, :, 1]
-        modulated = first.norm1(hidden) * (1 + scale) + shift
-        return hidden, encoder, temb, bias, embedded, modulated
+        temb, embedded = self.t.time_embed(tokens.flatten(), batch_size=batch, hidden_dtype=dtype)
+        return temb.view(batch, -1, temb.size(-1)), embedded.view(batch, -1, embedded.size(-1))
 
 
 class LTXImageSampler(LTXSampler):
@@ -81,21 +71,13 @@ class LTXI2VAdapter(LTXAdapter):
     family = "ltx-i2v"
     aliases = {"ltx-video-i2v": "ltx-video-0.9.1-i2v"}
     presets = {
-        f"ltx-video-{version}-i2v": ModelPreset(
-            name=f"ltx-video-{version}-i2v",
-            family="ltx-i2v",
-            config=_REAL,
-            frames=161,
-            height=512,
-            width=704,
-            guidance=3.0,
-            steps=50,
-            cache_defaults=_CACHE,
-            scheduler=_SCHEDULER,
-            published_baselines=(_TEACACHE_0_9_1, None) if version == "0.9.1" else None,
-            description=f"Lightricks/LTX-Video {version} (diffusers format) through LTXImageToVideoPipeline",
+        f"ltx-video-{version}-i2v": lightricks_preset(
+            f"ltx-video-{version}-i2v",
+            "ltx-i2v",
+            version,
+            f"Lightricks/LTX-Video {version} (diffusers format) through LTXImageToVideoPipeline",
         )
-        for version in ("0.9.0", "0.9.1")
+        for version in VERSIONS
     }
 
     def mask(self, preset: ModelPreset, shapes: Shapes) -> torch.Tensor:

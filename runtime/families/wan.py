@@ -30,6 +30,7 @@ from sencache.runtime.families.base import (
     StageLayout,
     TinyClipAxes,
     register_family,
+    tiny_preset,
 )
 from sencache.runtime.families.unipc import UniPCSampler
 from sencache.runtime.tiny_grammar import MAX_TOKENS
@@ -225,24 +226,6 @@ _MAGCACHE_14B = (
 )
 
 
-_TINY_COMMON: dict[str, Any] = {
-    "family": "wan",
-    "config": TINY_CONFIG,
-    "frames": 8,
-    "height": 32,
-    "width": 32,
-    "tiny": True,
-    "guidance": 4.0,
-    "steps": 30,
-    "cache_defaults": {
-        "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
-        "teacache": {"threshold": 0.1},
-        "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
-    },
-}
-"""What the bundled tiny Wan models share (RGB as latent, 8 x 32 x 32)."""
-
-
 def a14b_preset(
     name: str,
     family: str,
@@ -347,45 +330,40 @@ class WanAdapter(FamilyAdapter):
         switch_frac=0.2, switch_calls=2, nearest_lookup=True, score_constant=1447.97790038
     )
     presets = {
-        "tiny-wan": ModelPreset(
-            name="tiny-wan",
-            **_TINY_COMMON,
-            description="bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
+        "tiny-wan": tiny_preset(
+            "tiny-wan",
+            "wan",
+            TINY_CONFIG,
+            "bundled tiny Wan (1.6 M parameters) trained on procedural clips, RGB used as latent",
         ),
-        "tiny-wan2.2": ModelPreset(
-            name="tiny-wan2.2",
-            **_TINY_COMMON,
+        "tiny-wan2.2": tiny_preset(
+            "tiny-wan2.2",
+            "wan",
+            TINY_CONFIG,
+            "bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from tiny-wan, the "
+            "high-noise expert on timesteps >= 875, the low-noise expert below",
             guidance_2=3.0,
             boundary_ratio=0.875,
-            description="bundled tiny two-expert Wan (Wan 2.2's shape: 2 x 1.6 M parameters) fine-tuned from "
-            "tiny-wan, the high-noise expert on timesteps >= 875, the low-noise expert below",
         ),
-        "wan2.1-t2v-1.3b": ModelPreset(
-            name="wan2.1-t2v-1.3b",
-            family="wan",
-            config={**_REAL_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
-            frames=81,
-            height=480,
-            width=832,
-            guidance=5.0,
-            steps=50,
-            cache_defaults=_WAN_1_3B_CACHE,
-            published_baselines=(_TEACACHE_1_3B, _MAGCACHE_1_3B),
-            description="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        ),
-        "wan2.1-t2v-14b": ModelPreset(
-            name="wan2.1-t2v-14b",
-            family="wan",
-            config={**_REAL_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-            frames=81,
-            height=720,
-            width=1280,
-            guidance=5.0,
-            steps=50,
-            cache_defaults=_WAN_14B_CACHE,
-            published_baselines=(_TEACACHE_14B, _MAGCACHE_14B),
-            description="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        ),
+        **{
+            f"wan2.1-t2v-{size}": ModelPreset(
+                name=f"wan2.1-t2v-{size}",
+                family="wan",
+                config={**_REAL_COMMON, "num_attention_heads": heads, "ffn_dim": ffn_dim, "num_layers": layers},
+                frames=81,
+                height=height,
+                width=width,
+                guidance=5.0,
+                steps=50,
+                cache_defaults=cache,
+                published_baselines=baselines,
+                description=f"Wan-AI/Wan2.1-T2V-{size.upper()}-Diffusers",
+            )
+            for size, (heads, ffn_dim, layers), (height, width), cache, baselines in (
+                ("1.3b", (12, 8960, 30), (480, 832), _WAN_1_3B_CACHE, (_TEACACHE_1_3B, _MAGCACHE_1_3B)),
+                ("14b", (40, 13824, 40), (720, 1280), _WAN_14B_CACHE, (_TEACACHE_14B, _MAGCACHE_14B)),
+            )
+        },
         # Wan 2.2's own configs (Wan-Video/Wan2.2 wan/configs): T2V-A14B samples 40 steps with shift
         # 12.0, boundary 0.875 and guidance (4.0 high-noise, 3.0 low-noise); TI2V-5B 50 steps with
         # shift 5.0 and guidance 5.0 at 704x1280, 121 frames. No published TeaCache or MagCache

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from sencache.runtime.errors import BadInput
-from sencache.runtime.families.base import ModelPreset, Shapes, TinyClipAxes, register_family
+from sencache.runtime.families.base import ModelPreset, Shapes, TinyClipAxes, register_family, tiny_preset
 from sencache.runtime.families.wan import (
     _REAL_COMMON,
     _WAN22_A14B,
@@ -151,23 +151,12 @@ class WanI2VAdapter(WanAdapter):
         )
     }
 
-    presets["tiny-wan-i2v"] = ModelPreset(
-        name="tiny-wan-i2v",
-        family="wan-i2v",
-        config=TINY_I2V_CONFIG,
-        frames=8,
-        height=32,
-        width=32,
-        tiny=True,
-        guidance=4.0,
-        steps=30,
-        cache_defaults={
-            "sencache": {"eps_start": 0.05, "eps_main": 0.3, "max_reuse": 3},
-            "teacache": {"threshold": 0.1},
-            "magcache": {"threshold": 0.12, "max_reuse": 4, "retention": 0.2},
-        },
-        description="bundled tiny Wan 2.1 I2V (0.7 M parameters, 2 blocks) fine-tuned from tiny-wan on "
-        "procedural clips continued from their first frame; RGB used as latent, image tokens are pixel patches",
+    presets["tiny-wan-i2v"] = tiny_preset(
+        "tiny-wan-i2v",
+        "wan-i2v",
+        TINY_I2V_CONFIG,
+        "bundled tiny Wan 2.1 I2V (0.7 M parameters, 2 blocks) fine-tuned from tiny-wan on procedural clips "
+        "continued from their first frame; RGB used as latent, image tokens are pixel patches",
     )
 
     def text_shape(self, preset: ModelPreset) -> tuple[int, int]:
