@@ -54,7 +54,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     ref = report["reference"]
     lines = [
         f"# {report['model']}: {len(report['prompts'])} prompts x 1 seed, {report['steps']} steps, "
-        f"guidance {report['guidance']}",
+        f"guidance {report['guidance']}"
+        + ("" if report.get("guidance_2") is None else f" (the second expert {report['guidance_2']})"),
         "",
         *([f"**Quality figures {report['quality_meaningless']}.**", ""] if report.get("quality_meaningless") else []),
         *([f"Images: {report['images']['source']}.", ""] if report.get("images") else []),
