@@ -21,14 +21,17 @@ ONNX_TYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(float16)": n
 class OnnxSessions:
     """ONNX Runtime sessions of the stages, run as `run(stage, feeds)` on host tensors."""
 
-    def __init__(self, threads: int = 0, providers: list[str] | None = None) -> None:
-        """`threads`: 0 for all cores; `providers`: CUDA EP when present, else the CPU EP."""
+    def __init__(self, threads: int = 0, providers: list[str] | None = None, arena: bool = True) -> None:
+        """`threads`: 0 for all cores; `providers`: CUDA EP when present, else the CPU EP; `arena`:
+        ONNX Runtime's CPU memory arena (off: what the runs allocated goes back to the system when
+        the sessions close, for short-lived sessions whose memory the next step needs)."""
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.options = ort.SessionOptions()
         self.options.intra_op_num_threads = threads
         self.options.inter_op_num_threads = 1
         self.options.log_severity_level = 3
+        self.options.enable_cpu_mem_arena = arena
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.outputs: dict[str, list[str]] = {}
         self.input_types: dict[str, dict[str, type | None]] = {}
@@ -55,12 +58,14 @@ class OnnxRuntimeBackend(StageBackend):
     name = "onnxruntime"
     device = torch.device("cpu")
 
-    def __init__(self, bundle: Bundle, threads: int = 0, files: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, threads: int = 0, files: dict[str, tuple[str, ...]] | None = None, arena: bool = True
+    ) -> None:
         """`files`: the ONNX files of each stage when not the manifest's (the builder runs the fp32
         exports of a bundle whose stages become TensorRT engines). A stage of several graphs (a
-        streamed build's groups of blocks) runs them in turn."""
+        streamed build's groups of blocks) runs them in turn. `arena`: as `OnnxSessions`."""
         graphs = {stage: spec.files for stage, spec in bundle.manifest.stages.items()} if files is None else files
-        self.onnx = OnnxSessions(threads)
+        self.onnx = OnnxSessions(threads, arena=arena)
         self.providers = self.onnx.providers
         self.parts = {stage: [part_name(stage, i) for i in range(len(names))] for stage, names in graphs.items()}
         for stage, names in graphs.items():
