@@ -18,6 +18,7 @@ Writes report.json and report.md into --out and prints the Markdown.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import time
@@ -55,10 +56,14 @@ class Draw:
 
 DEV_DRAW = Draw("development", 7, 100)
 """The draw the budget-driven rule was developed on (the former tuning draw of this bench)."""
-LOOKED_AT_DRAWS = (Draw("fresh-1", 20261202, 5000), Draw("fresh-2", 20261203, 6000))
-"""Draws that were fresh for the first budget rule and whose reports then steered its successor
-(the online rule at a measured eps): development draws since."""
-FRESH_DRAWS = (Draw("fresh-3", 20261204, 7000),)
+LOOKED_AT_DRAWS = (
+    Draw("fresh-1", 20261202, 5000),
+    Draw("fresh-2", 20261203, 6000),
+    Draw("fresh-3", 20261204, 7000),
+)
+"""Draws that were fresh for an earlier budget rule and whose reports then steered its successor
+(fresh-1 and fresh-2: the plan; fresh-3: the online rule at a measured eps): development draws since."""
+FRESH_DRAWS = (Draw("fresh-4", 20261205, 8000), Draw("fresh-5", 20261206, 9000))
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
 evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
 LOOKED_AT = (
@@ -100,19 +105,37 @@ def difficulty(prompt: str) -> tuple[str, str]:
 
 
 class Sweeper:
-    """Runs settings of cache rules over one prompt set and scores them against its uncached run."""
+    """Runs settings of cache rules over one draw and scores them against its uncached run, saving
+    each part's runs as it goes (`partial_path`) and the uncached frames (`reference_path`), so the
+    parts may run as several processes, one after another or side by side, on one reference."""
 
-    def __init__(self, engine: Model, prompts: list[str], seeds: list[int], steps: int, partial: Path) -> None:
+    def __init__(self, engine: Model, draw: Draw, samples: int, steps: int, out: Path) -> None:
         defaults = engine.bundle.manifest.defaults
+        prompts, seeds = draw.prompts(samples), draw.seeds(samples)
         plan = BenchPlan(
             (), tuple(prompts), tuple(seeds), steps, defaults.guidance, False, guidance_2=defaults.guidance_2
         )
-        self.runner, self.steps, self.partial = Runner(engine, plan), steps, partial
-        self.reference = self.runner.run("none", {})["frames"]
-        self.done: list[dict[str, Any]] = []
-        """The runs so far, also written to `partial` after each (a long sweep cut short keeps them)."""
+        self.runner, self.steps, self.out, self.draw = Runner(engine, plan), steps, out, draw
+        self.reference = self._reference(prompts, seeds)
+        self.done: dict[str, list[dict[str, Any]]] = {}
+        """Each part's runs so far."""
 
-    def run(self, label: str, method: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    def _reference(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        """The uncached frames of the draw: saved ones made for the same prompts, seeds and steps, or
+        made now and saved."""
+        path = reference_path(self.out, self.draw)
+        key = json.dumps({"prompts": prompts, "seeds": seeds, "steps": self.steps})
+        if path.exists():
+            with np.load(path) as saved:
+                if str(saved["key"]) == key:
+                    return [saved[f"frames_{i}"] for i in range(len(prompts))]
+        frames = self.runner.run("none", {})["frames"]
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(key), **{f"frames_{i}": f for i, f in enumerate(frames)})
+        write_atomic(path, buffer.getvalue())
+        return frames
+
+    def run(self, part: str, label: str, method: str, knobs: dict[str, Any]) -> dict[str, Any]:
         measured = self.runner.run(method, knobs)
         scores = [min(psnr(a, b), PSNR_CAP) for a, b in zip(measured["frames"], self.reference, strict=True)]
         print(f"  {label} {knobs}: NFE {np.mean(measured['nfe']):.2f}, PSNR {np.mean(scores):.2f} dB", flush=True)
@@ -124,19 +147,19 @@ class Sweeper:
             "mean_nfe": float(np.mean(measured["nfe"])),
             "mean_psnr": float(np.mean(scores)),
         }
-        self.done.append(run)
-        write_atomic(self.partial, json.dumps(self.done, indent=1).encode())
+        self.done.setdefault(part, []).append(run)
+        write_atomic(partial_path(self.out, self.draw, part), json.dumps(self.done[part], indent=1).encode())
         return run
 
-    def sweep(self, sweep: Sweep, part: str = "all") -> list[dict[str, Any]]:
-        """Every rule of the comparison over its settings, or those of one `part` (PARTS: for several
+    def sweep(self, sweep: Sweep, parts: tuple[str, ...] = ("all",)) -> list[dict[str, Any]]:
+        """Every rule of the comparison over its settings, or those of `parts` (PARTS: for several
         processes whose saved runs `--collect` joins): the budget rule and the strongest baselines
         first, so a sweep cut short still compares them."""
         steps = self.steps
         other = "threshold" if sweep.mode == "hard" else "hard"
         budgets = sorted({round(f * steps) for f in sweep.nfe_fractions})
         checks = sorted({round(f * steps) for f in sweep.threshold_fractions})
-        settings = {
+        settings: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
             "budget": [(BEST, "sencache-online", {"nfe": n, "budget": sweep.mode}) for n in budgets]
             + [(f"{BEST}-{other}", "sencache-online", {"nfe": n, "budget": other}) for n in checks],
             "fixed": [
@@ -147,8 +170,8 @@ class Sweeper:
             "teacache": [("teacache", "teacache", {"threshold": x}) for x in sweep.teacache],
             "online": [("sencache-online", "sencache-online", {"eps_main": e}) for e in sweep.online_eps],
         }
-        chosen = settings if part == "all" else {part: settings[part]}
-        return [self.run(*setting) for runs in chosen.values() for setting in runs]
+        chosen = list(settings) if "all" in parts else list(parts)
+        return [self.run(part, *setting) for part in chosen for setting in settings[part]]
 
 
 PARTS = ("all", "budget", "fixed", "sencache", "magcache", "teacache", "online")
@@ -200,17 +223,21 @@ def partial_path(out: Path, draw: Draw, part: str) -> Path:
     return out / f"partial-{draw.name}{'' if part == 'all' else '-' + part}.json"
 
 
+def reference_path(out: Path, draw: Draw) -> Path:
+    """Where the sweeps of `draw` keep its uncached frames."""
+    return out / f"reference-{draw.name}.npz"
+
+
 def measure_draw(
-    engine: Model, draw: Draw, steps: int, samples: int, sweep: Sweep, out: Path, part: str = "all"
+    engine: Model, draw: Draw, steps: int, samples: int, sweep: Sweep, out: Path, parts: tuple[str, ...] = ("all",)
 ) -> dict[str, Any]:
-    """Every rule (of `part`) on one draw: its runs, the matched-NFE comparison and the NFE met."""
+    """Every rule (of `parts`) on one draw: its runs, the matched-NFE comparison and the NFE met."""
     torch.set_num_threads(1)
     started = time.perf_counter()
-    prompts, seeds = draw.prompts(samples), draw.seeds(samples)
     print(f"{draw.name}: {samples} samples, prompt seed {draw.prompt_seed}", flush=True)
-    runs = Sweeper(engine, prompts, seeds, steps, partial_path(out, draw, part)).sweep(sweep, part)
+    runs = Sweeper(engine, draw, samples, steps, out).sweep(sweep, parts)
     return {
-        "draw": {**asdict(draw), "prompts": prompts, "seeds": seeds},
+        "draw": {**asdict(draw), "prompts": draw.prompts(samples), "seeds": draw.seeds(samples)},
         "runs": runs,
         "comparison": compare(runs, steps),
         "nfe_met": nfe_met(runs),
@@ -330,7 +357,11 @@ def main() -> None:
         "--collect", action="store_true", help="write the report from the runs the sweeps saved in --out"
     )
     parser.add_argument(
-        "--part", choices=PARTS, default="all", help="the rules to run (join the parts' runs with --collect)"
+        "--part",
+        nargs="+",
+        choices=PARTS,
+        default=["all"],
+        help="the rules to run (processes running parts apart: join their runs with --collect)",
     )
     args = parser.parse_args()
     engine = Model.open(args.engine, threads=1)
@@ -347,7 +378,7 @@ def main() -> None:
         draws = [collect_draw(known[name], args.steps, args.samples, args.out) for name in args.draws]
     else:
         draws = [
-            measure_draw(engine, known[name], args.steps, args.samples, sweep, args.out, args.part)
+            measure_draw(engine, known[name], args.steps, args.samples, sweep, args.out, tuple(args.part))
             for name in args.draws
         ]
     report = {
