@@ -177,8 +177,10 @@ typedef enum sc_budget_mode {
 } sc_budget_mode;
 
 /* A budget, size-prefixed like sc_policy_extra: `size` is sizeof(sc_budget) as the caller was
- * compiled (fields past it take their defaults: mode THRESHOLD, speed BALANCED); a size larger
- * than this library knows is SC_ERR_UNSUPPORTED. Runs per sample: value (NFE), round(steps x
+ * compiled. Every field below is needed (a smaller size: SC_ERR_INVALID_ARGUMENT); fields a later
+ * header adds past them will take their defaults, and a size larger than this library knows is
+ * SC_ERR_UNSUPPORTED. Fields out of range are SC_ERR_INVALID_ARGUMENT, the message naming them
+ * (budget->value: nfe must be an integer in [1, 1000], got 0). Runs per sample: value (NFE), round(steps x
  * (1 / value)) (SPEEDUP) or round(steps x fraction) (SPEED), half to even as Python's round. */
 typedef struct sc_budget {
     size_t size;
@@ -205,13 +207,15 @@ typedef struct sc_budget {
  * Refusals (SC_ERR_INVALID_ARGUMENT, worded as Python's BadInput): a budget field out of range, a
  * table without budget curves ("the sensitivity table has no NFE-budget curves: recalibrate..."),
  * runs outside [forced steps, steps], a threshold budget outside the curve ("... ask for budget
- * hard"). sc_policy_reset restarts the request with the same budget. */
+ * hard"). sc_policy_observe and sc_policy_factor apply to SC_RULE_SENCACHE_ONLINE's budgets as to
+ * the rule itself. sc_policy_reset restarts the request with the same budget. */
 SC_API sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule, const sc_policy_extra* extra,
                                          const sc_budget* budget, int32_t steps, int32_t batch, int64_t numel,
                                          sc_policy** out);
 /* ABI 4: the eps a threshold-mode budget resolved (its eps_start, eps_main; NaN for a plan) and the
- * runs per sample it asked for (round as above; for the plan, its exact NFE in hard mode). Either
- * output may be NULL; a policy made without a budget gives SC_ERR_INVALID_ARGUMENT. */
+ * runs per sample it asked for (rounded as above: exactly what each sample runs under a hard
+ * budget, the mean aimed at otherwise). Any output may be NULL; a policy made without a budget
+ * gives SC_ERR_INVALID_ARGUMENT. */
 SC_API sc_status sc_policy_budget(const sc_policy* policy, double* eps_start, double* eps_main, int32_t* nfe);
 
 /* Decide step `step` (0-based, < steps) at timestep `t`: run_mask_out[b] = 1 where sample b runs
