@@ -245,6 +245,47 @@ def test_random_budget_traces():
     assert 0 < total["runs"] < total["decisions"] and total["observed"] > 0
 
 
+@pytest.mark.parametrize(
+    ("rule", "mode", "steps"),
+    [
+        (SENCACHE, "hard", 1000),
+        (SENCACHE, "threshold", 1000),
+        (SENCACHE_ONLINE, "hard", 300),
+        (SENCACHE_ONLINE, "threshold", 300),
+    ],
+)
+def test_long_requests(lib, rule, mode, steps):
+    """Step counts far past the recorded ones (the plan's table of 1000 x 1001 included): the same
+    decisions, scores and learnt factors."""
+    rng = np.random.default_rng((11, rule, steps))
+    table = SensitivityTable(np.linspace(0.0, 1000.0, 9), rng.exponential(1.0, 9), rng.exponential(1e-3, 9))
+    grid = np.concatenate([[0.0], np.geomspace(1e-3, 1.0, 11)])
+    rows = tuple(tuple(np.minimum.accumulate(np.linspace(1.0, f, 12)).tolist()) for f in (0.5, 0.3, 0.2))
+    profiles = tuple(tuple((rng.exponential(1.0, n) * 1e-2).tolist()) for n in (20, 50, 250))
+    table.budget = BudgetCurves((20, 50, 250), tuple(grid.tolist()), rows, profiles, 0.25, 3, 0.2, True)
+    knobs = {"speed": "balanced", "budget": mode}
+    want = python_policy(METHODS[rule], knobs, table, steps, 2, 4096)
+    theirs = native.Table.from_json(lib, table.to_bytes())
+    budget = native.Budget(
+        ctypes.sizeof(native.Budget), native.SC_BUDGET_SPEED, ("threshold", "hard").index(mode), 0, 2
+    )
+    ours = native.Policy.with_budget(lib, theirs, rule, budget, steps, 2, 4096)
+    theirs.close()
+    ts = np.linspace(1000.0, 0.0, steps)
+    drifts = (rng.exponential(1.0, (steps, 2)) * 0.4).astype(np.float32)
+    reuses = 0
+    for step in range(steps):
+        decision = want.decide(step, float(ts[step]), drifts[step])
+        run, score, threshold, forced = ours.decide(step, float(ts[step]), drifts[step])
+        assert np.array_equal(run, decision.run) and same(score, decision.score), f"step {step}"
+        assert same(np.array([threshold]), np.array([decision.threshold])) and forced == decision.forced
+        if rule == SENCACHE_ONLINE:
+            observe_both(rng, step, decision.run, want, ours, f"step {step}")
+        reuses += int((~run).sum())
+    ours.close()
+    assert 0 < reuses < steps * 2
+
+
 def test_table_without_curves(lib):
     """A table without budget curves (an older bundle, or an .npz): the budget is refused as in Python."""
     table = SensitivityTable(np.array([0.0, 1000.0]), np.array([1.0, 2.0]), np.array([0.1, 0.2]))
