@@ -3,7 +3,8 @@
  * Two libraries, one header:
  *   libsencache_policy  the cache alone, native, no Python: sensitivity tables (sc_table_*), the
  *                       SenCache decision rules per request (sc_policy_*: sencache, sencache-max,
- *                       sencache-online) and, when built with CUDA,
+ *                       sencache-online; NFE budgets for sencache and sencache-online) and, when
+ *                       built with CUDA,
  *                       the fused drift kernel on the caller's stream (sc_drift_*).
  *   libsencache         the whole engine (sc_engine_*): the Python runtime's step-level engine
  *                       (sencache.runtime.stepping.StepEngine) behind an embedded interpreter.

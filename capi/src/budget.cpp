@@ -253,4 +253,22 @@ std::vector<double> run_thresholds(const std::vector<double>& profile, const std
     return thresholds;
 }
 
+Plan::Plan(int32_t nfe_, bool capped_, const std::vector<bool>& forced, const std::vector<double>& profile)
+    : nfe(nfe_), capped(capped_) {
+    const size_t steps = forced.size();
+    forced_after.assign(steps, 0);
+    free_from.assign(steps, 0);
+    for (size_t i = steps; i-- > 0;) {
+        forced_after[i] = i + 1 < steps ? forced_after[i + 1] + (forced[i + 1] ? 1 : 0) : 0;
+        free_from[i] = (i + 1 < steps ? free_from[i + 1] : 0) + (forced[i] ? 0 : 1);
+    }
+    thresholds = run_thresholds(profile, forced);
+}
+
+bool Plan::runs(int32_t step, size_t b, double score, int64_t reuses, int32_t max_reuse) const {
+    const int64_t left = nfe - spent[b] - forced_after[step];
+    if (left >= free_from[step] || (capped && reuses >= max_reuse)) return true;
+    return left > 0 && score >= thresholds[static_cast<size_t>(step) * (forced_after.size() + 1) + left];
+}
+
 }  // namespace sencache::budget

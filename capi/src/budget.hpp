@@ -4,6 +4,7 @@
 // online_eps_for_fraction), in double, operation for operation, so the results agree bit for bit.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -47,5 +48,20 @@ std::vector<double> step_profile(const Curves& curves, int32_t steps);
 std::optional<double> online_eps_for_fraction(const Curves& curves, int32_t steps, double fraction);
 // run_thresholds: the hard mode's plan, row-major [steps][steps + 1].
 std::vector<double> run_thresholds(const std::vector<double>& profile, const std::vector<bool>& forced);
+
+// The hard mode's plan of one request (SenCacheHardBudget; SenCacheOnlineBudget's step weights
+// and, in its threshold mode, the max_reuse cap), from run_thresholds over the step profile.
+struct Plan {
+    int32_t nfe = 0;
+    bool capped = false;
+    std::vector<int64_t> forced_after, free_from;  // forced steps after i; free steps from i on
+    std::vector<double> thresholds;                // [steps][steps + 1]
+    std::vector<double> weights;                   // per step (sencache-online's plan); empty: none
+    std::vector<int64_t> spent;                    // runs so far, per sample
+
+    Plan(int32_t nfe, bool capped, const std::vector<bool>& forced, const std::vector<double>& profile);
+    // SenCacheHardBudget.decide for sample b of a step that is not forced.
+    bool runs(int32_t step, size_t b, double score, int64_t reuses, int32_t max_reuse) const;
+};
 
 }  // namespace sencache::budget

@@ -1,9 +1,10 @@
 // Sensitivity tables and the SenCache rules, native: the same arithmetic as
-// runtime/sensitivity.py (SensitivityTable) and runtime/cache/sencache.py (SenCachePolicy,
-// SenCacheMaxPolicy, SenCacheOnlinePolicy with its OnlineFactor), in double, operation for
-// operation, so decisions agree bit for bit. Build with -ffp-contract=off: a fused multiply-add
-// would round differently from NumPy. exp and log are the C library's, which the Python rule calls
-// too (through `math`).
+// runtime/sensitivity.py (SensitivityTable, its budget curves) and runtime/cache/sencache.py
+// (SenCachePolicy, SenCacheMaxPolicy, SenCacheOnlinePolicy with its OnlineFactor), and the NFE
+// budgets of runtime/cache/budget.py (make_budget_policy, make_online_budget_policy; their
+// arithmetic in budget.cpp), in double, operation for operation, so decisions agree bit for bit.
+// Build with -ffp-contract=off: a fused multiply-add would round differently from NumPy. exp and
+// log are the C library's, which the Python rule calls too (through `math`).
 #include <algorithm>
 #include <charconv>
 #include <cstdio>
@@ -314,36 +315,6 @@ struct OnlineFactor {
     }
 };
 
-// The hard mode's plan of one request (SenCacheHardBudget; SenCacheOnlineBudget's step weights
-// and, in its threshold mode, the max_reuse cap), from run_thresholds over the step profile.
-struct Plan {
-    int32_t nfe = 0;
-    bool capped = false;
-    std::vector<int64_t> forced_after, free_from;  // forced steps after i; free steps from i on
-    std::vector<double> thresholds;                // [steps][steps + 1]
-    std::vector<double> weights;                   // per step (sencache-online's plan); empty: none
-    std::vector<int64_t> spent;
-
-    Plan(int32_t nfe_, bool capped_, const std::vector<bool>& forced, const std::vector<double>& profile)
-        : nfe(nfe_), capped(capped_) {
-        const size_t steps = forced.size();
-        forced_after.assign(steps, 0);
-        free_from.assign(steps, 0);
-        for (size_t i = steps; i-- > 0;) {
-            forced_after[i] = i + 1 < steps ? forced_after[i + 1] + (forced[i + 1] ? 1 : 0) : 0;
-            free_from[i] = (i + 1 < steps ? free_from[i + 1] : 0) + (forced[i] ? 0 : 1);
-        }
-        thresholds = sencache::budget::run_thresholds(profile, forced);
-    }
-
-    // SenCacheHardBudget.decide for one sample of a step that is not forced.
-    bool runs(int32_t step, size_t b, double score, int64_t reuses, int32_t max_reuse) const {
-        const int64_t left = nfe - spent[b] - forced_after[step];
-        if (left >= free_from[step] || (capped && reuses >= max_reuse)) return true;
-        return left > 0 && score >= thresholds[static_cast<size_t>(step) * (forced_after.size() + 1) + left];
-    }
-};
-
 // What a budget resolved, for sc_policy_budget.
 struct Resolved {
     double eps_start = kNaN, eps_main = kNaN;
@@ -365,7 +336,7 @@ struct sc_policy {
     bool forced = false;
     int64_t outside = 0;
     OnlineFactor online;          // SC_RULE_SENCACHE_ONLINE only
-    std::unique_ptr<Plan> plan;   // a budget's plan (hard mode; sencache-online's fallback)
+    std::unique_ptr<sencache::budget::Plan> plan;   // a budget's plan (hard mode; sencache-online's fallback)
     std::optional<Resolved> budget;  // made by sc_policy_create_budget
 
     bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
@@ -741,7 +712,7 @@ std::unique_ptr<sc_policy> budget_policy(const std::shared_ptr<sc_table>& table,
         for (int32_t i = 0; i < steps; ++i) profile[i] = profile[i] * weights[i];
     }
     const bool capped = rule == SC_RULE_SENCACHE_ONLINE && b.mode == SC_BUDGET_THRESHOLD;
-    policy->plan = std::make_unique<Plan>(target.runs, capped, forced_steps, profile);
+    policy->plan = std::make_unique<sencache::budget::Plan>(target.runs, capped, forced_steps, profile);
     policy->plan->weights = std::move(weights);
     policy->plan->spent.assign(batch, 0);
     policy->budget = Resolved{kNaN, kNaN, target.runs};
