@@ -62,7 +62,8 @@ int main(int argc, char** argv) {
     const int64_t size = PyLong_AsLongLong(numel);
     sc_status made;
     if (argc > 7) {  // the budget chooses the thresholds from the bundle's calibrated curves
-        const sc_budget budget = {sizeof(sc_budget), SC_BUDGET_NFE, SC_BUDGET_HARD, std::atof(argv[7]), SC_SPEED_BALANCED};
+        const sc_budget budget = {sizeof(sc_budget), SC_BUDGET_NFE, SC_BUDGET_HARD, std::atof(argv[7]),
+                                  SC_SPEED_BALANCED};
         made = sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, steps, 1, size, &policy);
     } else {
         made = sc_policy_create(table, &settings, steps, 1, size, &policy);

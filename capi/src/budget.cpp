@@ -62,7 +62,8 @@ void check_axes(const std::vector<int64_t>& steps, const std::vector<double>& gr
     if (!ok) fail("eps_grid must be finite, non-negative and increasing");
 }
 
-// fractions in (0, 1], one per eps, not growing with eps (by more than 1e-9); `what` words the fault
+// fractions in (0, 1], one per eps, not growing with eps (by more than 1e-9); `count` and `growth`
+// word the two faults
 void check_fractions(const std::vector<double>& fractions, size_t grid, const char* count, const char* growth) {
     bool ok = fractions.size() == grid;
     for (size_t i = 0; ok && i < fractions.size(); ++i) ok = fractions[i] > 0 && fractions[i] <= 1;

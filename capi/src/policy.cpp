@@ -7,9 +7,9 @@
 // log are the C library's, which the Python rule calls too (through `math`).
 #include <algorithm>
 #include <charconv>
-#include <cstdio>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -335,9 +335,9 @@ struct sc_policy {
     double threshold = std::numeric_limits<double>::quiet_NaN();
     bool forced = false;
     int64_t outside = 0;
-    OnlineFactor online;          // SC_RULE_SENCACHE_ONLINE only
-    std::unique_ptr<sencache::budget::Plan> plan;   // a budget's plan (hard mode; sencache-online's fallback)
-    std::optional<Resolved> budget;  // made by sc_policy_create_budget
+    OnlineFactor online;                           // SC_RULE_SENCACHE_ONLINE only
+    std::unique_ptr<sencache::budget::Plan> plan;  // a budget's plan (hard mode; sencache-online's fallback)
+    std::optional<Resolved> budget;                // made by sc_policy_create_budget
 
     bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
 
@@ -592,7 +592,8 @@ sc_budget checked_budget(const sc_budget* budget) {
                        "budget->speed must be SC_SPEED_LOSSLESS, SC_SPEED_HIGH, SC_SPEED_BALANCED or SC_SPEED_FAST");
             break;
         default:
-            throw Error(SC_ERR_INVALID_ARGUMENT, "budget->kind must be SC_BUDGET_NFE, SC_BUDGET_SPEEDUP or SC_BUDGET_SPEED");
+            throw Error(SC_ERR_INVALID_ARGUMENT,
+                        "budget->kind must be SC_BUDGET_NFE, SC_BUDGET_SPEEDUP or SC_BUDGET_SPEED");
     }
     return b;
 }
@@ -673,8 +674,8 @@ std::unique_ptr<sc_policy> budget_policy(const std::shared_ptr<sc_table>& table,
     SC_REQUIRE(table->budget != nullptr, SC_ERR_INVALID_ARGUMENT,
                std::string("the sensitivity table has no NFE-budget curves: ") + kRecalibrate);
     const sencache::budget::Curves& curves = *table->budget;
-    const sc_policy_settings planned{rule, 0.0, 0.0, static_cast<int32_t>(std::min<int64_t>(curves.max_reuse, INT32_MAX)),
-                                     curves.switch_frac, curves.force_last ? 1 : 0};
+    const int32_t max_reuse = static_cast<int32_t>(std::min<int64_t>(curves.max_reuse, INT32_MAX));
+    const sc_policy_settings planned{rule, 0.0, 0.0, max_reuse, curves.switch_frac, curves.force_last ? 1 : 0};
     const int32_t forced = 1 + (curves.force_last && steps > 1 ? 1 : 0);
     const Target target = budget_target(b, steps, forced);
     const double requested = target.fraction * steps;

@@ -208,7 +208,8 @@ int main(int argc, char** argv) {
     const std::string curves = R"("budget": {"format": "sencache-budget/1", "steps": [10, 20],
         "eps_grid": [0.0, 0.1, 0.2, 0.4], "fractions": [[1.0, 0.8, 0.6, 0.5], [1.0, 0.6, 0.4, 0.3]],
         "profiles": [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
-                     [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]],
+                     [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+                      0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]],
         "eps_ratio": 0.25, "max_reuse": 3, "switch_frac": 0.2, "force_last": true)";
     const std::string with_curves = good.substr(0, good.rfind('}')) + ", " + curves + "}}";
     const std::string corrupt_curves[] = {
@@ -284,7 +285,10 @@ int main(int argc, char** argv) {
     double eps_main = 0;
     int32_t nfe = 0;
     EXPECT(sc_policy_budget(policy, nullptr, &eps_main, &nfe), SC_OK);
-    if (!(std::isnan(eps_main) && nfe == 400)) { std::printf("FAIL sc_policy_budget %g %d\n", eps_main, nfe); ++failures; }
+    if (!(std::isnan(eps_main) && nfe == 400)) {
+        std::printf("FAIL sc_policy_budget %g %d\n", eps_main, nfe);
+        ++failures;
+    }
     int runs[2] = {0, 0};
     for (int round = 0; round < 2; ++round) {
         for (int step = 0; step < 1000; ++step) {
@@ -292,7 +296,10 @@ int main(int argc, char** argv) {
             runs[0] += run[0];
             runs[1] += run[1];
         }
-        if (runs[0] != 400 || runs[1] != 400) { std::printf("FAIL hard budget ran %d %d\n", runs[0], runs[1]); ++failures; }
+        if (runs[0] != 400 || runs[1] != 400) {
+            std::printf("FAIL hard budget ran %d %d\n", runs[0], runs[1]);
+            ++failures;
+        }
         runs[0] = runs[1] = 0;
         EXPECT(sc_policy_reset(policy), SC_OK);
     }
