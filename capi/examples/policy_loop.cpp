@@ -2,7 +2,8 @@
 // rule (sc_policy_*) decides, the run mask out. The denoiser here is a stand-in driven through
 // Python (stand_in_denoiser.py: the bundle's ONNX stages); a real host calls its own engines and
 // the drift kernel (sc_drift_*) instead, and needs no Python at all.
-//   policy_loop BUNDLE_DIR EXAMPLES_DIR OUT_DIR STEPS PROMPT SEED
+// With NFE, the rule is held to a hard budget of NFE runs (sc_policy_create_budget, ABI 4).
+//   policy_loop BUNDLE_DIR EXAMPLES_DIR OUT_DIR STEPS PROMPT SEED [NFE]
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -24,7 +25,7 @@ static int python_failed(const char* what) {
 
 int main(int argc, char** argv) {
     if (argc < 7) {
-        std::fprintf(stderr, "usage: %s BUNDLE_DIR EXAMPLES_DIR OUT_DIR STEPS PROMPT SEED\n", argv[0]);
+        std::fprintf(stderr, "usage: %s BUNDLE_DIR EXAMPLES_DIR OUT_DIR STEPS PROMPT SEED [NFE]\n", argv[0]);
         return 2;
     }
     const char* bundle = argv[1];
@@ -58,7 +59,16 @@ int main(int argc, char** argv) {
     PyObject* numel = PyObject_GetAttrString(denoiser, "numel");
 
     sc_policy* policy = nullptr;
-    if (sc_policy_create(table, &settings, steps, 1, PyLong_AsLongLong(numel), &policy) != SC_OK) {
+    const int64_t size = PyLong_AsLongLong(numel);
+    sc_status made;
+    if (argc > 7) {  // the budget chooses the thresholds from the bundle's calibrated curves
+        const sc_budget budget = {sizeof(sc_budget), SC_BUDGET_NFE, SC_BUDGET_HARD, std::atof(argv[7]),
+                                  SC_SPEED_BALANCED};
+        made = sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, steps, 1, size, &policy);
+    } else {
+        made = sc_policy_create(table, &settings, steps, 1, size, &policy);
+    }
+    if (made != SC_OK) {
         std::fprintf(stderr, "sencache: %s\n", sc_last_error());
         return 1;
     }

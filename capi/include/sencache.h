@@ -3,7 +3,8 @@
  * Two libraries, one header:
  *   libsencache_policy  the cache alone, native, no Python: sensitivity tables (sc_table_*), the
  *                       SenCache decision rules per request (sc_policy_*: sencache, sencache-max,
- *                       sencache-online) and, when built with CUDA,
+ *                       sencache-online; NFE budgets for sencache and sencache-online) and, when
+ *                       built with CUDA,
  *                       the fused drift kernel on the caller's stream (sc_drift_*).
  *   libsencache         the whole engine (sc_engine_*): the Python runtime's step-level engine
  *                       (sencache.runtime.stepping.StepEngine) behind an embedded interpreter.
@@ -50,8 +51,12 @@ extern "C" {
 
 /* 2: sc_engine_submit_ex and sc_request_extra (the second expert's guidance).
  * 3: SC_RULE_SENCACHE_ONLINE with sc_policy_create_ex, sc_policy_extra (its knobs),
- *    sc_policy_observe and sc_policy_factor. */
-#define SC_ABI_VERSION 3
+ *    sc_policy_observe and sc_policy_factor.
+ * 4: NFE budgets in the native rule: sc_budget and sc_policy_create_budget (sencache and
+ *    sencache-online held to nfe, speedup or a named speed, in threshold or hard mode), tables
+ *    carrying the budget curves they were calibrated with, and sc_table_has_budget. The layouts and
+ *    behaviour of ABI 1-3 are unchanged. */
+#define SC_ABI_VERSION 4
 
 typedef enum sc_status {
     SC_OK = 0,
@@ -86,6 +91,9 @@ SC_API sc_status sc_table_parse_json(const char* data, size_t size, sc_table** o
 SC_API sc_status sc_table_load_npz(const char* path, sc_table** out);
 /* <bundle_dir>/sensitivity.json. */
 SC_API sc_status sc_table_load_bundle(const char* bundle_dir, sc_table** out);
+/* ABI 4: 1 if the table carries NFE-budget curves (a bundle calibrated with them; never an .npz),
+ * 2 if also sencache-online's measured curve, 0 if none (or NULL). */
+SC_API int sc_table_has_budget(const sc_table* table);
 /* Number of timesteps (0 for NULL). */
 SC_API size_t sc_table_size(const sc_table* table);
 /* Jx(t), Jt(t) by linear interpolation (numpy.interp, bit for bit); outside the table it clamps
@@ -148,6 +156,69 @@ SC_API sc_status sc_policy_create(const sc_table* table, const sc_policy_setting
 SC_API sc_status sc_policy_create_ex(const sc_table* table, const sc_policy_settings* settings,
                                      const sc_policy_extra* extra, int32_t steps, int32_t batch, int64_t numel,
                                      sc_policy** out);
+/* ---- NFE budgets (ABI 4): Python's nfe / speedup / speed knobs with budget threshold or hard ----- */
+
+typedef enum sc_budget_kind {
+    SC_BUDGET_NFE = 0,     /* value: runs per sample, an integer in [1, 1000] (Python's nfe) */
+    SC_BUDGET_SPEEDUP = 1, /* value: steps / NFE, a number in [1, 1000] (Python's speedup) */
+    SC_BUDGET_SPEED = 2    /* speed: a named fraction of the steps (Python's speed) */
+} sc_budget_kind;
+typedef enum sc_budget_speed {
+    SC_SPEED_LOSSLESS = 0, /* 0.9 of the steps */
+    SC_SPEED_HIGH = 1,     /* 0.75 */
+    SC_SPEED_BALANCED = 2, /* 0.6 */
+    SC_SPEED_FAST = 3      /* 0.45 */
+} sc_budget_speed;
+typedef enum sc_budget_mode {
+    SC_BUDGET_THRESHOLD = 0, /* NFE on average: sencache at the eps its calibrated curve gives; sencache-online
+                              * at the eps its measured curve gives, or (a table without that curve) the
+                              * plan below with max_reuse still applying */
+    SC_BUDGET_HARD = 1       /* every sample runs exactly the budget: the per-request plan over the
+                              * calibrated score profile (Python's SenCacheHardBudget, SenCacheOnlineBudget) */
+} sc_budget_mode;
+
+/* A budget, size-prefixed like sc_policy_extra: `size` is sizeof(sc_budget) as the caller was
+ * compiled. Every field below is needed (a smaller size: SC_ERR_INVALID_ARGUMENT); fields a later
+ * header adds past them will take their defaults, and a size larger than this library knows is
+ * SC_ERR_UNSUPPORTED. Fields out of range are SC_ERR_INVALID_ARGUMENT, the message naming them
+ * (budget->value: nfe must be an integer in [1, 1000], got 0). Runs per sample: value (NFE), round(steps x
+ * (1 / value)) (SPEEDUP) or round(steps x fraction) (SPEED), half to even as Python's round. */
+typedef struct sc_budget {
+    size_t size;
+    sc_budget_kind kind;
+    sc_budget_mode mode;
+    double value;          /* NFE and SPEEDUP */
+    sc_budget_speed speed; /* SPEED */
+} sc_budget;
+
+/* The rule `rule` (SC_RULE_SENCACHE or SC_RULE_SENCACHE_ONLINE; SC_RULE_SENCACHE_MAX takes no
+ * budget, as in Python) for a request held to `budget`, built as Python's make_budget_policy and
+ * make_online_budget_policy build it from the table's budget curves (their eps_ratio, max_reuse,
+ * switch_frac and force_last: a budget chooses the thresholds), decision for decision:
+ *   - threshold modes that resolve an eps behave as sc_policy_create_ex with the settings they
+ *     resolved (sc_policy_last: the scores, the threshold eps_start or eps_main, forced);
+ *   - the plan (hard modes; sencache-online's threshold mode on a table without its online curve)
+ *     reports NaN as the threshold (Python's StepDecision.threshold), the scores as compared with
+ *     the plan (sencache-online's: c_b x its step weight x the table's score).
+ * `extra` gives sencache-online's knobs; here NULL means none given, as a request without them:
+ * the plan learns with online_rate 0.5, online_bound 4, online_prior 2 (Python's BUDGET_PRIOR),
+ * and the threshold mode with the knobs its curve was measured with. A non-NULL `extra` gives each
+ * field its size covers (checked as in sc_policy_create_ex; SC_RULE_SENCACHE ignores them); in
+ * the online threshold mode a given knob other than the curve's is refused. steps <= 1000.
+ * Refusals (SC_ERR_INVALID_ARGUMENT, worded as Python's BadInput): a budget field out of range, a
+ * table without budget curves ("the sensitivity table has no NFE-budget curves: recalibrate..."),
+ * runs outside [forced steps, steps], a threshold budget outside the curve ("... ask for budget
+ * hard"). sc_policy_observe and sc_policy_factor apply to SC_RULE_SENCACHE_ONLINE's budgets as to
+ * the rule itself. sc_policy_reset restarts the request with the same budget. */
+SC_API sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule, const sc_policy_extra* extra,
+                                         const sc_budget* budget, int32_t steps, int32_t batch, int64_t numel,
+                                         sc_policy** out);
+/* ABI 4: the eps a threshold-mode budget resolved (its eps_start, eps_main; NaN for a plan) and the
+ * runs per sample it asked for (rounded as above: exactly what each sample runs under a hard
+ * budget, the mean aimed at otherwise). Any output may be NULL; a policy made without a budget
+ * gives SC_ERR_INVALID_ARGUMENT. */
+SC_API sc_status sc_policy_budget(const sc_policy* policy, double* eps_start, double* eps_main, int32_t* nfe);
+
 /* Decide step `step` (0-based, < steps) at timestep `t`: run_mask_out[b] = 1 where sample b runs
  * the blocks, 0 where it reuses its cached residual; then update the per-sample state.
  * drift_sumsq[b] = sum over sample b of (x - anchor)^2 (what sc_drift_* yields); it may be NULL on

@@ -1,12 +1,15 @@
 // Sensitivity tables and the SenCache rules, native: the same arithmetic as
-// runtime/sensitivity.py (SensitivityTable) and runtime/cache/sencache.py (SenCachePolicy,
-// SenCacheMaxPolicy, SenCacheOnlinePolicy with its OnlineFactor), in double, operation for
-// operation, so decisions agree bit for bit. Build with -ffp-contract=off: a fused multiply-add
-// would round differently from NumPy. exp and log are the C library's, which the Python rule calls
-// too (through `math`).
+// runtime/sensitivity.py (SensitivityTable, its budget curves) and runtime/cache/sencache.py
+// (SenCachePolicy, SenCacheMaxPolicy, SenCacheOnlinePolicy with its OnlineFactor), and the NFE
+// budgets of runtime/cache/budget.py (make_budget_policy, make_online_budget_policy; their
+// arithmetic in budget.cpp), in double, operation for operation, so decisions agree bit for bit.
+// Build with -ffp-contract=off: a fused multiply-add would round differently from NumPy. exp and
+// log are the C library's, which the Python rule calls too (through `math`).
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -15,8 +18,10 @@
 #include <mutex>
 #include <unordered_set>
 #include <numeric>
+#include <optional>
 #include <vector>
 
+#include "budget.hpp"
 #include "common.hpp"
 #include "json.hpp"
 #include "npz.hpp"
@@ -28,6 +33,7 @@ namespace {
 
 constexpr int32_t kMaxSteps = 1000;  // runtime/manifest.py MAX_STEPS
 const char* const kFormat = "sencache-sensitivity/1";
+const char* const kRecalibrate = "recalibrate the bundle (`sencache calibrate`) to record them";
 
 // Handles not yet destroyed, so that destroying one twice is a no-op rather than a double free.
 std::mutex live_mutex;
@@ -55,6 +61,7 @@ std::string read_file(const std::string& path) {
 
 struct sc_table {
     std::vector<double> t, jx, jt;  // sorted by t
+    std::shared_ptr<const sencache::budget::Curves> budget;  // NFE-budget curves; null: none recorded
 
     // SensitivityTable.__post_init__: the same checks, then sort by timestep.
     static std::shared_ptr<sc_table> make(std::vector<double> t, std::vector<double> jx, std::vector<double> jt,
@@ -85,24 +92,8 @@ struct sc_table {
         return table;
     }
 
-    // numpy.interp for one x (numpy/_core/src/multiarray/compiled_base.c, arr_interp): the same
-    // branches and the same expression, so the same double.
     static double interp(double x, const std::vector<double>& xp, const std::vector<double>& fp) {
-        const size_t n = xp.size();
-        if (std::isnan(x)) return x;
-        if (x < xp[0]) return fp[0];
-        if (x > xp[n - 1]) return fp[n - 1];
-        if (x == xp[n - 1]) return fp[n - 1];
-        // j with xp[j] <= x < xp[j + 1]
-        const size_t j = static_cast<size_t>(std::upper_bound(xp.begin(), xp.end(), x) - xp.begin()) - 1;
-        if (xp[j] == x) return fp[j];
-        const double slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j]);
-        double r = slope * (x - xp[j]) + fp[j];
-        if (std::isnan(r)) {
-            r = slope * (x - xp[j + 1]) + fp[j + 1];
-            if (std::isnan(r) && fp[j] == fp[j + 1]) r = fp[j];
-        }
-        return r;
+        return sencache::budget::interp(x, xp, fp);
     }
 
     void lookup(double at, double& jx_out, double& jt_out, bool& inside) const {
@@ -138,6 +129,16 @@ std::shared_ptr<sc_table> parse_table(const std::string& data, const std::string
     const Value* format = doc.kind == Value::Object ? doc.find("format") : nullptr;
     if (format == nullptr || format->kind != Value::String || format->text != kFormat)
         throw Error(SC_ERR_CORRUPT, "corrupt sensitivity table " + source + ": not a " + kFormat + " file");
+    std::shared_ptr<const sencache::budget::Curves> budget;
+    const Value* curves = doc.find("budget");
+    if (curves != nullptr && curves->kind != Value::Null) {
+        try {
+            budget = std::make_shared<const sencache::budget::Curves>(sencache::budget::parse(*curves));
+        } catch (const std::invalid_argument& e) {
+            throw Error(SC_ERR_CORRUPT,
+                        "corrupt NFE-budget curves in " + source + " (" + e.what() + "): " + kRecalibrate);
+        }
+    }
     try {
         const Value* meta = doc.find("meta");
         SC_REQUIRE(meta == nullptr || meta->kind == Value::Object, SC_ERR_CORRUPT, "meta must be an object");
@@ -155,7 +156,9 @@ std::shared_ptr<sc_table> parse_table(const std::string& data, const std::string
             const Value* v = doc.find(name);
             if (v != nullptr && v->kind != Value::Null) extra.emplace_back(name, &optional[k++]);
         }
-        return sc_table::make(std::move(t), std::move(jx), std::move(jt), extra);
+        auto table = sc_table::make(std::move(t), std::move(jx), std::move(jt), extra);
+        table->budget = std::move(budget);
+        return table;
     } catch (const Error& e) {
         throw Error(SC_ERR_CORRUPT, "corrupt sensitivity table " + source + ": " + e.what());
     }
@@ -238,6 +241,11 @@ extern "C" sc_status sc_table_load_npz(const char* path, sc_table** out) {
     });
 }
 
+extern "C" int sc_table_has_budget(const sc_table* table) {
+    if (table == nullptr || !unwrap(table)->budget) return 0;
+    return unwrap(table)->budget->online ? 2 : 1;
+}
+
 extern "C" size_t sc_table_size(const sc_table* table) { return table ? unwrap(table)->t.size() : 0; }
 
 extern "C" sc_status sc_table_lookup(const sc_table* table, double t, double* jx, double* jt, int* inside) {
@@ -307,6 +315,12 @@ struct OnlineFactor {
     }
 };
 
+// What a budget resolved, for sc_policy_budget.
+struct Resolved {
+    double eps_start = kNaN, eps_main = kNaN;
+    int32_t nfe = 0;
+};
+
 }  // namespace
 
 struct sc_policy {
@@ -321,12 +335,15 @@ struct sc_policy {
     double threshold = std::numeric_limits<double>::quiet_NaN();
     bool forced = false;
     int64_t outside = 0;
-    OnlineFactor online;  // SC_RULE_SENCACHE_ONLINE only
+    OnlineFactor online;                           // SC_RULE_SENCACHE_ONLINE only
+    std::unique_ptr<sencache::budget::Plan> plan;  // a budget's plan (hard mode; sencache-online's fallback)
+    std::optional<Resolved> budget;                // made by sc_policy_create_budget
 
     bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
 
     void reset() {
         online.reset(batch);
+        if (plan) plan->spent.assign(batch, 0);
         anchor_t.assign(batch, 0.0);
         jx.assign(batch, 0.0);
         jt.assign(batch, 0.0);
@@ -344,7 +361,7 @@ struct sc_policy {
         if (learns()) online.start(step);
         const double eps = step < switch_step ? settings.eps_start : settings.eps_main;
         forced = is_forced(step);
-        threshold = eps;
+        threshold = plan ? kNaN : eps;  // StepDecision: no threshold under a plan
         if (forced) {
             std::fill(run.begin(), run.end(), 1);
             std::fill(scores.begin(), scores.end(), std::numeric_limits<double>::quiet_NaN());
@@ -367,10 +384,14 @@ struct sc_policy {
                     online.predicted[b] = raw / root;
                     raw = raw * online.factor(b);
                 }
+                if (plan && !plan->weights.empty()) raw = raw * plan->weights[step];  // SenCacheOnlineBudget
                 scores[b] = raw / root;
-                run[b] = !((scores[b] < eps) && (reuses[b] < settings.max_reuse));
+                run[b] = plan ? plan->runs(step, b, scores[b], reuses[b], settings.max_reuse)
+                              : !((scores[b] < eps) && (reuses[b] < settings.max_reuse));
             }
         }
+        if (plan)
+            for (int32_t b = 0; b < batch; ++b) plan->spent[b] += run[b];
         // _commit
         bool any = false;
         for (int32_t b = 0; b < batch; ++b) {
@@ -478,6 +499,37 @@ extern "C" sc_status sc_policy_create(const sc_table* table, const sc_policy_set
     return sc_policy_create_ex(table, settings, nullptr, steps, batch, numel, out);
 }
 
+namespace {
+
+// A policy of `settings` (checked) and the online knobs of `full` (checked), not yet tracked.
+std::unique_ptr<sc_policy> make_policy(const std::shared_ptr<sc_table>& table, const sc_policy_settings& settings,
+                                       const sc_policy_extra& full, int32_t steps, int32_t batch, int64_t numel) {
+    SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
+               "steps, batch and latent size must be positive");
+    check_settings(settings);
+    auto policy = std::make_unique<sc_policy>();
+    policy->online.rate = full.online_rate;
+    policy->online.log_bound = std::log(full.online_bound);
+    policy->online.prior = full.online_prior;
+    policy->table = table;
+    policy->settings = settings;
+    policy->steps = steps;
+    policy->batch = batch;
+    policy->numel = numel;
+    // Python's round(): half to even, which nearbyint does in the default rounding mode.
+    policy->switch_step = static_cast<int32_t>(std::nearbyint(settings.switch_frac * steps));
+    policy->reset();
+    return policy;
+}
+
+sc_status hand_out(std::unique_ptr<sc_policy> policy, sc_policy** out) {
+    *out = policy.release();
+    track(*out);
+    return SC_OK;
+}
+
+}  // namespace
+
 extern "C" sc_status sc_policy_create_ex(const sc_table* table, const sc_policy_settings* settings,
                                          const sc_policy_extra* extra, int32_t steps, int32_t batch, int64_t numel,
                                          sc_policy** out) {
@@ -489,20 +541,215 @@ extern "C" sc_status sc_policy_create_ex(const sc_table* table, const sc_policy_
                    "steps, batch and latent size must be positive");
         check_settings(*settings);
         const sc_policy_extra full = complete_extra(extra);
-        auto policy = std::make_unique<sc_policy>();
-        policy->online.rate = full.online_rate;
-        policy->online.log_bound = std::log(full.online_bound);
-        policy->online.prior = full.online_prior;
-        policy->table = unwrap(table);
-        policy->settings = *settings;
-        policy->steps = steps;
-        policy->batch = batch;
-        policy->numel = numel;
-        // Python's round(): half to even, which nearbyint does in the default rounding mode.
-        policy->switch_step = static_cast<int32_t>(std::nearbyint(settings->switch_frac * steps));
-        policy->reset();
-        *out = policy.release();
-        track(*out);
+        return hand_out(make_policy(unwrap(table), *settings, full, steps, batch, numel), out);
+    });
+}
+
+// ---- NFE budgets: runtime/cache/budget.py make_budget_policy, make_online_budget_policy ----------
+
+namespace {
+
+constexpr const char* kSpeedNames[] = {"lossless", "high", "balanced", "fast"};
+constexpr double kSpeedFractions[] = {0.9, 0.75, 0.6, 0.45};  // knobs.py SPEEDS
+constexpr double kBudgetPrior = 2.0;                          // budget.py BUDGET_PRIOR
+constexpr double kMinEpsRatio = 1e-6;                         // budget.py MIN_EPS_RATIO
+
+std::string format(const char* spec, double value) {
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, spec, value);
+    return buffer;
+}
+
+// Python's repr of a float in [1, 1000] (fixed notation, the shortest digits that round-trip).
+std::string python_repr(double value) {
+    char buffer[64];
+    const auto done = std::to_chars(buffer, buffer + sizeof buffer, value, std::chars_format::fixed);
+    std::string text(buffer, done.ptr);
+    return text.find('.') == std::string::npos ? text + ".0" : text;
+}
+
+// The caller's budget, checked as runtime/cache/knobs.py checks nfe, speedup, speed and budget.
+sc_budget checked_budget(const sc_budget* budget) {
+    SC_REQUIRE(budget->size >= sizeof(sc_budget), SC_ERR_INVALID_ARGUMENT,
+               "budget->size must be sizeof(sc_budget)");
+    SC_REQUIRE(budget->size <= sizeof(sc_budget), SC_ERR_UNSUPPORTED,
+               "budget->size is larger than this library's sc_budget (a newer sencache.h; see sc_abi_version)");
+    const sc_budget b = *budget;
+    SC_REQUIRE(b.mode == SC_BUDGET_THRESHOLD || b.mode == SC_BUDGET_HARD, SC_ERR_INVALID_ARGUMENT,
+               "budget->mode must be SC_BUDGET_THRESHOLD or SC_BUDGET_HARD");
+    const std::string got = ", got " + format("%.17g", b.value);
+    switch (b.kind) {
+        case SC_BUDGET_NFE:
+            SC_REQUIRE(b.value >= 1 && b.value <= kMaxSteps && std::floor(b.value) == b.value, SC_ERR_INVALID_ARGUMENT,
+                       "budget->value: nfe must be an integer in [1, 1000]" + got);
+            break;
+        case SC_BUDGET_SPEEDUP:
+            SC_REQUIRE(b.value >= 1 && b.value <= kMaxSteps, SC_ERR_INVALID_ARGUMENT,
+                       "budget->value: speedup must be a number in [1, 1000]" + got);
+            break;
+        case SC_BUDGET_SPEED:
+            SC_REQUIRE(b.speed >= SC_SPEED_LOSSLESS && b.speed <= SC_SPEED_FAST, SC_ERR_INVALID_ARGUMENT,
+                       "budget->speed must be SC_SPEED_LOSSLESS, SC_SPEED_HIGH, SC_SPEED_BALANCED or SC_SPEED_FAST");
+            break;
+        default:
+            throw Error(SC_ERR_INVALID_ARGUMENT,
+                        "budget->kind must be SC_BUDGET_NFE, SC_BUDGET_SPEEDUP or SC_BUDGET_SPEED");
+    }
+    return b;
+}
+
+// What a request's budget asks for (budget_target): the knob's name and value as Python words
+// them, the fraction of the steps and the runs per sample.
+struct Target {
+    std::string param, value;
+    double fraction;
+    int32_t runs;
+};
+
+Target budget_target(const sc_budget& b, int32_t steps, int32_t forced) {
+    Target target;
+    if (b.kind == SC_BUDGET_NFE) {
+        target = {"nfe", std::to_string(static_cast<int32_t>(b.value)), 0.0, static_cast<int32_t>(b.value)};
+        target.fraction = static_cast<double>(target.runs) / steps;
+    } else {
+        const bool speedup = b.kind == SC_BUDGET_SPEEDUP;
+        target.param = speedup ? "speedup" : "speed";
+        target.value = speedup ? python_repr(b.value) : kSpeedNames[b.speed];
+        target.fraction = speedup ? 1.0 / b.value : kSpeedFractions[b.speed];
+        target.runs = static_cast<int32_t>(std::nearbyint(steps * target.fraction));
+    }
+    SC_REQUIRE(forced <= target.runs && target.runs <= steps, SC_ERR_INVALID_ARGUMENT,
+               target.param + " " + target.value + " asks for " + std::to_string(target.runs) + " runs of " +
+                   std::to_string(steps) + " steps; a budget must lie in [" + std::to_string(forced) + ", " +
+                   std::to_string(steps) + "] runs (" + std::to_string(forced) + " steps always run)");
+    return target;
+}
+
+// The online knobs the caller gave (NULL: none; else each field its size covers), checked.
+struct GivenOnline {
+    std::optional<double> rate, bound, prior;
+};
+
+GivenOnline given_online(const sc_policy_extra* extra) {
+    GivenOnline given;
+    if (extra == nullptr) return given;
+    complete_extra(extra);  // the size and every covered field checked
+    const auto covered = [&](size_t offset) { return extra->size >= offset + sizeof(double); };
+    if (covered(offsetof(sc_policy_extra, online_rate))) given.rate = extra->online_rate;
+    if (covered(offsetof(sc_policy_extra, online_bound))) given.bound = extra->online_bound;
+    if (covered(offsetof(sc_policy_extra, online_prior))) given.prior = extra->online_prior;
+    return given;
+}
+
+std::unique_ptr<sc_policy> threshold_policy(const std::shared_ptr<sc_table>& table, const sc_policy_settings& planned,
+                                            double eps, const sc_policy_extra& knobs, const Target& target,
+                                            const sencache::budget::Curves& curves, int32_t steps, int32_t batch,
+                                            int64_t numel) {
+    sc_policy_settings chosen = planned;
+    chosen.eps_start = curves.eps_ratio * eps;
+    chosen.eps_main = eps;
+    auto policy = make_policy(table, chosen, complete_extra(&knobs), steps, batch, numel);
+    policy->budget = Resolved{chosen.eps_start, chosen.eps_main, target.runs};
+    return policy;
+}
+
+// _online_threshold's refusal of online knobs other than those the curve was measured with.
+void check_measured_knobs(const GivenOnline& given, const sencache::budget::OnlineCurve& online) {
+    std::string other;
+    const std::pair<const char*, std::pair<std::optional<double>, double>> knobs[] = {
+        {"online_rate", {given.rate, online.rate}},
+        {"online_bound", {given.bound, online.bound}},
+        {"online_prior", {given.prior, online.prior}}};
+    for (const auto& [name, values] : knobs)
+        if (values.first && *values.first != values.second) other += std::string(other.empty() ? "" : ", ") + name;
+    SC_REQUIRE(other.empty(), SC_ERR_INVALID_ARGUMENT,
+               other + ": a threshold budget runs the online rule with the knobs its curve was measured with (" +
+                   "online_rate " + format("%g", online.rate) + ", online_bound " + format("%g", online.bound) +
+                   ", online_prior " + format("%g", online.prior) + "); ask for budget hard");
+}
+
+std::unique_ptr<sc_policy> budget_policy(const std::shared_ptr<sc_table>& table, sc_rule rule,
+                                         const GivenOnline& given, const sc_budget& b, int32_t steps, int32_t batch,
+                                         int64_t numel) {
+    SC_REQUIRE(table->budget != nullptr, SC_ERR_INVALID_ARGUMENT,
+               std::string("the sensitivity table has no NFE-budget curves: ") + kRecalibrate);
+    const sencache::budget::Curves& curves = *table->budget;
+    const int32_t max_reuse = static_cast<int32_t>(std::min<int64_t>(curves.max_reuse, INT32_MAX));
+    const sc_policy_settings planned{rule, 0.0, 0.0, max_reuse, curves.switch_frac, curves.force_last ? 1 : 0};
+    const int32_t forced = 1 + (curves.force_last && steps > 1 ? 1 : 0);
+    const Target target = budget_target(b, steps, forced);
+    const double requested = target.fraction * steps;
+    if (b.mode == SC_BUDGET_THRESHOLD && rule == SC_RULE_SENCACHE) {
+        const std::optional<double> eps = sencache::budget::eps_for_fraction(curves, steps, target.fraction);
+        SC_REQUIRE(eps.has_value(), SC_ERR_INVALID_ARGUMENT,
+                   target.param + " " + target.value + " asks for " + format("%.1f", requested) + " runs of " +
+                       std::to_string(steps) + " steps, fewer than the threshold rule reaches (about " +
+                       format("%.1f", sencache::budget::fraction_curve(curves, steps).back() * steps) +
+                       ", at max_reuse " + std::to_string(curves.max_reuse) + "): ask for budget hard");
+        return threshold_policy(table, planned, *eps, SC_POLICY_EXTRA_DEFAULTS, target, curves, steps, batch, numel);
+    }
+    if (b.mode == SC_BUDGET_THRESHOLD && curves.online) {
+        const sencache::budget::OnlineCurve& online = *curves.online;
+        check_measured_knobs(given, online);
+        const std::optional<double> eps = sencache::budget::online_eps_for_fraction(curves, steps, target.fraction);
+        SC_REQUIRE(eps.has_value(), SC_ERR_INVALID_ARGUMENT,
+                   target.param + " " + target.value + " asks for " + format("%.1f", requested) + " runs of " +
+                       std::to_string(steps) + " steps, outside what the online rule's measured curve reaches (about " +
+                       format("%.1f", online.fractions.back() * steps) + "-" +
+                       format("%.1f", online.fractions.front() * steps) + "): ask for budget hard");
+        const sc_policy_extra knobs{sizeof(sc_policy_extra), online.rate, online.bound, online.prior};
+        return threshold_policy(table, planned, *eps, knobs, target, curves, steps, batch, numel);
+    }
+    // the plan: SenCacheHardBudget, or SenCacheOnlineBudget (its learnt factor and step weights)
+    const sc_policy_extra knobs{sizeof(sc_policy_extra), given.rate.value_or(0.5), given.bound.value_or(4.0),
+                                given.prior.value_or(kBudgetPrior)};
+    auto policy = make_policy(table, planned, complete_extra(&knobs), steps, batch, numel);
+    std::vector<bool> forced_steps(steps);
+    for (int32_t i = 0; i < steps; ++i) forced_steps[i] = policy->is_forced(i);
+    std::vector<double> profile = sencache::budget::step_profile(curves, steps), weights;
+    if (rule == SC_RULE_SENCACHE_ONLINE) {
+        const double early = 1.0 / std::max(curves.eps_ratio, kMinEpsRatio);
+        for (int32_t i = 0; i < steps; ++i) weights.push_back(i < policy->switch_step ? early : 1.0);
+        for (int32_t i = 0; i < steps; ++i) profile[i] = profile[i] * weights[i];
+    }
+    const bool capped = rule == SC_RULE_SENCACHE_ONLINE && b.mode == SC_BUDGET_THRESHOLD;
+    policy->plan = std::make_unique<sencache::budget::Plan>(target.runs, capped, forced_steps, profile);
+    policy->plan->weights = std::move(weights);
+    policy->plan->spent.assign(batch, 0);
+    policy->budget = Resolved{kNaN, kNaN, target.runs};
+    return policy;
+}
+
+}  // namespace
+
+extern "C" sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule, const sc_policy_extra* extra,
+                                             const sc_budget* budget, int32_t steps, int32_t batch, int64_t numel,
+                                             sc_policy** out) {
+    return guarded([&] {
+        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+        *out = nullptr;
+        SC_REQUIRE(table != nullptr && budget != nullptr, SC_ERR_INVALID_ARGUMENT, "table or budget is NULL");
+        SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
+                   "steps, batch and latent size must be positive");
+        SC_REQUIRE(steps <= kMaxSteps, SC_ERR_INVALID_ARGUMENT,
+                   "steps must be at most 1000 with a budget, got " + std::to_string(steps));
+        SC_REQUIRE(rule != SC_RULE_SENCACHE_MAX, SC_ERR_INVALID_ARGUMENT,
+                   "SC_RULE_SENCACHE_MAX takes no NFE budget: budget does not apply to cache 'sencache-max'");
+        SC_REQUIRE(rule == SC_RULE_SENCACHE || rule == SC_RULE_SENCACHE_ONLINE, SC_ERR_INVALID_ARGUMENT,
+                   "rule must be SC_RULE_SENCACHE or SC_RULE_SENCACHE_ONLINE");
+        const GivenOnline given = given_online(extra);
+        const sc_budget b = checked_budget(budget);
+        return hand_out(budget_policy(unwrap(table), rule, given, b, steps, batch, numel), out);
+    });
+}
+
+extern "C" sc_status sc_policy_budget(const sc_policy* policy, double* eps_start, double* eps_main, int32_t* nfe) {
+    return guarded([&] {
+        SC_REQUIRE(policy != nullptr, SC_ERR_INVALID_ARGUMENT, "policy is NULL");
+        SC_REQUIRE(policy->budget.has_value(), SC_ERR_INVALID_ARGUMENT, "the policy was made without a budget");
+        if (eps_start) *eps_start = policy->budget->eps_start;
+        if (eps_main) *eps_main = policy->budget->eps_main;
+        if (nfe) *nfe = policy->budget->nfe;
         return SC_OK;
     });
 }

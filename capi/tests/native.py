@@ -30,7 +30,19 @@ class Extra(ctypes.Structure):
     ]
 
 
-SC_ERR_STATE = 6
+class Budget(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("kind", ctypes.c_int),
+        ("mode", ctypes.c_int),
+        ("value", ctypes.c_double),
+        ("speed", ctypes.c_int),
+    ]
+
+
+SC_ERR_INVALID_ARGUMENT, SC_ERR_STATE, SC_ERR_UNSUPPORTED = 1, 6, 9
+SC_BUDGET_NFE, SC_BUDGET_SPEEDUP, SC_BUDGET_SPEED = 0, 1, 2
+SC_BUDGET_THRESHOLD, SC_BUDGET_HARD = 0, 1
 
 
 def load() -> ctypes.CDLL:
@@ -64,6 +76,18 @@ def load() -> ctypes.CDLL:
         ctypes.c_int64,
         ctypes.POINTER(ctypes.c_void_p),
     ]
+    lib.sc_policy_create_budget.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.POINTER(Extra),
+        ctypes.POINTER(Budget),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    lib.sc_policy_budget.argtypes = [ctypes.c_void_p, c_double_p, c_double_p, ctypes.POINTER(ctypes.c_int32)]
+    lib.sc_table_has_budget.argtypes = [ctypes.c_void_p]
     lib.sc_policy_decide.argtypes = [
         ctypes.c_void_p,
         ctypes.c_int32,
@@ -105,6 +129,9 @@ class Table:
         if lib.sc_table_load_npz(path.encode(), ctypes.byref(handle)):
             raise ValueError(lib.sc_last_error().decode())
         return cls(lib, handle)
+
+    def has_budget(self) -> int:
+        return int(self.lib.sc_table_has_budget(self.handle))
 
     def lookup(self, t: float) -> tuple[float, float, bool]:
         jx, jt, inside = ctypes.c_double(), ctypes.c_double(), ctypes.c_int()
@@ -164,6 +191,55 @@ class Policy:
             raise NativeError(lib, status)
         self.run = np.zeros(batch, np.uint8)
         self.scores = np.zeros(batch, np.float64)
+
+    @classmethod
+    def with_budget(
+        cls,
+        lib: ctypes.CDLL,
+        table: Table,
+        rule: int,
+        budget: Budget,
+        steps: int,
+        batch: int,
+        numel: int,
+        online: tuple[float, ...] | None = None,
+    ) -> Policy:
+        """sc_policy_create_budget; `online` the knobs given (a prefix of rate, bound, prior: the
+        extra's size covers just those), None for no extra."""
+        extra = None
+        if online is not None:
+            extra = Extra(0, *online)
+            extra.size = Extra.online_rate.offset + 8 * len(online)
+        handle = ctypes.c_void_p()
+        status = lib.sc_policy_create_budget(
+            table.handle,
+            rule,
+            None if extra is None else ctypes.byref(extra),
+            ctypes.byref(budget),
+            steps,
+            batch,
+            numel,
+            ctypes.byref(handle),
+        )
+        if status:
+            raise NativeError(lib, status)
+        policy = cls.__new__(cls)
+        policy.lib, policy.batch, policy.handle = lib, batch, handle
+        policy.run = np.zeros(batch, np.uint8)
+        policy.scores = np.zeros(batch, np.float64)
+        return policy
+
+    def budget(self) -> tuple[float, float, int]:
+        """sc_policy_budget: (eps_start, eps_main, nfe)."""
+        eps_start, eps_main, nfe = ctypes.c_double(), ctypes.c_double(), ctypes.c_int32()
+        outputs = (ctypes.byref(eps_start), ctypes.byref(eps_main), ctypes.byref(nfe))
+        status = self.lib.sc_policy_budget(self.handle, *outputs)
+        if status:
+            raise NativeError(self.lib, status)
+        return eps_start.value, eps_main.value, nfe.value
+
+    def reset(self) -> None:
+        assert self.lib.sc_policy_reset(self.handle) == 0
 
     def decide(self, step: int, t: float, drift_sumsq: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, float, bool]:
         drift = None if drift_sumsq is None else np.ascontiguousarray(drift_sumsq, dtype=np.float32)

@@ -1,6 +1,6 @@
 // Bad input across the native ABI: nulls, missing and corrupt tables (JSON and .npz), wrong sizes,
-// double destroy, the online rule's knobs and observations. Every call must return a status and a
-// message, never crash (also run under ASan).
+// double destroy, the online rule's knobs and observations, NFE budgets. Every call must return a
+// status and a message, never crash (also run under ASan).
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
@@ -203,6 +203,115 @@ int main(int argc, char** argv) {
     EXPECT(sc_policy_factor(policy, factor, 2), SC_OK);
     expect_factor(factor[0] == 1.0 && factor[1] == 1.0, "after reset");
     sc_policy_destroy(policy);
+    sc_table_destroy(table);
+    // NFE budgets (ABI 4): corrupt curves, nulls, fields out of range, a table without curves
+    const std::string curves = R"("budget": {"format": "sencache-budget/1", "steps": [10, 20],
+        "eps_grid": [0.0, 0.1, 0.2, 0.4], "fractions": [[1.0, 0.8, 0.6, 0.5], [1.0, 0.6, 0.4, 0.3]],
+        "profiles": [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+                     [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+                      0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]],
+        "eps_ratio": 0.25, "max_reuse": 3, "switch_frac": 0.2, "force_last": true)";
+    const std::string with_curves = good.substr(0, good.rfind('}')) + ", " + curves + "}}";
+    const std::string corrupt_curves[] = {
+        good.substr(0, good.rfind('}')) + R"(, "budget": 3})",
+        good.substr(0, good.rfind('}')) + R"(, "budget": {"format": "sencache-budget/1"}})",
+        good.substr(0, good.rfind('}')) + ", " + curves + R"(, "online": {"steps": 10}}})",
+        good.substr(0, good.rfind('}')) + ", " + curves.substr(0, curves.find("\"steps\"")) +
+            R"("steps": [20, 10], )" + curves.substr(curves.find("\"eps_grid\"")) + "}}",
+    };
+    for (const std::string& text : corrupt_curves)
+        EXPECT(sc_table_parse_json(text.data(), text.size(), &table), SC_ERR_CORRUPT);
+    EXPECT(sc_table_parse_json(with_curves.data(), with_curves.size(), &table), SC_OK);
+    if (sc_table_has_budget(table) != 1 || sc_table_has_budget(nullptr) != 0) {
+        std::printf("FAIL sc_table_has_budget\n");
+        ++failures;
+    }
+    sc_budget budget = {sizeof(sc_budget), SC_BUDGET_NFE, SC_BUDGET_HARD, 6.0, SC_SPEED_BALANCED};
+    EXPECT(sc_policy_create_budget(nullptr, SC_RULE_SENCACHE, nullptr, &budget, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, nullptr, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, 10, 2, 100, nullptr),
+           SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE_MAX, nullptr, &budget, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create_budget(table, static_cast<sc_rule>(7), nullptr, &budget, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, 1001, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, 10, 0, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    const double bad_values[] = {0.0, 2.5, 11.0, 1001.0, NAN, INFINITY, -1.0};  // 11 of 10 steps: too many
+    for (double v : bad_values) {
+        sc_budget b = budget;
+        b.value = v;
+        EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy),
+               SC_ERR_INVALID_ARGUMENT);
+    }
+    sc_budget b = budget;
+    b.kind = SC_BUDGET_SPEEDUP;
+    b.value = 0.5;
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    b = budget;
+    b.kind = static_cast<sc_budget_kind>(5);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    b = budget;
+    b.mode = static_cast<sc_budget_mode>(5);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    b = budget;
+    b.kind = SC_BUDGET_SPEED;
+    b.speed = static_cast<sc_budget_speed>(9);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    b = budget;
+    b.size = sizeof(sc_budget) + 8;
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy), SC_ERR_UNSUPPORTED);
+    b = budget;
+    b.mode = SC_BUDGET_THRESHOLD;
+    b.value = 2.0;  // fewer runs than the threshold rule reaches at 10 steps
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &b, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
+    if (std::strstr(sc_last_error(), "ask for budget hard") == nullptr) {
+        std::printf("FAIL the message does not say to ask for budget hard: %s\n", sc_last_error());
+        ++failures;
+    }
+    bad_extra = extra;
+    bad_extra.online_bound = 0.5;
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE_ONLINE, &bad_extra, &budget, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    if (policy != nullptr) { std::printf("FAIL a refused budget left a policy\n"); ++failures; }
+    // a hard budget at the most steps, run through (the plan's table: 1000 x 1001), then reset
+    b = budget;
+    b.value = 400.0;
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE_ONLINE, nullptr, &b, 1000, 2, 100, &policy), SC_OK);
+    double eps_main = 0;
+    int32_t nfe = 0;
+    EXPECT(sc_policy_budget(policy, nullptr, &eps_main, &nfe), SC_OK);
+    if (!(std::isnan(eps_main) && nfe == 400)) {
+        std::printf("FAIL sc_policy_budget %g %d\n", eps_main, nfe);
+        ++failures;
+    }
+    int runs[2] = {0, 0};
+    for (int round = 0; round < 2; ++round) {
+        for (int step = 0; step < 1000; ++step) {
+            EXPECT(sc_policy_decide(policy, step, 1000.0 - step, drift, run, 2), SC_OK);
+            runs[0] += run[0];
+            runs[1] += run[1];
+        }
+        if (runs[0] != 400 || runs[1] != 400) {
+            std::printf("FAIL hard budget ran %d %d\n", runs[0], runs[1]);
+            ++failures;
+        }
+        runs[0] = runs[1] = 0;
+        EXPECT(sc_policy_reset(policy), SC_OK);
+    }
+    EXPECT(sc_policy_budget(nullptr, nullptr, nullptr, nullptr), SC_ERR_INVALID_ARGUMENT);
+    sc_policy_destroy(policy);
+    EXPECT(sc_policy_create(table, &s, 10, 2, 100, &plain), SC_OK);
+    EXPECT(sc_policy_budget(plain, nullptr, nullptr, nullptr), SC_ERR_INVALID_ARGUMENT);  // made without one
+    sc_policy_destroy(plain);
+    sc_table_destroy(table);
+    EXPECT(sc_table_parse_json(good.data(), good.size(), &table), SC_OK);
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);  // no curves
     sc_table_destroy(table);
     if (sc_abi_version() != SC_ABI_VERSION) { std::printf("FAIL sc_abi_version %d\n", sc_abi_version()); ++failures; }
     // without CUDA every sc_drift_* call says so; with it, bad arguments are refused before the device

@@ -107,3 +107,70 @@ def test_recorded_runs_match():
         f"({reuses} reuse), 0 mismatches"
     )
     assert reuses > 0
+
+
+class RecordingObserver(Recording):
+    """A Recording of a rule that learns: the reuse errors the engine observes are recorded too."""
+
+    def __init__(self, rule) -> None:
+        super().__init__(rule)
+        self.observed: dict[int, list[np.ndarray]] = {}
+
+    def observe(self, step, error_sumsq):
+        self.observed.setdefault(step, []).append(np.array(error_sumsq, dtype=np.float64))
+        self.rule.observe(step, error_sumsq)
+
+
+@pytest.mark.skipif(not BUNDLE, reason="SENCACHE_TEST_BUNDLE names no bundle (ctest sets it)")
+def test_recorded_budgets_match():
+    """Requests with NFE budgets (sencache and sencache-online, threshold and hard) run by the
+    engine; the native rule made by sc_policy_create_budget from the bundle's table (its budget
+    curves read natively) replays their inputs and observed errors, and must decide the same."""
+    lib = native.load()
+    bundle = Bundle.load(Path(BUNDLE))
+    model = Model.open(bundle, threads=1)
+    handle = ctypes.c_void_p()
+    assert lib.sc_table_load_bundle(BUNDLE.encode(), ctypes.byref(handle)) == 0, lib.sc_last_error()
+    table = native.Table(lib, handle)
+    assert table.has_budget() > 0, "the bundle's table carries no budget curves"
+    engine = StepEngine(model)
+    cases = [  # (method, knobs, batch, steps, the same budget as an sc_budget)
+        ("sencache", {"nfe": 6, "budget": "hard"}, 2, 12, (native.SC_BUDGET_NFE, native.SC_BUDGET_HARD, 6.0, 0)),
+        ("sencache", {"speed": "fast"}, 1, 16, (native.SC_BUDGET_SPEED, native.SC_BUDGET_THRESHOLD, 0.0, 3)),
+        ("sencache-online", {"nfe": 7, "budget": "hard"}, 2, 14, (native.SC_BUDGET_NFE, native.SC_BUDGET_HARD, 7.0, 0)),
+        ("sencache-online", {"speedup": 2.0}, 1, 20, (native.SC_BUDGET_SPEEDUP, native.SC_BUDGET_THRESHOLD, 2.0, 0)),
+    ]
+    runs = []
+    for k, (method, knobs, batch, steps, budget) in enumerate(cases):
+        request = GenerationParams(PROMPTS[:batch], list(range(k, k + batch)), steps, bundle.manifest.defaults.guidance)
+        rule = model.policy(method, steps, batch, knobs)
+        recording = RecordingObserver(rule) if method == "sencache-online" else Recording(rule)
+        engine.submit(request, recording)
+        runs.append((method, knobs, batch, steps, budget, recording))
+    while engine.busy:
+        engine.step()
+    decisions = reuses = observed = 0
+    for method, knobs, batch, steps, budget, recording in runs:
+        rule_id = 2 if method == "sencache-online" else 0
+        ours = native.Policy.with_budget(
+            lib, table, rule_id, native.Budget(ctypes.sizeof(native.Budget), *budget), steps, batch, model.numel
+        )
+        assert len(recording.calls) == steps
+        for step, t, drift, want in recording.calls:
+            run, _, _, _ = ours.decide(step, t, drift)
+            assert np.array_equal(run, want), f"{method} {knobs}: step {step}: {run} != {want}"
+            for error_sumsq in getattr(recording, "observed", {}).get(step, []):
+                ours.observe(step, error_sumsq)
+                observed += 1
+            decisions += batch
+            reuses += int((~want).sum())
+        if method == "sencache-online":  # the host meter's float64 drift reaches the ABI as float32:
+            # the table's scores, so the learnt factors, agree to float32's precision, not bitwise
+            np.testing.assert_allclose(ours.factor(), recording.rule.factor, rtol=1e-5, err_msg=f"{method} {knobs}")
+        ours.close()
+    table.close()
+    print(
+        f"\nrecorded tiny-wan budget runs: {len(runs)} requests, {decisions} per-sample decisions "
+        f"({reuses} reuse, {observed} observations), 0 mismatches"
+    )
+    assert reuses > 0 and observed > 0

@@ -102,7 +102,8 @@ def record_curves(
 def fraction_curve(curves: BudgetCurves, steps: int) -> np.ndarray:
     """Mean NFE / steps against `curves.eps_grid` at `steps` steps: linear in log(steps) between
     the recorded step counts, the nearest one's outside them."""
-    recorded = np.log(np.asarray(curves.steps, dtype=np.float64))
+    # the C library's log, as the native rule's (NumPy's own AVX-512 log rounds differently)
+    recorded = np.array([math.log(n) for n in curves.steps], dtype=np.float64)
     table = np.asarray(curves.fractions, dtype=np.float64)
     at = math.log(steps)
     curve = np.array([np.interp(at, recorded, table[:, g]) for g in range(table.shape[1])])
@@ -264,8 +265,9 @@ def online_eps_for_fraction(curves: BudgetCurves, steps: int, fraction: float) -
     measured = np.asarray(online.fractions)
     if not measured[-1] - 1e-9 <= fraction <= measured[0] + 1e-9:
         return None
-    # the grid is geometric: interpolated in log eps
-    eps = float(np.exp(np.interp(fraction, measured[::-1], np.log(online.eps_grid)[::-1])))
+    # the grid is geometric: interpolated in log eps (the C library's exp and log, as in fraction_curve)
+    logs = np.array([math.log(e) if e > 0 else -math.inf for e in online.eps_grid[::-1]], dtype=np.float64)
+    eps = math.exp(float(np.interp(fraction, measured[::-1], logs)))
     there, here = eps_for_fraction(curves, online.steps, fraction), eps_for_fraction(curves, steps, fraction)
     if steps == online.steps or not there or here is None:
         return eps
