@@ -24,13 +24,28 @@ def advance(job: RequestState, noise: torch.Tensor, decision: StepDecision) -> i
     guided = guide(noise, job.batch, job.request.cfg, job.scales[i])
     if decision.run.all():
         job.anchor.copy_(job.x)
+        job.injected = None
     elif decision.run.any():
         ran = upload(np.flatnonzero(decision.run).astype(np.int64), job.x.device)
         job.anchor.index_copy_(0, ran, job.x.index_select(0, ran))
+        if job.injected is not None:
+            job.injected.index_fill_(0, ran, 0.0)
     _trace(job, decision)
     assert job.sampler is not None, "a running request holds its sampler"
     job.x = job.sampler.step(i, guided, job.x, job.generators)
+    if job.policy.deterministic_drift:
+        job.injected = carry_noise(job.injected, job.sampler.injected())
     return int(decision.run.sum())
+
+
+def carry_noise(accumulated: torch.Tensor | None, injected: tuple[float, torch.Tensor] | None) -> torch.Tensor | None:
+    """The noise injected since each sample's anchor after a step that injected `injected` (its
+    factor on the step's input, the noise it added): factor * accumulated + added. None (no noise
+    since any anchor) stays None through a deterministic step."""
+    if injected is None:
+        return accumulated
+    factor, added = injected
+    return added if accumulated is None else factor * accumulated + added
 
 
 def _trace(job: RequestState, decision: StepDecision) -> None:

@@ -213,6 +213,9 @@ class RequestState:
     """Text rows [cond x batch (, uncond x batch)] on the backend's device."""
     x: torch.Tensor
     anchor: torch.Tensor
+    injected: torch.Tensor | None = None
+    """Per sample, the noise the sampler injected since its anchor, when the rule scores the
+    deterministic drift and the sampler injects noise (`Sampler.injected`); None otherwise."""
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
     """The image's head inputs (the layout's `conditions`), rows as `text`; {} for text-to-video."""
     experts: list[int] = field(default_factory=list)
@@ -280,4 +283,4 @@ class RequestState:
         so that front ends check a request before they load any model code)."""
         self.x, self.anchor, self.text = self.x.new_empty(0), self.anchor.new_empty(0), self.text.new_empty(0)
         self.cache, self.sampler, self.generators, self.conditions = None, None, [], {}
-        self.signal = self.observed = None
+        self.signal = self.observed = self.injected = None

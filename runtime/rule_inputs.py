@@ -42,7 +42,7 @@ class RuleInputs:
         part = self.ranks.elements(self.model.numel)
         self._meter = self.model.drift_meter(part.stop - part.start)
         self._meter.start(
-            part_of(torch.cat([j.x for j in self._drifting]), part),
+            part_of(torch.cat([scored_latent(j) for j in self._drifting]), part),
             part_of(torch.cat([j.anchor for j in self._drifting]), part),
         )
 
@@ -114,6 +114,12 @@ class RuleInputs:
             error = np.full(job.batch, np.nan)
             error[ran] = sums
             job.observed = (job.step, error)
+
+
+def scored_latent(job: RequestState) -> torch.Tensor:
+    """The latent whose drift from the anchor the request's rule reads: the latent less the noise
+    injected since the anchor where the rule scores the deterministic drift, else the latent."""
+    return job.x if job.injected is None else job.x - job.injected
 
 
 def part_of(tensor: torch.Tensor, part: slice) -> torch.Tensor:

@@ -228,7 +228,7 @@ class _AlwaysReuse:
     """A rule that reuses at every step after the first: it crosses the switch."""
 
     name = "always-reuse"
-    needs_drift = needs_modulation = False
+    needs_drift = deterministic_drift = needs_modulation = False
     may_reuse = True
 
     def settings(self):

@@ -28,6 +28,7 @@ class ExternalRule:
 
     name = "sencache-native"
     needs_drift = True
+    deterministic_drift = False
     needs_modulation = False
     may_reuse = True
 

@@ -47,6 +47,9 @@ class CachePolicy(Protocol):
 
     name: str
     needs_drift: bool
+    deterministic_drift: bool
+    """Whether the drift the rule reads leaves out the noise a stochastic sampler injected since each
+    sample's anchor (`Sampler.injected`); the plain latent drift otherwise (SenCache's own)."""
     needs_modulation: bool
     may_reuse: bool
 
@@ -78,6 +81,7 @@ class NoCache:
 
     name = "none"
     needs_drift = False
+    deterministic_drift = False
     needs_modulation = False
     may_reuse = False
 

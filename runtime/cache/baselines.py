@@ -36,6 +36,7 @@ class FixedPolicy:
 
     name = "fixed"
     needs_drift = False
+    deterministic_drift = False
     needs_modulation = False
     may_reuse = True
 
@@ -85,6 +86,7 @@ class TeaCachePolicy:
 
     name = "teacache"
     needs_drift = False
+    deterministic_drift = False
     needs_modulation = True
     may_reuse = True
 
@@ -161,6 +163,7 @@ class MagCachePolicy:
 
     name = "magcache"
     needs_drift = False
+    deterministic_drift = False
     needs_modulation = False
     may_reuse = True
 

@@ -28,6 +28,7 @@ class ExpertSegments:
         first = rules[0]
         self.name = first.name
         self.needs_drift = any(r.needs_drift for r in rules)
+        self.deterministic_drift = any(r.deterministic_drift for r in rules)
         self.needs_modulation = any(r.needs_modulation for r in rules)
         self.may_reuse = any(r.may_reuse for r in rules)
 

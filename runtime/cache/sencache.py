@@ -69,6 +69,7 @@ class SenCachePolicy:
 
     name = "sencache"
     needs_drift = True
+    deterministic_drift = False
     needs_modulation = False
     may_reuse = True
 
@@ -264,9 +265,14 @@ class SenCacheOnlinePolicy(SenCachePolicy):
     +-log(online_bound) (`OnlineFactor`); the decision compares c_b * S_table with eps as
     sencache compares S_table. A sample whose reuse costs more than the table says runs more, one
     that costs less reuses more. Without observations c_b stays 1 and the decisions are sencache's.
+
+    Its drift is the deterministic part of the latent's change, ||x_i - n_i - x_a||, where n_i is the
+    noise a stochastic sampler injected since the anchor (`deterministic_drift`): on CogVideoX's SDE
+    sampler that noise dominates the plain drift whatever the sample shows.
     """
 
     name = "sencache-online"
+    deterministic_drift = True
 
     def __init__(
         self,

@@ -188,6 +188,12 @@ class Sampler:
         """One solver step from `x` with the guided prediction `noise` at timestep `index`."""
         return self.scheduler.step(noise, self.timesteps[index], x, return_dict=False)[0]
 
+    def injected(self) -> tuple[float, torch.Tensor] | None:
+        """The noise the last `step` drew into its output and the factor that step applied to its
+        input, so that noise added since an anchor evolves as n <- factor * n + added (a stochastic
+        sampler's); None for a deterministic sampler (the default), whose drift is all signal."""
+        return None
+
     def noised(self, index: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Clean latents `x0` noised with `noise` to timestep `index` of the run, as the model was
         trained (calibration on data): the flow interpolation (1 - sigma) x0 + sigma noise."""

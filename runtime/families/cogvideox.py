@@ -246,6 +246,7 @@ class CogVideoXSampler(Sampler):
                 f"CogVideoX DPM with prediction type {scheduler.config.prediction_type!r}: the pipeline predicts v"
             )
         self._previous_x0: torch.Tensor | None = None
+        self._injected: tuple[float, torch.Tensor] | None = None
         self._steps = [self._dpm_step(i) for i in range(len(self.timesteps))] if self._dpm else []
 
     def start_at(self, index: int) -> None:
@@ -277,9 +278,19 @@ class CogVideoXSampler(Sampler):
         draw = _noise(generators, x)
         previous, self._previous_x0 = self._previous_x0, x0
         if previous is None or c.final:
-            return c.mult[0] * x - c.mult[1] * x0 + c.mult_noise * draw
+            added = c.mult_noise * draw
+            self._injected = (float(c.mult[0]), added)
+            return c.mult[0] * x - c.mult[1] * x0 + added
         denoised = c.mult[2] * x0 - c.mult[3] * previous
-        return c.mult[0] * x - c.mult[1] * denoised + c.mult_noise * _noise(generators, x)
+        added = c.mult_noise * _noise(generators, x)
+        self._injected = (float(c.mult[0]), added)
+        return c.mult[0] * x - c.mult[1] * denoised + added
+
+    def injected(self) -> tuple[float, torch.Tensor] | None:
+        """The DPM step's noise term `mult_noise * draw` and its factor `mult[0]` on the input: the
+        noise carried through the step's linear map with the prediction held apart (an ideal
+        denoiser's prediction does not see fresh noise). None under DDIM (eta 0: no noise)."""
+        return self._injected if self._dpm else None
 
     def noised(self, index: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`x0` noised to timestep `index` by the scheduler's own add_noise (sqrt(a) x0 + sqrt(1 - a)
