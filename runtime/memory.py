@@ -37,11 +37,12 @@ ACTIVATION_BYTES = 4
 
 def request_bytes(shapes: BundleShapes, samples: int, branches: int) -> int:
     """An upper estimate of the loop's tensors for `samples` samples of `branches` CFG rows each:
-    latents, anchors and solver state per sample; per row the head's streams, the blocks' output
-    and the cached residual (float32)."""
+    latents, anchors, solver state and the noise injected since the anchor (sencache-online on a
+    stochastic sampler) per sample; per row the head's streams, the blocks' output and the cached
+    residual (float32)."""
     latent = math.prod(shapes.latent) * 4
     streams = sum(math.prod(s) for s in shapes.streams) * 4
-    return samples * 8 * latent + samples * branches * (2 * latent + 4 * streams)
+    return samples * 9 * latent + samples * branches * (2 * latent + 4 * streams)
 
 
 def pass_bytes(shapes: BundleShapes, config: dict[str, Any], rows: int) -> int:
