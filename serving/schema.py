@@ -50,18 +50,12 @@ CacheKnobs = create_model(
 )
 """Every knob of the runtime's table, each optional; unset knobs take the bundle's defaults."""
 
-PRESETS: dict[str, tuple[str, dict[str, str]]] = {
-    "reference": ("none", {}),
-    "quality": ("sencache", {"speed": "high"}),
-    "balanced": ("sencache", {"speed": "balanced"}),
-    "fast": ("sencache", {"speed": "fast"}),
-}
-"""Named cache settings, each a method with an NFE budget (so a preset means the same speed on
-every model and step count): `reference` runs every step; `quality`, `balanced` and `fast` are
-SenCache held to the `speed` budgets high, balanced and fast (0.75, 0.6 and 0.45 of the steps run,
-on average: threshold mode), which needs a bundle calibrated with budget curves. SenCache, not the
-budgeted sencache-online (the online rule at the eps of its measured curve), because that is not
-ahead of every rule at every budget on a fresh draw (benchmarks/results/online)."""
+PRESETS: dict[str, str | None] = {"reference": None, "quality": "high", "balanced": "balanced", "fast": "fast"}
+"""Named cache settings, each an NFE budget (so a preset means the same speed on every model and
+step count) by its `speed`: `reference` runs every step; `quality`, `balanced` and `fast` hold the
+bundle's budget rule (`budget_rule`: sencache-online at the eps of its measured curve, where the
+bundle has that curve) to the speeds high, balanced and fast (0.75, 0.6 and 0.45 of the steps run,
+on average: threshold mode), which needs a bundle calibrated with budget curves."""
 
 
 class CacheSpec(BaseModel):
@@ -86,12 +80,13 @@ class CacheSpec(BaseModel):
             raise ValueError(e.worded(json_field(e.param))) from None
         return self
 
-    def resolve(self) -> tuple[str, dict[str, float | str]]:
-        """(method, knobs) for the engine: the request's, or its preset's."""
+    def resolve(self, budget_rule: str) -> tuple[str, dict[str, float | str]]:
+        """(method, knobs) for the engine: the request's, or its preset's (its speed held by
+        `budget_rule`, the served bundle's: `sencache.runtime.cache.budget.budget_rule`)."""
         if self.preset is None:
             return self.method or "sencache", self.knobs.model_dump(exclude_none=True)
-        method, knobs = PRESETS[self.preset]
-        return method, dict(knobs)
+        speed = PRESETS[self.preset]
+        return ("none", {}) if speed is None else (budget_rule, {"speed": speed})
 
 
 class VideoRequest(BaseModel):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from sencache.runtime.cache.budget import budget_rule
 from sencache.runtime.errors import BadInput, Cancelled
 from sencache.runtime.images import check_image_fits, read_image
 from sencache.runtime.manifest import Defaults
@@ -32,6 +33,7 @@ from sencache.serving.schema import VideoDeleted, VideoError, VideoJob, VideoReq
 
 if TYPE_CHECKING:
     from sencache.runtime.api import Engine, Job, Video
+    from sencache.runtime.bundle import Bundle
 
 STATUS: dict[State, str] = {
     "queued": "queued",
@@ -139,6 +141,8 @@ class VideoService:
         self.size = f"{shapes.width}x{shapes.height}"
         self.seconds = f"{shapes.frames / MP4_FPS:g}"
         self.defaults = defaults
+        self.budget_rule = _budget_rule(engine.model.bundle)
+        """The rule the presets' speeds run on this bundle (`budget_rule`)."""
         self.slot = slot
         self.max_queue = max_queue
         self.batching: Batching = engine.batching
@@ -162,7 +166,7 @@ class VideoService:
         manifest = self.engine.model.bundle.manifest
         image = None if video.image is None else read_image(image_bytes(video.image))
         check_image_fits(manifest.family, manifest.model, image is not None)
-        method, knobs = video.cache.resolve()
+        method, knobs = video.cache.resolve(self.budget_rule)
         request = GenerationParams.resolve(
             self.defaults,
             [video.prompt or ""],
@@ -398,3 +402,13 @@ def image_bytes(text: str) -> bytes:
 def _embeds(value: list[list[float]] | None) -> np.ndarray | None:
     """One prompt's embeddings from the JSON body as a batch of one."""
     return None if value is None else np.asarray(value, dtype=np.float32)[None]
+
+
+def _budget_rule(bundle: Bundle) -> str:
+    """`budget_rule` of the bundle's tables; SenCache's where it is not calibrated (a preset then
+    says to calibrate it, as SenCache's budget does)."""
+    try:
+        tables = [bundle.sensitivity(e) for e in range(bundle.manifest.experts)]
+    except BadInput:
+        return "sencache"
+    return budget_rule(tables)

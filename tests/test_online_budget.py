@@ -11,6 +11,7 @@ from budget_tables import TABLE, curves
 from sencache.runtime.cache.budget import (
     SenCacheHardBudget,
     SenCacheOnlineBudget,
+    budget_rule,
     make_online_budget_policy,
     measure_online_curve,
     online_eps_for_fraction,
@@ -120,14 +121,24 @@ def test_a_budget_selects_the_online_budget_rule_and_refuses_thresholds():
         make_online_budget_policy({"nfe": 1}, CALIBRATED, 20, 1, 4)
 
 
-def test_the_servers_presets_are_budgets_at_the_named_speeds():
+def test_the_servers_presets_are_budgets_at_the_named_speeds_of_the_bundles_rule():
     from sencache.serving.schema import CacheSpec
 
-    assert CacheSpec(preset="reference").resolve() == ("none", {})
-    for preset, speed in (("quality", "high"), ("balanced", "balanced"), ("fast", "fast")):
-        method, knobs = CacheSpec(preset=preset).resolve()
-        assert (method, knobs) == ("sencache", {"speed": speed})
-        assert check_knobs(method, knobs) == knobs
+    assert CacheSpec(preset="reference").resolve("sencache-online") == ("none", {})
+    for rule in ("sencache", "sencache-online"):
+        for preset, speed in (("quality", "high"), ("balanced", "balanced"), ("fast", "fast")):
+            method, knobs = CacheSpec(preset=preset).resolve(rule)
+            assert (method, knobs) == (rule, {"speed": speed})
+            assert check_knobs(method, knobs) == knobs
+
+
+def test_a_bundle_runs_named_speeds_with_sencache_online_only_where_every_table_has_its_curve():
+    assert budget_rule([MEASURED]) == "sencache-online"
+    assert budget_rule([MEASURED, MEASURED]) == "sencache-online"
+    assert budget_rule([MEASURED, CALIBRATED]) == "sencache"
+    assert budget_rule([CALIBRATED]) == "sencache"
+    assert budget_rule([TABLE]) == "sencache"
+    assert budget_rule([]) == "sencache"
 
 
 ONLINE = OnlineCurve(steps=10, eps_grid=(0.05, 0.1, 0.2), fractions=(0.9, 0.7, 0.5), rate=0.5, bound=4.0, prior=2.0)

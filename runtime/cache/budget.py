@@ -21,7 +21,7 @@ hard mode's plan with its score scaled by its learnt factor (`SenCacheOnlineBudg
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -301,6 +301,16 @@ def make_online_budget_policy(
         fraction * steps,
         curves.eps_ratio,
     )
+
+
+def budget_rule(tables: Sequence[SensitivityTable]) -> str:
+    """The rule a named speed runs on a bundle with these tables (one per expert):
+    sencache-online, at the eps of its measured curve, where every table holds that curve (measured
+    ahead of or tied with SenCache's budget at every matched NFE on fresh draws:
+    benchmarks/results/online); SenCache's own budget otherwise, since without the curve the online
+    rule's budget is the per-sample plan, which measured behind it."""
+    curves = [t.budget for t in tables]
+    return "sencache-online" if curves and all(c is not None and c.online is not None for c in curves) else "sencache"
 
 
 def _online_threshold(
