@@ -174,7 +174,7 @@ def test_the_budget_knobs_reach_the_server_schema():
     from sencache.serving.schema import CacheSpec
 
     spec = CacheSpec(method="sencache", knobs={"nfe": 12, "budget": "hard"})
-    assert spec.resolve() == ("sencache", {"nfe": 12, "budget": "hard"})
+    assert spec.resolve("sencache-online") == ("sencache", {"nfe": 12, "budget": "hard"})
     with pytest.raises(pydantic.ValidationError, match="cache.knobs.eps_main cannot be given with speedup"):
         CacheSpec(method="sencache", knobs={"speedup": 2.0, "eps_main": 0.3})
 

@@ -193,7 +193,7 @@ def test_the_knob_flows_through_the_server_schema():
     from sencache.serving.schema import CacheSpec
 
     spec = CacheSpec(method="sencache", knobs={"conventions": "reference", "eps_main": 0.2})
-    assert spec.resolve() == ("sencache", {"eps_main": 0.2, "conventions": "reference"})
+    assert spec.resolve("sencache") == ("sencache", {"eps_main": 0.2, "conventions": "reference"})
     with pytest.raises(pydantic.ValidationError):
         CacheSpec(method="sencache", knobs={"conventions": "paper"})
 
