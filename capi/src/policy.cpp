@@ -522,6 +522,16 @@ std::unique_ptr<sc_policy> make_policy(const std::shared_ptr<sc_table>& table, c
     return policy;
 }
 
+// What every policy constructor checks first: `out` given (and cleared), its `inputs` given, the
+// sizes positive.
+void check_create(sc_policy** out, bool given, const char* inputs, int32_t steps, int32_t batch, int64_t numel) {
+    SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = nullptr;
+    SC_REQUIRE(given, SC_ERR_INVALID_ARGUMENT, std::string(inputs) + " is NULL");
+    SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
+               "steps, batch and latent size must be positive");
+}
+
 sc_status hand_out(std::unique_ptr<sc_policy> policy, sc_policy** out) {
     *out = policy.release();
     track(*out);
@@ -534,11 +544,7 @@ extern "C" sc_status sc_policy_create_ex(const sc_table* table, const sc_policy_
                                          const sc_policy_extra* extra, int32_t steps, int32_t batch, int64_t numel,
                                          sc_policy** out) {
     return guarded([&] {
-        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
-        *out = nullptr;
-        SC_REQUIRE(table != nullptr && settings != nullptr, SC_ERR_INVALID_ARGUMENT, "table or settings is NULL");
-        SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
-                   "steps, batch and latent size must be positive");
+        check_create(out, table != nullptr && settings != nullptr, "table or settings", steps, batch, numel);
         check_settings(*settings);
         const sc_policy_extra full = complete_extra(extra);
         return hand_out(make_policy(unwrap(table), *settings, full, steps, batch, numel), out);
@@ -726,11 +732,7 @@ extern "C" sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule
                                              const sc_budget* budget, int32_t steps, int32_t batch, int64_t numel,
                                              sc_policy** out) {
     return guarded([&] {
-        SC_REQUIRE(out != nullptr, SC_ERR_INVALID_ARGUMENT, "out is NULL");
-        *out = nullptr;
-        SC_REQUIRE(table != nullptr && budget != nullptr, SC_ERR_INVALID_ARGUMENT, "table or budget is NULL");
-        SC_REQUIRE(steps > 0 && batch > 0 && numel > 0, SC_ERR_INVALID_ARGUMENT,
-                   "steps, batch and latent size must be positive");
+        check_create(out, table != nullptr && budget != nullptr, "table or budget", steps, batch, numel);
         SC_REQUIRE(steps <= kMaxSteps, SC_ERR_INVALID_ARGUMENT,
                    "steps must be at most 1000 with a budget, got " + std::to_string(steps));
         SC_REQUIRE(rule != SC_RULE_SENCACHE_MAX, SC_ERR_INVALID_ARGUMENT,

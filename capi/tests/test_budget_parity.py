@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import native  # noqa: E402
-from test_parity import observe_both, random_table, same  # noqa: E402
+from test_parity import decide_both, observe_both, random_table, same  # noqa: E402
 
 from sencache.runtime.cache.budget import (  # noqa: E402
     SenCacheOnlineBudget,
@@ -202,16 +202,11 @@ def run_traces(chunk: int, count: int) -> dict[str, int]:
         spent = np.zeros(batch, np.int64)
         for step in range(steps):
             t = float(ts[step])
-            decision = want.decide(step, t, drifts[step])
-            run, score, threshold, forced = ours.decide(step, t, drifts[step])
             at = f"{where} step {step}"
-            assert np.array_equal(run, decision.run), f"{at}: run {run} != {decision.run}"
-            assert same(score, decision.score), f"{at}: score {score!r} != {decision.score!r}"
-            assert same(np.array([threshold]), np.array([decision.threshold])), f"{at}: threshold"
-            assert forced == decision.forced, at
-            spent += run
+            decision = decide_both(want, ours, step, t, drifts[step], at)
+            spent += decision.run
             tally["decisions"] += batch
-            tally["runs"] += int(run.sum())
+            tally["runs"] += int(decision.run.sum())
             if learns:
                 tally["online"] += batch
                 if rng.random() < 0.7:

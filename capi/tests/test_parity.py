@@ -13,6 +13,7 @@ import os
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,6 +51,18 @@ def random_table(rng: np.random.Generator) -> SensitivityTable:
     if rng.random() < 0.1:
         jx[rng.integers(n)] = 0.0
     return SensitivityTable(t, jx, jt)
+
+
+def decide_both(rule: Any, ours: native.Policy, step: int, t: float, drift: np.ndarray, where: str) -> Any:
+    """The Python rule's decision at `step`, asserted equal, bit for bit, to the native policy's
+    (run flags, scores, threshold, forced); returns the Python one."""
+    want = rule.decide(step, t, drift)
+    run, score, threshold, forced = ours.decide(step, t, drift)
+    assert np.array_equal(run, want.run), f"{where}: run {run} != {want.run}"
+    assert same(score, want.score), f"{where}: score {score!r} != {want.score!r}"
+    assert same(np.array([threshold]), np.array([want.threshold])), f"{where}: threshold {threshold!r}"
+    assert forced == want.forced, where
+    return want
 
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -152,14 +165,10 @@ def run_traces(chunk: int, count: int) -> tuple[int, int, int, int, int]:
         theirs.close()
         for step in range(steps):
             t = float(ts[step])
-            want = rule.decide(step, t, drifts[step])
-            run, score, threshold, forced = ours.decide(step, t, drifts[step])
             where = f"chunk {chunk} trace {trace} step {step}"
-            assert np.array_equal(run, want.run), f"{where}: run {run} != {want.run}"
-            assert same(score, want.score), f"{where}: score {score!r} != {want.score!r}"
-            assert threshold == want.threshold and forced == want.forced, where
+            want = decide_both(rule, ours, step, t, drifts[step], where)
             decisions += batch
-            runs += int(run.sum())
+            runs += int(want.run.sum())
             if isinstance(rule, SenCacheOnlinePolicy):
                 online_decisions += batch
                 if rng.random() < 0.7:
