@@ -1,4 +1,4 @@
-"""The budget-driven sencache-online rule against every other rule, on draws nobody tuned for.
+"""The project's budget rule (sencache-plan) against every other rule, on draws nobody tuned for.
 
     python -m sencache.benchmarks.online --engine bundles/tiny-wan --out benchmarks/results/online/tiny-wan
 
@@ -7,8 +7,8 @@ Each draw is a set of grammar prompts and seeds drawn from one seed. The develop
 development never used and are run once, at the end, and reported side by side. On each draw: the
 uncached reference; SenCache's eps sweep; fixed schedules with and without warm-up (every k-th
 step after W steps run); TeaCache and MagCache threshold sweeps; plain sencache-online's eps sweep;
-and sencache-online held to each requested NFE (`--nfe`, hard mode, and threshold mode at some).
-The budget-driven rule minus each other rule, in PSNR dB at matched NFE inside 40%..70% of the
+sencache-online held to each requested NFE (`--nfe`, in `--mode`); and sencache-plan held to each
+requested NFE. sencache-plan minus each other rule, in PSNR dB at matched NFE inside 40%..70% of the
 steps, with bootstrap intervals over samples (`matched.compare_at_matched_nfe`), and the
 requested against the achieved NFE.
 
@@ -60,10 +60,14 @@ LOOKED_AT_DRAWS = (
     Draw("fresh-1", 20261202, 5000),
     Draw("fresh-2", 20261203, 6000),
     Draw("fresh-3", 20261204, 7000),
+    Draw("fresh-4", 20261205, 8000),
+    Draw("fresh-5", 20261206, 9000),
 )
 """Draws that were fresh for an earlier budget rule and whose reports then steered its successor
-(fresh-1 and fresh-2: the plan; fresh-3: the online rule at a measured eps): development draws since."""
-FRESH_DRAWS = (Draw("fresh-4", 20261205, 8000), Draw("fresh-5", 20261206, 9000))
+(fresh-1 and fresh-2: the first plan; fresh-3: the online rule at a measured eps; fresh-4 and
+fresh-5: sencache-online's budget, then sencache-plan's development on fresh-5): development draws
+since."""
+FRESH_DRAWS = (Draw("fresh-6", 20261207, 10000), Draw("fresh-7", 20261208, 11000))
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
 evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
 LOOKED_AT = (
@@ -74,8 +78,8 @@ LOOKED_AT = (
 )
 BAND = (0.4, 0.7)
 """The NFE band of the target, as fractions of the steps."""
-BEST = "online-budget"
-"""The label of the budget-driven rule (sencache-online with `nfe`, hard mode)."""
+BEST = "plan-budget"
+"""The label of the project's budget rule (sencache-plan with `nfe`)."""
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,9 @@ class Sweep:
     teacache: tuple[float, ...] = (0.03, 0.05)
     magcache: tuple[float, ...] = (0.1, 0.2, 0.4)
     nfe_fractions: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
-    """The budget rule's requested NFE, as fractions of the steps (rounded to whole runs)."""
-    threshold_fractions: tuple[float, ...] = (0.5,)
-    """The budgets also run in the other mode (requested against achieved NFE)."""
-    mode: str = "hard"
-    """The budget mode of the compared runs (the other mode runs at `threshold_fractions`)."""
+    """The budget rules' requested NFE, as fractions of the steps (rounded to whole runs)."""
+    mode: str = "threshold"
+    """sencache-online's budget mode (sencache-plan runs exactly the NFE asked for in either)."""
 
 
 def difficulty(prompt: str) -> tuple[str, str]:
@@ -155,13 +157,10 @@ class Sweeper:
         """Every rule of the comparison over its settings, or those of `parts` (PARTS: for several
         processes whose saved runs `--collect` joins): the budget rule and the strongest baselines
         first, so a sweep cut short still compares them."""
-        steps = self.steps
-        other = "threshold" if sweep.mode == "hard" else "hard"
-        budgets = sorted({round(f * steps) for f in sweep.nfe_fractions})
-        checks = sorted({round(f * steps) for f in sweep.threshold_fractions})
+        budgets = sorted({round(f * self.steps) for f in sweep.nfe_fractions})
         settings: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
-            "budget": [(BEST, "sencache-online", {"nfe": n, "budget": sweep.mode}) for n in budgets]
-            + [(f"{BEST}-{other}", "sencache-online", {"nfe": n, "budget": other}) for n in checks],
+            "budget": [(BEST, "sencache-plan", {"nfe": n}) for n in budgets],
+            "online-budget": [("online-budget", "sencache-online", {"nfe": n, "budget": sweep.mode}) for n in budgets],
             "fixed": [
                 ("fixed-warmup" if w else "fixed", "fixed", {"interval": k, "warmup": w}) for w, k in sweep.fixed
             ],
@@ -174,21 +173,20 @@ class Sweeper:
         return [self.run(part, *setting) for part in chosen for setting in settings[part]]
 
 
-PARTS = ("all", "budget", "fixed", "sencache", "magcache", "teacache", "online")
+PARTS = ("all", "budget", "online-budget", "fixed", "sencache", "magcache", "teacache", "online")
 """What one sweep process runs: every rule, or the budget rule's runs, or one other rule's."""
 
 
 def compare(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
-    """The budget-driven rule minus each other rule at matched NFE inside BAND (its runs in the other
-    budget mode are left out: they check the NFE met, and are the same rule)."""
-    kept = [r for r in runs if not r["method"].startswith(f"{BEST}-")]
-    return compare_at_matched_nfe(kept, steps, reference=BEST, nfe_range=(BAND[0] * steps, BAND[1] * steps))
+    """The budget rule minus each other rule at matched NFE inside BAND."""
+    return compare_at_matched_nfe(runs, steps, reference=BEST, nfe_range=(BAND[0] * steps, BAND[1] * steps))
 
 
 def nfe_met(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Requested against achieved mean NFE of every budget run."""
     return [
         {
+            "method": r["method"],
             "mode": r["knobs"].get("budget", "threshold"),
             "requested": r["knobs"]["nfe"],
             "achieved": r["mean_nfe"],
@@ -297,7 +295,7 @@ def markdown(report: dict[str, Any]) -> str:
     steps, (lo, hi) = report["steps"], report["band_nfe"]
     draws = report["draws"]
     lines = [
-        f"# {report['model']}: budget-driven sencache-online against every rule, {steps} steps",
+        f"# {report['model']}: the budget rule (sencache-plan) against every rule, {steps} steps",
         "",
         "Draws: "
         + "; ".join(
@@ -312,11 +310,11 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += verdict_lines(draws)
     lines += ["", "Requested against achieved mean NFE (min-max over samples):", ""]
-    lines += ["| draw | mode | requested | achieved | samples |", "| --- | --- | ---: | ---: | --- |"]
+    lines += ["| draw | rule | mode | requested | achieved | samples |", "| --- | --- | --- | ---: | ---: | --- |"]
     for d in draws:
         for m in d["nfe_met"]:
             lines.append(
-                f"| {d['draw']['name']} | {m['mode']} | {m['requested']} | {m['achieved']:.2f} | "
+                f"| {d['draw']['name']} | {m['method']} | {m['mode']} | {m['requested']} | {m['achieved']:.2f} | "
                 f"{m['min_sample']}-{m['max_sample']} |"
             )
     for d in draws:

@@ -46,7 +46,8 @@ They also give the NFE-budget curves (`sencache.runtime.cache.budget.record_curv
 rule, the code inference runs, replayed on them over a grid of eps at the calibration's steps, and
 on further uncached trajectories of the same prompts and seeds at half and twice the steps; and, on
 models of one expert, sencache-online's curve (`record_online_curve`), measured by running that rule
-on the calibration samples at the calibration's steps, since its learnt factor needs observed errors.
+at the calibration's steps (its learnt factor needs observed errors) on the calibration samples and
+further ones drawn the same way (`curve_samples`: three times as many by default).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.base import relative_l1
 from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.cache.budget import measure_online_curve, record_curves
+from sencache.runtime.cache.plan import SenCachePlanPolicy
 from sencache.runtime.cache.sencache import SenCacheOnlinePolicy, SenCacheOnlineSettings, SenCachePolicy
 from sencache.runtime.errors import BadInput
 from sencache.runtime.experts import expert_of, experts_of, segments
@@ -76,9 +78,14 @@ from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
 from sencache.runtime.preparation import sample_generators
 from sencache.runtime.request import SAMPLINGS, GenerationParams
-from sencache.runtime.sensitivity import OnlineCurve, SensitivityTable
+from sencache.runtime.sensitivity import OnlineCurve, ReuseCosts, SensitivityTable
 
 DEFAULT_SAMPLES = 8
+CURVE_SAMPLES_PER_SAMPLE = 3
+"""sencache-online's curve is measured on this many times the calibration's samples (24 by default):
+the calibration's own, then further prompts and seeds drawn the same way. Its mean NFE at an eps
+varies with the prompts far more than the table does: on tiny-wan the 8 calibration samples read
+up to 2 NFE above the mean over 32 other prompts (benchmarks/results/online, "Fourth round")."""
 BRANCHES = ("guided", "cond")
 PROCEDURES = ("engine", "reference")
 """The engine's (its own uncached trajectories) and the authors' (noised training-distribution videos)."""
@@ -86,9 +93,10 @@ SOLVER_STATES = ("fresh", "per-sample")
 """Where x' starts from: a fresh solver state at every step, or the authors' one state per sample."""
 
 
-def _check_samples(samples: int) -> None:
+def _check_samples(samples: int, param: str = "samples") -> None:
     if not 1 <= samples <= 1024:
-        raise BadInput(f"samples must be in [1, 1024] (default: one per prompt given), got {samples}", param="samples")
+        default = "one per prompt given" if param == "samples" else f"{CURVE_SAMPLES_PER_SAMPLE} x samples"
+        raise BadInput(f"{param} must be in [1, 1024] (default: {default}), got {samples}", param=param)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,9 @@ class CalibrationPlan:
     per-sample)."""
     sampling: str = "engine"
     """The schedule of the calibrated timesteps: the bundle's or the authors' (a request's `sampling`)."""
+    curve_samples: int | None = None
+    """Samples sencache-online's NFE-vs-eps curve is measured on (the calibration's first, then
+    further ones drawn the same way); None: CURVE_SAMPLES_PER_SAMPLE times the calibration's."""
     budget_steps: tuple[int, ...] | None = None
     """Further step counts whose uncached trajectories the NFE-budget curves are also recorded at;
     None: half and twice the calibration's steps."""
@@ -134,6 +145,8 @@ class CalibrationPlan:
             raise BadInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}", param="sampling")
         if self.samples is not None:
             _check_samples(self.samples)
+        if self.curve_samples is not None:
+            _check_samples(self.curve_samples, "curve_samples")
         if self.steps is not None and not 2 <= self.steps <= MAX_STEPS:
             raise BadInput(f"steps must be in [2, {MAX_STEPS}] for calibration, got {self.steps}", param="steps")
         if self.budget_steps is not None and not all(2 <= n <= MAX_STEPS for n in self.budget_steps):
@@ -243,6 +256,8 @@ def calibrate(
     solver = SolverSteps(lambda: engine.sampler(steps, plan.sampling), plan.solver_state)
     jx_all, jt_all, timesteps, paths = [], [], None, []
     tea_x, tea_y, tea_k, mag = [], [], [], []
+    changes: list[np.ndarray] = []
+    finals: list[np.ndarray] = []
     started = time.perf_counter()
     chunks = [(chosen[i : i + batch], seeds[i : i + batch]) for i in range(0, samples, batch)]
     bar = progress(total=len(chunks) * (2 * steps - 1), desc="calibrate", unit="call", disable=not show_progress)
@@ -255,12 +270,13 @@ def calibrate(
         paths.append(np.stack(run.trajectory))
         text = engine.encode(chunk_prompts)
         uncond = engine.encode([""] * len(chunk_prompts)) if guidance > 1.0 else None
-        jx_rows, jt_rows, mag_rows, previous = [], [], [], None
+        jx_rows, jt_rows, mag_rows, previous, guided = [], [], [], None, []
         solver.begin()
         for k in range(steps):
             x_k = run.trajectory[k]
             t_k = timesteps[k]
             now = predict(engine, x_k, np.full(len(x_k), t_k, np.float32), text, uncond, guidance, conditions)
+            guided.append(now.guided.reshape(len(x_k), -1))
             if previous is not None:
                 tea_x.append(relative_l1(now.modulation, previous.modulation))
                 tea_y.append(relative_l1(now.cond, previous.cond))
@@ -279,6 +295,8 @@ def calibrate(
         jx_all.append(np.stack(jx_rows))
         jt_all.append(np.stack(jt_rows))
         mag.append(np.stack(mag_rows))
+        changes.append(_output_changes(np.stack(guided)))
+        finals.append(np.asarray(run.latents))
     bar.close()
     assert timesteps is not None, "at least one chunk ran"
     meta = {
@@ -321,10 +339,22 @@ def calibrate(
             manifest.defaults.knobs("sencache"),
         )
         if boundary is None:  # the online rule's curve is measured over whole runs of one expert
-            online = record_online_curve(
-                engine, sensitivity, chunks, steps, guidance, plan.sampling, image, show_progress
+            count = plan.curve_samples or CURVE_SAMPLES_PER_SAMPLE * samples
+            drawn = calibration_prompts(
+                engine.preset.tiny, engine.preset.name, count, plan.seed, prompts, allow_tiny_vocabulary
             )
-            sensitivity.budget = dataclasses.replace(sensitivity.budget, online=online)
+            curve_chunks = [
+                (drawn[i : i + batch], [plan.seed + j for j in range(i, min(i + batch, count))])
+                for i in range(0, count, batch)
+            ]
+            online = record_online_curve(
+                engine, sensitivity, curve_chunks, steps, guidance, plan.sampling, image, show_progress
+            )
+            costs = record_reuse_costs(
+                engine, chunks, np.concatenate(changes), finals, steps, guidance, plan.sampling, image, show_progress
+            )
+            sensitivity.budget = dataclasses.replace(sensitivity.budget, online=online, costs=costs)
+            own["online_curve_samples"] = count
         own["budget_steps"] = list(sensitivity.budget.steps)
         within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
         tables.append(
@@ -356,6 +386,53 @@ def record_online_curve(
         return float(np.mean(nfe)) / steps
 
     return measure_online_curve(table.budget_curves(), steps, fraction_at)
+
+
+def _output_changes(guided: np.ndarray) -> np.ndarray:
+    """Per sample, the mean squared change of the guided output between every two steps of a
+    trajectory: [batch, a, i] from outputs [steps, batch, elements], 0 where a >= i."""
+    steps, batch = guided.shape[:2]
+    out = np.zeros((batch, steps, steps))
+    for a in range(steps - 1):
+        later = guided[a + 1 :].astype(np.float64) - guided[a].astype(np.float64)
+        out[:, a, a + 1 :] = np.mean(later**2, axis=2).T
+    return out
+
+
+def record_reuse_costs(
+    engine: Model,
+    chunks: list[tuple[list[str], list[int]]],
+    changes: np.ndarray,
+    finals: list[np.ndarray],
+    steps: int,
+    guidance: float,
+    sampling: str,
+    image: np.ndarray | None = None,
+    show_progress: bool = False,
+) -> ReuseCosts:
+    """sencache-plan's reuse costs (`ReuseCosts`) from the calibration `chunks`' output `changes`
+    [samples, a, i] along their uncached trajectories (whose final latents are `finals`, one array per
+    chunk): the gain G_i of each step i >= 1 is measured by running the chunks with step i alone
+    reused (its anchor the step before) and dividing the final latent's mean squared change by the
+    output's mean squared change from step i - 1 to i."""
+    bar = progress(
+        total=len(chunks) * (steps - 1), desc="calibrate (reuse costs)", unit="run", disable=not show_progress
+    )
+    moved = np.zeros(steps)
+    for (prompts, seeds), final in zip(chunks, finals, strict=True):
+        request = GenerationParams(prompts, seeds, steps, guidance, sampling=sampling, image=image)
+        reference = final.reshape(len(prompts), -1).astype(np.float64)
+        for i in range(1, steps):
+            schedule = np.arange(steps) != i
+            policy = SenCachePlanPolicy(schedule, np.arange(steps) == 0, len(prompts), {"mode": "calibration"}, 1)
+            latents = np.asarray(engine.generate(request, policy).latents).reshape(len(prompts), -1)
+            moved[i] += float(np.sum(np.mean((latents.astype(np.float64) - reference) ** 2, axis=1)))
+            bar.update(1)
+    bar.close()
+    mean = changes.mean(axis=0)
+    one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
+    gain = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
+    return ReuseCosts(steps, tuple(tuple(row) for row in (mean * gain[None, :]).tolist()))
 
 
 def _segment_trajectories(

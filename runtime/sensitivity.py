@@ -83,6 +83,34 @@ class OnlineCurve:
 
 
 @dataclass(frozen=True)
+class ReuseCosts:
+    """What reusing costs the final video, measured at calibration on its uncached trajectories at
+    `steps` steps (sencache-plan's input, `sencache.runtime.cache.plan`): cost[a][i], for an anchor
+    run at step a < i, is the mean over the calibration samples of G_i x ||f_i - f_a||^2 / numel,
+    f the guided output, G_i the measured gain from an output error at step i to the final latent;
+    0 where a >= i."""
+
+    steps: int
+    cost: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        cost = np.asarray(self.cost, dtype=np.float64)
+        if self.steps < 2 or cost.shape != (self.steps, self.steps):
+            raise ValueError(f"the reuse costs must be a {self.steps} x {self.steps} matrix of at least 2 steps")
+        if not np.all(np.isfinite(cost)) or np.any(cost < 0) or np.any(np.tril(cost) != 0):
+            raise ValueError("the reuse costs must be finite, non-negative, and 0 on and below the diagonal")
+
+    @classmethod
+    def from_dict(cls, document: Any) -> ReuseCosts:
+        if not isinstance(document, dict):
+            raise ValueError("the reuse costs must be an object")
+        return cls(
+            steps=_integer(document["steps"]),
+            cost=tuple(tuple(_vector(row).tolist()) for row in _list(document["cost"])),
+        )
+
+
+@dataclass(frozen=True)
 class BudgetCurves:
     """What calibration records for per-request NFE budgets (issue 12): the SenCache rule replayed
     on uncached calibration trajectories at a few step counts, over a grid of eps_main (eps_start
@@ -102,6 +130,8 @@ class BudgetCurves:
     force_last: bool
     online: OnlineCurve | None = None
     """sencache-online's measured curve (None in curves from before it, or where not measured)."""
+    costs: ReuseCosts | None = None
+    """sencache-plan's reuse costs (None in curves from before them, or where not measured)."""
 
     def __post_init__(self) -> None:
         grid = np.asarray(self.eps_grid, dtype=np.float64)
@@ -135,6 +165,7 @@ class BudgetCurves:
                 switch_frac=float(_number(document["switch_frac"])),
                 force_last=_boolean(document["force_last"]),
                 online=None if document.get("online") is None else OnlineCurve.from_dict(document["online"]),
+                costs=None if document.get("costs") is None else ReuseCosts.from_dict(document["costs"]),
             )
         except KeyError as e:
             raise ValueError(f"missing {e}") from None

@@ -66,6 +66,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     plan = CalibrationPlan(
         samples=args.samples,
+        curve_samples=args.curve_samples,
         steps=args.steps,
         seed=args.seed,
         branch=args.branch,
@@ -328,6 +329,11 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--samples", type=int, help="trajectories, the prompts taken in turn (default: one per prompt given, else 8)"
+    )
+    c.add_argument(
+        "--curve-samples",
+        type=int,
+        help="samples sencache-online's NFE curve is measured on, the calibration's first (default: 3 x samples)",
     )
     c.add_argument(
         "--prompts",

@@ -55,8 +55,10 @@ extern "C" {
  * 4: NFE budgets in the native rule: sc_budget and sc_policy_create_budget (sencache and
  *    sencache-online held to nfe, speedup or a named speed, in threshold or hard mode), tables
  *    carrying the budget curves they were calibrated with, and sc_table_has_budget. The layouts and
- *    behaviour of ABI 1-3 are unchanged. */
-#define SC_ABI_VERSION 4
+ *    behaviour of ABI 1-3 are unchanged.
+ * 5: SC_RULE_SENCACHE_PLAN with sc_policy_create_budget (sencache-plan: one schedule of the budget's
+ *    runs over the table's reuse costs, every sample following it). ABI 1-4 unchanged. */
+#define SC_ABI_VERSION 5
 
 typedef enum sc_status {
     SC_OK = 0,
@@ -110,7 +112,12 @@ SC_API void sc_table_destroy(sc_table* table);
  * "sencache-online" (SenCacheOnlinePolicy), each sample's score the table's times a factor c_b
  * learnt from the reuse errors the host observes and feeds back (sc_policy_observe); its knobs are
  * in sc_policy_extra (sc_policy_create takes their defaults). */
-typedef enum sc_rule { SC_RULE_SENCACHE = 0, SC_RULE_SENCACHE_MAX = 1, SC_RULE_SENCACHE_ONLINE = 2 } sc_rule;
+typedef enum sc_rule {
+    SC_RULE_SENCACHE = 0,
+    SC_RULE_SENCACHE_MAX = 1,
+    SC_RULE_SENCACHE_ONLINE = 2,
+    SC_RULE_SENCACHE_PLAN = 3 /* ABI 5: sc_policy_create_budget only */
+} sc_rule;
 
 typedef struct sc_policy_settings {
     sc_rule rule;
@@ -191,7 +198,7 @@ typedef struct sc_budget {
     sc_budget_speed speed; /* SPEED */
 } sc_budget;
 
-/* The rule `rule` (SC_RULE_SENCACHE or SC_RULE_SENCACHE_ONLINE; SC_RULE_SENCACHE_MAX takes no
+/* The rule `rule` (SC_RULE_SENCACHE, SC_RULE_SENCACHE_ONLINE or SC_RULE_SENCACHE_PLAN; SC_RULE_SENCACHE_MAX takes no
  * budget, as in Python) for a request held to `budget`, built as Python's make_budget_policy and
  * make_online_budget_policy build it from the table's budget curves (their eps_ratio, max_reuse,
  * switch_frac and force_last: a budget chooses the thresholds), decision for decision:
@@ -209,7 +216,12 @@ typedef struct sc_budget {
  * table without budget curves ("the sensitivity table has no NFE-budget curves: recalibrate..."),
  * runs outside [forced steps, steps], a threshold budget outside the curve ("... ask for budget
  * hard"). sc_policy_observe and sc_policy_factor apply to SC_RULE_SENCACHE_ONLINE's budgets as to
- * the rule itself. sc_policy_reset restarts the request with the same budget. */
+ * the rule itself. sc_policy_reset restarts the request with the same budget.
+ * SC_RULE_SENCACHE_PLAN (ABI 5): Python's make_plan_policy, in either mode: the schedule of exactly
+ * the budget's runs that minimises the table's reuse costs (read at `steps` steps), the forced steps
+ * run and at most the calibrated max_reuse steps reused in a row; every sample follows it, so
+ * drift_sumsq may be NULL, the scores and threshold are NaN and `extra` is ignored. Refused: a table
+ * without reuse costs ("cache sencache-plan: ... recalibrate it"), a budget no such schedule meets. */
 SC_API sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule, const sc_policy_extra* extra,
                                          const sc_budget* budget, int32_t steps, int32_t batch, int64_t numel,
                                          sc_policy** out);

@@ -87,6 +87,30 @@ OnlineCurve parse_online(const Value& doc) {
     return c;
 }
 
+// ReuseCosts.from_dict and its checks
+Costs parse_costs(const Value& doc) {
+    if (doc.kind != Value::Object) fail("the reuse costs must be an object");
+    Costs c;
+    c.steps = integer(member(doc, "steps"));
+    const std::vector<Value>& rows = list(member(doc, "cost"));
+    bool square = static_cast<int64_t>(rows.size()) == c.steps;
+    for (const Value& row : rows) {
+        const std::vector<double> values = vector(row);
+        square = square && static_cast<int64_t>(values.size()) == c.steps;
+        c.cost.insert(c.cost.end(), values.begin(), values.end());
+    }
+    if (c.steps < 2 || !square)
+        fail("the reuse costs must be a " + std::to_string(c.steps) + " x " + std::to_string(c.steps) +
+             " matrix of at least 2 steps");
+    for (int64_t a = 0; a < c.steps; ++a)
+        for (int64_t i = 0; i < c.steps; ++i) {
+            const double v = c.cost[a * c.steps + i];
+            if (!std::isfinite(v) || v < 0 || (i <= a && v != 0))
+                fail("the reuse costs must be finite, non-negative, and 0 on and below the diagonal");
+        }
+    return c;
+}
+
 std::vector<double> minimum_accumulate(std::vector<double> v) {
     for (size_t i = 1; i < v.size(); ++i) v[i] = v[i] < v[i - 1] ? v[i] : v[i - 1];
     return v;
@@ -120,6 +144,8 @@ Curves parse(const Value& doc) {
     c.force_last = force_last.boolean;
     const Value* online = doc.find("online");
     if (online != nullptr && online->kind != Value::Null) c.online = parse_online(*online);
+    const Value* costs = doc.find("costs");
+    if (costs != nullptr && costs->kind != Value::Null) c.costs = parse_costs(*costs);
     // BudgetCurves.__post_init__
     check_axes(c.steps, c.eps_grid);
     if (c.fractions.size() != c.steps.size() || c.profiles.size() != c.steps.size())
@@ -270,6 +296,67 @@ bool Plan::runs(int32_t step, size_t b, double score, int64_t reuses, int32_t ma
     const int64_t left = nfe - spent[b] - forced_after[step];
     if (left >= free_from[step] || (capped && reuses >= max_reuse)) return true;
     return left > 0 && score >= thresholds[static_cast<size_t>(step) * (forced_after.size() + 1) + left];
+}
+
+std::vector<double> costs_at(const Costs& costs, int32_t steps) {
+    const size_t n = static_cast<size_t>(costs.steps), m = static_cast<size_t>(steps);
+    if (static_cast<int64_t>(steps) == costs.steps) return costs.cost;
+    const std::vector<double> grid = unit_linspace(costs.steps), at = unit_linspace(steps);
+    // rows: each measured row read at the new fractions; then each column of those
+    std::vector<double> rows(n * m), out(m * m, 0.0), column(n), row(n);
+    for (size_t a = 0; a < n; ++a) {
+        for (size_t i = 0; i < n; ++i) row[i] = costs.cost[a * n + i];
+        for (size_t j = 0; j < m; ++j) rows[a * m + j] = interp(at[j], grid, row);
+    }
+    for (size_t j = 0; j < m; ++j) {
+        for (size_t a = 0; a < n; ++a) column[a] = rows[a * m + j];
+        for (size_t b = 0; b < m; ++b)
+            if (j > b) out[b * m + j] = interp(at[b], grid, column);  // np.triu(k=1)
+    }
+    return out;
+}
+
+std::optional<std::vector<bool>> plan_schedule(const std::vector<double>& cost, int32_t runs,
+                                               const std::vector<bool>& forced, int64_t max_reuse) {
+    const int64_t steps = static_cast<int64_t>(forced.size());
+    const size_t width = static_cast<size_t>(steps + 1), k = static_cast<size_t>(runs) + 1;
+    std::vector<double> gap(static_cast<size_t>(steps) * width, kInf);
+    for (int64_t a = 0; a < steps; ++a) {
+        double total = 0.0;
+        for (int64_t m = a + 1; m <= std::min(steps, a + 1 + max_reuse); ++m) {
+            gap[a * width + m] = total;
+            if (m == steps || forced[m]) break;
+            total += cost[a * steps + m];
+        }
+    }
+    std::vector<double> best(static_cast<size_t>(steps) * k, kInf);
+    std::vector<int64_t> back(static_cast<size_t>(steps) * k, 0);
+    best[1] = 0.0;
+    for (int64_t m = 1; m < steps; ++m)
+        for (size_t r = 1; r < k; ++r) {  // np.argmin over anchors: the first smallest
+            double low = kInf;
+            int64_t at = 0;
+            bool seen = false;
+            for (int64_t a = 0; a < m; ++a) {
+                const double c = best[a * k + r - 1] + gap[a * width + m];
+                if (!seen || c < low) low = c, at = a, seen = true;
+            }
+            best[m * k + r] = low;
+            back[m * k + r] = at;
+        }
+    double low = kInf;
+    int64_t last = 0;
+    for (int64_t m = 0; m < steps; ++m) {
+        const double c = best[m * k + runs] + gap[m * width + steps];
+        if (m == 0 || c < low) low = c, last = m;
+    }
+    if (!std::isfinite(low)) return std::nullopt;
+    std::vector<bool> schedule(static_cast<size_t>(steps), false);
+    for (int64_t m = last, r = runs;; m = back[m * k + r], --r) {
+        schedule[m] = true;
+        if (m == 0) break;
+    }
+    return schedule;
 }
 
 }  // namespace sencache::budget

@@ -1,7 +1,8 @@
 // NFE budgets, native: the budget curves a sensitivity table carries (runtime/sensitivity.py
-// BudgetCurves, OnlineCurve) and the pure arithmetic that turns a budget into a rule
+// BudgetCurves, OnlineCurve, ReuseCosts) and the pure arithmetic that turns a budget into a rule
 // (runtime/cache/budget.py: fraction_curve, eps_for_fraction, step_profile, run_thresholds,
-// online_eps_for_fraction), in double, operation for operation, so the results agree bit for bit.
+// online_eps_for_fraction; runtime/cache/plan.py: costs_at, plan_schedule), in double, operation
+// for operation, so the results agree bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,12 @@ struct OnlineCurve {
     double rate = 0, bound = 0, prior = 0;
 };
 
+// sencache-plan's reuse costs (ReuseCosts): cost[a * steps + i], 0 where a >= i.
+struct Costs {
+    int64_t steps = 0;
+    std::vector<double> cost;
+};
+
 // What calibration records for NFE budgets (BudgetCurves).
 struct Curves {
     std::vector<int64_t> steps;
@@ -30,6 +37,7 @@ struct Curves {
     double switch_frac = 0;
     bool force_last = true;
     std::optional<OnlineCurve> online;
+    std::optional<Costs> costs;
 };
 
 // BudgetCurves.from_dict and its checks; throws std::invalid_argument saying what is wrong.
@@ -46,6 +54,11 @@ std::optional<double> eps_for_fraction(const Curves& curves, int32_t steps, doub
 std::vector<double> step_profile(const Curves& curves, int32_t steps);
 // online_eps_for_fraction: sencache-online's eps_main for `fraction`; nullopt outside its curve.
 std::optional<double> online_eps_for_fraction(const Curves& curves, int32_t steps, double fraction);
+// costs_at: the reuse costs at `steps` steps, row-major [steps][steps].
+std::vector<double> costs_at(const Costs& costs, int32_t steps);
+// plan_schedule: the cheapest schedule of `runs` runs (its run flags); nullopt where none exists.
+std::optional<std::vector<bool>> plan_schedule(const std::vector<double>& cost, int32_t runs,
+                                               const std::vector<bool>& forced, int64_t max_reuse);
 // run_thresholds: the hard mode's plan, row-major [steps][steps + 1].
 std::vector<double> run_thresholds(const std::vector<double>& profile, const std::vector<bool>& forced);
 

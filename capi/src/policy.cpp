@@ -338,6 +338,7 @@ struct sc_policy {
     OnlineFactor online;                           // SC_RULE_SENCACHE_ONLINE only
     std::unique_ptr<sencache::budget::Plan> plan;  // a budget's plan (hard mode; sencache-online's fallback)
     std::optional<Resolved> budget;                // made by sc_policy_create_budget
+    std::vector<bool> schedule, schedule_forced;   // sencache-plan: each step's run flag; empty: none
 
     bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
 
@@ -358,6 +359,13 @@ struct sc_policy {
     bool is_forced(int32_t step) const { return step == 0 || (settings.force_last && step == steps - 1); }
 
     void decide(int32_t step, double t, const float* drift_sumsq) {
+        if (!schedule.empty()) {  // SenCachePlanPolicy.decide: every sample follows the schedule
+            forced = schedule_forced[step];
+            threshold = kNaN;
+            std::fill(run.begin(), run.end(), schedule[step] ? 1 : 0);
+            std::fill(scores.begin(), scores.end(), kNaN);
+            return;
+        }
         if (learns()) online.start(step);
         const double eps = step < switch_step ? settings.eps_start : settings.eps_main;
         forced = is_forced(step);
@@ -674,6 +682,32 @@ void check_measured_knobs(const GivenOnline& given, const sencache::budget::Onli
                    ", online_prior " + format("%g", online.prior) + "); ask for budget hard");
 }
 
+// runtime/cache/plan.py make_plan_policy (the caller checked the costs are there): the cheapest
+// schedule of the budget's runs over the table's reuse costs, which every sample follows.
+std::unique_ptr<sc_policy> plan_policy(const std::shared_ptr<sc_table>& table, sc_policy_settings planned,
+                                       const Target& target, const sencache::budget::Curves& curves, int32_t steps,
+                                       int32_t batch, int64_t numel) {
+    planned.rule = SC_RULE_SENCACHE;  // the settings hold the conventions; the schedule decides
+    auto policy = make_policy(table, planned, complete_extra(nullptr), steps, batch, numel);
+    std::vector<bool> forced(steps);
+    for (int32_t i = 0; i < steps; ++i) forced[i] = policy->is_forced(i);
+    std::optional<std::vector<bool>> schedule = sencache::budget::plan_schedule(
+        sencache::budget::costs_at(*curves.costs, steps), target.runs, forced, curves.max_reuse);
+    if (!schedule) {
+        const int last = forced.back() ? 1 : 0;
+        const double fewest =
+            std::ceil(static_cast<double>(steps - last) / static_cast<double>(curves.max_reuse + 1)) + last;
+        SC_REQUIRE(false, SC_ERR_INVALID_ARGUMENT,
+                   target.param + " " + target.value + " asks for " + std::to_string(target.runs) + " runs of " +
+                       std::to_string(steps) + " steps; reusing at most " + std::to_string(curves.max_reuse) +
+                       " steps in a row (the calibrated max_reuse) needs at least about " + format("%.0f", fewest));
+    }
+    policy->schedule = std::move(*schedule);
+    policy->schedule_forced = std::move(forced);
+    policy->budget = Resolved{kNaN, kNaN, target.runs};
+    return policy;
+}
+
 std::unique_ptr<sc_policy> budget_policy(const std::shared_ptr<sc_table>& table, sc_rule rule,
                                          const GivenOnline& given, const sc_budget& b, int32_t steps, int32_t batch,
                                          int64_t numel) {
@@ -683,7 +717,12 @@ std::unique_ptr<sc_policy> budget_policy(const std::shared_ptr<sc_table>& table,
     const int32_t max_reuse = static_cast<int32_t>(std::min<int64_t>(curves.max_reuse, INT32_MAX));
     const sc_policy_settings planned{rule, 0.0, 0.0, max_reuse, curves.switch_frac, curves.force_last ? 1 : 0};
     const int32_t forced = 1 + (curves.force_last && steps > 1 ? 1 : 0);
+    if (rule == SC_RULE_SENCACHE_PLAN)
+        SC_REQUIRE(curves.costs.has_value(), SC_ERR_INVALID_ARGUMENT,
+                   "cache sencache-plan: the bundle's sensitivity table has no reuse costs (calibrated before them, "
+                   "or a model of several experts); recalibrate it (`sencache calibrate`)");
     const Target target = budget_target(b, steps, forced);
+    if (rule == SC_RULE_SENCACHE_PLAN) return plan_policy(table, planned, target, curves, steps, batch, numel);
     const double requested = target.fraction * steps;
     if (b.mode == SC_BUDGET_THRESHOLD && rule == SC_RULE_SENCACHE) {
         const std::optional<double> eps = sencache::budget::eps_for_fraction(curves, steps, target.fraction);
@@ -737,8 +776,9 @@ extern "C" sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule
                    "steps must be at most 1000 with a budget, got " + std::to_string(steps));
         SC_REQUIRE(rule != SC_RULE_SENCACHE_MAX, SC_ERR_INVALID_ARGUMENT,
                    "SC_RULE_SENCACHE_MAX takes no NFE budget: budget does not apply to cache 'sencache-max'");
-        SC_REQUIRE(rule == SC_RULE_SENCACHE || rule == SC_RULE_SENCACHE_ONLINE, SC_ERR_INVALID_ARGUMENT,
-                   "rule must be SC_RULE_SENCACHE or SC_RULE_SENCACHE_ONLINE");
+        SC_REQUIRE(rule == SC_RULE_SENCACHE || rule == SC_RULE_SENCACHE_ONLINE || rule == SC_RULE_SENCACHE_PLAN,
+                   SC_ERR_INVALID_ARGUMENT,
+                   "rule must be SC_RULE_SENCACHE, SC_RULE_SENCACHE_ONLINE or SC_RULE_SENCACHE_PLAN");
         const GivenOnline given = given_online(extra);
         const sc_budget b = checked_budget(budget);
         return hand_out(budget_policy(unwrap(table), rule, given, b, steps, batch, numel), out);
@@ -765,7 +805,8 @@ extern "C" sc_status sc_policy_decide(sc_policy* policy, int32_t step, double t,
         SC_REQUIRE(step >= 0 && step < policy->steps, SC_ERR_INVALID_ARGUMENT,
                    "step " + std::to_string(step) + " outside [0, " + std::to_string(policy->steps) + ")");
         SC_REQUIRE(std::isfinite(t), SC_ERR_INVALID_ARGUMENT, "timestep must be finite");
-        SC_REQUIRE(drift_sumsq != nullptr || policy->is_forced(step), SC_ERR_INVALID_ARGUMENT,
+        SC_REQUIRE(drift_sumsq != nullptr || policy->is_forced(step) || !policy->schedule.empty(),
+                   SC_ERR_INVALID_ARGUMENT,
                    "drift_sumsq is NULL on a step that is not forced");
         policy->decide(step, t, drift_sumsq);
         std::memcpy(run_mask_out, policy->run.data(), policy->run.size());

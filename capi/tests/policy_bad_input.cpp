@@ -237,6 +237,11 @@ int main(int argc, char** argv) {
            SC_ERR_INVALID_ARGUMENT);
     EXPECT(sc_policy_create_budget(table, static_cast<sc_rule>(7), nullptr, &budget, 10, 2, 100, &policy),
            SC_ERR_INVALID_ARGUMENT);
+    // sencache-plan (ABI 5): this table has no reuse costs; a plain policy is never the plan
+    EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE_PLAN, nullptr, &budget, 10, 2, 100, &policy),
+           SC_ERR_INVALID_ARGUMENT);
+    sc_policy_settings plan_settings = {SC_RULE_SENCACHE_PLAN, 0.1, 0.1, 3, 0.2, 1};
+    EXPECT(sc_policy_create(table, &plan_settings, 10, 2, 100, &policy), SC_ERR_INVALID_ARGUMENT);
     EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, 1001, 2, 100, &policy),
            SC_ERR_INVALID_ARGUMENT);
     EXPECT(sc_policy_create_budget(table, SC_RULE_SENCACHE, nullptr, &budget, 10, 0, 100, &policy),

@@ -11,6 +11,7 @@ curves read from JSON as the runtime writes them."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -30,9 +31,10 @@ from sencache.runtime.cache.budget import (  # noqa: E402
     make_online_budget_policy,
 )
 from sencache.runtime.cache.knobs import SPEEDS, check_knobs  # noqa: E402
+from sencache.runtime.cache.plan import make_plan_policy  # noqa: E402
 from sencache.runtime.cache.sencache import SenCacheOnlinePolicy  # noqa: E402
 from sencache.runtime.errors import BadInput  # noqa: E402
-from sencache.runtime.sensitivity import BudgetCurves, OnlineCurve, SensitivityTable  # noqa: E402
+from sencache.runtime.sensitivity import BudgetCurves, OnlineCurve, ReuseCosts, SensitivityTable  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf drifts, on purpose
 TRACES = int(os.environ.get("SENCACHE_BUDGET_TRACES", 20_000))
@@ -358,6 +360,9 @@ def test_reset_replays(lib):
             "must not grow",
         ),
         ({"max_reuse": None}, "expected"),
+        ({"costs": {"steps": 2, "cost": [[0.0, 1.0], [1.0, 0.0]]}}, "0 on and below the diagonal"),
+        ({"costs": {"steps": 3, "cost": [[0.0, 1.0], [0.0, 0.0]]}}, "must be a 3 x 3 matrix"),
+        ({"costs": {"steps": 2, "cost": [[0.0, -1.0], [0.0, 0.0]]}}, "non-negative"),
     ],
 )
 def test_corrupt_curves_refused_alike(lib, change, needle):
@@ -375,3 +380,74 @@ def test_corrupt_curves_refused_alike(lib, change, needle):
     with pytest.raises(ValueError, match="corrupt NFE-budget curves") as ours:
         native.Table.from_json(lib, data)
     assert needle in str(theirs.value) and needle in str(ours.value)
+
+
+SENCACHE_PLAN = 3  # sc_rule, ABI 5
+PLAN_TRACES = int(os.environ.get("SENCACHE_PLAN_TRACES", 4_000))
+
+
+def random_costs(rng: np.random.Generator) -> ReuseCosts:
+    """An upper-triangular cost matrix: exponential entries, some zero, some repeated (ties)."""
+    steps = int(rng.integers(2, 40))
+    cost = rng.exponential(1.0, (steps, steps)) * 10 ** rng.uniform(-6, 2)
+    cost[rng.random((steps, steps)) < 0.1] = 0.0
+    if rng.random() < 0.3:
+        cost = np.round(cost, 1)  # ties between schedules
+    return ReuseCosts(steps, tuple(tuple(row) for row in np.triu(cost, k=1).tolist()))
+
+
+def plan_traces(chunk: int, count: int) -> dict[str, int]:
+    """`count` random sencache-plan requests from seed (20261204, chunk): the same schedule (every
+    step's run flags, NaN scores and threshold, forced) or the same refusal."""
+    lib = native.load()
+    rng = np.random.default_rng((20261204, chunk))
+    tally = dict.fromkeys(("traces", "decisions", "runs", "budget", "field", "read"), 0)
+    for trace in range(count):
+        table = random_table(rng)
+        table.budget = dataclasses.replace(random_curves(rng), costs=random_costs(rng) if rng.random() < 0.9 else None)
+        costs = table.budget.costs
+        measured = costs.steps if costs is not None else 10
+        steps = int(rng.choice([measured, int(rng.integers(1, 90))]))
+        batch = int(rng.integers(1, 5))
+        knobs, budget = random_budget(rng, steps)
+        where = f"chunk {chunk} trace {trace} (sencache-plan {knobs}, {steps} steps)"
+        theirs_table = native.Table.from_json(lib, table.to_bytes())
+        tally["read"] += 1
+        try:
+            want = make_plan_policy(check_knobs("sencache-plan", knobs), table, steps, batch)
+        except BadInput as refused:
+            with pytest.raises(native.NativeError) as error:
+                native.Policy.with_budget(lib, theirs_table, SENCACHE_PLAN, budget, steps, batch, 100)
+            tally[check_refusal(refused, error.value, where)] += 1
+            theirs_table.close()
+            continue
+        ours = native.Policy.with_budget(lib, theirs_table, SENCACHE_PLAN, budget, steps, batch, 100)
+        theirs_table.close()
+        assert ours.budget()[2] == want.budget["nfe"], where
+        for step in range(steps):
+            decision = want.decide(step, float(steps - step))
+            run, score, threshold, forced = ours.decide(step, float(steps - step), None)
+            assert np.array_equal(run, decision.run), f"{where} step {step}"
+            assert np.all(np.isnan(score)) and np.isnan(threshold) and forced == decision.forced, f"{where} step {step}"
+            tally["decisions"] += batch
+            tally["runs"] += int(run.sum())
+        ours.close()
+        tally["traces"] += 1
+    return tally
+
+
+def test_random_plan_traces():
+    """PLAN_TRACES sencache-plan requests on random reuse costs (read at the measured and at other
+    step counts, ties included), in chunks over the CPUs."""
+    chunks = 8
+    sizes = [PLAN_TRACES // chunks + (k < PLAN_TRACES % chunks) for k in range(chunks)]
+    with multiprocessing.get_context("fork").Pool(min(chunks, os.cpu_count() or 1)) as pool:
+        results = pool.starmap(plan_traces, enumerate(sizes))
+    total = {key: sum(r[key] for r in results) for key in results[0]}
+    print(
+        f"\nplan parity: {PLAN_TRACES} budgets, {total['traces']} planned alike, {total['decisions']} per-sample "
+        f"decisions ({total['runs']} run); refused alike: {total['budget']} by the budget (same message), "
+        f"{total['field']} by a field's range; 0 mismatches"
+    )
+    assert total["traces"] > PLAN_TRACES // 3 and total["budget"] > PLAN_TRACES // 50
+    assert 0 < total["runs"] < total["decisions"]

@@ -5,7 +5,7 @@ the rules add themselves to, and one factory. A new rule is its module and an im
 from sencache.runtime.cache import sencache  # noqa: F401
 
 # isort: split
-from sencache.runtime.cache import baselines, budget  # noqa: F401
+from sencache.runtime.cache import baselines, budget, plan  # noqa: F401
 from sencache.runtime.cache.base import CachePolicy, NoCache, ReuseObserver, StepDecision
 from sencache.runtime.cache.factory import make_policy
 from sencache.runtime.cache.knobs import KNOBS, Knob, check_knobs, method_knobs
