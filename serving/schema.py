@@ -53,9 +53,10 @@ CacheKnobs = create_model(
 PRESETS: dict[str, str | None] = {"reference": None, "quality": "high", "balanced": "balanced", "fast": "fast"}
 """Named cache settings, each an NFE budget (so a preset means the same speed on every model and
 step count) by its `speed`: `reference` runs every step; `quality`, `balanced` and `fast` hold the
-bundle's budget rule (`budget_rule`: sencache-online at the eps of its measured curve, where the
-bundle has that curve) to the speeds high, balanced and fast (0.75, 0.6 and 0.45 of the steps run,
-on average: threshold mode), which needs a bundle calibrated with budget curves."""
+bundle's budget rule (`budget_rule`: sencache-plan where the bundle has its reuse costs, every video
+running exactly that share of the steps; else sencache-online at the eps of its measured curve, on
+average) to the speeds high, balanced and fast (0.75, 0.6 and 0.45 of the steps run), which needs a
+bundle calibrated with budget curves."""
 
 
 class CacheSpec(BaseModel):

@@ -26,7 +26,7 @@ from sencache.runtime.cache.sencache import (
     SenCacheSettings,
 )
 from sencache.runtime.errors import BadInput
-from sencache.runtime.sensitivity import OnlineCurve, SensitivityTable
+from sencache.runtime.sensitivity import OnlineCurve, ReuseCosts, SensitivityTable
 
 CURVES = curves()
 CALIBRATED = SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=CURVES)
@@ -125,14 +125,17 @@ def test_the_servers_presets_are_budgets_at_the_named_speeds_of_the_bundles_rule
     from sencache.serving.schema import CacheSpec
 
     assert CacheSpec(preset="reference").resolve("sencache-online") == ("none", {})
-    for rule in ("sencache", "sencache-online"):
+    for rule in ("sencache", "sencache-online", "sencache-plan"):
         for preset, speed in (("quality", "high"), ("balanced", "balanced"), ("fast", "fast")):
             method, knobs = CacheSpec(preset=preset).resolve(rule)
             assert (method, knobs) == (rule, {"speed": speed})
             assert check_knobs(method, knobs) == knobs
 
 
-def test_a_bundle_runs_named_speeds_with_sencache_online_only_where_every_table_has_its_curve():
+def test_a_bundle_runs_named_speeds_with_the_plan_or_sencache_online_only_where_every_table_has_them():
+    assert budget_rule([PLANNED]) == budget_rule([PLANNED, PLANNED]) == "sencache-plan"
+    assert budget_rule([PLANNED, MEASURED]) == "sencache-online"
+    assert budget_rule([PLANNED, CALIBRATED]) == "sencache"
     assert budget_rule([MEASURED]) == "sencache-online"
     assert budget_rule([MEASURED, MEASURED]) == "sencache-online"
     assert budget_rule([MEASURED, CALIBRATED]) == "sencache"
@@ -143,6 +146,8 @@ def test_a_bundle_runs_named_speeds_with_sencache_online_only_where_every_table_
 
 ONLINE = OnlineCurve(steps=10, eps_grid=(0.05, 0.1, 0.2), fractions=(0.9, 0.7, 0.5), rate=0.5, bound=4.0, prior=2.0)
 MEASURED = SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=replace(CURVES, online=ONLINE))
+COSTS = ReuseCosts(3, ((0.0, 1.0, 2.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0)))
+PLANNED = SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=replace(CURVES, online=ONLINE, costs=COSTS))
 
 
 def test_the_online_curve_is_inverted_and_carried_to_other_step_counts_by_sencaches_eps():

@@ -304,13 +304,19 @@ def make_online_budget_policy(
 
 
 def budget_rule(tables: Sequence[SensitivityTable]) -> str:
-    """The rule a named speed runs on a bundle with these tables (one per expert):
-    sencache-online, at the eps of its measured curve, where every table holds that curve (measured
-    ahead of or tied with SenCache's budget at every matched NFE on fresh draws:
-    benchmarks/results/online); SenCache's own budget otherwise, since without the curve the online
-    rule's budget is the per-sample plan, which measured behind it."""
+    """The rule a named speed runs on a bundle with these tables (one per expert): sencache-plan
+    where every table holds its reuse costs (on fresh draws of both trained models it met every
+    request exactly and was ahead of sencache-online's budget at 6 of 17 matched NFE, behind at 1:
+    benchmarks/results/online, "Fourth round");
+    sencache-online, at the eps of its measured curve, where every table holds that curve;
+    SenCache's own budget otherwise (e.g. Wan 2.2's two-expert bundles, whose calibration measures
+    neither)."""
     curves = [t.budget for t in tables]
-    return "sencache-online" if curves and all(c is not None and c.online is not None for c in curves) else "sencache"
+    if not curves or any(c is None for c in curves):
+        return "sencache"
+    if all(c is not None and c.costs is not None for c in curves):
+        return "sencache-plan"
+    return "sencache-online" if all(c is not None and c.online is not None for c in curves) else "sencache"
 
 
 def _online_threshold(

@@ -13,10 +13,10 @@ from its anchor, with the forced steps run and no more than max_reuse steps reus
 costs are measured along the uncached trajectory, which a long reuse leaves behind). Every sample
 of the request follows that schedule, so each runs exactly K steps.
 
-Why a schedule and not a live score: on the tiny models, the best schedule chosen with hindsight
-for each sample was within 0.4-1.4 dB of the best one schedule for all of them, and both were
-2-4 dB above every rule that thresholds a live score (benchmarks/results/online, "Fourth round");
-what matters most is where the runs go, which the costs say from calibration alone.
+Why a schedule and not a live score: on tiny-wan the best schedule chosen with hindsight for each
+sample was 0.0-1.4 dB above the best one schedule for all of them, and both were 2-4 dB above every
+rule that thresholds a live score (benchmarks/results/online, "Fourth round"): what matters most is
+where the runs go, which the costs say from calibration alone.
 """
 
 from __future__ import annotations
