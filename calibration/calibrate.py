@@ -47,7 +47,7 @@ rule, the code inference runs, replayed on them over a grid of eps at the calibr
 on further uncached trajectories of the same prompts and seeds at half and twice the steps; and, on
 models of one expert, sencache-online's curve (`record_online_curve`), measured by running that rule
 at the calibration's steps (its learnt factor needs observed errors) on the calibration samples and
-further ones drawn the same way (`curve_samples`: three times as many by default).
+further ones drawn the same way where `curve_samples` asks for more than the calibration's.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ from sencache.runtime.request import SAMPLINGS, GenerationParams
 from sencache.runtime.sensitivity import OnlineCurve, ReuseCosts, SensitivityTable
 
 DEFAULT_SAMPLES = 8
-CURVE_SAMPLES_PER_SAMPLE = 3
-"""sencache-online's curve is measured on this many times the calibration's samples (24 by default):
-the calibration's own, then further prompts and seeds drawn the same way. Its mean NFE at an eps
-varies with the prompts far more than the table does: on tiny-wan the 8 calibration samples read
-up to 2 NFE above the mean over 32 other prompts (benchmarks/results/online, "Fourth round")."""
 BRANCHES = ("guided", "cond")
 PROCEDURES = ("engine", "reference")
 """The engine's (its own uncached trajectories) and the authors' (noised training-distribution videos)."""
@@ -95,7 +90,7 @@ SOLVER_STATES = ("fresh", "per-sample")
 
 def _check_samples(samples: int, param: str = "samples") -> None:
     if not 1 <= samples <= 1024:
-        default = "one per prompt given" if param == "samples" else f"{CURVE_SAMPLES_PER_SAMPLE} x samples"
+        default = "one per prompt given" if param == "samples" else "samples"
         raise BadInput(f"{param} must be in [1, 1024] (default: {default}), got {samples}", param=param)
 
 
@@ -119,7 +114,10 @@ class CalibrationPlan:
     """The schedule of the calibrated timesteps: the bundle's or the authors' (a request's `sampling`)."""
     curve_samples: int | None = None
     """Samples sencache-online's NFE-vs-eps curve is measured on (the calibration's first, then
-    further ones drawn the same way); None: CURVE_SAMPLES_PER_SAMPLE times the calibration's."""
+    further ones drawn the same way); None: the calibration's. Its mean NFE at an eps varies with
+    the prompts far more than the table does: on tiny-wan the 8 calibration samples read up to 2 NFE
+    above the mean over 32 other prompts, 24 up to 1.6 (benchmarks/results/online, "Fourth round");
+    each sample costs 10 runs of the rule."""
     budget_steps: tuple[int, ...] | None = None
     """Further step counts whose uncached trajectories the NFE-budget curves are also recorded at;
     None: half and twice the calibration's steps."""
@@ -339,7 +337,7 @@ def calibrate(
             manifest.defaults.knobs("sencache"),
         )
         if boundary is None:  # the online rule's curve is measured over whole runs of one expert
-            count = plan.curve_samples or CURVE_SAMPLES_PER_SAMPLE * samples
+            count = plan.curve_samples or samples
             drawn = calibration_prompts(
                 engine.preset.tiny, engine.preset.name, count, plan.seed, prompts, allow_tiny_vocabulary
             )

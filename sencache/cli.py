@@ -333,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--curve-samples",
         type=int,
-        help="samples sencache-online's NFE curve is measured on, the calibration's first (default: 3 x samples)",
+        help="samples sencache-online's NFE curve is measured on, the calibration's first (default: --samples)",
     )
     c.add_argument(
         "--prompts",

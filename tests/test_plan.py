@@ -121,7 +121,7 @@ def test_calibration_records_the_costs_and_every_sample_runs_the_plan(calibrated
     assert costs is not None and costs.steps == 8
     cost = np.asarray(costs.cost)
     assert np.all(cost[np.triu_indices(8, k=1)] > 0) and np.all(np.tril(cost) == 0)
-    assert table.meta["online_curve_samples"] == 6  # three times the calibration's 2 samples
+    assert table.meta["online_curve_samples"] == 2  # the calibration's samples (curve_samples not given)
     prompts = ["two small red circles static on black", "one large blue square moving left slow on texture"]
     request = GenerationParams(prompts, [3, 4], 12, 4.0)
     policy = engine.policy("sencache-plan", 12, 2, {"nfe": 6})
