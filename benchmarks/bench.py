@@ -69,6 +69,7 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
     "diffusers-fbc": [{"threshold": t} for t in (0.02, 0.05, 0.1, 0.2)],
     "budget-threshold": [{"speed": s} for s in SPEEDS],
     "budget-hard": [{"speed": s, "budget": "hard"} for s in SPEEDS],
+    "sencache-plan": [{"speed": s} for s in SPEEDS],
 }
 QUICK_SWEEPS: dict[str, list[dict[str, Any]]] = {
     "sencache": [{"eps_main": e} for e in (0.3, 0.6)],
@@ -82,6 +83,7 @@ QUICK_SWEEPS: dict[str, list[dict[str, Any]]] = {
     "diffusers-fbc": [{"threshold": t} for t in (0.05, 0.2)],
     "budget-threshold": [{"speed": s} for s in ("high", "fast")],
     "budget-hard": [{"speed": s, "budget": "hard"} for s in ("high", "fast")],
+    "sencache-plan": [{"speed": s} for s in ("high", "fast")],
 }
 QUICK_METHODS = ("sencache", "fixed-warmup", "teacache", "magcache")
 """What --quick runs unless --methods says otherwise: SenCache and one of each kind of baseline."""
@@ -90,9 +92,10 @@ REPEATS = 2
 """Timed cached runs per setting, each between two uncached runs (so 2 x REPEATS pairs)."""
 QUICK_REPEATS = 1
 MAX_REPEATS = 10
-BUDGETS = ("budget-threshold", "budget-hard")
-"""Sweeps of SenCache under an NFE budget (the named speeds) instead of thresholds: the report
-gives the NFE each asked for next to the NFE it got."""
+BUDGETS = {"budget-threshold": "sencache", "budget-hard": "sencache", "sencache-plan": "sencache-plan"}
+"""Sweeps under an NFE budget (the named speeds) instead of thresholds, by the runtime rule each
+runs (SenCache's budget, or sencache-plan): the report gives the NFE each asked for next to the
+NFE it got."""
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,9 @@ def _knobs(method: str, knobs: dict[str, Any], steps: int, engine: Model) -> tup
     sencache-reference is sencache under the authors' conventions, its sweep's eps (and the
     bundle's eps_start) rescaled from the family's fixed score constant to sqrt(numel) of this
     bundle's latent, so its points sit at the same nominal eps as the engine's; the budget sweeps
-    are SenCache with an NFE budget."""
+    are SenCache or sencache-plan with an NFE budget."""
     if method in BUDGETS:
-        return "sencache", dict(knobs)
+        return BUDGETS[method], dict(knobs)
     if method == "fixed-warmup":
         return "fixed", {**knobs, "warmup": round(0.2 * steps)}
     if method == "sencache-reference":
@@ -251,7 +254,7 @@ class Runner:
         return best
 
 
-VARIANTS = ("sencache-online", "budget-hard")
+VARIANTS = ("sencache-online", "budget-hard", "sencache-plan")
 """Rules compared, like SenCache, with every other method at matched NFE, inside 40-70% of the steps."""
 
 
@@ -279,7 +282,7 @@ def _requested_nfe(
     engine: Model, settings: list[tuple[str, tuple[str, dict[str, Any]]]], steps: int, batch: int
 ) -> tuple[dict[tuple[str, str], float], list[dict[str, Any]]]:
     """The NFE each budget sweep's setting asks for, by (method, knobs label), and the settings
-    whose budget the threshold rule cannot reach at these steps (said in the report, not run)."""
+    whose budget the rule cannot meet at these steps (said in the report, not run)."""
     requested, skipped = {}, []
     for method, (runtime_method, knobs) in settings:
         if method not in BUDGETS:

@@ -103,7 +103,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     if any(r.get("requested_nfe") is not None for r in report["runs"]):
         lines += [
             "",
-            "budget-threshold and budget-hard ask for an NFE (the named speeds: "
+            "budget-threshold, budget-hard and sencache-plan ask for an NFE (the named speeds: "
             "lossless, high, balanced, fast) instead of thresholds; requested NFE is what each asked for.",
         ]
     for skipped in report.get("skipped", []):

@@ -460,8 +460,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--methods",
         nargs="+",
-        help="sencache sencache-max sencache-online fixed fixed-warmup teacache magcache "
-        "diffusers-magcache diffusers-fbc (default: all)",
+        help="sencache sencache-max sencache-reference sencache-online budget-threshold budget-hard sencache-plan "
+        "fixed fixed-warmup teacache magcache diffusers-magcache diffusers-fbc (default: all)",
     )
     r.add_argument("--prompts", type=Path, help="evaluation prompts, one per line (default: drawn from the grammar)")
     r.add_argument("--seeds", type=int, nargs="+", help="one seed per prompt (default: 0, 1, ...)")

@@ -84,7 +84,16 @@ def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path, capsys):
     engine = engine_for(calibrated_bundle)
     prompts, seeds = evaluation_set(3, None, None)
     plan = BenchPlan(
-        methods=("sencache", "fixed", "teacache", "magcache", "diffusers-magcache", "diffusers-fbc", "budget-hard"),
+        methods=(
+            "sencache",
+            "fixed",
+            "teacache",
+            "magcache",
+            "diffusers-magcache",
+            "diffusers-fbc",
+            "budget-hard",
+            "sencache-plan",
+        ),
         prompts=tuple(prompts),
         seeds=tuple(seeds),
         steps=6,
@@ -109,6 +118,10 @@ def test_quick_bench_writes_a_valid_report(calibrated_bundle, tmp_path, capsys):
     budgets = [run for run in stored["runs"] if run["method"] == "budget-hard"]
     assert [run["requested_nfe"] for run in budgets] == [round(0.75 * 6), round(0.45 * 6)]
     assert all(run["nfe"] == [run["requested_nfe"]] * 3 for run in budgets)
+    plans = [run for run in stored["runs"] if run["method"] == "sencache-plan"]
+    assert [run["requested_nfe"] for run in plans] == [round(0.75 * 6), round(0.45 * 6)]
+    assert all(run["nfe"] == [run["requested_nfe"]] * 3 for run in plans)
+    assert "sencache-plan" in stored["variant_comparisons"]
     assert "| budget-hard | speed=high, budget=hard | 4.0 | 4.0 |" in (tmp_path / "bench" / "report.md").read_text()
     assert stored["diffusers_reference"]["max_abs_latent_diff_vs_ours"] < 1e-3
     assert (tmp_path / "bench" / "quality_vs_nfe.png").stat().st_size > 10_000
