@@ -15,6 +15,7 @@ import dataclasses
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,13 +221,18 @@ def run_traces(chunk: int, count: int) -> dict[str, int]:
     return tally
 
 
-def test_random_budget_traces():
-    """TRACES traces in chunks over the CPUs (each chunk its own seed, so the set is fixed)."""
-    chunks = 16
-    sizes = [TRACES // chunks + (k < TRACES % chunks) for k in range(chunks)]
+def in_chunks(traces: Callable[[int, int], dict[str, int]], count: int, chunks: int) -> dict[str, int]:
+    """`count` traces of `traces(chunk, size)` split into `chunks` chunks (each its own seed, so the
+    set is fixed whatever the CPUs) run over the CPUs; their tallies summed."""
+    sizes = [count // chunks + (k < count % chunks) for k in range(chunks)]
     with multiprocessing.get_context("fork").Pool(min(chunks, os.cpu_count() or 1)) as pool:
-        results = pool.starmap(run_traces, enumerate(sizes))
-    total = {key: sum(r[key] for r in results) for key in results[0]}
+        results = pool.starmap(traces, enumerate(sizes))
+    return {key: sum(r[key] for r in results) for key in results[0]}
+
+
+def test_random_budget_traces():
+    """TRACES random budgets, in chunks over the CPUs."""
+    total = in_chunks(run_traces, TRACES, 16)
     print(
         f"\nbudget parity: {TRACES} budgets, {total['traces']} built alike ({total['threshold']} resolved to an eps, "
         f"{total['online eps']} of them sencache-online's; {total['plan']} planned, "
@@ -439,11 +445,7 @@ def plan_traces(chunk: int, count: int) -> dict[str, int]:
 def test_random_plan_traces():
     """PLAN_TRACES sencache-plan requests on random reuse costs (read at the measured and at other
     step counts, ties included), in chunks over the CPUs."""
-    chunks = 8
-    sizes = [PLAN_TRACES // chunks + (k < PLAN_TRACES % chunks) for k in range(chunks)]
-    with multiprocessing.get_context("fork").Pool(min(chunks, os.cpu_count() or 1)) as pool:
-        results = pool.starmap(plan_traces, enumerate(sizes))
-    total = {key: sum(r[key] for r in results) for key in results[0]}
+    total = in_chunks(plan_traces, PLAN_TRACES, 8)
     print(
         f"\nplan parity: {PLAN_TRACES} budgets, {total['traces']} planned alike, {total['decisions']} per-sample "
         f"decisions ({total['runs']} run); refused alike: {total['budget']} by the budget (same message), "
