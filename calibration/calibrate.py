@@ -69,7 +69,7 @@ from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.cache.budget import measure_online_curve, record_curves
 from sencache.runtime.cache.plan import SenCachePlanPolicy
 from sencache.runtime.cache.sencache import SenCacheOnlinePolicy, SenCacheOnlineSettings, SenCachePolicy
-from sencache.runtime.errors import BadInput
+from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.experts import expert_of, experts_of, segments
 from sencache.runtime.families.base import Sampler
 from sencache.runtime.images import check_image_fits
@@ -77,8 +77,9 @@ from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
 from sencache.runtime.preparation import sample_generators
-from sencache.runtime.request import SAMPLINGS, GenerationParams
+from sencache.runtime.request import SAMPLINGS, GenerationParams, RequestState
 from sencache.runtime.sensitivity import OnlineCurve, ReuseCosts, SensitivityTable
+from sencache.runtime.stepping import StepEngine
 
 DEFAULT_SAMPLES = 8
 BRANCHES = ("guided", "cond")
@@ -412,25 +413,46 @@ def record_reuse_costs(
     [samples, a, i] along their uncached trajectories (whose final latents are `finals`, one array per
     chunk): the gain G_i of each step i >= 1 is measured by running the chunks with step i alone
     reused (its anchor the step before) and dividing the final latent's mean squared change by the
-    output's mean squared change from step i - 1 to i."""
+    output's mean squared change from step i - 1 to i. Each such run is forked from an uncached run
+    at step i (`RequestState.fork`), so it computes only the steps from i on."""
     bar = progress(
         total=len(chunks) * (steps - 1), desc="calibrate (reuse costs)", unit="run", disable=not show_progress
     )
+    first = np.arange(steps) == 0
     moved = np.zeros(steps)
     for (prompts, seeds), final in zip(chunks, finals, strict=True):
         request = GenerationParams(prompts, seeds, steps, guidance, sampling=sampling, image=image)
         reference = final.reshape(len(prompts), -1).astype(np.float64)
+        uncached = StepEngine(engine)  # every step run, residuals kept for the forks to reuse
+        trunk = uncached.prepare(request, SenCachePlanPolicy(np.ones(steps, bool), first, len(prompts), {}, 1))
+        uncached.enqueue(trunk)
         for i in range(1, steps):
-            schedule = np.arange(steps) != i
-            policy = SenCachePlanPolicy(schedule, np.arange(steps) == 0, len(prompts), {"mode": "calibration"}, 1)
-            latents = np.asarray(engine.generate(request, policy).latents).reshape(len(prompts), -1)
+            while trunk.step < i:
+                uncached.step()
+            policy = SenCachePlanPolicy(np.arange(steps) != i, first, len(prompts), {"mode": "calibration"}, 1)
+            latents = _run_alone(engine, trunk.fork(policy)).reshape(len(prompts), -1)
             moved[i] += float(np.sum(np.mean((latents.astype(np.float64) - reference) ** 2, axis=1)))
             bar.update(1)
+        uncached.end_all("cancelled")
     bar.close()
     mean = changes.mean(axis=0)
     one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
     gain = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
     return ReuseCosts(steps, tuple(tuple(row) for row in (mean * gain[None, :]).tolist()))
+
+
+def _run_alone(engine: Model, job: RequestState) -> np.ndarray:
+    """The final latents of a prepared request run to its end in a step engine of its own; the
+    error it met raised as it is."""
+    side = StepEngine(engine)
+    side.enqueue(job)
+    while side.busy:
+        side.step()
+    try:
+        return np.asarray(side.result(job.id).latents)
+    except Failed as e:
+        assert e.__cause__ is not None, "StepEngine.result raises Failed from the request's error"
+        raise e.__cause__ from None
 
 
 def _segment_trajectories(

@@ -7,6 +7,8 @@ C ABI) made it."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -277,6 +279,46 @@ class RequestState:
 
     def progress(self) -> Progress:
         return Progress(self.state, self.step, self.request.steps, self.nfe)
+
+    def fork(self, policy: CachePolicy) -> RequestState:
+        """A new, unqueued request that continues this running one from its current step under
+        `policy`, with copies of everything it carries (latents, anchors, cached residuals,
+        solver state, noise generators), so the two go on apart: calibration's runs that differ
+        from a recorded run only from one step on."""
+        import torch
+
+        if self.state != "running" or self.sampler is None:
+            raise RuntimeError(f"only a running request can be forked; request {self.id} is {self.state}")
+
+        def cloned(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.clone()
+
+        generators = []
+        for g in self.generators:
+            twin = torch.Generator(g.device)
+            twin.set_state(g.get_state())
+            generators.append(twin)
+        return dataclasses.replace(
+            self,
+            id=0,
+            policy=policy,
+            sampler=copy.deepcopy(self.sampler),
+            generators=generators,
+            x=self.x.clone(),
+            anchor=self.anchor.clone(),
+            injected=cloned(self.injected),
+            cache=None if self.cache is None else {k: v.clone() for k, v in self.cache.items()},
+            signal=cloned(self.signal),
+            observed=None if self.observed is None else (self.observed[0], self.observed[1].copy()),
+            state="queued",
+            cancel_requested=False,
+            decisions=[list(d) for d in self.decisions],
+            trace=[list(t) for t in self.trace],
+            trajectory=None if self.trajectory is None else list(self.trajectory),
+            decision_s=0.0,
+            result=None,
+            error=None,
+        )
 
     def release(self) -> None:
         """Drop what an ended request holds on the device and its sampler (request.py imports no torch,

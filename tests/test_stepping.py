@@ -345,3 +345,41 @@ def test_online_rule_observes_the_true_reuse_error_and_equals_alone(family):
     assert_same(engine.result(first), alone)
     assert_same(engine.result(second), solo(model, other, name))
     assert_same(engine.result(third), model.generate(late, model.policy("sencache-online", 5, 2, knobs)))
+
+
+@pytest.mark.parametrize("fixture", ["ort_bundle", "cogvideox_bundle"])
+def test_a_fork_continues_as_its_rule_run_from_the_start_and_leaves_the_trunk_as_it_was(fixture, request):
+    """Calibration's gain runs fork an uncached run at the step they reuse: the fork must give what a
+    run under its rule from the first step gives (solver state, noise generators and cached residuals
+    copied: DPM draws noise per sample), and the trunk must go on as if nothing had forked."""
+    from sencache.runtime.cache.plan import SenCachePlanPolicy
+
+    engine = engine_for(request.getfixturevalue(fixture))
+    steps, at = 8, 4
+    params = GenerationParams(PROMPTS[:2], [5, 6], steps, 4.0)
+    first = np.arange(steps) == 0
+
+    def plan(schedule: np.ndarray) -> SenCachePlanPolicy:
+        return SenCachePlanPolicy(schedule, first, 2, {}, 1)
+
+    reused = np.arange(steps) != at
+    whole = engine.generate(params, plan(reused))
+    uncached = engine.generate(params, NoCache(2))
+    trunk_engine = StepEngine(engine)
+    trunk = trunk_engine.prepare(params, plan(np.ones(steps, bool)))
+    trunk_engine.enqueue(trunk)
+    while trunk.step < at:
+        trunk_engine.step()
+    fork = trunk.fork(plan(reused))
+    with pytest.raises(RuntimeError, match="only a running request"):
+        fork.fork(plan(reused))
+    side = StepEngine(engine)
+    side.enqueue(fork)
+    while side.busy:
+        side.step()
+    forked = side.result(fork.id)
+    while trunk_engine.busy:
+        trunk_engine.step()
+    np.testing.assert_array_equal(forked.latents, whole.latents)
+    assert forked.decisions == whole.decisions and forked.nfe == whole.nfe == [steps - 1] * 2
+    np.testing.assert_array_equal(trunk_engine.result(trunk.id).latents, uncached.latents)
