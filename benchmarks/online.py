@@ -62,12 +62,14 @@ LOOKED_AT_DRAWS = (
     Draw("fresh-3", 20261204, 7000),
     Draw("fresh-4", 20261205, 8000),
     Draw("fresh-5", 20261206, 9000),
+    Draw("fresh-6", 20261207, 10000),
+    Draw("fresh-7", 20261208, 11000),
 )
 """Draws that were fresh for an earlier budget rule and whose reports then steered its successor
 (fresh-1 and fresh-2: the first plan; fresh-3: the online rule at a measured eps; fresh-4 and
-fresh-5: sencache-online's budget, then sencache-plan's development on fresh-5): development draws
-since."""
-FRESH_DRAWS = (Draw("fresh-6", 20261207, 10000), Draw("fresh-7", 20261208, 11000))
+fresh-5: sencache-online's budget, then sencache-plan's development on fresh-5; fresh-6 and fresh-7:
+sencache-plan's first verdict): development draws since."""
+FRESH_DRAWS = (Draw("fresh-8", 20261209, 12000), Draw("fresh-9", 20261210, 13000))
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
 evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
 LOOKED_AT = (
