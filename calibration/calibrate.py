@@ -40,14 +40,16 @@ A model of two experts (Wan 2.2 A14B) gets one set of tables per expert, each fr
 evaluation at a step is made with the expert of that step, Jt's at t_{k+1} included, so the table
 row of the expert's last step measures the same expert; TeaCache's pairs and MagCache's ratios
 never pair a step of one expert with one of the other, each expert's MagCache ratios start at 1.0,
-and its budget curves replay its own steps as a run.
+its budget curves replay its own steps as a run, and its reuse costs pair only its own steps (the
+gains are measured once over the whole run; the first step of each expert always runs).
 
 They also give the NFE-budget curves (`sencache.runtime.cache.budget.record_curves`): the SenCache
 rule, the code inference runs, replayed on them over a grid of eps at the calibration's steps, and
 on further uncached trajectories of the same prompts and seeds at half and twice the steps; and, on
 models of one expert, sencache-online's curve (`record_online_curve`), measured by running that rule
 at the calibration's steps (its learnt factor needs observed errors) on the calibration samples and
-further ones drawn the same way where `curve_samples` asks for more than the calibration's.
+further ones drawn the same way where `curve_samples` asks for more than the calibration's; and
+sencache-plan's reuse costs (`record_gains`, `reuse_costs`).
 """
 
 from __future__ import annotations
@@ -322,14 +324,19 @@ def calibrate(
             f"calibrate with more steps",
             param="steps",
         )
+    for expert, first, end in parts:
+        if end - first < 2:
+            raise BadInput(
+                f"steps: expert {expert + 1} gets {end - first} of the {steps} calibration steps, under the 2 its "
+                f"tables need; calibrate with more steps",
+                param="steps",
+            )
+    gains = record_gains(
+        engine, chunks, np.concatenate(changes), finals, steps, guidance, plan.sampling, parts, image, show_progress
+    )
     tables = []
     for expert, first, end in parts:
         rows = slice(first, min(end, steps - 1))
-        if rows.stop - rows.start < 1:
-            raise BadInput(
-                f"steps: expert {expert + 1} gets no calibrated step of {steps}; calibrate with more steps",
-                param="steps",
-            )
         own = {**meta, "expert": expert + 1, "expert_steps": [first, end]} if boundary is not None else meta
         sensitivity = _table(np.asarray(timesteps[rows]), jx[rows], jt[rows], own)
         sensitivity.budget = record_curves(
@@ -349,11 +356,11 @@ def calibrate(
             online = record_online_curve(
                 engine, sensitivity, curve_chunks, steps, guidance, plan.sampling, image, show_progress
             )
-            costs = record_reuse_costs(
-                engine, chunks, np.concatenate(changes), finals, steps, guidance, plan.sampling, image, show_progress
-            )
-            sensitivity.budget = dataclasses.replace(sensitivity.budget, online=online, costs=costs)
+            sensitivity.budget = dataclasses.replace(sensitivity.budget, online=online)
             own["online_curve_samples"] = count
+        sensitivity.budget = dataclasses.replace(
+            sensitivity.budget, costs=reuse_costs(np.concatenate(changes), gains, first, end)
+        )
         own["budget_steps"] = list(sensitivity.budget.steps)
         within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
         tables.append(
@@ -398,7 +405,7 @@ def _output_changes(guided: np.ndarray) -> np.ndarray:
     return out
 
 
-def record_reuse_costs(
+def record_gains(
     engine: Model,
     chunks: list[tuple[list[str], list[int]]],
     changes: np.ndarray,
@@ -406,17 +413,21 @@ def record_reuse_costs(
     steps: int,
     guidance: float,
     sampling: str,
+    parts: list[tuple[int, int, int]],
     image: np.ndarray | None = None,
     show_progress: bool = False,
-) -> ReuseCosts:
-    """sencache-plan's reuse costs (`ReuseCosts`) from the calibration `chunks`' output `changes`
-    [samples, a, i] along their uncached trajectories (whose final latents are `finals`, one array per
-    chunk): the gain G_i of each step i >= 1 is measured by running the chunks with step i alone
-    reused (its anchor the step before) and dividing the final latent's mean squared change by the
-    output's mean squared change from step i - 1 to i. Each such run is forked from an uncached run
-    at step i (`RequestState.fork`), so it computes only the steps from i on."""
+) -> np.ndarray:
+    """Per step i, the gain G_i from an output error at step i to the final latent, measured on the
+    calibration `chunks` (whose uncached final latents are `finals`, one array per chunk): run them
+    with step i alone reused (its anchor the step before), divide the final latent's mean squared
+    change by the output's mean squared change from step i - 1 to i (`changes` [samples, a, i]).
+    Each such run is forked from an uncached run at step i (`RequestState.fork`), so it computes
+    only the steps from i on. The first step of each expert's run (`parts`: expert, first, end)
+    always runs, reuses nothing and gets no gain (0)."""
+    starts = {first for _, first, _ in parts}
+    measured = [i for i in range(steps) if i not in starts]
     bar = progress(
-        total=len(chunks) * (steps - 1), desc="calibrate (reuse costs)", unit="run", disable=not show_progress
+        total=len(chunks) * len(measured), desc="calibrate (reuse costs)", unit="run", disable=not show_progress
     )
     first = np.arange(steps) == 0
     moved = np.zeros(steps)
@@ -426,7 +437,7 @@ def record_reuse_costs(
         uncached = StepEngine(engine)  # every step run, residuals kept for the forks to reuse
         trunk = uncached.prepare(request, SenCachePlanPolicy(np.ones(steps, bool), first, len(prompts), {}, 1))
         uncached.enqueue(trunk)
-        for i in range(1, steps):
+        for i in measured:
             while trunk.step < i:
                 uncached.step()
             policy = SenCachePlanPolicy(np.arange(steps) != i, first, len(prompts), {"mode": "calibration"}, 1)
@@ -437,8 +448,16 @@ def record_reuse_costs(
     bar.close()
     mean = changes.mean(axis=0)
     one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
-    gain = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
-    return ReuseCosts(steps, tuple(tuple(row) for row in (mean * gain[None, :]).tolist()))
+    return np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
+
+
+def reuse_costs(changes: np.ndarray, gains: np.ndarray, first: int, end: int) -> ReuseCosts:
+    """sencache-plan's reuse costs (`ReuseCosts`) of the run of steps first..end - 1 (one expert's,
+    a run of its own) from the calibration's output `changes` [samples, a, i] along the uncached
+    trajectories and the steps' `gains` (`record_gains`): cost[a, i] = mean changes x G_i."""
+    mean = changes.mean(axis=0)[first:end, first:end]
+    cost = np.triu(mean * gains[None, first:end], k=1)
+    return ReuseCosts(end - first, tuple(tuple(row) for row in cost.tolist()))
 
 
 def _run_alone(engine: Model, job: RequestState) -> np.ndarray:

@@ -24,6 +24,7 @@ from sencache.benchmarks.reference_pipelines import (
 from sencache.calibration.calibrate import CalibrationPlan, calibrate
 from sencache.engine_builder.builder import BuildOptions
 from sencache.runtime.cache import NoCache, StepDecision
+from sencache.runtime.cache.budget import budget_rule
 from sencache.runtime.cache.factory import split_nfe
 from sencache.runtime.errors import BadInput
 from sencache.runtime.experts import experts_of, segments
@@ -200,13 +201,16 @@ GREEDY = {
 """Knobs under which each rule reuses wherever it may."""
 
 
-@pytest.mark.parametrize("method", [*GREEDY, "nfe"])
+BUDGETS = {"nfe": ("sencache", {"nfe": 6, "budget": "hard"}), "plan": ("sencache-plan", {"nfe": 6})}
+"""Rules held to an NFE budget: 6 of 12 steps, shared out over the experts."""
+
+
+@pytest.mark.parametrize("method", [*GREEDY, *BUDGETS])
 def test_no_rule_reuses_across_the_switch(calibrated, method):
     """Under knobs that reuse wherever a rule may, the first step of the second expert runs every
     sample (forced: a fresh start of the rule there), while both experts' other steps reuse."""
     steps = 12
-    knobs = {"nfe": 6, "budget": "hard"} if method == "nfe" else GREEDY[method]
-    cache = "sencache" if method == "nfe" else method
+    cache, knobs = BUDGETS.get(method, (method, GREEDY.get(method)))
     request = GenerationParams.resolve(
         calibrated.bundle.manifest.defaults, ["a", "b"], [1, 2], steps=steps, cache=cache, knobs=knobs
     )
@@ -219,9 +223,28 @@ def test_no_rule_reuses_across_the_switch(calibrated, method):
         assert step["decision"] == "run" and step["forced"], (method, b)
         for _, first, end in parts:
             assert "reuse" in result.decisions[b][first:end], (method, b, first, end)
-    if method == "nfe":
+    if method in BUDGETS:
         assert result.nfe == [6, 6]
         assert split_nfe(6, [end - first for _, first, end in parts]) == [2, 4]
+
+
+def test_each_expert_records_the_reuse_costs_of_its_own_steps(calibrated):
+    """Each expert's table holds sencache-plan's costs over its own calibration steps, so the
+    bundle's presets run sencache-plan, and each expert plans its share of a request's runs."""
+    tables = [calibrated.bundle.sensitivity(expert) for expert in range(2)]
+    for table in tables:
+        first, end = table.meta["expert_steps"]
+        costs = table.budget_curves().costs
+        assert costs is not None and costs.steps == end - first >= 2
+        cost = np.asarray(costs.cost)
+        assert np.all(cost[np.triu_indices(costs.steps, k=1)] > 0) and np.all(np.tril(cost) == 0)
+    assert [t.meta["expert_steps"] for t in tables] == [[0, 3], [3, 8]]  # t = 875 is high-noise
+    assert budget_rule(tables) == "sencache-plan"
+    settings = calibrated.policy("sencache-plan", 12, 1, {"speed": "balanced"}).settings()
+    shares = [expert["budget"]["nfe"] for expert in settings["experts"]]
+    schedules = [expert["schedule"] for expert in settings["experts"]]
+    assert [len(s) for s in schedules] == [4, 8] and [s.count("R") for s in schedules] == shares
+    assert all(s[0] == "R" for s in schedules)
 
 
 class _AlwaysReuse:

@@ -719,8 +719,8 @@ std::unique_ptr<sc_policy> budget_policy(const std::shared_ptr<sc_table>& table,
     const int32_t forced = 1 + (curves.force_last && steps > 1 ? 1 : 0);
     if (rule == SC_RULE_SENCACHE_PLAN)
         SC_REQUIRE(curves.costs.has_value(), SC_ERR_INVALID_ARGUMENT,
-                   "cache sencache-plan: the bundle's sensitivity table has no reuse costs (calibrated before them, "
-                   "or a model of several experts); recalibrate it (`sencache calibrate`)");
+                   "cache sencache-plan: the bundle's sensitivity table has no reuse costs (calibrated before "
+                   "them); recalibrate it (`sencache calibrate`)");
     const Target target = budget_target(b, steps, forced);
     if (rule == SC_RULE_SENCACHE_PLAN) return plan_policy(table, planned, target, curves, steps, batch, numel);
     const double requested = target.fraction * steps;

@@ -309,8 +309,7 @@ def budget_rule(tables: Sequence[SensitivityTable]) -> str:
     request exactly and was ahead of sencache-online's budget at 6 of 17 matched NFE, behind at 1:
     benchmarks/results/online, "Fourth round");
     sencache-online, at the eps of its measured curve, where every table holds that curve;
-    SenCache's own budget otherwise (e.g. Wan 2.2's two-expert bundles, whose calibration measures
-    neither)."""
+    SenCache's own budget otherwise (bundles calibrated before either)."""
     curves = [t.budget for t in tables]
     if not curves or any(c is None for c in curves):
         return "sencache"

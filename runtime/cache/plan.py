@@ -129,8 +129,8 @@ def make_plan_policy(
     curves = table.budget_curves()
     if curves.costs is None:
         raise BadInput(
-            "cache sencache-plan: the bundle's sensitivity table has no reuse costs (calibrated before them, or a "
-            "model of several experts); recalibrate it (`sencache calibrate`)",
+            "cache sencache-plan: the bundle's sensitivity table has no reuse costs (calibrated before them); "
+            "recalibrate it (`sencache calibrate`)",
             param="cache",
         )
     conventions = engine_conventions(curves.switch_frac, curves.force_last)
