@@ -12,7 +12,7 @@ import pytest
 
 from budget_tables import TABLE, curves
 from conftest import engine_for
-from sencache.runtime.cache.plan import costs_at, make_plan_policy, plan_schedule
+from sencache.runtime.cache.plan import cheapest_shares, costs_at, least_costs, make_plan_policy, plan_schedule
 from sencache.runtime.errors import BadInput
 from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import ReuseCosts, SensitivityTable
@@ -58,6 +58,41 @@ def test_the_plan_is_the_cheapest_schedule_of_its_runs_with_forced_steps_and_max
             assert plan is not None and int(plan.sum()) == runs and plan[forced].all()
             assert longest_reuse(plan) <= cap
             assert schedule_cost(cost, plan) == pytest.approx(best, abs=1e-12)
+
+
+def test_the_least_costs_are_those_of_the_plan_at_every_number_of_runs():
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        steps, cap = int(rng.integers(2, 12)), int(rng.integers(0, 5))
+        cost = np.triu(rng.random((steps, steps)), k=1)
+        forced = np.zeros(steps, bool)
+        forced[0], forced[-1] = True, bool(rng.random() < 0.5)
+        least = least_costs(cost, forced, cap)
+        assert least.shape == (steps + 1,) and least[0] == np.inf
+        for runs in range(1, steps + 1):
+            plan = plan_schedule(cost, runs, forced, cap)
+            expected = np.inf if plan is None else schedule_cost(cost, plan)
+            assert least[runs] == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_shares_of_a_budget_over_experts_are_the_cheapest_split():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        parts = [rng.random(int(rng.integers(2, 7))) for _ in range(int(rng.integers(1, 4)))]
+        for costs in parts:
+            costs[: int(rng.integers(1, 3))] = np.inf  # too few runs for a part's forced steps
+        runs = int(rng.integers(0, sum(len(c) for c in parts)))
+        best = None
+        for split in itertools.product(*(range(len(c)) for c in parts)):
+            total = sum(c[k] for c, k in zip(parts, split, strict=True))
+            if sum(split) == runs and np.isfinite(total) and (best is None or total < best[0]):
+                best = (total, list(split))
+        shares = cheapest_shares(parts, runs)
+        if best is None:
+            assert shares is None
+        else:
+            assert shares is not None and sum(shares) == runs
+            assert sum(c[k] for c, k in zip(parts, shares, strict=True)) == pytest.approx(best[0], abs=1e-12)
 
 
 def test_the_first_step_must_be_forced():

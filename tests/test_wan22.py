@@ -230,7 +230,8 @@ def test_no_rule_reuses_across_the_switch(calibrated, method):
 
 def test_each_expert_records_the_reuse_costs_of_its_own_steps(calibrated):
     """Each expert's table holds sencache-plan's costs over its own calibration steps, so the
-    bundle's presets run sencache-plan, and each expert plans its share of a request's runs."""
+    bundle's presets run sencache-plan, and each expert plans its share of a request's runs
+    (`share_plan_budget`, whose split tests/test_plan.py checks)."""
     tables = [calibrated.bundle.sensitivity(expert) for expert in range(2)]
     for table in tables:
         first, end = table.meta["expert_steps"]
@@ -244,6 +245,7 @@ def test_each_expert_records_the_reuse_costs_of_its_own_steps(calibrated):
     shares = [expert["budget"]["nfe"] for expert in settings["experts"]]
     schedules = [expert["schedule"] for expert in settings["experts"]]
     assert [len(s) for s in schedules] == [4, 8] and [s.count("R") for s in schedules] == shares
+    assert sum(shares) == round(12 * 0.6)  # the whole request's budget, shared out by the costs
     assert all(s[0] == "R" for s in schedules)
 
 

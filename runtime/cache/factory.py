@@ -22,7 +22,8 @@ def make_policy(
     (latents of `numel` elements per sample), as its module registered it; unset knobs take the
     bundle's defaults of the rule's section. Every problem is a BadInput naming the knob or the
     missing table. On a bundle of two experts, one rule per expert's run of steps (of the bundle's
-    schedule), each with that expert's tables (runtime/cache/segments.py)."""
+    schedule), each with that expert's tables (runtime/cache/segments.py) and its share of the
+    request's knobs (`Rule.share`)."""
     given = check_knobs(method, knobs)
     rule = rule_for(method, given)
     defaults = bundle.manifest.defaults.knobs(rule.section) if rule.section else {}
@@ -30,16 +31,14 @@ def make_policy(
     if boundary is None:
         return rule.build(dict(given), RuleContext(steps, batch, numel, defaults, bundle, rule.needs))
     parts = segments(experts_of(bundle.timesteps(steps), boundary))
-    lengths = [end - first for _, first, end in parts]
-    nfe = split_nfe(int(given["nfe"]), lengths) if "nfe" in given else None
-    rules = [
-        rule.build(
-            dict(given) if nfe is None else {**given, "nfe": nfe[i]},
-            RuleContext(end - first, batch, numel, defaults, bundle, rule.needs, expert),
-        )
-        for i, (expert, first, end) in enumerate(parts)
-    ]
-    return expert_segments(rules, parts, boundary)
+    contexts = [RuleContext(end - first, batch, numel, defaults, bundle, rule.needs, e) for e, first, end in parts]
+    if rule.share is not None:
+        shares = rule.share(dict(given), contexts)
+    elif "nfe" in given:
+        shares = [{**given, "nfe": n} for n in split_nfe(int(given["nfe"]), [c.steps for c in contexts])]
+    else:
+        shares = [dict(given) for _ in contexts]
+    return expert_segments([rule.build(k, c) for k, c in zip(shares, contexts, strict=True)], parts, boundary)
 
 
 def split_nfe(nfe: int, lengths: list[int]) -> list[int]:

@@ -30,7 +30,7 @@ import numpy as np
 from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.cache.budget import budget_target
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
-from sencache.runtime.cache.registry import Rule, register_rule
+from sencache.runtime.cache.registry import Rule, RuleContext, register_rule
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import ReuseCosts, SensitivityTable
@@ -49,15 +49,16 @@ def costs_at(costs: ReuseCosts, steps: int) -> np.ndarray:
     return np.triu(out, k=1)
 
 
-def plan_schedule(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int) -> np.ndarray | None:
-    """The run flags [steps] of the schedule with exactly `runs` runs that minimises the summed
-    cost[anchor, i] of its reused steps i (anchor: the last run before i), running every `forced`
-    step (the first must be one) and reusing at most `max_reuse` steps in a row; None where no such
-    schedule exists. Ties go to the earliest anchors."""
+def _plan_tables(
+    cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DP of `plan_schedule` for up to `runs` runs: best[m, r], the least cost of steps 0..m-1
+    with r runs the last of which is step m (inf where none); back[m, r], that run's anchor; and
+    gap[a, m], the cost of reusing steps a+1 .. m-1 from anchor a (inf across a forced step or
+    past max_reuse)."""
     steps = len(cost)
     if not forced[0]:
         raise ValueError("the first step must be forced: a sample has no residual before it")
-    # gap[a, m]: the cost of reusing steps a+1 .. m-1 from anchor a (inf across a forced step or past max_reuse)
     gap = np.full((steps, steps + 1), np.inf)
     for a in range(steps):
         total = 0.0
@@ -73,6 +74,16 @@ def plan_schedule(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: in
         candidates = best[:m, :-1] + gap[:m, m, None]  # [anchor, runs before m]
         back[m, 1:] = np.argmin(candidates, axis=0)
         best[m, 1:] = candidates[back[m, 1:], np.arange(runs)]
+    return best, back, gap
+
+
+def plan_schedule(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int) -> np.ndarray | None:
+    """The run flags [steps] of the schedule with exactly `runs` runs that minimises the summed
+    cost[anchor, i] of its reused steps i (anchor: the last run before i), running every `forced`
+    step (the first must be one) and reusing at most `max_reuse` steps in a row; None where no such
+    schedule exists. Ties go to the earliest anchors."""
+    steps = len(cost)
+    best, back, gap = _plan_tables(cost, runs, forced, max_reuse)
     ends = best[:, runs] + gap[:, steps]
     last = int(np.argmin(ends))
     if not math.isfinite(ends[last]):
@@ -85,6 +96,14 @@ def plan_schedule(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: in
             break
         m, r = int(back[m, r]), r - 1
     return schedule
+
+
+def least_costs(cost: np.ndarray, forced: np.ndarray, max_reuse: int) -> np.ndarray:
+    """[steps + 1]: for each number of runs, the summed cost of `plan_schedule`'s schedule with
+    that many runs (inf where none exists)."""
+    steps = len(cost)
+    best, _, gap = _plan_tables(cost, steps, forced, max_reuse)
+    return np.min(best + gap[:, steps, None], axis=0)
 
 
 class SenCachePlanPolicy:
@@ -120,12 +139,9 @@ class SenCachePlanPolicy:
         return StepDecision(np.full(self.batch, run), np.full(self.batch, np.nan), math.nan, bool(self.forced[step]))
 
 
-def make_plan_policy(
-    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int
-) -> SenCachePlanPolicy:
-    """sencache-plan for a request with an NFE budget (`nfe`, `speedup` or `speed`; `budget`
-    threshold or hard, met exactly either way); BadInput where the table has no reuse costs or
-    the budget cannot be met."""
+def _plan_inputs(table: SensitivityTable, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(the cost matrix, the forced steps, max_reuse) of a plan of `steps` steps on `table`;
+    BadInput where the table has no reuse costs."""
     curves = table.budget_curves()
     if curves.costs is None:
         raise BadInput(
@@ -135,20 +151,73 @@ def make_plan_policy(
         )
     conventions = engine_conventions(curves.switch_frac, curves.force_last)
     forced = np.array([conventions.forced(i, steps) for i in range(steps)])
+    return costs_at(curves.costs, steps), forced, curves.max_reuse
+
+
+def make_plan_policy(
+    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int
+) -> SenCachePlanPolicy:
+    """sencache-plan for a request with an NFE budget (`nfe`, `speedup` or `speed`; `budget`
+    threshold or hard, met exactly either way); BadInput where the table has no reuse costs or
+    the budget cannot be met."""
+    cost, forced, max_reuse = _plan_inputs(table, steps)
     param, fraction, target = budget_target(knobs, steps, int(forced.sum()))
     mode = str(knobs.get("budget", "threshold"))
     if mode not in ("threshold", "hard"):
         raise BadInput(f"budget must be threshold or hard, got {mode!r}", param="budget")
-    schedule = plan_schedule(costs_at(curves.costs, steps), target, forced, curves.max_reuse)
+    schedule = plan_schedule(cost, target, forced, max_reuse)
     if schedule is None:
-        fewest = math.ceil((steps - int(forced[-1])) / (curves.max_reuse + 1)) + int(forced[-1])
-        raise BadInput(
-            f"{param} {knobs[param]} asks for {target} runs of {steps} steps; reusing at most {curves.max_reuse} steps "
-            f"in a row (the calibrated max_reuse) needs at least about {fewest}",
-            param=param,
-        )
+        raise _unreachable(param, knobs[param], target, steps, forced, max_reuse)
     budget = {"mode": mode, "nfe": target, "requested_nfe": fraction * steps}
-    return SenCachePlanPolicy(schedule, forced, batch, budget, curves.max_reuse)
+    return SenCachePlanPolicy(schedule, forced, batch, budget, max_reuse)
+
+
+def share_plan_budget(knobs: Mapping[str, object], contexts: list[RuleContext]) -> list[dict[str, object]]:
+    """A request's budget shared out over its experts' runs of steps (`contexts`, one per run) where
+    the calibrated costs say the runs buy most: the shares with the least summed cost of each run's
+    own plan (the costs of every expert are in the same units, the final latent's error: its gains
+    were measured over the whole run), each met exactly. Each share is that run's `nfe`."""
+    inputs = [_plan_inputs(c.sensitivity(), c.steps) for c in contexts]
+    steps = sum(c.steps for c in contexts)
+    param, _, target = budget_target(knobs, steps, sum(int(forced.sum()) for _, forced, _ in inputs))
+    shares = cheapest_shares([least_costs(*plan) for plan in inputs], target)
+    if shares is None:
+        forced = np.concatenate([f for _, f, _ in inputs])
+        raise _unreachable(param, knobs[param], target, steps, forced, min(r for _, _, r in inputs))
+    budget = {k: v for k, v in knobs.items() if k not in BUDGET_TARGETS}
+    return [{**budget, "nfe": share} for share in shares]
+
+
+def cheapest_shares(costs: list[np.ndarray], runs: int) -> list[int] | None:
+    """The runs of each part, summing to `runs`, with the least summed cost, where costs[p][k] is
+    part p's cost with k runs (`least_costs`); None where no shares have a finite cost. Ties go
+    to the earlier parts."""
+    total = np.zeros(1)  # total[k]: the least cost of the parts so far with k runs in all
+    picks: list[np.ndarray] = []
+    for own in costs:
+        merged = np.full(len(total) + len(own) - 1, np.inf)
+        pick = np.zeros(len(merged), dtype=np.int64)
+        for k in range(len(merged)):
+            for j in range(max(0, k - len(total) + 1), min(k, len(own) - 1) + 1):
+                if total[k - j] + own[j] < merged[k]:
+                    merged[k], pick[k] = total[k - j] + own[j], j
+        total, picks = merged, [*picks, pick]
+    if runs >= len(total) or not math.isfinite(total[runs]):
+        return None
+    shares = []
+    for pick in reversed(picks):
+        shares.append(int(pick[runs]))
+        runs -= shares[-1]
+    return shares[::-1]
+
+
+def _unreachable(param: str, value: object, target: int, steps: int, forced: np.ndarray, max_reuse: int) -> BadInput:
+    fewest = math.ceil((steps - int(forced[-1])) / (max_reuse + 1)) + int(forced[-1])
+    return BadInput(
+        f"{param} {value} asks for {target} runs of {steps} steps; reusing at most {max_reuse} steps "
+        f"in a row (the calibrated max_reuse) needs at least about {fewest}",
+        param=param,
+    )
 
 
 register_rule(
@@ -159,5 +228,6 @@ register_rule(
         (*BUDGET_TARGETS, "budget"),
         lambda knobs, context: make_plan_policy(knobs, context.sensitivity(), context.steps, context.batch),
         ("sensitivity",),
+        share=share_plan_budget,
     )
 )

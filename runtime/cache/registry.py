@@ -72,6 +72,10 @@ class Rule:
     """The manifest's defaults section the rule's unset knobs come from."""
     selected_by: tuple[str, ...] = ()
     """For a variant of a method already registered: the knobs that select it (any one given)."""
+    share: Callable[[dict[str, Any], list[RuleContext]], list[dict[str, Any]]] | None = None
+    """On a model of several experts, the knobs of each expert's run of steps (one context each)
+    from the request's; None: every run takes the request's knobs, an `nfe` shared out in
+    proportion to the runs' lengths (`sencache.runtime.cache.factory.split_nfe`)."""
 
 
 @dataclass(frozen=True)
