@@ -64,14 +64,19 @@ LOOKED_AT_DRAWS = (
     Draw("fresh-5", 20261206, 9000),
     Draw("fresh-6", 20261207, 10000),
     Draw("fresh-7", 20261208, 11000),
+    Draw("fresh-8", 20261209, 12000),
+    Draw("fresh-9", 20261210, 13000),
 )
 """Draws that were fresh for an earlier budget rule and whose reports then steered its successor
 (fresh-1 and fresh-2: the first plan; fresh-3: the online rule at a measured eps; fresh-4 and
 fresh-5: sencache-online's budget, then sencache-plan's development on fresh-5; fresh-6 and fresh-7:
-sencache-plan's first verdict): development draws since."""
-FRESH_DRAWS = (Draw("fresh-8", 20261209, 12000), Draw("fresh-9", 20261210, 13000))
+sencache-plan's first verdict; fresh-8 and fresh-9: its verdict at 24 samples, then the sixth
+round's development and tiny-wan2.2's split of a budget between its experts on fresh-8):
+development draws since."""
+FRESH_DRAWS = (Draw("fresh-10", 20261211, 14000), Draw("fresh-11", 20261212, 15000))
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
-evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
+evaluation set with EVAL_PROMPT_SEED, the development draws with theirs). fresh-10 and fresh-11
+have given one report so far, tiny-wan2.2's (benchmarks/results/online/wan2.2-fresh-10-11)."""
 LOOKED_AT = (
     f"the development draw (prompt seed {DEV_DRAW.prompt_seed}, seeds from {DEV_DRAW.seed_offset}); "
     + "; ".join(f"{d.name} (prompt seed {d.prompt_seed}, seeds from {d.seed_offset})" for d in LOOKED_AT_DRAWS)
