@@ -71,6 +71,7 @@ from sencache.runtime.cache.baselines import BaselineTables
 from sencache.runtime.cache.budget import measure_online_curve, record_curves
 from sencache.runtime.cache.plan import SenCachePlanPolicy
 from sencache.runtime.cache.sencache import SenCacheOnlinePolicy, SenCacheOnlineSettings, SenCachePolicy
+from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput, Failed
 from sencache.runtime.experts import expert_of, experts_of, segments
 from sencache.runtime.families.base import Sampler
@@ -79,6 +80,7 @@ from sencache.runtime.limits import MAX_STEPS
 from sencache.runtime.model import Model
 from sencache.runtime.prediction import Prediction, predict
 from sencache.runtime.preparation import sample_generators
+from sencache.runtime.progression import carry_noise
 from sencache.runtime.request import SAMPLINGS, GenerationParams, RequestState
 from sencache.runtime.sensitivity import OnlineCurve, ReuseCosts, SensitivityTable
 from sencache.runtime.stepping import StepEngine
@@ -331,7 +333,7 @@ def calibrate(
                 f"tables need; calibrate with more steps",
                 param="steps",
             )
-    gains = record_gains(
+    gains, drifts = record_gains(
         engine, chunks, np.concatenate(changes), finals, steps, guidance, plan.sampling, parts, image, show_progress
     )
     tables = []
@@ -359,7 +361,8 @@ def calibrate(
             sensitivity.budget = dataclasses.replace(sensitivity.budget, online=online)
             own["online_curve_samples"] = count
         sensitivity.budget = dataclasses.replace(
-            sensitivity.budget, costs=reuse_costs(np.concatenate(changes), gains, first, end)
+            sensitivity.budget,
+            costs=reuse_costs(np.concatenate(changes), gains, drifts, np.asarray(timesteps), sensitivity, first, end),
         )
         own["budget_steps"] = list(sensitivity.budget.steps)
         within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
@@ -416,14 +419,18 @@ def record_gains(
     parts: list[tuple[int, int, int]],
     image: np.ndarray | None = None,
     show_progress: bool = False,
-) -> np.ndarray:
-    """Per step i, the gain G_i from an output error at step i to the final latent, measured on the
-    calibration `chunks` (whose uncached final latents are `finals`, one array per chunk): run them
-    with step i alone reused (its anchor the step before), divide the final latent's mean squared
-    change by the output's mean squared change from step i - 1 to i (`changes` [samples, a, i]).
-    Each such run is forked from an uncached run at step i (`RequestState.fork`), so it computes
-    only the steps from i on. The first step of each expert's run (`parts`: expert, first, end)
-    always runs, reuses nothing and gets no gain (0)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gains, drifts). Per step i, the gain G_i from an output error at step i to the final
+    latent, measured on the calibration `chunks` (whose uncached final latents are `finals`, one
+    array per chunk): run them with step i alone reused (its anchor the step before), divide the
+    final latent's mean squared change by the output's mean squared change from step i - 1 to i
+    (`changes` [samples, a, i]). Each such run is forked from an uncached run at step i
+    (`RequestState.fork`), so it computes only the steps from i on. The first step of each expert's
+    run (`parts`: expert, first, end) always runs, reuses nothing and gets no gain (0).
+
+    drifts [samples, a, i] is each sample's deterministic drift ||x_i - n_i - x_a|| along that
+    uncached run (n_i the noise the sampler injected since step a, as the engine leaves it out of
+    a rule's drift), 0 where a >= i."""
     starts = {first for _, first, _ in parts}
     measured = [i for i in range(steps) if i not in starts]
     bar = progress(
@@ -431,33 +438,87 @@ def record_gains(
     )
     first = np.arange(steps) == 0
     moved = np.zeros(steps)
+    drifts: list[np.ndarray] = []
     for (prompts, seeds), final in zip(chunks, finals, strict=True):
         request = GenerationParams(prompts, seeds, steps, guidance, sampling=sampling, image=image)
         reference = final.reshape(len(prompts), -1).astype(np.float64)
         uncached = StepEngine(engine)  # every step run, residuals kept for the forks to reuse
         trunk = uncached.prepare(request, SenCachePlanPolicy(np.ones(steps, bool), first, len(prompts), {}, 1))
         uncached.enqueue(trunk)
+        walk = DriftWalk(trunk.x, steps)
         for i in measured:
             while trunk.step < i:
                 uncached.step()
+                assert trunk.sampler is not None, "a running request holds its sampler"
+                walk.advance(trunk.x, trunk.sampler.injected())
             policy = SenCachePlanPolicy(np.arange(steps) != i, first, len(prompts), {"mode": "calibration"}, 1)
             latents = _run_alone(engine, trunk.fork(policy)).reshape(len(prompts), -1)
             moved[i] += float(np.sum(np.mean((latents.astype(np.float64) - reference) ** 2, axis=1)))
             bar.update(1)
         uncached.end_all("cancelled")
+        drifts.append(walk.drifts)
     bar.close()
     mean = changes.mean(axis=0)
     one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
-    return np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
+    gains = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
+    return gains, np.concatenate(drifts)
 
 
-def reuse_costs(changes: np.ndarray, gains: np.ndarray, first: int, end: int) -> ReuseCosts:
+class DriftWalk:
+    """Each sample's deterministic drift from every earlier step along one uncached run, fed the
+    latents after each solver step and the noise that step injected (`Sampler.injected`)."""
+
+    def __init__(self, x: torch.Tensor, steps: int) -> None:
+        self.latents = [_rows(x)]
+        self.noise: list[torch.Tensor | None] = []  # per anchor: the noise injected since it
+        self.drifts = np.zeros((len(self.latents[0]), steps, steps))
+
+    def advance(self, x: torch.Tensor, injected: tuple[float, torch.Tensor] | None) -> None:
+        """The run took its next step, to latents `x`, having injected `injected`."""
+        i = len(self.latents)
+        if injected is not None:
+            injected = (injected[0], _rows(injected[1]))
+        self.noise = [carry_noise(n, injected) for n in [*self.noise, None]]
+        now = _rows(x)
+        for a, (anchor, noise) in enumerate(zip(self.latents, self.noise, strict=True)):
+            change = now - anchor if noise is None else now - noise - anchor
+            self.drifts[:, a, i] = torch.linalg.vector_norm(change, dim=1).numpy()
+        self.latents.append(now)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float64 rows, one per sample, a copy on the host."""
+    return x.detach().to("cpu", torch.float64).reshape(len(x), -1).clone()
+
+
+def reuse_costs(
+    changes: np.ndarray,
+    gains: np.ndarray,
+    drifts: np.ndarray,
+    timesteps: np.ndarray,
+    table: SensitivityTable,
+    first: int,
+    end: int,
+) -> ReuseCosts:
     """sencache-plan's reuse costs (`ReuseCosts`) of the run of steps first..end - 1 (one expert's,
     a run of its own) from the calibration's output `changes` [samples, a, i] along the uncached
-    trajectories and the steps' `gains` (`record_gains`): cost[a, i] = mean changes x G_i."""
+    trajectories and the steps' `gains` (`record_gains`): cost[a, i] = mean changes x G_i; and the
+    mean squared SenCache score of reusing at i from a, from the trajectories' deterministic
+    `drifts` [samples, a, i] at `timesteps`, with the expert's `table` (its Jx, Jt looked up at
+    the anchor as the rule looks them up)."""
     mean = changes.mean(axis=0)[first:end, first:end]
     cost = np.triu(mean * gains[None, first:end], k=1)
-    return ReuseCosts(end - first, tuple(tuple(row) for row in cost.tolist()))
+    curves = table.budget_curves()
+    nearest = engine_conventions(curves.switch_frac, curves.force_last).nearest_lookup
+    t = np.asarray(timesteps[first:end], dtype=np.float64)
+    jx, jt = np.array([table.lookup(float(ta), nearest=nearest)[:2] for ta in t]).T
+    scores = jx[None, :, None] * drifts[:, first:end, first:end] + jt[None, :, None] * np.abs(
+        t[None, None] - t[None, :, None]
+    )
+    score_sq = np.triu(np.mean(scores**2, axis=0), k=1)
+    return ReuseCosts(
+        end - first, tuple(tuple(row) for row in cost.tolist()), tuple(tuple(row) for row in score_sq.tolist())
+    )
 
 
 def _run_alone(engine: Model, job: RequestState) -> np.ndarray:

@@ -88,25 +88,36 @@ class ReuseCosts:
     `steps` steps (sencache-plan's input, `sencache.runtime.cache.plan`): cost[a][i], for an anchor
     run at step a < i, is the mean over the calibration samples of G_i x ||f_i - f_a||^2 / numel,
     f the guided output, G_i the measured gain from an output error at step i to the final latent;
-    0 where a >= i."""
+    0 where a >= i.
+
+    score_sq[a][i] is the mean over the same samples of s(a, i)^2, SenCache's bound on reusing at
+    step i from anchor a, s = Jx(t_a) ||x_i - n_i - x_a|| + Jt(t_a) |t_i - t_a| (n_i the noise a
+    stochastic sampler injected since a), with Jx, Jt the table's: what a request's own drift is
+    compared with to scale its costs (`sencache.runtime.cache.plan`). None in costs from before it."""
 
     steps: int
     cost: tuple[tuple[float, ...], ...]
+    score_sq: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
-        cost = np.asarray(self.cost, dtype=np.float64)
-        if self.steps < 2 or cost.shape != (self.steps, self.steps):
-            raise ValueError(f"the reuse costs must be a {self.steps} x {self.steps} matrix of at least 2 steps")
-        if not np.all(np.isfinite(cost)) or np.any(cost < 0) or np.any(np.tril(cost) != 0):
-            raise ValueError("the reuse costs must be finite, non-negative, and 0 on and below the diagonal")
+        for name, matrix in (("reuse costs", self.cost), ("mean squared scores", self.score_sq)):
+            if matrix is None:
+                continue
+            values = np.asarray(matrix, dtype=np.float64)
+            if self.steps < 2 or values.shape != (self.steps, self.steps):
+                raise ValueError(f"the {name} must be a {self.steps} x {self.steps} matrix of at least 2 steps")
+            if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(np.tril(values) != 0):
+                raise ValueError(f"the {name} must be finite, non-negative, and 0 on and below the diagonal")
 
     @classmethod
     def from_dict(cls, document: Any) -> ReuseCosts:
         if not isinstance(document, dict):
             raise ValueError("the reuse costs must be an object")
+        score_sq = document.get("score_sq")
         return cls(
             steps=_integer(document["steps"]),
             cost=tuple(tuple(_vector(row).tolist()) for row in _list(document["cost"])),
+            score_sq=None if score_sq is None else tuple(tuple(_vector(row).tolist()) for row in _list(score_sq)),
         )
 
 

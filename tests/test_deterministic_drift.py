@@ -7,11 +7,19 @@ was drawn; a sampler that injects nothing leaves the plain latent drift."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
+from conftest import engine_for
+from sencache.calibration.calibrate import DriftWalk
+from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.families import resolve
 from sencache.runtime.families.parts import make_scheduler
 from sencache.runtime.progression import carry_noise
+from sencache.runtime.request import GenerationParams
+from sencache.runtime.stepping import StepEngine
 
 SHAPE = (2, 4, 3, 8, 8)
 
@@ -88,3 +96,54 @@ def test_a_sampler_without_noise_leaves_the_plain_drift():
         sampler.step(0, torch.randn(SHAPE), x, [torch.Generator().manual_seed(0)] * 2)
         assert sampler.injected() is None
         assert carry_noise(None, sampler.injected()) is None
+
+
+class _RunFirstAndLast:
+    """A rule that runs the first and last steps and reuses between them, recording the drift the
+    engine hands it (the deterministic one)."""
+
+    name = "run-first-and-last"
+    needs_drift = deterministic_drift = may_reuse = True
+    needs_modulation = False
+
+    def __init__(self, batch: int, steps: int) -> None:
+        self.batch, self.steps, self.seen = batch, steps, {}
+
+    def settings(self):
+        return {"method": self.name}
+
+    def warnings(self):
+        return []
+
+    def decide(self, step, t, drift_sumsq=None, modulation_change=None):
+        if drift_sumsq is not None:
+            self.seen[step] = np.asarray(drift_sumsq, dtype=np.float64)
+        forced = step in (0, self.steps - 1)
+        return StepDecision(np.full(self.batch, forced), np.full(self.batch, np.nan), math.nan, forced)
+
+
+def test_calibration_measures_the_drift_the_engine_hands_a_rule(cogvideox_bundle):
+    """sencache-plan's mean squared scores are measured on the drift its rule reads: on the SDE
+    sampler, `DriftWalk` (calibration) gives each sample's drift from its anchor less the noise
+    carried since, as the engine does for a rule that reuses from step 0 on."""
+    engine = engine_for(cogvideox_bundle)
+    steps = 7
+    request = GenerationParams(
+        ["two small red circles static on black", "one large blue square moving left slow on texture"],
+        [5, 6],
+        steps,
+        4.0,
+    )
+    rule = _RunFirstAndLast(2, steps)
+    stepping = StepEngine(engine)
+    job = stepping.prepare(request, rule)
+    stepping.enqueue(job)
+    walk = DriftWalk(job.x, steps)
+    while job.step < steps - 1:
+        stepping.step()
+        assert job.sampler is not None and job.sampler.injected() is not None  # it injects noise
+        walk.advance(job.x, job.sampler.injected())
+    stepping.end_all("cancelled")
+    assert sorted(rule.seen) == list(range(1, steps - 1))
+    for step, drift_sumsq in rule.seen.items():
+        np.testing.assert_allclose(walk.drifts[:, 0, step] ** 2, drift_sumsq, rtol=1e-4)

@@ -12,7 +12,17 @@ import pytest
 
 from budget_tables import TABLE, curves
 from conftest import engine_for
-from sencache.runtime.cache.plan import cheapest_shares, costs_at, least_costs, make_plan_policy, plan_schedule
+from sencache.runtime.cache.plan import (
+    cheapest_shares,
+    costs_at,
+    drift_scale,
+    later_costs,
+    least_costs,
+    make_plan_policy,
+    plan_schedule,
+    runs_now,
+    scores_at,
+)
 from sencache.runtime.errors import BadInput
 from sencache.runtime.request import GenerationParams
 from sencache.runtime.sensitivity import ReuseCosts, SensitivityTable
@@ -95,6 +105,116 @@ def test_the_shares_of_a_budget_over_experts_are_the_cheapest_split():
             assert sum(c[k] for c, k in zip(parts, shares, strict=True)) == pytest.approx(best[0], abs=1e-12)
 
 
+def random_problem(rng: np.random.Generator, most: int) -> tuple[np.ndarray, np.ndarray, int]:
+    steps, cap = int(rng.integers(2, most)), int(rng.integers(0, 4))
+    cost = np.triu(rng.random((steps, steps)), k=1)
+    forced = np.zeros(steps, bool)
+    forced[0], forced[-1] = True, bool(rng.random() < 0.5)
+    return cost, forced, cap
+
+
+def completions(steps: int, start: int, left: int, forced: np.ndarray) -> list[np.ndarray]:
+    """Every run flags of the steps start .. steps - 1 with exactly `left` runs, forced ones run."""
+    out = []
+    for chosen in itertools.combinations(range(start, steps), left):
+        flags = np.zeros(steps - start, bool)
+        flags[[c - start for c in chosen]] = True
+        if flags[forced[start:]].all():
+            out.append(flags)
+    return out
+
+
+def completion_cost(cost: np.ndarray, anchor: int, start: int, flags: np.ndarray, cap: int, scale: float) -> float:
+    """The cost of reusing from `anchor` up to the first run in `flags` (steps from `start`), scaled,
+    then the costs as measured; inf past max_reuse."""
+    total, current, gap = 0.0, anchor, start - anchor - 1
+    for offset, run in enumerate(flags):
+        i = start + offset
+        if run:
+            current, gap = i, 0
+            continue
+        gap += 1
+        if gap > cap:
+            return np.inf
+        total += (scale if current == anchor else 1.0) * cost[current, i]
+    return total
+
+
+def test_the_later_costs_are_the_cheapest_suffixes_after_a_run():
+    rng = np.random.default_rng(6)
+    for _ in range(150):
+        cost, forced, cap = random_problem(rng, 9)
+        steps = len(cost)
+        runs = int(rng.integers(0, steps))
+        later = later_costs(cost, runs, forced, cap)
+        assert later.shape == (steps, runs + 1)
+        for m in range(steps):
+            for r in range(runs + 1):
+                tails = [completion_cost(cost, m, m + 1, f, cap, 1.0) for f in completions(steps, m + 1, r, forced)]
+                assert later[m, r] == pytest.approx(min(tails, default=np.inf), abs=1e-12)
+
+
+def test_a_sample_runs_now_where_the_cheapest_completion_of_its_runs_does():
+    """Each decision against every completion of the sample's runs, its anchor's costs scaled."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(300):
+        cost, forced, cap = random_problem(rng, 9)
+        steps = len(cost)
+        runs = int(rng.integers(1, steps + 1))
+        if plan_schedule(cost, runs, forced, cap) is None:
+            continue
+        later = later_costs(cost, runs, forced, cap)
+        anchor, left, flags = 0, runs - 1, [True]
+        for step in range(1, steps):
+            if forced[step]:
+                run = True
+            else:
+                scale = float(np.exp(rng.normal(0.0, 2.0)))
+                run = runs_now(cost[anchor], later, forced, step, anchor, left, cap, scale)
+                options = [
+                    (completion_cost(cost, anchor, step, f, cap, scale), bool(f[0]))
+                    for f in completions(steps, step, left, forced)
+                ]
+                cheapest = min(c for c, _ in options)
+                assert np.isfinite(cheapest)
+                cheapest_now = min((c for c, now in options if now), default=np.inf)
+                assert run == (cheapest_now <= cheapest + 1e-12), (step, anchor, left, scale)
+                checked += 1
+            flags.append(run)
+            left -= run
+            anchor = step if run else anchor
+        assert sum(flags) == runs and np.asarray(flags)[forced].all() and longest_reuse(np.asarray(flags)) <= cap
+    assert checked > 300
+
+
+def test_a_sample_that_drifts_as_the_calibration_did_follows_the_plan():
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        cost, forced, cap = random_problem(rng, 16)
+        steps = len(cost)
+        runs = int(rng.integers(1, steps + 1))
+        plan = plan_schedule(cost, runs, forced, cap)
+        if plan is None:
+            continue
+        later = later_costs(cost, runs, forced, cap)
+        anchor, left, flags = 0, runs - 1, np.zeros(steps, bool)
+        flags[0] = True
+        for step in range(1, steps):
+            flags[step] = forced[step] or runs_now(cost[anchor], later, forced, step, anchor, left, cap, 1.0)
+            left -= flags[step]
+            anchor = step if flags[step] else anchor
+        assert schedule_cost(cost, flags) == pytest.approx(schedule_cost(cost, plan), abs=1e-12)
+
+
+def test_the_drift_scale_is_the_squared_score_ratio_squared():
+    assert drift_scale(3.0, 4.0) == (9.0 / 4.0) ** 2
+    assert drift_scale(1e200, 1.0) == 1.0  # overflows: the calibration's plan
+    assert drift_scale(0.0, 4.0) == 0.0
+    for score, mean in ((np.nan, 1.0), (1.0, 0.0), (np.inf, 1.0), (1.0, np.nan)):
+        assert drift_scale(score, mean) == 1.0  # the calibration's plan
+
+
 def test_the_first_step_must_be_forced():
     with pytest.raises(ValueError, match="first step"):
         plan_schedule(np.zeros((3, 3)), 2, np.array([False, False, True]), 3)
@@ -108,22 +228,28 @@ def measured(steps: int = 6) -> ReuseCosts:
 
 def test_the_costs_are_read_at_the_same_fractions_of_another_step_count():
     costs = measured()
-    assert np.array_equal(costs_at(costs, 6), np.asarray(costs.cost))
+    scored = dataclasses.replace(costs, score_sq=tuple(tuple(2.0 * v for v in row) for row in costs.cost))
+    assert np.array_equal(costs_at(costs, 6), np.asarray(costs.cost)) and scores_at(costs, 6) is None
     for steps in (3, 11):
         at = costs_at(costs, steps)
         assert at.shape == (steps, steps) and np.all(np.tril(at) == 0)
         assert at[0, -1] == pytest.approx(costs.cost[0][-1])  # the corners are measured points
+        np.testing.assert_array_equal(scores_at(scored, steps), 2.0 * at)  # read alike
 
 
 def test_corrupt_reuse_costs_are_refused_and_tables_without_them_say_recalibrate():
-    for broken in (
-        {"steps": 6, "cost": [[0.0] * 6] * 5},
-        {"steps": 2, "cost": [[0.0, -1.0], [0.0, 0.0]]},
-        {"steps": 2, "cost": [[0.0, 1.0], [2.0, 0.0]]},
-        {"steps": 2, "cost": [[0.0, "x"], [0.0, 0.0]]},
+    ok = [[0.0, 1.0], [0.0, 0.0]]
+    for broken, needle in (
+        ({"steps": 6, "cost": [[0.0] * 6] * 5}, "reuse costs must be a 6 x 6"),
+        ({"steps": 2, "cost": [[0.0, -1.0], [0.0, 0.0]]}, "reuse costs must be finite"),
+        ({"steps": 2, "cost": [[0.0, 1.0], [2.0, 0.0]]}, "reuse costs must be finite"),
+        ({"steps": 2, "cost": [[0.0, "x"], [0.0, 0.0]]}, "lists of numbers"),
+        ({"steps": 2, "cost": ok, "score_sq": [[0.0, 1.0]]}, "mean squared scores must be a 2 x 2"),
+        ({"steps": 2, "cost": ok, "score_sq": [[0.0, np.inf], [0.0, 0.0]]}, "mean squared scores must be finite"),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=needle):
             ReuseCosts.from_dict(broken)
+    assert ReuseCosts.from_dict({"steps": 2, "cost": ok}).score_sq is None  # calibrated before them
     table = SensitivityTable(
         TABLE.timesteps, TABLE.jx, TABLE.jt, budget=dataclasses.replace(curves(), costs=measured())
     )
@@ -149,21 +275,26 @@ def test_a_budget_the_plan_cannot_meet_under_max_reuse_is_refused():
         make_plan_policy({}, table, 20, 1)
 
 
-def test_calibration_records_the_costs_and_every_sample_runs_the_plan(calibrated_bundle):
+def test_calibration_records_the_costs_and_every_sample_runs_its_budget(calibrated_bundle):
     engine = engine_for(calibrated_bundle)
     table = engine.bundle.sensitivity()
     costs = table.budget_curves().costs
-    assert costs is not None and costs.steps == 8
-    cost = np.asarray(costs.cost)
-    assert np.all(cost[np.triu_indices(8, k=1)] > 0) and np.all(np.tril(cost) == 0)
+    assert costs is not None and costs.steps == 8 and costs.score_sq is not None
+    for matrix in (np.asarray(costs.cost), np.asarray(costs.score_sq)):
+        assert np.all(matrix[np.triu_indices(8, k=1)] > 0) and np.all(np.tril(matrix) == 0)
     assert table.meta["online_curve_samples"] == 2  # the calibration's samples (curve_samples not given)
     prompts = ["two small red circles static on black", "one large blue square moving left slow on texture"]
     request = GenerationParams(prompts, [3, 4], 12, 4.0)
     policy = engine.policy("sencache-plan", 12, 2, {"nfe": 6})
-    schedule = np.array([c == "R" for c in policy.settings()["schedule"]])
+    settings = policy.settings()
+    assert settings["per_sample"] == "drift" and policy.needs_drift and policy.deterministic_drift
+    schedule = np.array([c == "R" for c in settings["schedule"]])
     assert schedule.sum() == 6 and schedule[0] and schedule[-1]
     result = engine.generate(request, policy)
     assert result.nfe == [6, 6]
+    assert all(d[0] == d[-1] == "run" for d in result.decisions)
+    scales = [[s["score"] for s in trace if not s["forced"]] for trace in result.trace]
+    assert all(scale is not None and scale > 0 for row in scales for scale in row) and scales[0] != scales[1]
     alone = engine.generate(
         GenerationParams(prompts[:1], [3], 12, 4.0), engine.policy("sencache-plan", 12, 1, {"nfe": 6})
     )

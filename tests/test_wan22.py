@@ -236,15 +236,16 @@ def test_each_expert_records_the_reuse_costs_of_its_own_steps(calibrated):
     for table in tables:
         first, end = table.meta["expert_steps"]
         costs = table.budget_curves().costs
-        assert costs is not None and costs.steps == end - first >= 2
-        cost = np.asarray(costs.cost)
-        assert np.all(cost[np.triu_indices(costs.steps, k=1)] > 0) and np.all(np.tril(cost) == 0)
+        assert costs is not None and costs.steps == end - first >= 2 and costs.score_sq is not None
+        for matrix in (np.asarray(costs.cost), np.asarray(costs.score_sq)):
+            assert np.all(matrix[np.triu_indices(costs.steps, k=1)] > 0) and np.all(np.tril(matrix) == 0)
     assert [t.meta["expert_steps"] for t in tables] == [[0, 3], [3, 8]]  # t = 875 is high-noise
     assert budget_rule(tables) == "sencache-plan"
     settings = calibrated.policy("sencache-plan", 12, 1, {"speed": "balanced"}).settings()
     shares = [expert["budget"]["nfe"] for expert in settings["experts"]]
     schedules = [expert["schedule"] for expert in settings["experts"]]
     assert [len(s) for s in schedules] == [4, 8] and [s.count("R") for s in schedules] == shares
+    assert all(expert["per_sample"] == "drift" for expert in settings["experts"])  # each re-plans its share
     assert sum(shares) == round(12 * 0.6)  # the whole request's budget, shared out by the costs
     assert all(s[0] == "R" for s in schedules)
 

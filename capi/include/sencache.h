@@ -57,8 +57,11 @@ extern "C" {
  *    carrying the budget curves they were calibrated with, and sc_table_has_budget. The layouts and
  *    behaviour of ABI 1-3 are unchanged.
  * 5: SC_RULE_SENCACHE_PLAN with sc_policy_create_budget (sencache-plan: one schedule of the budget's
- *    runs over the table's reuse costs, every sample following it). ABI 1-4 unchanged. */
-#define SC_ABI_VERSION 5
+ *    runs over the table's reuse costs, every sample following it). ABI 1-4 unchanged.
+ * 6: SC_RULE_SENCACHE_PLAN on a table whose reuse costs carry the calibration's mean squared scores
+ *    re-plans each sample at every step from its drift, so it takes drift_sumsq on the steps that
+ *    are not forced. Tables without them, and ABI 1-5's layouts, are unchanged. */
+#define SC_ABI_VERSION 6
 
 typedef enum sc_status {
     SC_OK = 0,
@@ -220,8 +223,13 @@ typedef struct sc_budget {
  * SC_RULE_SENCACHE_PLAN (ABI 5): Python's make_plan_policy, in either mode: the schedule of exactly
  * the budget's runs that minimises the table's reuse costs (read at `steps` steps), the forced steps
  * run and at most the calibrated max_reuse steps reused in a row; every sample follows it, so
- * drift_sumsq may be NULL, the scores and threshold are NaN and `extra` is ignored. Refused: a table
- * without reuse costs ("cache sencache-plan: ... recalibrate it"), a budget no such schedule meets. */
+ * drift_sumsq may be NULL, the scores and threshold are NaN and `extra` is ignored. Since ABI 6, on a
+ * table whose costs also carry the calibration's mean squared scores, each sample re-plans at every
+ * step that is not forced from its own drift (Python's LivePlan, runs_now): drift_sumsq is needed
+ * there (the deterministic drift on a sampler that injects noise, as for SC_RULE_SENCACHE_ONLINE),
+ * each score is the factor on its anchor's costs, and every sample still runs exactly the budget.
+ * Refused: a table without reuse costs ("cache sencache-plan: ... recalibrate it"), a budget no
+ * such schedule meets. */
 SC_API sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule, const sc_policy_extra* extra,
                                          const sc_budget* budget, int32_t steps, int32_t batch, int64_t numel,
                                          sc_policy** out);

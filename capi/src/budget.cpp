@@ -87,27 +87,43 @@ OnlineCurve parse_online(const Value& doc) {
     return c;
 }
 
+// The rows of a square matrix of the reuse costs, appended to `out`; whether they were `steps` of
+// `steps` values each
+bool matrix_rows(const Value& doc, int64_t steps, std::vector<double>& out) {
+    const std::vector<Value>& rows = list(doc);
+    bool square = static_cast<int64_t>(rows.size()) == steps;
+    for (const Value& row : rows) {
+        const std::vector<double> values = vector(row);
+        square = square && static_cast<int64_t>(values.size()) == steps;
+        out.insert(out.end(), values.begin(), values.end());
+    }
+    return square;
+}
+
+// ReuseCosts.__post_init__ for one of its matrices, `name` wording the faults
+void check_matrix(const std::vector<double>& m, int64_t steps, bool square, const std::string& name) {
+    if (steps < 2 || !square)
+        fail("the " + name + " must be a " + std::to_string(steps) + " x " + std::to_string(steps) +
+             " matrix of at least 2 steps");
+    for (int64_t a = 0; a < steps; ++a)
+        for (int64_t i = 0; i < steps; ++i) {
+            const double v = m[a * steps + i];
+            if (!std::isfinite(v) || v < 0 || (i <= a && v != 0))
+                fail("the " + name + " must be finite, non-negative, and 0 on and below the diagonal");
+        }
+}
+
 // ReuseCosts.from_dict and its checks
 Costs parse_costs(const Value& doc) {
     if (doc.kind != Value::Object) fail("the reuse costs must be an object");
     Costs c;
     c.steps = integer(member(doc, "steps"));
-    const std::vector<Value>& rows = list(member(doc, "cost"));
-    bool square = static_cast<int64_t>(rows.size()) == c.steps;
-    for (const Value& row : rows) {
-        const std::vector<double> values = vector(row);
-        square = square && static_cast<int64_t>(values.size()) == c.steps;
-        c.cost.insert(c.cost.end(), values.begin(), values.end());
-    }
-    if (c.steps < 2 || !square)
-        fail("the reuse costs must be a " + std::to_string(c.steps) + " x " + std::to_string(c.steps) +
-             " matrix of at least 2 steps");
-    for (int64_t a = 0; a < c.steps; ++a)
-        for (int64_t i = 0; i < c.steps; ++i) {
-            const double v = c.cost[a * c.steps + i];
-            if (!std::isfinite(v) || v < 0 || (i <= a && v != 0))
-                fail("the reuse costs must be finite, non-negative, and 0 on and below the diagonal");
-        }
+    const bool square = matrix_rows(member(doc, "cost"), c.steps, c.cost);
+    const Value* scores = doc.find("score_sq");
+    const bool scored = scores != nullptr && scores->kind != Value::Null;
+    const bool scores_square = scored && matrix_rows(*scores, c.steps, c.score_sq);
+    check_matrix(c.cost, c.steps, square, "reuse costs");
+    if (scored) check_matrix(c.score_sq, c.steps, scores_square, "mean squared scores");
     return c;
 }
 
@@ -298,14 +314,17 @@ bool Plan::runs(int32_t step, size_t b, double score, int64_t reuses, int32_t ma
     return left > 0 && score >= thresholds[static_cast<size_t>(step) * (forced_after.size() + 1) + left];
 }
 
-std::vector<double> costs_at(const Costs& costs, int32_t steps) {
-    const size_t n = static_cast<size_t>(costs.steps), m = static_cast<size_t>(steps);
-    if (static_cast<int64_t>(steps) == costs.steps) return costs.cost;
-    const std::vector<double> grid = unit_linspace(costs.steps), at = unit_linspace(steps);
+namespace {
+
+// _at_steps: an upper-triangular [a][i] matrix measured at `measured` steps, at `steps` steps
+std::vector<double> at_steps(const std::vector<double>& matrix, int64_t measured, int32_t steps) {
+    const size_t n = static_cast<size_t>(measured), m = static_cast<size_t>(steps);
+    if (static_cast<int64_t>(steps) == measured) return matrix;
+    const std::vector<double> grid = unit_linspace(measured), at = unit_linspace(steps);
     // rows: each measured row read at the new fractions; then each column of those
     std::vector<double> rows(n * m), out(m * m, 0.0), column(n), row(n);
     for (size_t a = 0; a < n; ++a) {
-        for (size_t i = 0; i < n; ++i) row[i] = costs.cost[a * n + i];
+        for (size_t i = 0; i < n; ++i) row[i] = matrix[a * n + i];
         for (size_t j = 0; j < m; ++j) rows[a * m + j] = interp(at[j], grid, row);
     }
     for (size_t j = 0; j < m; ++j) {
@@ -316,10 +335,10 @@ std::vector<double> costs_at(const Costs& costs, int32_t steps) {
     return out;
 }
 
-std::optional<std::vector<bool>> plan_schedule(const std::vector<double>& cost, int32_t runs,
-                                               const std::vector<bool>& forced, int64_t max_reuse) {
+// _gaps: gap[a * (steps + 1) + m], the cost of reusing steps a+1 .. m-1 from anchor a
+std::vector<double> gaps(const std::vector<double>& cost, const std::vector<bool>& forced, int64_t max_reuse) {
     const int64_t steps = static_cast<int64_t>(forced.size());
-    const size_t width = static_cast<size_t>(steps + 1), k = static_cast<size_t>(runs) + 1;
+    const size_t width = static_cast<size_t>(steps + 1);
     std::vector<double> gap(static_cast<size_t>(steps) * width, kInf);
     for (int64_t a = 0; a < steps; ++a) {
         double total = 0.0;
@@ -329,6 +348,68 @@ std::optional<std::vector<bool>> plan_schedule(const std::vector<double>& cost, 
             total += cost[a * steps + m];
         }
     }
+    return gap;
+}
+
+// _after
+double after(const std::vector<double>& later, int64_t steps, int32_t runs, int64_t m, int64_t left) {
+    if (m == steps) return left == 0 ? 0.0 : kInf;
+    return left > 0 ? later[m * (runs + 1) + left - 1] : kInf;
+}
+
+}  // namespace
+
+std::vector<double> costs_at(const Costs& costs, int32_t steps) { return at_steps(costs.cost, costs.steps, steps); }
+
+std::vector<double> scores_at(const Costs& costs, int32_t steps) {
+    return costs.score_sq.empty() ? std::vector<double>{} : at_steps(costs.score_sq, costs.steps, steps);
+}
+
+std::vector<double> later_costs(const std::vector<double>& cost, int32_t runs, const std::vector<bool>& forced,
+                                int64_t max_reuse) {
+    const int64_t steps = static_cast<int64_t>(forced.size());
+    const size_t width = static_cast<size_t>(steps + 1), k = static_cast<size_t>(runs) + 1;
+    const std::vector<double> gap = gaps(cost, forced, max_reuse);
+    std::vector<double> later(static_cast<size_t>(steps) * k, kInf);
+    for (int64_t m = 0; m < steps; ++m) later[m * k] = gap[m * width + steps];
+    for (size_t r = 1; r < k; ++r)
+        for (int64_t m = 0; m < steps; ++m) {  // np.min over the next run
+            double low = kInf;
+            for (int64_t n = 0; n < steps; ++n) {
+                const double c = gap[m * width + n] + later[n * k + r - 1];
+                if (c < low) low = c;
+            }
+            later[m * k + r] = low;
+        }
+    return later;
+}
+
+bool runs_now(const double* row, const std::vector<double>& later, int32_t runs, const std::vector<bool>& forced,
+              int64_t step, int64_t anchor, int64_t left, int64_t max_reuse, double scale) {
+    const int64_t steps = static_cast<int64_t>(forced.size());
+    const double now = after(later, steps, runs, step, left);
+    double total = 0.0;
+    for (int64_t m = step + 1; m <= std::min(steps, anchor + 1 + max_reuse); ++m) {
+        if (forced[m - 1]) break;
+        total += scale * row[m - 1];
+        if (total + after(later, steps, runs, m, left) < now) return false;
+    }
+    if (!std::isfinite(now))
+        throw std::logic_error("no plan of " + std::to_string(left) + " runs from step " + std::to_string(step) +
+                               " (anchor " + std::to_string(anchor) + "): the budget's plan is broken");
+    return true;
+}
+
+double drift_scale(double score, double mean_sq) {
+    const double ratio = mean_sq > 0 ? score * score / mean_sq : std::numeric_limits<double>::quiet_NaN();
+    return std::isfinite(ratio * ratio) ? ratio * ratio : 1.0;
+}
+
+std::optional<std::vector<bool>> plan_schedule(const std::vector<double>& cost, int32_t runs,
+                                               const std::vector<bool>& forced, int64_t max_reuse) {
+    const int64_t steps = static_cast<int64_t>(forced.size());
+    const size_t width = static_cast<size_t>(steps + 1), k = static_cast<size_t>(runs) + 1;
+    const std::vector<double> gap = gaps(cost, forced, max_reuse);
     std::vector<double> best(static_cast<size_t>(steps) * k, kInf);
     std::vector<int64_t> back(static_cast<size_t>(steps) * k, 0);
     best[1] = 0.0;

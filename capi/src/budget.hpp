@@ -21,10 +21,11 @@ struct OnlineCurve {
     double rate = 0, bound = 0, prior = 0;
 };
 
-// sencache-plan's reuse costs (ReuseCosts): cost[a * steps + i], 0 where a >= i.
+// sencache-plan's reuse costs (ReuseCosts): cost[a * steps + i], 0 where a >= i; score_sq the
+// calibration's mean squared scores, laid out alike (empty: none, costs from before them).
 struct Costs {
     int64_t steps = 0;
-    std::vector<double> cost;
+    std::vector<double> cost, score_sq;
 };
 
 // What calibration records for NFE budgets (BudgetCurves).
@@ -56,6 +57,17 @@ std::vector<double> step_profile(const Curves& curves, int32_t steps);
 std::optional<double> online_eps_for_fraction(const Curves& curves, int32_t steps, double fraction);
 // costs_at: the reuse costs at `steps` steps, row-major [steps][steps].
 std::vector<double> costs_at(const Costs& costs, int32_t steps);
+// scores_at: the mean squared scores at `steps` steps, as costs_at reads the costs; empty: none.
+std::vector<double> scores_at(const Costs& costs, int32_t steps);
+// later_costs: the least cost after a run at step m with r more runs, row-major [steps][runs + 1].
+std::vector<double> later_costs(const std::vector<double>& cost, int32_t runs, const std::vector<bool>& forced,
+                                int64_t max_reuse);
+// runs_now: whether a sample runs `step` (not forced) from `anchor` with `left` runs, its anchor's
+// costs `row` scaled by `scale`; throws std::logic_error where no plan is left (a broken plan).
+bool runs_now(const double* row, const std::vector<double>& later, int32_t runs, const std::vector<bool>& forced,
+              int64_t step, int64_t anchor, int64_t left, int64_t max_reuse, double scale);
+// drift_scale: (score^2 / mean_sq)^2, 1 where that is not finite.
+double drift_scale(double score, double mean_sq);
 // plan_schedule: the cheapest schedule of `runs` runs (its run flags); nullopt where none exists.
 std::optional<std::vector<bool>> plan_schedule(const std::vector<double>& cost, int32_t runs,
                                                const std::vector<bool>& forced, int64_t max_reuse);

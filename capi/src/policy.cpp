@@ -339,6 +339,11 @@ struct sc_policy {
     std::unique_ptr<sencache::budget::Plan> plan;  // a budget's plan (hard mode; sencache-online's fallback)
     std::optional<Resolved> budget;                // made by sc_policy_create_budget
     std::vector<bool> schedule, schedule_forced;   // sencache-plan: each step's run flag; empty: none
+    // sencache-plan re-planned per sample from its drift (LivePlan; score_sq empty: the schedule alone)
+    std::vector<double> live_cost, live_later, live_score_sq;
+    int32_t live_runs = 0;
+    int64_t live_max_reuse = 0;  // the curves' (Python's plan reads them, not the int32 settings)
+    std::vector<int64_t> live_left, live_anchor;
 
     bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
 
@@ -351,9 +356,46 @@ struct sc_policy {
         reuses.assign(batch, 0);
         scores.assign(batch, std::numeric_limits<double>::quiet_NaN());
         run.assign(batch, 1);
+        live_left.assign(batch, live_runs);
+        live_anchor.assign(batch, 0);
         threshold = std::numeric_limits<double>::quiet_NaN();
         forced = false;
         outside = 0;
+    }
+
+    // SenCachePlanPolicy.decide with a live plan: each sample re-plans from its drift
+    void decide_live(int32_t step, double t, const float* drift_sumsq) {
+        const size_t n = static_cast<size_t>(steps);
+        for (int32_t b = 0; b < batch; ++b) {
+            if (forced) {
+                run[b] = 1;
+                continue;
+            }
+            const int64_t a = live_anchor[b];
+            const double drift = std::sqrt(static_cast<double>(drift_sumsq[b]));
+            const double score = jx[b] * drift + jt[b] * std::fabs(t - anchor_t[b]);
+            scores[b] = sencache::budget::drift_scale(score, live_score_sq[a * n + step]);
+            run[b] = sencache::budget::runs_now(&live_cost[a * n], live_later, live_runs, schedule_forced, step, a,
+                                                live_left[b], live_max_reuse, scores[b])
+                         ? 1
+                         : 0;
+        }
+        bool any = false;
+        for (int32_t b = 0; b < batch; ++b) {
+            live_left[b] -= run[b];
+            any = any || run[b];
+        }
+        if (!any || step >= steps - 1) return;
+        double x, y;
+        bool in;
+        table->lookup(t, x, y, in);
+        for (int32_t b = 0; b < batch; ++b) {
+            if (!run[b]) continue;
+            live_anchor[b] = step;
+            anchor_t[b] = t;
+            jx[b] = x;
+            jt[b] = y;
+        }
     }
 
     bool is_forced(int32_t step) const { return step == 0 || (settings.force_last && step == steps - 1); }
@@ -362,8 +404,11 @@ struct sc_policy {
         if (!schedule.empty()) {  // SenCachePlanPolicy.decide: every sample follows the schedule
             forced = schedule_forced[step];
             threshold = kNaN;
-            std::fill(run.begin(), run.end(), schedule[step] ? 1 : 0);
             std::fill(scores.begin(), scores.end(), kNaN);
+            if (live_score_sq.empty())
+                std::fill(run.begin(), run.end(), schedule[step] ? 1 : 0);
+            else
+                decide_live(step, t, drift_sumsq);
             return;
         }
         if (learns()) online.start(step);
@@ -703,6 +748,15 @@ std::unique_ptr<sc_policy> plan_policy(const std::shared_ptr<sc_table>& table, s
                        " steps in a row (the calibrated max_reuse) needs at least about " + format("%.0f", fewest));
     }
     policy->schedule = std::move(*schedule);
+    policy->live_score_sq = sencache::budget::scores_at(*curves.costs, steps);
+    if (!policy->live_score_sq.empty()) {  // _live_plan
+        policy->live_cost = sencache::budget::costs_at(*curves.costs, steps);
+        policy->live_runs = target.runs;
+        policy->live_max_reuse = curves.max_reuse;
+        policy->live_later = sencache::budget::later_costs(policy->live_cost, target.runs, forced, curves.max_reuse);
+        policy->live_left.assign(batch, target.runs);
+        policy->live_anchor.assign(batch, 0);
+    }
     policy->schedule_forced = std::move(forced);
     policy->budget = Resolved{kNaN, kNaN, target.runs};
     return policy;
@@ -805,9 +859,13 @@ extern "C" sc_status sc_policy_decide(sc_policy* policy, int32_t step, double t,
         SC_REQUIRE(step >= 0 && step < policy->steps, SC_ERR_INVALID_ARGUMENT,
                    "step " + std::to_string(step) + " outside [0, " + std::to_string(policy->steps) + ")");
         SC_REQUIRE(std::isfinite(t), SC_ERR_INVALID_ARGUMENT, "timestep must be finite");
-        SC_REQUIRE(drift_sumsq != nullptr || policy->is_forced(step) || !policy->schedule.empty(),
+        const bool planned = !policy->schedule.empty();
+        SC_REQUIRE(drift_sumsq != nullptr || (planned ? policy->live_score_sq.empty() || policy->schedule_forced[step]
+                                                      : policy->is_forced(step)),
                    SC_ERR_INVALID_ARGUMENT,
-                   "drift_sumsq is NULL on a step that is not forced");
+                   planned ? "drift_sumsq is NULL on a step that is not forced: this table's sencache-plan re-plans "
+                             "each sample from its drift"
+                           : "drift_sumsq is NULL on a step that is not forced");
         policy->decide(step, t, drift_sumsq);
         std::memcpy(run_mask_out, policy->run.data(), policy->run.size());
         return SC_OK;

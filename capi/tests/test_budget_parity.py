@@ -369,6 +369,14 @@ def test_reset_replays(lib):
         ({"costs": {"steps": 2, "cost": [[0.0, 1.0], [1.0, 0.0]]}}, "0 on and below the diagonal"),
         ({"costs": {"steps": 3, "cost": [[0.0, 1.0], [0.0, 0.0]]}}, "must be a 3 x 3 matrix"),
         ({"costs": {"steps": 2, "cost": [[0.0, -1.0], [0.0, 0.0]]}}, "non-negative"),
+        (
+            {"costs": {"steps": 2, "cost": [[0.0, 1.0], [0.0, 0.0]], "score_sq": [[0.0, 1.0]]}},
+            "mean squared scores must be a 2 x 2 matrix",
+        ),
+        (
+            {"costs": {"steps": 2, "cost": [[0.0, 1.0], [0.0, 0.0]], "score_sq": [[0.0, 1.0], [1.0, 0.0]]}},
+            "mean squared scores must be finite, non-negative, and 0 on and below the diagonal",
+        ),
     ],
 )
 def test_corrupt_curves_refused_alike(lib, change, needle):
@@ -393,21 +401,36 @@ PLAN_TRACES = int(os.environ.get("SENCACHE_PLAN_TRACES", 4_000))
 
 
 def random_costs(rng: np.random.Generator) -> ReuseCosts:
-    """An upper-triangular cost matrix: exponential entries, some zero, some repeated (ties)."""
+    """An upper-triangular cost matrix: exponential entries, some zero, some repeated (ties); in
+    most, mean squared scores alike (the plan re-planned per sample from its drift)."""
     steps = int(rng.integers(2, 40))
     cost = rng.exponential(1.0, (steps, steps)) * 10 ** rng.uniform(-6, 2)
     cost[rng.random((steps, steps)) < 0.1] = 0.0
     if rng.random() < 0.3:
         cost = np.round(cost, 1)  # ties between schedules
-    return ReuseCosts(steps, tuple(tuple(row) for row in np.triu(cost, k=1).tolist()))
+    score_sq = None
+    if rng.random() < 0.7:
+        scores = rng.exponential(1.0, (steps, steps)) * 10 ** rng.uniform(-3, 3)
+        scores[rng.random((steps, steps)) < 0.05] = 0.0  # no ratio: the calibration's plan
+        score_sq = tuple(tuple(row) for row in np.triu(scores, k=1).tolist())
+    return ReuseCosts(steps, tuple(tuple(row) for row in np.triu(cost, k=1).tolist()), score_sq)
+
+
+def random_drifts(rng: np.random.Generator, batch: int) -> np.ndarray:
+    """Squared drifts over six decades, now and then NaN or inf."""
+    drift = rng.exponential(1.0, batch) * 10 ** rng.uniform(-3, 3)
+    drift[rng.random(batch) < 0.01] = np.nan
+    drift[rng.random(batch) < 0.01] = np.inf
+    return drift.astype(np.float32)
 
 
 def plan_traces(chunk: int, count: int) -> dict[str, int]:
-    """`count` random sencache-plan requests from seed (20261204, chunk): the same schedule (every
-    step's run flags, NaN scores and threshold, forced) or the same refusal."""
+    """`count` random sencache-plan requests from seed (20261204, chunk): the same decisions (every
+    step's run flags, scores, NaN threshold, forced; each sample re-planned from random drifts where
+    the costs have mean squared scores) or the same refusal."""
     lib = native.load()
     rng = np.random.default_rng((20261204, chunk))
-    tally = dict.fromkeys(("traces", "decisions", "runs", "budget", "field", "read"), 0)
+    tally = dict.fromkeys(("traces", "live", "decisions", "runs", "budget", "field", "read"), 0)
     for trace in range(count):
         table = random_table(rng)
         table.budget = dataclasses.replace(random_curves(rng), costs=random_costs(rng) if rng.random() < 0.9 else None)
@@ -430,15 +453,21 @@ def plan_traces(chunk: int, count: int) -> dict[str, int]:
         ours = native.Policy.with_budget(lib, theirs_table, SENCACHE_PLAN, budget, steps, batch, 100)
         theirs_table.close()
         assert ours.budget()[2] == want.budget["nfe"], where
+        live = want.live is not None
         for step in range(steps):
-            decision = want.decide(step, float(steps - step))
-            run, score, threshold, forced = ours.decide(step, float(steps - step), None)
-            assert np.array_equal(run, decision.run), f"{where} step {step}"
-            assert np.all(np.isnan(score)) and np.isnan(threshold) and forced == decision.forced, f"{where} step {step}"
+            t = float(steps - step)
+            if live and not want.forced[step] and rng.random() < 0.05:
+                with pytest.raises(ValueError, match="re-plans each sample from its drift"):
+                    ours.decide(step, t, None)
+            drift = random_drifts(rng, batch) if live else None
+            decision = decide_both(want, ours, step, t, drift, f"{where} step {step}")
+            assert live or np.all(np.isnan(decision.score)), f"{where} step {step}"
             tally["decisions"] += batch
-            tally["runs"] += int(run.sum())
+            tally["runs"] += int(decision.run.sum())
+        assert not live or np.all(want.left == 0), where  # every sample ran exactly the budget
         ours.close()
         tally["traces"] += 1
+        tally["live"] += live
     return tally
 
 
@@ -447,9 +476,11 @@ def test_random_plan_traces():
     step counts, ties included), in chunks over the CPUs."""
     total = in_chunks(plan_traces, PLAN_TRACES, 8)
     print(
-        f"\nplan parity: {PLAN_TRACES} budgets, {total['traces']} planned alike, {total['decisions']} per-sample "
+        f"\nplan parity: {PLAN_TRACES} budgets, {total['traces']} planned alike ({total['live']} re-planned per "
+        f"sample from random drifts), {total['decisions']} per-sample "
         f"decisions ({total['runs']} run); refused alike: {total['budget']} by the budget (same message), "
         f"{total['field']} by a field's range; 0 mismatches"
     )
     assert total["traces"] > PLAN_TRACES // 3 and total["budget"] > PLAN_TRACES // 50
+    assert total["traces"] // 2 < total["live"] < total["traces"]
     assert 0 < total["runs"] < total["decisions"]

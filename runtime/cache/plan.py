@@ -10,19 +10,29 @@ error at step i to the final latent (reuse step i alone, measure the final laten
 by ||f_i - f_{i-1}||^2). A request for K runs of n steps gets the schedule of K runs that minimises
 the summed cost of its reused steps (`plan_schedule`, dynamic programming), each reused step charged
 from its anchor, with the forced steps run and no more than max_reuse steps reused in a row (the
-costs are measured along the uncached trajectory, which a long reuse leaves behind). Every sample
-of the request follows that schedule, so each runs exactly K steps.
+costs are measured along the uncached trajectory, which a long reuse leaves behind). Where the
+costs have nothing more, every sample of the request follows that schedule, so each runs exactly K
+steps.
 
-Why a schedule and not a live score: on tiny-wan the best schedule chosen with hindsight for each
-sample was 0.0-1.4 dB above the best one schedule for all of them, and both were 2-4 dB above every
-rule that thresholds a live score (benchmarks/results/online, "Fourth round"): what matters most is
-where the runs go, which the costs say from calibration alone.
+Why a plan and not a threshold on a live score: on tiny-wan the best schedule chosen with hindsight
+for each sample was 0.0-1.4 dB above the best one schedule for all of them, and both were 2-4 dB
+above every rule that thresholds a live score (benchmarks/results/online, "Fourth round"): what
+matters most is where the runs go, which the costs say from calibration alone.
+
+Where the costs also hold the calibration's mean squared SenCache score (`ReuseCosts.score_sq`),
+each sample re-plans at every step from its own drift (`runs_now`): the costs of its current
+anchor's row are scaled by (s^2 / E[s^2])^2, s its SenCache bound since the anchor and
+E[s^2] the calibration's mean at the same (anchor, step), and it runs now if the cheapest plan of its
+remaining runs from there does. A sample that drifts more than the calibration's runs sooner, one
+that drifts less reuses longer, and every sample still runs exactly the budget's steps. The plan
+after the next run is the calibration's (`later_costs`), computed once per request.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,10 +49,22 @@ from sencache.runtime.sensitivity import ReuseCosts, SensitivityTable
 def costs_at(costs: ReuseCosts, steps: int) -> np.ndarray:
     """The cost matrix at `steps` steps: the measured one, or read at the same fractions of the run
     (bilinear; the DP's choice does not depend on the costs' overall scale)."""
-    measured = np.asarray(costs.cost, dtype=np.float64)
-    if steps == costs.steps:
+    return _at_steps(np.asarray(costs.cost, dtype=np.float64), steps)
+
+
+def scores_at(costs: ReuseCosts, steps: int) -> np.ndarray | None:
+    """The mean squared scores (`ReuseCosts.score_sq`) at `steps` steps, read as `costs_at` reads
+    the costs; None where the costs have none."""
+    if costs.score_sq is None:
+        return None
+    return _at_steps(np.asarray(costs.score_sq, dtype=np.float64), steps)
+
+
+def _at_steps(measured: np.ndarray, steps: int) -> np.ndarray:
+    """An upper-triangular [a, i] matrix measured at its own step count, at `steps` steps."""
+    if steps == len(measured):
         return measured.copy()
-    grid = np.linspace(0.0, 1.0, costs.steps)
+    grid = np.linspace(0.0, 1.0, len(measured))
     at = np.linspace(0.0, 1.0, steps)
     rows = np.array([np.interp(at, grid, row) for row in measured])
     out = np.array([np.interp(at, grid, column) for column in rows.T]).T
@@ -59,14 +81,7 @@ def _plan_tables(
     steps = len(cost)
     if not forced[0]:
         raise ValueError("the first step must be forced: a sample has no residual before it")
-    gap = np.full((steps, steps + 1), np.inf)
-    for a in range(steps):
-        total = 0.0
-        for m in range(a + 1, min(steps, a + 1 + max_reuse) + 1):
-            gap[a, m] = total
-            if m == steps or forced[m]:
-                break
-            total += cost[a, m]
+    gap = _gaps(cost, forced, max_reuse)
     best = np.full((steps, runs + 1), np.inf)
     back = np.zeros((steps, runs + 1), dtype=np.int64)
     best[0, 1] = 0.0
@@ -75,6 +90,69 @@ def _plan_tables(
         back[m, 1:] = np.argmin(candidates, axis=0)
         best[m, 1:] = candidates[back[m, 1:], np.arange(runs)]
     return best, back, gap
+
+
+def _gaps(cost: np.ndarray, forced: np.ndarray, max_reuse: int) -> np.ndarray:
+    """gap[a, m]: the cost of reusing steps a+1 .. m-1 from anchor a (inf across a forced step or
+    past max_reuse), for m up to the number of steps (the end)."""
+    steps = len(cost)
+    gap = np.full((steps, steps + 1), np.inf)
+    for a in range(steps):
+        total = 0.0
+        for m in range(a + 1, min(steps, a + 1 + max_reuse) + 1):
+            gap[a, m] = total
+            if m == steps or forced[m]:
+                break
+            total += cost[a, m]
+    return gap
+
+
+def later_costs(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int) -> np.ndarray:
+    """[steps, runs + 1]: later[m, r], the least summed cost of the steps after a run at step m with
+    exactly r more runs (inf where none): the plan's suffix, which `runs_now` completes."""
+    steps = len(cost)
+    gap = _gaps(cost, forced, max_reuse)
+    later = np.full((steps, runs + 1), np.inf)
+    later[:, 0] = gap[:, steps]
+    for r in range(1, runs + 1):
+        later[:, r] = np.min(gap[:, :steps] + later[None, :, r - 1], axis=1)
+    return later
+
+
+def runs_now(
+    row: np.ndarray,
+    later: np.ndarray,
+    forced: np.ndarray,
+    step: int,
+    anchor: int,
+    left: int,
+    max_reuse: int,
+    scale: float,
+) -> bool:
+    """Whether a sample runs the step `step` (not forced) that it reaches with its anchor at step
+    `anchor` and `left` runs to spend: true where running now is the cheapest way on, each step it
+    reuses from here charged scale x row[i] (row: its anchor's costs), and the steps after its next
+    run as `later` (`later_costs`) says. Ties go to running now."""
+    steps = len(row)
+    now = _after(later, step, left)
+    total = 0.0
+    for m in range(step + 1, min(steps, anchor + 1 + max_reuse) + 1):
+        if forced[m - 1]:
+            break
+        total += scale * row[m - 1]
+        if total + _after(later, m, left) < now:
+            return False
+    if not math.isfinite(now):
+        raise AssertionError(f"no plan of {left} runs from step {step} (anchor {anchor}): the budget's plan is broken")
+    return True
+
+
+def _after(later: np.ndarray, m: int, left: int) -> float:
+    """The least cost from a run at step m (the end where m is the number of steps) on, with
+    `left` runs counting that one."""
+    if m == len(later):
+        return 0.0 if left == 0 else math.inf
+    return float(later[m, left - 1]) if left > 0 else math.inf
 
 
 def plan_schedule(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int) -> np.ndarray | None:
@@ -106,28 +184,55 @@ def least_costs(cost: np.ndarray, forced: np.ndarray, max_reuse: int) -> np.ndar
     return np.min(best + gap[:, steps, None], axis=0)
 
 
+@dataclass(frozen=True)
+class LivePlan:
+    """What a sample needs to re-plan from its own drift (`runs_now`): the request's costs, the
+    plan's suffix (`later_costs`), the calibration's mean squared scores, all at the request's
+    steps, and the table that gives each anchor's Jx, Jt."""
+
+    cost: np.ndarray
+    later: np.ndarray
+    score_sq: np.ndarray
+    table: SensitivityTable
+    nearest: bool
+
+
 class SenCachePlanPolicy:
-    """Every sample runs the steps of one schedule (`plan_schedule` over the calibrated costs)."""
+    """Every sample runs the budget's steps: those of one schedule (`plan_schedule` over the
+    calibrated costs), or, with a `live` plan, the ones each sample re-plans from its drift."""
 
     name = "sencache-plan"
-    needs_drift = False
-    deterministic_drift = False
     needs_modulation = False
     may_reuse = True
 
     def __init__(
-        self, schedule: np.ndarray, forced: np.ndarray, batch: int, budget: dict[str, Any], max_reuse: int
+        self,
+        schedule: np.ndarray,
+        forced: np.ndarray,
+        batch: int,
+        budget: dict[str, Any],
+        max_reuse: int,
+        live: LivePlan | None = None,
     ) -> None:
         self.schedule = np.asarray(schedule, dtype=bool)
         self.forced = np.asarray(forced, dtype=bool)
         self.batch = batch
         self.budget = budget
         self.max_reuse = max_reuse
+        self.live = live
+        self.needs_drift = self.deterministic_drift = live is not None
+        self.left = np.full(batch, int(self.schedule.sum()))
+        self.anchor = np.zeros(batch, dtype=np.int64)
+        self.anchor_t = np.zeros(batch)
+        self.jx = np.zeros(batch)
+        self.jt = np.zeros(batch)
 
     def settings(self) -> dict[str, Any]:
-        """The budget, max_reuse and the schedule ("R" run, "." reuse)."""
+        """The budget, max_reuse and the calibration's schedule ("R" run, "." reuse), which a live
+        plan follows where a sample drifts as the calibration did."""
         runs = "".join("R" if r else "." for r in self.schedule)
-        return {"method": self.name, "max_reuse": self.max_reuse, "budget": self.budget, "schedule": runs}
+        out = {"method": self.name, "max_reuse": self.max_reuse, "budget": self.budget, "schedule": runs}
+        return out if self.live is None else {**out, "per_sample": "drift"}
 
     def warnings(self) -> list[str]:
         return []
@@ -135,8 +240,42 @@ class SenCachePlanPolicy:
     def decide(
         self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
     ) -> StepDecision:
-        run = bool(self.schedule[step])
-        return StepDecision(np.full(self.batch, run), np.full(self.batch, np.nan), math.nan, bool(self.forced[step]))
+        """The step's runs; with a live plan, each sample's score is the factor its anchor's costs
+        were scaled by (NaN where the step is forced)."""
+        forced = bool(self.forced[step])
+        scores = np.full(self.batch, np.nan)
+        if self.live is None:
+            return StepDecision(np.full(self.batch, bool(self.schedule[step])), scores, math.nan, forced)
+        live = self.live
+        if forced:
+            run = np.ones(self.batch, dtype=bool)
+        else:
+            if drift_sumsq is None:
+                raise ValueError("sencache-plan re-plans from the drift: pass drift_sumsq")
+            drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
+            run = np.zeros(self.batch, dtype=bool)
+            for b in range(self.batch):
+                a = int(self.anchor[b])
+                score = float(self.jx[b]) * float(drift[b]) + float(self.jt[b]) * abs(t - float(self.anchor_t[b]))
+                scores[b] = drift_scale(score, float(live.score_sq[a, step]))
+                run[b] = runs_now(
+                    live.cost[a], live.later, self.forced, step, a, int(self.left[b]), self.max_reuse, float(scores[b])
+                )
+        self.left -= run
+        if run.any() and step < len(self.forced) - 1:
+            jx, jt, _ = live.table.lookup(t, nearest=live.nearest)
+            self.anchor[run], self.anchor_t[run], self.jx[run], self.jt[run] = step, t, jx, jt
+        return StepDecision(run, scores, math.nan, forced)
+
+
+def drift_scale(score: float, mean_sq: float) -> float:
+    """The factor on an anchor's costs of a sample whose score since it is `score` where the
+    calibration's mean squared score is `mean_sq`: (score^2 / mean_sq)^2; 1 (the calibration's
+    plan) where that is not a finite number. The power 2 was the best of 1, 2 and 3 on tiny-wan's
+    looked-at draws (benchmarks/results/online, "Seventh round"): one rule constant, not a
+    per-model knob."""
+    ratio = score * score / mean_sq if mean_sq > 0 else math.nan
+    return ratio * ratio if math.isfinite(ratio * ratio) else 1.0
 
 
 def _plan_inputs(table: SensitivityTable, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -169,7 +308,23 @@ def make_plan_policy(
     if schedule is None:
         raise _unreachable(param, knobs[param], target, steps, forced, max_reuse)
     budget = {"mode": mode, "nfe": target, "requested_nfe": fraction * steps}
-    return SenCachePlanPolicy(schedule, forced, batch, budget, max_reuse)
+    return SenCachePlanPolicy(
+        schedule, forced, batch, budget, max_reuse, _live_plan(table, cost, target, forced, max_reuse)
+    )
+
+
+def _live_plan(
+    table: SensitivityTable, cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int
+) -> LivePlan | None:
+    """The per-sample re-plan of a request of `runs` runs; None where the table's costs have no
+    mean squared scores (calibrated before them): every sample then follows the schedule."""
+    curves = table.budget_curves()
+    assert curves.costs is not None, "the caller checked the costs are there"
+    score_sq = scores_at(curves.costs, len(cost))
+    if score_sq is None:
+        return None
+    nearest = engine_conventions(curves.switch_frac, curves.force_last).nearest_lookup
+    return LivePlan(cost, later_costs(cost, runs, forced, max_reuse), score_sq, table, nearest)
 
 
 def share_plan_budget(knobs: Mapping[str, object], contexts: list[RuleContext]) -> list[dict[str, object]]:
