@@ -373,9 +373,9 @@ std::vector<double> later_costs(const std::vector<double>& cost, int32_t runs, c
     std::vector<double> later(static_cast<size_t>(steps) * k, kInf);
     for (int64_t m = 0; m < steps; ++m) later[m * k] = gap[m * width + steps];
     for (size_t r = 1; r < k; ++r)
-        for (int64_t m = 0; m < steps; ++m) {  // np.min over the next run
+        for (int64_t m = 0; m < steps; ++m) {  // the least over the next run n (gap is inf past these)
             double low = kInf;
-            for (int64_t n = 0; n < steps; ++n) {
+            for (int64_t n = m + 1; n <= std::min(steps - 1, m + 1 + max_reuse); ++n) {
                 const double c = gap[m * width + n] + later[n * k + r - 1];
                 if (c < low) low = c;
             }

@@ -114,8 +114,11 @@ def later_costs(cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int)
     gap = _gaps(cost, forced, max_reuse)
     later = np.full((steps, runs + 1), np.inf)
     later[:, 0] = gap[:, steps]
+    reach = range(1, min(max_reuse + 1, steps - 1) + 1)  # the next run d steps on: gap is inf past these
+    diagonals = {d: gap[np.arange(steps - d), np.arange(d, steps)] for d in reach}
     for r in range(1, runs + 1):
-        later[:, r] = np.min(gap[:, :steps] + later[None, :, r - 1], axis=1)
+        for d in reach:
+            np.minimum(later[: steps - d, r], diagonals[d] + later[d:, r - 1], out=later[: steps - d, r])
     return later
 
 
