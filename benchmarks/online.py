@@ -66,17 +66,19 @@ LOOKED_AT_DRAWS = (
     Draw("fresh-7", 20261208, 11000),
     Draw("fresh-8", 20261209, 12000),
     Draw("fresh-9", 20261210, 13000),
+    Draw("fresh-10", 20261211, 14000),
+    Draw("fresh-11", 20261212, 15000),
 )
 """Draws that were fresh for an earlier budget rule and whose reports then steered its successor
 (fresh-1 and fresh-2: the first plan; fresh-3: the online rule at a measured eps; fresh-4 and
 fresh-5: sencache-online's budget, then sencache-plan's development on fresh-5; fresh-6 and fresh-7:
 sencache-plan's first verdict; fresh-8 and fresh-9: its verdict at 24 samples, then the sixth
-round's development and tiny-wan2.2's split of a budget between its experts on fresh-8):
-development draws since."""
-FRESH_DRAWS = (Draw("fresh-10", 20261211, 14000), Draw("fresh-11", 20261212, 15000))
+round's development and tiny-wan2.2's split of a budget between its experts on fresh-8; fresh-10
+and fresh-11: tiny-wan2.2's shared schedule, then the per-sample re-plan's verdict on every model,
+benchmarks/results/online/fresh-10-11): development draws since."""
+FRESH_DRAWS = (Draw("fresh-12", 20261213, 16000), Draw("fresh-13", 20261214, 17000))
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
-evaluation set with EVAL_PROMPT_SEED, the development draws with theirs). fresh-10 and fresh-11
-have given one report so far, tiny-wan2.2's (benchmarks/results/online/wan2.2-fresh-10-11)."""
+evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
 LOOKED_AT = (
     f"the development draw (prompt seed {DEV_DRAW.prompt_seed}, seeds from {DEV_DRAW.seed_offset}); "
     + "; ".join(f"{d.name} (prompt seed {d.prompt_seed}, seeds from {d.seed_offset})" for d in LOOKED_AT_DRAWS)

@@ -274,9 +274,9 @@ class SenCachePlanPolicy:
 def drift_scale(score: float, mean_sq: float) -> float:
     """The factor on an anchor's costs of a sample whose score since it is `score` where the
     calibration's mean squared score is `mean_sq`: (score^2 / mean_sq)^2; 1 (the calibration's
-    plan) where that is not a finite number. The power 2 was the best of 1, 2 and 3 on tiny-wan's
-    looked-at draws (benchmarks/results/online, "Seventh round"): one rule constant, not a
-    per-model knob."""
+    plan) where that is not a finite number. The power is a rule constant, not a per-model knob:
+    on tiny-wan's looked-at draws 3 was less stable and 4-6 worse (benchmarks/results/online,
+    "Sixth round")."""
     ratio = score * score / mean_sq if mean_sq > 0 else math.nan
     return ratio * ratio if math.isfinite(ratio * ratio) else 1.0
 
