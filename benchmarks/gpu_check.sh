@@ -101,14 +101,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import diffusers, imageio_ffmpeg, numpy as np, sencache, torch  # noqa: E401
-from sencache.runtime.video import write_mp4
+import diffusers, sencache, torch  # noqa: E401
 
 site = Path(sys.argv[1]).resolve()
 assert Path(sencache.__file__).resolve().is_relative_to(site), f"sencache imported from {sencache.__file__}"
-write_mp4(np.zeros((2, 8, 8, 3), np.float32), site.parent / "smoke.mp4")  # the bundled ffmpeg runs
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"diffusers {diffusers.__version__}, imageio-ffmpeg {version('imageio-ffmpeg')}, sencache from {site}")
+      f"diffusers {diffusers.__version__}, blake3 {version('blake3')}, sencache from {site}")
 EOF
 }
 
