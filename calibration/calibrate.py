@@ -298,7 +298,7 @@ def calibrate(
         jx_all.append(np.stack(jx_rows))
         jt_all.append(np.stack(jt_rows))
         mag.append(np.stack(mag_rows))
-        changes.append(_output_changes(np.stack(guided)))
+        changes.append(output_changes(np.stack(guided)))
         finals.append(np.asarray(run.latents))
     bar.close()
     assert timesteps is not None, "at least one chunk ran"
@@ -397,7 +397,7 @@ def record_online_curve(
     return measure_online_curve(table.budget_curves(), steps, fraction_at)
 
 
-def _output_changes(guided: np.ndarray) -> np.ndarray:
+def output_changes(guided: np.ndarray) -> np.ndarray:
     """Per sample, the mean squared change of the guided output between every two steps of a
     trajectory: [batch, a, i] from outputs [steps, batch, elements], 0 where a >= i."""
     steps, batch = guided.shape[:2]
@@ -421,12 +421,39 @@ def record_gains(
     show_progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(gains, drifts). Per step i, the gain G_i from an output error at step i to the final
-    latent, measured on the calibration `chunks` (whose uncached final latents are `finals`, one
-    array per chunk): run them with step i alone reused (its anchor the step before), divide the
-    final latent's mean squared change by the output's mean squared change from step i - 1 to i
-    (`changes` [samples, a, i]). Each such run is forked from an uncached run at step i
-    (`RequestState.fork`), so it computes only the steps from i on. The first step of each expert's
-    run (`parts`: expert, first, end) always runs, reuses nothing and gets no gain (0).
+    latent, pooled over the calibration `chunks`: the mean over samples of the final latent's
+    mean squared change when step i alone is reused (`reuse_effects`), over the mean of the output's
+    mean squared change from step i - 1 to i (`changes` [samples, a, i]). The first step of each
+    expert's run (`parts`: expert, first, end) gets no gain (0). drifts: as `reuse_effects`."""
+    moved_per_chunk, drifts = reuse_effects(
+        engine, chunks, finals, steps, guidance, sampling, parts, image, show_progress
+    )
+    moved = np.zeros(steps)
+    for chunk in moved_per_chunk:
+        for i in range(steps):
+            moved[i] += float(np.sum(chunk[:, i]))
+    mean = changes.mean(axis=0)
+    one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
+    gains = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
+    return gains, drifts
+
+
+def reuse_effects(
+    engine: Model,
+    chunks: list[tuple[list[str], list[int]]],
+    finals: list[np.ndarray],
+    steps: int,
+    guidance: float,
+    sampling: str,
+    parts: list[tuple[int, int, int]],
+    image: np.ndarray | None = None,
+    show_progress: bool = False,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """(moved, drifts). moved: per chunk [its samples, steps], each sample's final-latent mean squared
+    change from its uncached final latent (`finals`, one array per chunk) when step i alone is reused
+    (its anchor the step before); 0 at the first step of each expert's run (`parts`: expert, first,
+    end), which always runs. Each such run is forked from an uncached run at step i
+    (`RequestState.fork`), so it computes only the steps from i on.
 
     drifts [samples, a, i] is each sample's deterministic drift ||x_i - n_i - x_a|| along that
     uncached run (n_i the noise the sampler injected since step a, as the engine leaves it out of
@@ -437,7 +464,7 @@ def record_gains(
         total=len(chunks) * len(measured), desc="calibrate (reuse costs)", unit="run", disable=not show_progress
     )
     first = np.arange(steps) == 0
-    moved = np.zeros(steps)
+    moved: list[np.ndarray] = []
     drifts: list[np.ndarray] = []
     for (prompts, seeds), final in zip(chunks, finals, strict=True):
         request = GenerationParams(prompts, seeds, steps, guidance, sampling=sampling, image=image)
@@ -446,6 +473,7 @@ def record_gains(
         trunk = uncached.prepare(request, SenCachePlanPolicy(np.ones(steps, bool), first, len(prompts), {}, 1))
         uncached.enqueue(trunk)
         walk = DriftWalk(trunk.x, steps)
+        own = np.zeros((len(prompts), steps))
         for i in measured:
             while trunk.step < i:
                 uncached.step()
@@ -453,15 +481,13 @@ def record_gains(
                 walk.advance(trunk.x, trunk.sampler.injected())
             policy = SenCachePlanPolicy(np.arange(steps) != i, first, len(prompts), {"mode": "calibration"}, 1)
             latents = _run_alone(engine, trunk.fork(policy)).reshape(len(prompts), -1)
-            moved[i] += float(np.sum(np.mean((latents.astype(np.float64) - reference) ** 2, axis=1)))
+            own[:, i] = np.mean((latents.astype(np.float64) - reference) ** 2, axis=1)
             bar.update(1)
         uncached.end_all("cancelled")
+        moved.append(own)
         drifts.append(walk.drifts)
     bar.close()
-    mean = changes.mean(axis=0)
-    one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
-    gains = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
-    return gains, np.concatenate(drifts)
+    return moved, np.concatenate(drifts)
 
 
 class DriftWalk:
