@@ -3,6 +3,7 @@ know, and what it measures is what a plain run of the same schedule does."""
 
 import numpy as np
 import torch
+from test_plan import schedule_cost
 
 from sencache.benchmarks.headroom import HINDSIGHT, Hindsight, Schedules, chunks_of, hindsight_plans, measure
 from sencache.benchmarks.online import DEV_DRAW
@@ -10,16 +11,6 @@ from sencache.runtime.cache import NoCache
 from sencache.runtime.cache.plan import plan_schedule
 from sencache.runtime.model import Model
 from sencache.runtime.request import GenerationParams
-
-
-def _cost(schedule: np.ndarray, cost: np.ndarray) -> float:
-    anchor, total = 0, 0.0
-    for i, run in enumerate(schedule):
-        if run:
-            anchor = i
-        else:
-            total += cost[anchor, i]
-    return total
 
 
 def test_each_sample_plans_the_least_cost_of_its_own_changes_and_gains():
@@ -41,8 +32,8 @@ def test_each_sample_plans_the_least_cost_of_its_own_changes_and_gains():
     gains = np.divide(moved, one_step, out=np.zeros_like(moved), where=one_step > 0)
     for b in range(samples):
         own = changes[b] * gains[b][None]
-        best = _cost(plans["own changes and gains"][b], own)
-        assert all(best <= _cost(plans[name][b], own) + 1e-12 for name in HINDSIGHT)
+        best = schedule_cost(own, plans["own changes and gains"][b])
+        assert all(best <= schedule_cost(own, plans[name][b]) + 1e-12 for name in HINDSIGHT)
 
 
 def test_a_steps_measured_effect_is_what_a_run_reusing_that_step_alone_does(cogvideox_torch_calibrated):
