@@ -114,7 +114,7 @@ def measure(engine: Model, chunks: list[tuple[list[str], list[int]]], steps: int
         changes.append(output_changes(np.stack([g.reshape(len(g), -1) for g in guided])))
         finals.append(np.asarray(run.latents))
         frames += list(engine.decode(run.latents))
-    moved, _ = reuse_effects(engine, chunks, finals, steps, guidance, "engine", [(0, 0, steps)], show_progress=True)
+    moved = reuse_effects(engine, chunks, finals, steps, guidance, "engine", [(0, 0, steps)], show_progress=True).moved
     return Hindsight(np.concatenate(changes), np.concatenate(moved), frames)
 
 

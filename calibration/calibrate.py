@@ -49,7 +49,9 @@ on further uncached trajectories of the same prompts and seeds at half and twice
 models of one expert, sencache-online's curve (`record_online_curve`), measured by running that rule
 at the calibration's steps (its learnt factor needs observed errors) on the calibration samples and
 further ones drawn the same way where `curve_samples` asks for more than the calibration's; and
-sencache-plan's reuse costs (`record_gains`, `reuse_costs`).
+sencache-plan's reuse costs (`reuse_effects`, `record_gains`, `reuse_costs`), with the mean reuse
+error a run observes after reusing from each anchor up to max_reuse steps (runs forked from the
+uncached ones, stopped after the observed run).
 """
 
 from __future__ import annotations
@@ -333,9 +335,9 @@ def calibrate(
                 f"tables need; calibrate with more steps",
                 param="steps",
             )
-    gains, drifts = record_gains(
-        engine, chunks, np.concatenate(changes), finals, steps, guidance, plan.sampling, parts, image, show_progress
-    )
+    depth = int(manifest.defaults.knobs("sencache")["max_reuse"]) + 1
+    runs = reuse_effects(engine, chunks, finals, steps, guidance, plan.sampling, parts, image, show_progress, depth)
+    gains = record_gains(np.concatenate(changes), runs.moved)
     tables = []
     for expert, first, end in parts:
         rows = slice(first, min(end, steps - 1))
@@ -362,7 +364,7 @@ def calibrate(
             own["online_curve_samples"] = count
         sensitivity.budget = dataclasses.replace(
             sensitivity.budget,
-            costs=reuse_costs(np.concatenate(changes), gains, drifts, np.asarray(timesteps), sensitivity, first, end),
+            costs=reuse_costs(np.concatenate(changes), gains, runs, np.asarray(timesteps), sensitivity, first, end),
         )
         own["budget_steps"] = list(sensitivity.budget.steps)
         within = (tea[2] > first) & (tea[2] < end)  # pairs (k - 1, k) of this expert's steps
@@ -408,34 +410,38 @@ def output_changes(guided: np.ndarray) -> np.ndarray:
     return out
 
 
-def record_gains(
-    engine: Model,
-    chunks: list[tuple[list[str], list[int]]],
-    changes: np.ndarray,
-    finals: list[np.ndarray],
-    steps: int,
-    guidance: float,
-    sampling: str,
-    parts: list[tuple[int, int, int]],
-    image: np.ndarray | None = None,
-    show_progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(gains, drifts). Per step i, the gain G_i from an output error at step i to the final
-    latent, pooled over the calibration `chunks`: the mean over samples of the final latent's
-    mean squared change when step i alone is reused (`reuse_effects`), over the mean of the output's
-    mean squared change from step i - 1 to i (`changes` [samples, a, i]). The first step of each
-    expert's run (`parts`: expert, first, end) gets no gain (0). drifts: as `reuse_effects`."""
-    moved_per_chunk, drifts = reuse_effects(
-        engine, chunks, finals, steps, guidance, sampling, parts, image, show_progress
-    )
-    moved = np.zeros(steps)
-    for chunk in moved_per_chunk:
+def record_gains(changes: np.ndarray, moved: list[np.ndarray]) -> np.ndarray:
+    """Per step i, the gain G_i from an output error at step i to the final latent, pooled over the
+    calibration samples: the mean over samples of the final latent's mean squared change when step
+    i alone is reused (`moved`, per chunk [its samples, steps], from `reuse_effects`), over the
+    mean of the output's mean squared change from step i - 1 to i (`changes` [samples, a, i]); 0
+    where nothing moved (the first step of each expert's run)."""
+    steps = changes.shape[1]
+    total = np.zeros(steps)
+    for chunk in moved:
         for i in range(steps):
-            moved[i] += float(np.sum(chunk[:, i]))
+            total[i] += float(np.sum(chunk[:, i]))
     mean = changes.mean(axis=0)
     one_step = np.array([0.0, *(mean[i - 1, i] for i in range(1, steps))])
-    gains = np.divide(moved / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
-    return gains, drifts
+    return np.divide(total / len(changes), one_step, out=np.zeros(steps), where=one_step > 0)
+
+
+@dataclass(frozen=True)
+class ReuseRuns:
+    """What calibration's runs forked from its uncached trajectories measure (`reuse_effects`)."""
+
+    moved: list[np.ndarray]
+    """Per chunk [its samples, steps]: each sample's final-latent mean squared change from its
+    uncached final latent when step i alone is reused (its anchor the step before); 0 at the first
+    step of each expert's run, which always runs."""
+    drifts: np.ndarray
+    """[samples, a, i]: each sample's deterministic drift ||x_i - n_i - x_a|| along the uncached run
+    (n_i the noise the sampler injected since step a, as the engine leaves it out of a rule's drift),
+    0 where a >= i."""
+    errors: np.ndarray
+    """[samples, a, d - 1]: the reuse error a run observes (`ReuseObserver`, per element: its mean
+    square) at step a + d after reusing steps a + 1 .. a + d - 1 from an anchor run at a, the
+    uncached run up to a; NaN where not measured (past the expert's run, or across a forced step)."""
 
 
 def reuse_effects(
@@ -448,16 +454,13 @@ def reuse_effects(
     parts: list[tuple[int, int, int]],
     image: np.ndarray | None = None,
     show_progress: bool = False,
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """(moved, drifts). moved: per chunk [its samples, steps], each sample's final-latent mean squared
-    change from its uncached final latent (`finals`, one array per chunk) when step i alone is reused
-    (its anchor the step before); 0 at the first step of each expert's run (`parts`: expert, first,
-    end), which always runs. Each such run is forked from an uncached run at step i
-    (`RequestState.fork`), so it computes only the steps from i on.
-
-    drifts [samples, a, i] is each sample's deterministic drift ||x_i - n_i - x_a|| along that
-    uncached run (n_i the noise the sampler injected since step a, as the engine leaves it out of
-    a rule's drift), 0 where a >= i."""
+    depth: int = 0,
+) -> ReuseRuns:
+    """`ReuseRuns` of the calibration `chunks` (prompts, seeds; `finals` their uncached final
+    latents, one array per chunk) at `steps` steps, the reuse errors for d up to `depth` (0: none
+    measured). Every run is forked from one uncached run per chunk (`RequestState.fork`), so it
+    computes only the steps from its fork on; an error run stops at the pass after its observed run,
+    which hands the error to its rule."""
     starts = {first for _, first, _ in parts}
     measured = [i for i in range(steps) if i not in starts]
     bar = progress(
@@ -466,6 +469,7 @@ def reuse_effects(
     first = np.arange(steps) == 0
     moved: list[np.ndarray] = []
     drifts: list[np.ndarray] = []
+    errors: list[np.ndarray] = []
     for (prompts, seeds), final in zip(chunks, finals, strict=True):
         request = GenerationParams(prompts, seeds, steps, guidance, sampling=sampling, image=image)
         reference = final.reshape(len(prompts), -1).astype(np.float64)
@@ -474,6 +478,7 @@ def reuse_effects(
         uncached.enqueue(trunk)
         walk = DriftWalk(trunk.x, steps)
         own = np.zeros((len(prompts), steps))
+        seen = np.full((len(prompts), steps, max(depth, 1)), np.nan)
         for i in measured:
             while trunk.step < i:
                 uncached.step()
@@ -482,12 +487,48 @@ def reuse_effects(
             policy = SenCachePlanPolicy(np.arange(steps) != i, first, len(prompts), {"mode": "calibration"}, 1)
             latents = _run_alone(engine, trunk.fork(policy)).reshape(len(prompts), -1)
             own[:, i] = np.mean((latents.astype(np.float64) - reference) ** 2, axis=1)
+            end = next(e for _, f, e in parts if f <= i - 1 < e)  # the anchor's expert's run
+            for d in range(1, min(depth, end - i) + 1):
+                seen[:, i - 1, d - 1] = _observed_error(engine, trunk, i - 1, d) / engine.numel
             bar.update(1)
         uncached.end_all("cancelled")
         moved.append(own)
         drifts.append(walk.drifts)
+        errors.append(seen[:, :, :depth])
     bar.close()
-    return moved, np.concatenate(drifts)
+    return ReuseRuns(moved, np.concatenate(drifts), np.concatenate(errors))
+
+
+class _Observing(SenCachePlanPolicy):
+    """A schedule's runs, keeping the reuse errors observed (`ReuseObserver`) at each step."""
+
+    def __init__(self, schedule: np.ndarray, batch: int) -> None:
+        super().__init__(schedule, np.arange(len(schedule)) == 0, batch, {"mode": "calibration"}, 1)
+        self.errors: dict[int, np.ndarray] = {}
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        self.errors[step] = np.asarray(error_sumsq, dtype=np.float64).copy()
+
+
+def _observed_error(engine: Model, trunk: RequestState, anchor: int, d: int) -> np.ndarray:
+    """Per sample, the squared reuse error observed at step anchor + d of a run forked from
+    `trunk` (at step anchor + 1, its residuals of the anchor's run cached) that reuses steps
+    anchor + 1 .. anchor + d - 1 and runs anchor + d; NaN where the step is the last (no pass
+    after it hands the error over). A step forced on the way runs, and the error is NaN."""
+    steps = len(trunk.scales)
+    observed = anchor + d
+    if observed >= steps - 1:
+        return np.full(trunk.batch, np.nan)
+    schedule = np.ones(steps, dtype=bool)
+    schedule[anchor + 1 : observed] = False
+    schedule[observed + 1] = False
+    policy = _Observing(schedule, trunk.batch)
+    side = StepEngine(engine)
+    side.enqueue(trunk.fork(policy))
+    for _ in range(d + 1):
+        side.step()
+    side.end_all("cancelled")
+    return policy.errors.get(observed, np.full(trunk.batch, np.nan))
 
 
 class DriftWalk:
@@ -520,7 +561,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def reuse_costs(
     changes: np.ndarray,
     gains: np.ndarray,
-    drifts: np.ndarray,
+    runs: ReuseRuns,
     timesteps: np.ndarray,
     table: SensitivityTable,
     first: int,
@@ -528,22 +569,29 @@ def reuse_costs(
 ) -> ReuseCosts:
     """sencache-plan's reuse costs (`ReuseCosts`) of the run of steps first..end - 1 (one expert's,
     a run of its own) from the calibration's output `changes` [samples, a, i] along the uncached
-    trajectories and the steps' `gains` (`record_gains`): cost[a, i] = mean changes x G_i; and the
+    trajectories and the steps' `gains` (`record_gains`): cost[a, i] = mean changes x G_i; the
     mean squared SenCache score of reusing at i from a, from the trajectories' deterministic
-    `drifts` [samples, a, i] at `timesteps`, with the expert's `table` (its Jx, Jt looked up at
-    the anchor as the rule looks them up)."""
+    drifts (`runs`) at `timesteps`, with the expert's `table` (its Jx, Jt looked up at the anchor
+    as the rule looks them up); and the mean observed reuse errors (`runs.errors`, where measured)."""
     mean = changes.mean(axis=0)[first:end, first:end]
     cost = np.triu(mean * gains[None, first:end], k=1)
     curves = table.budget_curves()
     nearest = engine_conventions(curves.switch_frac, curves.force_last).nearest_lookup
     t = np.asarray(timesteps[first:end], dtype=np.float64)
     jx, jt = np.array([table.lookup(float(ta), nearest=nearest)[:2] for ta in t]).T
-    scores = jx[None, :, None] * drifts[:, first:end, first:end] + jt[None, :, None] * np.abs(
-        t[None, None] - t[None, :, None]
-    )
+    drifts = runs.drifts[:, first:end, first:end]
+    scores = jx[None, :, None] * drifts + jt[None, :, None] * np.abs(t[None, None] - t[None, :, None])
     score_sq = np.triu(np.mean(scores**2, axis=0), k=1)
+    errors = runs.errors[:, first:end]
+    error_sq = None
+    if errors.shape[2]:
+        measured = np.isfinite(errors).all(axis=0)
+        error_sq = np.where(measured, np.mean(np.where(np.isfinite(errors), errors, 0.0), axis=0), 0.0)
     return ReuseCosts(
-        end - first, tuple(tuple(row) for row in cost.tolist()), tuple(tuple(row) for row in score_sq.tolist())
+        end - first,
+        tuple(tuple(row) for row in cost.tolist()),
+        tuple(tuple(row) for row in score_sq.tolist()),
+        None if error_sq is None else tuple(tuple(row) for row in error_sq.tolist()),
     )
 
 

@@ -93,11 +93,18 @@ class ReuseCosts:
     score_sq[a][i] is the mean over the same samples of s(a, i)^2, SenCache's bound on reusing at
     step i from anchor a, s = Jx(t_a) ||x_i - n_i - x_a|| + Jt(t_a) |t_i - t_a| (n_i the noise a
     stochastic sampler injected since a), with Jx, Jt the table's: what a request's own drift is
-    compared with to scale its costs (`sencache.runtime.cache.plan`). None in costs from before it."""
+    compared with to scale its costs (`sencache.runtime.cache.plan`). None in costs from before it.
+
+    error_sq[a][d - 1] is the mean over the same samples of the reuse error a run observes at step
+    a + d (`ReuseObserver`, per element: its mean square) after reusing steps a + 1 .. a + d - 1
+    from an anchor run at a, the run uncached up to a; 0 where not measured (the last step, past
+    the run's end). What a request's own observed errors are compared with. None in costs from
+    before it."""
 
     steps: int
     cost: tuple[tuple[float, ...], ...]
     score_sq: tuple[tuple[float, ...], ...] | None = None
+    error_sq: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         for name, matrix in (("reuse costs", self.cost), ("mean squared scores", self.score_sq)):
@@ -108,16 +115,27 @@ class ReuseCosts:
                 raise ValueError(f"the {name} must be a {self.steps} x {self.steps} matrix of at least 2 steps")
             if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(np.tril(values) != 0):
                 raise ValueError(f"the {name} must be finite, non-negative, and 0 on and below the diagonal")
+        if self.error_sq is not None:
+            depth = len(self.error_sq[0]) if self.error_sq else 0
+            if len(self.error_sq) != self.steps or depth < 1 or any(len(row) != depth for row in self.error_sq):
+                raise ValueError(f"the mean observed reuse errors must be a {self.steps} x depth matrix")
+            if not all(math.isfinite(v) and v >= 0 for row in self.error_sq for v in row):
+                raise ValueError("the mean observed reuse errors must be finite and non-negative")
 
     @classmethod
     def from_dict(cls, document: Any) -> ReuseCosts:
         if not isinstance(document, dict):
             raise ValueError("the reuse costs must be an object")
-        score_sq = document.get("score_sq")
+
+        def matrix(key: str) -> tuple[tuple[float, ...], ...] | None:
+            value = document.get(key)
+            return None if value is None else tuple(tuple(_vector(row).tolist()) for row in _list(value))
+
         return cls(
             steps=_integer(document["steps"]),
             cost=tuple(tuple(_vector(row).tolist()) for row in _list(document["cost"])),
-            score_sq=None if score_sq is None else tuple(tuple(_vector(row).tolist()) for row in _list(score_sq)),
+            score_sq=matrix("score_sq"),
+            error_sq=matrix("error_sq"),
         )
 
 

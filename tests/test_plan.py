@@ -13,6 +13,8 @@ import pytest
 from budget_tables import TABLE, curves
 from conftest import engine_for
 from sencache.runtime.cache.plan import (
+    ObservingPlanPolicy,
+    SenCachePlanPolicy,
     cheapest_shares,
     costs_at,
     drift_scale,
@@ -246,6 +248,8 @@ def test_corrupt_reuse_costs_are_refused_and_tables_without_them_say_recalibrate
         ({"steps": 2, "cost": [[0.0, "x"], [0.0, 0.0]]}, "lists of numbers"),
         ({"steps": 2, "cost": ok, "score_sq": [[0.0, 1.0]]}, "mean squared scores must be a 2 x 2"),
         ({"steps": 2, "cost": ok, "score_sq": [[0.0, np.inf], [0.0, 0.0]]}, "mean squared scores must be finite"),
+        ({"steps": 2, "cost": ok, "error_sq": [[1.0]]}, "observed reuse errors must be a 2 x depth"),
+        ({"steps": 2, "cost": ok, "error_sq": [[1.0], [np.nan]]}, "observed reuse errors must be finite"),
     ):
         with pytest.raises(ValueError, match=needle):
             ReuseCosts.from_dict(broken)
@@ -299,3 +303,109 @@ def test_calibration_records_the_costs_and_every_sample_runs_its_budget(calibrat
         GenerationParams(prompts[:1], [3], 12, 4.0), engine.policy("sencache-plan", 12, 1, {"nfe": 6})
     )
     np.testing.assert_allclose(alone.latents[0], result.latents[0], atol=1e-5)
+
+
+def observed_table(steps: int, rng: np.random.Generator) -> SensitivityTable:
+    """A table whose costs have random mean squared scores and mean observed errors (depth 4)."""
+    costs = measured(steps)
+    scores = np.triu(rng.exponential(1.0, (steps, steps)), k=1)
+    errors = rng.exponential(1.0, (steps, 4))
+    errors[-1] = 0.0  # the last step is never observed
+    costs = dataclasses.replace(
+        costs,
+        score_sq=tuple(tuple(row) for row in scores.tolist()),
+        error_sq=tuple(tuple(row) for row in errors.tolist()),
+    )
+    return SensitivityTable(TABLE.timesteps, TABLE.jx, TABLE.jt, budget=dataclasses.replace(curves(), costs=costs))
+
+
+def drive(policy, steps: int, rng: np.random.Generator, ratio: np.ndarray, numel: int) -> np.ndarray:
+    """Run flags [steps, batch] of `policy` on random drifts; an observing one sees, at each run,
+    `ratio` (per sample) times the calibration's mean error of its anchor and reuses."""
+    errors = np.asarray(policy.live.table.budget_curves().costs.error_sq)
+    anchor, flags = np.zeros(policy.batch, dtype=np.int64), []
+    for step in range(steps):
+        decision = policy.decide(step, float(steps - step), rng.exponential(1.0, policy.batch))
+        if isinstance(policy, ObservingPlanPolicy) and step > 0:
+            d = step - anchor
+            mean = np.array(
+                [errors[a, k - 1] if k <= errors.shape[1] else np.nan for a, k in zip(anchor, d, strict=True)]
+            )
+            policy.observe(step, np.where(decision.run, ratio * mean * numel, np.nan))
+        anchor = np.where(decision.run, step, anchor)
+        flags.append(decision.run)
+    return np.array(flags)
+
+
+def test_a_sample_that_observes_the_calibration_errors_re_plans_from_its_drift_alone():
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        steps, batch, numel = int(rng.integers(6, 20)), int(rng.integers(1, 4)), int(rng.integers(1, 50))
+        table = observed_table(steps, rng)
+        runs = int(rng.integers(steps // 2, steps))
+        observing = make_plan_policy({"nfe": runs}, table, steps, batch, numel)
+        assert isinstance(observing, ObservingPlanPolicy)
+        assert observing.settings()["per_sample"] == "drift and observed reuse errors"
+        drift_only = SenCachePlanPolicy(
+            observing.schedule,
+            observing.forced,
+            batch,
+            observing.budget,
+            observing.max_reuse,
+            dataclasses.replace(observing.live, error_sq=None),
+        )
+        seed = int(rng.integers(1 << 30))
+        ones = np.ones(batch)
+        same = drive(observing, steps, np.random.default_rng(seed), ones, numel)
+        np.testing.assert_array_equal(same, drive(drift_only, steps, np.random.default_rng(seed), ones, numel))
+        np.testing.assert_allclose(observing.online.factor, 1.0, rtol=1e-12)
+
+
+def test_a_sample_whose_reuses_cost_more_than_the_calibration_s_runs_sooner():
+    rng = np.random.default_rng(12)
+    sooner = later = 0
+    for _ in range(60):
+        steps = int(rng.integers(12, 24))
+        table = observed_table(steps, rng)
+        policy = make_plan_policy({"nfe": steps // 2}, table, steps, 2, 10)
+        flags = drive(policy, steps, np.random.default_rng(0), np.array([4.0, 0.25]), 10)
+        assert np.all(flags.sum(axis=0) == steps // 2)  # each sample runs exactly the budget
+        when = [np.flatnonzero(flags[:, b]).mean() for b in range(2)]  # where its runs lie
+        sooner += when[0] < when[1]
+        later += when[0] > when[1]
+    assert policy.online.factor[0] > 1.0 > policy.online.factor[1]
+    assert sooner > 3 * later
+
+
+class Recording(SenCachePlanPolicy):
+    """Every step run, the reuse errors the engine observes kept per step."""
+
+    def __init__(self, steps: int, batch: int) -> None:
+        super().__init__(np.ones(steps, bool), np.arange(steps) == 0, batch, {}, 1)
+        self.errors: dict[int, np.ndarray] = {}
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        self.errors[step] = np.asarray(error_sumsq, dtype=np.float64)
+
+
+def test_calibration_records_the_mean_reuse_errors_a_run_observes(calibrated_bundle):
+    engine = engine_for(calibrated_bundle)
+    table = engine.bundle.sensitivity()
+    costs = table.budget_curves().costs
+    errors = np.asarray(costs.error_sq)
+    depth = table.budget_curves().max_reuse + 1
+    assert errors.shape == (8, depth)
+    for a in range(8):
+        for d in range(1, depth + 1):
+            # measured where the observed run is followed by a pass (not the last step) within the run
+            assert (errors[a, d - 1] > 0) == (a + d <= 6), (a, d)
+    # along an uncached run every step's anchor is the step before: the first column, independently
+    meta = table.meta
+    recording = Recording(8, len(meta["prompts"]))
+    engine.generate(GenerationParams(meta["prompts"], meta["seeds"], 8, meta["guidance"]), recording)
+    assert sorted(recording.errors) == list(range(1, 7))
+    for i, observed in recording.errors.items():
+        assert errors[i - 1, 0] == pytest.approx(np.mean(observed) / engine.numel, rel=1e-4)
+    observing = engine.policy("sencache-plan", 8, 1, {"nfe": 5})
+    assert isinstance(observing, ObservingPlanPolicy) and observing.scale == np.sqrt(engine.numel)
+    assert type(engine.policy("sencache-plan", 12, 1, {"nfe": 6})) is SenCachePlanPolicy  # other steps: drift alone

@@ -60,8 +60,11 @@ extern "C" {
  *    runs over the table's reuse costs, every sample following it). ABI 1-4 unchanged.
  * 6: SC_RULE_SENCACHE_PLAN on a table whose reuse costs carry the calibration's mean squared scores
  *    re-plans each sample at every step from its drift, so it takes drift_sumsq on the steps that
- *    are not forced. Tables without them, and ABI 1-5's layouts, are unchanged. */
-#define SC_ABI_VERSION 6
+ *    are not forced. Tables without them, and ABI 1-5's layouts, are unchanged.
+ * 7: SC_RULE_SENCACHE_PLAN on a table whose reuse costs also carry the calibration's mean observed
+ *    reuse errors, at their step count, re-plans from the errors the host observes too
+ *    (sc_policy_observe, sc_policy_factor). Other tables, and ABI 1-6's layouts, are unchanged. */
+#define SC_ABI_VERSION 7
 
 typedef enum sc_status {
     SC_OK = 0,
@@ -228,6 +231,11 @@ typedef struct sc_budget {
  * step that is not forced from its own drift (Python's LivePlan, runs_now): drift_sumsq is needed
  * there (the deterministic drift on a sampler that injects noise, as for SC_RULE_SENCACHE_ONLINE),
  * each score is the factor on its anchor's costs, and every sample still runs exactly the budget.
+ * Since ABI 7, where the costs also carry the calibration's mean observed reuse errors and `steps` is
+ * their step count (Python's ObservingPlanPolicy), that factor is also multiplied by the square of
+ * a factor learnt from the reuse errors the host feeds back (sc_policy_observe, sc_policy_factor, as
+ * for SC_RULE_SENCACHE_ONLINE, rate 0.5, bound 4, prior 4), each against the calibration's mean
+ * error of the same anchor and reuses.
  * Refused: a table without reuse costs ("cache sencache-plan: ... recalibrate it"), a budget no
  * such schedule meets. */
 SC_API sc_status sc_policy_create_budget(const sc_table* table, sc_rule rule, const sc_policy_extra* extra,
@@ -261,11 +269,12 @@ SC_API sc_status sc_policy_last(const sc_policy* policy, double* scores_out, int
  * clip(log(error / prediction), +-log online_bound), both in the score's units (sqrt of the sum
  * over sqrt(numel)); an error of 0 meets the lower bound; others are left as they are (NaN, inf
  * or negative errors: not observed). Observing a step twice learns twice. Python's SenCacheOnlinePolicy.observe, the same arithmetic in double
- * (exp and log: the C library's, as the Python rule calls them). Other rules: SC_ERR_INVALID_ARGUMENT. */
+ * (exp and log: the C library's, as the Python rule calls them). Also an observing sencache-plan
+ * (ABI 7, sc_policy_create_budget). Other rules: SC_ERR_INVALID_ARGUMENT. */
 SC_API sc_status sc_policy_observe(sc_policy* policy, int32_t step, const double* error_sumsq, int32_t batch);
 /* SC_RULE_SENCACHE_ONLINE: each sample's factor c_b as the next decision applies it (1 before any
  * observation): exp(log c_b x weight), weight n / (n + online_prior) after n observations (1 when
- * online_prior is 0). Other rules: SC_ERR_INVALID_ARGUMENT. */
+ * online_prior is 0); an observing sencache-plan's (ABI 7) alike. Other rules: SC_ERR_INVALID_ARGUMENT. */
 SC_API sc_status sc_policy_factor(const sc_policy* policy, double* factor_out, int32_t batch);
 /* How many decisions so far moved anchors at a timestep outside the table (clamped look-ups). */
 SC_API sc_status sc_policy_outside_table(const sc_policy* policy, int64_t* count);

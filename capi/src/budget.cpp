@@ -124,6 +124,20 @@ Costs parse_costs(const Value& doc) {
     const bool scores_square = scored && matrix_rows(*scores, c.steps, c.score_sq);
     check_matrix(c.cost, c.steps, square, "reuse costs");
     if (scored) check_matrix(c.score_sq, c.steps, scores_square, "mean squared scores");
+    const Value* errors = doc.find("error_sq");
+    if (errors != nullptr && errors->kind != Value::Null) {
+        const std::vector<Value>& rows = list(*errors);
+        bool shaped = static_cast<int64_t>(rows.size()) == c.steps;
+        for (const Value& row : rows) {
+            const std::vector<double> values = vector(row);
+            if (c.error_sq.empty()) c.error_depth = static_cast<int64_t>(values.size());
+            shaped = shaped && c.error_depth >= 1 && static_cast<int64_t>(values.size()) == c.error_depth;
+            c.error_sq.insert(c.error_sq.end(), values.begin(), values.end());
+        }
+        if (!shaped) fail("the mean observed reuse errors must be a " + std::to_string(c.steps) + " x depth matrix");
+        for (const double v : c.error_sq)
+            if (!std::isfinite(v) || v < 0) fail("the mean observed reuse errors must be finite and non-negative");
+    }
     return c;
 }
 

@@ -26,6 +26,8 @@ struct OnlineCurve {
 struct Costs {
     int64_t steps = 0;
     std::vector<double> cost, score_sq;
+    std::vector<double> error_sq;  // [steps][error_depth], row-major; empty: none (ReuseCosts.error_sq)
+    int64_t error_depth = 0;
 };
 
 // What calibration records for NFE budgets (BudgetCurves).

@@ -315,6 +315,11 @@ struct OnlineFactor {
     }
 };
 
+// runtime/cache/plan.py OBSERVED_RATE, OBSERVED_BOUND and OBSERVED_PRIOR: an observing plan's learnt factor
+constexpr double kObservedRate = 0.5;
+constexpr double kObservedBound = 4.0;
+constexpr double kObservedPrior = 4.0;
+
 // What a budget resolved, for sc_policy_budget.
 struct Resolved {
     double eps_start = kNaN, eps_main = kNaN;
@@ -344,8 +349,11 @@ struct sc_policy {
     int32_t live_runs = 0;
     int64_t live_max_reuse = 0;  // the curves' (Python's plan reads them, not the int32 settings)
     std::vector<int64_t> live_left, live_anchor;
+    // ObservingPlanPolicy: the calibration's mean observed reuse errors [steps][live_depth]; empty: not observed
+    std::vector<double> live_error_sq;
+    int64_t live_depth = 0;
 
-    bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE; }
+    bool learns() const { return settings.rule == SC_RULE_SENCACHE_ONLINE || !live_error_sq.empty(); }
 
     void reset() {
         online.reset(batch);
@@ -366,6 +374,14 @@ struct sc_policy {
     // SenCachePlanPolicy.decide with a live plan: each sample re-plans from its drift
     void decide_live(int32_t step, double t, const float* drift_sumsq) {
         const size_t n = static_cast<size_t>(steps);
+        if (!live_error_sq.empty()) {  // ObservingPlanPolicy.decide: a run now expects the calibration's error
+            online.start(step);
+            for (int32_t b = 0; b < batch; ++b) {
+                const int64_t d = step - live_anchor[b];
+                const double mean = d >= 1 && d <= live_depth ? live_error_sq[live_anchor[b] * live_depth + d - 1] : 0.0;
+                online.predicted[b] = mean > 0 ? std::sqrt(mean) : kNaN;
+            }
+        }
         for (int32_t b = 0; b < batch; ++b) {
             if (forced) {
                 run[b] = 1;
@@ -374,7 +390,8 @@ struct sc_policy {
             const int64_t a = live_anchor[b];
             const double drift = std::sqrt(static_cast<double>(drift_sumsq[b]));
             const double score = jx[b] * drift + jt[b] * std::fabs(t - anchor_t[b]);
-            scores[b] = sencache::budget::drift_scale(score, live_score_sq[a * n + step]);
+            const double factor = live_error_sq.empty() ? 1.0 : online.factor(b);
+            scores[b] = sencache::budget::drift_scale(score, live_score_sq[a * n + step]) * (factor * factor);
             run[b] = sencache::budget::runs_now(&live_cost[a * n], live_later, live_runs, schedule_forced, step, a,
                                                 live_left[b], live_max_reuse, scores[b])
                          ? 1
@@ -507,7 +524,8 @@ sc_policy_extra complete_extra(const sc_policy_extra* extra) {
 
 sc_policy* checked_online(const sc_policy* policy, int32_t batch) {
     SC_REQUIRE(policy != nullptr, SC_ERR_INVALID_ARGUMENT, "policy is NULL");
-    SC_REQUIRE(policy->learns(), SC_ERR_INVALID_ARGUMENT, "the policy's rule is not SC_RULE_SENCACHE_ONLINE");
+    SC_REQUIRE(policy->learns(), SC_ERR_INVALID_ARGUMENT, "the policy does not learn from observed errors (SC_RULE_SENCACHE_ONLINE, or an observing "
+               "SC_RULE_SENCACHE_PLAN)");
     SC_REQUIRE(batch == policy->batch, SC_ERR_BUFFER_SIZE,
                "batch " + std::to_string(batch) + " but the policy was made for " + std::to_string(policy->batch));
     return const_cast<sc_policy*>(policy);
@@ -756,6 +774,14 @@ std::unique_ptr<sc_policy> plan_policy(const std::shared_ptr<sc_table>& table, s
         policy->live_later = sencache::budget::later_costs(policy->live_cost, target.runs, forced, curves.max_reuse);
         policy->live_left.assign(batch, target.runs);
         policy->live_anchor.assign(batch, 0);
+        if (!curves.costs->error_sq.empty() && curves.costs->steps == steps) {  // ObservingPlanPolicy
+            policy->live_error_sq = curves.costs->error_sq;
+            policy->live_depth = curves.costs->error_depth;
+            policy->online.rate = kObservedRate;
+            policy->online.log_bound = std::log(kObservedBound);
+            policy->online.prior = kObservedPrior;
+            policy->online.reset(batch);
+        }
     }
     policy->schedule_forced = std::move(forced);
     policy->budget = Resolved{kNaN, kNaN, target.runs};

@@ -32,7 +32,7 @@ from sencache.runtime.cache.budget import (  # noqa: E402
     make_online_budget_policy,
 )
 from sencache.runtime.cache.knobs import SPEEDS, check_knobs  # noqa: E402
-from sencache.runtime.cache.plan import make_plan_policy  # noqa: E402
+from sencache.runtime.cache.plan import ObservingPlanPolicy, make_plan_policy  # noqa: E402
 from sencache.runtime.cache.sencache import SenCacheOnlinePolicy  # noqa: E402
 from sencache.runtime.errors import BadInput  # noqa: E402
 from sencache.runtime.sensitivity import BudgetCurves, OnlineCurve, ReuseCosts, SensitivityTable  # noqa: E402
@@ -377,6 +377,18 @@ def test_reset_replays(lib):
             {"costs": {"steps": 2, "cost": [[0.0, 1.0], [0.0, 0.0]], "score_sq": [[0.0, 1.0], [1.0, 0.0]]}},
             "mean squared scores must be finite, non-negative, and 0 on and below the diagonal",
         ),
+        (
+            {"costs": {"steps": 2, "cost": [[0.0, 1.0], [0.0, 0.0]], "error_sq": [[1.0, 2.0], [1.0]]}},
+            "mean observed reuse errors must be a 2 x depth matrix",
+        ),
+        (
+            {"costs": {"steps": 2, "cost": [[0.0, 1.0], [0.0, 0.0]], "error_sq": [[], []]}},
+            "mean observed reuse errors must be a 2 x depth matrix",
+        ),
+        (
+            {"costs": {"steps": 2, "cost": [[0.0, 1.0], [0.0, 0.0]], "error_sq": [[1.0], [-1.0]]}},
+            "mean observed reuse errors must be finite and non-negative",
+        ),
     ],
 )
 def test_corrupt_curves_refused_alike(lib, change, needle):
@@ -413,7 +425,12 @@ def random_costs(rng: np.random.Generator) -> ReuseCosts:
         scores = rng.exponential(1.0, (steps, steps)) * 10 ** rng.uniform(-3, 3)
         scores[rng.random((steps, steps)) < 0.05] = 0.0  # no ratio: the calibration's plan
         score_sq = tuple(tuple(row) for row in np.triu(scores, k=1).tolist())
-    return ReuseCosts(steps, tuple(tuple(row) for row in np.triu(cost, k=1).tolist()), score_sq)
+    error_sq = None
+    if score_sq is not None and rng.random() < 0.6:
+        errors = rng.exponential(1.0, (steps, int(rng.integers(1, 6)))) * 10 ** rng.uniform(-4, 2)
+        errors[rng.random(errors.shape) < 0.1] = 0.0  # not measured: nothing expected
+        error_sq = tuple(tuple(row) for row in errors.tolist())
+    return ReuseCosts(steps, tuple(tuple(row) for row in np.triu(cost, k=1).tolist()), score_sq, error_sq)
 
 
 def random_drifts(rng: np.random.Generator, batch: int) -> np.ndarray:
@@ -430,7 +447,9 @@ def plan_traces(chunk: int, count: int) -> dict[str, int]:
     the costs have mean squared scores) or the same refusal."""
     lib = native.load()
     rng = np.random.default_rng((20261204, chunk))
-    tally = dict.fromkeys(("traces", "live", "decisions", "runs", "budget", "field", "read"), 0)
+    tally = dict.fromkeys(
+        ("traces", "live", "observing", "observed", "decisions", "runs", "budget", "field", "read"), 0
+    )
     for trace in range(count):
         table = random_table(rng)
         table.budget = dataclasses.replace(random_curves(rng), costs=random_costs(rng) if rng.random() < 0.9 else None)
@@ -443,7 +462,7 @@ def plan_traces(chunk: int, count: int) -> dict[str, int]:
         theirs_table = native.Table.from_json(lib, table.to_bytes())
         tally["read"] += 1
         try:
-            want = make_plan_policy(check_knobs("sencache-plan", knobs), table, steps, batch)
+            want = make_plan_policy(check_knobs("sencache-plan", knobs), table, steps, batch, 100)
         except BadInput as refused:
             with pytest.raises(native.NativeError) as error:
                 native.Policy.with_budget(lib, theirs_table, SENCACHE_PLAN, budget, steps, batch, 100)
@@ -464,10 +483,13 @@ def plan_traces(chunk: int, count: int) -> dict[str, int]:
             assert live or np.all(np.isnan(decision.score)), f"{where} step {step}"
             tally["decisions"] += batch
             tally["runs"] += int(decision.run.sum())
+            if isinstance(want, ObservingPlanPolicy):
+                tally["observed"] += observe_both(rng, step, decision.run, want, ours, f"{where} step {step}")
         assert not live or np.all(want.left == 0), where  # every sample ran exactly the budget
         ours.close()
         tally["traces"] += 1
         tally["live"] += live
+        tally["observing"] += isinstance(want, ObservingPlanPolicy)
     return tally
 
 
@@ -477,10 +499,12 @@ def test_random_plan_traces():
     total = in_chunks(plan_traces, PLAN_TRACES, 8)
     print(
         f"\nplan parity: {PLAN_TRACES} budgets, {total['traces']} planned alike ({total['live']} re-planned per "
-        f"sample from random drifts), {total['decisions']} per-sample "
+        f"sample from random drifts, {total['observing']} of them also from {total['observed']} observed errors), "
+        f"{total['decisions']} per-sample "
         f"decisions ({total['runs']} run); refused alike: {total['budget']} by the budget (same message), "
         f"{total['field']} by a field's range; 0 mismatches"
     )
     assert total["traces"] > PLAN_TRACES // 3 and total["budget"] > PLAN_TRACES // 50
     assert total["traces"] // 2 < total["live"] < total["traces"]
+    assert total["live"] // 4 < total["observing"] < total["live"] and total["observed"] > total["observing"]
     assert 0 < total["runs"] < total["decisions"]

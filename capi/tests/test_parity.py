@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import native  # noqa: E402
 
+from sencache.runtime.cache.plan import ObservingPlanPolicy  # noqa: E402
 from sencache.runtime.cache.sencache import (  # noqa: E402
     SenCacheMaxPolicy,
     SenCacheOnlinePolicy,
@@ -96,7 +97,12 @@ def random_errors(rng: np.random.Generator, rule: SenCacheOnlinePolicy, run: np.
 
 
 def observe_both(
-    rng: np.random.Generator, step: int, run: np.ndarray, rule: SenCacheOnlinePolicy, ours: native.Policy, where: str
+    rng: np.random.Generator,
+    step: int,
+    run: np.ndarray,
+    rule: SenCacheOnlinePolicy | ObservingPlanPolicy,
+    ours: native.Policy,
+    where: str,
 ) -> int:
     """Feed the same observed errors to both, now and then at a step that was not just decided
     (both refuse it), and compare the learnt factors. Returns the observations learnt."""

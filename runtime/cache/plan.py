@@ -41,6 +41,7 @@ from sencache.runtime.cache.base import StepDecision
 from sencache.runtime.cache.budget import budget_target
 from sencache.runtime.cache.knobs import BUDGET_TARGETS
 from sencache.runtime.cache.registry import Rule, RuleContext, register_rule
+from sencache.runtime.cache.sencache import OnlineFactor
 from sencache.runtime.conventions import engine_conventions
 from sencache.runtime.errors import BadInput
 from sencache.runtime.sensitivity import ReuseCosts, SensitivityTable
@@ -191,13 +192,30 @@ def least_costs(cost: np.ndarray, forced: np.ndarray, max_reuse: int) -> np.ndar
 class LivePlan:
     """What a sample needs to re-plan from its own drift (`runs_now`): the request's costs, the
     plan's suffix (`later_costs`), the calibration's mean squared scores, all at the request's
-    steps, and the table that gives each anchor's Jx, Jt."""
+    steps, and the table that gives each anchor's Jx, Jt; and, to re-plan from the reuse errors
+    it observes too, the calibration's mean observed errors (`ReuseCosts.error_sq`, None: not
+    observed) and the elements of a sample's output."""
 
     cost: np.ndarray
     later: np.ndarray
     score_sq: np.ndarray
     table: SensitivityTable
     nearest: bool
+    error_sq: np.ndarray | None = None
+    numel: int = 1
+
+
+OBSERVED_RATE = 0.5
+"""Weight of the newest observation in a sample's running log-ratio of observed to calibrated reuse
+error (`ObservingPlanPolicy`)."""
+OBSERVED_BOUND = 4.0
+"""The observed/calibrated reuse-error ratio a sample learns stays within [1 / bound, bound]."""
+OBSERVED_PRIOR = 4.0
+"""Observations at which a sample's learnt factor gets half its weight: one observed error varies
+more between steps than a sample's errors differ from the calibration's on the whole (on
+tiny-cogvideox's calibration, a log-ratio spread of about 0.4 per observation against 0.2 between
+samples), so the factor is shrunk toward 1 until the evidence adds up. Rate 0.5 without it lost
+0.4-0.5 dB on looked-at draws where this gained (benchmarks/results/online, "Ninth round")."""
 
 
 class SenCachePlanPolicy:
@@ -256,11 +274,12 @@ class SenCachePlanPolicy:
             if drift_sumsq is None:
                 raise ValueError("sencache-plan re-plans from the drift: pass drift_sumsq")
             drift = np.sqrt(np.asarray(drift_sumsq, dtype=np.float64))
+            factors = self._factors()
             run = np.zeros(self.batch, dtype=bool)
             for b in range(self.batch):
                 a = int(self.anchor[b])
                 score = float(self.jx[b]) * float(drift[b]) + float(self.jt[b]) * abs(t - float(self.anchor_t[b]))
-                scores[b] = drift_scale(score, float(live.score_sq[a, step]))
+                scores[b] = drift_scale(score, float(live.score_sq[a, step])) * float(factors[b])
                 run[b] = runs_now(
                     live.cost[a], live.later, self.forced, step, a, int(self.left[b]), self.max_reuse, float(scores[b])
                 )
@@ -269,6 +288,70 @@ class SenCachePlanPolicy:
             jx, jt, _ = live.table.lookup(t, nearest=live.nearest)
             self.anchor[run], self.anchor_t[run], self.jx[run], self.jt[run] = step, t, jx, jt
         return StepDecision(run, scores, math.nan, forced)
+
+    def _factors(self) -> np.ndarray:
+        """Each sample's factor on its drift's scale of its anchor's costs (1: the drift alone)."""
+        return np.ones(self.batch)
+
+
+class ObservingPlanPolicy(SenCachePlanPolicy):
+    """sencache-plan re-planned from each sample's drift and from the reuse errors it observes
+    (`ReuseObserver`): at each run after an earlier one, the error reusing would have made,
+    against the calibration's mean of the same (`ReuseCosts.error_sq`, the same anchor and the
+    same reuses before). A sample's running log-ratio of the two (`OnlineFactor`, weight
+    OBSERVED_RATE, each ratio within OBSERVED_BOUND, shrunk toward 1 by OBSERVED_PRIOR) squared
+    (the costs are squared errors) multiplies its drift's scale: a sample whose reuses cost more
+    than the calibration's runs sooner. Every sample still runs exactly the budget's steps."""
+
+    def __init__(
+        self,
+        schedule: np.ndarray,
+        forced: np.ndarray,
+        batch: int,
+        budget: dict[str, Any],
+        max_reuse: int,
+        live: LivePlan,
+    ) -> None:
+        if live.error_sq is None:
+            raise ValueError("an observing plan needs the calibration's mean observed reuse errors")
+        super().__init__(schedule, forced, batch, budget, max_reuse, live)
+        self.error_sq = live.error_sq
+        self.scale = math.sqrt(live.numel)
+        """What the root of an observed squared error is divided by: per element, as calibrated."""
+        self.online = OnlineFactor(batch, OBSERVED_RATE, OBSERVED_BOUND, OBSERVED_PRIOR)
+
+    @property
+    def factor(self) -> np.ndarray:
+        """Each sample's learnt factor on its observed reuse errors (squared on its costs)."""
+        return self.online.factor
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "per_sample": "drift and observed reuse errors"}
+
+    def decide(
+        self, step: int, t: float, drift_sumsq: np.ndarray | None = None, modulation_change: np.ndarray | None = None
+    ) -> StepDecision:
+        """As `SenCachePlanPolicy.decide`, its scale times the learnt factor squared; a run now is
+        expected to observe the calibration's mean error from the same anchor."""
+        self.online.start(step)
+        depth = self.error_sq.shape[1]
+        expected = np.full(self.batch, np.nan)
+        for b in range(self.batch):
+            d = step - int(self.anchor[b])
+            mean = float(self.error_sq[int(self.anchor[b]), d - 1]) if 1 <= d <= depth else 0.0
+            expected[b] = math.sqrt(mean) if mean > 0 else math.nan
+        self.online.expect(expected)
+        return super().decide(step, t, drift_sumsq, modulation_change)
+
+    def _factors(self) -> np.ndarray:
+        factor = self.factor
+        return factor * factor
+
+    def observe(self, step: int, error_sumsq: np.ndarray) -> None:
+        """Learn from the reuse errors observed at `step` (the step just decided): per sample the
+        squared L2 norm of the guided output from the cached residual minus the fresh output, NaN
+        where the sample did not run."""
+        self.online.observe(step, np.sqrt(np.asarray(error_sumsq, dtype=np.float64)) / self.scale)
 
 
 def drift_scale(score: float, mean_sq: float) -> float:
@@ -297,7 +380,7 @@ def _plan_inputs(table: SensitivityTable, steps: int) -> tuple[np.ndarray, np.nd
 
 
 def make_plan_policy(
-    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int
+    knobs: Mapping[str, object], table: SensitivityTable, steps: int, batch: int, numel: int = 1
 ) -> SenCachePlanPolicy:
     """sencache-plan for a request with an NFE budget (`nfe`, `speedup` or `speed`; `budget`
     threshold or hard, met exactly either way); BadInput where the table has no reuse costs or
@@ -311,23 +394,28 @@ def make_plan_policy(
     if schedule is None:
         raise _unreachable(param, knobs[param], target, steps, forced, max_reuse)
     budget = {"mode": mode, "nfe": target, "requested_nfe": fraction * steps}
-    return SenCachePlanPolicy(
-        schedule, forced, batch, budget, max_reuse, _live_plan(table, cost, target, forced, max_reuse)
-    )
+    live = _live_plan(table, cost, target, forced, max_reuse, numel)
+    if live is not None and live.error_sq is not None:
+        return ObservingPlanPolicy(schedule, forced, batch, budget, max_reuse, live)
+    return SenCachePlanPolicy(schedule, forced, batch, budget, max_reuse, live)
 
 
 def _live_plan(
-    table: SensitivityTable, cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int
+    table: SensitivityTable, cost: np.ndarray, runs: int, forced: np.ndarray, max_reuse: int, numel: int
 ) -> LivePlan | None:
     """The per-sample re-plan of a request of `runs` runs; None where the table's costs have no
-    mean squared scores (calibrated before them): every sample then follows the schedule."""
+    mean squared scores (calibrated before them): every sample then follows the schedule. The
+    observed errors join where the costs have them and the request runs their steps."""
     curves = table.budget_curves()
     assert curves.costs is not None, "the caller checked the costs are there"
     score_sq = scores_at(curves.costs, len(cost))
     if score_sq is None:
         return None
     nearest = engine_conventions(curves.switch_frac, curves.force_last).nearest_lookup
-    return LivePlan(cost, later_costs(cost, runs, forced, max_reuse), score_sq, table, nearest)
+    errors = curves.costs.error_sq if curves.costs.steps == len(cost) else None
+    error_sq = None if errors is None else np.asarray(errors, dtype=np.float64)
+    later = later_costs(cost, runs, forced, max_reuse)
+    return LivePlan(cost, later, score_sq, table, nearest, error_sq, numel)
 
 
 def share_plan_budget(knobs: Mapping[str, object], contexts: list[RuleContext]) -> list[dict[str, object]]:
@@ -384,7 +472,9 @@ register_rule(
         "SenCache's plan: a budget's runs where the calibrated reuse costs predict the largest error (needs nfe, "
         "speedup or speed)",
         (*BUDGET_TARGETS, "budget"),
-        lambda knobs, context: make_plan_policy(knobs, context.sensitivity(), context.steps, context.batch),
+        lambda knobs, context: make_plan_policy(
+            knobs, context.sensitivity(), context.steps, context.batch, context.numel
+        ),
         ("sensitivity",),
         share=share_plan_budget,
     )

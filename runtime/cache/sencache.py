@@ -228,6 +228,10 @@ class OnlineFactor:
         self.predicted = np.full(len(self.log_factor), np.nan)
         self.decided_step = step
 
+    def expect(self, predicted: np.ndarray) -> None:
+        """What this step's observation is expected to be, per sample (NaN: nothing expected)."""
+        self.predicted = np.asarray(predicted, dtype=np.float64)
+
     def corrected(self, raw: np.ndarray, scale: float) -> np.ndarray:
         """The factor applied to the table's raw score; raw / `scale` (the score in the error's
         units) is kept as the prediction."""
