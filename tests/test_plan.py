@@ -406,6 +406,15 @@ def test_calibration_records_the_mean_reuse_errors_a_run_observes(calibrated_bun
     assert sorted(recording.errors) == list(range(1, 7))
     for i, observed in recording.errors.items():
         assert errors[i - 1, 0] == pytest.approx(np.mean(observed) / engine.numel, rel=1e-4)
-    observing = engine.policy("sencache-plan", 8, 1, {"nfe": 5})
+    observing = engine.policy("sencache-plan", 8, 2, {"nfe": 5})
     assert isinstance(observing, ObservingPlanPolicy) and observing.scale == np.sqrt(engine.numel)
+    assert observing.settings()["per_sample"] == "drift and observed reuse errors"
+    request = GenerationParams(meta["prompts"], meta["seeds"], 8, meta["guidance"])
+    result = engine.generate(request, observing)
+    assert result.nfe == [5, 5] and np.all(observing.online.observations > 0)  # the engine fed it errors
+    assert np.all(observing.factor != 1.0)
+    alone = engine.policy("sencache-plan", 8, 1, {"nfe": 5})
+    first = engine.generate(GenerationParams(meta["prompts"][:1], meta["seeds"][:1], 8, meta["guidance"]), alone)
+    np.testing.assert_allclose(first.latents[0], result.latents[0], atol=1e-5)
+    assert alone.factor[0] == pytest.approx(observing.factor[0], rel=1e-5)
     assert type(engine.policy("sencache-plan", 12, 1, {"nfe": 6})) is SenCachePlanPolicy  # other steps: drift alone
