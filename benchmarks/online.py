@@ -68,6 +68,8 @@ LOOKED_AT_DRAWS = (
     Draw("fresh-9", 20261210, 13000),
     Draw("fresh-10", 20261211, 14000),
     Draw("fresh-11", 20261212, 15000),
+    Draw("fresh-12", 20261213, 16000),
+    Draw("fresh-13", 20261214, 17000),
 )
 """Draws that were fresh for an earlier budget rule and whose reports then steered its successor
 (fresh-1 and fresh-2: the first plan; fresh-3: the online rule at a measured eps; fresh-4 and
@@ -75,8 +77,9 @@ fresh-5: sencache-online's budget, then sencache-plan's development on fresh-5; 
 sencache-plan's first verdict; fresh-8 and fresh-9: its verdict at 24 samples, then the sixth
 round's development and tiny-wan2.2's split of a budget between its experts on fresh-8; fresh-10
 and fresh-11: tiny-wan2.2's shared schedule, then the per-sample re-plan's verdict on every model,
-benchmarks/results/online/fresh-10-11): development draws since."""
-FRESH_DRAWS = (Draw("fresh-12", 20261213, 16000), Draw("fresh-13", 20261214, 17000))
+benchmarks/results/online/fresh-10-11; fresh-12 and fresh-13: the re-plan from observed reuse
+errors' verdict, benchmarks/results/online/fresh-12-13): development draws since."""
+FRESH_DRAWS = (Draw("fresh-14", 20261215, 18000), Draw("fresh-15", 20261216, 19000))
 """Draws from seeds that no development looked at (calibration draws with 1000, bench's own
 evaluation set with EVAL_PROMPT_SEED, the development draws with theirs)."""
 LOOKED_AT = (

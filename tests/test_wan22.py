@@ -248,6 +248,13 @@ def test_each_expert_records_the_reuse_costs_of_its_own_steps(calibrated):
     assert all(expert["per_sample"] == "drift" for expert in settings["experts"])  # each re-plans its share
     assert sum(shares) == round(12 * 0.6)  # the whole request's budget, shared out by the costs
     assert all(s[0] == "R" for s in schedules)
+    depth = tables[0].budget_curves().max_reuse + 1
+    errors = [np.asarray(t.budget_curves().costs.error_sq) for t in tables]
+    assert [e.shape for e in errors] == [(3, depth), (5, depth)] and errors[0][0, 0] > 0 and errors[1][0, 0] > 0
+    observing = calibrated.policy("sencache-plan", 8, 1, {"nfe": 6})  # the calibration's steps: each observes
+    assert all(e["per_sample"] == "drift and observed reuse errors" for e in observing.settings()["experts"])
+    result = calibrated.generate(GenerationParams(["a red circle"], [5], 8, 4.0, guidance_2=3.0), observing)
+    assert result.nfe == [6] and all(rule.online.observations[0] > 0 for rule in observing.rules)
 
 
 class _AlwaysReuse:

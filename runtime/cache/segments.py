@@ -68,15 +68,17 @@ class ExpertSegments:
 
 
 class ObservingExpertSegments(ExpertSegments):
-    """Expert segments of a rule that learns from observed reuse errors (sencache-online)."""
+    """Expert segments where a rule learns from observed reuse errors (sencache-online; sencache-plan
+    where an expert's table has the observed errors at its steps): each error goes to its step's
+    rule where that one learns."""
 
     def observe(self, step: int, error_sumsq: np.ndarray) -> None:
         _, rule, local = self._segment(step)
-        assert isinstance(rule, ReuseObserver), "every segment's rule is of the same method"
-        rule.observe(local, error_sumsq)
+        if isinstance(rule, ReuseObserver):
+            rule.observe(local, error_sumsq)
 
 
 def expert_segments(rules: list[CachePolicy], segments: list[tuple[int, int, int]], boundary: float) -> ExpertSegments:
     """The rule of a request over `segments`, each decided by its rule."""
-    cls = ObservingExpertSegments if isinstance(rules[0], ReuseObserver) else ExpertSegments
+    cls = ObservingExpertSegments if any(isinstance(r, ReuseObserver) for r in rules) else ExpertSegments
     return cls(rules, segments, boundary)
